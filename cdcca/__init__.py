@@ -1,0 +1,9 @@
+"""CD-CCA: cloud-device collaborative continual adaptation for multimodal LLMs.
+
+Implements Wang, Liu, Li et al., "Cloud-Device Collaborative Learning for Multimodal Large Language Models"
+(CVPR 2024): uncertainty-guided token sampling on the device (UTS), adapter-based knowledge distillation in
+the cloud (AKD) and dynamic weight compression of the update sent back (DWC). This package is the core
+library; it never imports ROS.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,181 @@
+"""``cdcca``: the command line. Each verb prints a human table and can write a JSON report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from cdcca.errors import CdccaError
+
+VERBS = {
+    "pretrain": "train the embedded teacher and student on digits-shift (resumable; cached)",
+    "eval": "score checkpoints per domain and task: VQA, MC, BLEU-4, CIDEr-D",
+    "info": "parameter counts and the trainable set (LoRA, queries, norms, biases) of a preset",
+    "demo": "the main job on the embedded default: pretrain, then source vs target evaluation",
+}
+
+
+def _add_pretrain_args(parser: argparse.ArgumentParser) -> None:
+    from cdcca.pretrain import PretrainConfig
+
+    defaults = PretrainConfig.__dataclass_fields__
+    parser.add_argument("--preset", default="tiny", help="model preset: tiny (default) or test")
+    parser.add_argument("--vision-steps", type=int, default=defaults["vision_steps"].default)
+    parser.add_argument("--teacher-steps", type=int, default=defaults["teacher_steps"].default)
+    parser.add_argument("--student-steps", type=int, default=defaults["student_steps"].default)
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"].default)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="checkpoint directory (default: the cache)")
+
+
+def _add_eval_args(parser: argparse.ArgumentParser) -> None:
+    from cdcca.data.digits_shift import DOMAINS
+    from cdcca.data.sample import TASKS
+
+    parser.add_argument("--preset", default="tiny", help="preset whose pretrained pair is evaluated")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="directory holding teacher/ and student/ (default: the preset's cache dir)")
+    parser.add_argument("--model", nargs="+", default=["teacher", "student"],
+                        help="'teacher', 'student' or paths of checkpoint directories")
+    parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--split", default="test", choices=["stream", "test"])
+    parser.add_argument("--limit", type=int, default=None, help="images per domain (default: the whole split)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart of accuracy per domain")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cdcca",
+        description="Cloud-device collaborative continual adaptation for multimodal LLMs (CVPR 2024).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="verbs:\n" + "\n".join(f"  {verb:<10} {text}" for verb, text in VERBS.items()),
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, text in VERBS.items():
+        p = sub.add_parser(verb, help=text, description=text)
+        p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        if verb in ("pretrain", "demo"):
+            _add_pretrain_args(p)
+        if verb == "eval":
+            _add_eval_args(p)
+        if verb == "demo":
+            p.add_argument("--limit", type=int, default=None, help="test images per domain (default: all)")
+            p.add_argument("--plot", type=Path, default=None, help="PNG bar chart (default: beside the JSON)")
+        if verb == "info":
+            p.add_argument("--preset", default="tiny")
+    return parser
+
+
+def cmd_pretrain(args) -> dict:
+    from cdcca.pretrain import PretrainConfig, pretrain
+    from cdcca.report import format_table
+
+    config = PretrainConfig(preset=args.preset, vision_steps=args.vision_steps, teacher_steps=args.teacher_steps, student_steps=args.student_steps,
+                            batch_size=args.batch_size, seed=args.seed, out_dir=args.out)  # fmt: skip
+    started = time.perf_counter()
+    report = pretrain(config)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    print(format_table(report["stages"], ["stage", "reused", "steps", "resumed_from", "final_loss"],
+                       title=f"pretrain {config.preset} -> {config.out_dir}"))  # fmt: skip
+    return report
+
+
+def _resolve_models(args) -> dict[str, Path]:
+    from cdcca.paths import checkpoint_dir
+
+    base = args.checkpoints or checkpoint_dir(args.preset)
+    return {name: (base / name if name in ("teacher", "student") else Path(name)) for name in args.model}
+
+
+def run_eval(models: dict[str, Path], domains, tasks, split: str, limit, batch_size: int, plot: Path | None) -> dict:
+    from cdcca.data.digits_shift import load_domain
+    from cdcca.evaluate import evaluate, summarize
+    from cdcca.models.checkpoint import load_mllm
+    from cdcca.report import format_table, plot_domain_accuracy
+
+    samples = [s for domain in domains for s in load_domain(domain, split, limit=limit, tasks=tuple(tasks))]
+    scores = {name: evaluate(load_mllm(path), samples, batch_size, desc=f"eval {name}") for name, path in models.items()}
+    columns = ["domain", "vqa", "mc", "accuracy", "bleu4", "cider", "samples"]
+    for name, rows in scores.items():
+        print(format_table([r.to_dict() for r in rows], columns, title=f"\n{name} ({models[name]}), split={split}"))
+    summary = summarize(scores)
+    side_by_side = [
+        {"domain": d, **{name: next(r.accuracy for r in rows if r.domain == d) for name, rows in scores.items()}}
+        for d in domains
+    ]
+    print(format_table(side_by_side, ["domain", *scores], title="\naccuracy (%) side by side"))
+    for key in ("teacher_minus_student_on_targets", "student_source_minus_targets"):
+        if key in summary:
+            print(f"{key}: {summary[key]:+.1f} points")
+    report = {"split": split, "limit": limit, "models": {n: str(p) for n, p in models.items()},
+              "scores": {n: [r.to_dict() for r in rows] for n, rows in scores.items()}, "summary": summary}  # fmt: skip
+    if plot is not None:
+        plot_domain_accuracy(report["scores"], plot, f"digits-shift ({split}): source vs shifted targets")
+        print(f"plot: {plot}")
+    return report
+
+
+def cmd_eval(args) -> dict:
+    from cdcca.data.sample import TASKS
+
+    return run_eval(_resolve_models(args), args.domains, args.tasks or TASKS, args.split, args.limit,
+                    args.batch_size, args.plot)  # fmt: skip
+
+
+def cmd_info(args) -> dict:
+    from cdcca.data.digits_shift import corpus
+    from cdcca.models.checkpoint import build_pair
+    from cdcca.models.presets import get_preset
+    from cdcca.models.tokenizer import build_tokenizer
+    from cdcca.models.trainable import add_lora, count_parameters
+    from cdcca.report import format_table
+
+    preset = get_preset(args.preset)
+    teacher, student = build_pair(preset, build_tokenizer(corpus()))
+    rows = [{"model": name, **count_parameters(add_lora(model))} for name, model in (("teacher", teacher), ("student", student))]
+    print(format_table(rows, ["model", "total", "vision_encoder", "trainable", "lora", "query_tokens", "norms", "biases"],
+                       title=f"preset {preset.name}: parameters (trainable set = what DWC transmits)"))  # fmt: skip
+    return {"preset": preset.name, "parameters": rows}
+
+
+def cmd_demo(args) -> dict:
+    from cdcca.data.digits_shift import DOMAINS
+    from cdcca.data.sample import TASKS
+    from cdcca.paths import cache_dir, checkpoint_dir
+
+    pretrain_report = cmd_pretrain(args)
+    out = args.out or checkpoint_dir(args.preset)
+    json_path = args.json or cache_dir() / "reports" / f"demo_{args.preset}.json"
+    plot = args.plot or json_path.with_suffix(".png")
+    models = {"teacher": out / "teacher", "student": out / "student"}
+    eval_report = run_eval(models, list(DOMAINS), list(TASKS), "test", args.limit, 128, plot)
+    args.json = json_path
+    return {"pretrain": pretrain_report, "eval": eval_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    handler = {"pretrain": cmd_pretrain, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}[args.verb]
+    try:
+        report = handler(args)
+    except (CdccaError, ValueError, FileNotFoundError) as err:
+        print(f"cdcca {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    if args.json is not None:
+        from cdcca.report import write_json
+
+        print(f"report: {write_json(report, args.json)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

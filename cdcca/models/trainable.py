@@ -1,0 +1,105 @@
+"""The trainable set: what adaptation changes on the cloud and what DWC transmits to the robot.
+
+As in the paper (Sec. 3.3): LoRA on the LM attention (via ``peft``), the Q-Former query tokens, the weights
+and biases of normalisation layers, and the biases of linear layers. Everything else stays frozen, and the
+shared vision encoder is never part of it, so visual tokens keep meaning the same thing on both sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from cdcca.models.mllm import MLLM
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA on the language model's attention projections.
+
+    Args:
+        rank: LoRA rank r.
+        alpha: LoRA scaling numerator (update scaled by alpha / rank).
+        dropout: dropout on the LoRA input path.
+        target_modules: attention projections of the LM to adapt (OPT names).
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoraSettings.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSettings.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("LoraSettings.target_modules must name at least one module")
+
+
+def has_lora(model: MLLM) -> bool:
+    return any("lora_" in name for name, _ in model.blip2.named_parameters())
+
+
+def add_lora(model: MLLM, settings: LoraSettings = LoraSettings()) -> MLLM:
+    """Inject LoRA adapters (B initialised to zero, so outputs are unchanged) into the LM attention, in place."""
+    if has_lora(model):
+        raise ValueError("the model already carries LoRA adapters")
+    config = LoraConfig(
+        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules), bias="none",
+    )  # fmt: skip
+    inject_adapter_in_model(config, model.blip2.language_model)
+    return model
+
+
+def _trainable_groups(model: MLLM) -> dict[str, tuple[nn.Parameter, str]]:
+    """name -> (parameter, group) for the trainable set; group is query_tokens, lora, norms or biases."""
+    selected: dict[str, tuple[nn.Parameter, str]] = {}
+    for module_name, module in model.blip2.named_modules():
+        if module_name == "vision_model" or module_name.startswith("vision_model."):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        for param_name, param in module.named_parameters(recurse=False):
+            name = prefix + param_name
+            if name == "query_tokens":
+                selected[name] = (param, "query_tokens")
+            elif "lora_" in name:
+                selected[name] = (param, "lora")
+            elif isinstance(module, _NORMS):
+                selected[name] = (param, "norms")
+            elif isinstance(module, nn.Linear) and param_name == "bias":
+                selected[name] = (param, "biases")
+    return selected
+
+
+def trainable_parameters(model: MLLM) -> dict[str, nn.Parameter]:
+    """Named parameters of the trainable set (names relative to the BLIP-2 module), in module order."""
+    return {name: param for name, (param, _) in _trainable_groups(model).items()}
+
+
+def freeze_all_but_trainable(model: MLLM) -> dict[str, nn.Parameter]:
+    """Set ``requires_grad`` on exactly the trainable set; returns it."""
+    trainable = trainable_parameters(model)
+    chosen = {id(p) for p in trainable.values()}
+    for param in model.blip2.parameters():
+        param.requires_grad_(id(param) in chosen)
+    return trainable
+
+
+def count_parameters(model: MLLM) -> dict[str, int]:
+    """Parameter counts: total, the shared vision encoder, the trainable set and each of its groups."""
+    groups = {"query_tokens": 0, "lora": 0, "norms": 0, "biases": 0}
+    for param, group in _trainable_groups(model).values():
+        groups[group] += param.numel()
+    return {
+        "total": sum(p.numel() for p in model.blip2.parameters()),
+        "vision_encoder": sum(p.numel() for p in model.blip2.vision_model.parameters()),
+        "trainable": sum(groups.values()),
+        **groups,
+    }

@@ -1,0 +1,256 @@
+"""Pretraining of the embedded teacher/student pair on digits-shift (``cdcca pretrain``).
+
+Three stages, following BLIP-2 and the paper's setting:
+
+0. ``vision``: the shared image encoder is pretrained on the broad distribution (BLIP-2 starts from a
+   separately pretrained EVA-CLIP encoder), then frozen for good.
+1. ``teacher``: the large cloud model's Q-Former, projection and LM learn to answer on the broad distribution.
+2. ``student``: the small model's Q-Former, projection and LM learn on the source domain only, on the same
+   frozen encoder -- hence a student that is good at home and worse on the shifted targets.
+
+Training is resumable: every ``checkpoint_every`` steps the stage's weights, the optimizer moments
+(safetensors, no pickle) and the step are written to ``<stage>.partial/``; the batch and dropout masks at
+step k depend only on (seed, stage, k), so a resumed run computes exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from cdcca.data.digits_shift import INK_COLOURS, STYLES, TrainingImage, corpus, training_image, training_samples
+from cdcca.models.checkpoint import build_pair, load_mllm, save_mllm, share_vision_encoder
+from cdcca.models.mllm import MLLM
+from cdcca.models.presets import get_preset
+from cdcca.models.tokenizer import build_tokenizer
+from cdcca.paths import checkpoint_dir
+
+STAGES = ("vision", "teacher", "student")
+
+
+@dataclass
+class PretrainConfig:
+    """Settings of ``cdcca pretrain``.
+
+    Args:
+        preset: model preset (``tiny`` is the embedded default, ``test`` is for unit tests).
+        vision_steps: optimizer steps of stage 0, the shared encoder on the broad distribution.
+        teacher_steps: optimizer steps of the teacher (Q-Former, projection, LM) on the broad distribution.
+        student_steps: optimizer steps of the student on the source domain.
+        batch_size: samples per step.
+        lr: peak AdamW learning rate (linear warm-up, cosine decay to 10%).
+        weight_decay: AdamW weight decay.
+        warmup_steps: steps of linear warm-up.
+        checkpoint_every: steps between resumable snapshots.
+        seed: seed of initialisation and of the training stream.
+        out_dir: where ``teacher/`` and ``student/`` are written (default: the cache, see ``cdcca.paths``).
+    """
+
+    preset: str = "tiny"
+    vision_steps: int = 300
+    teacher_steps: int = 1200
+    student_steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    checkpoint_every: int = 200
+    seed: int = 0
+    out_dir: Path | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        get_preset(self.preset)  # validates the name
+        for name in ("vision_steps", "teacher_steps", "student_steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"PretrainConfig.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"PretrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        self.out_dir = Path(self.out_dir) if self.out_dir is not None else checkpoint_dir(self.preset)
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """AdamW state as safetensors (tensors) + JSON (hyper-parameters); no pickle."""
+    state = optimizer.state_dict()
+    tensors = {
+        f"{index}.{key}": value.detach().clone().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+        for index, entry in state["state"].items()
+        for key, value in entry.items()
+    }
+    save_file(tensors, str(path.with_suffix(".safetensors")))
+    path.with_suffix(".json").write_text(json.dumps(state["param_groups"]))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = json.loads(path.with_suffix(".json").read_text())
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+class VisionPretrainer(nn.Module):
+    """The shared encoder with linear heads for digit, image style and ink colour (stage 0).
+
+    BLIP-2 starts from a separately pretrained, then frozen, image encoder (EVA-CLIP). Here that encoder is
+    pretrained on the broad distribution with direct supervision, which is fast on a CPU; the heads are
+    discarded afterwards.
+    """
+
+    def __init__(self, owner: MLLM) -> None:
+        super().__init__()
+        self.owner = [owner]  # not a submodule: only the encoder and the heads are this module's weights
+        self.encoder = owner.blip2.vision_model
+        hidden = owner.blip2.config.vision_config.hidden_size
+        self.sizes = (10, len(STYLES), len(INK_COLOURS) + 1)
+        self.head = nn.Linear(hidden, sum(self.sizes))
+
+    def loss(self, items: list[TrainingImage]) -> torch.Tensor:
+        pixels = self.owner[0].preprocess([item.image for item in items])
+        tokens = self.encoder(pixel_values=pixels, return_dict=True).last_hidden_state  # (B, N, D)
+        logits = self.head(tokens.mean(1)).split(self.sizes, dim=-1)
+        colours = list(INK_COLOURS)
+        targets = (
+            [item.digit for item in items],
+            [STYLES.index(item.style) for item in items],
+            [colours.index(item.colour_name) + 1 if item.colour_name else 0 for item in items],
+        )
+        return sum(F.cross_entropy(lg, torch.tensor(t, device=lg.device)) for lg, t in zip(logits, targets))
+
+
+@dataclass
+class _Stage:
+    """One resumable training stage: its name, weights to snapshot, parameters to train and loss per step."""
+
+    name: str
+    module: nn.Module
+    params: list[nn.Parameter]
+    step_loss: Callable[[np.random.Generator], torch.Tensor]
+    steps: int
+
+
+def _snapshot(stage: _Stage, directory: Path, optimizer, done: int, losses: list[float]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in stage.module.state_dict().items()}
+    save_file(state, str(directory / "weights.safetensors"))
+    save_optimizer(optimizer, directory / "optimizer")
+    (directory / "progress.json").write_text(json.dumps({"step": done, "losses": losses}))
+
+
+def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> dict:
+    """Train one stage, resuming from ``<out>/<stage>.partial/`` when present; returns its log."""
+    partial_dir = config.out_dir / f"{stage.name}.partial"
+    for param in stage.params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(stage.params, lr=config.lr, weight_decay=config.weight_decay)
+    start, losses = 0, []
+    if (partial_dir / "progress.json").is_file():
+        stage.module.load_state_dict(load_file(str(partial_dir / "weights.safetensors")))
+        load_optimizer(optimizer, partial_dir / "optimizer")
+        saved = json.loads((partial_dir / "progress.json").read_text())
+        start, losses = saved["step"], saved["losses"]
+    stage.module.train()
+    bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"pretrain {stage.name}",
+               disable=not progress)  # fmt: skip
+    for step in bar:
+        rng = np.random.default_rng([config.seed, STAGES.index(stage.name), step])
+        torch.manual_seed(int(rng.integers(2**62)))  # dropout masks also depend only on (seed, stage, step)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor(step, stage.steps, config.warmup_steps)
+        loss = stage.step_loss(rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(stage.params, 1.0)
+        optimizer.step()
+        losses.append(round(float(loss.detach()), 5))
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < stage.steps:
+            _snapshot(stage, partial_dir, optimizer, step + 1, losses)
+    stage.module.eval()
+    for param in stage.params:
+        param.requires_grad_(False)
+    final_loss = float(np.mean(losses[-20:])) if losses else None
+    return {"stage": stage.name, "steps": stage.steps, "resumed_from": start, "final_loss": final_loss}
+
+
+def _answer_loss(model: MLLM, distribution: str, batch_size: int) -> Callable[[np.random.Generator], torch.Tensor]:
+    def step_loss(rng: np.random.Generator) -> torch.Tensor:
+        model.blip2.vision_model.eval()  # the frozen encoder runs without dropout, as in BLIP-2
+        batch = training_samples(distribution, batch_size, rng)
+        return model.loss([s.image for s in batch], [s.prompt for s in batch], [s.target for s in batch])
+
+    return step_loss
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / "model.safetensors").is_file() and (directory / "cdcca.json").is_file()
+
+
+def _finish(model: MLLM, log: dict, config: PretrainConfig, directory: Path) -> None:
+    model.meta.update(steps_done=log["steps"], final_loss=log["final_loss"],
+                      pretrain=asdict(config) | {"out_dir": str(config.out_dir)})  # fmt: skip
+    save_mllm(model, directory)
+
+
+def pretrain(config: PretrainConfig, progress: bool = True) -> dict:
+    """Stage 0 shared encoder, stage 1 teacher, stage 2 student; finished stages are reused. Returns a report."""
+    report = {"preset": config.preset, "out_dir": str(config.out_dir), "stages": []}
+    out = config.out_dir
+    tokenizer = build_tokenizer(corpus())
+    teacher, student = build_pair(get_preset(config.preset), tokenizer, seed=config.seed)
+    if is_complete(out / "teacher"):
+        teacher = load_mllm(out / "teacher")
+        report["stages"] += [{"stage": "vision", "reused": True}, {"stage": "teacher", "reused": True}]
+    else:
+        vision = VisionPretrainer(teacher)
+        vision_file = out / "vision.safetensors"
+        if vision_file.is_file():
+            vision.load_state_dict(load_file(str(vision_file)))
+            report["stages"].append({"stage": "vision", "reused": True})
+        else:
+            sampler = lambda rng: vision.loss([training_image("broad", rng) for _ in range(config.batch_size)])  # noqa: E731
+            log = run_stage(_Stage("vision", vision, list(vision.parameters()), sampler, config.vision_steps),
+                            config, progress)  # fmt: skip
+            out.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in vision.state_dict().items()}, str(vision_file))
+            shutil.rmtree(out / "vision.partial", ignore_errors=True)
+            report["stages"].append(log)
+        teacher.blip2.vision_model.requires_grad_(False)
+        params = [p for n, p in teacher.blip2.named_parameters() if not n.startswith("vision_model.")]
+        log = run_stage(_Stage("teacher", teacher.blip2, params, _answer_loss(teacher, "broad", config.batch_size),
+                               config.teacher_steps), config, progress)  # fmt: skip
+        _finish(teacher, log, config, out / "teacher")
+        shutil.rmtree(out / "teacher.partial", ignore_errors=True)
+        report["stages"].append(log)
+    if is_complete(out / "student"):
+        report["stages"].append({"stage": "student", "reused": True})
+        return report
+    share_vision_encoder(teacher, student, check=False)
+    params = [p for n, p in student.blip2.named_parameters() if not n.startswith("vision_model.")]
+    log = run_stage(_Stage("student", student.blip2, params, _answer_loss(student, "source", config.batch_size),
+                           config.student_steps), config, progress)  # fmt: skip
+    _finish(student, log, config, out / "student")
+    shutil.rmtree(out / "student.partial", ignore_errors=True)
+    report["stages"].append(log)
+    return report

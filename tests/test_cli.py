@@ -1,0 +1,51 @@
+"""The ``cdcca`` command line: help, info, eval with JSON and plot, errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cdcca.cli import VERBS, main
+
+
+def test_help_lists_every_verb_with_one_line():
+    result = subprocess.run([sys.executable, "-m", "cdcca.cli", "--help"], capture_output=True, text=True, check=True)
+    for verb, line in VERBS.items():
+        assert f"{verb:<10} {line}" in result.stdout
+
+
+def test_info_counts_the_trainable_set(capsys, tmp_path):
+    assert main(["info", "--preset", "test", "--json", str(tmp_path / "info.json")]) == 0
+    out = capsys.readouterr().out
+    assert "trainable" in out and "teacher" in out and "student" in out
+    rows = json.loads((tmp_path / "info.json").read_text())["parameters"]
+    assert {r["model"] for r in rows} == {"teacher", "student"}
+    assert all(0 < r["trainable"] < r["total"] for r in rows)
+
+
+def test_eval_prints_a_table_and_writes_json_and_plot(pretrained_test_pair, capsys, tmp_path):
+    report_path, plot_path = tmp_path / "eval.json", tmp_path / "eval.png"
+    code = main(["eval", "--preset", "test", "--checkpoints", str(pretrained_test_pair), "--limit", "3",
+                 "--domains", "source", "printed", "--json", str(report_path), "--plot", str(plot_path)])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "accuracy (%) side by side" in out and "printed" in out
+    report = json.loads(report_path.read_text())
+    assert set(report["scores"]) == {"teacher", "student"}
+    for rows in report["scores"].values():
+        assert [r["domain"] for r in rows] == ["source", "printed"]
+        assert all(0.0 <= r["accuracy"] <= 100.0 and r["samples"] == 9 for r in rows)
+    assert "teacher_minus_student_on_targets" in report["summary"]
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_of_a_missing_checkpoint_exits_2_with_advice(tmp_path, capsys):
+    assert main(["eval", "--checkpoints", str(tmp_path / "none"), "--limit", "1"]) == 2
+    assert "cdcca pretrain" in capsys.readouterr().err
+
+
+def test_unknown_domain_is_an_argparse_error():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--domains", "mars"])
+    assert exit_info.value.code == 2

@@ -1,0 +1,75 @@
+"""Pretraining: checkpoints are written, training lowers the loss, and an interrupted run resumes exactly."""
+
+import json
+
+import pytest
+import torch
+
+import cdcca.pretrain as pretrain_module
+from cdcca.models.checkpoint import load_mllm
+from cdcca.pretrain import PretrainConfig, load_optimizer, pretrain, save_optimizer
+
+
+def test_pretrain_writes_a_loadable_pair_sharing_one_encoder(pretrained_test_pair):
+    teacher, student = load_mllm(pretrained_test_pair / "teacher"), load_mllm(pretrained_test_pair / "student")
+    for name, tensor in student.blip2.vision_model.state_dict().items():
+        assert torch.equal(tensor, teacher.blip2.vision_model.state_dict()[name]), name
+    assert teacher.meta["steps_done"] == 12 and student.meta["steps_done"] == 8
+    assert not (pretrained_test_pair / "teacher.partial").exists()
+
+
+def test_pretrain_reuses_finished_checkpoints(pretrained_test_pair):
+    report = pretrain(PretrainConfig(preset="test", out_dir=pretrained_test_pair), progress=False)
+    assert [r.get("reused") for r in report["roles"]] == [True, True]
+
+
+def test_training_reduces_the_loss(tmp_path):
+    pretrain(PretrainConfig(preset="test", teacher_steps=60, student_steps=1, batch_size=32, lr=3e-3,
+                            out_dir=tmp_path), progress=False)  # fmt: skip
+    losses = json.loads((tmp_path / "teacher" / "cdcca.json").read_text())["meta"]
+    assert losses["final_loss"] < 2.5  # from ~log(88) = 4.5 at initialisation
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    config = dict(preset="test", teacher_steps=6, student_steps=1, batch_size=8, checkpoint_every=3)
+    pretrain(PretrainConfig(**config, out_dir=tmp_path / "straight"), progress=False)
+
+    real_samples, calls = pretrain_module.training_samples, {"n": 0}
+
+    def crash_at_step_five(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated power loss")
+        return real_samples(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "training_samples", crash_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(PretrainConfig(**config, out_dir=tmp_path / "resumed"), progress=False)
+    assert json.loads((tmp_path / "resumed" / "teacher.partial" / "progress.json").read_text())["step"] == 3
+    monkeypatch.setattr(pretrain_module, "training_samples", real_samples)
+    report = pretrain(PretrainConfig(**config, out_dir=tmp_path / "resumed"), progress=False)
+
+    assert report["roles"][0]["resumed_from"] == 3
+    straight = load_mllm(tmp_path / "straight" / "teacher").blip2.state_dict()
+    resumed = load_mllm(tmp_path / "resumed" / "teacher").blip2.state_dict()
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_optimizer_state_round_trips_without_pickle(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(4, 3)).sum().backward()
+    optimizer.step()
+    save_optimizer(optimizer, tmp_path / "optimizer")
+    fresh = torch.optim.AdamW(model.parameters(), lr=0.5)
+    load_optimizer(fresh, tmp_path / "optimizer")
+    assert fresh.param_groups[0]["lr"] == 0.1
+    torch.testing.assert_close(fresh.state[model.weight]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
+    assert (tmp_path / "optimizer.safetensors").read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle stream
+
+
+@pytest.mark.parametrize(("field", "value"), [("teacher_steps", 0), ("batch_size", 0), ("lr", 0.0), ("preset", "xl")])
+def test_config_validation(field, value):
+    with pytest.raises(ValueError, match=field if field != "preset" else "preset must be one of"):
+        PretrainConfig(**{field: value})

@@ -1,0 +1,65 @@
+"""The trainable set: LoRA on LM attention, query tokens, norms, biases -- and nothing else."""
+
+import pytest
+import torch
+
+from cdcca.models.trainable import (
+    LoraSettings,
+    add_lora,
+    count_parameters,
+    freeze_all_but_trainable,
+    has_lora,
+    trainable_parameters,
+)
+
+
+def test_lora_starts_as_identity(pair, few_samples):
+    _, student = pair
+    images, prompts = [s.image for s in few_samples], [s.prompt for s in few_samples]
+    with torch.no_grad():
+        before = student.lm_forward(student.encode_visual(images), prompts).logits
+        add_lora(student)
+        after = student.lm_forward(student.encode_visual(images), prompts).logits
+    assert has_lora(student)
+    torch.testing.assert_close(after, before)
+
+
+def test_trainable_set_has_exactly_the_four_groups(pair):
+    _, student = pair
+    add_lora(student, LoraSettings(rank=4))
+    names = trainable_parameters(student)
+    lm_layers = student.blip2.config.text_config.num_hidden_layers
+    lora = [n for n in names if "lora_" in n]
+    assert len(lora) == lm_layers * 2 * 2  # q_proj and v_proj, A and B each
+    assert all(".self_attn." in n for n in lora) and all(n.startswith("language_model.") for n in lora)
+    assert "query_tokens" in names
+    assert any("layer_norm" in n or "LayerNorm" in n or "layernorm" in n for n in names)
+    assert "language_projection.bias" in names and "language_projection.weight" not in names
+    assert not any(n.startswith("vision_model.") for n in names)
+    assert not any(n.endswith("q_proj.base_layer.weight") or n.endswith("embed_tokens.weight") for n in names)
+
+
+def test_freeze_leaves_only_the_trainable_set_learnable(pair):
+    _, student = pair
+    add_lora(student)
+    trainable = freeze_all_but_trainable(student)
+    learnable = {n for n, p in student.blip2.named_parameters() if p.requires_grad}
+    assert learnable == set(trainable)
+
+
+def test_counts_add_up_and_are_a_small_fraction(pair):
+    teacher, _ = pair
+    add_lora(teacher)
+    counts = count_parameters(teacher)
+    assert counts["trainable"] == counts["lora"] + counts["query_tokens"] + counts["norms"] + counts["biases"]
+    assert counts["query_tokens"] == teacher.blip2.query_tokens.numel()
+    assert 0 < counts["trainable"] < 0.25 * counts["total"]
+
+
+def test_lora_is_not_added_twice_and_settings_are_validated(pair):
+    _, student = pair
+    add_lora(student)
+    with pytest.raises(ValueError, match="already carries"):
+        add_lora(student)
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        LoraSettings(rank=0)
