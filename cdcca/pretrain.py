@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -49,7 +49,8 @@ class PretrainConfig:
         teacher_steps: optimizer steps of the teacher (Q-Former, projection, LM) on the broad distribution.
         student_steps: optimizer steps of the student on the source domain.
         batch_size: samples per step.
-        lr: peak AdamW learning rate (linear warm-up, cosine decay to 10%).
+        lr: peak AdamW learning rate of the teacher and student stages (linear warm-up, cosine decay to 10%).
+        vision_lr: peak learning rate of stage 0 (a ViT from scratch prefers a smaller one).
         weight_decay: AdamW weight decay.
         warmup_steps: steps of linear warm-up.
         checkpoint_every: steps between resumable snapshots.
@@ -58,11 +59,12 @@ class PretrainConfig:
     """
 
     preset: str = "tiny"
-    vision_steps: int = 300
-    teacher_steps: int = 1200
-    student_steps: int = 600
+    vision_steps: int = 1000
+    teacher_steps: int = 500
+    student_steps: int = 300
     batch_size: int = 64
     lr: float = 1e-3
+    vision_lr: float = 5e-4
     weight_decay: float = 0.01
     warmup_steps: int = 50
     checkpoint_every: int = 200
@@ -74,8 +76,9 @@ class PretrainConfig:
         for name in ("vision_steps", "teacher_steps", "student_steps", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"PretrainConfig.lr must be > 0, got {self.lr}")
+        for name in ("lr", "vision_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PretrainConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"PretrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         self.out_dir = Path(self.out_dir) if self.out_dir is not None else checkpoint_dir(self.preset)
@@ -148,12 +151,12 @@ class _Stage:
     params: list[nn.Parameter]
     step_loss: Callable[[np.random.Generator], torch.Tensor]
     steps: int
+    lr: float
 
 
 def _snapshot(stage: _Stage, directory: Path, optimizer, done: int, losses: list[float]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in stage.module.state_dict().items()}
-    save_file(state, str(directory / "weights.safetensors"))
+    save_model(stage.module, str(directory / "weights.safetensors"))  # handles tied embeddings
     save_optimizer(optimizer, directory / "optimizer")
     (directory / "progress.json").write_text(json.dumps({"step": done, "losses": losses}))
 
@@ -163,10 +166,10 @@ def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> d
     partial_dir = config.out_dir / f"{stage.name}.partial"
     for param in stage.params:
         param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(stage.params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(stage.params, lr=stage.lr, weight_decay=config.weight_decay)
     start, losses = 0, []
     if (partial_dir / "progress.json").is_file():
-        stage.module.load_state_dict(load_file(str(partial_dir / "weights.safetensors")))
+        load_model(stage.module, str(partial_dir / "weights.safetensors"))
         load_optimizer(optimizer, partial_dir / "optimizer")
         saved = json.loads((partial_dir / "progress.json").read_text())
         start, losses = saved["step"], saved["losses"]
@@ -177,7 +180,7 @@ def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> d
         rng = np.random.default_rng([config.seed, STAGES.index(stage.name), step])
         torch.manual_seed(int(rng.integers(2**62)))  # dropout masks also depend only on (seed, stage, step)
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(step, stage.steps, config.warmup_steps)
+            group["lr"] = stage.lr * _lr_factor(step, stage.steps, config.warmup_steps)
         loss = stage.step_loss(rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -226,20 +229,20 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> dict:
         vision = VisionPretrainer(teacher)
         vision_file = out / "vision.safetensors"
         if vision_file.is_file():
-            vision.load_state_dict(load_file(str(vision_file)))
+            load_model(vision, str(vision_file))
             report["stages"].append({"stage": "vision", "reused": True})
         else:
             sampler = lambda rng: vision.loss([training_image("broad", rng) for _ in range(config.batch_size)])  # noqa: E731
-            log = run_stage(_Stage("vision", vision, list(vision.parameters()), sampler, config.vision_steps),
+            log = run_stage(_Stage("vision", vision, list(vision.parameters()), sampler, config.vision_steps, config.vision_lr),
                             config, progress)  # fmt: skip
             out.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in vision.state_dict().items()}, str(vision_file))
+            save_model(vision, str(vision_file))
             shutil.rmtree(out / "vision.partial", ignore_errors=True)
             report["stages"].append(log)
         teacher.blip2.vision_model.requires_grad_(False)
         params = [p for n, p in teacher.blip2.named_parameters() if not n.startswith("vision_model.")]
         log = run_stage(_Stage("teacher", teacher.blip2, params, _answer_loss(teacher, "broad", config.batch_size),
-                               config.teacher_steps), config, progress)  # fmt: skip
+                               config.teacher_steps, config.lr), config, progress)  # fmt: skip
         _finish(teacher, log, config, out / "teacher")
         shutil.rmtree(out / "teacher.partial", ignore_errors=True)
         report["stages"].append(log)
@@ -249,7 +252,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> dict:
     share_vision_encoder(teacher, student, check=False)
     params = [p for n, p in student.blip2.named_parameters() if not n.startswith("vision_model.")]
     log = run_stage(_Stage("student", student.blip2, params, _answer_loss(student, "source", config.batch_size),
-                           config.student_steps), config, progress)  # fmt: skip
+                           config.student_steps, config.lr), config, progress)  # fmt: skip
     _finish(student, log, config, out / "student")
     shutil.rmtree(out / "student.partial", ignore_errors=True)
     report["stages"].append(log)

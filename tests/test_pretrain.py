@@ -20,18 +20,22 @@ def test_pretrain_writes_a_loadable_pair_sharing_one_encoder(pretrained_test_pai
 
 def test_pretrain_reuses_finished_checkpoints(pretrained_test_pair):
     report = pretrain(PretrainConfig(preset="test", out_dir=pretrained_test_pair), progress=False)
-    assert [r.get("reused") for r in report["roles"]] == [True, True]
+    assert [(r["stage"], r.get("reused")) for r in report["stages"]] == [
+        ("vision", True), ("teacher", True), ("student", True)
+    ]
 
 
 def test_training_reduces_the_loss(tmp_path):
-    pretrain(PretrainConfig(preset="test", teacher_steps=60, student_steps=1, batch_size=32, lr=3e-3,
-                            out_dir=tmp_path), progress=False)  # fmt: skip
+    report = pretrain(PretrainConfig(preset="test", vision_steps=40, teacher_steps=60, student_steps=1, batch_size=32,
+                                     lr=3e-3, out_dir=tmp_path), progress=False)  # fmt: skip
+    vision = report["stages"][0]
+    assert vision["stage"] == "vision" and vision["final_loss"] < 4.5  # from ln(10) + ln(4) + ln(7) = 5.6
     losses = json.loads((tmp_path / "teacher" / "cdcca.json").read_text())["meta"]
     assert losses["final_loss"] < 2.5  # from ~log(88) = 4.5 at initialisation
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    config = dict(preset="test", teacher_steps=6, student_steps=1, batch_size=8, checkpoint_every=3)
+    config = dict(preset="test", vision_steps=2, teacher_steps=6, student_steps=1, batch_size=8, checkpoint_every=3)
     pretrain(PretrainConfig(**config, out_dir=tmp_path / "straight"), progress=False)
 
     real_samples, calls = pretrain_module.training_samples, {"n": 0}
@@ -49,7 +53,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain_module, "training_samples", real_samples)
     report = pretrain(PretrainConfig(**config, out_dir=tmp_path / "resumed"), progress=False)
 
-    assert report["roles"][0]["resumed_from"] == 3
+    assert report["stages"][0] == {"stage": "vision", "reused": True}
+    assert report["stages"][1]["resumed_from"] == 3
     straight = load_mllm(tmp_path / "straight" / "teacher").blip2.state_dict()
     resumed = load_mllm(tmp_path / "resumed" / "teacher").blip2.state_dict()
     for name, tensor in straight.items():
