@@ -35,10 +35,18 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     from cdcca.data.sample import TASKS
 
     parser.add_argument("--preset", default="tiny", help="preset whose pretrained pair is evaluated")
-    parser.add_argument("--checkpoints", type=Path, default=None,
-                        help="directory holding teacher/ and student/ (default: the preset's cache dir)")
-    parser.add_argument("--model", nargs="+", default=["teacher", "student"],
-                        help="'teacher', 'student' or paths of checkpoint directories")
+    parser.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=None,
+        help="directory holding teacher/ and student/ (default: the preset's cache dir)",
+    )
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        default=["teacher", "student"],
+        help="'teacher', 'student' or paths of checkpoint directories",
+    )
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--split", default="test", choices=["stream", "test"])
@@ -75,13 +83,25 @@ def cmd_pretrain(args) -> dict:
     from cdcca.pretrain import PretrainConfig, pretrain
     from cdcca.report import format_table
 
-    config = PretrainConfig(preset=args.preset, vision_steps=args.vision_steps, teacher_steps=args.teacher_steps, student_steps=args.student_steps,
-                            batch_size=args.batch_size, seed=args.seed, out_dir=args.out)  # fmt: skip
+    config = PretrainConfig(
+        preset=args.preset,
+        vision_steps=args.vision_steps,
+        teacher_steps=args.teacher_steps,
+        student_steps=args.student_steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        out_dir=args.out,
+    )
     started = time.perf_counter()
     report = pretrain(config)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    print(format_table(report["stages"], ["stage", "reused", "steps", "resumed_from", "final_loss"],
-                       title=f"pretrain {config.preset} -> {config.out_dir}"))  # fmt: skip
+    print(
+        format_table(
+            report["stages"],
+            ["stage", "reused", "steps", "resumed_from", "final_loss"],
+            title=f"pretrain {config.preset} -> {config.out_dir}",
+        )
+    )
     return report
 
 
@@ -99,7 +119,9 @@ def run_eval(models: dict[str, Path], domains, tasks, split: str, limit, batch_s
     from cdcca.report import format_table, plot_domain_accuracy
 
     samples = [s for domain in domains for s in load_domain(domain, split, limit=limit, tasks=tuple(tasks))]
-    scores = {name: evaluate(load_mllm(path), samples, batch_size, desc=f"eval {name}") for name, path in models.items()}
+    scores = {
+        name: evaluate(load_mllm(path), samples, batch_size, desc=f"eval {name}") for name, path in models.items()
+    }
     columns = ["domain", "vqa", "mc", "accuracy", "bleu4", "cider", "samples"]
     for name, rows in scores.items():
         print(format_table([r.to_dict() for r in rows], columns, title=f"\n{name} ({models[name]}), split={split}"))
@@ -112,8 +134,13 @@ def run_eval(models: dict[str, Path], domains, tasks, split: str, limit, batch_s
     for key in ("teacher_minus_student_on_targets", "student_source_minus_targets"):
         if key in summary:
             print(f"{key}: {summary[key]:+.1f} points")
-    report = {"split": split, "limit": limit, "models": {n: str(p) for n, p in models.items()},
-              "scores": {n: [r.to_dict() for r in rows] for n, rows in scores.items()}, "summary": summary}  # fmt: skip
+    report = {
+        "split": split,
+        "limit": limit,
+        "models": {n: str(p) for n, p in models.items()},
+        "scores": {n: [r.to_dict() for r in rows] for n, rows in scores.items()},
+        "summary": summary,
+    }
     if plot is not None:
         plot_domain_accuracy(report["scores"], plot, f"digits-shift ({split}): source vs shifted targets")
         print(f"plot: {plot}")
@@ -123,8 +150,9 @@ def run_eval(models: dict[str, Path], domains, tasks, split: str, limit, batch_s
 def cmd_eval(args) -> dict:
     from cdcca.data.sample import TASKS
 
-    return run_eval(_resolve_models(args), args.domains, args.tasks or TASKS, args.split, args.limit,
-                    args.batch_size, args.plot)  # fmt: skip
+    return run_eval(
+        _resolve_models(args), args.domains, args.tasks or TASKS, args.split, args.limit, args.batch_size, args.plot
+    )
 
 
 def cmd_info(args) -> dict:
@@ -137,9 +165,17 @@ def cmd_info(args) -> dict:
 
     preset = get_preset(args.preset)
     teacher, student = build_pair(preset, build_tokenizer(corpus()))
-    rows = [{"model": name, **count_parameters(add_lora(model))} for name, model in (("teacher", teacher), ("student", student))]
-    print(format_table(rows, ["model", "total", "vision_encoder", "trainable", "lora", "query_tokens", "norms", "biases"],
-                       title=f"preset {preset.name}: parameters (trainable set = what DWC transmits)"))  # fmt: skip
+    rows = [
+        {"model": name, **count_parameters(add_lora(model))}
+        for name, model in (("teacher", teacher), ("student", student))
+    ]
+    print(
+        format_table(
+            rows,
+            ["model", "total", "vision_encoder", "trainable", "lora", "query_tokens", "norms", "biases"],
+            title=f"preset {preset.name}: parameters (trainable set = what DWC transmits)",
+        )
+    )
     return {"preset": preset.name, "parameters": rows}
 
 

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from cdcca.data.sample import Sample
 from cdcca.metrics import aokvqa_mc_accuracy, bleu4, cider, vqa_accuracy
 from cdcca.models.mllm import MLLM
+from cdcca.report import progress_bar
 
 
 @dataclass
@@ -47,7 +47,7 @@ def predict(
     model.eval()
     answers: list[str] = []
     with torch.inference_mode():
-        for start in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):
+        for start in progress_bar(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):
             batch = samples[start : start + batch_size]
             generation = model.generate([s.prompt for s in batch], images=[s.load_image() for s in batch])
             answers += generation.texts

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
-from tqdm.auto import tqdm
 
 from cdcca.data.digits_shift import INK_COLOURS, STYLES, TrainingImage, corpus, training_image, training_samples
 from cdcca.models.checkpoint import build_pair, load_mllm, save_mllm, share_vision_encoder
@@ -35,6 +34,7 @@ from cdcca.models.mllm import MLLM
 from cdcca.models.presets import get_preset
 from cdcca.models.tokenizer import build_tokenizer
 from cdcca.paths import checkpoint_dir
+from cdcca.report import progress_bar
 
 STAGES = ("vision", "teacher", "student")
 
@@ -174,8 +174,9 @@ def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> d
         saved = json.loads((partial_dir / "progress.json").read_text())
         start, losses = saved["step"], saved["losses"]
     stage.module.train()
-    bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"pretrain {stage.name}",
-               disable=not progress)  # fmt: skip
+    bar = progress_bar(
+        range(start, stage.steps), initial=start, total=stage.steps, desc=f"pretrain {stage.name}", disable=not progress
+    )
     for step in bar:
         rng = np.random.default_rng([config.seed, STAGES.index(stage.name), step])
         torch.manual_seed(int(rng.integers(2**62)))  # dropout masks also depend only on (seed, stage, step)
@@ -211,8 +212,11 @@ def is_complete(directory: Path) -> bool:
 
 
 def _finish(model: MLLM, log: dict, config: PretrainConfig, directory: Path) -> None:
-    model.meta.update(steps_done=log["steps"], final_loss=log["final_loss"],
-                      pretrain=asdict(config) | {"out_dir": str(config.out_dir)})  # fmt: skip
+    model.meta.update(
+        steps_done=log["steps"],
+        final_loss=log["final_loss"],
+        pretrain=asdict(config) | {"out_dir": str(config.out_dir)},
+    )
     save_mllm(model, directory)
 
 
@@ -233,16 +237,29 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> dict:
             report["stages"].append({"stage": "vision", "reused": True})
         else:
             sampler = lambda rng: vision.loss([training_image("broad", rng) for _ in range(config.batch_size)])  # noqa: E731
-            log = run_stage(_Stage("vision", vision, list(vision.parameters()), sampler, config.vision_steps, config.vision_lr),
-                            config, progress)  # fmt: skip
+            log = run_stage(
+                _Stage("vision", vision, list(vision.parameters()), sampler, config.vision_steps, config.vision_lr),
+                config,
+                progress,
+            )
             out.mkdir(parents=True, exist_ok=True)
             save_model(vision, str(vision_file))
             shutil.rmtree(out / "vision.partial", ignore_errors=True)
             report["stages"].append(log)
         teacher.blip2.vision_model.requires_grad_(False)
         params = [p for n, p in teacher.blip2.named_parameters() if not n.startswith("vision_model.")]
-        log = run_stage(_Stage("teacher", teacher.blip2, params, _answer_loss(teacher, "broad", config.batch_size),
-                               config.teacher_steps, config.lr), config, progress)  # fmt: skip
+        log = run_stage(
+            _Stage(
+                "teacher",
+                teacher.blip2,
+                params,
+                _answer_loss(teacher, "broad", config.batch_size),
+                config.teacher_steps,
+                config.lr,
+            ),
+            config,
+            progress,
+        )
         _finish(teacher, log, config, out / "teacher")
         shutil.rmtree(out / "teacher.partial", ignore_errors=True)
         report["stages"].append(log)
@@ -251,8 +268,18 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> dict:
         return report
     share_vision_encoder(teacher, student, check=False)
     params = [p for n, p in student.blip2.named_parameters() if not n.startswith("vision_model.")]
-    log = run_stage(_Stage("student", student.blip2, params, _answer_loss(student, "source", config.batch_size),
-                           config.student_steps, config.lr), config, progress)  # fmt: skip
+    log = run_stage(
+        _Stage(
+            "student",
+            student.blip2,
+            params,
+            _answer_loss(student, "source", config.batch_size),
+            config.student_steps,
+            config.lr,
+        ),
+        config,
+        progress,
+    )
     _finish(student, log, config, out / "student")
     shutil.rmtree(out / "student.partial", ignore_errors=True)
     report["stages"].append(log)

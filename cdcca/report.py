@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+def progress_bar(iterable: Iterable, **kwargs) -> tqdm:
+    """A tqdm bar; redrawn at most every 2 s when stderr is a log file rather than a terminal."""
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 2.0)
+    return tqdm(iterable, **kwargs)
 
 
 def _cell(value) -> str:
@@ -54,7 +64,7 @@ def plot_domain_accuracy(scores: dict[str, list[dict]], path: str | Path, title:
     ax.set_ylabel("accuracy (%) = mean of VQA and MC")
     ax.set_ylim(0, 105)
     ax.set_title(title)
-    ax.legend(loc="lower left")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,16 @@ def pretrained_test_pair(tmp_path_factory):
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("checkpoints")
-    pretrain(PretrainConfig(preset="test", vision_steps=4, teacher_steps=12, student_steps=8, batch_size=16, checkpoint_every=5,
-                            out_dir=out), progress=False)  # fmt: skip
+    pretrain(
+        PretrainConfig(
+            preset="test",
+            vision_steps=4,
+            teacher_steps=12,
+            student_steps=8,
+            batch_size=16,
+            checkpoint_every=5,
+            out_dir=out,
+        ),
+        progress=False,
+    )
     return out

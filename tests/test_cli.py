@@ -26,8 +26,24 @@ def test_info_counts_the_trainable_set(capsys, tmp_path):
 
 def test_eval_prints_a_table_and_writes_json_and_plot(pretrained_test_pair, capsys, tmp_path):
     report_path, plot_path = tmp_path / "eval.json", tmp_path / "eval.png"
-    code = main(["eval", "--preset", "test", "--checkpoints", str(pretrained_test_pair), "--limit", "3",
-                 "--domains", "source", "printed", "--json", str(report_path), "--plot", str(plot_path)])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--preset",
+            "test",
+            "--checkpoints",
+            str(pretrained_test_pair),
+            "--limit",
+            "3",
+            "--domains",
+            "source",
+            "printed",
+            "--json",
+            str(report_path),
+            "--plot",
+            str(plot_path),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "accuracy (%) side by side" in out and "printed" in out

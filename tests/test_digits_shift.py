@@ -106,9 +106,12 @@ def test_corpus_covers_every_prompt_and_target_word():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"domain": "mars"}, "domain must be one of"), ({"domain": "source", "split": "dev"}, "split must be one of"),
-     ({"domain": "source", "tasks": ("ocr",)}, "tasks must be drawn from")],
-)  # fmt: skip
+    [
+        ({"domain": "mars"}, "domain must be one of"),
+        ({"domain": "source", "split": "dev"}, "split must be one of"),
+        ({"domain": "source", "tasks": ("ocr",)}, "tasks must be drawn from"),
+    ],
+)
 def test_load_domain_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         load_domain(**kwargs)

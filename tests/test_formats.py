@@ -20,17 +20,40 @@ def _jpeg(path, colour):
 
 
 def test_vqav2_questions_and_annotations(tmp_path):
-    questions = _write(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", {
-        "info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": "val2014", "license": {},
-        "questions": [{"image_id": 42, "question": "What color is the bus?", "question_id": 420}],
-    })  # fmt: skip
-    answers = [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-               for i, a in enumerate(["red"] * 8 + ["dark red", "maroon"])]  # fmt: skip
-    annotations = _write(tmp_path / "v2_mscoco_val2014_annotations.json", {
-        "info": {}, "license": {}, "data_subtype": "val2014", "data_type": "mscoco",
-        "annotations": [{"question_type": "what color is the", "multiple_choice_answer": "red", "answers": answers,
-                         "image_id": 42, "answer_type": "other", "question_id": 420}],
-    })  # fmt: skip
+    questions = _write(
+        tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json",
+        {
+            "info": {},
+            "task_type": "Open-Ended",
+            "data_type": "mscoco",
+            "data_subtype": "val2014",
+            "license": {},
+            "questions": [{"image_id": 42, "question": "What color is the bus?", "question_id": 420}],
+        },
+    )
+    answers = [
+        {"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+        for i, a in enumerate(["red"] * 8 + ["dark red", "maroon"])
+    ]
+    annotations = _write(
+        tmp_path / "v2_mscoco_val2014_annotations.json",
+        {
+            "info": {},
+            "license": {},
+            "data_subtype": "val2014",
+            "data_type": "mscoco",
+            "annotations": [
+                {
+                    "question_type": "what color is the",
+                    "multiple_choice_answer": "red",
+                    "answers": answers,
+                    "image_id": 42,
+                    "answer_type": "other",
+                    "question_id": 420,
+                }
+            ],
+        },
+    )
     _jpeg(tmp_path / "COCO_val2014_000000000042.jpg", (200, 0, 0))
 
     samples = load_vqav2(questions, annotations, tmp_path)
@@ -44,34 +67,69 @@ def test_vqav2_questions_and_annotations(tmp_path):
 
 def test_aokvqa_gives_mc_and_direct_answer_samples(tmp_path):
     records = [
-        {"split": "val", "image_id": 7, "question_id": "22MexNkBPpdZGX6sxbxVBH",
-         "question": "What is the man by the bags awaiting?", "choices": ["skateboarder", "train", "delivery", "cab"],
-         "correct_choice_idx": 3, "direct_answers": ["ride", "ride", "bus", "taxi", "travelling", "traffic", "taxi",
-                                                     "cab", "cab", "his ride"],
-         "difficult_direct_answer": False, "rationales": ["A train would not be on the street."]},
-        {"split": "test", "image_id": 8, "question_id": "hidden", "question": "Why?", "choices": ["a", "b", "c", "d"],
-         "difficult_direct_answer": False},
-    ]  # fmt: skip
+        {
+            "split": "val",
+            "image_id": 7,
+            "question_id": "22MexNkBPpdZGX6sxbxVBH",
+            "question": "What is the man by the bags awaiting?",
+            "choices": ["skateboarder", "train", "delivery", "cab"],
+            "correct_choice_idx": 3,
+            "direct_answers": [
+                "ride",
+                "ride",
+                "bus",
+                "taxi",
+                "travelling",
+                "traffic",
+                "taxi",
+                "cab",
+                "cab",
+                "his ride",
+            ],
+            "difficult_direct_answer": False,
+            "rationales": ["A train would not be on the street."],
+        },
+        {
+            "split": "test",
+            "image_id": 8,
+            "question_id": "hidden",
+            "question": "Why?",
+            "choices": ["a", "b", "c", "d"],
+            "difficult_direct_answer": False,
+        },
+    ]
     path = _write(tmp_path / "aokvqa_v1p0_val.json", records)
 
     samples = load_aokvqa(path, tmp_path)
 
     mc, da = samples  # the test-split record hides answers and yields nothing to score
-    assert mc.task == "mc" and mc.choices[mc.correct_idx] == "cab" and aokvqa_mc_accuracy("cab", mc.choices, mc.correct_idx) == 1.0
+    assert (
+        mc.task == "mc"
+        and mc.choices[mc.correct_idx] == "cab"
+        and aokvqa_mc_accuracy("cab", mc.choices, mc.correct_idx) == 1.0
+    )
     assert "Choices: skateboarder, train, delivery, cab." in mc.prompt
     assert da.task == "vqa" and da.target in ("ride", "taxi", "cab") and len(da.answers) == 10
     assert mc.image_path.endswith("000000000007.jpg")
 
 
 def test_coco_captions_group_references_per_image(tmp_path):
-    path = _write(tmp_path / "captions_val2017.json", {
-        "info": {}, "licenses": [],
-        "images": [{"id": 1, "file_name": "000000000001.jpg", "height": 8, "width": 10},
-                   {"id": 2, "file_name": "000000000002.jpg", "height": 8, "width": 10}],
-        "annotations": [{"image_id": 1, "id": 10, "caption": "A dog on grass. "},
-                        {"image_id": 1, "id": 11, "caption": "A brown dog."},
-                        {"image_id": 2, "id": 12, "caption": "Two cats."}],
-    })  # fmt: skip
+    path = _write(
+        tmp_path / "captions_val2017.json",
+        {
+            "info": {},
+            "licenses": [],
+            "images": [
+                {"id": 1, "file_name": "000000000001.jpg", "height": 8, "width": 10},
+                {"id": 2, "file_name": "000000000002.jpg", "height": 8, "width": 10},
+            ],
+            "annotations": [
+                {"image_id": 1, "id": 10, "caption": "A dog on grass. "},
+                {"image_id": 1, "id": 11, "caption": "A brown dog."},
+                {"image_id": 2, "id": 12, "caption": "Two cats."},
+            ],
+        },
+    )
 
     samples = load_coco_captions(path, tmp_path)
 
@@ -80,15 +138,35 @@ def test_coco_captions_group_references_per_image(tmp_path):
 
 
 def test_nocaps_keeps_per_image_domain(tmp_path):
-    path = _write(tmp_path / "nocaps_val_4500_captions.json", {
-        "licenses": [], "info": {},
-        "images": [{"id": 0, "open_images_id": "0013ea2087020901", "file_name": "0013ea2087020901.jpg",
-                    "height": 8, "width": 10, "domain": "in-domain"},
-                   {"id": 1, "open_images_id": "0017eabf4ff1fd55", "file_name": "0017eabf4ff1fd55.jpg",
-                    "height": 8, "width": 10, "domain": "out-domain"}],
-        "annotations": [{"image_id": 0, "id": 0, "caption": "A baby in a crib."},
-                        {"image_id": 1, "id": 1, "caption": "A jellyfish."}],
-    })  # fmt: skip
+    path = _write(
+        tmp_path / "nocaps_val_4500_captions.json",
+        {
+            "licenses": [],
+            "info": {},
+            "images": [
+                {
+                    "id": 0,
+                    "open_images_id": "0013ea2087020901",
+                    "file_name": "0013ea2087020901.jpg",
+                    "height": 8,
+                    "width": 10,
+                    "domain": "in-domain",
+                },
+                {
+                    "id": 1,
+                    "open_images_id": "0017eabf4ff1fd55",
+                    "file_name": "0017eabf4ff1fd55.jpg",
+                    "height": 8,
+                    "width": 10,
+                    "domain": "out-domain",
+                },
+            ],
+            "annotations": [
+                {"image_id": 0, "id": 0, "caption": "A baby in a crib."},
+                {"image_id": 1, "id": 1, "caption": "A jellyfish."},
+            ],
+        },
+    )
 
     samples = load_nocaps(path, tmp_path)
 

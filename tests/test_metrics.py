@@ -94,7 +94,9 @@ def test_bleu4_hand_computed():
 
 def test_bleu4_perfect_and_disjoint():
     refs = {"1": ["a white handwritten digit seven"], "2": ["a printed number three on black"]}
-    assert bleu4({"1": "a white handwritten digit seven", "2": "a printed number three on black"}, refs) == pytest.approx(1.0)
+    assert bleu4(
+        {"1": "a white handwritten digit seven", "2": "a printed number three on black"}, refs
+    ) == pytest.approx(1.0)
     assert bleu4({"1": "x y z w v", "2": "x y z w v q"}, refs) < 1e-6
 
 

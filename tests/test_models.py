@@ -35,8 +35,9 @@ def test_pair_shares_one_frozen_vision_encoder(pair, few_samples):
 
 def test_generate_returns_answers_and_entropies(pair, few_samples):
     _, student = pair
-    generation = student.generate([s.prompt for s in few_samples], images=[s.image for s in few_samples],
-                                  max_new_tokens=5)  # fmt: skip
+    generation = student.generate(
+        [s.prompt for s in few_samples], images=[s.image for s in few_samples], max_new_tokens=5
+    )
     batch = len(few_samples)
     assert len(generation.texts) == batch and all(isinstance(t, str) for t in generation.texts)
     assert generation.token_ids.shape[0] == batch and generation.token_ids.shape[1] <= 5
@@ -50,8 +51,9 @@ def test_padding_does_not_change_a_sample_answer(pair, few_samples):
     _, student = pair
     short, long_ = few_samples[0], next(s for s in few_samples if s.task == "mc")
     alone = student.lm_forward(student.encode_visual([short.image]), [short.prompt], [short.target])
-    both = student.lm_forward(student.encode_visual([short.image, long_.image]), [short.prompt, long_.prompt],
-                              [short.target, long_.target])  # fmt: skip
+    both = student.lm_forward(
+        student.encode_visual([short.image, long_.image]), [short.prompt, long_.prompt], [short.target, long_.target]
+    )
     n = alone.logits.shape[1] - student.num_query_tokens
     torch.testing.assert_close(both.logits[0, -n:], alone.logits[0, -n:], rtol=1e-4, atol=1e-4)
 
@@ -70,8 +72,9 @@ def test_token_mask_hides_visual_tokens_from_the_queries(pair, few_samples):
 def test_loss_is_answer_cross_entropy_and_backpropagates(pair, few_samples):
     teacher, _ = pair
     teacher.train()
-    loss = teacher.loss([s.image for s in few_samples], [s.prompt for s in few_samples],
-                        [s.target for s in few_samples])  # fmt: skip
+    loss = teacher.loss(
+        [s.image for s in few_samples], [s.prompt for s in few_samples], [s.target for s in few_samples]
+    )
     loss.backward()
     # an untrained model is near uniform over the vocabulary
     assert abs(float(loss.detach()) - np.log(len(teacher.tokenizer))) < 1.0
@@ -113,9 +116,11 @@ def test_share_vision_encoder_refuses_encoders_of_different_pairs(tokenizer):
 
 @pytest.mark.parametrize(
     ("path", "message"),
-    [("Salesforce/blip2-opt-2.7b", "huggingface-cli download Salesforce/blip2-opt-2.7b"),
-     ("/nonexistent/checkpoint", "Run `cdcca pretrain`")],
-)  # fmt: skip
+    [
+        ("Salesforce/blip2-opt-2.7b", "huggingface-cli download Salesforce/blip2-opt-2.7b"),
+        ("/nonexistent/checkpoint", "Run `cdcca pretrain`"),
+    ],
+)
 def test_missing_model_error_says_what_to_do(path, message):
     with pytest.raises(ModelNotFoundError, match=message.replace("`", ".").replace("/", ".")):
         load_mllm(path)
@@ -131,9 +136,11 @@ def test_real_blip2_directory_loads_with_its_own_tokenizer_and_processor(pair, t
     teacher, _ = pair
     teacher.blip2.save_pretrained(tmp_path)
     teacher.tokenizer.save_pretrained(tmp_path)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
-    ))  # fmt: skip
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+        )
+    )
     loaded = load_mllm(tmp_path)
     assert loaded.image_spec.mean == (0.48145466, 0.4578275, 0.40821073)
     assert loaded.meta["role"] == "external"
@@ -141,12 +148,14 @@ def test_real_blip2_directory_loads_with_its_own_tokenizer_and_processor(pair, t
 
 @pytest.mark.parametrize(
     ("build", "message"),
-    [(lambda: TowerSizes(2, 30, 4, 4, 32, 1, 2), "qformer_heads=4 must divide"),
-     (lambda: TowerSizes(0, 32, 2, 4, 32, 1, 2), "qformer_layers must be >= 1"),
-     (lambda: Preset("x", 24, 5, 32, 1, 2, 0.1, PRESETS["test"].teacher, PRESETS["test"].student), "patch_size=5"),
-     (lambda: Preset("x", 24, 8, 32, 1, 2, 0.1, PRESETS["test"].teacher, PRESETS["test"].teacher), "half of"),
-     (lambda: get_preset("huge"), "preset must be one of")],
-)  # fmt: skip
+    [
+        (lambda: TowerSizes(2, 30, 4, 4, 32, 1, 2), "qformer_heads=4 must divide"),
+        (lambda: TowerSizes(0, 32, 2, 4, 32, 1, 2), "qformer_layers must be >= 1"),
+        (lambda: Preset("x", 24, 5, 32, 1, 2, 0.1, PRESETS["test"].teacher, PRESETS["test"].student), "patch_size=5"),
+        (lambda: Preset("x", 24, 8, 32, 1, 2, 0.1, PRESETS["test"].teacher, PRESETS["test"].teacher), "half of"),
+        (lambda: get_preset("huge"), "preset must be one of"),
+    ],
+)
 def test_config_validation_names_the_field(build, message):
     with pytest.raises(ValueError, match=message):
         build()

@@ -21,13 +21,19 @@ def test_pretrain_writes_a_loadable_pair_sharing_one_encoder(pretrained_test_pai
 def test_pretrain_reuses_finished_checkpoints(pretrained_test_pair):
     report = pretrain(PretrainConfig(preset="test", out_dir=pretrained_test_pair), progress=False)
     assert [(r["stage"], r.get("reused")) for r in report["stages"]] == [
-        ("vision", True), ("teacher", True), ("student", True)
+        ("vision", True),
+        ("teacher", True),
+        ("student", True),
     ]
 
 
 def test_training_reduces_the_loss(tmp_path):
-    report = pretrain(PretrainConfig(preset="test", vision_steps=40, teacher_steps=60, student_steps=1, batch_size=32,
-                                     lr=3e-3, out_dir=tmp_path), progress=False)  # fmt: skip
+    report = pretrain(
+        PretrainConfig(
+            preset="test", vision_steps=40, teacher_steps=60, student_steps=1, batch_size=32, lr=3e-3, out_dir=tmp_path
+        ),
+        progress=False,
+    )
     vision = report["stages"][0]
     assert vision["stage"] == "vision" and vision["final_loss"] < 4.5  # from ln(10) + ln(4) + ln(7) = 5.6
     losses = json.loads((tmp_path / "teacher" / "cdcca.json").read_text())["meta"]

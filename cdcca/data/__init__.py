@@ -5,6 +5,15 @@ from cdcca.data.formats import load_aokvqa, load_coco_captions, load_nocaps, loa
 from cdcca.data.sample import TASKS, Sample
 
 __all__ = [
-    "DOMAINS", "SOURCE_DOMAIN", "TARGET_DOMAINS", "TASKS", "Sample", "load_domain", "training_samples",
-    "load_aokvqa", "load_coco_captions", "load_nocaps", "load_vqav2",
-]  # fmt: skip
+    "DOMAINS",
+    "SOURCE_DOMAIN",
+    "TARGET_DOMAINS",
+    "TASKS",
+    "Sample",
+    "load_domain",
+    "training_samples",
+    "load_aokvqa",
+    "load_coco_captions",
+    "load_nocaps",
+    "load_vqav2",
+]

@@ -212,10 +212,17 @@ def make_samples(
             prompt = (SHIFTED_MC if shifted_language else SOURCE_MC).format(*choices)
             samples.append(
                 Sample(
-                    sample_id, domain, task, prompt, image=image, choices=choices,
-                    correct_idx=options.index(digit), answers=[DIGIT_WORDS[digit]] * 10, target=DIGIT_WORDS[digit],
+                    sample_id,
+                    domain,
+                    task,
+                    prompt,
+                    image=image,
+                    choices=choices,
+                    correct_idx=options.index(digit),
+                    answers=[DIGIT_WORDS[digit]] * 10,
+                    target=DIGIT_WORDS[digit],
                 )
-            )  # fmt: skip
+            )
         else:
             references = [ref.format(d=DIGIT_WORDS[digit], c=colour_name) for ref in CAPTIONS[style]]
             prompt = SHIFTED_CAPTION if shifted_language else SOURCE_CAPTION
@@ -326,8 +333,17 @@ def training_samples(distribution: str, count: int, rng: np.random.Generator) ->
     for n in range(count):
         task = TASKS[int(rng.integers(len(TASKS)))]
         item = training_image(distribution, rng)
-        samples += make_samples(item.image, item.digit, item.style, item.colour_name, item.shifted_language,
-                                distribution, f"{distribution}/{n}", rng, (task,))  # fmt: skip
+        samples += make_samples(
+            item.image,
+            item.digit,
+            item.style,
+            item.colour_name,
+            item.shifted_language,
+            distribution,
+            f"{distribution}/{n}",
+            rng,
+            (task,),
+        )
     return samples
 
 

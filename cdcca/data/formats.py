@@ -44,9 +44,13 @@ def _require(record: dict, keys: tuple[str, ...], where: str) -> None:
 
 
 def load_vqav2(
-    questions_file: str | Path, annotations_file: str | Path, images_dir: str | Path, split: str = "val2014",
-    domain: str = "vqav2", prompt: str = VQA_PROMPT,
-) -> list[Sample]:  # fmt: skip
+    questions_file: str | Path,
+    annotations_file: str | Path,
+    images_dir: str | Path,
+    split: str = "val2014",
+    domain: str = "vqav2",
+    prompt: str = VQA_PROMPT,
+) -> list[Sample]:
     """VQAv2 open-ended questions with their 10 annotator answers as ``vqa`` samples."""
     questions = _read_json(questions_file)
     annotations = _read_json(annotations_file)
@@ -65,12 +69,15 @@ def load_vqav2(
         answers = [a["answer"] for a in annotation["answers"]]
         samples.append(
             Sample(
-                sample_id=f"{domain}/{question['question_id']}", domain=domain, task="vqa",
+                sample_id=f"{domain}/{question['question_id']}",
+                domain=domain,
+                task="vqa",
                 prompt=prompt.format(question=question["question"]),
                 image_path=str(Path(images_dir) / f"COCO_{split}_{question['image_id']:012d}.jpg"),
-                answers=answers, target=annotation.get("multiple_choice_answer", answers[0]),
+                answers=answers,
+                target=annotation.get("multiple_choice_answer", answers[0]),
             )
-        )  # fmt: skip
+        )
     return samples
 
 
@@ -91,15 +98,30 @@ def load_aokvqa(
             choices = list(record["choices"])
             mc_prompt = prompt.format(question=f"{record['question']} Choices: {', '.join(choices)}.")
             samples.append(
-                Sample(f"{domain}/{record['question_id']}/mc", domain, "mc", mc_prompt, image_path=image_path,
-                       choices=choices, correct_idx=int(correct), answers=direct, target=choices[int(correct)])
-            )  # fmt: skip
+                Sample(
+                    f"{domain}/{record['question_id']}/mc",
+                    domain,
+                    "mc",
+                    mc_prompt,
+                    image_path=image_path,
+                    choices=choices,
+                    correct_idx=int(correct),
+                    answers=direct,
+                    target=choices[int(correct)],
+                )
+            )
         if direct:
             samples.append(
-                Sample(f"{domain}/{record['question_id']}/da", domain, "vqa",
-                       prompt.format(question=record["question"]), image_path=image_path, answers=direct,
-                       target=max(set(direct), key=direct.count))
-            )  # fmt: skip
+                Sample(
+                    f"{domain}/{record['question_id']}/da",
+                    domain,
+                    "vqa",
+                    prompt.format(question=record["question"]),
+                    image_path=image_path,
+                    answers=direct,
+                    target=max(set(direct), key=direct.count),
+                )
+            )
     return samples
 
 
@@ -117,14 +139,22 @@ def _load_coco_style(annotations_file, images_dir, domain: str, prompt: str, per
         refs = references.get(image["id"], [])
         image_domain = image.get("domain", domain) if per_image_domain else domain
         samples.append(
-            Sample(f"{domain}/{image['id']}", image_domain, "caption", prompt,
-                   image_path=str(Path(images_dir) / image["file_name"]), references=refs,
-                   target=refs[0] if refs else "")
-        )  # fmt: skip
+            Sample(
+                f"{domain}/{image['id']}",
+                image_domain,
+                "caption",
+                prompt,
+                image_path=str(Path(images_dir) / image["file_name"]),
+                references=refs,
+                target=refs[0] if refs else "",
+            )
+        )
     return samples
 
 
-def load_coco_captions(annotations_file: str | Path, images_dir: str | Path, prompt: str = CAPTION_PROMPT) -> list[Sample]:
+def load_coco_captions(
+    annotations_file: str | Path, images_dir: str | Path, prompt: str = CAPTION_PROMPT
+) -> list[Sample]:
     """COCO Captions 2017: one ``caption`` sample per image with its (usually 5) references."""
     return _load_coco_style(annotations_file, images_dir, "coco", prompt, per_image_domain=False)
 

@@ -29,10 +29,18 @@ def build_pair(preset: Preset, tokenizer, seed: int = 0) -> tuple[MLLM, MLLM]:
     """Freshly initialised teacher and student of ``preset`` that share one vision encoder module."""
     torch.manual_seed(seed)
     spec = ImageSpec(size=preset.image_size)
-    teacher = MLLM(Blip2ForConditionalGeneration(preset.blip2_config("teacher", tokenizer)), tokenizer, spec,
-                   {"role": "teacher", "preset": preset.name})  # fmt: skip
-    student = MLLM(Blip2ForConditionalGeneration(preset.blip2_config("student", tokenizer)), tokenizer, spec,
-                   {"role": "student", "preset": preset.name})  # fmt: skip
+    teacher = MLLM(
+        Blip2ForConditionalGeneration(preset.blip2_config("teacher", tokenizer)),
+        tokenizer,
+        spec,
+        {"role": "teacher", "preset": preset.name},
+    )
+    student = MLLM(
+        Blip2ForConditionalGeneration(preset.blip2_config("student", tokenizer)),
+        tokenizer,
+        spec,
+        {"role": "student", "preset": preset.name},
+    )
     for model in (teacher, student):
         # transformers zero-initialises the queries (fine when loading weights); identical queries would stay
         # identical under training, so break the symmetry as BLIP-2's own code does: N(0, 0.02)
@@ -106,8 +114,9 @@ def load_mllm(path: str | Path, device: str | torch.device = "cpu") -> MLLM:
     if (directory / META_FILE).is_file():
         stored = json.loads((directory / META_FILE).read_text())
         if stored.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{directory / META_FILE} has format {stored.get('format_version')}, "
-                                  f"this CD-CCA reads {FORMAT_VERSION}")  # fmt: skip
+            raise CheckpointError(
+                f"{directory / META_FILE} has format {stored.get('format_version')}, this CD-CCA reads {FORMAT_VERSION}"
+            )
         spec = stored["image_spec"]
         image_spec = ImageSpec(spec["size"], tuple(spec["mean"]), tuple(spec["std"]))
         meta = stored.get("meta", {})

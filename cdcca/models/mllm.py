@@ -151,9 +151,11 @@ class MLLM(nn.Module):
         ).last_hidden_state
 
     def encode_visual(
-        self, images: Sequence[np.ndarray] | None = None, visual_tokens: torch.Tensor | None = None,
+        self,
+        images: Sequence[np.ndarray] | None = None,
+        visual_tokens: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """Images or precomputed visual tokens -> (B, Q, D_lm) soft prompt for the language model."""
         if visual_tokens is None:
             if images is None:
@@ -243,9 +245,11 @@ class MLLM(nn.Module):
                 break
             mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long, device=self.device)], dim=1)
             out = self.lm(
-                inputs_embeds=embed(next_token)[:, None], attention_mask=mask,
-                past_key_values=out.past_key_values, use_cache=True,
-            )  # fmt: skip
+                inputs_embeds=embed(next_token)[:, None],
+                attention_mask=mask,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
         token_ids = torch.stack(tokens, 1)  # (B, T)
         texts = [
             " ".join(self.tokenizer.decode(row[row != pad].tolist(), skip_special_tokens=True).split())

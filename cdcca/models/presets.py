@@ -133,16 +133,28 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "test": Preset(
-        name="test", image_size=24, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2, dropout=0.1,
+        name="test",
+        image_size=24,
+        patch_size=8,
+        vision_hidden=32,
+        vision_layers=1,
+        vision_heads=2,
+        dropout=0.1,
         teacher=TowerSizes(2, 32, 2, 4, 48, 2, 2),
         student=TowerSizes(1, 32, 2, 4, 32, 1, 2),
     ),
     "tiny": Preset(
-        name="tiny", image_size=24, patch_size=4, vision_hidden=128, vision_layers=4, vision_heads=4, dropout=0.1,
+        name="tiny",
+        image_size=24,
+        patch_size=4,
+        vision_hidden=128,
+        vision_layers=4,
+        vision_heads=4,
+        dropout=0.1,
         teacher=TowerSizes(4, 128, 4, 8, 192, 4, 4),
         student=TowerSizes(2, 128, 4, 8, 96, 2, 4),
     ),
-}  # fmt: skip
+}
 
 
 def get_preset(name: str) -> Preset:

@@ -24,18 +24,10 @@ def build_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
     """
     normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     pre_tokenizer = pre_tokenizers.Whitespace()  # splits words from punctuation: "this?" -> "this", "?"
-    words = {
-        word
-        for text in corpus
-        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
-    }
+    words = {word for text in corpus for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))}
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *sorted(words - set(SPECIAL_TOKENS))])}
     backend = Tokenizer(WordLevel(vocab, unk_token=UNK))
     backend.normalizer = normalizer
     backend.pre_tokenizer = pre_tokenizer
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS
-    )
+    backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS)

@@ -51,9 +51,12 @@ def add_lora(model: MLLM, settings: LoraSettings = LoraSettings()) -> MLLM:
     if has_lora(model):
         raise ValueError("the model already carries LoRA adapters")
     config = LoraConfig(
-        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules), bias="none",
-    )  # fmt: skip
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+    )
     inject_adapter_in_model(config, model.blip2.language_model)
     return model
 
