@@ -1,0 +1,165 @@
+"""The wire format: ROS 2 CDR bytes of the ``cdcca_msgs`` interfaces, produced without ROS.
+
+At import, the ``.msg``/``.srv`` files of ``ros2_ws/src/cdcca_msgs`` -- the single source of truth -- are
+registered with a ``rosbags`` typestore (ROS 2 Jazzy store plus ours). Every link and every bag carries the
+bytes :func:`encode` returns, which are the bytes a ROS 2 node publishing the same message would produce
+(XCDR1 with the 4-byte encapsulation header). Decoding anything malformed raises :class:`WireError` and
+nothing else, so a runtime can count and reject bad input and keep serving.
+
+Type names are the ROS 2 ones: ``cdcca_msgs/msg/UtsTokens``; ``cdcca_msgs/UtsTokens`` is accepted too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rosbags.typesys import Stores, get_typestore, get_types_from_msg
+from rosbags.typesys.base import Nodetype
+
+from cdcca.errors import CdccaError
+
+OUR_MESSAGES = ("UtsTokens", "WeightDelta", "AdapterStatus", "Answer")
+OUR_SERVICES = ("Ask",)
+UTS_TOKENS = "cdcca_msgs/msg/UtsTokens"
+WEIGHT_DELTA = "cdcca_msgs/msg/WeightDelta"
+ADAPTER_STATUS = "cdcca_msgs/msg/AdapterStatus"
+ANSWER = "cdcca_msgs/msg/Answer"
+ASK_REQUEST = "cdcca_msgs/srv/Ask_Request"
+ASK_RESPONSE = "cdcca_msgs/srv/Ask_Response"
+IMAGE = "sensor_msgs/msg/Image"
+COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
+STRING = "std_msgs/msg/String"
+SUPPORTED_TYPES = (UTS_TOKENS, WEIGHT_DELTA, ADAPTER_STATUS, ANSWER, ASK_REQUEST, ASK_RESPONSE, IMAGE,
+                   COMPRESSED_IMAGE, STRING)  # fmt: skip
+
+_NUMPY = {
+    "bool": np.bool_, "byte": np.uint8, "char": np.uint8, "octet": np.uint8,
+    "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32,
+    "uint32": np.uint32, "int64": np.int64, "uint64": np.uint64, "float32": np.float32, "float64": np.float64,
+}  # fmt: skip
+
+
+class WireError(CdccaError, ValueError):
+    """Bytes that are not a valid CDR message of the expected type, or a message that cannot be encoded."""
+
+
+def msgs_dir() -> Path:
+    """Folder of the ``cdcca_msgs`` package: ``$CDCCA_MSGS_DIR``, this checkout, or an installed ROS share dir."""
+    candidates = []
+    if os.environ.get("CDCCA_MSGS_DIR"):
+        candidates.append(Path(os.environ["CDCCA_MSGS_DIR"]))
+    candidates.append(Path(__file__).resolve().parents[2] / "ros2_ws" / "src" / "cdcca_msgs")
+    for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
+        if prefix:
+            candidates.append(Path(prefix) / "share" / "cdcca_msgs")
+    for candidate in candidates:
+        if (candidate / "msg" / "UtsTokens.msg").is_file():
+            return candidate
+    raise WireError(
+        "cannot find the cdcca_msgs interface files; run from a CD-CCA checkout, source a ROS 2 workspace that "
+        "built cdcca_msgs, or set CDCCA_MSGS_DIR to the package folder"
+    )
+
+
+def _build_typestore():
+    store = get_typestore(Stores.ROS2_JAZZY)
+    root = msgs_dir()
+    types = {}
+    for name in OUR_MESSAGES:
+        types.update(get_types_from_msg((root / "msg" / f"{name}.msg").read_text(), f"cdcca_msgs/msg/{name}"))
+    for name in OUR_SERVICES:
+        request, response = (root / "srv" / f"{name}.srv").read_text().split("\n---\n")
+        types.update(get_types_from_msg(request, f"cdcca_msgs/srv/{name}_Request"))
+        types.update(get_types_from_msg(response, f"cdcca_msgs/srv/{name}_Response"))
+    store.register(types)
+    return store
+
+
+TYPESTORE = _build_typestore()
+
+
+def canonical(type_name: str) -> str:
+    """The typestore's name: ``pkg/Name`` -> ``pkg/msg/Name``; service parts ``pkg/srv/Name_Request`` are kept
+    by rosbags as ``pkg/srv/msg/Name_Request`` (it has no service types; the CDR is that of the struct).
+    Unknown types raise :class:`WireError`."""
+    parts = type_name.split("/")
+    if len(parts) == 2:
+        full = f"{parts[0]}/msg/{parts[1]}"
+    elif len(parts) == 3 and parts[1] == "srv":
+        full = f"{parts[0]}/srv/msg/{parts[2]}"
+    else:
+        full = type_name
+    if full not in TYPESTORE.types:
+        raise WireError(f"unknown message type {type_name!r}; supported: {', '.join(SUPPORTED_TYPES)}")
+    return full
+
+
+def message_class(type_name: str) -> type:
+    """The dataclass of a message type (fields as in the ``.msg`` file, constants as class attributes)."""
+    return TYPESTORE.types[canonical(type_name)]
+
+
+def _default(node: tuple) -> Any:
+    kind, detail = node
+    if kind == Nodetype.NAME:
+        return new(detail)
+    if kind == Nodetype.BASE:
+        base = detail[0]
+        return "" if base in ("string", "wstring") else (False if base == "bool" else _NUMPY[base](0).item())
+    element, size = detail
+    if element[0] == Nodetype.BASE and element[1][0] in _NUMPY:
+        return np.zeros(size if kind == Nodetype.ARRAY else 0, dtype=_NUMPY[element[1][0]])
+    return [_default(element) for _ in range(size)] if kind == Nodetype.ARRAY else []
+
+
+def new(type_name: str, **fields: Any) -> Any:
+    """A message of ``type_name`` with ``fields`` set and every other field at its zero value."""
+    full = canonical(type_name)
+    _, field_defs = TYPESTORE.fielddefs[full]
+    known = {name for name, _ in field_defs}
+    unknown = set(fields) - known
+    if unknown:
+        raise WireError(f"{full} has no field(s) {sorted(unknown)}; its fields are {sorted(known)}")
+    values = {name: fields[name] if name in fields else _default(node) for name, node in field_defs}
+    return TYPESTORE.types[full](**values)
+
+
+def header(stamp_ns: int = 0, frame_id: str = "") -> Any:
+    """A ``std_msgs/Header`` with the stamp given in nanoseconds since the epoch."""
+    time = TYPESTORE.types["builtin_interfaces/msg/Time"](sec=int(stamp_ns // 10**9), nanosec=int(stamp_ns % 10**9))
+    return TYPESTORE.types["std_msgs/msg/Header"](stamp=time, frame_id=frame_id)
+
+
+def stamp_ns(msg_header: Any) -> int:
+    """Nanoseconds since the epoch of a ``std_msgs/Header``."""
+    return msg_header.stamp.sec * 10**9 + msg_header.stamp.nanosec
+
+
+def encode(msg: Any) -> bytes:
+    """CDR bytes (little-endian, with encapsulation header) of a message built by :func:`new` or decoded."""
+    type_name = getattr(msg, "__msgtype__", None)
+    if type_name is None:
+        raise WireError(f"{type(msg).__name__} is not a registered message; build it with cdcca.wire.new()")
+    try:
+        return bytes(TYPESTORE.serialize_cdr(msg, type_name))
+    except Exception as err:  # rosbags raises assorted errors for wrong field types or sizes
+        raise WireError(f"cannot encode {type_name}: {err}") from err
+
+
+def decode(type_name: str, data: bytes | bytearray | memoryview) -> Any:
+    """Parse CDR bytes as ``type_name``. Any malformed, truncated or foreign input raises :class:`WireError`."""
+    full = canonical(type_name)
+    if len(data) < 4 or data[0] != 0 or data[1] not in (0, 1):
+        raise WireError(f"not a CDR message: bad encapsulation header {bytes(data[:4])!r} for {full}")
+    try:
+        return TYPESTORE.deserialize_cdr(bytes(data), full)
+    except Exception as err:  # SerdeError, struct.error, IndexError, UnicodeDecodeError, ... -> one type
+        raise WireError(f"malformed {full}: {type(err).__name__}: {err}") from err
+
+
+def msgdef(type_name: str) -> tuple[str, str]:
+    """(message definition text, hash) as rosbag2 stores them for a connection of ``type_name``."""
+    return TYPESTORE.generate_msgdef(canonical(type_name), ros_version=2)
