@@ -1,0 +1,308 @@
+"""UTS: uncertainty-guided token sampling on the device (Wang et al., CVPR 2024, Sec. 3.2, Eq. 2-4).
+
+Only what the student is unsure about goes to the cloud, in two stages:
+
+1. **Sample level (Eq. 2).** The mean token entropy of the student's greedy answer. A sample passes when
+   its entropy exceeds a fixed threshold, or when it is in the top fraction of a sliding window of recent
+   entropies (robust to a drifting entropy scale).
+2. **Token level (Eq. 3-4).** Monte-Carlo dropout *inside the model*: the last ``mc_layers`` layers of the
+   frozen vision encoder run ``M`` times with attention dropout active, batched as one forward of ``M``
+   copies; a visual token's uncertainty is the variance of its representation across the passes, averaged
+   over channels. Tokens above β, or the top ``token_keep_ratio`` of them, are kept (Eq. 4).
+
+Why not dropout on the finished tokens: for a fixed input x, dropout with rate p has the closed-form
+variance x^2 p/(1-p), so "uncertainty" would just rank tokens by magnitude. Dropout inside attention makes a
+token's variance depend on how its attention to the other tokens is spread, which is what the paper means.
+
+Kept tokens travel in a ``cdcca_msgs/UtsTokens`` message, int8 with a per-token scale (default) or fp16,
+with their indices; the cloud rebuilds them with :func:`unpack_tokens` and attends only to those.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cdcca import wire
+from cdcca.data.sample import Sample
+from cdcca.errors import CdccaError
+from cdcca.models.mllm import MLLM
+
+ENCODINGS = ("int8", "fp16")
+
+
+class UplinkError(CdccaError, ValueError):
+    """A ``UtsTokens`` message that decodes as CDR but is inconsistent (sizes, indices, encoding)."""
+
+
+@dataclass
+class UTSConfig:
+    """Settings of uncertainty-guided token sampling.
+
+    Args:
+        sample_mode: ``threshold`` (entropy > ``entropy_threshold``) or ``top_fraction`` (entropy among the top
+            ``sample_fraction`` of the last ``window`` answers).
+        entropy_threshold: stage-1 threshold on the mean answer-token entropy, nats.
+        sample_fraction: stage-1 fraction of samples kept in ``top_fraction`` mode.
+        window: number of recent entropies in the sliding window.
+        mc_passes: M, stochastic passes of stage 2 (batched into one forward).
+        mc_dropout: attention-dropout rate inside the encoder during the passes.
+        mc_layers: how many final encoder layers run stochastically (the earlier ones run once).
+        token_mode: ``ratio`` (keep the top ``token_keep_ratio``) or ``threshold`` (variance > ``token_threshold``).
+        token_keep_ratio: stage-2 fraction of visual tokens kept in ``ratio`` mode.
+        token_threshold: β of Eq. 4 in ``threshold`` mode.
+        encoding: ``int8`` (per-token symmetric scale) or ``fp16`` for the kept tokens on the wire.
+        seed: seed of the dropout masks, so scoring is reproducible.
+    """
+
+    sample_mode: str = "top_fraction"
+    entropy_threshold: float = 0.5
+    sample_fraction: float = 0.3
+    window: int = 200
+    mc_passes: int = 8
+    mc_dropout: float = 0.1
+    mc_layers: int = 1
+    token_mode: str = "ratio"
+    token_keep_ratio: float = 0.25
+    token_threshold: float = 0.0
+    encoding: str = "int8"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sample_mode not in ("threshold", "top_fraction"):
+            raise ValueError(f"UTSConfig.sample_mode must be 'threshold' or 'top_fraction', got {self.sample_mode!r}")
+        if self.token_mode not in ("ratio", "threshold"):
+            raise ValueError(f"UTSConfig.token_mode must be 'ratio' or 'threshold', got {self.token_mode!r}")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"UTSConfig.encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+        for name in ("sample_fraction", "token_keep_ratio"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"UTSConfig.{name} must be in (0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.mc_dropout < 1.0:
+            raise ValueError(f"UTSConfig.mc_dropout must be in (0, 1), got {self.mc_dropout}")
+        for name in ("window", "mc_passes", "mc_layers"):
+            if getattr(self, name) < (2 if name == "mc_passes" else 1):
+                raise ValueError(f"UTSConfig.{name} is too small: {getattr(self, name)}")
+
+
+@dataclass
+class UTSScores:
+    """What UTS computed for a batch.
+
+    Attributes:
+        answers: the student's greedy answers.
+        sample_entropy: (B,) mean answer-token entropy, nats (Eq. 2).
+        keep_sample: (B,) stage-1 decision.
+        visual_tokens: (B, N, D) deterministic visual tokens (what the student answered with).
+        token_variance: (B, N) MC-dropout variance (Eq. 3); computed for kept samples only, NaN elsewhere.
+        keep_tokens: (B, N) stage-2 decision (all False for samples dropped at stage 1).
+        answer_seconds: wall time of answering the batch.
+        scoring_seconds: wall time of UTS on top of answering (stage-2 passes and selection).
+    """
+
+    answers: list[str]
+    sample_entropy: torch.Tensor
+    keep_sample: torch.Tensor
+    visual_tokens: torch.Tensor
+    token_variance: torch.Tensor
+    keep_tokens: torch.Tensor
+    answer_seconds: float
+    scoring_seconds: float
+
+
+class UncertaintyTokenSampler:
+    """Two-stage UTS for one student on one robot.
+
+    Args:
+        student: the device's student MLLM.
+        config: thresholds, window and MC-dropout settings.
+    """
+
+    def __init__(self, student: MLLM, config: UTSConfig | None = None) -> None:
+        self.student = student
+        self.config = config or UTSConfig()
+        layers = student.blip2.vision_model.encoder.layers
+        if self.config.mc_layers > len(layers):
+            raise ValueError(f"UTSConfig.mc_layers={self.config.mc_layers} exceeds the encoder's {len(layers)} layers")
+        # a private copy of the tail, permanently in train mode with the MC rate, so scoring never flips the
+        # shared encoder's mode while another thread answers with it
+        self._mc_tail = copy.deepcopy(layers[len(layers) - self.config.mc_layers :]).train()
+        for layer in self._mc_tail:
+            layer.self_attn.attention_dropout = self.config.mc_dropout
+            layer.requires_grad_(False)
+        self._recent = deque(maxlen=self.config.window)
+        self._generator = torch.Generator().manual_seed(self.config.seed)
+
+    # ------------------------------------------------------------------------------------------ stages
+    def _front(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Encoder up to the stochastic tail: (B, 3, S, S) -> (B, N, D)."""
+        vision = self.student.blip2.vision_model
+        hidden = vision.embeddings(pixel_values)
+        for layer in vision.encoder.layers[: len(vision.encoder.layers) - self.config.mc_layers]:
+            hidden = layer(hidden)
+        return hidden
+
+    def _deterministic_tail(self, hidden: torch.Tensor) -> torch.Tensor:
+        vision = self.student.blip2.vision_model
+        layers = vision.encoder.layers
+        for layer in layers[len(layers) - self.config.mc_layers :]:
+            hidden = layer(hidden)
+        return vision.post_layernorm(hidden)
+
+    def token_variance(self, hidden_front: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) front activations -> (B, N) MC-dropout variance of each output token (Eq. 3)."""
+        batch, tokens, width = hidden_front.shape
+        passes = self.config.mc_passes
+        hidden = hidden_front.repeat_interleave(passes, dim=0)  # (B*M, N, D): the M passes as one forward
+        state = torch.get_rng_state()
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=self._generator)))
+        try:
+            for layer in self._mc_tail:
+                hidden = layer(hidden)
+        finally:
+            torch.set_rng_state(state)
+        outputs = self.student.blip2.vision_model.post_layernorm(hidden).view(batch, passes, tokens, width)
+        return outputs.var(dim=1).mean(dim=-1)  # (B, N)
+
+    def keep_samples(self, sample_entropy: torch.Tensor) -> torch.Tensor:
+        """Stage 1 on a batch of entropies (updates the sliding window)."""
+        keep = torch.zeros(len(sample_entropy), dtype=torch.bool)
+        for i, entropy in enumerate(sample_entropy.tolist()):
+            if self.config.sample_mode == "threshold":
+                keep[i] = bool(entropy > self.config.entropy_threshold)
+            else:
+                self._recent.append(entropy)
+                history = np.asarray(self._recent)
+                rank = (history > entropy).sum()  # samples in the window more uncertain than this one
+                keep[i] = bool(rank < max(1, int(np.ceil(self.config.sample_fraction * len(history)))))
+        return keep
+
+    def keep_tokens(self, variance: torch.Tensor) -> torch.Tensor:
+        """Stage 2 (Eq. 4) on (B, N) variances -> (B, N) boolean mask."""
+        if self.config.token_mode == "threshold":
+            return variance > self.config.token_threshold
+        count = max(1, int(round(self.config.token_keep_ratio * variance.shape[1])))
+        top = variance.topk(count, dim=1).indices
+        return torch.zeros_like(variance, dtype=torch.bool).scatter_(1, top, True)
+
+    # ----------------------------------------------------------------------------------------- public
+    @torch.inference_mode()
+    def score(self, batch: Sequence[Sample]) -> UTSScores:
+        """Answer the batch with the student and run both UTS stages on it."""
+        self.student.eval()
+        started = time.perf_counter()
+        pixels = self.student.preprocess([s.load_image() for s in batch])
+        front = self._front(pixels)
+        visual_tokens = self._deterministic_tail(front)  # (B, N, D)
+        generation = self.student.generate([s.prompt for s in batch], visual_tokens=visual_tokens)
+        answered = time.perf_counter()
+        entropy = generation.sample_entropy.cpu()
+        keep_sample = self.keep_samples(entropy)
+        variance = torch.full(visual_tokens.shape[:2], float("nan"))
+        keep_tokens = torch.zeros(visual_tokens.shape[:2], dtype=torch.bool)
+        if keep_sample.any():
+            index = keep_sample.nonzero().squeeze(1)
+            variance[index] = self.token_variance(front[index]).cpu()
+            keep_tokens[index] = self.keep_tokens(variance[index])
+        return UTSScores(
+            answers=generation.texts, sample_entropy=entropy, keep_sample=keep_sample,
+            visual_tokens=visual_tokens.cpu(), token_variance=variance, keep_tokens=keep_tokens,
+            answer_seconds=answered - started, scoring_seconds=time.perf_counter() - answered,
+        )  # fmt: skip
+
+    def select(
+        self, batch: Sequence[Sample], robot_id: str = "robot", adapter_version: int = 0, stamp_ns: int | None = None
+    ) -> list:
+        """``UtsTokens`` messages for the samples of ``batch`` that pass both stages."""
+        scores = self.score(batch)
+        return [
+            pack_tokens(
+                scores.visual_tokens[i],
+                scores.keep_tokens[i],
+                scores.token_variance[i],
+                robot_id=robot_id,
+                sample_id=sample.sample_id,
+                adapter_version=adapter_version,
+                prompt=sample.prompt,
+                student_answer=scores.answers[i],
+                sample_entropy=float(scores.sample_entropy[i]),
+                encoding=self.config.encoding,
+                stamp_ns=time.time_ns() if stamp_ns is None else stamp_ns,
+            )  # fmt: skip
+            for i, sample in enumerate(batch)
+            if scores.keep_sample[i]
+        ]
+
+
+# ---------------------------------------------------------------------------------------- wire packing
+def pack_tokens(
+    tokens: torch.Tensor, keep: torch.Tensor, variance: torch.Tensor, *, robot_id: str, sample_id: str,
+    adapter_version: int, prompt: str, student_answer: str, sample_entropy: float, encoding: str = "int8",
+    stamp_ns: int = 0, frame_id: str = "",
+):  # fmt: skip
+    """One sample's kept visual tokens as a ``UtsTokens`` message.
+
+    Args:
+        tokens: (N, D) visual tokens of the frame.
+        keep: (N,) which tokens to send.
+        variance: (N,) their MC-dropout variance.
+    """
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    indices = keep.nonzero().squeeze(1)
+    kept = tokens[indices].float().numpy()  # (K, D)
+    if encoding == "int8":
+        scales = np.abs(kept).max(axis=1) / 127.0  # (K,) symmetric per-token scale
+        scales[scales == 0] = 1.0
+        quantized = np.clip(np.rint(kept / scales[:, None]), -127, 127).astype(np.int8)
+        data, scales, code = quantized.view(np.uint8).reshape(-1), scales.astype(np.float32), 0
+    else:
+        data, scales, code = kept.astype("<f2").view(np.uint8).reshape(-1), np.zeros(0, np.float32), 1
+    return wire.new(
+        wire.UTS_TOKENS, header=wire.header(stamp_ns, frame_id), robot_id=robot_id, sample_id=sample_id,
+        adapter_version=adapter_version, prompt=prompt, student_answer=student_answer,
+        sample_entropy=sample_entropy, num_tokens=tokens.shape[0], token_dim=tokens.shape[1],
+        token_indices=indices.numpy().astype(np.uint16), token_variance=variance[indices].float().numpy(),
+        encoding=code, scales=scales, token_data=data,
+    )  # fmt: skip
+
+
+def unpack_tokens(msg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cloud side: a ``UtsTokens`` message -> (1, N, D) tokens (zeros where dropped) and (1, N) attention mask.
+
+    Raises :class:`UplinkError` if the message is internally inconsistent.
+    """
+    n, d = int(msg.num_tokens), int(msg.token_dim)
+    indices = np.asarray(msg.token_indices, dtype=np.int64)
+    k = len(indices)
+    if n == 0 or d == 0:
+        raise UplinkError(f"sample {msg.sample_id!r}: num_tokens and token_dim must be positive, got {n} x {d}")
+    if k and (indices.max() >= n or np.any(np.diff(indices) <= 0)):
+        raise UplinkError(f"sample {msg.sample_id!r}: token_indices must be strictly ascending and below {n}")
+    if len(msg.token_variance) != k:
+        raise UplinkError(f"sample {msg.sample_id!r}: {len(msg.token_variance)} variances for {k} tokens")
+    data = np.asarray(msg.token_data, dtype=np.uint8)
+    if msg.encoding == 0:
+        if len(data) != k * d or len(msg.scales) != k:
+            raise UplinkError(f"sample {msg.sample_id!r}: int8 payload needs {k * d} bytes and {k} scales, "
+                              f"got {len(data)} bytes and {len(msg.scales)} scales")  # fmt: skip
+        values = data.view(np.int8).reshape(k, d).astype(np.float32) * np.asarray(msg.scales, np.float32)[:, None]
+    elif msg.encoding == 1:
+        if len(data) != 2 * k * d:
+            raise UplinkError(f"sample {msg.sample_id!r}: fp16 payload needs {2 * k * d} bytes, got {len(data)}")
+        values = data.view("<f2").reshape(k, d).astype(np.float32)
+    else:
+        raise UplinkError(f"sample {msg.sample_id!r}: unknown token encoding {msg.encoding} (0 = int8, 1 = fp16)")
+    if not np.isfinite(values).all():
+        raise UplinkError(f"sample {msg.sample_id!r}: token values are not finite")
+    tokens = torch.zeros(1, n, d)
+    mask = torch.zeros(1, n, dtype=torch.long)
+    tokens[0, indices] = torch.from_numpy(values)
+    mask[0, indices] = 1
+    return tokens, mask

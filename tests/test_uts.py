@@ -1,0 +1,181 @@
+"""UTS: stage-1 entropy selection, stage-2 MC-dropout token variance, packing and the cloud-side unpack."""
+
+import numpy as np
+import pytest
+import torch
+
+from cdcca import wire
+from cdcca.data.digits_shift import load_domain
+from cdcca.models.checkpoint import load_mllm
+from cdcca.uts import UncertaintyTokenSampler, UplinkError, UTSConfig, pack_tokens, unpack_tokens
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = a.flatten().argsort().argsort().float(), b.flatten().argsort().argsort().float()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return load_domain("printed", "stream", limit=8) + load_domain("noisy_rotated", "stream", limit=8)
+
+
+def test_threshold_mode_keeps_entropies_above_it(pair):
+    _, student = pair
+    sampler = UncertaintyTokenSampler(student, UTSConfig(sample_mode="threshold", entropy_threshold=1.0))
+    keep = sampler.keep_samples(torch.tensor([0.2, 1.5, 1.0, 3.0]))
+    assert keep.tolist() == [False, True, False, True]
+
+
+def test_top_fraction_mode_keeps_the_top_of_the_sliding_window(pair):
+    _, student = pair
+    sampler = UncertaintyTokenSampler(student, UTSConfig(sample_mode="top_fraction", sample_fraction=0.25, window=8))
+    sampler.keep_samples(torch.arange(8, dtype=torch.float32))  # fill the window with 0..7
+    # in a window of 8 the top quarter is 2 samples: a value is kept when at most one is above it
+    keep = sampler.keep_samples(torch.tensor([100.0, 0.5, 8.0]))  # 8.0: only 100 is above it
+    assert keep.tolist() == [True, False, True]
+    assert len(sampler._recent) == 8  # the window slides
+
+
+def test_deterministic_path_equals_the_encoder(pair, stream):
+    _, student = pair
+    sampler = UncertaintyTokenSampler(student, UTSConfig(mc_layers=1))
+    scores = sampler.score(stream)
+    with torch.no_grad():
+        expected = student.visual_tokens(student.preprocess([s.image for s in stream]))
+    torch.testing.assert_close(scores.visual_tokens, expected)
+    assert len(scores.answers) == len(stream) and scores.sample_entropy.shape == (len(stream),)
+
+
+def test_token_variance_is_not_a_function_of_magnitude(pair, stream):
+    # The public code's bug: dropout applied to finished tokens gives var = x^2 p / (1 - p), a magnitude ranking.
+    _, student = pair
+    sampler = UncertaintyTokenSampler(student, UTSConfig(mc_passes=16, mc_dropout=0.2))
+    pixels = student.preprocess([s.image for s in stream])
+    with torch.no_grad():
+        front = sampler._front(pixels)
+        variance = sampler.token_variance(front)  # (B, N)
+        magnitude = sampler._deterministic_tail(front).pow(2).mean(-1)  # (B, N)
+    closed_form = magnitude * 0.2 / 0.8
+    assert _spearman(closed_form, magnitude) == pytest.approx(1.0, abs=1e-3)
+    assert torch.all(variance > 0)
+    assert _spearman(variance, magnitude) < 0.9
+    ratio = variance / magnitude
+    assert float(ratio.std() / ratio.mean()) > 0.2  # far from proportional
+
+
+def test_mc_passes_are_reproducible_and_leave_the_encoder_deterministic(pair, stream):
+    _, student = pair
+    pixels = student.preprocess([s.image for s in stream[:4]])
+    first = UncertaintyTokenSampler(student, UTSConfig(seed=3))
+    second = UncertaintyTokenSampler(student, UTSConfig(seed=3))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            first.token_variance(first._front(pixels)), second.token_variance(second._front(pixels))
+        )
+        assert not student.blip2.vision_model.training
+        torch.testing.assert_close(student.visual_tokens(pixels), student.visual_tokens(pixels))
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    (UTSConfig(token_mode="ratio", token_keep_ratio=0.25), [2, 2]),
+    (UTSConfig(token_mode="threshold", token_threshold=0.35), [1, 3]),
+])  # fmt: skip
+def test_token_selection_rules(pair, config, expected):
+    _, student = pair
+    variance = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0, 0.0, 0.0, 0.0], [0.9, 0.8, 0.7, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    keep = UncertaintyTokenSampler(student, config).keep_tokens(variance)
+    assert keep.sum(1).tolist() == expected
+    assert keep[0, 3] and keep[1, 0]  # the most uncertain token is always among the kept
+
+
+def test_select_packs_stage_one_survivors(pair, stream):
+    _, student = pair
+    sampler = UncertaintyTokenSampler(student, UTSConfig(sample_mode="threshold", entropy_threshold=0.0))
+    messages = sampler.select(stream, robot_id="r7", adapter_version=2, stamp_ns=5)
+    assert [m.sample_id for m in messages] == [s.sample_id for s in stream]  # entropy > 0 for every sample
+    n = student.blip2.vision_model.embeddings.num_positions
+    for message in messages:
+        decoded = wire.decode(wire.UTS_TOKENS, wire.encode(message))
+        assert decoded.robot_id == "r7" and decoded.adapter_version == 2 and decoded.num_tokens == n
+        assert len(decoded.token_indices) == round(0.25 * n) and decoded.encoding == 0
+        assert np.all(np.diff(decoded.token_indices.astype(int)) > 0)
+
+
+@pytest.mark.parametrize(("encoding", "tolerance"), [("int8", None), ("fp16", 1e-2)])
+def test_pack_unpack_round_trip(encoding, tolerance):
+    torch.manual_seed(0)
+    tokens = torch.randn(10, 6) * torch.linspace(0.1, 5, 10)[:, None]
+    keep = torch.tensor([1, 0, 1, 1, 0, 0, 0, 1, 0, 1], dtype=torch.bool)
+    message = pack_tokens(tokens, keep, torch.rand(10), robot_id="r", sample_id="s", adapter_version=0, prompt="p",
+                          student_answer="a", sample_entropy=1.0, encoding=encoding)  # fmt: skip
+    restored, mask = unpack_tokens(wire.decode(wire.UTS_TOKENS, wire.encode(message)))
+    assert mask[0].bool().tolist() == keep.tolist()
+    assert torch.all(restored[0, ~keep] == 0)
+    error = (restored[0, keep] - tokens[keep]).abs()
+    if encoding == "int8":  # rounding to the nearest of 255 levels: at most half a step of each token's scale
+        step = tokens[keep].abs().amax(1, keepdim=True) / 127
+        assert torch.all(error <= step / 2 + 1e-6)
+    else:
+        assert error.max() < tolerance * tokens.abs().max()
+
+
+def _message(**changes):
+    message = pack_tokens(torch.ones(4, 2), torch.tensor([1, 1, 0, 0], dtype=torch.bool), torch.ones(4),
+                          robot_id="r", sample_id="s", adapter_version=0, prompt="p", student_answer="a",
+                          sample_entropy=1.0)  # fmt: skip
+    for key, value in changes.items():
+        setattr(message, key, value)
+    return message
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"token_data": np.zeros(3, np.uint8)}, "int8 payload needs 4 bytes"),
+    ({"token_indices": np.array([1, 0], np.uint16)}, "strictly ascending"),
+    ({"token_indices": np.array([0, 9], np.uint16)}, "below 4"),
+    ({"encoding": 7}, "unknown token encoding"),
+    ({"token_variance": np.ones(3, np.float32)}, "3 variances for 2 tokens"),
+    ({"scales": np.array([np.nan, 1.0], np.float32)}, "not finite"),
+    ({"num_tokens": 0}, "must be positive"),
+])  # fmt: skip
+def test_unpack_rejects_inconsistent_messages(changes, match):
+    with pytest.raises(UplinkError, match=match):
+        unpack_tokens(_message(**changes))
+
+
+def test_teacher_on_unpacked_int8_tokens_matches_full_tokens(pretrained_test_pair):
+    # keep-ratio 1.0: the only difference is int8 quantisation on the wire
+    teacher = load_mllm(pretrained_test_pair / "teacher")
+    samples = [s for d in ("source", "printed", "colour_inverted") for s in load_domain(d, "test", limit=40)]
+    with torch.no_grad():
+        full = teacher.visual_tokens(teacher.preprocess([s.image for s in samples]))
+    restored = []
+    for i in range(len(samples)):
+        keep = torch.ones(full.shape[1], dtype=torch.bool)
+        message = pack_tokens(full[i], keep, torch.zeros(full.shape[1]), robot_id="r", sample_id=str(i),
+                              adapter_version=0, prompt="", student_answer="", sample_entropy=0.0)  # fmt: skip
+        tokens, mask = unpack_tokens(wire.decode(wire.UTS_TOKENS, wire.encode(message)))
+        restored.append(tokens)
+        assert mask.all()
+    restored = torch.cat(restored)
+    prompts = [s.prompt for s in samples]
+    reference = teacher.generate(prompts, visual_tokens=full)
+    received = teacher.generate(
+        prompts, visual_tokens=restored, token_mask=torch.ones(full.shape[:2], dtype=torch.long)
+    )
+    agreement = np.mean([a == b for a, b in zip(reference.texts, received.texts)])
+    assert agreement >= 0.99
+    with torch.no_grad():
+        gap = (teacher.query_outputs(full) - teacher.query_outputs(restored)).abs().max()
+    assert gap < 0.05
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="sample_mode"):
+        UTSConfig(sample_mode="sometimes")
+    with pytest.raises(ValueError, match="token_keep_ratio"):
+        UTSConfig(token_keep_ratio=0.0)
+    with pytest.raises(ValueError, match="encoding"):
+        UTSConfig(encoding="int4")
+    with pytest.raises(ValueError, match="mc_passes"):
+        UTSConfig(mc_passes=1)
