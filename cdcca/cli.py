@@ -14,6 +14,7 @@ VERBS = {
     "eval": "score checkpoints per domain and task: VQA, MC, BLEU-4, CIDEr-D",
     "info": "parameter counts and the trainable set (LoRA, queries, norms, biases) of a preset",
     "demo": "the main job on the embedded default: pretrain, then source vs target evaluation",
+    "bench": "benchmarks: `bench uplink` (UTS bytes and overhead); results go to bench/results/",
 }
 
 
@@ -76,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--plot", type=Path, default=None, help="PNG bar chart (default: beside the JSON)")
         if verb == "info":
             p.add_argument("--preset", default="tiny")
+        if verb == "bench":
+            p.add_argument("which", choices=["uplink"], help="which benchmark")
+            p.add_argument("--preset", default="tiny", help="preset whose pretrained student is measured")
+            p.add_argument("--checkpoints", type=Path, default=None, help="directory holding student/")
+            p.add_argument("--images-per-domain", type=int, default=80)
+            p.add_argument("--plot", type=Path, default=None, help="PNG (default: beside the JSON)")
     return parser
 
 
@@ -194,13 +201,34 @@ def cmd_demo(args) -> dict:
     return {"pretrain": pretrain_report, "eval": eval_report}
 
 
+def cmd_bench(args) -> dict:
+    from cdcca.benchmarks.uplink import UplinkBenchConfig, plot_uplink, run_uplink_bench
+    from cdcca.models.checkpoint import load_mllm
+    from cdcca.paths import checkpoint_dir
+    from cdcca.report import format_table
+
+    student = load_mllm((args.checkpoints or checkpoint_dir(args.preset)) / "student")
+    report = run_uplink_bench(student, UplinkBenchConfig(images_per_domain=args.images_per_domain))
+    print(format_table(report["rows"], ["policy", "bytes_per_frame", "vs_raw_%", "native_24px"],
+                       title=f"uplink per frame, camera {report['config']['camera']}"))  # fmt: skip
+    for key, value in report["summary"].items():
+        print(f"{key}: {value:.4g}")
+    plot = args.plot or (args.json.with_suffix(".png") if args.json else None)
+    if plot is not None:
+        plot_uplink(report, plot)
+        print(f"plot: {plot}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    handler = {"pretrain": cmd_pretrain, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo}[args.verb]
+    handler = {"pretrain": cmd_pretrain, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo, "bench": cmd_bench}[
+        args.verb
+    ]
     try:
         report = handler(args)
     except (CdccaError, ValueError, FileNotFoundError) as err:

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``cdcca bench``; results are committed under ``bench/results/``."""

@@ -1,0 +1,46 @@
+"""``cdcca bench uplink`` on the test preset: byte accounting and the summary the issue asks for."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cdcca.benchmarks.uplink import UplinkBenchConfig, camera_frame, run_uplink_bench
+from cdcca.cli import main
+from cdcca.models.checkpoint import load_mllm
+
+
+def test_camera_frame_letterboxes_the_image():
+    image = np.zeros((24, 24, 3), np.uint8)
+    image[8:16, 8:16] = 255
+    frame = camera_frame(image, 64, 48)
+    assert frame.shape == (48, 64, 3)
+    assert frame[:, :8].max() == 0 and frame[24, 32].min() == 255  # background bars, bright centre
+
+
+def test_uplink_report_accounts_bytes(pretrained_test_pair):
+    student = load_mllm(pretrained_test_pair / "student")
+    report = run_uplink_bench(student, UplinkBenchConfig(images_per_domain=2, camera_width=64, camera_height=48),
+                              progress=False)  # fmt: skip
+    rows = {r["policy"]: r for r in report["rows"]}
+    assert rows["raw RGB frame"]["bytes_per_frame"] == 64 * 48 * 3
+    assert rows["raw RGB frame"]["native_24px"] == 24 * 24 * 3
+    assert report["config"]["frames"] == 2 * 4 and report["config"]["samples"] == 2 * 4 * 3
+    summary = report["summary"]
+    for key in ("uts_over_raw", "uts_over_jpeg", "uts_overhead_ratio"):
+        assert summary[key] > 0
+    totals = report["totals_bytes"]
+    assert summary["uts_over_raw"] == pytest.approx(totals["uts"] / totals["raw"])
+    # int8 and stage 2 make each uploaded sample smaller than the same sample with all tokens in fp16
+    assert totals["uts"] < totals["uts_stage1"]
+    assert summary["tokens_kept_fraction"] == pytest.approx(0.25, abs=0.05)
+
+
+def test_bench_cli_writes_json_and_plot(pretrained_test_pair, tmp_path, capsys):
+    out = tmp_path / "uplink.json"
+    code = main(["bench", "uplink", "--checkpoints", str(pretrained_test_pair), "--images-per-domain", "1",
+                 "--json", str(out)])  # fmt: skip
+    assert code == 0
+    assert "UTS stage 1+2 (int8)" in capsys.readouterr().out
+    assert set(json.loads(out.read_text())["summary"]) >= {"uts_over_raw", "uts_over_jpeg", "uts_overhead_ratio"}
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
