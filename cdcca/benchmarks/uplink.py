@@ -133,13 +133,18 @@ def run_uplink_bench(student: MLLM, config: UplinkBenchConfig, progress: bool = 
         "answer_ms_p50": 1000 * float(np.median(answer_seconds)),
         "scoring_ms_mean": 1000 * scoring,
     }
-    return {
-        "config": {"images_per_domain": config.images_per_domain, "camera": f"{config.camera_width}x{config.camera_height}",
-                   "jpeg_quality": config.jpeg_quality, "uts": vars(config.uts), "domains": list(TARGET_DOMAINS),
-                   "frames": n_frames, "samples": len(samples), "threads": torch.get_num_threads()},
-        "rows": rows, "totals_bytes": totals, "summary": summary,
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }  # fmt: skip
+    run = {
+        "images_per_domain": config.images_per_domain,
+        "camera": f"{config.camera_width}x{config.camera_height}",
+        "jpeg_quality": config.jpeg_quality,
+        "uts": vars(config.uts),
+        "domains": list(TARGET_DOMAINS),
+        "frames": n_frames,
+        "samples": len(samples),
+        "threads": torch.get_num_threads(),
+    }
+    measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {"config": run, "rows": rows, "totals_bytes": totals, "summary": summary, "measured_at": measured_at}
 
 
 def plot_uplink(report: dict, path) -> None:
