@@ -14,6 +14,7 @@ VERBS = {
     "eval": "score checkpoints per domain and task: VQA, MC, BLEU-4, CIDEr-D",
     "info": "parameter counts and the trainable set (LoRA, queries, norms, biases) of a preset",
     "demo": "the main job on the embedded default: pretrain, then source vs target evaluation",
+    "make-bag": "write the digits-shift stream as a rosbag2 (camera, prompts, ground truth) for replay",
     "bench": "benchmarks: `bench uplink` (UTS bytes and overhead); results go to bench/results/",
 }
 
@@ -77,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--plot", type=Path, default=None, help="PNG bar chart (default: beside the JSON)")
         if verb == "info":
             p.add_argument("--preset", default="tiny")
+        if verb == "make-bag":
+            from cdcca.data.digits_shift import DOMAINS, TARGET_DOMAINS
+
+            p.add_argument("path", type=Path, help="bag directory to create (must not exist)")
+            p.add_argument("--domains", nargs="+", default=list(TARGET_DOMAINS), choices=list(DOMAINS))
+            p.add_argument("--split", default="stream", choices=["train", "stream", "test"])
+            p.add_argument("--limit", type=int, default=None, help="images per domain (default: the whole split)")
+            p.add_argument("--storage", default="mcap", choices=["mcap", "sqlite3"])
         if verb == "bench":
             p.add_argument("which", choices=["uplink"], help="which benchmark")
             p.add_argument("--preset", default="tiny", help="preset whose pretrained student is measured")
@@ -201,6 +210,17 @@ def cmd_demo(args) -> dict:
     return {"pretrain": pretrain_report, "eval": eval_report}
 
 
+def cmd_make_bag(args) -> dict:
+    from cdcca.bag import make_stream_bag
+    from cdcca.report import format_table
+
+    summary = make_stream_bag(args.path, domains=tuple(args.domains), split=args.split, limit=args.limit,
+                              storage=args.storage)  # fmt: skip
+    rows = [{"topic": topic, "messages": count} for topic, count in summary.counts.items()]
+    print(format_table(rows, ["topic", "messages"], title=f"{summary.storage} bag -> {summary.path}"))
+    return {"path": str(summary.path), "storage": summary.storage, "counts": summary.counts}
+
+
 def cmd_bench(args) -> dict:
     from cdcca.benchmarks.uplink import UplinkBenchConfig, plot_uplink, run_uplink_bench
     from cdcca.models.checkpoint import load_mllm
@@ -226,9 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    handler = {"pretrain": cmd_pretrain, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo, "bench": cmd_bench}[
-        args.verb
-    ]
+    handler = {
+        "pretrain": cmd_pretrain,
+        "eval": cmd_eval,
+        "info": cmd_info,
+        "demo": cmd_demo,
+        "bench": cmd_bench,
+        "make-bag": cmd_make_bag,
+    }[args.verb]
     try:
         report = handler(args)
     except (CdccaError, ValueError, FileNotFoundError) as err:

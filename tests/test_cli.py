@@ -65,3 +65,15 @@ def test_unknown_domain_is_an_argparse_error():
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--domains", "mars"])
     assert exit_info.value.code == 2
+
+
+def test_make_bag_writes_a_replayable_stream(tmp_path, capsys):
+    from cdcca.bag import read_samples
+
+    code = main(["make-bag", str(tmp_path / "stream"), "--domains", "printed", "rephrased", "--limit", "2",
+                 "--storage", "sqlite3"])  # fmt: skip
+    assert code == 0
+    assert "/camera/camera/color/image_raw" in capsys.readouterr().out
+    samples = read_samples(tmp_path / "stream")
+    assert len(samples) == 2 * 2 * 3
+    assert {s.domain for s in samples} == {"printed", "rephrased"}
