@@ -63,3 +63,18 @@ def test_lora_is_not_added_twice_and_settings_are_validated(pair):
         add_lora(student)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         LoraSettings(rank=0)
+
+
+def test_lora_initialisation_is_seeded_so_cloud_and_robot_share_the_base(tokenizer):
+    from cdcca.models.checkpoint import build_pair
+    from cdcca.models.presets import get_preset
+
+    _, robot = build_pair(get_preset("test"), tokenizer, seed=0)
+    _, cloud = build_pair(get_preset("test"), tokenizer, seed=0)
+    torch.manual_seed(123)  # unrelated randomness before injection must not matter
+    add_lora(robot)
+    add_lora(cloud)
+    robot_set, cloud_set = trainable_parameters(robot), trainable_parameters(cloud)
+    assert all(torch.equal(robot_set[k], cloud_set[k]) for k in robot_set)
+    other = trainable_parameters(add_lora(build_pair(get_preset("test"), tokenizer, seed=0)[1], LoraSettings(seed=1)))
+    assert not all(torch.equal(other[k], robot_set[k]) for k in robot_set if "lora_A" in k)

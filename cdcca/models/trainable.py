@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
@@ -26,12 +27,15 @@ class LoraSettings:
         alpha: LoRA scaling numerator (update scaled by alpha / rank).
         dropout: dropout on the LoRA input path.
         target_modules: attention projections of the LM to adapt (OPT names).
+        seed: seed of the LoRA A initialisation. Cloud and robot must start from the same θ_base (the
+            paper's Eq. 8 adds the delta to it), so the random A matrices are seeded, not drawn freshly.
     """
 
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -57,7 +61,9 @@ def add_lora(model: MLLM, settings: LoraSettings = LoraSettings()) -> MLLM:
         target_modules=list(settings.target_modules),
         bias="none",
     )
-    inject_adapter_in_model(config, model.blip2.language_model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        inject_adapter_in_model(config, model.blip2.language_model)
     return model
 
 
