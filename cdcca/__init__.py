@@ -7,3 +7,9 @@ library; it never imports ROS.
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# bitsandbytes' CPU backend announces at import that it could not fetch an optional kernel from a model hub;
+# CD-CCA never fetches at run time and does not use that kernel (NF4 here only quantises deltas).
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)

@@ -15,6 +15,7 @@ VERBS = {
     "info": "parameter counts and the trainable set (LoRA, queries, norms, biases) of a preset",
     "demo": "the main job on the embedded default: pretrain, then source vs target evaluation",
     "make-bag": "write the digits-shift stream as a rosbag2 (camera, prompts, ground truth) for replay",
+    "keys": "Ed25519 signing keys for weight deltas: `keys generate`, `keys trust`, `keys list`",
     "bench": "benchmarks: `bench uplink` (UTS bytes and overhead); results go to bench/results/",
 }
 
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", default="stream", choices=["train", "stream", "test"])
             p.add_argument("--limit", type=int, default=None, help="images per domain (default: the whole split)")
             p.add_argument("--storage", default="mcap", choices=["mcap", "sqlite3"])
+        if verb == "keys":
+            p.add_argument("action", choices=["generate", "trust", "list"])
+            p.add_argument("public_file", nargs="?", type=Path, help="for `trust`: the .pub file to add")
+            p.add_argument("--key-id", default="cloud-1", help="for `generate`: name of the new key")
+            p.add_argument("--dir", type=Path, default=None, help="for `generate`: key folder (default: cache/keys)")
+            p.add_argument("--store", type=Path, default=None,
+                           help="trust store folder (default: cache/trust)")  # fmt: skip
         if verb == "bench":
             p.add_argument("which", choices=["uplink"], help="which benchmark")
             p.add_argument("--preset", default="tiny", help="preset whose pretrained student is measured")
@@ -221,6 +229,28 @@ def cmd_make_bag(args) -> dict:
     return {"path": str(summary.path), "storage": summary.storage, "counts": summary.counts}
 
 
+def cmd_keys(args) -> dict:
+    from cdcca.envelope import TrustStore, generate_key, trust_key
+    from cdcca.paths import cache_dir
+    from cdcca.report import format_table
+
+    store_dir = args.store or cache_dir() / "trust"
+    if args.action == "generate":
+        private, public = generate_key(args.dir or cache_dir() / "keys", args.key_id)
+        print(f"private key (keep in the cloud): {private}\npublic key (give to robots):   {public}")
+        return {"private": str(private), "public": str(public)}
+    if args.action == "trust":
+        if args.public_file is None:
+            raise ValueError("`cdcca keys trust` needs the .pub file to add")
+        stored = trust_key(args.public_file, store_dir)
+        print(f"trusted {stored.stem} in {store_dir}")
+        return {"trusted": stored.stem, "store": str(store_dir)}
+    store = TrustStore.load(store_dir)
+    rows = [{"key_id": key_id, "store": str(store_dir)} for key_id in store.keys]
+    print(format_table(rows, ["key_id", "store"], title="trusted signing keys"))
+    return {"store": str(store_dir), "keys": list(store.keys)}
+
+
 def cmd_bench(args) -> dict:
     from cdcca.benchmarks.uplink import UplinkBenchConfig, plot_uplink, run_uplink_bench
     from cdcca.models.checkpoint import load_mllm
@@ -253,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
         "bench": cmd_bench,
         "make-bag": cmd_make_bag,
+        "keys": cmd_keys,
     }[args.verb]
     try:
         report = handler(args)

@@ -1,0 +1,208 @@
+"""The robot's adapter slot: verify a weight delta, apply it off the inference path, swap atomically.
+
+Two copies of the student share every frozen tensor and differ only in the trainable set (LoRA, query
+tokens, norms, biases). One answers (*active*); the other (*shadow*) receives θ_base + decode(Δ) (paper
+Eq. 8) while answers continue. The swap is a pointer exchange under a lock held for microseconds; the
+shadow is only written once no answer still uses it. After a swap the shadow holds the previous adapter,
+which is what :meth:`AdapterSlot.rollback` returns to.
+
+The current adapter and version persist as one safetensors file replaced atomically (write, fsync,
+rename), so a restart resumes at the last good version and a crash mid-write never leaves a torn adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cdcca import wire
+from cdcca.envelope import DeltaRejected, TrustStore, open_envelope
+from cdcca.models.mllm import MLLM
+from cdcca.models.trainable import has_lora, trainable_parameters
+
+log = logging.getLogger(__name__)
+STATE_FILE = "adapter.safetensors"
+APPLIED, REJECTED, ROLLED_BACK = 0, 1, 2  # AdapterStatus.STATE_*
+
+
+@dataclass
+class SlotCounters:
+    """What happened to deltas on this robot."""
+
+    applied: int = 0
+    rejected: int = 0
+    rolled_back: int = 0
+    restore_failures: int = 0
+    last_apply_ms: float = 0.0
+    last_swap_us: float = 0.0
+
+
+def _shadow_copy(model: MLLM, trainable: set[str]) -> MLLM:
+    """A copy of ``model`` sharing every tensor except the trainable set (and sharing the tokenizer)."""
+    memo = {id(model.tokenizer): model.tokenizer}
+    for name, param in model.blip2.named_parameters():
+        if name not in trainable:
+            memo[id(param)] = param
+    for buffer in model.blip2.buffers():
+        memo[id(buffer)] = buffer
+    return copy.deepcopy(model, memo)
+
+
+class AdapterSlot:
+    """Active/shadow students, the current and previous adapter, and the persisted version.
+
+    Args:
+        student: the robot's student with LoRA already injected (its trainable set at version 0 is the base).
+        robot_id: this robot; deltas for another robot are rejected.
+        trust: public keys deltas must be signed with.
+        state_dir: where the current adapter persists; ``None`` keeps it in memory only.
+    """
+
+    def __init__(self, student: MLLM, robot_id: str, trust: TrustStore, state_dir: str | Path | None = None) -> None:
+        if not has_lora(student):
+            raise ValueError("the student needs its LoRA adapters before it gets an adapter slot (models.add_lora)")
+        self.robot_id, self.trust = robot_id, trust
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        student.eval()
+        trainable = trainable_parameters(student)
+        self.base = {name: p.detach().clone() for name, p in trainable.items()}  # version 0
+        self._models = [student, _shadow_copy(student, set(trainable))]
+        self._active = 0
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._in_flight = [0, 0]
+        self._apply_lock = threading.Lock()  # one delta at a time
+        self.version, self.newest_version = 0, 0
+        self.current = self.base
+        self.previous: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.counters = SlotCounters()
+        if self.state_dir is not None:
+            self._restore()
+
+    # ------------------------------------------------------------------------------------- answering
+    @contextmanager
+    def model(self) -> Iterator[MLLM]:
+        """The active student for one answer; a swap during the answer does not disturb it."""
+        with self._lock:
+            index = self._active
+            self._in_flight[index] += 1
+        try:
+            yield self._models[index]
+        finally:
+            with self._lock:
+                self._in_flight[index] -= 1
+                self._idle.notify_all()
+
+    # -------------------------------------------------------------------------------------- updating
+    def receive(self, msg, stamp_ns: int | None = None):
+        """Verify and apply a ``WeightDelta``; returns the ``AdapterStatus`` to publish. Never raises for bad input."""
+        with self._apply_lock:
+            try:
+                started = time.perf_counter()
+                delta = open_envelope(msg, trust=self.trust, robot_id=self.robot_id,
+                                      current_version=self.version, newest_version=self.newest_version,
+                                      expected=self.current)  # fmt: skip
+                reference = self.base if msg.keyframe else self.current
+                params = {name: reference[name] + delta[name].to(reference[name].dtype) for name in reference}
+                if not all(torch.isfinite(t).all() for t in params.values()):
+                    raise DeltaRejected("applying the delta gives NaN or Inf")
+            except DeltaRejected as err:
+                self.counters.rejected += 1
+                log.warning("robot %s rejected delta v%s: %s", self.robot_id, msg.version, err.reason)
+                return self._status(msg.version, REJECTED, err.reason, stamp_ns)
+            self._install(int(msg.version), params)
+            self.counters.applied += 1
+            self.counters.last_apply_ms = 1000 * (time.perf_counter() - started)
+            return self._status(self.version, APPLIED, "", stamp_ns)
+
+    def rollback(self, stamp_ns: int | None = None):
+        """Return to the previous adapter (one level); returns the ``AdapterStatus`` to publish."""
+        with self._apply_lock:
+            if self.previous is None:
+                return self._status(self.version, REJECTED, "no previous adapter to roll back to", stamp_ns)
+            version, params = self.previous
+            self._persist(version, params)
+            self._swap()  # the shadow still holds the previous adapter
+            self.previous, self.version, self.current = None, version, params
+            self.counters.rolled_back += 1
+            return self._status(version, ROLLED_BACK, "rolled back on request", stamp_ns)
+
+    def _install(self, version: int, params: dict[str, torch.Tensor]) -> None:
+        shadow_index = 1 - self._active
+        with self._lock:  # wait for answers that started before the last swap and still use the shadow
+            self._idle.wait_for(lambda: self._in_flight[shadow_index] == 0)
+        shadow = trainable_parameters(self._models[shadow_index])
+        with torch.no_grad():  # off the inference path: nobody answers with the shadow
+            for name, value in params.items():
+                shadow[name].copy_(value)
+        self._persist(version, params)
+        self._swap()
+        self.previous = (self.version, self.current)
+        self.version, self.current = version, params
+        self.newest_version = max(self.newest_version, version)
+
+    def _swap(self) -> None:
+        started = time.perf_counter()
+        with self._lock:
+            self._active = 1 - self._active
+        self.counters.last_swap_us = 1e6 * (time.perf_counter() - started)
+
+    # ----------------------------------------------------------------------------------- persistence
+    def _persist(self, version: int, params: dict[str, torch.Tensor]) -> None:
+        if self.state_dir is None:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        final, partial = self.state_dir / STATE_FILE, self.state_dir / f"{STATE_FILE}.partial"
+        metadata = {"robot_id": self.robot_id, "version": str(version),
+                    "newest_version": str(max(self.newest_version, version))}  # fmt: skip
+        save_file({k: v.contiguous() for k, v in params.items()}, str(partial), metadata=metadata)
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, final)  # atomic on POSIX: readers see the old or the new file, never half of one
+        directory = os.open(self.state_dir, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def _restore(self) -> None:
+        (self.state_dir / f"{STATE_FILE}.partial").unlink(missing_ok=True)  # a write that never completed
+        path = self.state_dir / STATE_FILE
+        if not path.is_file():
+            return
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            params = load_file(str(path))
+            if metadata.get("robot_id") != self.robot_id:
+                raise ValueError(f"state belongs to robot {metadata.get('robot_id')!r}")
+            if set(params) != set(self.base) or any(params[k].shape != self.base[k].shape for k in params):
+                raise ValueError("tensors do not match this student's trainable set")
+            version, newest = int(metadata["version"]), int(metadata.get("newest_version", metadata["version"]))
+        except (SafetensorError, ValueError, KeyError, OSError) as err:
+            self.counters.restore_failures += 1
+            log.error("ignoring adapter state %s (%s); starting from the base adapter", path, err)
+            return
+        for model in self._models:
+            live = trainable_parameters(model)
+            with torch.no_grad():
+                for name, value in params.items():
+                    live[name].copy_(value)
+        self.version, self.newest_version, self.current = version, newest, params
+
+    def _status(self, version: int, state: int, reason: str, stamp_ns: int | None):
+        return wire.new(wire.ADAPTER_STATUS, header=wire.header(time.time_ns() if stamp_ns is None else stamp_ns),
+                        robot_id=self.robot_id, version=int(version), state=state, reason=reason)  # fmt: skip
