@@ -12,4 +12,4 @@ import logging as _logging
 
 # bitsandbytes' CPU backend announces at import that it could not fetch an optional kernel from a model hub;
 # CD-CCA never fetches at run time and does not use that kernel (NF4 here only quantises deltas).
-_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+_logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)

@@ -16,7 +16,7 @@ VERBS = {
     "demo": "the main job on the embedded default: pretrain, then source vs target evaluation",
     "make-bag": "write the digits-shift stream as a rosbag2 (camera, prompts, ground truth) for replay",
     "keys": "Ed25519 signing keys for weight deltas: `keys generate`, `keys trust`, `keys list`",
-    "bench": "benchmarks: `bench uplink` (UTS bytes and overhead); results go to bench/results/",
+    "bench": "benchmarks: `bench uplink` (UTS bytes, overhead), `bench downlink` (DWC codecs, hot-swap)",
 }
 
 
@@ -95,10 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--store", type=Path, default=None,
                            help="trust store folder (default: cache/trust)")  # fmt: skip
         if verb == "bench":
-            p.add_argument("which", choices=["uplink"], help="which benchmark")
+            p.add_argument("which", choices=["uplink", "downlink"], help="which benchmark")
             p.add_argument("--preset", default="tiny", help="preset whose pretrained student is measured")
             p.add_argument("--checkpoints", type=Path, default=None, help="directory holding student/")
-            p.add_argument("--images-per-domain", type=int, default=80)
+            p.add_argument("--images-per-domain", type=int, default=80, help="uplink: stream images per domain")
+            p.add_argument("--steps", type=int, default=150, help="downlink: steps of the adaptation round")
             p.add_argument("--plot", type=Path, default=None, help="PNG (default: beside the JSON)")
     return parser
 
@@ -252,20 +253,35 @@ def cmd_keys(args) -> dict:
 
 
 def cmd_bench(args) -> dict:
-    from cdcca.benchmarks.uplink import UplinkBenchConfig, plot_uplink, run_uplink_bench
     from cdcca.models.checkpoint import load_mllm
     from cdcca.paths import checkpoint_dir
     from cdcca.report import format_table
 
-    student = load_mllm((args.checkpoints or checkpoint_dir(args.preset)) / "student")
-    report = run_uplink_bench(student, UplinkBenchConfig(images_per_domain=args.images_per_domain))
-    print(format_table(report["rows"], ["policy", "bytes_per_frame", "vs_raw_%", "native_24px"],
-                       title=f"uplink per frame, camera {report['config']['camera']}"))  # fmt: skip
-    for key, value in report["summary"].items():
-        print(f"{key}: {value:.4g}")
+    checkpoints = args.checkpoints or checkpoint_dir(args.preset)
+    student = load_mllm(checkpoints / "student")
     plot = args.plot or (args.json.with_suffix(".png") if args.json else None)
+    if args.which == "uplink":
+        from cdcca.benchmarks.uplink import UplinkBenchConfig, plot_uplink, run_uplink_bench
+
+        report = run_uplink_bench(student, UplinkBenchConfig(images_per_domain=args.images_per_domain))
+        print(format_table(report["rows"], ["policy", "bytes_per_frame", "vs_raw_%", "native_24px"],
+                           title=f"uplink per frame, camera {report['config']['camera']}"))  # fmt: skip
+        plotter = plot_uplink
+    else:
+        from cdcca.benchmarks.downlink import DownlinkBenchConfig, plot_downlink, run_downlink_bench
+
+        teacher = load_mllm(checkpoints / "teacher")
+        report = run_downlink_bench(student, teacher, DownlinkBenchConfig(steps=args.steps))
+        columns = ["codec", "params", "bytes", "bits_per_param", "ms_at_1gbps", "ms_at_10mbps", "encode_ms",
+                   "decode_ms", "accuracy", "acc_loss_points"]  # fmt: skip
+        print(format_table(report["codecs"], columns, title=f"DWC codecs, domain {report['config']['domain']}"))
+        swap = report["hot_swap"]
+        print(format_table([swap], list(swap), title="hot-swap"))
+        plotter = plot_downlink
+    for key, value in report["summary"].items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     if plot is not None:
-        plot_uplink(report, plot)
+        plotter(report, plot)
         print(f"plot: {plot}")
     return report
 

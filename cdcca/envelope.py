@@ -80,7 +80,7 @@ class Signer:
     def load(cls, path: str | Path) -> Signer:
         path = Path(path)
         if not path.is_file():
-            raise KeyStoreError(f"no signing key at {path}; create one with `cdcca keys generate --key-id ID --dir DIR`")
+            raise KeyStoreError(f"no signing key at {path}; create one with `cdcca keys generate --key-id ID`")
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise KeyStoreError(f"{path} is not an Ed25519 private key")
