@@ -28,10 +28,11 @@ Error feedback comes free with the version chain: compute the next Δ against wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -156,6 +157,33 @@ def _take(streams: dict[str, np.ndarray], key: str, dtype: type, size: int | Non
     return stream
 
 
+def gradient_importance(params: Mapping[str, torch.nn.Parameter], losses: Iterable[torch.Tensor]) -> dict[str, float]:
+    """Per-tensor mean squared gradient over ``losses`` (a diagonal Fisher estimate), for ``Codec.encode``.
+
+    The cloud computes it at the updated parameters on the round's own data: the sensitivity of the loss to
+    each tensor, which is what compression error should be measured in.
+    """
+    totals = {name: 0.0 for name in params}
+    count = 0
+    for loss in losses:
+        for param in params.values():
+            param.grad = None
+        loss.backward()
+        for name, param in params.items():
+            if param.grad is not None:
+                totals[name] += float(param.grad.detach().pow(2).mean())
+        count += 1
+    if count == 0:
+        raise ValueError("gradient_importance needs at least one loss")
+    return {name: total / count for name, total in totals.items()}
+
+
+def layout_fingerprint(shapes: Mapping[str, Any]) -> str:
+    """SHA-256 of the ordered (name, shape) list: what a by-reference payload sends instead of the names."""
+    listing = [[name, [int(d) for d in shape]] for name, shape in shapes.items()]
+    return hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
+
+
 class Codec(ABC):
     """Turns a delta (name -> tensor) into payload bytes and back; decoded tensors are float32 on CPU.
 
@@ -166,9 +194,14 @@ class Codec(ABC):
     name: str
     kinds: tuple[str, ...] = ()  # layout kinds this codec writes besides "zero"
     zstd_level: int | None = None  # entropy-code the payload at this zstd level
+    layout_by_reference: bool = False  # send a fingerprint of the names and shapes instead of the names
 
-    def encode(self, delta: Mapping[str, torch.Tensor]) -> bytes:
-        """The payload of ``delta``; CodecError (naming the tensor) if a tensor is not finite floats."""
+    def encode(self, delta: Mapping[str, torch.Tensor], importance: Mapping[str, float] | None = None) -> bytes:
+        """The payload of ``delta``; CodecError (naming the tensor) if a tensor is not finite floats.
+
+        ``importance`` (name -> weight, e.g. the mean squared gradient: a diagonal Fisher estimate) lets a
+        codec that allocates bits spend them where errors cost the most; codecs without allocation ignore it.
+        """
         names, arrays = [], []
         for name, tensor in delta.items():
             if not isinstance(name, str) or not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
@@ -179,24 +212,40 @@ class Codec(ABC):
             names.append(name)
             arrays.append(array)
         changed = {index: array for index, array in enumerate(arrays) if array.any()}
-        kinds, streams = self._encode_streams(changed, names)
-        layout = [[name, list(array.shape), kinds.get(i, "zero")] for i, (name, array) in enumerate(zip(names, arrays))]
+        weights = None
+        if importance is not None:
+            missing = [name for name in names if name not in importance]
+            if missing or not all(math.isfinite(importance[n]) and importance[n] >= 0 for n in names):
+                raise CodecError(f"importance must give a finite weight >= 0 for every tensor; missing {missing[:3]}")
+            mean = sum(importance[n] for n in names) / max(1, len(names)) or 1.0
+            weights = {i: importance[n] / mean for i, n in enumerate(names)}
+        kinds, streams = self._encode_streams(changed, names, weights)
+        layout: Any = [
+            [name, list(array.shape), kinds.get(i, "zero")] for i, (name, array) in enumerate(zip(names, arrays))
+        ]
+        if self.layout_by_reference:
+            layout = {"sha256": layout_fingerprint({n: a.shape for n, a in zip(names, arrays)}),
+                      "kinds": [entry[2] for entry in layout]}  # fmt: skip
         header = {"codec": self.name, "version": VERSION, "params": self._params(), "layout": layout}
         container = save_safetensors(streams, metadata={FORMAT: json.dumps(header, separators=(",", ":"))})
         if self.zstd_level is None:
             return container
         return zstandard.ZstdCompressor(level=self.zstd_level, write_content_size=True).compress(container)
 
-    def decode(self, payload: bytes) -> dict[str, torch.Tensor]:
-        """The delta in ``payload`` (float32, original names, order and shapes); CodecError if malformed."""
+    def decode(self, payload: bytes, reference: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """The delta in ``payload`` (float32, original names, order and shapes); CodecError if malformed.
+
+        ``reference`` (name -> shape, in order: the receiver's trainable set) is required for payloads that
+        carry their layout by fingerprint, and must match that fingerprint.
+        """
         try:
-            return self._decode(payload)
+            return self._decode(payload, reference)
         except CodecError:
             raise
         except Exception as error:  # trust boundary: whatever garbage triggers, callers see one error type
             raise CodecError(f"malformed {self.name!r} payload ({type(error).__name__}: {error})") from error
 
-    def _decode(self, payload: bytes) -> dict[str, torch.Tensor]:
+    def _decode(self, payload: bytes, reference: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
         container = _unwrap(payload)
         header = json.loads(_read_metadata(container)[FORMAT])
         if not isinstance(header, dict):
@@ -205,7 +254,17 @@ class Codec(ABC):
             raise CodecError(f"payload is {FORMAT} version {header.get('version')!r}; this decoder reads {VERSION}")
         if header.get("codec") != self.name:
             raise CodecError(f"payload was encoded by codec {header.get('codec')!r}, not {self.name!r}")
-        entries = _parse_layout(header.get("layout"), self.kinds)
+        layout = header.get("layout")
+        if isinstance(layout, dict):  # by reference: the receiver supplies names and shapes
+            if reference is None:
+                raise CodecError("payload carries its layout by fingerprint; decode needs the receiver's layout")
+            kinds = layout.get("kinds")
+            if layout.get("sha256") != layout_fingerprint(reference):
+                raise CodecError("layout fingerprint does not match the receiver's trainable set")
+            if not isinstance(kinds, list) or len(kinds) != len(reference):
+                raise CodecError("layout 'kinds' must list one kind per tensor of the reference")
+            layout = [[name, [int(d) for d in shape], kind] for (name, shape), kind in zip(reference.items(), kinds)]
+        entries = _parse_layout(layout, self.kinds)
         params = header.get("params")
         if not isinstance(params, dict):
             raise CodecError("the header's 'params' is not an object")
@@ -226,7 +285,7 @@ class Codec(ABC):
 
     @abstractmethod
     def _encode_streams(
-        self, changed: dict[int, np.ndarray], names: list[str]
+        self, changed: dict[int, np.ndarray], names: list[str], weights: dict[int, float] | None = None
     ) -> tuple[dict[int, str], dict[str, np.ndarray]]:
         """Layout kinds of the changed tensors (by layout index; absent = dropped) and the streams to store."""
 
@@ -244,7 +303,7 @@ class Fp16Codec(Codec):
     name = "fp16"
     kinds = ("fp16",)
 
-    def _encode_streams(self, changed, names) -> tuple[dict[int, str], dict[str, np.ndarray]]:
+    def _encode_streams(self, changed, names, weights=None) -> tuple[dict[int, str], dict[str, np.ndarray]]:
         for index, array in changed.items():
             if np.abs(array).max() > np.finfo(np.float16).max:
                 raise CodecError(f"delta tensor {names[index]!r} exceeds the float16 range; use a scaled codec (nf4)")
@@ -300,7 +359,7 @@ class NF4Codec(Codec):
     def _params(self) -> dict[str, Any]:
         return {"blocksize": self.config.blocksize}
 
-    def _encode_streams(self, changed, names) -> tuple[dict[int, str], dict[str, np.ndarray]]:
+    def _encode_streams(self, changed, names, weights=None) -> tuple[dict[int, str], dict[str, np.ndarray]]:
         bnb = _bitsandbytes()
         streams = {}
         for index, array in changed.items():
@@ -348,11 +407,14 @@ class SparseSignConfig:
         granularity: a group is a whole tensor (``tensor``: one scale each, as BitDelta) or one row along the
             last axis (``row``: finer scales, 32 bits per row).
         zstd_level: zstd level (1-22) of the entropy coding.
+        layout_by_reference: send a SHA-256 of the names and shapes instead of them (codec ``sparse-sign-ref``);
+            the receiver passes its trainable set to ``decode``.
     """
 
     bits_per_value: float = 0.8
     granularity: Literal["tensor", "row"] = "tensor"
     zstd_level: int = 19
+    layout_by_reference: bool = False
 
     def __post_init__(self) -> None:
         if not self.bits_per_value > 0.0 or math.isinf(self.bits_per_value):
@@ -422,20 +484,28 @@ class SparseSignCodec(Codec):
     negligible ones are dropped. Streams, over the ``sign`` tensors in layout order: ``"mask"``, uint8 packed
     bits (numpy ``packbits``), 1 per sent entry; ``"signs"``, uint8 packed bits, 1 = negative, per sent entry;
     ``"scales"``, float32, one per group with a sent entry. Params: ``granularity``.
+
+    With per-tensor ``importance`` (a diagonal Fisher estimate) the removed error is weighted by it, so bits
+    go where the loss is sensitive: on the tiny student the Q-Former query tokens (7% of the trainable set)
+    alone hold most of the accuracy a uniform allocation loses. ``sparse-sign-ref`` also sends the layout as a
+    fingerprint (the robot knows its trainable set): on small adapters the names cost more than the values.
     """
 
-    name = "sparse-sign"
     kinds = ("sign",)
 
     def __init__(self, config: SparseSignConfig = SparseSignConfig()) -> None:
         self.config = config
         self.zstd_level = config.zstd_level
+        self.layout_by_reference = config.layout_by_reference
+        self.name = "sparse-sign-ref" if config.layout_by_reference else "sparse-sign"
 
     def _params(self) -> dict[str, Any]:
         return {"granularity": self.config.granularity}
 
-    def _encode_streams(self, changed, names) -> tuple[dict[int, str], dict[str, np.ndarray]]:
+    def _encode_streams(self, changed, names, weights=None) -> tuple[dict[int, str], dict[str, np.ndarray]]:
         groups = [_rate_distortion(index, array, self.config.granularity) for index, array in changed.items()]
+        if weights is not None:  # distortion measured in loss, not in parameter space
+            groups = [g._replace(reduction=g.reduction * weights[g.index]) for g in groups]
         ks = _allocate(groups, self.config.bits_per_value * sum(array.size for array in changed.values()))
         kinds, masks, negatives, scales = {}, [], [], []
         for group, k in zip(groups, ks):  # k: (G,)
@@ -486,7 +556,14 @@ class SparseSignCodec(Codec):
 
 # ----------------------------------------------------------------------------------------- registry, stats
 CODECS: dict[str, Codec] = {
-    codec.name: codec for codec in (Fp16Codec(), NF4Codec(), NF4Codec(NF4Config(zstd_level=19)), SparseSignCodec())
+    codec.name: codec
+    for codec in (
+        Fp16Codec(),
+        NF4Codec(),
+        NF4Codec(NF4Config(zstd_level=19)),
+        SparseSignCodec(),
+        SparseSignCodec(SparseSignConfig(bits_per_value=0.65, layout_by_reference=True)),
+    )
 }
 
 

@@ -181,7 +181,7 @@ def open_envelope(msg, *, trust: TrustStore, robot_id: str, current_version: int
     if not msg.keyframe and msg.base_version != current_version:
         raise DeltaRejected(f"delta is based on version {msg.base_version}, this robot runs {current_version}")
     try:
-        delta = get_codec(msg.codec).decode(payload)
+        delta = get_codec(msg.codec).decode(payload, {name: tuple(t.shape) for name, t in expected.items()})
     except CodecError as err:
         raise DeltaRejected(f"cannot decode {msg.codec!r} payload: {err}") from err
     missing, extra = set(expected) - set(delta), set(delta) - set(expected)
@@ -220,9 +220,10 @@ class VersionChain:
         self.applied = version
         self.published = {v: p for v, p in self.published.items() if v >= version}
 
-    def make_delta(self, params: dict[str, torch.Tensor], codec_name: str, signer: Signer, stamp_ns: int = 0):
+    def make_delta(self, params: dict[str, torch.Tensor], codec_name: str, signer: Signer, stamp_ns: int = 0,
+                   importance: dict[str, float] | None = None):  # fmt: skip
         """Publish ``params`` as the next version: incremental against the applied version when the cloud
-        still holds it, else a keyframe against the original base."""
+        still holds it, else a keyframe against the original base. ``importance`` goes to the codec."""
         from cdcca.dwc import apply_delta, compute_delta, get_codec
 
         version = self.latest + 1
@@ -231,12 +232,13 @@ class VersionChain:
         base_params, base_version = (self.base, 0) if keyframe else (reference, self.applied)
         delta = compute_delta(params, base_params)
         codec = get_codec(codec_name)
-        payload = codec.encode(delta)
+        payload = codec.encode(delta, importance=importance)
         msg = seal(payload, robot_id=self.robot_id, version=version, base_version=base_version, keyframe=keyframe,
                    codec=codec_name, num_params=sum(t.numel() for t in delta.values()), signer=signer,
                    stamp_ns=stamp_ns)  # fmt: skip
         # remember what the robot will actually hold (lossy codecs), so the next incremental delta also
         # carries this round's compression error instead of letting it accumulate
-        self.published[version] = apply_delta(base_params, codec.decode(payload))
+        reference = {name: tuple(t.shape) for name, t in delta.items()}
+        self.published[version] = apply_delta(base_params, codec.decode(payload, reference))
         self.latest = version
         return msg

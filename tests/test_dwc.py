@@ -38,6 +38,14 @@ from cdcca.models.trainable import add_lora, freeze_all_but_trainable
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
+EMBEDDED = [name for name in CODECS if not CODECS[name].layout_by_reference]
+
+
+def _reference(codec, delta):
+    """The receiver's layout (name -> shape), which by-reference payloads need to decode."""
+    return {name: tuple(t.shape) for name, t in delta.items()} if codec.layout_by_reference else None
+
+
 # ------------------------------------------------------------------------------------------------- fixtures
 @dataclass
 class Round:
@@ -173,15 +181,16 @@ def test_round_trip_keeps_names_order_shapes_and_float32(codec_name, trained):
     codec = get_codec(codec_name)
 
     payload = codec.encode(trained.delta)
-    decoded = codec.decode(payload)
+    decoded = codec.decode(payload, _reference(codec, trained.delta))
 
     assert list(decoded) == list(trained.delta)
     assert [tuple(t.shape) for t in decoded.values()] == [tuple(t.shape) for t in trained.delta.values()]
     assert {t.dtype for t in decoded.values()} == {torch.float32}
     assert codec.encode(trained.delta) == payload  # deterministic bytes, so the envelope's SHA-256 is stable
     header, _, compressed = _unpack(payload)
-    assert (header["codec"], header["version"], len(header["layout"])) == (codec_name, 1, 36)
-    assert compressed == (codec_name in ("nf4-zstd", "sparse-sign"))
+    layout = header["layout"]["kinds"] if codec.layout_by_reference else header["layout"]
+    assert (header["codec"], header["version"], len(layout)) == (codec_name, 1, 36)
+    assert compressed == (codec_name in ("nf4-zstd", "sparse-sign", "sparse-sign-ref"))
 
 
 # Bound on ‖decode(encode(Δ)) − Δ‖₂ / ‖Δ‖₂ for the trained round and the adapter-sized delta. Measured:
@@ -403,7 +412,7 @@ EDITS = [
 ]
 
 
-@pytest.mark.parametrize("codec_name", list(CODECS))
+@pytest.mark.parametrize("codec_name", EMBEDDED)
 @pytest.mark.parametrize("label, edit", EDITS, ids=[label for label, _ in EDITS])
 def test_inconsistent_payload_raises_codec_error(codec_name, label, edit, trained):
     codec = get_codec(codec_name)
@@ -445,7 +454,8 @@ def test_fuzz_any_delta_round_trips_with_bounded_error(codec_name, shapes, scale
     generator = torch.Generator().manual_seed(seed)
     delta = {f"t{i}": torch.randn(shape, generator=generator) * scale for i, shape in enumerate(shapes)}
 
-    decoded = get_codec(codec_name).decode(get_codec(codec_name).encode(delta))
+    codec = get_codec(codec_name)
+    decoded = codec.decode(codec.encode(delta), _reference(codec, delta))
 
     assert {n: t.shape for n, t in decoded.items()} == {n: t.shape for n, t in delta.items()}
     original, error = _flat(delta), _flat(decoded) - _flat(delta)  # (P,)
@@ -459,10 +469,10 @@ def test_fuzz_any_delta_round_trips_with_bounded_error(codec_name, shapes, scale
 
 # -------------------------------------------------------------------------------------- registry, configs
 def test_registry_names_and_unknown_codec_error():
-    assert list(CODECS) == ["fp16", "nf4", "nf4-zstd", "sparse-sign"]
+    assert list(CODECS) == ["fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref"]
     assert all(get_codec(name).name == name for name in CODECS)
 
-    with pytest.raises(CodecError, match="unknown codec 'zip'; choose one of: fp16, nf4, nf4-zstd, sparse-sign"):
+    with pytest.raises(CodecError, match="unknown codec 'zip'; choose one of: fp16, nf4, nf4-zstd, sparse-sign, sp"):
         get_codec("zip")
     assert issubclass(CodecError, CdccaError)
 
@@ -503,3 +513,33 @@ def test_bits_per_param_counts_the_whole_payload():
     assert bits_per_param(b"x" * 100, {"a": torch.zeros(500), "b": torch.zeros(300)}) == 1.0
     with pytest.raises(ValueError, match="no values"):
         bits_per_param(b"x", {"a": torch.zeros(0)})
+
+
+def test_by_reference_layout_needs_the_matching_receiver_layout(trained):
+    codec = get_codec("sparse-sign-ref")
+    payload = codec.encode(trained.delta)
+    reference = {name: tuple(t.shape) for name, t in trained.delta.items()}
+    assert len(payload) < len(get_codec("sparse-sign").encode(trained.delta))  # names are not sent
+
+    with pytest.raises(CodecError, match="needs the receiver's layout"):
+        codec.decode(payload)
+    renamed = {f"x.{name}": shape for name, shape in reference.items()}
+    with pytest.raises(CodecError, match="fingerprint does not match"):
+        codec.decode(payload, renamed)
+    assert list(codec.decode(payload, reference)) == list(reference)
+
+
+def test_importance_moves_bits_to_the_sensitive_tensor():
+    generator = torch.Generator().manual_seed(0)
+    delta = {"sensitive": torch.randn(64, generator=generator), "bulk": torch.randn(4096, generator=generator)}
+    codec = SparseSignCodec(SparseSignConfig(bits_per_value=0.3))
+    plain = codec.decode(codec.encode(delta))
+    weighted = codec.decode(codec.encode(delta, importance={"sensitive": 1000.0, "bulk": 1.0}))
+
+    def error(decoded, name):
+        return float((decoded[name] - delta[name]).norm() / delta[name].norm())
+
+    assert error(weighted, "sensitive") < error(plain, "sensitive")
+    assert error(weighted, "sensitive") < 0.7  # the sensitive tensor is sent densely
+    with pytest.raises(CodecError, match="importance must give"):
+        codec.encode(delta, importance={"sensitive": 1.0})

@@ -2,7 +2,8 @@
 
 1. An adaptation round: the cloud copy of the student (LoRA added) learns the teacher's pseudo labels on a
    target domain's stream, updating only the trainable set. (Cross-entropy on pseudo labels -- the L_CE term
-   of AKD; the full AKD objective plugs in here when it lands.)
+   of AKD; the full AKD objective plugs in here when it lands.) The round also estimates each tensor's
+   importance (mean squared gradient), which the bit-allocating codec uses.
 2. Δ = θ_updated − θ_base (Eq. 7) goes through every codec; for each: bytes, bits per trainable parameter,
    transfer time at 1 Gb/s and 10 Mb/s (computed from bytes), encode/decode time, and the accuracy of
    θ_base + decode(Δ) (Eq. 8) on the domain's test split against the uncompressed Δ (the layout of the
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from cdcca.data.digits_shift import load_domain
+from cdcca.dwc import gradient_importance
 from cdcca.evaluate import evaluate
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import add_lora, freeze_all_but_trainable, trainable_parameters
@@ -82,9 +84,16 @@ def adaptation_round(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, 
         optimizer.step()
         losses.append(float(loss.detach()))
     student.eval()
+    named = trainable_parameters(student)
+    batches = [index for index in np.array_split(np.arange(min(len(samples), 128)), 16)]
+    importance = gradient_importance(named, (
+        student.loss([samples[i].image for i in b], [samples[i].prompt for i in b], [labels[i] for i in b])
+        for b in batches
+    ))  # fmt: skip
     for param in params:
         param.requires_grad_(False)
-    return {"pseudo_labels": len(labels), "final_loss": float(np.mean(losses[-10:]))}
+        param.grad = None
+    return {"pseudo_labels": len(labels), "final_loss": float(np.mean(losses[-10:])), "importance": importance}
 
 
 def _load_params(model: MLLM, params: dict[str, torch.Tensor]) -> None:
@@ -108,6 +117,7 @@ def run_downlink_bench(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig
     test = load_domain(config.domain, "test", limit=config.test_images)
     accuracy_before = _accuracy(student, test)
     round_log = adaptation_round(student, teacher, config, progress)
+    importance = round_log.pop("importance")
     updated = {k: v.detach().clone() for k, v in trainable_parameters(student).items()}
     delta = compute_delta(updated, base)
     num_params = sum(t.numel() for t in delta.values())
@@ -116,9 +126,9 @@ def run_downlink_bench(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig
     for name in progress_bar(config.codecs or tuple(CODECS), desc="codecs", disable=not progress):
         codec = get_codec(name)
         started = time.perf_counter()
-        payload = codec.encode(delta)
+        payload = codec.encode(delta, importance=importance)
         encoded = time.perf_counter()
-        decoded = codec.decode(payload)
+        decoded = codec.decode(payload, {name: tuple(t.shape) for name, t in delta.items()})
         decode_s = time.perf_counter() - encoded
         _load_params(student, apply_delta(base, decoded))
         accuracy = _accuracy(student, test)
