@@ -562,7 +562,7 @@ CODECS: dict[str, Codec] = {
         NF4Codec(),
         NF4Codec(NF4Config(zstd_level=19)),
         SparseSignCodec(),
-        SparseSignCodec(SparseSignConfig(bits_per_value=0.65, layout_by_reference=True)),
+        SparseSignCodec(SparseSignConfig(bits_per_value=0.75, layout_by_reference=True)),
     )
 }
 

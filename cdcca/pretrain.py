@@ -211,13 +211,18 @@ def is_complete(directory: Path) -> bool:
     return (directory / "model.safetensors").is_file() and (directory / "cdcca.json").is_file()
 
 
-def _finish(model: MLLM, log: dict, config: PretrainConfig, directory: Path) -> None:
-    model.meta.update(
-        steps_done=log["steps"],
-        final_loss=log["final_loss"],
-        pretrain=asdict(config) | {"out_dir": str(config.out_dir)},
-    )
-    save_mllm(model, directory)
+def _train_answering(
+    model: MLLM, stage: str, distribution: str, steps: int, config: PretrainConfig, progress: bool
+) -> dict:
+    """Stage 1 or 2: Q-Former, projection and LM learn to answer on ``distribution``; saves ``<out>/<stage>/``."""
+    params = [p for n, p in model.blip2.named_parameters() if not n.startswith("vision_model.")]
+    loss = _answer_loss(model, distribution, config.batch_size)
+    log = run_stage(_Stage(stage, model.blip2, params, loss, steps, config.lr), config, progress)
+    model.meta.update(steps_done=log["steps"], final_loss=log["final_loss"],
+                      pretrain=asdict(config) | {"out_dir": str(config.out_dir)})  # fmt: skip
+    save_mllm(model, config.out_dir / stage)
+    shutil.rmtree(config.out_dir / f"{stage}.partial", ignore_errors=True)
+    return log
 
 
 def pretrain(config: PretrainConfig, progress: bool = True) -> dict:
@@ -247,40 +252,10 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> dict:
             shutil.rmtree(out / "vision.partial", ignore_errors=True)
             report["stages"].append(log)
         teacher.blip2.vision_model.requires_grad_(False)
-        params = [p for n, p in teacher.blip2.named_parameters() if not n.startswith("vision_model.")]
-        log = run_stage(
-            _Stage(
-                "teacher",
-                teacher.blip2,
-                params,
-                _answer_loss(teacher, "broad", config.batch_size),
-                config.teacher_steps,
-                config.lr,
-            ),
-            config,
-            progress,
-        )
-        _finish(teacher, log, config, out / "teacher")
-        shutil.rmtree(out / "teacher.partial", ignore_errors=True)
-        report["stages"].append(log)
+        report["stages"].append(_train_answering(teacher, "teacher", "broad", config.teacher_steps, config, progress))
     if is_complete(out / "student"):
         report["stages"].append({"stage": "student", "reused": True})
         return report
     share_vision_encoder(teacher, student, check=False)
-    params = [p for n, p in student.blip2.named_parameters() if not n.startswith("vision_model.")]
-    log = run_stage(
-        _Stage(
-            "student",
-            student.blip2,
-            params,
-            _answer_loss(student, "source", config.batch_size),
-            config.student_steps,
-            config.lr,
-        ),
-        config,
-        progress,
-    )
-    _finish(student, log, config, out / "student")
-    shutil.rmtree(out / "student.partial", ignore_errors=True)
-    report["stages"].append(log)
+    report["stages"].append(_train_answering(student, "student", "source", config.student_steps, config, progress))
     return report

@@ -1,0 +1,32 @@
+"""``cdcca bench downlink`` on the test preset: the round changes only the trainable set; the report adds up."""
+
+import pytest
+import torch
+
+from cdcca.benchmarks.downlink import DownlinkBenchConfig, run_downlink_bench
+from cdcca.models.checkpoint import load_mllm
+from cdcca.models.trainable import trainable_parameters
+
+
+def test_downlink_report(pretrained_test_pair):
+    student, teacher = load_mllm(pretrained_test_pair / "student"), load_mllm(pretrained_test_pair / "teacher")
+    frozen_before = {n: p.detach().clone() for n, p in student.blip2.named_parameters()}
+    config = DownlinkBenchConfig(stream_images=8, test_images=4, steps=3, batch_size=8, swap_answers=20, swap_every=2)
+
+    report = run_downlink_bench(student, teacher, config, progress=False)
+
+    trainable = set(trainable_parameters(student))
+    for name, param in student.blip2.named_parameters():
+        if name not in trainable and name in frozen_before:
+            assert torch.equal(param, frozen_before[name]), name  # only the trainable set moved
+    rows = {r["codec"]: r for r in report["codecs"]}
+    assert set(rows) >= {"fp16", "nf4", "sparse-sign-ref"}
+    for row in rows.values():
+        assert row["bits_per_param"] == pytest.approx(8 * row["bytes"] / row["params"])
+        assert row["ms_at_10mbps"] == pytest.approx(100 * row["ms_at_1gbps"])
+    assert rows["sparse-sign-ref"]["bytes"] < rows["nf4"]["bytes"] < rows["fp16"]["bytes"] * 1.5
+    swap = report["hot_swap"]
+    assert swap["failed_answers"] == 0 and swap["swaps_applied"] == swap["swaps_sent"] == 10
+    summary = report["summary"]
+    assert set(summary) >= {"best_codec", "bits_per_param", "acc_loss_points", "nf4_bits_per_param",
+                            "p99_swap_ratio", "failed_answers"}  # fmt: skip
