@@ -240,8 +240,11 @@ def plot_downlink(report: dict, path) -> None:
     twin.plot(names, [r["accuracy"] for r in rows], "o", color="tab:orange", label="accuracy with decoded delta")
     twin.axhline(report["summary"]["accuracy_uncompressed"], color="tab:orange", linestyle="--", linewidth=1,
                  label="uncompressed delta")  # fmt: skip
+    twin.axhline(report["summary"]["accuracy_before"], color="tab:gray", linestyle=":", linewidth=1,
+                 label="before the round")  # fmt: skip
+    twin.set_ylim(report["summary"]["accuracy_before"] - 2, report["summary"]["accuracy_uncompressed"] + 4)
     twin.set_ylabel("accuracy (%)")
-    twin.legend(loc="upper right", fontsize=8)
+    twin.legend(loc="upper center", fontsize=8)
     ax.set_title(f"DWC codecs after one adaptation round on {report['config']['domain']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
