@@ -1,0 +1,225 @@
+"""AKD: adapter-based knowledge distillation in the cloud (Wang et al., CVPR 2024, Sec. 3.3, Eq. 5-6).
+
+Per round, on the buffered uncertain samples (visual tokens + mask as uploaded by UTS, or full images):
+
+1. The teacher pseudo-labels them: its greedy answers, attending only to the uploaded tokens.
+2. The cloud copy of the student trains its trainable set (LoRA, query tokens, norms, biases) on
+   ``L = λq·L_query + λr·L_repr + λce·L_CE + λkl·L_KL``:
+
+   * ``L_query`` (Eq. 5): MSE between the teacher's Q-Former query outputs and ϕ(student query outputs), ϕ a
+     learned linear map (the widths may differ);
+   * ``L_repr``: MSE between the teacher's last LM hidden states at the answer positions and ψ(the
+     student's), ψ another learned linear map -- the attention-driven multimodal representations;
+   * ``L_CE``: cross-entropy of the student on the pseudo labels;
+   * ``L_KL`` (beyond the paper, off by default): temperature-scaled KL between the teacher's and the
+     student's answer-token distributions (Hinton et al. 2015), possible because they share a tokenizer.
+
+ϕ and ψ live in the cloud only and are never sent; everything outside the trainable set stays bit-identical.
+Rounds are continual: the same ``Distiller`` keeps the student, ϕ, ψ and the optimizer from round to round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdcca.data.sample import Sample
+from cdcca.models.mllm import MLLM, LMOutput
+from cdcca.models.trainable import freeze_all_but_trainable, has_lora
+
+
+@dataclass
+class AKDConfig:
+    """Weights and optimisation of a distillation round.
+
+    Args:
+        lambda_query: weight of L_query (Eq. 5).
+        lambda_repr: weight of L_repr.
+        lambda_ce: weight of L_CE on the teacher's pseudo labels.
+        lambda_kl: weight of the optional L_KL (0 disables it).
+        temperature: softmax temperature of L_KL.
+        lr: AdamW learning rate of the trainable set, ϕ and ψ.
+        steps: optimizer steps per round.
+        batch_size: samples per step.
+        seed: seed of batch sampling and dropout.
+    """
+
+    lambda_query: float = 1.0
+    lambda_repr: float = 1.0
+    lambda_ce: float = 1.0
+    lambda_kl: float = 0.0
+    temperature: float = 2.0
+    lr: float = 2e-3
+    steps: int = 100
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_query", "lambda_repr", "lambda_ce", "lambda_kl"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"AKDConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lambda_query + self.lambda_repr + self.lambda_ce + self.lambda_kl == 0:
+            raise ValueError("AKDConfig: at least one loss weight must be > 0")
+        if self.temperature <= 0 or self.lr <= 0:
+            raise ValueError(f"AKDConfig.temperature and lr must be > 0, got {self.temperature}, {self.lr}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"AKDConfig.steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+
+
+@dataclass
+class DistillSample:
+    """One buffered sample as the cloud has it: visual tokens, which of them were uploaded, and the prompt.
+
+    Attributes:
+        sample_id: the robot's id of the sample.
+        tokens: (N, D) visual tokens (zeros where not uploaded).
+        token_mask: (N,) 1 for uploaded tokens.
+        prompt: the question or instruction.
+    """
+
+    sample_id: str
+    tokens: torch.Tensor
+    token_mask: torch.Tensor
+    prompt: str
+
+    @classmethod
+    def from_uts(cls, msg) -> DistillSample:
+        """From a received ``UtsTokens`` message."""
+        from cdcca.uts import unpack_tokens
+
+        tokens, mask = unpack_tokens(msg)
+        return cls(msg.sample_id, tokens[0], mask[0], msg.prompt)
+
+    @classmethod
+    def from_samples(cls, encoder_owner: MLLM, samples: Sequence[Sample]) -> list[DistillSample]:
+        """Full-image samples with every token kept (the shared encoder runs here instead of on the robot)."""
+        with torch.inference_mode():
+            tokens = encoder_owner.visual_tokens(encoder_owner.preprocess([s.load_image() for s in samples]))
+        mask = torch.ones(tokens.shape[1], dtype=torch.long)
+        return [cls(s.sample_id, tokens[i].clone(), mask, s.prompt) for i, s in enumerate(samples)]
+
+
+@dataclass
+class RoundReport:
+    """What a round did: sizes, mean losses over its last steps, and time."""
+
+    samples: int
+    steps: int
+    losses: dict[str, float]
+    seconds: float
+    pseudo_label_seconds: float
+
+
+def _answer_positions(out: LMOutput) -> torch.Tensor:
+    """(B, L-1) mask of the positions whose next-token prediction is an answer token."""
+    return out.labels[:, 1:] != -100
+
+
+class Distiller:
+    """Teacher -> cloud student distillation through the trainable set.
+
+    Args:
+        teacher: the large cloud model (frozen).
+        student: the cloud copy of the robot's student, LoRA already injected (``models.add_lora``).
+        config: loss weights and optimisation.
+    """
+
+    def __init__(self, teacher: MLLM, student: MLLM, config: AKDConfig | None = None) -> None:
+        if not has_lora(student):
+            raise ValueError("the student needs its LoRA adapters before distillation (models.add_lora)")
+        if teacher.num_query_tokens != student.num_query_tokens:
+            raise ValueError(
+                f"L_query pairs query tokens one to one: teacher has {teacher.num_query_tokens}, "
+                f"student {student.num_query_tokens}"
+            )
+        self.teacher, self.student, self.config = teacher.eval(), student, config or AKDConfig()
+        teacher.blip2.requires_grad_(False)
+        self.trainable = freeze_all_but_trainable(student)
+        width = lambda m, key: getattr(m.blip2.config, key).hidden_size  # noqa: E731
+        generator = torch.Generator().manual_seed(self.config.seed)
+        self.phi = nn.Linear(width(student, "qformer_config"), width(teacher, "qformer_config"))  # Eq. 5
+        self.psi = nn.Linear(width(student, "text_config"), width(teacher, "text_config"))
+        for layer in (self.phi, self.psi):
+            nn.init.normal_(layer.weight, std=layer.in_features**-0.5, generator=generator)
+            nn.init.zeros_(layer.bias)
+        params = [*self.trainable.values(), *self.phi.parameters(), *self.psi.parameters()]
+        self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
+        self._params = params
+        self.rounds = 0
+
+    @torch.inference_mode()
+    def pseudo_label(self, samples: Sequence[DistillSample], batch_size: int = 128) -> list[str]:
+        """The teacher's greedy answers, attending only to each sample's uploaded tokens."""
+        labels: list[str] = []
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start : start + batch_size]
+            tokens, mask = self._stack(batch)
+            labels += self.teacher.generate([s.prompt for s in batch], visual_tokens=tokens, token_mask=mask).texts
+        return labels
+
+    @staticmethod
+    def _stack(batch: Sequence[DistillSample]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([s.tokens for s in batch]), torch.stack([s.token_mask for s in batch])
+
+    def losses(self, batch: Sequence[DistillSample], labels: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Every term of the AKD objective on one batch (unweighted), plus ``total`` (weighted)."""
+        tokens, mask = self._stack(batch)  # (B, N, D), (B, N)
+        prompts = [s.prompt for s in batch]
+        with torch.no_grad():
+            teacher_queries = self.teacher.query_outputs(tokens, mask)  # (B, Q, Dt)
+            teacher_out = self.teacher.lm_forward(
+                self.teacher.blip2.language_projection(teacher_queries), prompts, labels
+            )
+        student_queries = self.student.query_outputs(tokens, mask)  # (B, Q, Ds)
+        student_out = self.student.lm_forward(self.student.blip2.language_projection(student_queries), prompts, labels)
+        t_pos, s_pos = _answer_positions(teacher_out), _answer_positions(student_out)
+        terms = {
+            "query": F.mse_loss(self.phi(student_queries), teacher_queries),
+            "repr": F.mse_loss(self.psi(student_out.hidden[:, :-1][s_pos]), teacher_out.hidden[:, :-1][t_pos]),
+            "ce": student_out.loss,
+        }
+        if self.config.lambda_kl > 0:
+            temperature = self.config.temperature
+            teacher_logp = (teacher_out.logits[:, :-1][t_pos] / temperature).log_softmax(-1)  # (A, V)
+            student_logp = (student_out.logits[:, :-1][s_pos] / temperature).log_softmax(-1)
+            terms["kl"] = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean") * temperature**2
+        weights = {"query": self.config.lambda_query, "repr": self.config.lambda_repr, "ce": self.config.lambda_ce,
+                   "kl": self.config.lambda_kl}  # fmt: skip
+        terms["total"] = sum(weights[name] * value for name, value in terms.items())
+        return terms
+
+    def run_round(self, samples: Sequence[DistillSample]) -> RoundReport:
+        """Pseudo-label the buffer, then ``config.steps`` optimizer steps on it; the student changes in place."""
+        if not samples:
+            raise ValueError("a distillation round needs at least one sample")
+        started = time.perf_counter()
+        labels = self.pseudo_label(samples)
+        labelled = time.perf_counter()
+        rng = np.random.default_rng([self.config.seed, self.rounds])
+        torch.manual_seed(int(rng.integers(2**62)))
+        self.student.train()
+        self.student.blip2.vision_model.eval()
+        history: dict[str, list[float]] = {}
+        for _ in range(self.config.steps):
+            index = rng.choice(len(samples), size=min(self.config.batch_size, len(samples)), replace=False)
+            terms = self.losses([samples[i] for i in index], [labels[i] for i in index])
+            self.optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            torch.nn.utils.clip_grad_norm_(self._params, 1.0)
+            self.optimizer.step()
+            for name, value in terms.items():
+                history.setdefault(name, []).append(float(value.detach()))
+        self.student.eval()
+        self.rounds += 1
+        tail = max(1, self.config.steps // 10)
+        return RoundReport(
+            samples=len(samples), steps=self.config.steps,
+            losses={name: float(np.mean(values[-tail:])) for name, values in history.items()},
+            seconds=time.perf_counter() - started, pseudo_label_seconds=labelled - started,
+        )  # fmt: skip
