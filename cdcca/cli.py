@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from cdcca.errors import CdccaError
 
 VERBS = {
@@ -16,7 +18,7 @@ VERBS = {
     "demo": "the main job on the embedded default: pretrain, then source vs target evaluation",
     "make-bag": "write the digits-shift stream as a rosbag2 (camera, prompts, ground truth) for replay",
     "keys": "Ed25519 signing keys for weight deltas: `keys generate`, `keys trust`, `keys list`",
-    "bench": "benchmarks: `bench uplink` (UTS bytes, overhead), `bench downlink` (DWC codecs, hot-swap)",
+    "bench": "benchmarks: `bench uplink` (UTS), `bench downlink` (DWC, hot-swap), `bench adapt` (Tables 1-4)",
 }
 
 
@@ -95,11 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--store", type=Path, default=None,
                            help="trust store folder (default: cache/trust)")  # fmt: skip
         if verb == "bench":
-            p.add_argument("which", choices=["uplink", "downlink"], help="which benchmark")
+            p.add_argument("which", choices=["uplink", "downlink", "adapt"], help="which benchmark")
             p.add_argument("--preset", default="tiny", help="preset whose pretrained student is measured")
             p.add_argument("--checkpoints", type=Path, default=None, help="directory holding student/")
             p.add_argument("--images-per-domain", type=int, default=80, help="uplink: stream images per domain")
-            p.add_argument("--steps", type=int, default=150, help="downlink: steps of the adaptation round")
+            p.add_argument("--steps", type=int, default=None, help="downlink/adapt: optimizer steps per round")
+            p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="adapt: seeds of the headline table")
+            p.add_argument("--stream-images", type=int, default=150, help="adapt: stream images per domain")
+            p.add_argument("--no-ablations", action="store_true", help="adapt: skip Tables 3 and 4")
             p.add_argument("--plot", type=Path, default=None, help="PNG (default: beside the JSON)")
     return parser
 
@@ -252,6 +257,27 @@ def cmd_keys(args) -> dict:
     return {"store": str(store_dir), "keys": list(store.keys)}
 
 
+def _print_adapt_tables(report: dict) -> None:
+    from cdcca.report import format_table
+
+    def cell(stats: dict) -> str:
+        return f"{stats['mean']:.1f} ± {stats['std']:.1f}"
+
+    rows = [{"method": name, "MC": cell(row["mc"]), "DA": cell(row["da"]), "gain MC": report["gain"][name]["mc"],
+             "gain DA": report["gain"][name]["da"], "BLEU-4": row["bleu4"]["mean"], "CIDEr": row["cider"]["mean"],
+             "source drop": cell(row["source_drop"])} for name, row in report["headline"].items()]  # fmt: skip
+    print(
+        format_table(
+            rows, list(rows[0]), title=f"continual stream, mean over rounds (seeds {report['summary']['seeds']})"
+        )
+    )
+    if report["ablation"]:
+        rows = [{"variant": r["method"], "MC": r["mean"]["mc"], "DA": r["mean"]["da"], "acc": r["mean"]["acc"],
+                 "uploaded per round": float(np.mean([x["samples_used"] for x in r["rounds"]]))}
+                for r in report["ablation"]]  # fmt: skip
+        print(format_table(rows, list(rows[0]), title="ablation (Table 3) and token keep ratios (Table 4), first seed"))
+
+
 def cmd_bench(args) -> dict:
     from cdcca.models.checkpoint import load_mllm
     from cdcca.paths import checkpoint_dir
@@ -267,11 +293,19 @@ def cmd_bench(args) -> dict:
         print(format_table(report["rows"], ["policy", "bytes_per_frame", "vs_raw_%", "native_24px"],
                            title=f"uplink per frame, camera {report['config']['camera']}"))  # fmt: skip
         plotter = plot_uplink
+    elif args.which == "adapt":
+        from cdcca.benchmarks.adapt import AdaptBenchConfig, plot_adapt, run_adapt_bench
+
+        config = AdaptBenchConfig(seeds=tuple(args.seeds), stream_images=args.stream_images, steps=args.steps or 60,
+                                  ablations=not args.no_ablations)  # fmt: skip
+        report = run_adapt_bench(checkpoints, config)
+        _print_adapt_tables(report)
+        plotter = plot_adapt
     else:
         from cdcca.benchmarks.downlink import DownlinkBenchConfig, plot_downlink, run_downlink_bench
 
         teacher = load_mllm(checkpoints / "teacher")
-        report = run_downlink_bench(student, teacher, DownlinkBenchConfig(steps=args.steps))
+        report = run_downlink_bench(student, teacher, DownlinkBenchConfig(steps=args.steps or 150))
         columns = ["codec", "params", "bytes", "bits_per_param", "ms_at_1gbps", "ms_at_10mbps", "encode_ms",
                    "decode_ms", "accuracy", "acc_loss_points"]  # fmt: skip
         print(format_table(report["codecs"], columns, title=f"DWC codecs, domain {report['config']['domain']}"))
