@@ -48,6 +48,9 @@ class AKDConfig:
         steps: optimizer steps per round.
         batch_size: samples per step.
         seed: seed of batch sampling and dropout.
+        pseudo_label_keep: fraction of the buffer, the teacher's most confident answers (lowest mean token
+            entropy), that the round trains on; 1.0 uses all, as the paper. UTS uploads the samples the
+            student finds hardest, where the teacher is wrong more often too (beyond the paper).
     """
 
     lambda_query: float = 1.0
@@ -59,6 +62,7 @@ class AKDConfig:
     steps: int = 100
     batch_size: int = 32
     seed: int = 0
+    pseudo_label_keep: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("lambda_query", "lambda_repr", "lambda_ce", "lambda_kl"):
@@ -68,6 +72,8 @@ class AKDConfig:
             raise ValueError("AKDConfig: at least one loss weight must be > 0")
         if self.temperature <= 0 or self.lr <= 0:
             raise ValueError(f"AKDConfig.temperature and lr must be > 0, got {self.temperature}, {self.lr}")
+        if not 0.0 < self.pseudo_label_keep <= 1.0:
+            raise ValueError(f"AKDConfig.pseudo_label_keep must be in (0, 1], got {self.pseudo_label_keep}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"AKDConfig.steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
 
@@ -156,12 +162,19 @@ class Distiller:
     @torch.inference_mode()
     def pseudo_label(self, samples: Sequence[DistillSample], batch_size: int = 128) -> list[str]:
         """The teacher's greedy answers, attending only to each sample's uploaded tokens."""
+        return self._pseudo_label(samples, batch_size)[0]
+
+    @torch.inference_mode()
+    def _pseudo_label(self, samples: Sequence[DistillSample], batch_size: int = 128) -> tuple[list[str], np.ndarray]:
         labels: list[str] = []
+        entropies = []
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
             tokens, mask = self._stack(batch)
-            labels += self.teacher.generate([s.prompt for s in batch], visual_tokens=tokens, token_mask=mask).texts
-        return labels
+            generation = self.teacher.generate([s.prompt for s in batch], visual_tokens=tokens, token_mask=mask)
+            labels += generation.texts
+            entropies.append(generation.sample_entropy.cpu().numpy())
+        return labels, np.concatenate(entropies)
 
     @staticmethod
     def _stack(batch: Sequence[DistillSample]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +212,11 @@ class Distiller:
         if not samples:
             raise ValueError("a distillation round needs at least one sample")
         started = time.perf_counter()
-        labels = self.pseudo_label(samples)
+        labels, entropy = self._pseudo_label(samples)
+        if self.config.pseudo_label_keep < 1.0:  # train on the teacher's most confident answers only
+            count = max(1, int(round(self.config.pseudo_label_keep * len(samples))))
+            chosen = np.argsort(entropy, kind="stable")[:count]
+            samples, labels = [samples[i] for i in chosen], [labels[i] for i in chosen]
         labelled = time.perf_counter()
         rng = np.random.default_rng([self.config.seed, self.rounds])
         torch.manual_seed(int(rng.integers(2**62)))

@@ -138,3 +138,18 @@ def test_distiller_needs_lora(pair):
     teacher, student = pair
     with pytest.raises(ValueError, match="LoRA"):
         Distiller(teacher, student)
+
+
+def test_pseudo_label_keep_trains_on_the_most_confident_answers(pair):
+    teacher, student = pair
+    add_lora(student)
+    samples = DistillSample.from_samples(student, load_domain("printed", "stream", limit=4))
+    distiller = Distiller(teacher, student, AKDConfig(steps=1, batch_size=64, pseudo_label_keep=0.5))
+    labels, entropy = distiller._pseudo_label(samples)
+
+    report = distiller.run_round(samples)
+
+    assert report.samples == len(samples) // 2 and report.losses["total"] > 0  # half the buffer trained on
+    assert len(labels) == len(entropy) == len(samples)
+    with pytest.raises(ValueError, match="pseudo_label_keep"):
+        AKDConfig(pseudo_label_keep=0.0)
