@@ -263,8 +263,10 @@ def _print_adapt_tables(report: dict) -> None:
     def cell(stats: dict) -> str:
         return f"{stats['mean']:.1f} ± {stats['std']:.1f}"
 
+    gap = report["summary"]["teacher_acc"] - report["summary"]["source_only_acc"]
     rows = [{"method": name, "MC": cell(row["mc"]), "DA": cell(row["da"]), "gain MC": report["gain"][name]["mc"],
              "gain DA": report["gain"][name]["da"], "BLEU-4": row["bleu4"]["mean"], "CIDEr": row["cider"]["mean"],
+             "gap closed": report["gain"][name]["acc"] / max(1e-9, gap),
              "source drop": cell(row["source_drop"])} for name, row in report["headline"].items()]  # fmt: skip
     print(
         format_table(
@@ -296,7 +298,7 @@ def cmd_bench(args) -> dict:
     elif args.which == "adapt":
         from cdcca.benchmarks.adapt import AdaptBenchConfig, plot_adapt, run_adapt_bench
 
-        config = AdaptBenchConfig(seeds=tuple(args.seeds), stream_images=args.stream_images, steps=args.steps or 60,
+        config = AdaptBenchConfig(seeds=tuple(args.seeds), stream_images=args.stream_images, steps=args.steps or 30,
                                   ablations=not args.no_ablations)  # fmt: skip
         report = run_adapt_bench(checkpoints, config)
         _print_adapt_tables(report)

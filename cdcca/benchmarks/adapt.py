@@ -124,7 +124,7 @@ class AdaptBenchConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     stream_images: int = 150
     test_images: int = 347
-    steps: int = 60
+    steps: int = 30
     methods: tuple[str, ...] = ("source-only", "tent", "cotta", "pkd", "cwd", "cdcca")
     ablations: bool = True
     keep_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)

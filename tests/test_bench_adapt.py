@@ -1,0 +1,46 @@
+"""``cdcca bench adapt`` on the test preset: every method runs the stream; evaluation never sees adapted data."""
+
+import pytest
+
+from cdcca.benchmarks.adapt import AdaptBenchConfig, CdccaMethod, make_method, run_adapt_bench
+from cdcca.data.digits_shift import load_domain
+from cdcca.models.checkpoint import load_mllm, share_vision_encoder
+from cdcca.models.trainable import add_lora
+
+ALL_METHODS = ["source-only", "tent", "cotta", "pkd", "cwd", "cdcca", "pl", "+akd", "+uts-1", "uts@0.5", "random@0.5"]
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_every_method_builds(pretrained_test_pair, name):
+    teacher, student = load_mllm(pretrained_test_pair / "teacher"), load_mllm(pretrained_test_pair / "student")
+    share_vision_encoder(teacher, student)
+    add_lora(student)
+    assert make_method(name, student, teacher, steps=1, seed=0).name in (name, "cdcca") or name == "source-only"
+
+
+def test_stage_switches_change_what_is_uploaded(pretrained_test_pair):
+    teacher, student = load_mllm(pretrained_test_pair / "teacher"), load_mllm(pretrained_test_pair / "student")
+    share_vision_encoder(teacher, student)
+    add_lora(student)
+    stream = load_domain("printed", "stream", limit=10)
+    everything = CdccaMethod(student, teacher, stage1=False, stage2=False).upload(stream)
+    full = CdccaMethod(student, teacher).upload(stream)
+    random = CdccaMethod(student, teacher, token_selection="random").upload(stream)
+    assert len(everything) == len(stream) and all(int(s.token_mask.sum()) == len(s.token_mask) for s in everything)
+    assert 0 < len(full) < len(stream)
+    kept = [int(s.token_mask.sum()) for s in full]
+    assert [int(s.token_mask.sum()) for s in random] == kept and max(kept) < len(full[0].token_mask)
+
+
+def test_report_has_the_summary_and_held_out_rounds(pretrained_test_pair):
+    config = AdaptBenchConfig(seeds=(0,), stream_images=2, test_images=2, steps=1, methods=("source-only", "cdcca"),
+                              ablations=False, domains=("printed", "rephrased"))  # fmt: skip
+    report = run_adapt_bench(pretrained_test_pair, config, progress=False)
+    assert set(report["summary"]) >= {"cdcca_gain_mc", "cdcca_gain_da", "best_baseline_gain_mc",
+                                      "best_baseline_gain_da", "gap_closed", "source_drop"}  # fmt: skip
+    source_only = next(r for r in report["runs"] if r["method"] == "source-only")
+    assert [r["domain"] for r in source_only["rounds"]] == ["printed", "rephrased"]
+    assert source_only["source_before"] == source_only["source_after"]  # nothing adapted, nothing forgotten
+    assert report["summary"]["cdcca_gain_mc"] == pytest.approx(
+        report["headline"]["cdcca"]["mc"]["mean"] - report["headline"]["source-only"]["mc"]["mean"]
+    )
