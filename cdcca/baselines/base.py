@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
+import torch
 
 from cdcca.data.sample import Sample
 from cdcca.models.mllm import MLLM
@@ -43,3 +47,19 @@ class AdaptationMethod(ABC):
     @abstractmethod
     def adapt(self, samples: Sequence[Sample]) -> RoundResult:
         """One round on unlabelled stream samples (images + prompts; targets must not be read)."""
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: Iterable[torch.Tensor]) -> float:
+    """One clipped (norm 1) optimizer step on ``loss``; returns its value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(params), 1.0)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def finish_round(student: MLLM, steps: int, started: float, losses: list[float], used: int) -> RoundResult:
+    """Back to eval mode; the round's result with the mean loss of its last tenth of steps."""
+    student.eval()
+    tail = max(1, steps // 10)
+    return RoundResult(steps, time.perf_counter() - started, float(np.mean(losses[-tail:])), used)

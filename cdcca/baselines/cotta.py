@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cdcca.baselines.base import AdaptationMethod, RoundResult
+from cdcca.baselines.base import AdaptationMethod, RoundResult, finish_round, optimizer_step
 from cdcca.data.sample import Sample
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import freeze_all_but_trainable
@@ -203,14 +203,8 @@ class CoTTA(AdaptationMethod):
             out = self.student.lm_forward(self.student.encode_visual(visual_tokens=tokens), prompts, pseudo.answers)
             log_probs = out.logits[:, :-1][out.labels[:, 1:] != -100].float().log_softmax(-1)  # (A, V)
             loss = -(pseudo.targets * log_probs).sum(-1).mean()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.trainable.values(), 1.0)
-            self.optimizer.step()
+            losses.append(optimizer_step(self.optimizer, loss, self.trainable.values()))
             self.update_ema()
             self.stochastic_restore()
-            losses.append(float(loss.detach()))
-        self.student.eval()
         self.rounds += 1
-        tail = max(1, self.config.steps // 10)
-        return RoundResult(self.config.steps, time.perf_counter() - started, float(np.mean(losses[-tail:])), len(used))
+        return finish_round(self.student, self.config.steps, started, losses, len(used))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdcca.baselines.base import AdaptationMethod, RoundResult
+from cdcca.baselines.base import AdaptationMethod, RoundResult, finish_round, optimizer_step
 from cdcca.data.sample import Sample
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import freeze_all_but_trainable
@@ -140,15 +140,9 @@ class FeatureDistillation(AdaptationMethod):
             if self.projection is not None:
                 student_queries = self.projection(student_queries)  # (B, Q, Ct)
             loss = self.feature_loss(student_queries, teacher_queries[index])
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self._params, 1.0)
-            self.optimizer.step()
-            losses.append(float(loss.detach()))
-        self.student.eval()
+            losses.append(optimizer_step(self.optimizer, loss, self._params))
         self.rounds += 1
-        tail = max(1, self.config.steps // 10)
-        return RoundResult(self.config.steps, time.perf_counter() - started, float(np.mean(losses[-tail:])), len(used))
+        return finish_round(self.student, self.config.steps, started, losses, len(used))
 
 
 class PKD(FeatureDistillation):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cdcca.baselines.base import AdaptationMethod, RoundResult
+from cdcca.baselines.base import AdaptationMethod, RoundResult, finish_round, optimizer_step
 from cdcca.data.sample import Sample
 from cdcca.models.mllm import MLLM, LMOutput
 
@@ -111,12 +111,6 @@ class Tent(AdaptationMethod):
             index = rng.choice(len(samples), size=min(self.config.batch_size, len(samples)), replace=False)
             used.update(index.tolist())
             loss = self.loss(tokens[index], [samples[i].prompt for i in index])
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.norms.values(), 1.0)
-            self.optimizer.step()
-            losses.append(float(loss.detach()))
-        self.student.eval()
+            losses.append(optimizer_step(self.optimizer, loss, self.norms.values()))
         self.rounds += 1
-        tail = max(1, self.config.steps // 10)
-        return RoundResult(self.config.steps, time.perf_counter() - started, float(np.mean(losses[-tail:])), len(used))
+        return finish_round(self.student, self.config.steps, started, losses, len(used))
