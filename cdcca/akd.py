@@ -58,7 +58,7 @@ class AKDConfig:
     lambda_ce: float = 1.0
     lambda_kl: float = 0.0
     temperature: float = 2.0
-    lr: float = 2e-3
+    lr: float = 1e-3
     steps: int = 100
     batch_size: int = 32
     seed: int = 0
