@@ -44,3 +44,14 @@ def test_report_has_the_summary_and_held_out_rounds(pretrained_test_pair):
     assert report["summary"]["cdcca_gain_mc"] == pytest.approx(
         report["headline"]["cdcca"]["mc"]["mean"] - report["headline"]["source-only"]["mc"]["mean"]
     )
+
+
+def test_a_round_with_nothing_uploaded_is_a_no_op(pretrained_test_pair):
+    from cdcca.uts import UTSConfig
+
+    teacher, student = load_mllm(pretrained_test_pair / "teacher"), load_mllm(pretrained_test_pair / "student")
+    share_vision_encoder(teacher, student)
+    add_lora(student)
+    method = CdccaMethod(student, teacher, uts=UTSConfig(sample_mode="threshold", entropy_threshold=1e9))
+    result = method.adapt(load_domain("printed", "stream", limit=2))
+    assert (result.steps, result.samples_used) == (0, 0)

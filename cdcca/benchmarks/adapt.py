@@ -93,6 +93,8 @@ class CdccaMethod(AdaptationMethod):
     def adapt(self, samples: Sequence[Sample]) -> RoundResult:
         started = time.perf_counter()
         uploaded = self.upload(samples)
+        if not uploaded:  # nothing was uncertain enough to send: the cloud has nothing to learn from
+            return RoundResult(steps=0, seconds=time.perf_counter() - started, loss=0.0, samples_used=0)
         report = self.distiller.run_round(uploaded)
         return RoundResult(steps=report.steps, seconds=time.perf_counter() - started,
                            loss=report.losses["total"], samples_used=len(uploaded))  # fmt: skip
