@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdcca.data.sample import Sample
-from cdcca.models.mllm import MLLM, LMOutput
+from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import freeze_all_but_trainable, has_lora
 
 
@@ -122,11 +122,6 @@ class RoundReport:
     pseudo_label_seconds: float
 
 
-def _answer_positions(out: LMOutput) -> torch.Tensor:
-    """(B, L-1) mask of the positions whose next-token prediction is an answer token."""
-    return out.labels[:, 1:] != -100
-
-
 class Distiller:
     """Teacher -> cloud student distillation through the trainable set.
 
@@ -191,7 +186,7 @@ class Distiller:
             )
         student_queries = self.student.query_outputs(tokens, mask)  # (B, Q, Ds)
         student_out = self.student.lm_forward(self.student.blip2.language_projection(student_queries), prompts, labels)
-        t_pos, s_pos = _answer_positions(teacher_out), _answer_positions(student_out)
+        t_pos, s_pos = teacher_out.answer_positions, student_out.answer_positions
         terms = {
             "query": F.mse_loss(self.phi(student_queries), teacher_queries),
             "repr": F.mse_loss(self.psi(student_out.hidden[:, :-1][s_pos]), teacher_out.hidden[:, :-1][t_pos]),

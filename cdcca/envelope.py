@@ -13,6 +13,7 @@ base (version 0), which applies whatever it currently holds.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -134,9 +135,7 @@ def trust_key(public_file: str | Path, store_dir: str | Path) -> Path:
 
 # -------------------------------------------------------------------------------------------- envelope
 def _signed_bytes(msg) -> bytes:
-    unsigned = wire.decode(wire.WEIGHT_DELTA, wire.encode(msg))  # a copy
-    unsigned.signature = np.zeros(0, np.uint8)
-    return wire.encode(unsigned)
+    return wire.encode(dataclasses.replace(msg, signature=np.zeros(0, np.uint8)))
 
 
 def seal(payload: bytes, *, robot_id: str, version: int, base_version: int, keyframe: bool, codec: str,

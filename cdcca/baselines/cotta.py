@@ -150,7 +150,7 @@ class CoTTA(AdaptationMethod):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, V) next-token probabilities at the answer positions and (A,) the sample each belongs to."""
         out = self.student.lm_forward(self.student.encode_visual(visual_tokens=visual_tokens), prompts, answers)
-        positions = out.labels[:, 1:] != -100  # (B, L - 1)
+        positions = out.answer_positions  # (B, L - 1)
         return out.logits[:, :-1][positions].float().softmax(-1), positions.nonzero()[:, 0]
 
     @torch.no_grad()
@@ -201,7 +201,7 @@ class CoTTA(AdaptationMethod):
             self.student.train()
             self.student.blip2.vision_model.eval()
             out = self.student.lm_forward(self.student.encode_visual(visual_tokens=tokens), prompts, pseudo.answers)
-            log_probs = out.logits[:, :-1][out.labels[:, 1:] != -100].float().log_softmax(-1)  # (A, V)
+            log_probs = out.logits[:, :-1][out.answer_positions].float().log_softmax(-1)  # (A, V)
             loss = -(pseudo.targets * log_probs).sum(-1).mean()
             losses.append(optimizer_step(self.optimizer, loss, self.trainable.values()))
             self.update_ema()

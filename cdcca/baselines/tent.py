@@ -25,6 +25,7 @@ from torch import nn
 from cdcca.baselines.base import AdaptationMethod, RoundResult, finish_round, optimizer_step
 from cdcca.data.sample import Sample
 from cdcca.models.mllm import MLLM, LMOutput
+from cdcca.models.trainable import freeze_all_but, trainable_parameters
 
 
 @dataclass
@@ -54,20 +55,13 @@ class TentConfig:
 
 
 def norm_parameters(model: MLLM) -> dict[str, nn.Parameter]:
-    """LayerNorm weights and biases of the Q-Former and the LM (names relative to BLIP-2), never the vision
-    encoder's."""
-    selected = {}
-    for module_name, module in model.blip2.named_modules():
-        if module_name.split(".")[0] == "vision_model" or not isinstance(module, nn.LayerNorm):
-            continue
-        for param_name, param in module.named_parameters(recurse=False):
-            selected[f"{module_name}.{param_name}"] = param
-    return selected
+    """Weights and biases of the normalisation layers of the Q-Former and the LM, never the vision encoder's."""
+    return trainable_parameters(model, groups=("norms",))
 
 
 def answer_entropy(out: LMOutput) -> torch.Tensor:
     """Mean entropy (nats) of the predicted next-token distributions at the answer positions (TENT's objective)."""
-    log_probs = out.logits[:, :-1][out.labels[:, 1:] != -100].float().log_softmax(-1)  # (A, V)
+    log_probs = out.logits[:, :-1][out.answer_positions].float().log_softmax(-1)  # (A, V)
     return -(log_probs.exp() * log_probs).sum(-1).mean()
 
 
@@ -79,10 +73,7 @@ class Tent(AdaptationMethod):
     def __init__(self, student: MLLM, teacher: MLLM | None = None, config: TentConfig | None = None) -> None:
         super().__init__(student, teacher)
         self.config = config or TentConfig()
-        self.norms = norm_parameters(student)
-        chosen = {id(p) for p in self.norms.values()}
-        for param in student.blip2.parameters():
-            param.requires_grad_(id(param) in chosen)
+        self.norms = freeze_all_but(student, norm_parameters(student))
         self.optimizer = torch.optim.AdamW(self.norms.values(), lr=self.config.lr, weight_decay=0.0)
         self.rounds = 0
 

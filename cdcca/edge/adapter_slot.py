@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cdcca import wire
+from cdcca.dwc import apply_delta
 from cdcca.envelope import DeltaRejected, TrustStore, open_envelope
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import has_lora, trainable_parameters
@@ -114,9 +115,10 @@ class AdapterSlot:
                                       current_version=self.version, newest_version=self.newest_version,
                                       expected=self.current)  # fmt: skip
                 reference = self.base if msg.keyframe else self.current
-                params = {name: reference[name] + delta[name].to(reference[name].dtype) for name in reference}
-                if not all(torch.isfinite(t).all() for t in params.values()):
-                    raise DeltaRejected("applying the delta gives NaN or Inf")
+                try:
+                    params = apply_delta(reference, delta)
+                except ValueError as err:  # NaN/Inf after adding: the model must not see it
+                    raise DeltaRejected(f"applying the delta fails: {err}") from err
             except DeltaRejected as err:
                 self.counters.rejected += 1
                 log.warning("robot %s rejected delta v%s: %s", self.robot_id, msg.version, err.reason)

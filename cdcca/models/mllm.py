@@ -50,6 +50,11 @@ class LMOutput:
     labels: torch.Tensor
     loss: torch.Tensor | None
 
+    @property
+    def answer_positions(self) -> torch.Tensor:
+        """(B, L-1) mask over ``logits[:, :-1]``: the positions whose next token is an answer token."""
+        return self.labels[:, 1:] != -100
+
 
 @dataclass
 class Generation:

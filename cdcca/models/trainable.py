@@ -87,18 +87,26 @@ def _trainable_groups(model: MLLM) -> dict[str, tuple[nn.Parameter, str]]:
     return selected
 
 
-def trainable_parameters(model: MLLM) -> dict[str, nn.Parameter]:
-    """Named parameters of the trainable set (names relative to the BLIP-2 module), in module order."""
-    return {name: param for name, (param, _) in _trainable_groups(model).items()}
+GROUPS = ("query_tokens", "lora", "norms", "biases")
+
+
+def trainable_parameters(model: MLLM, groups: tuple[str, ...] = GROUPS) -> dict[str, nn.Parameter]:
+    """Named parameters of the trainable set (names relative to the BLIP-2 module), in module order;
+    ``groups`` narrows it (e.g. ``("norms",)`` for TENT)."""
+    return {name: param for name, (param, group) in _trainable_groups(model).items() if group in groups}
+
+
+def freeze_all_but(model: MLLM, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """Set ``requires_grad`` on exactly ``params`` (the model's own); returns them."""
+    chosen = {id(p) for p in params.values()}
+    for param in model.blip2.parameters():
+        param.requires_grad_(id(param) in chosen)
+    return params
 
 
 def freeze_all_but_trainable(model: MLLM) -> dict[str, nn.Parameter]:
     """Set ``requires_grad`` on exactly the trainable set; returns it."""
-    trainable = trainable_parameters(model)
-    chosen = {id(p) for p in trainable.values()}
-    for param in model.blip2.parameters():
-        param.requires_grad_(id(param) in chosen)
-    return trainable
+    return freeze_all_but(model, trainable_parameters(model))
 
 
 def count_parameters(model: MLLM) -> dict[str, int]:
