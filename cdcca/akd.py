@@ -113,13 +113,15 @@ class DistillSample:
 
 @dataclass
 class RoundReport:
-    """What a round did: sizes, mean losses over its last steps, and time."""
+    """What a round did: sizes, mean losses over its last steps, time, and the teacher's pseudo labels
+    (one per buffered sample, aligned with the round's input)."""
 
     samples: int
     steps: int
     losses: dict[str, float]
     seconds: float
     pseudo_label_seconds: float
+    pseudo_labels: list[str]
 
 
 class Distiller:
@@ -208,6 +210,7 @@ class Distiller:
             raise ValueError("a distillation round needs at least one sample")
         started = time.perf_counter()
         labels, entropy = self._pseudo_label(samples)
+        all_labels = list(labels)
         if self.config.pseudo_label_keep < 1.0:  # train on the teacher's most confident answers only
             count = max(1, int(round(self.config.pseudo_label_keep * len(samples))))
             chosen = np.argsort(entropy, kind="stable")[:count]
@@ -234,4 +237,5 @@ class Distiller:
             samples=len(samples), steps=self.config.steps,
             losses={name: float(np.mean(values[-tail:])) for name, values in history.items()},
             seconds=time.perf_counter() - started, pseudo_label_seconds=labelled - started,
+            pseudo_labels=all_labels,
         )  # fmt: skip

@@ -1,9 +1,8 @@
 """``cdcca bench downlink``: what each DWC codec costs on the cloud -> robot link, and what hot-swaps cost.
 
-1. An adaptation round: the cloud copy of the student (LoRA added) learns the teacher's pseudo labels on a
-   target domain's stream, updating only the trainable set. (Cross-entropy on pseudo labels -- the L_CE term
-   of AKD; the full AKD objective plugs in here when it lands.) The round also estimates each tensor's
-   importance (mean squared gradient), which the bit-allocating codec uses.
+1. An AKD round: the cloud copy of the student (LoRA added) distills from the teacher on a target domain's
+   stream, updating only the trainable set. The round also estimates each tensor's importance (mean
+   squared gradient of the AKD objective), which the bit-allocating codec uses.
 2. Δ = θ_updated − θ_base (Eq. 7) goes through every codec; for each: bytes, bits per trainable parameter,
    transfer time at 1 Gb/s and 10 Mb/s (computed from bytes), encode/decode time, and the accuracy of
    θ_base + decode(Δ) (Eq. 8) on the domain's test split against the uncompressed Δ (the layout of the
@@ -21,11 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cdcca.akd import AKDConfig, Distiller, DistillSample
 from cdcca.data.digits_shift import load_domain
 from cdcca.dwc import gradient_importance
 from cdcca.evaluate import evaluate
 from cdcca.models.mllm import MLLM
-from cdcca.models.trainable import add_lora, freeze_all_but_trainable, trainable_parameters
+from cdcca.models.trainable import add_lora, trainable_parameters
 from cdcca.report import progress_bar
 
 
@@ -52,7 +52,7 @@ class DownlinkBenchConfig:
     lr: float = 2e-3
     batch_size: int = 32
     codecs: tuple[str, ...] | None = None
-    swap_answers: int = 300
+    swap_answers: int = 600
     swap_every: int = 5
 
     def __post_init__(self) -> None:
@@ -61,39 +61,24 @@ class DownlinkBenchConfig:
                 raise ValueError(f"DownlinkBenchConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
-def adaptation_round(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, progress: bool = True) -> dict:
-    """Train the trainable set of ``student`` on teacher pseudo labels of the domain's stream, in place."""
+def adaptation_round(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig) -> dict:
+    """One AKD round of ``student`` (in place) on the domain's stream; also each tensor's importance."""
     samples = load_domain(config.domain, "stream", limit=config.stream_images)
-    with torch.inference_mode():
-        labels = []
-        for start in range(0, len(samples), 128):
-            batch = samples[start : start + 128]
-            labels += teacher.generate([s.prompt for s in batch], images=[s.image for s in batch]).texts
-    params = list(freeze_all_but_trainable(student).values())
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    generator = np.random.default_rng(0)
-    student.train()
-    student.blip2.vision_model.eval()
-    losses = []
-    for _ in progress_bar(range(config.steps), desc="adaptation round", disable=not progress):
-        index = generator.choice(len(samples), size=config.batch_size, replace=False)
-        batch = [samples[i] for i in index]
-        loss = student.loss([s.image for s in batch], [s.prompt for s in batch], [labels[i] for i in index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    student.eval()
-    named = trainable_parameters(student)
-    batches = [index for index in np.array_split(np.arange(min(len(samples), 128)), 16)]
-    importance = gradient_importance(named, (
-        student.loss([samples[i].image for i in b], [samples[i].prompt for i in b], [labels[i] for i in b])
-        for b in batches
-    ))  # fmt: skip
-    for param in params:
+    distiller = Distiller(teacher, student, AKDConfig(steps=config.steps, lr=config.lr, batch_size=config.batch_size))
+    buffer = DistillSample.from_samples(student, samples)
+    report = distiller.run_round(buffer)
+    labels = report.pseudo_labels
+    probe = list(range(min(len(buffer), 128)))
+    importance = gradient_importance(
+        distiller.trainable,
+        (distiller.losses([buffer[i] for i in chunk], [labels[i] for i in chunk])["total"]
+         for chunk in np.array_split(probe, 16)),
+    )  # fmt: skip
+    for param in student.blip2.parameters():
         param.requires_grad_(False)
         param.grad = None
-    return {"pseudo_labels": len(labels), "final_loss": float(np.mean(losses[-10:])), "importance": importance}
+    return {"samples": report.samples, "final_loss": report.losses["total"], "seconds": report.seconds,
+            "importance": importance}  # fmt: skip
 
 
 def _load_params(model: MLLM, params: dict[str, torch.Tensor]) -> None:
@@ -116,7 +101,7 @@ def run_downlink_bench(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig
     base = {k: v.detach().clone() for k, v in trainable_parameters(student).items()}
     test = load_domain(config.domain, "test", limit=config.test_images)
     accuracy_before = _accuracy(student, test)
-    round_log = adaptation_round(student, teacher, config, progress)
+    round_log = adaptation_round(student, teacher, config)
     importance = round_log.pop("importance")
     updated = {k: v.detach().clone() for k, v in trainable_parameters(student).items()}
     delta = compute_delta(updated, base)

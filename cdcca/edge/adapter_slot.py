@@ -79,6 +79,7 @@ class AdapterSlot:
         trainable = trainable_parameters(student)
         self.base = {name: p.detach().clone() for name, p in trainable.items()}  # version 0
         self._models = [student, _shadow_copy(student, set(trainable))]
+        self._slots = [trainable, trainable_parameters(self._models[1])]  # each copy's live trainable tensors
         self._active = 0
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -144,7 +145,7 @@ class AdapterSlot:
         shadow_index = 1 - self._active
         with self._lock:  # wait for answers that started before the last swap and still use the shadow
             self._idle.wait_for(lambda: self._in_flight[shadow_index] == 0)
-        shadow = trainable_parameters(self._models[shadow_index])
+        shadow = self._slots[shadow_index]
         with torch.no_grad():  # off the inference path: nobody answers with the shadow
             for name, value in params.items():
                 shadow[name].copy_(value)
@@ -198,8 +199,7 @@ class AdapterSlot:
             self.counters.restore_failures += 1
             log.error("ignoring adapter state %s (%s); starting from the base adapter", path, err)
             return
-        for model in self._models:
-            live = trainable_parameters(model)
+        for live in self._slots:
             with torch.no_grad():
                 for name, value in params.items():
                     live[name].copy_(value)
