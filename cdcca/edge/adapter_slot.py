@@ -81,6 +81,7 @@ class AdapterSlot:
         self._models = [student, _shadow_copy(student, set(trainable))]
         self._slots = [trainable, trainable_parameters(self._models[1])]  # each copy's live trainable tensors
         self._active = 0
+        self._versions = [0, 0]  # the adapter version each copy holds
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = [0, 0]
@@ -105,6 +106,10 @@ class AdapterSlot:
             with self._lock:
                 self._in_flight[index] -= 1
                 self._idle.notify_all()
+
+    def version_of(self, model: MLLM) -> int:
+        """The adapter version ``model`` (one of the slot's two copies, from :meth:`model`) holds."""
+        return self._versions[0 if model is self._models[0] else 1]
 
     # -------------------------------------------------------------------------------------- updating
     def receive(self, msg, stamp_ns: int | None = None):
@@ -136,7 +141,7 @@ class AdapterSlot:
                 return self._status(self.version, REJECTED, "no previous adapter to roll back to", stamp_ns)
             version, params = self.previous
             self._persist(version, params)
-            self._swap()  # the shadow still holds the previous adapter
+            self._swap()  # the shadow still holds the previous adapter (and its version)
             self.previous, self.version, self.current = None, version, params
             self.counters.rolled_back += 1
             return self._status(version, ROLLED_BACK, "rolled back on request", stamp_ns)
@@ -149,6 +154,7 @@ class AdapterSlot:
         with torch.no_grad():  # off the inference path: nobody answers with the shadow
             for name, value in params.items():
                 shadow[name].copy_(value)
+        self._versions[shadow_index] = version
         self._persist(version, params)
         self._swap()
         self.previous = (self.version, self.current)
@@ -203,6 +209,7 @@ class AdapterSlot:
             with torch.no_grad():
                 for name, value in params.items():
                     live[name].copy_(value)
+        self._versions = [version, version]
         self.version, self.newest_version, self.current = version, newest, params
 
     def _status(self, version: int, state: int, reason: str, stamp_ns: int | None):
