@@ -60,6 +60,74 @@ def _shadow_copy(model: MLLM, trainable: set[str]) -> MLLM:
     return copy.deepcopy(model, memo)
 
 
+Params = dict[str, torch.Tensor]
+
+
+def verify_delta(msg, *, trust: TrustStore, robot_id: str, version: int, newest_version: int, base: Params,
+                 current: Params) -> Params:  # fmt: skip
+    """Every check on a ``WeightDelta``, then Eq. 8 against its reference: θ_base for a keyframe, the current
+    adapter otherwise. Returns the new adapter; raises :class:`DeltaRejected` (nothing is modified)."""
+    delta = open_envelope(msg, trust=trust, robot_id=robot_id, current_version=version,
+                          newest_version=newest_version, expected=current)  # fmt: skip
+    try:
+        return apply_delta(base if msg.keyframe else current, delta)
+    except ValueError as err:  # NaN/Inf after adding: the model must not see it
+        raise DeltaRejected(f"applying the delta fails: {err}") from err
+
+
+def persist_adapter(state_dir: Path, robot_id: str, version: int, newest_version: int,
+                    params: dict[str, torch.Tensor], extra: dict[str, str] | None = None) -> None:  # fmt: skip
+    """Replace ``state_dir/adapter.safetensors`` atomically (write, fsync, rename, fsync the folder)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    final, partial = state_dir / STATE_FILE, state_dir / f"{STATE_FILE}.partial"
+    metadata = {"robot_id": robot_id, "version": str(version), "newest_version": str(max(newest_version, version)),
+                **(extra or {})}  # fmt: skip
+    save_file({k: v.contiguous() for k, v in params.items()}, str(partial), metadata=metadata)
+    with open(partial, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, final)  # atomic on POSIX: readers see the old or the new file, never half of one
+    directory = os.open(state_dir, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def restore_adapter(state_dir: Path, robot_id: str, base: Params,
+                    extra: dict[str, str] | None = None) -> tuple[int, int, Params] | None:  # fmt: skip
+    """The persisted ``(version, newest_version, params)``, or ``None`` if nothing was persisted.
+
+    Raises ``ValueError`` for a state that cannot be used (corrupt, another robot, another trainable set, or
+    metadata that differs from ``extra``); a write that never completed is discarded first.
+    """
+    from safetensors import safe_open
+
+    (state_dir / f"{STATE_FILE}.partial").unlink(missing_ok=True)
+    path = state_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        params = load_file(str(path))
+        if metadata.get("robot_id") != robot_id:
+            raise ValueError(f"state belongs to robot {metadata.get('robot_id')!r}")
+        for key, value in (extra or {}).items():
+            if metadata.get(key) != value:
+                raise ValueError(f"state has {key}={metadata.get(key)!r}, expected {value!r}")
+        if set(params) != set(base) or any(params[k].shape != base[k].shape for k in params):
+            raise ValueError("tensors do not match this student's trainable set")
+        return int(metadata["version"]), int(metadata.get("newest_version", metadata["version"])), params
+    except (SafetensorError, KeyError, OSError) as err:
+        raise ValueError(f"unreadable adapter state: {err}") from err
+
+
+def adapter_status(robot_id: str, version: int, state: int, reason: str, stamp_ns: int | None = None):
+    """A ``cdcca_msgs/AdapterStatus`` (``state``: APPLIED, REJECTED or ROLLED_BACK)."""
+    return wire.new(wire.ADAPTER_STATUS, header=wire.header(time.time_ns() if stamp_ns is None else stamp_ns),
+                    robot_id=robot_id, version=int(version), state=state, reason=reason)  # fmt: skip
+
+
 class AdapterSlot:
     """Active/shadow students, the current and previous adapter, and the persisted version.
 
@@ -117,14 +185,9 @@ class AdapterSlot:
         with self._apply_lock:
             try:
                 started = time.perf_counter()
-                delta = open_envelope(msg, trust=self.trust, robot_id=self.robot_id,
-                                      current_version=self.version, newest_version=self.newest_version,
-                                      expected=self.current)  # fmt: skip
-                reference = self.base if msg.keyframe else self.current
-                try:
-                    params = apply_delta(reference, delta)
-                except ValueError as err:  # NaN/Inf after adding: the model must not see it
-                    raise DeltaRejected(f"applying the delta fails: {err}") from err
+                params = verify_delta(msg, trust=self.trust, robot_id=self.robot_id, version=self.version,
+                                      newest_version=self.newest_version, base=self.base,
+                                      current=self.current)  # fmt: skip
             except DeltaRejected as err:
                 self.counters.rejected += 1
                 log.warning("robot %s rejected delta v%s: %s", self.robot_id, msg.version, err.reason)
@@ -169,42 +232,19 @@ class AdapterSlot:
 
     # ----------------------------------------------------------------------------------- persistence
     def _persist(self, version: int, params: dict[str, torch.Tensor]) -> None:
-        if self.state_dir is None:
-            return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        final, partial = self.state_dir / STATE_FILE, self.state_dir / f"{STATE_FILE}.partial"
-        metadata = {"robot_id": self.robot_id, "version": str(version),
-                    "newest_version": str(max(self.newest_version, version))}  # fmt: skip
-        save_file({k: v.contiguous() for k, v in params.items()}, str(partial), metadata=metadata)
-        with open(partial, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(partial, final)  # atomic on POSIX: readers see the old or the new file, never half of one
-        directory = os.open(self.state_dir, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        if self.state_dir is not None:
+            persist_adapter(self.state_dir, self.robot_id, version, self.newest_version, params)
 
     def _restore(self) -> None:
-        (self.state_dir / f"{STATE_FILE}.partial").unlink(missing_ok=True)  # a write that never completed
-        path = self.state_dir / STATE_FILE
-        if not path.is_file():
-            return
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            params = load_file(str(path))
-            if metadata.get("robot_id") != self.robot_id:
-                raise ValueError(f"state belongs to robot {metadata.get('robot_id')!r}")
-            if set(params) != set(self.base) or any(params[k].shape != self.base[k].shape for k in params):
-                raise ValueError("tensors do not match this student's trainable set")
-            version, newest = int(metadata["version"]), int(metadata.get("newest_version", metadata["version"]))
-        except (SafetensorError, ValueError, KeyError, OSError) as err:
+            restored = restore_adapter(self.state_dir, self.robot_id, self.base)
+        except ValueError as err:
             self.counters.restore_failures += 1
-            log.error("ignoring adapter state %s (%s); starting from the base adapter", path, err)
+            log.error("ignoring adapter state in %s (%s); starting from the base adapter", self.state_dir, err)
             return
+        if restored is None:
+            return
+        version, newest, params = restored
         for live in self._slots:
             with torch.no_grad():
                 for name, value in params.items():
@@ -213,5 +253,4 @@ class AdapterSlot:
         self.version, self.newest_version, self.current = version, newest, params
 
     def _status(self, version: int, state: int, reason: str, stamp_ns: int | None):
-        return wire.new(wire.ADAPTER_STATUS, header=wire.header(time.time_ns() if stamp_ns is None else stamp_ns),
-                        robot_id=self.robot_id, version=int(version), state=state, reason=reason)  # fmt: skip
+        return adapter_status(self.robot_id, version, state, reason, stamp_ns)

@@ -1,0 +1,344 @@
+"""Export the student to ONNX with its trainable set as overridable initializers (ORT multi-LoRA ready).
+
+Two graphs, cut where the robot's loop cuts the model:
+
+* ``encoder.onnx``: pixel values (B, 3, S, S) -> visual tokens (B, N, Dv) and the LM soft prompt (B, Q, D):
+  the frozen vision encoder, the Q-Former and the language projection.
+* ``decoder.onnx``: one greedy step of the OPT language model with a KV cache: a prefix of embeddings (the
+  soft prompt at the first step, empty afterwards), new token ids, the attention mask and the past keys and
+  values -> the last position's logits and the present keys and values. The first call (past length 0)
+  is the prefill, every later call feeds one token, so generation never recomputes the prefix.
+
+Every tensor of the trainable set (:func:`cdcca.models.trainable.trainable_parameters`: LoRA on the LM's
+q/v, Q-Former query tokens, norms, linear biases) is a graph input *and* an initializer of the same name
+holding θ_base. ONNX Runtime treats such an initializer as an overridable default, and its LoRA adapter
+mechanism (``onnxruntime.AdapterFormat`` writes ``.onnx_adapter`` files, ``onnxruntime.LoraAdapter`` maps
+one, ``RunOptions.add_active_adapter`` feeds it to a run) overrides them per run without rebuilding the
+session -- see ONNX Runtime's "Multi LoRA" docs (onnxruntime.ai/docs/genai/tutorials/finetune.html) and
+the ``RunOptionsAddActiveLoraAdapter`` C API reference. The adapter mechanism is generic: its parameters are
+named graph inputs, so query tokens, norms and biases travel through it exactly like LoRA A/B matrices.
+ONNX Runtime rejects adapter parameters a graph does not have, so each graph gets its own adapter file.
+
+The tensors are fed as inputs rather than found in the traced module: the export calls the student through
+the trainable set as arguments standing in for the parameters, so no exporter pass can fold, transpose or
+rename them. The graph names are the trainable-set names, i.e. the names in a DWC delta.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cdcca.errors import CdccaError
+from cdcca.models.mllm import MLLM
+from cdcca.models.trainable import has_lora, trainable_parameters
+
+ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
+MANIFEST_FILE, BASE_FILE = "manifest.json", "base.safetensors"
+FORMAT_VERSION = 1
+OPSET = 17
+
+
+class OnnxModelMismatch(CdccaError, ValueError):
+    """An ONNX export and an adapter (or a state, or a checkpoint) that do not belong together."""
+
+
+@dataclass
+class OnnxExport:
+    """An exported student on disk.
+
+    Attributes:
+        directory: the export directory (graphs, tokenizer, ``base.safetensors``, ``manifest.json``).
+        manifest: what :func:`export_onnx` recorded: graph files, the trainable names of each graph, LM
+            geometry, special token ids, image spec and ``student_id`` (a hash of the frozen weights).
+    """
+
+    directory: Path
+    manifest: dict
+
+    @classmethod
+    def load(cls, directory: str | Path) -> OnnxExport:
+        """Open an export directory; a clear error if it is not one."""
+        directory = Path(directory).expanduser()
+        path = directory / MANIFEST_FILE
+        if not path.is_file():
+            raise OnnxModelMismatch(f"{directory} is not an ONNX export (no {MANIFEST_FILE}); create one with "
+                                    "`cdcca export --backend onnx` or cdcca.edge.onnx_export.export_onnx")  # fmt: skip
+        manifest = json.loads(path.read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise OnnxModelMismatch(f"{path} has format {manifest.get('format_version')}, this CD-CCA reads "
+                                    f"{FORMAT_VERSION}; export the student again")  # fmt: skip
+        return cls(directory, manifest)
+
+    def base(self) -> dict[str, torch.Tensor]:
+        """θ_base: the trainable set at version 0, in trainable-set order."""
+        params = load_file(str(self.directory / BASE_FILE))
+        return {name: params[name] for name in self.manifest["trainable"]}
+
+    def graph_params(self, graph: str) -> list[str]:
+        """Trainable names that ``graph`` (``encoder`` or ``decoder``) takes as overridable inputs."""
+        return self.manifest["graphs"][graph]["params"]
+
+    def check_params(self, params: dict[str, torch.Tensor]) -> None:
+        """Raise :class:`OnnxModelMismatch` unless ``params`` has exactly this export's names and shapes."""
+        shapes = self.manifest["shapes"]
+        missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
+        if missing or extra:
+            raise OnnxModelMismatch(f"adapter does not match this export ({self.directory}): missing {missing[:3]}, "
+                                    f"unexpected {extra[:3]}; it was built for another student -- re-export the "
+                                    "student the adapter belongs to, or start from this export's base")  # fmt: skip
+        for name, tensor in params.items():
+            if list(tensor.shape) != shapes[name]:
+                raise OnnxModelMismatch(f"adapter tensor {name!r} has shape {list(tensor.shape)}, this export "
+                                        f"({self.directory}) expects {shapes[name]}; it was built for another "
+                                        "student -- re-export the student it belongs to")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- graphs
+class _EncoderForward(nn.Module):
+    """pixel values -> (visual tokens, soft prompt): the frozen encoder, the Q-Former, the projection."""
+
+    def __init__(self, student: MLLM) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        visual_tokens = self.student.visual_tokens(pixel_values)  # (B, N, Dv)
+        return visual_tokens, self.student.encode_visual(visual_tokens=visual_tokens)  # (B, Q, D)
+
+
+class _DecoderStep(nn.Module):
+    """One KV-cached step of OPT written against the model's own submodules (same weights, same order of
+    operations as ``transformers``' eager OPT), with the cache as plain tensors so it traces to ONNX."""
+
+    def __init__(self, student: MLLM) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, prefix_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                *past: torch.Tensor):  # fmt: skip
+        lm = self.student.lm
+        decoder = lm.model.decoder
+        embeds = torch.cat([prefix_embeds, decoder.embed_tokens(input_ids)], dim=1)  # (B, T, D)
+        batch, steps = embeds.shape[0], embeds.shape[1]
+        past_len = past[0].shape[2]
+        positions = (torch.cumsum(attention_mask, dim=1) * attention_mask - 1)[:, past_len:]  # (B, T)
+        hidden = embeds + decoder.embed_positions(attention_mask, past_len, position_ids=positions)
+        total = attention_mask.shape[1]
+        causal = torch.arange(total)[None, :] <= (torch.arange(steps) + past_len)[:, None]  # (T, P + T)
+        allowed = causal[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, T, P + T)
+        additive = torch.zeros(allowed.shape, dtype=hidden.dtype).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+        present = []
+        for index, layer in enumerate(decoder.layers):
+            attn = layer.self_attn
+            residual = hidden
+            hidden = layer.self_attn_layer_norm(hidden)
+            heads, head_dim = attn.num_heads, attn.head_dim
+            query = (attn.q_proj(hidden) * attn.scaling).view(batch, steps, heads, head_dim).transpose(1, 2)
+            key = attn.k_proj(hidden).view(batch, steps, heads, head_dim).transpose(1, 2)
+            value = attn.v_proj(hidden).view(batch, steps, heads, head_dim).transpose(1, 2)
+            key = torch.cat([past[2 * index], key], dim=2)  # (B, H, P + T, hd)
+            value = torch.cat([past[2 * index + 1], value], dim=2)
+            present += [key, value]
+            weights = torch.softmax(torch.matmul(query, key.transpose(-1, -2)) + additive, dim=-1)
+            context = torch.matmul(weights, value).transpose(1, 2).reshape(batch, steps, heads * head_dim)
+            hidden = residual + attn.out_proj(context)
+            residual = hidden
+            hidden = layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))
+            hidden = residual + hidden
+        if decoder.final_layer_norm is not None:
+            hidden = decoder.final_layer_norm(hidden)
+        if decoder.project_out is not None:
+            hidden = decoder.project_out(hidden)
+        return (lm.lm_head(hidden[:, -1]), *present)  # (B, V), then (B, H, P + T, hd) per layer and K/V
+
+
+class _WithParams(nn.Module):
+    """Calls ``inner`` with the named trainable tensors taken from trailing arguments (graph inputs).
+
+    The tensors stand in for the parameters during the call (``torch.func.functional_call`` does the same but
+    refuses to run under the tracing exporter), so the traced graph reads them from its inputs.
+    """
+
+    def __init__(self, inner: nn.Module, names: list[str], num_inputs: int) -> None:
+        super().__init__()
+        self.inner, self.names, self.num_inputs = inner, names, num_inputs
+
+    def forward(self, *args: torch.Tensor):
+        saved = []
+        for name, value in zip(self.names, args[self.num_inputs :]):
+            owner_name, _, attr = f"student.blip2.{name}".rpartition(".")
+            owner = self.inner.get_submodule(owner_name)
+            saved.append((owner, attr, owner._parameters[attr]))
+            owner._parameters[attr] = value
+        try:
+            return self.inner(*args[: self.num_inputs])
+        finally:
+            for owner, attr, param in saved:
+                owner._parameters[attr] = param
+
+
+def _student_id(student: MLLM, trainable: set[str]) -> str:
+    """SHA-256 over the frozen weights: two exports share it only if they share every frozen tensor."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(student.blip2.state_dict().items()):
+        if name not in trainable:
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _export_graph(module: nn.Module, inputs: tuple, input_names: list[str], output_names: list[str],
+                  dynamic_axes: dict, params: dict[str, torch.Tensor], path: Path) -> list[str]:  # fmt: skip
+    """Trace ``module`` to ``path`` and turn the trainable inputs into overridable initializers."""
+    names = list(params)
+    wrapped = _WithParams(module, names, len(inputs)).eval()
+    torch.onnx.export(wrapped, (*inputs, *(p.detach() for p in params.values())), str(path), dynamo=False,
+                      input_names=input_names + names, output_names=output_names, dynamic_axes=dynamic_axes,
+                      opset_version=OPSET, do_constant_folding=True)  # fmt: skip
+    model = onnx.load(str(path))
+    graph_inputs = {i.name for i in model.graph.input}
+    used = [name for name in names if name in graph_inputs]  # the exporter drops inputs the graph never reads
+    for name in used:
+        model.graph.initializer.append(onnx.numpy_helper.from_array(params[name].detach().numpy(), name))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return used
+
+
+def _dummy_pixels(student: MLLM, batch: int) -> torch.Tensor:
+    size = student.image_spec.size
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def export_onnx(student: MLLM, out_dir: str | Path) -> OnnxExport:
+    """Export ``student`` (LoRA injected) to ``out_dir``; returns the opened export.
+
+    The trainable set's current values become θ_base of the export (version 0 of every adapter built for it).
+    """
+    if not has_lora(student):
+        raise ValueError("the student needs its LoRA adapters before export (cdcca.models.add_lora), so the "
+                         "exported graphs take them as adapter inputs")  # fmt: skip
+    text = student.blip2.config.text_config
+    if not text.do_layer_norm_before:
+        raise ValueError("ONNX export supports OPT with layer norm before attention (every OPT except 350m)")
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    student.eval()
+    trainable = {name: p.detach().clone() for name, p in trainable_parameters(student).items()}
+    lm_names = [n for n in trainable if n.startswith("language_model.")]
+    encoder_names = [n for n in trainable if n not in lm_names]
+    batch, dim = 2, text.hidden_size
+    heads, head_dim = text.num_attention_heads, text.hidden_size // text.num_attention_heads
+    encoder_used = _export_graph(
+        _EncoderForward(student), (_dummy_pixels(student, batch),), ["pixel_values"],
+        ["visual_tokens", "soft_prompt"],
+        {"pixel_values": {0: "batch"}, "visual_tokens": {0: "batch"}, "soft_prompt": {0: "batch"}},
+        {n: trainable[n] for n in encoder_names}, out / ENCODER_FILE,
+    )  # fmt: skip
+    past_names = [f"past_{kind}_{i}" for i in range(text.num_hidden_layers) for kind in ("key", "value")]
+    present_names = [name.replace("past_", "present_") for name in past_names]
+    prefix, tokens, past_len = student.num_query_tokens, 3, 2
+    step_inputs = (torch.randn(batch, prefix, dim), torch.ones(batch, tokens, dtype=torch.long),
+                   torch.ones(batch, past_len + prefix + tokens, dtype=torch.long),
+                   *(torch.randn(batch, heads, past_len, head_dim) for _ in past_names))  # fmt: skip
+    axes = {"prefix_embeds": {0: "batch", 1: "prefix"}, "input_ids": {0: "batch", 1: "tokens"},
+            "attention_mask": {0: "batch", 1: "total"}, "logits": {0: "batch"},
+            **{n: {0: "batch", 2: "past"} for n in past_names},
+            **{n: {0: "batch", 2: "total"} for n in present_names}}  # fmt: skip
+    decoder_used = _export_graph(
+        _DecoderStep(student), step_inputs, ["prefix_embeds", "input_ids", "attention_mask", *past_names],
+        ["logits", *present_names], axes, {n: trainable[n] for n in lm_names}, out / DECODER_FILE,
+    )  # fmt: skip
+    unused = sorted(set(trainable) - set(encoder_used) - set(decoder_used))
+    if unused:
+        raise ValueError(f"the exported graphs do not read trainable tensors {unused[:3]}: the student's forward "
+                         "differs from what export_onnx traces")  # fmt: skip
+    save_file({k: v.contiguous() for k, v in trainable.items()}, str(out / BASE_FILE))
+    student.tokenizer.save_pretrained(out)
+    spec = student.image_spec
+    student_id = _student_id(student, set(trainable))
+    manifest = {
+        "format_version": FORMAT_VERSION, "student_id": student_id,
+        "adapter_model_version": int(student_id[:7], 16),  # AdapterFormat's model_version: the export an adapter is for
+        "meta": student.meta, "image_spec": {"size": spec.size, "mean": list(spec.mean), "std": list(spec.std)},
+        "trainable": list(trainable), "shapes": {n: list(t.shape) for n, t in trainable.items()},
+        "graphs": {"encoder": {"file": ENCODER_FILE, "params": encoder_used},
+                   "decoder": {"file": DECODER_FILE, "params": decoder_used, "past": past_names,
+                               "present": present_names}},
+        "lm": {"layers": text.num_hidden_layers, "heads": heads, "head_dim": head_dim, "hidden": dim,
+               "num_query_tokens": student.num_query_tokens, "eos_token_id": student.tokenizer.eos_token_id,
+               "pad_token_id": student.tokenizer.pad_token_id},
+    }  # fmt: skip
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks a complete export
+    return OnnxExport(out, manifest)
+
+
+# ------------------------------------------------------------------------------------------- adapters
+def write_adapters(export: OnnxExport, params: dict[str, torch.Tensor], directory: str | Path,
+                   stem: str, version: int = 0) -> dict[str, Path]:  # fmt: skip
+    """Write ``params`` (the whole trainable set) as one ``.onnx_adapter`` file per graph; graph -> path.
+
+    ``AdapterFormat.set_model_version`` records which export the adapter is for, ``set_adapter_version`` the
+    adapter version. Raises :class:`OnnxModelMismatch` if ``params`` is not this export's trainable set.
+    """
+    import onnxruntime as ort
+
+    export.check_params(params)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for graph in export.manifest["graphs"]:
+        adapter = ort.AdapterFormat()
+        adapter.set_model_version(export.manifest["adapter_model_version"])
+        adapter.set_adapter_version(int(version))
+        values = {n: np.ascontiguousarray(params[n].detach().cpu().float().numpy()) for n in export.graph_params(graph)}
+        adapter.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in values.items()})
+        paths[graph] = directory / f"{stem}.{graph}.onnx_adapter"
+        adapter.export_adapter(str(paths[graph]))
+    return paths
+
+
+def read_adapter(export: OnnxExport, path: str | Path) -> dict[str, np.ndarray]:
+    """Read one graph's ``.onnx_adapter`` after checking it was written for ``export``."""
+    import onnxruntime as ort
+
+    adapter = ort.AdapterFormat.read_adapter(str(path))
+    if adapter.get_model_version() != export.manifest["adapter_model_version"]:
+        raise OnnxModelMismatch(f"{path} was written for another export (model version {adapter.get_model_version()}, "
+                                f"this export is {export.manifest['adapter_model_version']}); rebuild the adapter "
+                                "from this export's base")  # fmt: skip
+    return {name: value.numpy() for name, value in adapter.get_parameters().items()}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def cli_export(args) -> dict:
+    """``cdcca export --backend onnx``: export the student of a preset's checkpoints (LoRA added, seeded).
+
+    ``args`` has ``preset``, ``checkpoints`` (None: the preset's checkpoint directory), ``out`` (None:
+    ``<checkpoints>/student_onnx``) and ``json``.
+    """
+    from cdcca.models.checkpoint import load_mllm
+    from cdcca.models.trainable import add_lora
+    from cdcca.paths import checkpoint_dir
+
+    checkpoints = Path(args.checkpoints) if args.checkpoints else checkpoint_dir(args.preset)
+    out = Path(args.out) if args.out else checkpoints / "student_onnx"
+    student = add_lora(load_mllm(checkpoints / "student"))
+    if out.exists() and (out / MANIFEST_FILE).is_file():
+        shutil.rmtree(out)  # a previous export of this directory; rewritten whole
+    export = export_onnx(student, out)
+    sizes = {name: (out / info["file"]).stat().st_size for name, info in export.manifest["graphs"].items()}
+    return {"out": str(out), "student_id": export.manifest["student_id"], "graph_bytes": sizes,
+            "trainable_tensors": len(export.manifest["trainable"]),
+            "trainable_params": int(sum(np.prod(s) for s in export.manifest["shapes"].values()))}  # fmt: skip
