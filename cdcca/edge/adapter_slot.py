@@ -98,7 +98,7 @@ def restore_adapter(state_dir: Path, robot_id: str, base: Params,
     """The persisted ``(version, newest_version, params)``, or ``None`` if nothing was persisted.
 
     Raises ``ValueError`` for a state that cannot be used (corrupt, another robot, another trainable set, or
-    metadata that differs from ``extra``); a write that never completed is discarded first.
+    metadata that contradicts ``extra``); a write that never completed is discarded first.
     """
     from safetensors import safe_open
 
@@ -112,8 +112,8 @@ def restore_adapter(state_dir: Path, robot_id: str, base: Params,
         params = load_file(str(path))
         if metadata.get("robot_id") != robot_id:
             raise ValueError(f"state belongs to robot {metadata.get('robot_id')!r}")
-        for key, value in (extra or {}).items():
-            if metadata.get(key) != value:
+        for key, value in (extra or {}).items():  # checked where the writer recorded it
+            if key in metadata and metadata[key] != value:
                 raise ValueError(f"state has {key}={metadata.get(key)!r}, expected {value!r}")
         if set(params) != set(base) or any(params[k].shape != base[k].shape for k in params):
             raise ValueError("tensors do not match this student's trainable set")

@@ -1,0 +1,270 @@
+"""The student on ONNX Runtime, with weight deltas hot-swapped as ORT LoRA adapters.
+
+:func:`~cdcca.edge.onnx_export.export_onnx` writes two graphs whose trainable tensors are overridable
+initializers. An *adapter* here is the whole trainable set of one version, written as one ``.onnx_adapter``
+file per graph (``onnxruntime.AdapterFormat``), memory-mapped by ``onnxruntime.LoraAdapter`` and attached to
+a ``RunOptions`` with ``add_active_adapter`` (ONNX Runtime multi-LoRA: onnxruntime.ai/docs/genai/tutorials/
+finetune.html; C API ``RunOptionsAddActiveLoraAdapter``). The sessions are built once; a swap only changes
+which ``RunOptions`` the next answer picks up.
+
+A delta is verified exactly as :class:`~cdcca.edge.adapter_slot.AdapterSlot` verifies it (the shared
+:func:`~cdcca.edge.adapter_slot.verify_delta`), the new adapter is built off the answering path, persisted
+atomically (:func:`~cdcca.edge.adapter_slot.persist_adapter`), then published by replacing one reference.
+Each answer reads that reference once and uses it for every run of the answer, so an answer in flight
+finishes on the adapter it started with; the previous adapter stays loaded for :meth:`OnnxBackend.rollback`.
+Adapters are activated through ``InferenceSession.run``: ORT ignores active adapters with IOBinding.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+
+from cdcca.edge.adapter_slot import (
+    APPLIED,
+    REJECTED,
+    ROLLED_BACK,
+    SlotCounters,
+    adapter_status,
+    persist_adapter,
+    restore_adapter,
+    verify_delta,
+)  # fmt: skip
+from cdcca.edge.backend import BackendAnswer, EdgeBackend
+from cdcca.edge.onnx_export import OnnxExport, OnnxModelMismatch, write_adapters
+from cdcca.envelope import DeltaRejected, TrustStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Adapter:
+    """One loaded adapter version: its tensors, the mapped ORT adapters and a ``RunOptions`` per graph."""
+
+    version: int
+    params: dict[str, torch.Tensor]
+    run_options: dict[str, ort.RunOptions]
+    files: list[Path] = field(default_factory=list)
+    loaded: list[ort.LoraAdapter] = field(default_factory=list)  # kept alive as long as the RunOptions are
+
+
+class OnnxBackend(EdgeBackend):
+    """The exported student on ONNX Runtime (CPU), with multi-LoRA hot-swap and rollback.
+
+    Args:
+        export: an export directory (or an opened :class:`OnnxExport`).
+        robot_id: this robot; deltas for another robot are rejected.
+        trust: public keys deltas must be signed with.
+        state_dir: where the current adapter persists (as the torch slot persists it) and where adapter
+            files live; ``None`` keeps the state in memory and the files in a temporary folder.
+        threads: ONNX Runtime intra-op threads (``None``: ORT's default).
+        max_new_tokens: longest answer, as ``MLLM.generate``.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, export: str | Path | OnnxExport, robot_id: str, trust: TrustStore,
+                 state_dir: str | Path | None = None, threads: int | None = None,
+                 max_new_tokens: int = 12) -> None:  # fmt: skip
+        from transformers import AutoTokenizer
+
+        self.export = export if isinstance(export, OnnxExport) else OnnxExport.load(export)
+        self.robot_id, self.trust, self.max_new_tokens = robot_id, trust, max_new_tokens
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        manifest = self.export.manifest
+        self.lm, self.spec = manifest["lm"], manifest["image_spec"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # overridable initializers are the point; ORT warns about each one
+        options.inter_op_num_threads = 1
+        if threads:
+            options.intra_op_num_threads = threads
+        directory = self.export.directory
+        self.sessions = {graph: ort.InferenceSession(str(directory / info["file"]), options,
+                                                     providers=["CPUExecutionProvider"])
+                         for graph, info in manifest["graphs"].items()}  # fmt: skip
+        self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        self.base = self.export.base()
+        self._check_export()
+        self._files = self.state_dir / "onnx_adapters" if self.state_dir is not None else Path(tempfile.mkdtemp())
+        if self.state_dir is None:
+            weakref.finalize(self, shutil.rmtree, self._files, True)
+        self._apply_lock = threading.Lock()  # one delta at a time
+        self.counters = SlotCounters()
+        self.newest_version = 0
+        self._active, self._previous = self._load(0, self.base), None
+        if self.state_dir is not None:
+            self._restore()
+
+    def _check_export(self) -> None:
+        """The graphs, ``base.safetensors`` and the manifest must agree (an edited or mixed export fails here)."""
+        for graph, session in self.sessions.items():
+            inputs = {i.name: list(i.shape) for i in session.get_overridable_initializers()}
+            wanted = {name: self.export.manifest["shapes"][name] for name in self.export.graph_params(graph)}
+            if inputs != wanted:
+                raise OnnxModelMismatch(f"{graph} graph in {self.export.directory} takes trainable inputs that differ "
+                                        "from its manifest (the export was edited or mixed with another student's); "
+                                        "export the student again into an empty directory")  # fmt: skip
+
+    # ------------------------------------------------------------------------------------- answering
+    @property
+    def version(self) -> int:
+        return self._active.version
+
+    def _pixel_values(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """RGB uint8 frames -> (B, 3, S, S) float32, the same resize and normalisation as ``MLLM.preprocess``."""
+        size, batch = self.spec["size"], []
+        for image in images:
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"expected an RGB uint8 image of shape (H, W, 3), got {image.dtype} {image.shape}")
+            pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+            if pixels.shape[1:] != (size, size):
+                pixels = F.interpolate(pixels[None], size=(size, size), mode="bilinear", antialias=True,
+                                       align_corners=False)[0]  # fmt: skip
+            batch.append(pixels)
+        mean = torch.tensor(self.spec["mean"]).view(1, 3, 1, 1)
+        std = torch.tensor(self.spec["std"]).view(1, 3, 1, 1)
+        return ((torch.stack(batch) - mean) / std).numpy()
+
+    def _prompt_batch(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded ``<s> prompt`` ids (B, T) and mask (B, T), as ``MLLM._text_batch``."""
+        rows = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.lm["pad_token_id"], np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+        return ids, mask
+
+    def answer(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> BackendAnswer:
+        adapter = self._active  # read once: a swap during this answer does not reach it
+        visual_tokens, soft_prompt = self.sessions["encoder"].run(
+            None, {"pixel_values": self._pixel_values(images)}, adapter.run_options["encoder"])  # fmt: skip
+        token_ids, entropy, alive = self.generate(soft_prompt, prompts, adapter)
+        pad = self.lm["pad_token_id"]
+        texts = [" ".join(self.tokenizer.decode(row[row != pad].tolist(), skip_special_tokens=True).split())
+                 for row in token_ids]  # fmt: skip
+        sample_entropy = (entropy * alive).sum(1) / np.maximum(alive.sum(1), 1)  # Eq. 2
+        return BackendAnswer(texts, torch.from_numpy(sample_entropy), torch.from_numpy(visual_tokens), adapter.version)
+
+    def generate(self, soft_prompt: np.ndarray, prompts: Sequence[str], adapter: _Adapter | None = None,
+                 logits_out: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+        """Greedy decoding with the KV cache, as ``MLLM.generate``: token ids (B, T), entropies (B, T), answer
+        mask (B, T). ``logits_out`` (a list) receives each step's (B, V) logits, for parity checks."""
+        adapter = adapter or self._active
+        ids, text_mask = self._prompt_batch(prompts)
+        batch = len(prompts)
+        mask = np.concatenate([np.ones((batch, soft_prompt.shape[1]), np.int64), text_mask], axis=1)
+        empty_past = np.zeros((batch, self.lm["heads"], 0, self.lm["head_dim"]), np.float32)
+        graph = self.export.manifest["graphs"]["decoder"]
+        feeds = {"prefix_embeds": soft_prompt, "input_ids": ids, "attention_mask": mask,
+                 **dict.fromkeys(graph["past"], empty_past)}  # fmt: skip
+        eos, pad = self.lm["eos_token_id"], self.lm["pad_token_id"]
+        no_prefix = np.zeros((batch, 0, self.lm["hidden"]), np.float32)
+        done = np.zeros(batch, bool)
+        tokens, entropies, alive = [], [], []
+        session, options = self.sessions["decoder"], adapter.run_options["decoder"]
+        for _ in range(self.max_new_tokens):
+            logits, *present = session.run(None, feeds, options)  # (B, V), then the cache
+            if logits_out is not None:
+                logits_out.append(logits)
+            shifted = logits - logits.max(-1, keepdims=True)
+            log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+            entropies.append(-(np.exp(log_probs) * log_probs).sum(-1))
+            alive.append(~done)
+            next_token = np.where(done, pad, log_probs.argmax(-1))
+            tokens.append(next_token)
+            done = done | (next_token == eos)
+            if done.all():
+                break
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            feeds = {"prefix_embeds": no_prefix, "input_ids": next_token[:, None].astype(np.int64),
+                     "attention_mask": mask, **dict(zip(graph["past"], present))}  # fmt: skip
+        return np.stack(tokens, 1), np.stack(entropies, 1).astype(np.float32), np.stack(alive, 1).astype(np.float32)
+
+    # -------------------------------------------------------------------------------------- updating
+    def _load(self, version: int, params: dict[str, torch.Tensor]) -> _Adapter:
+        """Write and map the adapter files of ``params`` (off the answering path)."""
+        stem = f"v{version}-{time.time_ns()}"  # unique: a rolled-back version may be rebuilt later
+        paths = write_adapters(self.export, params, self._files, stem, version)
+        adapter = _Adapter(version, params, {}, list(paths.values()))
+        for graph, path in paths.items():
+            lora = ort.LoraAdapter()
+            lora.Load(str(path))
+            options = ort.RunOptions()
+            options.add_active_adapter(lora)
+            adapter.loaded.append(lora)
+            adapter.run_options[graph] = options
+        return adapter
+
+    def _activate(self, adapter: _Adapter, previous: _Adapter | None) -> None:
+        """Publish ``adapter`` for the next answer (one reference assignment) and drop unneeded files."""
+        started = time.perf_counter()
+        self._active, self._previous = adapter, previous
+        self.counters.last_swap_us = 1e6 * (time.perf_counter() - started)
+        keep = {p.name for a in (adapter, previous) if a is not None for p in a.files}
+        for path in self._files.glob("*.onnx_adapter"):  # answers still running map theirs: unlinking is safe
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+    def receive(self, msg, stamp_ns: int | None = None):
+        """Verify and apply a ``WeightDelta``; returns the ``AdapterStatus`` to publish. Never raises for bad input."""
+        with self._apply_lock:
+            started = time.perf_counter()
+            current = self._active
+            try:
+                params = verify_delta(msg, trust=self.trust, robot_id=self.robot_id, version=current.version,
+                                      newest_version=self.newest_version, base=self.base,
+                                      current=current.params)  # fmt: skip
+            except DeltaRejected as err:
+                self.counters.rejected += 1
+                log.warning("robot %s rejected delta v%s: %s", self.robot_id, msg.version, err.reason)
+                return adapter_status(self.robot_id, msg.version, REJECTED, err.reason, stamp_ns)
+            adapter = self._load(int(msg.version), params)
+            self.newest_version = max(self.newest_version, adapter.version)
+            self._persist(adapter)
+            self._activate(adapter, current)
+            self.counters.applied += 1
+            self.counters.last_apply_ms = 1000 * (time.perf_counter() - started)
+            return adapter_status(self.robot_id, adapter.version, APPLIED, "", stamp_ns)
+
+    def rollback(self, stamp_ns: int | None = None):
+        """Return to the previous adapter (one level); returns the ``AdapterStatus`` to publish."""
+        with self._apply_lock:
+            previous = self._previous
+            if previous is None:
+                return adapter_status(self.robot_id, self.version, REJECTED, "no previous adapter to roll back to",
+                                      stamp_ns)  # fmt: skip
+            self._persist(previous)
+            self._activate(previous, None)
+            self.counters.rolled_back += 1
+            return adapter_status(self.robot_id, previous.version, ROLLED_BACK, "rolled back on request", stamp_ns)
+
+    # ----------------------------------------------------------------------------------- persistence
+    def _persist(self, adapter: _Adapter) -> None:
+        if self.state_dir is not None:
+            persist_adapter(self.state_dir, self.robot_id, adapter.version, self.newest_version, adapter.params,
+                            {"student_id": self.export.manifest["student_id"]})  # fmt: skip
+
+    def _restore(self) -> None:
+        try:
+            restored = restore_adapter(self.state_dir, self.robot_id, self.base,
+                                       {"student_id": self.export.manifest["student_id"]})  # fmt: skip
+        except ValueError as err:
+            self.counters.restore_failures += 1
+            log.error("ignoring adapter state in %s (%s); starting from the base adapter", self.state_dir, err)
+            return
+        if restored is not None:
+            version, self.newest_version, params = restored
+            self._activate(self._load(version, params), None)

@@ -1,0 +1,199 @@
+"""ONNX Runtime backend: export layout, parity with the torch backend before and after a signed swap, atomic
+swaps under concurrent answers, rollback, persistence, rejections, and export/adapter mismatches."""
+
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cdcca.data.digits_shift import load_domain
+from cdcca.edge.adapter_slot import APPLIED, REJECTED, ROLLED_BACK, AdapterSlot
+from cdcca.edge.backend import TorchBackend
+from cdcca.edge.onnx_backend import OnnxBackend
+from cdcca.edge.onnx_export import BASE_FILE, OnnxExport, OnnxModelMismatch, export_onnx, read_adapter, write_adapters
+from cdcca.envelope import Signer, TrustStore, VersionChain, generate_key
+from cdcca.models.checkpoint import load_mllm
+from cdcca.models.trainable import add_lora, trainable_parameters
+
+LOGIT_ATOL = 1e-4  # float32 graphs vs torch eager: observed differences are ~1e-6
+
+
+@pytest.fixture(scope="module")
+def exported(pretrained_test_pair, tmp_path_factory):
+    """The pretrained ``test`` student with LoRA and its ONNX export."""
+    student = add_lora(load_mllm(pretrained_test_pair / "student")).eval()
+    return student, export_onnx(student, tmp_path_factory.mktemp("onnx") / "student_onnx")
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    private, public = generate_key(tmp_path_factory.mktemp("keys"), "cloud")
+    trust = TrustStore()
+    trust.add("cloud", public.read_text())
+    return Signer.load(private), trust
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return [s for domain in ("source", "printed", "rephrased") for s in load_domain(domain, "test", limit=12)]
+
+
+def _perturbed(params: dict, seed: int, scale: float = 0.05) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=generator) for k, v in params.items()}
+
+
+def _answers(backend, samples) -> list:
+    return [backend.answer([s.load_image()], [s.prompt]) for s in samples]
+
+
+def test_export_exposes_the_trainable_set_as_overridable_initializers(exported):
+    student, export = exported
+    trainable = trainable_parameters(student)
+    sessions = {graph: ort.InferenceSession(str(export.directory / info["file"]))
+                for graph, info in export.manifest["graphs"].items()}  # fmt: skip
+
+    overridable = {g: {i.name for i in s.get_overridable_initializers()} for g, s in sessions.items()}
+
+    assert overridable["encoder"] | overridable["decoder"] == set(trainable)
+    assert not overridable["encoder"] & overridable["decoder"]
+    assert "query_tokens" in overridable["encoder"]
+    assert any("lora_A" in n for n in overridable["decoder"]) and any("lora_B" in n for n in overridable["decoder"])
+    assert all(n.startswith("language_model.") for n in overridable["decoder"])
+    assert all(torch.equal(export.base()[n], trainable[n]) for n in trainable)
+    assert {i.name for i in sessions["encoder"].get_inputs()} == {"pixel_values"}  # base values are defaults
+
+
+def test_same_answers_and_logits_as_torch_before_and_after_a_signed_swap(exported, keys, samples):
+    student, export = exported
+    signer, trust = keys
+    torch_backend = TorchBackend(AdapterSlot(student, "r1", trust))
+    onnx_backend = OnnxBackend(export, "r1", trust, threads=1)
+    chain = VersionChain("r1", onnx_backend.base)
+    delta = chain.make_delta(_perturbed(onnx_backend.base, seed=1), "fp16", signer)
+    images, prompts = [s.load_image() for s in samples[:6]], [s.prompt for s in samples[:6]]
+    rounds = []
+    for _ in ("before", "after"):
+        expected, got = _answers(torch_backend, samples), _answers(onnx_backend, samples)
+        with torch.inference_mode(), torch_backend.slot.model() as model:
+            soft_prompt = model.encode_visual(images)
+            torch_logits = model.lm_forward(soft_prompt, prompts).logits[:, -1]  # first generated token
+        onnx_logits = []
+        onnx_backend.generate(soft_prompt.numpy(), prompts, logits_out=onnx_logits)
+        rounds.append([a.texts[0] for a in expected])
+
+        agreement = np.mean([e.texts[0] == g.texts[0] for e, g in zip(expected, got)])
+        assert agreement >= 0.99
+        assert all(e.adapter_version == g.adapter_version for e, g in zip(expected, got))
+        entropy_gap = max(abs(float(e.sample_entropy[0] - g.sample_entropy[0])) for e, g in zip(expected, got))
+        assert entropy_gap < 1e-4
+        assert torch.allclose(expected[0].visual_tokens, got[0].visual_tokens, atol=1e-5)
+        np.testing.assert_allclose(onnx_logits[0], torch_logits.numpy(), atol=LOGIT_ATOL)
+        if len(rounds) == 1:
+            assert onnx_backend.receive(delta).state == APPLIED and torch_backend.receive(delta).state == APPLIED
+    assert onnx_backend.version == torch_backend.version == 1
+    assert rounds[0] != rounds[1]  # the swap really changed the model
+
+
+def test_answers_in_flight_keep_their_adapter_while_deltas_arrive(exported, keys, samples):
+    _, export = exported
+    signer, trust = keys
+    backend = OnnxBackend(export, "r2", trust, threads=1)
+    chain = VersionChain("r2", backend.base)
+    targets = [backend.base, _perturbed(backend.base, seed=2, scale=0.2)]  # even versions: base, odd: perturbed
+    messages = []
+    for version in range(1, 9):
+        messages.append(chain.make_delta(targets[version % 2], "fp16", signer))
+        chain.record_applied(version)  # built ahead, applied in order: each is incremental on the previous
+    sample = samples[3]
+    expected = [backend.answer([sample.load_image()], [sample.prompt]).texts[0]]
+    backend.receive(messages[0])
+    expected.append(backend.answer([sample.load_image()], [sample.prompt]).texts[0])
+    assert expected[0] != expected[1]  # the two adapters answer differently
+    seen, failures, stop = [], [], threading.Event()
+
+    def answering() -> None:
+        while not stop.is_set():
+            try:
+                result = backend.answer([sample.load_image()], [sample.prompt])
+                seen.append((result.adapter_version, result.texts[0]))
+            except Exception as err:  # noqa: BLE001 - a failed answer is what this test looks for
+                failures.append(err)
+
+    thread = threading.Thread(target=answering)
+    thread.start()
+    statuses = []
+    for msg in messages[1:]:
+        statuses.append(backend.receive(msg).state)
+        threading.Event().wait(0.01)
+    stop.set()
+    thread.join()
+
+    assert statuses == [APPLIED] * 7 and backend.version == 8 and not failures
+    assert len(seen) >= 6
+    assert all(text == expected[version % 2] for version, text in seen)  # never a mix of two adapters
+
+
+def test_rejections_rollback_and_persistence(exported, keys, samples, tmp_path):
+    _, export = exported
+    signer, trust = keys
+    backend = OnnxBackend(export, "r3", trust, state_dir=tmp_path / "state")
+    chain = VersionChain("r3", backend.base)
+    v1 = chain.make_delta(_perturbed(backend.base, seed=3), "fp16", signer)
+    chain.record_applied(1)
+    v2 = chain.make_delta(_perturbed(backend.base, seed=4), "fp16", signer)
+    tampered = chain.make_delta(_perturbed(backend.base, seed=5), "fp16", signer)
+    tampered.signature[0] ^= 0xFF
+    sample = samples[0]
+
+    assert backend.receive(v2).state == REJECTED  # based on v1, robot runs v0
+    assert backend.receive(v1).state == APPLIED
+    v1_answer = backend.answer([sample.load_image()], [sample.prompt])
+    assert backend.receive(tampered).reason.startswith("bad signature")
+    assert backend.receive(v2).state == APPLIED and backend.version == 2
+    status = backend.rollback()
+    assert (status.state, status.version, backend.version) == (ROLLED_BACK, 1, 1)
+    assert backend.answer([sample.load_image()], [sample.prompt]).texts == v1_answer.texts
+    assert backend.rollback().state == REJECTED  # one level only
+    assert backend.receive(v2).state == REJECTED  # a replay, although the robot runs v1
+    assert len(list((tmp_path / "state" / "onnx_adapters").glob("*.onnx_adapter"))) == 2  # current, one graph each
+
+    restarted = OnnxBackend(export, "r3", trust, state_dir=tmp_path / "state")
+
+    assert restarted.version == 1 and restarted.newest_version == 2
+    restarted_answer = restarted.answer([sample.load_image()], [sample.prompt])
+    assert restarted_answer.texts == v1_answer.texts
+    assert torch.equal(restarted_answer.sample_entropy, v1_answer.sample_entropy)
+
+
+def test_mismatched_exports_and_adapters_are_clear_errors(exported, pair, keys, tmp_path):
+    _, export = exported
+    signer, trust = keys
+    other = export_onnx(add_lora(pair[1]), tmp_path / "other")  # an untrained student: other frozen weights
+    files = write_adapters(other, other.base(), tmp_path / "adapters", "v0")
+
+    with pytest.raises(OnnxModelMismatch, match="another export"):
+        read_adapter(export, files["decoder"])
+    assert set(read_adapter(other, files["decoder"])) == set(other.graph_params("decoder"))
+    wrong_shape = {**export.base(), "query_tokens": torch.zeros(1, 3, 32)}
+    with pytest.raises(OnnxModelMismatch, match="re-export"):
+        write_adapters(export, wrong_shape, tmp_path / "adapters", "bad")
+    with pytest.raises(OnnxModelMismatch, match="not an ONNX export"):
+        OnnxExport.load(tmp_path)
+    state = tmp_path / "state"
+    foreign = OnnxBackend(other, "r4", trust, state_dir=state)  # persists a state for the other student
+    assert foreign.receive(VersionChain("r4", other.base()).make_delta(other.base(), "fp16", signer)).state == APPLIED
+
+    restored = OnnxBackend(export, "r4", trust, state_dir=state)
+
+    assert restored.version == 0 and restored.counters.restore_failures == 1
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for path in export.directory.iterdir():
+        (mixed / path.name).write_bytes(path.read_bytes())
+    save_file({("x_" + k if k == "query_tokens" else k): v for k, v in other.base().items()}, str(mixed / BASE_FILE))
+    with pytest.raises(OnnxModelMismatch, match="missing"):
+        OnnxBackend(mixed, "r5", trust)
