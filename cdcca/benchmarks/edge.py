@@ -1,0 +1,358 @@
+"""``cdcca bench edge``: the student on the robot, torch eager vs ONNX Runtime, side by side in one run.
+
+The student is exported once (:func:`~cdcca.edge.onnx_export.export_onnx`); signed deltas are built once
+(a keyframe to a perturbed adapter, then incremental deltas alternating between it and the base). Each
+backend then runs, for each thread count, in a **fresh subprocess** that loads only what that backend needs,
+so peak memory (``ru_maxrss``) and latency are its own:
+
+1. latency of single answers (one frame, one prompt, greedy, batch 1 as on the robot): p50 / p99;
+2. parity: the answers on a fixed set before and after the keyframe swap, compared across backends;
+3. swap latency: a delta received while idle, and deltas arriving every few answers while a thread keeps
+   answering (receive = verify + decode + Eq. 8 + build/load + persist + activate), and failed answers;
+4. (torch worker) UTS overhead: ``UncertaintyTokenSampler.score`` per answer, scoring vs answering time.
+   Stage 2 runs on the torch vision encoder whatever backend answered (see ``cdcca.edge.backend``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+WORKER_TIMEOUT_S = 1800
+
+
+@dataclass
+class EdgeBenchConfig:
+    """Settings of the edge benchmark.
+
+    Args:
+        threads: CPU thread counts to measure each backend at (torch intra-op / ORT intra-op).
+        domains: digits-shift domains the prompts come from (test split).
+        images_per_domain: test images per domain (each asked its three prompts).
+        answers: timed answers per backend and thread count (after ``warmup``).
+        warmup: untimed answers first (allocations, caches).
+        parity_answers: answers compared across backends, before and after the swap.
+        swap_answers: answers in the hot-swap run.
+        swap_every: a delta arrives after every this many answers of the hot-swap run.
+        uts_answers: answers scored by UTS in the torch worker.
+        delta_scale: standard deviation of the seeded perturbation the deltas carry.
+        robot_id: the robot the deltas are addressed to.
+    """
+
+    threads: tuple[int, ...] = (1, 2)
+    domains: tuple[str, ...] = ("source", "colour_inverted", "printed", "noisy_rotated", "rephrased")
+    images_per_domain: int = 40
+    answers: int = 400
+    warmup: int = 30
+    parity_answers: int = 300
+    swap_answers: int = 300
+    swap_every: int = 5
+    uts_answers: int = 100
+    delta_scale: float = 0.05
+    robot_id: str = "bench-robot"
+
+    def __post_init__(self) -> None:
+        for name in ("images_per_domain", "answers", "parity_answers", "swap_answers", "swap_every", "uts_answers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EdgeBenchConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.threads or min(self.threads) < 1:
+            raise ValueError(f"EdgeBenchConfig.threads must be positive thread counts, got {self.threads}")
+        if self.warmup < 0 or self.delta_scale <= 0:
+            raise ValueError("EdgeBenchConfig.warmup must be >= 0 and delta_scale > 0")
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None}
+    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
+
+
+def _rss_mb(peak: bool) -> float:
+    if peak:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# ------------------------------------------------------------------------------------------ the worker
+def _worker(spec: dict) -> dict:
+    """One backend at one thread count, in its own process (see the module docstring)."""
+    import torch
+
+    from cdcca import wire
+    from cdcca.data.digits_shift import load_domain
+    from cdcca.edge.adapter_slot import APPLIED
+    from cdcca.envelope import TrustStore
+
+    torch.set_num_threads(spec["threads"])
+    baseline_mb = _rss_mb(peak=False)  # interpreter, torch, numpy, cdcca: the same in both workers
+    config = EdgeBenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
+    trust = TrustStore()
+    trust.add("bench", spec["public_key"])
+    messages = [wire.decode(wire.WEIGHT_DELTA, Path(p).read_bytes()) for p in spec["messages"]]
+    samples = [s for d in config.domains for s in load_domain(d, "test", limit=config.images_per_domain)]
+    inputs = [(s.load_image(), s.prompt) for s in samples]
+    started = time.perf_counter()
+    if spec["backend"] == "torch":
+        from cdcca.edge.adapter_slot import AdapterSlot
+        from cdcca.edge.backend import TorchBackend
+        from cdcca.models.checkpoint import load_mllm
+        from cdcca.models.trainable import add_lora
+
+        backend = TorchBackend(AdapterSlot(add_lora(load_mllm(spec["student"])), config.robot_id, trust))
+        counters = backend.slot.counters
+    else:
+        from cdcca.edge.onnx_backend import OnnxBackend
+
+        backend = OnnxBackend(spec["export"], config.robot_id, trust, threads=spec["threads"])
+        counters = backend.counters
+    load_s = time.perf_counter() - started
+    loaded_mb = _rss_mb(peak=False)
+
+    def answer(i: int):
+        image, prompt = inputs[i % len(inputs)]
+        return backend.answer([image], [prompt])
+
+    for i in range(config.warmup):
+        answer(i)
+    latencies = []
+    for i in range(config.answers):
+        began = time.perf_counter()
+        answer(i)
+        latencies.append(1000 * (time.perf_counter() - began))
+    parity_before = [answer(i).texts[0] for i in range(config.parity_answers)]
+    began = time.perf_counter()
+    keyframe_state = backend.receive(messages[0]).state
+    idle_receive_ms = 1000 * (time.perf_counter() - began)
+    idle_activate_us = counters.last_swap_us
+    parity_after = [answer(i).texts[0] for i in range(config.parity_answers)]
+    swap = _hot_swap(backend, counters, messages[1:], answer, config, APPLIED)
+    result = {
+        "backend": spec["backend"], "threads": spec["threads"], "load_s": load_s,
+        "latency_ms": {**_percentiles(latencies), "mean": float(np.mean(latencies))},
+        "keyframe_applied": keyframe_state == APPLIED, "idle_receive_ms": idle_receive_ms,
+        "idle_activate_us": idle_activate_us, "hot_swap": swap,
+        "parity_before": parity_before, "parity_after": parity_after,
+    }  # fmt: skip
+    if spec["backend"] == "torch":
+        result["uts"] = _uts_overhead(backend, samples, config)
+    result["memory_mb"] = {"baseline": baseline_mb, "after_load": loaded_mb, "peak": _rss_mb(peak=True)}
+    return result
+
+
+def _hot_swap(backend, counters, messages: list, answer, config: EdgeBenchConfig, applied_state: int) -> dict:
+    """Answers in this thread while a subscriber thread applies a delta every ``swap_every`` answers."""
+    arrivals = threading.Semaphore(0)  # one release per delta "arriving"; none is lost if they bunch up
+    states, receive_ms, activate_us = [], [], []
+
+    def deliver() -> None:  # the robot's subscriber thread: applies each delta as it arrives
+        for msg in messages:
+            if not arrivals.acquire(timeout=60.0):
+                return
+            states.append(backend.receive(msg).state)
+            receive_ms.append(counters.last_apply_ms)
+            activate_us.append(counters.last_swap_us)
+
+    thread = threading.Thread(target=deliver, daemon=True)
+    thread.start()
+    failures, latencies, versions = 0, [], set()
+    for i in range(config.swap_answers):
+        began = time.perf_counter()
+        try:
+            result = answer(i)
+            versions.add(result.adapter_version)
+            failures += int(not result.texts[0])  # an empty answer counts as failed too
+        except Exception:  # noqa: BLE001 - counted: the benchmark's point is that this stays 0
+            failures += 1
+        latencies.append(1000 * (time.perf_counter() - began))
+        if (i + 1) % config.swap_every == 0 and (i + 1) // config.swap_every <= len(messages):
+            arrivals.release()
+    thread.join(timeout=60)
+    return {"answers": config.swap_answers, "deltas_sent": len(messages),
+            "deltas_applied": sum(s == applied_state for s in states), "failed_answers": failures,
+            "versions_answered": len(versions), "latency_ms": _percentiles(latencies),
+            "receive_ms": _percentiles(receive_ms), "activate_us": _percentiles(activate_us)}  # fmt: skip
+
+
+def _uts_overhead(backend, samples, config: EdgeBenchConfig) -> dict:
+    """UTS (both stages) per answer on the torch student: scoring time vs answering time."""
+    from cdcca.uts import UncertaintyTokenSampler
+
+    sampler = UncertaintyTokenSampler(backend.student)
+    answer_s, scoring_s, kept = [], [], 0
+    for i in range(config.uts_answers):
+        scores = sampler.score([samples[i % len(samples)]])
+        answer_s.append(scores.answer_seconds)
+        scoring_s.append(scores.scoring_seconds)
+        kept += int(scores.keep_sample.sum())
+    return {"answers": config.uts_answers, "kept_samples": kept,
+            "answer_ms_mean": 1000 * float(np.mean(answer_s)), "scoring_ms_mean": 1000 * float(np.mean(scoring_s)),
+            "scoring_over_answer": float(np.sum(scoring_s) / np.sum(answer_s))}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ the parent
+def _prepare(checkpoints: Path, config: EdgeBenchConfig, work: Path) -> dict:
+    """Export the student and build the signed deltas (written as CDR) every worker replays."""
+    import torch
+
+    from cdcca import wire
+    from cdcca.edge.onnx_export import export_onnx
+    from cdcca.envelope import Signer, VersionChain, generate_key
+    from cdcca.models.checkpoint import load_mllm
+    from cdcca.models.trainable import add_lora
+
+    student = add_lora(load_mllm(checkpoints / "student"))
+    started = time.perf_counter()
+    export = export_onnx(student, work / "student_onnx")
+    export_s = time.perf_counter() - started
+    private, public = generate_key(work / "keys", "bench")
+    signer, base = Signer.load(private), export.base()
+    generator = torch.Generator().manual_seed(0)
+    target = {k: v + config.delta_scale * torch.randn(v.shape, generator=generator) for k, v in base.items()}
+    chain = VersionChain(config.robot_id, base)
+    paths = []
+    for version in range(1, 2 + config.swap_answers // config.swap_every):
+        msg = chain.make_delta(target if version % 2 else base, "fp16", signer)
+        chain.record_applied(version)  # built ahead, applied in order: each is incremental on the previous
+        paths.append(work / f"delta_{version:04d}.cdr")
+        paths[-1].write_bytes(wire.encode(msg))
+    sizes = {g: (export.directory / info["file"]).stat().st_size for g, info in export.manifest["graphs"].items()}
+    return {"student": str(checkpoints / "student"), "export": str(export.directory),
+            "messages": [str(p) for p in paths], "public_key": public.read_text(), "export_s": export_s,
+            "graph_bytes": sizes, "trainable_params": int(sum(t.numel() for t in base.values()))}  # fmt: skip
+
+
+def _run_worker(spec: dict, work: Path) -> dict:
+    spec_path, out_path = work / f"{spec['backend']}_{spec['threads']}.spec.json", work / "worker_out.json"
+    spec_path.write_text(json.dumps(spec))
+    out_path.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    proc = subprocess.run([sys.executable, "-m", "cdcca.benchmarks.edge", str(spec_path), str(out_path)], env=env,
+                          capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)  # fmt: skip
+    if proc.returncode != 0 or not out_path.is_file():
+        raise RuntimeError(f"edge bench worker {spec['backend']}/{spec['threads']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(out_path.read_text())
+
+
+def run_edge_bench(checkpoints: Path, config: EdgeBenchConfig, progress: bool = True) -> dict:
+    """The whole benchmark on the student in ``checkpoints``; returns the JSON report."""
+    from cdcca.report import progress_bar
+
+    checkpoints = Path(checkpoints)
+    with tempfile.TemporaryDirectory(prefix="cdcca-bench-edge-") as tmp:
+        work = Path(tmp)
+        prepared = _prepare(checkpoints, config, work)
+        jobs = [(b, n) for n in config.threads for b in ("torch", "onnxruntime")]
+        results = {}
+        for backend, threads in progress_bar(jobs, desc="edge bench workers", disable=not progress):
+            spec = {"backend": backend, "threads": threads, "config": asdict(config),
+                    **{k: prepared[k] for k in ("student", "export", "messages", "public_key")}}  # fmt: skip
+            results[backend, threads] = _run_worker(spec, work)
+    rows, ratios, parity = [], {}, {}
+    for (backend, threads), r in results.items():
+        swap = r["hot_swap"]
+        rows.append({
+            "backend": backend, "threads": threads, "p50_ms": r["latency_ms"]["p50"], "p99_ms": r["latency_ms"]["p99"],
+            "swap_p50_ms": swap["latency_ms"]["p50"], "swap_p99_ms": swap["latency_ms"]["p99"],
+            "receive_ms": swap["receive_ms"]["p50"], "receive_p99_ms": swap["receive_ms"]["p99"],
+            "idle_receive_ms": r["idle_receive_ms"], "activate_us": swap["activate_us"]["p50"],
+            "failed": swap["failed_answers"], "applied": f"{swap['deltas_applied']}/{swap['deltas_sent']}",
+            "peak_rss_mb": r["memory_mb"]["peak"], "model_rss_mb": r["memory_mb"]["peak"] - r["memory_mb"]["baseline"],
+        })  # fmt: skip
+    for threads in config.threads:
+        t, o = results["torch", threads], results["onnxruntime", threads]
+        ratios[threads] = o["latency_ms"]["p50"] / t["latency_ms"]["p50"]
+        parity[threads] = {
+            when: float(np.mean([a == b for a, b in zip(t[f"parity_{when}"], o[f"parity_{when}"])]))
+            for when in ("before", "after")
+        }
+    ort_rows = [r for r in rows if r["backend"] == "onnxruntime"]
+    torch_rows = [r for r in rows if r["backend"] == "torch"]
+    uts, ort_first = results["torch", config.threads[0]]["uts"], results["onnxruntime", config.threads[0]]
+    summary = {
+        "ort_over_torch_p50": max(ratios.values()),  # the worst thread count
+        "ort_over_torch_p50_by_threads": {str(k): v for k, v in ratios.items()},
+        "ort_swap_ms": max(r["receive_ms"] for r in ort_rows),
+        "torch_swap_ms": max(r["receive_ms"] for r in torch_rows),
+        "failed_answers": sum(r["failed"] for r in rows),
+        "parity_min": min(min(p.values()) for p in parity.values()),
+        "uts_scoring_over_torch_answer": uts["scoring_over_answer"],
+        "uts_scoring_over_ort_answer": uts["scoring_ms_mean"] / ort_first["latency_ms"]["p50"],
+        "targets_met": {"ort_p50_at_most_half_torch": max(ratios.values()) <= 0.5,
+                        "ort_swap_at_most_20ms": max(r["receive_ms"] for r in ort_rows) <= 20.0},
+    }  # fmt: skip
+    for result in results.values():
+        result.pop("parity_before"), result.pop("parity_after")
+    run = {**asdict(config), "checkpoints": str(checkpoints), "cpu_count": os.cpu_count(),
+           "load_average_at_end": list(os.getloadavg()), "export_s": prepared["export_s"],
+           "graph_bytes": prepared["graph_bytes"], "trainable_params": prepared["trainable_params"]}  # fmt: skip
+    return {"config": run, "rows": rows, "parity": {str(k): v for k, v in parity.items()}, "uts": uts,
+            "workers": [{**r} for r in results.values()], "summary": summary}  # fmt: skip
+
+
+COLUMNS = ["backend", "threads", "p50_ms", "p99_ms", "swap_p99_ms", "receive_ms", "idle_receive_ms", "activate_us",
+           "failed", "applied", "peak_rss_mb", "model_rss_mb"]  # fmt: skip
+
+
+def plot_edge(report: dict, path) -> Path:
+    """Answer latency (p50 bars, p99 ticks), swap latency and peak memory per backend and thread count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    labels = [f"{'ORT' if r['backend'] == 'onnxruntime' else 'torch'}\n{r['threads']} thr" for r in rows]
+    colours = ["tab:orange" if r["backend"] == "onnxruntime" else "tab:blue" for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    panels = [("p50_ms", "answer latency, ms (p50; dot: p99)"), ("receive_ms", "delta receive -> active, ms (p50)"),
+              ("peak_rss_mb", "peak RSS, MiB (whole process)")]  # fmt: skip
+    for ax, (key, title) in zip(axes, panels):
+        bars = ax.bar(labels, [r[key] for r in rows], color=colours)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    axes[0].plot(labels, [r["p99_ms"] for r in rows], "k.", label="p99")
+    summary = report["summary"]
+    fig.suptitle(f"edge student: ORT/torch p50 = {summary['ort_over_torch_p50']:.2f}, "
+                 f"failed answers during swaps = {summary['failed_answers']}", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def cli_bench_edge(args, config: EdgeBenchConfig | None = None) -> dict:
+    """``cdcca bench edge``: ``args`` has ``preset``, ``checkpoints``, ``json``, ``plot``, ``threads``;
+    ``config`` (default: the committed run's settings) sizes the run; ``args.threads`` overrides its threads."""
+    from cdcca.paths import checkpoint_dir
+    from cdcca.report import format_table
+
+    checkpoints = Path(args.checkpoints) if args.checkpoints else checkpoint_dir(args.preset)
+    config = config or EdgeBenchConfig()
+    if args.threads:
+        config = EdgeBenchConfig(**{**asdict(config), "threads": (args.threads,)})
+    report = run_edge_bench(checkpoints, config)
+    print(format_table(report["rows"], COLUMNS, title=f"edge backends, preset {args.preset}"))
+    for key, value in report["summary"].items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    plot = args.plot or (Path(args.json).with_suffix(".png") if args.json else None)
+    if plot is not None:
+        print(f"plot: {plot_edge(report, plot)}")
+    return report
+
+
+if __name__ == "__main__":  # a worker: python -m cdcca.benchmarks.edge SPEC.json OUT.json
+    _spec, _out = Path(sys.argv[1]), Path(sys.argv[2])
+    _out.write_text(json.dumps(_worker(json.loads(_spec.read_text()))))
