@@ -109,12 +109,14 @@ def _worker(spec: dict) -> dict:
         from cdcca.models.checkpoint import load_mllm
         from cdcca.models.trainable import add_lora
 
-        backend = TorchBackend(AdapterSlot(add_lora(load_mllm(spec["student"])), config.robot_id, trust))
+        backend = TorchBackend(AdapterSlot(add_lora(load_mllm(spec["student"])), config.robot_id, trust,
+                                           state_dir=spec["state_dir"]))  # fmt: skip
         counters = backend.slot.counters
     else:
         from cdcca.edge.onnx_backend import OnnxBackend
 
-        backend = OnnxBackend(spec["export"], config.robot_id, trust, threads=spec["threads"])
+        backend = OnnxBackend(spec["export"], config.robot_id, trust, state_dir=spec["state_dir"],
+                              threads=spec["threads"])  # fmt: skip
         counters = backend.counters
     load_s = time.perf_counter() - started
     loaded_mb = _rss_mb(peak=False)
@@ -257,6 +259,7 @@ def run_edge_bench(checkpoints: Path, config: EdgeBenchConfig, progress: bool = 
         results = {}
         for backend, threads in progress_bar(jobs, desc="edge bench workers", disable=not progress):
             spec = {"backend": backend, "threads": threads, "config": asdict(config),
+                    "state_dir": str(work / f"state_{backend}_{threads}"),  # swaps persist, as on the robot
                     **{k: prepared[k] for k in ("student", "export", "messages", "public_key")}}  # fmt: skip
             results[backend, threads] = _run_worker(spec, work)
     rows, ratios, parity = [], {}, {}
@@ -316,13 +319,20 @@ def plot_edge(report: dict, path) -> Path:
     labels = [f"{'ORT' if r['backend'] == 'onnxruntime' else 'torch'}\n{r['threads']} thr" for r in rows]
     colours = ["tab:orange" if r["backend"] == "onnxruntime" else "tab:blue" for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
-    panels = [("p50_ms", "answer latency, ms (p50; dot: p99)"), ("receive_ms", "delta receive -> active, ms (p50)"),
-              ("peak_rss_mb", "peak RSS, MiB (whole process)")]  # fmt: skip
-    for ax, (key, title) in zip(axes, panels):
+    panels = [("p50_ms", "answer latency, ms (p50; dot: p99)"),
+              ("receive_ms", "delta received -> active, ms (p50, under load)"),
+              ("peak_rss_mb", "peak RSS, MiB (colour: the backend's own)")]  # fmt: skip
+    for ax, (key, title) in zip(axes[:2], panels):
         bars = ax.bar(labels, [r[key] for r in rows], color=colours)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.set_title(title, fontsize=9)
     axes[0].plot(labels, [r["p99_ms"] for r in rows], "k.", label="p99")
+    shared = [r["peak_rss_mb"] - r["model_rss_mb"] for r in rows]
+    axes[2].bar(labels, shared, color="lightgray", label="python + torch + cdcca (both)")
+    bars = axes[2].bar(labels, [r["model_rss_mb"] for r in rows], bottom=shared, color=colours)
+    axes[2].bar_label(bars, labels=[f"+{r['model_rss_mb']:.0f}" for r in rows], fontsize=8)
+    axes[2].set_title(panels[2][1], fontsize=9)
+    axes[2].legend(loc="lower center", fontsize=7)
     summary = report["summary"]
     fig.suptitle(f"edge student: ORT/torch p50 = {summary['ort_over_torch_p50']:.2f}, "
                  f"failed answers during swaps = {summary['failed_answers']}", fontsize=10)  # fmt: skip
