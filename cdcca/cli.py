@@ -15,10 +15,14 @@ VERBS = {
     "pretrain": "train the embedded teacher and student on digits-shift (resumable; cached)",
     "eval": "score checkpoints per domain and task: VQA, MC, BLEU-4, CIDEr-D",
     "info": "parameter counts and the trainable set (LoRA, queries, norms, biases) of a preset",
-    "demo": "the main job on the embedded default: pretrain, then source vs target evaluation",
+    "demo": "the main job: cloud trainer and a robot as two processes on loopback, adapting round by round",
+    "edge": "run a robot: frames from a bag, folder or RealSense through the student, UTS uplink, hot-swaps",
+    "cloud": "run the cloud trainer: durable buffer, teacher + AKD rounds per robot, signed DWC deltas",
+    "export": "export the student for the edge: `export --backend onnx` (ONNX Runtime, LoRA adapters)",
     "make-bag": "write the digits-shift stream as a rosbag2 (camera, prompts, ground truth) for replay",
     "keys": "Ed25519 signing keys for weight deltas: `keys generate`, `keys trust`, `keys list`",
-    "bench": "benchmarks: `bench uplink` (UTS), `bench downlink` (DWC, hot-swap), `bench adapt` (Tables 1-4)",
+    "bench": "benchmarks: `bench uplink` (UTS), `bench downlink` (DWC, hot-swap), `bench adapt` (Tables 1-4), "
+    "`bench edge` (torch vs ONNX Runtime)",
 }
 
 
@@ -60,6 +64,54 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart of accuracy per domain")
 
 
+def _add_link_args(parser: argparse.ArgumentParser) -> None:
+    from cdcca.transport import DEFAULT_ENDPOINT
+
+    parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT,
+                        help=f"loopback/peer endpoint of the cloud (default {DEFAULT_ENDPOINT})")  # fmt: skip
+    parser.add_argument("--link", type=Path, default=None,
+                        help="JSON link configuration (mode, listen, connect, TLS files, user/password)")  # fmt: skip
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="tiny", help="preset whose pretrained checkpoints are used")
+    parser.add_argument("--checkpoints", type=Path, default=None, help="directory holding teacher/ and student/")
+
+
+def _add_edge_args(parser: argparse.ArgumentParser) -> None:
+    _add_model_args(parser)
+    _add_link_args(parser)
+    parser.add_argument("--robot-id", default="r1")
+    parser.add_argument("--source", required=True, help="bag:PATH, dir:PATH, realsense or realsense:FILE")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="prompt asked about every frame of a folder or camera (repeatable)")  # fmt: skip
+    parser.add_argument("--state", type=Path, default=None, help="uplink queue + adapter state (default: cache)")
+    parser.add_argument("--trust", type=Path, default=None, help="trust store of signing keys (default: cache)")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=0.0, help="queries per second at most (0: unpaced)")
+    parser.add_argument("--linger", type=float, default=-1.0,
+                        help="seconds to keep serving after the source ends (default: until Ctrl-C)")  # fmt: skip
+    parser.add_argument("--queue-capacity", type=int, default=1024)
+
+
+def _add_cloud_args(parser: argparse.ArgumentParser) -> None:
+    from cdcca.akd import AKDConfig
+    from cloud_trainer.service import CloudConfig
+
+    akd, cloud = AKDConfig.__dataclass_fields__, CloudConfig.__dataclass_fields__
+    _add_model_args(parser)
+    _add_link_args(parser)
+    parser.add_argument("--state", type=Path, default=None, help="SQLite store and round log (default: cache)")
+    parser.add_argument("--key", type=Path, default=None, help="Ed25519 signing key (default: cache/keys/cloud-1.key)")
+    parser.add_argument("--round-size", type=int, default=cloud["round_size"].default)
+    parser.add_argument("--max-round-samples", type=int, default=cloud["max_round_samples"].default)
+    parser.add_argument("--codec", default=cloud["codec"].default)
+    parser.add_argument("--steps", type=int, default=akd["steps"].default, help="AKD optimizer steps per round")
+    parser.add_argument("--lr", type=float, default=akd["lr"].default)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cdcca",
@@ -74,11 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         if verb in ("pretrain", "demo"):
             _add_pretrain_args(p)
+        if verb == "edge":
+            _add_edge_args(p)
+        if verb == "cloud":
+            _add_cloud_args(p)
+        if verb == "export":
+            _add_model_args(p)
+            p.add_argument("--backend", default="onnx", choices=["onnx"])
+            p.add_argument("--out", type=Path, default=None, help="output directory (default: beside the checkpoints)")
         if verb == "eval":
             _add_eval_args(p)
         if verb == "demo":
-            p.add_argument("--limit", type=int, default=None, help="test images per domain (default: all)")
-            p.add_argument("--plot", type=Path, default=None, help="PNG bar chart (default: beside the JSON)")
+            from cdcca.demo import DemoConfig
+
+            demo = DemoConfig.__dataclass_fields__
+            p.add_argument("--rounds", type=int, default=demo["rounds"].default, help="adaptation rounds to wait for")
+            p.add_argument("--stream-images", type=int, default=demo["stream_images"].default,
+                           help="stream images per target domain replayed through the robot")  # fmt: skip
+            p.add_argument("--test-images", type=int, default=demo["test_images"].default,
+                           help="held-out test images per target domain")  # fmt: skip
+            p.add_argument("--workdir", type=Path, default=None, help="state of the run (default: cache/demo)")
+            p.add_argument("--port", type=int, default=demo["port"].default, help="loopback port of the cloud")
+            p.add_argument("--plot", type=Path, default=None, help="PNG (default: beside the JSON)")
         if verb == "info":
             p.add_argument("--preset", default="tiny")
         if verb == "make-bag":
@@ -97,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--store", type=Path, default=None,
                            help="trust store folder (default: cache/trust)")  # fmt: skip
         if verb == "bench":
-            p.add_argument("which", choices=["uplink", "downlink", "adapt"], help="which benchmark")
+            p.add_argument("which", choices=["uplink", "downlink", "adapt", "edge"], help="which benchmark")
             p.add_argument("--preset", default="tiny", help="preset whose pretrained student is measured")
             p.add_argument("--checkpoints", type=Path, default=None, help="directory holding student/")
             p.add_argument("--images-per-domain", type=int, default=80, help="uplink: stream images per domain")
@@ -210,18 +279,106 @@ def cmd_info(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
-    from cdcca.data.digits_shift import DOMAINS
-    from cdcca.data.sample import TASKS
+    from cdcca.demo import DemoConfig, run_demo
     from cdcca.paths import cache_dir, checkpoint_dir
 
-    pretrain_report = cmd_pretrain(args)
-    out = args.out or checkpoint_dir(args.preset)
+    pretrain_report = cmd_pretrain(args)  # a no-op when the checkpoints are already there
     json_path = args.json or cache_dir() / "reports" / f"demo_{args.preset}.json"
-    plot = args.plot or json_path.with_suffix(".png")
-    models = {"teacher": out / "teacher", "student": out / "student"}
-    eval_report = run_eval(models, list(DOMAINS), list(TASKS), "test", args.limit, 128, plot)
+    config = DemoConfig(checkpoints=args.out or checkpoint_dir(args.preset), rounds=args.rounds,
+                        stream_images=args.stream_images, test_images=args.test_images,
+                        workdir=args.workdir or cache_dir() / "demo", port=args.port,
+                        threads=args.threads or 2)  # fmt: skip
+    report = run_demo(config)
     args.json = json_path
-    return {"pretrain": pretrain_report, "eval": eval_report}
+    plot = args.plot or json_path.with_suffix(".png")
+    from cdcca.demo import plot_demo
+
+    plot_demo(report, plot)
+    print(f"plot: {plot}")
+    return {"pretrain": pretrain_report, **report}
+
+
+def _link_config(args, listen: bool):
+    from cdcca.transport import LinkConfig
+
+    return LinkConfig.from_file(args.link) if args.link else LinkConfig.loopback(listen, args.endpoint)
+
+
+def _setup_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+def cmd_edge(args) -> dict:
+    import threading
+
+    from cdcca.edge.app import ReplaySettings, build_runtime, replay, stop_on_signals
+    from cdcca.edge.runtime import EdgeConfig
+    from cdcca.edge.sources import DEFAULT_PROMPTS
+    from cdcca.paths import cache_dir, checkpoint_dir
+    from cdcca.transport import Link
+
+    _setup_logging()
+    if args.backend != "torch":
+        raise ValueError("`cdcca edge --backend onnx` is not wired yet; use the torch backend")
+    config = EdgeConfig(robot_id=args.robot_id, state_dir=args.state or cache_dir() / "edge" / args.robot_id,
+                        queue_capacity=args.queue_capacity)  # fmt: skip
+    stop = threading.Event()
+    stop_on_signals(stop)
+    link = Link(_link_config(args, listen=False))
+    checkpoints, trust = args.checkpoints or checkpoint_dir(args.preset), args.trust or cache_dir() / "trust"
+    runtime = build_runtime(checkpoints, config, trust, link)
+    try:
+        settings = ReplaySettings(args.source, tuple(args.prompt or DEFAULT_PROMPTS), args.batch_size, args.rate,
+                                  args.linger)  # fmt: skip
+        report = replay(runtime, settings, stop)
+    finally:
+        runtime.close()
+        link.close()
+    print(format_stats(report, f"robot {args.robot_id}"))
+    return report
+
+
+def cmd_cloud(args) -> dict:
+    import threading
+
+    from cdcca.akd import AKDConfig
+    from cdcca.edge.app import stop_on_signals
+    from cdcca.paths import cache_dir, checkpoint_dir
+    from cdcca.transport import Link
+    from cloud_trainer.app import build_trainer, serve
+    from cloud_trainer.service import CloudConfig
+
+    _setup_logging()
+    config = CloudConfig(state_dir=args.state or cache_dir() / "cloud", round_size=args.round_size,
+                         max_round_samples=args.max_round_samples, codec=args.codec,
+                         akd=AKDConfig(steps=args.steps, lr=args.lr, seed=args.seed))  # fmt: skip
+    stop = threading.Event()
+    stop_on_signals(stop)
+    link = Link(_link_config(args, listen=True))
+    trainer = build_trainer(args.checkpoints or checkpoint_dir(args.preset),
+                            args.key or cache_dir() / "keys" / "cloud-1.key", config, link)  # fmt: skip
+    try:
+        report = serve(trainer, stop)
+    finally:
+        trainer.close()
+        link.close()
+    print(format_stats(report, "cloud trainer"))
+    return report
+
+
+def format_stats(report: dict, title: str) -> str:
+    from cdcca.report import format_table
+
+    rows = [{"counter": k, "value": v} for k, v in report.items()]
+    return format_table(rows, ["counter", "value"], title=title)
+
+
+def cmd_export(args) -> dict:
+    from cdcca.edge.onnx_export import cli_export
+
+    return cli_export(args)
 
 
 def cmd_make_bag(args) -> dict:
@@ -285,6 +442,10 @@ def cmd_bench(args) -> dict:
     from cdcca.paths import checkpoint_dir
     from cdcca.report import format_table
 
+    if args.which == "edge":
+        from cdcca.benchmarks.edge import cli_bench_edge
+
+        return cli_bench_edge(args)
     checkpoints = args.checkpoints or checkpoint_dir(args.preset)
     student = load_mllm(checkpoints / "student")
     plot = args.plot or (args.json.with_suffix(".png") if args.json else None)
@@ -336,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
         "bench": cmd_bench,
         "make-bag": cmd_make_bag,
         "keys": cmd_keys,
+        "edge": cmd_edge,
+        "cloud": cmd_cloud,
+        "export": cmd_export,
     }[args.verb]
     try:
         report = handler(args)

@@ -238,3 +238,16 @@ class VersionChain:
         self.published[version] = apply_delta(base_params, codec.decode(payload, reference))
         self.latest = version
         return msg
+
+    def keyframe(self, codec_name: str, signer: Signer, stamp_ns: int = 0):
+        """The latest published version again, as a keyframe against the original base: what a robot that
+        fell behind (missed a delta, or holds a version the cloud no longer keeps) can always apply."""
+        from cdcca.dwc import compute_delta, get_codec
+
+        if self.latest == 0:
+            raise ValueError(f"robot {self.robot_id}: nothing published yet")
+        delta = compute_delta(self.published[self.latest], self.base)
+        payload = get_codec(codec_name).encode(delta)
+        return seal(payload, robot_id=self.robot_id, version=self.latest, base_version=0, keyframe=True,
+                    codec=codec_name, num_params=sum(t.numel() for t in delta.values()), signer=signer,
+                    stamp_ns=stamp_ns)  # fmt: skip

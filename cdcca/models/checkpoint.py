@@ -137,3 +137,14 @@ def _image_spec_from_processor(directory: Path, blip2: Blip2ForConditionalGenera
         mean=tuple(processor.get("image_mean", (0.5, 0.5, 0.5))),
         std=tuple(processor.get("image_std", (0.5, 0.5, 0.5))),
     )
+
+
+def load_adaptable_student(checkpoints: str | Path) -> MLLM:
+    """The robots' student from ``checkpoints/student`` with LoRA injected: version 0 of every adapter chain.
+
+    Cloud and robot both build it with this function, so they start from the same θ_base (the seeded LoRA
+    initialisation of :class:`~cdcca.models.trainable.LoraSettings`).
+    """
+    from cdcca.models.trainable import add_lora
+
+    return add_lora(load_mllm(Path(checkpoints) / "student"))

@@ -21,9 +21,10 @@ from rosbags.typesys.base import Nodetype
 
 from cdcca.errors import CdccaError
 
-OUR_MESSAGES = ("UtsTokens", "WeightDelta", "AdapterStatus", "Answer")
+OUR_MESSAGES = ("UtsTokens", "UtsAck", "WeightDelta", "AdapterStatus", "Answer")
 OUR_SERVICES = ("Ask",)
 UTS_TOKENS = "cdcca_msgs/msg/UtsTokens"
+UTS_ACK = "cdcca_msgs/msg/UtsAck"
 WEIGHT_DELTA = "cdcca_msgs/msg/WeightDelta"
 ADAPTER_STATUS = "cdcca_msgs/msg/AdapterStatus"
 ANSWER = "cdcca_msgs/msg/Answer"
@@ -32,7 +33,7 @@ ASK_RESPONSE = "cdcca_msgs/srv/Ask_Response"
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 STRING = "std_msgs/msg/String"
-SUPPORTED_TYPES = (UTS_TOKENS, WEIGHT_DELTA, ADAPTER_STATUS, ANSWER, ASK_REQUEST, ASK_RESPONSE, IMAGE,
+SUPPORTED_TYPES = (UTS_TOKENS, UTS_ACK, WEIGHT_DELTA, ADAPTER_STATUS, ANSWER, ASK_REQUEST, ASK_RESPONSE, IMAGE,
                    COMPRESSED_IMAGE, STRING)  # fmt: skip
 
 _NUMPY = {

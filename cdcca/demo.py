@@ -1,0 +1,329 @@
+"""``cdcca demo``: the whole loop as a user runs it -- a cloud trainer and a robot, two processes on loopback.
+
+1. Keys: a fresh Ed25519 signing key for the cloud, its public half in the robot's trust store.
+2. A rosbag2 of the digits-shift target stream (``cdcca make-bag``), replayed through ``cdcca edge`` at a
+   camera-like rate. The robot answers every prompt, runs UTS and uploads the uncertain samples.
+3. ``cdcca cloud`` stores them, runs a teacher + AKD round per ``round_size`` samples, and publishes signed
+   DWC deltas, which the robot verifies and hot-swaps while it keeps answering.
+4. This process watches the link like any other peer: it counts uplink bytes (against the raw frames of
+   every query answered in the round, what a cloud-only system would upload) and downlink bytes (against
+   the full fp32 student), applies every
+   delta it sees to a mirror of the robot's student (the same verification, the same θ_base + Δ) and scores
+   the mirror on held-out target samples after each round; the robot's own ``AdapterStatus`` confirms it
+   runs the same version, and the time from the round's first uploaded sample to that status is the
+   update latency.
+
+Any child process dying is an error with the tail of its log; Ctrl-C stops both children cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cdcca import wire
+from cdcca.bag import image_to_msg, make_stream_bag
+from cdcca.data.digits_shift import load_domain
+from cdcca.edge.adapter_slot import AdapterSlot
+from cdcca.envelope import TrustStore, generate_key, trust_key
+from cdcca.errors import CdccaError
+from cdcca.evaluate import evaluate
+from cdcca.models.checkpoint import load_adaptable_student, load_mllm
+from cdcca.report import format_table, progress_bar
+from cdcca.transport import Link, LinkConfig
+
+log = logging.getLogger(__name__)
+DEMO_DOMAINS = ("colour_inverted", "printed", "noisy_rotated")
+
+
+class DemoError(CdccaError, RuntimeError):
+    """A process of the demo died or the loop did not finish in time."""
+
+
+@dataclass
+class DemoConfig:
+    """Settings of the demo.
+
+    Args:
+        checkpoints: directory holding ``teacher/`` and ``student/``.
+        workdir: state of the run (recreated each time).
+        robot_id: the robot's name.
+        rounds: adaptation rounds to wait for.
+        domains: target domains streamed one after the other.
+        stream_images: stream images per domain in the bag (one prompt per task each).
+        test_images: held-out test images per domain the accuracy is measured on.
+        round_size: uploaded samples that start a cloud round.
+        steps: AKD optimizer steps per round.
+        rate_hz: queries per second the robot answers (the bag is paced like a camera).
+        codec: DWC codec of the deltas.
+        port: loopback TCP port the cloud listens on.
+        threads: CPU threads in all; each process gets its share.
+        timeout_s: give up when the rounds have not arrived by then.
+    """
+
+    checkpoints: Path
+    workdir: Path
+    robot_id: str = "r1"
+    rounds: int = 3
+    domains: tuple[str, ...] = field(default=DEMO_DOMAINS)
+    stream_images: int = 100
+    test_images: int = 100
+    round_size: int = 64
+    steps: int = 30
+    rate_hz: float = 40.0
+    codec: str = "nf4-zstd"
+    port: int = 7447
+    threads: int = 2
+    timeout_s: float = 480.0
+
+
+class _Child:
+    """A ``cdcca`` verb in its own process, its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name, self.log_path = name, log_path
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "cdcca.cli", *argv], stdout=self._log,
+                                        stderr=subprocess.STDOUT)  # fmt: skip
+        self.stopping = False
+
+    def check(self) -> None:
+        code = self.process.poll()
+        if code is not None and not self.stopping:
+            raise DemoError(f"the {self.name} process exited with code {code}; last lines of {self.log_path}:\n"
+                            + self.tail())  # fmt: skip
+
+    def tail(self, lines: int = 15) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log_path.read_text(errors="replace"):
+            self.check()
+            if time.monotonic() > deadline:
+                raise DemoError(f"the {self.name} process did not report {text!r} within {timeout:.0f} s")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGINT (clean shutdown), then SIGKILL if it does not exit."""
+        self.stopping = True
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@dataclass
+class _Observed:
+    """What the demo saw on the link, with arrival times."""
+
+    uploads: list = field(default_factory=list)  # (time, sample_id, nbytes)
+    deltas: queue.Queue = field(default_factory=queue.Queue)  # (time, msg, nbytes)
+    statuses: list = field(default_factory=list)  # (time, version, state)
+    answers: list = field(default_factory=list)  # sample ids answered, in order
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def watch(self, link: Link, robot_id: str) -> None:
+        def upload(_, msg, nbytes):
+            with self.lock:
+                self.uploads.append((time.monotonic(), msg.sample_id, nbytes))
+
+        def status(_, msg, __):
+            with self.lock:
+                self.statuses.append((time.monotonic(), int(msg.version), int(msg.state)))
+
+        def answer(_, msg, __):
+            with self.lock:
+                self.answers.append(msg.sample_id)
+
+        link.subscribe(robot_id, "uts_tokens", upload)
+        link.subscribe(robot_id, "weight_delta", lambda _, msg, n: self.deltas.put((time.monotonic(), msg, n)))
+        link.subscribe(robot_id, "adapter_status", status)
+        link.subscribe(robot_id, "answer", answer)
+
+    def applied_at(self, version: int) -> float | None:
+        with self.lock:
+            return next((t for t, v, s in self.statuses if v == version and s == 0), None)
+
+
+def _accuracy(model, tests) -> float:
+    scores = evaluate(model, tests, progress=False)
+    return float(np.mean([s.accuracy for s in scores]))
+
+
+def run_demo(config: DemoConfig, progress: bool = True) -> dict:
+    """Run the loop until ``config.rounds`` updates are applied on the robot; returns the report."""
+    import torch
+
+    torch.set_num_threads(1)
+    work = Path(config.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    private, public = generate_key(work / "keys", "demo-cloud")
+    trust_key(public, work / "trust")
+    bag = work / "stream"
+    summary = make_stream_bag(bag, domains=config.domains, split="stream", limit=config.stream_images)
+    frames = {s.sample_id: s for s in _bag_samples(bag)}
+    tests = [s for d in config.domains for s in load_domain(d, "test", limit=config.test_images)]
+    endpoint = f"tcp/127.0.0.1:{config.port}"
+    share = str(max(1, config.threads // 2))
+    cloud = _Child("cloud", ["cloud", "--checkpoints", str(config.checkpoints), "--state", str(work / "cloud"),
+                             "--key", str(private), "--endpoint", endpoint, "--round-size", str(config.round_size),
+                             "--steps", str(config.steps), "--codec", config.codec, "--threads", share],
+                   work / "cloud.log")  # fmt: skip
+    edge = None
+    link = None
+    try:
+        teacher = load_mllm(Path(config.checkpoints) / "teacher")
+        mirror = load_adaptable_student(config.checkpoints)
+        slot = AdapterSlot(mirror, config.robot_id, TrustStore.load(work / "trust"))
+        teacher_acc = _accuracy(teacher, tests)
+        del teacher
+        before = _accuracy(mirror, tests)
+        full_bytes = 4 * sum(p.numel() for p in mirror.parameters())
+        cloud.wait_for("cloud trainer serving", timeout=120)
+        link = Link(LinkConfig.loopback(False, endpoint))
+        observed = _Observed()
+        observed.watch(link, config.robot_id)
+        edge = _Child("robot", ["edge", "--robot-id", config.robot_id, "--checkpoints", str(config.checkpoints),
+                                "--source", f"bag:{bag}", "--state", str(work / "edge"), "--trust", str(work / "trust"),
+                                "--endpoint", endpoint, "--rate", str(config.rate_hz), "--threads", share],
+                      work / "robot.log")  # fmt: skip
+        rows = []
+        seen_uploads = seen_answers = 0
+        deadline = time.monotonic() + config.timeout_s
+        bar = progress_bar(None, total=config.rounds, desc="adaptation rounds", disable=not progress)
+        while len(rows) < config.rounds:
+            for child in (cloud, edge):
+                child.check()
+            if time.monotonic() > deadline:
+                raise DemoError(f"only {len(rows)} of {config.rounds} rounds within {config.timeout_s:.0f} s; see "
+                                f"{cloud.log_path} and {edge.log_path}")  # fmt: skip
+            try:
+                arrived, msg, nbytes = observed.deltas.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            status = slot.receive(msg)
+            if status.state != 0:
+                raise DemoError(f"the mirror rejected v{msg.version}: {status.reason}")
+            with observed.lock:
+                window = observed.uploads[seen_uploads:]
+                answered = observed.answers[seen_answers:]
+                seen_uploads, seen_answers = len(observed.uploads), len(observed.answers)
+            start = window[0][0] if window else arrived  # first upload since the previous update
+            applied = _wait_applied(observed, int(msg.version), (cloud, edge))
+            after = _accuracy(mirror, tests)
+            uploaded = {sample_id for _, sample_id, _ in window}
+            rows.append({
+                "round": len(rows) + 1, "version": int(msg.version), "keyframe": bool(msg.keyframe),
+                "student_acc_before": before, "student_acc_after": after, "teacher_acc": teacher_acc,
+                "answers": len(answered), "uploaded_samples": len(uploaded),
+                "uplink_bytes": sum(n for _, _, n in window),
+                "raw_bytes": sum(_frame_bytes(frames[s]) for s in answered if s in frames),
+                "downlink_bytes": nbytes, "full_bytes": full_bytes, "update_latency_s": applied - start,
+            })  # fmt: skip
+            before = after
+            bar.update(1)
+        bar.close()
+        edge_code, cloud_code = edge.stop(), cloud.stop()
+        if edge_code != 0 or cloud_code != 0:
+            raise DemoError(f"unclean shutdown: robot exit {edge_code}, cloud exit {cloud_code}")
+    finally:
+        if link is not None:
+            link.close()
+        for child in (edge, cloud):
+            if child is not None:
+                child.stop()
+    report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+              "bag": {"path": str(summary.path), "queries": len(frames)}, "rounds": rows,
+              "answers_seen": len(observed.answers),
+              "summary": _summary(rows)}  # fmt: skip
+    print(_table(rows))
+    return report
+
+
+def _frame_bytes(sample) -> int:
+    """Bytes of the frame as a ``sensor_msgs/Image`` (what uploading the raw camera frame would cost)."""
+    return len(wire.encode(image_to_msg(sample.load_image())))
+
+
+def _bag_samples(bag: Path):
+    from cdcca.bag import read_samples
+
+    return read_samples(bag)
+
+
+def _wait_applied(observed: _Observed, version: int, children, timeout: float = 60.0) -> float:
+    deadline = time.monotonic() + timeout
+    while (applied := observed.applied_at(version)) is None:
+        for child in children:
+            child.check()
+        if time.monotonic() > deadline:
+            raise DemoError(f"the robot did not report v{version} applied within {timeout:.0f} s")
+        time.sleep(0.05)
+    return applied
+
+
+def _summary(rows: list[dict]) -> dict:
+    first, last = rows[0], rows[-1]
+    return {
+        "student_acc_start": first["student_acc_before"], "student_acc_end": last["student_acc_after"],
+        "teacher_acc": first["teacher_acc"],
+        "rises_every_round": all(r["student_acc_after"] > r["student_acc_before"] for r in rows),
+        "uplink_vs_raw": sum(r["uplink_bytes"] for r in rows) / max(1, sum(r["raw_bytes"] for r in rows)),
+        "downlink_vs_full": float(np.mean([r["downlink_bytes"] / r["full_bytes"] for r in rows])),
+        "mean_update_latency_s": float(np.mean([r["update_latency_s"] for r in rows])),
+    }  # fmt: skip
+
+
+def _table(rows: list[dict]) -> str:
+    columns = ["round", "version", "student_acc_before", "student_acc_after", "teacher_acc", "answers",
+               "uploaded_samples", "uplink_bytes", "raw_bytes", "downlink_bytes", "full_bytes",
+               "update_latency_s"]  # fmt: skip
+    return format_table(rows, columns, title="CD-CCA loop: robot + cloud on loopback, per adaptation round")
+
+
+def plot_demo(report: dict, path: str | Path) -> Path:
+    """Accuracy per round (student vs teacher) and bytes per round (uplink vs raw, downlink vs full)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rounds"]
+    rounds = [0] + [r["round"] for r in rows]
+    fig, (acc, size) = plt.subplots(1, 2, figsize=(11, 4))
+    acc.plot(rounds, [rows[0]["student_acc_before"]] + [r["student_acc_after"] for r in rows], "o-", label="student")
+    acc.axhline(rows[0]["teacher_acc"], color="grey", linestyle="--", label="teacher")
+    acc.set(xlabel="round", ylabel="held-out target accuracy (%)", title="student after each applied update")
+    acc.legend()
+    x = np.arange(len(rows))
+    bars = ((-0.3, "uplink_bytes", "uplink (UTS)"), (-0.1, "raw_bytes", "raw frames"),
+            (0.1, "downlink_bytes", "downlink (delta)"), (0.3, "full_bytes", "full student"))  # fmt: skip
+    for offset, key, label in bars:
+        size.bar(x + offset, [r[key] for r in rows], width=0.2, label=label)
+    size.set(yscale="log", xlabel="round", ylabel="bytes", title="link traffic per round")
+    size.set_xticks(x, [str(r["round"]) for r in rows])
+    size.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

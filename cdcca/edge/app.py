@@ -1,0 +1,76 @@
+"""``cdcca edge``: one robot as a process -- a source of frames and prompts through an :class:`EdgeRuntime`
+connected to the cloud over Zenoh."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cdcca.edge.adapter_slot import AdapterSlot
+from cdcca.edge.backend import TorchBackend
+from cdcca.edge.runtime import EdgeConfig, EdgeRuntime
+from cdcca.edge.sources import DEFAULT_PROMPTS, open_source
+from cdcca.envelope import TrustStore
+from cdcca.models.checkpoint import load_adaptable_student
+
+log = logging.getLogger(__name__)
+
+
+def build_runtime(checkpoints: Path, config: EdgeConfig, trust_dir: Path, link=None) -> EdgeRuntime:
+    """The robot's runtime with the torch backend (the adapter state persists under ``config.state_dir``)."""
+    student = load_adaptable_student(checkpoints)
+    slot = AdapterSlot(student, config.robot_id, TrustStore.load(trust_dir), Path(config.state_dir) / "adapter")
+    return EdgeRuntime(TorchBackend(slot), student, config, link)
+
+
+@dataclass
+class ReplaySettings:
+    """How a source is fed through the runtime.
+
+    Args:
+        source: ``bag:PATH``, ``dir:PATH``, ``realsense`` or ``realsense:FILE``.
+        prompts: prompts asked about each frame of sources without their own.
+        batch_size: queries answered together.
+        rate_hz: queries per second at most (0: as fast as possible).
+        linger_s: after the source ends, keep serving (uplink, updates) this long; negative: until stopped.
+    """
+
+    source: str
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    batch_size: int = 8
+    rate_hz: float = 0.0
+    linger_s: float = -1.0
+
+
+def replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event) -> dict:
+    """Feed the source through ``runtime`` (its background thread does uplink and updates); returns stats."""
+    runtime.start()
+    started = time.monotonic()
+    batch, done = [], 0
+    for query in open_source(settings.source, settings.prompts):
+        if stop.is_set():
+            break
+        batch.append(query)
+        if len(batch) < settings.batch_size:
+            continue
+        runtime.ask([q.image for q in batch], [q.prompt for q in batch], [q.sample_id for q in batch])
+        done += len(batch)
+        batch = []
+        if settings.rate_hz > 0:  # pace like a camera: never ahead of rate_hz queries per second
+            stop.wait(max(0.0, started + done / settings.rate_hz - time.monotonic()))
+    if batch and not stop.is_set():
+        runtime.ask([q.image for q in batch], [q.prompt for q in batch], [q.sample_id for q in batch])
+        done += len(batch)
+    log.info("source finished after %d queries in %.1f s", done, time.monotonic() - started)
+    stop.wait(None if settings.linger_s < 0 else settings.linger_s)
+    return {"queries": done, "seconds": time.monotonic() - started, **runtime.stats()}
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGINT/SIGTERM set ``stop`` so the process shuts down cleanly (queue and adapter state are durable)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())

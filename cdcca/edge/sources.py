@@ -1,0 +1,103 @@
+"""Where the robot's frames and prompts come from: ``bag:PATH``, ``dir:PATH``, ``realsense`` or ``realsense:FILE``.
+
+Each source yields :class:`Query` items (a frame, a prompt and a stable id). Bags carry their own prompts
+(``/cdcca/prompt``; see :mod:`cdcca.bag`); image folders and cameras are asked the ``prompts`` given. A
+RealSense recording (``.db3`` of SDK 2.59+, or a ROS 1 ``.bag`` of older SDKs) is read with :mod:`cdcca.bag`;
+a live camera goes through ``pyrealsense2`` (colour stream, RGB8).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cdcca.errors import CdccaError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm")
+DEFAULT_PROMPTS = ("what is in the picture?",)
+
+
+class SourceError(CdccaError, ValueError):
+    """A source specification that cannot be opened."""
+
+
+@dataclass
+class Query:
+    """One prompt about one frame."""
+
+    sample_id: str
+    image: np.ndarray
+    prompt: str
+
+
+def _bag(path: Path) -> Iterator[Query]:
+    from cdcca.bag import read_samples
+
+    for sample in read_samples(path):
+        yield Query(sample.sample_id, sample.load_image(), sample.prompt)
+
+
+def _folder(path: Path, prompts: Sequence[str]) -> Iterator[Query]:
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SourceError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    for file in files:
+        with Image.open(file) as image:
+            rgb = np.asarray(image.convert("RGB"))
+        for k, prompt in enumerate(prompts):
+            yield Query(f"{file.name}#{k}", rgb, prompt)
+
+
+def _recording(path: Path, prompts: Sequence[str]) -> Iterator[Query]:
+    from cdcca.bag import Frame, read_bag
+
+    for frame in read_bag(path):
+        if isinstance(frame, Frame):
+            for k, prompt in enumerate(prompts):
+                yield Query(f"{path.name}@{frame.stamp_ns}#{k}", frame.rgb, prompt)
+
+
+def _camera(prompts: Sequence[str], width: int = 640, height: int = 480, fps: int = 30) -> Iterator[Query]:
+    """Live RealSense colour frames (needs a connected camera; not testable without one)."""
+    import pyrealsense2 as rs
+
+    pipeline, config = rs.pipeline(), rs.config()
+    config.enable_stream(rs.stream.color, width, height, rs.format.rgb8, fps)
+    try:
+        pipeline.start(config)
+    except RuntimeError as err:
+        raise SourceError(f"cannot start the RealSense camera: {err}") from err
+    try:
+        while True:
+            frame = pipeline.wait_for_frames().get_color_frame()
+            if not frame:
+                continue
+            rgb = np.asanyarray(frame.get_data()).copy()
+            stamp = time.time_ns()
+            for k, prompt in enumerate(prompts):
+                yield Query(f"realsense@{stamp}#{k}", rgb, prompt)
+    finally:
+        pipeline.stop()
+
+
+def open_source(spec: str, prompts: Sequence[str] = DEFAULT_PROMPTS) -> Iterator[Query]:
+    """The queries of ``bag:PATH``, ``dir:PATH``, ``realsense`` (live) or ``realsense:FILE`` (a recording)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "realsense":
+        if not rest:
+            return _camera(prompts)
+        path = Path(rest)
+        if not path.exists():
+            raise SourceError(f"no RealSense recording at {path}")
+        return _recording(path, prompts)
+    if kind not in ("bag", "dir") or not rest:
+        raise SourceError(f"source {spec!r}: use bag:PATH, dir:PATH, realsense or realsense:FILE")
+    path = Path(rest)
+    if not path.exists():
+        raise SourceError(f"source {spec!r}: {path} does not exist")
+    return _bag(path) if kind == "bag" else _folder(path, prompts)

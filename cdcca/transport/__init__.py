@@ -1,0 +1,267 @@
+"""The robot <-> cloud link over Zenoh (eclipse-zenoh).
+
+Key expressions are ``<robot_id>/cdcca/<topic>`` and payloads are the CDR bytes of :mod:`cdcca.wire`:
+exactly what ``zenoh-bridge-ros2dds --namespace <robot_id>`` publishes for the ROS 2 topic
+``/cdcca/<topic>`` of a robot running the ROS nodes, so the cloud cannot tell a ROS robot behind the bridge
+from a robot that talks Zenoh directly (zenoh-plugin-ros2dds: a ROS topic ``/ns/t`` maps to the key ``ns/t``
+and carries the DDS sample's serialized CDR).
+
+Topics and directions:
+
+=================  ==============  ================================================================
+topic              direction       message
+=================  ==============  ================================================================
+``uts_tokens``     robot -> cloud  ``cdcca_msgs/UtsTokens`` (uncertain samples, kept visual tokens)
+``uts_ack``        cloud -> robot  ``cdcca_msgs/UtsAck`` (samples the cloud has stored durably)
+``weight_delta``   cloud -> robot  ``cdcca_msgs/WeightDelta`` (signed, versioned adapter update)
+``adapter_status`` robot -> cloud  ``cdcca_msgs/AdapterStatus`` (after each delta, and as a heartbeat)
+``answer``         robot -> any    ``cdcca_msgs/Answer`` (every answer, for monitoring)
+=================  ==============  ================================================================
+
+The embedded default is peer mode on loopback with multicast scouting off: the cloud listens on
+``tcp/127.0.0.1:7447`` and robots connect to it. A router endpoint, TLS (certificates from files) and
+user/password authentication are configuration (:class:`LinkConfig`), as in Zenoh's own configuration
+reference (``transport/link/tls``, ``transport/auth/usrpwd``).
+
+Malformed bytes never reach the caller: a payload that does not decode as its topic's type, or whose
+``robot_id`` disagrees with its key, is logged and counted in :attr:`Link.rejected` and dropped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cdcca import wire
+from cdcca.errors import CdccaError
+
+log = logging.getLogger(__name__)
+
+TOPICS = {
+    "uts_tokens": wire.UTS_TOKENS,
+    "uts_ack": wire.UTS_ACK,
+    "weight_delta": wire.WEIGHT_DELTA,
+    "adapter_status": wire.ADAPTER_STATUS,
+    "answer": wire.ANSWER,
+}
+DEFAULT_ENDPOINT = "tcp/127.0.0.1:7447"
+
+
+class LinkError(CdccaError, ValueError):
+    """The link cannot be configured or opened (bad configuration, unreadable certificate, port in use)."""
+
+
+def key(robot_id: str, topic: str) -> str:
+    """The Zenoh key of ``topic`` for ``robot_id`` (``*`` matches every robot)."""
+    if topic not in TOPICS:
+        raise LinkError(f"unknown topic {topic!r}; topics: {', '.join(TOPICS)}")
+    if not robot_id or any(c in robot_id for c in "/?#$") or (robot_id != "*" and "*" in robot_id):
+        raise LinkError(f"robot id {robot_id!r} must be non-empty and free of / ? # $ *")
+    return f"{robot_id}/cdcca/{topic}"
+
+
+@dataclass
+class LinkConfig:
+    """How a process joins the Zenoh network.
+
+    Args:
+        mode: ``peer`` (default), ``client`` (through a router) or ``router`` (route for clients).
+        listen: endpoints to listen on, e.g. ``["tcp/127.0.0.1:7447"]`` or ``["tls/0.0.0.0:7447"]``.
+        connect: endpoints to connect to (a peer that listens, or a router).
+        multicast_scouting: discover peers by UDP multicast (off by default: deterministic on loopback).
+        tls_root_ca: CA certificate (PEM) that peers' certificates must chain to.
+        tls_certificate: this process's certificate (PEM) when it listens on ``tls/`` or uses mutual TLS.
+        tls_private_key: the key of ``tls_certificate`` (PEM, PKCS#8).
+        tls_mutual: require and present client certificates (mTLS).
+        username: user name for Zenoh's user/password authentication.
+        password: its password.
+        users_file: on the listening side, a file of ``user:password`` lines that are accepted.
+    """
+
+    mode: str = "peer"
+    listen: list[str] = field(default_factory=list)
+    connect: list[str] = field(default_factory=list)
+    multicast_scouting: bool = False
+    tls_root_ca: str | None = None
+    tls_certificate: str | None = None
+    tls_private_key: str | None = None
+    tls_mutual: bool = False
+    username: str | None = None
+    password: str | None = None
+    users_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("peer", "client", "router"):
+            raise LinkError(f"LinkConfig.mode must be peer, client or router, got {self.mode!r}")
+        for name in ("tls_root_ca", "tls_certificate", "tls_private_key", "users_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise LinkError(f"LinkConfig.{name}: no such file {path}")
+        if (self.username is None) != (self.password is None):
+            raise LinkError("LinkConfig: username and password go together")
+        uses_tls = any(e.startswith("tls/") for e in [*self.listen, *self.connect])
+        if uses_tls and self.tls_root_ca is None:
+            raise LinkError("tls/ endpoints need LinkConfig.tls_root_ca (the CA certificate peers chain to)")
+        if any(e.startswith("tls/") for e in self.listen) and not (self.tls_certificate and self.tls_private_key):
+            raise LinkError("listening on tls/ needs LinkConfig.tls_certificate and tls_private_key")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> LinkConfig:
+        """Read a JSON file whose keys are this class's fields."""
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise LinkError(f"cannot read link configuration {path}: {err}") from err
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise LinkError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**raw)
+
+    @classmethod
+    def loopback(cls, listen: bool, endpoint: str = DEFAULT_ENDPOINT) -> LinkConfig:
+        """The embedded default: the cloud listens on ``endpoint``; every other process connects to it and
+        listens on an ephemeral loopback port, so gossip scouting meshes all peers (a robot's answers reach
+        a monitor directly, not only the cloud)."""
+        return cls(listen=[endpoint]) if listen else cls(listen=["tcp/127.0.0.1:0"], connect=[endpoint])
+
+    def to_zenoh(self):
+        """The ``zenoh.Config`` of this configuration."""
+        import zenoh
+
+        config = zenoh.Config()
+        settings: dict[str, Any] = {
+            "mode": self.mode,
+            "scouting/multicast/enabled": self.multicast_scouting,
+            "listen/endpoints": self.listen,
+            "connect/endpoints": self.connect,
+        }
+        tls = "transport/link/tls/"
+        if self.tls_root_ca:
+            settings[tls + "root_ca_certificate"] = self.tls_root_ca
+        if self.tls_certificate:
+            settings[tls + "listen_certificate"] = self.tls_certificate
+            settings[tls + "listen_private_key"] = self.tls_private_key
+            if self.tls_mutual:
+                settings[tls + "connect_certificate"] = self.tls_certificate
+                settings[tls + "connect_private_key"] = self.tls_private_key
+        if self.tls_mutual:
+            settings[tls + "enable_mtls"] = True
+        if self.username is not None:
+            settings["transport/auth/usrpwd/user"] = self.username
+            settings["transport/auth/usrpwd/password"] = self.password
+        if self.users_file:
+            settings["transport/auth/usrpwd/dictionary_file"] = self.users_file
+        try:
+            for name, value in settings.items():
+                config.insert_json5(name, json.dumps(value))
+        except Exception as err:  # zenoh raises its own ZError
+            raise LinkError(f"invalid Zenoh setting: {err}") from err
+        return config
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+Handler = Callable[[str, Any, int], None]  # (robot_id, decoded message, payload bytes)
+
+
+class Link:
+    """One Zenoh session: publish messages, subscribe with decoding and rejection counting.
+
+    Args:
+        config: how to join the network.
+    """
+
+    def __init__(self, config: LinkConfig) -> None:
+        import zenoh
+
+        self.config = config
+        try:
+            self.session = zenoh.open(config.to_zenoh())
+        except Exception as err:
+            raise LinkError(f"cannot open the Zenoh session ({err}); check endpoints and certificates") from err
+        self._publishers: dict[str, Any] = {}
+        self._subscribers: list[Any] = []
+        self._lock = threading.Lock()
+        self.rejected: Counter[str] = Counter()  # topic -> malformed payloads dropped
+        self.sent_bytes: Counter[str] = Counter()
+        self.received_bytes: Counter[str] = Counter()
+        self.closed = False
+        atexit.register(self.close)  # an open Zenoh session keeps the interpreter from exiting
+
+    def publish(self, robot_id: str, topic: str, msg: Any) -> int:
+        """Encode ``msg`` and put it on ``<robot_id>/cdcca/<topic>``; returns the payload size in bytes."""
+        if getattr(msg, "__msgtype__", None) != TOPICS[topic]:
+            raise LinkError(f"topic {topic!r} carries {TOPICS[topic]}, got {getattr(msg, '__msgtype__', msg)!r}")
+        return self.publish_bytes(robot_id, topic, wire.encode(msg))
+
+    def publish_bytes(self, robot_id: str, topic: str, data: bytes) -> int:
+        """Put already encoded CDR bytes (e.g. from a durable queue) on the topic's key."""
+        name = key(robot_id, topic)
+        with self._lock:
+            if self.closed:
+                raise LinkError("the link is closed")
+            publisher = self._publishers.get(name)
+            if publisher is None:
+                publisher = self._publishers[name] = self.session.declare_publisher(name)
+            publisher.put(data)
+            self.sent_bytes[topic] += len(data)
+        return len(data)
+
+    def subscribe(self, robot_id: str, topic: str, handler: Handler) -> None:
+        """Call ``handler(robot_id, msg, nbytes)`` for every valid message on the topic (``robot_id="*"``: all
+        robots). Runs on a Zenoh thread; keep the handler short. Exceptions in the handler are logged."""
+        expected = TOPICS[topic]
+
+        def on_sample(sample) -> None:
+            data = sample.payload.to_bytes()
+            sender = str(sample.key_expr).split("/", 1)[0]
+            try:
+                msg = wire.decode(expected, data)
+            except wire.WireError as err:
+                self._reject(topic, sender, str(err))
+                return
+            claimed = getattr(msg, "robot_id", sender)
+            if claimed != sender:
+                self._reject(topic, sender, f"message says robot_id {claimed!r} but arrived on {sender!r}'s key")
+                return
+            self.received_bytes[topic] += len(data)
+            try:
+                handler(sender, msg, len(data))
+            except Exception:  # a handler bug must not kill Zenoh's thread; it is visible in the log
+                log.exception("handler of %s failed", sample.key_expr)
+                self.rejected[f"{topic}:handler_error"] += 1
+
+        self._subscribers.append(self.session.declare_subscriber(key(robot_id, topic), on_sample))
+
+    def _reject(self, topic: str, sender: str, reason: str) -> None:
+        self.rejected[topic] += 1
+        log.warning("rejected a %s payload from %r: %s", topic, sender, reason)
+
+    def peers(self) -> int:
+        """Zenoh sessions this one is connected to (peers and routers)."""
+        info = self.session.info
+        return len(list(info.peers_zid())) + len(list(info.routers_zid()))
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        atexit.unregister(self.close)
+        for subscriber in self._subscribers:
+            subscriber.undeclare()
+        self.session.close()
+
+    def __enter__(self) -> Link:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

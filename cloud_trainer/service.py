@@ -1,0 +1,278 @@
+"""The cloud trainer: durable buffer, per-robot rounds of teacher + AKD + DWC, and update tracking.
+
+Algorithm 1 of Wang et al. (CVPR 2024), cloud side, as a long-running service:
+
+* every received ``UtsTokens`` is checked (it must unpack), committed to SQLite and only then acknowledged
+  with a ``UtsAck``; duplicates by (robot_id, sample_id) are acknowledged again and otherwise ignored;
+* when a robot has ``round_size`` pending samples, a round runs on them (up to ``max_round_samples``): the
+  teacher pseudo-labels the kept tokens and AKD distills into that robot's cloud student (continual: each
+  round starts from the last), DWC encodes the change against the version the robot runs, and the signed
+  ``WeightDelta`` is committed together with the new state before it is published;
+* ``AdapterStatus`` messages (after each delta, and heartbeats) tell the cloud what each robot runs; a robot
+  that is behind gets the latest delta again, or a keyframe when the stored delta is based on a version it
+  does not hold.
+
+Each robot has its own cloud student, distiller and version chain; the teacher is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from cdcca import wire
+from cdcca.akd import AKDConfig, Distiller, DistillSample
+from cdcca.envelope import Signer, VersionChain
+from cdcca.models.mllm import MLLM
+from cdcca.models.trainable import trainable_parameters
+from cdcca.uts import UplinkError
+from cloud_trainer.store import CloudStore
+
+log = logging.getLogger(__name__)
+APPLIED, REJECTED, ROLLED_BACK = 0, 1, 2
+
+
+@dataclass
+class CloudConfig:
+    """Settings of the cloud trainer.
+
+    Args:
+        state_dir: where the SQLite store and the round log live.
+        round_size: pending samples of a robot that start a round.
+        max_round_samples: the most samples one round trains on (oldest first; the rest wait).
+        codec: DWC codec of the deltas (see ``cdcca.dwc.get_codec``).
+        resend_after_s: a robot still behind this long after a send gets the update again.
+        max_resends: resends per version before the cloud stops (e.g. a robot that rolled back on purpose).
+        poll_s: idle wait of the service loop.
+        akd: distillation settings of every round.
+    """
+
+    state_dir: Path = Path("cloud_state")
+    round_size: int = 64
+    max_round_samples: int = 256
+    codec: str = "nf4-zstd"
+    resend_after_s: float = 5.0
+    max_resends: int = 5
+    poll_s: float = 0.05
+    akd: AKDConfig = field(default_factory=AKDConfig)
+
+    def __post_init__(self) -> None:
+        if self.round_size < 1 or self.max_round_samples < self.round_size:
+            raise ValueError(f"CloudConfig needs 1 <= round_size <= max_round_samples, got {self.round_size}, "
+                             f"{self.max_round_samples}")  # fmt: skip
+
+
+@dataclass
+class _Robot:
+    student: MLLM
+    distiller: Distiller
+    chain: VersionChain
+    reported: int = -1  # version the robot last said it runs (-1: not heard from)
+    last_sent: float = 0.0
+    resends: int = 0
+
+
+@dataclass
+class CloudCounters:
+    received: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    acked: int = 0
+    rounds: int = 0
+    deltas_sent: int = 0
+    resends: int = 0
+    keyframes: int = 0
+
+
+class CloudTrainer:
+    """The service object; :meth:`serve` runs it, :meth:`step` is one pass (tests drive it directly).
+
+    Args:
+        teacher: the shared teacher (frozen).
+        make_student: builds a fresh copy of the robots' student with LoRA (the version-0 base every robot
+            ships with).
+        signer: the key deltas are signed with.
+        config: service settings.
+        link: the Zenoh link; ``None`` for offline use (feed :meth:`receive_tokens` directly).
+    """
+
+    def __init__(self, teacher: MLLM, make_student: Callable[[], MLLM], signer: Signer, config: CloudConfig,
+                 link=None) -> None:  # fmt: skip
+        self.teacher, self.make_student, self.signer = teacher, make_student, signer
+        self.config, self.link = config, link
+        self.store = CloudStore(Path(config.state_dir) / "cloud.sqlite")
+        self.robots: dict[str, _Robot] = {}
+        self.counters = CloudCounters()
+        self._stop = threading.Event()
+        self.round_log = Path(config.state_dir) / "rounds.jsonl"
+        for robot_id in self.store.robots():
+            self._robot(robot_id)
+        if link is not None:
+            link.subscribe("*", "uts_tokens", lambda robot_id, msg, _: self.receive_tokens(robot_id, msg))
+            link.subscribe("*", "adapter_status", lambda robot_id, msg, _: self.receive_status(robot_id, msg))
+
+    # ------------------------------------------------------------------------------------ receiving
+    def receive_tokens(self, robot_id: str, msg) -> bool:
+        """Validate, persist and queue the ack of one ``UtsTokens``; False if rejected."""
+        try:
+            DistillSample.from_uts(msg)  # the same checks a round will make
+            if not msg.sample_id:
+                raise UplinkError("empty sample_id")
+        except UplinkError as err:
+            self.counters.rejected += 1
+            log.warning("rejected UtsTokens from %s: %s", robot_id, err)
+            return False
+        if self.store.add_sample(robot_id, msg.sample_id, wire.encode(msg)):
+            self.counters.received += 1
+        else:
+            self.counters.duplicates += 1
+        # acknowledged only now that it is committed, and at once: a round in progress must not delay acks,
+        # or the robot resends what the cloud already has
+        if self.link is not None:
+            ack = wire.new(wire.UTS_ACK, header=wire.header(time.time_ns()), robot_id=robot_id,
+                           sample_ids=[msg.sample_id])  # fmt: skip
+            self.link.publish(robot_id, "uts_ack", ack)
+        self.counters.acked += 1
+        return True
+
+    def receive_status(self, robot_id: str, msg) -> None:
+        """Track what a robot runs (APPLIED and ROLLED_BACK and heartbeats carry the current version)."""
+        if msg.state == REJECTED:
+            log.warning("robot %s rejected v%d: %s", robot_id, msg.version, msg.reason)
+            return
+        robot = self.robots.get(robot_id)
+        if robot is None or msg.version > robot.chain.latest:
+            return  # a robot this cloud has not trained for (yet), or a version it never published
+        if msg.version != robot.reported:
+            robot.reported = int(msg.version)
+            if msg.version != robot.chain.applied and msg.version in {0, *robot.chain.published}:
+                robot.chain.record_applied(int(msg.version))
+                self.store.record_applied(robot_id, int(msg.version))
+
+    # --------------------------------------------------------------------------------------- robots
+    def _robot(self, robot_id: str) -> _Robot:
+        robot = self.robots.get(robot_id)
+        if robot is not None:
+            return robot
+        student = self.make_student()
+        base = {name: p.detach().clone() for name, p in trainable_parameters(student).items()}
+        distiller = Distiller(self.teacher, student, self.config.akd)
+        chain = VersionChain(robot_id, base)
+        record = self.store.load_robot(robot_id)
+        if record is not None:  # a restart: continue from the last committed round
+            if record.student is not None:
+                self._load_state(distiller, record.student)
+            chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
+            distiller.rounds = record.latest
+        robot = self.robots[robot_id] = _Robot(student, distiller, chain)
+        return robot
+
+    @staticmethod
+    def _state(distiller: Distiller) -> dict[str, torch.Tensor]:
+        state = {f"student.{k}": v for k, v in distiller.trainable.items()}
+        state.update({f"phi.{k}": v for k, v in distiller.phi.state_dict().items()})
+        state.update({f"psi.{k}": v for k, v in distiller.psi.state_dict().items()})
+        return state
+
+    @staticmethod
+    def _load_state(distiller: Distiller, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, param in distiller.trainable.items():
+                param.copy_(state[f"student.{name}"])
+        for prefix, layer in (("phi.", distiller.phi), ("psi.", distiller.psi)):
+            layer.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+
+    # --------------------------------------------------------------------------------------- rounds
+    def run_round(self, robot_id: str) -> dict:
+        """Teacher + AKD on the robot's pending samples, then DWC; commits, publishes, returns a report."""
+        robot = self._robot(robot_id)
+        pending = self.store.pending(robot_id, self.config.max_round_samples)
+        if not pending:
+            raise ValueError(f"robot {robot_id} has no pending samples")
+        started = time.perf_counter()
+        samples = [DistillSample.from_uts(wire.decode(wire.UTS_TOKENS, payload)) for _, payload in pending]
+        report = robot.distiller.run_round(samples)
+        params = {name: p.detach().clone() for name, p in robot.distiller.trainable.items()}
+        msg = robot.chain.make_delta(params, self.config.codec, self.signer, stamp_ns=time.time_ns())
+        data = wire.encode(msg)
+        self.store.commit_round(robot_id, int(msg.version), [sample_id for sample_id, _ in pending],
+                                self._state(robot.distiller), robot.chain.published[int(msg.version)], data,
+                                robot.chain.applied)  # fmt: skip
+        self._send(robot_id, robot, data)
+        self.counters.rounds += 1
+        result = {
+            "robot_id": robot_id, "version": int(msg.version), "base_version": int(msg.base_version),
+            "keyframe": bool(msg.keyframe), "samples": report.samples, "akd_seconds": report.seconds,
+            "round_seconds": time.perf_counter() - started, "delta_bytes": len(data),
+            "full_bytes": 4 * sum(t.numel() for t in params.values()), "losses": report.losses,
+            "finished_unix": time.time(),
+        }  # fmt: skip
+        with open(self.round_log, "a") as handle:
+            handle.write(json.dumps(result) + "\n")
+        log.info("robot %s: round v%d on %d samples in %.1f s, delta %d bytes", robot_id, result["version"],
+                 result["samples"], result["round_seconds"], result["delta_bytes"])  # fmt: skip
+        return result
+
+    def _send(self, robot_id: str, robot: _Robot, data: bytes) -> None:
+        robot.last_sent = time.monotonic()
+        if self.link is not None:
+            self.link.publish_bytes(robot_id, "weight_delta", data)
+            self.counters.deltas_sent += 1
+
+    def resend_if_behind(self, robot_id: str) -> bool:
+        """Send the latest version again to a robot still behind ``resend_after_s`` after the last send."""
+        robot = self.robots[robot_id]
+        latest = robot.chain.latest
+        behind = 0 <= robot.reported < latest
+        if not behind or time.monotonic() - robot.last_sent < self.config.resend_after_s:
+            return False
+        if robot.resends >= self.config.max_resends:
+            return False
+        stored = self.store.load_robot(robot_id).deltas.get(latest)
+        msg = wire.decode(wire.WEIGHT_DELTA, stored) if stored is not None else None
+        if msg is None or not (msg.keyframe or msg.base_version == robot.reported):
+            msg = robot.chain.keyframe(self.config.codec, self.signer, stamp_ns=time.time_ns())
+            self.counters.keyframes += 1
+        robot.resends += 1
+        self.counters.resends += 1
+        log.info("robot %s runs v%d, latest is v%d: sending %s", robot_id, robot.reported, latest,
+                 "a keyframe" if msg.keyframe else "the delta again")  # fmt: skip
+        self._send(robot_id, robot, wire.encode(msg))
+        return True
+
+    def step(self) -> list[dict]:
+        """One pass: run every due round, resend to robots that are behind."""
+        results = []
+        for robot_id, count in sorted(self.store.pending_counts().items()):
+            if count >= self.config.round_size:
+                results.append(self.run_round(robot_id))
+                self.robots[robot_id].resends = 0
+        for robot_id in list(self.robots):
+            self.resend_if_behind(robot_id)
+        return results
+
+    def serve(self, stop: threading.Event | None = None) -> None:
+        """Run until ``stop`` (or :meth:`stop`) is set."""
+        stop = stop or self._stop
+        while not stop.is_set():
+            if not self.step():
+                stop.wait(self.config.poll_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def stats(self) -> dict:
+        return {**asdict(self.counters), "stored": self.store.count(),
+                "versions": {r: robot.chain.latest for r, robot in self.robots.items()},
+                "reported": {r: robot.reported for r, robot in self.robots.items()}}  # fmt: skip
+
+    def close(self) -> None:
+        self.store.close()
+

@@ -1,0 +1,179 @@
+"""The cloud's durable state in one SQLite file: received samples, and per robot its chain and cloud student.
+
+A received ``UtsTokens`` counts as received (and is acknowledged) only once its row is committed; a duplicate
+(same robot_id, sample_id) is ignored. A finished round is one transaction: the robot's new cloud-student
+parameters, the version it publishes, what the robot will hold after decoding (the base of the next
+incremental delta), the signed ``WeightDelta`` bytes, and the round's samples marked as used. A crash
+anywhere before the commit leaves the samples pending, so the round simply runs again after a restart.
+Tensors are stored as safetensors bytes (no pickle).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS samples (
+    robot_id  TEXT NOT NULL,
+    sample_id TEXT NOT NULL,
+    received  REAL NOT NULL,
+    payload   BLOB NOT NULL,       -- CDR bytes of the UtsTokens message as received
+    version   INTEGER,             -- the adapter version whose round used it; NULL while pending
+    PRIMARY KEY (robot_id, sample_id)
+);
+CREATE INDEX IF NOT EXISTS samples_pending ON samples (robot_id, version, received);
+CREATE TABLE IF NOT EXISTS robots (
+    robot_id TEXT PRIMARY KEY,
+    latest   INTEGER NOT NULL,     -- newest published version
+    applied  INTEGER NOT NULL,     -- the version the robot last reported as current
+    student  BLOB                  -- safetensors: cloud student's trainable set and AKD projections
+);
+CREATE TABLE IF NOT EXISTS published (
+    robot_id TEXT NOT NULL,
+    version  INTEGER NOT NULL,
+    params   BLOB NOT NULL,        -- safetensors: the trainable set the robot holds at this version
+    delta    BLOB NOT NULL,        -- CDR bytes of the signed WeightDelta
+    PRIMARY KEY (robot_id, version)
+);
+"""
+
+
+def to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save_tensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+
+def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    return load_tensors(bytes(data))
+
+
+@dataclass
+class RobotRecord:
+    """A robot's persisted state."""
+
+    robot_id: str
+    latest: int
+    applied: int
+    student: dict[str, torch.Tensor] | None
+    published: dict[int, dict[str, torch.Tensor]]
+    deltas: dict[int, bytes]
+
+
+class CloudStore:
+    """SQLite store of the cloud trainer (safe to use from several threads).
+
+    Args:
+        path: the database file (created with its parent folder if missing).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------ samples
+    def add_sample(self, robot_id: str, sample_id: str, payload: bytes) -> bool:
+        """Commit a received sample; False if it was already stored (a resend)."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO samples (robot_id, sample_id, received, payload) VALUES (?, ?, ?, ?)",
+                (robot_id, sample_id, time.time(), payload),
+            )
+        return cursor.rowcount == 1
+
+    def pending(self, robot_id: str, limit: int | None = None) -> list[tuple[str, bytes]]:
+        """Samples of ``robot_id`` no round has used yet, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sample_id, payload FROM samples WHERE robot_id = ? AND version IS NULL ORDER BY received "
+                "LIMIT ?",
+                (robot_id, -1 if limit is None else limit),
+            ).fetchall()
+        return [(sample_id, bytes(payload)) for sample_id, payload in rows]
+
+    def pending_counts(self) -> dict[str, int]:
+        """robot_id -> number of pending samples."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT robot_id, COUNT(*) FROM samples WHERE version IS NULL GROUP BY robot_id"
+            ).fetchall()
+        return dict(rows)
+
+    def count(self, robot_id: str | None = None) -> int:
+        """Stored samples (pending and used)."""
+        with self._lock:
+            if robot_id is None:
+                return self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+            return self._db.execute("SELECT COUNT(*) FROM samples WHERE robot_id = ?", (robot_id,)).fetchone()[0]
+
+    def sample_ids(self, robot_id: str) -> set[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT sample_id FROM samples WHERE robot_id = ?", (robot_id,)).fetchall()
+        return {r[0] for r in rows}
+
+    # ------------------------------------------------------------------------------------- robots
+    def load_robot(self, robot_id: str) -> RobotRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT latest, applied, student FROM robots WHERE robot_id = ?",
+                                   (robot_id,)).fetchone()  # fmt: skip
+            if row is None:
+                return None
+            versions = self._db.execute("SELECT version, params, delta FROM published WHERE robot_id = ?",
+                                        (robot_id,)).fetchall()  # fmt: skip
+        latest, applied, student = row
+        return RobotRecord(
+            robot_id, latest, applied, from_bytes(student) if student is not None else None,
+            published={v: from_bytes(p) for v, p, _ in versions}, deltas={v: bytes(d) for v, _, d in versions},
+        )  # fmt: skip
+
+    def robots(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT robot_id FROM robots ORDER BY robot_id")]
+
+    def commit_round(self, robot_id: str, version: int, sample_ids: list[str], student: dict[str, torch.Tensor],
+                     published: dict[str, torch.Tensor], delta: bytes, applied: int) -> None:  # fmt: skip
+        """Everything a finished round changes, in one transaction."""
+        student_blob, published_blob = to_bytes(student), to_bytes(published)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO robots (robot_id, latest, applied, student) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(robot_id) DO UPDATE SET latest = excluded.latest, student = excluded.student",
+                    (robot_id, version, applied, student_blob),
+                )
+                self._db.execute("INSERT INTO published (robot_id, version, params, delta) VALUES (?, ?, ?, ?)",
+                                 (robot_id, version, published_blob, delta))  # fmt: skip
+                self._db.executemany("UPDATE samples SET version = ? WHERE robot_id = ? AND sample_id = ?",
+                                     [(version, robot_id, s) for s in sample_ids])  # fmt: skip
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def record_applied(self, robot_id: str, version: int) -> None:
+        """The robot reports ``version`` as current; versions it can no longer be based on are pruned."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("UPDATE robots SET applied = ? WHERE robot_id = ?", (version, robot_id))
+            self._db.execute(
+                "DELETE FROM published WHERE robot_id = ? AND version < ? "
+                "AND version < (SELECT latest FROM robots WHERE robot_id = ?)",
+                (robot_id, version, robot_id),
+            )
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
