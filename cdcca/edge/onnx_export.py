@@ -19,9 +19,11 @@ the ``RunOptionsAddActiveLoraAdapter`` C API reference. The adapter mechanism is
 named graph inputs, so query tokens, norms and biases travel through it exactly like LoRA A/B matrices.
 ONNX Runtime rejects adapter parameters a graph does not have, so each graph gets its own adapter file.
 
-The tensors are fed as inputs rather than found in the traced module: the export calls the student through
-the trainable set as arguments standing in for the parameters, so no exporter pass can fold, transpose or
-rename them. The graph names are the trainable-set names, i.e. the names in a DWC delta.
+The tensors are fed as inputs rather than found in the traced module: during tracing they stand in for the
+student's parameters, so no exporter pass can fold, transpose or rename them. The graph names are the
+trainable-set names, i.e. the names in a DWC delta. The exporter is ``torch.onnx.export(dynamo=False)``
+(the dynamo exporter needs ``onnxscript``, which the project does not install); the OPT step is written
+against the model's own submodules because the tracer cannot follow ``transformers``' cache objects.
 """
 
 from __future__ import annotations
