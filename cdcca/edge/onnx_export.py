@@ -344,7 +344,12 @@ def cli_export(args) -> dict:
     if out.exists() and (out / MANIFEST_FILE).is_file():
         shutil.rmtree(out)  # a previous export of this directory; rewritten whole
     export = export_onnx(student, out)
+    from cdcca.report import format_table
+
     sizes = {name: (out / info["file"]).stat().st_size for name, info in export.manifest["graphs"].items()}
+    rows = [{"graph": info["file"], "bytes": sizes[name], "adapter_tensors": len(info["params"])}
+            for name, info in export.manifest["graphs"].items()]  # fmt: skip
+    print(format_table(rows, ["graph", "bytes", "adapter_tensors"], title=f"ONNX export -> {out}"))
     return {"out": str(out), "student_id": export.manifest["student_id"], "graph_bytes": sizes,
             "trainable_tensors": len(export.manifest["trainable"]),
             "trainable_params": int(sum(np.prod(s) for s in export.manifest["shapes"].values()))}  # fmt: skip
