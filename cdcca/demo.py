@@ -228,7 +228,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
                 seen_uploads, seen_answers = len(observed.uploads), len(observed.answers)
             start = window[0][0] if window else arrived  # first upload since the previous update
             applied = _wait_applied(observed, int(msg.version), (cloud, edge))
-            after = _accuracy(mirror, tests)
+            with slot.model() as active:  # the copy the update was swapped into
+                after = _accuracy(active, tests)
             uploaded = {sample_id for _, sample_id, _ in window}
             rows.append({
                 "round": len(rows) + 1, "version": int(msg.version), "keyframe": bool(msg.keyframe),

@@ -197,6 +197,7 @@ class CloudTrainer:
         if not pending:
             raise ValueError(f"robot {robot_id} has no pending samples")
         started = time.perf_counter()
+        log.info("robot %s: round v%d on %d samples started", robot_id, robot.chain.latest + 1, len(pending))
         samples = [DistillSample.from_uts(wire.decode(wire.UTS_TOKENS, payload)) for _, payload in pending]
         report = robot.distiller.run_round(samples)
         params = {name: p.detach().clone() for name, p in robot.distiller.trainable.items()}

@@ -23,6 +23,7 @@ def _uts():
 def _samples():
     return {
         wire.UTS_TOKENS: _uts(),
+        wire.UTS_ACK: wire.new(wire.UTS_ACK, robot_id="r1", sample_ids=["r1-1", "r1-7"]),
         wire.WEIGHT_DELTA: wire.new(
             wire.WEIGHT_DELTA,
             robot_id="r1",
@@ -71,7 +72,7 @@ def test_round_trip(type_name):
 
 
 @pytest.mark.parametrize(
-    "type_name", [wire.UTS_TOKENS, wire.WEIGHT_DELTA, wire.ADAPTER_STATUS, wire.ANSWER, wire.IMAGE]
+    "type_name", [wire.UTS_TOKENS, wire.UTS_ACK, wire.WEIGHT_DELTA, wire.ADAPTER_STATUS, wire.ANSWER, wire.IMAGE]
 )
 def test_independent_decoder_reads_our_bytes(type_name):
     # mcap-ros2-support is a second, independent implementation of ROS 2 CDR

@@ -1,0 +1,134 @@
+"""The cloud trainer in process: durable buffer, rounds, commit atomicity, restart, resend and keyframes."""
+
+import pytest
+import torch
+
+from cdcca import wire
+from cdcca.akd import AKDConfig
+from cdcca.data.digits_shift import load_domain
+from cdcca.edge.adapter_slot import AdapterSlot
+from cdcca.envelope import Signer, TrustStore, generate_key, trust_key
+from cdcca.models.checkpoint import load_adaptable_student, load_mllm
+from cdcca.models.trainable import trainable_parameters
+from cdcca.uts import pack_tokens
+from cloud_trainer.service import CloudConfig, CloudTrainer
+
+
+@pytest.fixture(scope="module")
+def uploads(pretrained_test_pair):
+    """UtsTokens messages of robot r1 for 12 printed-domain samples (half the tokens kept)."""
+    student = load_mllm(pretrained_test_pair / "student")
+    samples = load_domain("printed", "stream", limit=4)
+    with torch.inference_mode():
+        tokens = student.visual_tokens(student.preprocess([s.load_image() for s in samples]))
+    keep = torch.zeros(tokens.shape[1], dtype=torch.bool)
+    keep[::2] = True
+    return [pack_tokens(tokens[i], keep, torch.rand(tokens.shape[1]), robot_id="r1", sample_id=s.sample_id,
+                        adapter_version=0, prompt=s.prompt, student_answer="?", sample_entropy=1.0)
+            for i, s in enumerate(samples)]  # fmt: skip
+
+
+@pytest.fixture()
+def keys(tmp_path):
+    private, public = generate_key(tmp_path / "keys", "cloud-test")
+    trust_key(public, tmp_path / "trust")
+    return Signer.load(private), TrustStore.load(tmp_path / "trust")
+
+
+def make_trainer(checkpoints, signer, state_dir, round_size=8):
+    config = CloudConfig(state_dir=state_dir, round_size=round_size, max_round_samples=64, codec="fp16",
+                         resend_after_s=0.0, akd=AKDConfig(steps=3, batch_size=4))  # fmt: skip
+    return CloudTrainer(load_mllm(checkpoints / "teacher"), lambda: load_adaptable_student(checkpoints), signer, config)
+
+
+def test_samples_are_stored_once_and_inconsistent_ones_rejected(pretrained_test_pair, uploads, keys, tmp_path):
+    trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud")
+    assert all(trainer.receive_tokens("r1", msg) for msg in uploads[:5])
+    assert trainer.receive_tokens("r1", uploads[0])  # a resend: acknowledged again, stored once
+    broken = wire.decode(wire.UTS_TOKENS, wire.encode(uploads[6]))
+    broken.token_indices = broken.token_indices[::-1].copy()  # not ascending
+    assert not trainer.receive_tokens("r1", broken)
+    assert (trainer.counters.received, trainer.counters.duplicates, trainer.counters.rejected) == (5, 1, 1)
+    assert trainer.store.count("r1") == 5
+    assert trainer.step() == []  # 5 pending < round_size 8: no round yet
+
+
+def test_a_round_publishes_a_delta_the_robot_applies_and_survives_restart(pretrained_test_pair, uploads, keys,
+                                                                           tmp_path):  # fmt: skip
+    signer, trust = keys
+    trainer = make_trainer(pretrained_test_pair, signer, tmp_path / "cloud")
+    for msg in uploads[:8]:
+        trainer.receive_tokens("r1", msg)
+    [result] = trainer.step()
+    assert (result["version"], result["samples"], result["keyframe"]) == (1, 8, True)
+    assert trainer.store.pending_counts() == {}
+    record = trainer.store.load_robot("r1")
+    delta = wire.decode(wire.WEIGHT_DELTA, record.deltas[1])
+
+    robot = AdapterSlot(load_adaptable_student(pretrained_test_pair), "r1", trust)
+    status = robot.receive(delta)
+    assert status.state == 0 and robot.version == 1
+    cloud_params = trainable_parameters(trainer.robots["r1"].student)
+    robot_params = trainable_parameters(robot._models[robot._active])
+    assert all(torch.allclose(cloud_params[k], robot_params[k], atol=1e-2) for k in cloud_params)  # fp16 codec
+    assert any(not torch.equal(robot.base[k], robot.current[k]) for k in robot.base)
+
+    # a new process on the same state continues the chain where it stopped
+    trainer.receive_status("r1", status)
+    trainer.close()
+    restarted = make_trainer(pretrained_test_pair, signer, tmp_path / "cloud")
+    chain = restarted.robots["r1"].chain
+    assert (chain.latest, chain.applied) == (1, 1)
+    restored = trainable_parameters(restarted.robots["r1"].student)
+    assert all(torch.equal(restored[k], cloud_params[k]) for k in cloud_params)
+    for msg in uploads[4:]:
+        restarted.receive_tokens("r1", msg)
+    assert restarted.counters.duplicates == 4 and restarted.counters.received == 4
+    for msg in uploads[:4]:  # nothing to add: round 2 needs fresh samples
+        restarted.receive_tokens("r1", msg)
+    assert restarted.store.pending_counts() == {"r1": 4}
+
+
+def test_a_crash_inside_a_round_loses_nothing(pretrained_test_pair, uploads, keys, tmp_path, monkeypatch):
+    trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud")
+    for msg in uploads[:8]:
+        trainer.receive_tokens("r1", msg)
+    robot = trainer._robot("r1")
+
+    def crash(samples):
+        raise KeyboardInterrupt("killed mid-round")
+
+    monkeypatch.setattr(robot.distiller, "run_round", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.step()
+    trainer.close()
+    assert make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud").store.pending_counts() == {"r1": 8}
+    restarted = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud")
+    [result] = restarted.step()
+    assert result["version"] == 1 and result["samples"] == 8
+
+
+def test_a_robot_behind_gets_the_delta_again_or_a_keyframe(pretrained_test_pair, uploads, keys, tmp_path):
+    signer, trust = keys
+    trainer = make_trainer(pretrained_test_pair, signer, tmp_path / "cloud", round_size=4)
+    sent = []
+    trainer._send = lambda robot_id, robot, data: sent.append(wire.decode(wire.WEIGHT_DELTA, data))
+    for msg in uploads[:4]:
+        trainer.receive_tokens("r1", msg)
+    trainer.step()
+    heartbeat = wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=0, state=0, reason="heartbeat")
+    trainer.receive_status("r1", heartbeat)  # still on v0: the v1 delta was lost
+    assert trainer.resend_if_behind("r1")
+    assert [(m.version, m.keyframe) for m in sent] == [(1, True), (1, True)]
+
+    trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=1, state=0))
+    for msg in uploads[4:8]:
+        trainer.receive_tokens("r1", msg)
+    trainer.step()
+    assert (sent[-1].version, sent[-1].keyframe, sent[-1].base_version) == (2, False, 1)  # incremental
+    trainer.receive_status("r1", heartbeat)  # the robot restarted from scratch: v0, and v2 is based on v1
+    assert trainer.resend_if_behind("r1")
+    assert (sent[-1].version, sent[-1].keyframe) == (2, True)
+    robot = AdapterSlot(load_adaptable_student(pretrained_test_pair), "r1", trust)
+    assert robot.receive(sent[-1]).state == 0 and robot.version == 2
+    assert trainer.counters.keyframes == 1
