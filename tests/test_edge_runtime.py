@@ -83,8 +83,9 @@ def test_the_loop_over_loopback_zenoh(pretrained_test_pair, keys, tmp_path, stre
     cloud_link, robot_link = Link(LinkConfig.loopback(True, endpoint)), Link(LinkConfig.loopback(False, endpoint))
     config = CloudConfig(state_dir=tmp_path / "cloud", round_size=12, codec="nf4-zstd",
                          akd=AKDConfig(steps=3, batch_size=4))  # fmt: skip
-    trainer = CloudTrainer(load_mllm(pretrained_test_pair / "teacher"),
-                           lambda: load_adaptable_student(pretrained_test_pair), signer, config, cloud_link)  # fmt: skip
+    checkpoints = pretrained_test_pair
+    trainer = CloudTrainer(load_mllm(checkpoints / "teacher"), lambda: load_adaptable_student(checkpoints), signer,
+                           config, cloud_link)  # fmt: skip
     runtime = build_runtime(pretrained_test_pair, EdgeConfig(state_dir=tmp_path / "edge", heartbeat_every_s=0.2,
                                                              uts=ALL_SAMPLES), trust, robot_link)  # fmt: skip
     stop = threading.Event()
