@@ -152,6 +152,9 @@ class Distiller:
             nn.init.normal_(layer.weight, std=layer.in_features**-0.5, generator=generator)
             nn.init.zeros_(layer.bias)
         params = [*self.trainable.values(), *self.phi.parameters(), *self.psi.parameters()]
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if distributed else 0
+        self.world_size = torch.distributed.get_world_size() if distributed else 1
         self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
         self._params = params
         self.rounds = 0
@@ -204,8 +207,24 @@ class Distiller:
         terms["total"] = sum(weights[name] * value for name, value in terms.items())
         return terms
 
+    def _average_gradients(self) -> None:
+        """Data parallelism as DDP does it: every rank's gradient of its shard, summed and averaged in one
+        all-reduce (gloo on CPU, nccl on GPU), so every rank takes the identical optimizer step."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for param, grad in zip(self._params, grads):
+            param.grad = flat[offset : offset + grad.numel()].view_as(grad).clone()
+            offset += grad.numel()
+
     def run_round(self, samples: Sequence[DistillSample]) -> RoundReport:
-        """Pseudo-label the buffer, then ``config.steps`` optimizer steps on it; the student changes in place."""
+        """Pseudo-label the buffer, then ``config.steps`` optimizer steps on it; the student changes in place.
+
+        Under ``torch.distributed`` (e.g. ``torchrun --nproc-per-node N``) every rank draws the same batch,
+        trains on its 1/N shard, and gradients are averaged across ranks before each step; ranks that start
+        equal stay bit-identical."""
         if not samples:
             raise ValueError("a distillation round needs at least one sample")
         started = time.perf_counter()
@@ -223,9 +242,12 @@ class Distiller:
         history: dict[str, list[float]] = {}
         for _ in range(self.config.steps):
             index = rng.choice(len(samples), size=min(self.config.batch_size, len(samples)), replace=False)
+            index = index[self.rank :: self.world_size] if len(index) >= self.world_size else index
             terms = self.losses([samples[i] for i in index], [labels[i] for i in index])
             self.optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
+            if self.world_size > 1:
+                self._average_gradients()
             torch.nn.utils.clip_grad_norm_(self._params, 1.0)
             self.optimizer.step()
             for name, value in terms.items():

@@ -348,20 +348,27 @@ def cmd_cloud(args) -> dict:
     from cdcca.paths import cache_dir, checkpoint_dir
     from cdcca.transport import Link
     from cloud_trainer.app import build_trainer, serve
+    from cloud_trainer.distributed import follow, init_from_env, send_stop
     from cloud_trainer.service import CloudConfig
 
     _setup_logging()
+    rank, world = init_from_env()
     config = CloudConfig(state_dir=args.state or cache_dir() / "cloud", round_size=args.round_size,
                          max_round_samples=args.max_round_samples, codec=args.codec,
                          akd=AKDConfig(steps=args.steps, lr=args.lr, seed=args.seed))  # fmt: skip
+    checkpoints, key = args.checkpoints or checkpoint_dir(args.preset), args.key or cache_dir() / "keys" / "cloud-1.key"
+    if rank > 0:  # torchrun: rank 0 serves; this rank distills alongside it
+        trainer = build_trainer(checkpoints, key, config)
+        return {"rank": rank, "rounds": follow(trainer)}
     stop = threading.Event()
     stop_on_signals(stop)
     link = Link(_link_config(args, listen=True))
-    trainer = build_trainer(args.checkpoints or checkpoint_dir(args.preset),
-                            args.key or cache_dir() / "keys" / "cloud-1.key", config, link)  # fmt: skip
+    trainer = build_trainer(checkpoints, key, config, link)
     try:
         report = serve(trainer, stop)
     finally:
+        if world > 1:
+            send_stop()
         trainer.close()
         link.close()
     print(format_stats(report, "cloud trainer"))

@@ -199,6 +199,10 @@ class CloudTrainer:
         started = time.perf_counter()
         log.info("robot %s: round v%d on %d samples started", robot_id, robot.chain.latest + 1, len(pending))
         samples = [DistillSample.from_uts(wire.decode(wire.UTS_TOKENS, payload)) for _, payload in pending]
+        if robot.distiller.world_size > 1:  # under torchrun: the other ranks run this round with us
+            from cloud_trainer.distributed import send_round
+
+            send_round(robot_id, samples)
         report = robot.distiller.run_round(samples)
         params = {name: p.detach().clone() for name, p in robot.distiller.trainable.items()}
         msg = robot.chain.make_delta(params, self.config.codec, self.signer, stamp_ns=time.time_ns())
