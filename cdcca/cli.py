@@ -106,6 +106,10 @@ def _add_cloud_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", type=Path, default=None, help="Ed25519 signing key (default: cache/keys/cloud-1.key)")
     parser.add_argument("--round-size", type=int, default=cloud["round_size"].default)
     parser.add_argument("--max-round-samples", type=int, default=cloud["max_round_samples"].default)
+    parser.add_argument("--replay", type=int, default=cloud["replay"].default,
+                        help="samples of earlier rounds trained on again with each round's new ones")  # fmt: skip
+    parser.add_argument("--pseudo-label-keep", type=float, default=akd["pseudo_label_keep"].default,
+                        help="fraction of samples, the teacher's most confident, a round trains on")  # fmt: skip
     parser.add_argument("--codec", default=cloud["codec"].default)
     parser.add_argument("--steps", type=int, default=akd["steps"].default, help="AKD optimizer steps per round")
     parser.add_argument("--lr", type=float, default=akd["lr"].default)
@@ -320,15 +324,17 @@ def cmd_edge(args) -> dict:
     from cdcca.transport import Link
 
     _setup_logging()
-    if args.backend != "torch":
-        raise ValueError("`cdcca edge --backend onnx` is not wired yet; use the torch backend")
     config = EdgeConfig(robot_id=args.robot_id, state_dir=args.state or cache_dir() / "edge" / args.robot_id,
                         queue_capacity=args.queue_capacity)  # fmt: skip
     stop = threading.Event()
     stop_on_signals(stop)
     link = Link(_link_config(args, listen=False))
     checkpoints, trust = args.checkpoints or checkpoint_dir(args.preset), args.trust or cache_dir() / "trust"
-    runtime = build_runtime(checkpoints, config, trust, link)
+    try:
+        runtime = build_runtime(checkpoints, config, trust, link, backend=args.backend, threads=args.threads)
+    except BaseException:
+        link.close()
+        raise
     try:
         settings = ReplaySettings(args.source, tuple(args.prompt or DEFAULT_PROMPTS), args.batch_size, args.rate,
                                   args.linger)  # fmt: skip
@@ -354,8 +360,9 @@ def cmd_cloud(args) -> dict:
     _setup_logging()
     rank, world = init_from_env()
     config = CloudConfig(state_dir=args.state or cache_dir() / "cloud", round_size=args.round_size,
-                         max_round_samples=args.max_round_samples, codec=args.codec,
-                         akd=AKDConfig(steps=args.steps, lr=args.lr, seed=args.seed))  # fmt: skip
+                         max_round_samples=args.max_round_samples, replay=args.replay, codec=args.codec,
+                         akd=AKDConfig(steps=args.steps, lr=args.lr, seed=args.seed,
+                                       pseudo_label_keep=args.pseudo_label_keep))  # fmt: skip
     checkpoints, key = args.checkpoints or checkpoint_dir(args.preset), args.key or cache_dir() / "keys" / "cloud-1.key"
     if rank > 0:  # torchrun: rank 0 serves; this rank distills alongside it
         trainer = build_trainer(checkpoints, key, config)

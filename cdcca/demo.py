@@ -64,6 +64,8 @@ class DemoConfig:
         test_images: held-out test images per domain the accuracy is measured on.
         round_size: uploaded samples that start a cloud round.
         steps: AKD optimizer steps per round.
+        replay: samples of earlier rounds each round trains on again (see ``CloudConfig.replay``).
+        pseudo_label_keep: share of a round's samples, the teacher's most confident, trained on.
         rate_hz: queries per second the robot answers (the bag is paced like a camera).
         codec: DWC codec of the deltas.
         port: loopback TCP port the cloud listens on.
@@ -80,6 +82,8 @@ class DemoConfig:
     test_images: int = 100
     round_size: int = 64
     steps: int = 30
+    replay: int = 0
+    pseudo_label_keep: float = 1.0
     rate_hz: float = 40.0
     codec: str = "nf4-zstd"
     port: int = 7447
@@ -185,7 +189,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
     share = str(max(1, config.threads // 2))
     cloud = _Child("cloud", ["cloud", "--checkpoints", str(config.checkpoints), "--state", str(work / "cloud"),
                              "--key", str(private), "--endpoint", endpoint, "--round-size", str(config.round_size),
-                             "--steps", str(config.steps), "--codec", config.codec, "--threads", share],
+                             "--steps", str(config.steps), "--codec", config.codec, "--threads", share,
+                             "--replay", str(config.replay), "--pseudo-label-keep", str(config.pseudo_label_keep)],
                    work / "cloud.log")  # fmt: skip
     edge = None
     link = None

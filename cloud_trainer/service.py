@@ -46,7 +46,10 @@ class CloudConfig:
     Args:
         state_dir: where the SQLite store and the round log live.
         round_size: pending samples of a robot that start a round.
-        max_round_samples: the most samples one round trains on (oldest first; the rest wait).
+        max_round_samples: the most new samples one round takes (oldest first; the rest wait).
+        replay: samples of earlier rounds (most recent first) trained on again with the new ones, so a round
+            on one shifted domain does not overwrite what earlier rounds taught (0: new samples only, as in
+            the paper).
         codec: DWC codec of the deltas (see ``cdcca.dwc.get_codec``).
         resend_after_s: a robot still behind this long after a send gets the update again.
         max_resends: resends per version before the cloud stops (e.g. a robot that rolled back on purpose).
@@ -57,6 +60,7 @@ class CloudConfig:
     state_dir: Path = Path("cloud_state")
     round_size: int = 64
     max_round_samples: int = 256
+    replay: int = 0
     codec: str = "nf4-zstd"
     resend_after_s: float = 5.0
     max_resends: int = 5
@@ -198,7 +202,8 @@ class CloudTrainer:
             raise ValueError(f"robot {robot_id} has no pending samples")
         started = time.perf_counter()
         log.info("robot %s: round v%d on %d samples started", robot_id, robot.chain.latest + 1, len(pending))
-        samples = [DistillSample.from_uts(wire.decode(wire.UTS_TOKENS, payload)) for _, payload in pending]
+        replayed = self.store.used(robot_id, self.config.replay) if self.config.replay else []
+        samples = [DistillSample.from_uts(wire.decode(wire.UTS_TOKENS, payload)) for _, payload in pending + replayed]
         if robot.distiller.world_size > 1:  # under torchrun: the other ranks run this round with us
             from cloud_trainer.distributed import send_round
 
@@ -214,7 +219,8 @@ class CloudTrainer:
         self.counters.rounds += 1
         result = {
             "robot_id": robot_id, "version": int(msg.version), "base_version": int(msg.base_version),
-            "keyframe": bool(msg.keyframe), "samples": report.samples, "akd_seconds": report.seconds,
+            "keyframe": bool(msg.keyframe), "samples": len(pending), "replayed": len(replayed),
+            "akd_seconds": report.seconds,
             "round_seconds": time.perf_counter() - started, "delta_bytes": len(data),
             "full_bytes": 4 * sum(t.numel() for t in params.values()), "losses": report.losses,
             "finished_unix": time.time(),

@@ -102,6 +102,16 @@ class CloudStore:
             ).fetchall()
         return [(sample_id, bytes(payload)) for sample_id, payload in rows]
 
+    def used(self, robot_id: str, limit: int) -> list[tuple[str, bytes]]:
+        """The ``limit`` most recently received samples of ``robot_id`` that earlier rounds used."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sample_id, payload FROM samples WHERE robot_id = ? AND version IS NOT NULL "
+                "ORDER BY received DESC LIMIT ?",
+                (robot_id, limit),
+            ).fetchall()
+        return [(sample_id, bytes(payload)) for sample_id, payload in rows]
+
     def pending_counts(self) -> dict[str, int]:
         """robot_id -> number of pending samples."""
         with self._lock:

@@ -109,3 +109,25 @@ def test_the_loop_over_loopback_zenoh(pretrained_test_pair, keys, tmp_path, stre
         trainer.close()
         robot_link.close()
         cloud_link.close()
+
+
+def test_onnx_backend_runtime_answers_like_torch(pretrained_test_pair, keys, tmp_path, stream):
+    from cdcca.edge.onnx_export import OnnxModelMismatch, export_onnx
+
+    images, prompts, ids = stream
+    with pytest.raises(OnnxModelMismatch, match="cdcca export"):
+        build_runtime(pretrained_test_pair, EdgeConfig(state_dir=tmp_path / "missing"), keys[1], backend="onnx")
+    export_onnx(load_adaptable_student(pretrained_test_pair), pretrained_test_pair / "student_onnx")
+    try:
+        results = {}
+        for backend in ("torch", "onnx"):
+            runtime = build_runtime(pretrained_test_pair, EdgeConfig(state_dir=tmp_path / backend, uts=ALL_SAMPLES),
+                                    keys[1], backend=backend)  # fmt: skip
+            results[backend] = [a.answer for a in runtime.ask(images, prompts, ids)]
+            assert runtime.stats()["uplink_queued"] == len(ids)  # UTS runs on both
+            runtime.close()
+        assert results["onnx"] == results["torch"]
+    finally:
+        import shutil
+
+        shutil.rmtree(pretrained_test_pair / "student_onnx")

@@ -20,11 +20,27 @@ from cdcca.models.checkpoint import load_adaptable_student
 log = logging.getLogger(__name__)
 
 
-def build_runtime(checkpoints: Path, config: EdgeConfig, trust_dir: Path, link=None) -> EdgeRuntime:
-    """The robot's runtime with the torch backend (the adapter state persists under ``config.state_dir``)."""
-    student = load_adaptable_student(checkpoints)
-    slot = AdapterSlot(student, config.robot_id, TrustStore.load(trust_dir), Path(config.state_dir) / "adapter")
-    return EdgeRuntime(TorchBackend(slot), student, config, link)
+def build_runtime(checkpoints: Path, config: EdgeConfig, trust_dir: Path, link=None, backend: str = "torch",
+                  threads: int | None = None) -> EdgeRuntime:  # fmt: skip
+    """The robot's runtime; the adapter state persists under ``config.state_dir``.
+
+    Args:
+        backend: ``torch`` (eager student behind an adapter slot) or ``onnx`` (ONNX Runtime on the export
+            in ``<checkpoints>/student_onnx`` made by ``cdcca export --backend onnx``).
+        threads: ONNX Runtime intra-op threads.
+    """
+    student = load_adaptable_student(checkpoints)  # UTS stage 2 runs on its frozen encoder either way
+    trust = TrustStore.load(trust_dir)
+    if backend == "torch":
+        answering = TorchBackend(AdapterSlot(student, config.robot_id, trust, Path(config.state_dir) / "adapter"))
+    elif backend == "onnx":
+        from cdcca.edge.onnx_backend import OnnxBackend
+
+        answering = OnnxBackend(Path(checkpoints) / "student_onnx", config.robot_id, trust,
+                                state_dir=Path(config.state_dir) / "onnx_adapter", threads=threads)  # fmt: skip
+    else:
+        raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+    return EdgeRuntime(answering, student, config, link)
 
 
 @dataclass
