@@ -20,7 +20,7 @@ def _worker(rank, world, port, checkpoints, key, out):
     from cdcca.data.digits_shift import load_domain
     from cdcca.envelope import Signer
     from cdcca.models.checkpoint import load_adaptable_student, load_mllm
-    from cloud_trainer.distributed import follow, init_from_env, send_stop
+    from cloud_trainer.distributed import follow, init_from_env, send_round, send_stop
     from cloud_trainer.service import CloudConfig, CloudTrainer
 
     assert init_from_env() == (rank, world)
@@ -30,19 +30,15 @@ def _worker(rank, world, port, checkpoints, key, out):
     if rank == 0:
         student = load_mllm(f"{checkpoints}/student")
         samples = DistillSample.from_samples(student, load_domain("printed", "stream", limit=4))
-        # the rounds of two robots, as the service would run them
-        for robot_id in ("r1", "r2"):
-            trainer.robots.setdefault(robot_id, trainer._robot(robot_id))
-        for robot_id in ("r1", "r2", "r1"):
-            from cloud_trainer.distributed import send_round
-
+        for robot_id in ("r1", "r2", "r1"):  # the rounds of two robots, as the service runs them
             send_round(robot_id, samples)
             trainer._robot(robot_id).distiller.run_round(samples)
         send_stop()
         rounds = 3
     else:
         rounds = follow(trainer)
-    params = {f"{r}.{k}": v.detach().clone() for r in ("r1", "r2") for k, v in trainer._robot(r).distiller.trainable.items()}
+    params = {f"{r}.{k}": v.detach().clone()
+              for r in ("r1", "r2") for k, v in trainer._robot(r).distiller.trainable.items()}  # fmt: skip
     save_file(params, f"{out}/rank{rank}.safetensors", metadata={"rounds": json.dumps(rounds)})
     dist.destroy_process_group()
 
