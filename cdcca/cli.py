@@ -110,6 +110,8 @@ def _add_cloud_args(parser: argparse.ArgumentParser) -> None:
                         help="samples of earlier rounds trained on again with each round's new ones")  # fmt: skip
     parser.add_argument("--pseudo-label-keep", type=float, default=akd["pseudo_label_keep"].default,
                         help="fraction of samples, the teacher's most confident, a round trains on")  # fmt: skip
+    parser.add_argument("--flush-after", type=float, default=None,
+                        help="seconds after which fewer than --round-size samples still make a round")  # fmt: skip
     parser.add_argument("--codec", default=cloud["codec"].default)
     parser.add_argument("--steps", type=int, default=akd["steps"].default, help="AKD optimizer steps per round")
     parser.add_argument("--lr", type=float, default=akd["lr"].default)
@@ -361,6 +363,7 @@ def cmd_cloud(args) -> dict:
     rank, world = init_from_env()
     config = CloudConfig(state_dir=args.state or cache_dir() / "cloud", round_size=args.round_size,
                          max_round_samples=args.max_round_samples, replay=args.replay, codec=args.codec,
+                         flush_after_s=args.flush_after,
                          akd=AKDConfig(steps=args.steps, lr=args.lr, seed=args.seed,
                                        pseudo_label_keep=args.pseudo_label_keep))  # fmt: skip
     checkpoints, key = args.checkpoints or checkpoint_dir(args.preset), args.key or cache_dir() / "keys" / "cloud-1.key"

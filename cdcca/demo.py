@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from cdcca import wire
-from cdcca.bag import image_to_msg, make_stream_bag
+from cdcca.bag import image_to_msg, write_stream_bag
 from cdcca.data.digits_shift import load_domain
 from cdcca.edge.adapter_slot import AdapterSlot
 from cdcca.envelope import TrustStore, generate_key, trust_key
@@ -59,15 +59,19 @@ class DemoConfig:
         workdir: state of the run (recreated each time).
         robot_id: the robot's name.
         rounds: adaptation rounds to wait for.
-        domains: target domains streamed one after the other.
+        domains: target domains of the stream.
+        interleave: shuffle the domains' frames into one stream (a world that keeps changing) instead of
+            streaming one domain after the other.
         stream_images: stream images per domain in the bag (one prompt per task each).
         test_images: held-out test images per domain the accuracy is measured on.
         round_size: uploaded samples that start a cloud round.
+        max_round_samples: the most new samples one round takes.
         steps: AKD optimizer steps per round.
         replay: samples of earlier rounds each round trains on again (see ``CloudConfig.replay``).
         pseudo_label_keep: share of a round's samples, the teacher's most confident, trained on.
         rate_hz: queries per second the robot answers (the bag is paced like a camera).
         codec: DWC codec of the deltas.
+        flush_after_s: the cloud also runs a round on fewer samples once the oldest waited this long.
         port: loopback TCP port the cloud listens on.
         threads: CPU threads in all; each process gets its share.
         timeout_s: give up when the rounds have not arrived by then.
@@ -78,14 +82,17 @@ class DemoConfig:
     robot_id: str = "r1"
     rounds: int = 3
     domains: tuple[str, ...] = field(default=DEMO_DOMAINS)
+    interleave: bool = True
     stream_images: int = 100
     test_images: int = 100
     round_size: int = 64
-    steps: int = 30
-    replay: int = 0
+    max_round_samples: int = 256
+    steps: int = 60
+    replay: int = 128
     pseudo_label_keep: float = 1.0
     rate_hz: float = 40.0
     codec: str = "nf4-zstd"
+    flush_after_s: float = 10.0
     port: int = 7447
     threads: int = 2
     timeout_s: float = 480.0
@@ -182,15 +189,17 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
     private, public = generate_key(work / "keys", "demo-cloud")
     trust_key(public, work / "trust")
     bag = work / "stream"
-    summary = make_stream_bag(bag, domains=config.domains, split="stream", limit=config.stream_images)
+    summary = _stream_bag(bag, config)
     frames = {s.sample_id: s for s in _bag_samples(bag)}
     tests = [s for d in config.domains for s in load_domain(d, "test", limit=config.test_images)]
     endpoint = f"tcp/127.0.0.1:{config.port}"
     share = str(max(1, config.threads // 2))
     cloud = _Child("cloud", ["cloud", "--checkpoints", str(config.checkpoints), "--state", str(work / "cloud"),
                              "--key", str(private), "--endpoint", endpoint, "--round-size", str(config.round_size),
+                             "--max-round-samples", str(config.max_round_samples),
                              "--steps", str(config.steps), "--codec", config.codec, "--threads", share,
-                             "--replay", str(config.replay), "--pseudo-label-keep", str(config.pseudo_label_keep)],
+                             "--replay", str(config.replay), "--pseudo-label-keep", str(config.pseudo_label_keep),
+                             "--flush-after", str(config.flush_after_s)],
                    work / "cloud.log")  # fmt: skip
     edge = None
     link = None
@@ -212,6 +221,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
                       work / "robot.log")  # fmt: skip
         rows = []
         seen_uploads = seen_answers = 0
+        last_delta = time.monotonic()
         deadline = time.monotonic() + config.timeout_s
         bar = progress_bar(None, total=config.rounds, desc="adaptation rounds", disable=not progress)
         while len(rows) < config.rounds:
@@ -223,7 +233,12 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
             try:
                 arrived, msg, nbytes = observed.deltas.get(timeout=0.5)
             except queue.Empty:
+                stalled = time.monotonic() - last_delta > config.flush_after_s + 60
+                if stalled and "source finished" in edge.log_path.read_text(errors="replace"):
+                    raise DemoError(f"the stream ended after {len(rows)} of {config.rounds} rounds; replay more "
+                                    "frames (--stream-images) or lower the cloud's round size") from None  # fmt: skip
                 continue
+            last_delta = arrived
             status = slot.receive(msg)
             if status.state != 0:
                 raise DemoError(f"the mirror rejected v{msg.version}: {status.reason}")
@@ -262,6 +277,19 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
               "summary": _summary(rows)}  # fmt: skip
     print(_table(rows))
     return report
+
+
+def _stream_bag(path: Path, config: DemoConfig):
+    """The digits-shift stream of ``config.domains`` as a bag, domain after domain or interleaved by frame."""
+    samples = [s for d in config.domains for s in load_domain(d, "stream", limit=config.stream_images)]
+    if config.interleave:  # shuffle frames, keeping each frame's prompts together
+        frames: dict[str, list] = {}
+        for sample in samples:  # ids are domain/split/image/task
+            frames.setdefault(sample.sample_id.rsplit("/", 1)[0], []).append(sample)
+        order = np.random.default_rng(0).permutation(len(frames))
+        groups = list(frames.values())
+        samples = [s for i in order for s in groups[i]]
+    return write_stream_bag(path, samples)
 
 
 def _frame_bytes(sample) -> int:

@@ -50,6 +50,8 @@ class CloudConfig:
         replay: samples of earlier rounds (most recent first) trained on again with the new ones, so a round
             on one shifted domain does not overwrite what earlier rounds taught (0: new samples only, as in
             the paper).
+        flush_after_s: also run a round on fewer than ``round_size`` samples once the oldest has waited this
+            long (``None``: never), so a robot that uploads little still gets updates.
         codec: DWC codec of the deltas (see ``cdcca.dwc.get_codec``).
         resend_after_s: a robot still behind this long after a send gets the update again.
         max_resends: resends per version before the cloud stops (e.g. a robot that rolled back on purpose).
@@ -61,6 +63,7 @@ class CloudConfig:
     round_size: int = 64
     max_round_samples: int = 256
     replay: int = 0
+    flush_after_s: float | None = None
     codec: str = "nf4-zstd"
     resend_after_s: float = 5.0
     max_resends: int = 5
@@ -261,8 +264,9 @@ class CloudTrainer:
     def step(self) -> list[dict]:
         """One pass: run every due round, resend to robots that are behind."""
         results = []
-        for robot_id, count in sorted(self.store.pending_counts().items()):
-            if count >= self.config.round_size:
+        flush = self.config.flush_after_s
+        for robot_id, (count, oldest) in sorted(self.store.pending_summary().items()):
+            if count >= self.config.round_size or (flush is not None and time.time() - oldest >= flush):
                 results.append(self.run_round(robot_id))
                 self.robots[robot_id].resends = 0
         for robot_id in list(self.robots):

@@ -114,11 +114,15 @@ class CloudStore:
 
     def pending_counts(self) -> dict[str, int]:
         """robot_id -> number of pending samples."""
+        return {robot_id: count for robot_id, (count, _) in self.pending_summary().items()}
+
+    def pending_summary(self) -> dict[str, tuple[int, float]]:
+        """robot_id -> (number of pending samples, arrival time of the oldest one, Unix seconds)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT robot_id, COUNT(*) FROM samples WHERE version IS NULL GROUP BY robot_id"
+                "SELECT robot_id, COUNT(*), MIN(received) FROM samples WHERE version IS NULL GROUP BY robot_id"
             ).fetchall()
-        return dict(rows)
+        return {robot_id: (count, oldest) for robot_id, count, oldest in rows}
 
     def count(self, robot_id: str | None = None) -> int:
         """Stored samples (pending and used)."""
