@@ -5,9 +5,10 @@
    camera-like rate. The robot answers every prompt, runs UTS and uploads the uncertain samples.
 3. ``cdcca cloud`` stores them, runs a teacher + AKD round per ``round_size`` samples, and publishes signed
    DWC deltas, which the robot verifies and hot-swaps while it keeps answering.
-4. This process watches the link like any other peer: it counts uplink bytes (against the raw frames of
-   every query answered in the round, what a cloud-only system would upload) and downlink bytes (against
-   the full fp32 student), applies every
+4. This process watches the link like any other peer: it counts uplink bytes of the round's samples (the
+   cloud's round log in the work directory says which they were) against the raw frames of every query
+   answered up to the round's last sample (what a cloud-only system would upload), and downlink bytes
+   against the full fp32 student; it applies every
    delta it sees to a mirror of the robot's student (the same verification, the same θ_base + Δ) and scores
    the mirror on held-out target samples after each round; the robot's own ``AdapterStatus`` confirms it
    runs the same version, and the time from the round's first uploaded sample to that status is the
@@ -18,6 +19,7 @@ Any child process dying is an error with the tail of its log; Ctrl-C stops both 
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import shutil
@@ -220,7 +222,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
                                 "--endpoint", endpoint, "--rate", str(config.rate_hz), "--threads", share],
                       work / "robot.log")  # fmt: skip
         rows = []
-        seen_uploads = seen_answers = 0
+        answered_upto = 0  # answers before this index belong to earlier rounds
         last_delta = time.monotonic()
         deadline = time.monotonic() + config.timeout_s
         bar = progress_bar(None, total=config.rounds, desc="adaptation rounds", disable=not progress)
@@ -242,22 +244,23 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
             status = slot.receive(msg)
             if status.state != 0:
                 raise DemoError(f"the mirror rejected v{msg.version}: {status.reason}")
-            with observed.lock:
-                window = observed.uploads[seen_uploads:]
-                answered = observed.answers[seen_answers:]
-                seen_uploads, seen_answers = len(observed.uploads), len(observed.answers)
-            start = window[0][0] if window else arrived  # first upload since the previous update
             applied = _wait_applied(observed, int(msg.version), (cloud, edge))
+            members = set(_round_record(work / "cloud" / "rounds.jsonl", int(msg.version))["sample_ids"])
+            with observed.lock:
+                uploads = [(t, n) for t, sample_id, n in observed.uploads if sample_id in members]
+                last = max((i for i, s in enumerate(observed.answers) if s in members), default=answered_upto - 1)
+                answered = observed.answers[answered_upto : last + 1]
+            answered_upto = max(answered_upto, last + 1)
             with slot.model() as active:  # the copy the update was swapped into
                 after = _accuracy(active, tests)
-            uploaded = {sample_id for _, sample_id, _ in window}
             rows.append({
                 "round": len(rows) + 1, "version": int(msg.version), "keyframe": bool(msg.keyframe),
                 "student_acc_before": before, "student_acc_after": after, "teacher_acc": teacher_acc,
-                "answers": len(answered), "uploaded_samples": len(uploaded),
-                "uplink_bytes": sum(n for _, _, n in window),
+                "answers": len(answered), "uploaded_samples": len(members),
+                "uplink_bytes": sum(n for _, n in uploads),
                 "raw_bytes": sum(_frame_bytes(frames[s]) for s in answered if s in frames),
-                "downlink_bytes": nbytes, "full_bytes": full_bytes, "update_latency_s": applied - start,
+                "downlink_bytes": nbytes, "full_bytes": full_bytes,
+                "update_latency_s": applied - min((t for t, _ in uploads), default=arrived),
             })  # fmt: skip
             before = after
             bar.update(1)
@@ -301,6 +304,20 @@ def _bag_samples(bag: Path):
     from cdcca.bag import read_samples
 
     return read_samples(bag)
+
+
+def _round_record(path: Path, version: int, timeout: float = 30.0) -> dict:
+    """The cloud's log entry of the round that produced ``version`` (it lists the round's new samples)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                record = json.loads(line)
+                if record["version"] == version:
+                    return record
+        if time.monotonic() > deadline:
+            raise DemoError(f"the cloud's round log {path} has no entry for v{version}")
+        time.sleep(0.05)
 
 
 def _wait_applied(observed: _Observed, version: int, children, timeout: float = 60.0) -> float:

@@ -226,7 +226,7 @@ class CloudTrainer:
             "akd_seconds": report.seconds,
             "round_seconds": time.perf_counter() - started, "delta_bytes": len(data),
             "full_bytes": 4 * sum(t.numel() for t in params.values()), "losses": report.losses,
-            "finished_unix": time.time(),
+            "finished_unix": time.time(), "sample_ids": [sample_id for sample_id, _ in pending],
         }  # fmt: skip
         with open(self.round_log, "a") as handle:
             handle.write(json.dumps(result) + "\n")
