@@ -41,7 +41,7 @@ from cdcca.envelope import TrustStore, generate_key, trust_key
 from cdcca.errors import CdccaError
 from cdcca.evaluate import evaluate
 from cdcca.models.checkpoint import load_adaptable_student, load_mllm
-from cdcca.report import format_table, progress_bar
+from cdcca.report import format_table, progress_bar, save_figure
 from cdcca.transport import Link, LinkConfig
 
 log = logging.getLogger(__name__)
@@ -372,9 +372,4 @@ def plot_demo(report: dict, path: str | Path) -> Path:
     size.set(yscale="log", xlabel="round", ylabel="bytes", title="link traffic per round")
     size.set_xticks(x, [str(r["round"]) for r in rows])
     size.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -25,7 +25,7 @@ from cdcca.evaluate import DomainScore, evaluate
 from cdcca.models.checkpoint import load_mllm, share_vision_encoder
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import LoraSettings, add_lora
-from cdcca.report import progress_bar
+from cdcca.report import progress_bar, save_figure
 from cdcca.uts import UncertaintyTokenSampler, UTSConfig, pack_tokens
 
 
@@ -266,6 +266,4 @@ def plot_adapt(report: dict, path) -> None:
     ax.set_xlabel("round (target domain, in stream order)")
     ax.set_title(f"continual adaptation on digits-shift ({len(report['summary']['seeds'])} seeds)")
     ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -26,7 +26,7 @@ from cdcca.dwc import gradient_importance
 from cdcca.evaluate import evaluate
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import add_lora, trainable_parameters
-from cdcca.report import progress_bar
+from cdcca.report import progress_bar, save_figure
 
 
 @dataclass
@@ -231,6 +231,4 @@ def plot_downlink(report: dict, path) -> None:
     twin.set_ylabel("accuracy (%)")
     twin.legend(loc="upper center", fontsize=8)
     ax.set_title(f"DWC codecs after one adaptation round on {report['config']['domain']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

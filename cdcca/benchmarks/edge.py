@@ -336,12 +336,9 @@ def plot_edge(report: dict, path) -> Path:
     summary = report["summary"]
     fig.suptitle(f"edge student: ORT/torch p50 = {summary['ort_over_torch_p50']:.2f}, "
                  f"failed answers during swaps = {summary['failed_answers']}", fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from cdcca.report import save_figure
+
+    return save_figure(fig, path)
 
 
 def cli_bench_edge(args, config: EdgeBenchConfig | None = None) -> dict:

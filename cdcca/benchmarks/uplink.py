@@ -23,7 +23,7 @@ from PIL import Image
 from cdcca import wire
 from cdcca.data.digits_shift import TARGET_DOMAINS, load_domain
 from cdcca.models.mllm import MLLM
-from cdcca.report import progress_bar
+from cdcca.report import progress_bar, save_figure
 from cdcca.uts import UncertaintyTokenSampler, UTSConfig, pack_tokens
 
 
@@ -162,6 +162,4 @@ def plot_uplink(report: dict, path) -> None:
     ax.set_xlim(right=4 * max(r["bytes_per_frame"] for r in rows))
     ax.set_xlabel(f"bytes per frame (camera {report['config']['camera']}), log scale")
     ax.set_title("uplink per frame on the digits-shift target stream")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
