@@ -191,6 +191,12 @@ class UncertaintyTokenSampler:
         top = variance.topk(count, dim=1).indices
         return torch.zeros_like(variance, dtype=torch.bool).scatter_(1, top, True)
 
+    @torch.inference_mode()
+    def stage_two(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 2 alone on preprocessed frames: (B, N) MC-dropout variance and (B, N) kept-token mask."""
+        variance = self.token_variance(self._front(pixel_values))
+        return variance, self.keep_tokens(variance)
+
     # ----------------------------------------------------------------------------------------- public
     @torch.inference_mode()
     def score(self, batch: Sequence[Sample]) -> UTSScores:

@@ -118,6 +118,7 @@ class CloudTrainer:
         self.robots: dict[str, _Robot] = {}
         self.counters = CloudCounters()
         self._stop = threading.Event()
+        self._chain_lock = threading.Lock()  # statuses arrive on Zenoh's thread while a round publishes
         self.round_log = Path(config.state_dir) / "rounds.jsonl"
         for robot_id in self.store.robots():
             self._robot(robot_id)
@@ -157,11 +158,12 @@ class CloudTrainer:
         robot = self.robots.get(robot_id)
         if robot is None or msg.version > robot.chain.latest:
             return  # a robot this cloud has not trained for (yet), or a version it never published
-        if msg.version != robot.reported:
-            robot.reported = int(msg.version)
-            if msg.version != robot.chain.applied and msg.version in {0, *robot.chain.published}:
-                robot.chain.record_applied(int(msg.version))
-                self.store.record_applied(robot_id, int(msg.version))
+        with self._chain_lock:
+            if msg.version != robot.reported:
+                robot.reported = int(msg.version)
+                if msg.version != robot.chain.applied and msg.version in {0, *robot.chain.published}:
+                    robot.chain.record_applied(int(msg.version))
+                    self.store.record_applied(robot_id, int(msg.version))
 
     # --------------------------------------------------------------------------------------- robots
     def _robot(self, robot_id: str) -> _Robot:
@@ -213,11 +215,12 @@ class CloudTrainer:
             send_round(robot_id, samples)
         report = robot.distiller.run_round(samples)
         params = {name: p.detach().clone() for name, p in robot.distiller.trainable.items()}
-        msg = robot.chain.make_delta(params, self.config.codec, self.signer, stamp_ns=time.time_ns())
-        data = wire.encode(msg)
-        self.store.commit_round(robot_id, int(msg.version), [sample_id for sample_id, _ in pending],
-                                self._state(robot.distiller), robot.chain.published[int(msg.version)], data,
-                                robot.chain.applied)  # fmt: skip
+        with self._chain_lock:
+            msg = robot.chain.make_delta(params, self.config.codec, self.signer, stamp_ns=time.time_ns())
+            data = wire.encode(msg)
+            self.store.commit_round(robot_id, int(msg.version), [sample_id for sample_id, _ in pending],
+                                    self._state(robot.distiller), robot.chain.published[int(msg.version)], data,
+                                    robot.chain.applied)  # fmt: skip
         self._send(robot_id, robot, data)
         self.counters.rounds += 1
         result = {

@@ -76,9 +76,7 @@ class CdccaMethod(AdaptationMethod):
                 if not self.stage2:
                     keep = torch.ones_like(keep)
                 elif not scores.keep_sample[i]:  # stage 1 off: stage 2 was not computed for this sample
-                    with torch.inference_mode():
-                        front = self.sampler._front(self.student.preprocess([sample.image]))
-                        keep = self.sampler.keep_tokens(self.sampler.token_variance(front))[0]
+                    keep = self.sampler.stage_two(self.student.preprocess([sample.image]))[1][0]
                 if self.stage2 and self.token_selection == "random":
                     count = int(keep.sum())
                     keep = torch.zeros_like(keep)

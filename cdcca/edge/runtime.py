@@ -140,9 +140,7 @@ class EdgeRuntime:
         if not keep.any():
             return
         index = keep.nonzero().squeeze(1).tolist()
-        front = self.sampler._front(self.encoder_owner.preprocess([images[i] for i in index]))
-        variance = self.sampler.token_variance(front)
-        tokens_kept = self.sampler.keep_tokens(variance)
+        variance, tokens_kept = self.sampler.stage_two(self.encoder_owner.preprocess([images[i] for i in index]))
         for row, i in enumerate(index):
             msg = pack_tokens(result.visual_tokens[i], tokens_kept[row], variance[row], robot_id=self.config.robot_id,
                               sample_id=ids[i], adapter_version=result.adapter_version, prompt=prompts[i],
