@@ -1,0 +1,331 @@
+"""Join a ROS 2 graph without ROS: a raw DDS participant (Eclipse Cyclone DDS, ``cyclonedds``) that speaks ROS 2.
+
+A ROS 2 node on a DDS RMW is, on the wire, a DDS participant whose topic ``/a/b`` is the DDS topic ``rt/a/b``
+and whose message type ``pkg/msg/Name`` is the DDS type ``pkg::msg::dds_::Name_``, a *final* struct with the
+fields of the ``.msg`` file, serialized as XCDR1 (plain CDR, 4-byte encapsulation header ``00 01 00 00``
+little-endian). ROS 2 design, "Topic and Service name mapping to DDS" (design.ros2.org/articles/
+topic_and_service_names.html); rmw_cyclonedds (github.com/ros2/rmw_cyclonedds) for the ``dds_`` type names.
+
+So this module builds, for every message of :mod:`cdcca.wire` (``cdcca_msgs`` plus ``sensor_msgs/Image``,
+``CompressedImage``, ``std_msgs/String``), a ``cyclonedds.idl.IdlStruct`` with that type name, generated from
+the same ``rosbags`` field definitions that produce our CDR -- the ``.msg`` files stay the only source of truth.
+``IdlStruct.serialize(use_version_2=False)`` of a sample is byte for byte :func:`cdcca.wire.encode` of the same
+message (tested), and writers are created with the XCDR1 data representation so that is what goes on the wire
+(cyclonedds Python API: cyclonedds.io/docs/cyclonedds-python, ``cyclonedds.idl``, ``cyclonedds.qos.Policy``).
+
+With that, :func:`run_dds_edge` runs the robot's :class:`~cdcca.edge.runtime.EdgeRuntime` in a ROS 2 graph:
+it subscribes to a real camera topic (``sensor_msgs/Image``, sensor-data QoS) and to prompts
+(``std_msgs/String``), publishes ``cdcca_msgs/Answer`` that ``ros2 topic echo /cdcca/answer`` prints, and --
+when the runtime has no Zenoh link of its own -- carries the loop topics like the ``cdcca_edge`` node:
+``/cdcca/uts_tokens`` and ``/cdcca/adapter_status`` out, ``/cdcca/weight_delta`` (transient local, depth 1) and
+``/cdcca/uts_ack`` in, for a ``zenoh-bridge-ros2dds`` to carry to the cloud. Services (``Ask``) need the
+ROS request/reply header and are left to the rclpy node.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cyclonedds.core import Policy, Qos
+from cyclonedds.domain import Domain, DomainParticipant
+from cyclonedds.idl import IdlStruct, make_idl_struct
+from cyclonedds.idl import types as idl
+from cyclonedds.pub import DataWriter
+from cyclonedds.sub import DataReader
+from cyclonedds.topic import Topic
+from cyclonedds.util import duration
+from rosbags.typesys.base import Nodetype
+
+from cdcca import wire
+from cdcca.bag import CAMERA_TOPIC, PROMPT_TOPIC
+from cdcca.edge.ros_glue import ROS_TOPICS, EdgeGlue
+from cdcca.errors import CdccaError
+
+log = logging.getLogger(__name__)
+
+_BASE = {
+    "bool": bool, "byte": idl.byte, "char": idl.uint8, "octet": idl.byte, "int8": idl.int8, "uint8": idl.uint8,
+    "int16": idl.int16, "uint16": idl.uint16, "int32": idl.int32, "uint32": idl.uint32, "int64": idl.int64,
+    "uint64": idl.uint64, "float32": idl.float32, "float64": idl.float64, "string": str,
+}  # fmt: skip  # ROS 2 .msg primitive -> IDL type (rosidl: char is uint8, byte is octet)
+_TYPES: dict[str, type[IdlStruct]] = {}
+_DOMAINS: dict[int, tuple[Domain, str]] = {}  # a configured domain exists once per process; participants share it
+_DOMAINS_LOCK = threading.Lock()
+
+# QoS as rclpy's profiles (rclpy.qos.qos_profile_sensor_data, the default profile, and a latched topic).
+SENSOR_DATA = Qos(Policy.Reliability.BestEffort, Policy.History.KeepLast(1), Policy.Durability.Volatile)
+RELIABLE = Qos(Policy.Reliability.Reliable(duration(milliseconds=100)), Policy.History.KeepLast(10),
+               Policy.Durability.Volatile)  # fmt: skip
+LATCHED = Qos(Policy.Reliability.Reliable(duration(milliseconds=100)), Policy.History.KeepLast(1),
+              Policy.Durability.TransientLocal)  # fmt: skip
+_XCDR1 = Policy.DataRepresentation(use_cdrv0_representation=True)
+
+
+class DdsError(CdccaError, RuntimeError):
+    """The DDS participant cannot be created or a topic cannot be used."""
+
+
+def dds_topic(ros_topic: str) -> str:
+    """The DDS topic of a ROS 2 topic: ``/camera/image`` -> ``rt/camera/image`` (relative names: from ``/``)."""
+    name = ros_topic.strip()
+    if not name or name.endswith("/") or "//" in name:
+        raise DdsError(f"not a ROS topic name: {ros_topic!r}")
+    return "rt/" + name.lstrip("/")
+
+
+def dds_type_name(type_name: str) -> str:
+    """``sensor_msgs/msg/Image`` -> ``sensor_msgs::msg::dds_::Image_`` (the name rmw implementations register)."""
+    full = wire.canonical(type_name)
+    parts = full.split("/")
+    if parts[1] == "srv":  # rosbags keeps service parts as pkg/srv/msg/Name_Request
+        return f"{parts[0]}::srv::dds_::{parts[-1]}_"
+    return f"{parts[0]}::msg::dds_::{parts[-1]}_"
+
+
+def idl_type(type_name: str) -> type[IdlStruct]:
+    """The ``IdlStruct`` of a registered ROS message type, generated from its ``.msg`` field definitions."""
+    full = wire.canonical(type_name)
+    if full not in _TYPES:
+        _, fields = wire.TYPESTORE.fielddefs[full]
+        annotations = {name: _idl_field(node) for name, node in fields}
+        class_name = dds_type_name(full).rsplit("::", 1)[-1]
+        _TYPES[full] = make_idl_struct(class_name, dds_type_name(full), annotations)  # final, as rosidl's IDL
+    return _TYPES[full]
+
+
+def _idl_field(node: tuple) -> Any:
+    kind, detail = node
+    if kind == Nodetype.BASE:
+        base, bound = detail
+        return idl.bounded_str[bound] if base == "string" and bound else _BASE[base]
+    if kind == Nodetype.NAME:
+        return idl_type(detail)
+    element, size = detail
+    if kind == Nodetype.ARRAY:
+        return idl.array[_idl_field(element), size]
+    return idl.sequence[_idl_field(element), size] if size else idl.sequence[_idl_field(element)]
+
+
+def to_idl(msg: Any) -> IdlStruct:
+    """The IDL sample of a :mod:`cdcca.wire` message (through its CDR, so the bytes stay the ROS ones)."""
+    return cdr_to_idl(msg.__msgtype__, wire.encode(msg))
+
+
+def cdr_to_idl(type_name: str, data: bytes) -> IdlStruct:
+    """Parse ROS 2 CDR bytes as the IDL sample of ``type_name``."""
+    try:
+        return idl_type(type_name).deserialize(bytes(data))
+    except Exception as err:  # struct.error, IndexError, UnicodeDecodeError from the binding's machine
+        raise wire.WireError(f"malformed {type_name}: {type(err).__name__}: {err}") from err
+
+
+def idl_to_cdr(sample: IdlStruct) -> bytes:
+    """XCDR1 bytes of an IDL sample (equal to :func:`cdcca.wire.encode` of the same message)."""
+    return sample.serialize(use_version_2=False)
+
+
+def from_idl(type_name: str, sample: IdlStruct) -> Any:
+    """The :mod:`cdcca.wire` message of an IDL sample."""
+    return wire.decode(type_name, idl_to_cdr(sample))
+
+
+def loopback_config() -> str:
+    """A Cyclone DDS configuration that stays on 127.0.0.1 with unicast discovery (no multicast needed): for
+    tests and for a robot whose ROS graph is one host (give ROS the same via ``CYCLONEDDS_URI``)."""
+    return (
+        "<CycloneDDS><Domain Id='any'><General><Interfaces><NetworkInterface address='127.0.0.1'/></Interfaces>"
+        "<AllowMulticast>false</AllowMulticast></General><Discovery><ParticipantIndex>auto</ParticipantIndex>"
+        "<MaxAutoParticipantIndex>30</MaxAutoParticipantIndex><Peers><Peer address='127.0.0.1'/></Peers>"
+        "</Discovery></Domain></CycloneDDS>"
+    )
+
+
+class DdsWriter:
+    """A DDS writer of one ROS topic; writes messages or their CDR bytes, XCDR1 on the wire."""
+
+    def __init__(self, writer: DataWriter, type_name: str) -> None:
+        self.writer, self.type_name = writer, type_name
+
+    def write_cdr(self, data: bytes) -> None:
+        self.writer.write(cdr_to_idl(self.type_name, data))
+
+    def write(self, msg: Any) -> None:
+        self.writer.write(to_idl(msg))
+
+    def matched(self) -> int:
+        """How many readers (ROS subscriptions) this writer is matched with."""
+        return len(self.writer.get_matched_subscriptions())
+
+
+class DdsGraph:
+    """One DDS participant in a ROS 2 domain.
+
+    Args:
+        domain_id: the ROS domain (``$ROS_DOMAIN_ID``, default 0).
+        config: Cyclone DDS XML configuration for this domain (default: ``$CYCLONEDDS_URI`` or built-in).
+    """
+
+    def __init__(self, domain_id: int | None = None, config: str | None = None) -> None:
+        self.domain_id = int(os.environ.get("ROS_DOMAIN_ID", "0")) if domain_id is None else int(domain_id)
+        try:
+            if config:
+                with _DOMAINS_LOCK:
+                    if self.domain_id not in _DOMAINS:
+                        _DOMAINS[self.domain_id] = (Domain(self.domain_id, config), config)
+                    elif _DOMAINS[self.domain_id][1] != config:
+                        raise DdsError(f"DDS domain {self.domain_id} already runs with another configuration")
+            self.participant = DomainParticipant(self.domain_id)
+        except DdsError:
+            raise
+        except Exception as err:
+            raise DdsError(f"cannot join DDS domain {self.domain_id}: {err}") from err
+        self._topics: dict[str, Topic] = {}
+        self._entities: list[Any] = []
+
+    def _topic(self, ros_topic: str, type_name: str) -> Topic:
+        name = dds_topic(ros_topic)
+        if name not in self._topics:
+            self._topics[name] = Topic(self.participant, name, idl_type(type_name))
+        return self._topics[name]
+
+    def writer(self, ros_topic: str, type_name: str, qos: Qos = RELIABLE) -> DdsWriter:
+        writer = DataWriter(self.participant, self._topic(ros_topic, type_name), Qos(*qos, _XCDR1))
+        self._entities.append(writer)
+        return DdsWriter(writer, type_name)
+
+    def reader(self, ros_topic: str, type_name: str, qos: Qos = RELIABLE) -> DataReader:
+        reader = DataReader(self.participant, self._topic(ros_topic, type_name), qos)
+        self._entities.append(reader)
+        return reader
+
+    def close(self) -> None:
+        """Delete the participant and everything in it (it leaves the graph at once)."""
+        self._entities.clear()
+        self._topics.clear()
+        if getattr(self, "participant", None) is not None:
+            self.participant.__del__()  # dds_delete: the binding's only way to delete an entity explicitly
+            self.participant = None
+
+
+def take_all(reader: DataReader, limit: int = 64) -> list:
+    """Valid samples taken from ``reader`` (invalid ones: disposals, unregistrations, are skipped)."""
+    return [s for s in reader.take(N=limit) if getattr(s, "sample_info", None) is None or s.sample_info.valid_data]
+
+
+@dataclass
+class DdsEdgeSettings:
+    """How :func:`run_dds_edge` joins the graph.
+
+    Args:
+        prompt_topic: ``std_msgs/String`` prompts answered about the latest frame.
+        subscribe_compressed: also read ``sensor_msgs/CompressedImage`` on ``<camera_topic>/compressed``.
+        ask_rate_hz: how often ``prompts`` are asked about the latest frame (0: only topic prompts).
+        batch_size: prompts answered together.
+        max_frame_age_s: answer only about a frame taken at most this long ago (0: any age).
+        domain_id: ROS domain (default ``$ROS_DOMAIN_ID`` or 0).
+        config: Cyclone DDS XML configuration (default ``$CYCLONEDDS_URI``); :func:`loopback_config` for one host.
+        poll_s: idle wait between polls of the readers.
+    """
+
+    prompt_topic: str = PROMPT_TOPIC
+    subscribe_compressed: bool = False
+    ask_rate_hz: float = 1.0
+    batch_size: int = 8
+    max_frame_age_s: float = 2.0
+    domain_id: int | None = None
+    config: str | None = None
+    poll_s: float = 0.01
+
+
+def run_dds_edge(runtime, camera_topic: str = CAMERA_TOPIC, prompts: tuple[str, ...] | list[str] = (),
+                 stop_event: threading.Event | None = None, settings: DdsEdgeSettings | None = None,
+                 ready: threading.Event | None = None) -> dict:  # fmt: skip
+    """Serve ``runtime`` in a ROS 2 DDS graph until ``stop_event`` is set; returns the counters.
+
+    Frames come from ``camera_topic`` (``sensor_msgs/Image``), taken only when a prompt needs one (the reader
+    keeps the newest, so a 30 Hz camera costs nothing between prompts). ``prompts`` are asked about the latest
+    frame every ``1/settings.ask_rate_hz`` s; prompts on ``settings.prompt_topic`` are answered as they come.
+    Every answer goes out on ``/cdcca/answer``. With ``runtime.link is None`` the participant also carries the
+    uplink, acks, deltas and statuses (see the module doc); with a Zenoh link the runtime's own background
+    thread does that (it is started here). ``ready`` is set once every reader and writer exists.
+    """
+    settings = settings or DdsEdgeSettings()
+    stop_event = stop_event or threading.Event()
+    graph = DdsGraph(settings.domain_id, settings.config)
+    writers: dict[str, DdsWriter] = {"answer": graph.writer(ROS_TOPICS["answer"], wire.ANSWER)}
+    glue = EdgeGlue(runtime, lambda topic, data: writers[topic].write_cdr(data), batch_size=settings.batch_size,
+                    max_frame_age_s=settings.max_frame_age_s)  # fmt: skip
+    cameras = [(graph.reader(camera_topic, wire.IMAGE, SENSOR_DATA), wire.IMAGE)]
+    if settings.subscribe_compressed:
+        compressed = camera_topic.rstrip("/") + "/compressed"
+        cameras.append((graph.reader(compressed, wire.COMPRESSED_IMAGE, SENSOR_DATA), wire.COMPRESSED_IMAGE))
+    prompt_reader = graph.reader(settings.prompt_topic, wire.STRING, RELIABLE)
+    loop_readers = []
+    if glue.carry_loop:
+        writers["uts_tokens"] = graph.writer(ROS_TOPICS["uts_tokens"], wire.UTS_TOKENS, RELIABLE)
+        writers["adapter_status"] = graph.writer(ROS_TOPICS["adapter_status"], wire.ADAPTER_STATUS, RELIABLE)
+        loop_readers = [
+            (graph.reader(ROS_TOPICS["weight_delta"], wire.WEIGHT_DELTA, LATCHED), wire.WEIGHT_DELTA,
+             glue.on_weight_delta),
+            (graph.reader(ROS_TOPICS["uts_ack"], wire.UTS_ACK, RELIABLE), wire.UTS_ACK, glue.on_ack),
+        ]  # fmt: skip
+    else:
+        runtime.start()
+
+    def poll_cameras() -> None:
+        for reader, type_name in cameras:
+            samples = take_all(reader)
+            if samples:
+                glue.on_camera(samples[-1], type_name)  # IDL sample: msg_to_rgb reads the same field names
+
+    def answer_loop() -> None:
+        next_ask = time.monotonic()
+        while not stop_event.is_set():
+            try:
+                for sample in take_all(prompt_reader):
+                    glue.on_prompt(sample.data)
+                due = bool(prompts) and settings.ask_rate_hz > 0 and time.monotonic() >= next_ask
+                if not glue.pending() and not due:
+                    stop_event.wait(settings.poll_s)
+                    continue
+                poll_cameras()
+                if due and glue.ask_about_latest(prompts):
+                    next_ask = time.monotonic() + 1.0 / settings.ask_rate_hz
+                while glue.pending() and glue.answer_pending():
+                    pass
+                if glue.pending():  # waiting for a first frame
+                    stop_event.wait(settings.poll_s)
+            except Exception:  # keep serving; the cause is in the log
+                log.exception("answering over DDS failed")
+                stop_event.wait(0.1)
+
+    answering = threading.Thread(target=answer_loop, name="dds-edge-answer", daemon=True)
+    answering.start()
+    if ready is not None:
+        ready.set()
+    log.info("joined ROS 2 domain %d: camera %s (%s), prompts %s", graph.domain_id, camera_topic,
+             dds_topic(camera_topic), settings.prompt_topic)  # fmt: skip
+    try:
+        while not stop_event.is_set():
+            busy = False
+            for reader, type_name, handle in loop_readers:
+                for sample in take_all(reader):
+                    busy = True
+                    try:
+                        handle(from_idl(type_name, sample))
+                    except Exception:
+                        glue.counters.malformed += 1
+                        log.exception("handling %s failed", type_name)
+            glue.tick()
+            if not busy:
+                stop_event.wait(settings.poll_s)
+    finally:
+        stop_event.set()
+        answering.join(timeout=30)
+        graph.close()
+    return {**vars(glue.counters), **runtime.stats()}

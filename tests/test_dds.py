@@ -1,0 +1,219 @@
+"""The raw-DDS path (cdcca.transport.dds): ROS 2 type names and bytes, and the robot in a DDS graph on loopback.
+
+The "ROS 2 camera" runs in its own process and declares its types by hand, the way rosidl would generate them
+(``sensor_msgs::msg::dds_::Image_``, final, XCDR1), independent of the generator under test.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from cdcca import wire
+from cdcca.bag import compressed_to_msg, image_to_msg
+from cdcca.transport import dds
+from tests.test_transport import wait_until
+
+FRAME = (np.arange(24 * 24 * 3) % 251).astype(np.uint8).reshape(24, 24, 3)  # (H, W, 3), deterministic
+
+
+def sample_messages():
+    stamp = wire.header(1_700_000_000_123_456_789, "camera_color_optical_frame")
+    return [
+        image_to_msg(FRAME, 5, "cam", encoding="bgr8"),
+        compressed_to_msg(FRAME, "png", stamp_ns=7),
+        wire.new(wire.STRING, data="what digit is this?"),
+        wire.new(wire.ANSWER, header=stamp, sample_id="r1-1", prompt="p", answer="seven", entropy=0.25,
+                 adapter_version=3, latency_ms=12.5),  # fmt: skip
+        wire.new(wire.UTS_TOKENS, header=stamp, robot_id="r1", sample_id="r1-2", adapter_version=1, prompt="q",
+                 student_answer="a", sample_entropy=1.5, num_tokens=17, token_dim=4,
+                 token_indices=np.array([0, 3, 9], np.uint16), token_variance=np.array([0.1, 0.2, 0.3], np.float32),
+                 encoding=0, scales=np.array([1.0, 2.0, 0.5], np.float32),
+                 token_data=np.arange(12, dtype=np.uint8)),  # fmt: skip
+        wire.new(wire.UTS_ACK, header=stamp, robot_id="r1", sample_ids=["a", "bb", "ccc"]),
+        wire.new(wire.WEIGHT_DELTA, header=stamp, robot_id="r1", version=4, base_version=3, keyframe=True, codec="nf4",
+                 num_params=123456789012, sha256=np.arange(32, dtype=np.uint8), key_id="cloud-1",
+                 signature=np.arange(64, dtype=np.uint8), payload=(np.arange(301) % 256).astype(np.uint8)),  # fmt: skip
+        wire.new(wire.ADAPTER_STATUS, header=stamp, robot_id="r1", version=2, state=1, reason="bad signature"),
+        wire.new(wire.ASK_REQUEST, prompt="what?", image=image_to_msg(FRAME[:4, :5], 9, "cam")),
+    ]
+
+
+@pytest.mark.parametrize("msg", sample_messages(), ids=lambda m: m.__msgtype__.rsplit("/", 1)[-1])
+def test_idl_types_serialize_to_the_exact_ros2_cdr_bytes(msg):
+    cdr = wire.encode(msg)
+    sample = dds.cdr_to_idl(msg.__msgtype__, cdr)
+    assert cdr[:4] == b"\x00\x01\x00\x00"  # XCDR1, little-endian: what a ROS 2 node sends
+    assert dds.idl_to_cdr(sample) == cdr
+    assert sample.serialize()[:4] == b"\x00\x01\x00\x00"  # final types default to XCDR1 too
+    assert wire.encode(dds.from_idl(msg.__msgtype__, sample)) == cdr
+
+
+def test_ros2_names():
+    assert dds.dds_topic("/camera/camera/color/image_raw") == "rt/camera/camera/color/image_raw"
+    assert dds.dds_topic("cdcca/answer") == "rt/cdcca/answer"
+    assert dds.dds_type_name(wire.IMAGE) == "sensor_msgs::msg::dds_::Image_"
+    assert dds.dds_type_name("cdcca_msgs/UtsTokens") == "cdcca_msgs::msg::dds_::UtsTokens_"
+    assert dds.dds_type_name(wire.ASK_REQUEST) == "cdcca_msgs::srv::dds_::Ask_Request_"
+    assert dds.idl_type(wire.ANSWER).__idl__.idl_transformed_typename == "cdcca_msgs::msg::dds_::Answer_"
+    assert [f for f in dds.idl_type(wire.IMAGE).__annotations__] == ["header", "height", "width", "encoding",
+                                                                      "is_bigendian", "step", "data"]  # fmt: skip
+    for bad in ("", "/a//b", "/a/"):
+        with pytest.raises(dds.DdsError):
+            dds.dds_topic(bad)
+
+
+def test_malformed_cdr_is_a_wire_error():
+    with pytest.raises(wire.WireError):
+        dds.cdr_to_idl(wire.ANSWER, b"\x00\x01\x00\x00\xff\xff\xff\x7f")
+
+
+ROS_CAMERA = textwrap.dedent('''
+    """A stand-in for a ROS 2 camera node and `ros2 topic echo /cdcca/answer`, with hand-declared rosidl types."""
+    import json, sys, time
+    from dataclasses import dataclass
+    from cyclonedds.core import Policy, Qos
+    from cyclonedds.domain import Domain, DomainParticipant
+    from cyclonedds.idl import IdlStruct
+    from cyclonedds.idl.types import float32, int32, sequence, uint8, uint32
+    from cyclonedds.pub import DataWriter
+    from cyclonedds.sub import DataReader
+    from cyclonedds.topic import Topic
+    from cyclonedds.util import duration
+
+    @dataclass
+    class Time_(IdlStruct, typename="builtin_interfaces::msg::dds_::Time_"):
+        sec: int32
+        nanosec: uint32
+
+    @dataclass
+    class Header_(IdlStruct, typename="std_msgs::msg::dds_::Header_"):
+        stamp: Time_
+        frame_id: str
+
+    @dataclass
+    class Image_(IdlStruct, typename="sensor_msgs::msg::dds_::Image_"):
+        header: Header_
+        height: uint32
+        width: uint32
+        encoding: str
+        is_bigendian: uint8
+        step: uint32
+        data: sequence[uint8]
+
+    @dataclass
+    class String_(IdlStruct, typename="std_msgs::msg::dds_::String_"):
+        data: str
+
+    @dataclass
+    class Answer_(IdlStruct, typename="cdcca_msgs::msg::dds_::Answer_"):
+        header: Header_
+        sample_id: str
+        prompt: str
+        answer: str
+        entropy: float32
+        adapter_version: uint32
+        latency_ms: float32
+
+    domain_id, config, want = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    domain = Domain(domain_id, config)
+    participant = DomainParticipant(domain_id)
+    xcdr1 = Policy.DataRepresentation(use_cdrv0_representation=True)
+    sensor = Qos(Policy.Reliability.BestEffort, Policy.History.KeepLast(5), xcdr1)  # rclpy sensor-data QoS
+    reliable = Qos(Policy.Reliability.Reliable(duration(milliseconds=100)), Policy.History.KeepLast(10), xcdr1)
+    camera = DataWriter(participant, Topic(participant, "rt/camera/camera/color/image_raw", Image_), sensor)
+    prompts = DataWriter(participant, Topic(participant, "rt/cdcca/prompt", String_), reliable)
+    answers = DataReader(participant, Topic(participant, "rt/cdcca/answer", Answer_), reliable)
+    pixels = [i % 251 for i in range(24 * 24 * 3)]
+    deadline, got, frame = time.monotonic() + 40, 0, 0
+    while got < want and time.monotonic() < deadline:
+        frame += 1
+        stamp = Time_(sec=1_700_000_000 + frame, nanosec=500)
+        camera.write(Image_(Header_(stamp, "camera_color_optical_frame"), 24, 24, "rgb8", 0, 72, pixels))
+        if frame % 5 == 0 and prompts.get_matched_subscriptions():
+            prompts.write(String_("what digit is this?"))
+        for answer in answers.take(N=16):
+            got += 1
+            print(json.dumps({"sample_id": answer.sample_id, "prompt": answer.prompt, "answer": answer.answer,
+                              "entropy": answer.entropy, "version": answer.adapter_version,
+                              "frame_id": answer.header.frame_id, "sec": answer.header.stamp.sec,
+                              "cdr": answer.serialize().hex()}), flush=True)
+        time.sleep(0.05)
+''')
+
+
+@pytest.fixture()
+def keys(tmp_path):
+    from cdcca.envelope import generate_key, trust_key
+
+    _, public = generate_key(tmp_path / "keys", "cloud-test")
+    trust_key(public, tmp_path / "trust")
+    return tmp_path / "trust"
+
+
+def test_the_robot_joins_a_ros2_graph_over_dds(pretrained_test_pair, keys, tmp_path):
+    """A ROS-style camera process on loopback -> run_dds_edge -> answers it reads; uplink, ack, forged delta."""
+    from cdcca.edge.app import build_runtime
+    from cdcca.edge.runtime import EdgeConfig
+    from cdcca.uts import UTSConfig
+
+    # Prepare: the robot (every answer uncertain, so every answer is uploaded) and a ROS-side listener
+    domain_id = 40 + os.getpid() % 150
+    config = dds.loopback_config()
+    all_samples = UTSConfig(sample_mode="threshold", entropy_threshold=-1.0)
+    runtime = build_runtime(pretrained_test_pair, EdgeConfig(state_dir=tmp_path / "edge", heartbeat_every_s=0.2,
+                                                             uts=all_samples), keys)  # fmt: skip
+    stop, ready = threading.Event(), threading.Event()
+    settings = dds.DdsEdgeSettings(domain_id=domain_id, config=config, ask_rate_hz=0.0, max_frame_age_s=0.0)
+    report: dict = {}
+    robot = threading.Thread(target=lambda: report.update(dds.run_dds_edge(runtime, "/camera/camera/color/image_raw",
+                                                                           (), stop, settings, ready)))  # fmt: skip
+    cloud_side = dds.DdsGraph(domain_id, config)  # plays zenoh-bridge-ros2dds: reads the uplink, sends acks
+    uplink = cloud_side.reader("/cdcca/uts_tokens", wire.UTS_TOKENS, dds.RELIABLE)
+    statuses = cloud_side.reader("/cdcca/adapter_status", wire.ADAPTER_STATUS, dds.RELIABLE)
+    acks = cloud_side.writer("/cdcca/uts_ack", wire.UTS_ACK, dds.RELIABLE)
+    deltas = cloud_side.writer("/cdcca/weight_delta", wire.WEIGHT_DELTA, dds.LATCHED)
+    script = tmp_path / "ros_camera.py"
+    script.write_text(ROS_CAMERA)
+    try:
+        robot.start()
+        assert ready.wait(20)
+        # Execute: the camera process publishes frames and prompts until it has read 2 answers
+        camera = subprocess.run([sys.executable, str(script), str(domain_id), config, "2"], capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        lines = [json.loads(line) for line in camera.stdout.splitlines() if line.startswith("{")]
+        assert len(lines) >= 2, camera.stderr[-2000:]
+        tokens = []
+        assert wait_until(lambda: tokens.extend(dds.take_all(uplink)) or len(tokens) >= 2, timeout=10)
+        uploaded = [dds.from_idl(wire.UTS_TOKENS, s) for s in tokens]
+        acks.write(wire.new(wire.UTS_ACK, robot_id="r1", sample_ids=[u.sample_id for u in uploaded]))
+        assert wait_until(lambda: len(runtime.uplink) == 0, timeout=10)
+        forged = wire.new(wire.WEIGHT_DELTA, robot_id="r1", version=1, base_version=0, codec="nf4", key_id="nobody",
+                          payload=np.zeros(8, np.uint8))  # fmt: skip
+        assert wait_until(lambda: deltas.matched() >= 1)
+        deltas.write(forged)
+        seen = []
+        assert wait_until(lambda: seen.extend(dds.from_idl(wire.ADAPTER_STATUS, s) for s in dds.take_all(statuses))
+                          or any(s.state == 1 for s in seen), timeout=15)  # fmt: skip
+    finally:
+        stop.set()
+        robot.join(timeout=30)
+        cloud_side.close()
+        runtime.close()
+    # Assert: the answers a ROS subscriber read are ours, byte-exact CDR, about the camera's frame
+    first = lines[0]
+    assert first["prompt"] == "what digit is this?" and first["answer"] and first["version"] == 0
+    assert first["frame_id"] == "camera_color_optical_frame" and first["sec"] > 1_700_000_000
+    decoded = wire.decode(wire.ANSWER, bytes.fromhex(first["cdr"]))
+    assert decoded.sample_id == first["sample_id"] and decoded.answer == first["answer"]
+    assert {u.sample_id for u in uploaded} >= {line["sample_id"] for line in lines[:2]}
+    assert all(u.robot_id == "r1" and 0 < len(u.token_indices) < u.num_tokens for u in uploaded)
+    rejected = [s for s in seen if s.state == 1]
+    assert rejected[0].robot_id == "r1" and rejected[0].reason and runtime.backend.version == 0
+    assert any(s.reason == "heartbeat" for s in seen)
+    assert report["deltas_rejected"] == 1 and report["uplink_acked"] >= 2 and report["answers_published"] >= 2
