@@ -523,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CdccaError, ValueError, FileNotFoundError) as err:
         print(f"cdcca {args.verb}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"cdcca {args.verb}: interrupted", file=sys.stderr)
+        return 130
     if args.json is not None:
         from cdcca.report import write_json
 

@@ -69,6 +69,7 @@ class DemoConfig:
         round_size: uploaded samples that start a cloud round.
         max_round_samples: the most new samples one round takes.
         steps: AKD optimizer steps per round.
+        lr: AKD learning rate.
         replay: samples of earlier rounds each round trains on again (see ``CloudConfig.replay``).
         pseudo_label_keep: share of a round's samples, the teacher's most confident, trained on.
         rate_hz: queries per second the robot answers (the bag is paced like a camera).
@@ -90,6 +91,7 @@ class DemoConfig:
     round_size: int = 64
     max_round_samples: int = 256
     steps: int = 60
+    lr: float = 1e-3
     replay: int = 128
     pseudo_label_keep: float = 1.0
     rate_hz: float = 40.0
@@ -199,7 +201,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
     cloud = _Child("cloud", ["cloud", "--checkpoints", str(config.checkpoints), "--state", str(work / "cloud"),
                              "--key", str(private), "--endpoint", endpoint, "--round-size", str(config.round_size),
                              "--max-round-samples", str(config.max_round_samples),
-                             "--steps", str(config.steps), "--codec", config.codec, "--threads", share,
+                             "--steps", str(config.steps), "--lr", str(config.lr), "--codec", config.codec,
+                             "--threads", share,
                              "--replay", str(config.replay), "--pseudo-label-keep", str(config.pseudo_label_keep),
                              "--flush-after", str(config.flush_after_s)],
                    work / "cloud.log")  # fmt: skip
