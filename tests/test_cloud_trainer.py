@@ -132,3 +132,20 @@ def test_a_robot_behind_gets_the_delta_again_or_a_keyframe(pretrained_test_pair,
     robot = AdapterSlot(load_adaptable_student(pretrained_test_pair), "r1", trust)
     assert robot.receive(sent[-1]).state == 0 and robot.version == 2
     assert trainer.counters.keyframes == 1
+
+
+def test_each_robot_has_its_own_student_and_chain(pretrained_test_pair, uploads, keys, tmp_path):
+    import dataclasses
+
+    trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud", round_size=4)
+    for msg in uploads[:4]:
+        trainer.receive_tokens("r1", msg)
+        trainer.receive_tokens("r2", dataclasses.replace(msg, robot_id="r2"))
+    results = trainer.step()
+    assert [(r["robot_id"], r["version"]) for r in results] == [("r1", 1), ("r2", 1)]
+    for msg in uploads[4:8]:
+        trainer.receive_tokens("r2", dataclasses.replace(msg, robot_id="r2"))
+    assert [(r["robot_id"], r["version"]) for r in trainer.step()] == [("r2", 2)]
+    assert trainer.robots["r1"].student is not trainer.robots["r2"].student
+    assert (trainer.robots["r1"].chain.latest, trainer.robots["r2"].chain.latest) == (1, 2)
+    assert trainer.store.count("r1") == 4 and trainer.store.count("r2") == 8

@@ -131,3 +131,16 @@ def test_onnx_backend_runtime_answers_like_torch(pretrained_test_pair, keys, tmp
         import shutil
 
         shutil.rmtree(pretrained_test_pair / "student_onnx")
+
+
+def test_realsense_recording_source_asks_every_prompt_about_every_frame(tmp_path):
+    from cdcca.bag import BagWriter, image_to_msg
+
+    frames = [np.full((4, 6, 3), i * 40, np.uint8) for i in range(3)]
+    with BagWriter(tmp_path / "rec", "sqlite3") as bag:  # colour frames as the RealSense SDK records them
+        for i, rgb in enumerate(frames):
+            bag.write("/device_0/sensor_1/Color_0/image/data", image_to_msg(rgb, 10 + i), 10 + i)
+    recording = next((tmp_path / "rec").glob("*.db3"))
+    queries = list(open_source(f"realsense:{recording}", prompts=("a?", "b?")))
+    assert [q.prompt for q in queries] == ["a?", "b?"] * 3
+    assert all(np.array_equal(q.image, frames[i // 2]) for i, q in enumerate(queries))

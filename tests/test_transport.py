@@ -154,3 +154,20 @@ def test_tls_with_user_password_auth_on_loopback(tmp_path):
     finally:
         for link in (intruder, robot, cloud):
             link.close()
+
+
+def test_through_a_router_in_client_mode():
+    endpoint = f"tcp/127.0.0.1:{free_port()}"
+    router = Link(LinkConfig(mode="router", listen=[endpoint]))
+    robot = Link(LinkConfig(mode="client", connect=[endpoint]))
+    monitor = Link(LinkConfig(mode="client", connect=[endpoint]))
+    try:
+        got = []
+        monitor.subscribe("r1", "adapter_status", lambda robot_id, msg, _: got.append(msg.version))
+        assert wait_until(lambda: robot.peers() == 1 and monitor.peers() == 1)
+        time.sleep(0.3)
+        robot.publish("r1", "adapter_status", status(version=5))
+        assert wait_until(lambda: got == [5])  # client -> router -> client
+    finally:
+        for link in (monitor, robot, router):
+            link.close()
