@@ -1,0 +1,1 @@
+"""CD-CCA robot nodes: thin rclpy shells; the logic lives in cdcca.edge.ros_glue."""

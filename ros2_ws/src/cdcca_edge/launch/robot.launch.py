@@ -1,0 +1,82 @@
+"""The robot: cdcca_edge (lifecycle, auto-activated), optional RealSense and Zenoh bridge.
+
+    ros2 launch cdcca_edge robot.launch.py robot_id:=r1 model_path:=/path/to/checkpoints \
+        start_camera:=true start_bridge:=true cloud_endpoint:=tcp/CLOUD_IP:7447
+
+Every argument is described (`ros2 launch cdcca_edge robot.launch.py --show-args`), as in
+realsense-ros's rs_launch.py. The lifecycle node is configured then activated by launch events, the
+pattern of launch_ros's lifecycle examples (ChangeState + OnStateTransition). The bridge runs with
+namespace /<robot_id>, so the ROS topic /cdcca/<topic> becomes the Zenoh key
+<robot_id>/cdcca/<topic> that `cdcca cloud` speaks (zenoh-plugin-ros2dds).
+"""
+
+from launch import LaunchDescription
+from launch.actions import (DeclareLaunchArgument, EmitEvent, ExecuteProcess,
+                            IncludeLaunchDescription, RegisterEventHandler)
+from launch.conditions import IfCondition
+from launch.events import matches_action
+from launch.launch_description_sources import PythonLaunchDescriptionSource
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch_ros.actions import LifecycleNode
+from launch_ros.event_handlers import OnStateTransition
+from launch_ros.events.lifecycle import ChangeState
+from launch_ros.substitutions import FindPackageShare
+from lifecycle_msgs.msg import Transition
+
+ARGUMENTS = [
+    ('robot_id', 'r1', 'robot name: UtsTokens.robot_id, the bridge namespace and the Zenoh key '
+                       'prefix <robot_id>/cdcca/<topic>'),
+    ('model_path', '', 'checkpoint directory holding student/ (cdcca pretrain output); empty: '
+                       'the tiny preset in the CD-CCA cache'),
+    ('trust_dir', '', "trust store of the cloud's public keys (cdcca keys trust); empty: cache"),
+    ('camera_topic', '/camera/camera/color/image_raw', 'sensor_msgs/Image topic to answer about'),
+    ('params_file', PathJoinSubstitution([FindPackageShare('cdcca_edge'), 'config', 'edge.yaml']),
+     'YAML parameter file of the cdcca_edge node (defaults: config/edge.yaml)'),
+    ('start_camera', 'false', 'also start realsense2_camera (rs_launch.py, namespace camera)'),
+    ('start_bridge', 'false', 'also start zenoh-bridge-ros2dds with namespace /<robot_id>'),
+    ('cloud_endpoint', 'tcp/127.0.0.1:7447',
+     'Zenoh endpoint of the cloud (cdcca cloud --endpoint)'),
+    ('bridge_executable', 'zenoh-bridge-ros2dds',
+     'path or name of the zenoh-bridge-ros2dds binary'),
+    ('autostart', 'true', 'configure and activate cdcca_edge at launch (false: drive it with '
+                          'ros2 lifecycle set)'),
+    ('use_sim_time', 'false', 'use /clock (true when replaying a bag with --clock)'),
+    ('log_level', 'info', 'log level of cdcca_edge'),
+]
+
+
+def generate_launch_description():
+    """Declare the arguments, the edge node, its lifecycle events, the camera and the bridge."""
+    config = {name: LaunchConfiguration(name) for name, _, _ in ARGUMENTS}
+    edge = LifecycleNode(
+        package='cdcca_edge', executable='edge_node', name='cdcca_edge', namespace='',
+        output='screen',
+        parameters=[config['params_file'], {
+            'robot_id': config['robot_id'], 'checkpoints': config['model_path'],
+            'trust_dir': config['trust_dir'], 'camera_topic': config['camera_topic'],
+            'use_sim_time': config['use_sim_time'],
+        }],
+        arguments=['--ros-args', '--log-level', config['log_level']],
+    )
+    configure = EmitEvent(event=ChangeState(
+        lifecycle_node_matcher=matches_action(edge),
+        transition_id=Transition.TRANSITION_CONFIGURE), condition=IfCondition(config['autostart']))
+    activate = RegisterEventHandler(OnStateTransition(
+        target_lifecycle_node=edge, goal_state='inactive',
+        entities=[EmitEvent(event=ChangeState(
+            lifecycle_node_matcher=matches_action(edge),
+            transition_id=Transition.TRANSITION_ACTIVATE))]),
+        condition=IfCondition(config['autostart']))
+    camera = IncludeLaunchDescription(
+        PythonLaunchDescriptionSource(PathJoinSubstitution(
+            [FindPackageShare('realsense2_camera'), 'launch', 'rs_launch.py'])),
+        condition=IfCondition(config['start_camera']))
+    bridge = ExecuteProcess(
+        cmd=[config['bridge_executable'], '--namespace', ['/', config['robot_id']],
+             '--connect', config['cloud_endpoint']],
+        output='screen', condition=IfCondition(config['start_bridge']))
+    return LaunchDescription([
+        *[DeclareLaunchArgument(name, default_value=default, description=description)
+          for name, default, description in ARGUMENTS],
+        activate, edge, configure, camera, bridge,
+    ])
