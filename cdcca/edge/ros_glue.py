@@ -36,6 +36,7 @@ import numpy as np
 from cdcca import wire
 from cdcca.bag import CAMERA_TOPIC, PROMPT_TOPIC, ImageEncodingError, msg_to_rgb
 from cdcca.edge.runtime import EdgeConfig, EdgeRuntime
+from cdcca.edge.sources import DEFAULT_PROMPTS
 from cdcca.errors import CdccaError
 from cdcca.paths import cache_dir, checkpoint_dir
 from cdcca.transport import TOPICS
@@ -105,7 +106,9 @@ def _robot_id(value: str) -> str | None:
 
 
 def _prompts(value: list) -> str | None:
-    return None if all(isinstance(p, str) and p.strip() for p in value) else "every prompt must be non-empty text"
+    if not value or not all(isinstance(p, str) and p.strip() for p in value):
+        return "must be a non-empty list of non-empty prompts"
+    return None
 
 
 PARAMETERS: tuple[ParamSpec, ...] = (
@@ -125,10 +128,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "<camera_topic>/compressed (image_transport's name)"),
     ParamSpec("prompt_topic", PROMPT_TOPIC, "string", "std_msgs/String topic of prompts answered about the "
               "latest frame", _topic),
-    ParamSpec("prompts", [], "string_array", "prompts asked about the latest frame every 1/ask_rate_hz s "
-              "without being sent; empty: answer only what is asked", _prompts, read_only=False),
-    ParamSpec("ask_rate_hz", 1.0, "double", "how often the prompts parameter is asked (0: never)", _range(0.0, 100.0),
-              read_only=False),
+    ParamSpec("prompts", list(DEFAULT_PROMPTS), "string_array", "prompts asked about the latest frame every "
+              "1/ask_rate_hz s without anyone sending them (never empty: ROS YAML cannot type an empty list)",
+              _prompts, read_only=False),
+    ParamSpec("ask_rate_hz", 0.0, "double", "how often the prompts parameter is asked; 0: never, answer only "
+              "prompts on prompt_topic and Ask calls", _range(0.0, 100.0)),
     ParamSpec("batch_size", 8, "integer", "prompts answered together in one forward pass", _range(1, 256),
               read_only=False),
     ParamSpec("max_frame_age_s", 2.0, "double", "prompts are answered only about a frame received at most this "
