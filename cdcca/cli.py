@@ -82,7 +82,8 @@ def _add_edge_args(parser: argparse.ArgumentParser) -> None:
     _add_model_args(parser)
     _add_link_args(parser)
     parser.add_argument("--robot-id", default="r1")
-    parser.add_argument("--source", required=True, help="bag:PATH, dir:PATH, realsense or realsense:FILE")
+    parser.add_argument("--source", required=True,
+                        help="bag:PATH, dir:PATH, realsense, realsense:FILE or ros:CAMERA_TOPIC (DDS)")  # fmt: skip
     parser.add_argument("--prompt", action="append", default=None,
                         help="prompt asked about every frame of a folder or camera (repeatable)")  # fmt: skip
     parser.add_argument("--state", type=Path, default=None, help="uplink queue + adapter state (default: cache)")

@@ -86,11 +86,11 @@ class DemoConfig:
     rounds: int = 3
     domains: tuple[str, ...] = field(default=DEMO_DOMAINS)
     interleave: bool = True
-    stream_images: int = 100
+    stream_images: int = 150
     test_images: int = 100
     round_size: int = 64
     max_round_samples: int = 256
-    steps: int = 60
+    steps: int = 40
     lr: float = 1e-3
     replay: int = 128
     pseudo_label_keep: float = 1.0

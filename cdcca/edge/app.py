@@ -48,7 +48,7 @@ class ReplaySettings:
     """How a source is fed through the runtime.
 
     Args:
-        source: ``bag:PATH``, ``dir:PATH``, ``realsense`` or ``realsense:FILE``.
+        source: ``bag:PATH``, ``dir:PATH``, ``realsense``, ``realsense:FILE`` or ``ros:TOPIC``.
         prompts: prompts asked about each frame of sources without their own.
         batch_size: queries answered together.
         rate_hz: queries per second at most (0: as fast as possible).
@@ -63,7 +63,16 @@ class ReplaySettings:
 
 
 def replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event) -> dict:
-    """Feed the source through ``runtime`` (its background thread does uplink and updates); returns stats."""
+    """Feed the source through ``runtime`` (its background thread does uplink and updates); returns stats.
+
+    ``ros:TOPIC`` joins a ROS 2 graph as a raw DDS participant (no rclpy) and answers about the camera on
+    TOPIC until stopped (:func:`cdcca.transport.dds.run_dds_edge`; ``rate_hz`` is then how often the
+    ``prompts`` are asked, default once a second)."""
+    if settings.source.startswith("ros:"):
+        from cdcca.transport.dds import DdsEdgeSettings, run_dds_edge
+
+        dds = DdsEdgeSettings(ask_rate_hz=settings.rate_hz or 1.0, batch_size=settings.batch_size)
+        return {**run_dds_edge(runtime, settings.source[4:], settings.prompts, stop, dds), **runtime.stats()}
     runtime.start()
     started = time.monotonic()
     batch, done = [], 0

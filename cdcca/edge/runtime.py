@@ -17,6 +17,7 @@ The runtime is plain Python: ROS nodes (``ros2_ws/src/cdcca_edge``) and ``cdcca 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -91,6 +92,7 @@ class EdgeRuntime:
         self._worker: threading.Thread | None = None
         self._answer_lock = threading.Lock()  # UTS keeps a sliding window; one batch at a time
         self.last_status = None
+        self._ids = itertools.count()
         if link is not None:
             link.subscribe(config.robot_id, "weight_delta", lambda _, msg, __: self._deltas.put(msg))
             link.subscribe(config.robot_id, "uts_ack", lambda _, msg, __: self.uplink.ack(list(msg.sample_ids)))
@@ -106,8 +108,10 @@ class EdgeRuntime:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         stamp = time.time_ns() if stamp_ns is None else stamp_ns
-        ids = list(sample_ids) if sample_ids is not None else [f"{self.config.robot_id}-{stamp}-{i}"
-                                                                 for i in range(len(prompts))]  # fmt: skip
+        if sample_ids is None:  # unique per robot: the cloud drops repeated ids as resends
+            ids = [f"{self.config.robot_id}-{time.time_ns()}-{next(self._ids)}" for _ in prompts]
+        else:
+            ids = list(sample_ids)
         started = time.perf_counter()
         with self._answer_lock:
             try:
