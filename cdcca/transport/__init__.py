@@ -1,7 +1,7 @@
 """The robot <-> cloud link over Zenoh (eclipse-zenoh).
 
 Key expressions are ``<robot_id>/cdcca/<topic>`` and payloads are the CDR bytes of :mod:`cdcca.wire`:
-exactly what ``zenoh-bridge-ros2dds --namespace <robot_id>`` publishes for the ROS 2 topic
+exactly what ``zenoh-bridge-ros2dds --namespace /<robot_id>`` publishes for the ROS 2 topic
 ``/cdcca/<topic>`` of a robot running the ROS nodes, so the cloud cannot tell a ROS robot behind the bridge
 from a robot that talks Zenoh directly (zenoh-plugin-ros2dds: a ROS topic ``/ns/t`` maps to the key ``ns/t``
 and carries the DDS sample's serialized CDR).
