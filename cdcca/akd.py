@@ -51,6 +51,11 @@ class AKDConfig:
         pseudo_label_keep: fraction of the buffer, the teacher's most confident answers (lowest mean token
             entropy), that the round trains on; 1.0 uses all, as the paper. UTS uploads the samples the
             student finds hardest, where the teacher is wrong more often too (beyond the paper).
+        check_fraction: share of the buffer held out of training to check the round (0 disables): every
+            ``check_every`` steps the student's greedy answers on it are compared with the teacher's, and the
+            round keeps the weights that agree best, the round's starting point included, so a round that
+            drifts away from the teacher is undone instead of published (beyond the paper).
+        check_every: optimizer steps between checks.
     """
 
     lambda_query: float = 1.0
@@ -63,6 +68,8 @@ class AKDConfig:
     batch_size: int = 32
     seed: int = 0
     pseudo_label_keep: float = 1.0
+    check_fraction: float = 0.0
+    check_every: int = 10
 
     def __post_init__(self) -> None:
         for name in ("lambda_query", "lambda_repr", "lambda_ce", "lambda_kl"):
@@ -74,6 +81,9 @@ class AKDConfig:
             raise ValueError(f"AKDConfig.temperature and lr must be > 0, got {self.temperature}, {self.lr}")
         if not 0.0 < self.pseudo_label_keep <= 1.0:
             raise ValueError(f"AKDConfig.pseudo_label_keep must be in (0, 1], got {self.pseudo_label_keep}")
+        if not 0.0 <= self.check_fraction < 1.0 or self.check_every < 1:
+            raise ValueError(f"AKDConfig needs 0 <= check_fraction < 1 and check_every >= 1, got "
+                             f"{self.check_fraction}, {self.check_every}")  # fmt: skip
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"AKDConfig.steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
 
@@ -114,7 +124,8 @@ class DistillSample:
 @dataclass
 class RoundReport:
     """What a round did: sizes, mean losses over its last steps, time, and the teacher's pseudo labels
-    (one per buffered sample, aligned with the round's input)."""
+    (one per buffered sample, aligned with the round's input). With a check slice: the step whose weights
+    were kept (0 = the round was undone) and the agreement with the teacher before and after."""
 
     samples: int
     steps: int
@@ -122,6 +133,8 @@ class RoundReport:
     seconds: float
     pseudo_label_seconds: float
     pseudo_labels: list[str]
+    kept_step: int | None = None
+    agreement: tuple[float, float] | None = None
 
 
 class Distiller:
@@ -207,6 +220,14 @@ class Distiller:
         terms["total"] = sum(weights[name] * value for name, value in terms.items())
         return terms
 
+    @torch.inference_mode()
+    def _agreement(self, samples: Sequence[DistillSample], labels: Sequence[str]) -> float:
+        """Share of ``samples`` the student answers exactly as the teacher labelled them."""
+        self.student.eval()
+        tokens, mask = self._stack(samples)
+        answers = self.student.generate([s.prompt for s in samples], visual_tokens=tokens, token_mask=mask).texts
+        return float(np.mean([a == b for a, b in zip(answers, labels)]))
+
     def _average_gradients(self) -> None:
         """Data parallelism as DDP does it: every rank's gradient of its shard, summed and averaged in one
         all-reduce (gloo on CPU, nccl on GPU), so every rank takes the identical optimizer step."""
@@ -237,10 +258,18 @@ class Distiller:
         labelled = time.perf_counter()
         rng = np.random.default_rng([self.config.seed, self.rounds])
         torch.manual_seed(int(rng.integers(2**62)))
+        check: tuple[list[DistillSample], list[str]] | None = None
+        if self.config.check_fraction > 0 and len(samples) >= 4:
+            order = rng.permutation(len(samples))
+            held = max(1, int(round(self.config.check_fraction * len(samples))))
+            check = ([samples[i] for i in order[:held]], [labels[i] for i in order[:held]])
+            samples, labels = [samples[i] for i in order[held:]], [labels[i] for i in order[held:]]
+            start = self._agreement(*check)
+            best = (start, 0, {name: p.detach().clone() for name, p in self.trainable.items()})
         self.student.train()
         self.student.blip2.vision_model.eval()
         history: dict[str, list[float]] = {}
-        for _ in range(self.config.steps):
+        for step in range(1, self.config.steps + 1):
             index = rng.choice(len(samples), size=min(self.config.batch_size, len(samples)), replace=False)
             index = index[self.rank :: self.world_size] if len(index) >= self.world_size else index
             terms = self.losses([samples[i] for i in index], [labels[i] for i in index])
@@ -252,12 +281,23 @@ class Distiller:
             self.optimizer.step()
             for name, value in terms.items():
                 history.setdefault(name, []).append(float(value.detach()))
+            if check is not None and (step % self.config.check_every == 0 or step == self.config.steps):
+                score = self._agreement(*check)
+                if score > best[0]:
+                    best = (score, step, {name: p.detach().clone() for name, p in self.trainable.items()})
+                self.student.train()
+                self.student.blip2.vision_model.eval()
         self.student.eval()
+        if check is not None:
+            with torch.no_grad():
+                for name, param in self.trainable.items():
+                    param.copy_(best[2][name])
         self.rounds += 1
         tail = max(1, self.config.steps // 10)
         return RoundReport(
             samples=len(samples), steps=self.config.steps,
             losses={name: float(np.mean(values[-tail:])) for name, values in history.items()},
             seconds=time.perf_counter() - started, pseudo_label_seconds=labelled - started,
-            pseudo_labels=all_labels,
+            pseudo_labels=all_labels, kept_step=best[1] if check is not None else None,
+            agreement=(start, best[0]) if check is not None else None,
         )  # fmt: skip

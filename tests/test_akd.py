@@ -154,3 +154,29 @@ def test_pseudo_label_keep_trains_on_the_most_confident_answers(pair):
     assert len(labels) == len(entropy) == len(samples)
     with pytest.raises(ValueError, match="pseudo_label_keep"):
         AKDConfig(pseudo_label_keep=0.0)
+
+
+@pytest.mark.parametrize(("scores", "kept"), [([0.5, 0.4, 0.7, 0.6], 4), ([0.5, 0.4, 0.3, 0.2], 0)])
+def test_check_slice_keeps_the_weights_that_agree_best_with_the_teacher(pair, monkeypatch, scores, kept):
+    teacher, student = pair
+    add_lora(student)
+    samples = DistillSample.from_samples(student, load_domain("printed", "stream", limit=4))  # 12 samples
+    distiller = Distiller(teacher, student, AKDConfig(steps=6, batch_size=4, lr=5e-2, check_fraction=0.25,
+                                                      check_every=2))  # fmt: skip
+    snapshots, calls = [], iter(scores)
+
+    def scripted(check_samples, check_labels):  # start, then after steps 2, 4 and 6
+        assert len(check_samples) == len(check_labels) == 3  # a quarter of the buffer is held out
+        snapshots.append({k: v.detach().clone() for k, v in distiller.trainable.items()})
+        return next(calls)
+
+    monkeypatch.setattr(distiller, "_agreement", scripted)
+    report = distiller.run_round(samples)
+
+    assert report.kept_step == kept and report.agreement == (0.5, max(scores))
+    assert report.samples == 9  # trained on the rest
+    final = distiller.trainable
+    assert all(torch.equal(final[k], snapshots[kept // 2][k]) for k in final)
+    assert any(not torch.equal(snapshots[0][k], snapshots[-1][k]) for k in final)  # training did move the weights
+    with pytest.raises(ValueError, match="check_fraction"):
+        AKDConfig(check_fraction=1.0)
