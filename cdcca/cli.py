@@ -109,6 +109,9 @@ def _add_cloud_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-round-samples", type=int, default=cloud["max_round_samples"].default)
     parser.add_argument("--replay", type=int, default=cloud["replay"].default,
                         help="samples of earlier rounds trained on again with each round's new ones")  # fmt: skip
+    parser.add_argument("--check-fraction", type=float, default=akd["check_fraction"].default,
+                        help="share of a round's samples held out; the round keeps the weights that agree best "
+                             "with the teacher on them (0: off)")  # fmt: skip
     parser.add_argument("--pseudo-label-keep", type=float, default=akd["pseudo_label_keep"].default,
                         help="fraction of samples, the teacher's most confident, a round trains on")  # fmt: skip
     parser.add_argument("--flush-after", type=float, default=None,
@@ -366,7 +369,8 @@ def cmd_cloud(args) -> dict:
                          max_round_samples=args.max_round_samples, replay=args.replay, codec=args.codec,
                          flush_after_s=args.flush_after,
                          akd=AKDConfig(steps=args.steps, lr=args.lr, seed=args.seed,
-                                       pseudo_label_keep=args.pseudo_label_keep))  # fmt: skip
+                                       pseudo_label_keep=args.pseudo_label_keep,
+                                       check_fraction=args.check_fraction))  # fmt: skip
     checkpoints, key = args.checkpoints or checkpoint_dir(args.preset), args.key or cache_dir() / "keys" / "cloud-1.key"
     if rank > 0:  # torchrun: rank 0 serves; this rank distills alongside it
         trainer = build_trainer(checkpoints, key, config)

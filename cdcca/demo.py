@@ -72,6 +72,7 @@ class DemoConfig:
         lr: AKD learning rate.
         replay: samples of earlier rounds each round trains on again (see ``CloudConfig.replay``).
         pseudo_label_keep: share of a round's samples, the teacher's most confident, trained on.
+        check_fraction: share of a round's samples held out to pick the round's best weights (0: off).
         rate_hz: queries per second the robot answers (the bag is paced like a camera).
         codec: DWC codec of the deltas.
         flush_after_s: the cloud also runs a round on fewer samples once the oldest waited this long.
@@ -94,6 +95,7 @@ class DemoConfig:
     lr: float = 1e-3
     replay: int = 128
     pseudo_label_keep: float = 1.0
+    check_fraction: float = 0.0
     rate_hz: float = 40.0
     codec: str = "nf4-zstd"
     flush_after_s: float = 10.0
@@ -204,6 +206,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
                              "--steps", str(config.steps), "--lr", str(config.lr), "--codec", config.codec,
                              "--threads", share,
                              "--replay", str(config.replay), "--pseudo-label-keep", str(config.pseudo_label_keep),
+                             "--check-fraction", str(config.check_fraction),
                              "--flush-after", str(config.flush_after_s)],
                    work / "cloud.log")  # fmt: skip
     edge = None

@@ -226,7 +226,7 @@ class CloudTrainer:
         result = {
             "robot_id": robot_id, "version": int(msg.version), "base_version": int(msg.base_version),
             "keyframe": bool(msg.keyframe), "samples": len(pending), "replayed": len(replayed),
-            "akd_seconds": report.seconds,
+            "akd_seconds": report.seconds, "kept_step": report.kept_step, "agreement": report.agreement,
             "round_seconds": time.perf_counter() - started, "delta_bytes": len(data),
             "full_bytes": 4 * sum(t.numel() for t in params.values()), "losses": report.losses,
             "finished_unix": time.time(), "sample_ids": [sample_id for sample_id, _ in pending],
