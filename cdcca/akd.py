@@ -56,6 +56,8 @@ class AKDConfig:
             round keeps the weights that agree best, the round's starting point included, so a round that
             drifts away from the teacher is undone instead of published (beyond the paper).
         check_every: optimizer steps between checks.
+        check_min: the fewest held-out samples a check may rest on; smaller rounds train on everything
+            unchecked (a handful of samples makes a noisy judge).
     """
 
     lambda_query: float = 1.0
@@ -70,6 +72,7 @@ class AKDConfig:
     pseudo_label_keep: float = 1.0
     check_fraction: float = 0.0
     check_every: int = 10
+    check_min: int = 3
 
     def __post_init__(self) -> None:
         for name in ("lambda_query", "lambda_repr", "lambda_ce", "lambda_kl"):
@@ -259,9 +262,9 @@ class Distiller:
         rng = np.random.default_rng([self.config.seed, self.rounds])
         torch.manual_seed(int(rng.integers(2**62)))
         check: tuple[list[DistillSample], list[str]] | None = None
-        if self.config.check_fraction > 0 and len(samples) >= 4:
+        held = int(round(self.config.check_fraction * len(samples)))
+        if self.config.check_fraction > 0 and held >= self.config.check_min and held < len(samples):
             order = rng.permutation(len(samples))
-            held = max(1, int(round(self.config.check_fraction * len(samples))))
             check = ([samples[i] for i in order[:held]], [labels[i] for i in order[:held]])
             samples, labels = [samples[i] for i in order[held:]], [labels[i] for i in order[held:]]
             start = self._agreement(*check)

@@ -112,6 +112,8 @@ def _add_cloud_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-fraction", type=float, default=akd["check_fraction"].default,
                         help="share of a round's samples held out; the round keeps the weights that agree best "
                              "with the teacher on them (0: off)")  # fmt: skip
+    parser.add_argument("--check-min", type=int, default=akd["check_min"].default,
+                        help="fewest held-out samples a check may rest on (smaller rounds go unchecked)")  # fmt: skip
     parser.add_argument("--pseudo-label-keep", type=float, default=akd["pseudo_label_keep"].default,
                         help="fraction of samples, the teacher's most confident, a round trains on")  # fmt: skip
     parser.add_argument("--flush-after", type=float, default=None,
@@ -370,7 +372,7 @@ def cmd_cloud(args) -> dict:
                          flush_after_s=args.flush_after,
                          akd=AKDConfig(steps=args.steps, lr=args.lr, seed=args.seed,
                                        pseudo_label_keep=args.pseudo_label_keep,
-                                       check_fraction=args.check_fraction))  # fmt: skip
+                                       check_fraction=args.check_fraction, check_min=args.check_min))  # fmt: skip
     checkpoints, key = args.checkpoints or checkpoint_dir(args.preset), args.key or cache_dir() / "keys" / "cloud-1.key"
     if rank > 0:  # torchrun: rank 0 serves; this rank distills alongside it
         trainer = build_trainer(checkpoints, key, config)

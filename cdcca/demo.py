@@ -73,6 +73,7 @@ class DemoConfig:
         replay: samples of earlier rounds each round trains on again (see ``CloudConfig.replay``).
         pseudo_label_keep: share of a round's samples, the teacher's most confident, trained on.
         check_fraction: share of a round's samples held out to pick the round's best weights (0: off).
+        check_min: the fewest held-out samples a check may rest on.
         rate_hz: queries per second the robot answers (the bag is paced like a camera).
         codec: DWC codec of the deltas.
         flush_after_s: the cloud also runs a round on fewer samples once the oldest waited this long.
@@ -96,6 +97,7 @@ class DemoConfig:
     replay: int = 128
     pseudo_label_keep: float = 1.0
     check_fraction: float = 0.0
+    check_min: int = 32
     rate_hz: float = 40.0
     codec: str = "nf4-zstd"
     flush_after_s: float = 10.0
@@ -206,7 +208,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
                              "--steps", str(config.steps), "--lr", str(config.lr), "--codec", config.codec,
                              "--threads", share,
                              "--replay", str(config.replay), "--pseudo-label-keep", str(config.pseudo_label_keep),
-                             "--check-fraction", str(config.check_fraction),
+                             "--check-fraction", str(config.check_fraction), "--check-min", str(config.check_min),
                              "--flush-after", str(config.flush_after_s)],
                    work / "cloud.log")  # fmt: skip
     edge = None
