@@ -371,6 +371,7 @@ def plot_demo(report: dict, path: str | Path) -> Path:
     acc.plot(rounds, [rows[0]["student_acc_before"]] + [r["student_acc_after"] for r in rows], "o-", label="student")
     acc.axhline(rows[0]["teacher_acc"], color="grey", linestyle="--", label="teacher")
     acc.set(xlabel="round", ylabel="held-out target accuracy (%)", title="student after each applied update")
+    acc.set_xticks(rounds)
     acc.legend()
     x = np.arange(len(rows))
     bars = ((-0.3, "uplink_bytes", "uplink (UTS)"), (-0.1, "raw_bytes", "raw frames"),
