@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from cdcca import wire
-from cdcca.bag import image_to_msg, write_stream_bag
+from cdcca.bag import image_to_msg, read_samples, write_stream_bag
 from cdcca.data.digits_shift import load_domain
 from cdcca.edge.adapter_slot import AdapterSlot
 from cdcca.envelope import TrustStore, generate_key, trust_key
@@ -198,7 +198,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
     trust_key(public, work / "trust")
     bag = work / "stream"
     summary = _stream_bag(bag, config)
-    frames = {s.sample_id: s for s in _bag_samples(bag)}
+    frames = {s.sample_id: s for s in read_samples(bag)}
     tests = [s for d in config.domains for s in load_domain(d, "test", limit=config.test_images)]
     endpoint = f"tcp/127.0.0.1:{config.port}"
     share = str(max(1, config.threads // 2))
@@ -306,12 +306,6 @@ def _stream_bag(path: Path, config: DemoConfig):
 def _frame_bytes(sample) -> int:
     """Bytes of the frame as a ``sensor_msgs/Image`` (what uploading the raw camera frame would cost)."""
     return len(wire.encode(image_to_msg(sample.load_image())))
-
-
-def _bag_samples(bag: Path):
-    from cdcca.bag import read_samples
-
-    return read_samples(bag)
 
 
 def _round_record(path: Path, version: int, timeout: float = 30.0) -> dict:

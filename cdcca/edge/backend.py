@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from cdcca.edge.adapter_slot import AdapterSlot
-from cdcca.models.mllm import MLLM
 
 
 @dataclass
@@ -90,9 +89,3 @@ class TorchBackend(EdgeBackend):
 
     def rollback(self):
         return self.slot.rollback()
-
-    @property
-    def student(self) -> MLLM:
-        """The student owning the shared vision encoder (for UTS)."""
-        with self.slot.model() as model:
-            return model

@@ -91,7 +91,6 @@ class EdgeRuntime:
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._answer_lock = threading.Lock()  # UTS keeps a sliding window; one batch at a time
-        self.last_status = None
         self._ids = itertools.count()
         if link is not None:
             link.subscribe(config.robot_id, "weight_delta", lambda _, msg, __: self._deltas.put(msg))
@@ -180,7 +179,6 @@ class EdgeRuntime:
         """Verify and hot-swap one ``WeightDelta``; publishes and returns the ``AdapterStatus``."""
         self.counters.deltas_received += 1
         status = self.backend.receive(msg)
-        self.last_status = status
         self.publish_status(status)
         return status
 
