@@ -159,20 +159,23 @@ class _Observed:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def watch(self, link: Link, robot_id: str) -> None:
-        def upload(_, msg, nbytes):
+        def upload(_, msg, data):
             with self.lock:
-                self.uploads.append((time.monotonic(), msg.sample_id, nbytes))
+                self.uploads.append((time.monotonic(), msg.sample_id, len(data)))
 
         def status(_, msg, __):
             with self.lock:
                 self.statuses.append((time.monotonic(), int(msg.version), int(msg.state)))
+
+        def delta(_, msg, data):
+            self.deltas.put((time.monotonic(), msg, len(data)))
 
         def answer(_, msg, __):
             with self.lock:
                 self.answers.append(msg.sample_id)
 
         link.subscribe(robot_id, "uts_tokens", upload)
-        link.subscribe(robot_id, "weight_delta", lambda _, msg, n: self.deltas.put((time.monotonic(), msg, n)))
+        link.subscribe(robot_id, "weight_delta", delta)
         link.subscribe(robot_id, "adapter_status", status)
         link.subscribe(robot_id, "answer", answer)
 

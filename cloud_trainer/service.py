@@ -123,12 +123,13 @@ class CloudTrainer:
         for robot_id in self.store.robots():
             self._robot(robot_id)
         if link is not None:
-            link.subscribe("*", "uts_tokens", lambda robot_id, msg, _: self.receive_tokens(robot_id, msg))
+            link.subscribe("*", "uts_tokens", self.receive_tokens)
             link.subscribe("*", "adapter_status", lambda robot_id, msg, _: self.receive_status(robot_id, msg))
 
     # ------------------------------------------------------------------------------------ receiving
-    def receive_tokens(self, robot_id: str, msg) -> bool:
-        """Validate, persist and queue the ack of one ``UtsTokens``; False if rejected."""
+    def receive_tokens(self, robot_id: str, msg, data: bytes | None = None) -> bool:
+        """Validate, persist and acknowledge one ``UtsTokens`` (``data``: its CDR bytes as received, stored as
+        they are; re-encoded from ``msg`` when not given); False if rejected."""
         try:
             DistillSample.from_uts(msg)  # the same checks a round will make
             if not msg.sample_id:
@@ -137,7 +138,7 @@ class CloudTrainer:
             self.counters.rejected += 1
             log.warning("rejected UtsTokens from %s: %s", robot_id, err)
             return False
-        if self.store.add_sample(robot_id, msg.sample_id, wire.encode(msg)):
+        if self.store.add_sample(robot_id, msg.sample_id, data if data is not None else wire.encode(msg)):
             self.counters.received += 1
         else:
             self.counters.duplicates += 1

@@ -169,7 +169,7 @@ class LinkConfig:
         return asdict(self)
 
 
-Handler = Callable[[str, Any, int], None]  # (robot_id, decoded message, payload bytes)
+Handler = Callable[[str, Any, bytes], None]  # (robot_id, decoded message, the CDR payload as received)
 
 
 class Link:
@@ -216,7 +216,7 @@ class Link:
         return len(data)
 
     def subscribe(self, robot_id: str, topic: str, handler: Handler) -> None:
-        """Call ``handler(robot_id, msg, nbytes)`` for every valid message on the topic (``robot_id="*"``: all
+        """Call ``handler(robot_id, msg, data)`` for every valid message on the topic (``robot_id="*"``: all
         robots). Runs on a Zenoh thread; keep the handler short. Exceptions in the handler are logged."""
         expected = TOPICS[topic]
 
@@ -234,7 +234,7 @@ class Link:
                 return
             self.received_bytes[topic] += len(data)
             try:
-                handler(sender, msg, len(data))
+                handler(sender, msg, data)
             except Exception:  # a handler bug must not kill Zenoh's thread; it is visible in the log
                 log.exception("handler of %s failed", sample.key_expr)
                 self.rejected[f"{topic}:handler_error"] += 1
