@@ -83,7 +83,8 @@ class _Robot:
     chain: VersionChain
     reported: int = -1  # version the robot last said it runs (-1: not heard from)
     last_sent: float = 0.0
-    resends: int = 0
+    resends: int = 0  # of the latest version
+    latest_delta: bytes | None = None  # the signed WeightDelta of the latest version, as published
 
 
 @dataclass
@@ -175,13 +176,14 @@ class CloudTrainer:
         base = {name: p.detach().clone() for name, p in trainable_parameters(student).items()}
         distiller = Distiller(self.teacher, student, self.config.akd)
         chain = VersionChain(robot_id, base)
+        robot = self.robots[robot_id] = _Robot(student, distiller, chain)
         record = self.store.load_robot(robot_id)
         if record is not None:  # a restart: continue from the last committed round
             if record.student is not None:
                 self._load_state(distiller, record.student)
             chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
             distiller.rounds = record.latest
-        robot = self.robots[robot_id] = _Robot(student, distiller, chain)
+            robot.latest_delta = record.deltas.get(record.latest)
         return robot
 
     @staticmethod
@@ -222,6 +224,7 @@ class CloudTrainer:
             self.store.commit_round(robot_id, int(msg.version), [sample_id for sample_id, _ in pending],
                                     self._state(robot.distiller), robot.chain.published[int(msg.version)], data,
                                     robot.chain.applied)  # fmt: skip
+        robot.latest_delta, robot.resends = data, 0
         self._send(robot_id, robot, data)
         self.counters.rounds += 1
         result = {
@@ -253,7 +256,7 @@ class CloudTrainer:
             return False
         if robot.resends >= self.config.max_resends:
             return False
-        stored = self.store.load_robot(robot_id).deltas.get(latest)
+        stored = robot.latest_delta
         msg = wire.decode(wire.WEIGHT_DELTA, stored) if stored is not None else None
         if msg is None or not (msg.keyframe or msg.base_version == robot.reported):
             msg = robot.chain.keyframe(self.config.codec, self.signer, stamp_ns=time.time_ns())
@@ -272,7 +275,6 @@ class CloudTrainer:
         for robot_id, (count, oldest) in sorted(self.store.pending_summary().items()):
             if count >= self.config.round_size or (flush is not None and time.time() - oldest >= flush):
                 results.append(self.run_round(robot_id))
-                self.robots[robot_id].resends = 0
         for robot_id in list(self.robots):
             self.resend_if_behind(robot_id)
         return results
