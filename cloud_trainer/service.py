@@ -29,6 +29,7 @@ import torch
 
 from cdcca import wire
 from cdcca.akd import AKDConfig, Distiller, DistillSample
+from cdcca.edge.adapter_slot import REJECTED
 from cdcca.envelope import Signer, VersionChain
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import trainable_parameters
@@ -36,7 +37,6 @@ from cdcca.uts import UplinkError
 from cloud_trainer.store import CloudStore
 
 log = logging.getLogger(__name__)
-APPLIED, REJECTED, ROLLED_BACK = 0, 1, 2
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 from cdcca import wire
 from cdcca.bag import compressed_to_msg, image_to_msg
 from cdcca.edge import ros_glue
-from cdcca.edge.runtime import EdgeConfig
+from cdcca.edge.runtime import EdgeConfig, EdgeCounters, EdgeRuntime
 from cdcca.edge.uplink import UplinkQueue
 
 FRAME = (np.arange(6 * 5 * 3) % 251).astype(np.uint8).reshape(6, 5, 3)  # (H, W, 3)
@@ -24,7 +24,11 @@ class Clock:
 
 
 class FakeRuntime:
-    """The EdgeRuntime surface the glue uses; answers "seen <mean pixel>" so the frame used is visible."""
+    """The EdgeRuntime surface the glue uses; answers "seen <mean pixel>" so the frame used is visible. The
+    uplink and heartbeat are the real runtime's."""
+
+    pump = EdgeRuntime.pump
+    heartbeat = EdgeRuntime.heartbeat
 
     def __init__(self, robot_id="r1", capacity=4):
         self.config = EdgeConfig(robot_id=robot_id, resend_after_s=5.0, pump_every_s=0.1, heartbeat_every_s=1.0)
@@ -33,6 +37,7 @@ class FakeRuntime:
         self.uplink = UplinkQueue(":memory:", capacity)
         self.asked, self.applied = [], []
         self.failed = 0
+        self.counters = EdgeCounters()
 
     def ask(self, images, prompts, sample_ids=None, stamp_ns=None):
         self.asked.append((images, list(prompts), list(sample_ids)))

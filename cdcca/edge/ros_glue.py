@@ -35,6 +35,7 @@ import numpy as np
 
 from cdcca import wire
 from cdcca.bag import CAMERA_TOPIC, PROMPT_TOPIC, ImageEncodingError, msg_to_rgb
+from cdcca.edge.adapter_slot import APPLIED, REJECTED  # noqa: F401  (AdapterStatus states)
 from cdcca.edge.runtime import EdgeConfig, EdgeRuntime
 from cdcca.edge.sources import DEFAULT_PROMPTS
 from cdcca.errors import CdccaError
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 
 NODE_NAME = "cdcca_edge"
 ROS_TOPICS = {name: f"/cdcca/{name}" for name in TOPICS}  # answer, uts_tokens, uts_ack, weight_delta, adapter_status
-APPLIED, REJECTED, ROLLED_BACK = 0, 1, 2  # cdcca_msgs/AdapterStatus STATE_*
 _ROS_NAME = re.compile(r"^/?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")  # fully qualified or relative
 
 
@@ -530,19 +530,19 @@ class EdgeGlue:
         self.counters.statuses_published += 1
 
     def heartbeat_status(self) -> Any:
-        """The current version as APPLIED, as the runtime repeats it (the cloud learns the version after a restart)."""
-        return wire.new(wire.ADAPTER_STATUS, header=wire.header(time.time_ns()), robot_id=self.runtime.config.robot_id,
-                        version=self.runtime.backend.version, state=APPLIED, reason="heartbeat")  # fmt: skip
+        """The runtime's heartbeat (:meth:`EdgeRuntime.heartbeat`)."""
+        return self.runtime.heartbeat()
 
     def pump(self) -> int:
-        """Publish the due uplink samples (``UtsTokens`` CDR, unchanged from the durable queue)."""
-        sent = 0
-        for _, payload in self.runtime.uplink.due(self.runtime.config.resend_after_s):
-            self.publish("uts_tokens", payload)
+        """Publish the due uplink samples (``UtsTokens`` CDR, unchanged from the durable queue) through the
+        runtime's own resend logic, on this shell's publisher."""
+
+        def send(topic: str, data: bytes) -> None:
+            self.publish(topic, data)
             self.counters.uplink_published += 1
-            self.counters.uplink_bytes += len(payload)
-            sent += 1
-        return sent
+            self.counters.uplink_bytes += len(data)
+
+        return self.runtime.pump(send)
 
     def tick(self) -> None:
         """Periodic duties when carrying the loop: pump every ``pump_every_s``, heartbeat every

@@ -22,14 +22,16 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cdcca import wire
+from cdcca.edge.adapter_slot import APPLIED
 from cdcca.edge.backend import EdgeBackend
 from cdcca.edge.uplink import UplinkQueue
 from cdcca.models.mllm import MLLM
@@ -161,14 +163,18 @@ class EdgeRuntime:
         except Exception as err:  # a closed or broken session must not stop answering
             log.warning("publishing %s failed: %s", topic, err)
 
-    def pump(self) -> int:
-        """Send the uplink samples that are due; returns how many were sent."""
-        if self.link is None:
-            return 0
+    def pump(self, send: Callable[[str, bytes], object] | None = None) -> int:
+        """Send the uplink samples that are due through ``send(topic, cdr_bytes)`` (default: the Zenoh link; a
+        ROS or DDS shell passes its own publisher); returns how many were sent."""
+        if send is None:
+            if self.link is None:
+                return 0
+            send = partial(self.link.publish_bytes, self.config.robot_id)
         sent = 0
         for _, payload in self.uplink.due(self.config.resend_after_s):
             try:
-                self.counters.uplink_bytes += self.link.publish_bytes(self.config.robot_id, "uts_tokens", payload)
+                send("uts_tokens", payload)
+                self.counters.uplink_bytes += len(payload)
                 sent += 1
             except Exception as err:
                 log.warning("uplink send failed (will retry): %s", err)
@@ -182,11 +188,15 @@ class EdgeRuntime:
         self.publish_status(status)
         return status
 
+    def heartbeat(self):
+        """The current version as an APPLIED ``AdapterStatus``: repeated so the cloud learns what this robot runs
+        even after a lost message or a restart."""
+        return wire.new(wire.ADAPTER_STATUS, header=wire.header(time.time_ns()), robot_id=self.config.robot_id,
+                        version=self.backend.version, state=APPLIED, reason="heartbeat")  # fmt: skip
+
     def publish_status(self, status=None) -> None:
-        """Publish ``status`` (default: the current version as APPLIED, the heartbeat)."""
-        if status is None:
-            status = wire.new(wire.ADAPTER_STATUS, header=wire.header(time.time_ns()), robot_id=self.config.robot_id,
-                              version=self.backend.version, state=0, reason="heartbeat")  # fmt: skip
+        """Publish ``status`` (default: :meth:`heartbeat`) on the link."""
+        status = status if status is not None else self.heartbeat()
         if self.link is not None:
             self._publish("adapter_status", status)
             self.counters.statuses_published += 1
