@@ -191,7 +191,8 @@ def _uts_overhead(backend, samples, config: EdgeBenchConfig) -> dict:
     """UTS (both stages) per answer on the torch student: scoring time vs answering time."""
     from cdcca.uts import UncertaintyTokenSampler
 
-    sampler = UncertaintyTokenSampler(backend.student)
+    with backend.slot.model() as student:  # the frozen encoder UTS scores with is shared by both copies
+        sampler = UncertaintyTokenSampler(student)
     answer_s, scoring_s, kept = [], [], 0
     for i in range(config.uts_answers):
         scores = sampler.score([samples[i % len(samples)]])
