@@ -22,7 +22,7 @@ setup(
     maintainer_email='maintainers@cdcca.dev',
     description='CD-CCA robot nodes around cdcca.edge.EdgeRuntime',
     license='Apache-2.0',
-    tests_require=['pytest'],
+    extras_require={'test': ['pytest']},
     entry_points={
         'console_scripts': [
             'edge_node = cdcca_edge.edge_node:main',

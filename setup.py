@@ -1,0 +1,10 @@
+"""Build script for colcon, which builds ament_python packages (package.xml beside this file) through setup.py.
+
+Everything is declared in pyproject.toml except ``python_requires``: colcon-python-setup-py reads the
+``setup()`` keywords back with ``ast.literal_eval``, and the ``SpecifierSet`` that setuptools makes from
+``requires-python`` is not a literal, so the constraint is given here as a string.
+"""
+
+from setuptools import setup
+
+setup(python_requires=">=3.11")
