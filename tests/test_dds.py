@@ -6,6 +6,7 @@ The "ROS 2 camera" runs in its own process and declares its types by hand, the w
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -71,6 +72,71 @@ def test_ros2_names():
 def test_malformed_cdr_is_a_wire_error():
     with pytest.raises(wire.WireError):
         dds.cdr_to_idl(wire.ANSWER, b"\x00\x01\x00\x00\xff\xff\xff\x7f")
+
+
+def _discovery_reader(graph: dds.DdsGraph):
+    """A reader of ``ros_discovery_info`` as rmw and zenoh-bridge-ros2dds create it (reliable, transient local)."""
+    from cyclonedds.sub import DataReader
+    from cyclonedds.topic import Topic
+
+    topic = Topic(graph.participant, dds.ROS_DISCOVERY_TOPIC, dds.ParticipantEntitiesInfo)
+    return DataReader(graph.participant, topic, dds.LATCHED)
+
+
+def _cdr_string(text: str) -> bytes:
+    raw = text.encode() + b"\0"
+    return struct.pack("<I", len(raw)) + raw + b"\0" * (-len(raw) % 4)
+
+
+def test_the_participant_announces_itself_as_a_ros2_node_with_its_endpoint_gids():
+    """ros2 node list / zenoh-bridge-ros2dds see a node whose GIDs are the GUIDs DDS discovery reports."""
+    from cyclonedds.builtin import BuiltinDataReader, BuiltinTopicDcpsPublication, BuiltinTopicDcpsSubscription
+
+    domain_id, config = 40 + (os.getpid() + 7) % 150, dds.loopback_config()
+    robot = dds.DdsGraph(domain_id, config, node_name="cdcca_edge")
+    observer = dds.DdsGraph(domain_id, config)  # bare: plays the bridge
+    try:
+        robot.writer("/cdcca/answer", wire.ANSWER)
+        robot.reader("/camera/camera/color/image_raw", wire.IMAGE, dds.SENSOR_DATA)
+        robot.writer("/cdcca/uts_tokens", wire.UTS_TOKENS)
+        announced = _discovery_reader(observer)
+        publications = BuiltinDataReader(observer.participant, BuiltinTopicDcpsPublication)
+        subscriptions = BuiltinDataReader(observer.participant, BuiltinTopicDcpsSubscription)
+        robot_gid = robot.participant.guid.bytes
+        infos, endpoints = [], {}
+
+        def complete():
+            infos.extend(i for i in dds.take_all(announced) if bytes(i.gid.data) == robot_gid)
+            for sample in [*publications.take(N=64), *subscriptions.take(N=64)]:
+                endpoints[sample.key.bytes] = (sample.topic_name, sample.type_name)
+            nodes = infos[-1].node_entities_info_seq if infos else []
+            listed = [bytes(g.data) for n in nodes for g in (*n.reader_gid_seq, *n.writer_gid_seq)]
+            return len(listed) == 3 and all(gid in endpoints for gid in listed)
+
+        assert wait_until(complete, timeout=15), (infos[-1:], endpoints)
+        assert all(bytes(info.gid.data) == robot_gid for info in infos)  # and none from the bare observer
+    finally:
+        robot.close()
+        observer.close()
+    [node] = infos[-1].node_entities_info_seq
+    assert (node.node_namespace, node.node_name) == ("/", "cdcca_edge")
+    assert [endpoints[bytes(g.data)] for g in node.reader_gid_seq] == [
+        ("rt/camera/camera/color/image_raw", "sensor_msgs::msg::dds_::Image_")]
+    assert [endpoints[bytes(g.data)] for g in node.writer_gid_seq] == [
+        ("rt/cdcca/answer", "cdcca_msgs::msg::dds_::Answer_"),
+        ("rt/cdcca/uts_tokens", "cdcca_msgs::msg::dds_::UtsTokens_")]
+    # The bytes are rmw_dds_common's Jazzy layout, packed here by hand: Gid is 16 bytes with no length, the
+    # node's strings come before its reader GIDs, then its writer GIDs.
+    gids = lambda seq: struct.pack("<I", len(seq)) + b"".join(bytes(g.data) for g in seq)  # noqa: E731
+    expected = (b"\x00\x01\x00\x00" + robot_gid + struct.pack("<I", 1) + _cdr_string("/") + _cdr_string("cdcca_edge")
+                + gids(node.reader_gid_seq) + gids(node.writer_gid_seq))  # fmt: skip
+    assert dds.idl_to_cdr(infos[-1]) == expected
+
+
+@pytest.mark.parametrize("name, namespace", [("1robot", "/"), ("edge-node", "/"), ("edge", "r1"), ("edge", "/r1/")])
+def test_bad_node_names_are_refused_before_joining(name, namespace):
+    with pytest.raises(dds.DdsError, match="node name|namespace"):
+        dds.DdsGraph(0, node_name=name, node_namespace=namespace)
 
 
 ROS_CAMERA = textwrap.dedent('''
@@ -178,6 +244,7 @@ def test_the_robot_joins_a_ros2_graph_over_dds(pretrained_test_pair, keys, tmp_p
     statuses = cloud_side.reader("/cdcca/adapter_status", wire.ADAPTER_STATUS, dds.RELIABLE)
     acks = cloud_side.writer("/cdcca/uts_ack", wire.UTS_ACK, dds.RELIABLE)
     deltas = cloud_side.writer("/cdcca/weight_delta", wire.WEIGHT_DELTA, dds.LATCHED)
+    announced = _discovery_reader(cloud_side)
     script = tmp_path / "ros_camera.py"
     script.write_text(ROS_CAMERA)
     try:
@@ -193,6 +260,7 @@ def test_the_robot_joins_a_ros2_graph_over_dds(pretrained_test_pair, keys, tmp_p
         uploaded = [dds.from_idl(wire.UTS_TOKENS, s) for s in tokens]
         acks.write(wire.new(wire.UTS_ACK, robot_id="r1", sample_ids=[u.sample_id for u in uploaded]))
         assert wait_until(lambda: len(runtime.uplink) == 0, timeout=10)
+        nodes = [n for info in dds.take_all(announced) for n in info.node_entities_info_seq]
         forged = wire.new(wire.WEIGHT_DELTA, robot_id="r1", version=1, base_version=0, codec="nf4", key_id="nobody",
                           payload=np.zeros(8, np.uint8))  # fmt: skip
         assert wait_until(lambda: deltas.matched() >= 1)
@@ -217,3 +285,6 @@ def test_the_robot_joins_a_ros2_graph_over_dds(pretrained_test_pair, keys, tmp_p
     assert rejected[0].robot_id == "r1" and rejected[0].reason and runtime.backend.version == 0
     assert any(s.reason == "heartbeat" for s in seen)
     assert report["deltas_rejected"] == 1 and report["uplink_acked"] >= 2 and report["answers_published"] >= 2
+    # The robot is the ROS 2 node cdcca_edge: camera, prompt, delta and ack readers; answer, uplink, status writers
+    assert nodes and nodes[-1].node_name == "cdcca_edge"
+    assert (len(nodes[-1].reader_gid_seq), len(nodes[-1].writer_gid_seq)) == (4, 3)

@@ -20,12 +20,20 @@ when the runtime has no Zenoh link of its own -- carries the loop topics like th
 ``/cdcca/uts_tokens`` and ``/cdcca/adapter_status`` out, ``/cdcca/weight_delta`` (transient local, depth 1) and
 ``/cdcca/uts_ack`` in, for a ``zenoh-bridge-ros2dds`` to carry to the cloud. Services (``Ask``) need the
 ROS request/reply header and are left to the rclpy node.
+
+A ROS 2 *node*, as opposed to a bare participant, is what the participant announces on the ``ros_discovery_info``
+topic: ``rmw_dds_common/msg/ParticipantEntitiesInfo``, its own GID and, per node, the GIDs of the node's readers
+and writers, where a GID is the entity's 16-byte DDS GUID (rmw_dds_common's ``Gid.msg``, 16 bytes since Iron;
+rmw_cyclonedds ``convert_guid_to_gid``). ``ros2 node list`` reads it, and zenoh-bridge-ros2dds routes only
+endpoints some node lists there (its ``discovered_entities.rs``), so :class:`DdsGraph` given a ``node_name``
+announces one node holding every reader and writer it creates, republished whole after each change.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -66,8 +74,27 @@ LATCHED = Qos(Policy.Reliability.Reliable(duration(milliseconds=100)), Policy.Hi
 _XCDR1 = Policy.DataRepresentation(use_cdrv0_representation=True)
 
 
+ROS_DISCOVERY_TOPIC = "ros_discovery_info"  # no rt/ prefix: rmw creates it with avoid_ros_namespace_conventions
+
+
+# rmw_dds_common's messages (rosidl IDL, final, XCDR1). Built with make_idl_struct because this module's
+# annotations are strings (``from __future__ import annotations``), which cyclonedds cannot resolve.
+Gid = make_idl_struct("Gid_", "rmw_dds_common::msg::dds_::Gid_", {
+    "data": idl.array[idl.uint8, 16]})  # Jazzy: char[16] data, the DDS GUID of a participant, reader or writer
+NodeEntitiesInfo = make_idl_struct("NodeEntitiesInfo_", "rmw_dds_common::msg::dds_::NodeEntitiesInfo_", {
+    "node_namespace": idl.bounded_str[256], "node_name": idl.bounded_str[256],
+    "reader_gid_seq": idl.sequence[Gid], "writer_gid_seq": idl.sequence[Gid]})  # readers first, as in the .msg
+ParticipantEntitiesInfo = make_idl_struct(
+    "ParticipantEntitiesInfo_", "rmw_dds_common::msg::dds_::ParticipantEntitiesInfo_",
+    {"gid": Gid, "node_entities_info_seq": idl.sequence[NodeEntitiesInfo]})  # what goes on ros_discovery_info
+
+
 class DdsError(CdccaError, RuntimeError):
     """The DDS participant cannot be created or a topic cannot be used."""
+
+
+_ROS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a node name (ROS 2 design: topic and service names)
+_ROS_NAMESPACE = re.compile(r"(/[A-Za-z_][A-Za-z0-9_]*)+")
 
 
 def dds_topic(ros_topic: str) -> str:
@@ -162,15 +189,29 @@ class DdsWriter:
         return len(self.writer.get_matched_subscriptions())
 
 
+def _gid(entity: Any) -> IdlStruct:
+    return Gid(list(entity.guid.bytes))
+
+
 class DdsGraph:
-    """One DDS participant in a ROS 2 domain.
+    """One DDS participant in a ROS 2 domain, optionally announced as a ROS 2 node.
 
     Args:
         domain_id: the ROS domain (``$ROS_DOMAIN_ID``, default 0).
         config: Cyclone DDS XML configuration for this domain (default: ``$CYCLONEDDS_URI`` or built-in).
+        node_name: announce the participant's readers and writers as this ROS 2 node on ``ros_discovery_info``
+            (see the module doc); ``None``: a bare participant, invisible to ``ros2 node list`` and to
+            zenoh-bridge-ros2dds.
+        node_namespace: the node's namespace (absolute).
     """
 
-    def __init__(self, domain_id: int | None = None, config: str | None = None) -> None:
+    def __init__(self, domain_id: int | None = None, config: str | None = None, node_name: str | None = None,
+                 node_namespace: str = "/") -> None:  # fmt: skip
+        if node_name is not None and not _ROS_NAME.fullmatch(node_name):
+            raise DdsError(f"not a ROS 2 node name: {node_name!r} (letters, digits and _, not starting with a digit)")
+        if not (node_namespace == "/" or _ROS_NAMESPACE.fullmatch(node_namespace)):
+            raise DdsError(f"not an absolute ROS 2 namespace: {node_namespace!r}")
+        self.node_name, self.node_namespace = node_name, node_namespace
         self.domain_id = int(os.environ.get("ROS_DOMAIN_ID", "0")) if domain_id is None else int(domain_id)
         try:
             if config:
@@ -186,6 +227,9 @@ class DdsGraph:
             raise DdsError(f"cannot join DDS domain {self.domain_id}: {err}") from err
         self._topics: dict[str, Topic] = {}
         self._entities: list[Any] = []
+        self._readers: list[Gid] = []
+        self._writers: list[Gid] = []
+        self._discovery: DataWriter | None = None
 
     def _topic(self, ros_topic: str, type_name: str) -> Topic:
         name = dds_topic(ros_topic)
@@ -196,16 +240,36 @@ class DdsGraph:
     def writer(self, ros_topic: str, type_name: str, qos: Qos = RELIABLE) -> DdsWriter:
         writer = DataWriter(self.participant, self._topic(ros_topic, type_name), Qos(*qos, _XCDR1))
         self._entities.append(writer)
+        self._writers.append(_gid(writer))
+        self._announce()
         return DdsWriter(writer, type_name)
 
     def reader(self, ros_topic: str, type_name: str, qos: Qos = RELIABLE) -> DataReader:
         reader = DataReader(self.participant, self._topic(ros_topic, type_name), qos)
         self._entities.append(reader)
+        self._readers.append(_gid(reader))
+        self._announce()
         return reader
 
+    def node_info(self) -> IdlStruct:
+        """What this participant announces on ``ros_discovery_info`` (no node without ``node_name``)."""
+        nodes = [] if self.node_name is None else [
+            NodeEntitiesInfo(self.node_namespace, self.node_name, list(self._readers), list(self._writers))]
+        return ParticipantEntitiesInfo(_gid(self.participant), nodes)
+
+    def _announce(self) -> None:
+        """Publish the whole :meth:`node_info` (readers of the topic keep the last sample per participant)."""
+        if self.node_name is None:
+            return
+        if self._discovery is None:
+            topic = Topic(self.participant, ROS_DISCOVERY_TOPIC, ParticipantEntitiesInfo)
+            self._discovery = DataWriter(self.participant, topic, Qos(*LATCHED, _XCDR1))  # as rmw: depth 1
+        self._discovery.write(self.node_info())
+
     def close(self) -> None:
-        """Delete the participant and everything in it (it leaves the graph at once)."""
+        """Delete the participant and everything in it (it leaves the graph at once, and so does its node)."""
         self._entities.clear()
+        self._discovery = None
         self._topics.clear()
         if getattr(self, "participant", None) is not None:
             self.participant.__del__()  # dds_delete: the binding's only way to delete an entity explicitly
@@ -230,6 +294,7 @@ class DdsEdgeSettings:
         domain_id: ROS domain (default ``$ROS_DOMAIN_ID`` or 0).
         config: Cyclone DDS XML configuration (default ``$CYCLONEDDS_URI``); :func:`loopback_config` for one host.
         poll_s: idle wait between polls of the readers.
+        node_name: the ROS 2 node the participant announces (``ros2 node list``; the rclpy node's name).
     """
 
     prompt_topic: str = PROMPT_TOPIC
@@ -240,6 +305,7 @@ class DdsEdgeSettings:
     domain_id: int | None = None
     config: str | None = None
     poll_s: float = 0.01
+    node_name: str = "cdcca_edge"
 
 
 def run_dds_edge(runtime, camera_topic: str = CAMERA_TOPIC, prompts: tuple[str, ...] | list[str] = (),
@@ -256,7 +322,7 @@ def run_dds_edge(runtime, camera_topic: str = CAMERA_TOPIC, prompts: tuple[str, 
     """
     settings = settings or DdsEdgeSettings()
     stop_event = stop_event or threading.Event()
-    graph = DdsGraph(settings.domain_id, settings.config)
+    graph = DdsGraph(settings.domain_id, settings.config, node_name=settings.node_name)
     writers: dict[str, DdsWriter] = {"answer": graph.writer(ROS_TOPICS["answer"], wire.ANSWER)}
     glue = EdgeGlue(runtime, lambda topic, data: writers[topic].write_cdr(data), batch_size=settings.batch_size,
                     max_frame_age_s=settings.max_frame_age_s)  # fmt: skip
