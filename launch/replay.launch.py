@@ -18,7 +18,7 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, This
 from launch_ros.substitutions import FindPackageShare
 
 ARGUMENTS = [
-    ('bag', '', 'rosbag2 directory written by `cdcca make-bag` (required)'),
+    ('bag', None, 'rosbag2 directory written by `cdcca make-bag` (required)'),
     ('rate', '1.0', 'playback rate of ros2 bag play'),
     ('start_delay_s', '5.0',
      'seconds to wait before playing, so the node is configured and active'),
@@ -48,7 +48,8 @@ def generate_launch_description():
         launch_arguments={'endpoint': config['cloud_endpoint']}.items(),
         condition=IfCondition(config['start_cloud']))
     play = TimerAction(period=config['start_delay_s'], actions=[ExecuteProcess(
-        cmd=['ros2', 'bag', 'play', config['bag'], '--rate', config['rate']], output='screen')])
+        cmd=['ros2', 'bag', 'play', config['bag'], '--rate', config['rate'], '--delay', '2'],
+        output='screen')])  # --delay: give discovery time, or the first frames go to no one
     return LaunchDescription([
         *[DeclareLaunchArgument(name, default_value=default, description=description)
           for name, default, description in ARGUMENTS],

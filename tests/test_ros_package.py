@@ -7,6 +7,8 @@ run the rest in a Jazzy workspace). Launch files are parsed with ``ast``, and im
 
 import ast
 import importlib.util
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -150,3 +152,24 @@ def test_ros_package_linters_are_configured_and_skip_without_ros():
     launch_test = (EDGE / "test" / "test_edge_launch.py").read_text()
     for needle in ("WaitForTopics", "Ask.Request", "ChangeState", "'ros2', 'bag', 'play'", "ReadyToTest"):
         assert needle in launch_test, needle
+
+
+# ament_flake8's configuration (ament/ament_lint, ament_flake8/configuration/ament_flake8.ini), run here with the
+# flake8 plugins ament_flake8 loads on Jazzy: import order (google), quotes, builtins, comprehensions, docstrings.
+AMENT_FLAKE8_INI = """[flake8]
+extend-ignore = C816,D100,D101,D102,D103,D104,D105,D106,D107,D203,D212,D404,I202
+import-order-style = google
+max-line-length = 99
+"""
+
+
+@pytest.mark.parametrize("folder", [EDGE, ROOT / "launch"], ids=["cdcca_edge", "launch"])
+def test_ros_python_passes_ament_flake8_rules(folder, tmp_path):
+    config = tmp_path / "ament_flake8.ini"
+    config.write_text(AMENT_FLAKE8_INI)
+    plugins = subprocess.run([sys.executable, "-m", "flake8", "--version"], capture_output=True, text=True).stdout
+    wanted = ("flake8_import_order", "flake8-quotes", "flake8-builtins", "flake8-docstrings")
+    assert all(plugin in plugins for plugin in wanted), plugins
+    done = subprocess.run([sys.executable, "-m", "flake8", "--config", str(config), "."], cwd=folder,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and not done.stdout, done.stdout + done.stderr

@@ -181,8 +181,9 @@ def validate_parameters(values: Mapping[str, Any]) -> dict[str, Any]:
     problems = [reason for name, value in merged.items() if (reason := check_parameter(name, value))]
     if problems:
         raise ParameterError("invalid cdcca_edge parameters: " + "; ".join(problems))
-    if isinstance(merged["ask_rate_hz"], int):
-        merged["ask_rate_hz"] = float(merged["ask_rate_hz"])
+    for spec in PARAMETERS:  # ROS gives 1 for a double written as 1 (``-p ask_rate_hz:=1``); hand out floats
+        if spec.kind == "double":
+            merged[spec.name] = float(merged[spec.name])
     return merged
 
 
@@ -369,6 +370,7 @@ class GlueCounters:
     uplink_published: int = 0
     uplink_bytes: int = 0
     statuses_published: int = 0
+    callback_errors: int = 0  # a middleware callback raised; logged, the node keeps serving
 
 
 class EdgeGlue:
@@ -587,6 +589,7 @@ class EdgeGlue:
             "prompts_waiting": str(self.pending()),
             "prompts_dropped": str(self.counters.prompts_dropped),
             "malformed_messages": str(self.counters.malformed),
+            "callback_errors": str(self.counters.callback_errors),
         }
         problems = []
         if self.counters.deltas_rejected > self._rejected_at_last_report:

@@ -10,6 +10,11 @@ Lifecycle (managed nodes, design.ros2.org/articles/node_lifecycle.html):
   cdcca_msgs/srv/Ask, start the timers;
 * deactivate: drop those again (answers stop, state is kept); cleanup: release the model.
 
+A transition that raises is logged and fails (rclpy would otherwise turn it into a silent
+ERROR); on_error releases everything. Stream callbacks log and count what they raise
+(``callback_errors`` on /diagnostics) instead of letting it stop the executor. The node's
+own timers run on the steady clock, so they keep firing under use_sim_time before /clock.
+
 Everything travels as CDR bytes (raw=True subscriptions; rclpy publishers accept serialized
 bytes), which is exactly what cdcca.wire produces and checks, so the node converts nothing
 itself. Parameters are declared with descriptions and validated by cdcca.edge.ros_glue
@@ -17,8 +22,8 @@ itself. Parameters are declared with descriptions and validated by cdcca.edge.ro
 stream as rclpy.qos profiles.
 """
 
+import functools
 import math
-import threading
 
 from cdcca import wire
 from cdcca.edge import ros_glue
@@ -29,10 +34,11 @@ from diagnostic_updater import Updater
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
-                       qos_profile_sensor_data)
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, qos_profile_sensor_data, QoSProfile,
+                       ReliabilityPolicy)
 from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -51,24 +57,39 @@ LEVELS = {ros_glue.OK: DiagnosticStatus.OK, ros_glue.WARN: DiagnosticStatus.WARN
 LOOP_TYPES = {'answer': Answer, 'uts_tokens': UtsTokens, 'adapter_status': AdapterStatus}
 
 
+def _transition(callback):
+    """Log what a transition raises and fail it (rclpy would return ERROR without a word)."""
+    @functools.wraps(callback)
+    def logged(self, state):
+        try:
+            return callback(self, state)
+        except Exception as err:
+            self.get_logger().error(f'{callback.__name__} failed: {err!r}')
+            return TransitionCallbackReturn.FAILURE
+    return logged
+
+
 class EdgeNode(LifecycleNode):
     """Answers prompts about camera frames; uplink, hot-swaps and diagnostics through EdgeGlue."""
 
     def __init__(self, **kwargs):
         super().__init__(ros_glue.NODE_NAME, **kwargs)
         for spec in ros_glue.PARAMETERS:
-            descriptor = ParameterDescriptor(description=spec.description,
-                                             type=PARAMETER_TYPES[spec.kind])
+            if spec.kind == 'double':  # take 1 as well as 1.0 (-p ask_rate_hz:=1); ros_glue checks
+                descriptor = ParameterDescriptor(description=spec.description, dynamic_typing=True)
+            else:
+                descriptor = ParameterDescriptor(description=spec.description,
+                                                 type=PARAMETER_TYPES[spec.kind])
             self.declare_parameter(spec.name, spec.default, descriptor)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.runtime = None
         self.glue = None
-        self._publishers = {}
+        self._loop_publishers = {}  # not _publishers: rclpy's Node keeps its own list there
         self._active = []  # subscriptions, service and timers of the active state
         self._answering = MutuallyExclusiveCallbackGroup()  # one batch through the model at a time
         self._loop = MutuallyExclusiveCallbackGroup()  # deltas: off the answering thread
         self._inputs = ReentrantCallbackGroup()
-        self._lock = threading.Lock()
+        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
         self.diagnostics = Updater(self, period=self.get_parameter('diagnostics_period_s').value)
         self.diagnostics.setHardwareID(self.get_parameter('robot_id').value)
         self.diagnostics.add('cdcca_edge', self._diagnose)
@@ -98,6 +119,20 @@ class EdgeNode(LifecycleNode):
         return SetParametersResult(successful=True)
 
     # ------------------------------------------------------------------------------- lifecycle
+    def _guarded(self, callback):
+        """Wrap a subscription or timer callback: log and count what it raises, never raise."""
+        @functools.wraps(callback)
+        def guarded(*args):
+            try:
+                return callback(*args)
+            except Exception as err:
+                glue = self.glue
+                if glue is not None:
+                    glue.counters.callback_errors += 1
+                self.get_logger().error(f'{callback.__name__} failed: {err!r}')
+        return guarded
+
+    @_transition
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             self.params = ros_glue.validate_parameters(self._values())
@@ -106,7 +141,7 @@ class EdgeNode(LifecycleNode):
             self.get_logger().error(f'configure failed: {err}')
             return TransitionCallbackReturn.FAILURE
         for name, msg_type in LOOP_TYPES.items():
-            self._publishers[name] = self.create_lifecycle_publisher(
+            self._loop_publishers[name] = self.create_lifecycle_publisher(
                 msg_type, ros_glue.ROS_TOPICS[name], RELIABLE)
         self.glue = ros_glue.EdgeGlue(self.runtime, self._publish,
                                       batch_size=self.params['batch_size'],
@@ -117,32 +152,40 @@ class EdgeNode(LifecycleNode):
             f'{self.runtime.backend.version}')
         return TransitionCallbackReturn.SUCCESS
 
+    @_transition
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        camera = self.params['camera_topic']
+        # enable the lifecycle publishers first, so that no early answer is lost
+        result = super().on_activate(state)
+        if result != TransitionCallbackReturn.SUCCESS:
+            return result
+        glue, camera, guarded = self.glue, self.params['camera_topic'], self._guarded
         self._active = [
-            self.create_subscription(Image, camera, self._on_image, qos_profile_sensor_data,
+            self.create_subscription(Image, camera, guarded(self._on_image),
+                                     qos_profile_sensor_data, callback_group=self._inputs,
+                                     raw=True),
+            self.create_subscription(String, self.params['prompt_topic'],
+                                     guarded(glue.on_prompt), RELIABLE,
                                      callback_group=self._inputs, raw=True),
-            self.create_subscription(String, self.params['prompt_topic'], self.glue.on_prompt,
-                                     RELIABLE, callback_group=self._inputs, raw=True),
             self.create_subscription(WeightDelta, ros_glue.ROS_TOPICS['weight_delta'],
-                                     self.glue.on_weight_delta, LATCHED,
+                                     guarded(glue.on_weight_delta), LATCHED,
                                      callback_group=self._loop, raw=True),
-            self.create_subscription(UtsAck, ros_glue.ROS_TOPICS['uts_ack'], self.glue.on_ack,
+            self.create_subscription(UtsAck, ros_glue.ROS_TOPICS['uts_ack'], guarded(glue.on_ack),
                                      RELIABLE, callback_group=self._loop, raw=True),
             self.create_service(Ask, 'cdcca/ask', self._on_ask, callback_group=self._answering),
-            self.create_timer(0.02, self._answer_pending, callback_group=self._answering),
-            self.create_timer(self.params['pump_every_s'], self.glue.tick,
-                              callback_group=self._loop),
+            self.create_timer(0.02, guarded(self._answer_pending),
+                              callback_group=self._answering, clock=self._steady),
+            self.create_timer(self.params['pump_every_s'], guarded(glue.tick),
+                              callback_group=self._loop, clock=self._steady),
         ]
         if self.params['subscribe_compressed']:
             self._active.append(self.create_subscription(
-                CompressedImage, camera.rstrip('/') + '/compressed', self._on_compressed,
+                CompressedImage, camera.rstrip('/') + '/compressed', guarded(self._on_compressed),
                 qos_profile_sensor_data, callback_group=self._inputs, raw=True))
         if self.params['ask_rate_hz'] > 0:
-            self._active.append(self.create_timer(1.0 / self.params['ask_rate_hz'],
-                                                  self._ask_prompts,
-                                                  callback_group=self._answering))
-        return super().on_activate(state)
+            self._active.append(self.create_timer(
+                1.0 / self.params['ask_rate_hz'], guarded(self._ask_prompts),
+                callback_group=self._answering, clock=self._steady))
+        return TransitionCallbackReturn.SUCCESS
 
     def _release_active(self):
         for entity in self._active:
@@ -155,30 +198,44 @@ class EdgeNode(LifecycleNode):
                 self.destroy_subscription(entity)
         self._active = []
 
+    @_transition
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_active()
         return super().on_deactivate(state)
 
     def _release_model(self):
-        for publisher in self._publishers.values():
+        for publisher in self._loop_publishers.values():
             self.destroy_lifecycle_publisher(publisher)
-        self._publishers = {}
-        if self.runtime is not None:
-            self.runtime.close()  # the uplink queue and adapter state are durable
-        self.runtime = self.glue = None
+        self._loop_publishers = {}
+        runtime, self.runtime, self.glue = self.runtime, None, None
+        if runtime is not None:
+            runtime.close()  # the uplink queue and adapter state are durable
 
+    @_transition
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_model()
         return TransitionCallbackReturn.SUCCESS
 
+    @_transition
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_active()
         self._release_model()
         return TransitionCallbackReturn.SUCCESS
 
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Release everything after a transition raised (back to unconfigured)."""
+        self.get_logger().error(f'error while {state.label}: releasing the model')
+        try:
+            self._release_active()
+            self._release_model()
+        except Exception as err:
+            self.get_logger().error(f'release failed: {err!r}')
+            return TransitionCallbackReturn.FAILURE  # to finalized
+        return TransitionCallbackReturn.SUCCESS
+
     # --------------------------------------------------------------------------------- streams
     def _publish(self, topic, data):
-        self._publishers[topic].publish(data)  # serialized CDR bytes
+        self._loop_publishers[topic].publish(data)  # serialized CDR bytes
 
     def _on_image(self, data):
         self.glue.on_camera(data, wire.IMAGE)
@@ -187,23 +244,33 @@ class EdgeNode(LifecycleNode):
         self.glue.on_camera(data, wire.COMPRESSED_IMAGE)
 
     def _answer_pending(self):
-        while self.glue is not None and self.glue.pending() and self.glue.answer_pending():
+        glue = self.glue  # cleanup may clear it from another thread
+        while glue is not None and glue.pending() and glue.answer_pending():
             pass
 
     def _ask_prompts(self):
-        if self.glue is not None:
-            self.glue.ask_about_latest(self.get_parameter('prompts').value)
+        glue = self.glue
+        if glue is not None:
+            glue.ask_about_latest(self.get_parameter('prompts').value)
 
     def _on_ask(self, request, response):
-        image = None
-        if request.image.width > 0:
-            image = wire.decode(wire.IMAGE, serialize_message(request.image))
+        glue, runtime = self.glue, self.runtime
+        response.answer, response.entropy = '', math.nan
+        response.adapter_version = runtime.backend.version if runtime is not None else 0
         try:
-            answer = self.glue.ask(request.prompt, image)
-        except (ros_glue.NoFrameError, ValueError) as err:
+            if glue is None:
+                raise ValueError('cdcca_edge is not configured')
+            image = None
+            if request.image.width > 0:
+                image = wire.decode(wire.IMAGE, serialize_message(request.image))
+            answer = glue.ask(request.prompt, image)
+        except (ros_glue.NoFrameError, ValueError) as err:  # wire.WireError is a ValueError
             self.get_logger().warning(f'Ask not answered: {err}')
-            response.answer, response.entropy = '', math.nan
-            response.adapter_version = self.runtime.backend.version if self.runtime else 0
+            return response
+        except Exception as err:  # a service must answer; the executor must keep spinning
+            if glue is not None:
+                glue.counters.callback_errors += 1
+            self.get_logger().error(f'Ask failed: {err!r}')
             return response
         response.answer = answer.answer
         response.entropy = float(answer.entropy)
@@ -211,10 +278,11 @@ class EdgeNode(LifecycleNode):
         return response
 
     def _diagnose(self, stat):
-        if self.glue is None:
+        glue = self.glue
+        if glue is None:
             stat.summary(DiagnosticStatus.WARN, 'unconfigured: no model loaded')
             return stat
-        report = self.glue.diagnostics()
+        report = glue.diagnostics()
         if not self._active:
             report.level, report.message = ros_glue.WARN, 'inactive: not answering'
         stat.summary(LEVELS[report.level], report.message)
@@ -234,6 +302,7 @@ def main(args=None):
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        executor.shutdown(timeout_sec=10.0)  # let a batch in flight finish before the model goes
         node._release_active()
         node._release_model()
         node.destroy_node()

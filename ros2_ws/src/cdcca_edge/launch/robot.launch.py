@@ -7,7 +7,10 @@ Every argument is described (`ros2 launch cdcca_edge robot.launch.py --show-args
 realsense-ros's rs_launch.py. The lifecycle node is configured then activated by launch events, the
 pattern of launch_ros's lifecycle examples (ChangeState + OnStateTransition). The bridge runs with
 namespace /<robot_id>, so the ROS topic /cdcca/<topic> becomes the Zenoh key
-<robot_id>/cdcca/<topic> that `cdcca cloud` speaks (zenoh-plugin-ros2dds).
+<robot_id>/cdcca/<topic> that `cdcca cloud` speaks (zenoh-plugin-ros2dds). The bridge listens
+only on an ephemeral loopback port (bridge_listen), so it never takes 7447 from a cloud on the
+same host. robot_id, model_path, trust_dir and camera_topic override params_file and always
+stay strings (launch_ros would read robot_id:=7 as an integer).
 """
 
 from launch import LaunchDescription
@@ -20,6 +23,7 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import LifecycleNode
 from launch_ros.event_handlers import OnStateTransition
 from launch_ros.events.lifecycle import ChangeState
+from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 from lifecycle_msgs.msg import Transition
 
@@ -36,6 +40,9 @@ ARGUMENTS = [
     ('start_bridge', 'false', 'also start zenoh-bridge-ros2dds with namespace /<robot_id>'),
     ('cloud_endpoint', 'tcp/127.0.0.1:7447',
      'Zenoh endpoint of the cloud (cdcca cloud --endpoint)'),
+    ('bridge_listen', 'tcp/127.0.0.1:0',
+     'Zenoh endpoint the bridge listens on (its router default, tcp/0.0.0.0:7447, would clash '
+     'with a cloud on this host)'),
     ('bridge_executable', 'zenoh-bridge-ros2dds',
      'path or name of the zenoh-bridge-ros2dds binary'),
     ('autostart', 'true', 'configure and activate cdcca_edge at launch (false: drive it with '
@@ -52,17 +59,18 @@ def generate_launch_description():
         package='cdcca_edge', executable='edge_node', name='cdcca_edge', namespace='',
         output='screen',
         parameters=[config['params_file'], {
-            'robot_id': config['robot_id'], 'checkpoints': config['model_path'],
-            'trust_dir': config['trust_dir'], 'camera_topic': config['camera_topic'],
-            'use_sim_time': config['use_sim_time'],
+            **{name: ParameterValue(config[argument], value_type=str) for name, argument in (
+                ('robot_id', 'robot_id'), ('checkpoints', 'model_path'),
+                ('trust_dir', 'trust_dir'), ('camera_topic', 'camera_topic'))},
+            'use_sim_time': ParameterValue(config['use_sim_time'], value_type=bool),
         }],
         arguments=['--ros-args', '--log-level', config['log_level']],
     )
     configure = EmitEvent(event=ChangeState(
         lifecycle_node_matcher=matches_action(edge),
         transition_id=Transition.TRANSITION_CONFIGURE), condition=IfCondition(config['autostart']))
-    activate = RegisterEventHandler(OnStateTransition(
-        target_lifecycle_node=edge, goal_state='inactive',
+    activate = RegisterEventHandler(OnStateTransition(  # only after configure, not deactivate
+        target_lifecycle_node=edge, start_state='configuring', goal_state='inactive',
         entities=[EmitEvent(event=ChangeState(
             lifecycle_node_matcher=matches_action(edge),
             transition_id=Transition.TRANSITION_ACTIVATE))]),
@@ -73,7 +81,7 @@ def generate_launch_description():
         condition=IfCondition(config['start_camera']))
     bridge = ExecuteProcess(
         cmd=[config['bridge_executable'], '--namespace', ['/', config['robot_id']],
-             '--connect', config['cloud_endpoint']],
+             '--connect', config['cloud_endpoint'], '--listen', config['bridge_listen']],
         output='screen', condition=IfCondition(config['start_bridge']))
     return LaunchDescription([
         *[DeclareLaunchArgument(name, default_value=default, description=description)

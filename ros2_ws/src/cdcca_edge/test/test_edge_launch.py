@@ -20,17 +20,17 @@ pytest.importorskip(
     'launch_testing', reason='launch_testing comes with ROS 2 Jazzy (source /opt/ros/jazzy)')
 pytest.importorskip('cdcca', reason='the cdcca core library must be installed in this Python')
 
-from cdcca.bag import image_to_msg, make_stream_bag  # noqa: E402
+from cdcca.bag import image_to_msg, make_stream_bag  # noqa: E402,I100 (after importorskip)
 from cdcca.envelope import generate_key, trust_key  # noqa: E402
-from cdcca.pretrain import PretrainConfig, pretrain  # noqa: E402
+from cdcca.pretrain import pretrain, PretrainConfig  # noqa: E402
 from cdcca_msgs.msg import AdapterStatus, Answer  # noqa: E402
 from cdcca_msgs.srv import Ask  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 import launch  # noqa: E402
 from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
+from launch_ros.substitutions import FindPackageShare  # noqa: E402
 import launch_testing.actions  # noqa: E402
 from launch_testing_ros import WaitForTopics  # noqa: E402
-from launch_ros.substitutions import FindPackageShare  # noqa: E402
 from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
 import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
@@ -44,7 +44,7 @@ WORK = tempfile.mkdtemp(prefix='cdcca_edge_test_')
 
 
 def build_fixture():
-    """A test-preset checkpoint, a trusted key and a short stream bag under WORK."""
+    """Build a test-preset checkpoint, a trusted key and a short stream bag under WORK."""
     checkpoints = os.path.join(WORK, 'checkpoints')
     pretrain(PretrainConfig(preset='test', vision_steps=2, teacher_steps=4, student_steps=4,
                             batch_size=8, checkpoint_every=4, out_dir=checkpoints), progress=False)
@@ -71,7 +71,7 @@ def generate_test_description():
 
 
 def camera_frame(node):
-    """A sensor_msgs/Image built by cdcca.bag (same CDR) as an rclpy message."""
+    """Return a sensor_msgs/Image built by cdcca.bag (same CDR) as an rclpy message."""
     rgb = (np.arange(24 * 24 * 3) % 251).astype(np.uint8).reshape(24, 24, 3)
     data = wire.encode(image_to_msg(rgb, time.time_ns(), 'camera_color_optical_frame'))
     return deserialize_message(data, Image)
@@ -119,9 +119,12 @@ class TestEdgeNode(unittest.TestCase):
 
     def test_1_active_and_publishing(self):
         self.wait_active()
-        with WaitForTopics([('/cdcca/adapter_status', AdapterStatus),
-                            ('/diagnostics', DiagnosticArray)], timeout=30.0):
-            pass
+        waiter = WaitForTopics([('/cdcca/adapter_status', AdapterStatus),
+                                ('/diagnostics', DiagnosticArray)], timeout=30.0)
+        try:  # not `with`: its __enter__ raises on a timeout and leaves the spin thread running
+            self.assertTrue(waiter.wait(), f'no message on {waiter.topics_not_received()}')
+        finally:
+            waiter.shutdown()
 
     def test_2_ask_service(self):
         self.wait_active()
@@ -161,7 +164,7 @@ class TestEdgeNode(unittest.TestCase):
         self.wait_active()
         answers = []
         sub = self.node.create_subscription(Answer, '/cdcca/answer', answers.append, 100)
-        play = subprocess.Popen(['ros2', 'bag', 'play', os.path.join(WORK, 'bag')])
+        play = subprocess.Popen(['ros2', 'bag', 'play', os.path.join(WORK, 'bag'), '--delay', '2'])
         deadline = time.monotonic() + 120
         while (play.poll() is None or len(answers) < 2) and time.monotonic() < deadline:
             rclpy.spin_once(self.node, timeout_sec=0.2)
