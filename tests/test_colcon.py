@@ -26,10 +26,12 @@ pytestmark = pytest.mark.skipif(not COLCON.exists(), reason="colcon is a dev dep
 
 
 def _colcon(workspace: Path, *args: str) -> str:
+    """Run colcon in ``workspace``; its output. Fails on an error and on colcon-ros's layout warnings."""
     env = {**os.environ, "PATH": f"{COLCON.parent}{os.pathsep}{os.environ['PATH']}", "COLCON_HOME": str(workspace)}
     env.pop("AMENT_PREFIX_PATH", None)
     done = subprocess.run([str(COLCON), *args], cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"colcon {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    assert "doesn't explicitly install" not in done.stderr, done.stderr  # marker / package.xml missing
     return done.stdout
 
 
