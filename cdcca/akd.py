@@ -175,6 +175,27 @@ class Distiller:
         self._params = params
         self.rounds = 0
 
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """AdamW's per-parameter state as flat tensors (``"<index>.<key>"``, index into the trainable set, ϕ, ψ),
+        for safetensors: with it a restarted cloud continues the moments instead of starting them over."""
+        return {f"{index}.{key}": torch.as_tensor(value).detach().clone() for index, param in enumerate(self._params)
+                for key, value in self.optimizer.state.get(param, {}).items()}  # fmt: skip
+
+    def load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`optimizer_state` returned; raises ``ValueError`` if it is for other parameters."""
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            index, _, key = name.partition(".")
+            if not index.isdigit() or int(index) >= len(self._params) or not key:
+                raise ValueError(f"optimizer state entry {name!r} does not name one of {len(self._params)} parameters")
+            state.setdefault(int(index), {})[key] = value
+        for index, entry in state.items():
+            shape = self._params[index].shape
+            if any(entry[key].shape != shape for key in ("exp_avg", "exp_avg_sq") if key in entry):
+                raise ValueError(f"optimizer state of parameter {index} is not shaped {tuple(shape)}")
+        saved = self.optimizer.state_dict()
+        self.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
     @torch.inference_mode()
     def pseudo_label(self, samples: Sequence[DistillSample], batch_size: int = 128) -> list[str]:
         """The teacher's greedy answers, attending only to each sample's uploaded tokens."""

@@ -181,6 +181,8 @@ class CloudTrainer:
         if record is not None:  # a restart: continue from the last committed round
             if record.student is not None:
                 self._load_state(distiller, record.student)
+            if record.optimizer is not None:  # so the next round is the one an uninterrupted cloud would run
+                distiller.load_optimizer_state(record.optimizer)
             chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
             distiller.rounds = record.latest
             robot.latest_delta = record.deltas.get(record.latest)
@@ -223,7 +225,7 @@ class CloudTrainer:
             data = wire.encode(msg)
             self.store.commit_round(robot_id, int(msg.version), [sample_id for sample_id, _ in pending],
                                     self._state(robot.distiller), robot.chain.published[int(msg.version)], data,
-                                    robot.chain.applied)  # fmt: skip
+                                    robot.chain.applied, robot.distiller.optimizer_state())  # fmt: skip
         robot.latest_delta, robot.resends = data, 0
         self._send(robot_id, robot, data)
         self.counters.rounds += 1

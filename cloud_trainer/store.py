@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS robots (
     robot_id TEXT PRIMARY KEY,
     latest   INTEGER NOT NULL,     -- newest published version
     applied  INTEGER NOT NULL,     -- the version the robot last reported as current
-    student  BLOB                  -- safetensors: cloud student's trainable set and AKD projections
+    student  BLOB,                 -- safetensors: cloud student's trainable set and AKD projections
+    optimizer BLOB                 -- safetensors: AdamW moments and step counts of those parameters
 );
 CREATE TABLE IF NOT EXISTS published (
     robot_id TEXT NOT NULL,
@@ -64,6 +65,7 @@ class RobotRecord:
     student: dict[str, torch.Tensor] | None
     published: dict[int, dict[str, torch.Tensor]]
     deltas: dict[int, bytes]
+    optimizer: dict[str, torch.Tensor] | None = None
 
 
 class CloudStore:
@@ -80,6 +82,9 @@ class CloudStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(robots)")}
+        if "optimizer" not in columns:  # a store written before the optimizer was kept
+            self._db.execute("ALTER TABLE robots ADD COLUMN optimizer BLOB")
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------ samples
@@ -139,16 +144,17 @@ class CloudStore:
     # ------------------------------------------------------------------------------------- robots
     def load_robot(self, robot_id: str) -> RobotRecord | None:
         with self._lock:
-            row = self._db.execute("SELECT latest, applied, student FROM robots WHERE robot_id = ?",
+            row = self._db.execute("SELECT latest, applied, student, optimizer FROM robots WHERE robot_id = ?",
                                    (robot_id,)).fetchone()  # fmt: skip
             if row is None:
                 return None
             versions = self._db.execute("SELECT version, params, delta FROM published WHERE robot_id = ?",
                                         (robot_id,)).fetchall()  # fmt: skip
-        latest, applied, student = row
+        latest, applied, student, optimizer = row
         return RobotRecord(
             robot_id, latest, applied, from_bytes(student) if student is not None else None,
             published={v: from_bytes(p) for v, p, _ in versions}, deltas={v: bytes(d) for v, _, d in versions},
+            optimizer=from_bytes(optimizer) if optimizer is not None else None,
         )  # fmt: skip
 
     def robots(self) -> list[str]:
@@ -156,16 +162,19 @@ class CloudStore:
             return [r[0] for r in self._db.execute("SELECT robot_id FROM robots ORDER BY robot_id")]
 
     def commit_round(self, robot_id: str, version: int, sample_ids: list[str], student: dict[str, torch.Tensor],
-                     published: dict[str, torch.Tensor], delta: bytes, applied: int) -> None:  # fmt: skip
+                     published: dict[str, torch.Tensor], delta: bytes, applied: int,
+                     optimizer: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
         """Everything a finished round changes, in one transaction."""
         student_blob, published_blob = to_bytes(student), to_bytes(published)
+        optimizer_blob = to_bytes(optimizer) if optimizer is not None else None
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute(
-                    "INSERT INTO robots (robot_id, latest, applied, student) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(robot_id) DO UPDATE SET latest = excluded.latest, student = excluded.student",
-                    (robot_id, version, applied, student_blob),
+                    "INSERT INTO robots (robot_id, latest, applied, student, optimizer) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT(robot_id) DO UPDATE SET latest = excluded.latest, student = excluded.student, "
+                    "optimizer = excluded.optimizer",
+                    (robot_id, version, applied, student_blob, optimizer_blob),
                 )
                 self._db.execute("INSERT INTO published (robot_id, version, params, delta) VALUES (?, ?, ?, ?)",
                                  (robot_id, version, published_blob, delta))  # fmt: skip

@@ -1,5 +1,7 @@
 """The cloud trainer in process: durable buffer, rounds, commit atomicity, restart, resend and keyframes."""
 
+import sqlite3
+
 import pytest
 import torch
 
@@ -149,3 +151,57 @@ def test_each_robot_has_its_own_student_and_chain(pretrained_test_pair, uploads,
     assert trainer.robots["r1"].student is not trainer.robots["r2"].student
     assert (trainer.robots["r1"].chain.latest, trainer.robots["r2"].chain.latest) == (1, 2)
     assert trainer.store.count("r1") == 4 and trainer.store.count("r2") == 8
+
+
+def test_a_restarted_cloud_runs_the_round_an_uninterrupted_one_would(pretrained_test_pair, uploads, keys, tmp_path):
+    """AdamW's moments are committed with each round, so a restart between rounds changes nothing."""
+
+    def second_round(state_dir, restart=None):
+        trainer = make_trainer(pretrained_test_pair, keys[0], state_dir, round_size=4)
+        for msg in uploads[:4]:
+            trainer.receive_tokens("r1", msg)
+        assert [r["version"] for r in trainer.step()] == [1]
+        if restart is not None:
+            trainer.close()
+            restart(state_dir)
+            trainer = make_trainer(pretrained_test_pair, keys[0], state_dir, round_size=4)
+        for msg in uploads[4:8]:
+            trainer.receive_tokens("r1", msg)
+        assert [r["version"] for r in trainer.step()] == [2]
+        distiller = trainer.robots["r1"].distiller
+        return CloudTrainer._state(distiller), distiller.optimizer_state()
+
+    def forget_optimizer(state_dir):  # what a store written before this change holds
+        with sqlite3.connect(state_dir / "cloud.sqlite") as db:
+            db.execute("UPDATE robots SET optimizer = NULL")
+
+    straight, moments = second_round(tmp_path / "straight")
+    restarted, restarted_moments = second_round(tmp_path / "restarted", restart=lambda _: None)
+    assert moments and set(restarted_moments) == set(moments)
+    assert all(torch.equal(restarted_moments[k], moments[k]) for k in moments)
+    assert all(torch.equal(restarted[k], straight[k]) for k in straight)  # bit-identical weights after round 2
+    fresh_moments, _ = second_round(tmp_path / "forgot", restart=forget_optimizer)
+    assert any(not torch.equal(fresh_moments[k], straight[k]) for k in straight)  # the moments mattered
+
+
+def test_optimizer_state_for_other_parameters_is_refused(pretrained_test_pair, keys, tmp_path):
+    distiller = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud")._robot("r1").distiller
+    with pytest.raises(ValueError, match="does not name"):
+        distiller.load_optimizer_state({"9999.exp_avg": torch.zeros(1)})
+    with pytest.raises(ValueError, match="not shaped"):
+        distiller.load_optimizer_state({"0.exp_avg": torch.zeros(3, 3, 3), "0.step": torch.tensor(1.0)})
+
+
+def test_a_store_from_before_the_optimizer_column_opens_and_loads(tmp_path):
+    from cloud_trainer.store import CloudStore, to_bytes
+
+    with sqlite3.connect(tmp_path / "old.sqlite") as db:  # the robots table as it was first written
+        db.execute("CREATE TABLE robots (robot_id TEXT PRIMARY KEY, latest INTEGER NOT NULL, "
+                   "applied INTEGER NOT NULL, student BLOB)")  # fmt: skip
+        db.execute("INSERT INTO robots VALUES ('r1', 2, 1, ?)", (to_bytes({"student.w": torch.ones(2)}),))
+    store = CloudStore(tmp_path / "old.sqlite")
+    record = store.load_robot("r1")
+    assert (record.latest, record.applied, record.optimizer) == (2, 1, None)
+    assert torch.equal(record.student["student.w"], torch.ones(2))
+    store.commit_round("r1", 3, [], record.student, {"w": torch.ones(2)}, b"delta", 1, {"0.step": torch.tensor(3.0)})
+    assert store.load_robot("r1").optimizer["0.step"].item() == 3.0
