@@ -173,3 +173,41 @@ def test_ros_python_passes_ament_flake8_rules(folder, tmp_path):
     done = subprocess.run([sys.executable, "-m", "flake8", "--config", str(config), "."], cwd=folder,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0 and not done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("folder, name", [(EDGE, "cdcca_edge"), (MSGS, "cdcca_msgs"), (ROOT, "cdcca")],
+                         ids=["cdcca_edge", "cdcca_msgs", "cdcca"])  # fmt: skip
+def test_package_xml_validates_with_catkin_pkg_without_warnings(folder, name):
+    """catkin_pkg is what colcon-ros and rosdep parse package.xml with (REP 149 checks)."""
+    from catkin_pkg.package import parse_package
+
+    warnings: list[str] = []
+    package = parse_package(folder, warnings=warnings)
+    package.validate()  # raises InvalidPackage
+    assert (package.name, package.package_format, warnings) == (name, 3, [])
+
+
+def _imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots - set(sys.stdlib_module_names)
+
+
+def test_every_module_the_ros_package_imports_is_a_declared_dependency():
+    """A missing <exec_depend> works on the developer's machine and fails after rosdep on a fresh robot."""
+    from catkin_pkg.package import parse_package
+
+    package = parse_package(EDGE)
+    runtime = {d.name for d in package.exec_depends} | {d.name for d in package.build_export_depends}
+    tests = runtime | {d.name for d in package.test_depends}
+    rosdep_key = {"numpy": "python3-numpy", "yaml": "python3-yaml", "pytest": "python3-pytest"}  # pip name -> key
+    for path in [*(EDGE / "cdcca_edge").glob("*.py"), *(EDGE / "launch").glob("*.py")]:
+        missing = {rosdep_key.get(m, m) for m in _imported_roots(path)} - runtime - {"cdcca_edge"}
+        assert not missing, f"{path.name} imports {missing}, not in package.xml"
+    for path in (EDGE / "test").glob("*.py"):
+        missing = {rosdep_key.get(m, m) for m in _imported_roots(path)} - tests - {"cdcca_edge"}
+        assert not missing, f"test/{path.name} imports {missing}, not in package.xml"
