@@ -139,6 +139,72 @@ def test_bad_node_names_are_refused_before_joining(name, namespace):
         dds.DdsGraph(0, node_name=name, node_namespace=namespace)
 
 
+@pytest.mark.parametrize("env, multicast, peers", [
+    ({}, None, None),  # SUBNET without static peers: Cyclone's own configuration
+    ({"ROS_AUTOMATIC_DISCOVERY_RANGE": "SYSTEM_DEFAULT", "ROS_STATIC_PEERS": "10.0.0.9"}, None, None),
+    ({"ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}, "false", ["localhost"]),
+    ({"ROS_LOCALHOST_ONLY": "1"}, "false", ["localhost"]),  # the pre-Iron variable
+    ({"ROS_AUTOMATIC_DISCOVERY_RANGE": "localhost", "ROS_STATIC_PEERS": "robot2.lan; 10.0.0.7"}, "false",
+     ["localhost", "robot2.lan", "10.0.0.7"]),
+    ({"ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET", "ROS_STATIC_PEERS": "10.0.0.7"}, None, ["10.0.0.7"]),
+    ({"ROS_AUTOMATIC_DISCOVERY_RANGE": "OFF", "ROS_STATIC_PEERS": "10.0.0.7"}, "false", ["10.0.0.7"]),
+])  # fmt: skip
+def test_discovery_settings_follow_the_ros_environment(env, multicast, peers):
+    import xml.etree.ElementTree as ET
+
+    config = dds.ros_discovery_config(env)
+    if peers is None:
+        assert config is None
+        return
+    root = ET.fromstring(config)
+    assert root.findtext("Domain/General/AllowMulticast") == multicast
+    assert [p.get("address") for p in root.findall("Domain/Discovery/Peers/Peer")] == peers
+    assert root.findtext("Domain/Discovery/ParticipantIndex") == "auto"
+    with pytest.raises(dds.DdsError, match="ROS_AUTOMATIC_DISCOVERY_RANGE"):
+        dds.ros_discovery_config({"ROS_AUTOMATIC_DISCOVERY_RANGE": "EVERYWHERE"})
+
+
+LOCALHOST_TALKER = textwrap.dedent('''
+    """A process of a ROS graph run with ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and its own CYCLONEDDS_URI."""
+    import sys, time
+    from cdcca import wire
+    from cdcca.transport import dds
+
+    graph = dds.DdsGraph(int(sys.argv[1]))  # no config: from the environment
+    prompts = graph.writer("/cdcca/prompt", wire.STRING)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        prompts.write(wire.new(wire.STRING, data="hello over localhost"))
+        time.sleep(0.1)
+''')
+
+
+def test_participants_find_each_other_with_localhost_discovery(tmp_path, monkeypatch):
+    """Two processes, each configured only by the ROS environment (unicast to localhost, no multicast)."""
+    domain_id = 40 + (os.getpid() + 11) % 150
+    user = "<CycloneDDS><Domain Id='any'><Discovery><MaxAutoParticipantIndex>40</MaxAutoParticipantIndex>" \
+           "</Discovery></Domain></CycloneDDS>"  # fmt: skip
+    env = {**os.environ, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "CYCLONEDDS_URI": user}
+    script = tmp_path / "talker.py"
+    script.write_text(LOCALHOST_TALKER)
+    talker = subprocess.Popen([sys.executable, str(script), str(domain_id)], env=env, stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    monkeypatch.delenv("CYCLONEDDS_URI", raising=False)
+    graph = dds.DdsGraph(domain_id)
+    assert "<Peer address='localhost'/>" in dds._DOMAINS[domain_id][1]  # the domain runs the derived settings
+    try:
+        reader = graph.reader("/cdcca/prompt", wire.STRING)
+        heard = []
+        assert wait_until(lambda: heard.extend(dds.take_all(reader)) or heard, timeout=20), (
+            talker.poll(), talker.stderr.read() if talker.poll() is not None else "")
+    finally:
+        talker.kill()
+        talker.wait()
+        graph.close()
+    assert heard[0].data == "hello over localhost"
+
+
 ROS_CAMERA = textwrap.dedent('''
     """A stand-in for a ROS 2 camera node and `ros2 topic echo /cdcca/answer`, with hand-declared rosidl types."""
     import json, sys, time

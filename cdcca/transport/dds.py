@@ -37,7 +37,8 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
+from xml.sax.saxutils import escape
 
 from cyclonedds.core import Policy, Qos
 from cyclonedds.domain import Domain, DomainParticipant
@@ -172,6 +173,36 @@ def loopback_config() -> str:
     )
 
 
+def ros_discovery_config(environ: Mapping[str, str] | None = None) -> str | None:
+    """The Cyclone DDS discovery settings a Jazzy node derives from its environment, or ``None`` for Cyclone's own.
+
+    ROS 2 Iron and later ("Improved dynamic discovery", docs.ros.org/en/jazzy/Tutorials/Advanced/Improved-Dynamic-
+    Discovery.html) read ``ROS_AUTOMATIC_DISCOVERY_RANGE`` (``SUBNET`` default, ``LOCALHOST``, ``OFF``,
+    ``SYSTEM_DEFAULT``), the older ``ROS_LOCALHOST_ONLY=1`` (= ``LOCALHOST`` when no range is set) and
+    ``ROS_STATIC_PEERS`` (``;``-separated addresses). rmw_cyclonedds turns them into: no multicast and the peer
+    ``localhost`` for ``LOCALHOST``; no multicast and only the static peers for ``OFF``; static peers added to
+    multicast for ``SUBNET``; unicast discovery over participant indices (``auto``, at most 32). A robot whose
+    graph runs with ``LOCALHOST`` is unreachable by multicast, so without this a raw participant would see
+    nothing. A user ``$CYCLONEDDS_URI`` is applied after these settings, so it wins, as with rmw_cyclonedds.
+    """
+    env = os.environ if environ is None else environ
+    scope = env.get("ROS_AUTOMATIC_DISCOVERY_RANGE", "").strip().upper()
+    if not scope:
+        scope = "LOCALHOST" if env.get("ROS_LOCALHOST_ONLY", "").strip() == "1" else "SUBNET"
+    if scope not in {"SUBNET", "LOCALHOST", "OFF", "SYSTEM_DEFAULT"}:
+        raise DdsError(f"ROS_AUTOMATIC_DISCOVERY_RANGE={scope!r}: expected SUBNET, LOCALHOST, OFF or SYSTEM_DEFAULT")
+    peers = [p.strip() for p in env.get("ROS_STATIC_PEERS", "").split(";") if p.strip()]
+    if scope == "SYSTEM_DEFAULT" or (scope == "SUBNET" and not peers):
+        return None
+    if scope == "LOCALHOST":
+        peers = ["localhost", *peers]
+    multicast = "<AllowMulticast>false</AllowMulticast>" if scope != "SUBNET" else ""
+    peer_list = "".join(f"<Peer address='{escape(p, {chr(39): '&apos;'})}'/>" for p in peers)
+    return (f"<CycloneDDS><Domain Id='any'><General>{multicast}</General><Discovery><ParticipantIndex>auto"
+            f"</ParticipantIndex><MaxAutoParticipantIndex>32</MaxAutoParticipantIndex><Peers>{peer_list}</Peers>"
+            f"</Discovery></Domain></CycloneDDS>")  # fmt: skip
+
+
 class DdsWriter:
     """A DDS writer of one ROS topic; writes messages or their CDR bytes, XCDR1 on the wire."""
 
@@ -198,7 +229,8 @@ class DdsGraph:
 
     Args:
         domain_id: the ROS domain (``$ROS_DOMAIN_ID``, default 0).
-        config: Cyclone DDS XML configuration for this domain (default: ``$CYCLONEDDS_URI`` or built-in).
+        config: Cyclone DDS XML configuration for this domain (default: what :func:`ros_discovery_config` derives
+            from the ROS environment, then ``$CYCLONEDDS_URI``; with neither, Cyclone's built-in one).
         node_name: announce the participant's readers and writers as this ROS 2 node on ``ros_discovery_info``
             (see the module doc); ``None``: a bare participant, invisible to ``ros2 node list`` and to
             zenoh-bridge-ros2dds.
@@ -213,6 +245,8 @@ class DdsGraph:
             raise DdsError(f"not an absolute ROS 2 namespace: {node_namespace!r}")
         self.node_name, self.node_namespace = node_name, node_namespace
         self.domain_id = int(os.environ.get("ROS_DOMAIN_ID", "0")) if domain_id is None else int(domain_id)
+        if config is None and (config := ros_discovery_config()) is not None and os.environ.get("CYCLONEDDS_URI"):
+            config = f"{config},{os.environ['CYCLONEDDS_URI']}"  # later fragments override earlier ones
         try:
             if config:
                 with _DOMAINS_LOCK:
