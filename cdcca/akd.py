@@ -191,7 +191,10 @@ class Distiller:
             state.setdefault(int(index), {})[key] = value
         for index, entry in state.items():
             shape = self._params[index].shape
-            if any(entry[key].shape != shape for key in ("exp_avg", "exp_avg_sq") if key in entry):
+            if set(entry) != {"step", "exp_avg", "exp_avg_sq"}:
+                raise ValueError(f"optimizer state of parameter {index} has {sorted(entry)}, not AdamW's "
+                                 "step, exp_avg and exp_avg_sq")  # fmt: skip
+            if entry["exp_avg"].shape != shape or entry["exp_avg_sq"].shape != shape:
                 raise ValueError(f"optimizer state of parameter {index} is not shaped {tuple(shape)}")
         saved = self.optimizer.state_dict()
         self.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})

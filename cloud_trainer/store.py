@@ -84,7 +84,11 @@ class CloudStore:
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(robots)")}
         if "optimizer" not in columns:  # a store written before the optimizer was kept
-            self._db.execute("ALTER TABLE robots ADD COLUMN optimizer BLOB")
+            try:
+                self._db.execute("ALTER TABLE robots ADD COLUMN optimizer BLOB")
+            except sqlite3.OperationalError as err:  # another process (torchrun rank) added it first
+                if "duplicate column" not in str(err):
+                    raise
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------ samples

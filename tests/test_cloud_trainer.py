@@ -180,8 +180,8 @@ def test_a_restarted_cloud_runs_the_round_an_uninterrupted_one_would(pretrained_
     assert moments and set(restarted_moments) == set(moments)
     assert all(torch.equal(restarted_moments[k], moments[k]) for k in moments)
     assert all(torch.equal(restarted[k], straight[k]) for k in straight)  # bit-identical weights after round 2
-    fresh_moments, _ = second_round(tmp_path / "forgot", restart=forget_optimizer)
-    assert any(not torch.equal(fresh_moments[k], straight[k]) for k in straight)  # the moments mattered
+    forgot, _ = second_round(tmp_path / "forgot", restart=forget_optimizer)
+    assert any(not torch.equal(forgot[k], straight[k]) for k in straight)  # the moments mattered
 
 
 def test_optimizer_state_for_other_parameters_is_refused(pretrained_test_pair, keys, tmp_path):
@@ -189,7 +189,10 @@ def test_optimizer_state_for_other_parameters_is_refused(pretrained_test_pair, k
     with pytest.raises(ValueError, match="does not name"):
         distiller.load_optimizer_state({"9999.exp_avg": torch.zeros(1)})
     with pytest.raises(ValueError, match="not shaped"):
-        distiller.load_optimizer_state({"0.exp_avg": torch.zeros(3, 3, 3), "0.step": torch.tensor(1.0)})
+        distiller.load_optimizer_state({"0.exp_avg": torch.zeros(3, 3, 3), "0.exp_avg_sq": torch.zeros(3, 3, 3),
+                                        "0.step": torch.tensor(1.0)})  # fmt: skip
+    with pytest.raises(ValueError, match="not AdamW's"):
+        distiller.load_optimizer_state({"0.step": torch.tensor(1.0)})
 
 
 def test_a_store_from_before_the_optimizer_column_opens_and_loads(tmp_path):

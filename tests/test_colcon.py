@@ -10,6 +10,7 @@ environment hooks of ``install/setup.sh``, and ``colcon test`` running the packa
 without ROS, each with its reason).
 """
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -109,6 +110,8 @@ def test_install_setup_sh_puts_the_built_packages_first_on_the_python_path(works
 
 
 def test_colcon_test_runs_the_package_tests_which_skip_without_ros(workspace):
+    if importlib.util.find_spec("launch_testing") is not None:
+        pytest.skip("ROS 2 is installed here: colcon test would run the launch tests, which need cdcca_msgs built")
     _colcon(workspace, "test", "--base-paths", "src/cd-cca", "src/cd-cca/ros2_ws/src", "--packages-ignore",
             "cdcca_msgs", "--packages-select", "cdcca_edge")
     report = ET.parse(workspace / "build" / "cdcca_edge" / "pytest.xml").getroot()

@@ -162,45 +162,56 @@ def from_idl(type_name: str, sample: IdlStruct) -> Any:
     return wire.decode(type_name, idl_to_cdr(sample))
 
 
+def _cyclone_config(peers: list[str], multicast: bool = False, interface: str | None = None,
+                    max_index: int = 32) -> str:  # fmt: skip
+    """A Cyclone DDS domain configuration for unicast discovery over participant indices (``auto``)."""
+    quoted = "".join(f"<Peer address='{escape(p, {chr(39): '&apos;'})}'/>" for p in peers)
+    general = "" if interface is None else f"<Interfaces><NetworkInterface address='{interface}'/></Interfaces>"
+    general += "" if multicast else "<AllowMulticast>false</AllowMulticast>"
+    return (f"<CycloneDDS><Domain Id='any'><General>{general}</General><Discovery><ParticipantIndex>auto"
+            f"</ParticipantIndex><MaxAutoParticipantIndex>{max_index}</MaxAutoParticipantIndex><Peers>{quoted}"
+            f"</Peers></Discovery></Domain></CycloneDDS>")  # fmt: skip
+
+
 def loopback_config() -> str:
     """A Cyclone DDS configuration that stays on 127.0.0.1 with unicast discovery (no multicast needed): for
     tests and for a robot whose ROS graph is one host (give ROS the same via ``CYCLONEDDS_URI``)."""
-    return (
-        "<CycloneDDS><Domain Id='any'><General><Interfaces><NetworkInterface address='127.0.0.1'/></Interfaces>"
-        "<AllowMulticast>false</AllowMulticast></General><Discovery><ParticipantIndex>auto</ParticipantIndex>"
-        "<MaxAutoParticipantIndex>30</MaxAutoParticipantIndex><Peers><Peer address='127.0.0.1'/></Peers>"
-        "</Discovery></Domain></CycloneDDS>"
-    )
+    return _cyclone_config(["127.0.0.1"], interface="127.0.0.1", max_index=30)
+
+
+DISCOVERY_RANGES = ("SUBNET", "LOCALHOST", "OFF", "SYSTEM_DEFAULT")
 
 
 def ros_discovery_config(environ: Mapping[str, str] | None = None) -> str | None:
     """The Cyclone DDS discovery settings a Jazzy node derives from its environment, or ``None`` for Cyclone's own.
 
-    ROS 2 Iron and later ("Improved dynamic discovery", docs.ros.org/en/jazzy/Tutorials/Advanced/Improved-Dynamic-
-    Discovery.html) read ``ROS_AUTOMATIC_DISCOVERY_RANGE`` (``SUBNET`` default, ``LOCALHOST``, ``OFF``,
-    ``SYSTEM_DEFAULT``), the older ``ROS_LOCALHOST_ONLY=1`` (= ``LOCALHOST`` when no range is set) and
-    ``ROS_STATIC_PEERS`` (``;``-separated addresses). rmw_cyclonedds turns them into: no multicast and the peer
-    ``localhost`` for ``LOCALHOST``; no multicast and only the static peers for ``OFF``; static peers added to
-    multicast for ``SUBNET``; unicast discovery over participant indices (``auto``, at most 32). A robot whose
-    graph runs with ``LOCALHOST`` is unreachable by multicast, so without this a raw participant would see
-    nothing. A user ``$CYCLONEDDS_URI`` is applied after these settings, so it wins, as with rmw_cyclonedds.
+    As rcl reads them in Jazzy ("Improved dynamic discovery", docs.ros.org/en/jazzy/Tutorials/Advanced/Improved-
+    Dynamic-Discovery.html; rcl's discovery options): ``ROS_LOCALHOST_ONLY=1`` (deprecated) wins and means
+    ``LOCALHOST`` without static peers; otherwise ``ROS_AUTOMATIC_DISCOVERY_RANGE`` -- ``SUBNET`` when unset,
+    ``LOCALHOST``, ``OFF``, ``SYSTEM_DEFAULT``, matched exactly, anything else warned about and taken as
+    ``LOCALHOST`` -- with ``ROS_STATIC_PEERS`` (``;``-separated) for every range but ``OFF``. rmw_cyclonedds then
+    discovers without multicast and with the peer ``localhost`` for ``LOCALHOST``, with neither multicast nor peers
+    for ``OFF`` (so the participant sees no other process), and adds the static peers to multicast for
+    ``SUBNET``. A robot whose graph is limited to ``LOCALHOST`` is unreachable by multicast, so without this a
+    raw participant would see nothing. A user ``$CYCLONEDDS_URI`` is applied after these settings and wins.
     """
     env = os.environ if environ is None else environ
-    scope = env.get("ROS_AUTOMATIC_DISCOVERY_RANGE", "").strip().upper()
-    if not scope:
-        scope = "LOCALHOST" if env.get("ROS_LOCALHOST_ONLY", "").strip() == "1" else "SUBNET"
-    if scope not in {"SUBNET", "LOCALHOST", "OFF", "SYSTEM_DEFAULT"}:
-        raise DdsError(f"ROS_AUTOMATIC_DISCOVERY_RANGE={scope!r}: expected SUBNET, LOCALHOST, OFF or SYSTEM_DEFAULT")
     peers = [p.strip() for p in env.get("ROS_STATIC_PEERS", "").split(";") if p.strip()]
+    if env.get("ROS_LOCALHOST_ONLY", "").strip() == "1":
+        scope, peers = "LOCALHOST", []
+    else:
+        scope = env.get("ROS_AUTOMATIC_DISCOVERY_RANGE", "").strip() or "SUBNET"
+        if scope not in DISCOVERY_RANGES:
+            log.warning("ROS_AUTOMATIC_DISCOVERY_RANGE=%r is none of %s: using LOCALHOST, as rcl does", scope,
+                        ", ".join(DISCOVERY_RANGES))  # fmt: skip
+            scope = "LOCALHOST"
     if scope == "SYSTEM_DEFAULT" or (scope == "SUBNET" and not peers):
         return None
+    if scope == "OFF":
+        return _cyclone_config([])
     if scope == "LOCALHOST":
-        peers = ["localhost", *peers]
-    multicast = "<AllowMulticast>false</AllowMulticast>" if scope != "SUBNET" else ""
-    peer_list = "".join(f"<Peer address='{escape(p, {chr(39): '&apos;'})}'/>" for p in peers)
-    return (f"<CycloneDDS><Domain Id='any'><General>{multicast}</General><Discovery><ParticipantIndex>auto"
-            f"</ParticipantIndex><MaxAutoParticipantIndex>32</MaxAutoParticipantIndex><Peers>{peer_list}</Peers>"
-            f"</Discovery></Domain></CycloneDDS>")  # fmt: skip
+        return _cyclone_config(["localhost", *peers])
+    return _cyclone_config(peers, multicast=True)
 
 
 class DdsWriter:
@@ -292,7 +303,7 @@ class DdsGraph:
         return ParticipantEntitiesInfo(_gid(self.participant), nodes)
 
     def _announce(self) -> None:
-        """Publish the whole :meth:`node_info` (readers of the topic keep the last sample per participant)."""
+        """Publish the whole :meth:`node_info`: rmw and the bridge keep the newest sample of each participant."""
         if self.node_name is None:
             return
         if self._discovery is None:
@@ -326,7 +337,7 @@ class DdsEdgeSettings:
         batch_size: prompts answered together.
         max_frame_age_s: answer only about a frame taken at most this long ago (0: any age).
         domain_id: ROS domain (default ``$ROS_DOMAIN_ID`` or 0).
-        config: Cyclone DDS XML configuration (default ``$CYCLONEDDS_URI``); :func:`loopback_config` for one host.
+        config: Cyclone DDS XML configuration (default: as :class:`DdsGraph`); :func:`loopback_config` for one host.
         poll_s: idle wait between polls of the readers.
         node_name: the ROS 2 node the participant announces (``ros2 node list``; the rclpy node's name).
     """

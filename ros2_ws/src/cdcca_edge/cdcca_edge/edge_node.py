@@ -10,8 +10,8 @@ Lifecycle (managed nodes, design.ros2.org/articles/node_lifecycle.html):
   cdcca_msgs/srv/Ask, start the timers;
 * deactivate: drop those again (answers stop, state is kept); cleanup: release the model.
 
-A transition that raises is logged and fails (rclpy would otherwise turn it into a silent
-ERROR); on_error releases everything. Stream callbacks log and count what they raise
+A transition that raises is logged (rclpy would turn it into ERROR without a word), and
+on_error releases everything. Stream callbacks log and count what they raise
 (``callback_errors`` on /diagnostics) instead of letting it stop the executor. The node's
 own timers run on the steady clock, so they keep firing under use_sim_time before /clock.
 
@@ -58,14 +58,14 @@ LOOP_TYPES = {'answer': Answer, 'uts_tokens': UtsTokens, 'adapter_status': Adapt
 
 
 def _transition(callback):
-    """Log what a transition raises and fail it (rclpy would return ERROR without a word)."""
+    """Log what a transition raises, then return ERROR so that on_error releases everything."""
     @functools.wraps(callback)
     def logged(self, state):
         try:
             return callback(self, state)
         except Exception as err:
             self.get_logger().error(f'{callback.__name__} failed: {err!r}')
-            return TransitionCallbackReturn.FAILURE
+            return TransitionCallbackReturn.ERROR
     return logged
 
 
@@ -159,32 +159,30 @@ class EdgeNode(LifecycleNode):
         if result != TransitionCallbackReturn.SUCCESS:
             return result
         glue, camera, guarded = self.glue, self.params['camera_topic'], self._guarded
-        self._active = [
-            self.create_subscription(Image, camera, guarded(self._on_image),
+        self._active = []
+        add = self._active.append  # one by one: if a creation raises, on_error releases the rest
+        add(self.create_subscription(Image, camera, guarded(self._on_image),
                                      qos_profile_sensor_data, callback_group=self._inputs,
-                                     raw=True),
-            self.create_subscription(String, self.params['prompt_topic'],
-                                     guarded(glue.on_prompt), RELIABLE,
-                                     callback_group=self._inputs, raw=True),
-            self.create_subscription(WeightDelta, ros_glue.ROS_TOPICS['weight_delta'],
+                                     raw=True))
+        add(self.create_subscription(String, self.params['prompt_topic'], guarded(glue.on_prompt),
+                                     RELIABLE, callback_group=self._inputs, raw=True))
+        add(self.create_subscription(WeightDelta, ros_glue.ROS_TOPICS['weight_delta'],
                                      guarded(glue.on_weight_delta), LATCHED,
-                                     callback_group=self._loop, raw=True),
-            self.create_subscription(UtsAck, ros_glue.ROS_TOPICS['uts_ack'], guarded(glue.on_ack),
-                                     RELIABLE, callback_group=self._loop, raw=True),
-            self.create_service(Ask, 'cdcca/ask', self._on_ask, callback_group=self._answering),
-            self.create_timer(0.02, guarded(self._answer_pending),
-                              callback_group=self._answering, clock=self._steady),
-            self.create_timer(self.params['pump_every_s'], guarded(glue.tick),
-                              callback_group=self._loop, clock=self._steady),
-        ]
+                                     callback_group=self._loop, raw=True))
+        add(self.create_subscription(UtsAck, ros_glue.ROS_TOPICS['uts_ack'], guarded(glue.on_ack),
+                                     RELIABLE, callback_group=self._loop, raw=True))
+        add(self.create_service(Ask, 'cdcca/ask', self._on_ask, callback_group=self._answering))
+        add(self.create_timer(0.02, guarded(self._answer_pending),
+                              callback_group=self._answering, clock=self._steady))
+        add(self.create_timer(self.params['pump_every_s'], guarded(glue.tick),
+                              callback_group=self._loop, clock=self._steady))
         if self.params['subscribe_compressed']:
-            self._active.append(self.create_subscription(
+            add(self.create_subscription(
                 CompressedImage, camera.rstrip('/') + '/compressed', guarded(self._on_compressed),
                 qos_profile_sensor_data, callback_group=self._inputs, raw=True))
         if self.params['ask_rate_hz'] > 0:
-            self._active.append(self.create_timer(
-                1.0 / self.params['ask_rate_hz'], guarded(self._ask_prompts),
-                callback_group=self._answering, clock=self._steady))
+            add(self.create_timer(1.0 / self.params['ask_rate_hz'], guarded(self._ask_prompts),
+                                  callback_group=self._answering, clock=self._steady))
         return TransitionCallbackReturn.SUCCESS
 
     def _release_active(self):
