@@ -4,6 +4,7 @@ swaps under concurrent answers, rollback, persistence, rejections, and export/ad
 import threading
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -197,3 +198,33 @@ def test_mismatched_exports_and_adapters_are_clear_errors(exported, pair, keys, 
     save_file({("x_" + k if k == "query_tokens" else k): v for k, v in other.base().items()}, str(mixed / BASE_FILE))
     with pytest.raises(OnnxModelMismatch, match="missing"):
         OnnxBackend(mixed, "r5", trust)
+
+
+def test_external_data_export_answers_as_the_inline_one_before_and_after_a_swap(exported, keys, samples, tmp_path):
+    """Students past protobuf's 2 GiB must keep tensors beside the graph; forced here on the small one."""
+    student, inline_export = exported
+    signer, trust = keys
+    external = export_onnx(student, tmp_path / "external", external_data=True)
+    for info in external.manifest["graphs"].values():
+        graph, data = external.directory / info["file"], external.directory / (info["file"] + ".data")
+        model = onnx.load(str(graph), load_external_data=False)
+        stored = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert stored and {e.value for t in stored for e in t.external_data if e.key == "location"} == {data.name}
+        inline = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+        assert all(onnx.numpy_helper.to_array(t).nbytes < 1024 for t in inline)  # only the tiny ones stay
+    assert external.manifest["student_id"] == inline_export.manifest["student_id"]
+    assert not list(inline_export.directory.glob("*.data"))  # small graphs stay inline by default
+    backends = [OnnxBackend(export, "r1", trust, threads=1) for export in (inline_export, external)]
+    delta = VersionChain("r1", backends[0].base).make_delta(_perturbed(backends[0].base, seed=3), "fp16", signer)
+    for when in ("before", "after"):
+        texts = [[a.texts[0] for a in _answers(backend, samples[:8])] for backend in backends]
+        assert texts[0] == texts[1]
+        logits = [[], []]
+        for backend, out in zip(backends, logits):
+            prompt = backend.sessions["encoder"].run(None, {"pixel_values": backend._pixel_values(
+                [samples[0].load_image()])}, backend._active.run_options["encoder"])[1]  # fmt: skip
+            backend.generate(prompt, [samples[0].prompt], logits_out=out)
+        np.testing.assert_array_equal(logits[0][0], logits[1][0])  # the same graphs and weights, bit for bit
+        if when == "before":
+            assert all(backend.receive(delta).state == APPLIED for backend in backends)
+    assert [backend.version for backend in backends] == [1, 1]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import has_lora, trainable_parameters
 
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
+EXTERNAL_DATA_ABOVE = 1 << 30  # initializer bytes past which a graph keeps its tensors in <file>.data (limit: 2 GiB)
 MANIFEST_FILE, BASE_FILE = "manifest.json", "base.safetensors"
 FORMAT_VERSION = 1
 OPSET = 17
@@ -202,22 +204,38 @@ def _student_id(student: MLLM, trainable: set[str]) -> str:
 
 
 def _export_graph(module: nn.Module, inputs: tuple, input_names: list[str], output_names: list[str],
-                  dynamic_axes: dict, params: dict[str, torch.Tensor], path: Path) -> list[str]:  # fmt: skip
-    """Trace ``module`` to ``path`` and turn the trainable inputs into overridable initializers."""
+                  dynamic_axes: dict, params: dict[str, torch.Tensor], path: Path,
+                  external_data: bool | None = None) -> list[str]:  # fmt: skip
+    """Trace ``module`` to ``path`` and turn the trainable inputs into overridable initializers.
+
+    A protobuf message cannot exceed 2 GiB, so a larger graph keeps its tensors in ``<file>.data`` beside it
+    (ONNX external data: onnx.ai/onnx/repo-docs/ExternalData.html; ONNX Runtime finds the file next to the
+    graph). ``external_data`` ``None`` decides by size, ``True``/``False`` force it.
+    """
     names = list(params)
     wrapped = _WithParams(module, names, len(inputs)).eval()
-    with warnings.catch_warnings():  # the tracer flags every shape test in transformers; the parity tests decide
-        warnings.simplefilter("ignore")
-        torch.onnx.export(wrapped, (*inputs, *(p.detach() for p in params.values())), str(path), dynamo=False,
-                          input_names=input_names + names, output_names=output_names, dynamic_axes=dynamic_axes,
-                          opset_version=OPSET, do_constant_folding=True)  # fmt: skip
-    model = onnx.load(str(path))
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # the tracer may spill tensors to files
+        traced = Path(scratch) / path.name
+        with warnings.catch_warnings():  # the tracer flags every shape test in transformers; parity tests decide
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapped, (*inputs, *(p.detach() for p in params.values())), str(traced), dynamo=False,
+                              input_names=input_names + names, output_names=output_names,
+                              dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True)  # fmt: skip
+        model = onnx.load(str(traced))  # with any external tensors, into memory
     graph_inputs = {i.name for i in model.graph.input}
     used = [name for name in names if name in graph_inputs]  # the exporter drops inputs the graph never reads
     for name in used:
         model.graph.initializer.append(onnx.numpy_helper.from_array(params[name].detach().numpy(), name))
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    if external_data is None:
+        external_data = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_ABOVE
+    data_file = path.with_name(path.name + ".data")
+    data_file.unlink(missing_ok=True)
+    if external_data:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data_file.name, size_threshold=1024)  # fmt: skip
+    else:
+        onnx.save(model, str(path))
+    onnx.checker.check_model(str(path))  # by path: works past 2 GiB and checks the external file too
     return used
 
 
@@ -227,10 +245,12 @@ def _dummy_pixels(student: MLLM, batch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def export_onnx(student: MLLM, out_dir: str | Path) -> OnnxExport:
+def export_onnx(student: MLLM, out_dir: str | Path, external_data: bool | None = None) -> OnnxExport:
     """Export ``student`` (LoRA injected) to ``out_dir``; returns the opened export.
 
     The trainable set's current values become θ_base of the export (version 0 of every adapter built for it).
+    ``external_data``: keep each graph's tensors in ``<graph>.onnx.data`` (``None``: when they pass 1 GiB, as a
+    graph must stay under protobuf's 2 GiB).
     """
     if not has_lora(student):
         raise ValueError("the student needs its LoRA adapters before export (cdcca.models.add_lora), so the "
@@ -250,7 +270,7 @@ def export_onnx(student: MLLM, out_dir: str | Path) -> OnnxExport:
         _EncoderForward(student), (_dummy_pixels(student, batch),), ["pixel_values"],
         ["visual_tokens", "soft_prompt"],
         {"pixel_values": {0: "batch"}, "visual_tokens": {0: "batch"}, "soft_prompt": {0: "batch"}},
-        {n: trainable[n] for n in encoder_names}, out / ENCODER_FILE,
+        {n: trainable[n] for n in encoder_names}, out / ENCODER_FILE, external_data,
     )  # fmt: skip
     past_names = [f"past_{kind}_{i}" for i in range(text.num_hidden_layers) for kind in ("key", "value")]
     present_names = [name.replace("past_", "present_") for name in past_names]
@@ -264,7 +284,7 @@ def export_onnx(student: MLLM, out_dir: str | Path) -> OnnxExport:
             **{n: {0: "batch", 2: "total"} for n in present_names}}  # fmt: skip
     decoder_used = _export_graph(
         _DecoderStep(student), step_inputs, ["prefix_embeds", "input_ids", "attention_mask", *past_names],
-        ["logits", *present_names], axes, {n: trainable[n] for n in lm_names}, out / DECODER_FILE,
+        ["logits", *present_names], axes, {n: trainable[n] for n in lm_names}, out / DECODER_FILE, external_data,
     )  # fmt: skip
     unused = sorted(set(trainable) - set(encoder_used) - set(decoder_used))
     if unused:
@@ -346,7 +366,8 @@ def cli_export(args) -> dict:
     export = export_onnx(student, out)
     from cdcca.report import format_table
 
-    sizes = {name: (out / info["file"]).stat().st_size for name, info in export.manifest["graphs"].items()}
+    sizes = {name: sum(p.stat().st_size for p in out.glob(info["file"] + "*"))  # with <file>.data, if any
+             for name, info in export.manifest["graphs"].items()}  # fmt: skip
     rows = [{"graph": info["file"], "bytes": sizes[name], "adapter_tensors": len(info["params"])}
             for name, info in export.manifest["graphs"].items()]  # fmt: skip
     print(format_table(rows, ["graph", "bytes", "adapter_tensors"], title=f"ONNX export -> {out}"))
