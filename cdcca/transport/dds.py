@@ -271,9 +271,7 @@ class DdsGraph:
         except Exception as err:
             raise DdsError(f"cannot join DDS domain {self.domain_id}: {err}") from err
         self._topics: dict[str, Topic] = {}
-        self._entities: list[Any] = []
-        self._readers: list[Gid] = []
-        self._writers: list[Gid] = []
+        self._entities: list[Any] = []  # our readers and writers, in creation order (the node lists them)
         self._discovery: DataWriter | None = None
 
     def _topic(self, ros_topic: str, type_name: str) -> Topic:
@@ -285,21 +283,21 @@ class DdsGraph:
     def writer(self, ros_topic: str, type_name: str, qos: Qos = RELIABLE) -> DdsWriter:
         writer = DataWriter(self.participant, self._topic(ros_topic, type_name), Qos(*qos, _XCDR1))
         self._entities.append(writer)
-        self._writers.append(_gid(writer))
         self._announce()
         return DdsWriter(writer, type_name)
 
     def reader(self, ros_topic: str, type_name: str, qos: Qos = RELIABLE) -> DataReader:
         reader = DataReader(self.participant, self._topic(ros_topic, type_name), qos)
         self._entities.append(reader)
-        self._readers.append(_gid(reader))
         self._announce()
         return reader
 
     def node_info(self) -> IdlStruct:
         """What this participant announces on ``ros_discovery_info`` (no node without ``node_name``)."""
+        readers = [_gid(e) for e in self._entities if isinstance(e, DataReader)]
+        writers = [_gid(e) for e in self._entities if isinstance(e, DataWriter)]
         nodes = [] if self.node_name is None else [
-            NodeEntitiesInfo(self.node_namespace, self.node_name, list(self._readers), list(self._writers))]
+            NodeEntitiesInfo(self.node_namespace, self.node_name, readers, writers)]
         return ParticipantEntitiesInfo(_gid(self.participant), nodes)
 
     def _announce(self) -> None:
