@@ -23,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SITE = f"lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages"
 COLCON = Path(sys.executable).parent / "colcon"
+BASE_PATHS = ("--base-paths", "src/cd-cca", "src/cd-cca/ros2_ws/src")  # the README's: the core, then ros2_ws/src
 pytestmark = pytest.mark.skipif(not COLCON.exists(), reason="colcon is a dev dependency: pip install -e '.[dev]'")
 
 
@@ -53,7 +54,7 @@ def workspace(tmp_path_factory):
     repo = ws / "src" / "cd-cca"
     repo.mkdir(parents=True)
     _copy_repository(repo)
-    _colcon(ws, "build", "--base-paths", "src/cd-cca", "src/cd-cca/ros2_ws/src", "--packages-ignore", "cdcca_msgs")
+    _colcon(ws, "build", *BASE_PATHS, "--packages-ignore", "cdcca_msgs")
     return ws
 
 
@@ -64,11 +65,11 @@ def test_colcon_finds_the_three_packages_in_dependency_order(tmp_path):
     # colcon stops crawling at a package, so the repository root alone yields only the core...
     assert _colcon(tmp_path, "list", "--names-only", "--base-paths", "src").split() == ["cdcca"]
     # ...and the README's --base-paths add the ROS packages under ros2_ws/src.
-    listed = _colcon(tmp_path, "list", "--topological-order", "--base-paths", "src/cd-cca", "src/cd-cca/ros2_ws/src")
+    listed = _colcon(tmp_path, "list", "--topological-order", *BASE_PATHS)
     rows = [line.split("\t") for line in listed.strip().splitlines()]
     assert [(name, kind) for name, _, kind in rows] == [
         ("cdcca", "(ros.ament_python)"), ("cdcca_msgs", "(ros.ament_cmake)"), ("cdcca_edge", "(ros.ament_python)")]
-    info = _colcon(tmp_path, "info", "cdcca_edge", "--base-paths", "src/cd-cca", "src/cd-cca/ros2_ws/src")
+    info = _colcon(tmp_path, "info", "cdcca_edge", *BASE_PATHS)
     run_depends = next(line for line in info.splitlines() if line.strip().startswith("run:")).split()[1:]
     assert {"cdcca", "cdcca_msgs", "rclpy", "diagnostic_updater"} <= set(run_depends)
 
@@ -112,7 +113,7 @@ def test_install_setup_sh_puts_the_built_packages_first_on_the_python_path(works
 def test_colcon_test_runs_the_package_tests_which_skip_without_ros(workspace):
     if importlib.util.find_spec("launch_testing") is not None:
         pytest.skip("ROS 2 is installed here: colcon test would run the launch tests, which need cdcca_msgs built")
-    _colcon(workspace, "test", "--base-paths", "src/cd-cca", "src/cd-cca/ros2_ws/src", "--packages-ignore",
+    _colcon(workspace, "test", *BASE_PATHS, "--packages-ignore",
             "cdcca_msgs", "--packages-select", "cdcca_edge")
     report = ET.parse(workspace / "build" / "cdcca_edge" / "pytest.xml").getroot()
     cases = report.findall(".//testcase")
