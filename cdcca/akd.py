@@ -16,6 +16,18 @@ Per round, on the buffered uncertain samples (visual tokens + mask as uploaded b
 
 ϕ and ψ live in the cloud only and are never sent; everything outside the trainable set stays bit-identical.
 Rounds are continual: the same ``Distiller`` keeps the student, ϕ, ψ and the optimizer from round to round.
+
+Beyond the paper, measured in ``bench/README.md``:
+
+* ϕ and ψ are fitted in closed form (ridge regression) on the round's samples before it trains, so L_query
+  and L_repr start from the best linear alignment and pull the student's representations toward the
+  teacher's instead of toward a random map;
+* **what the robot already knew is guarded** (learning without forgetting, Li & Hoiem 2016): the cloud keeps
+  an *anchor* set of source-domain inputs (the data the student was pretrained on) with the base student's own
+  answers; every step also trains on a replayed anchor batch, and a round publishes only weights whose answers
+  on held-out anchors still agree with the base student's (``forget_tolerance``);
+* a held-out *check* slice of the round's uploads picks the step whose weights best predict the teacher's
+  labels there (token log-likelihood, not exact-match, which is a noisy judge of captions).
 """
 
 from __future__ import annotations
@@ -58,12 +70,18 @@ class AKDConfig:
         check_every: optimizer steps between checks.
         check_min: the fewest held-out samples a check may rest on; smaller rounds train on everything
             unchecked (a handful of samples makes a noisy judge).
+        fit_projections: fit ϕ and ψ by ridge regression on the round's samples before training.
+        lambda_anchor: weight of the anchor replay loss (cross-entropy on the base student's own answers to
+            source-domain inputs); needs anchors (``Distiller(anchors=...)``), 0 disables replay.
+        anchor_batch: anchor samples replayed per step.
+        forget_tolerance: largest drop, as a share of held-out anchors, of agreement with the base student's
+            answers that a published round may have; checked every ``check_every`` steps (needs anchors).
     """
 
     lambda_query: float = 1.0
     lambda_repr: float = 1.0
     lambda_ce: float = 1.0
-    lambda_kl: float = 0.0
+    lambda_kl: float = 1.0
     temperature: float = 2.0
     lr: float = 1e-3
     steps: int = 100
@@ -73,6 +91,10 @@ class AKDConfig:
     check_fraction: float = 0.0
     check_every: int = 10
     check_min: int = 3
+    fit_projections: bool = True
+    lambda_anchor: float = 1.0
+    anchor_batch: int = 16
+    forget_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("lambda_query", "lambda_repr", "lambda_ce", "lambda_kl"):
@@ -89,6 +111,9 @@ class AKDConfig:
                              f"{self.check_fraction}, {self.check_every}")  # fmt: skip
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"AKDConfig.steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.lambda_anchor < 0 or self.anchor_batch < 1 or not 0.0 <= self.forget_tolerance <= 1.0:
+            raise ValueError(f"AKDConfig needs lambda_anchor >= 0, anchor_batch >= 1 and forget_tolerance in [0, 1], "
+                             f"got {self.lambda_anchor}, {self.anchor_batch}, {self.forget_tolerance}")  # fmt: skip
 
 
 @dataclass
@@ -127,8 +152,10 @@ class DistillSample:
 @dataclass
 class RoundReport:
     """What a round did: sizes, mean losses over its last steps, time, and the teacher's pseudo labels
-    (one per buffered sample, aligned with the round's input). With a check slice: the step whose weights
-    were kept (0 = the round was undone) and the agreement with the teacher before and after."""
+    (one per buffered sample, aligned with the round's input). When the round was checked: the step whose
+    weights were kept (0 = the round was undone), the check slice's mean log-likelihood of the teacher's
+    labels at the start and for the kept weights, and the held-out anchors' agreement with the base student
+    at the start and for the kept weights."""
 
     samples: int
     steps: int
@@ -137,7 +164,19 @@ class RoundReport:
     pseudo_label_seconds: float
     pseudo_labels: list[str]
     kept_step: int | None = None
-    agreement: tuple[float, float] | None = None
+    check_score: tuple[float, float] | None = None
+    anchor_agreement: tuple[float, float] | None = None
+
+
+@torch.no_grad()
+def fit_linear(layer: nn.Linear, inputs: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-2) -> None:
+    """Set ``layer`` to the ridge-regression fit of (n, in) ``inputs`` onto (n, out) ``targets``."""
+    design = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=inputs.dtype)], dim=1)  # (n, in + 1)
+    penalty = ridge * len(inputs) * torch.eye(design.shape[1], dtype=inputs.dtype)
+    penalty[-1, -1] = 0.0  # the bias is not shrunk
+    solution = torch.linalg.solve(design.T @ design + penalty, design.T @ targets)  # (in + 1, out)
+    layer.weight.copy_(solution[:-1].T)
+    layer.bias.copy_(solution[-1])
 
 
 class Distiller:
@@ -145,11 +184,15 @@ class Distiller:
 
     Args:
         teacher: the large cloud model (frozen).
-        student: the cloud copy of the robot's student, LoRA already injected (``models.add_lora``).
+        student: the cloud copy of the robot's student, LoRA already injected (``models.add_lora``), as the
+            robot received it (its answers to ``anchors`` are what the robot already knows).
         config: loss weights and optimisation.
+        anchors: source-domain inputs the student was pretrained on (full tokens); half are replayed during
+            training, half check that a round forgets nothing (see :class:`AKDConfig`). ``None``: no guard.
     """
 
-    def __init__(self, teacher: MLLM, student: MLLM, config: AKDConfig | None = None) -> None:
+    def __init__(self, teacher: MLLM, student: MLLM, config: AKDConfig | None = None,
+                 anchors: Sequence[DistillSample] | None = None) -> None:  # fmt: skip
         if not has_lora(student):
             raise ValueError("the student needs its LoRA adapters before distillation (models.add_lora)")
         if teacher.num_query_tokens != student.num_query_tokens:
@@ -174,6 +217,10 @@ class Distiller:
         self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
         self._params = params
         self.rounds = 0
+        anchors = list(anchors or [])
+        labels = self._greedy(self.student, anchors) if anchors else []
+        self.anchor_replay = (anchors[1::2], labels[1::2])  # trained on: the base student's own answers
+        self.anchor_check = (anchors[0::2], labels[0::2])  # never trained on: the forgetting guard
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """AdamW's per-parameter state as flat tensors (``"<index>.<key>"``, index into the trainable set, ϕ, ψ),
@@ -220,8 +267,31 @@ class Distiller:
     def _stack(batch: Sequence[DistillSample]) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([s.tokens for s in batch]), torch.stack([s.token_mask for s in batch])
 
-    def losses(self, batch: Sequence[DistillSample], labels: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Every term of the AKD objective on one batch (unweighted), plus ``total`` (weighted)."""
+    @staticmethod
+    @torch.inference_mode()
+    def _greedy(model: MLLM, samples: Sequence[DistillSample], batch_size: int = 128) -> list[str]:
+        model.eval()
+        answers: list[str] = []
+        for start in range(0, len(samples), batch_size):
+            tokens, mask = Distiller._stack(samples[start : start + batch_size])
+            prompts = [s.prompt for s in samples[start : start + batch_size]]
+            answers += model.generate(prompts, visual_tokens=tokens, token_mask=mask).texts
+        return answers
+
+    def _student_lm(self, batch: Sequence[DistillSample], labels: Sequence[str]):
+        tokens, mask = self._stack(batch)
+        queries = self.student.query_outputs(tokens, mask)  # (B, Q, Ds)
+        return queries, self.student.lm_forward(self.student.blip2.language_projection(queries),
+                                                [s.prompt for s in batch], labels)  # fmt: skip
+
+    def losses(
+        self,
+        batch: Sequence[DistillSample],
+        labels: Sequence[str],
+        anchors: tuple[Sequence[DistillSample], Sequence[str]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every term of the AKD objective on one batch (unweighted), plus ``total`` (weighted); ``anchors``
+        adds the replay term on (anchor inputs, the base student's answers)."""
         tokens, mask = self._stack(batch)  # (B, N, D), (B, N)
         prompts = [s.prompt for s in batch]
         with torch.no_grad():
@@ -229,8 +299,7 @@ class Distiller:
             teacher_out = self.teacher.lm_forward(
                 self.teacher.blip2.language_projection(teacher_queries), prompts, labels
             )
-        student_queries = self.student.query_outputs(tokens, mask)  # (B, Q, Ds)
-        student_out = self.student.lm_forward(self.student.blip2.language_projection(student_queries), prompts, labels)
+        student_queries, student_out = self._student_lm(batch, labels)  # (B, Q, Ds)
         t_pos, s_pos = teacher_out.answer_positions, student_out.answer_positions
         terms = {
             "query": F.mse_loss(self.phi(student_queries), teacher_queries),
@@ -242,18 +311,39 @@ class Distiller:
             teacher_logp = (teacher_out.logits[:, :-1][t_pos] / temperature).log_softmax(-1)  # (A, V)
             student_logp = (student_out.logits[:, :-1][s_pos] / temperature).log_softmax(-1)
             terms["kl"] = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean") * temperature**2
+        if anchors is not None and self.config.lambda_anchor > 0:
+            terms["anchor"] = self._student_lm(*anchors)[1].loss
         weights = {"query": self.config.lambda_query, "repr": self.config.lambda_repr, "ce": self.config.lambda_ce,
-                   "kl": self.config.lambda_kl}  # fmt: skip
+                   "kl": self.config.lambda_kl, "anchor": self.config.lambda_anchor}  # fmt: skip
         terms["total"] = sum(weights[name] * value for name, value in terms.items())
         return terms
 
-    @torch.inference_mode()
-    def _agreement(self, samples: Sequence[DistillSample], labels: Sequence[str]) -> float:
-        """Share of ``samples`` the student answers exactly as the teacher labelled them."""
+    @torch.no_grad()
+    def fit_projections(self, samples: Sequence[DistillSample], labels: Sequence[str]) -> None:
+        """ϕ and ψ as the ridge fits of the student's query outputs / answer hidden states onto the teacher's,
+        on ``samples`` (their optimizer moments restart, since the maps jumped)."""
         self.student.eval()
         tokens, mask = self._stack(samples)
-        answers = self.student.generate([s.prompt for s in samples], visual_tokens=tokens, token_mask=mask).texts
-        return float(np.mean([a == b for a, b in zip(answers, labels)]))
+        prompts = [s.prompt for s in samples]
+        teacher_queries = self.teacher.query_outputs(tokens, mask)  # (B, Q, Dt)
+        teacher_out = self.teacher.lm_forward(self.teacher.blip2.language_projection(teacher_queries), prompts, labels)
+        student_queries, student_out = self._student_lm(samples, labels)
+        fit_linear(self.phi, student_queries.flatten(0, 1), teacher_queries.flatten(0, 1))
+        fit_linear(self.psi, student_out.hidden[:, :-1][student_out.answer_positions],
+                   teacher_out.hidden[:, :-1][teacher_out.answer_positions])  # fmt: skip
+        for param in (*self.phi.parameters(), *self.psi.parameters()):
+            self.optimizer.state.pop(param, None)
+
+    @torch.inference_mode()
+    def _check_score(self, samples: Sequence[DistillSample], labels: Sequence[str]) -> float:
+        """Mean log-likelihood per answer token of the teacher's ``labels`` under the student (higher is better)."""
+        self.student.eval()
+        return -float(self._student_lm(samples, labels)[1].loss)
+
+    def _anchor_agreement(self) -> float:
+        """Share of held-out anchors the student answers exactly as the base student did."""
+        samples, labels = self.anchor_check
+        return float(np.mean([a == b for a, b in zip(self._greedy(self.student, samples), labels)]))
 
     def _average_gradients(self) -> None:
         """Data parallelism as DDP does it: every rank's gradient of its shard, summed and averaged in one
@@ -267,8 +357,16 @@ class Distiller:
             param.grad = flat[offset : offset + grad.numel()].view_as(grad).clone()
             offset += grad.numel()
 
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.trainable.items()}
+
     def run_round(self, samples: Sequence[DistillSample]) -> RoundReport:
         """Pseudo-label the buffer, then ``config.steps`` optimizer steps on it; the student changes in place.
+
+        With a check slice or anchors, every ``check_every`` steps the weights are scored, and the round keeps
+        the best-scoring weights among those that still agree with the base student on the held-out anchors
+        (step 0, the round's starting point, is always admissible; without a check slice the latest
+        admissible step wins).
 
         Under ``torch.distributed`` (e.g. ``torchrun --nproc-per-node N``) every rank draws the same batch,
         trains on its 1/N shard, and gradients are averaged across ranks before each step; ranks that start
@@ -276,30 +374,41 @@ class Distiller:
         if not samples:
             raise ValueError("a distillation round needs at least one sample")
         started = time.perf_counter()
+        config = self.config
         labels, entropy = self._pseudo_label(samples)
         all_labels = list(labels)
-        if self.config.pseudo_label_keep < 1.0:  # train on the teacher's most confident answers only
-            count = max(1, int(round(self.config.pseudo_label_keep * len(samples))))
+        if config.pseudo_label_keep < 1.0:  # train on the teacher's most confident answers only
+            count = max(1, int(round(config.pseudo_label_keep * len(samples))))
             chosen = np.argsort(entropy, kind="stable")[:count]
             samples, labels = [samples[i] for i in chosen], [labels[i] for i in chosen]
         labelled = time.perf_counter()
-        rng = np.random.default_rng([self.config.seed, self.rounds])
+        rng = np.random.default_rng([config.seed, self.rounds])
         torch.manual_seed(int(rng.integers(2**62)))
         check: tuple[list[DistillSample], list[str]] | None = None
-        held = int(round(self.config.check_fraction * len(samples)))
-        if self.config.check_fraction > 0 and held >= self.config.check_min and held < len(samples):
+        held = int(round(config.check_fraction * len(samples)))
+        if config.check_fraction > 0 and held >= config.check_min and held < len(samples):
             order = rng.permutation(len(samples))
             check = ([samples[i] for i in order[:held]], [labels[i] for i in order[:held]])
             samples, labels = [samples[i] for i in order[held:]], [labels[i] for i in order[held:]]
-            start = self._agreement(*check)
-            best = (start, 0, {name: p.detach().clone() for name, p in self.trainable.items()})
+        if config.fit_projections:
+            self.fit_projections(samples[:64], labels[:64])
+        guard = bool(self.anchor_check[0])
+        floor = 1.0 - config.forget_tolerance
+        start_score = self._check_score(*check) if check is not None else None
+        start_anchor = self._anchor_agreement() if guard else None
+        best = (start_score, 0, self._snapshot(), start_anchor)  # (score, step, weights, anchor agreement)
         self.student.train()
         self.student.blip2.vision_model.eval()
+        replay = self.anchor_replay if self.anchor_replay[0] and config.lambda_anchor > 0 else None
         history: dict[str, list[float]] = {}
-        for step in range(1, self.config.steps + 1):
-            index = rng.choice(len(samples), size=min(self.config.batch_size, len(samples)), replace=False)
+        for step in range(1, config.steps + 1):
+            index = rng.choice(len(samples), size=min(config.batch_size, len(samples)), replace=False)
             index = index[self.rank :: self.world_size] if len(index) >= self.world_size else index
-            terms = self.losses([samples[i] for i in index], [labels[i] for i in index])
+            anchors = None
+            if replay is not None:
+                pick = rng.choice(len(replay[0]), size=min(config.anchor_batch, len(replay[0])), replace=False)
+                anchors = ([replay[0][i] for i in pick], [replay[1][i] for i in pick])
+            terms = self.losses([samples[i] for i in index], [labels[i] for i in index], anchors)
             self.optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             if self.world_size > 1:
@@ -308,23 +417,27 @@ class Distiller:
             self.optimizer.step()
             for name, value in terms.items():
                 history.setdefault(name, []).append(float(value.detach()))
-            if check is not None and (step % self.config.check_every == 0 or step == self.config.steps):
-                score = self._agreement(*check)
-                if score > best[0]:
-                    best = (score, step, {name: p.detach().clone() for name, p in self.trainable.items()})
+            if (check is not None or guard) and (step % config.check_every == 0 or step == config.steps):
+                agreement = self._anchor_agreement() if guard else None
+                if agreement is None or agreement >= min(floor, start_anchor):
+                    score = self._check_score(*check) if check is not None else None
+                    if check is None or score > best[0]:
+                        best = (score, step, self._snapshot(), agreement)
                 self.student.train()
                 self.student.blip2.vision_model.eval()
         self.student.eval()
-        if check is not None:
+        checked = check is not None or guard
+        if checked:
             with torch.no_grad():
                 for name, param in self.trainable.items():
                     param.copy_(best[2][name])
         self.rounds += 1
-        tail = max(1, self.config.steps // 10)
+        tail = max(1, config.steps // 10)
         return RoundReport(
-            samples=len(samples), steps=self.config.steps,
+            samples=len(samples), steps=config.steps,
             losses={name: float(np.mean(values[-tail:])) for name, values in history.items()},
             seconds=time.perf_counter() - started, pseudo_label_seconds=labelled - started,
-            pseudo_labels=all_labels, kept_step=best[1] if check is not None else None,
-            agreement=(start, best[0]) if check is not None else None,
+            pseudo_labels=all_labels, kept_step=best[1] if checked else None,
+            check_score=(start_score, best[0]) if check is not None else None,
+            anchor_agreement=(start_anchor, best[3]) if guard else None,
         )  # fmt: skip

@@ -4,7 +4,9 @@ Only what the student is unsure about goes to the cloud, in two stages:
 
 1. **Sample level (Eq. 2).** The mean token entropy of the student's greedy answer. A sample passes when
    its entropy exceeds a fixed threshold, or when it is in the top fraction of a sliding window of recent
-   entropies (robust to a drifting entropy scale).
+   entropies (robust to a drifting entropy scale). The windows are kept per prompt kind (the prompt's first
+   words), beyond the paper: an open caption request always has a higher answer entropy than a yes/no
+   question, so one shared window would upload almost only captions, whatever the student is unsure of.
 2. **Token level (Eq. 3-4).** Monte-Carlo dropout *inside the model*: the last ``mc_layers`` layers of the
    frozen vision encoder run ``M`` times with attention dropout active, batched as one forward of ``M``
    copies; a visual token's uncertainty is the variance of its representation across the passes, averaged
@@ -50,7 +52,8 @@ class UTSConfig:
             ``sample_fraction`` of the last ``window`` answers).
         entropy_threshold: stage-1 threshold on the mean answer-token entropy, nats.
         sample_fraction: stage-1 fraction of samples kept in ``top_fraction`` mode.
-        window: number of recent entropies in the sliding window.
+        window: number of recent entropies in the sliding window (of each prompt kind).
+        group_words: prompts sharing their first ``group_words`` words share a window (0: one window for all).
         mc_passes: M, stochastic passes of stage 2 (batched into one forward).
         mc_dropout: attention-dropout rate inside the encoder during the passes.
         mc_layers: how many final encoder layers run stochastically (the earlier ones run once).
@@ -65,6 +68,7 @@ class UTSConfig:
     entropy_threshold: float = 0.5
     sample_fraction: float = 0.3
     window: int = 200
+    group_words: int = 3
     mc_passes: int = 8
     mc_dropout: float = 0.1
     mc_layers: int = 1
@@ -86,6 +90,8 @@ class UTSConfig:
                 raise ValueError(f"UTSConfig.{name} must be in (0, 1], got {getattr(self, name)}")
         if not 0.0 < self.mc_dropout < 1.0:
             raise ValueError(f"UTSConfig.mc_dropout must be in (0, 1), got {self.mc_dropout}")
+        if self.group_words < 0:
+            raise ValueError(f"UTSConfig.group_words must be >= 0, got {self.group_words}")
         for name in ("window", "mc_passes", "mc_layers"):
             if getattr(self, name) < (2 if name == "mc_passes" else 1):
                 raise ValueError(f"UTSConfig.{name} is too small: {getattr(self, name)}")
@@ -136,7 +142,7 @@ class UncertaintyTokenSampler:
         for layer in self._mc_tail:
             layer.self_attn.attention_dropout = self.config.mc_dropout
             layer.requires_grad_(False)
-        self._recent = deque(maxlen=self.config.window)
+        self._recent: dict[str, deque] = {}  # prompt kind -> its recent entropies
         self._generator = torch.Generator().manual_seed(self.config.seed)
 
     # ------------------------------------------------------------------------------------------ stages
@@ -170,15 +176,21 @@ class UncertaintyTokenSampler:
         outputs = self.student.blip2.vision_model.post_layernorm(hidden).view(batch, passes, tokens, width)
         return outputs.var(dim=1).mean(dim=-1)  # (B, N)
 
-    def keep_samples(self, sample_entropy: torch.Tensor) -> torch.Tensor:
-        """Stage 1 on a batch of entropies (updates the sliding window)."""
+    def prompt_kind(self, prompt: str) -> str:
+        """The window a prompt's entropy is ranked in: its first ``group_words`` words."""
+        return " ".join(prompt.lower().split()[: self.config.group_words])
+
+    def keep_samples(self, sample_entropy: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
+        """Stage 1 on a batch of entropies (updates the sliding windows); ``prompts`` picks each one's window."""
         keep = torch.zeros(len(sample_entropy), dtype=torch.bool)
         for i, entropy in enumerate(sample_entropy.tolist()):
             if self.config.sample_mode == "threshold":
                 keep[i] = bool(entropy > self.config.entropy_threshold)
             else:
-                self._recent.append(entropy)
-                history = np.asarray(self._recent)
+                kind = self.prompt_kind(prompts[i]) if prompts is not None else ""
+                recent = self._recent.setdefault(kind, deque(maxlen=self.config.window))
+                recent.append(entropy)
+                history = np.asarray(recent)
                 rank = (history > entropy).sum()  # samples in the window more uncertain than this one
                 keep[i] = bool(rank < max(1, int(np.ceil(self.config.sample_fraction * len(history)))))
         return keep
@@ -209,7 +221,7 @@ class UncertaintyTokenSampler:
         generation = self.student.generate([s.prompt for s in batch], visual_tokens=visual_tokens)
         answered = time.perf_counter()
         entropy = generation.sample_entropy.cpu()
-        keep_sample = self.keep_samples(entropy)
+        keep_sample = self.keep_samples(entropy, [s.prompt for s in batch])
         variance = torch.full(visual_tokens.shape[:2], float("nan"))
         keep_tokens = torch.zeros(visual_tokens.shape[:2], dtype=torch.bool)
         if keep_sample.any():

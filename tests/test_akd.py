@@ -14,7 +14,7 @@ from cdcca.uts import pack_tokens
 def distiller(pair):
     teacher, student = pair
     add_lora(student)
-    return Distiller(teacher, student, AKDConfig(steps=4, batch_size=4, lr=5e-3))
+    return Distiller(teacher, student, AKDConfig(steps=4, batch_size=4, lr=5e-3, lambda_kl=0.0, fit_projections=False))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_rounds_are_continual(distiller, buffer_samples):
 def test_distillation_reduces_the_objective(pair, buffer_samples):
     teacher, student = pair
     add_lora(student)
-    distiller = Distiller(teacher, student, AKDConfig(steps=30, batch_size=8, lr=1e-2))
+    distiller = Distiller(teacher, student, AKDConfig(steps=30, batch_size=8, lr=1e-2, fit_projections=False))
     samples = DistillSample.from_samples(student, load_domain("printed", "stream", limit=8))
     labels = distiller.pseudo_label(samples)
     with torch.no_grad():
@@ -127,7 +127,8 @@ def test_uts_messages_feed_a_round(distiller, buffer_samples):
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"lambda_query": -1.0}, "lambda_query"), ({"lambda_query": 0, "lambda_repr": 0, "lambda_ce": 0}, "at least one"),
+    ({"lambda_query": -1.0}, "lambda_query"),
+    ({"lambda_query": 0, "lambda_repr": 0, "lambda_ce": 0, "lambda_kl": 0}, "at least one"),
     ({"temperature": 0.0}, "temperature"), ({"steps": 0}, "steps"),
 ])  # fmt: skip
 def test_config_validation(kwargs, match):
@@ -157,7 +158,7 @@ def test_pseudo_label_keep_trains_on_the_most_confident_answers(pair):
 
 
 @pytest.mark.parametrize(("scores", "kept"), [([0.5, 0.4, 0.7, 0.6], 4), ([0.5, 0.4, 0.3, 0.2], 0)])
-def test_check_slice_keeps_the_weights_that_agree_best_with_the_teacher(pair, monkeypatch, scores, kept):
+def test_check_slice_keeps_the_weights_that_predict_the_teacher_best(pair, monkeypatch, scores, kept):
     teacher, student = pair
     add_lora(student)
     samples = DistillSample.from_samples(student, load_domain("printed", "stream", limit=4))  # 12 samples
@@ -170,13 +171,58 @@ def test_check_slice_keeps_the_weights_that_agree_best_with_the_teacher(pair, mo
         snapshots.append({k: v.detach().clone() for k, v in distiller.trainable.items()})
         return next(calls)
 
-    monkeypatch.setattr(distiller, "_agreement", scripted)
+    monkeypatch.setattr(distiller, "_check_score", scripted)
     report = distiller.run_round(samples)
 
-    assert report.kept_step == kept and report.agreement == (0.5, max(scores))
-    assert report.samples == 9  # trained on the rest
+    assert report.kept_step == kept and report.check_score == (0.5, max(scores))
+    assert report.samples == 9 and report.anchor_agreement is None  # trained on the rest; no anchors, no guard
     final = distiller.trainable
     assert all(torch.equal(final[k], snapshots[kept // 2][k]) for k in final)
     assert any(not torch.equal(snapshots[0][k], snapshots[-1][k]) for k in final)  # training did move the weights
     with pytest.raises(ValueError, match="check_fraction"):
         AKDConfig(check_fraction=1.0)
+
+
+@pytest.mark.parametrize(("agreements", "kept"), [([1.0, 1.0, 0.9, 1.0], 6), ([1.0, 0.97, 0.5, 0.9], 2)])
+def test_anchor_guard_keeps_only_weights_that_remember_the_source(pair, monkeypatch, agreements, kept):
+    # Prepare: anchors from the source domain; the guard's verdicts are scripted (start, steps 2, 4, 6)
+    teacher, student = pair
+    add_lora(student)
+    anchors = DistillSample.from_samples(student, load_domain("source", "train", limit=4))  # 12: 6 replay, 6 guard
+    samples = DistillSample.from_samples(student, load_domain("printed", "stream", limit=4))
+    distiller = Distiller(teacher, student, AKDConfig(steps=6, batch_size=4, lr=5e-2, check_every=2,
+                                                      forget_tolerance=0.05), anchors=anchors)  # fmt: skip
+    assert len(distiller.anchor_replay[0]) == len(distiller.anchor_check[0]) == 6
+    assert distiller.anchor_check[1] == distiller._greedy(student, distiller.anchor_check[0])  # the base's answers
+    snapshots, calls = [], iter(agreements)
+
+    def scripted():
+        snapshots.append({k: v.detach().clone() for k, v in distiller.trainable.items()})
+        return next(calls)
+
+    monkeypatch.setattr(distiller, "_anchor_agreement", scripted)
+    # Execute
+    report = distiller.run_round(samples)
+    # Assert: without a check slice the latest step within the tolerance wins
+    assert report.kept_step == kept and report.anchor_agreement == (1.0, agreements[kept // 2])
+    assert "anchor" in report.losses and report.losses["anchor"] >= 0  # the replay term trained too
+    assert all(torch.equal(distiller.trainable[k], snapshots[kept // 2][k]) for k in distiller.trainable)
+
+
+def test_projections_start_from_the_least_squares_fit(pair):
+    teacher, student = pair
+    add_lora(student)
+    samples = DistillSample.from_samples(student, load_domain("printed", "stream", limit=8))
+    distiller = Distiller(teacher, student, AKDConfig(lambda_kl=0.0))
+    labels = distiller.pseudo_label(samples)
+    before = float(distiller.losses(samples, labels)["query"])
+
+    distiller.fit_projections(samples, labels)
+
+    after = float(distiller.losses(samples, labels)["query"])
+    assert after < 0.5 * before  # the random ϕ was far from the best linear map
+    with torch.no_grad():  # and it is the best one: a nudge in any direction does not lower the fit error
+        for sign in (1.0, -1.0):
+            distiller.phi.weight.add_(sign * 1e-3)
+            assert float(distiller.losses(samples, labels)["query"]) >= after - 1e-6
+            distiller.phi.weight.sub_(sign * 1e-3)

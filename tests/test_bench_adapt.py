@@ -7,7 +7,8 @@ from cdcca.data.digits_shift import load_domain
 from cdcca.models.checkpoint import load_mllm, share_vision_encoder
 from cdcca.models.trainable import add_lora
 
-ALL_METHODS = ["source-only", "tent", "cotta", "pkd", "cwd", "cdcca", "pl", "+akd", "+uts-1", "uts@0.5", "random@0.5"]
+ALL_METHODS = ["source-only", "tent", "cotta", "pkd", "cwd", "cdcca", "cdcca-paper", "cdcca-no-anchor", "pl", "pl@0.3",
+               "+akd", "+uts-1", "uts@0.5", "random@0.5"]
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
@@ -28,16 +29,27 @@ def test_stage_switches_change_what_is_uploaded(pretrained_test_pair):
     random = CdccaMethod(student, teacher, token_selection="random").upload(stream)
     assert len(everything) == len(stream) and all(int(s.token_mask.sum()) == len(s.token_mask) for s in everything)
     assert 0 < len(full) < len(stream)
+    some = CdccaMethod(student, teacher, stage1=False, stage2=False, sample_fraction=0.5).upload(stream)
+    assert 0 < len(some) < len(stream)
     kept = [int(s.token_mask.sum()) for s in full]
     assert [int(s.token_mask.sum()) for s in random] == kept and max(kept) < len(full[0].token_mask)
 
 
 def test_report_has_the_summary_and_held_out_rounds(pretrained_test_pair):
-    config = AdaptBenchConfig(seeds=(0,), stream_images=2, test_images=2, steps=1, methods=("source-only", "cdcca"),
-                              ablations=False, domains=("printed", "rephrased"))  # fmt: skip
+    config = AdaptBenchConfig(seeds=(0, 1), stream_images=2, test_images=2, steps=1, anchor_images=2,
+                              methods=("source-only", "pl", "cdcca"), ablations=False,
+                              domains=("printed", "rephrased"))  # fmt: skip
     report = run_adapt_bench(pretrained_test_pair, config, progress=False)
-    assert set(report["summary"]) >= {"cdcca_gain_mc", "cdcca_gain_da", "best_baseline_gain_mc",
-                                      "best_baseline_gain_da", "gap_closed", "source_drop"}  # fmt: skip
+    summary = report["summary"]
+    assert set(summary) >= {"cdcca_gain_mc", "cdcca_gain_da", "pl_gain_mc", "pl_gain_da", "best_baseline_gain_mc",
+                            "best_baseline_gain_da", "gap_closed", "per_domain_gap_closed", "mean_gap_closed",
+                            "source_drop", "worst_seed_source_drop", "teacher_lead"}  # fmt: skip
+    assert set(summary["per_domain_gap_closed"]) == {"printed", "rephrased"}
+    assert summary["mean_gap_closed"] == pytest.approx(sum(summary["per_domain_gap_closed"].values()) / 2)
+    drops = [r["source_before"] - r["source_after"] for r in report["runs"] if r["method"] == "cdcca"]
+    assert summary["worst_seed_source_drop"] == pytest.approx(max(drops))
+    row = report["per_domain"]["printed"]["cdcca"]
+    assert len(row["per_seed"]) == 2 and row["gap_closed_worst_seed"] <= row["gap_closed"]
     source_only = next(r for r in report["runs"] if r["method"] == "source-only")
     assert [r["domain"] for r in source_only["rounds"]] == ["printed", "rephrased"]
     assert source_only["source_before"] == source_only["source_after"]  # nothing adapted, nothing forgotten

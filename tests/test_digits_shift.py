@@ -125,3 +125,54 @@ def test_sample_validates_fields():
         Sample("x", "d", "vqa", "p")
     with pytest.raises(ValueError, match="correct_idx"):
         Sample("x", "d", "mc", "p", image=image, choices=["a", "b"], correct_idx=2)
+
+
+def test_a_new_shift_is_a_few_lines():
+    # Prepare: a new visual shift (teal ink, thinner strokes) and a new phrasing, none of it registered
+    from cdcca.data.digits_shift import (
+        DOMAINS as REGISTERED,
+    )
+    from cdcca.data.digits_shift import (
+        DomainSpec,
+        Phrasing,
+        Rendered,
+        to_rgb,
+    )
+
+    def teal_thin(ink, rng):
+        return Rendered(to_rgb(ink**2, (0, 128, 128), (250, 250, 250)), ("a thin teal digit {d}",))
+
+    asking = Phrasing("terse", vqa=(("identity", "digit?"),), mc="one of {0} {1} {2} {3}?", caption="caption?")
+    spec = DomainSpec("teal_thin", transform=teal_thin, phrasing=asking)
+    # Execute
+    samples = load_domain(spec, "test", limit=4)
+    # Assert
+    assert "teal_thin" not in REGISTERED and spec.shifted_vision and spec.shifted_language
+    assert {s.domain for s in samples} == {"teal_thin"} and len(samples) == 4 * len(TASKS)
+    captions = [s for s in samples if s.task == "caption"]
+    assert all(c.target.startswith("a thin teal digit ") and c.prompt == "caption?" for c in captions)
+    assert samples[0].image[0, 0].tolist() == [250, 250, 250]
+    assert np.array_equal(load_domain(spec, "test", limit=4)[0].image, samples[0].image)  # deterministic
+
+
+def test_new_ink_colours_are_in_the_vocabulary():
+    from cdcca.data.digits_shift import COLOUR_WORDS
+    from cdcca.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(corpus())
+    for colour in ("teal", "yellow", "pink", "grey", "navy"):
+        assert colour in COLOUR_WORDS
+        assert tokenizer.unk_token_id not in tokenizer(f"a {colour} digit seven")["input_ids"]
+
+
+def test_registering_a_domain_makes_it_loadable_by_name(monkeypatch):
+    from cdcca.data import digits_shift
+
+    monkeypatch.setattr(digits_shift, "DOMAINS", dict(digits_shift.DOMAINS))
+    spec = digits_shift.register_domain(digits_shift.DomainSpec("mirrored", transform=lambda ink, rng:
+                                                                digits_shift.white_on_black(ink[:, ::-1])))
+    assert load_domain("mirrored", "test", limit=1)[0].image[:, ::-1].tolist() == \
+        load_domain("source", "test", limit=1)[0].image.tolist()  # fmt: skip
+    with pytest.raises(ValueError, match="already registered"):
+        digits_shift.register_domain(digits_shift.DomainSpec("mirrored"))
+    assert spec.shifted_vision and not spec.shifted_language

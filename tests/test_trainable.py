@@ -1,4 +1,5 @@
-"""The trainable set: LoRA on LM attention, query tokens, norms, biases -- and nothing else."""
+"""The trainable set: LoRA on LM attention and the Q-Former's reading of visual tokens, query tokens, norms,
+biases -- and nothing else."""
 
 import pytest
 import torch
@@ -29,14 +30,25 @@ def test_trainable_set_has_exactly_the_four_groups(pair):
     add_lora(student, LoraSettings(rank=4))
     names = trainable_parameters(student)
     lm_layers = student.blip2.config.text_config.num_hidden_layers
-    lora = [n for n in names if "lora_" in n]
-    assert len(lora) == lm_layers * 2 * 2  # q_proj and v_proj, A and B each
-    assert all(".self_attn." in n for n in lora) and all(n.startswith("language_model.") for n in lora)
+    qformer_layers = student.blip2.config.qformer_config.num_hidden_layers
+    lm_lora = [n for n in names if "lora_" in n and n.startswith("language_model.")]
+    qformer_lora = [n for n in names if "lora_" in n and n.startswith("qformer.")]
+    assert len(lm_lora) == lm_layers * 2 * 2  # q_proj and v_proj, A and B each
+    assert all(".self_attn." in n for n in lm_lora)
+    assert len(qformer_lora) == qformer_layers * 4 * 2  # cross-attention query/value/output + query FFN output
+    assert all(".crossattention." in n or ".output_query." in n for n in qformer_lora)
+    assert len([n for n in names if "lora_" in n]) == len(lm_lora) + len(qformer_lora)
     assert "query_tokens" in names
     assert any("layer_norm" in n or "LayerNorm" in n or "layernorm" in n for n in names)
     assert "language_projection.bias" in names and "language_projection.weight" not in names
     assert not any(n.startswith("vision_model.") for n in names)
     assert not any(n.endswith("q_proj.base_layer.weight") or n.endswith("embed_tokens.weight") for n in names)
+
+
+def test_qformer_lora_can_be_left_out(pair):
+    _, student = pair
+    add_lora(student, LoraSettings(qformer_modules=()))
+    assert not any("lora_" in n for n in trainable_parameters(student) if n.startswith("qformer."))
 
 
 def test_freeze_leaves_only_the_trainable_set_learnable(pair):

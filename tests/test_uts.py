@@ -34,7 +34,28 @@ def test_top_fraction_mode_keeps_the_top_of_the_sliding_window(pair):
     # in a window of 8 the top quarter is 2 samples: a value is kept when at most one is above it
     keep = sampler.keep_samples(torch.tensor([100.0, 0.5, 8.0]))  # 8.0: only 100 is above it
     assert keep.tolist() == [True, False, True]
-    assert len(sampler._recent) == 8  # the window slides
+    assert len(sampler._recent[""]) == 8  # the window slides
+
+
+def test_each_prompt_kind_is_ranked_in_its_own_window(pair):
+    # Prepare: captions always carry more entropy than yes/no questions
+    _, student = pair
+    sampler = UncertaintyTokenSampler(student, UTSConfig(sample_fraction=0.5, window=4, group_words=2))
+    prompts = ["describe the image."] * 4 + ["is the digit odd?"] * 4
+    entropies = torch.tensor([3.0, 3.1, 3.2, 3.3, 0.1, 0.4, 0.2, 0.3])
+    # Execute
+    keep = sampler.keep_samples(entropies, prompts)
+    # Assert: the most uncertain of each kind pass, not just the captions
+    assert keep[4:].sum() >= 2 and keep[:4].sum() >= 2
+    assert sampler.prompt_kind("Is the  DIGIT even?") == "is the"
+    assert set(sampler._recent) == {"describe the", "is the"}
+
+
+def test_one_window_for_all_without_grouping(pair):
+    _, student = pair
+    sampler = UncertaintyTokenSampler(student, UTSConfig(sample_fraction=0.5, window=8, group_words=0))
+    keep = sampler.keep_samples(torch.tensor([3.0, 3.1, 3.2, 3.3, 0.1, 0.4, 0.2, 0.3]), ["a b"] * 4 + ["c d"] * 4)
+    assert keep[4:].sum() == 0 and set(sampler._recent) == {""}
 
 
 def test_deterministic_path_equals_the_encoder(pair, stream):

@@ -4,8 +4,11 @@ The robot's student meets the target domains one after another (one round each, 
 each round a method adapts on that domain's unlabelled ``stream`` split; the student is then scored on the
 domain's held-out ``test`` split (never adapted on): MC accuracy, DA accuracy (official VQA accuracy on the
 direct-answer questions) and BLEU-4 / CIDEr-D on captions. Methods: source-only (no adaptation), TENT, CoTTA,
-PKD, CWD and CD-CCA (UTS on the robot -> int8 tokens -> AKD in the cloud -> the adapted student). Also the
-ablation PL / +AKD / +UTS-1 / +UTS-2 (Table 3) and UTS keep ratios against random token sampling (Table 4).
+PKD, CWD, plain pseudo-labelling (PL: every sample, every token, cross-entropy on the teacher's answers) and
+CD-CCA (UTS on the robot -> int8 tokens -> AKD in the cloud -> the adapted student). Also the ablation
+PL / +AKD / +UTS-1 / +UTS-2 (Table 3), UTS keep ratios against random token sampling (Table 4), and accuracy
+against uplink bytes. Per domain, the summary reports the share of the teacher-student gap each method closes
+and the source-domain accuracy lost over the whole stream (worst seed), besides the pooled figures.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cdcca import wire
 from cdcca.akd import AKDConfig, Distiller, DistillSample
 from cdcca.baselines.base import AdaptationMethod, RoundResult
 from cdcca.data.digits_shift import SOURCE_DOMAIN, TARGET_DOMAINS, load_domain
@@ -27,6 +31,10 @@ from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import LoraSettings, add_lora
 from cdcca.report import progress_bar, save_figure
 from cdcca.uts import UncertaintyTokenSampler, UTSConfig, pack_tokens
+
+STEPS = 60  # optimizer steps per round, every method
+CHECK_FRACTION = 0.2  # CD-CCA rounds hold out a fifth of the uploads to pick their best weights (AKDConfig)
+ANCHOR_IMAGES = 64  # source images the cloud keeps as anchors (half replayed, half guard)
 
 
 class CdccaMethod(AdaptationMethod):
@@ -40,6 +48,10 @@ class CdccaMethod(AdaptationMethod):
         uts: UTS settings; ``stage1=False`` uploads every sample, ``stage2=False`` every token.
         akd: distillation settings (``lambda_query = lambda_repr = 0`` gives plain pseudo-labelling, PL).
         token_selection: ``uts`` (MC-dropout variance) or ``random`` (same count, random tokens: Table 4).
+        sample_fraction: with ``stage1=False``, upload a random share of the samples (PL at equal bytes).
+        anchors: the cloud's source-domain anchor inputs (see :class:`~cdcca.akd.Distiller`).
+
+    ``uplink_bytes`` counts the CDR bytes of every ``UtsTokens`` uploaded so far.
     """
 
     name = "cdcca"
@@ -54,14 +66,18 @@ class CdccaMethod(AdaptationMethod):
         stage2: bool = True,
         token_selection: str = "uts",
         seed: int = 0,
+        sample_fraction: float = 1.0,
+        anchors: Sequence[DistillSample] | None = None,
     ) -> None:
         super().__init__(student, teacher)
         if token_selection not in ("uts", "random"):
             raise ValueError(f"token_selection must be 'uts' or 'random', got {token_selection!r}")
         self.sampler = UncertaintyTokenSampler(student, uts or UTSConfig(seed=seed))
-        self.distiller = Distiller(teacher, student, akd or AKDConfig(seed=seed))
+        self.distiller = Distiller(teacher, student, akd or AKDConfig(seed=seed), anchors=anchors)
         self.stage1, self.stage2, self.token_selection = stage1, stage2, token_selection
+        self.sample_fraction = sample_fraction
         self.generator = torch.Generator().manual_seed(seed)
+        self.uplink_bytes = 0
 
     def upload(self, samples: Sequence[Sample], batch_size: int = 64) -> list[DistillSample]:
         """What the robot sends for a stream segment, as the cloud receives it."""
@@ -71,6 +87,8 @@ class CdccaMethod(AdaptationMethod):
             scores = self.sampler.score(batch)
             for i, sample in enumerate(batch):
                 if self.stage1 and not scores.keep_sample[i]:
+                    continue
+                if not self.stage1 and float(torch.rand((), generator=self.generator)) >= self.sample_fraction:
                     continue
                 keep = scores.keep_tokens[i]
                 if not self.stage2:
@@ -85,6 +103,7 @@ class CdccaMethod(AdaptationMethod):
                                       sample_id=sample.sample_id, adapter_version=0, prompt=sample.prompt,
                                       student_answer=scores.answers[i],
                                       sample_entropy=float(scores.sample_entropy[i]))  # fmt: skip
+                self.uplink_bytes += len(wire.encode(message))
                 uploaded.append(DistillSample.from_uts(message))
         return uploaded
 
@@ -94,6 +113,7 @@ class CdccaMethod(AdaptationMethod):
         if not uploaded:  # nothing was uncertain enough to send: the cloud has nothing to learn from
             return RoundResult(steps=0, seconds=time.perf_counter() - started, loss=0.0, samples_used=0)
         report = self.distiller.run_round(uploaded)
+        self.last_report = report
         return RoundResult(steps=report.steps, seconds=time.perf_counter() - started,
                            loss=report.losses["total"], samples_used=len(uploaded))  # fmt: skip
 
@@ -117,17 +137,21 @@ class AdaptBenchConfig:
         test_images: held-out test images per domain.
         steps: optimizer steps per round for every method.
         methods: methods of the headline table.
-        ablations: run Table 3 (PL / +AKD / +UTS-1 / +UTS-2) and Table 4 (keep ratios vs random), first seed.
+        ablations: run Table 3 (PL / +AKD / +UTS-1 / +UTS-2) and Table 4 (keep ratios vs random, and PL on a
+            random share of the samples at comparable bytes), first seed.
         keep_ratios: UTS token keep ratios of Table 4.
+        anchor_images: source-domain ``train`` images (one sample per task each) the cloud keeps as anchors.
+        domains: the target stream, in order.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
     stream_images: int = 150
     test_images: int = 347
-    steps: int = 30
-    methods: tuple[str, ...] = ("source-only", "tent", "cotta", "pkd", "cwd", "cdcca")
+    steps: int = STEPS
+    methods: tuple[str, ...] = ("source-only", "tent", "cotta", "pkd", "cwd", "pl", "cdcca")
     ablations: bool = True
     keep_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
+    anchor_images: int = ANCHOR_IMAGES
     domains: tuple[str, ...] = field(default=TARGET_DOMAINS)
 
     def __post_init__(self) -> None:
@@ -154,35 +178,49 @@ def _baseline(name: str) -> Callable[..., AdaptationMethod]:
     return lambda student, teacher, steps, seed: cls(student, teacher, config_cls(steps=steps, seed=seed))
 
 
-CHECK_FRACTION = 0.2  # CD-CCA rounds hold out a fifth of the uploads to keep their best weights (AKDConfig)
-
-
-def make_method(name: str, student: MLLM, teacher: MLLM, steps: int, seed: int) -> AdaptationMethod:
+def make_method(name: str, student: MLLM, teacher: MLLM, steps: int, seed: int,
+                anchors: Sequence[DistillSample] | None = None) -> AdaptationMethod:  # fmt: skip
     """A method of the benchmark by name (headline methods and the ablation variants).
 
-    Every CD-CCA variant checks its rounds on a held-out fifth of the uploads (``AKDConfig.check_fraction``,
-    beyond the paper); ``cdcca-paper`` is the paper's round, training on everything with no check.
+    ``cdcca`` is the project's default round (the same :class:`AKDConfig` and :class:`UTSConfig` defaults as
+    ``cdcca cloud`` and ``make demo``), with the source anchors; ``cdcca-paper`` is the paper's round (L_query +
+    L_repr + L_CE, no KL, no anchors, no check, ϕ/ψ learned from a random start); ``pl`` is plain
+    pseudo-labelling (every sample and token, cross-entropy only, no anchors, no check). ``pl@f`` uploads a
+    random share ``f`` of the samples with all their tokens (PL at lower bytes).
     """
     akd = AKDConfig(steps=steps, seed=seed, check_fraction=CHECK_FRACTION)
-    pl = AKDConfig(steps=steps, seed=seed, lambda_query=0.0, lambda_repr=0.0, check_fraction=CHECK_FRACTION)
+    plain = dict(steps=steps, seed=seed, lambda_query=0.0, lambda_repr=0.0, lambda_kl=0.0, lambda_anchor=0.0,
+                 fit_projections=False)  # fmt: skip
     if name == "source-only":
         return SourceOnly(student, teacher)
     if name == "cdcca":
-        return CdccaMethod(student, teacher, akd=akd, seed=seed)
+        return CdccaMethod(student, teacher, akd=akd, seed=seed, anchors=anchors)
     if name == "cdcca-paper":
-        return CdccaMethod(student, teacher, akd=AKDConfig(steps=steps, seed=seed), seed=seed)
-    if name == "pl":
-        return CdccaMethod(student, teacher, akd=pl, stage1=False, stage2=False, seed=seed)
+        paper = AKDConfig(steps=steps, seed=seed, lambda_kl=0.0, lambda_anchor=0.0, fit_projections=False)
+        return CdccaMethod(student, teacher, akd=paper, seed=seed)
+    if name == "pl" or name.startswith("pl@"):
+        fraction = float(name.split("@")[1]) if "@" in name else 1.0
+        return CdccaMethod(student, teacher, akd=AKDConfig(**plain), stage1=False, stage2=False, seed=seed,
+                           sample_fraction=fraction)  # fmt: skip
     if name == "+akd":
-        return CdccaMethod(student, teacher, akd=akd, stage1=False, stage2=False, seed=seed)
+        return CdccaMethod(student, teacher, akd=akd, stage1=False, stage2=False, seed=seed, anchors=anchors)
     if name == "+uts-1":
-        return CdccaMethod(student, teacher, akd=akd, stage2=False, seed=seed)
+        return CdccaMethod(student, teacher, akd=akd, stage2=False, seed=seed, anchors=anchors)
+    if name == "cdcca-no-anchor":
+        return CdccaMethod(student, teacher, akd=AKDConfig(steps=steps, seed=seed, check_fraction=CHECK_FRACTION,
+                                                           lambda_anchor=0.0), seed=seed)  # fmt: skip
     if name.startswith(("uts@", "random@")):
         kind, ratio = name.split("@")
         uts = UTSConfig(token_keep_ratio=float(ratio), seed=seed)
-        return CdccaMethod(student, teacher, uts=uts, akd=akd, seed=seed,
+        return CdccaMethod(student, teacher, uts=uts, akd=akd, seed=seed, anchors=anchors,
                            token_selection="uts" if kind == "uts" else "random")  # fmt: skip
     return _baseline(name)(student, teacher, steps, seed)
+
+
+def source_anchors(student: MLLM, images: int = ANCHOR_IMAGES) -> list[DistillSample]:
+    """The cloud's anchor set: ``images`` source-domain ``train`` images (the student's own pretraining data),
+    one sample per task each, with every visual token."""
+    return DistillSample.from_samples(student, load_domain(SOURCE_DOMAIN, "train", limit=images))
 
 
 def _fresh_student(checkpoints, teacher: MLLM, seed: int) -> MLLM:
@@ -197,22 +235,27 @@ def _row(scores: DomainScore) -> dict:
 
 def run_method(name: str, checkpoints, teacher: MLLM, config: AdaptBenchConfig, seed: int,
                tests: dict[str, list[Sample]], progress: bool = True) -> dict:  # fmt: skip
-    """One method through the whole stream; per-round scores on held-out test data and the source drop."""
+    """One method through the whole stream; per-round scores on held-out test data, uplink bytes and the
+    source drop."""
     torch.manual_seed(seed)
     student = _fresh_student(checkpoints, teacher, seed)
-    method = make_method(name, student, teacher, config.steps, seed)
+    anchors = source_anchors(student, config.anchor_images)
+    method = make_method(name, student, teacher, config.steps, seed, anchors)
     source_before = evaluate(student, tests[SOURCE_DOMAIN], progress=False)[0].accuracy
     rounds = []
     for domain in progress_bar(config.domains, desc=f"{name} seed {seed}", disable=not progress, leave=False):
         stream = load_domain(domain, "stream", limit=config.stream_images, seed=seed)
         result = method.adapt(stream)
         student.eval()
+        report = getattr(method, "last_report", None) if result.samples_used else None
         rounds.append({"domain": domain, **_row(evaluate(student, tests[domain], progress=False)[0]),
-                       "seconds": result.seconds, "samples_used": result.samples_used})  # fmt: skip
+                       "seconds": result.seconds, "samples_used": result.samples_used,
+                       "kept_step": report.kept_step if report else None,
+                       "uplink_bytes": getattr(method, "uplink_bytes", 0)})  # fmt: skip
     source_after = evaluate(student, tests[SOURCE_DOMAIN], progress=False)[0].accuracy
     mean = {key: float(np.mean([r[key] for r in rounds])) for key in ("mc", "da", "bleu4", "cider", "acc")}
-    return {"method": name, "seed": seed, "rounds": rounds, "mean": mean,
-            "source_before": source_before, "source_after": source_after}  # fmt: skip
+    return {"method": name, "seed": seed, "rounds": rounds, "mean": mean, "source_before": source_before,
+            "source_after": source_after, "uplink_bytes": getattr(method, "uplink_bytes", 0)}  # fmt: skip
 
 
 def _stats(values: list[float]) -> dict:
@@ -235,42 +278,100 @@ def run_adapt_bench(checkpoints, config: AdaptBenchConfig, progress: bool = True
                                            for k in range(len(config.domains))]  # fmt: skip
     ablation = []
     if config.ablations:
-        names = ["cdcca-paper", "pl", "+akd", "+uts-1", "cdcca"] + [f"{kind}@{ratio}" for ratio in config.keep_ratios
-                                                      for kind in ("uts", "random")]  # fmt: skip
+        names = ["cdcca-paper", "pl", "+akd", "+uts-1", "cdcca", "cdcca-no-anchor"]
+        names += [f"{kind}@{ratio}" for ratio in config.keep_ratios for kind in ("uts", "random")]
+        names += ["pl@0.1", "pl@0.3"]  # PL on a random share of the samples, near UTS's bytes
         seed = config.seeds[0]
         ablation = [run_method(n, checkpoints, teacher, config, seed, tests, progress) for n in names]
     base = headline["source-only"]
     teacher_acc = float(np.mean([teacher_scores[d]["acc"] for d in config.domains]))
     gain = {name: {k: headline[name][k]["mean"] - base[k]["mean"] for k in ("mc", "da", "acc")} for name in headline}
+    per_domain = per_domain_table(runs, teacher_scores, config.domains)
     baselines = [n for n in config.methods if n not in ("source-only", "cdcca")]
+    cdcca_drops = [r["source_before"] - r["source_after"] for r in runs if r["method"] == "cdcca"]
     summary = {
         "cdcca_gain_mc": gain["cdcca"]["mc"], "cdcca_gain_da": gain["cdcca"]["da"],
+        "pl_gain_mc": gain["pl"]["mc"] if "pl" in gain else None,
+        "pl_gain_da": gain["pl"]["da"] if "pl" in gain else None,
         "best_baseline_gain_mc": max((gain[n]["mc"] for n in baselines), default=None),
         "best_baseline_gain_da": max((gain[n]["da"] for n in baselines), default=None),
         "gap_closed": gain["cdcca"]["acc"] / max(1e-9, teacher_acc - base["acc"]["mean"]),
+        "per_domain_gap_closed": {d: per_domain[d]["cdcca"]["gap_closed"] for d in config.domains},
+        "per_domain_gap_closed_worst_seed": {d: per_domain[d]["cdcca"]["gap_closed_worst_seed"]
+                                             for d in config.domains},
+        "mean_gap_closed": float(np.mean([per_domain[d]["cdcca"]["gap_closed"] for d in config.domains])),
+        "teacher_lead": {d: per_domain[d]["teacher_lead"] for d in config.domains},
         "source_drop": headline["cdcca"]["source_drop"]["mean"],
+        "worst_seed_source_drop": float(max(cdcca_drops)),
         "teacher_acc": teacher_acc, "source_only_acc": base["acc"]["mean"],
         "seeds": list(config.seeds),
     }  # fmt: skip
     return {"config": {k: getattr(config, k) for k in config.__dataclass_fields__}, "teacher": teacher_scores,
-            "headline": headline, "gain": gain, "runs": runs, "ablation": ablation, "summary": summary}  # fmt: skip
+            "headline": headline, "per_domain": per_domain, "gain": gain, "runs": runs, "ablation": ablation,
+            "summary": summary}  # fmt: skip
+
+
+def per_domain_table(runs: list[dict], teacher_scores: dict, domains: Sequence[str]) -> dict:
+    """Per domain and method: accuracy over seeds (mean, std, per seed), the gain over source-only, the share of
+    the teacher-student gap closed (mean over seeds, and the worst seed) and the teacher's lead."""
+    table: dict[str, dict] = {}
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    for k, domain in enumerate(domains):
+        by_seed = {m: {r["seed"]: r["rounds"][k]["acc"] for r in runs if r["method"] == m} for m in methods}
+        base = by_seed["source-only"]
+        lead = teacher_scores[domain]["acc"] - float(np.mean(list(base.values())))
+        table[domain] = {"teacher_acc": teacher_scores[domain]["acc"], "teacher_lead": lead}
+        for method, accs in by_seed.items():
+            closed = [(acc - base[seed]) / max(1e-9, teacher_scores[domain]["acc"] - base[seed])
+                      for seed, acc in accs.items()]  # fmt: skip
+            values = list(accs.values())
+            table[domain][method] = {
+                "acc": float(np.mean(values)), "std": float(np.std(values)), "per_seed": values,
+                "gain": float(np.mean(values)) - float(np.mean(list(base.values()))),
+                "gap_closed": float(np.mean(closed)), "gap_closed_worst_seed": float(min(closed)),
+            }  # fmt: skip
+    return table
 
 
 def plot_adapt(report: dict, path) -> None:
-    """Accuracy per round per method (mean over seeds), with the teacher for reference."""
+    """Left: accuracy per target domain and method (mean over seeds, error bars = seed std), with the teacher
+    and source-only marked. Right: accuracy against uplink bytes for UTS keep ratios, random tokens and PL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    domains = [r["domain"] for r in report["runs"][0]["rounds"]]
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    for name, row in report["headline"].items():
-        style = {"linewidth": 2.5} if name == "cdcca" else {"linewidth": 1.2}
-        ax.plot(domains, row["per_round_acc"], marker="o", label=name, **style)
-    ax.plot(domains, [report["teacher"][d]["acc"] for d in domains], "k--", linewidth=1, label="teacher")
+    per_domain = report["per_domain"]
+    domains = list(per_domain)
+    methods = [m for m in report["headline"] if m != "source-only"]
+    fig, (ax, ax_bytes) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [2.2, 1]})
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        xs = np.arange(len(domains)) + (j - (len(methods) - 1) / 2) * width
+        accs = [per_domain[d][method]["acc"] for d in domains]
+        errs = [per_domain[d][method]["std"] for d in domains]
+        ax.bar(xs, accs, width, yerr=errs, label=method, capsize=2,
+               edgecolor="black" if method == "cdcca" else None, linewidth=1.5 if method == "cdcca" else 0)
+    for i, domain in enumerate(domains):
+        ax.hlines(per_domain[domain]["teacher_acc"], i - 0.45, i + 0.45, colors="black", linestyles="--",
+                  label="teacher" if i == 0 else None)
+        ax.hlines(per_domain[domain]["source-only"]["acc"], i - 0.45, i + 0.45, colors="grey", linestyles=":",
+                  label="source-only" if i == 0 else None)  # fmt: skip
+    ax.set_xticks(range(len(domains)), domains)
     ax.set_ylabel("accuracy (%), mean of MC and DA")
-    ax.set_xlabel("round (target domain, in stream order)")
-    ax.set_title(f"continual adaptation on digits-shift ({len(report['summary']['seeds'])} seeds)")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"per target domain after its round ({len(report['summary']['seeds'])} seeds)")
+    ax.legend(fontsize=7, ncol=3, loc="lower left")
+    for prefix, marker in (("uts@", "o-"), ("random@", "s--"), ("pl", "^:")):
+        rows = [r for r in report["ablation"] if r["method"].startswith(prefix)]
+        rows.sort(key=lambda r: r["uplink_bytes"])
+        if rows:
+            ax_bytes.plot([r["uplink_bytes"] / 1e6 for r in rows], [r["mean"]["acc"] for r in rows], marker,
+                          label=prefix.rstrip("@"))  # fmt: skip
+            for r in rows:
+                ax_bytes.annotate(r["method"], (r["uplink_bytes"] / 1e6, r["mean"]["acc"]), fontsize=6)
+    ax_bytes.set_xscale("log")
+    ax_bytes.set_xlabel("uplink MB over the stream")
+    ax_bytes.set_ylabel("accuracy (%), mean over rounds")
+    ax_bytes.set_title("accuracy vs uplink bytes (first seed)")
+    ax_bytes.legend(fontsize=8)
     save_figure(fig, path)

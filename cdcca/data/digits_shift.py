@@ -14,6 +14,13 @@ domain              images                                                      
 ``rephrased``       handwritten, white ink on black                             new templates
 ==================  ==========================================================  ==================
 
+A domain is a :class:`DomainSpec`: where its glyphs come from (scans or a typeface), an image transform
+(ink intensity -> :class:`Rendered` RGB image + reference captions) and a :class:`Phrasing` (prompt
+templates). A new shift is a few lines::
+
+    blurred = DomainSpec("blurred", transform=lambda ink, rng: white_on_black(box_blur(ink)))
+    samples = load_domain(blurred, "test")        # or register_domain(blurred), then load_domain("blurred")
+
 Every image yields one sample per task: direct-answer VQA (which digit / odd or even / greater than
 four), 4-way multiple choice, and a caption. Splits are fixed: handwritten scans are split once with a
 fixed seed into ``train`` (pretraining only), ``stream`` (what the robot sees online) and ``test``.
@@ -25,7 +32,8 @@ drawn from the ``train`` scans and fresh renders, as a large cloud model has see
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -35,7 +43,7 @@ from cdcca.data.sample import TASKS, Sample
 
 IMAGE_SIZE = 24  # pixels per side of every rendered image
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-INK_COLOURS = {  # named ink colours of the colour_inverted domain (RGB)
+INK_COLOURS = {  # named ink colours of the colour_inverted domain and the teacher's broad distribution (RGB)
     "red": (200, 30, 30),
     "green": (30, 140, 40),
     "blue": (30, 60, 200),
@@ -43,25 +51,69 @@ INK_COLOURS = {  # named ink colours of the colour_inverted domain (RGB)
     "orange": (230, 120, 20),
     "brown": (120, 70, 30),
 }
+# colour names a new domain may put in its captions: all are in the tokenizer's vocabulary (see corpus())
+COLOUR_WORDS = (*INK_COLOURS, "black", "white", "grey", "gray", "yellow", "pink", "cyan", "magenta", "teal",
+                "navy", "olive", "maroon", "gold", "silver", "violet", "lime", "turquoise", "beige", "dark",
+                "light", "pale", "bright")  # fmt: skip
 SPLITS = ("train", "stream", "test")
 _SPLIT_SIZES = {"train": 1100, "stream": 350}  # test takes the remaining 347 scans
 _SPLIT_SEED = 0
+VQA_KINDS = ("identity", "parity", "greater")
 
-# Question templates: (kind, template). ``kind`` selects how the answer is derived from the digit.
-SOURCE_VQA = (
-    ("identity", "what digit is this?"),
-    ("parity", "is the digit odd or even?"),
-    ("greater", "is the digit greater than four?"),
+
+# ---------------------------------------------------------------------------------------------- phrasing
+
+
+@dataclass(frozen=True)
+class Phrasing:
+    """A set of prompt templates: how the robot's users ask.
+
+    Args:
+        name: short name (``source``, ``shifted``...).
+        vqa: ``(kind, question)`` pairs; ``kind`` is one of :data:`VQA_KINDS` and decides the answer.
+        mc: multiple-choice template with four ``{}`` slots for the options.
+        caption: the caption instruction.
+    """
+
+    name: str
+    vqa: tuple[tuple[str, str], ...]
+    mc: str
+    caption: str
+
+    def __post_init__(self) -> None:
+        kinds = {kind for kind, _ in self.vqa}
+        if not self.vqa or not kinds <= set(VQA_KINDS):
+            raise ValueError(f"Phrasing.vqa needs (kind, question) pairs with kinds from {VQA_KINDS}, got {kinds}")
+        if self.mc.count("{") != 4:
+            raise ValueError(f"Phrasing.mc needs exactly four {{}} option slots, got {self.mc!r}")
+
+    def texts(self) -> list[str]:
+        """Every prompt this phrasing can produce (options filled with digit words), for the vocabulary."""
+        return [q for _, q in self.vqa] + [self.caption, self.mc.format(*DIGIT_WORDS[:4]),
+                                           self.mc.format(*DIGIT_WORDS[4:8])]  # fmt: skip
+
+
+SOURCE_PHRASING = Phrasing(
+    "source",
+    vqa=(
+        ("identity", "what digit is this?"),
+        ("parity", "is the digit odd or even?"),
+        ("greater", "is the digit greater than four?"),
+    ),
+    mc="which digit is shown? choices: {0}, {1}, {2}, {3}.",
+    caption="describe the image.",
 )
-SHIFTED_VQA = (
-    ("identity", "which number can be seen in the picture?"),
-    ("parity", "would you say the number in the picture is odd or even?"),
-    ("greater", "is the number shown bigger than four?"),
+SHIFTED_PHRASING = Phrasing(
+    "shifted",
+    vqa=(
+        ("identity", "which number can be seen in the picture?"),
+        ("parity", "would you say the number in the picture is odd or even?"),
+        ("greater", "is the number shown bigger than four?"),
+    ),
+    mc="pick the number that appears in the picture from {0}, {1}, {2} or {3}.",
+    caption="write a short caption for this picture.",
 )
-SOURCE_MC = "which digit is shown? choices: {0}, {1}, {2}, {3}."
-SHIFTED_MC = "pick the number that appears in the picture from {0}, {1}, {2} or {3}."
-SOURCE_CAPTION = "describe the image."
-SHIFTED_CAPTION = "write a short caption for this picture."
+SOURCE_VQA, SHIFTED_VQA = SOURCE_PHRASING.vqa, SHIFTED_PHRASING.vqa
 
 CAPTIONS = {  # reference captions per image style; {d} = digit word, {c} = ink colour name
     "handwritten": (
@@ -79,40 +131,23 @@ CAPTIONS = {  # reference captions per image style; {d} = digit word, {c} = ink 
 }
 
 
-@dataclass(frozen=True)
-class DomainSpec:
-    """How one domain renders images and phrases prompts.
+# ----------------------------------------------------------------------------------------------- images
 
-    Args:
-        name: domain name, the ``domain`` field of its samples.
-        family: ``handwritten`` (UCI scans) or ``printed`` (typeface renders).
-        colour: draw coloured ink on a light background instead of white on black.
-        rotate_noise: rotate by 20-45 degrees either way and add Gaussian noise.
-        shifted_language: use the new phrasing templates instead of the source ones.
+
+@dataclass(frozen=True)
+class Rendered:
+    """One image as a domain renders it.
+
+    Attributes:
+        image: (IMAGE_SIZE, IMAGE_SIZE, 3) uint8 RGB.
+        captions: reference caption templates, ``{d}`` standing for the digit word.
     """
 
-    name: str
-    family: str = "handwritten"
-    colour: bool = False
-    rotate_noise: bool = False
-    shifted_language: bool = False
+    image: np.ndarray
+    captions: tuple[str, ...]
 
 
-DOMAINS: dict[str, DomainSpec] = {
-    spec.name: spec
-    for spec in (
-        DomainSpec("source"),
-        DomainSpec("colour_inverted", colour=True),
-        DomainSpec("printed", family="printed"),
-        DomainSpec("noisy_rotated", rotate_noise=True),
-        DomainSpec("rephrased", shifted_language=True),
-    )
-}
-SOURCE_DOMAIN = "source"
-TARGET_DOMAINS = tuple(name for name in DOMAINS if name != SOURCE_DOMAIN)
-
-
-# ----------------------------------------------------------------------------------------------- images
+ImageTransform = Callable[[np.ndarray, np.random.Generator], Rendered]  # ink (H, W) in [0, 1] -> Rendered
 
 
 @lru_cache(maxsize=1)
@@ -168,6 +203,88 @@ def to_rgb(ink: np.ndarray, ink_rgb=(255, 255, 255), background_rgb=(0, 0, 0)) -
     return rgb.round().clip(0, 255).astype(np.uint8)
 
 
+def white_on_black(ink: np.ndarray, rng: np.random.Generator | None = None) -> Rendered:
+    """The source look: white ink on black, handwritten captions."""
+    return Rendered(to_rgb(ink), CAPTIONS["handwritten"])
+
+
+def typeface(ink: np.ndarray, rng: np.random.Generator | None = None) -> Rendered:
+    """Typeface glyphs (see :func:`render_printed`) as white on black, printed captions."""
+    return Rendered(to_rgb(ink), CAPTIONS["printed"])
+
+
+def coloured_ink(ink: np.ndarray, rng: np.random.Generator) -> Rendered:
+    """One of :data:`INK_COLOURS` on a random light background; captions name the colour."""
+    colour = list(INK_COLOURS)[int(rng.integers(len(INK_COLOURS)))]
+    background = tuple(int(v) for v in rng.integers(215, 256, size=3))
+    captions = tuple(c.replace("{c}", colour) for c in CAPTIONS["colour"])
+    return Rendered(to_rgb(ink, INK_COLOURS[colour], background), captions)
+
+
+def rotated_noisy(ink: np.ndarray, rng: np.random.Generator) -> Rendered:
+    """Rotated 20-45 degrees either way, Gaussian noise of 0.2, white on black."""
+    angle = float(rng.uniform(20, 45)) * (1 if rng.random() < 0.5 else -1)
+    return Rendered(to_rgb(rotate_and_noise(ink, angle, 0.2, rng)), CAPTIONS["noisy"])
+
+
+# ---------------------------------------------------------------------------------------------- domains
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """How one domain renders images and phrases prompts.
+
+    Args:
+        name: domain name, the ``domain`` field of its samples.
+        transform: ink intensity (H, W) in [0, 1] + randomness -> :class:`Rendered`; the visual shift.
+        phrasing: prompt templates; the language shift.
+        glyphs: ``handwritten`` (the split's UCI scans) or ``printed`` (typeface renders of random digits).
+    """
+
+    name: str
+    transform: ImageTransform = field(default=white_on_black, compare=False)
+    phrasing: Phrasing = SOURCE_PHRASING
+    glyphs: str = "handwritten"
+
+    def __post_init__(self) -> None:
+        if self.glyphs not in ("handwritten", "printed"):
+            raise ValueError(f"DomainSpec.glyphs must be 'handwritten' or 'printed', got {self.glyphs!r}")
+
+    @property
+    def shifted_language(self) -> bool:
+        """Whether its prompts differ from the source phrasing."""
+        return self.phrasing != SOURCE_PHRASING
+
+    @property
+    def shifted_vision(self) -> bool:
+        """Whether its images differ from the source look."""
+        return self.glyphs != "handwritten" or self.transform is not white_on_black
+
+
+DOMAINS: dict[str, DomainSpec] = {}
+
+
+def register_domain(spec: DomainSpec) -> DomainSpec:
+    """Make ``spec`` loadable by name (``load_domain``, the CLI's ``--domains``); names are unique."""
+    if spec.name in DOMAINS and DOMAINS[spec.name] is not spec:
+        raise ValueError(f"a domain called {spec.name!r} is already registered")
+    DOMAINS[spec.name] = spec
+    return spec
+
+
+for _spec in (
+    DomainSpec("source"),
+    DomainSpec("colour_inverted", transform=coloured_ink),
+    DomainSpec("printed", transform=typeface, glyphs="printed"),
+    DomainSpec("noisy_rotated", transform=rotated_noisy),
+    DomainSpec("rephrased", phrasing=SHIFTED_PHRASING),
+):
+    register_domain(_spec)
+SOURCE_DOMAIN = "source"
+TARGET_DOMAINS = tuple(name for name in DOMAINS if name != SOURCE_DOMAIN)
+VISUAL_DOMAINS = tuple(name for name in TARGET_DOMAINS if DOMAINS[name].shifted_vision)
+
+
 # ---------------------------------------------------------------------------------------------- samples
 
 
@@ -186,22 +303,20 @@ def _vqa_answer(kind: str, digit: int) -> tuple[str, list[str]]:
 
 
 def make_samples(
-    image: np.ndarray,
+    rendered: Rendered,
     digit: int,
-    style: str,
-    colour_name: str,
-    shifted_language: bool,
+    phrasing: Phrasing,
     domain: str,
     id_prefix: str,
     rng: np.random.Generator,
     tasks: tuple[str, ...] = TASKS,
 ) -> list[Sample]:
-    """The samples (one per task) asked about one rendered image."""
-    samples = []
+    """The samples (one per task) asked about one rendered image of ``digit``."""
+    samples, image = [], rendered.image
     for task in tasks:
         sample_id = f"{id_prefix}/{task}"
         if task == "vqa":
-            kind, question = (SHIFTED_VQA if shifted_language else SOURCE_VQA)[int(rng.integers(3))]
+            kind, question = phrasing.vqa[int(rng.integers(len(phrasing.vqa)))]
             target, answers = _vqa_answer(kind, digit)
             samples.append(Sample(sample_id, domain, task, question, image=image, answers=answers, target=target))
         elif task == "mc":
@@ -209,75 +324,71 @@ def make_samples(
             options = [digit, *distractors.tolist()]
             rng.shuffle(options)
             choices = [DIGIT_WORDS[d] for d in options]
-            prompt = (SHIFTED_MC if shifted_language else SOURCE_MC).format(*choices)
             samples.append(
-                Sample(
-                    sample_id,
-                    domain,
-                    task,
-                    prompt,
-                    image=image,
-                    choices=choices,
-                    correct_idx=options.index(digit),
-                    answers=[DIGIT_WORDS[digit]] * 10,
-                    target=DIGIT_WORDS[digit],
-                )
-            )
+                Sample(sample_id, domain, task, phrasing.mc.format(*choices), image=image, choices=choices,
+                       correct_idx=options.index(digit), answers=[DIGIT_WORDS[digit]] * 10,
+                       target=DIGIT_WORDS[digit])
+            )  # fmt: skip
         else:
-            references = [ref.format(d=DIGIT_WORDS[digit], c=colour_name) for ref in CAPTIONS[style]]
-            prompt = SHIFTED_CAPTION if shifted_language else SOURCE_CAPTION
+            references = [ref.format(d=DIGIT_WORDS[digit]) for ref in rendered.captions]
             target = references[int(rng.integers(len(references)))]
-            samples.append(Sample(sample_id, domain, task, prompt, image=image, references=references, target=target))
+            samples.append(
+                Sample(sample_id, domain, task, phrasing.caption, image=image, references=references, target=target)
+            )
     return samples
 
 
-def _render(spec: DomainSpec, ink: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
-    """Apply a domain's visual shift to ink intensity -> (RGB image, caption style, ink colour name)."""
-    style, colour_name = ("printed" if spec.family == "printed" else "handwritten"), ""
-    if spec.rotate_noise:
-        angle = float(rng.uniform(20, 45)) * (1 if rng.random() < 0.5 else -1)
-        ink, style = rotate_and_noise(ink, angle, 0.2, rng), "noisy"
-    if spec.colour:
-        colour_name = list(INK_COLOURS)[int(rng.integers(len(INK_COLOURS)))]
-        background = tuple(int(v) for v in rng.integers(215, 256, size=3))
-        return to_rgb(ink, INK_COLOURS[colour_name], background), "colour", colour_name
-    return to_rgb(ink), style, colour_name
+def render(spec: DomainSpec, index: int, rng: np.random.Generator) -> tuple[Rendered, int]:
+    """The image of handwritten scan ``index`` (or of a random typeface digit) in ``spec``'s look, and its digit."""
+    ink_all, labels = _handwritten()[:2]
+    if spec.glyphs == "printed":
+        digit = int(rng.integers(10))
+        ink = render_printed(digit, rng)
+    else:
+        digit, ink = int(labels[index]), ink_all[index]
+    rendered = spec.transform(ink, rng)
+    if rendered.image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3) or rendered.image.dtype != np.uint8:
+        raise ValueError(f"domain {spec.name!r}: its transform must return a ({IMAGE_SIZE}, {IMAGE_SIZE}, 3) uint8 "
+                         f"image, got {rendered.image.dtype} {rendered.image.shape}")  # fmt: skip
+    return rendered, digit
 
 
 def load_domain(
-    domain: str, split: str = "test", limit: int | None = None, tasks: tuple[str, ...] = TASKS, seed: int = 0
+    domain: str | DomainSpec,
+    split: str = "test",
+    limit: int | None = None,
+    tasks: tuple[str, ...] = TASKS,
+    seed: int = 0,
 ) -> list[Sample]:
     """All samples of one domain and split, deterministic for a given ``seed``.
 
     Args:
-        domain: one of :data:`DOMAINS`.
+        domain: a registered domain name (:data:`DOMAINS`) or a :class:`DomainSpec`.
         split: ``train``, ``stream`` or ``test``.
         limit: keep only the first ``limit`` images (each yields one sample per task).
         tasks: which tasks to generate.
         seed: seed of the rendering randomness (colours, angles, fonts, question choice).
     """
-    if domain not in DOMAINS:
-        raise ValueError(f"domain must be one of {sorted(DOMAINS)}, got {domain!r}")
+    if isinstance(domain, DomainSpec):
+        spec = domain
+    elif domain in DOMAINS:
+        spec = DOMAINS[domain]
+    else:
+        raise ValueError(f"domain must be one of {sorted(DOMAINS)} or a DomainSpec, got {domain!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"tasks must be drawn from {TASKS}, got {sorted(unknown)}")
-    spec = DOMAINS[domain]
-    ink_all, labels, splits = _handwritten()
+    splits = _handwritten()[2]
     indices = splits[split] if limit is None else splits[split][:limit]
-    rng = np.random.default_rng([seed, list(DOMAINS).index(domain), SPLITS.index(split)])
+    # registered domains keep their historical seeds; others are keyed by a stable hash of the name
+    key = list(DOMAINS).index(spec.name) if spec.name in DOMAINS else int.from_bytes(spec.name.encode()[:8], "little")
+    rng = np.random.default_rng([seed, key, SPLITS.index(split)])
     samples: list[Sample] = []
     for n, index in enumerate(indices):
-        digit = int(labels[index])
-        if spec.family == "printed":
-            digit = int(rng.integers(10))
-            ink = render_printed(digit, rng)
-        else:
-            ink = ink_all[index]
-        image, style, colour_name = _render(spec, ink, rng)
-        prefix = f"{domain}/{split}/{n:04d}"
-        samples += make_samples(image, digit, style, colour_name, spec.shifted_language, domain, prefix, rng, tasks)
+        rendered, digit = render(spec, int(index), rng)
+        samples += make_samples(rendered, digit, spec.phrasing, spec.name, f"{spec.name}/{split}/{n:04d}", rng, tasks)
     return samples
 
 
@@ -333,25 +444,21 @@ def training_samples(distribution: str, count: int, rng: np.random.Generator) ->
     for n in range(count):
         task = TASKS[int(rng.integers(len(TASKS)))]
         item = training_image(distribution, rng)
-        samples += make_samples(
-            item.image,
-            item.digit,
-            item.style,
-            item.colour_name,
-            item.shifted_language,
-            distribution,
-            f"{distribution}/{n}",
-            rng,
-            (task,),
-        )
+        captions = tuple(c.replace("{c}", item.colour_name) for c in CAPTIONS[item.style])
+        phrasing = SHIFTED_PHRASING if item.shifted_language else SOURCE_PHRASING
+        samples += make_samples(Rendered(item.image, captions), item.digit, phrasing, distribution,
+                                f"{distribution}/{n}", rng, (task,))  # fmt: skip
     return samples
 
 
 def corpus() -> list[str]:
-    """Every text the benchmark can produce; the tokenizer's vocabulary is built from it."""
-    texts = [q for _, q in SOURCE_VQA + SHIFTED_VQA] + [SOURCE_CAPTION, SHIFTED_CAPTION]
-    texts += [SOURCE_MC.format(*DIGIT_WORDS[:4]), SHIFTED_MC.format(*DIGIT_WORDS[4:8])]
-    texts += list(DIGIT_WORDS) + ["odd even yes no"] + [str(d) for d in range(10)]
+    """Every text the benchmark can produce, plus colour and shift words new domains may use in captions;
+    the tokenizer's vocabulary is built from it."""
+    phrasings = {SOURCE_PHRASING, SHIFTED_PHRASING} | {spec.phrasing for spec in DOMAINS.values()}
+    texts = [text for phrasing in sorted(phrasings, key=lambda p: p.name) for text in phrasing.texts()]
+    texts += list(DIGIT_WORDS) + ["odd even yes no"] + [str(d) for d in range(10)] + list(COLOUR_WORDS)
+    texts += ["blurred blurry faded tilted rotated upside down small large thin thick bold dim noisy dotted",
+              "a an the of in on with by picture photo image scan drawn written printed digit number"]  # fmt: skip
     for refs in CAPTIONS.values():
         texts += [ref.format(d=word, c=colour) for ref in refs for word in DIGIT_WORDS for colour in INK_COLOURS]
     return texts

@@ -1,8 +1,14 @@
 """The trainable set: what adaptation changes on the cloud and what DWC transmits to the robot.
 
-As in the paper (Sec. 3.3): LoRA on the LM attention (via ``peft``), the Q-Former query tokens, the weights
-and biases of normalisation layers, and the biases of linear layers. Everything else stays frozen, and the
-shared vision encoder is never part of it, so visual tokens keep meaning the same thing on both sides.
+As in the paper (Sec. 3.3): adapters where the visual tokens are read -- LoRA (via ``peft``) on the Q-Former's
+cross-attention (its queries' projections and the cross-attention output) and on the query feed-forward
+output -- and in the LM (LoRA on the attention), plus the Q-Former query tokens, the weights and biases of
+normalisation layers, and the biases of linear layers. Everything else stays frozen, and the shared vision
+encoder is never part of it, so visual tokens keep meaning the same thing on both sides.
+
+Why the Q-Former adapters: under a visual shift the LM is not what is wrong; how the queries read the
+shifted tokens is. With LoRA on the LM alone, only norms and biases could change that reading (measured in
+``bench/README.md``).
 """
 
 from __future__ import annotations
@@ -20,13 +26,15 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA on the language model's attention projections.
+    """LoRA on the language model's attention projections and where the Q-Former reads the visual tokens.
 
     Args:
         rank: LoRA rank r.
         alpha: LoRA scaling numerator (update scaled by alpha / rank).
         dropout: dropout on the LoRA input path.
         target_modules: attention projections of the LM to adapt (OPT names).
+        qformer_modules: Q-Former linears to adapt (suffixes of ``transformers``' BLIP-2 Q-Former names);
+            empty leaves the Q-Former without LoRA, as before the Q-Former adapters existed.
         seed: seed of the LoRA A initialisation. Cloud and robot must start from the same θ_base (the
             paper's Eq. 8 adds the delta to it), so the random A matrices are seeded, not drawn freshly.
     """
@@ -35,6 +43,12 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    qformer_modules: tuple[str, ...] = (
+        "crossattention.attention.query",
+        "crossattention.attention.value",
+        "crossattention.output.dense",
+        "output_query.dense",
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -51,19 +65,18 @@ def has_lora(model: MLLM) -> bool:
 
 
 def add_lora(model: MLLM, settings: LoraSettings = LoraSettings()) -> MLLM:
-    """Inject LoRA adapters (B initialised to zero, so outputs are unchanged) into the LM attention, in place."""
+    """Inject LoRA adapters (B initialised to zero, so outputs are unchanged) into the LM attention and the
+    Q-Former's reading of the visual tokens, in place."""
     if has_lora(model):
         raise ValueError("the model already carries LoRA adapters")
-    config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
-        bias="none",
-    )
+    towers = [(model.blip2.language_model, settings.target_modules), (model.blip2.qformer, settings.qformer_modules)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        inject_adapter_in_model(config, model.blip2.language_model)
+        for tower, targets in towers:
+            if targets:
+                config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                                    target_modules=list(targets), bias="none")  # fmt: skip
+                inject_adapter_in_model(config, tower)
     return model
 
 
