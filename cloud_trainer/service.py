@@ -29,11 +29,11 @@ import torch
 
 from cdcca import wire
 from cdcca.akd import AKDConfig, Distiller, DistillSample
-from cdcca.edge.adapter_slot import REJECTED
 from cdcca.envelope import Signer, VersionChain
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import trainable_parameters
 from cdcca.uts import UplinkError
+from cdcca.wire import REJECTED
 from cloud_trainer.store import CloudStore
 
 log = logging.getLogger(__name__)

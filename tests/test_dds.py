@@ -305,6 +305,7 @@ def keys(tmp_path):
 def test_the_robot_joins_a_ros2_graph_over_dds(pretrained_test_pair, keys, tmp_path):
     """A ROS-style camera process on loopback -> run_dds_edge -> answers it reads; uplink, ack, forged delta."""
     from cdcca.edge.app import build_runtime
+    from cdcca.edge.dds_port import DdsEdgeSettings, run_dds_edge
     from cdcca.edge.runtime import EdgeConfig
     from cdcca.uts import UTSConfig
 
@@ -313,12 +314,12 @@ def test_the_robot_joins_a_ros2_graph_over_dds(pretrained_test_pair, keys, tmp_p
     config = dds.loopback_config()
     all_samples = UTSConfig(sample_mode="threshold", entropy_threshold=-1.0)
     runtime = build_runtime(pretrained_test_pair, EdgeConfig(state_dir=tmp_path / "edge", heartbeat_every_s=0.2,
-                                                             uts=all_samples), keys)  # fmt: skip
+                                                             max_frame_age_s=0.0, uts=all_samples), keys)  # fmt: skip
     stop, ready = threading.Event(), threading.Event()
-    settings = dds.DdsEdgeSettings(domain_id=domain_id, config=config, ask_rate_hz=0.0, max_frame_age_s=0.0)
+    settings = DdsEdgeSettings(domain_id=domain_id, config=config)
     report: dict = {}
-    robot = threading.Thread(target=lambda: report.update(dds.run_dds_edge(runtime, "/camera/camera/color/image_raw",
-                                                                           (), stop, settings, ready)))  # fmt: skip
+    robot = threading.Thread(target=lambda: report.update(run_dds_edge(runtime, "/camera/camera/color/image_raw",
+                                                                       stop, settings, ready)))  # fmt: skip
     cloud_side = dds.DdsGraph(domain_id, config)  # plays zenoh-bridge-ros2dds: reads the uplink, sends acks
     uplink = cloud_side.reader("/cdcca/uts_tokens", wire.UTS_TOKENS, dds.RELIABLE)
     statuses = cloud_side.reader("/cdcca/adapter_status", wire.ADAPTER_STATUS, dds.RELIABLE)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cdcca import wire
-from cdcca.edge import ros_glue
+from cdcca.edge import params
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGE = ROOT / "ros2_ws" / "src" / "cdcca_edge"
@@ -71,15 +71,15 @@ def test_setup_py_installs_launch_config_marker_and_console_scripts():
 def test_config_yaml_holds_exactly_the_parameter_schema_at_its_defaults():
     document = yaml.safe_load((EDGE / "config" / "edge.yaml").read_text())
     assert list(document) == ["/cdcca_edge"]
-    values = ros_glue.read_parameter_file(EDGE / "config" / "edge.yaml")
-    assert values == ros_glue.default_parameters()
-    assert ros_glue.validate_parameters(values) == values
+    values = params.read_parameter_file(EDGE / "config" / "edge.yaml")
+    assert values == params.default_parameters()
+    assert params.validate_parameters(values) == values
 
 
 def test_the_node_declares_every_parameter_of_the_schema_with_its_description():
     source = (EDGE / "cdcca_edge" / "edge_node.py").read_text()
     tree = ast.parse(source)
-    assert "for spec in ros_glue.PARAMETERS" in source and "description=spec.description" in source
+    assert "for spec in edge_params.PARAMETERS" in source and "description=spec.description" in source
     assert "add_on_set_parameters_callback" in source
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
     methods = {f.name for f in classes["EdgeNode"].body if isinstance(f, ast.FunctionDef)}

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cdcca import wire
+from cdcca.wire import APPLIED, REJECTED, ROLLED_BACK  # noqa: F401  (AdapterStatus states)
 from cdcca.dwc import apply_delta
 from cdcca.envelope import DeltaRejected, TrustStore, open_envelope
 from cdcca.models.mllm import MLLM
@@ -34,7 +35,6 @@ from cdcca.models.trainable import has_lora, trainable_parameters
 
 log = logging.getLogger(__name__)
 STATE_FILE = "adapter.safetensors"
-APPLIED, REJECTED, ROLLED_BACK = 0, 1, 2  # AdapterStatus.STATE_*
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cdcca.edge.adapter_slot import AdapterSlot
 from cdcca.edge.backend import TorchBackend
+from cdcca.edge.ports import FanOut, ZenohPort
 from cdcca.edge.runtime import EdgeConfig, EdgeRuntime
 from cdcca.edge.sources import DEFAULT_PROMPTS, open_source
 from cdcca.envelope import TrustStore
@@ -21,10 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def build_runtime(checkpoints: Path, config: EdgeConfig, trust_dir: Path, link=None, backend: str = "torch",
-                  threads: int | None = None) -> EdgeRuntime:  # fmt: skip
+                  threads: int | None = None, port=None) -> EdgeRuntime:  # fmt: skip
     """The robot's runtime; the adapter state persists under ``config.state_dir``.
 
     Args:
+        link: an open Zenoh :class:`~cdcca.transport.Link` to the cloud (becomes a
+            :class:`~cdcca.edge.ports.ZenohPort`); ``None`` with no ``port``: offline.
+        port: any other port of the runtime (an rclpy or DDS shell passes its own).
         backend: ``torch`` (eager student behind an adapter slot) or ``onnx`` (ONNX Runtime on the export
             in ``<checkpoints>/student_onnx`` made by ``cdcca export --backend onnx``).
         threads: ONNX Runtime intra-op threads.
@@ -40,7 +44,9 @@ def build_runtime(checkpoints: Path, config: EdgeConfig, trust_dir: Path, link=N
                                 state_dir=Path(config.state_dir) / "onnx_adapter", threads=threads)  # fmt: skip
     else:
         raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
-    return EdgeRuntime(answering, student, config, link)
+    if link is not None:
+        port = ZenohPort(link, config.robot_id) if port is None else FanOut(ZenohPort(link, config.robot_id), port)
+    return EdgeRuntime(answering, student, config, port)
 
 
 @dataclass
@@ -66,13 +72,15 @@ def replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event
     """Feed the source through ``runtime`` (its background thread does uplink and updates); returns stats.
 
     ``ros:TOPIC`` joins a ROS 2 graph as a raw DDS participant (no rclpy) and answers about the camera on
-    TOPIC until stopped (:func:`cdcca.transport.dds.run_dds_edge`; ``rate_hz`` is then how often the
+    TOPIC until stopped (:func:`cdcca.edge.dds_port.run_dds_edge`; ``rate_hz`` is then how often the
     ``prompts`` are asked, default once a second)."""
     if settings.source.startswith("ros:"):
-        from cdcca.transport.dds import DdsEdgeSettings, run_dds_edge
+        from cdcca.edge.dds_port import DdsEdgeSettings, run_dds_edge
 
-        dds = DdsEdgeSettings(ask_rate_hz=settings.rate_hz or 1.0, batch_size=settings.batch_size)
-        return {**run_dds_edge(runtime, settings.source[4:], settings.prompts, stop, dds), **runtime.stats()}
+        runtime.config.prompts = tuple(settings.prompts)
+        runtime.config.ask_rate_hz = settings.rate_hz or 1.0
+        runtime.config.batch_size = settings.batch_size
+        return run_dds_edge(runtime, settings.source[4:], stop, DdsEdgeSettings())
     runtime.start()
     started = time.monotonic()
     batch, done = [], 0

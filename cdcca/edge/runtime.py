@@ -12,32 +12,50 @@ One :class:`EdgeRuntime` per robot (Algorithm 1 of Wang et al., CVPR 2024, devic
    the resulting ``AdapterStatus`` is published, and repeated as a heartbeat so the cloud knows the applied
    version even after a lost message or a restart.
 
-The runtime is plain Python: ROS nodes (``ros2_ws/src/cdcca_edge``) and ``cdcca edge`` both drive it.
+The runtime owns the latest camera frame, the prompt queue, the sample ids and **the one loop** (a loop
+thread for the link's duties, an answering worker woken by prompts). It talks to the outside through **one
+port**: anything with ``publish(topic, cdr_bytes)`` for the short topic names of
+:data:`cdcca.wire.topics.LINK_TOPICS`; what arrives is handed to :meth:`on_camera`, :meth:`on_prompt`,
+:meth:`on_weight_delta` and :meth:`on_ack` as CDR bytes or decoded messages. The Zenoh link
+(:class:`~cdcca.edge.ports.ZenohPort`), the rclpy node (``ros2_ws/src/cdcca_edge``) and the raw DDS participant
+(:mod:`cdcca.edge.dds_port`) are thin implementations of that port.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
+import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from cdcca import wire
-from cdcca.edge.adapter_slot import APPLIED
 from cdcca.edge.backend import EdgeBackend
+from cdcca.edge.frames import LatestFrame, NoFrameError, frame_of_request
+from cdcca.edge.sources import DEFAULT_PROMPTS
 from cdcca.edge.uplink import UplinkQueue
 from cdcca.models.mllm import MLLM
 from cdcca.uts import UncertaintyTokenSampler, UTSConfig, pack_tokens
 
 log = logging.getLogger(__name__)
+_ROBOT_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class Port(Protocol):
+    """Where the runtime's messages go: ``publish(topic, data)`` with a short topic name of
+    :data:`cdcca.wire.topics.LINK_TOPICS` and the message's CDR bytes."""
+
+    def publish(self, topic: str, data: bytes) -> None: ...
 
 
 @dataclass
@@ -45,12 +63,18 @@ class EdgeConfig:
     """Settings of one robot's runtime.
 
     Args:
-        robot_id: this robot's name (the first part of every Zenoh key).
+        robot_id: this robot's name: UtsTokens.robot_id, the Zenoh key prefix <robot_id>/cdcca/<topic> and the
+            zenoh-bridge-ros2dds namespace.
         state_dir: where the uplink queue and the adapter state persist.
-        queue_capacity: the most samples waiting for the cloud.
-        resend_after_s: resend a sample not acknowledged within this time.
-        pump_every_s: how often the background thread sends due samples.
-        heartbeat_every_s: how often the current ``AdapterStatus`` is repeated.
+        queue_capacity: the most uncertain samples waiting for the cloud; beyond it the least uncertain is dropped.
+        resend_after_s: resend an uplink sample not acknowledged (UtsAck) within this time.
+        pump_every_s: how often due uplink samples are published.
+        heartbeat_every_s: how often the current AdapterStatus is repeated.
+        batch_size: prompts answered together in one forward pass.
+        max_frame_age_s: prompts are answered only about a frame received at most this long ago (0: any age).
+        prompt_capacity: prompts waiting at most; beyond it the oldest is dropped and counted.
+        prompts: prompts asked about the latest frame every 1/ask_rate_hz s without anyone sending them.
+        ask_rate_hz: how often the prompts are asked; 0: never, answer only prompts that arrive and Ask calls.
         uts: UTS settings.
     """
 
@@ -60,59 +84,185 @@ class EdgeConfig:
     resend_after_s: float = 10.0
     pump_every_s: float = 0.1
     heartbeat_every_s: float = 2.0
+    batch_size: int = 8
+    max_frame_age_s: float = 2.0
+    prompt_capacity: int = 256
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    ask_rate_hz: float = 0.0
     uts: UTSConfig = field(default_factory=UTSConfig)
+
+    def __post_init__(self) -> None:
+        def require(name: str, ok: bool, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"EdgeConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        require("robot_id", isinstance(self.robot_id, str) and bool(_ROBOT_ID.fullmatch(self.robot_id)),
+                "letters, digits and _, not starting with a digit (it is the Zenoh key prefix and the bridge "
+                "namespace)")  # fmt: skip
+        self.state_dir = Path(self.state_dir)
+        self.prompts = tuple(self.prompts)
+        require("queue_capacity", 1 <= self.queue_capacity <= 10**7, ">= 1 and <= 10000000")
+        require("resend_after_s", self.resend_after_s > 0, "> 0")
+        require("pump_every_s", 0.001 <= self.pump_every_s <= 60.0, ">= 0.001 and <= 60")
+        require("heartbeat_every_s", self.heartbeat_every_s > 0, "> 0")
+        require("batch_size", 1 <= self.batch_size <= 256, ">= 1 and <= 256")
+        require("max_frame_age_s", self.max_frame_age_s >= 0, ">= 0")
+        require("prompt_capacity", 1 <= self.prompt_capacity <= 10**6, ">= 1 and <= 1000000")
+        require("prompts", bool(self.prompts) and all(isinstance(p, str) and p.strip() for p in self.prompts),
+                "a non-empty list of non-empty prompts")  # fmt: skip
+        require("ask_rate_hz", 0.0 <= self.ask_rate_hz <= 100.0, ">= 0 and <= 100")
+        require("uts", isinstance(self.uts, UTSConfig), "a UTSConfig")
 
 
 @dataclass
 class EdgeCounters:
+    """What the runtime has done; all of it is on ``/diagnostics`` and in :meth:`EdgeRuntime.stats`."""
+
     answers: int = 0
     failed_answers: int = 0
+    answers_published: int = 0
     selected: int = 0
+    frames: int = 0
+    prompts: int = 0
+    prompts_dropped: int = 0  # no usable frame, or the prompt queue overflowed
+    malformed: int = 0  # undecodable CDR on an input
     deltas_received: int = 0
+    deltas_applied: int = 0
+    deltas_rejected: int = 0
+    deltas_duplicate: int = 0  # the version already running (a latched topic delivers it again): ignored
+    deltas_foreign: int = 0  # addressed to another robot on a shared graph: ignored
+    acks_foreign: int = 0
     statuses_published: int = 0
+    uplink_published: int = 0
     uplink_bytes: int = 0
+    publish_errors: int = 0
 
 
 class EdgeRuntime:
-    """Answers, UTS, the durable uplink and hot-swapped updates for one robot.
+    """Answers, UTS, the durable uplink and hot-swapped updates for one robot, behind one port.
 
     Args:
         backend: what answers (torch or ONNX Runtime) and applies deltas.
         encoder_owner: a torch student whose frozen vision encoder UTS stage 2 runs on.
         config: runtime settings.
-        link: the Zenoh link to the cloud; ``None`` runs offline (the queue still fills).
+        port: where messages go (see the module doc); ``None`` runs offline (the queue still fills). A port
+            with ``attach(runtime)`` is attached, so it can hand over what arrives.
+        clock: monotonic seconds (frame ages, answer rate).
     """
 
-    def __init__(self, backend: EdgeBackend, encoder_owner: MLLM, config: EdgeConfig, link=None) -> None:
-        self.backend, self.config, self.link = backend, config, link
-        self.encoder_owner = encoder_owner
+    def __init__(self, backend: EdgeBackend, encoder_owner: MLLM, config: EdgeConfig, port: Port | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        from cdcca.edge.diagnostics import AnswerMeter
+
+        self.backend, self.config, self.encoder_owner = backend, config, encoder_owner
         self.sampler = UncertaintyTokenSampler(encoder_owner, config.uts)
         self.uplink = UplinkQueue(Path(config.state_dir) / "uplink.sqlite", config.queue_capacity)
         self.counters = EdgeCounters()
+        self.frame = LatestFrame(clock)
+        self.meter = AnswerMeter(clock=clock)
+        self._clock = clock
         self._deltas: queue.Queue = queue.Queue()
+        self._prompts: deque[str] = deque()
+        self._wake = threading.Condition()  # prompts arrived, a first frame arrived, or stop
         self._stop = threading.Event()
-        self._worker: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._answer_lock = threading.Lock()  # UTS keeps a sliding window; one batch at a time
         self._ids = itertools.count()
-        if link is not None:
-            link.subscribe(config.robot_id, "weight_delta", lambda _, msg, __: self._deltas.put(msg))
-            link.subscribe(config.robot_id, "uts_ack", lambda _, msg, __: self.uplink.ack(list(msg.sample_ids)))
+        self._boot_ns = time.time_ns()  # sample ids stay unique across restarts and replays of one bag
+        self.port: Port | None = None
+        if port is not None:
+            self.connect(port)
+
+    def connect(self, port: Port | None) -> None:
+        """Send through ``port`` from now on (``None``: nowhere; a node detaches before it drops its publishers)."""
+        if port is not None and hasattr(port, "attach"):
+            port.attach(self)
+        self.port = port
+
+    # ---------------------------------------------------------------------------------------- inputs
+    def _decode(self, type_name: str, data: Any) -> Any | None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            return data  # already a message
+        try:
+            return wire.decode(type_name, data)
+        except wire.WireError as err:
+            self.counters.malformed += 1
+            log.warning("dropped a malformed %s: %s", type_name, err)
+            return None
+
+    def on_camera(self, data: Any, type_name: str = wire.IMAGE) -> None:
+        """A camera message (CDR bytes or decoded ``Image``/``CompressedImage``) became the latest frame."""
+        msg = self._decode(type_name, data)
+        if msg is None:
+            return
+        first = self.frame.received == 0
+        self.frame.update(msg)
+        self.counters.frames += 1
+        if first and self._prompts:  # prompts were waiting for a camera that was starting
+            with self._wake:
+                self._wake.notify_all()
+
+    def on_prompt(self, data: Any) -> None:
+        """A prompt (text, a ``std_msgs/String`` or its CDR bytes), answered about the latest frame."""
+        if not isinstance(data, str):
+            msg = self._decode(wire.STRING, data)
+            if msg is None:
+                return
+            data = msg.data
+        if not data.strip():
+            return
+        with self._wake:
+            if len(self._prompts) >= self.config.prompt_capacity:
+                self._prompts.popleft()
+                self.counters.prompts_dropped += 1
+                log.warning("prompt queue full (%d): dropped the oldest prompt", self.config.prompt_capacity)
+            self._prompts.append(data)
+            self.counters.prompts += 1
+            self._wake.notify_all()
+
+    def on_weight_delta(self, data: Any) -> bool:
+        """Queue a ``WeightDelta`` for the loop (applied off the answering thread); returns whether it was ours."""
+        msg = self._decode(wire.WEIGHT_DELTA, data)
+        if msg is None:
+            return False
+        if msg.robot_id != self.config.robot_id:  # several robots on one graph: not an error
+            self.counters.deltas_foreign += 1
+            log.debug("ignored a WeightDelta for robot %r", msg.robot_id)
+            return False
+        self._deltas.put(msg)
+        return True
+
+    def on_ack(self, data: Any) -> int:
+        """Drop acknowledged samples from the durable uplink; returns how many were ours."""
+        msg = self._decode(wire.UTS_ACK, data)
+        if msg is None:
+            return 0
+        if msg.robot_id != self.config.robot_id:
+            self.counters.acks_foreign += 1
+            return 0
+        ids = list(msg.sample_ids)
+        self.uplink.ack(ids)
+        return len(ids)
+
+    def pending(self) -> int:
+        """Prompts waiting to be answered."""
+        return len(self._prompts)
 
     # ----------------------------------------------------------------------------------- answering
-    def ask(self, images: Sequence[np.ndarray], prompts: Sequence[str], sample_ids: Sequence[str] | None = None,
-            stamp_ns: int | None = None) -> list:  # fmt: skip
-        """Answer a batch, run UTS on it, queue the uncertain samples; returns the ``Answer`` messages.
+    def _sample_ids(self, count: int) -> list[str]:
+        return [f"{self.config.robot_id}-{self._boot_ns}-{next(self._ids)}" for _ in range(count)]
 
-        A failure inside the model is logged and counted; the batch then gets empty answers (never raises
-        for model errors, so a caller's loop keeps serving).
+    def ask(self, images: Sequence[np.ndarray], prompts: Sequence[str], sample_ids: Sequence[str] | None = None,
+            stamp_ns: int | None = None, frame_id: str = "") -> list:  # fmt: skip
+        """Answer a batch, run UTS on it, queue the uncertain samples, publish and return the ``Answer`` messages.
+
+        A failure inside the model is logged and counted; the batch then gets empty answers with NaN entropy
+        (never raises for model errors, so a caller's loop keeps serving).
         """
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         stamp = time.time_ns() if stamp_ns is None else stamp_ns
-        if sample_ids is None:  # unique per robot: the cloud drops repeated ids as resends
-            ids = [f"{self.config.robot_id}-{time.time_ns()}-{next(self._ids)}" for _ in prompts]
-        else:
-            ids = list(sample_ids)
+        ids = self._sample_ids(len(prompts)) if sample_ids is None else list(sample_ids)
         started = time.perf_counter()
         with self._answer_lock:
             try:
@@ -120,24 +270,30 @@ class EdgeRuntime:
             except Exception:
                 log.exception("answering a batch of %d failed", len(prompts))
                 self.counters.failed_answers += len(prompts)
-                return [self._answer_msg(i, p, "", float("nan"), self.backend.version, 0.0, stamp)
-                        for i, p in zip(ids, prompts)]  # fmt: skip
+                answers = [self._answer_msg(i, p, "", math.nan, self.backend.version, 0.0, stamp, frame_id)
+                           for i, p in zip(ids, prompts)]  # fmt: skip
+                self._publish_answers(answers)
+                return answers
             latency_ms = 1000 * (time.perf_counter() - started) / max(1, len(prompts))
             self.counters.answers += len(prompts)
             self._select(images, prompts, ids, result, stamp)
         answers = [
             self._answer_msg(ids[i], prompts[i], result.texts[i], float(result.sample_entropy[i]),
-                             result.adapter_version, latency_ms, stamp)
+                             result.adapter_version, latency_ms, stamp, frame_id)
             for i in range(len(prompts))
         ]  # fmt: skip
-        if self.link is not None:
-            for msg in answers:
-                self._publish("answer", msg)
+        self.meter.record(latency_ms, len(answers))
+        self._publish_answers(answers)
         return answers
 
-    def _answer_msg(self, sample_id, prompt, answer, entropy, version, latency_ms, stamp):
-        return wire.new(wire.ANSWER, header=wire.header(stamp), sample_id=sample_id, prompt=prompt, answer=answer,
-                        entropy=entropy, adapter_version=int(version), latency_ms=latency_ms)  # fmt: skip
+    def _publish_answers(self, answers: list) -> None:
+        for msg in answers:
+            if self._send("answer", wire.encode(msg)):
+                self.counters.answers_published += 1
+
+    def _answer_msg(self, sample_id, prompt, answer, entropy, version, latency_ms, stamp, frame_id):
+        return wire.new(wire.ANSWER, header=wire.header(stamp, frame_id), sample_id=sample_id, prompt=prompt,
+                        answer=answer, entropy=entropy, adapter_version=int(version), latency_ms=latency_ms)  # fmt: skip
 
     @torch.inference_mode()
     def _select(self, images, prompts, ids, result, stamp: int) -> None:
@@ -156,35 +312,89 @@ class EdgeRuntime:
                 log.info("uplink queue full: dropped the least uncertain sample %s", dropped)
             self.counters.selected += 1
 
-    # ------------------------------------------------------------------------------------- the link
-    def _publish(self, topic: str, msg) -> None:
-        try:
-            self.link.publish(self.config.robot_id, topic, msg)
-        except Exception as err:  # a closed or broken session must not stop answering
-            log.warning("publishing %s failed: %s", topic, err)
+    def answer_pending(self) -> list:
+        """Answer up to ``batch_size`` waiting prompts about the latest frame (published; also returned).
 
-    def pump(self, send: Callable[[str, bytes], object] | None = None) -> int:
-        """Send the uplink samples that are due through ``send(topic, cdr_bytes)`` (default: the Zenoh link; a
-        ROS or DDS shell passes its own publisher); returns how many were sent."""
-        if send is None:
-            if self.link is None:
-                return 0
-            send = partial(self.link.publish_bytes, self.config.robot_id)
+        Without a usable frame the prompts stay queued while no frame was ever received (a camera that is
+        starting) and are dropped (counted, logged) when the latest frame is too old or unreadable.
+        """
+        with self._wake:
+            if not self._prompts:
+                return []
+            try:
+                rgb, stamp, frame_id = self.frame.get(self.config.max_frame_age_s)
+            except NoFrameError as err:
+                if self.frame.received == 0:
+                    return []
+                self.counters.prompts_dropped += len(self._prompts)
+                log.warning("dropped %d prompt(s): %s", len(self._prompts), err)
+                self._prompts.clear()
+                return []
+            batch = [self._prompts.popleft() for _ in range(min(self.config.batch_size, len(self._prompts)))]
+        return self.ask([rgb] * len(batch), batch, stamp_ns=stamp, frame_id=frame_id)
+
+    def ask_about_latest(self, prompts: Sequence[str] | None = None) -> list:
+        """Ask ``prompts`` (default: ``config.prompts``) about the latest frame now; [] without a usable frame."""
+        prompts = list(self.config.prompts if prompts is None else prompts)
+        try:
+            rgb, stamp, frame_id = self.frame.get(self.config.max_frame_age_s)
+        except NoFrameError:
+            return []
+        size = self.config.batch_size
+        return [a for i in range(0, len(prompts), size)
+                for a in self.ask([rgb] * len(prompts[i:i + size]), prompts[i:i + size], stamp_ns=stamp,
+                                  frame_id=frame_id)]  # fmt: skip
+
+    def ask_one(self, prompt: str, image_msg: Any = None) -> Any:
+        """The ``Ask`` service: answer ``prompt`` about ``image_msg`` (when it has width > 0) or the latest frame.
+
+        Raises :class:`~cdcca.edge.frames.NoFrameError` when there is nothing to answer about, ``ValueError``
+        for an empty prompt.
+        """
+        if not prompt.strip():
+            raise ValueError("Ask.prompt is empty")
+        rgb, stamp, frame_id = frame_of_request(image_msg) or self.frame.get(self.config.max_frame_age_s)
+        return self.ask([rgb], [prompt], stamp_ns=stamp, frame_id=frame_id)[0]
+
+    # ------------------------------------------------------------------------------------- the port
+    def _send(self, topic: str, data: bytes) -> bool:
+        port = self.port
+        if port is None:
+            return False
+        try:
+            port.publish(topic, data)
+            return True
+        except Exception as err:  # a closed session or a dropped publisher must not stop the robot
+            self.counters.publish_errors += 1
+            log.warning("publishing %s failed: %s", topic, err)
+            return False
+
+    def pump(self) -> int:
+        """Publish the uplink samples that are due (unchanged CDR from the durable queue); returns how many."""
+        if self.port is None:
+            return 0
         sent = 0
         for _, payload in self.uplink.due(self.config.resend_after_s):
-            try:
-                send("uts_tokens", payload)
-                self.counters.uplink_bytes += len(payload)
-                sent += 1
-            except Exception as err:
-                log.warning("uplink send failed (will retry): %s", err)
-                break
+            if not self._send("uts_tokens", payload):
+                break  # retried at the next pump
+            self.counters.uplink_published += 1
+            self.counters.uplink_bytes += len(payload)
+            sent += 1
         return sent
 
-    def apply(self, msg):
-        """Verify and hot-swap one ``WeightDelta``; publishes and returns the ``AdapterStatus``."""
+    def apply(self, msg) -> Any | None:
+        """Verify and hot-swap one ``WeightDelta``; publishes and returns the ``AdapterStatus`` (``None`` for the
+        version already running, which a latched topic delivers again after a reconnect)."""
         self.counters.deltas_received += 1
-        status = self.backend.receive(msg)
+        if int(msg.version) == self.backend.version and int(msg.version) > 0:
+            self.counters.deltas_duplicate += 1
+            log.debug("WeightDelta version %d is already applied", msg.version)
+            return None
+        status = self.backend.receive(msg)  # the backend logs why it rejected a delta
+        if status.state == wire.REJECTED:
+            self.counters.deltas_rejected += 1
+        else:
+            self.counters.deltas_applied += 1
         self.publish_status(status)
         return status
 
@@ -192,17 +402,15 @@ class EdgeRuntime:
         """The current version as an APPLIED ``AdapterStatus``: repeated so the cloud learns what this robot runs
         even after a lost message or a restart."""
         return wire.new(wire.ADAPTER_STATUS, header=wire.header(time.time_ns()), robot_id=self.config.robot_id,
-                        version=self.backend.version, state=APPLIED, reason="heartbeat")  # fmt: skip
+                        version=self.backend.version, state=wire.APPLIED, reason="heartbeat")  # fmt: skip
 
     def publish_status(self, status=None) -> None:
-        """Publish ``status`` (default: :meth:`heartbeat`) on the link."""
-        status = status if status is not None else self.heartbeat()
-        if self.link is not None:
-            self._publish("adapter_status", status)
+        """Publish ``status`` (default: :meth:`heartbeat`)."""
+        if self._send("adapter_status", wire.encode(status if status is not None else self.heartbeat())):
             self.counters.statuses_published += 1
 
     def process_deltas(self, timeout: float = 0.0) -> int:
-        """Apply every ``WeightDelta`` that arrived; returns how many."""
+        """Apply every ``WeightDelta`` that arrived (waiting up to ``timeout`` for the first); returns how many."""
         done = 0
         while True:
             try:
@@ -212,40 +420,78 @@ class EdgeRuntime:
             self.apply(msg)
             done += 1
 
-    # -------------------------------------------------------------------------------- background
+    # ------------------------------------------------------------------------------------ the loop
     def start(self) -> EdgeRuntime:
-        """Run pumping, delta application and heartbeats on a background thread."""
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._loop, name=f"edge-{self.config.robot_id}", daemon=True)
-            self._worker.start()
+        """Run the loop: a thread for the link (deltas, uplink, heartbeat) and the answering worker (prompts
+        that arrive, ``prompts`` every 1/``ask_rate_hz`` s). Restartable after :meth:`stop`."""
+        if not self._threads:
+            self._stop = threading.Event()
+            self._threads = [threading.Thread(target=self._link_loop, name=f"edge-link-{self.config.robot_id}",
+                                              daemon=True),
+                             threading.Thread(target=self._answer_loop, name=f"edge-answer-{self.config.robot_id}",
+                                              daemon=True)]  # fmt: skip
+            for thread in self._threads:
+                thread.start()
         return self
 
-    def _loop(self) -> None:
-        next_heartbeat = 0.0
+    def _link_loop(self) -> None:
+        next_pump = next_heartbeat = 0.0
         while not self._stop.is_set():
             try:
-                self.process_deltas(timeout=self.config.pump_every_s)
-                self.pump()
-                if time.monotonic() >= next_heartbeat:
+                self.process_deltas(timeout=min(self.config.pump_every_s, self.config.heartbeat_every_s))
+                now = self._clock()
+                if now >= next_pump:
+                    self.pump()
+                    next_pump = now + self.config.pump_every_s
+                if now >= next_heartbeat:
                     self.publish_status()
-                    next_heartbeat = time.monotonic() + self.config.heartbeat_every_s
+                    next_heartbeat = now + self.config.heartbeat_every_s
             except Exception:  # keep the robot alive; the cause is in the log
-                log.exception("edge background step failed")
+                log.exception("edge link step failed")
+                self._stop.wait(0.1)
+
+    def _answer_loop(self) -> None:
+        next_ask = self._clock()
+        while not self._stop.is_set():
+            try:
+                rate = self.config.ask_rate_hz
+                with self._wake:
+                    while not self._stop.is_set():
+                        if self._prompts and self.frame.received:
+                            break
+                        wait = None if rate <= 0 else next_ask - self._clock()
+                        if wait is not None and wait <= 0:
+                            break
+                        self._wake.wait(wait)  # idle: no polling (issue 14: an idle node used 6.5 % of a core)
+                if self._stop.is_set():
+                    return
+                while self._prompts and not self._stop.is_set() and self.answer_pending():
+                    pass
+                if rate > 0 and self._clock() >= next_ask:
+                    self.ask_about_latest()
+                    next_ask = self._clock() + 1.0 / rate
+            except Exception:
+                log.exception("answering failed")
+                self._stop.wait(0.1)
 
     def stop(self) -> None:
+        """Stop the loop; a batch in flight finishes (and is published) first."""
         self._stop.set()
-        if self._worker is not None:
-            self._worker.join(timeout=10)
-            self._worker = None
+        with self._wake:
+            self._wake.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        self._threads = []
 
     def close(self) -> None:
         self.stop()
         self.uplink.close()
 
     def stats(self) -> dict:
-        """Counters of the runtime, the uplink queue and the link, as one flat dict."""
-        report = {**vars(self.counters), "adapter_version": self.backend.version}
+        """Counters of the runtime, the uplink queue and the port, as one flat dict."""
+        report = {**vars(self.counters), "adapter_version": self.backend.version, "prompts_waiting": self.pending()}
         report.update({f"uplink_{k}": v for k, v in vars(self.uplink.stats()).items()})
-        if self.link is not None:
-            report["rejected"] = dict(self.link.rejected)
+        rejected = getattr(self.port, "rejected", None)
+        if rejected is not None:
+            report["rejected"] = dict(rejected)
         return report

@@ -41,16 +41,11 @@ from typing import Any
 
 from cdcca import wire
 from cdcca.errors import CdccaError
+from cdcca.wire.topics import LINK_TOPICS
 
 log = logging.getLogger(__name__)
 
-TOPICS = {
-    "uts_tokens": wire.UTS_TOKENS,
-    "uts_ack": wire.UTS_ACK,
-    "weight_delta": wire.WEIGHT_DELTA,
-    "adapter_status": wire.ADAPTER_STATUS,
-    "answer": wire.ANSWER,
-}
+TOPICS = LINK_TOPICS
 DEFAULT_ENDPOINT = "tcp/127.0.0.1:7447"
 
 

@@ -13,13 +13,8 @@ the same ``rosbags`` field definitions that produce our CDR -- the ``.msg`` file
 message (tested), and writers are created with the XCDR1 data representation so that is what goes on the wire
 (cyclonedds Python API: cyclonedds.io/docs/cyclonedds-python, ``cyclonedds.idl``, ``cyclonedds.qos.Policy``).
 
-With that, :func:`run_dds_edge` runs the robot's :class:`~cdcca.edge.runtime.EdgeRuntime` in a ROS 2 graph:
-it subscribes to a real camera topic (``sensor_msgs/Image``, sensor-data QoS) and to prompts
-(``std_msgs/String``), publishes ``cdcca_msgs/Answer`` that ``ros2 topic echo /cdcca/answer`` prints, and --
-when the runtime has no Zenoh link of its own -- carries the loop topics like the ``cdcca_edge`` node:
-``/cdcca/uts_tokens`` and ``/cdcca/adapter_status`` out, ``/cdcca/weight_delta`` (transient local, depth 1) and
-``/cdcca/uts_ack`` in, for a ``zenoh-bridge-ros2dds`` to carry to the cloud. Services (``Ask``) need the
-ROS request/reply header and are left to the rclpy node.
+With that, :mod:`cdcca.edge.dds_port` runs the robot's :class:`~cdcca.edge.runtime.EdgeRuntime` in a ROS 2
+graph; this module knows nothing of the robot.
 
 A ROS 2 *node*, as opposed to a bare participant, is what the participant announces on the ``ros_discovery_info``
 topic: ``rmw_dds_common/msg/ParticipantEntitiesInfo``, its own GID and, per node, the GIDs of the node's readers
@@ -35,8 +30,6 @@ import logging
 import os
 import re
 import threading
-import time
-from dataclasses import dataclass
 from typing import Any, Mapping
 from xml.sax.saxutils import escape
 
@@ -51,8 +44,6 @@ from cyclonedds.util import duration
 from rosbags.typesys.base import Nodetype
 
 from cdcca import wire
-from cdcca.bag import CAMERA_TOPIC, PROMPT_TOPIC
-from cdcca.edge.ros_glue import ROS_TOPICS, EdgeGlue
 from cdcca.errors import CdccaError
 
 log = logging.getLogger(__name__)
@@ -322,119 +313,3 @@ class DdsGraph:
 def take_all(reader: DataReader, limit: int = 64) -> list:
     """Valid samples taken from ``reader`` (invalid ones: disposals, unregistrations, are skipped)."""
     return [s for s in reader.take(N=limit) if getattr(s, "sample_info", None) is None or s.sample_info.valid_data]
-
-
-@dataclass
-class DdsEdgeSettings:
-    """How :func:`run_dds_edge` joins the graph.
-
-    Args:
-        prompt_topic: ``std_msgs/String`` prompts answered about the latest frame.
-        subscribe_compressed: also read ``sensor_msgs/CompressedImage`` on ``<camera_topic>/compressed``.
-        ask_rate_hz: how often ``prompts`` are asked about the latest frame (0: only topic prompts).
-        batch_size: prompts answered together.
-        max_frame_age_s: answer only about a frame taken at most this long ago (0: any age).
-        domain_id: ROS domain (default ``$ROS_DOMAIN_ID`` or 0).
-        config: Cyclone DDS XML configuration (default: as :class:`DdsGraph`); :func:`loopback_config` for one host.
-        poll_s: idle wait between polls of the readers.
-        node_name: the ROS 2 node the participant announces (``ros2 node list``; the rclpy node's name).
-    """
-
-    prompt_topic: str = PROMPT_TOPIC
-    subscribe_compressed: bool = False
-    ask_rate_hz: float = 1.0
-    batch_size: int = 8
-    max_frame_age_s: float = 2.0
-    domain_id: int | None = None
-    config: str | None = None
-    poll_s: float = 0.01
-    node_name: str = "cdcca_edge"
-
-
-def run_dds_edge(runtime, camera_topic: str = CAMERA_TOPIC, prompts: tuple[str, ...] | list[str] = (),
-                 stop_event: threading.Event | None = None, settings: DdsEdgeSettings | None = None,
-                 ready: threading.Event | None = None) -> dict:  # fmt: skip
-    """Serve ``runtime`` in a ROS 2 DDS graph until ``stop_event`` is set; returns the counters.
-
-    Frames come from ``camera_topic`` (``sensor_msgs/Image``), taken only when a prompt needs one (the reader
-    keeps the newest, so a 30 Hz camera costs nothing between prompts). ``prompts`` are asked about the latest
-    frame every ``1/settings.ask_rate_hz`` s; prompts on ``settings.prompt_topic`` are answered as they come.
-    Every answer goes out on ``/cdcca/answer``. With ``runtime.link is None`` the participant also carries the
-    uplink, acks, deltas and statuses (see the module doc); with a Zenoh link the runtime's own background
-    thread does that (it is started here). ``ready`` is set once every reader and writer exists.
-    """
-    settings = settings or DdsEdgeSettings()
-    stop_event = stop_event or threading.Event()
-    graph = DdsGraph(settings.domain_id, settings.config, node_name=settings.node_name)
-    writers: dict[str, DdsWriter] = {"answer": graph.writer(ROS_TOPICS["answer"], wire.ANSWER)}
-    glue = EdgeGlue(runtime, lambda topic, data: writers[topic].write_cdr(data), batch_size=settings.batch_size,
-                    max_frame_age_s=settings.max_frame_age_s)  # fmt: skip
-    cameras = [(graph.reader(camera_topic, wire.IMAGE, SENSOR_DATA), wire.IMAGE)]
-    if settings.subscribe_compressed:
-        compressed = camera_topic.rstrip("/") + "/compressed"
-        cameras.append((graph.reader(compressed, wire.COMPRESSED_IMAGE, SENSOR_DATA), wire.COMPRESSED_IMAGE))
-    prompt_reader = graph.reader(settings.prompt_topic, wire.STRING, RELIABLE)
-    loop_readers = []
-    if glue.carry_loop:
-        writers["uts_tokens"] = graph.writer(ROS_TOPICS["uts_tokens"], wire.UTS_TOKENS, RELIABLE)
-        writers["adapter_status"] = graph.writer(ROS_TOPICS["adapter_status"], wire.ADAPTER_STATUS, RELIABLE)
-        loop_readers = [
-            (graph.reader(ROS_TOPICS["weight_delta"], wire.WEIGHT_DELTA, LATCHED), wire.WEIGHT_DELTA,
-             glue.on_weight_delta),
-            (graph.reader(ROS_TOPICS["uts_ack"], wire.UTS_ACK, RELIABLE), wire.UTS_ACK, glue.on_ack),
-        ]  # fmt: skip
-    else:
-        runtime.start()
-
-    def poll_cameras() -> None:
-        for reader, type_name in cameras:
-            samples = take_all(reader)
-            if samples:
-                glue.on_camera(samples[-1], type_name)  # IDL sample: msg_to_rgb reads the same field names
-
-    def answer_loop() -> None:
-        next_ask = time.monotonic()
-        while not stop_event.is_set():
-            try:
-                for sample in take_all(prompt_reader):
-                    glue.on_prompt(sample.data)
-                due = bool(prompts) and settings.ask_rate_hz > 0 and time.monotonic() >= next_ask
-                if not glue.pending() and not due:
-                    stop_event.wait(settings.poll_s)
-                    continue
-                poll_cameras()
-                if due and glue.ask_about_latest(prompts):
-                    next_ask = time.monotonic() + 1.0 / settings.ask_rate_hz
-                while glue.pending() and glue.answer_pending():
-                    pass
-                if glue.pending():  # waiting for a first frame
-                    stop_event.wait(settings.poll_s)
-            except Exception:  # keep serving; the cause is in the log
-                log.exception("answering over DDS failed")
-                stop_event.wait(0.1)
-
-    answering = threading.Thread(target=answer_loop, name="dds-edge-answer", daemon=True)
-    answering.start()
-    if ready is not None:
-        ready.set()
-    log.info("joined ROS 2 domain %d: camera %s (%s), prompts %s", graph.domain_id, camera_topic,
-             dds_topic(camera_topic), settings.prompt_topic)  # fmt: skip
-    try:
-        while not stop_event.is_set():
-            busy = False
-            for reader, type_name, handle in loop_readers:
-                for sample in take_all(reader):
-                    busy = True
-                    try:
-                        handle(from_idl(type_name, sample))
-                    except Exception:
-                        glue.counters.malformed += 1
-                        log.exception("handling %s failed", type_name)
-            glue.tick()
-            if not busy:
-                stop_event.wait(settings.poll_s)
-    finally:
-        stop_event.set()
-        answering.join(timeout=30)
-        graph.close()
-    return {**vars(glue.counters), **runtime.stats()}

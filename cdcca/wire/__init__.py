@@ -164,3 +164,8 @@ def decode(type_name: str, data: bytes | bytearray | memoryview) -> Any:
 def msgdef(type_name: str) -> tuple[str, str]:
     """(message definition text, hash) as rosbag2 stores them for a connection of ``type_name``."""
     return TYPESTORE.generate_msgdef(canonical(type_name), ros_version=2)
+
+
+_STATUS = TYPESTORE.types[ADAPTER_STATUS]
+APPLIED, REJECTED, ROLLED_BACK = _STATUS.STATE_APPLIED, _STATUS.STATE_REJECTED, _STATUS.STATE_ROLLED_BACK
+"""``AdapterStatus.state`` values, read from ``AdapterStatus.msg``."""

@@ -1,1 +1,1 @@
-"""CD-CCA robot nodes: thin rclpy shells; the logic lives in cdcca.edge.ros_glue."""
+"""CD-CCA robot nodes: thin rclpy ports of cdcca.edge.EdgeRuntime."""

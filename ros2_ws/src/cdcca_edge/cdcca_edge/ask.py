@@ -1,4 +1,5 @@
-"""ask: call the robot's cdcca_msgs/srv/Ask once and print the answer.
+"""
+ask: call the robot's cdcca_msgs/srv/Ask once and print the answer.
 
     ros2 run cdcca_edge ask "what digit is this?"
 
@@ -7,12 +8,13 @@ The request carries no image (width 0), so the node answers about its latest cam
 
 import sys
 
+from cdcca.wire.topics import ASK_SERVICE
 from cdcca_msgs.srv import Ask
 import rclpy
 from rclpy.node import Node
 
 
-def ask_once(node: Node, prompt: str, service: str = '/cdcca/ask', timeout_s: float = 30.0):
+def ask_once(node: Node, prompt: str, service: str = ASK_SERVICE, timeout_s: float = 30.0):
     """Call the Ask service with ``prompt``; returns the response or None on timeout."""
     client = node.create_client(Ask, service)
     if not client.wait_for_service(timeout_sec=timeout_s):

@@ -1,4 +1,5 @@
-"""The robot: cdcca_edge (lifecycle, auto-activated), optional RealSense and Zenoh bridge.
+"""
+The robot: cdcca_edge (lifecycle, auto-activated), optional RealSense and Zenoh bridge.
 
     ros2 launch cdcca_edge robot.launch.py robot_id:=r1 model_path:=/path/to/checkpoints \
         start_camera:=true start_bridge:=true cloud_endpoint:=tcp/CLOUD_IP:7447

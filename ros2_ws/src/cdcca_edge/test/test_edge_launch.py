@@ -1,4 +1,5 @@
-"""launch_testing of robot.launch.py and cdcca_edge (needs ROS 2 Jazzy; skipped elsewhere).
+"""
+launch_testing of robot.launch.py and cdcca_edge (needs ROS 2 Jazzy; skipped elsewhere).
 
 Starts robot.launch.py on a tiny test-preset checkpoint built here (cdcca pretrain, seconds), then
 checks: the node comes up active and publishes on /cdcca/adapter_status and /diagnostics
