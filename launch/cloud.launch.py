@@ -1,4 +1,5 @@
-"""The cloud sidecar: `cdcca cloud` as a launched process (it speaks Zenoh, not ROS).
+"""
+The cloud sidecar: `cdcca cloud` as a launched process (it speaks Zenoh, not ROS).
 
     ros2 launch launch/cloud.launch.py endpoint:=tcp/0.0.0.0:7447
 

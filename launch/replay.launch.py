@@ -1,4 +1,5 @@
-"""Replay a bag through the robot graph: `ros2 bag play` into cdcca_edge (and the cloud).
+"""
+Replay a bag through the robot graph: `ros2 bag play` into cdcca_edge (and the cloud).
 
     cdcca make-bag /tmp/stream_bag --limit 20
     ros2 launch launch/replay.launch.py bag:=/tmp/stream_bag start_cloud:=true start_bridge:=true

@@ -175,6 +175,19 @@ def test_ros_python_passes_ament_flake8_rules(folder, tmp_path):
     assert done.returncode == 0 and not done.stdout, done.stdout + done.stderr
 
 
+# ament_pep257's "ament" convention (ament_lint, ament_pep257/main.py): every pydocstyle check but these, so D213
+# (the summary on the second line of a multi-line docstring) is on; flake8's default pep257 convention leaves it off.
+AMENT_PEP257_IGNORE = "D100,D101,D102,D103,D104,D105,D106,D107,D203,D212,D404"
+
+
+@pytest.mark.parametrize("folder", [EDGE, ROOT / "launch"], ids=["cdcca_edge", "launch"])
+def test_ros_python_passes_ament_pep257_rules(folder):
+    done = subprocess.run([sys.executable, "-m", "flake8", "--select", "D", "--docstring-convention", "all",
+                           "--ignore", AMENT_PEP257_IGNORE, "."], cwd=folder, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0 and not done.stdout, done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("folder, name", [(EDGE, "cdcca_edge"), (MSGS, "cdcca_msgs"), (ROOT, "cdcca")],
                          ids=["cdcca_edge", "cdcca_msgs", "cdcca"])  # fmt: skip
 def test_package_xml_validates_with_catkin_pkg_without_warnings(folder, name):
