@@ -142,7 +142,8 @@ class EdgeProcess:
         args += list(ros_args)
         self.log = work / "edge_node.log"
         self._out = self.log.open("w")
-        self.proc = subprocess.Popen(args, env=ros_env(domain_id, work / "cache"), stdout=self._out,
+        self.proc_env = ros_env(domain_id, work / "cache")
+        self.proc = subprocess.Popen(args, env=self.proc_env, stdout=self._out,
                                      stderr=subprocess.STDOUT)  # fmt: skip
 
     def text(self) -> str:
