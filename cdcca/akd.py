@@ -84,11 +84,11 @@ class AKDConfig:
     lambda_kl: float = 1.0
     temperature: float = 2.0
     lr: float = 1e-3
-    steps: int = 100
+    steps: int = 60
     batch_size: int = 32
     seed: int = 0
     pseudo_label_keep: float = 1.0
-    check_fraction: float = 0.0
+    check_fraction: float = 0.2
     check_every: int = 10
     check_min: int = 3
     fit_projections: bool = True

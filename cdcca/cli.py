@@ -454,10 +454,24 @@ def _print_adapt_tables(report: dict) -> None:
             rows, list(rows[0]), title=f"continual stream, mean over rounds (seeds {report['summary']['seeds']})"
         )
     )
+    per_domain = report["per_domain"]
+    rows = []
+    for domain, table in per_domain.items():
+        for name in report["headline"]:
+            cell_row = table[name]
+            rows.append({"domain": domain, "method": name, "acc": f"{cell_row['acc']:.1f} ± {cell_row['std']:.1f}",
+                         "gain": cell_row["gain"], "gap closed": cell_row["gap_closed"],
+                         "worst seed": cell_row["gap_closed_worst_seed"], "teacher": table["teacher_acc"]})  # fmt: skip
+    print(format_table(rows, list(rows[0]), title="per target domain (accuracy after its round, over seeds)"))
+    summary = report["summary"]
+    print(f"CD-CCA: mean of per-domain gap closed {summary['mean_gap_closed']:.2f} "
+          f"(pooled {summary['gap_closed']:.2f}); source drop {summary['source_drop']:.1f} on average, "
+          f"{summary['worst_seed_source_drop']:.1f} on the worst seed")
     if report["ablation"]:
         rows = [{"variant": r["method"], "MC": r["mean"]["mc"], "DA": r["mean"]["da"], "acc": r["mean"]["acc"],
-                 "uploaded per round": float(np.mean([x["samples_used"] for x in r["rounds"]]))}
-                for r in report["ablation"]]  # fmt: skip
+                 "uploaded per round": float(np.mean([x["samples_used"] for x in r["rounds"]])),
+                 "uplink MB": r["uplink_bytes"] / 1e6,
+                 "source drop": r["source_before"] - r["source_after"]} for r in report["ablation"]]  # fmt: skip
         print(format_table(rows, list(rows[0]), title="ablation (Table 3) and token keep ratios (Table 4), first seed"))
 
 
@@ -483,8 +497,8 @@ def cmd_bench(args) -> dict:
     elif args.which == "adapt":
         from cdcca.benchmarks.adapt import AdaptBenchConfig, plot_adapt, run_adapt_bench
 
-        config = AdaptBenchConfig(seeds=tuple(args.seeds), stream_images=args.stream_images, steps=args.steps or 30,
-                                  ablations=not args.no_ablations)  # fmt: skip
+        config = AdaptBenchConfig(seeds=tuple(args.seeds), stream_images=args.stream_images,
+                                  steps=args.steps or AdaptBenchConfig.steps, ablations=not args.no_ablations)
         report = run_adapt_bench(checkpoints, config)
         _print_adapt_tables(report)
         plotter = plot_adapt

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from cdcca import wire
+from cdcca.akd import AKDConfig
 from cdcca.bag import image_to_msg, read_samples, write_stream_bag
 from cdcca.data.digits_shift import load_domain
 from cdcca.edge.adapter_slot import AdapterSlot
@@ -92,11 +93,11 @@ class DemoConfig:
     test_images: int = 100
     round_size: int = 64
     max_round_samples: int = 256
-    steps: int = 40
+    steps: int = AKDConfig.steps
     lr: float = 1e-3
     replay: int = 128
     pseudo_label_keep: float = 1.0
-    check_fraction: float = 0.0
+    check_fraction: float = AKDConfig.check_fraction
     check_min: int = 32
     rate_hz: float = 40.0
     codec: str = "nf4-zstd"

@@ -66,14 +66,14 @@ class UTSConfig:
 
     sample_mode: str = "top_fraction"
     entropy_threshold: float = 0.5
-    sample_fraction: float = 0.3
-    window: int = 200
+    sample_fraction: float = 0.5
+    window: int = 50
     group_words: int = 3
     mc_passes: int = 8
     mc_dropout: float = 0.1
     mc_layers: int = 1
     token_mode: str = "ratio"
-    token_keep_ratio: float = 0.25
+    token_keep_ratio: float = 0.5
     token_threshold: float = 0.0
     encoding: str = "int8"
     seed: int = 0

@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -109,11 +109,14 @@ class CloudTrainer:
         signer: the key deltas are signed with.
         config: service settings.
         link: the Zenoh link; ``None`` for offline use (feed :meth:`receive_tokens` directly).
+        anchors: source-domain inputs the student was pretrained on; every robot's rounds replay them and
+            publish only weights that still answer them as the base student does (``AKDConfig.forget_tolerance``).
     """
 
     def __init__(self, teacher: MLLM, make_student: Callable[[], MLLM], signer: Signer, config: CloudConfig,
-                 link=None) -> None:  # fmt: skip
+                 link=None, anchors: Sequence[DistillSample] | None = None) -> None:  # fmt: skip
         self.teacher, self.make_student, self.signer = teacher, make_student, signer
+        self.anchors = list(anchors or [])
         self.config, self.link = config, link
         self.store = CloudStore(Path(config.state_dir) / "cloud.sqlite")
         self.robots: dict[str, _Robot] = {}
@@ -174,7 +177,7 @@ class CloudTrainer:
             return robot
         student = self.make_student()
         base = {name: p.detach().clone() for name, p in trainable_parameters(student).items()}
-        distiller = Distiller(self.teacher, student, self.config.akd)
+        distiller = Distiller(self.teacher, student, self.config.akd, anchors=self.anchors)
         chain = VersionChain(robot_id, base)
         robot = self.robots[robot_id] = _Robot(student, distiller, chain)
         record = self.store.load_robot(robot_id)
@@ -232,7 +235,8 @@ class CloudTrainer:
         result = {
             "robot_id": robot_id, "version": int(msg.version), "base_version": int(msg.base_version),
             "keyframe": bool(msg.keyframe), "samples": len(pending), "replayed": len(replayed),
-            "akd_seconds": report.seconds, "kept_step": report.kept_step, "agreement": report.agreement,
+            "akd_seconds": report.seconds, "kept_step": report.kept_step, "check_score": report.check_score,
+            "anchor_agreement": report.anchor_agreement,
             "round_seconds": time.perf_counter() - started, "delta_bytes": len(data),
             "full_bytes": 4 * sum(t.numel() for t in params.values()), "losses": report.losses,
             "finished_unix": time.time(), "sample_ids": [sample_id for sample_id, _ in pending],
