@@ -200,8 +200,8 @@ def ros_discovery_config(environ: Mapping[str, str] | None = None) -> str | None
         return None
     if scope == "OFF":
         return _cyclone_config([])
-    if scope == "LOCALHOST":
-        return _cyclone_config(["localhost", *peers])
+    if scope == "LOCALHOST":  # on the loopback interface, so the locators it announces are the ones a
+        return _cyclone_config(["localhost", *peers], interface="127.0.0.1")  # localhost-only Fast DDS can reach
     return _cyclone_config(peers, multicast=True)
 
 
