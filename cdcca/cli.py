@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="adapt: seeds of the headline table")
             p.add_argument("--stream-images", type=int, default=150, help="adapt: stream images per domain")
             p.add_argument("--no-ablations", action="store_true", help="adapt: skip Tables 3 and 4")
+            p.add_argument("--methods", nargs="+", default=None,
+                           help="adapt: methods of the headline table (default: all; source-only is always run)")
             p.add_argument("--plot", type=Path, default=None, help="PNG (default: beside the JSON)")
     return parser
 
@@ -497,7 +499,10 @@ def cmd_bench(args) -> dict:
     elif args.which == "adapt":
         from cdcca.benchmarks.adapt import AdaptBenchConfig, plot_adapt, run_adapt_bench
 
-        config = AdaptBenchConfig(seeds=tuple(args.seeds), stream_images=args.stream_images,
+        methods = AdaptBenchConfig.methods
+        if args.methods:
+            methods = ("source-only", *[m for m in args.methods if m != "source-only"])
+        config = AdaptBenchConfig(seeds=tuple(args.seeds), stream_images=args.stream_images, methods=methods,
                                   steps=args.steps or AdaptBenchConfig.steps, ablations=not args.no_ablations)
         report = run_adapt_bench(checkpoints, config)
         _print_adapt_tables(report)

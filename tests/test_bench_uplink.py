@@ -8,6 +8,7 @@ import pytest
 from cdcca.benchmarks.uplink import UplinkBenchConfig, camera_frame, run_uplink_bench
 from cdcca.cli import main
 from cdcca.models.checkpoint import load_mllm
+from cdcca.uts import UTSConfig
 
 
 def test_camera_frame_letterboxes_the_image():
@@ -33,7 +34,7 @@ def test_uplink_report_accounts_bytes(pretrained_test_pair):
     assert summary["uts_over_raw"] == pytest.approx(totals["uts"] / totals["raw"])
     # int8 and stage 2 make each uploaded sample smaller than the same sample with all tokens in fp16
     assert totals["uts"] < totals["uts_stage1"]
-    assert summary["tokens_kept_fraction"] == pytest.approx(0.25, abs=0.05)
+    assert summary["tokens_kept_fraction"] == pytest.approx(UTSConfig.token_keep_ratio, abs=0.05)
 
 
 def test_bench_cli_writes_json_and_plot(pretrained_test_pair, tmp_path, capsys):

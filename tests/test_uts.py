@@ -119,7 +119,7 @@ def test_select_packs_stage_one_survivors(pair, stream):
     for message in messages:
         decoded = wire.decode(wire.UTS_TOKENS, wire.encode(message))
         assert decoded.robot_id == "r7" and decoded.adapter_version == 2 and decoded.num_tokens == n
-        assert len(decoded.token_indices) == round(0.25 * n) and decoded.encoding == 0
+        assert len(decoded.token_indices) == round(UTSConfig.token_keep_ratio * n) and decoded.encoding == 0
         assert np.all(np.diff(decoded.token_indices.astype(int)) > 0)
 
 
