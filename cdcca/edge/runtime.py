@@ -297,7 +297,7 @@ class EdgeRuntime:
 
     @torch.inference_mode()
     def _select(self, images, prompts, ids, result, stamp: int) -> None:
-        keep = self.sampler.keep_samples(result.sample_entropy)
+        keep = self.sampler.keep_samples(result.sample_entropy, prompts)
         if not keep.any():
             return
         index = keep.nonzero().squeeze(1).tolist()
