@@ -40,7 +40,14 @@ ENCODINGS = ("int8", "fp16")
 
 
 class UplinkError(CdccaError, ValueError):
-    """A ``UtsTokens`` message that decodes as CDR but is inconsistent (sizes, indices, encoding)."""
+    """A ``UtsTokens`` message that decodes as CDR but cannot be used: inconsistent (sizes, indices, encoding)
+    or beyond what the receiver's model takes. ``reason`` is a short code a receiver counts rejections by:
+    ``inconsistent``, ``encoding``, ``not_finite``, ``token_grid``, ``token_dim`` or ``oversized`` (and the
+    cloud's own, see ``cloud_trainer.admission``)."""
+
+    def __init__(self, message: str, reason: str = "inconsistent") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -291,34 +298,53 @@ def pack_tokens(
     )  # fmt: skip
 
 
-def unpack_tokens(msg) -> tuple[torch.Tensor, torch.Tensor]:
+MAX_TOKEN_VALUES = 1 << 24  # unpack_tokens' cap on num_tokens * token_dim without tighter bounds (64 MiB float32)
+
+
+def unpack_tokens(msg, *, num_tokens: int | None = None, token_dim: int | None = None,
+                  max_values: int = MAX_TOKEN_VALUES) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Cloud side: a ``UtsTokens`` message -> (1, N, D) tokens (zeros where dropped) and (1, N) attention mask.
 
-    Raises :class:`UplinkError` if the message is internally inconsistent.
+    Every size is checked before anything is allocated: against the receiver's bounds when given (the shared
+    vision encoder's token grid ``num_tokens`` and width ``token_dim``: a sample of another grid cannot be
+    batched with the others), and always against ``max_values`` values for N x D.
+
+    Raises :class:`UplinkError` (with a ``reason``) if the message is inconsistent or out of bounds.
     """
     n, d = int(msg.num_tokens), int(msg.token_dim)
+    name = f"sample {msg.sample_id[:64]!r}"
+    if n <= 0 or d <= 0:
+        raise UplinkError(f"{name}: num_tokens and token_dim must be positive, got {n} x {d}")
+    if num_tokens is not None and n != num_tokens:
+        raise UplinkError(f"{name}: {n} tokens, but the receiver's vision encoder emits {num_tokens}; the robot "
+                          "and the cloud must run the same shared encoder", "token_grid")  # fmt: skip
+    if token_dim is not None and d != token_dim:
+        raise UplinkError(f"{name}: tokens of width {d}, but the receiver's vision encoder emits {token_dim}; the "
+                          "robot and the cloud must run the same shared encoder", "token_dim")  # fmt: skip
+    if n * d > max_values:
+        raise UplinkError(f"{name}: {n} x {d} tokens exceed the receiver's cap of {max_values} values", "oversized")
+    k = len(msg.token_indices)
+    if k > n:
+        raise UplinkError(f"{name}: {k} token indices for {n} tokens")
     indices = np.asarray(msg.token_indices, dtype=np.int64)
-    k = len(indices)
-    if n == 0 or d == 0:
-        raise UplinkError(f"sample {msg.sample_id!r}: num_tokens and token_dim must be positive, got {n} x {d}")
     if k and (indices.max() >= n or np.any(np.diff(indices) <= 0)):
-        raise UplinkError(f"sample {msg.sample_id!r}: token_indices must be strictly ascending and below {n}")
+        raise UplinkError(f"{name}: token_indices must be strictly ascending and below {n}")
     if len(msg.token_variance) != k:
-        raise UplinkError(f"sample {msg.sample_id!r}: {len(msg.token_variance)} variances for {k} tokens")
+        raise UplinkError(f"{name}: {len(msg.token_variance)} variances for {k} tokens")
     data = np.asarray(msg.token_data, dtype=np.uint8)
     if msg.encoding == 0:
         if len(data) != k * d or len(msg.scales) != k:
-            raise UplinkError(f"sample {msg.sample_id!r}: int8 payload needs {k * d} bytes and {k} scales, "
+            raise UplinkError(f"{name}: int8 payload needs {k * d} bytes and {k} scales, "
                               f"got {len(data)} bytes and {len(msg.scales)} scales")  # fmt: skip
         values = data.view(np.int8).reshape(k, d).astype(np.float32) * np.asarray(msg.scales, np.float32)[:, None]
     elif msg.encoding == 1:
         if len(data) != 2 * k * d:
-            raise UplinkError(f"sample {msg.sample_id!r}: fp16 payload needs {2 * k * d} bytes, got {len(data)}")
+            raise UplinkError(f"{name}: fp16 payload needs {2 * k * d} bytes, got {len(data)}")
         values = data.view("<f2").reshape(k, d).astype(np.float32)
     else:
-        raise UplinkError(f"sample {msg.sample_id!r}: unknown token encoding {msg.encoding} (0 = int8, 1 = fp16)")
+        raise UplinkError(f"{name}: unknown token encoding {msg.encoding} (0 = int8, 1 = fp16)", "encoding")
     if not np.isfinite(values).all():
-        raise UplinkError(f"sample {msg.sample_id!r}: token values are not finite")
+        raise UplinkError(f"{name}: token values are not finite", "not_finite")
     tokens = torch.zeros(1, n, d)
     mask = torch.zeros(1, n, dtype=torch.long)
     tokens[0, indices] = torch.from_numpy(values)

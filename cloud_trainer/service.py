@@ -2,8 +2,10 @@
 
 Algorithm 1 of Wang et al. (CVPR 2024), cloud side, as a long-running service:
 
-* every received ``UtsTokens`` is checked (it must unpack), committed to SQLite and only then acknowledged
-  with a ``UtsAck``; duplicates by (robot_id, sample_id) are acknowledged again and otherwise ignored;
+* every received ``UtsTokens`` is checked against the models (``cloud_trainer.admission``: the encoder's token
+  grid and width, the LMs' positions, sizes derived from them; a rejection is counted by reason), committed
+  to SQLite and only then acknowledged with a ``UtsAck``; duplicates by (robot_id, sample_id) are
+  acknowledged again and otherwise ignored;
 * when a robot has ``round_size`` pending samples, a round runs on them (up to ``max_round_samples``): the
   teacher pseudo-labels the kept tokens and AKD distills into that robot's cloud student (continual: each
   round starts from the last), DWC encodes the change against the version the robot runs, and the signed
@@ -12,13 +14,17 @@ Algorithm 1 of Wang et al. (CVPR 2024), cloud side, as a long-running service:
   that is behind gets the latest delta again, or a keyframe when the stored delta is based on a version it
   does not hold.
 
-Each robot has its own cloud student, distiller and version chain; the teacher is shared.
+Each robot has its own cloud student, distiller and version chain; the teacher is shared. A round that fails
+is undone (the robot is reloaded from its last commit); the samples it fails on alone are quarantined (kept,
+counted, logged, never pending again) and the round runs on the rest. A failure that no sample explains puts
+only that robot on hold for ``round_retry_s``: other robots and :meth:`CloudTrainer.serve` go on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +40,7 @@ from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import trainable_parameters
 from cdcca.uts import UplinkError
 from cdcca.wire import REJECTED
+from cloud_trainer.admission import SampleAdmission
 from cloud_trainer.store import CloudStore
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,7 @@ class CloudConfig:
         resend_after_s: a robot still behind this long after a send gets the update again.
         max_resends: resends per version before the cloud stops (e.g. a robot that rolled back on purpose).
         poll_s: idle wait of the service loop.
+        round_retry_s: a robot whose round failed for no sample's fault waits this long before the next try.
         akd: distillation settings of every round.
     """
 
@@ -68,12 +76,15 @@ class CloudConfig:
     resend_after_s: float = 5.0
     max_resends: int = 5
     poll_s: float = 0.05
+    round_retry_s: float = 30.0
     akd: AKDConfig = field(default_factory=AKDConfig)
 
     def __post_init__(self) -> None:
         if self.round_size < 1 or self.max_round_samples < self.round_size:
             raise ValueError(f"CloudConfig needs 1 <= round_size <= max_round_samples, got {self.round_size}, "
                              f"{self.max_round_samples}")  # fmt: skip
+        if self.round_retry_s < 0:
+            raise ValueError(f"CloudConfig.round_retry_s must be >= 0, got {self.round_retry_s}")
 
 
 @dataclass
@@ -89,14 +100,25 @@ class _Robot:
 
 @dataclass
 class CloudCounters:
+    """What the service did since it started; ``rejected_reasons`` splits ``rejected`` by reason (see
+    ``cloud_trainer.admission`` and ``cdcca.uts.UplinkError``)."""
+
     received: int = 0
     duplicates: int = 0
     rejected: int = 0
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
     acked: int = 0
     rounds: int = 0
+    round_failures: int = 0  # rounds undone (a quarantined sample's, or one that put its robot on hold)
+    quarantined: int = 0  # samples quarantined by this process
+    failures: int = 0  # other errors the loop survived (resends, the store)
     deltas_sent: int = 0
     resends: int = 0
     keyframes: int = 0
+
+
+class RoundFailed(RuntimeError):
+    """A round failed and no single sample explains it; the robot waits ``CloudConfig.round_retry_s``."""
 
 
 class CloudTrainer:
@@ -121,6 +143,9 @@ class CloudTrainer:
         self.store = CloudStore(Path(config.state_dir) / "cloud.sqlite")
         self.robots: dict[str, _Robot] = {}
         self.counters = CloudCounters()
+        self._spare_student: MLLM | None = make_student()  # the limits come from it; the first new robot gets it
+        self.admission = SampleAdmission(teacher, self._spare_student)
+        self._hold: dict[str, float] = {}  # robot_id -> monotonic time its rounds may be tried again
         self._stop = threading.Event()
         self._chain_lock = threading.Lock()  # statuses arrive on Zenoh's thread while a round publishes
         self.round_log = Path(config.state_dir) / "rounds.jsonl"
@@ -133,14 +158,14 @@ class CloudTrainer:
     # ------------------------------------------------------------------------------------ receiving
     def receive_tokens(self, robot_id: str, msg, data: bytes | None = None) -> bool:
         """Validate, persist and acknowledge one ``UtsTokens`` (``data``: its CDR bytes as received, stored as
-        they are; re-encoded from ``msg`` when not given); False if rejected."""
+        they are; re-encoded from ``msg`` when not given); False if rejected (counted by reason, not acked)."""
         try:
-            DistillSample.from_uts(msg)  # the same checks a round will make
-            if not msg.sample_id:
-                raise UplinkError("empty sample_id")
+            self.admission.check(msg, len(data) if data is not None else None)  # what a round needs of it
         except UplinkError as err:
-            self.counters.rejected += 1
-            log.warning("rejected UtsTokens from %s: %s", robot_id, err)
+            self._reject(robot_id, err.reason, err)
+            return False
+        except Exception as err:  # whatever a peer's bytes trigger, the receiving thread survives
+            self._reject(robot_id, "malformed", err)
             return False
         if self.store.add_sample(robot_id, msg.sample_id, data if data is not None else wire.encode(msg)):
             self.counters.received += 1
@@ -154,6 +179,11 @@ class CloudTrainer:
             self.link.publish(robot_id, "uts_ack", ack)
         self.counters.acked += 1
         return True
+
+    def _reject(self, robot_id: str, reason: str, err: Exception) -> None:
+        self.counters.rejected += 1
+        self.counters.rejected_reasons[reason] = self.counters.rejected_reasons.get(reason, 0) + 1
+        log.warning("rejected UtsTokens from %s (%s): %s", robot_id, reason, err)
 
     def receive_status(self, robot_id: str, msg) -> None:
         """Track what a robot runs (APPLIED and ROLLED_BACK and heartbeats carry the current version)."""
@@ -175,7 +205,7 @@ class CloudTrainer:
         robot = self.robots.get(robot_id)
         if robot is not None:
             return robot
-        student = self.make_student()
+        student, self._spare_student = self._spare_student or self.make_student(), None
         base = {name: p.detach().clone() for name, p in trainable_parameters(student).items()}
         distiller = Distiller(self.teacher, student, self.config.akd, anchors=self.anchors)
         chain = VersionChain(robot_id, base)
@@ -208,49 +238,145 @@ class CloudTrainer:
 
     # --------------------------------------------------------------------------------------- rounds
     def run_round(self, robot_id: str) -> dict:
-        """Teacher + AKD on the robot's pending samples, then DWC; commits, publishes, returns a report."""
-        robot = self._robot(robot_id)
+        """Teacher + AKD on the robot's pending samples, then DWC; commits, publishes, returns a report.
+
+        Stored samples the models cannot take are quarantined first (a store written before the admission
+        checks may hold some). If the round fails it is undone, the samples it fails on alone are quarantined,
+        and it runs again on the rest; :class:`RoundFailed` if no sample explains the failure. A round whose
+        every sample is quarantined returns (and logs) ``{"event": "quarantine", "version": None, ...}``.
+        """
         pending = self.store.pending(robot_id, self.config.max_round_samples)
         if not pending:
             raise ValueError(f"robot {robot_id} has no pending samples")
         started = time.perf_counter()
-        log.info("robot %s: round v%d on %d samples started", robot_id, robot.chain.latest + 1, len(pending))
-        replayed = self.store.used(robot_id, self.config.replay) if self.config.replay else []
-        samples = [DistillSample.from_uts(wire.decode(wire.UTS_TOKENS, payload)) for _, payload in pending + replayed]
+        quarantined: dict[str, str] = {}
+        fresh = self._admit_stored(robot_id, pending, quarantined)
+        replayed = self._admit_stored(robot_id, self.store.used(robot_id, self.config.replay), quarantined) \
+            if self.config.replay else []  # fmt: skip
+        while fresh:
+            robot = self._robot(robot_id)
+            log.info("robot %s: round v%d on %d samples started", robot_id, robot.chain.latest + 1, len(fresh))
+            try:
+                msg, data, report, params = self._train_and_commit(robot_id, robot, fresh, replayed)
+            except Exception as err:  # undone below; what is left is a sample's fault or RoundFailed
+                self.counters.round_failures += 1
+                self._undo(robot_id)
+                if robot.distiller.world_size > 1:  # the other ranks ran (part of) it: they cannot be undone here
+                    raise
+                poison = self._probe(robot_id, fresh + replayed)
+                if not poison:
+                    raise RoundFailed(f"robot {robot_id}: the round failed and no sample fails alone "
+                                      f"({type(err).__name__}: {err})") from err  # fmt: skip
+                log.warning("robot %s: round failed (%s: %s); quarantining %d sample(s) and running on the rest",
+                            robot_id, type(err).__name__, err, len(poison))  # fmt: skip
+                for sample_id, reason in poison.items():
+                    self._quarantine(robot_id, sample_id, reason, quarantined)
+                fresh = [s for s in fresh if s.sample_id not in poison]
+                replayed = [s for s in replayed if s.sample_id not in poison]
+                continue
+            robot.latest_delta, robot.resends = data, 0
+            self._send(robot_id, robot, data)
+            self.counters.rounds += 1
+            result = {
+                "event": "round", "robot_id": robot_id, "version": int(msg.version),
+                "base_version": int(msg.base_version), "keyframe": bool(msg.keyframe), "samples": len(fresh),
+                "replayed": len(replayed), "akd_seconds": report.seconds, "kept_step": report.kept_step,
+                "check_score": report.check_score, "anchor_agreement": report.anchor_agreement,
+                "round_seconds": time.perf_counter() - started, "delta_bytes": len(data),
+                "full_bytes": 4 * sum(t.numel() for t in params.values()), "losses": report.losses,
+                "finished_unix": time.time(), "sample_ids": [s.sample_id for s in fresh], "quarantined": quarantined,
+            }  # fmt: skip
+            self._log_round(result)
+            log.info("robot %s: round v%d on %d samples in %.1f s, delta %d bytes", robot_id, result["version"],
+                     result["samples"], result["round_seconds"], result["delta_bytes"])  # fmt: skip
+            return result
+        result = {"event": "quarantine", "robot_id": robot_id, "version": None, "samples": 0,
+                  "quarantined": quarantined, "finished_unix": time.time()}  # fmt: skip
+        self._log_round(result)
+        return result
+
+    def _train_and_commit(self, robot_id: str, robot: _Robot, fresh: list[DistillSample],
+                          replayed: list[DistillSample]) -> tuple:  # fmt: skip
+        """AKD on the samples, DWC against what the robot holds, and the commit: (msg, CDR bytes, report,
+        published params). Raises on any failure, the round then being undone by the caller."""
+        samples = fresh + replayed
         if robot.distiller.world_size > 1:  # under torchrun: the other ranks run this round with us
             from cloud_trainer.distributed import send_round
 
             send_round(robot_id, samples)
         report = robot.distiller.run_round(samples)
+        losses = [name for name, value in report.losses.items() if not math.isfinite(value)]
+        if losses:  # the round may have kept its starting weights, but some sample poisons the objective
+            raise FloatingPointError(f"the round's losses {losses} are NaN/Inf")
         params = {name: p.detach().clone() for name, p in robot.distiller.trainable.items()}
+        broken = [name for name, tensor in params.items() if not bool(torch.isfinite(tensor).all())]
+        if broken:
+            raise FloatingPointError(f"the round left NaN/Inf in {broken[:3]}")
         with self._chain_lock:
             msg = robot.chain.make_delta(params, self.config.codec, self.signer, stamp_ns=time.time_ns())
             data = wire.encode(msg)
-            self.store.commit_round(robot_id, int(msg.version), [sample_id for sample_id, _ in pending],
+            self.store.commit_round(robot_id, int(msg.version), [s.sample_id for s in fresh],
                                     self._state(robot.distiller), robot.chain.published[int(msg.version)], data,
                                     robot.chain.applied, robot.distiller.optimizer_state())  # fmt: skip
-        robot.latest_delta, robot.resends = data, 0
-        self._send(robot_id, robot, data)
-        self.counters.rounds += 1
-        result = {
-            "robot_id": robot_id, "version": int(msg.version), "base_version": int(msg.base_version),
-            "keyframe": bool(msg.keyframe), "samples": len(pending), "replayed": len(replayed),
-            "akd_seconds": report.seconds, "kept_step": report.kept_step, "check_score": report.check_score,
-            "anchor_agreement": report.anchor_agreement,
-            "round_seconds": time.perf_counter() - started, "delta_bytes": len(data),
-            "full_bytes": 4 * sum(t.numel() for t in params.values()), "losses": report.losses,
-            "finished_unix": time.time(), "sample_ids": [sample_id for sample_id, _ in pending],
-        }  # fmt: skip
+        return msg, data, report, params
+
+    def _admit_stored(self, robot_id: str, rows: list[tuple[str, bytes]],
+                      quarantined: dict[str, str]) -> list[DistillSample]:  # fmt: skip
+        """Stored samples as a round takes them; those the models cannot take are quarantined."""
+        samples = []
+        for sample_id, payload in rows:
+            try:
+                samples.append(self.admission.check(wire.decode(wire.UTS_TOKENS, payload)))
+            except UplinkError as err:
+                self._quarantine(robot_id, sample_id, f"{err.reason}: {err}", quarantined)
+            except Exception as err:  # e.g. bytes that no longer decode
+                self._quarantine(robot_id, sample_id, f"malformed: {type(err).__name__}: {err}", quarantined)
+        return samples
+
+    def _quarantine(self, robot_id: str, sample_id: str, reason: str, quarantined: dict[str, str]) -> None:
+        reason = reason[:500]
+        self.store.quarantine(robot_id, sample_id, reason)
+        self.counters.quarantined += 1
+        quarantined[sample_id] = reason
+        log.warning("robot %s: sample %r quarantined: %s", robot_id, sample_id, reason)
+
+    def _probe(self, robot_id: str, samples: list[DistillSample]) -> dict[str, str]:
+        """sample_id -> why, for each sample a round fails on alone: the teacher's labels and every AKD loss of
+        that one sample must compute and be finite."""
+        distiller = self._robot(robot_id).distiller
+        poison = {}
+        for sample in samples:
+            try:
+                with torch.no_grad():
+                    terms = distiller.losses([sample], distiller.pseudo_label([sample]))
+                broken = [name for name, value in terms.items() if not bool(torch.isfinite(value).all())]
+                if broken:
+                    poison[sample.sample_id] = f"round: non-finite {', '.join(broken)}"
+            except Exception as err:  # any failure of this one sample is its own
+                poison[sample.sample_id] = f"round: {type(err).__name__}: {err}"
+        return poison
+
+    def _undo(self, robot_id: str) -> None:
+        """Reload the robot from its last commit (a failed round may have changed weights, moments, chain)."""
+        old = self.robots.pop(robot_id, None)
+        robot = self._robot(robot_id)
+        if old is not None:
+            robot.reported, robot.last_sent, robot.resends = old.reported, old.last_sent, old.resends
+
+    def _log_round(self, result: dict) -> None:
         with open(self.round_log, "a") as handle:
             handle.write(json.dumps(result) + "\n")
-        log.info("robot %s: round v%d on %d samples in %.1f s, delta %d bytes", robot_id, result["version"],
-                 result["samples"], result["round_seconds"], result["delta_bytes"])  # fmt: skip
-        return result
 
     def _send(self, robot_id: str, robot: _Robot, data: bytes) -> None:
         robot.last_sent = time.monotonic()
         if self.link is not None:
-            self.link.publish_bytes(robot_id, "weight_delta", data)
+            try:
+                self.link.publish_bytes(robot_id, "weight_delta", data)
+            except Exception as err:  # committed already; the resend path delivers it later
+                self.counters.failures += 1
+                log.error("robot %s: publishing a delta failed (%s); it is resent when the robot reports", robot_id,
+                          err)  # fmt: skip
+                return
             self.counters.deltas_sent += 1
 
     def resend_if_behind(self, robot_id: str) -> bool:
@@ -275,28 +401,52 @@ class CloudTrainer:
         return True
 
     def step(self) -> list[dict]:
-        """One pass: run every due round, resend to robots that are behind."""
+        """One pass: run every due round, resend to robots that are behind. A robot whose round fails is put on
+        hold for ``round_retry_s``; the other robots' rounds still run."""
         results = []
         flush = self.config.flush_after_s
         for robot_id, (count, oldest) in sorted(self.store.pending_summary().items()):
-            if count >= self.config.round_size or (flush is not None and time.time() - oldest >= flush):
+            due = count >= self.config.round_size or (flush is not None and time.time() - oldest >= flush)
+            if not due or self._hold.get(robot_id, 0.0) > time.monotonic():
+                continue
+            try:
                 results.append(self.run_round(robot_id))
+            except Exception as err:  # one robot's failure never stops the others or the service
+                if not isinstance(err, RoundFailed):
+                    self.counters.failures += 1
+                self._hold[robot_id] = time.monotonic() + self.config.round_retry_s
+                log.error("robot %s: round failed, next try in %.0f s: %s", robot_id, self.config.round_retry_s,
+                          err, exc_info=not isinstance(err, RoundFailed))  # fmt: skip
         for robot_id in list(self.robots):
-            self.resend_if_behind(robot_id)
+            try:
+                self.resend_if_behind(robot_id)
+            except Exception as err:
+                self.counters.failures += 1
+                log.error("robot %s: resend failed: %s", robot_id, err)
         return results
 
     def serve(self, stop: threading.Event | None = None) -> None:
-        """Run until ``stop`` (or :meth:`stop`) is set."""
+        """Run until ``stop`` (or :meth:`stop`) is set; a failing pass is logged, counted and retried."""
         stop = stop or self._stop
         while not stop.is_set():
-            if not self.step():
+            try:
+                busy = bool(self.step())
+            except Exception:  # e.g. the store briefly unavailable
+                self.counters.failures += 1
+                log.exception("cloud trainer pass failed; retrying")
+                busy = False
+            if not busy:
                 stop.wait(self.config.poll_s)
 
     def stop(self) -> None:
         self._stop.set()
 
     def stats(self) -> dict:
+        """Counters, stored and quarantined samples, versions, and the robots on hold (seconds left)."""
+        now = time.monotonic()
         return {**asdict(self.counters), "stored": self.store.count(),
+                "quarantine": self.store.quarantine_counts(),
+                "on_hold": {r: round(t - now, 1) for r, t in self._hold.items() if t > now},
                 "versions": {r: robot.chain.latest for r, robot in self.robots.items()},
                 "reported": {r: robot.reported for r, robot in self.robots.items()}}  # fmt: skip
 

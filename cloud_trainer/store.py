@@ -5,7 +5,8 @@ A received ``UtsTokens`` counts as received (and is acknowledged) only once its 
 parameters, the version it publishes, what the robot will hold after decoding (the base of the next
 incremental delta), the signed ``WeightDelta`` bytes, and the round's samples marked as used. A crash
 anywhere before the commit leaves the samples pending, so the round simply runs again after a restart.
-Tensors are stored as safetensors bytes (no pickle).
+A sample a round cannot take is *quarantined*: kept, with the reason, but never pending again, so a restart
+does not run into it again. Tensors are stored as safetensors bytes (no pickle).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ CREATE TABLE IF NOT EXISTS samples (
     received  REAL NOT NULL,
     payload   BLOB NOT NULL,       -- CDR bytes of the UtsTokens message as received
     version   INTEGER,             -- the adapter version whose round used it; NULL while pending
+    quarantined TEXT,              -- why no round may use it (NULL: usable)
     PRIMARY KEY (robot_id, sample_id)
 );
 CREATE INDEX IF NOT EXISTS samples_pending ON samples (robot_id, version, received);
@@ -82,14 +84,19 @@ class CloudStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(robots)")}
-        if "optimizer" not in columns:  # a store written before the optimizer was kept
-            try:
-                self._db.execute("ALTER TABLE robots ADD COLUMN optimizer BLOB")
-            except sqlite3.OperationalError as err:  # another process (torchrun rank) added it first
-                if "duplicate column" not in str(err):
-                    raise
+        self._add_column("robots", "optimizer", "BLOB")  # a store written before the optimizer was kept
+        self._add_column("samples", "quarantined", "TEXT")  # ... or before samples could be quarantined
         self._lock = threading.Lock()
+
+    def _add_column(self, table: str, column: str, kind: str) -> None:
+        """Migrate a store written by an older version: add ``column`` if ``table`` lacks it."""
+        if column in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+            return
+        try:
+            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        except sqlite3.OperationalError as err:  # another process (torchrun rank) added it first
+            if "duplicate column" not in str(err):
+                raise
 
     # ------------------------------------------------------------------------------------ samples
     def add_sample(self, robot_id: str, sample_id: str, payload: bytes) -> bool:
@@ -105,8 +112,8 @@ class CloudStore:
         """Samples of ``robot_id`` no round has used yet, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT sample_id, payload FROM samples WHERE robot_id = ? AND version IS NULL ORDER BY received "
-                "LIMIT ?",
+                "SELECT sample_id, payload FROM samples WHERE robot_id = ? AND version IS NULL AND quarantined IS NULL "
+                "ORDER BY received LIMIT ?",
                 (robot_id, -1 if limit is None else limit),
             ).fetchall()
         return [(sample_id, bytes(payload)) for sample_id, payload in rows]
@@ -116,7 +123,7 @@ class CloudStore:
         with self._lock:
             rows = self._db.execute(
                 "SELECT sample_id, payload FROM samples WHERE robot_id = ? AND version IS NOT NULL "
-                "ORDER BY received DESC LIMIT ?",
+                "AND quarantined IS NULL ORDER BY received DESC LIMIT ?",
                 (robot_id, limit),
             ).fetchall()
         return [(sample_id, bytes(payload)) for sample_id, payload in rows]
@@ -129,12 +136,40 @@ class CloudStore:
         """robot_id -> (number of pending samples, arrival time of the oldest one, Unix seconds)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT robot_id, COUNT(*), MIN(received) FROM samples WHERE version IS NULL GROUP BY robot_id"
+                "SELECT robot_id, COUNT(*), MIN(received) FROM samples WHERE version IS NULL AND quarantined IS NULL "
+                "GROUP BY robot_id"
             ).fetchall()
         return {robot_id: (count, oldest) for robot_id, count, oldest in rows}
 
+    def quarantine(self, robot_id: str, sample_id: str, reason: str) -> None:
+        """Keep the sample, with ``reason``, out of every future round (pending and replay)."""
+        with self._lock:
+            self._db.execute("UPDATE samples SET quarantined = ? WHERE robot_id = ? AND sample_id = ?",
+                             (reason or "unknown", robot_id, sample_id))  # fmt: skip
+
+    def quarantined(self, robot_id: str | None = None) -> dict[str, dict[str, str]]:
+        """robot_id -> {sample_id: reason} of the quarantined samples."""
+        query = "SELECT robot_id, sample_id, quarantined FROM samples WHERE quarantined IS NOT NULL"
+        with self._lock:
+            if robot_id is None:
+                rows = self._db.execute(query + " ORDER BY robot_id, received").fetchall()
+            else:
+                rows = self._db.execute(query + " AND robot_id = ? ORDER BY received", (robot_id,)).fetchall()
+        found: dict[str, dict[str, str]] = {}
+        for robot, sample_id, reason in rows:
+            found.setdefault(robot, {})[sample_id] = reason
+        return found
+
+    def quarantine_counts(self) -> dict[str, int]:
+        """robot_id -> number of quarantined samples."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT robot_id, COUNT(*) FROM samples WHERE quarantined IS NOT NULL GROUP BY robot_id"
+            ).fetchall()
+        return dict(rows)
+
     def count(self, robot_id: str | None = None) -> int:
-        """Stored samples (pending and used)."""
+        """Stored samples (pending, used and quarantined)."""
         with self._lock:
             if robot_id is None:
                 return self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]

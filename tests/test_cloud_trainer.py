@@ -1,7 +1,9 @@
 """The cloud trainer in process: durable buffer, rounds, commit atomicity, restart, resend and keyframes."""
 
+import json
 import sqlite3
 
+import numpy as np
 import pytest
 import torch
 
@@ -208,3 +210,166 @@ def test_a_store_from_before_the_optimizer_column_opens_and_loads(tmp_path):
     assert torch.equal(record.student["student.w"], torch.ones(2))
     store.commit_round("r1", 3, [], record.student, {"w": torch.ones(2)}, b"delta", 1, {"0.step": torch.tensor(3.0)})
     assert store.load_robot("r1").optimizer["0.step"].item() == 3.0
+
+
+# ------------------------------------------------------------------------- issue 15: D1, Build 1
+def _copy(msg, **changes):
+    """A received copy of ``msg`` with fields changed (CDR round trip, so arrays are as a link delivers them)."""
+    copy = wire.decode(wire.UTS_TOKENS, wire.encode(msg))
+    for key, value in changes.items():
+        setattr(copy, key, value)
+    return copy
+
+
+def _wider(msg, width):
+    """``msg`` as a robot with a wider vision encoder would send it: consistent, but not for these models."""
+    tokens = torch.randn(int(msg.num_tokens), width)
+    keep = torch.zeros(int(msg.num_tokens), dtype=torch.bool)
+    keep[::2] = True
+    return pack_tokens(tokens, keep, torch.rand(int(msg.num_tokens)), robot_id="r1", sample_id="wide",
+                       adapter_version=0, prompt=msg.prompt, student_answer="?", sample_entropy=1.0)  # fmt: skip
+
+
+@pytest.mark.parametrize(("label", "make", "reason"), [
+    ("20 more tokens than the encoder's grid", lambda m: _copy(m, sample_id="grid", num_tokens=m.num_tokens + 20),
+     "token_grid"),
+    ("a 65535 x 65535 grid in ~140 bytes", lambda m: _copy(m, sample_id="huge", num_tokens=65535, token_dim=65535,
+     token_indices=np.zeros(0, np.uint16), token_variance=np.zeros(0, np.float32), scales=np.zeros(0, np.float32),
+     token_data=np.zeros(0, np.uint8)), "token_grid"),
+    ("tokens of another width", lambda m: _wider(m, 24), "token_dim"),
+    ("a prompt beyond the LM's positions", lambda m: _copy(m, sample_id="long", prompt="is it " * 200),
+     "prompt_too_long"),
+    ("a megabyte student_answer", lambda m: _copy(m, sample_id="chatty", student_answer="a" * (1 << 20)),
+     "oversized"),
+    ("no sample_id", lambda m: _copy(m, sample_id=""), "sample_id"),
+])  # fmt: skip
+def test_samples_the_models_cannot_take_are_rejected_before_the_ack(label, make, reason, pretrained_test_pair,
+                                                                     uploads, keys, tmp_path):  # fmt: skip
+    # Prepare
+    trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud")
+    bad = make(uploads[0])
+    # Execute
+    accepted = trainer.receive_tokens("r1", bad, wire.encode(bad))
+    # Assert: not stored, not acked, counted under its reason
+    assert not accepted, label
+    assert trainer.store.count() == 0
+    assert (trainer.counters.acked, trainer.counters.rejected) == (0, 1)
+    assert trainer.stats()["rejected_reasons"] == {reason: 1}
+
+
+def test_sample_limits_come_from_the_models(pretrained_test_pair, keys, tmp_path):
+    trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud")
+    teacher, student = trainer.teacher, trainer._spare_student
+    limits = trainer.admission.limits
+    vision = teacher.blip2.config.vision_config
+    assert limits.num_tokens == (vision.image_size // vision.patch_size) ** 2 + 1
+    assert limits.token_dim == vision.hidden_size
+    room = [m.blip2.config.text_config.max_position_embeddings - m.num_query_tokens for m in (teacher, student)]
+    assert 0 < limits.max_prompt_tokens < min(room)
+
+
+def test_one_bad_upload_after_three_good_ones_does_not_stop_the_cloud(pretrained_test_pair, uploads, keys,
+                                                                      tmp_path):  # fmt: skip
+    """Issue 15's D1 repro: 3 valid samples with round_size=4, then a copy with num_tokens += 20, then step()."""
+    trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud", round_size=4)
+    for msg in uploads[:3]:
+        assert trainer.receive_tokens("r1", msg)
+    assert not trainer.receive_tokens("r1", _copy(uploads[3], num_tokens=uploads[3].num_tokens + 20))
+    assert trainer.step() == []  # still 3 pending: no round, and no exception
+    assert trainer.receive_tokens("r1", uploads[3])
+    assert [r["version"] for r in trainer.step()] == [1]
+
+
+def test_a_poison_sample_in_an_old_store_is_quarantined_and_the_rest_trained(pretrained_test_pair, uploads, keys,
+                                                                            tmp_path):  # fmt: skip
+    # Prepare: a store written before the admission checks holds one sample the models cannot take
+    state = tmp_path / "cloud"
+    trainer = make_trainer(pretrained_test_pair, keys[0], state, round_size=4)
+    for msg in uploads[:3]:
+        trainer.receive_tokens("r1", msg)
+    poison = _copy(uploads[3], num_tokens=uploads[3].num_tokens + 20)
+    trainer.store.add_sample("r1", poison.sample_id, wire.encode(poison))
+    # Execute
+    [result] = trainer.step()
+    # Assert: quarantined (stored, counted, logged, in stats) and the round ran on the other three
+    assert (result["version"], result["samples"]) == (1, 3)
+    assert list(result["quarantined"]) == [poison.sample_id]
+    assert result["quarantined"][poison.sample_id].startswith("token_grid")
+    assert trainer.store.quarantined("r1")["r1"].keys() == {poison.sample_id}
+    assert trainer.store.count("r1") == 4 and trainer.store.pending_counts() == {}
+    assert trainer.stats()["quarantine"] == {"r1": 1} and trainer.counters.quarantined == 1
+    logged = [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]
+    assert logged[-1]["quarantined"] == result["quarantined"]
+    # a restart does not meet it again, and a resend of it is acknowledged without being pending again
+    trainer.close()
+    restarted = make_trainer(pretrained_test_pair, keys[0], state, round_size=1)
+    assert restarted.step() == [] and restarted.store.pending_counts() == {}
+
+
+def test_a_sample_that_poisons_the_round_is_quarantined_and_the_round_goes_on(pretrained_test_pair, uploads, keys,
+                                                                              tmp_path):  # fmt: skip
+    # Prepare: consistent, right grid, finite values -- but so large that the Q-Former's attention overflows
+    trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud", round_size=4)
+    for msg in uploads[:3]:
+        assert trainer.receive_tokens("r1", msg)
+    blowup = _copy(uploads[3], scales=np.full(len(uploads[3].scales), 1e30, np.float32))
+    assert trainer.receive_tokens("r1", blowup)  # admitted: nothing about its sizes is wrong
+    # Execute
+    [result] = trainer.step()
+    # Assert
+    assert (result["version"], result["samples"]) == (1, 3)
+    assert list(result["quarantined"]) == [blowup.sample_id]
+    assert result["quarantined"][blowup.sample_id].startswith("round: ")
+    assert trainer.counters.round_failures == 1 and trainer.counters.quarantined == 1
+    params = trainable_parameters(trainer.robots["r1"].student)
+    assert all(bool(torch.isfinite(p).all()) for p in params.values())
+
+
+def test_one_robots_failing_rounds_stop_neither_other_robots_nor_serve(pretrained_test_pair, uploads, keys,
+                                                                       tmp_path, monkeypatch):  # fmt: skip
+    import dataclasses
+    import threading
+    import time
+
+    # Prepare: r1's rounds fail for a reason no sample explains (injected); r2 is healthy
+    trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud", round_size=4)
+    trainer.config.round_retry_s = 60.0
+    for msg in uploads[:4]:
+        trainer.receive_tokens("r1", msg)
+    failing = trainer._robot("r1")
+
+    def broken_round(samples):
+        raise RuntimeError("disk of the r1 worker is gone")
+
+    monkeypatch.setattr(failing.distiller, "run_round", broken_round)
+    # Execute: serve in a thread while r2 uploads
+    stop = threading.Event()
+    server = threading.Thread(target=trainer.serve, args=(stop,), daemon=True)
+    server.start()
+    for msg in uploads[:4]:
+        trainer.receive_tokens("r2", dataclasses.replace(msg, robot_id="r2"))
+    deadline = time.monotonic() + 60
+    while trainer.stats()["versions"].get("r2", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = server.is_alive()
+    stop.set()
+    server.join(10)
+    # Assert
+    stats = trainer.stats()
+    assert alive and stats["versions"]["r2"] == 1 and stats["versions"]["r1"] == 0
+    assert stats["round_failures"] == 1  # held for round_retry_s: not retried in a tight loop
+    assert "r1" in stats["on_hold"] and trainer.store.pending_counts() == {"r1": 4}  # nothing lost
+
+
+def test_a_store_from_before_quarantine_opens_and_quarantines(tmp_path):
+    from cloud_trainer.store import CloudStore
+
+    with sqlite3.connect(tmp_path / "old.sqlite") as db:  # the samples table as it was first written
+        db.execute("CREATE TABLE samples (robot_id TEXT NOT NULL, sample_id TEXT NOT NULL, received REAL NOT NULL, "
+                   "payload BLOB NOT NULL, version INTEGER, PRIMARY KEY (robot_id, sample_id))")  # fmt: skip
+        db.executemany("INSERT INTO samples VALUES ('r1', ?, ?, x'00', NULL)", [("a", 1.0), ("b", 2.0)])
+    store = CloudStore(tmp_path / "old.sqlite")
+    assert [sample_id for sample_id, _ in store.pending("r1")] == ["a", "b"]
+    store.quarantine("r1", "a", "token_grid: 30 tokens")
+    assert [sample_id for sample_id, _ in store.pending("r1")] == ["b"]
+    assert store.quarantined() == {"r1": {"a": "token_grid: 30 tokens"}} and store.pending_counts() == {"r1": 1}

@@ -200,3 +200,49 @@ def test_config_validation_names_the_field():
         UTSConfig(encoding="int4")
     with pytest.raises(ValueError, match="mc_passes"):
         UTSConfig(mc_passes=1)
+
+
+# ------------------------------------------------------------------------------ issue 15: D2, Build 2
+def _huge(num_tokens, token_dim):
+    """A consistent ``UtsTokens`` of a few hundred bytes that claims a num_tokens x token_dim grid (no token kept)."""
+    return _message(num_tokens=num_tokens, token_dim=token_dim, token_indices=np.zeros(0, np.uint16),
+                    token_variance=np.zeros(0, np.float32), scales=np.zeros(0, np.float32),
+                    token_data=np.zeros(0, np.uint8))  # fmt: skip
+
+
+def test_unpack_refuses_a_grid_beyond_its_cap_before_allocating():
+    # 4096 x 8192 = 32 M values (128 MiB) from a message of a few hundred bytes; 65535 x 65535 would be 16 GiB
+    for num_tokens, token_dim in ((4096, 8192), (65535, 65535)):
+        message = wire.decode(wire.UTS_TOKENS, wire.encode(_huge(num_tokens, token_dim)))
+        assert len(wire.encode(message)) < 400
+        with pytest.raises(UplinkError, match="exceed the receiver's cap") as error:
+            unpack_tokens(message)
+        assert error.value.reason == "oversized"
+    with pytest.raises(UplinkError, match="cap of 7 values"):
+        unpack_tokens(_message(), max_values=7)  # the caller may lower the cap
+
+
+@pytest.mark.parametrize(("bounds", "reason", "match"), [
+    ({"num_tokens": 5}, "token_grid", "4 tokens, but the receiver's vision encoder emits 5"),
+    ({"token_dim": 3}, "token_dim", "width 2, but the receiver's vision encoder emits 3"),
+    ({"num_tokens": 65535, "token_dim": 65535}, "token_grid", "4 tokens"),
+])  # fmt: skip
+def test_unpack_checks_the_receivers_token_grid(bounds, reason, match):
+    with pytest.raises(UplinkError, match=match) as error:
+        unpack_tokens(_message(), **bounds)
+    assert error.value.reason == reason
+
+
+def test_unpack_within_the_receivers_bounds_is_unchanged():
+    tokens, mask = unpack_tokens(_message(), num_tokens=4, token_dim=2)
+    assert tokens.shape == (1, 4, 2) and mask[0].tolist() == [1, 1, 0, 0]
+    assert torch.equal(tokens[0, :2], torch.ones(2, 2)) and torch.all(tokens[0, 2:] == 0)
+    with pytest.raises(UplinkError, match="65535 x 65535 tokens exceed") as error:
+        unpack_tokens(_huge(65535, 65535), num_tokens=None, token_dim=65535)
+    assert error.value.reason == "oversized"
+
+
+def test_unpack_refuses_more_indices_than_tokens():
+    message = _message(token_indices=np.arange(6, dtype=np.uint16), token_variance=np.ones(6, np.float32))
+    with pytest.raises(UplinkError, match="6 token indices for 4 tokens"):
+        unpack_tokens(message)
