@@ -313,3 +313,85 @@ class DdsGraph:
 def take_all(reader: DataReader, limit: int = 64) -> list:
     """Valid samples taken from ``reader`` (invalid ones: disposals, unregistrations, are skipped)."""
     return [s for s in reader.take(N=limit) if getattr(s, "sample_info", None) is None or s.sample_info.valid_data]
+
+
+class DdsLink:
+    """The cloud's side of a robot's ROS 2 graph, joined directly over DDS (no bridge): the interface of
+    :class:`cdcca.transport.Link` on the ROS topics ``/cdcca/<topic>`` instead of Zenoh keys.
+
+    For a cloud trainer on the robots' LAN (the paper's real-world setup) or on their host. Every robot of the
+    graph shares each topic, so a message's sender is its ``robot_id`` field; ``weight_delta`` is latched (transient
+    local, depth 1) as the robot's subscription expects, which keeps the newest delta of the whole graph: with
+    several robots, a robot that joins late gets only the newest one (and then a keyframe, as after any gap).
+
+    Args:
+        domain_id: the ROS domain (default ``$ROS_DOMAIN_ID`` or 0).
+        config: Cyclone DDS configuration (default: derived from the ROS environment, as :class:`DdsGraph`).
+        node_name: the ROS 2 node this participant announces.
+        poll_s: how often the readers are polled.
+    """
+
+    def __init__(self, domain_id: int | None = None, config: str | None = None, node_name: str = "cdcca_cloud",
+                 poll_s: float = 0.02) -> None:  # fmt: skip
+        from collections import Counter
+
+        from cdcca.wire.topics import LINK_TOPICS, ROS_TOPICS
+
+        self._types, self._names = LINK_TOPICS, ROS_TOPICS
+        self.graph = DdsGraph(domain_id, config, node_name=node_name)
+        self.rejected: Counter[str] = Counter()
+        self._writers: dict[str, DdsWriter] = {}
+        self._subscriptions: list[tuple[DataReader, str, str, Any]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poll_s = poll_s
+        self._thread = threading.Thread(target=self._poll, name="dds-link", daemon=True)
+        self._thread.start()
+
+    def publish(self, robot_id: str, topic: str, msg: Any) -> int:
+        return self.publish_bytes(robot_id, topic, wire.encode(msg))
+
+    def publish_bytes(self, robot_id: str, topic: str, data: bytes) -> int:
+        with self._lock:
+            if topic not in self._writers:
+                qos = LATCHED if topic == "weight_delta" else RELIABLE
+                self._writers[topic] = self.graph.writer(self._names[topic], self._types[topic], qos)
+            self._writers[topic].write_cdr(data)
+        return len(data)
+
+    def subscribe(self, robot_id: str, topic: str, handler: Any) -> None:
+        """Call ``handler(robot_id, msg, cdr)`` for every valid message on the topic from ``robot_id`` (``*``: all)."""
+        with self._lock:
+            reader = self.graph.reader(self._names[topic], self._types[topic], RELIABLE)
+            self._subscriptions.append((reader, topic, robot_id, handler))
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                subscriptions = list(self._subscriptions)
+            busy = False
+            for reader, topic, robot_id, handler in subscriptions:
+                for sample in take_all(reader):
+                    busy = True
+                    try:
+                        data = idl_to_cdr(sample)
+                        msg = wire.decode(self._types[topic], data)
+                    except wire.WireError as err:
+                        self.rejected[topic] += 1
+                        log.warning("rejected a %s sample: %s", topic, err)
+                        continue
+                    sender = getattr(msg, "robot_id", "")
+                    if robot_id != "*" and sender != robot_id:
+                        continue
+                    try:
+                        handler(sender, msg, data)
+                    except Exception:
+                        log.exception("handler of %s failed", topic)
+                        self.rejected[f"{topic}:handler_error"] += 1
+            if not busy:
+                self._stop.wait(self._poll_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.graph.close()
