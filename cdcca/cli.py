@@ -103,6 +103,9 @@ def _add_cloud_args(parser: argparse.ArgumentParser) -> None:
     akd, cloud = AKDConfig.__dataclass_fields__, CloudConfig.__dataclass_fields__
     _add_model_args(parser)
     _add_link_args(parser)
+    parser.add_argument("--dds", action="store_true",
+                        help="join the robots' ROS 2 graph directly over DDS (topics /cdcca/<topic>; ROS_DOMAIN_ID, "
+                             "ROS_AUTOMATIC_DISCOVERY_RANGE) instead of Zenoh: a cloud on the robots' LAN")  # fmt: skip
     parser.add_argument("--state", type=Path, default=None, help="SQLite store and round log (default: cache)")
     parser.add_argument("--key", type=Path, default=None, help="Ed25519 signing key (default: cache/keys/cloud-1.key)")
     parser.add_argument("--round-size", type=int, default=cloud["round_size"].default)
@@ -381,7 +384,12 @@ def cmd_cloud(args) -> dict:
         return {"rank": rank, "rounds": follow(trainer)}
     stop = threading.Event()
     stop_on_signals(stop)
-    link = Link(_link_config(args, listen=True))
+    if args.dds:
+        from cdcca.transport.dds import DdsLink
+
+        link = DdsLink()
+    else:
+        link = Link(_link_config(args, listen=True))
     trainer = build_trainer(checkpoints, key, config, link)
     try:
         report = serve(trainer, stop)

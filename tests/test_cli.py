@@ -77,3 +77,10 @@ def test_make_bag_writes_a_replayable_stream(tmp_path, capsys):
     samples = read_samples(tmp_path / "stream")
     assert len(samples) == 2 * 2 * 3
     assert {s.domain for s in samples} == {"printed", "rephrased"}
+
+
+def test_cloud_can_join_the_robots_dds_graph_instead_of_zenoh():
+    from cdcca.cli import build_parser
+
+    assert build_parser().parse_args(["cloud", "--dds"]).dds is True
+    assert build_parser().parse_args(["cloud"]).dds is False
