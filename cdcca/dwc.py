@@ -20,7 +20,13 @@ whose JSON value holds ``codec``, ``version``, ``params`` (the knobs the decoder
 Entropy-coded codecs wrap those bytes in one zstd frame. Each codec class documents its streams.
 
 Decoding is a trust boundary: malformed bytes raise :class:`CodecError` and nothing else. It checks every
-stream against the layout; a self-consistent forgery is what the envelope's SHA-256 and signature catch.
+stream against the layout; a self-consistent forgery is what the envelope's SHA-256 and signature catch. A
+receiver passes its own trainable set (``decode(payload, reference, strict=True)``): the payload must then carry
+exactly those names and shapes, and may inflate to no more than they can need, both checked before anything is
+inflated or allocated (the fixed caps below only bound a decode without a reference).
+
+Applying a delta (Eq. 8) bounds its magnitude relative to the base weights (:data:`MAX_DELTA_RATIO`): a signed
+delta of finite but absurd values (1e38) is refused instead of silencing the model.
 
 Error feedback comes free with the version chain: compute the next Δ against what the robot actually holds
 (θ_base + decode(payload)), not the cloud's unquantized copy, and one round's residual flows into the next.
@@ -50,6 +56,7 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _MAX_ELEMENTS = 1 << 28  # refuse payloads that claim more than 256 M values (1 GiB as float32)
 _MAX_CONTAINER_BYTES = 1 << 31  # refuse zstd frames that claim to inflate beyond 2 GiB
 _NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024)  # bitsandbytes' CPU kernel is exact up to 1024
+MAX_DELTA_RATIO = 10.0  # apply_delta refuses |Δ| above this many times the base's largest |θ| (at least 1.0)
 
 
 class CodecError(CdccaError, ValueError):
@@ -87,30 +94,67 @@ def compute_delta(updated: Mapping[str, torch.Tensor], base: Mapping[str, torch.
     }
 
 
-def apply_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Eq. 8: θ = θ_base + Δ as new tensors in ``base``'s dtype and device (``base`` is left untouched)."""
+def apply_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
+                max_ratio: float | None = MAX_DELTA_RATIO) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Eq. 8: θ = θ_base + Δ as new tensors in ``base``'s dtype and device (``base`` is left untouched).
+
+    ValueError (nothing returned) if a value becomes NaN/Inf, or if any |Δ| exceeds ``max_ratio`` times the
+    largest |θ_base| of the whole set (at least 1.0, so zero-initialised adapters can still move); ``None``
+    disables the magnitude bound.
+    """
     _check_matching(base, delta, "apply_delta")
+    limit = None
+    if max_ratio is not None:
+        scale = max([1.0] + [float(t.detach().abs().max()) for t in base.values() if t.numel()])
+        limit = max_ratio * scale
     updated = {}
     for name, tensor in base.items():
-        value = (tensor.detach().float() + delta[name].detach().to(tensor.device, torch.float32)).to(tensor.dtype)
+        change = delta[name].detach().to(tensor.device, torch.float32)
+        value = (tensor.detach().float() + change).to(tensor.dtype)
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"apply_delta: tensor {name!r} becomes NaN/Inf; reject this delta")
+        if limit is not None and change.numel() and float(change.abs().max()) > limit:
+            raise ValueError(f"apply_delta: tensor {name!r} changes by up to {float(change.abs().max()):.3g}, above "
+                             f"{max_ratio:g} x the base weights' scale ({limit:.3g}); reject this delta")  # fmt: skip
         updated[name] = value
     return updated
 
 
 # ------------------------------------------------------------------------------------------------ container
-def _unwrap(payload: bytes) -> bytes:
-    """The safetensors bytes inside ``payload``, inflating its zstd frame if it has one."""
+def _unwrap(payload: bytes, limit: int = _MAX_CONTAINER_BYTES) -> bytes:
+    """The safetensors bytes inside ``payload``, inflating its zstd frame if it has one; CodecError beyond
+    ``limit`` bytes (checked on the frame's declared size, before inflating)."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise CodecError(f"a payload is bytes, got {type(payload).__name__}")
     payload = bytes(payload)
     if payload[:4] != _ZSTD_MAGIC:
+        if len(payload) > limit:
+            raise CodecError(f"payload of {len(payload)} bytes; the receiver's trainable set needs at most {limit}")
         return payload
     size = zstandard.frame_content_size(payload)
-    if not 0 <= size <= _MAX_CONTAINER_BYTES:
-        raise CodecError(f"zstd frame declares {size} bytes (unknown or above {_MAX_CONTAINER_BYTES})")
+    if not 0 <= size <= limit:
+        raise CodecError(f"zstd frame declares {size} bytes (unknown or above the receiver's limit of {limit})")
     return zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
+
+
+def container_limit(reference: Mapping[str, Any]) -> int:
+    """The most bytes a DWC container of the trainable set ``reference`` (name -> shape) can need: 8 per value
+    (every codec sends fewer), room for each name in the header and the layout, and a fixed allowance."""
+    return 65536 + sum(8 * math.prod(shape) + 512 + 8 * len(name) for name, shape in reference.items())
+
+
+def _check_reference(entries: list[_Entry], reference: Mapping[str, Any]) -> None:
+    """A payload decoded strictly carries exactly the receiver's tensors, in names and shapes."""
+    names = {entry.name for entry in entries}
+    missing, extra = [n for n in reference if n not in names], sorted(names - set(reference))
+    if missing or extra:
+        raise CodecError(f"payload tensors do not match the receiver's trainable set: missing {missing[:3]} "
+                         f"({len(missing)}), unexpected {extra[:3]} ({len(extra)})")  # fmt: skip
+    for entry in entries:
+        expected = tuple(int(d) for d in reference[entry.name])
+        if entry.shape != expected:
+            raise CodecError(f"tensor {entry.name!r}: payload shape {list(entry.shape)}, the receiver's is "
+                             f"{list(expected)}")  # fmt: skip
 
 
 def _read_metadata(container: bytes) -> dict[str, str]:
@@ -232,21 +276,26 @@ class Codec(ABC):
             return container
         return zstandard.ZstdCompressor(level=self.zstd_level, write_content_size=True).compress(container)
 
-    def decode(self, payload: bytes, reference: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    def decode(self, payload: bytes, reference: Mapping[str, Any] | None = None,
+               strict: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
         """The delta in ``payload`` (float32, original names, order and shapes); CodecError if malformed.
 
         ``reference`` (name -> shape, in order: the receiver's trainable set) is required for payloads that
-        carry their layout by fingerprint, and must match that fingerprint.
+        carry their layout by fingerprint, and must match that fingerprint. With ``strict`` the payload must
+        carry exactly the reference's names and shapes and fit :func:`container_limit` of it, both checked
+        before anything is inflated or allocated: what a receiver decoding untrusted bytes passes.
         """
+        if strict and reference is None:
+            raise CodecError("a strict decode needs the receiver's trainable set as reference")
         try:
-            return self._decode(payload, reference)
+            return self._decode(payload, reference, strict)
         except CodecError:
             raise
         except Exception as error:  # trust boundary: whatever garbage triggers, callers see one error type
             raise CodecError(f"malformed {self.name!r} payload ({type(error).__name__}: {error})") from error
 
-    def _decode(self, payload: bytes, reference: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
-        container = _unwrap(payload)
+    def _decode(self, payload: bytes, reference: Mapping[str, Any] | None, strict: bool) -> dict[str, torch.Tensor]:
+        container = _unwrap(payload, container_limit(reference) if strict else _MAX_CONTAINER_BYTES)
         header = json.loads(_read_metadata(container)[FORMAT])
         if not isinstance(header, dict):
             raise CodecError(f"the {FORMAT!r} metadata is not a JSON object")
@@ -265,6 +314,8 @@ class Codec(ABC):
                 raise CodecError("layout 'kinds' must list one kind per tensor of the reference")
             layout = [[name, [int(d) for d in shape], kind] for (name, shape), kind in zip(reference.items(), kinds)]
         entries = _parse_layout(layout, self.kinds)
+        if strict:
+            _check_reference(entries, reference)
         params = header.get("params")
         if not isinstance(params, dict):
             raise CodecError("the header's 'params' is not an object")

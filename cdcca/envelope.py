@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -162,7 +163,8 @@ def open_envelope(msg, *, trust: TrustStore, robot_id: str, current_version: int
         current_version: the adapter version the robot runs now (the base of an incremental delta).
         newest_version: the newest version it ever applied (after a rollback it is above current_version);
             anything not newer is a replay.
-        expected: the trainable set (name -> tensor) the delta must match in names and shapes.
+        expected: the trainable set (name -> tensor) the delta must match in names and shapes; it also bounds
+            the decode (``num_params``, the payload's names, shapes and inflated size) before it allocates.
     """
     from cdcca.dwc import CodecError, get_codec
 
@@ -179,8 +181,13 @@ def open_envelope(msg, *, trust: TrustStore, robot_id: str, current_version: int
         raise DeltaRejected(f"keyframe must be based on version 0, got {msg.base_version}")
     if not msg.keyframe and msg.base_version != current_version:
         raise DeltaRejected(f"delta is based on version {msg.base_version}, this robot runs {current_version}")
+    # bounded by this robot's own trainable set before anything is inflated or allocated
+    reference = {name: tuple(t.shape) for name, t in expected.items()}
+    total = sum(math.prod(shape) for shape in reference.values())
+    if msg.num_params != total:
+        raise DeltaRejected(f"num_params {msg.num_params} does not match this robot's trainable set ({total} values)")
     try:
-        delta = get_codec(msg.codec).decode(payload, {name: tuple(t.shape) for name, t in expected.items()})
+        delta = get_codec(msg.codec).decode(payload, reference, strict=True)
     except CodecError as err:
         raise DeltaRejected(f"cannot decode {msg.codec!r} payload: {err}") from err
     missing, extra = set(expected) - set(delta), set(delta) - set(expected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -544,3 +545,79 @@ def test_importance_moves_bits_to_the_sensitive_tensor():
     assert error(weighted, "sensitive") < 0.7  # the sensitive tensor is sent densely
     with pytest.raises(CodecError, match="importance must give"):
         codec.encode(delta, importance={"sensitive": 1.0})
+
+
+# ------------------------------------------------------------------------------ issue 15: D7, Build 2 and 6
+def _peak_traced_bytes(call) -> tuple[object, int]:
+    """(result or the exception raised, peak bytes traced while ``call`` ran: Python and numpy buffers)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            result = call()
+        except Exception as error:  # the caller asserts which one
+            result = error
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _claiming(codec_name: str, shapes: dict[str, list[int]]) -> bytes:
+    """A well-formed payload whose layout claims ``shapes``, every tensor as kind ``zero`` (no data at all)."""
+    header = {"codec": codec_name, "version": 1, "params": get_codec(codec_name)._params(),
+              "layout": [[name, shape, "zero"] for name, shape in shapes.items()]}  # fmt: skip
+    container = save_safetensors({}, metadata={"cdcca-dwc": json.dumps(header)})
+    return zstandard.ZstdCompressor().compress(container) if get_codec(codec_name).zstd_level else container
+
+
+REFERENCE = {"q.weight": (8, 4), "q.bias": (8,)}
+
+
+@pytest.mark.parametrize(("label", "shapes", "match"), [
+    ("a 64 MiB zero tensor under a known name", {"q.weight": [4096, 4096], "q.bias": [8]}, "payload shape"),
+    ("an extra 64 MiB tensor", {**{k: list(v) for k, v in REFERENCE.items()}, "evil": [4096, 4096]}, "unexpected"),
+    ("a missing tensor", {"q.weight": [8, 4]}, "missing"),
+])  # fmt: skip
+def test_strict_decode_is_bounded_by_the_receivers_trainable_set(label, shapes, match):
+    for codec_name in ("fp16", "nf4-zstd"):
+        payload = _claiming(codec_name, shapes)
+        assert len(payload) < 1024
+        error, peak = _peak_traced_bytes(lambda: get_codec(codec_name).decode(payload, REFERENCE, strict=True))
+        assert isinstance(error, CodecError) and re.search(match, str(error)), label
+        assert peak < 1 << 20, f"{label}: {peak} bytes traced before the rejection"
+
+
+def test_strict_decode_refuses_a_zstd_frame_beyond_what_the_reference_needs_before_inflating():
+    bomb = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(64 << 20))  # 64 MiB of zeros
+    assert len(bomb) < 64 << 10
+    codec = get_codec("nf4-zstd")
+    error, peak = _peak_traced_bytes(lambda: codec.decode(bomb, REFERENCE, strict=True))
+    assert isinstance(error, CodecError) and "above the receiver's limit" in str(error)
+    assert peak < 1 << 20
+    with pytest.raises(CodecError, match="needs the receiver's trainable set"):
+        codec.decode(bomb, strict=True)
+
+
+def test_strict_decode_of_a_matching_payload_is_unchanged(trained):
+    reference = {name: tuple(t.shape) for name, t in trained.delta.items()}
+    for codec_name in CODECS:
+        payload = get_codec(codec_name).encode(trained.delta)
+        strict = get_codec(codec_name).decode(payload, reference, strict=True)
+        loose = get_codec(codec_name).decode(payload, reference)
+        assert list(strict) == list(reference) and all(torch.equal(strict[k], loose[k]) for k in loose)
+
+
+def test_apply_delta_bounds_the_change_relative_to_the_base_weights():
+    base = {"w": torch.tensor([0.5, -3.0]), "lora_B": torch.zeros(2)}
+    # the scale is the base's largest |θ| (3.0): up to 10 x 3.0 may change, zero-initialised tensors included
+    assert apply_delta(base, {"w": torch.zeros(2), "lora_B": torch.tensor([29.0, -29.0])})["lora_B"].tolist() == [
+        29.0, -29.0]  # fmt: skip
+    with pytest.raises(ValueError, match=r"'lora_B' changes by up to 1e\+38, above 10 x the base weights' scale \(30"):
+        apply_delta(base, {"w": torch.zeros(2), "lora_B": torch.tensor([1e38, 0.0])})
+    with pytest.raises(ValueError, match="'w' changes by up to 31"):
+        apply_delta(base, {"w": torch.tensor([31.0, 0.0]), "lora_B": torch.zeros(2)})
+    small = {"w": torch.zeros(2)}  # a base below 1.0 still allows changes of 10 x 1.0
+    assert apply_delta(small, {"w": torch.tensor([9.5, 0.0])})["w"][0] == 9.5
+    assert apply_delta(base, {"w": torch.zeros(2), "lora_B": torch.tensor([1e38, 0.0])}, max_ratio=None)[
+        "lora_B"][0] == 1e38  # fmt: skip

@@ -260,3 +260,66 @@ def test_answers_continue_while_deltas_swap_in(student, keys, few_samples):
     assert failures == [] and len(answers) > 0
     assert slot.version == 6 and slot.counters.applied == 6
     assert slot.counters.last_swap_us < 10_000
+
+
+# ------------------------------------------------------------------------------ issue 15: D7, Build 2 and 6
+def _signed_claiming(msg, signer, claim) -> object:
+    """``msg`` re-signed by the trusted key with a forged fp16 payload: the real layout, except that the first
+    tensor claims ``claim`` zero values (no data), and num_params to match."""
+    import json
+
+    from safetensors.numpy import save
+
+    from cdcca.dwc import _read_metadata, _unwrap
+
+    metadata = _read_metadata(_unwrap(bytes(msg.payload)))
+    header = json.loads(metadata["cdcca-dwc"])
+    header["layout"] = [[name, shape, "zero"] for name, shape, _ in header["layout"]]
+    header["layout"][0][1] = [claim]
+    payload = save({}, metadata={"cdcca-dwc": json.dumps(header)})
+    total = sum(int(np.prod(shape)) for _, shape, _ in header["layout"])
+    return _resign(msg, signer, payload=payload, num_params=total)
+
+
+def test_a_signed_delta_is_bounded_by_the_robots_trainable_set_before_it_allocates(student, keys):
+    import tracemalloc
+
+    signer, trust = keys
+    slot = AdapterSlot(student, "r1", trust)
+    before = _snapshot(student)
+    good = VersionChain("r1", slot.base).make_delta(_updated(slot.base), "fp16", signer)
+    forged = _signed_claiming(good, signer, 16 << 20)  # 64 MiB of float32 zeros from a payload of a few KiB
+    assert len(forged.payload) < 64 << 10
+    tracemalloc.start()
+    try:
+        status = slot.receive(forged)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status.state == REJECTED and "does not match this robot's trainable set" in status.reason
+    assert peak < 8 << 20  # the robot's own decode would need 64 MiB
+    assert slot.version == 0 and all(_same(model, before) for model in slot._models)
+
+
+def test_a_consistent_forgery_of_other_shapes_is_refused_by_name_and_shape(student, keys):
+    signer, trust = keys
+    slot = AdapterSlot(student, "r1", trust)
+    good = VersionChain("r1", slot.base).make_delta(_updated(slot.base), "fp16", signer)
+    first = next(iter(slot.base))
+    forged = _signed_claiming(good, signer, slot.base[first].numel())  # right total, first tensor flattened
+    status = slot.receive(forged)
+    assert status.state == REJECTED and f"tensor {first!r}: payload shape" in status.reason
+
+
+def test_a_signed_delta_of_absurd_but_finite_values_is_refused(student, keys):
+    # issue 15 D8's delta: correctly signed, finite (1e38 fits float32), and every answer would be empty
+    signer, trust = keys
+    slot = AdapterSlot(student, "r1", trust)
+    before = _snapshot(student)
+    absurd = {name: torch.full_like(tensor, 1e38) for name, tensor in slot.base.items()}
+    payload = get_codec("nf4").encode(absurd)
+    msg = seal(payload, robot_id="r1", version=1, base_version=0, keyframe=True, codec="nf4",
+               num_params=sum(t.numel() for t in absurd.values()), signer=signer)  # fmt: skip
+    status = slot.receive(msg)
+    assert status.state == REJECTED and "above 10 x the base weights' scale" in status.reason
+    assert slot.version == 0 and all(_same(model, before) for model in slot._models)
