@@ -20,7 +20,7 @@ VERBS = {
     "cloud": "run the cloud trainer: durable buffer, teacher + AKD rounds per robot, signed DWC deltas",
     "export": "export the student for the edge: `export --backend onnx` (ONNX Runtime, LoRA adapters)",
     "make-bag": "write the digits-shift stream as a rosbag2 (camera, prompts, ground truth) for replay",
-    "keys": "Ed25519 signing keys for weight deltas: `keys generate`, `keys trust`, `keys list`",
+    "keys": "Ed25519 signing keys for weight deltas: `keys generate|trust|list|revoke|endorse|accept` (rotation)",
     "bench": "benchmarks: `bench uplink` (UTS), `bench downlink` (DWC, hot-swap), `bench adapt` (Tables 1-4), "
     "`bench edge` (torch vs ONNX Runtime)",
 }
@@ -174,12 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--limit", type=int, default=None, help="images per domain (default: the whole split)")
             p.add_argument("--storage", default="mcap", choices=["mcap", "sqlite3"])
         if verb == "keys":
-            p.add_argument("action", choices=["generate", "trust", "list"])
-            p.add_argument("public_file", nargs="?", type=Path, help="for `trust`: the .pub file to add")
+            p.add_argument("action", choices=["generate", "trust", "list", "revoke", "endorse", "accept"],
+                           help="generate a key pair; trust a .pub; list the trust store; revoke a key id; endorse: "
+                                "sign a statement (with --key) that robots trusting it may trust a new .pub; accept "
+                                "such a statement (or a signed revocation) into the trust store")  # fmt: skip
+            p.add_argument("target", nargs="?", default=None,
+                           help="trust/endorse: the .pub file; revoke: the key id; accept: the statement file")
             p.add_argument("--key-id", default="cloud-1", help="for `generate`: name of the new key")
             p.add_argument("--dir", type=Path, default=None, help="for `generate`: key folder (default: cache/keys)")
             p.add_argument("--store", type=Path, default=None,
                            help="trust store folder (default: cache/trust)")  # fmt: skip
+            p.add_argument("--key", type=Path, default=None,
+                           help="endorse, revoke: the trusted private key (.key) that signs the statement; `revoke` "
+                                "with --key writes a signed revocation instead of revoking locally")  # fmt: skip
+            p.add_argument("--out", type=Path, default=None,
+                           help="endorse, revoke --key: statement file (default: cache/keys/<id>.<action>.json)")
         if verb == "bench":
             p.add_argument("which", choices=["uplink", "downlink", "adapt", "edge"], help="which benchmark")
             p.add_argument("--preset", default="tiny", help="preset whose pretrained student is measured")
@@ -427,25 +436,62 @@ def cmd_make_bag(args) -> dict:
 
 
 def cmd_keys(args) -> dict:
-    from cdcca.envelope import TrustStore, generate_key, trust_key
+    import time
+
+    from cdcca.envelope import KeyStatement, KeyStoreError, Signer, TrustStore, fingerprint, generate_key, trust_key
     from cdcca.paths import cache_dir
     from cdcca.report import format_table
 
     store_dir = args.store or cache_dir() / "trust"
+    needs = {"trust": "the .pub file to add", "endorse": "the new key's .pub file", "revoke": "the key id to revoke",
+             "accept": "the statement file"}  # fmt: skip
+    if args.action in needs and args.target is None:
+        raise ValueError(f"`cdcca keys {args.action}` needs {needs[args.action]}")
     if args.action == "generate":
         private, public = generate_key(args.dir or cache_dir() / "keys", args.key_id)
-        print(f"private key (keep in the cloud): {private}\npublic key (give to robots):   {public}")
-        return {"private": str(private), "public": str(public)}
+        print(f"private key (keep in the cloud): {private}\npublic key (give to robots):   {public}\n"
+              f"fingerprint: {fingerprint(public.read_text())}")  # fmt: skip
+        return {"private": str(private), "public": str(public), "fingerprint": fingerprint(public.read_text())}
     if args.action == "trust":
-        if args.public_file is None:
-            raise ValueError("`cdcca keys trust` needs the .pub file to add")
-        stored = trust_key(args.public_file, store_dir)
-        print(f"trusted {stored.stem} in {store_dir}")
-        return {"trusted": stored.stem, "store": str(store_dir)}
+        stored = trust_key(Path(args.target), store_dir)
+        print(f"trusted {stored.stem} ({fingerprint(stored.read_text())}) in {store_dir}")
+        return {"trusted": stored.stem, "fingerprint": fingerprint(stored.read_text()), "store": str(store_dir)}
+    if args.action in ("endorse", "revoke") and args.key is not None:
+        signer = Signer.load(args.key)
+        if args.action == "endorse":
+            public = Path(args.target)
+            statement = KeyStatement.sign(signer, "trust", public.stem, public.read_text(), time.time())
+        else:
+            statement = KeyStatement.sign(signer, "revoke", args.target, issued_unix=time.time())
+        out = args.out or cache_dir() / "keys" / f"{statement.key_id}.{statement.action}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(statement.to_json())
+        print(f"{signer.key_id} signed '{statement.action} {statement.key_id}': {out}\n"
+              f"on each robot: cdcca keys accept {out} --store TRUST_DIR")  # fmt: skip
+        return {"statement": str(out), "action": statement.action, "key_id": statement.key_id,
+                "signer": signer.key_id}  # fmt: skip
+    if args.action == "endorse":
+        raise ValueError("`cdcca keys endorse` needs --key: the trusted key that vouches for the new one")
     store = TrustStore.load(store_dir)
-    rows = [{"key_id": key_id, "store": str(store_dir)} for key_id in store.keys]
-    print(format_table(rows, ["key_id", "store"], title="trusted signing keys"))
-    return {"store": str(store_dir), "keys": list(store.keys)}
+    if args.action == "revoke":
+        revoked = store.revoke(args.target)
+        print(f"revoked {args.target} ({revoked}) in {store_dir}")
+        return {"revoked": args.target, "fingerprint": revoked, "store": str(store_dir)}
+    if args.action == "accept":
+        try:
+            statement = KeyStatement.from_json(Path(args.target).read_text())
+        except OSError as err:
+            raise KeyStoreError(f"cannot read the statement: {err}") from err
+        store.accept(statement)
+        print(f"accepted '{statement.action} {statement.key_id}' signed by {statement.signer} into {store_dir}")
+        return {"accepted": statement.action, "key_id": statement.key_id, "signer": statement.signer,
+                "store": str(store_dir)}  # fmt: skip
+    rows = [{"key_id": key_id, "state": state, "fingerprint": value}
+            for state, keys in (("trusted", store.fingerprints()), ("revoked", store.revoked))
+            for key_id, value in keys.items()]  # fmt: skip
+    print(format_table(rows, ["key_id", "state", "fingerprint"], title=f"signing keys in {store_dir}"))
+    return {"store": str(store_dir), "keys": list(store.keys), "fingerprints": store.fingerprints(),
+            "revoked": dict(store.revoked)}  # fmt: skip
 
 
 def _print_adapt_tables(report: dict) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import logging
 import math
 import os
 import re
@@ -30,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cdcca import wire
 from cdcca.errors import CdccaError
 
+log = logging.getLogger(__name__)
 _KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -92,30 +95,110 @@ class Signer:
         return self.private_key.sign(data)
 
 
+def fingerprint(public_hex: str) -> str:
+    """SHA-256 (hex) of a raw Ed25519 public key: what ``cdcca keys list`` shows, to compare keys out of band."""
+    return hashlib.sha256(bytes.fromhex(public_hex.strip())).hexdigest()
+
+
+def _public_key(key_id: str, public_hex: str) -> Ed25519PublicKey:
+    try:
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex.strip()))
+    except ValueError as err:
+        raise KeyStoreError(f"public key {key_id!r} is not 32 bytes of hex: {err}") from err
+
+
+def _raw_hex(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
 @dataclass
 class TrustStore:
-    """Public keys a robot accepts deltas from: ``<key_id>.pub`` files (hex of the raw 32-byte key) in a folder."""
+    """Public keys a robot accepts deltas from: ``<key_id>.pub`` files (hex of the raw 32-byte key) in a folder,
+    and ``<key_id>.revoked`` markers (the revoked key's fingerprint) for keys whose deltas are rejected.
+
+    Several keys may be trusted at once (a rotation overlaps the old and the new key). Revocation is permanent:
+    a revoked key (by id or by fingerprint) cannot be trusted again. A store loaded from a folder re-reads it
+    for an unknown key id and checks the revocation markers on every verification, so ``cdcca keys trust`` /
+    ``revoke`` / ``accept`` take effect on a running robot without a restart.
+    """
 
     keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)
+    revoked: dict[str, str] = field(default_factory=dict)  # key_id -> fingerprint of the revoked key
+    directory: Path | None = None
 
     @classmethod
     def load(cls, directory: str | Path) -> TrustStore:
         directory = Path(directory)
         if not directory.is_dir():
             raise KeyStoreError(f"no trust store at {directory}; add a key with `cdcca keys trust PUBFILE --store DIR`")
-        store = cls()
+        store = cls(directory=directory)
+        for path in sorted(directory.glob("*.revoked")):
+            store.revoked[_check_key_id(path.stem)] = path.read_text().strip()
         for path in sorted(directory.glob("*.pub")):
-            store.add(path.stem, path.read_text())
+            if path.stem in store.revoked:
+                continue
+            try:
+                store.add(path.stem, path.read_text())
+            except KeyStoreError as err:  # e.g. a revoked key copied in under a new name: never trusted
+                log.warning("trust store %s: %s is not trusted: %s", directory, path.name, err)
         return store
 
+    def fingerprints(self) -> dict[str, str]:
+        """key_id -> fingerprint of every trusted key."""
+        return {key_id: fingerprint(_raw_hex(key)) for key_id, key in self.keys.items()}
+
     def add(self, key_id: str, public_hex: str) -> None:
-        try:
-            raw = bytes.fromhex(public_hex.strip())
-            self.keys[_check_key_id(key_id)] = Ed25519PublicKey.from_public_bytes(raw)
-        except ValueError as err:
-            raise KeyStoreError(f"public key {key_id!r} is not 32 bytes of hex: {err}") from err
+        """Trust a key (in memory). Adding the same key again is a no-op; a different key under a trusted id, a
+        revoked id or a revoked key is refused: replacing a key is a rotation, not a silent overwrite."""
+        key = _public_key(_check_key_id(key_id), public_hex)
+        new = fingerprint(_raw_hex(key))
+        if key_id in self.revoked or new in self.revoked.values():
+            raise KeyStoreError(f"key {key_id!r} ({new[:16]}...) was revoked; revocation is permanent, generate a "
+                                "new key")  # fmt: skip
+        if key_id in self.keys and _raw_hex(self.keys[key_id]) != _raw_hex(key):
+            raise KeyStoreError(f"a different key is already trusted as {key_id!r} "
+                                f"({self.fingerprints()[key_id][:16]}... vs {new[:16]}...); trust the new key under a "
+                                f"new id, and revoke {key_id!r} if it is to go")  # fmt: skip
+        self.keys[key_id] = key
+
+    def revoke(self, key_id: str) -> str:
+        """Reject ``key_id``'s deltas from now on (persisted as ``<key_id>.revoked`` when loaded from a folder);
+        returns the revoked key's fingerprint. Refuses to revoke the last trusted key: the robot would accept no
+        update at all; trust its successor first."""
+        self._refresh(key_id)
+        if key_id in self.revoked:
+            return self.revoked[key_id]
+        if key_id not in self.keys:
+            raise KeyStoreError(f"no trusted key {key_id!r} to revoke; trusted: {sorted(self.keys)}")
+        if len(self.keys) == 1:
+            raise KeyStoreError(f"{key_id!r} is the only trusted key; trust its successor first (`cdcca keys trust` or "
+                                "`cdcca keys accept`), then revoke it")  # fmt: skip
+        revoked = self.fingerprints()[key_id]
+        if self.directory is not None:
+            _write_atomic(self.directory / f"{key_id}.revoked", revoked + "\n")
+        self.revoked[key_id] = revoked
+        del self.keys[key_id]
+        return revoked
+
+    def _refresh(self, key_id: str) -> None:
+        """Pick up what ``cdcca keys`` changed in the folder since :meth:`load` (one stat per call)."""
+        if self.directory is None or not _KEY_ID.match(key_id):
+            return
+        marker = self.directory / f"{key_id}.revoked"
+        if key_id not in self.revoked and marker.is_file():
+            self.revoked[key_id] = marker.read_text().strip()
+            self.keys.pop(key_id, None)
+        public = self.directory / f"{key_id}.pub"
+        if key_id not in self.keys and key_id not in self.revoked and public.is_file():
+            self.add(key_id, public.read_text())
 
     def verify(self, key_id: str, signature: bytes, data: bytes) -> None:
+        try:
+            self._refresh(key_id)
+        except (KeyStoreError, OSError) as err:
+            raise DeltaRejected(f"trust store unreadable for key {key_id!r}: {err}") from None
+        if key_id in self.revoked:
+            raise DeltaRejected(f"signing key {key_id!r} is revoked")
         if key_id not in self.keys:
             raise DeltaRejected(f"unknown signing key {key_id!r}")
         try:
@@ -123,14 +206,105 @@ class TrustStore:
         except InvalidSignature:
             raise DeltaRejected(f"bad signature (key {key_id!r})") from None
 
+    def accept(self, statement: KeyStatement) -> None:
+        """Apply a :class:`KeyStatement` signed by a key this store trusts: trust its key, or revoke one.
+        Persisted to the folder when loaded from one. KeyStoreError if the signature does not verify."""
+        statement.verify(self)
+        if statement.action == "revoke":
+            self.revoke(statement.key_id)
+            return
+        self.add(statement.key_id, statement.public_key)
+        if self.directory is not None:
+            _write_atomic(self.directory / f"{statement.key_id}.pub", statement.public_key + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+STATEMENT_CONTEXT = b"cdcca key statement v1\n"  # domain separation: a statement's signature is never a delta's
+
+
+@dataclass(frozen=True)
+class KeyStatement:
+    """A key rotation or revocation, signed by a key the robots already trust, so it may travel over any channel
+    (a file copy, the fleet's config push): robots verify it against their own trust store, no re-flash.
+
+    Args:
+        action: ``trust`` (add ``key_id`` with ``public_key``) or ``revoke`` (reject ``key_id`` from now on).
+        key_id: the key the statement is about.
+        public_key: hex of its raw 32-byte Ed25519 public key (``trust`` only; empty for ``revoke``).
+        signer: id of the trusted key that signed the statement.
+        issued_unix: when it was signed (informational).
+        signature: Ed25519 signature over :data:`STATEMENT_CONTEXT` and the canonical JSON of the other fields.
+    """
+
+    action: str
+    key_id: str
+    public_key: str
+    signer: str
+    issued_unix: float
+    signature: str = ""
+
+    def __post_init__(self) -> None:
+        if self.action not in ("trust", "revoke"):
+            raise KeyStoreError(f"KeyStatement.action must be 'trust' or 'revoke', got {self.action!r}")
+        _check_key_id(self.key_id)
+        _check_key_id(self.signer)
+        if self.action == "trust":
+            _public_key(self.key_id, self.public_key)
+        elif self.public_key:
+            raise KeyStoreError("a 'revoke' statement carries no public_key")
+
+    def signed_bytes(self) -> bytes:
+        body = {"action": self.action, "key_id": self.key_id, "public_key": self.public_key.strip().lower(),
+                "signer": self.signer, "issued_unix": self.issued_unix}  # fmt: skip
+        return STATEMENT_CONTEXT + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def sign(cls, signer: Signer, action: str, key_id: str, public_key: str = "", issued_unix: float = 0.0):
+        """A statement by ``signer`` (the cloud's current key) about ``key_id``."""
+        unsigned = cls(action, key_id, public_key.strip().lower(), signer.key_id, float(issued_unix))
+        return dataclasses.replace(unsigned, signature=signer.sign(unsigned.signed_bytes()).hex())
+
+    def verify(self, trust: TrustStore) -> None:
+        """KeyStoreError unless a key ``trust`` holds (not revoked) signed this statement."""
+        try:
+            trust.verify(self.signer, bytes.fromhex(self.signature), self.signed_bytes())
+        except (DeltaRejected, ValueError) as err:
+            raise KeyStoreError(f"statement about {self.key_id!r} is not signed by a trusted key: {err}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> KeyStatement:
+        try:
+            fields = json.loads(text)
+            names = {f.name for f in dataclasses.fields(cls)}
+            if not isinstance(fields, dict) or set(fields) != names:
+                raise ValueError(f"expected the fields {sorted(names)}")
+            if not all(isinstance(fields[n], str) for n in names - {"issued_unix"}) or \
+                    not isinstance(fields["issued_unix"], (int, float)):  # fmt: skip
+                raise ValueError("wrong field types")
+            return cls(**fields)
+        except ValueError as err:  # json.JSONDecodeError is one
+            raise KeyStoreError(f"not a key statement: {err}") from None
+
 
 def trust_key(public_file: str | Path, store_dir: str | Path) -> Path:
-    """Copy a ``.pub`` file into a trust store after checking it parses; returns the stored path."""
+    """Copy a ``.pub`` file into a trust store after checking it parses; returns the stored path. Trusting the
+    same key again is a no-op; a different key under a trusted (or revoked) id is refused."""
     public_file = Path(public_file)
-    TrustStore().add(public_file.stem, public_file.read_text())  # validates
-    target = Path(store_dir) / public_file.name
+    store_dir = Path(store_dir)
+    store = TrustStore.load(store_dir) if store_dir.is_dir() else TrustStore()
+    store.add(public_file.stem, public_file.read_text())  # validates; refuses replacing or revoked keys
+    target = store_dir / public_file.name
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(public_file.read_text())
+    if not target.is_file() or target.read_text() != public_file.read_text():
+        _write_atomic(target, public_file.read_text())
     return target
 
 

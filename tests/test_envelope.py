@@ -323,3 +323,107 @@ def test_a_signed_delta_of_absurd_but_finite_values_is_refused(student, keys):
     status = slot.receive(msg)
     assert status.state == REJECTED and "above 10 x the base weights' scale" in status.reason
     assert slot.version == 0 and all(_same(model, before) for model in slot._models)
+
+
+# --------------------------------------------------------------------- issue 15: Build 7 (keys, rotation)
+def _keys_cli(*argv, tmp_path, capsys=None) -> tuple[int, dict | None]:
+    """Run ``cdcca keys ...`` in process; (exit code, its JSON report or None)."""
+    import json
+
+    from cdcca.cli import main
+
+    report = tmp_path / "keys-report.json"
+    report.unlink(missing_ok=True)
+    code = main(["keys", *map(str, argv), "--json", str(report)])
+    return code, json.loads(report.read_text()) if report.is_file() else None
+
+
+def _fingerprint_of(public_file) -> str:
+    import hashlib
+
+    return hashlib.sha256(bytes.fromhex(public_file.read_text().strip())).hexdigest()
+
+
+def test_keys_list_shows_fingerprints_and_trust_never_silently_replaces_a_key(tmp_path, capsys):
+    # Prepare: two different keys that both want the id cloud-1
+    private, public = generate_key(tmp_path / "cloud", "cloud-1")
+    _, impostor = generate_key(tmp_path / "elsewhere", "cloud-1")
+    store = tmp_path / "trust"
+    assert _keys_cli("trust", public, "--store", store, tmp_path=tmp_path)[0] == 0
+    # Execute / Assert: the same key again is fine, a different one under the same id is refused
+    assert _keys_cli("trust", public, "--store", store, tmp_path=tmp_path)[0] == 0
+    code, _ = _keys_cli("trust", impostor, "--store", store, tmp_path=tmp_path)
+    assert code == 2 and "a different key is already trusted as 'cloud-1'" in capsys.readouterr().err
+    assert (store / "cloud-1.pub").read_text() == public.read_text()
+    code, listing = _keys_cli("list", "--store", store, tmp_path=tmp_path)
+    assert code == 0 and listing["fingerprints"] == {"cloud-1": _fingerprint_of(public)}
+    assert _fingerprint_of(public) in capsys.readouterr().out
+
+
+def test_a_revoked_key_is_rejected_by_a_running_robot_and_stays_revoked(student, tmp_path, capsys):
+    # Prepare: a robot that trusts two keys
+    store = tmp_path / "trust"
+    signers = {}
+    for key_id in ("cloud-1", "cloud-2"):
+        private, public = generate_key(tmp_path / "cloud", key_id)
+        trust_key(public, store)
+        signers[key_id] = Signer.load(private)
+    slot = AdapterSlot(student, "r1", TrustStore.load(store))
+    chain = VersionChain("r1", slot.base)
+    assert slot.receive(chain.make_delta(_updated(slot.base, 1), "fp16", signers["cloud-1"])).state == APPLIED
+    # Execute: revoke cloud-1 with the CLI while the robot runs
+    code, report = _keys_cli("revoke", "cloud-1", "--store", store, tmp_path=tmp_path)
+    # Assert: its next delta is rejected, cloud-2's applies; it cannot be trusted again; the last key stays
+    assert code == 0 and report["fingerprint"] == _fingerprint_of(tmp_path / "cloud" / "cloud-1.pub")
+    chain.record_applied(1)
+    status = slot.receive(chain.make_delta(_updated(slot.base, 2), "fp16", signers["cloud-1"]))
+    assert status.state == REJECTED and status.reason == "signing key 'cloud-1' is revoked"
+    assert slot.receive(chain.make_delta(_updated(slot.base, 3), "fp16", signers["cloud-2"])).state == APPLIED
+    assert slot.version == 3
+    with pytest.raises(KeyStoreError, match="revoked"):
+        trust_key(tmp_path / "cloud" / "cloud-1.pub", store)
+    renamed = tmp_path / "cloud-1-again.pub"
+    renamed.write_text((tmp_path / "cloud" / "cloud-1.pub").read_text())
+    with pytest.raises(KeyStoreError, match="revoked"):  # the same key under a new name
+        trust_key(renamed, store)
+    assert set(TrustStore.load(store).keys) == {"cloud-2"}
+    code, _ = _keys_cli("revoke", "cloud-2", "--store", store, tmp_path=tmp_path)
+    assert code == 2 and "only trusted key" in capsys.readouterr().err
+
+
+def test_a_new_cloud_key_takes_over_through_a_statement_signed_by_the_old_one(student, tmp_path, capsys):
+    # Prepare: robots trust cloud-1 only; the cloud makes cloud-2 and endorses it with cloud-1
+    store = tmp_path / "trust"
+    old_private, old_public = generate_key(tmp_path / "cloud", "cloud-1")
+    new_private, new_public = generate_key(tmp_path / "cloud", "cloud-2")
+    trust_key(old_public, store)
+    slot = AdapterSlot(student, "r1", TrustStore.load(store))
+    chain = VersionChain("r1", slot.base)
+    new_signer = Signer.load(new_private)
+    assert "unknown signing key" in slot.receive(chain.make_delta(_updated(slot.base), "fp16", new_signer)).reason
+    statement = tmp_path / "cloud-2.trust.json"
+    code, _ = _keys_cli("endorse", new_public, "--key", old_private, "--out", statement, tmp_path=tmp_path)
+    assert code == 0
+    # a forged statement (another key under the endorsed id) and one by a stranger are refused
+    from cdcca.envelope import KeyStatement
+
+    genuine = KeyStatement.from_json(statement.read_text())
+    _, other = generate_key(tmp_path / "attacker", "attacker")
+    forged = tmp_path / "forged.json"
+    forged.write_text(genuine.__class__(**{**genuine.__dict__, "public_key": other.read_text().strip()}).to_json())
+    assert _keys_cli("accept", forged, "--store", store, tmp_path=tmp_path)[0] == 2
+    stranger = KeyStatement.sign(Signer.load(tmp_path / "attacker" / "attacker.key"), "trust", "attacker",
+                                 other.read_text())  # fmt: skip
+    with pytest.raises(KeyStoreError, match="not signed by a trusted key"):
+        TrustStore.load(store).accept(stranger)
+    # Execute: the robot accepts the genuine statement (no re-flash, no restart)
+    code, report = _keys_cli("accept", statement, "--store", store, tmp_path=tmp_path)
+    # Assert: deltas signed by the new key apply on the running robot; then the old key can be retired
+    assert code == 0 and report == {"accepted": "trust", "key_id": "cloud-2", "signer": "cloud-1",
+                                    "store": str(store)}  # fmt: skip
+    chain = VersionChain("r1", slot.base)
+    assert slot.receive(chain.make_delta(_updated(slot.base, 5), "fp16", new_signer)).state == APPLIED
+    retire = KeyStatement.sign(new_signer, "revoke", "cloud-1")
+    TrustStore.load(store).accept(retire)
+    assert TrustStore.load(store).revoked == {"cloud-1": _fingerprint_of(old_public)}
+    assert set(TrustStore.load(store).fingerprints()) == {"cloud-2"}
