@@ -182,7 +182,8 @@ class CloudTrainer:
 
     def _reject(self, robot_id: str, reason: str, err: Exception) -> None:
         self.counters.rejected += 1
-        self.counters.rejected_reasons[reason] = self.counters.rejected_reasons.get(reason, 0) + 1
+        reasons = self.counters.rejected_reasons  # replaced, not mutated: stats() may be copying it meanwhile
+        self.counters.rejected_reasons = {**reasons, reason: reasons.get(reason, 0) + 1}
         log.warning("rejected UtsTokens from %s (%s): %s", robot_id, reason, err)
 
     def receive_status(self, robot_id: str, msg) -> None:

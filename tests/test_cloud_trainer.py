@@ -373,3 +373,20 @@ def test_a_store_from_before_quarantine_opens_and_quarantines(tmp_path):
     store.quarantine("r1", "a", "token_grid: 30 tokens")
     assert [sample_id for sample_id, _ in store.pending("r1")] == ["b"]
     assert store.quarantined() == {"r1": {"a": "token_grid: 30 tokens"}} and store.pending_counts() == {"r1": 1}
+
+
+def test_a_prompt_of_exactly_the_longest_admitted_length_trains(pretrained_test_pair, uploads, keys, tmp_path):
+    """The prompt bound is tight where it matters: the longest prompt admitted still fits every forward."""
+    trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud", round_size=4)
+    limit = trainer.admission.limits.max_prompt_tokens
+    prompt = "is the digit"
+    while len(trainer.teacher.prompt_ids([prompt + " odd"])[0]) <= limit:
+        prompt += " odd"
+    assert len(trainer.teacher.prompt_ids([prompt])[0]) == limit
+    longest = _copy(uploads[0], sample_id="longest", prompt=prompt)
+    too_long = _copy(uploads[0], sample_id="too-long", prompt=prompt + " odd odd")
+    assert trainer.receive_tokens("r1", longest) and not trainer.receive_tokens("r1", too_long)
+    for msg in uploads[1:4]:
+        trainer.receive_tokens("r1", msg)
+    [result] = trainer.step()
+    assert (result["version"], result["samples"], result["quarantined"]) == (1, 4, {})
