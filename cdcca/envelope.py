@@ -137,10 +137,11 @@ class TrustStore:
         for path in sorted(directory.glob("*.pub")):
             if path.stem in store.revoked:
                 continue
-            try:
-                store.add(path.stem, path.read_text())
-            except KeyStoreError as err:  # e.g. a revoked key copied in under a new name: never trusted
-                log.warning("trust store %s: %s is not trusted: %s", directory, path.name, err)
+            key = _raw_hex(_public_key(path.stem, path.read_text()))  # a malformed file is an error, as before
+            if fingerprint(key) in store.revoked.values():  # a revoked key copied in under a new name
+                log.warning("trust store %s: %s holds a revoked key; not trusted", directory, path.name)
+                continue
+            store.add(path.stem, key)
         return store
 
     def fingerprints(self) -> dict[str, str]:

@@ -386,6 +386,7 @@ def test_a_revoked_key_is_rejected_by_a_running_robot_and_stays_revoked(student,
     renamed.write_text((tmp_path / "cloud" / "cloud-1.pub").read_text())
     with pytest.raises(KeyStoreError, match="revoked"):  # the same key under a new name
         trust_key(renamed, store)
+    (store / renamed.name).write_text(renamed.read_text())  # copied in by hand: still not trusted
     assert set(TrustStore.load(store).keys) == {"cloud-2"}
     code, _ = _keys_cli("revoke", "cloud-2", "--store", store, tmp_path=tmp_path)
     assert code == 2 and "only trusted key" in capsys.readouterr().err
