@@ -45,3 +45,37 @@ def test_queue_and_counters_survive_a_restart(tmp_path):
 def test_capacity_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="capacity"):
         UplinkQueue(tmp_path / "q.sqlite", capacity=0)
+
+
+@pytest.mark.parametrize("entropy", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_entropy_is_stored_as_the_most_uncertain_and_counted(tmp_path, entropy):
+    # Prepare: a full queue of finite samples (issue 15 D3: SQLite turned NaN into NULL and INSERT OR IGNORE lost it)
+    queue = UplinkQueue(tmp_path / "q.sqlite", capacity=2)
+    queue.put("low", 0.1, b"L")
+    queue.put("high", 0.9, b"H")
+    # Execute
+    dropped = queue.put("broken", entropy, b"B")
+    # Assert: held, first in line, and the least uncertain finite one made room
+    assert dropped == "low"
+    assert queue.ids() == ["broken", "high"]
+    assert queue.due(resend_after_s=5, now=0.0)[0] == ("broken", b"B")
+    stats = queue.stats()
+    assert (stats.queued, stats.enqueued, stats.nonfinite_entropy, stats.dropped) == (2, 3, 1, 1)
+    queue.close()
+    assert UplinkQueue(tmp_path / "q.sqlite").stats().nonfinite_entropy == 1  # the counter is durable
+
+
+@pytest.mark.parametrize(("sample_id", "payload"), [("s", b""), ("", b"x")])
+def test_an_empty_payload_or_id_is_refused_counted_and_returned(tmp_path, sample_id, payload):
+    queue = UplinkQueue(tmp_path / "q.sqlite")
+    assert queue.put(sample_id, 0.5, payload) == sample_id
+    stats = queue.stats()
+    assert (stats.queued, stats.enqueued, stats.refused) == (0, 0, 1)
+
+
+def test_a_duplicate_id_keeps_the_queued_sample_and_is_counted(tmp_path):
+    queue = UplinkQueue(tmp_path / "q.sqlite")
+    queue.put("s", 0.5, b"first")
+    assert queue.put("s", 0.7, b"second") is None
+    assert queue.due(resend_after_s=5, now=0.0) == [("s", b"first")]
+    assert (queue.stats().enqueued, queue.stats().duplicates) == (1, 1)

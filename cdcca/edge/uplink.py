@@ -6,15 +6,25 @@ stored the sample itself, so a sample is never in neither place. Unacknowledged 
 ``resend_after_s``; the cloud ignores duplicates by (robot_id, sample_id). When the queue is full the least
 uncertain sample (lowest answer entropy, the newcomer included) is dropped and counted: the cloud learns
 most from the samples the student is least sure about (UTS, Eq. 2).
+
+Nothing leaves the queue without a count. A NaN or infinite entropy (a broken model: exactly the samples
+the cloud most needs, and UTS stage 1 always keeps them) is stored as +inf, the most uncertain value, and
+counted in ``nonfinite_entropy``; SQLite would otherwise turn NaN into NULL and refuse the row. A sample
+that cannot be sent (an empty payload or sample id) is refused and counted in ``refused``; a second sample
+under a queued id is not stored (the first is kept) and counted in ``duplicates``.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS uplink (
@@ -27,7 +37,7 @@ CREATE TABLE IF NOT EXISTS uplink (
 CREATE INDEX IF NOT EXISTS uplink_entropy ON uplink (entropy);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
-COUNTERS = ("enqueued", "dropped", "acked", "sent", "resent")
+COUNTERS = ("enqueued", "dropped", "acked", "sent", "resent", "nonfinite_entropy", "refused", "duplicates")
 
 
 @dataclass
@@ -40,6 +50,9 @@ class UplinkStats:
     acked: int
     sent: int
     resent: int
+    nonfinite_entropy: int = 0  # stored with entropy +inf (most uncertain)
+    refused: int = 0  # not stored: empty payload or sample id
+    duplicates: int = 0  # not stored: the id was already queued (the queued sample is kept)
 
 
 class UplinkQueue:
@@ -67,17 +80,36 @@ class UplinkQueue:
                          (name, by, by))  # fmt: skip
 
     def put(self, sample_id: str, entropy: float, payload: bytes) -> str | None:
-        """Store a sample; returns the id of the sample dropped to stay within capacity (maybe this one)."""
+        """Store a sample; returns the id of a sample no longer held (``None``: nothing lost).
+
+        That is the sample dropped to stay within capacity (maybe this one), or this one when it is refused
+        (empty payload or id). Each case is counted (see :class:`UplinkStats`), as is a duplicate id (the
+        queued sample under that id stays, ``None`` is returned).
+        """
+        if not sample_id or not payload:
+            what = "sample id" if not sample_id else "payload"
+            with self._lock:
+                self._bump("refused")
+            log.warning("uplink queue refused sample %r: empty %s", sample_id, what)
+            return sample_id
+        entropy = float(entropy)
+        finite = math.isfinite(entropy)
+        if not finite:  # NaN would become NULL; a broken model's samples are the most uncertain of all
+            entropy = math.inf
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 cursor = self._db.execute(
                     "INSERT OR IGNORE INTO uplink (sample_id, entropy, payload, enqueued) VALUES (?, ?, ?, ?)",
-                    (sample_id, float(entropy), payload, time.time()),
+                    (sample_id, entropy, payload, time.time()),
                 )
                 dropped = None
-                if cursor.rowcount:
+                if not cursor.rowcount:
+                    self._bump("duplicates")
+                else:
                     self._bump("enqueued")
+                    if not finite:
+                        self._bump("nonfinite_entropy")
                     (count,) = self._db.execute("SELECT COUNT(*) FROM uplink").fetchone()
                     if count > self.capacity:
                         (dropped,) = self._db.execute(
