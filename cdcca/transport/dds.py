@@ -164,6 +164,15 @@ def _cyclone_config(peers: list[str], multicast: bool = False, interface: str | 
             f"</Peers></Discovery></Domain></CycloneDDS>")  # fmt: skip
 
 
+# Fast DDS 3 (ROS 2 Kilted's rmw_fastrtps) sends XTypes type information that Cyclone DDS 11 rejects for types
+# with sequences (sensor_msgs/Image, cdcca_msgs/UtsAck, ros_discovery_info's ParticipantEntitiesInfo): the
+# endpoints then never match, so a Kilted camera sends this participant no frames and rclpy does not list its
+# node. Ignoring the remote type information there (matching by type name, as ROS 2 does) restores it; Jazzy's
+# Fast DDS 2.14 is unaffected. Prepended to every configuration a DdsGraph uses (issue 14, #13).
+FAST_DDS_3_COMPATIBILITY = ("<CycloneDDS><Domain Id='any'><Compatibility><IgnoreTypeInformation>1.15"
+                            "</IgnoreTypeInformation></Compatibility></Domain></CycloneDDS>")
+
+
 def loopback_config() -> str:
     """A Cyclone DDS configuration that stays on 127.0.0.1 with unicast discovery (no multicast needed): for
     tests and for a robot whose ROS graph is one host (give ROS the same via ``CYCLONEDDS_URI``)."""
@@ -232,7 +241,8 @@ class DdsGraph:
     Args:
         domain_id: the ROS domain (``$ROS_DOMAIN_ID``, default 0).
         config: Cyclone DDS XML configuration for this domain (default: what :func:`ros_discovery_config` derives
-            from the ROS environment, then ``$CYCLONEDDS_URI``; with neither, Cyclone's built-in one).
+            from the ROS environment, then ``$CYCLONEDDS_URI``; with neither, Cyclone's built-in one), always after
+            :data:`FAST_DDS_3_COMPATIBILITY`.
         node_name: announce the participant's readers and writers as this ROS 2 node on ``ros_discovery_info``
             (see the module doc); ``None``: a bare participant, invisible to ``ros2 node list`` and to
             zenoh-bridge-ros2dds.
@@ -247,8 +257,9 @@ class DdsGraph:
             raise DdsError(f"not an absolute ROS 2 namespace: {node_namespace!r}")
         self.node_name, self.node_namespace = node_name, node_namespace
         self.domain_id = int(os.environ.get("ROS_DOMAIN_ID", "0")) if domain_id is None else int(domain_id)
-        if config is None and (config := ros_discovery_config()) is not None and os.environ.get("CYCLONEDDS_URI"):
-            config = f"{config},{os.environ['CYCLONEDDS_URI']}"  # later fragments override earlier ones
+        if config is None:  # later fragments override earlier ones: a user's $CYCLONEDDS_URI comes last
+            config = ",".join(filter(None, [ros_discovery_config(), os.environ.get("CYCLONEDDS_URI")]))
+        config = ",".join(filter(None, [FAST_DDS_3_COMPATIBILITY, config]))
         try:
             if config:
                 with _DOMAINS_LOCK:

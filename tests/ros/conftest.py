@@ -23,7 +23,7 @@ except ImportError:  # the core venv: `make test` runs these in .venv-ros
 collect_ignore_glob = [] if rclpy is not None else ["test_*.py"]
 
 ROOT = Path(__file__).resolve().parents[2]
-INSTALL = ROOT / "ros2_ws" / "install"
+INSTALL = Path(os.environ.get("CDCCA_ROS_INSTALL", ROOT / "ros2_ws" / "install"))  # the colcon install of ros2_ws
 EDGE_NODE = INSTALL / "cdcca_edge" / "lib" / "cdcca_edge" / "edge_node"
 EDGE_YAML = INSTALL / "cdcca_edge" / "share" / "cdcca_edge" / "config" / "edge.yaml"
 _DOMAINS = itertools.count(100 + os.getpid() % 50)  # 100..231: distinct per test, valid for Fast DDS

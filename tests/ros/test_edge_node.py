@@ -106,12 +106,15 @@ def robot(pretrained_test_pair, ros_keys, tmp_path_factory):
 
 
 def test_an_invalid_transition_is_refused_and_the_node_lives_on(robot):
-    """#1: activate while unconfigured raised RCLError out of executor.spin() on Jazzy."""
+    """#1: activate while unconfigured raised RCLError out of executor.spin() on Jazzy (Kilted's rclpy refuses it
+    itself)."""
     assert robot.graph.state(NODE) == "unconfigured"
     assert robot.graph.transition(NODE, Transition.TRANSITION_ACTIVATE) is False
     assert robot.graph.transition(NODE, Transition.TRANSITION_DEACTIVATE) is False
     assert robot.process.proc.poll() is None and robot.graph.state(NODE) == "unconfigured"
-    assert "Traceback" not in robot.process.text() and "refused lifecycle transition" in robot.process.text()
+    text = robot.process.text()
+    assert "Traceback" not in text
+    assert "refused lifecycle transition" in text or "Unable to start transition 3" in text  # Jazzy, Kilted
 
 
 def test_a_topic_rcl_would_refuse_is_refused_as_a_parameter(robot):
