@@ -74,6 +74,8 @@ def test_config_yaml_holds_exactly_the_parameter_schema_at_its_defaults():
     values = params.read_parameter_file(EDGE / "config" / "edge.yaml")
     assert values == params.default_parameters()
     assert params.validate_parameters(values) == values
+    assert (EDGE / "config" / "edge.yaml").read_text() == params.parameter_file(), (
+        "config/edge.yaml is generated: python -m cdcca.edge.params > ros2_ws/src/cdcca_edge/config/edge.yaml")
 
 
 def test_the_node_declares_every_parameter_of_the_schema_with_its_description():

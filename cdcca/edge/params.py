@@ -216,3 +216,32 @@ def build_edge_runtime(params: Mapping[str, Any], port: Any = None) -> EdgeRunti
     checkpoints = Path(node.checkpoints).expanduser() if node.checkpoints else checkpoint_dir("tiny")
     trust = Path(node.trust_dir).expanduser() if node.trust_dir else cache_dir() / "trust"
     return build_runtime(checkpoints, config, trust, port=port, backend=node.backend, threads=node.threads or None)
+
+
+def parameter_file() -> str:
+    """``config/edge.yaml``: every parameter at its default with its description (regenerate after changing a
+    config default: ``python -m cdcca.edge.params > ros2_ws/src/cdcca_edge/config/edge.yaml``)."""
+    import json
+    import textwrap
+
+    lines = ["# Parameters of the cdcca_edge node, at their defaults (`ros2 param describe /cdcca_edge <name>`).",
+             "# Derived from the config dataclasses (cdcca.edge.params): a value they refuse makes `configure` fail",
+             "# and says why; the ones marked dynamic can also be set while the node is configured.",
+             "# Generated: python -m cdcca.edge.params > config/edge.yaml",
+             f"/{NODE_NAME}:", "  ros__parameters:"]  # fmt: skip
+    for spec in PARAMETERS:
+        text = spec.description.rstrip(".") + ("" if spec.read_only else " (dynamic)")
+        lines += ["    # " + line for line in textwrap.wrap(text, 94)]
+        value = spec.default
+        if isinstance(value, bool):
+            shown = "true" if value else "false"
+        elif isinstance(value, (str, list)):
+            shown = json.dumps(value, ensure_ascii=False)
+        else:
+            shown = repr(value)
+        lines.append(f"    {spec.name}: {shown}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(parameter_file(), end="")
