@@ -88,7 +88,7 @@ class AKDConfig:
     batch_size: int = 32
     seed: int = 0
     pseudo_label_keep: float = 1.0
-    check_fraction: float = 0.2
+    check_fraction: float = 0.0
     check_every: int = 10
     check_min: int = 3
     fit_projections: bool = True

@@ -33,7 +33,7 @@ from cdcca.report import progress_bar, save_figure
 from cdcca.uts import UncertaintyTokenSampler, UTSConfig, pack_tokens
 
 STEPS = AKDConfig.steps  # optimizer steps per round, every method: the cloud's default
-CHECK_FRACTION = AKDConfig.check_fraction  # CD-CCA rounds hold out a fifth of the uploads (the cloud's default)
+CHECK_FRACTION = AKDConfig.check_fraction  # share of the uploads CD-CCA holds out to check a round (cloud default)
 ANCHOR_IMAGES = 64  # source images the cloud keeps as anchors (half replayed, half guard)
 
 
