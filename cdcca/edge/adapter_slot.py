@@ -8,6 +8,9 @@ which is what :meth:`AdapterSlot.rollback` returns to.
 
 The current adapter and version persist as one safetensors file replaced atomically (write, fsync,
 rename), so a restart resumes at the last good version and a crash mid-write never leaves a torn adapter.
+The new adapter is persisted before anything in memory changes: a failed write (a full disk) leaves the
+robot exactly as it was, the delta is reported REJECTED and counted in ``persist_failures``, and a resend of
+the same version applies once the disk has room.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cdcca import wire
-from cdcca.wire import APPLIED, REJECTED, ROLLED_BACK  # noqa: F401  (AdapterStatus states)
 from cdcca.dwc import apply_delta
 from cdcca.envelope import DeltaRejected, TrustStore, open_envelope
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import has_lora, trainable_parameters
+from cdcca.wire import APPLIED, REJECTED, ROLLED_BACK  # noqa: F401  (AdapterStatus states)
 
 log = logging.getLogger(__name__)
 STATE_FILE = "adapter.safetensors"
@@ -45,6 +48,7 @@ class SlotCounters:
     rejected: int = 0
     rolled_back: int = 0
     restore_failures: int = 0
+    persist_failures: int = 0  # the adapter state could not be written (e.g. ENOSPC); nothing was swapped
     last_apply_ms: float = 0.0
     last_swap_us: float = 0.0
 
@@ -122,6 +126,25 @@ def restore_adapter(state_dir: Path, robot_id: str, base: Params,
         raise ValueError(f"unreadable adapter state: {err}") from err
 
 
+def rollback_reason(version: int, why: str) -> str:
+    """``AdapterStatus.reason`` of a ROLLED_BACK status: names the version given up (``version`` carries the one
+    now running), so the cloud can stop offering it (:func:`rolled_back_from`)."""
+    return f"rolled back from v{int(version)}: {why}"
+
+
+def rolled_back_from(reason: str) -> int | None:
+    """The version a ROLLED_BACK status gave up, from its reason (``None`` if the reason does not say)."""
+    prefix = "rolled back from v"
+    if not reason.startswith(prefix):
+        return None
+    digits = reason[len(prefix) :].split(":", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def persist_failed_reason(version: int, running: int, err: OSError) -> str:
+    return f"persisting v{version} failed ({err}); still running v{running}, a resend of v{version} applies"
+
+
 def adapter_status(robot_id: str, version: int, state: int, reason: str, stamp_ns: int | None = None):
     """A ``cdcca_msgs/AdapterStatus`` (``state``: APPLIED, REJECTED or ROLLED_BACK)."""
     return wire.new(wire.ADAPTER_STATUS, header=wire.header(time.time_ns() if stamp_ns is None else stamp_ns),
@@ -192,24 +215,44 @@ class AdapterSlot:
                 self.counters.rejected += 1
                 log.warning("robot %s rejected delta v%s: %s", self.robot_id, msg.version, err.reason)
                 return self._status(msg.version, REJECTED, err.reason, stamp_ns)
-            self._install(int(msg.version), params)
+            try:
+                self._install(int(msg.version), params)
+            except OSError as err:  # e.g. a full disk: nothing in memory changed
+                self.counters.persist_failures += 1
+                reason = persist_failed_reason(int(msg.version), self.version, err)
+                log.error("robot %s: %s", self.robot_id, reason)
+                return self._status(msg.version, REJECTED, reason, stamp_ns)
             self.counters.applied += 1
             self.counters.last_apply_ms = 1000 * (time.perf_counter() - started)
             return self._status(self.version, APPLIED, "", stamp_ns)
 
-    def rollback(self, stamp_ns: int | None = None):
-        """Return to the previous adapter (one level); returns the ``AdapterStatus`` to publish."""
+    def rollback(self, reason: str = "on request", only_version: int | None = None, stamp_ns: int | None = None):
+        """Return to the previous adapter (one level); returns the ``AdapterStatus`` to publish, or ``None`` when
+        ``only_version`` is given and another version is running (a newer delta came first).
+
+        The robot stops answering with the adapter it leaves even if the state cannot be written; that failure
+        is counted (``persist_failures``) and named in the status.
+        """
         with self._apply_lock:
+            if only_version is not None and only_version != self.version:
+                return None
             if self.previous is None:
                 return self._status(self.version, REJECTED, "no previous adapter to roll back to", stamp_ns)
             version, params = self.previous
-            self._persist(version, params)
+            left, note = self.version, ""
+            try:
+                self._persist(version, params)
+            except OSError as err:
+                self.counters.persist_failures += 1
+                note = f" (not persisted: {err}; a restart resumes v{left})"
+                log.error("robot %s: rolling back to v%d: %s", self.robot_id, version, note)
             self._swap()  # the shadow still holds the previous adapter (and its version)
             self.previous, self.version, self.current = None, version, params
             self.counters.rolled_back += 1
-            return self._status(version, ROLLED_BACK, "rolled back on request", stamp_ns)
+            return self._status(version, ROLLED_BACK, rollback_reason(left, reason) + note, stamp_ns)
 
     def _install(self, version: int, params: dict[str, torch.Tensor]) -> None:
+        self._persist(version, params)  # first: if it fails (OSError), nothing in memory has changed
         shadow_index = 1 - self._active
         with self._lock:  # wait for answers that started before the last swap and still use the shadow
             self._idle.wait_for(lambda: self._in_flight[shadow_index] == 0)
@@ -218,7 +261,6 @@ class AdapterSlot:
             for name, value in params.items():
                 shadow[name].copy_(value)
         self._versions[shadow_index] = version
-        self._persist(version, params)
         self._swap()
         self.previous = (self.version, self.current)
         self.version, self.current = version, params

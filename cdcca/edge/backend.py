@@ -56,8 +56,9 @@ class EdgeBackend(ABC):
         ``cdcca_msgs/AdapterStatus`` to publish. Never raises for bad input: a rejection is a status."""
 
     @abstractmethod
-    def rollback(self):
-        """Return to the previous adapter; returns the ``AdapterStatus`` to publish."""
+    def rollback(self, reason: str = "on request", only_version: int | None = None):
+        """Return to the previous adapter; returns the ``AdapterStatus`` to publish (ROLLED_BACK, its reason
+        naming the version given up), or ``None`` when ``only_version`` is given and is no longer running."""
 
 
 class TorchBackend(EdgeBackend):
@@ -87,5 +88,5 @@ class TorchBackend(EdgeBackend):
     def receive(self, msg):
         return self.slot.receive(msg)
 
-    def rollback(self):
-        return self.slot.rollback()
+    def rollback(self, reason: str = "on request", only_version: int | None = None):
+        return self.slot.rollback(reason, only_version)

@@ -39,7 +39,9 @@ from cdcca.edge.adapter_slot import (
     SlotCounters,
     adapter_status,
     persist_adapter,
+    persist_failed_reason,
     restore_adapter,
+    rollback_reason,
     verify_delta,
 )  # fmt: skip
 from cdcca.edge.backend import BackendAnswer, EdgeBackend
@@ -237,30 +239,50 @@ class OnnxBackend(EdgeBackend):
                 self.counters.rejected += 1
                 log.warning("robot %s rejected delta v%s: %s", self.robot_id, msg.version, err.reason)
                 return adapter_status(self.robot_id, msg.version, REJECTED, err.reason, stamp_ns)
-            adapter = self._load(int(msg.version), params)
-            self.newest_version = max(self.newest_version, adapter.version)
-            self._persist(adapter)
+            adapter = None
+            try:  # written and persisted before anything the robot answers with changes
+                adapter = self._load(int(msg.version), params)
+                newest = max(self.newest_version, adapter.version)
+                self._persist(adapter, newest)
+            except OSError as err:  # e.g. a full disk; newest_version stays, so a resend applies
+                for path in adapter.files if adapter is not None else ():
+                    path.unlink(missing_ok=True)
+                self.counters.persist_failures += 1
+                reason = persist_failed_reason(int(msg.version), current.version, err)
+                log.error("robot %s: %s", self.robot_id, reason)
+                return adapter_status(self.robot_id, msg.version, REJECTED, reason, stamp_ns)
+            self.newest_version = newest
             self._activate(adapter, current)
             self.counters.applied += 1
             self.counters.last_apply_ms = 1000 * (time.perf_counter() - started)
             return adapter_status(self.robot_id, adapter.version, APPLIED, "", stamp_ns)
 
-    def rollback(self, stamp_ns: int | None = None):
-        """Return to the previous adapter (one level); returns the ``AdapterStatus`` to publish."""
+    def rollback(self, reason: str = "on request", only_version: int | None = None, stamp_ns: int | None = None):
+        """Return to the previous adapter (one level); as :meth:`AdapterSlot.rollback
+        <cdcca.edge.adapter_slot.AdapterSlot.rollback>`."""
         with self._apply_lock:
+            if only_version is not None and only_version != self.version:
+                return None
             previous = self._previous
             if previous is None:
                 return adapter_status(self.robot_id, self.version, REJECTED, "no previous adapter to roll back to",
                                       stamp_ns)  # fmt: skip
-            self._persist(previous)
+            left, note = self.version, ""
+            try:
+                self._persist(previous, self.newest_version)
+            except OSError as err:
+                self.counters.persist_failures += 1
+                note = f" (not persisted: {err}; a restart resumes v{left})"
+                log.error("robot %s: rolling back to v%d: %s", self.robot_id, previous.version, note)
             self._activate(previous, None)
             self.counters.rolled_back += 1
-            return adapter_status(self.robot_id, previous.version, ROLLED_BACK, "rolled back on request", stamp_ns)
+            return adapter_status(self.robot_id, previous.version, ROLLED_BACK, rollback_reason(left, reason) + note,
+                                  stamp_ns)  # fmt: skip
 
     # ----------------------------------------------------------------------------------- persistence
-    def _persist(self, adapter: _Adapter) -> None:
+    def _persist(self, adapter: _Adapter, newest_version: int) -> None:
         if self.state_dir is not None:
-            persist_adapter(self.state_dir, self.robot_id, adapter.version, self.newest_version, adapter.params,
+            persist_adapter(self.state_dir, self.robot_id, adapter.version, newest_version, adapter.params,
                             {"student_id": self.export.manifest["student_id"]})  # fmt: skip
 
     def _restore(self) -> None:

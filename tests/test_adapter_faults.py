@@ -1,0 +1,129 @@
+"""A full disk while an update is persisted leaves a consistent robot on both backends (issue 15 D4, D5, Build 4).
+
+The fault is injected at the OS boundary: the safetensors write of the adapter state raises ``OSError(ENOSPC)``.
+"""
+
+import errno
+
+import pytest
+import torch
+
+from cdcca.edge import adapter_slot as adapter_slot_module
+from cdcca.edge.adapter_slot import APPLIED, REJECTED, ROLLED_BACK, AdapterSlot
+from cdcca.edge.backend import TorchBackend
+from cdcca.edge.onnx_backend import OnnxBackend
+from cdcca.edge.onnx_export import export_onnx
+from cdcca.envelope import Signer, TrustStore, VersionChain, generate_key
+from cdcca.models.checkpoint import load_mllm
+from cdcca.models.trainable import add_lora, trainable_parameters
+
+
+@pytest.fixture(scope="module")
+def student_and_export(pretrained_test_pair, tmp_path_factory):
+    student = add_lora(load_mllm(pretrained_test_pair / "student")).eval()
+    return student, export_onnx(student, tmp_path_factory.mktemp("onnx") / "student_onnx")
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    private, public = generate_key(tmp_path_factory.mktemp("keys"), "cloud")
+    trust = TrustStore()
+    trust.add("cloud", public.read_text())
+    return Signer.load(private), trust
+
+
+def _perturbed(params: dict, seed: int, scale: float = 0.05) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=generator) for k, v in params.items()}
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _backend(kind: str, student_and_export, trust, state_dir):
+    student, export = student_and_export
+    if kind == "torch":
+        return TorchBackend(AdapterSlot(student, "r1", trust, state_dir=state_dir))
+    return OnnxBackend(export, "r1", trust, state_dir=state_dir, threads=1)
+
+
+def _active_params(backend) -> dict:
+    if isinstance(backend, TorchBackend):
+        with backend.slot.model() as model:
+            return {k: v.detach().clone() for k, v in trainable_parameters(model).items()}
+    return {k: v.clone() for k, v in backend._active.params.items()}
+
+
+def _slot(backend):
+    """What keeps counters and ``newest_version``: the torch backend's slot, or the ONNX backend itself."""
+    return backend.slot if isinstance(backend, TorchBackend) else backend
+
+
+def _same(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_a_failed_persist_changes_nothing_a_resend_applies_and_rollback_restores_what_ran_before(
+        kind, student_and_export, keys, few_samples, tmp_path, monkeypatch):  # fmt: skip
+    # Prepare: the robot runs v2 (v1 before it); the cloud's chain holds v3 and v4
+    signer, trust = keys
+    state_dir = tmp_path / "state"
+    backend = _backend(kind, student_and_export, trust, state_dir)
+    base = backend.slot.base if kind == "torch" else backend.base
+    chain = VersionChain("r1", base)
+    deltas = {}
+    for version in (1, 2, 3, 4):
+        deltas[version] = chain.make_delta(_perturbed(base, seed=version), "fp16", signer)
+        chain.record_applied(version)
+    assert backend.receive(deltas[1]).state == APPLIED and backend.receive(deltas[2]).state == APPLIED
+    v2_params = _active_params(backend)
+    sample = few_samples[0]
+    v2_answer = backend.answer([sample.load_image()], [sample.prompt])
+
+    # Execute + Assert: v3 cannot be persisted -> REJECTED with the cause, still v2 in memory and on disk
+    monkeypatch.setattr(adapter_slot_module, "save_file", _disk_full)
+    status = backend.receive(deltas[3])
+    assert (status.state, status.version) == (REJECTED, 3) and "No space left" in status.reason
+    assert backend.version == 2 and _same(_active_params(backend), v2_params)
+    assert _slot(backend).counters.persist_failures == 1 and _slot(backend).counters.applied == 2
+    monkeypatch.undo()
+
+    # the disk has room again: a resend of the same v3 applies (D5: the ONNX backend refused it as a replay)
+    assert backend.receive(deltas[3]).state == APPLIED and backend.version == 3
+    v3_params = _active_params(backend)
+    assert not _same(v3_params, v2_params)
+
+    # v4 fails to persist; rollback then returns to v3, what ran before (D4: the torch slot installed v4's weights)
+    monkeypatch.setattr(adapter_slot_module, "save_file", _disk_full)
+    assert backend.receive(deltas[4]).state == REJECTED and backend.version == 3
+    monkeypatch.undo()
+    rolled = backend.rollback()
+    assert (rolled.state, rolled.version, backend.version) == (ROLLED_BACK, 2, 2)
+    assert rolled.reason.startswith("rolled back from v3")
+    assert _same(_active_params(backend), v2_params)
+    answer = backend.answer([sample.load_image()], [sample.prompt])
+    assert answer.texts == v2_answer.texts and answer.adapter_version == 2
+
+    # a restart resumes at the rolled-back version, and v3 and v4 stay refused as replays there too
+    restarted = _backend(kind, student_and_export, trust, state_dir)
+    assert (restarted.version, _slot(restarted).newest_version) == (2, 3)
+    assert _same(_active_params(restarted), v2_params)
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_a_rollback_that_cannot_be_persisted_still_stops_the_adapter_and_says_so(
+        kind, student_and_export, keys, tmp_path, monkeypatch):  # fmt: skip
+    signer, trust = keys
+    backend = _backend(kind, student_and_export, trust, tmp_path / "state")
+    base = backend.slot.base if kind == "torch" else backend.base
+    chain = VersionChain("r1", base)
+    assert backend.receive(chain.make_delta(_perturbed(base, seed=1), "fp16", signer)).state == APPLIED
+    monkeypatch.setattr(adapter_slot_module, "save_file", _disk_full)
+
+    status = backend.rollback("health check: non-finite entropy")
+
+    assert (status.state, status.version, backend.version) == (ROLLED_BACK, 0, 0)
+    assert status.reason.startswith("rolled back from v1: health check: non-finite entropy (not persisted")
+    assert _same(_active_params(backend), base) and _slot(backend).counters.persist_failures == 1
