@@ -1,4 +1,4 @@
-"""Tests under real ROS 2 (rclpy on rmw_fastrtps_cpp), run by ``make test`` in ``.venv-ros`` with ``ros2_ws/install``
+"""Tests under real ROS 2 (rclpy on rmw_fastrtps_cpp), run by ``make test`` in ``.venv-ros-<distro>`` with ``ros2_ws/install-<distro>``
 sourced. In an environment without rclpy these files are not collected at all (see the report header).
 
 Every test keeps DDS traffic on loopback (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``) and uses a domain id of its
@@ -17,13 +17,13 @@ import pytest
 
 try:
     import rclpy
-except ImportError:  # the core venv: `make test` runs these in .venv-ros
+except ImportError:  # the core venv: `make test` runs these in .venv-ros-<distro>
     rclpy = None
 
 collect_ignore_glob = [] if rclpy is not None else ["test_*.py"]
 
 ROOT = Path(__file__).resolve().parents[2]
-INSTALL = Path(os.environ.get("CDCCA_ROS_INSTALL", ROOT / "ros2_ws" / "install"))  # the colcon install of ros2_ws
+INSTALL = Path(os.environ.get("CDCCA_ROS_INSTALL", ROOT / "ros2_ws" / "install-jazzy"))  # the colcon install of ros2_ws
 EDGE_NODE = INSTALL / "cdcca_edge" / "lib" / "cdcca_edge" / "edge_node"
 EDGE_YAML = INSTALL / "cdcca_edge" / "share" / "cdcca_edge" / "config" / "edge.yaml"
 _DOMAINS = itertools.count(100 + os.getpid() % 50)  # 100..231: distinct per test, valid for Fast DDS
@@ -31,7 +31,7 @@ _DOMAINS = itertools.count(100 + os.getpid() % 50)  # 100..231: distinct per tes
 
 def pytest_report_header(config):
     if rclpy is None:
-        return "tests/ros: not collected (no rclpy here); `make test` runs them in .venv-ros under ROS 2 Jazzy"
+        return "tests/ros: not collected (no rclpy here); `make test` runs them in .venv-ros-jazzy and .venv-ros-kilted"
     from rclpy.utilities import get_rmw_implementation_identifier
 
     return f"tests/ros: rclpy from {Path(rclpy.__file__).parent}, installed workspace {INSTALL}"
