@@ -35,11 +35,12 @@ import torch
 
 from cdcca import wire
 from cdcca.akd import AKDConfig, Distiller, DistillSample
+from cdcca.edge.adapter_slot import rolled_back_from
 from cdcca.envelope import Signer, VersionChain
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import trainable_parameters
 from cdcca.uts import UplinkError
-from cdcca.wire import REJECTED
+from cdcca.wire import REJECTED, ROLLED_BACK
 from cloud_trainer.admission import SampleAdmission
 from cloud_trainer.store import CloudStore
 
@@ -61,7 +62,7 @@ class CloudConfig:
             long (``None``: never), so a robot that uploads little still gets updates.
         codec: DWC codec of the deltas (see ``cdcca.dwc.get_codec``).
         resend_after_s: a robot still behind this long after a send gets the update again.
-        max_resends: resends per version before the cloud stops (e.g. a robot that rolled back on purpose).
+        max_resends: resends per version before the cloud stops (a version the robot rolled back is never resent).
         poll_s: idle wait of the service loop.
         round_retry_s: a robot whose round failed for no sample's fault waits this long before the next try.
         akd: distillation settings of every round.
@@ -96,6 +97,7 @@ class _Robot:
     last_sent: float = 0.0
     resends: int = 0  # of the latest version
     latest_delta: bytes | None = None  # the signed WeightDelta of the latest version, as published
+    declined: dict[int, str] = field(default_factory=dict)  # versions the robot rolled back from -> its reason
 
 
 @dataclass
@@ -115,6 +117,7 @@ class CloudCounters:
     deltas_sent: int = 0
     resends: int = 0
     keyframes: int = 0
+    rollbacks: int = 0  # versions robots rolled back from (health check or request); never resent
 
 
 class RoundFailed(RuntimeError):
@@ -187,7 +190,11 @@ class CloudTrainer:
         log.warning("rejected UtsTokens from %s (%s): %s", robot_id, reason, err)
 
     def receive_status(self, robot_id: str, msg) -> None:
-        """Track what a robot runs (APPLIED and ROLLED_BACK and heartbeats carry the current version)."""
+        """Track what a robot runs (APPLIED and ROLLED_BACK and heartbeats carry the current version).
+
+        A ROLLED_BACK status names the version the robot gave up (its reason, see
+        :func:`~cdcca.edge.adapter_slot.rollback_reason`); that version is recorded and never sent again.
+        """
         if msg.state == REJECTED:
             log.warning("robot %s rejected v%d: %s", robot_id, msg.version, msg.reason)
             return
@@ -195,11 +202,24 @@ class CloudTrainer:
         if robot is None or msg.version > robot.chain.latest:
             return  # a robot this cloud has not trained for (yet), or a version it never published
         with self._chain_lock:
+            if msg.state == ROLLED_BACK:
+                self._record_rollback(robot_id, robot, msg)
             if msg.version != robot.reported:
                 robot.reported = int(msg.version)
                 if msg.version != robot.chain.applied and msg.version in {0, *robot.chain.published}:
                     robot.chain.record_applied(int(msg.version))
                     self.store.record_applied(robot_id, int(msg.version))
+
+    def _record_rollback(self, robot_id: str, robot: _Robot, msg) -> None:
+        declined = rolled_back_from(msg.reason)
+        if declined is None:  # a robot that does not name it: the newest version it may have run
+            declined = robot.reported if robot.reported > msg.version else robot.chain.latest
+        if declined <= msg.version or declined in robot.declined:
+            return
+        robot.declined[declined] = msg.reason[:500]
+        self.counters.rollbacks += 1
+        log.warning("robot %s rolled back from v%d to v%d (%s); v%d is not sent again", robot_id, declined,
+                    msg.version, msg.reason, declined)  # fmt: skip
 
     # --------------------------------------------------------------------------------------- robots
     def _robot(self, robot_id: str) -> _Robot:
@@ -363,6 +383,7 @@ class CloudTrainer:
         robot = self._robot(robot_id)
         if old is not None:
             robot.reported, robot.last_sent, robot.resends = old.reported, old.last_sent, old.resends
+            robot.declined = old.declined
 
     def _log_round(self, result: dict) -> None:
         with open(self.round_log, "a") as handle:
@@ -387,7 +408,7 @@ class CloudTrainer:
         behind = 0 <= robot.reported < latest
         if not behind or time.monotonic() - robot.last_sent < self.config.resend_after_s:
             return False
-        if robot.resends >= self.config.max_resends:
+        if robot.resends >= self.config.max_resends or latest in robot.declined:
             return False
         stored = robot.latest_delta
         msg = wire.decode(wire.WEIGHT_DELTA, stored) if stored is not None else None
@@ -449,7 +470,9 @@ class CloudTrainer:
                 "quarantine": self.store.quarantine_counts(),
                 "on_hold": {r: round(t - now, 1) for r, t in self._hold.items() if t > now},
                 "versions": {r: robot.chain.latest for r, robot in self.robots.items()},
-                "reported": {r: robot.reported for r, robot in self.robots.items()}}  # fmt: skip
+                "reported": {r: robot.reported for r, robot in self.robots.items()},
+                "declined": {r: {str(v): why for v, why in robot.declined.items()}
+                             for r, robot in self.robots.items() if robot.declined}}  # fmt: skip
 
     def close(self) -> None:
         self.store.close()

@@ -11,6 +11,9 @@ One :class:`EdgeRuntime` per robot (Algorithm 1 of Wang et al., CVPR 2024, devic
 4. **Downlink**: a ``WeightDelta`` is verified and hot-swapped by the backend off the answering thread;
    the resulting ``AdapterStatus`` is published, and repeated as a heartbeat so the cloud knows the applied
    version even after a lost message or a restart.
+5. **Health check**: a new version answers on probation (:mod:`cdcca.edge.health`); if its first answers
+   are broken (non-finite entropy, empty, entropy far above the pre-swap level) the runtime rolls it back by
+   itself and publishes ROLLED_BACK with the reason, so the cloud stops offering it.
 
 The runtime owns the latest camera frame, the prompt queue, the sample ids and **the one loop** (a loop
 thread for the link's duties, an answering worker woken by prompts). It talks to the outside through **one
@@ -42,6 +45,7 @@ import torch
 from cdcca import wire
 from cdcca.edge.backend import EdgeBackend
 from cdcca.edge.frames import LatestFrame, NoFrameError, frame_of_request
+from cdcca.edge.health import HealthCheck, HealthConfig
 from cdcca.edge.sources import DEFAULT_PROMPTS
 from cdcca.edge.uplink import UplinkQueue
 from cdcca.models.mllm import MLLM
@@ -76,6 +80,7 @@ class EdgeConfig:
         prompts: prompts asked about the latest frame every 1/ask_rate_hz s without anyone sending them.
         ask_rate_hz: how often the prompts are asked; 0: never, answer only prompts that arrive and Ask calls.
         uts: UTS settings.
+        health: when a swapped-in adapter version is kept or rolled back (the post-update health check).
     """
 
     robot_id: str = "r1"
@@ -90,6 +95,7 @@ class EdgeConfig:
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     ask_rate_hz: float = 0.0
     uts: UTSConfig = field(default_factory=UTSConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     def __post_init__(self) -> None:
         def require(name: str, ok: bool, allowed: str) -> None:
@@ -112,6 +118,7 @@ class EdgeConfig:
                 "a non-empty list of non-empty prompts")  # fmt: skip
         require("ask_rate_hz", 0.0 <= self.ask_rate_hz <= 100.0, ">= 0 and <= 100")
         require("uts", isinstance(self.uts, UTSConfig), "a UTSConfig")
+        require("health", isinstance(self.health, HealthConfig), "a HealthConfig")
 
 
 @dataclass
@@ -136,6 +143,8 @@ class EdgeCounters:
     uplink_published: int = 0
     uplink_bytes: int = 0
     publish_errors: int = 0
+    health_passed: int = 0  # versions marked good after their first answers
+    health_rollbacks: int = 0  # versions rolled back by the health check
 
 
 class EdgeRuntime:
@@ -160,6 +169,7 @@ class EdgeRuntime:
         self.counters = EdgeCounters()
         self.frame = LatestFrame(clock)
         self.meter = AnswerMeter(clock=clock)
+        self.health = HealthCheck(config.health)
         self._clock = clock
         self._deltas: queue.Queue = queue.Queue()
         self._prompts: deque[str] = deque()
@@ -270,9 +280,11 @@ class EdgeRuntime:
             except Exception:
                 log.exception("answering a batch of %d failed", len(prompts))
                 self.counters.failed_answers += len(prompts)
-                answers = [self._answer_msg(i, p, "", math.nan, self.backend.version, 0.0, stamp, frame_id)
+                version = self.backend.version
+                answers = [self._answer_msg(i, p, "", math.nan, version, 0.0, stamp, frame_id)
                            for i, p in zip(ids, prompts)]  # fmt: skip
                 self._publish_answers(answers)
+                self._check_health(version, [""] * len(prompts), [math.nan] * len(prompts))
                 return answers
             latency_ms = 1000 * (time.perf_counter() - started) / max(1, len(prompts))
             self.counters.answers += len(prompts)
@@ -284,7 +296,27 @@ class EdgeRuntime:
         ]  # fmt: skip
         self.meter.record(latency_ms, len(answers))
         self._publish_answers(answers)
+        self._check_health(result.adapter_version, result.texts, result.sample_entropy.tolist())
         return answers
+
+    def _check_health(self, version: int, texts: Sequence[str], entropies: Sequence[float]) -> None:
+        """Feed the health check; a version on probation that fails is rolled back and ROLLED_BACK published."""
+        passed = self.health.passed
+        reason = self.health.observe(version, texts, entropies)
+        if self.health.passed > passed:
+            self.counters.health_passed += 1
+            log.info("adapter v%d passed its health check", version)
+        if reason is None:
+            return
+        log.error("adapter v%d failed its health check: %s; rolling back", version, reason)
+        status = self.backend.rollback(f"health check: {reason}", only_version=version)
+        if status is None:  # a newer version was applied meanwhile; it is on probation itself
+            return
+        if status.state == wire.ROLLED_BACK:
+            self.counters.health_rollbacks += 1
+        else:  # nothing to roll back to (e.g. restarted on this version): the cloud hears why
+            log.error("cannot roll back v%d: %s", version, status.reason)
+        self.publish_status(status)
 
     def _publish_answers(self, answers: list) -> None:
         for msg in answers:
@@ -293,7 +325,8 @@ class EdgeRuntime:
 
     def _answer_msg(self, sample_id, prompt, answer, entropy, version, latency_ms, stamp, frame_id):
         return wire.new(wire.ANSWER, header=wire.header(stamp, frame_id), sample_id=sample_id, prompt=prompt,
-                        answer=answer, entropy=entropy, adapter_version=int(version), latency_ms=latency_ms)  # fmt: skip
+                        answer=answer, entropy=entropy, adapter_version=int(version),
+                        latency_ms=latency_ms)  # fmt: skip
 
     @torch.inference_mode()
     def _select(self, images, prompts, ids, result, stamp: int) -> None:
@@ -395,6 +428,7 @@ class EdgeRuntime:
             self.counters.deltas_rejected += 1
         else:
             self.counters.deltas_applied += 1
+            self.health.start(status.version)
         self.publish_status(status)
         return status
 
@@ -489,7 +523,8 @@ class EdgeRuntime:
 
     def stats(self) -> dict:
         """Counters of the runtime, the uplink queue and the port, as one flat dict."""
-        report = {**vars(self.counters), "adapter_version": self.backend.version, "prompts_waiting": self.pending()}
+        report = {**vars(self.counters), "adapter_version": self.backend.version, "prompts_waiting": self.pending(),
+                  "health_probation": -1 if self.health.probation is None else self.health.probation}  # fmt: skip
         report.update({f"uplink_{k}": v for k, v in vars(self.uplink.stats()).items()})
         rejected = getattr(self.port, "rejected", None)
         if rejected is not None:

@@ -1,0 +1,125 @@
+"""Health-checked updates: a swapped-in adapter stays only once its first answers look sane ("mark good").
+
+A signed, well-formed delta can still break the student (a cloud round gone wrong: every answer empty, or NaN
+entropy). As RAUC and Mender do with a freshly booted slot, the robot holds each new version on probation:
+its next :attr:`HealthConfig.answers` answers must have finite entropies, mostly non-empty texts, and a mean
+entropy (UTS Eq. 2) not far above the level the previous version had just before the swap. A version that
+fails is rolled back by the runtime at once, with the reason in a ROLLED_BACK ``AdapterStatus``; one that
+passes is marked good and its answers become the level the next update is held to.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass
+class HealthConfig:
+    """When a new adapter version is kept.
+
+    Args:
+        answers: answers of a new version that must pass before it is marked good (0: no health check).
+        max_empty_fraction: the most of those answers that may be empty (0 to 1).
+        entropy_ratio: the new version fails if its mean answer entropy exceeds ``entropy_ratio`` times the
+            pre-swap level plus ``entropy_margin`` (>= 1).
+        entropy_margin: nats added to the allowed entropy level (>= 0).
+        baseline_answers: the last this many answers of the version marked good form the pre-swap level (>= 1).
+    """
+
+    answers: int = 8
+    max_empty_fraction: float = 0.5
+    entropy_ratio: float = 2.0
+    entropy_margin: float = 0.5
+    baseline_answers: int = 64
+
+    def __post_init__(self) -> None:
+        def require(name: str, ok: bool, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"HealthConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        require("answers", 0 <= self.answers <= 10_000, ">= 0 and <= 10000")
+        require("max_empty_fraction", 0.0 <= self.max_empty_fraction <= 1.0, ">= 0 and <= 1")
+        require("entropy_ratio", self.entropy_ratio >= 1.0, ">= 1")
+        require("entropy_margin", self.entropy_margin >= 0.0, ">= 0")
+        require("baseline_answers", 1 <= self.baseline_answers <= 100_000, ">= 1 and <= 100000")
+
+
+class HealthCheck:
+    """The probation of the latest applied version; thread-safe (deltas and answers arrive on two threads)."""
+
+    def __init__(self, config: HealthConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._recent: deque[float] = deque(maxlen=config.baseline_answers)  # entropies of the version marked good
+        self._baseline: float | None = None  # the pre-swap level of the version on probation
+        self._probation: int | None = None
+        self._seen: list[tuple[str, float]] = []
+        self.passed = 0
+        self.failed = 0
+
+    @property
+    def probation(self) -> int | None:
+        """The version on probation, ``None`` when the running version is marked good."""
+        return self._probation
+
+    def start(self, version: int) -> None:
+        """``version`` was just swapped in: hold it to the level of the answers before the swap."""
+        if self.config.answers == 0:
+            return
+        with self._lock:
+            if self._recent:
+                self._baseline = sum(self._recent) / len(self._recent)
+            self._recent.clear()
+            self._probation, self._seen = int(version), []
+
+    def stop(self) -> None:
+        """Forget the probation (the version was rolled back or replaced)."""
+        with self._lock:
+            self._probation, self._seen = None, []
+
+    def observe(self, version: int, texts: Sequence[str], entropies: Sequence[float]) -> str | None:
+        """Record answers of ``version``; returns why the version on probation fails, or ``None``.
+
+        Answers of another version (still in flight from before the swap) are ignored. A non-finite entropy
+        fails at once; the other checks are made when :attr:`HealthConfig.answers` answers are in.
+        """
+        entropies = [float(e) for e in entropies]
+        with self._lock:
+            if self._probation is None:
+                self._recent.extend(e for e in entropies if math.isfinite(e))
+                return None
+            if int(version) != self._probation:
+                return None
+            self._seen.extend(zip(texts, entropies))
+            reason = self._verdict()
+            if reason is not None:
+                self.failed += 1
+                self._probation, self._seen = None, []
+            elif len(self._seen) >= self.config.answers:
+                self.passed += 1
+                self._recent.extend(e for _, e in self._seen)
+                self._probation, self._seen = None, []
+            return reason
+
+    def _verdict(self) -> str | None:
+        seen, config = self._seen, self.config
+        version = f"v{self._probation}"
+        broken = sum(not math.isfinite(e) for _, e in seen)
+        if broken:
+            return f"{broken} of {len(seen)} answers of {version} have a non-finite entropy"
+        if len(seen) < config.answers:
+            return None
+        empty = sum(not text.strip() for text, _ in seen)
+        if empty > config.max_empty_fraction * len(seen):
+            return f"{empty} of {len(seen)} answers of {version} are empty (at most {config.max_empty_fraction:.0%})"
+        mean = sum(e for _, e in seen) / len(seen)
+        if self._baseline is not None:
+            limit = config.entropy_ratio * self._baseline + config.entropy_margin
+            if mean > limit:
+                return (f"mean answer entropy of {version} is {mean:.3f} nats, above {limit:.3f} ("
+                        f"{config.entropy_ratio:g} x {self._baseline:.3f} before the swap + {config.entropy_margin:g})")
+        return None

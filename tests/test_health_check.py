@@ -1,0 +1,169 @@
+"""Health-checked updates (issue 15 D8, Build 6): a signed delta that breaks the student is rolled back by the robot
+itself, ROLLED_BACK is published with the reason, and the cloud never sends that version again."""
+
+import math
+
+import pytest
+import torch
+
+from cdcca import wire
+from cdcca.data.digits_shift import load_domain
+from cdcca.edge.adapter_slot import AdapterSlot, rolled_back_from
+from cdcca.edge.backend import TorchBackend
+from cdcca.edge.health import HealthCheck, HealthConfig
+from cdcca.edge.onnx_backend import OnnxBackend
+from cdcca.edge.onnx_export import export_onnx
+from cdcca.edge.runtime import EdgeConfig, EdgeRuntime
+from cdcca.envelope import Signer, TrustStore, VersionChain, generate_key
+from cdcca.models.checkpoint import load_adaptable_student
+from tests.test_cloud_trainer import make_trainer, uploads  # noqa: F401  (the module fixture)
+
+NAN = math.nan
+GOOD = HealthConfig(answers=4, max_empty_fraction=0.5, entropy_ratio=2.0, entropy_margin=0.5)
+
+# (name, answers of the new version as (text, entropy), the verdict's expected words or None, answers needed)
+CASES = [
+    ("healthy", [("7", 1.1), ("odd", 0.9), ("yes", 1.2), ("a 7", 1.0)], None, 4),
+    ("nan_entropy_fails_at_once", [("7", 1.0), ("", NAN)], "non-finite entropy", 2),
+    ("inf_entropy", [("7", math.inf)], "non-finite entropy", 1),
+    ("mostly_empty", [("", 0.2), ("", 0.2), ("", 0.2), ("7", 1.0)], "3 of 4 answers of v1 are empty", 4),
+    ("entropy_far_above_the_pre_swap_level", [("7", 3.0)] * 4, "mean answer entropy of v1 is 3.000", 4),
+    ("entropy_a_little_above", [("7", 2.4)] * 4, None, 4),  # 2.4 <= 2 x 1.0 + 0.5
+]
+
+
+@pytest.mark.parametrize(("answers", "expected", "needed"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_the_health_check_case_table(answers, expected, needed):
+    health = HealthCheck(GOOD)
+    assert health.observe(0, ["7"] * 8, [1.0] * 8) is None  # the pre-swap level: 1.0 nats
+    health.start(1)
+    verdicts = [health.observe(1, [text], [entropy]) for text, entropy in answers]
+    assert all(v is None for v in verdicts[: needed - 1])
+    if expected is None:
+        assert verdicts[-1] is None and (health.passed, health.failed, health.probation) == (1, 0, None)
+    else:
+        assert expected in verdicts[needed - 1] and (health.passed, health.failed, health.probation) == (0, 1, None)
+
+
+def test_answers_of_the_previous_version_in_flight_do_not_count_and_zero_answers_disables():
+    health = HealthCheck(GOOD)
+    health.start(1)
+    assert health.observe(0, [""] * 8, [NAN] * 8) is None and health.probation == 1
+    off = HealthCheck(HealthConfig(answers=0))
+    off.start(1)
+    assert off.observe(1, [""], [NAN]) is None and off.probation is None
+
+
+@pytest.mark.parametrize(("field", "value"), [("answers", -1), ("max_empty_fraction", 1.5), ("entropy_ratio", 0.5),
+                                              ("entropy_margin", -1.0), ("baseline_answers", 0)])  # fmt: skip
+def test_health_config_names_the_bad_field(field, value):
+    with pytest.raises(ValueError, match=f"HealthConfig.{field} must be"):
+        HealthConfig(**{field: value})
+
+
+class RecordingPort:
+    """A port that keeps what the runtime publishes (topic, decoded message)."""
+
+    def __init__(self) -> None:
+        self.sent = []
+
+    def publish(self, topic: str, data: bytes) -> None:
+        kind = {"adapter_status": wire.ADAPTER_STATUS, "answer": wire.ANSWER}.get(topic)
+        if kind is not None:
+            self.sent.append((topic, wire.decode(kind, data)))
+
+    def statuses(self) -> list:
+        return [msg for topic, msg in self.sent if topic == "adapter_status"]
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    private, public = generate_key(tmp_path_factory.mktemp("keys"), "cloud")
+    trust = TrustStore()
+    trust.add("cloud", public.read_text())
+    return Signer.load(private), trust
+
+
+def _silencing(student, base: dict) -> dict:
+    """A trainable set within the delta magnitude bound that makes the student say end-of-sequence first, every
+    time: the LM's final norm gives up its input and points at the EOS embedding."""
+    lm = student.blip2.language_model
+    eos_row = lm.get_output_embeddings().weight[student.tokenizer.eos_token_id].detach()  # (H,)
+    target = {k: v.clone() for k, v in base.items()}
+    target["language_model.model.decoder.final_layer_norm.weight"].zero_()
+    target["language_model.model.decoder.final_layer_norm.bias"].copy_(9.0 * torch.sign(eos_row))
+    return target
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_a_delta_that_silences_the_student_is_rolled_back_by_the_robot(kind, pretrained_test_pair, keys, tmp_path):
+    # Prepare: a robot on v1 (healthy) with its answers as the pre-swap level; v2 empties every answer
+    signer, trust = keys
+    student = load_adaptable_student(pretrained_test_pair)
+    if kind == "torch":
+        backend = TorchBackend(AdapterSlot(student, "r1", trust, tmp_path / "adapter"))
+    else:
+        export = export_onnx(load_adaptable_student(pretrained_test_pair), tmp_path / "student_onnx")
+        backend = OnnxBackend(export, "r1", trust, state_dir=tmp_path / "adapter", threads=1)
+    port = RecordingPort()
+    config = EdgeConfig(state_dir=tmp_path / "edge", health=HealthConfig(answers=6))
+    runtime = EdgeRuntime(backend, student, config, port)
+    base = backend.slot.base if kind == "torch" else backend.base
+    chain = VersionChain("r1", base)
+    v1 = chain.make_delta({k: v + 0.01 for k, v in base.items()}, "fp16", signer)
+    chain.record_applied(1)
+    v2 = chain.make_delta(_silencing(student, base), "fp16", signer)
+    samples = load_domain("source", "test", limit=3)[:3]
+    images, prompts = [s.load_image() for s in samples], [s.prompt for s in samples]
+    assert runtime.apply(v1).state == wire.APPLIED
+    v1_answers = [a.answer for a in runtime.ask(images, prompts) + runtime.ask(images, prompts)]
+    assert runtime.stats()["health_passed"] == 1 and all(v1_answers)
+
+    # Execute: the signed, in-bound v2 is applied, and the robot keeps answering
+    assert runtime.apply(v2).state == wire.APPLIED and runtime.stats()["health_probation"] == 2
+    broken = runtime.ask(images, prompts)  # 3 of the 6 answers on probation
+    assert [a.answer for a in broken] == ["", "", ""] and all(a.adapter_version == 2 for a in broken)
+    assert backend.version == 2  # not decided yet
+    runtime.ask(images, prompts)
+
+    # Assert: rolled back by itself, ROLLED_BACK published with the reason, answering as before the swap
+    status = port.statuses()[-1]
+    assert (status.state, status.version, backend.version) == (wire.ROLLED_BACK, 1, 1)
+    assert status.reason.startswith("rolled back from v2: health check: 6 of 6 answers of v2 are empty")
+    assert rolled_back_from(status.reason) == 2
+    stats = runtime.stats()
+    assert (stats["health_rollbacks"], stats["health_probation"]) == (1, -1)
+    after = [a for a in runtime.ask(images, prompts) + runtime.ask(images, prompts)]
+    assert [a.answer for a in after] == v1_answers and all(a.adapter_version == 1 for a in after)
+    assert runtime.apply(v2).state == wire.REJECTED  # a resend of the bad version is a replay
+    runtime.close()
+
+
+def test_the_cloud_records_a_rollback_and_does_not_resend_that_version(pretrained_test_pair, uploads, keys,  # noqa: F811
+                                                                        tmp_path):  # fmt: skip
+    # Prepare: the cloud published v1; the robot applied it, then its health check rolled it back
+    signer, trust = keys
+    trainer = make_trainer(pretrained_test_pair, signer, tmp_path / "cloud", round_size=4)
+    sent = []
+    trainer._send = lambda robot_id, robot, data: sent.append(wire.decode(wire.WEIGHT_DELTA, data))
+    for msg in uploads[:4]:
+        trainer.receive_tokens("r1", msg)
+    trainer.step()
+    assert [m.version for m in sent] == [1]
+    slot = AdapterSlot(load_adaptable_student(pretrained_test_pair), "r1", trust)
+    applied = slot.receive(sent[0])
+    assert applied.state == wire.APPLIED
+    trainer.receive_status("r1", applied)
+    rolled = slot.rollback("health check: 6 of 6 answers of v1 are empty")
+
+    # Execute
+    trainer.receive_status("r1", rolled)
+    trainer.receive_status("r1", rolled)  # repeated: recorded once
+    trainer.receive_status("r1", slot._status(0, wire.APPLIED, "heartbeat", None))
+
+    # Assert: recorded with the reason, counted once, and v1 is not offered again though the robot is behind
+    assert trainer.counters.rollbacks == 1
+    assert trainer.stats()["declined"] == {"r1": {"1": rolled.reason}}
+    assert trainer.stats()["reported"]["r1"] == 0
+    assert not trainer.resend_if_behind("r1") and [m.version for m in sent] == [1]
+    assert trainer.counters.resends == 0
