@@ -124,7 +124,8 @@ def test_robot_launch_has_the_documented_arguments():
 @pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
 def test_launch_files_build_a_launch_description_where_launch_is_installed(path):
     if importlib.util.find_spec("launch") is None or importlib.util.find_spec("launch_ros") is None:
-        pytest.skip("launch / launch_ros are ROS 2 packages, not installed in this environment")
+        pytest.skip("launch / launch_ros have no wheel (neither Jazzy nor Kilted), so no environment here has them; "
+                    "the PyPI project 'launch' is an unrelated program")
     spec = importlib.util.spec_from_file_location(path.stem.replace(".", "_"), path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -88,6 +88,7 @@ def robot(pretrained_test_pair, ros_keys, tmp_path_factory):
     domain_id, work = next(_DOMAINS), tmp_path_factory.mktemp("edge_node")
     overrides = {  # as robot.launch.py passes them (robot_id, model_path, trust_dir, camera_topic) and a few more
         "robot_id": "r1", "checkpoints": pretrained_test_pair, "trust_dir": ros_keys[1], "camera_topic": CAMERA,
+        "use_sim_time": "false",
         "state_dir": work / "state", "subscribe_compressed": "true", "uts_sample_mode": "threshold",
         "uts_entropy_threshold": -1.0, "queue_capacity": 3, "max_frame_age_s": 0.0, "heartbeat_every_s": 0.5,
         "resend_after_s": 30.0,
