@@ -79,3 +79,22 @@ def test_a_duplicate_id_keeps_the_queued_sample_and_is_counted(tmp_path):
     assert queue.put("s", 0.7, b"second") is None
     assert queue.due(resend_after_s=5, now=0.0) == [("s", b"first")]
     assert (queue.stats().enqueued, queue.stats().duplicates) == (1, 1)
+
+
+def test_a_huge_ack_costs_the_queue_lock_only_what_the_queue_holds(tmp_path):
+    # Prepare: 10 queued samples; an ~8 MiB ack naming 3 of them among 300 000 ids (issue 15 D6: one DELETE per
+    # id under the lock held the answering thread ~2 s)
+    queue = UplinkQueue(tmp_path / "q.sqlite")
+    for i in range(10):
+        queue.put(f"r1-{i}", 0.1 * i, b"x")
+    ack = [f"r1-1764400000000000000-{n:09d}" for n in range(300_000)] + ["r1-2", "r1-5", "r1-7"]
+    assert sum(map(len, ack)) > 8 * 2**20
+    deletes = []
+    queue._db.set_trace_callback(lambda sql: deletes.append(sql) if sql.startswith("DELETE") else None)
+    # Execute
+    removed = queue.ack(ack)
+    # Assert: the 3 are gone, counted, and SQLite ran no more DELETEs than the queue held
+    assert removed == 3 and sorted(queue.ids()) == sorted(f"r1-{i}" for i in (0, 1, 3, 4, 6, 8, 9))
+    assert queue.stats().acked == 3
+    assert len(deletes) <= 10
+    assert queue.ack(["r1-2", "r1-0", "r1-0"]) == 1 and queue.ack([]) == 0  # repeated and duplicate ids
