@@ -10,6 +10,7 @@ from cdcca import wire
 from cdcca.data.digits_shift import load_domain
 from cdcca.edge.adapter_slot import AdapterSlot, rolled_back_from
 from cdcca.edge.backend import TorchBackend
+from cdcca.edge.diagnostics import EdgeDiagnostics
 from cdcca.edge.health import HealthCheck, HealthConfig
 from cdcca.edge.onnx_backend import OnnxBackend
 from cdcca.edge.onnx_export import export_onnx
@@ -108,6 +109,7 @@ def test_a_delta_that_silences_the_student_is_rolled_back_by_the_robot(kind, pre
     port = RecordingPort()
     config = EdgeConfig(state_dir=tmp_path / "edge", health=HealthConfig(answers=6))
     runtime = EdgeRuntime(backend, student, config, port)
+    diagnostics = EdgeDiagnostics(runtime)
     base = backend.slot.base if kind == "torch" else backend.base
     chain = VersionChain("r1", base)
     v1 = chain.make_delta({k: v + 0.01 for k, v in base.items()}, "fp16", signer)
@@ -118,6 +120,7 @@ def test_a_delta_that_silences_the_student_is_rolled_back_by_the_robot(kind, pre
     assert runtime.apply(v1).state == wire.APPLIED
     v1_answers = [a.answer for a in runtime.ask(images, prompts) + runtime.ask(images, prompts)]
     assert runtime.stats()["health_passed"] == 1 and all(v1_answers)
+    assert "health check" not in diagnostics.report().message
 
     # Execute: the signed, in-bound v2 is applied, and the robot keeps answering
     assert runtime.apply(v2).state == wire.APPLIED and runtime.stats()["health_probation"] == 2
@@ -133,6 +136,8 @@ def test_a_delta_that_silences_the_student_is_rolled_back_by_the_robot(kind, pre
     assert rolled_back_from(status.reason) == 2
     stats = runtime.stats()
     assert (stats["health_rollbacks"], stats["health_probation"]) == (1, -1)
+    report = diagnostics.report()
+    assert "failed its health check" in report.message and report.values["health_rollbacks"] == "1"
     after = [a for a in runtime.ask(images, prompts) + runtime.ask(images, prompts)]
     assert [a.answer for a in after] == v1_answers and all(a.adapter_version == 1 for a in after)
     assert runtime.apply(v2).state == wire.REJECTED  # a resend of the bad version is a replay

@@ -78,9 +78,11 @@ class EdgeDiagnostics:
         self.runtime, self._callback_errors = runtime, callback_errors
         self._rejected_at_last_report = 0
         self._failed_at_last_report = 0
+        self._health_rollbacks_at_last_report = 0
 
     def report(self) -> DiagnosticReport:
-        """WARN when a delta was rejected or an answer failed since the previous report, when the uplink queue is
+        """WARN when a delta was rejected, an answer failed or an update failed its health check (and was rolled
+        back) since the previous report, when the uplink queue is
         at least 90 % full, or when the latest frame is older than ``max_frame_age_s``; ERROR when no camera
         frame has arrived while prompts wait."""
         runtime = self.runtime
@@ -98,6 +100,7 @@ class EdgeDiagnostics:
             "uplink_dropped": str(stats["uplink_dropped"]),
             "rejected_deltas": str(counters.deltas_rejected),
             "applied_deltas": str(counters.deltas_applied),
+            "health_rollbacks": str(counters.health_rollbacks),
             "foreign_deltas": str(counters.deltas_foreign),
             "answers": str(counters.answers),
             "failed_answers": str(counters.failed_answers),
@@ -114,12 +117,15 @@ class EdgeDiagnostics:
             problems.append("a weight delta was rejected")
         if counters.failed_answers > self._failed_at_last_report:
             problems.append("answering failed")
+        if counters.health_rollbacks > self._health_rollbacks_at_last_report:
+            problems.append("an update failed its health check and was rolled back")
         if depth >= 0.9 * capacity:
             problems.append("uplink queue nearly full (cloud unreachable?)")
         if max_age > 0 and frame.received and age > max_age:
             problems.append(f"camera frame {age:.1f} s old")
         self._rejected_at_last_report = counters.deltas_rejected
         self._failed_at_last_report = counters.failed_answers
+        self._health_rollbacks_at_last_report = counters.health_rollbacks
         if frame.received == 0 and runtime.pending():
             return DiagnosticReport(ERROR, "no camera frame received; prompts are waiting", values)
         if problems:
