@@ -34,7 +34,8 @@ def pytest_report_header(config):
         return "tests/ros: not collected (no rclpy here); `make test` runs them in .venv-ros-jazzy and .venv-ros-kilted"
     from rclpy.utilities import get_rmw_implementation_identifier
 
-    return f"tests/ros: rclpy from {Path(rclpy.__file__).parent}, installed workspace {INSTALL}"
+    return (f"tests/ros: rclpy from {Path(rclpy.__file__).parent} on {get_rmw_implementation_identifier()}, "
+            f"installed workspace {INSTALL}")
 
 
 @pytest.fixture()
