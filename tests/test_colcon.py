@@ -71,7 +71,7 @@ def test_colcon_finds_the_three_packages_in_dependency_order(tmp_path):
         ("cdcca", "(ros.ament_python)"), ("cdcca_msgs", "(ros.ament_cmake)"), ("cdcca_edge", "(ros.ament_python)")]
     info = _colcon(tmp_path, "info", "cdcca_edge", *BASE_PATHS)
     run_depends = next(line for line in info.splitlines() if line.strip().startswith("run:")).split()[1:]
-    assert {"cdcca", "cdcca_msgs", "rclpy", "diagnostic_updater"} <= set(run_depends)
+    assert {"cdcca", "cdcca_msgs", "rclpy", "diagnostic_msgs"} <= set(run_depends)
 
 
 def test_cdcca_edge_installs_where_ros2_run_and_ros2_launch_look(workspace):

@@ -32,7 +32,7 @@ def test_package_xml_is_format_3_with_the_run_dependencies():
     assert root.findtext("buildtool_depend") == "ament_python"
     assert root.find("export/build_type").text == "ament_python"
     exec_depends = {e.text for e in root.findall("exec_depend")}
-    assert {"rclpy", "sensor_msgs", "std_msgs", "cdcca_msgs", "diagnostic_updater", "cdcca",
+    assert {"rclpy", "sensor_msgs", "std_msgs", "cdcca_msgs", "diagnostic_msgs", "cdcca",
             "lifecycle_msgs"} <= exec_depends  # fmt: skip
     test_depends = {e.text for e in root.findall("test_depend")}
     assert {"ament_flake8", "ament_pep257", "launch_testing", "launch_testing_ros"} <= test_depends
