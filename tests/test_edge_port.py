@@ -192,7 +192,8 @@ def test_prompts_wait_for_a_first_frame_then_are_answered_in_batches(runtime):
     assert EdgeDiagnostics(runtime).report().level == ERROR
     runtime.on_camera(wire.encode(image_to_msg(FRAME, 42, "camera_color_optical_frame")))
     first, second = runtime.answer_pending(), runtime.answer_pending()
-    assert [a.prompt for a in first + second] == ["a?", "b?", "c?"] and runtime.backend.batches == [["a?", "b?"], ["c?"]]
+    assert [a.prompt for a in first + second] == ["a?", "b?", "c?"]
+    assert runtime.backend.batches == [["a?", "b?"], ["c?"]]
     assert all(a.header.frame_id == "camera_color_optical_frame" and wire.stamp_ns(a.header) == 42 for a in first)
     assert first[0].answer == f"seen {FRAME.mean():.1f}"
     ids = [a.sample_id for a in first + second]

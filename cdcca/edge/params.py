@@ -100,7 +100,8 @@ class ParamSpec:
 
 _KINDS = {"str": "string", "Path": "string", "int": "integer", "float": "double", "bool": "bool",
           "tuple[str, ...]": "string_array"}  # fmt: skip
-_PY_TYPES = {"string": (str,), "integer": (int,), "double": (float, int), "bool": (bool,), "string_array": (list, tuple)}
+_PY_TYPES = {"string": (str,), "integer": (int,), "double": (float, int), "bool": (bool,),
+             "string_array": (list, tuple)}  # fmt: skip
 
 
 def _arg_docs(cls: type) -> dict[str, str]:

@@ -1,5 +1,6 @@
-"""Tests under real ROS 2 (rclpy on rmw_fastrtps_cpp), run by ``make test`` in ``.venv-ros-<distro>`` with ``ros2_ws/install-<distro>``
-sourced. In an environment without rclpy these files are not collected at all (see the report header).
+"""Tests under real ROS 2 (rclpy on rmw_fastrtps_cpp), run by ``make test`` in ``.venv-ros-<distro>`` with
+``ros2_ws/install-<distro>`` sourced. In an environment without rclpy these files are not collected at all (see
+the report header).
 
 Every test keeps DDS traffic on loopback (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``) and uses a domain id of its
 own, so tests never see each other's nodes.
@@ -115,7 +116,8 @@ class Graph:
         from rcl_interfaces.srv import SetParameters
         from rclpy.parameter import Parameter
 
-        request = SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
+        parameters = [Parameter(k, value=v).to_parameter_msg() for k, v in values.items()]
+        request = SetParameters.Request(parameters=parameters)
         return list(self.call(SetParameters, f"{node}/set_parameters", request).results)
 
     def get_parameters(self, node: str, *names: str) -> dict:

@@ -105,6 +105,7 @@ def test_rclpy_and_cdcca_wire_write_the_same_bytes_and_read_each_other(type_name
 
 def test_every_cdcca_msgs_interface_is_covered():
     assert {c[0] for c in CASES} == set(wire.SUPPORTED_TYPES)
-    constants = {name: getattr(AdapterStatus, name) for name in ("STATE_APPLIED", "STATE_REJECTED", "STATE_ROLLED_BACK")}
+    names = ("STATE_APPLIED", "STATE_REJECTED", "STATE_ROLLED_BACK")
+    constants = {name: getattr(AdapterStatus, name) for name in names}
     assert constants == {"STATE_APPLIED": wire.APPLIED, "STATE_REJECTED": wire.REJECTED,
                          "STATE_ROLLED_BACK": wire.ROLLED_BACK}  # fmt: skip

@@ -149,7 +149,9 @@ def test_configure_takes_the_params_file_and_the_overrides(robot):
 
 def test_active_node_answers_prompts_about_image_and_compressed_frames(robot):
     assert robot.graph.transition(NODE, Transition.TRANSITION_ACTIVATE) and robot.graph.state(NODE) == "active"
-    time.sleep(1.0)  # discovery of the new subscriptions
+    assert wait_for(lambda: min(p.get_subscription_count() for p in (robot.camera, robot.compressed, robot.prompts,
+                                                                     robot.deltas, robot.acks)) >= 1, 30)  # fmt: skip
+    time.sleep(0.5)  # and the node's side of the match
     robot.frame()
     time.sleep(0.3)
     robot.ask("what digit is this?", "what colour is it?")
@@ -217,7 +219,9 @@ def test_reactivating_does_not_reject_the_latched_delta_again(robot):
     """#2: the latched delta came again after deactivate/activate: REJECTED 'not newer' and a WARN."""
     statuses = len(robot.statuses)
     assert robot.graph.transition(NODE, Transition.TRANSITION_DEACTIVATE)
+    assert wait_for(lambda: robot.deltas.get_subscription_count() == 0, 10)
     assert robot.graph.transition(NODE, Transition.TRANSITION_ACTIVATE)
+    assert wait_for(lambda: min(robot.deltas.get_subscription_count(), robot.prompts.get_subscription_count()) >= 1, 30)
     time.sleep(2.0)  # the transient-local delta is delivered to the new subscription
     assert not any(s.state == AdapterStatus.STATE_REJECTED for s in robot.statuses[statuses:])
     assert wait_for(lambda: robot.last_diagnostics()[0].level == b"\x00"

@@ -56,7 +56,8 @@ def test_camera_to_node_to_cloud_and_back_under_ros(pretrained_test_pair, ros_ke
         assert graph.transition(NODE, Transition.TRANSITION_CONFIGURE)
         assert graph.transition(NODE, Transition.TRANSITION_ACTIVATE)
         server.start()
-        time.sleep(1.0)
+        assert wait_for(lambda: camera.get_subscription_count() >= 1 and prompts.get_subscription_count() >= 1, 30)
+        time.sleep(0.5)  # and the node's side of the match
         # The camera shows each sample's image and the prompt about it is asked
         for sample in samples:
             camera.publish(to_ros(image_to_msg(np.asarray(sample.load_image()), time.time_ns(), "camera"), Image))
@@ -68,8 +69,9 @@ def test_camera_to_node_to_cloud_and_back_under_ros(pretrained_test_pair, ros_ke
         # The cloud stores every uploaded sample, trains a round and sends a signed delta; the node swaps it in
         assert wait_for(lambda: trainer.store.count() >= 6, 30), (trainer.stats(), robot.text()[-2000:])
         assert wait_for(lambda: trainer.counters.deltas_sent >= 1, 120), trainer.stats()
-        assert wait_for(lambda: any(s.state == AdapterStatus.STATE_APPLIED and s.version == 1 and s.reason != "heartbeat"
-                                    for s in statuses), 60), robot.text()[-3000:]  # fmt: skip
+        applied = (AdapterStatus.STATE_APPLIED, 1)
+        assert wait_for(lambda: any((s.state, s.version) == applied and s.reason != "heartbeat" for s in statuses),
+                        60), robot.text()[-3000:]  # fmt: skip
         assert wait_for(lambda: trainer.robots["r1"].reported == 1, 10)  # the cloud heard the robot's status
         prompts.publish(String(data="and after the update?"))
         assert wait_for(lambda: answers[-1].prompt == "and after the update?", 30)

@@ -19,7 +19,8 @@ from tests.ros.test_cdr import CASES, wire_message
 
 ROS_TYPES = {Image: "/camera/camera/color/image_raw", CompressedImage: "/camera/camera/color/image_raw/compressed",
              String: "/cdcca/prompt", Answer: "/cdcca/answer", UtsTokens: "/cdcca/uts_tokens",
-             UtsAck: "/cdcca/uts_ack", WeightDelta: "/cdcca/weight_delta", AdapterStatus: "/cdcca/adapter_status"}  # fmt: skip
+             UtsAck: "/cdcca/uts_ack", WeightDelta: "/cdcca/weight_delta",
+             AdapterStatus: "/cdcca/adapter_status"}  # fmt: skip
 TOPICS = [(type_name, ros_type, values) for type_name, ros_type, values in CASES if ros_type in ROS_TYPES]
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
 RAW_SIDE = textwrap.dedent("""
@@ -56,7 +57,8 @@ def test_every_topic_crosses_both_ways_and_the_raw_node_is_listed(domain_id, tmp
                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         received = {topic: ros.collect(ros_type, topic, RELIABLE, raw=True) for ros_type, topic in ROS_TYPES.items()}
-        publishers = {topic: ros.node.create_publisher(ros_type, topic, RELIABLE) for ros_type, topic in ROS_TYPES.items()}
+        publishers = {topic: ros.node.create_publisher(ros_type, topic, RELIABLE)
+                      for ros_type, topic in ROS_TYPES.items()}  # fmt: skip
         expected = {ROS_TYPES[r]: wire.encode(wire_message(t, v)) for t, r, v in TOPICS}
         assert wait_for(lambda: "cdcca_raw" in ros.node.get_node_names(), 30), ros.node.get_node_names()
 
