@@ -40,7 +40,7 @@ from cdcca.envelope import Signer, VersionChain
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import trainable_parameters
 from cdcca.uts import UplinkError
-from cdcca.wire import REJECTED, ROLLED_BACK
+from cdcca.wire import APPLIED, REJECTED, ROLLED_BACK
 from cloud_trainer.admission import SampleAdmission
 from cloud_trainer.store import CloudStore
 
@@ -118,6 +118,8 @@ class CloudCounters:
     resends: int = 0
     keyframes: int = 0
     rollbacks: int = 0  # versions robots rolled back from (health check or request); never resent
+    statuses_ignored: dict[str, int] = field(default_factory=dict)  # AdapterStatus dropped, by reason: ``state``
+    # (not one of the STATE_* constants), ``version`` (a version this cloud never published for that robot)
 
 
 class RoundFailed(RuntimeError):
@@ -193,14 +195,22 @@ class CloudTrainer:
         """Track what a robot runs (APPLIED and ROLLED_BACK and heartbeats carry the current version).
 
         A ROLLED_BACK status names the version the robot gave up (its reason, see
-        :func:`~cdcca.edge.adapter_slot.rollback_reason`); that version is recorded and never sent again.
+        :func:`~cdcca.edge.adapter_slot.rollback_reason`); that version is recorded and never sent again. A status
+        whose state is none of the STATE_* constants, or that names a version this cloud never published for that
+        robot (forged, or another cloud's), changes nothing and is counted in ``statuses_ignored`` by reason.
         """
+        if msg.state not in (APPLIED, REJECTED, ROLLED_BACK):  # not a state: never taken for APPLIED
+            self._ignore_status(robot_id, "state", msg)
+            return
         if msg.state == REJECTED:
             log.warning("robot %s rejected v%d: %s", robot_id, msg.version, msg.reason)
             return
         robot = self.robots.get(robot_id)
-        if robot is None or msg.version > robot.chain.latest:
-            return  # a robot this cloud has not trained for (yet), or a version it never published
+        if msg.version > (robot.chain.latest if robot is not None else 0):  # forged, or another cloud's version
+            self._ignore_status(robot_id, "version", msg)
+            return
+        if robot is None:
+            return  # a robot this cloud has not trained for (yet): it runs the base
         with self._chain_lock:
             if msg.state == ROLLED_BACK:
                 self._record_rollback(robot_id, robot, msg)
@@ -209,6 +219,12 @@ class CloudTrainer:
                 if msg.version != robot.chain.applied and msg.version in {0, *robot.chain.published}:
                     robot.chain.record_applied(int(msg.version))
                     self.store.record_applied(robot_id, int(msg.version))
+
+    def _ignore_status(self, robot_id: str, reason: str, msg) -> None:
+        ignored = self.counters.statuses_ignored  # replaced, not mutated, as rejected_reasons
+        self.counters.statuses_ignored = {**ignored, reason: ignored.get(reason, 0) + 1}
+        log_at = log.warning if reason not in ignored else log.debug  # a heartbeat repeats every few seconds
+        log_at("ignored an AdapterStatus from %s (%s): state %d, v%d", robot_id, reason, msg.state, msg.version)
 
     def _record_rollback(self, robot_id: str, robot: _Robot, msg) -> None:
         declined = rolled_back_from(msg.reason)

@@ -138,6 +138,23 @@ def test_a_robot_behind_gets_the_delta_again_or_a_keyframe(pretrained_test_pair,
     assert trainer.counters.keyframes == 1
 
 
+def test_a_status_of_no_state_or_an_unpublished_version_is_ignored_and_counted(pretrained_test_pair, uploads, keys,
+                                                                               tmp_path):  # fmt: skip
+    trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud", round_size=4)
+    trainer._send = lambda robot_id, robot, data: None
+    status = lambda version, state: wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=version, state=state)  # noqa: E731
+    trainer.receive_status("r1", status(3, wire.APPLIED))  # before any round: r1 can only run v0
+    for msg in uploads[:4]:
+        trainer.receive_tokens("r1", msg)
+    trainer.step()
+    trainer.receive_status("r1", status(1, wire.APPLIED))
+    trainer.receive_status("r1", status(0, 7))  # no such state: once taken for APPLIED v0, a resend followed
+    trainer.receive_status("r1", status(2, wire.ROLLED_BACK))  # v2 was never published
+    assert trainer.counters.statuses_ignored == {"version": 2, "state": 1}
+    assert trainer.robots["r1"].reported == 1 and trainer.stats()["declined"] == {}
+    assert not trainer.resend_if_behind("r1")
+
+
 def test_each_robot_has_its_own_student_and_chain(pretrained_test_pair, uploads, keys, tmp_path):
     import dataclasses
 
