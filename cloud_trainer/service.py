@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -234,6 +235,11 @@ class CloudTrainer:
             return
         robot.declined[declined] = msg.reason[:500]
         self.counters.rollbacks += 1
+        try:  # durable, so a restarted cloud does not offer it again either
+            self.store.record_declined(robot_id, declined, robot.declined[declined])
+        except sqlite3.Error as err:  # still never resent by this process
+            self.counters.failures += 1
+            log.error("robot %s: recording the rollback from v%d failed: %s", robot_id, declined, err)
         log.warning("robot %s rolled back from v%d to v%d (%s); v%d is not sent again", robot_id, declined,
                     msg.version, msg.reason, declined)  # fmt: skip
 
@@ -256,6 +262,7 @@ class CloudTrainer:
             chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
             distiller.rounds = record.latest
             robot.latest_delta = record.deltas.get(record.latest)
+            robot.declined = dict(record.declined)
         return robot
 
     @staticmethod

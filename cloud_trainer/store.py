@@ -5,6 +5,7 @@ A received ``UtsTokens`` counts as received (and is acknowledged) only once its 
 parameters, the version it publishes, what the robot will hold after decoding (the base of the next
 incremental delta), the signed ``WeightDelta`` bytes, and the round's samples marked as used. A crash
 anywhere before the commit leaves the samples pending, so the round simply runs again after a restart.
+A version a robot rolled back from is recorded (``declined``), so no restart sends it again.
 A sample a round cannot take is *quarantined*: kept, with the reason, but never pending again, so a restart
 does not run into it again. Tensors are stored as safetensors bytes (no pickle).
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +47,12 @@ CREATE TABLE IF NOT EXISTS published (
     delta    BLOB NOT NULL,        -- CDR bytes of the signed WeightDelta
     PRIMARY KEY (robot_id, version)
 );
+CREATE TABLE IF NOT EXISTS declined (
+    robot_id TEXT NOT NULL,
+    version  INTEGER NOT NULL,     -- a version the robot rolled back from: never sent to it again
+    reason   TEXT NOT NULL,        -- the robot's ROLLED_BACK reason
+    PRIMARY KEY (robot_id, version)
+);
 """
 
 
@@ -68,6 +75,7 @@ class RobotRecord:
     published: dict[int, dict[str, torch.Tensor]]
     deltas: dict[int, bytes]
     optimizer: dict[str, torch.Tensor] | None = None
+    declined: dict[int, str] = field(default_factory=dict)  # versions the robot rolled back from -> its reason
 
 
 class CloudStore:
@@ -189,11 +197,13 @@ class CloudStore:
                 return None
             versions = self._db.execute("SELECT version, params, delta FROM published WHERE robot_id = ?",
                                         (robot_id,)).fetchall()  # fmt: skip
+            declined = self._db.execute("SELECT version, reason FROM declined WHERE robot_id = ?",
+                                        (robot_id,)).fetchall()  # fmt: skip
         latest, applied, student, optimizer = row
         return RobotRecord(
             robot_id, latest, applied, from_bytes(student) if student is not None else None,
             published={v: from_bytes(p) for v, p, _ in versions}, deltas={v: bytes(d) for v, _, d in versions},
-            optimizer=from_bytes(optimizer) if optimizer is not None else None,
+            optimizer=from_bytes(optimizer) if optimizer is not None else None, declined=dict(declined),
         )  # fmt: skip
 
     def robots(self) -> list[str]:
@@ -235,6 +245,13 @@ class CloudStore:
                 (robot_id, version, robot_id),
             )
             self._db.execute("COMMIT")
+
+    def record_declined(self, robot_id: str, version: int, reason: str) -> bool:
+        """The robot rolled back from ``version`` (``reason``: its status); False if that was recorded already."""
+        with self._lock:
+            cursor = self._db.execute("INSERT OR IGNORE INTO declined (robot_id, version, reason) VALUES (?, ?, ?)",
+                                      (robot_id, version, reason))  # fmt: skip
+        return cursor.rowcount == 1
 
     def close(self) -> None:
         with self._lock:

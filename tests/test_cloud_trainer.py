@@ -227,6 +227,10 @@ def test_a_store_from_before_the_optimizer_column_opens_and_loads(tmp_path):
     assert torch.equal(record.student["student.w"], torch.ones(2))
     store.commit_round("r1", 3, [], record.student, {"w": torch.ones(2)}, b"delta", 1, {"0.step": torch.tensor(3.0)})
     assert store.load_robot("r1").optimizer["0.step"].item() == 3.0
+    assert store.load_robot("r1").declined == {}  # no declined table before: created on open
+    assert store.record_declined("r1", 3, "rolled back from v3: health check")
+    assert not store.record_declined("r1", 3, "again")  # recorded once, the first reason kept
+    assert store.load_robot("r1").declined == {3: "rolled back from v3: health check"}
 
 
 # ------------------------------------------------------------------------- issue 15: D1, Build 1

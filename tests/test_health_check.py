@@ -172,3 +172,14 @@ def test_the_cloud_records_a_rollback_and_does_not_resend_that_version(pretraine
     assert trainer.stats()["reported"]["r1"] == 0
     assert not trainer.resend_if_behind("r1") and [m.version for m in sent] == [1]
     assert trainer.counters.resends == 0
+
+    # ... and a restarted cloud remembers it (the store keeps it): still not resent, not counted again
+    trainer.close()
+    restarted = make_trainer(pretrained_test_pair, signer, tmp_path / "cloud", round_size=4)
+    restarted._send = lambda robot_id, robot, data: sent.append(wire.decode(wire.WEIGHT_DELTA, data))
+    restarted.receive_status("r1", slot._status(0, wire.APPLIED, "heartbeat", None))
+    restarted.receive_status("r1", rolled)
+    assert restarted.stats()["declined"] == {"r1": {"1": rolled.reason}} and restarted.counters.rollbacks == 0
+    assert restarted.stats()["reported"]["r1"] == 0
+    assert not restarted.resend_if_behind("r1") and [m.version for m in sent] == [1]
+    restarted.close()
