@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from cdcca import wire
+from cdcca.edge.app import build_runtime
+from cdcca.edge.runtime import EdgeConfig
 from cdcca.envelope import Signer, generate_key, seal
 from cdcca.transport import Link, LinkConfig
 from cdcca.uts import pack_tokens
-from tests.test_loop_faults import Cloud, close_robot
+from tests.test_loop_faults import ALL_SAMPLES, Cloud, close_robot
 from tests.test_loop_faults import setup as setup  # noqa: F401  (the fixture: keys, checkpoints, endpoint, frames)
 from tests.test_transport import wait_until
 
@@ -28,10 +30,7 @@ ROBOTS = ("r1", "r2")
 
 
 def robot(setup, robot_id):
-    from cdcca.edge.app import build_runtime
-    from cdcca.edge.runtime import EdgeConfig
-    from tests.test_loop_faults import ALL_SAMPLES
-
+    """A started robot on its own Zenoh session and state directory (every answer uploaded; resends after 2 s)."""
     link = Link(LinkConfig.loopback(False, setup["endpoint"]))
     config = EdgeConfig(robot_id=robot_id, state_dir=setup["tmp"] / robot_id, resend_after_s=2.0,
                         heartbeat_every_s=0.2, uts=ALL_SAMPLES)  # fmt: skip
