@@ -13,6 +13,7 @@ import time
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 
 from cdcca import wire
@@ -261,3 +262,27 @@ def test_chaos_on_every_key_loses_nothing_acknowledged_and_every_bad_message_is_
         for robot_id in ROBOTS:
             close_robot(runtimes[robot_id], links[robot_id])
         cloud.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 15 D6 / Build 5: UtsAck is not authenticated (a signed ack needs a "
+                   "field in cdcca_msgs/UtsAck), so any peer can make a robot forget samples the cloud never stored")
+def test_a_forged_ack_naming_queued_samples_deletes_nothing(setup):
+    # Prepare: no cloud; the attacker's session is the one the robot connects to
+    attacker = Link(LinkConfig.loopback(True, setup["endpoint"]))
+    runtime, link = robot(setup, "r1")
+    try:
+        assert wait_until(lambda: link.peers() >= 1)
+        time.sleep(0.5)
+        ids = [f"r1-{i}" for i in range(6)]
+        runtime.ask(setup["images"][:6], setup["prompts"][:6], ids)
+        assert sorted(runtime.uplink.ids()) == ids
+
+        # Execute: a well-formed ack, on r1's key, from a peer that stored nothing
+        attacker.publish("r1", "uts_ack", wire.new(wire.UTS_ACK, robot_id="r1", sample_ids=ids))
+        time.sleep(1.0)
+
+        # Assert
+        assert sorted(runtime.uplink.ids()) == ids and runtime.stats()["uplink_acked"] == 0
+    finally:
+        close_robot(runtime, link)
+        attacker.close()
