@@ -175,4 +175,4 @@ def ros_keys(tmp_path_factory):
     work = tmp_path_factory.mktemp("keys")
     private, public = generate_key(work / "keys", "cloud-ros")
     trust_key(public, work / "trust")
-    return Signer.load(private), work / "trust"
+    return Signer.load(private), work / "trust", private
