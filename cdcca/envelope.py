@@ -9,6 +9,9 @@ re-addressed without breaking it.
 Versions form a chain per robot. The cloud sends a delta against the version the robot last reported as
 applied; a robot that missed versions (or reports none) gets a *keyframe*: a delta against the original
 base (version 0), which applies whatever it currently holds.
+
+The same key signs each ``UtsAck`` (:func:`sign_ack`, over :func:`ack_signed_bytes`), so only the cloud can make
+a robot delete queued samples; the robot checks it with :func:`verify_ack` against the same trust store.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import math
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -433,3 +437,69 @@ class VersionChain:
         return seal(payload, robot_id=self.robot_id, version=self.latest, base_version=0, keyframe=True,
                     codec=codec_name, num_params=sum(t.numel() for t in delta.values()), signer=signer,
                     stamp_ns=stamp_ns)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ acks
+ACK_CONTEXT = b"cdcca uts ack v1\n"  # domain separation: an ack's signature is never a delta's or a statement's
+MAX_ACK_SEQUENCE = 2**63 - 1  # the robot persists the last accepted sequence in SQLite (signed 64-bit)
+
+
+class AckRejected(CdccaError):
+    """A ``UtsAck`` the robot refuses; ``reason`` is the counter it goes to (``unsigned``, ``unknown_key``,
+    ``revoked_key``, ``bad_signature``, ``malformed``, ``foreign``, ``replayed``)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def ack_signed_bytes(robot_id: str, sequence: int, sample_ids: list[str]) -> bytes:
+    """The canonical bytes an ack's signature covers: :data:`ACK_CONTEXT`, then the robot id, the sequence and
+    the count of ids as little-endian uint64 (strings length-prefixed, UTF-8), then each id. Unambiguous: no two
+    (robot, sequence, ids) share them."""
+
+    def text(value: str) -> bytes:
+        raw = value.encode("utf-8", "surrogatepass")
+        return struct.pack("<Q", len(raw)) + raw
+
+    return b"".join([ACK_CONTEXT, text(robot_id), struct.pack("<QQ", sequence, len(sample_ids)),
+                     *(text(sample_id) for sample_id in sample_ids)])  # fmt: skip
+
+
+def sign_ack(signer: Signer, robot_id: str, sample_ids: list[str], sequence: int, stamp_ns: int = 0):
+    """A ``UtsAck`` of ``sample_ids`` for ``robot_id``, signed by the cloud's key; ``sequence`` must exceed that of
+    every ack this cloud sent the robot before (the robot refuses anything not newer as a replay)."""
+    if not 0 < sequence <= MAX_ACK_SEQUENCE:
+        raise ValueError(f"ack sequence must be in 1..{MAX_ACK_SEQUENCE}, got {sequence}")
+    ids = list(sample_ids)
+    signature = signer.sign(ack_signed_bytes(robot_id, sequence, ids))
+    return wire.new(wire.UTS_ACK, header=wire.header(stamp_ns), robot_id=robot_id, sample_ids=ids,
+                    sequence=sequence, key_id=signer.key_id,
+                    signature=np.frombuffer(signature, np.uint8).copy())  # fmt: skip
+
+
+def verify_ack(msg, *, trust: TrustStore | None, robot_id: str) -> tuple[int, list[str]]:
+    """Every check of a ``UtsAck`` but the replay check (which the uplink queue makes in the transaction that
+    deletes): returns (sequence, sample ids) or raises :class:`AckRejected`."""
+    if msg.robot_id != robot_id:
+        raise AckRejected("foreign", f"ack addressed to robot {msg.robot_id!r}, this is {robot_id!r}")
+    signature = bytes(np.asarray(msg.signature, np.uint8))
+    if not msg.key_id and not signature:
+        raise AckRejected("unsigned", "the ack carries no key id and no signature")
+    sequence = int(msg.sequence)
+    if not 0 < sequence <= MAX_ACK_SEQUENCE or len(signature) != 64:
+        raise AckRejected("malformed", f"sequence {sequence}, signature of {len(signature)} bytes (64 expected)")
+    if trust is None:
+        raise AckRejected("unknown_key", "this robot has no trust store")
+    ids = list(msg.sample_ids)
+    try:
+        data = ack_signed_bytes(msg.robot_id, sequence, ids)
+    except UnicodeEncodeError as err:  # a decoded message holds valid UTF-8; a hand-built one might not
+        raise AckRejected("malformed", str(err)) from None
+    try:
+        trust.verify(msg.key_id, signature, data)
+    except DeltaRejected as err:  # verify refreshed the store: it tells why
+        reason = ("revoked_key" if msg.key_id in trust.revoked
+                  else "unknown_key" if msg.key_id not in trust.keys else "bad_signature")  # fmt: skip
+        raise AckRejected(reason, err.reason) from None
+    return sequence, ids

@@ -4,8 +4,10 @@ Algorithm 1 of Wang et al. (CVPR 2024), cloud side, as a long-running service:
 
 * every received ``UtsTokens`` is checked against the models (``cloud_trainer.admission``: the encoder's token
   grid and width, the LMs' positions, sizes derived from them; a rejection is counted by reason), committed
-  to SQLite and only then acknowledged with a ``UtsAck``; duplicates by (robot_id, sample_id) are
-  acknowledged again and otherwise ignored;
+  to SQLite and only then acknowledged with a ``UtsAck``, signed with the delta key and numbered by a per-robot
+  sequence that only grows (the clock in ns, or one more than the last, so a restart never reuses one: robots
+  refuse an ack not newer than the last they accepted); duplicates by (robot_id, sample_id) are acknowledged
+  again and otherwise ignored;
 * when a robot has ``round_size`` pending samples, a round runs on them (up to ``max_round_samples``): the
   teacher pseudo-labels the kept tokens and AKD distills into that robot's cloud student (continual: each
   round starts from the last), DWC encodes the change against the version the robot runs, and the signed
@@ -37,7 +39,7 @@ import torch
 from cdcca import wire
 from cdcca.akd import AKDConfig, Distiller, DistillSample
 from cdcca.edge.adapter_slot import rolled_back_from
-from cdcca.envelope import Signer, VersionChain
+from cdcca.envelope import Signer, VersionChain, sign_ack
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import trainable_parameters
 from cdcca.uts import UplinkError
@@ -154,6 +156,8 @@ class CloudTrainer:
         self._hold: dict[str, float] = {}  # robot_id -> monotonic time its rounds may be tried again
         self._stop = threading.Event()
         self._chain_lock = threading.Lock()  # statuses arrive on Zenoh's thread while a round publishes
+        self._ack_lock = threading.Lock()  # acks of one robot leave in the order of their sequence
+        self._ack_sequence: dict[str, int] = {}  # robot_id -> sequence of the last ack sent
         self.round_log = Path(config.state_dir) / "rounds.jsonl"
         for robot_id in self.store.robots():
             self._robot(robot_id)
@@ -180,9 +184,10 @@ class CloudTrainer:
         # acknowledged only now that it is committed, and at once: a round in progress must not delay acks,
         # or the robot resends what the cloud already has
         if self.link is not None:
-            ack = wire.new(wire.UTS_ACK, header=wire.header(time.time_ns()), robot_id=robot_id,
-                           sample_ids=[msg.sample_id])  # fmt: skip
-            self.link.publish(robot_id, "uts_ack", ack)
+            with self._ack_lock:
+                now = time.time_ns()
+                sequence = self._ack_sequence[robot_id] = max(now, self._ack_sequence.get(robot_id, 0) + 1)
+                self.link.publish(robot_id, "uts_ack", sign_ack(self.signer, robot_id, [msg.sample_id], sequence, now))
         self.counters.acked += 1
         return True
 

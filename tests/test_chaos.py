@@ -3,8 +3,8 @@
 A cloud trainer and two robots (``r1``, ``r2``) run the loop on their own Zenoh sessions while an attacker's
 session puts malformed, oversized, inconsistent and forged messages on every key the cloud and the robots
 subscribe to, interleaved with the robots' valid uploads, then replays captured deltas and acks onto the other
-robot's keys. Afterwards nothing acknowledged is lost, both robots run a new version, and every bad message is
-accounted for by the counter of the component that dropped it, by reason.
+robot's keys and onto the same keys. Afterwards nothing acknowledged is lost, both robots run a new version, and
+every bad message is accounted for by the counter of the component that dropped it, by reason.
 """
 
 import random
@@ -13,13 +13,12 @@ import time
 from collections import Counter
 
 import numpy as np
-import pytest
 import torch
 
 from cdcca import wire
 from cdcca.edge.app import build_runtime
 from cdcca.edge.runtime import EdgeConfig
-from cdcca.envelope import Signer, generate_key, seal
+from cdcca.envelope import AckRejected, Signer, TrustStore, generate_key, seal, sign_ack, verify_ack
 from cdcca.transport import Link, LinkConfig
 from cdcca.uts import pack_tokens
 from tests.test_loop_faults import ALL_SAMPLES, Cloud, close_robot
@@ -145,15 +144,22 @@ class Chaos:
                     codec="nf4-zstd", num_params=2**40, signer=self.mallory)  # fmt: skip
         self.add(robot_id, "weight_delta", wire.encode(huge), robot_id, "deltas_rejected")  # 4 MiB, untrusted
 
-    def acks(self, robot_id: str, other: str) -> None:
-        """On ``<robot_id>/cdcca/uts_ack``: junk, spoofed, and acks of ids the robot never queued (no-ops)."""
-        ack = wire.new(wire.UTS_ACK, header=wire.header(time.time_ns()), robot_id=robot_id,
-                       sample_ids=[f"{robot_id}-never-{i}" for i in range(20)])  # fmt: skip
-        for data in self.junk(wire.encode(ack), wire.UTS_ACK):
+    def acks(self, robot_id: str, other: str, trusted_key_id: str) -> None:
+        """On ``<robot_id>/cdcca/uts_ack``: junk, spoofed, and acks not signed by the cloud, naming ids the robot
+        queues (issue 15 D6: an unsigned one used to delete them)."""
+        queued = [f"{robot_id}-{i}" for i in range(6)]
+        sequence = 2**62 + self.rng.randrange(1000)  # far ahead of the cloud's: only the signature stops them
+        signed = sign_ack(self.mallory, robot_id, queued, sequence, time.time_ns())
+        for data in self.junk(wire.encode(signed), wire.UTS_ACK):
             self.add(robot_id, "uts_ack", data, robot_id, "link", "uts_ack")
-        spoofed = wire.new(wire.UTS_ACK, robot_id=other, sample_ids=[f"{other}-never"])
+        spoofed = sign_ack(self.mallory, other, [f"{other}-0"], sequence)
         self.add(robot_id, "uts_ack", wire.encode(spoofed), robot_id, "link", "uts_ack")
-        self.messages.append((robot_id, "uts_ack", wire.encode(ack)))  # names nothing queued: removes nothing
+        unsigned = wire.new(wire.UTS_ACK, header=wire.header(time.time_ns()), robot_id=robot_id, sample_ids=queued,
+                            sequence=sequence)  # fmt: skip
+        self.add(robot_id, "uts_ack", wire.encode(unsigned), robot_id, "acks_rejected", "unsigned")
+        self.add(robot_id, "uts_ack", wire.encode(signed), robot_id, "acks_rejected", "unknown_key")
+        signed.key_id = trusted_key_id  # claims the cloud's key: the signature does not verify
+        self.add(robot_id, "uts_ack", wire.encode(signed), robot_id, "acks_rejected", "bad_signature")
 
 
 def observed(cloud, runtimes, links) -> Counter:
@@ -169,6 +175,8 @@ def observed(cloud, runtimes, links) -> Counter:
         for topic, count in links[robot_id].rejected.items():
             found[(robot_id, "link", topic)] += count
         found[(robot_id, "deltas_rejected", "")] += runtimes[robot_id].counters.deltas_rejected
+        for reason, count in runtimes[robot_id].counters.acks_rejected_reasons.items():
+            found[(robot_id, "acks_rejected", reason)] += count
     return +found
 
 
@@ -183,11 +191,18 @@ def test_chaos_on_every_key_loses_nothing_acknowledged_and_every_bad_message_is_
         runtimes[robot_id], links[robot_id] = robot(setup, robot_id)
     attacker = Link(LinkConfig.loopback(False, setup["endpoint"]))
     captured: dict[tuple[str, str], list[bytes]] = {}  # what the cloud really sent (not the attacker's own)
+    trust = TrustStore.load(setup["trust"])
 
     def capture(robot_id, msg, data):
-        real = msg.version < 1000 if hasattr(msg, "version") else "never" not in "".join(msg.sample_ids)
-        if real:
-            captured.setdefault((robot_id, "weight_delta" if hasattr(msg, "version") else "uts_ack"), []).append(data)
+        if hasattr(msg, "version"):
+            if msg.version < 1000:
+                captured.setdefault((robot_id, "weight_delta"), []).append(data)
+            return
+        try:
+            verify_ack(msg, trust=trust, robot_id=robot_id)  # signed by the cloud
+        except AckRejected:
+            return
+        captured.setdefault((robot_id, "uts_ack"), []).append(data)
 
     for robot_id in ROBOTS:
         for topic in ("weight_delta", "uts_ack"):
@@ -197,9 +212,9 @@ def test_chaos_on_every_key_loses_nothing_acknowledged_and_every_bad_message_is_
         chaos.uploads(robot_id, other)
         chaos.statuses(robot_id, other)
         chaos.deltas(robot_id, other, "cloud-test")
-        chaos.acks(robot_id, other)
+        chaos.acks(robot_id, other, "cloud-test")
     rng.shuffle(chaos.messages)
-    assert sum(chaos.expected.values()) == len(chaos.messages) - len(ROBOTS)  # all but the no-op acks are counted
+    assert sum(chaos.expected.values()) == len(chaos.messages)  # every bad message is counted
     try:
         assert wait_until(lambda: attacker.peers() >= 3 and all(link.peers() >= 2 for link in links.values()))
         time.sleep(0.5)  # the subscriptions have propagated
@@ -234,7 +249,8 @@ def test_chaos_on_every_key_loses_nothing_acknowledged_and_every_bad_message_is_
             attacker.publish_bytes(other, "uts_ack", captured[(robot_id, "uts_ack")][0])
             chaos.expected[(other, "link", "uts_ack")] += 1
             attacker.publish_bytes(robot_id, "weight_delta", captured[(robot_id, "weight_delta")][0])
-            attacker.publish_bytes(robot_id, "uts_ack", captured[(robot_id, "uts_ack")][0])  # already acked: no-op
+            attacker.publish_bytes(robot_id, "uts_ack", captured[(robot_id, "uts_ack")][0])
+            chaos.expected[(robot_id, "acks_rejected", "replayed")] += 1  # older than the last accepted
         assert wait_until(lambda: all(r.counters.deltas_duplicate >= 1 for r in runtimes.values()))
         assert wait_until(lambda: observed(cloud, runtimes, links) == +chaos.expected, timeout=20), \
             (observed(cloud, runtimes, links), chaos.expected)  # fmt: skip
@@ -246,6 +262,7 @@ def test_chaos_on_every_key_loses_nothing_acknowledged_and_every_bad_message_is_
             sent = {f"{robot_id}-{i}" for i in range(len(prompts))}
             assert cloud.trainer.store.sample_ids(robot_id) == sent  # every acked sample is stored, no forged one
             assert robot_stats["uplink_acked"] == robot_stats["uplink_enqueued"] == len(sent)
+            assert robot_stats["acks_accepted"] >= len(sent)  # every other ack is in the counters checked above
             assert robot_stats["deltas_applied"] == 1  # the replay and any resend of v1 are duplicates
             assert robot_stats["deltas_duplicate"] == 1 + resends[robot_id]
             assert runtime.backend.slot.counters.rejected == chaos.expected[(robot_id, "deltas_rejected", "")] == 4
@@ -264,9 +281,7 @@ def test_chaos_on_every_key_loses_nothing_acknowledged_and_every_bad_message_is_
         cloud.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 D6 / Build 5: UtsAck is not authenticated (a signed ack needs a "
-                   "field in cdcca_msgs/UtsAck), so any peer can make a robot forget samples the cloud never stored")
-def test_a_forged_ack_naming_queued_samples_deletes_nothing(setup):
+def test_a_forged_ack_naming_queued_samples_deletes_nothing(setup, tmp_path):
     # Prepare: no cloud; the attacker's session is the one the robot connects to
     attacker = Link(LinkConfig.loopback(True, setup["endpoint"]))
     runtime, link = robot(setup, "r1")
@@ -277,12 +292,16 @@ def test_a_forged_ack_naming_queued_samples_deletes_nothing(setup):
         runtime.ask(setup["images"][:6], setup["prompts"][:6], ids)
         assert sorted(runtime.uplink.ids()) == ids
 
-        # Execute: a well-formed ack, on r1's key, from a peer that stored nothing
-        attacker.publish("r1", "uts_ack", wire.new(wire.UTS_ACK, robot_id="r1", sample_ids=ids))
-        time.sleep(1.0)
+        # Execute: well-formed acks, on r1's key, from a peer that stored nothing: unsigned, and signed by its own key
+        mallory = Signer.load(generate_key(tmp_path / "mallory", "mallory")[0])
+        attacker.publish("r1", "uts_ack", wire.new(wire.UTS_ACK, robot_id="r1", sample_ids=ids, sequence=2**62))
+        attacker.publish("r1", "uts_ack", sign_ack(mallory, "r1", ids, 2**62))
+        assert wait_until(lambda: runtime.counters.acks_rejected == 2, timeout=10)
 
         # Assert
         assert sorted(runtime.uplink.ids()) == ids and runtime.stats()["uplink_acked"] == 0
+        assert runtime.counters.acks_rejected_reasons == {"unsigned": 1, "unknown_key": 1}
+        assert runtime.stats()["uplink_ack_sequence"] == 0
     finally:
         close_robot(runtime, link)
         attacker.close()

@@ -11,10 +11,11 @@ from cdcca import wire
 from cdcca.akd import AKDConfig
 from cdcca.data.digits_shift import load_domain
 from cdcca.edge.adapter_slot import AdapterSlot
-from cdcca.envelope import Signer, TrustStore, generate_key, trust_key
+from cdcca.envelope import Signer, TrustStore, generate_key, trust_key, verify_ack
 from cdcca.models.checkpoint import load_adaptable_student, load_mllm
 from cdcca.models.trainable import trainable_parameters
 from cdcca.uts import pack_tokens
+from cdcca.wire.topics import LINK_TOPICS
 from cloud_trainer.service import CloudConfig, CloudTrainer
 
 
@@ -55,6 +56,47 @@ def test_samples_are_stored_once_and_inconsistent_ones_rejected(pretrained_test_
     assert (trainer.counters.received, trainer.counters.duplicates, trainer.counters.rejected) == (5, 1, 1)
     assert trainer.store.count("r1") == 5
     assert trainer.step() == []  # 5 pending < round_size 8: no round yet
+
+
+class RecordingLink:
+    """What the cloud publishes, by (robot_id, topic); subscriptions are not needed here."""
+
+    def __init__(self):
+        self.published = []
+
+    def subscribe(self, robot_id, topic, handler):
+        pass
+
+    def publish(self, robot_id, topic, msg):
+        self.published.append((robot_id, topic, wire.decode(LINK_TOPICS[topic], wire.encode(msg))))
+
+
+def test_acks_are_signed_with_the_delta_key_and_their_sequence_grows_across_a_restart(pretrained_test_pair, uploads,
+                                                                                      keys, tmp_path):  # fmt: skip
+    """Issue 15 D6: a robot deletes only what an ack signed by the cloud names, and only if the ack is newer."""
+    # Prepare
+    signer, trust = keys
+    config = CloudConfig(state_dir=tmp_path / "cloud", round_size=64, codec="fp16")
+    make = lambda link: CloudTrainer(load_mllm(pretrained_test_pair / "teacher"),  # noqa: E731
+                                     lambda: load_adaptable_student(pretrained_test_pair), signer, config, link)
+    first_link, second_link = RecordingLink(), RecordingLink()
+
+    # Execute: three samples (one resent) to one cloud process, then one to its successor on the same state
+    trainer = make(first_link)
+    for msg in (uploads[0], uploads[1], uploads[0]):
+        trainer.receive_tokens("r1", msg)
+    trainer.close()
+    restarted = make(second_link)
+    restarted.receive_tokens("r1", uploads[2])
+    restarted.close()
+
+    # Assert: every ack verifies under the robot's trust store, names its sample, and is newer than the one before
+    acks = [msg for _, topic, msg in first_link.published + second_link.published if topic == "uts_ack"]
+    assert [list(a.sample_ids) for a in acks] == [[u.sample_id] for u in (uploads[0], uploads[1], uploads[0],
+                                                                          uploads[2])]  # fmt: skip
+    assert [verify_ack(a, trust=trust, robot_id="r1")[1] for a in acks] == [list(a.sample_ids) for a in acks]
+    sequences = [int(a.sequence) for a in acks]
+    assert sequences == sorted(set(sequences)) and all(a.key_id == "cloud-test" for a in acks)
 
 
 def test_a_round_publishes_a_delta_the_robot_applies_and_survives_restart(pretrained_test_pair, uploads, keys,

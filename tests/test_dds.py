@@ -19,6 +19,7 @@ from cyclonedds.util import duration
 
 from cdcca import wire
 from cdcca.bag import compressed_to_msg, image_to_msg
+from cdcca.envelope import Signer, sign_ack
 from cdcca.transport import dds
 from tests.test_transport import wait_until
 
@@ -46,7 +47,8 @@ def sample_messages():
                  token_indices=np.array([0, 3, 9], np.uint16), token_variance=np.array([0.1, 0.2, 0.3], np.float32),
                  encoding=0, scales=np.array([1.0, 2.0, 0.5], np.float32),
                  token_data=np.arange(12, dtype=np.uint8)),  # fmt: skip
-        wire.new(wire.UTS_ACK, header=stamp, robot_id="r1", sample_ids=["a", "bb", "ccc"]),
+        wire.new(wire.UTS_ACK, header=stamp, robot_id="r1", sample_ids=["a", "bb", "ccc"], sequence=2**63 - 1,
+                 key_id="cloud-1", signature=np.arange(64, dtype=np.uint8)),  # fmt: skip
         wire.new(wire.WEIGHT_DELTA, header=stamp, robot_id="r1", version=4, base_version=3, keyframe=True, codec="nf4",
                  num_params=123456789012, sha256=np.arange(32, dtype=np.uint8), key_id="cloud-1",
                  signature=np.arange(64, dtype=np.uint8), payload=(np.arange(301) % 256).astype(np.uint8)),  # fmt: skip
@@ -339,7 +341,8 @@ def test_the_robot_joins_a_ros2_graph_over_dds(pretrained_test_pair, keys, tmp_p
         tokens = []
         assert wait_until(lambda: tokens.extend(dds.take_all(uplink)) or len(tokens) >= 2, timeout=10)
         uploaded = [dds.from_idl(wire.UTS_TOKENS, s) for s in tokens]
-        acks.write(wire.new(wire.UTS_ACK, robot_id="r1", sample_ids=[u.sample_id for u in uploaded]))
+        signer = Signer.load(tmp_path / "keys" / "cloud-test.key")  # the cloud signs acks with its delta key
+        acks.write(sign_ack(signer, "r1", [u.sample_id for u in uploaded], 1))
         assert wait_until(lambda: len(runtime.uplink) == 0, timeout=10)
         nodes = [n for info in dds.take_all(announced) for n in info.node_entities_info_seq]
         forged = wire.new(wire.WEIGHT_DELTA, robot_id="r1", version=1, base_version=0, codec="nf4", key_id="nobody",

@@ -15,6 +15,7 @@ from cdcca.edge.backend import BackendAnswer
 from cdcca.edge.diagnostics import ERROR, OK, WARN, AnswerMeter, EdgeDiagnostics
 from cdcca.edge.frames import LatestFrame, NoFrameError
 from cdcca.edge.runtime import EdgeConfig, EdgeRuntime
+from cdcca.envelope import Signer, TrustStore, generate_key, sign_ack, trust_key
 from cdcca.uts import UTSConfig
 from cdcca.wire.images import compressed_to_msg, image_to_msg, msg_to_rgb
 
@@ -75,8 +76,10 @@ def runtime(student, tmp_path):
     clock, port = Clock(), RecordingPort()
     config = EdgeConfig(state_dir=tmp_path, batch_size=2, max_frame_age_s=1.0, queue_capacity=4, uts=NEVER_UPLOAD,
                         resend_after_s=5.0)  # fmt: skip
-    runtime = EdgeRuntime(FakeBackend(), student, config, port, clock=clock)
-    runtime.clock, runtime.sent = clock, port
+    private, public = generate_key(tmp_path / "keys", "cloud-1")  # acks are signed with the cloud's key
+    trust_key(public, tmp_path / "trust")
+    runtime = EdgeRuntime(FakeBackend(), student, config, port, clock=clock, trust=TrustStore.load(tmp_path / "trust"))
+    runtime.clock, runtime.sent, runtime.signer = clock, port, Signer.load(private)
     yield runtime
     runtime.close()
 
@@ -242,9 +245,9 @@ def test_uplink_acks_deltas_and_statuses_through_the_port(runtime):
     assert sorted(d for t, d in runtime.sent.sent if t == "uts_tokens") == [b"payload-0", b"payload-1", b"payload-2"]
     runtime.publish_status()
     assert [(s.version, s.reason) for s in runtime.sent.decoded("adapter_status")] == [(3, "heartbeat")]
-    foreign = wire.new(wire.UTS_ACK, robot_id="r2", sample_ids=["r1-0"])
+    foreign = sign_ack(runtime.signer, "r2", ["r1-0"], 1)
     assert runtime.on_ack(wire.encode(foreign)) == 0 and runtime.counters.acks_foreign == 1
-    assert runtime.on_ack(wire.new(wire.UTS_ACK, robot_id="r1", sample_ids=["r1-0", "r1-1"])) == 2
+    assert runtime.on_ack(sign_ack(runtime.signer, "r1", ["r1-0", "r1-1"], 2)) == 2
     assert runtime.uplink.ids() == ["r1-2"]
     diagnostics = EdgeDiagnostics(runtime)
     forged = wire.new(wire.WEIGHT_DELTA, robot_id="r1", version=4, base_version=3, key_id="mallory")

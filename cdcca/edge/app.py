@@ -46,7 +46,7 @@ def build_runtime(checkpoints: Path, config: EdgeConfig, trust_dir: Path, link=N
         raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
     if link is not None:
         port = ZenohPort(link, config.robot_id) if port is None else FanOut(ZenohPort(link, config.robot_id), port)
-    return EdgeRuntime(answering, student, config, port)
+    return EdgeRuntime(answering, student, config, port, trust=trust)
 
 
 @dataclass

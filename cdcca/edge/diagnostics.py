@@ -79,10 +79,11 @@ class EdgeDiagnostics:
         self._rejected_at_last_report = 0
         self._failed_at_last_report = 0
         self._health_rollbacks_at_last_report = 0
+        self._acks_rejected_at_last_report = 0
 
     def report(self) -> DiagnosticReport:
-        """WARN when a delta was rejected, an answer failed or an update failed its health check (and was rolled
-        back) since the previous report, when the uplink queue is
+        """WARN when a delta was rejected, an ack refused, an answer failed or an update failed its health check
+        (and was rolled back) since the previous report, when the uplink queue is
         at least 90 % full, or when the latest frame is older than ``max_frame_age_s``; ERROR when no camera
         frame has arrived while prompts wait."""
         runtime = self.runtime
@@ -102,6 +103,7 @@ class EdgeDiagnostics:
             "applied_deltas": str(counters.deltas_applied),
             "health_rollbacks": str(counters.health_rollbacks),
             "foreign_deltas": str(counters.deltas_foreign),
+            "rejected_acks": str(counters.acks_rejected),
             "answers": str(counters.answers),
             "failed_answers": str(counters.failed_answers),
             "frames_received": str(frame.received),
@@ -119,6 +121,8 @@ class EdgeDiagnostics:
             problems.append("answering failed")
         if counters.health_rollbacks > self._health_rollbacks_at_last_report:
             problems.append("an update failed its health check and was rolled back")
+        if counters.acks_rejected > self._acks_rejected_at_last_report:
+            problems.append("a UtsAck was refused (unsigned, untrusted key or replayed)")
         if depth >= 0.9 * capacity:
             problems.append("uplink queue nearly full (cloud unreachable?)")
         if max_age > 0 and frame.received and age > max_age:
@@ -126,6 +130,7 @@ class EdgeDiagnostics:
         self._rejected_at_last_report = counters.deltas_rejected
         self._failed_at_last_report = counters.failed_answers
         self._health_rollbacks_at_last_report = counters.health_rollbacks
+        self._acks_rejected_at_last_report = counters.acks_rejected
         if frame.received == 0 and runtime.pending():
             return DiagnosticReport(ERROR, "no camera frame received; prompts are waiting", values)
         if problems:

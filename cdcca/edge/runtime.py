@@ -47,7 +47,8 @@ from cdcca.edge.backend import EdgeBackend
 from cdcca.edge.frames import LatestFrame, NoFrameError, frame_of_request
 from cdcca.edge.health import HealthCheck, HealthConfig
 from cdcca.edge.sources import DEFAULT_PROMPTS
-from cdcca.edge.uplink import UplinkQueue
+from cdcca.edge.uplink import StaleAck, UplinkQueue
+from cdcca.envelope import AckRejected, TrustStore, verify_ack
 from cdcca.models.mllm import MLLM
 from cdcca.uts import UncertaintyTokenSampler, UTSConfig, pack_tokens
 
@@ -138,7 +139,10 @@ class EdgeCounters:
     deltas_rejected: int = 0
     deltas_duplicate: int = 0  # the version already running (a latched topic delivers it again): ignored
     deltas_foreign: int = 0  # addressed to another robot on a shared graph: ignored
-    acks_foreign: int = 0
+    acks_foreign: int = 0  # addressed to another robot on a shared graph: ignored
+    acks_accepted: int = 0  # signed by a trusted key and newer than the last: their samples deleted
+    acks_rejected: int = 0  # not signed by a trusted key, malformed or replayed: nothing deleted
+    acks_rejected_reasons: dict[str, int] = field(default_factory=dict)  # reason -> count (see AckRejected)
     statuses_published: int = 0
     uplink_published: int = 0
     uplink_bytes: int = 0
@@ -157,16 +161,21 @@ class EdgeRuntime:
         port: where messages go (see the module doc); ``None`` runs offline (the queue still fills). A port
             with ``attach(runtime)`` is attached, so it can hand over what arrives.
         clock: monotonic seconds (frame ages, answer rate).
+        trust: the cloud's keys a ``UtsAck`` must be signed with (the ones deltas are checked against); default:
+            the backend's (``backend.trust``, or ``backend.slot.trust``). Without one every ack is refused.
     """
 
     def __init__(self, backend: EdgeBackend, encoder_owner: MLLM, config: EdgeConfig, port: Port | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic, trust: TrustStore | None = None) -> None:  # fmt: skip
         from cdcca.edge.diagnostics import AnswerMeter
 
         self.backend, self.config, self.encoder_owner = backend, config, encoder_owner
         self.sampler = UncertaintyTokenSampler(encoder_owner, config.uts)
         self.uplink = UplinkQueue(Path(config.state_dir) / "uplink.sqlite", config.queue_capacity)
         self.counters = EdgeCounters()
+        if trust is None:  # the keys the backend checks deltas against
+            trust = getattr(backend, "trust", None) or getattr(getattr(backend, "slot", None), "trust", None)
+        self.trust = trust
         self.frame = LatestFrame(clock)
         self.meter = AnswerMeter(clock=clock)
         self.health = HealthCheck(config.health)
@@ -243,16 +252,35 @@ class EdgeRuntime:
         return True
 
     def on_ack(self, data: Any) -> int:
-        """Drop acknowledged samples from the durable uplink; returns how many were ours."""
+        """Drop acknowledged samples from the durable uplink, if the cloud signed the ack (a trusted key, not
+        revoked) and it is newer than the last accepted (no replay, also across restarts); returns how many ids
+        it named (0 for an ack refused: counted by reason, logged, nothing deleted)."""
         msg = self._decode(wire.UTS_ACK, data)
         if msg is None:
             return 0
-        if msg.robot_id != self.config.robot_id:
+        if msg.robot_id != self.config.robot_id:  # several robots on one graph: not an attack
             self.counters.acks_foreign += 1
             return 0
-        ids = list(msg.sample_ids)
-        self.uplink.ack(ids)
+        try:
+            sequence, ids = verify_ack(msg, trust=self.trust, robot_id=self.config.robot_id)
+            self.uplink.ack(ids, sequence=sequence)
+        except AckRejected as err:
+            self._refuse_ack(err.reason, str(err))
+            return 0
+        except StaleAck as err:
+            self._refuse_ack("replayed", str(err))
+            return 0
+        self.counters.acks_accepted += 1
         return len(ids)
+
+    def _refuse_ack(self, reason: str, detail: str) -> None:
+        counters = self.counters
+        counters.acks_rejected += 1
+        reasons = counters.acks_rejected_reasons  # replaced, not mutated: stats() may be copying it meanwhile
+        counters.acks_rejected_reasons = {**reasons, reason: reasons.get(reason, 0) + 1}
+        count = counters.acks_rejected_reasons[reason]
+        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th... of a reason: a flood cannot flood the log
+            log.warning("refused a UtsAck (%s, %d so far): %s", reason, count, detail)
 
     def pending(self) -> int:
         """Prompts waiting to be answered."""

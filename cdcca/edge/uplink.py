@@ -12,6 +12,10 @@ the cloud most needs, and UTS stage 1 always keeps them) is stored as +inf, the 
 counted in ``nonfinite_entropy``; SQLite would otherwise turn NaN into NULL and refuse the row. A sample
 that cannot be sent (an empty payload or sample id) is refused and counted in ``refused``; a second sample
 under a queued id is not stored (the first is kept) and counted in ``duplicates``.
+
+Acks are signed by the cloud (:func:`cdcca.envelope.verify_ack`) and carry a sequence that grows with every ack;
+the newest accepted sequence is stored in the same file, in the transaction that deletes, so an old ack replayed
+(also after a restart) deletes nothing (:class:`StaleAck`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from cdcca.errors import CdccaError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,10 @@ CREATE TABLE IF NOT EXISTS uplink (
 );
 CREATE INDEX IF NOT EXISTS uplink_entropy ON uplink (entropy);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS ack_sequence (
+    id       INTEGER PRIMARY KEY CHECK (id = 0),
+    sequence INTEGER NOT NULL     -- UtsAck.sequence of the newest accepted ack
+);
 """
 COUNTERS = ("enqueued", "dropped", "acked", "sent", "resent", "nonfinite_entropy", "refused", "duplicates")
 
@@ -53,6 +63,15 @@ class UplinkStats:
     nonfinite_entropy: int = 0  # stored with entropy +inf (most uncertain)
     refused: int = 0  # not stored: empty payload or sample id
     duplicates: int = 0  # not stored: the id was already queued (the queued sample is kept)
+    ack_sequence: int = 0  # UtsAck.sequence of the newest accepted ack (0: none yet)
+
+
+class StaleAck(CdccaError):
+    """An ack whose sequence is not newer than the last accepted one: a replay (it deleted nothing)."""
+
+    def __init__(self, sequence: int, last: int) -> None:
+        super().__init__(f"ack sequence {sequence} is not newer than {last}, the last accepted (replayed?)")
+        self.sequence, self.last = sequence, last
 
 
 class UplinkQueue:
@@ -143,30 +162,44 @@ class UplinkQueue:
                 self._db.execute("COMMIT")
         return [(sample_id, bytes(payload)) for sample_id, payload, _ in rows]
 
-    def ack(self, sample_ids: list[str]) -> int:
+    def ack(self, sample_ids: list[str], sequence: int | None = None) -> int:
         """The cloud stored these samples; forget them. Returns how many were still queued.
+
+        With ``sequence`` (a verified ``UtsAck.sequence``) the ack counts only if it is newer than every ack
+        accepted before; it becomes the newest in the same transaction as the deletes. Raises :class:`StaleAck`
+        (deleting nothing) otherwise.
 
         The cost under the queue lock (which the answering thread needs to queue a sample) is bounded by what
         the queue holds, not by the ack: the ids are hashed outside it, and when the ack names more ids than
         are queued the queued ids are looked up in the ack instead. One transaction, O(1) per id.
         """
         wanted = set(sample_ids)  # an ack of any size is paid for here, not on the answering path
-        if not wanted:
+        if not wanted and sequence is None:
             return 0
         with self._lock:
-            (queued,) = self._db.execute("SELECT COUNT(*) FROM uplink").fetchone()
-            if len(wanted) > queued:
-                wanted = {sid for (sid,) in self._db.execute("SELECT sample_id FROM uplink") if sid in wanted}
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if sequence is not None:
+                    last = self._last_sequence()
+                    if sequence <= last:
+                        raise StaleAck(sequence, last)
+                    self._db.execute("INSERT INTO ack_sequence VALUES (0, ?) ON CONFLICT(id) DO UPDATE SET "
+                                     "sequence = excluded.sequence", (sequence,))  # fmt: skip
+                (queued,) = self._db.execute("SELECT COUNT(*) FROM uplink").fetchone()
+                if len(wanted) > queued:
+                    wanted = {sid for (sid,) in self._db.execute("SELECT sample_id FROM uplink") if sid in wanted}
                 removed = self._db.executemany("DELETE FROM uplink WHERE sample_id = ?",
-                                               [(sid,) for sid in wanted]).rowcount  # fmt: skip
+                                               [(sid,) for sid in wanted]).rowcount if wanted else 0  # fmt: skip
                 self._bump("acked", max(removed, 0))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         return max(removed, 0)
+
+    def _last_sequence(self) -> int:
+        row = self._db.execute("SELECT sequence FROM ack_sequence WHERE id = 0").fetchone()
+        return 0 if row is None else int(row[0])
 
     def ids(self) -> list[str]:
         """Queued sample ids, most uncertain first."""
@@ -181,7 +214,8 @@ class UplinkQueue:
         with self._lock:
             counters = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
             queued = self._db.execute("SELECT COUNT(*) FROM uplink").fetchone()[0]
-        return UplinkStats(queued=queued, **{name: counters.get(name, 0) for name in COUNTERS})
+            sequence = self._last_sequence()
+        return UplinkStats(queued=queued, ack_sequence=sequence, **{name: counters.get(name, 0) for name in COUNTERS})
 
     def close(self) -> None:
         with self._lock:

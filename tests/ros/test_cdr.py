@@ -27,7 +27,8 @@ CASES = [
         "student_answer": "seven", "sample_entropy": 1.25, "num_tokens": 17, "token_dim": 8,
         "token_indices": [0, 3, 16], "token_variance": [0.5, 0.25, 1e-7], "encoding": UtsTokens.ENCODING_INT8,
         "scales": [0.1, 0.2, 0.3], "token_data": [(i * 37) % 256 for i in range(24)]}),
-    (wire.UTS_ACK, UtsAck, {"header": HEADER, "robot_id": "r1", "sample_ids": ["r1-1", "", "r1-ü"]}),
+    (wire.UTS_ACK, UtsAck, {"header": HEADER, "robot_id": "r1", "sample_ids": ["r1-1", "", "r1-ü"],
+                            "sequence": 2**63 - 1, "key_id": "cloud-1", "signature": [7] * 64}),
     (wire.WEIGHT_DELTA, WeightDelta, {
         "header": HEADER, "robot_id": "r1", "version": 7, "base_version": 6, "keyframe": True, "codec": "nf4-zstd",
         "num_params": 2**40 + 3, "sha256": list(range(32)), "key_id": "cloud-1", "signature": [255] * 64,

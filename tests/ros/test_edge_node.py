@@ -22,6 +22,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
 from cdcca import wire
+from cdcca.envelope import sign_ack
 from cdcca.wire.images import compressed_to_msg, image_to_msg
 from tests.ros.conftest import EdgeProcess, Graph, wait_for
 
@@ -196,7 +197,11 @@ def test_uncertain_samples_go_up_and_acks_empty_the_queue(robot):
     uploaded = robot.tokens[-1]
     assert uploaded.robot_id == "r1" and 0 < len(uploaded.token_indices) < uploaded.num_tokens
     ids = sorted({t.sample_id for t in robot.tokens})
-    robot.acks.publish(UtsAck(robot_id="r1", sample_ids=ids))
+    unsigned = UtsAck(robot_id="r1", sample_ids=ids, sequence=2**62)  # issue 15 D6: deletes nothing
+    robot.acks.publish(unsigned)
+    assert wait_for(lambda: robot.last_diagnostics()[1]["rejected_acks"] == "1", 10)
+    assert robot.last_diagnostics()[1]["uplink_queue_depth"] != "0"
+    robot.acks.publish(to_ros(sign_ack(robot.signer, "r1", ids, time.time_ns()), UtsAck))  # the cloud's
     assert wait_for(lambda: robot.last_diagnostics()[1]["uplink_queue_depth"] == "0", 10)
     assert any("[cdcca.edge.runtime] uplink queue full" in m.msg for m in robot.rosout)  # #7: core INFO on /rosout
 
