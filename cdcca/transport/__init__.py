@@ -12,7 +12,7 @@ Topics and directions:
 topic              direction       message
 =================  ==============  ================================================================
 ``uts_tokens``     robot -> cloud  ``cdcca_msgs/UtsTokens`` (uncertain samples, kept visual tokens)
-``uts_ack``        cloud -> robot  ``cdcca_msgs/UtsAck`` (samples the cloud has stored durably)
+``uts_ack``        cloud -> robot  ``cdcca_msgs/UtsAck`` (samples the cloud stored durably; signed, sequenced)
 ``weight_delta``   cloud -> robot  ``cdcca_msgs/WeightDelta`` (signed, versioned adapter update)
 ``adapter_status`` robot -> cloud  ``cdcca_msgs/AdapterStatus`` (after each delta, and as a heartbeat)
 ``answer``         robot -> any    ``cdcca_msgs/Answer`` (every answer, for monitoring)
