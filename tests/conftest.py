@@ -46,3 +46,25 @@ def pretrained_test_pair(tmp_path_factory):
         progress=False,
     )
     return out
+
+
+@pytest.fixture(scope="module")
+def exported(pretrained_test_pair, tmp_path_factory):
+    """The pretrained ``test`` student with LoRA and its ONNX export."""
+    from cdcca.edge.onnx_export import export_onnx
+    from cdcca.models.checkpoint import load_mllm
+    from cdcca.models.trainable import add_lora
+
+    student = add_lora(load_mllm(pretrained_test_pair / "student")).eval()
+    return student, export_onnx(student, tmp_path_factory.mktemp("onnx") / "student_onnx")
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """A cloud signing key and a robot trust store that trusts it (files that define their own win)."""
+    from cdcca.envelope import Signer, TrustStore, generate_key
+
+    private, public = generate_key(tmp_path_factory.mktemp("keys"), "cloud")
+    trust = TrustStore()
+    trust.add("cloud", public.read_text())
+    return Signer.load(private), trust

@@ -12,24 +12,8 @@ from cdcca.edge import adapter_slot as adapter_slot_module
 from cdcca.edge.adapter_slot import APPLIED, REJECTED, ROLLED_BACK, AdapterSlot
 from cdcca.edge.backend import TorchBackend
 from cdcca.edge.onnx_backend import OnnxBackend
-from cdcca.edge.onnx_export import export_onnx
-from cdcca.envelope import Signer, TrustStore, VersionChain, generate_key
-from cdcca.models.checkpoint import load_mllm
-from cdcca.models.trainable import add_lora, trainable_parameters
-
-
-@pytest.fixture(scope="module")
-def student_and_export(pretrained_test_pair, tmp_path_factory):
-    student = add_lora(load_mllm(pretrained_test_pair / "student")).eval()
-    return student, export_onnx(student, tmp_path_factory.mktemp("onnx") / "student_onnx")
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    private, public = generate_key(tmp_path_factory.mktemp("keys"), "cloud")
-    trust = TrustStore()
-    trust.add("cloud", public.read_text())
-    return Signer.load(private), trust
+from cdcca.envelope import VersionChain
+from cdcca.models.trainable import trainable_parameters
 
 
 def _perturbed(params: dict, seed: int, scale: float = 0.05) -> dict:
@@ -41,8 +25,8 @@ def _disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def _backend(kind: str, student_and_export, trust, state_dir):
-    student, export = student_and_export
+def _backend(kind: str, exported, trust, state_dir):
+    student, export = exported
     if kind == "torch":
         return TorchBackend(AdapterSlot(student, "r1", trust, state_dir=state_dir))
     return OnnxBackend(export, "r1", trust, state_dir=state_dir, threads=1)
@@ -66,11 +50,11 @@ def _same(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("kind", ["torch", "onnx"])
 def test_a_failed_persist_changes_nothing_a_resend_applies_and_rollback_restores_what_ran_before(
-        kind, student_and_export, keys, few_samples, tmp_path, monkeypatch):  # fmt: skip
+        kind, exported, keys, few_samples, tmp_path, monkeypatch):  # fmt: skip
     # Prepare: the robot runs v2 (v1 before it); the cloud's chain holds v3 and v4
     signer, trust = keys
     state_dir = tmp_path / "state"
-    backend = _backend(kind, student_and_export, trust, state_dir)
+    backend = _backend(kind, exported, trust, state_dir)
     base = backend.slot.base if kind == "torch" else backend.base
     chain = VersionChain("r1", base)
     deltas = {}
@@ -107,16 +91,16 @@ def test_a_failed_persist_changes_nothing_a_resend_applies_and_rollback_restores
     assert answer.texts == v2_answer.texts and answer.adapter_version == 2
 
     # a restart resumes at the rolled-back version, and v3 and v4 stay refused as replays there too
-    restarted = _backend(kind, student_and_export, trust, state_dir)
+    restarted = _backend(kind, exported, trust, state_dir)
     assert (restarted.version, _slot(restarted).newest_version) == (2, 3)
     assert _same(_active_params(restarted), v2_params)
 
 
 @pytest.mark.parametrize("kind", ["torch", "onnx"])
 def test_a_rollback_that_cannot_be_persisted_still_stops_the_adapter_and_says_so(
-        kind, student_and_export, keys, tmp_path, monkeypatch):  # fmt: skip
+        kind, exported, keys, tmp_path, monkeypatch):  # fmt: skip
     signer, trust = keys
-    backend = _backend(kind, student_and_export, trust, tmp_path / "state")
+    backend = _backend(kind, exported, trust, tmp_path / "state")
     base = backend.slot.base if kind == "torch" else backend.base
     chain = VersionChain("r1", base)
     assert backend.receive(chain.make_delta(_perturbed(base, seed=1), "fp16", signer)).state == APPLIED

@@ -15,7 +15,7 @@ from cdcca.edge.health import HealthCheck, HealthConfig
 from cdcca.edge.onnx_backend import OnnxBackend
 from cdcca.edge.onnx_export import export_onnx
 from cdcca.edge.runtime import EdgeConfig, EdgeRuntime
-from cdcca.envelope import Signer, TrustStore, VersionChain, generate_key
+from cdcca.envelope import VersionChain
 from cdcca.models.checkpoint import load_adaptable_student
 from tests.test_cloud_trainer import make_trainer, uploads  # noqa: F401  (the module fixture)
 
@@ -75,14 +75,6 @@ class RecordingPort:
 
     def statuses(self) -> list:
         return [msg for topic, msg in self.sent if topic == "adapter_status"]
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    private, public = generate_key(tmp_path_factory.mktemp("keys"), "cloud")
-    trust = TrustStore()
-    trust.add("cloud", public.read_text())
-    return Signer.load(private), trust
 
 
 def _silencing(student, base: dict) -> dict:

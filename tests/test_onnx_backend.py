@@ -15,26 +15,10 @@ from cdcca.edge.adapter_slot import APPLIED, REJECTED, ROLLED_BACK, AdapterSlot
 from cdcca.edge.backend import TorchBackend
 from cdcca.edge.onnx_backend import OnnxBackend
 from cdcca.edge.onnx_export import BASE_FILE, OnnxExport, OnnxModelMismatch, export_onnx, read_adapter, write_adapters
-from cdcca.envelope import Signer, TrustStore, VersionChain, generate_key
-from cdcca.models.checkpoint import load_mllm
+from cdcca.envelope import VersionChain
 from cdcca.models.trainable import add_lora, trainable_parameters
 
 LOGIT_ATOL = 1e-4  # float32 graphs vs torch eager: observed differences are ~1e-6
-
-
-@pytest.fixture(scope="module")
-def exported(pretrained_test_pair, tmp_path_factory):
-    """The pretrained ``test`` student with LoRA and its ONNX export."""
-    student = add_lora(load_mllm(pretrained_test_pair / "student")).eval()
-    return student, export_onnx(student, tmp_path_factory.mktemp("onnx") / "student_onnx")
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    private, public = generate_key(tmp_path_factory.mktemp("keys"), "cloud")
-    trust = TrustStore()
-    trust.add("cloud", public.read_text())
-    return Signer.load(private), trust
 
 
 @pytest.fixture(scope="module")
