@@ -28,6 +28,18 @@ NODE = "/cdcca_edge"
 RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 
 
+def ask(camera, prompts, answers, frame, prompt: str, robot, attempts: int = 3) -> None:
+    """Show ``frame`` and ask ``prompt`` until the node answers it. Under load, Fast DDS 3 (Kilted) can drop the
+    first samples to a reader it matched a moment ago even on a reliable topic; the node must still answer."""
+    for _ in range(attempts):
+        camera.publish(frame)
+        time.sleep(0.2)
+        prompts.publish(String(data=prompt))
+        if wait_for(lambda: bool(answers) and answers[-1].prompt == prompt, 20):
+            return
+    raise AssertionError(f"no answer to {prompt!r} after {attempts} tries:\n{robot.text()[-3000:]}")
+
+
 def test_camera_to_node_to_cloud_and_back_under_ros(pretrained_test_pair, ros_keys, tmp_path, domain_id):
     _, trust, key = ros_keys
     checkpoints = pretrained_test_pair
@@ -57,19 +69,13 @@ def test_camera_to_node_to_cloud_and_back_under_ros(pretrained_test_pair, ros_ke
         # The camera shows each sample's image and the prompt about it is asked
         for sample in samples:
             frame = to_ros(image_to_msg(np.asarray(sample.load_image()), time.time_ns(), "camera"), Image)
-            camera.publish(frame)
-            time.sleep(0.2)
-            prompts.publish(String(data=sample.prompt))
-            assert wait_for(lambda: answers and answers[-1].prompt == sample.prompt, 30), robot.text()[-3000:]
-        assert answers[0].adapter_version == 0 and len(answers) == 6  # the pretrained base answers first
+            ask(camera, prompts, answers, frame, sample.prompt, robot)
+        assert answers[0].adapter_version == 0 and {a.prompt for a in answers} == {s.prompt for s in samples}
         # The cloud stores every uploaded sample, trains a round and sends a signed delta; the node swaps it in
         applied = (AdapterStatus.STATE_APPLIED, 1)
         assert wait_for(lambda: any((s.state, s.version) == applied and s.reason != "heartbeat" for s in statuses),
                         180), (robot.text()[-2000:], (tmp_path / "cloud.log").read_text()[-3000:])  # fmt: skip
-        camera.publish(frame)
-        time.sleep(0.2)
-        prompts.publish(String(data="and after the update?"))
-        assert wait_for(lambda: answers[-1].prompt == "and after the update?", 30)
+        ask(camera, prompts, answers, frame, "and after the update?", robot)
         assert answers[-1].adapter_version == 1
     finally:
         graph.close()
