@@ -256,9 +256,7 @@ def _used(topic: str, msgtype: str) -> bool:
             or (msgtype == wire.STRING and topic in (PROMPT_TOPIC, GROUND_TRUTH_TOPIC)))  # fmt: skip
 
 
-def read_bag(path: str | Path, stats: ReadStats | None = None) -> Iterator[BagEvent]:
-    """Events of a bag in receive-time order; bad messages are logged, counted in ``stats`` and skipped."""
-    path, stats = Path(path), stats if stats is not None else ReadStats()
+def _open_reader(path: Path) -> AnyReader:
     if not path.exists():
         raise BagError(f"bag {path} does not exist; pass a rosbag2 directory, a .db3/.mcap file or a ROS 1 .bag")
     try:
@@ -266,10 +264,76 @@ def read_bag(path: str | Path, stats: ReadStats | None = None) -> Iterator[BagEv
         reader.open()
     except Exception as err:  # rosbags raises its own reader, typesys and OS errors here
         raise BagError(f"cannot open bag {path}: {err}") from err
+    return reader
+
+
+@dataclass(frozen=True)
+class CameraChoice:
+    """The camera topic a replay reads and whether the bag carries its own prompts (:data:`PROMPT_TOPIC`)."""
+
+    topic: str
+    has_prompts: bool
+
+
+def choose_camera_topic(path: str | Path, topic: str | None = None) -> CameraChoice:
+    """The Image/CompressedImage topic to replay: ``topic``, or the first whose first frame can be read.
+
+    Each camera topic's first message is decoded before replay, so an unsupported encoding (16UC1 depth,
+    yuv422) is refused once, naming the topic and the encoding, instead of once per frame. Unusable topics
+    are skipped with one warning when another camera topic works.
+    """
+    path = Path(path)
+    reader = _open_reader(path)
+    try:
+        cameras = [c for c in reader.connections if c.msgtype in (wire.IMAGE, wire.COMPRESSED_IMAGE)]
+        has_prompts = any(c.topic == PROMPT_TOPIC and c.msgtype == wire.STRING for c in reader.connections)
+        names = sorted({c.topic for c in cameras})
+        if topic is not None:
+            cameras = [c for c in cameras if c.topic == topic]
+            if not cameras:
+                raise BagError(f"bag {path} has no camera topic {topic}; "
+                               f"its camera topics: {', '.join(names) or 'none'}")  # fmt: skip
+        if not cameras:
+            raise BagError(f"bag {path} has no sensor_msgs/Image or CompressedImage topic")
+        problems: dict[str, str] = {}
+        for connection in cameras:
+            if connection.topic in problems:
+                continue
+            first = next(reader.messages(connections=[connection]), None)
+            if first is None:
+                problems[connection.topic] = "no messages"
+                continue
+            try:
+                raw, msgtype = first[2], connection.msgtype
+                msg = wire.decode(msgtype, raw) if reader.is2 else reader.deserialize(raw, msgtype)
+                msg_to_rgb(msg)
+            except Exception as err:  # ImageEncodingError, WireError or ROS 1 deserialisation errors
+                problems[connection.topic] = str(err)
+                continue
+            if problems:
+                log.warning("bag %s: skipping camera topics it cannot read (%s); replaying %s", path,
+                            "; ".join(f"{t}: {why}" for t, why in problems.items()), connection.topic)  # fmt: skip
+            return CameraChoice(connection.topic, has_prompts)
+        detail = "; ".join(f"{t}: {why}" for t, why in problems.items())
+        raise BagError(f"bag {path} has no camera topic CD-CCA can read ({detail}); "
+                       f"supported encodings: {', '.join(SUPPORTED_ENCODINGS)}, or a jpeg/png CompressedImage")
+    finally:
+        reader.close()
+
+
+def read_bag(path: str | Path, stats: ReadStats | None = None, topics: Iterable[str] | None = None,
+             ) -> Iterator[BagEvent]:
+    """Events of a bag in receive-time order; bad messages are logged, counted in ``stats`` and skipped.
+
+    ``topics``: read only these (others count as ignored); ``None`` reads every topic CD-CCA uses.
+    """
+    path, stats = Path(path), stats if stats is not None else ReadStats()
+    wanted = None if topics is None else set(topics)
+    reader = _open_reader(path)
     try:
         for connection, stamp_ns, raw in reader.messages():
             topic, msgtype = connection.topic, connection.msgtype
-            if not _used(topic, msgtype):
+            if not _used(topic, msgtype) or (wanted is not None and topic not in wanted):
                 stats.ignored[topic] += 1
                 continue
             try:

@@ -83,16 +83,24 @@ def _add_edge_args(parser: argparse.ArgumentParser) -> None:
     _add_link_args(parser)
     parser.add_argument("--robot-id", default="r1")
     parser.add_argument("--source", required=True,
-                        help="bag:PATH, dir:PATH, realsense, realsense:FILE or ros:CAMERA_TOPIC (DDS)")  # fmt: skip
+                        help="bag:PATH[#CAMERA_TOPIC], dir:PATH, realsense, realsense:FILE "
+                             "or ros:CAMERA_TOPIC (DDS)")  # fmt: skip
     parser.add_argument("--prompt", action="append", default=None,
-                        help="prompt asked about every frame of a folder or camera (repeatable)")  # fmt: skip
+                        help="prompt asked about every frame of a folder, camera or bag without /cdcca/prompt "
+                             "(repeatable)")  # fmt: skip
     parser.add_argument("--state", type=Path, default=None, help="uplink queue + adapter state (default: cache)")
     parser.add_argument("--trust", type=Path, default=None, help="trust store of signing keys (default: cache)")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnx"])
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rate", type=float, default=0.0, help="queries per second at most (0: unpaced)")
-    parser.add_argument("--linger", type=float, default=-1.0,
-                        help="seconds to keep serving after the source ends (default: until Ctrl-C)")  # fmt: skip
+    parser.add_argument("--rate", type=float, default=1.0,
+                        help="recordings: replay speed, a multiple of the recorded rate as `ros2 bag play --rate` "
+                             "(default 1; 0: as fast as possible)")  # fmt: skip
+    parser.add_argument("--query-rate", type=float, default=0.0,
+                        help="queries per second at most (default 0: no limit)")  # fmt: skip
+    parser.add_argument("--linger", type=float, default=None,
+                        help="after the source ends: a recording exits once the cloud acknowledged its uplink, "
+                             "waiting at most this many seconds (default 30); other sources keep serving this long "
+                             "(default: until Ctrl-C); -1: until Ctrl-C")  # fmt: skip
     parser.add_argument("--queue-capacity", type=int, default=1024)
 
 
@@ -358,13 +366,17 @@ def cmd_edge(args) -> dict:
         link.close()
         raise
     try:
-        settings = ReplaySettings(args.source, tuple(args.prompt or DEFAULT_PROMPTS), args.batch_size, args.rate,
-                                  args.linger)  # fmt: skip
+        settings = ReplaySettings(args.source, tuple(args.prompt or DEFAULT_PROMPTS), args.batch_size,
+                                  args.query_rate, args.rate, args.linger)  # fmt: skip
         report = replay(runtime, settings, stop)
     finally:
         runtime.close()
         link.close()
     print(format_stats(report, f"robot {args.robot_id}"))
+    print(f"robot {args.robot_id}: {report['queries']} queries, {report['answers']} answers, "
+          f"{report['uplink_enqueued']} samples queued for the cloud, {report['uplink_acked']} acknowledged, "
+          f"{report['uplink_queued']} still queued, adapter v{report['adapter_version']} "
+          f"({report['seconds']:.1f} s)")
     return report
 
 

@@ -231,7 +231,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
         observed.watch(link, config.robot_id)
         edge = _Child("robot", ["edge", "--robot-id", config.robot_id, "--checkpoints", str(config.checkpoints),
                                 "--source", f"bag:{bag}", "--state", str(work / "edge"), "--trust", str(work / "trust"),
-                                "--endpoint", endpoint, "--rate", str(config.rate_hz), "--threads", share],
+                                "--endpoint", endpoint, "--query-rate", str(config.rate_hz), "--rate", "0",
+                                "--linger", "-1", "--threads", share],
                       work / "robot.log")  # fmt: skip
         rows = []
         answered_upto = 0  # answers before this index belong to earlier rounds

@@ -54,18 +54,50 @@ class ReplaySettings:
     """How a source is fed through the runtime.
 
     Args:
-        source: ``bag:PATH``, ``dir:PATH``, ``realsense``, ``realsense:FILE`` or ``ros:TOPIC``.
+        source: ``bag:PATH[#TOPIC]``, ``dir:PATH``, ``realsense``, ``realsense:FILE`` or ``ros:TOPIC``.
         prompts: prompts asked about each frame of sources without their own.
         batch_size: queries answered together.
-        rate_hz: queries per second at most (0: as fast as possible).
-        linger_s: after the source ends, keep serving (uplink, updates) this long; negative: until stopped.
+        rate_hz: queries per second at most (0: no limit).
+        speed: recordings replay at their recorded rate times this, as ``ros2 bag play --rate`` (0: as fast
+            as possible).
+        linger_s: after the source ends, keep serving (uplink, updates): a recording until the cloud has
+            acknowledged its uplink, for at most this long (``None``: :data:`DRAIN_TIMEOUT_S`); other sources
+            this long (``None``: until stopped); negative: until stopped.
     """
 
     source: str
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     batch_size: int = 8
     rate_hz: float = 0.0
-    linger_s: float = -1.0
+    speed: float = 1.0
+    linger_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.rate_hz >= 0:
+            raise ValueError(f"rate_hz must be >= 0 (0: no limit), got {self.rate_hz}")
+        if not self.speed >= 0:
+            raise ValueError(f"speed (--rate) must be >= 0 (0: as fast as possible), got {self.speed}")
+
+
+DRAIN_TIMEOUT_S = 30.0  # the longest a finished recording waits for the cloud to acknowledge its uplink
+
+
+def _linger(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event) -> None:
+    """After the source ends: serve until stopped, for ``linger_s``, or (a recording) until the uplink drains."""
+    recording = settings.source.startswith(("bag:", "realsense:")) and settings.source != "realsense:"
+    if settings.linger_s is not None and settings.linger_s < 0 or settings.linger_s is None and not recording:
+        stop.wait(None)
+        return
+    if not recording:
+        stop.wait(settings.linger_s)
+        return
+    wait_s = DRAIN_TIMEOUT_S if settings.linger_s is None else settings.linger_s
+    deadline = time.monotonic() + wait_s
+    while len(runtime.uplink) and time.monotonic() < deadline and not stop.wait(0.2):
+        pass
+    if len(runtime.uplink):
+        log.warning("the cloud did not acknowledge %d queued samples within %.0f s; they stay queued in %s",
+                    len(runtime.uplink), wait_s, runtime.config.state_dir)  # fmt: skip
 
 
 def replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event) -> dict:
@@ -84,9 +116,19 @@ def replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event
     runtime.start()
     started = time.monotonic()
     batch, done = [], 0
+    first_stamp_ns = None
     for query in open_source(settings.source, settings.prompts):
         if stop.is_set():
             break
+        if query.stamp_ns is not None and settings.speed > 0:  # recorded rate x speed, as ros2 bag play --rate
+            first_stamp_ns = query.stamp_ns if first_stamp_ns is None else first_stamp_ns
+            due = started + (query.stamp_ns - first_stamp_ns) / 1e9 / settings.speed
+            if due > time.monotonic() and batch:  # answer what was recorded before waiting for the next frame
+                runtime.ask([q.image for q in batch], [q.prompt for q in batch], [q.sample_id for q in batch])
+                done += len(batch)
+                batch = []
+            if stop.wait(max(0.0, due - time.monotonic())):
+                break
         batch.append(query)
         if len(batch) < settings.batch_size:
             continue
@@ -99,7 +141,7 @@ def replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event
         runtime.ask([q.image for q in batch], [q.prompt for q in batch], [q.sample_id for q in batch])
         done += len(batch)
     log.info("source finished after %d queries in %.1f s", done, time.monotonic() - started)
-    stop.wait(None if settings.linger_s < 0 else settings.linger_s)
+    _linger(runtime, settings, stop)
     return {"queries": done, "seconds": time.monotonic() - started, **runtime.stats()}
 
 

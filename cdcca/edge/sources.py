@@ -1,7 +1,9 @@
 """Where the robot's frames and prompts come from: ``bag:PATH``, ``dir:PATH``, ``realsense`` or ``realsense:FILE``.
 
-Each source yields :class:`Query` items (a frame, a prompt and a stable id). Bags carry their own prompts
-(``/cdcca/prompt``; see :mod:`cdcca.bag`); image folders and cameras are asked the ``prompts`` given. A
+Each source yields :class:`Query` items (a frame, a prompt and a stable id). A bag with its own prompts
+(``/cdcca/prompt``; see :mod:`cdcca.bag`) is replayed with them; any other bag (``ros2 bag record`` of a
+camera), image folders and cameras are asked the ``prompts`` given about every frame. ``bag:PATH#TOPIC``
+picks the camera topic of a bag (default: the first one it can read). A
 RealSense recording (``.db3`` of SDK 2.59+, or a ROS 1 ``.bag`` of older SDKs) is read with :mod:`cdcca.bag`;
 a live camera goes through ``pyrealsense2`` (colour stream, RGB8).
 """
@@ -33,13 +35,22 @@ class Query:
     sample_id: str
     image: np.ndarray
     prompt: str
+    stamp_ns: int | None = None  # receive time in a recording (replay pacing); None for live or folder frames
 
 
-def _bag(path: Path) -> Iterator[Query]:
-    from cdcca.bag import read_samples
+def _bag(path: Path, prompts: Sequence[str], topic: str | None) -> Iterator[Query]:
+    from cdcca.bag import PROMPT_TOPIC, Frame, Prompt, choose_camera_topic, read_bag
 
-    for sample in read_samples(path):
-        yield Query(sample.sample_id, sample.load_image(), sample.prompt)
+    camera = choose_camera_topic(path, topic)  # raises BagError before replay for an unreadable camera
+    frame: Frame | None = None
+    for event in read_bag(path, topics=(camera.topic, PROMPT_TOPIC) if camera.has_prompts else (camera.topic,)):
+        if isinstance(event, Frame):
+            frame = event
+            if not camera.has_prompts:
+                for k, prompt in enumerate(prompts):
+                    yield Query(f"{path.name}@{event.stamp_ns}#{k}", event.rgb, prompt, event.stamp_ns)
+        elif isinstance(event, Prompt) and frame is not None:  # the bag's own prompt, about the latest frame
+            yield Query(f"{path.name}@{event.stamp_ns}", frame.rgb, event.text, event.stamp_ns)
 
 
 def _folder(path: Path, prompts: Sequence[str]) -> Iterator[Query]:
@@ -86,7 +97,10 @@ def _camera(prompts: Sequence[str], width: int = 640, height: int = 480, fps: in
 
 
 def open_source(spec: str, prompts: Sequence[str] = DEFAULT_PROMPTS) -> Iterator[Query]:
-    """The queries of ``bag:PATH``, ``dir:PATH``, ``realsense`` (live) or ``realsense:FILE`` (a recording)."""
+    """The queries of ``bag:PATH[#TOPIC]``, ``dir:PATH``, ``realsense`` (live) or ``realsense:FILE`` (a recording).
+
+    A bag is checked before the iterator is returned, so an unreadable camera topic raises here.
+    """
     kind, _, rest = spec.partition(":")
     if kind == "realsense":
         if not rest:
@@ -96,8 +110,20 @@ def open_source(spec: str, prompts: Sequence[str] = DEFAULT_PROMPTS) -> Iterator
             raise SourceError(f"no RealSense recording at {path}")
         return _recording(path, prompts)
     if kind not in ("bag", "dir") or not rest:
-        raise SourceError(f"source {spec!r}: use bag:PATH, dir:PATH, realsense or realsense:FILE")
+        raise SourceError(f"source {spec!r}: use bag:PATH[#TOPIC], dir:PATH, realsense or realsense:FILE")
+    topic = None
+    if kind == "bag" and "#" in rest:
+        rest, _, topic = rest.partition("#")
     path = Path(rest)
     if not path.exists():
         raise SourceError(f"source {spec!r}: {path} does not exist")
-    return _bag(path) if kind == "bag" else _folder(path, prompts)
+    if kind == "dir":
+        return _folder(path, prompts)
+    queries = _bag(path, prompts, topic or None)
+    first = next(queries, None)  # runs the camera check now, before the runtime starts
+    return iter(()) if first is None else _chain(first, queries)
+
+
+def _chain(first: Query, rest: Iterator[Query]) -> Iterator[Query]:
+    yield first
+    yield from rest

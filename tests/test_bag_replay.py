@@ -1,0 +1,138 @@
+"""``cdcca edge --source bag:`` on bags made the way ``ros2 bag record`` makes them: a camera, no prompt topic."""
+
+import json
+import logging
+import socket
+
+import numpy as np
+import pytest
+
+from cdcca import wire
+from cdcca.bag import CAMERA_TOPIC, BagWriter, image_to_msg
+from cdcca.cli import main
+from cdcca.envelope import generate_key, trust_key
+
+DEPTH_TOPIC = "/camera/camera/depth/image_rect_raw"
+FRAME_PERIOD_NS = 250_000_000  # a 4 Hz camera
+FRAMES = 3
+START_NS = 1_700_000_000 * 10**9
+
+
+def _rgb(index: int) -> np.ndarray:
+    return np.full((8, 8, 3), 40 * index, np.uint8)  # (H, W, 3)
+
+
+def _depth(stamp_ns: int):
+    return wire.new(wire.IMAGE, header=wire.header(stamp_ns, "depth"), height=1, width=1, encoding="16UC1",
+                    step=2, data=np.zeros(2, np.uint8))  # fmt: skip
+
+
+def _record(path, rgb: bool = True, depth: bool = False):
+    """A bag like ``ros2 bag record`` of realsense2_camera: rgb8 and/or 16UC1 frames, nothing of CD-CCA's."""
+    with BagWriter(path, "mcap") as bag:
+        for index in range(FRAMES):
+            stamp = START_NS + index * FRAME_PERIOD_NS
+            if depth:
+                bag.write(DEPTH_TOPIC, _depth(stamp), stamp)
+            if rgb:
+                bag.write(CAMERA_TOPIC, image_to_msg(_rgb(index), stamp, "camera_color_optical_frame"), stamp + 1)
+    return path
+
+
+def _free_endpoint() -> str:
+    with socket.socket() as probe:  # a port no cloud listens on: the robot runs offline
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp/127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def trust_dir(tmp_path_factory):
+    """A robot trust store holding one cloud key (the robot refuses to start without one)."""
+    _, public = generate_key(tmp_path_factory.mktemp("keys"), "cloud-1")
+    store = tmp_path_factory.mktemp("trust")
+    trust_key(public, store)
+    return store
+
+
+@pytest.fixture()
+def edge(pretrained_test_pair, trust_dir, tmp_path):
+    """``cdcca edge --source SOURCE EXTRA...`` in-process, offline: (exit code, its --json report or None)."""
+
+    def run(source: str, *extra: str) -> tuple[int, dict | None]:
+        return _edge(pretrained_test_pair, tmp_path, trust_dir, source, *extra)
+
+    return run
+
+
+def _edge(pretrained_test_pair, tmp_path, trust_dir, source: str, *extra: str) -> tuple[int, dict | None]:
+    report = tmp_path / "report.json"
+    code = main(["edge", "--checkpoints", str(pretrained_test_pair), "--source", source,
+                 "--state", str(tmp_path / "state"), "--trust", str(trust_dir),
+                 "--endpoint", _free_endpoint(), "--linger", "0", "--json", str(report), *extra])  # fmt: skip
+    return code, json.loads(report.read_text()) if report.exists() else None
+
+
+@pytest.mark.parametrize(("rate", "min_seconds"), [("1", 0.5), ("2", 0.25)])
+def test_a_recorded_bag_is_asked_every_prompt_at_the_recorded_rate(edge, tmp_path, rate, min_seconds):
+    bag = _record(tmp_path / "recorded")
+
+    code, report = edge(f"bag:{bag}", "--prompt", "what digit?",
+                         "--prompt", "what colour?", "--rate", rate)  # fmt: skip
+
+    assert code == 0
+    assert report["queries"] == FRAMES * 2
+    assert report["answers"] == FRAMES * 2
+    assert report["seconds"] >= min_seconds  # (FRAMES - 1) frame periods / rate
+
+
+def test_an_unsupported_only_camera_is_one_error_line_and_exit_2(edge, tmp_path, capsys, caplog):
+    bag = _record(tmp_path / "depth_only", rgb=False, depth=True)
+
+    with caplog.at_level(logging.WARNING):
+        code, report = edge(f"bag:{bag}", "--prompt", "what digit?")
+
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and report is None
+    assert len(errors) == 1 and "16UC1" in errors[0] and DEPTH_TOPIC in errors[0]
+    assert not [r for r in caplog.records if "skipping" in r.getMessage()]
+
+
+def test_an_unsupported_topic_is_skipped_with_one_warning_when_another_works(edge, tmp_path, caplog):
+    bag = _record(tmp_path / "rgb_and_depth", depth=True)
+
+    with caplog.at_level(logging.WARNING):
+        code, report = edge(f"bag:{bag}", "--prompt", "what digit?", "--rate", "0")
+
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    warnings = [m for m in messages if DEPTH_TOPIC in m]
+    assert code == 0
+    assert report["queries"] == FRAMES
+    assert len(warnings) == 1 and "16UC1" in warnings[0]
+
+
+@pytest.mark.parametrize(("topic", "code"), [(CAMERA_TOPIC, 0), (DEPTH_TOPIC, 2), ("/no/such/topic", 2)])
+def test_the_camera_topic_can_be_chosen_after_a_hash(edge, tmp_path, topic, code):
+    bag = _record(tmp_path / "rgb_and_depth", depth=True)
+
+    got, report = edge(f"bag:{bag}#{topic}", "--prompt", "what digit?", "--rate", "0")
+
+    assert got == code
+    assert (report["queries"] if report else None) == (FRAMES if code == 0 else None)
+
+
+def test_the_robot_exits_at_the_end_after_a_bounded_wait_for_the_cloud(edge, tmp_path, capsys, caplog):
+    bag = _record(tmp_path / "recorded")
+
+    with caplog.at_level(logging.WARNING):
+        code, report = edge(f"bag:{bag}", "--prompt", "what digit?", "--rate", "0", "--linger", "1")
+
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("robot r1:")]
+    unacked = [r.getMessage() for r in caplog.records if "did not acknowledge" in r.getMessage()]
+    assert code == 0
+    assert report["uplink_enqueued"] > 0 and report["uplink_acked"] == 0  # no cloud listens: all stay queued
+    assert report["seconds"] >= 1.0
+    assert unacked == [f"the cloud did not acknowledge {report['uplink_queued']} queued samples within 1 s; "
+                       f"they stay queued in {tmp_path / 'state'}"]  # fmt: skip
+    assert summary == [f"robot r1: {FRAMES} queries, {FRAMES} answers, {report['uplink_enqueued']} samples queued "
+                       f"for the cloud, 0 acknowledged, {report['uplink_queued']} still queued, adapter v0 "
+                       f"({report['seconds']:.1f} s)"]  # fmt: skip
