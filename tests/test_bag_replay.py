@@ -136,3 +136,24 @@ def test_the_robot_exits_at_the_end_after_a_bounded_wait_for_the_cloud(edge, tmp
     assert summary == [f"robot r1: {FRAMES} queries, {FRAMES} answers, {report['uplink_enqueued']} samples queued "
                        f"for the cloud, 0 acknowledged, {report['uplink_queued']} still queued, adapter v0 "
                        f"({report['seconds']:.1f} s)"]  # fmt: skip
+
+
+def test_a_bag_with_its_own_prompts_is_asked_those_not_prompt(edge, tmp_path):
+    from cdcca.bag import make_stream_bag
+
+    summary = make_stream_bag(tmp_path / "stream", domains=("printed",), limit=2)
+
+    code, report = edge(f"bag:{summary.path}", "--prompt", "ignored?", "--rate", "0")
+
+    assert code == 0
+    assert report["queries"] == summary.counts["/cdcca/prompt"] == 2 * 3  # 2 images x 3 tasks
+
+
+def test_a_negative_rate_is_one_error_line_and_exit_2(edge, tmp_path, capsys):
+    bag = _record(tmp_path / "recorded")
+
+    code, report = edge(f"bag:{bag}", "--rate", "-1")
+
+    assert code == 2 and report is None
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "cdcca edge: error: speed (--rate) must be >= 0 (0: as fast as possible), got -1.0")
