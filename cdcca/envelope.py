@@ -319,11 +319,16 @@ def _signed_bytes(msg) -> bytes:
 
 
 def seal(payload: bytes, *, robot_id: str, version: int, base_version: int, keyframe: bool, codec: str,
-         num_params: int, signer: Signer, stamp_ns: int = 0):  # fmt: skip
-    """Wrap a codec payload into a signed ``WeightDelta`` message."""
+         num_params: int, signer: Signer, stamp_ns: int = 0, base_fingerprint: str = ""):  # fmt: skip
+    """Wrap a codec payload into a signed ``WeightDelta`` message.
+
+    ``base_fingerprint``: :func:`cdcca.fingerprint.student_fingerprint` of the base student the delta was computed
+    on; it is signed with the rest, and a robot on other weights rejects the delta. Empty: not stated (the robot
+    accepts it with a warning, as from a cloud older than the field)."""
     msg = wire.new(
         wire.WEIGHT_DELTA, header=wire.header(stamp_ns), robot_id=robot_id, version=version,
         base_version=base_version, keyframe=keyframe, codec=codec, num_params=num_params,
+        base_fingerprint=base_fingerprint,
         sha256=np.frombuffer(hashlib.sha256(payload).digest(), np.uint8).copy(), key_id=signer.key_id,
         payload=np.frombuffer(payload, np.uint8).copy(),
     )  # fmt: skip
@@ -331,8 +336,22 @@ def seal(payload: bytes, *, robot_id: str, version: int, base_version: int, keyf
     return msg
 
 
+def check_fingerprint(msg, base_fingerprint: str) -> None:
+    """DeltaRejected when the delta names a base student other than this robot's (``base_fingerprint``).
+
+    A delta without a fingerprint (a cloud older than the field) is accepted with a warning, as is any delta on a
+    robot that does not know its own (an empty ``base_fingerprint``): the other checks (names, shapes, counts)
+    still apply, and refusing would strand robots mid-upgrade of their cloud."""
+    stated = str(getattr(msg, "base_fingerprint", ""))
+    if stated and base_fingerprint and stated != base_fingerprint:
+        raise DeltaRejected(f"base fingerprint mismatch: delta for {stated}, robot has {base_fingerprint}")
+    if not stated:
+        log.warning("delta v%s for robot %s states no base fingerprint (an older cloud?); accepted on its names and "
+                    "shapes alone", msg.version, msg.robot_id)  # fmt: skip
+
+
 def open_envelope(msg, *, trust: TrustStore, robot_id: str, current_version: int, expected: dict[str, torch.Tensor],
-                  newest_version: int | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+                  newest_version: int | None = None, base_fingerprint: str = "") -> dict[str, torch.Tensor]:  # fmt: skip
     """Every check a robot makes before touching its model; returns the decoded delta or raises DeltaRejected.
 
     Args:
@@ -344,12 +363,15 @@ def open_envelope(msg, *, trust: TrustStore, robot_id: str, current_version: int
             anything not newer is a replay.
         expected: the trainable set (name -> tensor) the delta must match in names and shapes; it also bounds
             the decode (``num_params``, the payload's names, shapes and inflated size) before it allocates.
+        base_fingerprint: this robot's :func:`cdcca.fingerprint.student_fingerprint` (empty: unknown, not
+            checked); see :func:`check_fingerprint`.
     """
     from cdcca.dwc import CodecError, get_codec
 
     if msg.robot_id != robot_id:
         raise DeltaRejected(f"delta addressed to robot {msg.robot_id!r}, this is {robot_id!r}")
     trust.verify(msg.key_id, bytes(msg.signature), _signed_bytes(msg))
+    check_fingerprint(msg, base_fingerprint)  # after the signature: the field is only trusted once it is signed
     payload = bytes(np.asarray(msg.payload, np.uint8))
     if hashlib.sha256(payload).digest() != bytes(np.asarray(msg.sha256, np.uint8)):
         raise DeltaRejected("payload SHA-256 does not match")
@@ -396,6 +418,7 @@ class VersionChain:
     published: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     latest: int = 0
     applied: int = 0
+    base_fingerprint: str = ""  # cdcca.fingerprint.student_fingerprint of the base student; stated in every delta
 
     def record_applied(self, version: int) -> None:
         """Robot reported ``version`` as its current adapter (AdapterStatus APPLIED or ROLLED_BACK)."""
@@ -417,7 +440,7 @@ class VersionChain:
         payload = codec.encode(delta, importance=importance)
         msg = seal(payload, robot_id=self.robot_id, version=version, base_version=base_version, keyframe=keyframe,
                    codec=codec_name, num_params=sum(t.numel() for t in delta.values()), signer=signer,
-                   stamp_ns=stamp_ns)  # fmt: skip
+                   stamp_ns=stamp_ns, base_fingerprint=self.base_fingerprint)  # fmt: skip
         # remember what the robot will actually hold (lossy codecs), so the next incremental delta also
         # carries this round's compression error instead of letting it accumulate
         reference = {name: tuple(t.shape) for name, t in delta.items()}
@@ -436,7 +459,7 @@ class VersionChain:
         payload = get_codec(codec_name).encode(delta)
         return seal(payload, robot_id=self.robot_id, version=self.latest, base_version=0, keyframe=True,
                     codec=codec_name, num_params=sum(t.numel() for t in delta.values()), signer=signer,
-                    stamp_ns=stamp_ns)  # fmt: skip
+                    stamp_ns=stamp_ns, base_fingerprint=self.base_fingerprint)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ acks

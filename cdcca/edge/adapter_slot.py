@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from cdcca import wire
 from cdcca.dwc import apply_delta
 from cdcca.envelope import DeltaRejected, TrustStore, open_envelope
+from cdcca.fingerprint import student_fingerprint
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import has_lora, trainable_parameters
 from cdcca.wire import APPLIED, REJECTED, ROLLED_BACK  # noqa: F401  (AdapterStatus states)
@@ -68,11 +69,13 @@ Params = dict[str, torch.Tensor]
 
 
 def verify_delta(msg, *, trust: TrustStore, robot_id: str, version: int, newest_version: int, base: Params,
-                 current: Params) -> Params:  # fmt: skip
+                 current: Params, base_fingerprint: str = "") -> Params:  # fmt: skip
     """Every check on a ``WeightDelta``, then Eq. 8 against its reference: θ_base for a keyframe, the current
-    adapter otherwise. Returns the new adapter; raises :class:`DeltaRejected` (nothing is modified)."""
+    adapter otherwise. Returns the new adapter; raises :class:`DeltaRejected` (nothing is modified).
+    ``base_fingerprint``: this robot's base student (:mod:`cdcca.fingerprint`); empty: not checked."""
     delta = open_envelope(msg, trust=trust, robot_id=robot_id, current_version=version,
-                          newest_version=newest_version, expected=current)  # fmt: skip
+                          newest_version=newest_version, expected=current,
+                          base_fingerprint=base_fingerprint)  # fmt: skip
     try:
         return apply_delta(base if msg.keyframe else current, delta)
     except ValueError as err:  # NaN/Inf after adding: the model must not see it
@@ -159,12 +162,16 @@ class AdapterSlot:
         robot_id: this robot; deltas for another robot are rejected.
         trust: public keys deltas must be signed with.
         state_dir: where the current adapter persists; ``None`` keeps it in memory only.
+        base_fingerprint: the student's :func:`~cdcca.fingerprint.student_fingerprint` (``None``: computed here,
+            once); a delta stating another one is rejected. ``""`` turns the check off.
     """
 
-    def __init__(self, student: MLLM, robot_id: str, trust: TrustStore, state_dir: str | Path | None = None) -> None:
+    def __init__(self, student: MLLM, robot_id: str, trust: TrustStore, state_dir: str | Path | None = None,
+                 base_fingerprint: str | None = None) -> None:  # fmt: skip
         if not has_lora(student):
             raise ValueError("the student needs its LoRA adapters before it gets an adapter slot (models.add_lora)")
         self.robot_id, self.trust = robot_id, trust
+        self.base_fingerprint = student_fingerprint(student) if base_fingerprint is None else base_fingerprint
         self.state_dir = Path(state_dir) if state_dir is not None else None
         student.eval()
         trainable = trainable_parameters(student)
@@ -210,7 +217,7 @@ class AdapterSlot:
                 started = time.perf_counter()
                 params = verify_delta(msg, trust=self.trust, robot_id=self.robot_id, version=self.version,
                                       newest_version=self.newest_version, base=self.base,
-                                      current=self.current)  # fmt: skip
+                                      current=self.current, base_fingerprint=self.base_fingerprint)  # fmt: skip
             except DeltaRejected as err:
                 self.counters.rejected += 1
                 log.warning("robot %s rejected delta v%s: %s", self.robot_id, msg.version, err.reason)
@@ -275,11 +282,15 @@ class AdapterSlot:
     # ----------------------------------------------------------------------------------- persistence
     def _persist(self, version: int, params: dict[str, torch.Tensor]) -> None:
         if self.state_dir is not None:
-            persist_adapter(self.state_dir, self.robot_id, version, self.newest_version, params)
+            persist_adapter(self.state_dir, self.robot_id, version, self.newest_version, params, self._extra())
+
+    def _extra(self) -> dict[str, str]:
+        """Metadata the persisted state must agree with: an adapter made for other base weights is not restored."""
+        return {"base_fingerprint": self.base_fingerprint} if self.base_fingerprint else {}
 
     def _restore(self) -> None:
         try:
-            restored = restore_adapter(self.state_dir, self.robot_id, self.base)
+            restored = restore_adapter(self.state_dir, self.robot_id, self.base, self._extra())
         except ValueError as err:
             self.counters.restore_failures += 1
             log.error("ignoring adapter state in %s (%s); starting from the base adapter", self.state_dir, err)
