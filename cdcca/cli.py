@@ -1,13 +1,24 @@
-"""``cdcca``: the command line. Each verb prints a human table and can write a JSON report."""
+"""``cdcca``: the command line. Each verb prints a human table and can write a JSON report.
+
+Building the parser imports nothing heavy (no torch, transformers, peft, bitsandbytes, onnxruntime, zenoh), so
+``--help`` and a typo answer at once; the defaults it shows are written out here and ``tests/test_cli_help.py``
+checks each one against the field of the config dataclass it feeds. Heavy imports happen inside the verbs.
+
+Errors follow one rule (issue 17, "Errors"): a user-facing failure is one line on stderr that says what to do, exit
+code 2; Ctrl-C at any point is one line, ``interrupted``, exit code 130; anything unexpected is one line and exit
+code 1, with the traceback only under ``--verbose``. The line format is argparse's own (``cdcca VERB: error: ...``,
+the convention of the Python ``argparse`` documentation), so option errors and run-time errors read alike.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import re
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 from cdcca.errors import CdccaError
 
@@ -21,67 +32,192 @@ VERBS = {
     "export": "export the student for the edge: `export --backend onnx` (ONNX Runtime, LoRA adapters)",
     "make-bag": "write the digits-shift stream as a rosbag2 (camera, prompts, ground truth) for replay",
     "keys": "Ed25519 signing keys for weight deltas: `keys generate|trust|list|revoke|endorse|accept` (rotation)",
-    "bench": "benchmarks: `bench uplink` (UTS), `bench downlink` (DWC, hot-swap), `bench adapt` (Tables 1-4), "
-    "`bench edge` (torch vs ONNX Runtime)",
+    "bench": "benchmarks: `bench uplink|downlink|adapt|edge` (UTS, DWC + hot-swap, Tables 1-4, torch vs ONNX)",
 }
+
+EXAMPLES = {
+    "pretrain": ["cdcca pretrain                       # the tiny preset into the cache; resumes where it stopped",
+                 "cdcca pretrain --preset test --out /tmp/ckpt"],
+    "eval": ["cdcca eval --limit 50 --domains source printed --plot eval.png",
+             "cdcca eval --model ~/models/blip2-opt-2.7b     # one BLIP-2 checkpoint folder"],
+    "info": ["cdcca info --preset tiny"],
+    "demo": ["cdcca demo --rounds 3 --json demo.json"],
+    "edge": ["cdcca edge --source bag:stream --trust ~/.cache/cdcca/trust",
+             "cdcca edge --model ckpt/ --source dir:frames/ --prompt 'what digit is shown?' --link link.json"],
+    "cloud": ["cdcca cloud --model ckpt/ --key ~/.cache/cdcca/keys/cloud-1.key",
+              "cdcca cloud --link link.json --codec fp16 --round-size 32"],
+    "export": ["cdcca export --backend onnx --model ckpt/ --out ckpt/student_onnx"],
+    "make-bag": ["cdcca make-bag stream --domains printed --limit 20 --storage mcap"],
+    "keys": ["cdcca keys generate --key-id cloud-1", "cdcca keys trust cloud-1.pub --store ~/.cache/cdcca/trust",
+             "cdcca keys list"],
+    "bench": ["cdcca bench uplink --threads 2 --json bench/results/uplink.json",
+              "cdcca bench adapt --methods source-only pl cdcca --seeds 0"],
+}  # fmt: skip
+
+# What the verbs feed into config dataclasses, written out so that building the parser imports no torch;
+# tests/test_cli_help.py checks every one against its dataclass field (and these names against the registries).
+PRESET_NAMES = ("test", "tiny")  # cdcca.models.presets.PRESETS
+CODEC_NAMES = ("fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref")  # cdcca.dwc.CODECS
+DEFAULT_ENDPOINT = "tcp/127.0.0.1:7447"  # cdcca.transport.DEFAULT_ENDPOINT
+PRETRAIN_DEFAULTS = {"vision_steps": 1000, "teacher_steps": 500, "student_steps": 300, "batch_size": 64, "seed": 0}
+CLOUD_DEFAULTS = {"round_size": 64, "max_round_samples": 256, "replay": 0, "codec": "nf4-zstd"}
+AKD_DEFAULTS = {"check_fraction": 0.0, "check_min": 3, "pseudo_label_keep": 1.0, "steps": 60, "lr": 1e-3, "seed": 0}
+EDGE_DEFAULTS = {"robot_id": "r1", "queue_capacity": 1024, "batch_size": 8}
+REPLAY_DEFAULTS = {"speed": 1.0, "rate_hz": 0.0}
+DEMO_DEFAULTS = {"rounds": 3, "stream_images": 150, "test_images": 100, "port": 7447}
+BENCH_METHODS = ("source-only", "tent", "cotta", "pkd", "cwd", "pl", "cdcca")  # AdaptBenchConfig.methods
+HEAVY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "onnxruntime", "zenoh")
+THIRD_PARTY_WARNINGS = r"(torch|torchvision|transformers|peft|bitsandbytes|onnx|onnxruntime|accelerate|zenoh)(\.|$)"
+
+
+# ------------------------------------------------------------------------------------------ argument types
+def _number(kind, name: str, low=None, high=None, low_open=False, high_open=False):
+    """An argparse ``type`` that parses ``kind`` and checks a range, so a bad value fails before anything loads."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high or value != value:  # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"must be {name}, got {text}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, "a positive integer", low=1)
+non_negative_int = _number(int, "an integer >= 0", low=0)
+positive_float = _number(float, "a number > 0", low=0, low_open=True)
+non_negative_float = _number(float, "a number >= 0", low=0)
+fraction = _number(float, "a fraction in [0, 1]", low=0, high=1)
+keep_fraction = _number(float, "a fraction in (0, 1]", low=0, high=1, low_open=True)
+port_number = _number(int, "a port in 1..65535", low=1, high=65535)
+
+
+def _linger(text: str) -> float:
+    value = _number(float, "a number of seconds (-1: until Ctrl-C)")(text)
+    if value < 0 and value != -1:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, or -1 for until Ctrl-C, got {text}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- the parser
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's examples as written and adds ``(default: X)`` where a default says something."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=min(120, max(80, _terminal_columns())))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        if shown and "default" not in text:
+            value = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+            text += f" (default: {value})"
+        return text
+
+
+def _terminal_columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns
+    except (OSError, ValueError):
+        return 100
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``cdcca VERB: error: ...; see cdcca VERB --help`` and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed package's version, or ``cdcca.__version__`` from a source tree."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(0, f"cdcca {package_version()}\n")
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cdcca")
+    except PackageNotFoundError:
+        import cdcca
+
+        return cdcca.__version__
+
+
+def _common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="third-party warnings, DEBUG logging and tracebacks")  # fmt: skip
+
+
+def _add_model_dir(parser: argparse.ArgumentParser, what: str = "teacher/ and student/") -> None:
+    """``--model DIR``, the one name of the model folder; ``--checkpoints`` stays as a hidden alias."""
+    parser.add_argument("--model", dest="checkpoints", type=Path, default=None, metavar="DIR",
+                        help=f"model folder holding {what} (default: the preset's, in the cache)")  # fmt: skip
+    parser.add_argument("--checkpoints", dest="checkpoints", type=Path, default=None, help=argparse.SUPPRESS)
+
+
+def _add_preset(parser: argparse.ArgumentParser, text: str = "preset whose checkpoints are used") -> None:
+    parser.add_argument("--preset", default="tiny", choices=PRESET_NAMES, help=text)
 
 
 def _add_pretrain_args(parser: argparse.ArgumentParser) -> None:
-    from cdcca.pretrain import PretrainConfig
-
-    defaults = PretrainConfig.__dataclass_fields__
-    parser.add_argument("--preset", default="tiny", help="model preset: tiny (default) or test")
-    parser.add_argument("--vision-steps", type=int, default=defaults["vision_steps"].default)
-    parser.add_argument("--teacher-steps", type=int, default=defaults["teacher_steps"].default)
-    parser.add_argument("--student-steps", type=int, default=defaults["student_steps"].default)
-    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"].default)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="checkpoint directory (default: the cache)")
+    _add_preset(parser, "model preset (sizes)")
+    parser.add_argument("--vision-steps", type=positive_int, default=PRETRAIN_DEFAULTS["vision_steps"],
+                        help="steps of the shared vision encoder")  # fmt: skip
+    parser.add_argument("--teacher-steps", type=positive_int, default=PRETRAIN_DEFAULTS["teacher_steps"],
+                        help="steps of the teacher")  # fmt: skip
+    parser.add_argument("--student-steps", type=positive_int, default=PRETRAIN_DEFAULTS["student_steps"],
+                        help="steps of the student")  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=PRETRAIN_DEFAULTS["batch_size"], help="images per step"
+    )
+    parser.add_argument("--seed", type=int, default=PRETRAIN_DEFAULTS["seed"], help="random seed")
+    parser.add_argument("--out", type=Path, default=None, help="checkpoint folder to write (default: the cache)")
 
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     from cdcca.data.digits_shift import DOMAINS
     from cdcca.data.sample import TASKS
 
-    parser.add_argument("--preset", default="tiny", help="preset whose pretrained pair is evaluated")
-    parser.add_argument(
-        "--checkpoints",
-        type=Path,
-        default=None,
-        help="directory holding teacher/ and student/ (default: the preset's cache dir)",
-    )
-    parser.add_argument(
-        "--model",
-        nargs="+",
-        default=["teacher", "student"],
-        help="'teacher', 'student' or paths of checkpoint directories",
-    )
-    parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--split", default="test", choices=["stream", "test"])
-    parser.add_argument("--limit", type=int, default=None, help="images per domain (default: the whole split)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    _add_preset(parser, "preset whose pretrained pair is evaluated")
+    parser.add_argument("--model", dest="model", nargs="+", default=None, metavar="DIR|NAME",
+                        help="a model folder holding teacher/ and student/, one checkpoint folder (config.json), "
+                             "or 'teacher'/'student' of the preset's pair (default: teacher student)")  # fmt: skip
+    parser.add_argument("--checkpoints", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS), metavar="DOMAIN",
+                        help=f"domains to score, of: {' '.join(DOMAINS)}")  # fmt: skip
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="tasks to score")
+    parser.add_argument("--split", default="test", choices=["stream", "test"], help="split of each domain")
+    parser.add_argument("--limit", type=positive_int, default=None, help="images per domain (default: the split)")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="questions answered together")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart of accuracy per domain")
 
 
 def _add_link_args(parser: argparse.ArgumentParser) -> None:
-    from cdcca.transport import DEFAULT_ENDPOINT
-
-    parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT,
-                        help=f"loopback/peer endpoint of the cloud (default {DEFAULT_ENDPOINT})")  # fmt: skip
-    parser.add_argument("--link", type=Path, default=None,
+    parser.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="loopback/peer Zenoh endpoint of the cloud")
+    parser.add_argument("--link", type=Path, default=None, metavar="FILE",
                         help="JSON link configuration (mode, listen, connect, TLS files, user/password)")  # fmt: skip
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", help="preset whose pretrained checkpoints are used")
-    parser.add_argument("--checkpoints", type=Path, default=None, help="directory holding teacher/ and student/")
-
-
 def _add_edge_args(parser: argparse.ArgumentParser) -> None:
-    _add_model_args(parser)
+    _add_preset(parser)
+    _add_model_dir(parser, "student/")
     _add_link_args(parser)
-    parser.add_argument("--robot-id", default="r1")
+    parser.add_argument("--robot-id", default=EDGE_DEFAULTS["robot_id"], help="this robot's id on the link")
     parser.add_argument("--source", required=True,
                         help="bag:PATH[#CAMERA_TOPIC], dir:PATH, realsense, realsense:FILE "
                              "or ros:CAMERA_TOPIC (DDS)")  # fmt: skip
@@ -90,125 +226,204 @@ def _add_edge_args(parser: argparse.ArgumentParser) -> None:
                              "(repeatable)")  # fmt: skip
     parser.add_argument("--state", type=Path, default=None, help="uplink queue + adapter state (default: cache)")
     parser.add_argument("--trust", type=Path, default=None, help="trust store of signing keys (default: cache)")
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnx"])
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rate", type=float, default=1.0,
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                        help="what answers: torch, or ONNX Runtime on `cdcca export`'s files")  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=EDGE_DEFAULTS["batch_size"], help="queries answered together"
+    )
+    parser.add_argument("--rate", type=non_negative_float, default=REPLAY_DEFAULTS["speed"],
                         help="recordings: replay speed, a multiple of the recorded rate as `ros2 bag play --rate` "
-                             "(default 1; 0: as fast as possible)")  # fmt: skip
-    parser.add_argument("--query-rate", type=float, default=0.0,
-                        help="queries per second at most (default 0: no limit)")  # fmt: skip
-    parser.add_argument("--linger", type=float, default=None,
+                             "(0: as fast as possible)")  # fmt: skip
+    parser.add_argument("--query-rate", type=non_negative_float, default=REPLAY_DEFAULTS["rate_hz"],
+                        help="queries per second at most (0: no limit)")  # fmt: skip
+    parser.add_argument("--linger", type=_linger, default=None,
                         help="after the source ends: a recording exits once the cloud acknowledged its uplink, "
                              "waiting at most this many seconds (default 30); other sources keep serving this long "
                              "(default: until Ctrl-C); -1: until Ctrl-C")  # fmt: skip
-    parser.add_argument("--queue-capacity", type=int, default=1024)
+    parser.add_argument("--queue-capacity", type=positive_int, default=EDGE_DEFAULTS["queue_capacity"],
+                        help="uplink samples kept on disk while the cloud is away")  # fmt: skip
 
 
 def _add_cloud_args(parser: argparse.ArgumentParser) -> None:
-    from cdcca.akd import AKDConfig
-    from cloud_trainer.service import CloudConfig
-
-    akd, cloud = AKDConfig.__dataclass_fields__, CloudConfig.__dataclass_fields__
-    _add_model_args(parser)
+    _add_preset(parser)
+    _add_model_dir(parser, "teacher/ and student/")
     _add_link_args(parser)
     parser.add_argument("--dds", action="store_true",
                         help="join the robots' ROS 2 graph directly over DDS (topics /cdcca/<topic>; ROS_DOMAIN_ID, "
                              "ROS_AUTOMATIC_DISCOVERY_RANGE) instead of Zenoh: a cloud on the robots' LAN")  # fmt: skip
     parser.add_argument("--state", type=Path, default=None, help="SQLite store and round log (default: cache)")
     parser.add_argument("--key", type=Path, default=None, help="Ed25519 signing key (default: cache/keys/cloud-1.key)")
-    parser.add_argument("--round-size", type=int, default=cloud["round_size"].default)
-    parser.add_argument("--max-round-samples", type=int, default=cloud["max_round_samples"].default)
-    parser.add_argument("--replay", type=int, default=cloud["replay"].default,
+    parser.add_argument("--round-size", type=positive_int, default=CLOUD_DEFAULTS["round_size"],
+                        help="new samples of a robot that make a round")  # fmt: skip
+    parser.add_argument("--max-round-samples", type=positive_int, default=CLOUD_DEFAULTS["max_round_samples"],
+                        help="most new samples one round trains on")  # fmt: skip
+    parser.add_argument("--replay", type=non_negative_int, default=CLOUD_DEFAULTS["replay"],
                         help="samples of earlier rounds trained on again with each round's new ones")  # fmt: skip
-    parser.add_argument("--check-fraction", type=float, default=akd["check_fraction"].default,
+    parser.add_argument("--check-fraction", type=fraction, default=AKD_DEFAULTS["check_fraction"],
                         help="share of a round's samples held out; the round keeps the weights that agree best "
                              "with the teacher on them (0: off)")  # fmt: skip
-    parser.add_argument("--check-min", type=int, default=akd["check_min"].default,
+    parser.add_argument("--check-min", type=positive_int, default=AKD_DEFAULTS["check_min"],
                         help="fewest held-out samples a check may rest on (smaller rounds go unchecked)")  # fmt: skip
-    parser.add_argument("--pseudo-label-keep", type=float, default=akd["pseudo_label_keep"].default,
+    parser.add_argument("--pseudo-label-keep", type=keep_fraction, default=AKD_DEFAULTS["pseudo_label_keep"],
                         help="fraction of samples, the teacher's most confident, a round trains on")  # fmt: skip
-    parser.add_argument("--flush-after", type=float, default=None,
+    parser.add_argument("--flush-after", type=positive_float, default=None,
                         help="seconds after which fewer than --round-size samples still make a round")  # fmt: skip
-    parser.add_argument("--codec", default=cloud["codec"].default)
-    parser.add_argument("--steps", type=int, default=akd["steps"].default, help="AKD optimizer steps per round")
-    parser.add_argument("--lr", type=float, default=akd["lr"].default)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--codec", default=CLOUD_DEFAULTS["codec"], metavar="CODEC",
+                        help=f"DWC codec of the deltas, one of: {', '.join(CODEC_NAMES)}")  # fmt: skip
+    parser.add_argument(
+        "--steps", type=positive_int, default=AKD_DEFAULTS["steps"], help="AKD optimizer steps per round"
+    )
+    parser.add_argument("--lr", type=positive_float, default=AKD_DEFAULTS["lr"], help="AKD learning rate")
+    parser.add_argument("--seed", type=int, default=AKD_DEFAULTS["seed"], help="random seed of AKD")
+
+
+def _add_demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=positive_int, default=DEMO_DEFAULTS["rounds"],
+                        help="adaptation rounds to wait for")  # fmt: skip
+    parser.add_argument("--stream-images", type=positive_int, default=DEMO_DEFAULTS["stream_images"],
+                        help="stream images per target domain replayed through the robot")  # fmt: skip
+    parser.add_argument("--test-images", type=positive_int, default=DEMO_DEFAULTS["test_images"],
+                        help="held-out test images per target domain")  # fmt: skip
+    parser.add_argument("--workdir", type=Path, default=None, help="state of the run (default: cache/demo)")
+    parser.add_argument("--port", type=port_number, default=DEMO_DEFAULTS["port"], help="loopback port of the cloud")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG (default: beside the JSON)")
+
+
+def _add_make_bag_args(parser: argparse.ArgumentParser) -> None:
+    from cdcca.data.digits_shift import DOMAINS, TARGET_DOMAINS
+
+    parser.add_argument("path", type=Path, help="bag folder to create (must not exist)")
+    parser.add_argument("--domains", nargs="+", default=list(TARGET_DOMAINS), choices=list(DOMAINS), metavar="DOMAIN",
+                        help=f"domains to record, of: {' '.join(DOMAINS)}")  # fmt: skip
+    parser.add_argument("--split", default="stream", choices=["train", "stream", "test"], help="split recorded")
+    parser.add_argument("--limit", type=positive_int, default=None, help="images per domain (default: the split)")
+    parser.add_argument("--storage", default="mcap", choices=["mcap", "sqlite3"], help="rosbag2 storage")
+
+
+KEY_ACTIONS = {
+    "generate": "generate a key pair for the cloud (keep the .key there, give the .pub to robots)",
+    "trust": "add a .pub to a robot's trust store (refuses another key under a trusted id unless --replace)",
+    "list": "list the trust store: trusted and revoked keys with their SHA-256 fingerprints",
+    "revoke": "revoke a key id on this robot, or with --key write a signed revocation for robots to accept",
+    "endorse": "sign (with a trusted --key) a statement that robots trusting it may trust a new .pub",
+    "accept": "accept a signed statement (an endorsement or a revocation) into the trust store",
+}
+
+KEY_EXAMPLES = {
+    "generate": "cdcca keys generate --key-id cloud-2 --dir ~/.cache/cdcca/keys",
+    "trust": "cdcca keys trust cloud-1.pub --store ~/.cache/cdcca/trust",
+    "list": "cdcca keys list --store ~/.cache/cdcca/trust",
+    "revoke": "cdcca keys revoke cloud-1 --key cloud-2.key --out cloud-1.revoke.json",
+    "endorse": "cdcca keys endorse cloud-2.pub --key cloud-1.key --out cloud-2.trust.json",
+    "accept": "cdcca keys accept cloud-2.trust.json --store ~/.cache/cdcca/trust",
+}
+
+
+def _add_keys_args(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=_Parser)
+    for action, text in KEY_ACTIONS.items():
+        example = f"example:\n  {KEY_EXAMPLES[action]}"
+        p = actions.add_parser(action, help=text, description=text, epilog=example, formatter_class=_Formatter)
+        p.set_defaults(target=None, store=None, key=None, out=None, dir=None, key_id="cloud-1", replace=False)
+        _common_args(p)
+        if action == "generate":
+            p.add_argument("--key-id", default="cloud-1", help="name of the new key")
+            p.add_argument("--dir", type=Path, default=None, help="key folder (default: cache/keys)")
+            continue
+        target = {"trust": ("PUBFILE", "the .pub file to trust"), "revoke": ("KEY_ID", "the key id to revoke"),
+                  "endorse": ("PUBFILE", "the new key's .pub file"),
+                  "accept": ("STATEMENT", "the statement file")}.get(action)  # fmt: skip
+        if target is not None:
+            p.add_argument("target", metavar=target[0], help=target[1])
+        if action != "endorse":
+            p.add_argument("--store", type=Path, default=None, help="trust store folder (default: cache/trust)")
+        if action == "trust":
+            p.add_argument(
+                "--replace",
+                action="store_true",
+                help="replace a different key already trusted under the same id (a deliberate rotation)",
+            )
+        if action in ("revoke", "endorse"):
+            p.add_argument("--key", type=Path, default=None,
+                           help="the trusted private key (.key) that signs the statement")  # fmt: skip
+            p.add_argument("--out", type=Path, default=None,
+                           help="statement file (default: cache/keys/<id>.<action>.json)")  # fmt: skip
+
+
+BENCH_KINDS = {
+    "uplink": "bytes per frame of raw / JPEG / all tokens / UTS stage 1 / stage 1+2 on the target stream",
+    "downlink": "one adaptation round, then bytes, bits per parameter, time and accuracy per DWC codec; hot-swap",
+    "adapt": "the continual stream against the baselines (Tables 1-4): accuracy, gap closed, source drop",
+    "edge": "torch eager vs ONNX Runtime: per-answer latency, memory, UTS overhead, swaps under load",
+}
+
+
+def _add_bench_args(parser: argparse.ArgumentParser) -> None:
+    kinds = parser.add_subparsers(dest="which", metavar="BENCHMARK", required=True, parser_class=_Parser)
+    for which, text in BENCH_KINDS.items():
+        example = f"example:\n  cdcca bench {which} --threads 2 --json bench/results/{which}.json"
+        p = kinds.add_parser(which, help=text, description=text, epilog=example, formatter_class=_Formatter)
+        p.set_defaults(steps=None, images_per_domain=80, seeds=[0, 1, 2], stream_images=150, no_ablations=False,
+                       methods=None)  # fmt: skip
+        _common_args(p)
+        _add_preset(p, "preset whose pretrained student is measured")
+        _add_model_dir(p)
+        p.add_argument("--plot", type=Path, default=None, help="PNG (default: beside the JSON)")
+        if which == "uplink":
+            p.add_argument("--images-per-domain", type=positive_int, default=80, help="stream images per domain")
+        if which == "downlink":
+            p.add_argument("--steps", type=positive_int, default=150, help="optimizer steps of the round")
+        if which == "adapt":
+            p.add_argument("--steps", type=positive_int, default=None,
+                           help="optimizer steps per round (default: the benchmark's, 60)")  # fmt: skip
+            p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the headline table")
+            p.add_argument("--stream-images", type=positive_int, default=150, help="stream images per domain")
+            p.add_argument("--no-ablations", action="store_true", help="skip Tables 3 and 4")
+            p.add_argument("--methods", nargs="+", default=None, choices=BENCH_METHODS, metavar="METHOD",
+                           help=f"methods of the headline table, of: {' '.join(BENCH_METHODS)} (default: all; "
+                                "source-only is always run)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The whole command line; imports no heavy module (see the module docstring)."""
+    parser = _Parser(
         prog="cdcca",
         description="Cloud-device collaborative continual adaptation for multimodal LLMs (CVPR 2024).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="verbs:\n" + "\n".join(f"  {verb:<10} {text}" for verb, text in VERBS.items()),
+        formatter_class=_Formatter,
+        epilog="verbs:\n"
+        + "\n".join(f"  {verb:<10} {text}" for verb, text in VERBS.items())
+        + "\n\n`cdcca VERB --help` shows a verb's options and an example.",
     )
-    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show third-party warnings, DEBUG logging and tracebacks")  # fmt: skip
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=_Parser, help="listed below")
     for verb, text in VERBS.items():
-        p = sub.add_parser(verb, help=text, description=text)
-        p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        examples = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[verb])
+        p = sub.add_parser(verb, description=text, epilog=examples, formatter_class=_Formatter)
+        if verb in ("keys", "bench"):  # their actions carry their own options and help
+            (_add_keys_args if verb == "keys" else _add_bench_args)(p)
+            continue
+        _common_args(p)
         if verb in ("pretrain", "demo"):
             _add_pretrain_args(p)
+        if verb == "demo":
+            _add_demo_args(p)
         if verb == "edge":
             _add_edge_args(p)
         if verb == "cloud":
             _add_cloud_args(p)
         if verb == "export":
-            _add_model_args(p)
-            p.add_argument("--backend", default="onnx", choices=["onnx"])
-            p.add_argument("--out", type=Path, default=None, help="output directory (default: beside the checkpoints)")
+            _add_preset(p)
+            _add_model_dir(p, "student/")
+            p.add_argument("--backend", default="onnx", choices=["onnx"], help="export format")
+            p.add_argument("--out", type=Path, default=None, help="output folder (default: MODEL/student_onnx)")
         if verb == "eval":
             _add_eval_args(p)
-        if verb == "demo":
-            from cdcca.demo import DemoConfig
-
-            demo = DemoConfig.__dataclass_fields__
-            p.add_argument("--rounds", type=int, default=demo["rounds"].default, help="adaptation rounds to wait for")
-            p.add_argument("--stream-images", type=int, default=demo["stream_images"].default,
-                           help="stream images per target domain replayed through the robot")  # fmt: skip
-            p.add_argument("--test-images", type=int, default=demo["test_images"].default,
-                           help="held-out test images per target domain")  # fmt: skip
-            p.add_argument("--workdir", type=Path, default=None, help="state of the run (default: cache/demo)")
-            p.add_argument("--port", type=int, default=demo["port"].default, help="loopback port of the cloud")
-            p.add_argument("--plot", type=Path, default=None, help="PNG (default: beside the JSON)")
         if verb == "info":
-            p.add_argument("--preset", default="tiny")
+            _add_preset(p, "preset whose sizes are counted")
         if verb == "make-bag":
-            from cdcca.data.digits_shift import DOMAINS, TARGET_DOMAINS
-
-            p.add_argument("path", type=Path, help="bag directory to create (must not exist)")
-            p.add_argument("--domains", nargs="+", default=list(TARGET_DOMAINS), choices=list(DOMAINS))
-            p.add_argument("--split", default="stream", choices=["train", "stream", "test"])
-            p.add_argument("--limit", type=int, default=None, help="images per domain (default: the whole split)")
-            p.add_argument("--storage", default="mcap", choices=["mcap", "sqlite3"])
-        if verb == "keys":
-            p.add_argument("action", choices=["generate", "trust", "list", "revoke", "endorse", "accept"],
-                           help="generate a key pair; trust a .pub; list the trust store; revoke a key id; endorse: "
-                                "sign a statement (with --key) that robots trusting it may trust a new .pub; accept "
-                                "such a statement (or a signed revocation) into the trust store")  # fmt: skip
-            p.add_argument("target", nargs="?", default=None,
-                           help="trust/endorse: the .pub file; revoke: the key id; accept: the statement file")
-            p.add_argument("--key-id", default="cloud-1", help="for `generate`: name of the new key")
-            p.add_argument("--dir", type=Path, default=None, help="for `generate`: key folder (default: cache/keys)")
-            p.add_argument("--store", type=Path, default=None,
-                           help="trust store folder (default: cache/trust)")  # fmt: skip
-            p.add_argument("--key", type=Path, default=None,
-                           help="endorse, revoke: the trusted private key (.key) that signs the statement; `revoke` "
-                                "with --key writes a signed revocation instead of revoking locally")  # fmt: skip
-            p.add_argument("--out", type=Path, default=None,
-                           help="endorse, revoke --key: statement file (default: cache/keys/<id>.<action>.json)")
-        if verb == "bench":
-            p.add_argument("which", choices=["uplink", "downlink", "adapt", "edge"], help="which benchmark")
-            p.add_argument("--preset", default="tiny", help="preset whose pretrained student is measured")
-            p.add_argument("--checkpoints", type=Path, default=None, help="directory holding student/")
-            p.add_argument("--images-per-domain", type=int, default=80, help="uplink: stream images per domain")
-            p.add_argument("--steps", type=int, default=None, help="downlink/adapt: optimizer steps per round")
-            p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="adapt: seeds of the headline table")
-            p.add_argument("--stream-images", type=int, default=150, help="adapt: stream images per domain")
-            p.add_argument("--no-ablations", action="store_true", help="adapt: skip Tables 3 and 4")
-            p.add_argument("--methods", nargs="+", default=None,
-                           help="adapt: methods of the headline table (default: all; source-only is always run)")
-            p.add_argument("--plot", type=Path, default=None, help="PNG (default: beside the JSON)")
+            _add_make_bag_args(p)
     return parser
 
 
@@ -239,10 +454,22 @@ def cmd_pretrain(args) -> dict:
 
 
 def _resolve_models(args) -> dict[str, Path]:
+    """``eval --model``: names of the pair ('teacher', 'student'), pair folders (teacher/ + student/) or single
+    checkpoint folders (config.json); the hidden ``--checkpoints`` still names the pair folder."""
     from cdcca.paths import checkpoint_dir
 
-    base = args.checkpoints or checkpoint_dir(args.preset)
-    return {name: (base / name if name in ("teacher", "student") else Path(name)) for name in args.model}
+    base, names, singles = args.checkpoints, [], {}
+    for item in args.model or []:
+        if item in ("teacher", "student"):
+            names.append(item)
+        elif (Path(item).expanduser() / "config.json").is_file():
+            singles[item] = Path(item).expanduser()
+        else:  # a pair folder (a missing one fails in load_mllm with advice)
+            base = Path(item).expanduser()
+    if not names and not singles:
+        names = ["teacher", "student"]
+    base = base or checkpoint_dir(args.preset)
+    return {**{name: base / name for name in names}, **singles}
 
 
 def run_eval(models: dict[str, Path], domains, tasks, split: str, limit, batch_size: int, plot: Path | None) -> dict:
@@ -313,7 +540,7 @@ def cmd_info(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
-    from cdcca.demo import DemoConfig, run_demo
+    from cdcca.demo import DemoConfig, plot_demo, run_demo
     from cdcca.paths import cache_dir, checkpoint_dir
 
     pretrain_report = cmd_pretrain(args)  # a no-op when the checkpoints are already there
@@ -325,23 +552,61 @@ def cmd_demo(args) -> dict:
     report = run_demo(config)
     args.json = json_path
     plot = args.plot or json_path.with_suffix(".png")
-    from cdcca.demo import plot_demo
-
     plot_demo(report, plot)
     print(f"plot: {plot}")
     return {"pretrain": pretrain_report, **report}
 
 
-def _link_config(args, listen: bool):
-    from cdcca.transport import LinkConfig
+def _open_link(args, listen: bool):
+    """The Zenoh link of ``edge``/``cloud``; any refusal (a bad file, a setting Zenoh rejects) is one line."""
+    from cdcca.transport import Link, LinkConfig
 
-    return LinkConfig.from_file(args.link) if args.link else LinkConfig.loopback(listen, args.endpoint)
+    where = str(args.link) if args.link else args.endpoint
+    try:
+        config = LinkConfig.from_file(args.link) if args.link else LinkConfig.loopback(listen, args.endpoint)
+        return Link(config)
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:
+        message = re.sub(r" at /\S+\.rs:\d+\.?", "", one_line(err))  # Zenoh's Rust source paths help no user
+        message = re.sub(r"^cannot (open the Zenoh session|read link configuration \S+) ?", "", message)
+        raise CdccaError(f"cannot open the link ({where}): {message.strip(' :')}") from err
 
 
-def _setup_logging() -> None:
+def _setup_logging(verbose: bool = False) -> None:
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger().setLevel(level)
+
+
+def _writable_dir(path: Path, flag: str) -> Path:
+    """Create ``path`` (a folder the verb writes to) now, so a bad one fails before any model loads."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CdccaError(f"cannot create the {flag} folder {path}: {err.strerror or err}; pass a writable folder "
+                         f"with {flag}") from err  # fmt: skip
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CdccaError(f"the {flag} folder {path} is not writable; pass a writable folder with {flag}")
+    return path
+
+
+def _check_output_file(path: Path, flag: str) -> None:
+    """A report or plot file's folder must be writable before a long run starts, not after it."""
+    if path.is_dir():
+        raise CdccaError(f"{flag} {path} is a folder; pass a file name such as {path / 'report.json'}")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise CdccaError(f"{flag} {path} is not writable; pass another file with {flag}")
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CdccaError(f"cannot write {flag} {path}: {parent} is not a writable folder; pass another path with "
+                         f"{flag}")  # fmt: skip
 
 
 def cmd_edge(args) -> dict:
@@ -350,33 +615,37 @@ def cmd_edge(args) -> dict:
     from cdcca.edge.app import ReplaySettings, build_runtime, replay, stop_on_signals
     from cdcca.edge.runtime import EdgeConfig
     from cdcca.edge.sources import DEFAULT_PROMPTS
+    from cdcca.envelope import TrustStore
     from cdcca.paths import cache_dir, checkpoint_dir
-    from cdcca.transport import Link
 
-    _setup_logging()
-    config = EdgeConfig(robot_id=args.robot_id, state_dir=args.state or cache_dir() / "edge" / args.robot_id,
-                        queue_capacity=args.queue_capacity)  # fmt: skip
+    _setup_logging(args.verbose)
+    state = _writable_dir(args.state or cache_dir() / "edge" / args.robot_id, "--state")
+    trust = args.trust or cache_dir() / "trust"
+    TrustStore.load(trust)  # a missing or malformed store fails now, with advice, before the model loads
+    config = EdgeConfig(robot_id=args.robot_id, state_dir=state, queue_capacity=args.queue_capacity)
+    settings = ReplaySettings(args.source, tuple(args.prompt or DEFAULT_PROMPTS), args.batch_size,
+                              args.query_rate, args.rate, args.linger)  # fmt: skip
+    checkpoints = args.checkpoints or checkpoint_dir(args.preset)
     stop = threading.Event()
     stop_on_signals(stop)
-    link = Link(_link_config(args, listen=False))
-    checkpoints, trust = args.checkpoints or checkpoint_dir(args.preset), args.trust or cache_dir() / "trust"
+    link = _open_link(args, listen=False)
     try:
         runtime = build_runtime(checkpoints, config, trust, link, backend=args.backend, threads=args.threads)
     except BaseException:
         link.close()
         raise
     try:
-        settings = ReplaySettings(args.source, tuple(args.prompt or DEFAULT_PROMPTS), args.batch_size,
-                                  args.query_rate, args.rate, args.linger)  # fmt: skip
         report = replay(runtime, settings, stop)
     finally:
         runtime.close()
         link.close()
     print(format_stats(report, f"robot {args.robot_id}"))
-    print(f"robot {args.robot_id}: {report['queries']} queries, {report['answers']} answers, "
-          f"{report['uplink_enqueued']} samples queued for the cloud, {report['uplink_acked']} acknowledged, "
-          f"{report['uplink_queued']} still queued, adapter v{report['adapter_version']} "
-          f"({report['seconds']:.1f} s)")
+    print(
+        f"robot {args.robot_id}: {report['queries']} queries, {report['answers']} answers, "
+        f"{report['uplink_enqueued']} samples queued for the cloud, {report['uplink_acked']} acknowledged, "
+        f"{report['uplink_queued']} still queued, adapter v{report['adapter_version']} "
+        f"({report['seconds']:.1f} s)"
+    )
     return report
 
 
@@ -384,22 +653,26 @@ def cmd_cloud(args) -> dict:
     import threading
 
     from cdcca.akd import AKDConfig
+    from cdcca.dwc import get_codec
     from cdcca.edge.app import stop_on_signals
+    from cdcca.envelope import Signer
     from cdcca.paths import cache_dir, checkpoint_dir
-    from cdcca.transport import Link
     from cloud_trainer.app import build_trainer, serve
     from cloud_trainer.distributed import follow, init_from_env, send_stop
     from cloud_trainer.service import CloudConfig
 
-    _setup_logging()
+    _setup_logging(args.verbose)
+    get_codec(args.codec)  # an unknown codec fails now, not after the first round
     rank, world = init_from_env()
-    config = CloudConfig(state_dir=args.state or cache_dir() / "cloud", round_size=args.round_size,
+    state = _writable_dir(args.state or cache_dir() / "cloud", "--state")
+    config = CloudConfig(state_dir=state, round_size=args.round_size,
                          max_round_samples=args.max_round_samples, replay=args.replay, codec=args.codec,
                          flush_after_s=args.flush_after,
                          akd=AKDConfig(steps=args.steps, lr=args.lr, seed=args.seed,
                                        pseudo_label_keep=args.pseudo_label_keep,
                                        check_fraction=args.check_fraction, check_min=args.check_min))  # fmt: skip
     checkpoints, key = args.checkpoints or checkpoint_dir(args.preset), args.key or cache_dir() / "keys" / "cloud-1.key"
+    Signer.load(key)  # a missing key fails now, with advice, before the teacher loads
     if rank > 0:  # torchrun: rank 0 serves; this rank distills alongside it
         trainer = build_trainer(checkpoints, key, config)
         return {"rank": rank, "rounds": follow(trainer)}
@@ -410,8 +683,12 @@ def cmd_cloud(args) -> dict:
 
         link = DdsLink()
     else:
-        link = Link(_link_config(args, listen=True))
-    trainer = build_trainer(checkpoints, key, config, link)
+        link = _open_link(args, listen=True)
+    try:
+        trainer = build_trainer(checkpoints, key, config, link)
+    except BaseException:
+        link.close()
+        raise
     try:
         report = serve(trainer, stop)
     finally:
@@ -447,26 +724,56 @@ def cmd_make_bag(args) -> dict:
     return {"path": str(summary.path), "storage": summary.storage, "counts": summary.counts}
 
 
-def cmd_keys(args) -> dict:
-    import time
+def _trust(public_file: Path, store_dir: Path, replace: bool) -> Path:
+    """``keys trust``: a different key under an already trusted id is refused in one line naming both
+    fingerprints, unless ``--replace`` asks for exactly that; revoked keys stay refused either way."""
+    from cdcca.envelope import KeyStoreError, TrustStore, fingerprint, trust_key
 
-    from cdcca.envelope import KeyStatement, KeyStoreError, Signer, TrustStore, fingerprint, generate_key, trust_key
+    try:
+        new_hex = public_file.read_text()
+    except OSError as err:
+        raise KeyStoreError(f"cannot read the public key {public_file}: {err.strerror or err}") from err
+    key_id, new = public_file.stem, fingerprint(new_hex) if _is_hex(new_hex) else None
+    store = TrustStore.load(store_dir) if store_dir.is_dir() else TrustStore()
+    old = store.fingerprints().get(key_id)
+    if old is None or new is None or old == new:
+        return trust_key(public_file, store_dir)  # validates the key, refuses revoked ones
+    if not replace:
+        raise KeyStoreError(f"a different key is already trusted as {key_id!r} (trusted {old}, new {new}); "
+                            "pass --replace to replace it, or trust the new key under a new id")  # fmt: skip
+    del store.keys[key_id]
+    store.add(key_id, new_hex)  # the new key must be valid and not revoked
+    target = store_dir / f"{key_id}.pub"
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_text(new_hex)
+    os.replace(temporary, target)
+    return target
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text.strip())
+    except ValueError:
+        return False
+    return True
+
+
+def cmd_keys(args) -> dict:
+    from cdcca.envelope import KeyStatement, KeyStoreError, Signer, TrustStore, fingerprint, generate_key
     from cdcca.paths import cache_dir
     from cdcca.report import format_table
 
     store_dir = args.store or cache_dir() / "trust"
-    needs = {"trust": "the .pub file to add", "endorse": "the new key's .pub file", "revoke": "the key id to revoke",
-             "accept": "the statement file"}  # fmt: skip
-    if args.action in needs and args.target is None:
-        raise ValueError(f"`cdcca keys {args.action}` needs {needs[args.action]}")
     if args.action == "generate":
         private, public = generate_key(args.dir or cache_dir() / "keys", args.key_id)
         print(f"private key (keep in the cloud): {private}\npublic key (give to robots):   {public}\n"
               f"fingerprint: {fingerprint(public.read_text())}")  # fmt: skip
         return {"private": str(private), "public": str(public), "fingerprint": fingerprint(public.read_text())}
     if args.action == "trust":
-        stored = trust_key(Path(args.target), store_dir)
+        stored = _trust(Path(args.target), store_dir, args.replace)
         print(f"trusted {stored.stem} ({fingerprint(stored.read_text())}) in {store_dir}")
+        if args.replace:
+            print("robots running now keep the key they loaded until they restart")
         return {"trusted": stored.stem, "fingerprint": fingerprint(stored.read_text()), "store": str(store_dir)}
     if args.action in ("endorse", "revoke") and args.key is not None:
         signer = Signer.load(args.key)
@@ -507,6 +814,8 @@ def cmd_keys(args) -> dict:
 
 
 def _print_adapt_tables(report: dict) -> None:
+    from statistics import fmean
+
     from cdcca.report import format_table
 
     def cell(stats: dict) -> str:
@@ -532,12 +841,14 @@ def _print_adapt_tables(report: dict) -> None:
                          "worst seed": cell_row["gap_closed_worst_seed"], "teacher": table["teacher_acc"]})  # fmt: skip
     print(format_table(rows, list(rows[0]), title="per target domain (accuracy after its round, over seeds)"))
     summary = report["summary"]
-    print(f"CD-CCA: mean of per-domain gap closed {summary['mean_gap_closed']:.2f} "
-          f"(pooled {summary['gap_closed']:.2f}); source drop {summary['source_drop']:.1f} on average, "
-          f"{summary['worst_seed_source_drop']:.1f} on the worst seed")
+    print(
+        f"CD-CCA: mean of per-domain gap closed {summary['mean_gap_closed']:.2f} "
+        f"(pooled {summary['gap_closed']:.2f}); source drop {summary['source_drop']:.1f} on average, "
+        f"{summary['worst_seed_source_drop']:.1f} on the worst seed"
+    )
     if report["ablation"]:
         rows = [{"variant": r["method"], "MC": r["mean"]["mc"], "DA": r["mean"]["da"], "acc": r["mean"]["acc"],
-                 "uploaded per round": float(np.mean([x["samples_used"] for x in r["rounds"]])),
+                 "uploaded per round": fmean(x["samples_used"] for x in r["rounds"]),
                  "uplink MB": r["uplink_bytes"] / 1e6,
                  "source drop": r["source_before"] - r["source_after"]} for r in report["ablation"]]  # fmt: skip
         print(format_table(rows, list(rows[0]), title="ablation (Table 3) and token keep ratios (Table 4), first seed"))
@@ -568,8 +879,13 @@ def cmd_bench(args) -> dict:
         methods = AdaptBenchConfig.methods
         if args.methods:
             methods = ("source-only", *[m for m in args.methods if m != "source-only"])
-        config = AdaptBenchConfig(seeds=tuple(args.seeds), stream_images=args.stream_images, methods=methods,
-                                  steps=args.steps or AdaptBenchConfig.steps, ablations=not args.no_ablations)
+        config = AdaptBenchConfig(
+            seeds=tuple(args.seeds),
+            stream_images=args.stream_images,
+            methods=methods,
+            steps=args.steps or AdaptBenchConfig.steps,
+            ablations=not args.no_ablations,
+        )
         report = run_adapt_bench(checkpoints, config)
         _print_adapt_tables(report)
         plotter = plot_adapt
@@ -578,11 +894,7 @@ def cmd_bench(args) -> dict:
 
         teacher = load_mllm(checkpoints / "teacher")
         report = run_downlink_bench(student, teacher, DownlinkBenchConfig(steps=args.steps or 150))
-        columns = ["codec", "params", "bytes", "bits_per_param", "ms_at_1gbps", "ms_at_10mbps", "encode_ms",
-                   "decode_ms", "accuracy", "acc_loss_points"]  # fmt: skip
-        print(format_table(report["codecs"], columns, title=f"DWC codecs, domain {report['config']['domain']}"))
-        swap = report["hot_swap"]
-        print(format_table([swap], list(swap), title="hot-swap"))
+        _print_downlink_tables(report)
         plotter = plot_downlink
     for key, value in report["summary"].items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
@@ -592,37 +904,107 @@ def cmd_bench(args) -> dict:
     return report
 
 
+def _print_downlink_tables(report: dict) -> None:
+    from cdcca.report import format_table
+
+    columns = ["codec", "params", "bytes", "bits_per_param", "ms_at_1gbps", "ms_at_10mbps", "encode_ms",
+               "decode_ms", "accuracy", "acc_loss_points"]  # fmt: skip
+    print(format_table(report["codecs"], columns, title=f"DWC codecs, domain {report['config']['domain']}"))
+    swap = report["hot_swap"]
+    print(format_table([swap], list(swap), title="hot-swap"))
+
+
+# ---------------------------------------------------------------------------------------------------- main
+HANDLERS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo, "bench": cmd_bench,
+            "make-bag": cmd_make_bag, "keys": cmd_keys, "edge": cmd_edge, "cloud": cmd_cloud,
+            "export": cmd_export}  # fmt: skip
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (multi-line messages joined with '; ')."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) or type(err).__name__
+
+
+def describe_os_error(err: OSError) -> str:
+    """A file-system failure as what happened to which path and what to do."""
+    path = err.filename if err.filename is not None else "a file"
+    reason = err.strerror or one_line(err)
+    if err.errno == errno.ENOSPC:
+        return f"no space left on the device writing {path}; free some space or write elsewhere"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: {reason}; pass a writable path"
+    if err.errno == errno.ENOENT:
+        return f"{path}: no such file or folder"
+    return f"{path}: {reason}"
+
+
+def quiet_third_party(verbose: bool) -> None:
+    """Silence library warnings (torch, transformers ...: internal paths a user cannot act on) unless ``verbose``."""
+    import logging
+    import warnings
+
+    if verbose:
+        return
+    warnings.filterwarnings("ignore", module=THIRD_PARTY_WARNINGS)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("transformers", "torch", "peft", "bitsandbytes", "onnxruntime", "zenoh"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:  # its own verbosity setting wins over the logger's level
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+
+
+def _preflight(args) -> None:
+    """Checks that cost nothing and would otherwise fail after a long run: where the report goes."""
+    for flag in ("json", "plot"):
+        path = getattr(args, flag, None)
+        if path is not None:
+            _check_output_file(Path(path), f"--{flag}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    handler = {
-        "pretrain": cmd_pretrain,
-        "eval": cmd_eval,
-        "info": cmd_info,
-        "demo": cmd_demo,
-        "bench": cmd_bench,
-        "make-bag": cmd_make_bag,
-        "keys": cmd_keys,
-        "edge": cmd_edge,
-        "cloud": cmd_cloud,
-        "export": cmd_export,
-    }[args.verb]
+    """Run one verb; returns the exit code (0 ok, 1 unexpected failure, 2 user error, 130 interrupted)."""
+    prog, verbose = "cdcca", False
     try:
-        report = handler(args)
-    except (CdccaError, ValueError, FileNotFoundError) as err:
-        print(f"cdcca {args.verb}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"cdcca {args.verb}: interrupted", file=sys.stderr)
-        return 130
-    if args.json is not None:
-        from cdcca.report import write_json
+        args = build_parser().parse_args(argv)
+        prog, verbose = f"cdcca {args.verb}", args.verbose
+        quiet_third_party(verbose)
+        if verbose:
+            _setup_logging(verbose=True)
+        _preflight(args)
+        if args.threads:
+            import torch
 
-        print(f"report: {write_json(report, args.json)}")
-    return 0
+            torch.set_num_threads(args.threads)
+        report = HANDLERS[args.verb](args)
+        if args.json is not None:
+            from cdcca.report import write_json
+
+            print(f"report: {write_json(report, args.json)}")
+        return 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (CdccaError, ValueError, OSError) as err:  # what the user can fix: one line, exit 2
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        message = describe_os_error(err) if isinstance(err, OSError) and not isinstance(err, CdccaError) else err
+        print(f"{prog}: error: {one_line(message) if not isinstance(message, str) else message}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a bug: say so in one line; the traceback is a flag away
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"{prog}: error: unexpected {type(err).__name__}: {one_line(err)} (run with --verbose for the "
+              "traceback)", file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":
