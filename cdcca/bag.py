@@ -223,7 +223,8 @@ class ReadStats:
 
     Args:
         events: messages turned into events.
-        skipped: bad messages (malformed CDR, unsupported image, bad JSON) logged and dropped.
+        skipped: bad messages (malformed CDR, unsupported image, bad JSON) dropped; logged at the 1st, 2nd, 4th...
+            of a topic.
         ignored: messages of types CD-CCA does not use (camera_info, tf, RealSense metadata, ...).
         unpaired: prompts with no frame before them and ground truths with no prompt (read_samples only).
     """
@@ -340,8 +341,11 @@ def read_bag(path: str | Path, stats: ReadStats | None = None, topics: Iterable[
                 msg = wire.decode(msgtype, raw) if reader.is2 else reader.deserialize(raw, msgtype)
                 event = _event(topic, msgtype, stamp_ns, msg)
             except Exception as err:  # WireError, BagError, or ROS 1 deserialisation errors
-                log.warning("skipping %s message on %s at %d ns: %s", msgtype, topic, stamp_ns, err)
                 stats.skipped[topic] += 1
+                count = stats.skipped[topic]
+                if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th... per topic: a broken bag cannot flood the log
+                    log.warning("skipping %s message on %s at %d ns (%d skipped on this topic so far): %s", msgtype,
+                                topic, stamp_ns, count, err)  # fmt: skip
                 continue
             stats.events[topic] += 1
             yield event

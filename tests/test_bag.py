@@ -31,8 +31,8 @@ def _cdr_round_trip(msg):
 
 
 def _depth_image():
-    """A 1x1 depth image, an encoding CD-CCA does not turn into RGB."""
-    return wire.new(wire.IMAGE, height=1, width=1, encoding="16UC1", step=2, data=np.zeros(2, np.uint8))
+    """A 1x1 float depth image, an encoding CD-CCA does not turn into RGB (16UC1 it shows as grey)."""
+    return wire.new(wire.IMAGE, height=1, width=1, encoding="32FC1", step=4, data=np.zeros(4, np.uint8))
 
 
 @pytest.fixture(scope="session")
@@ -152,7 +152,7 @@ def test_jpeg_compressed_image_is_close(fmt_string):
 @pytest.mark.parametrize(
     "make_msg, named",
     [
-        (_depth_image, "16UC1"),
+        (_depth_image, "32FC1"),
         (lambda: wire.new(wire.COMPRESSED_IMAGE, format="tiff", data=np.zeros(4, np.uint8)), "tiff"),
         (lambda: wire.new(wire.COMPRESSED_IMAGE, format="16UC1; compressedDepth png"), "compressedDepth"),
     ],
@@ -163,7 +163,7 @@ def test_unsupported_encodings_raise_an_error_naming_them(make_msg, named):
 
     assert named in str(caught.value)
     assert "jpeg" in str(caught.value) and "png" in str(caught.value)
-    if named == "16UC1":
+    if named == "32FC1":
         assert "rgb8, bgr8, rgba8, bgra8, mono8" in str(caught.value)
 
 
@@ -183,7 +183,7 @@ def test_short_image_data_is_an_error():
 
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
 def test_bad_messages_are_logged_counted_and_skipped(tmp_path, caplog, storage):
-    # Prepare: good frame, prompt, then a truncated Image, a 16UC1 Image, non-JSON truth, and another good frame
+    # Prepare: good frame, prompt, then a truncated Image, a 32FC1 Image, non-JSON truth, and another good frame
     path = tmp_path / "bad"
     with bag.BagWriter(path, storage) as writer:
         writer.write(bag.CAMERA_TOPIC, bag.image_to_msg(RGB_2X2, 1), 1)
@@ -209,7 +209,7 @@ def test_bad_messages_are_logged_counted_and_skipped(tmp_path, caplog, storage):
     assert stats.events == {bag.CAMERA_TOPIC: 2, bag.PROMPT_TOPIC: 1, "/cdcca/status": 1}
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 3
-    assert "malformed sensor_msgs/msg/Image" in warnings[0] and "'16UC1'" in warnings[1]
+    assert "malformed sensor_msgs/msg/Image" in warnings[0] and "'32FC1'" in warnings[1]
     assert "not JSON" in warnings[2]
 
 
