@@ -93,8 +93,33 @@ def _missing_model_message(path: str) -> str:
     return hint
 
 
+REBUILD_HINT = (
+    "rebuild it with `cdcca pretrain` (the --preset/--out it was built with) or point --model at a good model folder"
+)
+
+
+def _read_json(path: Path) -> dict:
+    """A checkpoint's JSON file; a damaged one is a CheckpointError naming it (issue 17: the file, what to do)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path} is damaged or unreadable ({err}); {REBUILD_HINT}") from err
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds JSON but not an object; {REBUILD_HINT}")
+    return value
+
+
+def _weight_files(directory: Path) -> str:
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    return ", ".join(str(f) for f in files) or f"the weights in {directory}"
+
+
 def load_mllm(path: str | Path, device: str | torch.device = "cpu") -> MLLM:
-    """Load a CD-CCA checkpoint or a real BLIP-2 checkpoint directory, strictly from local files."""
+    """Load a CD-CCA checkpoint or a real BLIP-2 checkpoint directory, strictly from local files.
+
+    Every way a folder can be unusable (missing, not a model, a truncated weights file, broken JSON, a broken
+    tokenizer) is a :class:`~cdcca.errors.CdccaError` that names the file and says how to rebuild it.
+    """
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise ModelNotFoundError(_missing_model_message(str(path)))
@@ -103,22 +128,34 @@ def load_mllm(path: str | Path, device: str | torch.device = "cpu") -> MLLM:
             f"{directory} has no config.json, so it is not a model directory. Run `cdcca pretrain` or point at a "
             "directory written by `save_pretrained` (config.json + *.safetensors + tokenizer files)."
         )
-    config = json.loads((directory / "config.json").read_text())
+    config = _read_json(directory / "config.json")
     if config.get("model_type") != "blip-2":
         raise CheckpointError(f"{directory} holds a {config.get('model_type')!r} model; CD-CCA needs BLIP-2")
     try:
         blip2 = Blip2ForConditionalGeneration.from_pretrained(directory, local_files_only=True)
+    except Exception as err:  # safetensors, torch and transformers each raise their own types for a bad file
+        raise CheckpointError(
+            f"cannot load the model weights {_weight_files(directory)}: {_first_line(err)}; the file is damaged or "
+            f"incomplete (a copy cut short?); {REBUILD_HINT}"
+        ) from err
+    try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except OSError as err:
-        raise CheckpointError(f"cannot load the checkpoint in {directory}: {err}") from err
+    except Exception as err:
+        raise CheckpointError(
+            f"cannot load the tokenizer in {directory} (tokenizer.json, tokenizer_config.json): {_first_line(err)}; "
+            f"{REBUILD_HINT}"
+        ) from err
     if (directory / META_FILE).is_file():
-        stored = json.loads((directory / META_FILE).read_text())
+        stored = _read_json(directory / META_FILE)
         if stored.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(
                 f"{directory / META_FILE} has format {stored.get('format_version')}, this CD-CCA reads {FORMAT_VERSION}"
             )
-        spec = stored["image_spec"]
-        image_spec = ImageSpec(spec["size"], tuple(spec["mean"]), tuple(spec["std"]))
+        try:
+            spec = stored["image_spec"]
+            image_spec = ImageSpec(spec["size"], tuple(spec["mean"]), tuple(spec["std"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{directory / META_FILE} has no valid image_spec ({err}); {REBUILD_HINT}") from err
         meta = stored.get("meta", {})
     else:  # a real BLIP-2 directory: preprocessing from its image processor config
         image_spec, meta = _image_spec_from_processor(directory, blip2), {"role": "external", "source": str(directory)}
@@ -126,12 +163,17 @@ def load_mllm(path: str | Path, device: str | torch.device = "cpu") -> MLLM:
     return MLLM(blip2, tokenizer, image_spec, meta).to(device)
 
 
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def _image_spec_from_processor(directory: Path, blip2: Blip2ForConditionalGeneration) -> ImageSpec:
     size = blip2.config.vision_config.image_size
     processor_file = directory / "preprocessor_config.json"
     if not processor_file.is_file():
         return ImageSpec(size=size)
-    processor = json.loads(processor_file.read_text())
+    processor = _read_json(processor_file)
     return ImageSpec(
         size=size,
         mean=tuple(processor.get("image_mean", (0.5, 0.5, 0.5))),
