@@ -354,7 +354,11 @@ def _table(rows: list[dict]) -> str:
     columns = ["round", "version", "student_acc_before", "student_acc_after", "teacher_acc", "answers",
                "uploaded_samples", "uplink_bytes", "raw_bytes", "downlink_bytes", "full_bytes",
                "update_latency_s"]  # fmt: skip
-    return format_table(rows, columns, title="CD-CCA loop: robot + cloud on loopback, per adaptation round")
+    headers = {"student_acc_before": "acc before", "student_acc_after": "acc after", "teacher_acc": "teacher",
+               "uploaded_samples": "uploaded", "uplink_bytes": "uplink B", "raw_bytes": "raw B",
+               "downlink_bytes": "downlink B", "full_bytes": "full B", "update_latency_s": "latency s"}  # fmt: skip
+    return format_table(rows, columns, title="CD-CCA loop: robot + cloud on loopback, per adaptation round",
+                        headers=headers)  # fmt: skip
 
 
 def plot_demo(report: dict, path: str | Path) -> Path:

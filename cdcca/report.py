@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,15 +26,89 @@ def _cell(value) -> str:
     return str(value)
 
 
-def format_table(rows: Sequence[dict], columns: Sequence[str], title: str | None = None) -> str:
-    """Rows of dicts as an aligned plain-text table (missing values as ``-``)."""
+MAX_TABLE_WIDTH = 120  # issue 17: every table fits a 120-column terminal
+
+
+def format_table(
+    rows: Sequence[dict],
+    columns: Sequence[str],
+    title: str | None = None,
+    headers: dict[str, str] | None = None,
+    max_width: int = MAX_TABLE_WIDTH,
+) -> str:
+    """Rows of dicts as an aligned plain-text table (missing values as ``-``) at most ``max_width`` wide.
+
+    Args:
+        rows: one dict per row; ``columns`` picks and orders the keys shown.
+        title: a line above the table (cut to ``max_width``).
+        headers: short labels for some columns (``{"student_acc_before": "acc before"}``).
+        max_width: when the table is wider, headers wrap onto more lines (at ``_``, ``-`` and spaces), then the
+            widest text cells are cut with ``...``, then the last columns are left out with a note naming them
+            (the JSON report keeps everything).
+    """
+    labels = [(headers or {}).get(col, col) for col in columns]
     cells = [[_cell(row.get(col)) for col in columns] for row in rows]
-    widths = [max(len(col), *(len(r[i]) for r in cells)) if cells else len(col) for i, col in enumerate(columns)]
-    lines = [title] if title else []
-    lines.append("  ".join(col.ljust(w) for col, w in zip(columns, widths)))
+    data_widths = [max((len(r[i]) for r in cells), default=1) for i in range(len(columns))]
+    words = [_header_words(label) for label in labels]
+    widths = [max(len(label), data) for label, data in zip(labels, data_widths)]
+
+    def total(ws: Sequence[int]) -> int:
+        return sum(ws) + 2 * max(0, len(ws) - 1)
+
+    floors = [max(data, *(len(w) for w in ws)) for data, ws in zip(data_widths, words)]
+    while total(widths) > max_width:  # 1. wrap the widest headers, down to their longest word
+        wrappable = [i for i in range(len(widths)) if widths[i] > floors[i]]
+        if not wrappable:
+            break
+        widest = max(wrappable, key=widths.__getitem__)
+        widths[widest] -= 1
+    wrapped = _wrap_headers(words, widths)  # a wrapped column needs only its longest header line
+    widths = [max(data, *(len(line[i]) for line in wrapped)) for i, data in enumerate(data_widths)]
+    while total(widths) > max_width:  # 2. cut the widest column, down to 8 characters
+        widest = max(range(len(widths)), key=widths.__getitem__)
+        if widths[widest] <= 8:
+            break
+        widths[widest] -= 1
+    dropped: list[str] = []
+    while total(widths) > max_width and len(widths) > 1:  # 3. leave out the last columns
+        widths.pop()
+        dropped.insert(0, labels[len(widths)])
+    shown = len(widths)
+    header_lines = _wrap_headers([words[i] for i in range(shown)], widths)
+    lines = [_cut(title, max_width)] if title else []
+    lines += ["  ".join(part.ljust(w) for part, w in zip(line, widths)).rstrip() for line in header_lines]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    return "\n".join(lines)
+    for r in cells:
+        parts = [_cut(c, w) for c, w in zip(r[:shown], widths)]
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(parts, widths))))
+    if dropped:
+        lines.append(_cut(f"({len(dropped)} more columns in the JSON report: {', '.join(dropped)})", max_width))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _header_words(label: str) -> list[str]:
+    """``student_acc_before`` -> ``["student_", "acc_", "before"]``: pieces a header may wrap between."""
+    return re.findall(r"[^_\- ]+[_\- ]?|[_\- ]", label) or [label]
+
+
+def _wrap_headers(words: list[list[str]], widths: list[int]) -> list[list[str]]:
+    """Each header greedily wrapped into its column; all headers get as many lines as the tallest."""
+    wrapped = []
+    for pieces, width in zip(words, widths):
+        lines, current = [], ""
+        for piece in pieces:
+            if current and len(current + piece.rstrip()) > width:
+                lines.append(current.rstrip())
+                current = ""
+            current += piece
+        lines.append(_cut(current.rstrip(), width))
+        wrapped.append(lines)
+    height = max((len(lines) for lines in wrapped), default=1)
+    return [[lines[k] if k < len(lines) else "" for lines in wrapped] for k in range(height)]
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 3)] + "..."
 
 
 def write_json(report: dict, path: str | Path) -> Path:
