@@ -1,7 +1,7 @@
 """
 The robot: cdcca_edge (lifecycle, auto-activated), optional RealSense and Zenoh bridge.
 
-    ros2 launch cdcca_edge robot.launch.py robot_id:=r1 model_path:=/path/to/checkpoints \
+    ros2 launch cdcca_edge robot.launch.py robot_id:=r1 model:=/path/to/checkpoints \
         start_camera:=true start_bridge:=true cloud_endpoint:=tcp/CLOUD_IP:7447
 
 Every argument is described (`ros2 launch cdcca_edge robot.launch.py --show-args`), as in
@@ -10,8 +10,9 @@ pattern of launch_ros's lifecycle examples (ChangeState + OnStateTransition). Th
 namespace /<robot_id>, so the ROS topic /cdcca/<topic> becomes the Zenoh key
 <robot_id>/cdcca/<topic> that `cdcca cloud` speaks (zenoh-plugin-ros2dds). The bridge listens
 only on an ephemeral loopback port (bridge_listen), so it never takes 7447 from a cloud on the
-same host. robot_id, model_path, trust_dir and camera_topic override params_file and always
-stay strings (launch_ros would read robot_id:=7 as an integer).
+same host. robot_id, model, trust_dir and camera_topic override params_file and always
+stay strings (launch_ros would read robot_id:=7 as an integer). model is the model folder's one
+name across CD-CCA (`cdcca edge --model`); the older model_path:= still works when model is empty.
 """
 
 from launch import LaunchDescription
@@ -20,6 +21,7 @@ from launch.actions import (DeclareLaunchArgument, EmitEvent, ExecuteProcess,
 from launch.conditions import IfCondition
 from launch.events import matches_action
 from launch.launch_description_sources import PythonLaunchDescriptionSource
+from launch.substitution import Substitution
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import LifecycleNode
 from launch_ros.event_handlers import OnStateTransition
@@ -31,8 +33,9 @@ from lifecycle_msgs.msg import Transition
 ARGUMENTS = [
     ('robot_id', 'r1', 'robot name: UtsTokens.robot_id, the bridge namespace and the Zenoh key '
                        'prefix <robot_id>/cdcca/<topic>'),
-    ('model_path', '', 'checkpoint directory holding student/ (cdcca pretrain output); empty: '
-                       'the tiny preset in the CD-CCA cache'),
+    ('model', '', 'model folder holding student/ (cdcca pretrain output, as cdcca edge --model); '
+                  'empty: model_path, else the tiny preset in the CD-CCA cache'),
+    ('model_path', '', 'older name of model, still accepted (model wins when both are set)'),
     ('trust_dir', '', "trust store of the cloud's public keys (cdcca keys trust); empty: cache"),
     ('camera_topic', '/camera/camera/color/image_raw', 'sensor_msgs/Image topic to answer about'),
     ('params_file', PathJoinSubstitution([FindPackageShare('cdcca_edge'), 'config', 'edge.yaml']),
@@ -53,6 +56,19 @@ ARGUMENTS = [
 ]
 
 
+class ModelFolder(Substitution):
+    """model:=, or the older model_path:= when model is empty (launch's Substitution interface)."""
+
+    def describe(self):
+        """Text shown for this substitution in launch's descriptions."""
+        return 'model or model_path'
+
+    def perform(self, context):
+        """Model:=, or model_path:= when model is empty."""
+        return (LaunchConfiguration('model').perform(context)
+                or LaunchConfiguration('model_path').perform(context))
+
+
 def generate_launch_description():
     """Declare the arguments, the edge node, its lifecycle events, the camera and the bridge."""
     config = {name: LaunchConfiguration(name) for name, _, _ in ARGUMENTS}
@@ -61,8 +77,9 @@ def generate_launch_description():
         output='screen',
         parameters=[config['params_file'], {
             **{name: ParameterValue(config[argument], value_type=str) for name, argument in (
-                ('robot_id', 'robot_id'), ('checkpoints', 'model_path'),
-                ('trust_dir', 'trust_dir'), ('camera_topic', 'camera_topic'))},
+                ('robot_id', 'robot_id'), ('trust_dir', 'trust_dir'),
+                ('camera_topic', 'camera_topic'))},
+            'checkpoints': ParameterValue(ModelFolder(), value_type=str),
             'use_sim_time': ParameterValue(config['use_sim_time'], value_type=bool),
         }],
         arguments=['--ros-args', '--log-level', config['log_level']],
