@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,10 +323,12 @@ def choose_camera_topic(path: str | Path, topic: str | None = None) -> CameraCho
 
 
 def read_bag(path: str | Path, stats: ReadStats | None = None, topics: Iterable[str] | None = None,
-             ) -> Iterator[BagEvent]:
+             on_skip: Callable[[str, str, int, Exception], None] | None = None) -> Iterator[BagEvent]:  # fmt: skip
     """Events of a bag in receive-time order; bad messages are logged, counted in ``stats`` and skipped.
 
     ``topics``: read only these (others count as ignored); ``None`` reads every topic CD-CCA uses.
+    ``on_skip(topic, msgtype, stamp_ns, error)``: told of each bad message instead of the log (e.g. a runtime that
+    counts its faults and logs them itself).
     """
     path, stats = Path(path), stats if stats is not None else ReadStats()
     wanted = None if topics is None else set(topics)
@@ -343,7 +345,9 @@ def read_bag(path: str | Path, stats: ReadStats | None = None, topics: Iterable[
             except Exception as err:  # WireError, BagError, or ROS 1 deserialisation errors
                 stats.skipped[topic] += 1
                 count = stats.skipped[topic]
-                if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th... per topic: a broken bag cannot flood the log
+                if on_skip is not None:
+                    on_skip(topic, msgtype, stamp_ns, err)
+                elif count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th... per topic: a broken bag cannot flood the log
                     log.warning("skipping %s message on %s at %d ns (%d skipped on this topic so far): %s", msgtype,
                                 topic, stamp_ns, count, err)  # fmt: skip
                 continue

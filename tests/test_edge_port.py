@@ -169,7 +169,7 @@ def test_latest_frame_converts_lazily_and_ages():
     frame.update(compressed_to_msg(FRAME, "png", stamp_ns=7))
     assert np.array_equal(frame.get()[0], FRAME)
     bad = image_to_msg(FRAME)
-    bad.encoding = "16UC1"
+    bad.encoding = "32FC1"  # float depth: not converted (16UC1 is, as grey)
     frame.update(bad)
     with pytest.raises(NoFrameError, match="unsupported image encoding"):
         frame.get()

@@ -117,7 +117,7 @@ def replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event
     started = time.monotonic()
     batch, done = [], 0
     first_stamp_ns = None
-    for query in open_source(settings.source, settings.prompts):
+    for query in open_source(settings.source, settings.prompts, on_fault=runtime.record_fault):
         if stop.is_set():
             break
         if query.stamp_ns is not None and settings.speed > 0:  # recorded rate x speed, as ros2 bag play --rate

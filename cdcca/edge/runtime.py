@@ -47,7 +47,7 @@ from cdcca.edge.backend import EdgeBackend
 from cdcca.edge.frames import LatestFrame, NoFrameError, frame_of_request
 from cdcca.edge.health import HealthCheck, HealthConfig
 from cdcca.edge.sources import DEFAULT_PROMPTS
-from cdcca.edge.uplink import StaleAck, UplinkQueue
+from cdcca.edge.uplink import StaleAck, UplinkQueue, UplinkWriteError
 from cdcca.envelope import AckRejected, TrustStore, verify_ack
 from cdcca.models.mllm import MLLM
 from cdcca.uts import UncertaintyTokenSampler, UTSConfig, pack_tokens
@@ -149,6 +149,7 @@ class EdgeCounters:
     publish_errors: int = 0
     health_passed: int = 0  # versions marked good after their first answers
     health_rollbacks: int = 0  # versions rolled back by the health check
+    faults: dict[str, int] = field(default_factory=dict)  # kind -> runtime faults logged, counted and skipped
 
 
 class EdgeRuntime:
@@ -270,6 +271,9 @@ class EdgeRuntime:
         except StaleAck as err:
             self._refuse_ack("replayed", str(err))
             return 0
+        except UplinkWriteError as err:
+            self.record_fault("uplink_disk_full" if err.disk_full else "uplink_write", str(err))
+            return 0
         self.counters.acks_accepted += 1
         return len(ids)
 
@@ -281,6 +285,18 @@ class EdgeRuntime:
         count = counters.acks_rejected_reasons[reason]
         if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th... of a reason: a flood cannot flood the log
             log.warning("refused a UtsAck (%s, %d so far): %s", reason, count, detail)
+
+    def record_fault(self, kind: str, detail: str) -> None:
+        """A runtime fault that was skipped (a bad image, a broken bag message, a full disk under the uplink queue):
+        counted under ``kind`` in ``counters.faults`` and logged at the 1st, 2nd, 4th, 8th... of its kind, so a
+        fault on every frame cannot flood the log. Answering continues (ARCHITECTURE.md: bad input gets a logged
+        rejection, never a crash of the runtime)."""
+        counters = self.counters
+        faults = counters.faults  # replaced, not mutated: stats() may be copying it meanwhile
+        counters.faults = {**faults, kind: faults.get(kind, 0) + 1}
+        count = counters.faults[kind]
+        if count & (count - 1) == 0:
+            log.warning("%s (%s: %d so far); answers continue", detail, kind, count)
 
     def pending(self) -> int:
         """Prompts waiting to be answered."""
@@ -316,7 +332,11 @@ class EdgeRuntime:
                 return answers
             latency_ms = 1000 * (time.perf_counter() - started) / max(1, len(prompts))
             self.counters.answers += len(prompts)
-            self._select(images, prompts, ids, result, stamp)
+            try:
+                self._select(images, prompts, ids, result, stamp)
+            except Exception as err:  # the answers are made: they are published whatever UTS does
+                log.debug("UTS failed", exc_info=True)
+                self.record_fault("uts", f"selecting samples for the cloud failed: {type(err).__name__}: {err}")
         answers = [
             self._answer_msg(ids[i], prompts[i], result.texts[i], float(result.sample_entropy[i]),
                              result.adapter_version, latency_ms, stamp, frame_id)
@@ -368,7 +388,12 @@ class EdgeRuntime:
                               sample_id=ids[i], adapter_version=result.adapter_version, prompt=prompts[i],
                               student_answer=result.texts[i], sample_entropy=float(result.sample_entropy[i]),
                               encoding=self.config.uts.encoding, stamp_ns=stamp)  # fmt: skip
-            dropped = self.uplink.put(ids[i], float(result.sample_entropy[i]), wire.encode(msg))
+            try:
+                dropped = self.uplink.put(ids[i], float(result.sample_entropy[i]), wire.encode(msg))
+            except UplinkWriteError as err:  # the sample is lost, counted; what is queued stays queued
+                kind = "uplink_disk_full" if err.disk_full else "uplink_write"
+                self.record_fault(kind, f"{err}; the samples already queued are kept")
+                continue
             if dropped is not None:
                 log.info("uplink queue full: dropped the least uncertain sample %s", dropped)
             self.counters.selected += 1
@@ -435,7 +460,12 @@ class EdgeRuntime:
         if self.port is None:
             return 0
         sent = 0
-        for _, payload in self.uplink.due(self.config.resend_after_s):
+        try:
+            due = self.uplink.due(self.config.resend_after_s)
+        except UplinkWriteError as err:
+            self.record_fault("uplink_disk_full" if err.disk_full else "uplink_write", str(err))
+            return 0
+        for _, payload in due:
             if not self._send("uts_tokens", payload):
                 break  # retried at the next pump
             self.counters.uplink_published += 1

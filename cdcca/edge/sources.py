@@ -10,8 +10,9 @@ a live camera goes through ``pyrealsense2`` (colour stream, RGB8).
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from PIL import Image
 
 from cdcca.errors import CdccaError
 
+log = logging.getLogger(__name__)
+FaultHandler = Callable[[str, str], None]  # (kind, one-line detail): e.g. EdgeRuntime.record_fault
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm")
 DEFAULT_PROMPTS = ("what is in the picture?",)
 
@@ -38,12 +41,20 @@ class Query:
     stamp_ns: int | None = None  # receive time in a recording (replay pacing); None for live or folder frames
 
 
-def _bag(path: Path, prompts: Sequence[str], topic: str | None) -> Iterator[Query]:
+def _log_fault(kind: str, detail: str) -> None:
+    log.warning("%s (%s); skipped", detail, kind)
+
+
+def _bag(path: Path, prompts: Sequence[str], topic: str | None, on_fault: FaultHandler | None) -> Iterator[Query]:
     from cdcca.bag import PROMPT_TOPIC, Frame, Prompt, choose_camera_topic, read_bag
 
     camera = choose_camera_topic(path, topic)  # raises BagError before replay for an unreadable camera
     frame: Frame | None = None
-    for event in read_bag(path, topics=(camera.topic, PROMPT_TOPIC) if camera.has_prompts else (camera.topic,)):
+    on_skip = None if on_fault is None else (
+        lambda topic_, msgtype, stamp_ns, err: on_fault("bag_message", f"bag {path.name}: cannot use the {msgtype} "
+                                                                      f"on {topic_} at {stamp_ns} ns: {err}"))
+    wanted = (camera.topic, PROMPT_TOPIC) if camera.has_prompts else (camera.topic,)
+    for event in read_bag(path, topics=wanted, on_skip=on_skip):
         if isinstance(event, Frame):
             frame = event
             if not camera.has_prompts:
@@ -53,13 +64,19 @@ def _bag(path: Path, prompts: Sequence[str], topic: str | None) -> Iterator[Quer
             yield Query(f"{path.name}@{event.stamp_ns}", frame.rgb, event.text, event.stamp_ns)
 
 
-def _folder(path: Path, prompts: Sequence[str]) -> Iterator[Query]:
+def _folder(path: Path, prompts: Sequence[str], on_fault: FaultHandler | None) -> Iterator[Query]:
+    """Images in name order; one that cannot be read (truncated, corrupt, not an image) is reported to ``on_fault``
+    (default: logged) and skipped."""
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise SourceError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     for file in files:
-        with Image.open(file) as image:
-            rgb = np.asarray(image.convert("RGB"))
+        try:
+            with Image.open(file) as image:
+                rgb = np.asarray(image.convert("RGB"))
+        except Exception as err:  # Pillow fails with OSError, SyntaxError, ValueError, zlib.error, DecompressionBombError
+            (on_fault or _log_fault)("bad_image", f"cannot read image {file}: {err}")
+            continue
         for k, prompt in enumerate(prompts):
             yield Query(f"{file.name}#{k}", rgb, prompt)
 
@@ -96,10 +113,13 @@ def _camera(prompts: Sequence[str], width: int = 640, height: int = 480, fps: in
         pipeline.stop()
 
 
-def open_source(spec: str, prompts: Sequence[str] = DEFAULT_PROMPTS) -> Iterator[Query]:
+def open_source(spec: str, prompts: Sequence[str] = DEFAULT_PROMPTS,
+                on_fault: FaultHandler | None = None) -> Iterator[Query]:  # fmt: skip
     """The queries of ``bag:PATH[#TOPIC]``, ``dir:PATH``, ``realsense`` (live) or ``realsense:FILE`` (a recording).
 
-    A bag is checked before the iterator is returned, so an unreadable camera topic raises here.
+    A bag is checked before the iterator is returned, so an unreadable camera topic raises here. Later faults (an
+    image file that cannot be read, a bag message that does not decode) go to ``on_fault(kind, detail)`` (default:
+    logged) and are skipped; the source goes on.
     """
     kind, _, rest = spec.partition(":")
     if kind == "realsense":
@@ -118,8 +138,8 @@ def open_source(spec: str, prompts: Sequence[str] = DEFAULT_PROMPTS) -> Iterator
     if not path.exists():
         raise SourceError(f"source {spec!r}: {path} does not exist")
     if kind == "dir":
-        return _folder(path, prompts)
-    queries = _bag(path, prompts, topic or None)
+        return _folder(path, prompts, on_fault)
+    queries = _bag(path, prompts, topic or None, on_fault)
     first = next(queries, None)  # runs the camera check now, before the runtime starts
     return iter(()) if first is None else _chain(first, queries)
 

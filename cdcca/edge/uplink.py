@@ -13,6 +13,11 @@ counted in ``nonfinite_entropy``; SQLite would otherwise turn NaN into NULL and 
 that cannot be sent (an empty payload or sample id) is refused and counted in ``refused``; a second sample
 under a queued id is not stored (the first is kept) and counted in ``duplicates``.
 
+A write the disk cannot take (SQLite's ``database or disk is full``, ``OSError(ENOSPC)``, any ``sqlite3.Error``) is
+rolled back if SQLite has not already done so itself -- it does for SQLITE_FULL, so a plain ``ROLLBACK`` would then
+replace the real cause with "cannot rollback - no transaction is active" -- and raised as :class:`UplinkWriteError`:
+that sample is not stored, ``write_failures`` counts it, and every sample stored before stays queued.
+
 Acks are signed by the cloud (:func:`cdcca.envelope.verify_ack`) and carry a sequence that grows with every ack;
 the newest accepted sequence is stored in the same file, in the transaction that deletes, so an old ack replayed
 (also after a restart) deletes nothing (:class:`StaleAck`).
@@ -20,6 +25,7 @@ the newest accepted sequence is stored in the same file, in the transaction that
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import sqlite3
@@ -64,6 +70,7 @@ class UplinkStats:
     refused: int = 0  # not stored: empty payload or sample id
     duplicates: int = 0  # not stored: the id was already queued (the queued sample is kept)
     ack_sequence: int = 0  # UtsAck.sequence of the newest accepted ack (0: none yet)
+    write_failures: int = 0  # writes the disk refused since this process opened the queue (e.g. disk full)
 
 
 class StaleAck(CdccaError):
@@ -72,6 +79,22 @@ class StaleAck(CdccaError):
     def __init__(self, sequence: int, last: int) -> None:
         super().__init__(f"ack sequence {sequence} is not newer than {last}, the last accepted (replayed?)")
         self.sequence, self.last = sequence, last
+
+
+class UplinkWriteError(CdccaError):
+    """The queue could not write (``disk_full``: SQLITE_FULL or ENOSPC); nothing of that write was stored."""
+
+    def __init__(self, message: str, disk_full: bool) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """SQLite's SQLITE_FULL ("database or disk is full") or the OS's ENOSPC / EDQUOT."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    code = getattr(err, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or (code is None and "disk is full" in str(err))
 
 
 class UplinkQueue:
@@ -93,6 +116,22 @@ class UplinkQueue:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
+        self.path = path
+        self.write_failures = 0
+
+    def _rollback(self) -> None:
+        """Undo the open transaction, unless SQLite already has (it does after SQLITE_FULL)."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as err:  # the cause being handled is the one to report
+                log.debug("uplink queue: rollback failed: %s", err)
+
+    def _write_error(self, what: str, err: BaseException) -> UplinkWriteError:
+        self.write_failures += 1
+        full = is_disk_full(err)
+        cause = "disk full" if full else "write failed"
+        return UplinkWriteError(f"uplink queue {self.path}: {cause} ({err}); {what}", full)
 
     def _bump(self, name: str, by: int = 1) -> None:
         self._db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?",
@@ -137,8 +176,11 @@ class UplinkQueue:
                         self._db.execute("DELETE FROM uplink WHERE sample_id = ?", (dropped,))
                         self._bump("dropped")
                 self._db.execute("COMMIT")
+            except (sqlite3.Error, OSError) as err:
+                self._rollback()
+                raise self._write_error(f"sample {sample_id} not stored", err) from err
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
             return dropped
 
@@ -153,13 +195,17 @@ class UplinkQueue:
                 (now - resend_after_s, limit),
             ).fetchall()
             if rows:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany("UPDATE uplink SET sent_at = ? WHERE sample_id = ?",
-                                     [(now, sample_id) for sample_id, _, _ in rows])  # fmt: skip
-                resent = sum(sent_at is not None for _, _, sent_at in rows)
-                self._bump("sent", len(rows) - resent)
-                self._bump("resent", resent)
-                self._db.execute("COMMIT")
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.executemany("UPDATE uplink SET sent_at = ? WHERE sample_id = ?",
+                                         [(now, sample_id) for sample_id, _, _ in rows])  # fmt: skip
+                    resent = sum(sent_at is not None for _, _, sent_at in rows)
+                    self._bump("sent", len(rows) - resent)
+                    self._bump("resent", resent)
+                    self._db.execute("COMMIT")
+                except (sqlite3.Error, OSError) as err:  # unmarked samples would go out at every pump: wait
+                    self._rollback()
+                    raise self._write_error(f"{len(rows)} due samples stay queued, unsent for now", err) from err
         return [(sample_id, bytes(payload)) for sample_id, payload, _ in rows]
 
     def ack(self, sample_ids: list[str], sequence: int | None = None) -> int:
@@ -192,8 +238,12 @@ class UplinkQueue:
                                                [(sid,) for sid in wanted]).rowcount if wanted else 0  # fmt: skip
                 self._bump("acked", max(removed, 0))
                 self._db.execute("COMMIT")
+            except (sqlite3.Error, OSError) as err:
+                self._rollback()
+                raise self._write_error(f"an ack of {len(wanted)} samples not applied (they stay queued and are "
+                                        "resent; the cloud ignores duplicates)", err) from err  # fmt: skip
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
         return max(removed, 0)
 
@@ -215,7 +265,8 @@ class UplinkQueue:
             counters = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
             queued = self._db.execute("SELECT COUNT(*) FROM uplink").fetchone()[0]
             sequence = self._last_sequence()
-        return UplinkStats(queued=queued, ack_sequence=sequence, **{name: counters.get(name, 0) for name in COUNTERS})
+        return UplinkStats(queued=queued, ack_sequence=sequence, write_failures=self.write_failures,
+                           **{name: counters.get(name, 0) for name in COUNTERS})  # fmt: skip
 
     def close(self) -> None:
         with self._lock:
