@@ -142,7 +142,8 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.exit(0, f"cdcca {package_version()}\n")
+        parser._print_message(f"cdcca {package_version()}\n", sys.stdout)  # argparse's own version action does so
+        parser.exit(0)
 
 
 def package_version() -> str:
@@ -984,7 +985,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:
             from cdcca.report import write_json
 
-            print(f"report: {write_json(report, args.json)}")
+            try:
+                print(f"report: {write_json(report, args.json)}")
+            except OSError as err:  # a full disk fails at close, where the error carries no file name
+                err.filename = err.filename or str(args.json)
+                raise
         return 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -994,14 +999,18 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        message = describe_os_error(err) if isinstance(err, OSError) and not isinstance(err, CdccaError) else err
-        print(f"{prog}: error: {one_line(message) if not isinstance(message, str) else message}", file=sys.stderr)
+        plain_os_error = isinstance(err, OSError) and not isinstance(err, CdccaError)
+        print(f"{prog}: error: {describe_os_error(err) if plain_os_error else one_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # a bug: say so in one line; the traceback is a flag away
         if verbose:
             import traceback
 
             traceback.print_exc()
+        if type(err).__module__ == "sqlite3":  # a state database the disk or permissions refuse
+            print(f"{prog}: error: the state database failed: {one_line(err)}; check that the --state folder is "
+                  "writable and its disk has room", file=sys.stderr)  # fmt: skip
+            return 2
         print(f"{prog}: error: unexpected {type(err).__name__}: {one_line(err)} (run with --verbose for the "
               "traceback)", file=sys.stderr)  # fmt: skip
         return 1
