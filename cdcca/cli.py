@@ -570,8 +570,14 @@ def _open_link(args, listen: bool):
         raise
     except Exception as err:
         message = re.sub(r" at /\S+\.rs:\d+\.?", "", one_line(err))  # Zenoh's Rust source paths help no user
-        message = re.sub(r"^cannot (open the Zenoh session|read link configuration \S+) ?", "", message)
-        raise CdccaError(f"cannot open the link ({where}): {message.strip(' :')}") from err
+        rust = re.search(r'msg: "((?:[^"\\]|\\.)*)"', message)  # the readable part of a Rust error's Debug text
+        if rust:
+            message = (
+                "invalid Zenoh setting: " + rust.group(1).replace('\\"', '"') + "; check endpoints and certificates"
+            )
+        for prefix in ("cannot read link configuration ", f"{where}: "):
+            message = message.removeprefix(prefix)
+        raise CdccaError(f"cannot open the link ({where}): {message}") from err
 
 
 def _setup_logging(verbose: bool = False) -> None:
