@@ -316,8 +316,10 @@ def choose_camera_topic(path: str | Path, topic: str | None = None) -> CameraCho
                             "; ".join(f"{t}: {why}" for t, why in problems.items()), connection.topic)  # fmt: skip
             return CameraChoice(connection.topic, has_prompts)
         detail = "; ".join(f"{t}: {why}" for t, why in problems.items())
-        raise BagError(f"bag {path} has no camera topic CD-CCA can read ({detail}); "
-                       f"supported encodings: {', '.join(SUPPORTED_ENCODINGS)}, or a jpeg/png CompressedImage")
+        raise BagError(
+            f"bag {path} has no camera topic CD-CCA can read ({detail}); "
+            f"supported encodings: {', '.join(SUPPORTED_ENCODINGS)}, or a jpeg/png CompressedImage"
+        )
     finally:
         reader.close()
 

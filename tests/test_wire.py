@@ -32,6 +32,7 @@ def _samples():
             keyframe=True,
             codec="nf4",
             num_params=1234,
+            base_fingerprint="0123456789abcdef",
             sha256=np.arange(32, dtype=np.uint8),
             key_id="cloud-1",
             signature=np.full(64, 7, np.uint8),
@@ -48,7 +49,15 @@ def _samples():
         ),
         wire.COMPRESSED_IMAGE: wire.new(wire.COMPRESSED_IMAGE, format="jpeg", data=np.arange(5, dtype=np.uint8)),
         wire.STRING: wire.new(wire.STRING, data="which number can be seen in the picture?"),
+        wire.DIAGNOSTIC_ARRAY: _diagnostics(),
     }
+
+
+def _diagnostics():
+    from cdcca.edge.diagnostics import DiagnosticReport, diagnostic_array
+
+    report = DiagnosticReport(1, "uplink queue nearly full", {"adapter_version": "3", "cloud": "down"})
+    return diagnostic_array(report, "r1", stamp_ns=1_700_000_000_123_456_789)
 
 
 def _equal(a, b) -> bool:

@@ -12,11 +12,14 @@ from pathlib import Path
 
 from cdcca.edge.adapter_slot import AdapterSlot
 from cdcca.edge.backend import TorchBackend
+from cdcca.edge.observe import AnswerSink, CloudWatch, EdgeMetrics, StatusLine
 from cdcca.edge.ports import FanOut, ZenohPort
 from cdcca.edge.runtime import EdgeConfig, EdgeRuntime
 from cdcca.edge.sources import DEFAULT_PROMPTS, open_source
 from cdcca.envelope import TrustStore
 from cdcca.models.checkpoint import load_adaptable_student
+from cdcca.transport import CLOUD_PRESENCE
+from cdcca.wire.topics import CLOUD_ID, DIAGNOSTICS, LINK_TOPICS
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,23 @@ def build_runtime(checkpoints: Path, config: EdgeConfig, trust_dir: Path, link=N
         raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
     if link is not None:
         port = ZenohPort(link, config.robot_id) if port is None else FanOut(ZenohPort(link, config.robot_id), port)
-    return EdgeRuntime(answering, student, config, port, trust=trust)
+    runtime = EdgeRuntime(answering, student, config, port, trust=trust)
+    if link is not None:
+        watch_cloud(runtime, link, config.cloud_warn_after_s)
+    return runtime
+
+
+def watch_cloud(runtime: EdgeRuntime, link, warn_after_s: float = 5.0) -> CloudWatch:
+    """Tell ``runtime`` whether the cloud behind ``link`` is reachable: its presence token
+    (:meth:`~cdcca.transport.Link.declare_presence`), its diagnostics (key ``_cloud/cdcca/diagnostics``) and
+    the acks the runtime accepts. A warning comes ``warn_after_s`` after start when there is no cloud."""
+    endpoint = ", ".join(link.config.connect or link.config.listen) or "(no endpoint)"
+    cloud = CloudWatch(endpoint, queued=lambda: len(runtime.uplink), warn_after_s=warn_after_s)
+    runtime.cloud = cloud
+    link.watch_presence(CLOUD_PRESENCE, cloud.presence)
+    if DIAGNOSTICS in LINK_TOPICS:
+        link.subscribe(CLOUD_ID, DIAGNOSTICS, lambda *_: cloud.heard("diagnostics"))
+    return cloud
 
 
 @dataclass
@@ -63,6 +82,11 @@ class ReplaySettings:
         linger_s: after the source ends, keep serving (uplink, updates): a recording until the cloud has
             acknowledged its uplink, for at most this long (``None``: :data:`DRAIN_TIMEOUT_S`); other sources
             this long (``None``: until stopped); negative: until stopped.
+        show_answers: print each answer on stdout, one line (stamp, prompt, answer, entropy, adapter version).
+        answers_file: append each answer to this JSON Lines file (one object per answer).
+        metrics_port: serve Prometheus metrics on this port (``None`` or 0: off).
+        metrics_addr: the address the metrics server binds (default: every interface, as exporters do).
+        status_line: a one-line status rewritten in place on stdout; ``None``: when stdout is a terminal.
     """
 
     source: str
@@ -71,8 +95,20 @@ class ReplaySettings:
     rate_hz: float = 0.0
     speed: float = 1.0
     linger_s: float | None = None
+    show_answers: bool = False
+    answers_file: Path | None = None
+    metrics_port: int | None = None
+    metrics_addr: str = "0.0.0.0"
+    status_line: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port (--metrics-port) must be a TCP port 1-65535 (0: off), "
+                             f"got {self.metrics_port}")  # fmt: skip
+        if self.answers_file is not None:
+            self.answers_file = Path(self.answers_file)
+            if self.answers_file.is_dir():
+                raise ValueError(f"answers_file (--answers-file) {self.answers_file} is a folder; name a .jsonl file")
         if not self.rate_hz >= 0:
             raise ValueError(f"rate_hz must be >= 0 (0: no limit), got {self.rate_hz}")
         if not self.speed >= 0:
@@ -100,12 +136,53 @@ def _linger(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Even
                     len(runtime.uplink), wait_s, runtime.config.state_dir)  # fmt: skip
 
 
+EXIT_NO_CLOUD = 3  # the cloud was never reached, or a recording's uplink was left unacknowledged
+
+
+def edge_exit_code(report: dict) -> int:
+    """The exit status of ``cdcca edge`` after :func:`replay`: 0, or :data:`EXIT_NO_CLOUD` (3) when a cloud was
+    expected and never reached, or a recording ended with uploads the cloud did not acknowledge."""
+    if report.get("cloud_expected") and not report.get("cloud_reached"):
+        return EXIT_NO_CLOUD
+    if report.get("recording") and report.get("uplink_queued", 0) > 0:
+        return EXIT_NO_CLOUD
+    return 0
+
+
 def replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event) -> dict:
     """Feed the source through ``runtime`` (its background thread does uplink and updates); returns stats.
 
     ``ros:TOPIC`` joins a ROS 2 graph as a raw DDS participant (no rclpy) and answers about the camera on
     TOPIC until stopped (:func:`cdcca.edge.dds_port.run_dds_edge`; ``rate_hz`` is then how often the
-    ``prompts`` are asked, default once a second)."""
+    ``prompts`` are asked, default once a second).
+
+    Answers are printed / written as ``settings`` asks, metrics served on ``metrics_port``, and a status line
+    kept on a terminal while it runs. The report adds ``cloud_expected``, ``cloud_reached`` and ``recording``
+    (see :func:`edge_exit_code`) and ``metrics_port`` (the port served, or ``None``)."""
+    sink = AnswerSink(settings.show_answers, settings.answers_file, on_fault=runtime.record_fault)
+    metrics = EdgeMetrics(runtime, settings.metrics_port, settings.metrics_addr) if settings.metrics_port else None
+    listeners = [sink] + ([metrics.observe] if metrics is not None else [])
+    runtime.answer_listeners.extend(listeners)
+    status = StatusLine(runtime)
+    if settings.status_line or settings.status_line is None and status.stream.isatty():
+        status.start()
+    if metrics is not None:
+        log.info("serving Prometheus metrics on %s:%d/metrics", settings.metrics_addr, metrics.port)
+    try:
+        report = _replay(runtime, settings, stop)
+    finally:
+        status.stop()
+        for listener in listeners:
+            runtime.answer_listeners.remove(listener)
+        sink.close()
+        if metrics is not None:
+            metrics.close()
+    recording = settings.source.startswith(("bag:", "realsense:")) and settings.source != "realsense:"
+    return {**report, "cloud_expected": runtime.cloud is not None, "recording": recording,
+            "metrics_port": None if metrics is None else metrics.port}  # fmt: skip
+
+
+def _replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event) -> dict:
     if settings.source.startswith("ros:"):
         from cdcca.edge.dds_port import DdsEdgeSettings, run_dds_edge
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cdcca import wire
@@ -58,6 +60,43 @@ class DdsEdgeSettings:
     config: str | None = None
     poll_s: float = 0.02
     node_name: str = "cdcca_edge"
+    no_frames_warning_s: float = 3.0  # first warning when no camera frame arrived; then at doubling intervals
+
+
+class CameraSilence:
+    """Warns when a camera topic stays silent: after ``first_s`` seconds without a frame, then at doubling intervals
+    (capped at ``max_s``), naming the topic and whether any publisher matched (DDS discovery), so a typo in the
+    topic, another ROS_DOMAIN_ID or a camera that is not running shows up instead of silence."""
+
+    def __init__(self, topic: str, domain_id: int, first_s: float = 3.0, max_s: float = 60.0,
+                 clock=time.monotonic) -> None:  # fmt: skip
+        self.topic, self.domain_id, self.max_s, self._clock = topic, domain_id, max_s, clock
+        self._started = clock()
+        self._next, self._interval = self._started + first_s, first_s
+        self.warnings = 0
+
+    def check(self, frames: int, publishers: Callable[[], int]) -> bool:
+        """Log a warning if one is due (no frame yet; ``publishers()`` counts the matched ones); returns whether it
+        did."""
+        now = self._clock()
+        if frames or now < self._next:
+            return False
+        publishers = publishers()
+        self._interval = min(self._interval * 2, self.max_s)
+        self._next = now + self._interval
+        self.warnings += 1
+        why = ("no publisher on it (check the topic name with `ros2 topic list` and ROS_DOMAIN_ID)" if publishers == 0
+               else f"{publishers} publisher(s) matched but no frames yet (QoS or encoding?)")  # fmt: skip
+        log.warning("no camera frame on %s after %.0f s in ROS domain %d: %s; prompts wait", self.topic,
+                    now - self._started, self.domain_id, why)  # fmt: skip
+        return True
+
+
+def _publishers(readers) -> int:
+    try:
+        return sum(len(reader.get_matched_publications()) for reader in readers)
+    except Exception:  # a binding without the call: report "no publisher" rather than fail
+        return 0
 
 
 def run_dds_edge(runtime: EdgeRuntime, camera_topic: str = CAMERA_TOPIC, stop_event: threading.Event | None = None,
@@ -92,8 +131,11 @@ def run_dds_edge(runtime: EdgeRuntime, camera_topic: str = CAMERA_TOPIC, stop_ev
         ready.set()
     log.info("joined ROS 2 domain %d: camera %s (%s), prompts %s", graph.domain_id, camera_topic,
              dds_topic(camera_topic), settings.prompt_topic)  # fmt: skip
+    silence = CameraSilence(camera_topic, graph.domain_id, settings.no_frames_warning_s)
     try:
         while not stop_event.is_set():
+            if not runtime.frame.received:
+                silence.check(runtime.frame.received, lambda: _publishers(reader for reader, _ in cameras))
             busy = False
             for reader, type_name in cameras:
                 samples = take_all(reader)

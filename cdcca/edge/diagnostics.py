@@ -2,6 +2,10 @@
 
 The key/value status model of ``diagnostic_msgs/DiagnosticStatus`` (and of ``diagnostic_updater``,
 docs.ros.org/en/jazzy/p/diagnostic_updater), computed from an :class:`~cdcca.edge.runtime.EdgeRuntime` without ROS.
+The same report goes out on the link (topic ``diagnostics``, :func:`diagnostic_array`) for ``cdcca status``, which
+reads the keys of :data:`cdcca.wire.topics.ROBOT_STATUS_KEYS`: ``adapter_version``, ``uplink_queued``,
+``uplink_acked``, ``answers``, ``updates_applied``, ``updates_rejected`` and ``cloud`` (``up``, ``down``, or
+``unknown`` where the robot has no view of the cloud, e.g. behind a ROS bridge).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from cdcca import wire
 
 if TYPE_CHECKING:
     from cdcca.edge.runtime import EdgeRuntime
@@ -113,6 +119,13 @@ class EdgeDiagnostics:
             "prompts_dropped": str(counters.prompts_dropped),
             "malformed_messages": str(counters.malformed),
             "callback_errors": str(self._callback_errors()),
+            # the keys `cdcca status` reads (cdcca.wire.topics.ROBOT_STATUS_KEYS)
+            "uplink_queued": str(depth),
+            "uplink_acked": str(stats["uplink_acked"]),
+            "updates_applied": str(counters.deltas_applied),
+            "updates_rejected": str(counters.deltas_rejected),
+            "cloud": "unknown" if runtime.cloud is None else "up" if runtime.cloud.up else "down",
+            "faults": str(sum(counters.faults.values())),
         }
         problems = []
         if counters.deltas_rejected > self._rejected_at_last_report:
@@ -136,3 +149,13 @@ class EdgeDiagnostics:
         if problems:
             return DiagnosticReport(WARN, "; ".join(problems), values)
         return DiagnosticReport(OK, f"answering with adapter version {stats['adapter_version']}", values)
+
+
+def diagnostic_array(report: DiagnosticReport, robot_id: str, stamp_ns: int | None = None):
+    """A ``diagnostic_msgs/DiagnosticArray`` holding ``report`` as one ``DiagnosticStatus`` named
+    ``cdcca_edge: <robot_id>`` (hardware_id: the robot id), as ``diagnostic_updater`` would publish it."""
+    values = [wire.new("diagnostic_msgs/msg/KeyValue", key=key, value=value) for key, value in report.values.items()]
+    status = wire.new("diagnostic_msgs/msg/DiagnosticStatus", level=int(report.level), name=f"cdcca_edge: {robot_id}",
+                      message=report.message, hardware_id=robot_id, values=values)  # fmt: skip
+    return wire.new(wire.DIAGNOSTIC_ARRAY, header=wire.header(time.time_ns() if stamp_ns is None else stamp_ns),
+                    status=[status])  # fmt: skip

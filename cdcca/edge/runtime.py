@@ -51,6 +51,7 @@ from cdcca.edge.uplink import StaleAck, UplinkQueue, UplinkWriteError
 from cdcca.envelope import AckRejected, TrustStore, verify_ack
 from cdcca.models.mllm import MLLM
 from cdcca.uts import UncertaintyTokenSampler, UTSConfig, pack_tokens
+from cdcca.wire.topics import DIAGNOSTICS
 
 log = logging.getLogger(__name__)
 _ROBOT_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -82,6 +83,11 @@ class EdgeConfig:
         ask_rate_hz: how often the prompts are asked; 0: never, answer only prompts that arrive and Ask calls.
         uts: UTS settings.
         health: when a swapped-in adapter version is kept or rolled back (the post-update health check).
+        diagnostics_every_s: how often the robot's status (``diagnostic_msgs/DiagnosticArray``) goes out on the
+            link topic ``diagnostics``, for ports that carry it; 0: never.
+        log_every_s: how often acknowledged uploads are summed up in the log (one INFO line, not one per sample).
+        cloud_warn_after_s: with a link, warn when no cloud was reached this long after start (see
+            :class:`~cdcca.edge.observe.CloudWatch`).
     """
 
     robot_id: str = "r1"
@@ -97,6 +103,9 @@ class EdgeConfig:
     ask_rate_hz: float = 0.0
     uts: UTSConfig = field(default_factory=UTSConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    diagnostics_every_s: float = 2.0
+    log_every_s: float = 10.0
+    cloud_warn_after_s: float = 5.0
 
     def __post_init__(self) -> None:
         def require(name: str, ok: bool, allowed: str) -> None:
@@ -120,6 +129,9 @@ class EdgeConfig:
         require("ask_rate_hz", 0.0 <= self.ask_rate_hz <= 100.0, ">= 0 and <= 100")
         require("uts", isinstance(self.uts, UTSConfig), "a UTSConfig")
         require("health", isinstance(self.health, HealthConfig), "a HealthConfig")
+        require("diagnostics_every_s", 0 <= self.diagnostics_every_s <= 3600, ">= 0 (0: off) and <= 3600")
+        require("log_every_s", 0 < self.log_every_s <= 3600, "> 0 and <= 3600")
+        require("cloud_warn_after_s", 0 < self.cloud_warn_after_s <= 3600, "> 0 and <= 3600")
 
 
 @dataclass
@@ -137,6 +149,7 @@ class EdgeCounters:
     deltas_received: int = 0
     deltas_applied: int = 0
     deltas_rejected: int = 0
+    deltas_rejected_reasons: dict[str, int] = field(default_factory=dict)  # kind (see rejection_kind) -> count
     deltas_duplicate: int = 0  # the version already running (a latched topic delivers it again): ignored
     deltas_foreign: int = 0  # addressed to another robot on a shared graph: ignored
     acks_foreign: int = 0  # addressed to another robot on a shared graph: ignored
@@ -150,6 +163,22 @@ class EdgeCounters:
     health_passed: int = 0  # versions marked good after their first answers
     health_rollbacks: int = 0  # versions rolled back by the health check
     faults: dict[str, int] = field(default_factory=dict)  # kind -> runtime faults logged, counted and skipped
+
+
+_REJECTION_KINDS = (  # (kind, words of AdapterStatus.reason that mean it), first match wins
+    ("fingerprint", ("base fingerprint",)),
+    ("robot", ("addressed to robot",)),
+    ("signature", ("signature", "signing key", "trust store")),
+    ("version", ("not newer", "based on version", "keyframe must")),
+    ("persist", ("persisting",)),
+    ("payload", ("SHA-256", "decode", "num_params", "tensors", "shape", "applying")),
+)
+
+
+def rejection_kind(reason: str) -> str:
+    """A short, bounded label for a rejection reason (for metrics): fingerprint, robot, signature, version,
+    persist, payload or other."""
+    return next((kind for kind, words in _REJECTION_KINDS if any(w in reason for w in words)), "other")
 
 
 class EdgeRuntime:
@@ -189,6 +218,10 @@ class EdgeRuntime:
         self._answer_lock = threading.Lock()  # UTS keeps a sliding window; one batch at a time
         self._ids = itertools.count()
         self._boot_ns = time.time_ns()  # sample ids stay unique across restarts and replays of one bag
+        self.cloud = None  # a cdcca.edge.observe.CloudWatch when a link to the cloud is known
+        self.answer_listeners: list[Callable[[list], None]] = []  # each batch of Answer messages, after publishing
+        self._acked_since_log = 0
+        self._diagnostics = None  # EdgeDiagnostics of publish_diagnostics, made on first use
         self.port: Port | None = None
         if port is not None:
             self.connect(port)
@@ -275,6 +308,9 @@ class EdgeRuntime:
             self.record_fault("uplink_disk_full" if err.disk_full else "uplink_write", str(err))
             return 0
         self.counters.acks_accepted += 1
+        self._acked_since_log += len(ids)
+        if self.cloud is not None:
+            self.cloud.heard("ack")
         return len(ids)
 
     def _refuse_ack(self, reason: str, detail: str) -> None:
@@ -370,6 +406,11 @@ class EdgeRuntime:
         for msg in answers:
             if self._send("answer", wire.encode(msg)):
                 self.counters.answers_published += 1
+        for listener in list(self.answer_listeners):
+            try:
+                listener(answers)
+            except Exception as err:  # a printer or a metrics hook must not stop answering
+                self.record_fault("answer_listener", f"answer listener {listener!r} failed: {err}")
 
     def _answer_msg(self, sample_id, prompt, answer, entropy, version, latency_ms, stamp, frame_id):
         return wire.new(wire.ANSWER, header=wire.header(stamp, frame_id), sample_id=sample_id, prompt=prompt,
@@ -484,9 +525,14 @@ class EdgeRuntime:
         status = self.backend.receive(msg)  # the backend logs why it rejected a delta
         if status.state == wire.REJECTED:
             self.counters.deltas_rejected += 1
+            kind, reasons = rejection_kind(status.reason), self.counters.deltas_rejected_reasons
+            self.counters.deltas_rejected_reasons = {**reasons, kind: reasons.get(kind, 0) + 1}
         else:
             self.counters.deltas_applied += 1
             self.health.start(status.version)
+            based = "keyframe" if msg.keyframe else f"on v{msg.base_version}"
+            log.info("applied adapter v%d from the cloud (%s delta, %d applied so far)", status.version, based,
+                     self.counters.deltas_applied)  # fmt: skip
         self.publish_status(status)
         return status
 
@@ -500,6 +546,26 @@ class EdgeRuntime:
         """Publish ``status`` (default: :meth:`heartbeat`)."""
         if self._send("adapter_status", wire.encode(status if status is not None else self.heartbeat())):
             self.counters.statuses_published += 1
+
+    def publish_diagnostics(self) -> bool:
+        """Publish the robot's status as a ``diagnostic_msgs/DiagnosticArray`` on the link topic ``diagnostics``
+        (what ``cdcca status`` reads), if the port carries that topic; returns whether it was sent."""
+        from cdcca.edge.diagnostics import EdgeDiagnostics, diagnostic_array
+
+        port = self.port
+        if port is None or DIAGNOSTICS not in getattr(port, "topics", ()):
+            return False
+        if self._diagnostics is None:
+            self._diagnostics = EdgeDiagnostics(self)
+        return self._send(DIAGNOSTICS, wire.encode(diagnostic_array(self._diagnostics.report(), self.config.robot_id)))
+
+    def log_uplink(self, period_s: float) -> None:
+        """One INFO line for the uploads the cloud acknowledged in the last ``period_s`` (nothing if none)."""
+        acked, self._acked_since_log = self._acked_since_log, 0
+        if acked:
+            stats = self.uplink.stats()
+            log.info("cloud acknowledged %d uploads in the last %.0f s (%d acknowledged in all, %d queued)", acked,
+                     period_s, stats.acked, stats.queued)  # fmt: skip
 
     def process_deltas(self, timeout: float = 0.0) -> int:
         """Apply every ``WeightDelta`` that arrived (waiting up to ``timeout`` for the first); returns how many."""
@@ -527,7 +593,8 @@ class EdgeRuntime:
         return self
 
     def _link_loop(self) -> None:
-        next_pump = next_heartbeat = 0.0
+        next_pump = next_heartbeat = next_diagnostics = 0.0
+        next_log = self._clock() + self.config.log_every_s
         while not self._stop.is_set():
             try:
                 self.process_deltas(timeout=min(self.config.pump_every_s, self.config.heartbeat_every_s))
@@ -538,6 +605,14 @@ class EdgeRuntime:
                 if now >= next_heartbeat:
                     self.publish_status()
                     next_heartbeat = now + self.config.heartbeat_every_s
+                if self.cloud is not None:
+                    self.cloud.check()
+                if self.config.diagnostics_every_s > 0 and now >= next_diagnostics:
+                    self.publish_diagnostics()
+                    next_diagnostics = now + self.config.diagnostics_every_s
+                if now >= next_log:
+                    self.log_uplink(now - next_log + self.config.log_every_s)
+                    next_log = now + self.config.log_every_s
             except Exception:  # keep the robot alive; the cause is in the log
                 log.exception("edge link step failed")
                 self._stop.wait(0.1)
@@ -584,6 +659,9 @@ class EdgeRuntime:
         report = {**vars(self.counters), "adapter_version": self.backend.version, "prompts_waiting": self.pending(),
                   "health_probation": -1 if self.health.probation is None else self.health.probation}  # fmt: skip
         report.update({f"uplink_{k}": v for k, v in vars(self.uplink.stats()).items()})
+        cloud = self.cloud
+        report["cloud_reached"] = bool(cloud is not None and cloud.reached)
+        report["cloud_up"] = bool(cloud is not None and cloud.up)
         rejected = getattr(self.port, "rejected", None)
         if rejected is not None:
             report["rejected"] = dict(rejected)

@@ -23,6 +23,11 @@ The embedded default is peer mode on loopback with multicast scouting off: the c
 user/password authentication are configuration (:class:`LinkConfig`), as in Zenoh's own configuration
 reference (``transport/link/tls``, ``transport/auth/usrpwd``).
 
+Presence: the cloud declares a Zenoh liveliness token (:meth:`Link.declare_presence`, key
+``cdcca/presence/<name>``); a robot subscribes to them (:meth:`Link.watch_presence`) and so learns within the
+transport's lease whether any cloud is up, without waiting for a message (Zenoh's liveliness API: a token lives
+as long as its session, and a subscriber with ``history`` is told of the tokens that already exist).
+
 Malformed bytes never reach the caller: a payload that does not decode as its topic's type, or whose
 ``robot_id`` disagrees with its key, is logged and counted in :attr:`Link.rejected` and dropped.
 """
@@ -47,6 +52,8 @@ log = logging.getLogger(__name__)
 
 TOPICS = LINK_TOPICS
 DEFAULT_ENDPOINT = "tcp/127.0.0.1:7447"
+PRESENCE_PREFIX = "cdcca/presence"  # liveliness tokens: cdcca/presence/<name>, e.g. cdcca/presence/cloud
+CLOUD_PRESENCE = "cloud"  # the name a cloud worker declares (several workers: cloud/<worker>)
 
 
 class LinkError(CdccaError, ValueError):
@@ -184,6 +191,7 @@ class Link:
             raise LinkError(f"cannot open the Zenoh session ({err}); check endpoints and certificates") from err
         self._publishers: dict[str, Any] = {}
         self._subscribers: list[Any] = []
+        self._tokens: list[Any] = []
         self._lock = threading.Lock()
         self.rejected: Counter[str] = Counter()  # topic -> malformed payloads dropped
         self.sent_bytes: Counter[str] = Counter()
@@ -240,6 +248,30 @@ class Link:
         self.rejected[topic] += 1
         log.warning("rejected a %s payload from %r: %s", topic, sender, reason)
 
+    def declare_presence(self, name: str = CLOUD_PRESENCE) -> None:
+        """Declare that this process (e.g. the cloud: ``cloud``, or ``cloud/<worker>``) is up, as a liveliness token
+        on ``cdcca/presence/<name>``; it goes away with the session (closed, crashed or cut off)."""
+        if not name or any(c in name for c in "?#$*") or name.startswith("/") or name.endswith("/"):
+            raise LinkError(f"presence name {name!r} must be key chunks separated by / (no ? # $ *)")
+        self._tokens.append(self.session.liveliness().declare_token(f"{PRESENCE_PREFIX}/{name}"))
+
+    def watch_presence(self, name: str, on_change: Callable[[str, bool], None]) -> None:
+        """Call ``on_change(name, alive)`` whenever a presence token under ``name`` (``cloud`` also matches
+        ``cloud/<worker>``) appears or disappears, starting with those that exist now."""
+        import zenoh
+
+        prefix = f"{PRESENCE_PREFIX}/"
+
+        def on_sample(sample) -> None:
+            try:
+                on_change(str(sample.key_expr)[len(prefix) :], sample.kind == zenoh.SampleKind.PUT)
+            except Exception:  # a handler bug must not kill Zenoh's thread
+                log.exception("presence handler failed")
+
+        self._subscribers.append(
+            self.session.liveliness().declare_subscriber(f"{prefix}{name}/**", on_sample, history=True)
+        )
+
     def peers(self) -> int:
         """Zenoh sessions this one is connected to (peers and routers)."""
         info = self.session.info
@@ -251,6 +283,8 @@ class Link:
                 return
             self.closed = True
         atexit.unregister(self.close)
+        for token in self._tokens:
+            token.undeclare()
         for subscriber in self._subscribers:
             subscriber.undeclare()
         self.session.close()

@@ -33,8 +33,9 @@ ASK_RESPONSE = "cdcca_msgs/srv/Ask_Response"
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 STRING = "std_msgs/msg/String"
+DIAGNOSTIC_ARRAY = "diagnostic_msgs/msg/DiagnosticArray"  # what diagnostic_updater publishes on /diagnostics
 SUPPORTED_TYPES = (UTS_TOKENS, UTS_ACK, WEIGHT_DELTA, ADAPTER_STATUS, ANSWER, ASK_REQUEST, ASK_RESPONSE, IMAGE,
-                   COMPRESSED_IMAGE, STRING)  # fmt: skip
+                   COMPRESSED_IMAGE, STRING, DIAGNOSTIC_ARRAY)  # fmt: skip
 
 _NUMPY = {
     "bool": np.bool_, "byte": np.uint8, "char": np.uint8, "octet": np.uint8,

@@ -23,7 +23,6 @@ class ImageEncodingError(WireError):
     """An image message whose encoding, format or size CD-CCA cannot turn into RGB."""
 
 
-
 def _with_alpha(rgb: np.ndarray) -> np.ndarray:
     return np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])  # (H, W, 4), opaque
 

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import re
 
-from cdcca.wire import ADAPTER_STATUS, ANSWER, UTS_ACK, UTS_TOKENS, WEIGHT_DELTA
+from cdcca.wire import ADAPTER_STATUS, ANSWER, DIAGNOSTIC_ARRAY, UTS_ACK, UTS_TOKENS, WEIGHT_DELTA
 
+DIAGNOSTICS = "diagnostics"  # link topic of a robot's (and the cloud's) status, every ~2 s
 LINK_TOPICS = {
     "uts_tokens": UTS_TOKENS,  # robot -> cloud
     "uts_ack": UTS_ACK,  # cloud -> robot
     "weight_delta": WEIGHT_DELTA,  # cloud -> robot, latched
     "adapter_status": ADAPTER_STATUS,  # robot -> cloud
     "answer": ANSWER,  # robot -> any
+    DIAGNOSTICS: DIAGNOSTIC_ARRAY,  # robot -> any; the cloud's own under the pseudo robot id CLOUD_ID
 }  # the short names: Zenoh keys <robot_id>/cdcca/<name>, ROS topics /cdcca/<name>
+CLOUD_ID = "_cloud"  # the key prefix the cloud publishes its own diagnostics under (not a valid robot id)
+# keys of the robot's DiagnosticStatus on the link that `cdcca status` reads (cdcca.edge.diagnostics)
+ROBOT_STATUS_KEYS = ("adapter_version", "uplink_queued", "uplink_acked", "answers", "updates_applied",
+                     "updates_rejected", "cloud")  # fmt: skip
 ROS_TOPICS = {name: f"/cdcca/{name}" for name in LINK_TOPICS}
 ASK_SERVICE = "/cdcca/ask"  # cdcca_msgs/srv/Ask
 CAMERA_TOPIC = "/camera/camera/color/image_raw"  # realsense2_camera's name (namespace camera, node camera)
