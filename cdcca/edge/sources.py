@@ -50,11 +50,12 @@ def _bag(path: Path, prompts: Sequence[str], topic: str | None, on_fault: FaultH
 
     camera = choose_camera_topic(path, topic)  # raises BagError before replay for an unreadable camera
     frame: Frame | None = None
-    on_skip = None if on_fault is None else (
-        lambda topic_, msgtype, stamp_ns, err: on_fault("bag_message", f"bag {path.name}: cannot use the {msgtype} "
-                                                                      f"on {topic_} at {stamp_ns} ns: {err}"))
+
+    def on_skip(topic_: str, msgtype: str, stamp_ns: int, err: Exception) -> None:
+        on_fault("bag_message", f"bag {path.name}: cannot use the {msgtype} on {topic_} at {stamp_ns} ns: {err}")
+
     wanted = (camera.topic, PROMPT_TOPIC) if camera.has_prompts else (camera.topic,)
-    for event in read_bag(path, topics=wanted, on_skip=on_skip):
+    for event in read_bag(path, topics=wanted, on_skip=None if on_fault is None else on_skip):
         if isinstance(event, Frame):
             frame = event
             if not camera.has_prompts:
@@ -74,7 +75,7 @@ def _folder(path: Path, prompts: Sequence[str], on_fault: FaultHandler | None) -
         try:
             with Image.open(file) as image:
                 rgb = np.asarray(image.convert("RGB"))
-        except Exception as err:  # Pillow fails with OSError, SyntaxError, ValueError, zlib.error, DecompressionBombError
+        except Exception as err:  # Pillow: OSError, SyntaxError, ValueError, zlib.error, DecompressionBombError...
             (on_fault or _log_fault)("bad_image", f"cannot read image {file}: {err}")
             continue
         for k, prompt in enumerate(prompts):
