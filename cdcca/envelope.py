@@ -351,7 +351,8 @@ def check_fingerprint(msg, base_fingerprint: str) -> None:
 
 
 def open_envelope(msg, *, trust: TrustStore, robot_id: str, current_version: int, expected: dict[str, torch.Tensor],
-                  newest_version: int | None = None, base_fingerprint: str = "") -> dict[str, torch.Tensor]:  # fmt: skip
+                  newest_version: int | None = None,
+                  base_fingerprint: str = "") -> dict[str, torch.Tensor]:  # fmt: skip
     """Every check a robot makes before touching its model; returns the decoded delta or raises DeltaRejected.
 
     Args:
