@@ -93,8 +93,8 @@ positive_int = _number(int, "a positive integer", low=1)
 non_negative_int = _number(int, "an integer >= 0", low=0)
 positive_float = _number(float, "a number > 0", low=0, low_open=True)
 non_negative_float = _number(float, "a number >= 0", low=0)
-fraction = _number(float, "a fraction in [0, 1]", low=0, high=1)
 keep_fraction = _number(float, "a fraction in (0, 1]", low=0, high=1, low_open=True)
+held_out_fraction = _number(float, "a fraction in [0, 1)", low=0, high=1, high_open=True)
 port_number = _number(int, "a port in 1..65535", low=1, high=65535)
 
 
@@ -260,10 +260,10 @@ def _add_cloud_args(parser: argparse.ArgumentParser) -> None:
                         help="most new samples one round trains on")  # fmt: skip
     parser.add_argument("--replay", type=non_negative_int, default=CLOUD_DEFAULTS["replay"],
                         help="samples of earlier rounds trained on again with each round's new ones")  # fmt: skip
-    parser.add_argument("--check-fraction", type=fraction, default=AKD_DEFAULTS["check_fraction"],
+    parser.add_argument("--check-fraction", type=held_out_fraction, default=AKD_DEFAULTS["check_fraction"],
                         help="share of a round's samples held out; the round keeps the weights that agree best "
                              "with the teacher on them (0: off)")  # fmt: skip
-    parser.add_argument("--check-min", type=positive_int, default=AKD_DEFAULTS["check_min"],
+    parser.add_argument("--check-min", type=non_negative_int, default=AKD_DEFAULTS["check_min"],
                         help="fewest held-out samples a check may rest on (smaller rounds go unchecked)")  # fmt: skip
     parser.add_argument("--pseudo-label-keep", type=keep_fraction, default=AKD_DEFAULTS["pseudo_label_keep"],
                         help="fraction of samples, the teacher's most confident, a round trains on")  # fmt: skip

@@ -64,7 +64,7 @@ def model_dir(pair, tmp_path):
     [
         (["edge", "--preset", "huge", "--source", "dir:x"], ["--preset", "'huge'", "'test', 'tiny'"]),
         (["cloud", "--round-size", "0"], ["--round-size", "must be a positive integer, got 0"]),
-        (["cloud", "--check-fraction", "1.5"], ["--check-fraction", "must be a fraction in [0, 1], got 1.5"]),
+        (["cloud", "--check-fraction", "1"], ["--check-fraction", "must be a fraction in [0, 1), got 1"]),
         (["cloud", "--pseudo-label-keep", "0"], ["--pseudo-label-keep", "(0, 1]"]),
         (["cloud", "--lr", "nan"], ["--lr", "must be a number > 0"]),
         (["edge", "--source", "dir:x", "--rate", "-1"], ["--rate", "must be a number >= 0, got -1"]),
