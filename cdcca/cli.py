@@ -59,6 +59,8 @@ EXAMPLES = {
 PRESET_NAMES = ("test", "tiny")  # cdcca.models.presets.PRESETS
 CODEC_NAMES = ("fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref")  # cdcca.dwc.CODECS
 DEFAULT_ENDPOINT = "tcp/127.0.0.1:7447"  # cdcca.transport.DEFAULT_ENDPOINT
+DOMAIN_NAMES = ("source", "colour_inverted", "printed", "noisy_rotated", "rephrased")  # cdcca.data.digits_shift
+TASK_NAMES = ("vqa", "mc", "caption")  # cdcca.data.sample.TASKS
 PRETRAIN_DEFAULTS = {"vision_steps": 1000, "teacher_steps": 500, "student_steps": 300, "batch_size": 64, "seed": 0}
 CLOUD_DEFAULTS = {"round_size": 64, "max_round_samples": 256, "replay": 0, "codec": "nf4-zstd"}
 AKD_DEFAULTS = {"check_fraction": 0.0, "check_min": 3, "pseudo_label_keep": 1.0, "steps": 60, "lr": 1e-3, "seed": 0}
@@ -191,17 +193,14 @@ def _add_pretrain_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
-    from cdcca.data.digits_shift import DOMAINS
-    from cdcca.data.sample import TASKS
-
     _add_preset(parser, "preset whose pretrained pair is evaluated")
     parser.add_argument("--model", dest="model", nargs="+", default=None, metavar="DIR|NAME",
                         help="a model folder holding teacher/ and student/, one checkpoint folder (config.json), "
                              "or 'teacher'/'student' of the preset's pair (default: teacher student)")  # fmt: skip
     parser.add_argument("--checkpoints", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS), metavar="DOMAIN",
-                        help=f"domains to score, of: {' '.join(DOMAINS)}")  # fmt: skip
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="tasks to score")
+    parser.add_argument("--domains", nargs="+", default=list(DOMAIN_NAMES), choices=DOMAIN_NAMES, metavar="DOMAIN",
+                        help=f"domains to score, of: {' '.join(DOMAIN_NAMES)}")  # fmt: skip
+    parser.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES, help="tasks to score")
     parser.add_argument("--split", default="test", choices=["stream", "test"], help="split of each domain")
     parser.add_argument("--limit", type=positive_int, default=None, help="images per domain (default: the split)")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="questions answered together")
@@ -291,11 +290,9 @@ def _add_demo_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_make_bag_args(parser: argparse.ArgumentParser) -> None:
-    from cdcca.data.digits_shift import DOMAINS, TARGET_DOMAINS
-
     parser.add_argument("path", type=Path, help="bag folder to create (must not exist)")
-    parser.add_argument("--domains", nargs="+", default=list(TARGET_DOMAINS), choices=list(DOMAINS), metavar="DOMAIN",
-                        help=f"domains to record, of: {' '.join(DOMAINS)}")  # fmt: skip
+    parser.add_argument("--domains", nargs="+", default=list(DOMAIN_NAMES[1:]), choices=DOMAIN_NAMES, metavar="DOMAIN",
+                        help=f"domains to record, of: {' '.join(DOMAIN_NAMES)}")  # fmt: skip
     parser.add_argument("--split", default="stream", choices=["train", "stream", "test"], help="split recorded")
     parser.add_argument("--limit", type=positive_int, default=None, help="images per domain (default: the split)")
     parser.add_argument("--storage", default="mcap", choices=["mcap", "sqlite3"], help="rosbag2 storage")

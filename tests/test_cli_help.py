@@ -94,6 +94,8 @@ def test_the_defaults_shown_are_the_config_dataclasses_defaults():
 
 def test_the_names_the_parser_lists_are_the_registries():
     from cdcca.benchmarks.adapt import AdaptBenchConfig
+    from cdcca.data.digits_shift import DOMAINS, TARGET_DOMAINS
+    from cdcca.data.sample import TASKS
     from cdcca.dwc import CODECS
     from cdcca.models.presets import PRESETS
     from cdcca.transport import DEFAULT_ENDPOINT
@@ -102,6 +104,9 @@ def test_the_names_the_parser_lists_are_the_registries():
     assert cli.CODEC_NAMES == tuple(CODECS)
     assert cli.DEFAULT_ENDPOINT == DEFAULT_ENDPOINT
     assert cli.BENCH_METHODS == AdaptBenchConfig.methods
+    assert cli.DOMAIN_NAMES == tuple(DOMAINS) and list(cli.DOMAIN_NAMES[1:]) == list(TARGET_DOMAINS)
+    assert build_parser().parse_args(["make-bag", "x"]).domains == list(TARGET_DOMAINS)
+    assert cli.TASK_NAMES == TASKS
 
 
 def test_the_top_help_lists_each_verb_once_and_points_at_verb_help(capsys):
