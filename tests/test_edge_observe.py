@@ -77,15 +77,16 @@ def test_answers_are_printed_one_line_each_and_appended_as_jsonl(make_robot, tmp
     for line, record in zip(printed, records[1:], strict=True):
         assert json.dumps(record["prompt"]) in line and json.dumps(record["answer"]) in line
         assert f"adapter v{record['adapter_version']}" in line and "entropy " in line
+        assert f" {record['sample_id']} " in line and record["sample_id"].startswith("frame")
         assert set(record) >= {"sample_id", "stamp_ns", "answer", "entropy", "adapter_version", "latency_ms"}
     assert report["cloud_expected"] is False and edge_exit_code(report) == 0
 
 
 def test_an_answer_line_never_breaks_and_shows_a_failed_answer():
-    msg = wire.new(wire.ANSWER, header=wire.header(1_500_000_000, "cam"), prompt="two\nlines", answer="",
-                   entropy=float("nan"), adapter_version=3)  # fmt: skip
+    msg = wire.new(wire.ANSWER, header=wire.header(1_500_000_000, "cam"), sample_id="bag@7#0", prompt="two\nlines",
+                   answer="", entropy=float("nan"), adapter_version=3)  # fmt: skip
     line = answer_line(msg)
-    assert "\n" not in line and line.startswith("[1.500 cam]") and "nan (failed)" in line and "v3" in line
+    assert line == '[1.500 cam] bag@7#0 "two lines" -> "" (entropy nan (failed), adapter v3)'
 
 
 def _scrape(port: int) -> str:
@@ -236,3 +237,29 @@ def test_a_ros_camera_topic_without_publisher_is_a_warning_not_silence(make_robo
         thread.join(timeout=10)
     first = next(r.getMessage() for r in caplog.records if topic in r.getMessage())
     assert "no camera frame" in first and "no publisher" in first and "ROS domain 77" in first
+
+
+def test_the_status_line_is_rewritten_in_place_on_a_terminal_only(make_robot, tmp_path):
+    import os
+
+    from cdcca.edge.observe import StatusLine
+
+    robot = make_robot()
+    robot.ask([np.zeros((32, 32, 3), np.uint8)] * 2, ["what digit?"] * 2)
+    main, secondary = os.openpty()  # a real pseudo-terminal
+    terminal = open(secondary, "w")  # noqa: SIM115
+    try:
+        line = StatusLine(robot, terminal, every_s=0.05).start()
+        time.sleep(0.3)
+        line.stop()
+        shown = os.read(main, 65536).decode()
+    finally:
+        terminal.close()
+        os.close(main)
+    frames = [f for f in shown.split("\r\x1b[K") if f]
+    assert len(frames) >= 2 and "\n" not in shown  # rewritten in place, never scrolling
+    assert frames[0].startswith("r1 | 2 answers, ")
+    assert "uplink 2 queued, 0 acked | adapter v0 | cloud offline" in frames[0]
+
+    with open(tmp_path / "not-a-terminal.txt", "w") as plain:
+        assert StatusLine(robot, plain, every_s=0.05).start()._thread is None

@@ -44,13 +44,15 @@ def answer_record(msg: Any) -> dict:
 
 
 def answer_line(msg: Any) -> str:
-    """``[stamp s frame] "prompt" -> "answer" (entropy 0.123, adapter v2)`` on one line."""
+    """``[stamp s frame] SAMPLE_ID "prompt" -> "answer" (entropy 0.123, adapter v2)`` on one line; the sample id
+    names the frame (``bag@<recorded stamp ns>#<prompt>``, ``<file>#<prompt>``)."""
     stamp = wire.stamp_ns(msg.header) / 1e9
     where = f" {msg.header.frame_id}" if msg.header.frame_id else ""
     entropy = float(msg.entropy)
     shown = f"{entropy:.3f}" if math.isfinite(entropy) else "nan (failed)"
     one_line = lambda text: " ".join(str(text).split())  # noqa: E731  (a prompt or answer never breaks the line)
-    return (f"[{stamp:.3f}{where}] {json.dumps(one_line(msg.prompt))} -> {json.dumps(one_line(msg.answer))} "
+    return (f"[{stamp:.3f}{where}] {msg.sample_id} {json.dumps(one_line(msg.prompt))} -> "
+            f"{json.dumps(one_line(msg.answer))} "
             f"(entropy {shown}, adapter v{int(msg.adapter_version)})")  # fmt: skip
 
 
