@@ -597,6 +597,18 @@ def _writable_dir(path: Path, flag: str) -> Path:
     return path
 
 
+def _check_output_dir(path: Path, flag: str) -> None:
+    """A folder a verb will create or fill must be creatable and writable before a long run starts."""
+    if path.exists() and not path.is_dir():
+        raise CdccaError(f"{flag} {path} is a file, not a folder; pass a folder with {flag}")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CdccaError(f"cannot write {flag} {path}: {existing} is not a writable folder; pass another path with "
+                         f"{flag}")  # fmt: skip
+
+
 def _check_output_file(path: Path, flag: str) -> None:
     """A report or plot file's folder must be writable before a long run starts, not after it."""
     if path.is_dir():
@@ -939,7 +951,9 @@ def describe_os_error(err: OSError) -> str:
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path}: {reason}; pass a writable path"
     if err.errno == errno.ENOENT:
-        return f"{path}: no such file or folder"
+        return f"no such file or folder: {path}"
+    if err.errno == errno.ENOTDIR:
+        return f"{path}: a part of this path is a file, not a folder; pass another path"
     return f"{path}: {reason}"
 
 
@@ -962,12 +976,20 @@ def quiet_third_party(verbose: bool) -> None:
         hf_logging.set_verbosity_error()
 
 
+OUTPUT_DIRS = {"pretrain": ("out",), "demo": ("out", "workdir"), "export": ("out",), "make-bag": ("path",),
+               "keys": ("dir",)}  # fmt: skip
+
+
 def _preflight(args) -> None:
-    """Checks that cost nothing and would otherwise fail after a long run: where the report goes."""
-    for flag in ("json", "plot"):
+    """Checks that cost nothing and would otherwise fail after a long run: where reports, plots and models go."""
+    for flag in ("json", "plot") + (("out",) if args.verb == "keys" else ()):
         path = getattr(args, flag, None)
         if path is not None:
             _check_output_file(Path(path), f"--{flag}")
+    for flag in OUTPUT_DIRS.get(args.verb, ()):
+        path = getattr(args, flag, None)
+        if path is not None:
+            _check_output_dir(Path(path), "PATH" if flag == "path" else f"--{flag}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -975,7 +997,8 @@ def main(argv: list[str] | None = None) -> int:
     prog, verbose = "cdcca", False
     try:
         args = build_parser().parse_args(argv)
-        prog, verbose = f"cdcca {args.verb}", args.verbose
+        action = getattr(args, "action", None) or getattr(args, "which", None)  # keys and bench actions
+        prog, verbose = " ".join(filter(None, ("cdcca", args.verb, action))), args.verbose
         quiet_third_party(verbose)
         if verbose:
             _setup_logging(verbose=True)

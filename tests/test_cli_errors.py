@@ -97,6 +97,29 @@ def test_an_unwritable_state_folder_is_one_line_naming_it(capsys, tmp_path):
                     capsys, f"--state folder {blocker / 'state'}", "writable")  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["pretrain", "--preset", "test", "--out", "{blocker}/model"], "--out"),
+        (["demo", "--preset", "test", "--workdir", "{blocker}/run"], "--workdir"),
+        (["export", "--model", "{tmp}/none", "--out", "{blocker}/onnx"], "--out"),
+        (["make-bag", "{blocker}/bag"], "PATH"),
+        (["keys", "generate", "--dir", "{blocker}/keys"], "--dir"),
+        (["eval", "--model", "{tmp}/none", "--plot", "{blocker}/eval.png"], "--plot"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else v[0],
+)
+def test_an_output_path_under_a_file_fails_before_any_work(argv, flag, capsys, tmp_path):
+    # Prepare: a file where a folder should be (root may write anywhere else, so permissions cannot stand in)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = [a.format(blocker=blocker, tmp=tmp_path) for a in argv]
+    # Execute / Assert: refused at start (pretrain would otherwise train for minutes, then fail to save)
+    started = time.monotonic()
+    _one_error_line(argv, capsys, f"cannot write {flag} {blocker}/", f"{blocker} is not a writable folder")
+    assert time.monotonic() - started < 5.0
+
+
 def test_json_on_a_full_disk_is_one_line_naming_the_file(capsys, tmp_path, trust_dir):
     # /dev/full accepts the open and fails the write with ENOSPC, as a full disk does
     if not Path("/dev/full").exists():

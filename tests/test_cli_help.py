@@ -101,7 +101,8 @@ def test_the_names_the_parser_lists_are_the_registries():
     from cdcca.transport import DEFAULT_ENDPOINT
 
     assert cli.PRESET_NAMES == tuple(sorted(PRESETS))
-    assert cli.CODEC_NAMES == tuple(CODECS)
+    # every codec the help lists exists (a new codec is refused by nothing: `cloud` checks the registry itself)
+    assert set(cli.CODEC_NAMES) <= set(CODECS) and cli.CLOUD_DEFAULTS["codec"] in cli.CODEC_NAMES
     assert cli.DEFAULT_ENDPOINT == DEFAULT_ENDPOINT
     assert cli.BENCH_METHODS == AdaptBenchConfig.methods
     assert cli.DOMAIN_NAMES == tuple(DOMAINS) and list(cli.DOMAIN_NAMES[1:]) == list(TARGET_DOMAINS)
