@@ -82,6 +82,15 @@ def test_answers_are_printed_one_line_each_and_appended_as_jsonl(make_robot, tmp
     assert report["cloud_expected"] is False and edge_exit_code(report) == 0
 
 
+def test_an_unwritable_answers_file_is_one_clear_error(tmp_path):
+    from cdcca.edge.observe import AnswerSink
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"cannot append answers to .*a-file/answers.jsonl: .*--answers-file"):
+        AnswerSink(path=blocker / "answers.jsonl")
+
+
 def test_an_answer_line_never_breaks_and_shows_a_failed_answer():
     msg = wire.new(wire.ANSWER, header=wire.header(1_500_000_000, "cam"), sample_id="bag@7#0", prompt="two\nlines",
                    answer="", entropy=float("nan"), adapter_version=3)  # fmt: skip

@@ -70,8 +70,12 @@ class AnswerSink:
         self._lock = threading.Lock()
         self._file = None
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close())
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close())
+            except OSError as err:
+                raise ValueError(f"cannot append answers to {self.path}: {err.strerror or err}; "
+                                 "choose a writable --answers-file") from err  # fmt: skip
 
     def __call__(self, answers: Sequence[Any]) -> None:
         with self._lock:
