@@ -189,7 +189,9 @@ def _add_pretrain_args(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=positive_int, default=PRETRAIN_DEFAULTS["batch_size"], help="images per step"
     )
     parser.add_argument("--seed", type=int, default=PRETRAIN_DEFAULTS["seed"], help="random seed")
-    parser.add_argument("--out", type=Path, default=None, help="checkpoint folder to write (default: the cache)")
+    parser.add_argument("--model", "--out", dest="out", type=Path, default=None, metavar="DIR",
+                        help="model folder to write, the one other verbs take as --model (default: the preset's, in "
+                             "the cache)")  # fmt: skip
 
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:

@@ -90,11 +90,12 @@ def test_an_unknown_codec_fails_before_the_models_load(capsys, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ files and folders
-def test_an_unwritable_state_folder_is_one_line_naming_it(capsys, tmp_path):
+@pytest.mark.parametrize("verb", [["edge", "--source", "dir:x"], ["cloud"]], ids=lambda v: v[0])
+def test_an_unwritable_state_folder_is_one_line_naming_it(verb, capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    _one_error_line(["edge", "--source", "dir:x", "--state", blocker / "state", "--model", tmp_path / "none"],
-                    capsys, f"--state folder {blocker / 'state'}", "writable")  # fmt: skip
+    _one_error_line([*verb, "--state", blocker / "state", "--model", tmp_path / "none"], capsys,
+                    f"--state folder {blocker / 'state'}", "writable")  # fmt: skip
 
 
 @pytest.mark.parametrize(
