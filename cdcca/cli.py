@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import re
 import sys
@@ -83,11 +84,10 @@ def _number(kind, name: str, low=None, high=None, low_open=False, high_open=Fals
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high or value != value:  # NaN fails every comparison
+        if too_low or too_high or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be {name}, got {text}")
         return value
 
-    parse.__name__ = name  # argparse names the type in some messages
     return parse
 
 

@@ -67,6 +67,8 @@ def model_dir(pair, tmp_path):
         (["cloud", "--check-fraction", "1"], ["--check-fraction", "must be a fraction in [0, 1), got 1"]),
         (["cloud", "--pseudo-label-keep", "0"], ["--pseudo-label-keep", "(0, 1]"]),
         (["cloud", "--lr", "nan"], ["--lr", "must be a number > 0"]),
+        (["cloud", "--flush-after", "inf"], ["--flush-after", "must be a number > 0, got inf"]),
+        (["cloud", "--steps", "ten"], ["--steps", "expected an integer, got 'ten'"]),
         (["edge", "--source", "dir:x", "--rate", "-1"], ["--rate", "must be a number >= 0, got -1"]),
         (["edge", "--source", "dir:x", "--batch-size", "-3"], ["--batch-size", "positive integer"]),
         (["edge", "--source", "dir:x", "--linger", "-5"], ["--linger", "-1 for until Ctrl-C"]),
