@@ -72,7 +72,7 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("type_name", wire.SUPPORTED_TYPES)
+@pytest.mark.parametrize("type_name", wire.SUPPORTED_TYPES + wire.LINK_ONLY_TYPES)
 def test_round_trip(type_name):
     msg = _samples()[type_name]
     data = wire.encode(msg)

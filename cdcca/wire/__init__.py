@@ -34,8 +34,10 @@ IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 STRING = "std_msgs/msg/String"
 DIAGNOSTIC_ARRAY = "diagnostic_msgs/msg/DiagnosticArray"  # what diagnostic_updater publishes on /diagnostics
+# the cdcca_msgs interfaces and the ROS types they carry
 SUPPORTED_TYPES = (UTS_TOKENS, UTS_ACK, WEIGHT_DELTA, ADAPTER_STATUS, ANSWER, ASK_REQUEST, ASK_RESPONSE, IMAGE,
-                   COMPRESSED_IMAGE, STRING, DIAGNOSTIC_ARRAY)  # fmt: skip
+                   COMPRESSED_IMAGE, STRING)  # fmt: skip
+LINK_ONLY_TYPES = (DIAGNOSTIC_ARRAY,)  # ROS types the link carries besides: the status robots and cloud publish
 
 _NUMPY = {
     "bool": np.bool_, "byte": np.uint8, "char": np.uint8, "octet": np.uint8,
