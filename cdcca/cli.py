@@ -220,9 +220,7 @@ def _add_edge_args(parser: argparse.ArgumentParser) -> None:
     _add_model_dir(parser, "student/")
     _add_link_args(parser)
     parser.add_argument("--robot-id", default=EDGE_DEFAULTS["robot_id"], help="this robot's id on the link")
-    parser.add_argument("--source", required=True,
-                        help="bag:PATH[#CAMERA_TOPIC], dir:PATH, realsense, realsense:FILE "
-                             "or ros:CAMERA_TOPIC (DDS)")  # fmt: skip
+    parser.add_argument("--source", required=True, help=f"{SOURCE_FORMS} (DDS)")
     parser.add_argument("--prompt", action="append", default=None,
                         help="prompt asked about every frame of a folder, camera or bag without /cdcca/prompt "
                              "(repeatable)")  # fmt: skip
@@ -627,6 +625,22 @@ def _check_output_file(path: Path, flag: str) -> None:
                          f"{flag}")  # fmt: skip
 
 
+SOURCE_FORMS = "bag:PATH[#CAMERA_TOPIC], dir:PATH, realsense, realsense:FILE or ros:CAMERA_TOPIC"
+
+
+def _check_source(spec: str) -> None:
+    """``--source`` named well and pointing at something that exists, before the student loads."""
+    kind, _, rest = spec.partition(":")
+    if kind not in ("bag", "dir", "realsense", "ros") or (kind != "realsense" and not rest):
+        raise CdccaError(f"--source {spec!r} is not a source; use {SOURCE_FORMS}")
+    path = Path(rest.partition("#")[0] if kind == "bag" else rest).expanduser()
+    if kind in ("bag", "dir") or (kind == "realsense" and rest):
+        if not path.exists():
+            raise CdccaError(f"--source {spec!r}: {path} does not exist")
+        if not os.access(path, os.R_OK):
+            raise CdccaError(f"--source {spec!r}: {path} is not readable")
+
+
 def cmd_edge(args) -> dict:
     import threading
 
@@ -637,6 +651,7 @@ def cmd_edge(args) -> dict:
     from cdcca.paths import cache_dir, checkpoint_dir
 
     _setup_logging(args.verbose)
+    _check_source(args.source)
     state = _writable_dir(args.state or cache_dir() / "edge" / args.robot_id, "--state")
     trust = args.trust or cache_dir() / "trust"
     TrustStore.load(trust)  # a missing or malformed store fails now, with advice, before the model loads
@@ -644,14 +659,14 @@ def cmd_edge(args) -> dict:
     settings = ReplaySettings(args.source, tuple(args.prompt or DEFAULT_PROMPTS), args.batch_size,
                               args.query_rate, args.rate, args.linger)  # fmt: skip
     checkpoints = args.checkpoints or checkpoint_dir(args.preset)
-    stop = threading.Event()
-    stop_on_signals(stop)
     link = _open_link(args, listen=False)
     try:
         runtime = build_runtime(checkpoints, config, trust, link, backend=args.backend, threads=args.threads)
-    except BaseException:
+    except BaseException:  # Ctrl-C while the model loads included: KeyboardInterrupt, "interrupted"
         link.close()
         raise
+    stop = threading.Event()
+    stop_on_signals(stop)  # from here on Ctrl-C stops the replay cleanly (the queue and adapter state are durable)
     try:
         report = replay(runtime, settings, stop)
     finally:
@@ -694,8 +709,6 @@ def cmd_cloud(args) -> dict:
     if rank > 0:  # torchrun: rank 0 serves; this rank distills alongside it
         trainer = build_trainer(checkpoints, key, config)
         return {"rank": rank, "rounds": follow(trainer)}
-    stop = threading.Event()
-    stop_on_signals(stop)
     if args.dds:
         from cdcca.transport.dds import DdsLink
 
@@ -704,9 +717,11 @@ def cmd_cloud(args) -> dict:
         link = _open_link(args, listen=True)
     try:
         trainer = build_trainer(checkpoints, key, config, link)
-    except BaseException:
+    except BaseException:  # Ctrl-C while the teacher loads included
         link.close()
         raise
+    stop = threading.Event()
+    stop_on_signals(stop)
     try:
         report = serve(trainer, stop)
     finally:

@@ -92,10 +92,22 @@ def test_an_unknown_codec_fails_before_the_models_load(capsys, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ files and folders
-@pytest.mark.parametrize("verb", [["edge", "--source", "dir:x"], ["cloud"]], ids=lambda v: v[0])
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [("camera0", "is not a source; use bag:PATH"), ("bag:", "is not a source"),
+     ("bag:{tmp}/none#/camera/image_raw", "{tmp}/none does not exist"), ("dir:{tmp}/frames", "does not exist")],
+)  # fmt: skip
+def test_a_bad_source_fails_before_the_student_loads(source, expected, capsys, tmp_path):
+    source, expected = source.format(tmp=tmp_path), expected.format(tmp=tmp_path)
+    _one_error_line(["edge", "--source", source, "--model", tmp_path / "none"], capsys, f"--source {source!r}",
+                    expected)  # fmt: skip
+
+
+@pytest.mark.parametrize("verb", [["edge", "--source", "dir:{tmp}"], ["cloud"]], ids=lambda v: v[0])
 def test_an_unwritable_state_folder_is_one_line_naming_it(verb, capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
+    verb = [a.format(tmp=tmp_path) for a in verb]
     _one_error_line([*verb, "--state", blocker / "state", "--model", tmp_path / "none"], capsys,
                     f"--state folder {blocker / 'state'}", "writable")  # fmt: skip
 
@@ -179,7 +191,7 @@ def test_a_link_configuration_zenoh_refuses_is_one_line(config, expected, capsys
     link = tmp_path / "link.json"
     link.write_text(config if isinstance(config, str) else json.dumps(config))
     # the model folder does not exist: the link is checked before the student loads
-    line = _one_error_line(["edge", "--source", "dir:x", "--link", link, "--trust", trust_dir, "--state",
+    line = _one_error_line(["edge", "--source", f"dir:{tmp_path}", "--link", link, "--trust", trust_dir, "--state",
                             tmp_path / "state", "--model", tmp_path / "none"], capsys,
                            f"cannot open the link ({link}): ", expected)  # fmt: skip
     assert ".rs:" not in line  # no Rust source paths
