@@ -38,14 +38,21 @@ class FullDisk:
     """The queue's SQLite connection on a full disk: storing a sample fails as SQLite fails on SQLITE_FULL (the
     transaction is rolled back by SQLite, then the error is raised); everything else is the real connection."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+    def __init__(self, db: sqlite3.Connection, failing: tuple[str, ...] = ("INSERT OR IGNORE INTO UPLINK",)) -> None:
+        self.db, self.failing = db, failing
 
-    def execute(self, sql: str, *args):
-        if sql.lstrip().upper().startswith("INSERT OR IGNORE INTO UPLINK"):
+    def _fail_if_full(self, sql: str) -> None:
+        if sql.lstrip().upper().startswith(self.failing):
             self.db.execute("ROLLBACK")  # what SQLite does by itself on SQLITE_FULL
             raise sqlite3.OperationalError("database or disk is full")
+
+    def execute(self, sql: str, *args):
+        self._fail_if_full(sql)
         return self.db.execute(sql, *args)
+
+    def executemany(self, sql: str, *args):
+        self._fail_if_full(sql)
+        return self.db.executemany(sql, *args)
 
     def __getattr__(self, name: str):
         return getattr(self.db, name)
@@ -151,3 +158,30 @@ def test_bag_messages_that_do_not_decode_are_runtime_faults(robot, tmp_path):
     report = replay(robot, settings, threading.Event())
 
     assert report["answers"] == 2 and report["faults"] == {"bag_message": 2}
+
+
+class ListPort:
+    topics = frozenset({"uts_tokens", "answer", "adapter_status"})
+
+    def __init__(self):
+        self.sent = []
+
+    def publish(self, topic: str, data: bytes) -> None:
+        self.sent.append(topic)
+
+
+def test_a_full_disk_while_sending_keeps_the_samples_and_does_not_flood(robot):
+    # Prepare: two samples queued, then marking them as sent fails (the WAL cannot grow)
+    robot.ask([np.zeros((32, 32, 3), np.uint8)] * 2, ["what digit?"] * 2)
+    port = ListPort()
+    robot.connect(port)
+    robot.uplink._db = FullDisk(robot.uplink._db, failing=("UPDATE UPLINK SET SENT_AT",))
+
+    # Execute
+    sent = [robot.pump() for _ in range(3)]
+
+    # Assert: nothing goes out unmarked (it would go out again at every pump), nothing is lost
+    assert sent == [0, 0, 0] and "uts_tokens" not in port.sent
+    assert robot.counters.faults == {"uplink_disk_full": 3} and len(robot.uplink) == 2
+    robot.uplink._db = robot.uplink._db.db  # room again
+    assert robot.pump() == 2 and port.sent.count("uts_tokens") == 2
