@@ -201,7 +201,7 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
                              "or 'teacher'/'student' of the preset's pair (default: teacher student)")  # fmt: skip
     parser.add_argument("--checkpoints", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--domains", nargs="+", default=list(DOMAIN_NAMES), choices=DOMAIN_NAMES, metavar="DOMAIN",
-                        help=f"domains to score, of: {' '.join(DOMAIN_NAMES)}")  # fmt: skip
+                        help="domains to score")  # fmt: skip
     parser.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES, help="tasks to score")
     parser.add_argument("--split", default="test", choices=["stream", "test"], help="split of each domain")
     parser.add_argument("--limit", type=positive_int, default=None, help="images per domain (default: the split)")
