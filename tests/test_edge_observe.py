@@ -272,3 +272,33 @@ def test_the_status_line_is_rewritten_in_place_on_a_terminal_only(make_robot, tm
 
     with open(tmp_path / "not-a-terminal.txt", "w") as plain:
         assert StatusLine(robot, plain, every_s=0.05).start()._thread is None
+
+
+def test_a_bag_replayed_against_a_real_cloud_reaches_it_and_exits_0(pretrained_test_pair, tmp_path, caplog):
+    """The whole robot path with a running cloud trainer on loopback: every upload acknowledged, cloud reached."""
+    from cdcca.envelope import generate_key as make_key
+    from tests.test_edge_encodings import record
+    from tests.test_loop_faults import Cloud
+
+    private, public = make_key(tmp_path / "keys", "cloud-test")
+    trust_key(public, tmp_path / "trust")
+    setup = {"checkpoints": pretrained_test_pair, "key": private, "tmp": tmp_path,
+             "endpoint": f"tcp/127.0.0.1:{free_port()}"}  # fmt: skip
+    cloud = Cloud(setup, round_size=256)  # acknowledges, never trains here
+    link = Link(LinkConfig.loopback(False, setup["endpoint"]))
+    config = EdgeConfig(state_dir=tmp_path / "edge", uts=ALL_SAMPLES, resend_after_s=0.5, log_every_s=0.5)
+    runtime = build_runtime(pretrained_test_pair, config, tmp_path / "trust", link)
+    caplog.set_level(logging.INFO, logger="cdcca.edge")
+    try:
+        report = replay(runtime, ReplaySettings(f"bag:{record(tmp_path / 'bag', 'bgra8', frames=4)}", ("what?",),
+                                                speed=0.0, linger_s=30.0), threading.Event())  # fmt: skip
+        drained = lambda: [m for m in (r.getMessage() for r in caplog.records)  # noqa: E731
+                           if "cloud acknowledged" in m and m.endswith(", 0 queued)")]  # fmt: skip
+        assert wait_until(drained, 5)
+    finally:
+        runtime.close()
+        link.close()
+        cloud.stop()
+    assert (report["answers"], report["uplink_enqueued"], report["uplink_queued"]) == (4, 4, 0)
+    assert report["cloud_reached"] is True and edge_exit_code(report) == 0
+    assert "(4 acknowledged in all, 0 queued)" in drained()[-1]
