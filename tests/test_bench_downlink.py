@@ -11,7 +11,8 @@ from cdcca.models.trainable import trainable_parameters
 def test_downlink_report(pretrained_test_pair):
     student, teacher = load_mllm(pretrained_test_pair / "student"), load_mllm(pretrained_test_pair / "teacher")
     frozen_before = {n: p.detach().clone() for n, p in student.blip2.named_parameters()}
-    config = DownlinkBenchConfig(stream_images=8, test_images=4, steps=3, batch_size=8, swap_answers=20, swap_every=2)
+    config = DownlinkBenchConfig(domains=("printed", "colour_inverted"), stream_images=8, test_images=4, steps=3,
+                                 batch_size=8, swap_answers=20, swap_every=2, scale=False)
 
     report = run_downlink_bench(student, teacher, config, progress=False)
 
@@ -24,9 +25,20 @@ def test_downlink_report(pretrained_test_pair):
     for row in rows.values():
         assert row["bits_per_param"] == pytest.approx(8 * row["bytes"] / row["params"])
         assert row["ms_at_10mbps"] == pytest.approx(100 * row["ms_at_1gbps"])
-    assert rows["sparse-sign-ref"]["bytes"] < rows["nf4"]["bytes"] < rows["fp16"]["bytes"] * 1.5
+    assert rows["sparse-sign-ref"]["bytes"] < rows["ecsq"]["bytes"] < rows["nf4"]["bytes"] < rows["fp16"]["bytes"] * 1.5
+    assert [case["domain"] for case in report["cases"]] == ["printed", "colour_inverted"]
+    for position, row in enumerate(report["codecs"]):  # each codec's row is its worst case over the domains
+        per_case = [case["codecs"][position] for case in report["cases"]]
+        assert row["acc_loss_points"] == max(r["acc_loss_points"] for r in per_case)
+        assert row["bytes"] == max(r["bytes"] for r in per_case)
     swap = report["hot_swap"]
     assert swap["failed_answers"] == 0 and swap["swaps_applied"] == swap["swaps_sent"] == 10
     summary = report["summary"]
-    assert set(summary) >= {"best_codec", "bits_per_param", "acc_loss_points", "nf4_bits_per_param",
-                            "p99_swap_ratio", "failed_answers"}  # fmt: skip
+    assert set(summary) >= {"default_codec", "why", "bits_per_param", "acc_loss_points", "nf4_bits_per_param",
+                            "p99_swap_ratio", "failed_answers", "meets_target"}  # fmt: skip
+    default = rows[summary["default_codec"]]
+    within = [r for r in rows.values() if r["acc_loss_points"] <= config.max_loss_points]
+    if within:  # the default is the smallest codec within the loss target, else the smallest of all
+        assert default["bits_per_param"] == min(r["bits_per_param"] for r in within)
+    assert summary["bits_per_param"] == default["bits_per_param"]
+    assert f"{default['bits_per_param']:.2f}" in summary["why"] or summary["why"].startswith("no codec")
