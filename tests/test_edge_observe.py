@@ -216,16 +216,23 @@ def test_cloud_watch_backs_off_and_acks_alone_never_claim_the_cloud_left(caplog)
 
 
 @pytest.mark.parametrize(
-    ("report", "code"),
+    ("report", "code", "reason"),
     [
-        ({"cloud_expected": True, "cloud_reached": False, "recording": False}, EXIT_NO_CLOUD),
-        ({"cloud_expected": True, "cloud_reached": True, "recording": True, "uplink_queued": 2}, EXIT_NO_CLOUD),
-        ({"cloud_expected": True, "cloud_reached": True, "recording": True, "uplink_queued": 0}, 0),
-        ({"cloud_expected": False, "cloud_reached": False, "recording": False}, 0),
+        ({"cloud_expected": True, "cloud_reached": False, "recording": False, "uplink_queued": 2}, EXIT_NO_CLOUD,
+         "no cloud was reached at tcp/10.0.0.2:7447; answers were made, 2 uploads stay queued"),
+        ({"cloud_expected": True, "cloud_reached": True, "recording": True, "uplink_queued": 2}, EXIT_NO_CLOUD,
+         "the cloud did not acknowledge 2 uploads before the end"),
+        ({"cloud_expected": True, "cloud_reached": True, "recording": True, "uplink_queued": 0}, 0, None),
+        ({"cloud_expected": True, "cloud_reached": True, "recording": False, "uplink_queued": 5}, 0, None),
+        ({"cloud_expected": False, "cloud_reached": False, "recording": False}, 0, None),
     ],
-)
-def test_the_exit_code_says_whether_the_cloud_was_reached(report, code):
+)  # fmt: skip
+def test_the_exit_code_says_whether_the_cloud_was_reached(report, code, reason):
+    from cdcca.edge.app import edge_exit_reason
+
+    said = edge_exit_reason({**report, "cloud_endpoint": "tcp/10.0.0.2:7447"})
     assert edge_exit_code(report) == code
+    assert said is None if reason is None else said.startswith(reason) and "\n" not in said
 
 
 def test_a_ros_camera_topic_without_publisher_is_a_warning_not_silence(make_robot, caplog):

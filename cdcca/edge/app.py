@@ -142,11 +142,20 @@ EXIT_NO_CLOUD = 3  # the cloud was never reached, or a recording's uplink was le
 def edge_exit_code(report: dict) -> int:
     """The exit status of ``cdcca edge`` after :func:`replay`: 0, or :data:`EXIT_NO_CLOUD` (3) when a cloud was
     expected and never reached, or a recording ended with uploads the cloud did not acknowledge."""
+    return 0 if edge_exit_reason(report) is None else EXIT_NO_CLOUD
+
+
+def edge_exit_reason(report: dict) -> str | None:
+    """The one line that goes with exit status 3 (``None`` for 0)."""
+    queued = report.get("uplink_queued", 0)
     if report.get("cloud_expected") and not report.get("cloud_reached"):
-        return EXIT_NO_CLOUD
-    if report.get("recording") and report.get("uplink_queued", 0) > 0:
-        return EXIT_NO_CLOUD
-    return 0
+        return (f"no cloud was reached at {report.get('cloud_endpoint', 'the link endpoint')}; answers were made, "
+                f"{queued} uploads stay queued for the next run; check --endpoint / --link and that `cdcca cloud` "
+                "runs")  # fmt: skip
+    if report.get("recording") and queued > 0:
+        return (f"the cloud did not acknowledge {queued} uploads before the end; they stay queued for the next run "
+                "(--linger waits longer)")  # fmt: skip
+    return None
 
 
 def replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event) -> dict:
@@ -178,7 +187,9 @@ def replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event
         if metrics is not None:
             metrics.close()
     recording = settings.source.startswith(("bag:", "realsense:")) and settings.source != "realsense:"
-    return {**report, "cloud_expected": runtime.cloud is not None, "recording": recording,
+    cloud = runtime.cloud
+    return {**report, "cloud_expected": cloud is not None, "recording": recording,
+            "cloud_endpoint": None if cloud is None else cloud.endpoint,
             "metrics_port": None if metrics is None else metrics.port}  # fmt: skip
 
 
