@@ -240,6 +240,12 @@ def _add_edge_args(parser: argparse.ArgumentParser) -> None:
                         help="after the source ends: a recording exits once the cloud acknowledged its uplink, "
                              "waiting at most this many seconds (default 30); other sources keep serving this long "
                              "(default: until Ctrl-C); -1: until Ctrl-C")  # fmt: skip
+    parser.add_argument("--show-answers", action="store_true",
+                        help="print each answer, one line: stamp, prompt, answer, entropy, adapter version")  # fmt: skip
+    parser.add_argument("--answers-file", type=Path, default=None, metavar="FILE",
+                        help="append each answer to this JSON Lines file (one object per answer)")  # fmt: skip
+    parser.add_argument("--metrics-port", type=port_number, default=None, metavar="PORT",
+                        help="serve Prometheus metrics (cdcca_edge_*) on this port (default: off)")  # fmt: skip
     parser.add_argument("--queue-capacity", type=positive_int, default=EDGE_DEFAULTS["queue_capacity"],
                         help="uplink samples kept on disk while the cloud is away")  # fmt: skip
 
@@ -657,7 +663,8 @@ def cmd_edge(args) -> dict:
     TrustStore.load(trust)  # a missing or malformed store fails now, with advice, before the model loads
     config = EdgeConfig(robot_id=args.robot_id, state_dir=state, queue_capacity=args.queue_capacity)
     settings = ReplaySettings(args.source, tuple(args.prompt or DEFAULT_PROMPTS), args.batch_size,
-                              args.query_rate, args.rate, args.linger)  # fmt: skip
+                              args.query_rate, args.rate, args.linger, show_answers=args.show_answers,
+                              answers_file=args.answers_file, metrics_port=args.metrics_port)  # fmt: skip
     checkpoints = args.checkpoints or checkpoint_dir(args.preset)
     link = _open_link(args, listen=False)
     try:
@@ -1033,7 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as err:  # a full disk fails at close, where the error carries no file name
                 err.filename = err.filename or str(args.json)
                 raise
-        return 0
+        return int(report.get("exit_code", 0)) if isinstance(report, dict) else 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
