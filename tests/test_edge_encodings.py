@@ -99,10 +99,11 @@ def record(path, encoding: str, frames: int = 3, storage=StoragePlugin.SQLITE3, 
     return path
 
 
+@pytest.mark.parametrize("storage", [StoragePlugin.MCAP, StoragePlugin.SQLITE3], ids=["mcap", "sqlite3"])
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_every_converted_encoding_replays_from_a_recorded_bag(tmp_path, encoding):
-    # Prepare
-    bag = record(tmp_path / "bag", encoding)
+def test_every_converted_encoding_replays_from_a_recorded_bag(tmp_path, encoding, storage):
+    # Prepare: Jazzy's ros2 bag record writes MCAP by default; sqlite3 with -s sqlite3
+    bag = record(tmp_path / "bag", encoding, storage=storage)
     _, _, expected, tolerance = _case(encoding)
 
     # Execute
