@@ -1,8 +1,17 @@
-"""``cdcca cloud``: the cloud trainer as a process, serving robots over Zenoh until SIGINT/SIGTERM."""
+"""``cdcca cloud``: the cloud trainer as a process, serving robots over Zenoh until SIGINT/SIGTERM.
+
+Stopping follows the shutdown contract of long-running services (systemd's ``KillSignal`` then ``SIGKILL`` after
+a timeout; Kubernetes' termination grace period): the first SIGINT/SIGTERM stops the service within
+``CloudConfig.stop_grace_s`` (about a second), abandoning a round in progress before its commit, so its samples
+stay pending in the store and the robot gets no version from it; a second signal exits at once. The rounds run
+on a worker thread so that the main thread is always free to take the signal.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 from pathlib import Path
 
@@ -10,10 +19,12 @@ from cdcca.akd import DistillSample
 from cdcca.data.digits_shift import SOURCE_DOMAIN, load_domain
 from cdcca.envelope import Signer
 from cdcca.models.checkpoint import load_adaptable_student, load_mllm
+from cdcca.transport import Link
 from cloud_trainer.service import CloudConfig, CloudTrainer
 
 log = logging.getLogger(__name__)
 ANCHOR_IMAGES = 64  # source images kept as anchors (as ``cdcca bench adapt``)
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
 
 
 def build_trainer(checkpoints: Path, key_file: Path, config: CloudConfig, link=None,
@@ -28,8 +39,66 @@ def build_trainer(checkpoints: Path, key_file: Path, config: CloudConfig, link=N
     return CloudTrainer(teacher, lambda: load_adaptable_student(checkpoints), signer, config, link, anchors=anchors)
 
 
-def serve(trainer: CloudTrainer, stop: threading.Event) -> dict:
-    log.info("cloud trainer serving (state %s)", trainer.config.state_dir)
-    trainer.serve(stop)
-    return trainer.stats()
+def _take_signals(stop: threading.Event) -> dict | None:
+    """First SIGINT/SIGTERM: set ``stop``; second: exit at once. Returns the handlers to restore (``None`` when
+    not on the main thread, where Python cannot take signals: then whoever owns ``stop`` sets it). After a signal
+    the handler stays, so that a second one during the rest of the shutdown still exits at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
 
+    def on_signal(signum, frame) -> None:
+        if stop.is_set():
+            os.write(2, b"interrupted again: exiting now (the store is consistent; the round is not committed)\n")
+            os._exit(EXIT_INTERRUPTED)
+        previous["signalled"] = True
+        log.info("stopping (%s); interrupt again to exit at once", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    return previous
+
+
+def serve(trainer: CloudTrainer, stop: threading.Event) -> dict:
+    """Serve until ``stop`` is set (or SIGINT/SIGTERM when called on the main thread); returns the stats.
+
+    A round in progress when the service stops is abandoned before its commit (one line says so and how many
+    samples stay pending); the metrics endpoint (``CloudConfig.metrics_port``) and the cloud's diagnostics on the
+    link (``CloudConfig.status_every_s``) run alongside and stop with it.
+    """
+    from cloud_trainer.status import StatusPublisher
+
+    config = trainer.config
+    log.info("cloud trainer serving (state %s)", config.state_dir)
+    exporter = None
+    if config.metrics_port is not None:
+        from cloud_trainer.prometheus import CloudMetrics
+
+        exporter = CloudMetrics(trainer)
+        port = exporter.serve(config.metrics_port, config.metrics_address)
+        log.info("Prometheus metrics on http://%s:%d/metrics", config.metrics_address, port)
+    publisher = StatusPublisher(trainer, config.status_every_s).start() if isinstance(trainer.link, Link) else None
+    previous = _take_signals(stop)
+    worker = threading.Thread(target=trainer.serve, args=(stop,), name="cdcca-cloud-rounds", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive() and not stop.wait(0.1):
+            pass
+    finally:
+        stop.set()
+        abandoned = trainer.abandon_round()
+        worker.join(config.stop_grace_s)
+        if abandoned is not None:
+            log.warning("stopping: round for %s abandoned, its %d samples stay pending", abandoned["robot_id"],
+                        abandoned["samples"])  # fmt: skip
+        if worker.is_alive():  # e.g. inside one long native call; it commits nothing now (abandon is set)
+            log.warning("the round worker did not stop within %.1f s; exiting without it", config.stop_grace_s)
+        if publisher is not None:
+            publisher.stop()
+        if exporter is not None:
+            exporter.close()
+        if previous is not None and not previous.pop("signalled", False):
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return trainer.stats()

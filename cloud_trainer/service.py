@@ -24,6 +24,7 @@ only that robot on hold for ``round_retry_s``: other robots and :meth:`CloudTrai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -40,11 +41,15 @@ from cdcca import wire
 from cdcca.akd import AKDConfig, Distiller, DistillSample
 from cdcca.edge.adapter_slot import rolled_back_from
 from cdcca.envelope import Signer, VersionChain, sign_ack
+from cdcca.fingerprint import student_fingerprint
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import trainable_parameters
+from cdcca.transport import Link
 from cdcca.uts import UplinkError
 from cdcca.wire import APPLIED, REJECTED, ROLLED_BACK
+from cdcca.wire.topics import CLOUD_ID, DIAGNOSTICS
 from cloud_trainer.admission import SampleAdmission
+from cloud_trainer.faults import FaultLog, fault_cause
 from cloud_trainer.store import CloudStore
 
 log = logging.getLogger(__name__)
@@ -65,7 +70,16 @@ class CloudConfig:
             long (``None``: never), so a robot that uploads little still gets updates.
         codec: DWC codec of the deltas (see ``cdcca.dwc.get_codec``).
         resend_after_s: a robot still behind this long after a send gets the update again.
-        max_resends: resends per version before the cloud stops (a version the robot rolled back is never resent).
+        max_resends: resends per version before the cloud gives up on a robot (a WARNING names the robot, the
+            version and the robot's last rejection reason; a version the robot rolled back is never resent).
+        comeback_after_s: after a give-up, the robot's next message (an upload, an ``AdapterStatus``, its
+            diagnostics) at least this long after the give-up is a *come-back*: the latest version goes out once
+            more, as a keyframe; each further come-back for the same version waits twice as long (bounded).
+        metrics_port: serve Prometheus metrics on this TCP port (``None``: off; see ``cloud_trainer.prometheus``).
+        metrics_address: the address the metrics endpoint binds to.
+        status_every_s: publish the cloud's ``DiagnosticArray`` on the link this often (0: never).
+        stop_grace_s: on SIGINT/SIGTERM, how long :func:`cloud_trainer.app.serve` waits for the round worker
+            after asking it to abandon its round.
         poll_s: idle wait of the service loop.
         round_retry_s: a robot whose round failed for no sample's fault waits this long before the next try.
         akd: distillation settings of every round.
@@ -79,8 +93,13 @@ class CloudConfig:
     codec: str = "nf4-zstd"
     resend_after_s: float = 5.0
     max_resends: int = 5
+    comeback_after_s: float = 10.0
     poll_s: float = 0.05
     round_retry_s: float = 30.0
+    metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
+    status_every_s: float = 2.0
+    stop_grace_s: float = 1.0
     akd: AKDConfig = field(default_factory=AKDConfig)
 
     def __post_init__(self) -> None:
@@ -89,6 +108,14 @@ class CloudConfig:
                              f"{self.max_round_samples}")  # fmt: skip
         if self.round_retry_s < 0:
             raise ValueError(f"CloudConfig.round_retry_s must be >= 0, got {self.round_retry_s}")
+        if self.max_resends < 0 or self.comeback_after_s < 0:
+            raise ValueError(f"CloudConfig.max_resends and comeback_after_s must be >= 0, got {self.max_resends}, "
+                             f"{self.comeback_after_s}")  # fmt: skip
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"CloudConfig.metrics_port must be a TCP port 0..65535 or None, got {self.metrics_port}")
+        if self.status_every_s < 0 or self.stop_grace_s < 0:
+            raise ValueError(f"CloudConfig.status_every_s and stop_grace_s must be >= 0, got {self.status_every_s}, "
+                             f"{self.stop_grace_s}")  # fmt: skip
 
 
 @dataclass
@@ -101,6 +128,11 @@ class _Robot:
     resends: int = 0  # of the latest version
     latest_delta: bytes | None = None  # the signed WeightDelta of the latest version, as published
     declined: dict[int, str] = field(default_factory=dict)  # versions the robot rolled back from -> its reason
+    rejections: int = 0  # REJECTED statuses received from the robot
+    last_reject_reason: str = ""
+    gave_up: float | None = None  # monotonic time the resends of the latest version were given up (None: not)
+    comebacks: int = 0  # come-backs that got the latest version again since the give-up
+    comeback_due: bool = False  # the robot came back: the service loop sends it the latest version once
 
 
 @dataclass
@@ -123,10 +155,31 @@ class CloudCounters:
     rollbacks: int = 0  # versions robots rolled back from (health check or request); never resent
     statuses_ignored: dict[str, int] = field(default_factory=dict)  # AdapterStatus dropped, by reason: ``state``
     # (not one of the STATE_* constants), ``version`` (a version this cloud never published for that robot)
+    update_rejections: dict[str, int] = field(default_factory=dict)  # REJECTED statuses by reason kind
+    give_ups: int = 0  # versions whose resends were given up (robot still behind after max_resends)
+    comeback_resends: int = 0  # latest versions sent again to a robot that came back after a give-up
+    rounds_abandoned: int = 0  # rounds stopped by a shutdown; their samples stay pending
+    store_faults: dict[str, int] = field(default_factory=dict)  # store writes that failed, by cause (disk_full)
+    delta_bytes: int = 0  # bytes of the deltas published (first sends and resends)
 
 
 class RoundFailed(RuntimeError):
     """A round failed and no single sample explains it; the robot waits ``CloudConfig.round_retry_s``."""
+
+
+class RoundAbandoned(BaseException):
+    """The service is stopping: the round in progress is dropped before its commit (its samples stay pending).
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` on the way (a round's
+    failure handling, sample probing) takes it for a failure of the round."""
+
+
+def reason_kind(reason: str) -> str:
+    """A short label of a robot's rejection reason (what precedes its first ``:``), for counters and metrics:
+    ``"signature: key cloud-2 is not trusted"`` -> ``"signature"``."""
+    kind = reason.split(":", 1)[0].strip().lower()
+    kind = "".join(c if c.isalnum() else "_" for c in kind)[:40].strip("_")
+    return kind or "unknown"
 
 
 class CloudTrainer:
@@ -153,17 +206,28 @@ class CloudTrainer:
         self.counters = CloudCounters()
         self._spare_student: MLLM | None = make_student()  # the limits come from it; the first new robot gets it
         self.admission = SampleAdmission(teacher, self._spare_student)
+        # every robot's student is built from the same checkpoint: one base, hashed once, stated in every delta
+        self.base_fingerprint = student_fingerprint(self._spare_student)
         self._hold: dict[str, float] = {}  # robot_id -> monotonic time its rounds may be tried again
         self._stop = threading.Event()
         self._chain_lock = threading.Lock()  # statuses arrive on Zenoh's thread while a round publishes
         self._ack_lock = threading.Lock()  # acks of one robot leave in the order of their sequence
         self._ack_sequence: dict[str, int] = {}  # robot_id -> sequence of the last ack sent
         self.round_log = Path(config.state_dir) / "rounds.jsonl"
+        self.faults = FaultLog(log)  # store and disk faults: one line per cause per 30 s, counted
+        self.current_round: dict | None = None  # the round in progress: robot_id, version, samples, started_unix
+        self.on_round: list[Callable[[dict], None]] = []  # called with each finished round's result (metrics)
+        self.last_seen: dict[str, float] = {}  # robot_id -> Unix time of its last message
+        self._abandon = threading.Event()  # set by abandon_round(): the round in progress stops before its commit
+        self._reloaded: dict[str, _Robot] = {}  # robots forgotten after an abandoned round, until reloaded
+        self._closed = False
         for robot_id in self.store.robots():
             self._robot(robot_id)
         if link is not None:
             link.subscribe("*", "uts_tokens", self.receive_tokens)
             link.subscribe("*", "adapter_status", lambda robot_id, msg, _: self.receive_status(robot_id, msg))
+            if isinstance(link, Link):  # a robot's diagnostics also say it is back (Zenoh: DDS has /diagnostics)
+                link.subscribe("*", DIAGNOSTICS, lambda robot_id, msg, _: self.seen(robot_id))
 
     # ------------------------------------------------------------------------------------ receiving
     def receive_tokens(self, robot_id: str, msg, data: bytes | None = None) -> bool:
@@ -177,7 +241,18 @@ class CloudTrainer:
         except Exception as err:  # whatever a peer's bytes trigger, the receiving thread survives
             self._reject(robot_id, "malformed", err)
             return False
-        if self.store.add_sample(robot_id, msg.sample_id, data if data is not None else wire.encode(msg)):
+        if self._closed:  # shutting down: not stored, so not acknowledged; the robot keeps it
+            return False
+        self.seen(robot_id)
+        try:
+            added = self.store.add_sample(robot_id, msg.sample_id, data if data is not None else wire.encode(msg))
+        except Exception as err:  # a full disk fails every sample alike: one line per cause, counted, no ack
+            cause = fault_cause(err)
+            if cause is None:
+                raise
+            self._store_fault(cause, f"storing a sample from {robot_id}", err)
+            return False
+        if added:
             self.counters.received += 1
         else:
             self.counters.duplicates += 1
@@ -190,6 +265,25 @@ class CloudTrainer:
                 self.link.publish(robot_id, "uts_ack", sign_ack(self.signer, robot_id, [msg.sample_id], sequence, now))
         self.counters.acked += 1
         return True
+
+    def _store_fault(self, cause: str, what: str, err: BaseException) -> None:
+        self.faults.record(cause, what, err)
+        self.counters.store_faults = dict(self.faults.counts)
+
+    def seen(self, robot_id: str) -> None:
+        """A message from ``robot_id`` arrived (an upload, a status, its diagnostics). If the cloud gave up
+        resending the robot's latest version, the first message ``comeback_after_s`` (doubling with each
+        come-back of the same version) after the give-up is a come-back: the service loop sends the version
+        once more (:meth:`resend_after_comeback`)."""
+        if robot_id == CLOUD_ID:  # the cloud's own diagnostics, not a robot
+            return
+        self.last_seen[robot_id] = time.time()
+        robot = self.robots.get(robot_id)
+        if robot is None or robot.gave_up is None or robot.comeback_due:
+            return
+        wait = self.config.comeback_after_s * 2 ** min(robot.comebacks, 16)
+        if time.monotonic() - robot.gave_up >= wait:
+            robot.comeback_due = True
 
     def _reject(self, robot_id: str, reason: str, err: Exception) -> None:
         self.counters.rejected += 1
@@ -210,8 +304,16 @@ class CloudTrainer:
             return
         if msg.state == REJECTED:
             log.warning("robot %s rejected v%d: %s", robot_id, msg.version, msg.reason)
+            kind, rejections = reason_kind(msg.reason), self.counters.update_rejections
+            self.counters.update_rejections = {**rejections, kind: rejections.get(kind, 0) + 1}
+            rejecting = self.robots.get(robot_id)
+            if rejecting is not None:
+                rejecting.rejections += 1
+                rejecting.last_reject_reason = msg.reason[:500]
+            self.seen(robot_id)
             return
         robot = self.robots.get(robot_id)
+        self.seen(robot_id)
         if msg.version > (robot.chain.latest if robot is not None else 0):  # forged, or another cloud's version
             self._ignore_status(robot_id, "version", msg)
             return
@@ -222,9 +324,17 @@ class CloudTrainer:
                 self._record_rollback(robot_id, robot, msg)
             if msg.version != robot.reported:
                 robot.reported = int(msg.version)
+                if msg.version >= robot.chain.latest:  # caught up: a later give-up starts afresh
+                    robot.gave_up, robot.comebacks, robot.comeback_due = None, 0, False
                 if msg.version != robot.chain.applied and msg.version in {0, *robot.chain.published}:
                     robot.chain.record_applied(int(msg.version))
-                    self.store.record_applied(robot_id, int(msg.version))
+                    try:
+                        self.store.record_applied(robot_id, int(msg.version))
+                    except Exception as err:  # kept in memory for this process; stored with the next change
+                        cause = fault_cause(err)
+                        if cause is None:
+                            raise
+                        self._store_fault(cause, f"recording v{msg.version} applied by {robot_id}", err)
 
     def _ignore_status(self, robot_id: str, reason: str, msg) -> None:
         ignored = self.counters.statuses_ignored  # replaced, not mutated, as rejected_reasons
@@ -256,8 +366,12 @@ class CloudTrainer:
         student, self._spare_student = self._spare_student or self.make_student(), None
         base = {name: p.detach().clone() for name, p in trainable_parameters(student).items()}
         distiller = Distiller(self.teacher, student, self.config.akd, anchors=self.anchors)
-        chain = VersionChain(robot_id, base)
+        chain = VersionChain(robot_id, base, base_fingerprint=self.base_fingerprint)
         robot = self.robots[robot_id] = _Robot(student, distiller, chain)
+        old = self._reloaded.pop(robot_id, None)
+        if old is not None:  # forgotten after an abandoned round: what the robot said still holds
+            robot.reported, robot.last_sent, robot.resends = old.reported, old.last_sent, old.resends
+            robot.rejections, robot.last_reject_reason = old.rejections, old.last_reject_reason
         record = self.store.load_robot(robot_id)
         if record is not None:  # a restart: continue from the last committed round
             if record.student is not None:
@@ -305,11 +419,22 @@ class CloudTrainer:
         while fresh:
             robot = self._robot(robot_id)
             log.info("robot %s: round v%d on %d samples started", robot_id, robot.chain.latest + 1, len(fresh))
+            self.current_round = {"robot_id": robot_id, "version": robot.chain.latest + 1, "samples": len(fresh),
+                                  "started_unix": time.time()}  # fmt: skip
             try:
                 msg, data, report, params = self._train_and_commit(robot_id, robot, fresh, replayed)
+            except RoundAbandoned:  # the service is stopping: nothing was committed, the samples stay pending
+                self.counters.rounds_abandoned += 1
+                self._forget(robot_id)
+                raise
             except Exception as err:  # undone below; what is left is a sample's fault or RoundFailed
                 self.counters.round_failures += 1
                 self._undo(robot_id)
+                cause = fault_cause(err)
+                if cause is not None:  # the store could not commit (a full disk): no sample's fault
+                    self._store_fault(cause, f"committing the round of {robot_id}", err)
+                    raise RoundFailed(f"robot {robot_id}: the round could not be committed ({cause}); its samples "
+                                      f"stay pending") from err  # fmt: skip
                 if robot.distiller.world_size > 1:  # the other ranks ran (part of) it: they cannot be undone here
                     raise
                 poison = self._probe(robot_id, fresh + replayed)
@@ -323,7 +448,10 @@ class CloudTrainer:
                 fresh = [s for s in fresh if s.sample_id not in poison]
                 replayed = [s for s in replayed if s.sample_id not in poison]
                 continue
+            finally:
+                self.current_round = None
             robot.latest_delta, robot.resends = data, 0
+            robot.gave_up, robot.comebacks, robot.comeback_due = None, 0, False
             self._send(robot_id, robot, data)
             self.counters.rounds += 1
             result = {
@@ -338,6 +466,8 @@ class CloudTrainer:
             self._log_round(result)
             log.info("robot %s: round v%d on %d samples in %.1f s, delta %d bytes", robot_id, result["version"],
                      result["samples"], result["round_seconds"], result["delta_bytes"])  # fmt: skip
+            for callback in self.on_round:
+                callback(result)
             return result
         result = {"event": "quarantine", "robot_id": robot_id, "version": None, "samples": 0,
                   "quarantined": quarantined, "finished_unix": time.time()}  # fmt: skip
@@ -354,6 +484,8 @@ class CloudTrainer:
 
             send_round(robot_id, samples)
         report = robot.distiller.run_round(samples)
+        if self._abandon.is_set():
+            raise RoundAbandoned(robot_id)
         losses = [name for name, value in report.losses.items() if not math.isfinite(value)]
         if losses:  # the round may have kept its starting weights, but some sample poisons the objective
             raise FloatingPointError(f"the round's losses {losses} are NaN/Inf")
@@ -362,11 +494,14 @@ class CloudTrainer:
         if broken:
             raise FloatingPointError(f"the round left NaN/Inf in {broken[:3]}")
         with self._chain_lock:
+            if self._abandon.is_set():  # checked under the lock abandon_round() sets it under: all or nothing
+                raise RoundAbandoned(robot_id)
             msg = robot.chain.make_delta(params, self.config.codec, self.signer, stamp_ns=time.time_ns())
             data = wire.encode(msg)
             self.store.commit_round(robot_id, int(msg.version), [s.sample_id for s in fresh],
                                     self._state(robot.distiller), robot.chain.published[int(msg.version)], data,
                                     robot.chain.applied, robot.distiller.optimizer_state())  # fmt: skip
+            self.current_round = None  # committed: a stop from here on no longer abandons it
         return msg, data, report, params
 
     def _admit_stored(self, robot_id: str, rows: list[tuple[str, bytes]],
@@ -413,9 +548,19 @@ class CloudTrainer:
             robot.reported, robot.last_sent, robot.resends = old.reported, old.last_sent, old.resends
             robot.declined = old.declined
 
+    def _forget(self, robot_id: str) -> None:
+        """Drop the robot's in-memory state after an abandoned round (its weights are half trained); what it
+        reported is kept, and the rest is loaded again from the last commit when it is next needed."""
+        old = self.robots.pop(robot_id, None)
+        if old is not None:
+            self._reloaded[robot_id] = old
+
     def _log_round(self, result: dict) -> None:
-        with open(self.round_log, "a") as handle:
-            handle.write(json.dumps(result) + "\n")
+        try:
+            with open(self.round_log, "a") as handle:
+                handle.write(json.dumps(result) + "\n")
+        except OSError as err:  # the round is committed and published; only its log line is lost
+            self._store_fault(fault_cause(err) or "store_error", f"writing {self.round_log.name}", err)
 
     def _send(self, robot_id: str, robot: _Robot, data: bytes) -> None:
         robot.last_sent = time.monotonic()
@@ -428,6 +573,7 @@ class CloudTrainer:
                           err)  # fmt: skip
                 return
             self.counters.deltas_sent += 1
+            self.counters.delta_bytes += len(data)
 
     def resend_if_behind(self, robot_id: str) -> bool:
         """Send the latest version again to a robot still behind ``resend_after_s`` after the last send."""
@@ -436,7 +582,15 @@ class CloudTrainer:
         behind = 0 <= robot.reported < latest
         if not behind or time.monotonic() - robot.last_sent < self.config.resend_after_s:
             return False
-        if robot.resends >= self.config.max_resends or latest in robot.declined:
+        if latest in robot.declined:
+            return False
+        if robot.resends >= self.config.max_resends:
+            if robot.gave_up is None:
+                robot.gave_up = time.monotonic()
+                self.counters.give_ups += 1
+                log.warning("robot %s: giving up on sending v%d after %d resends (it runs v%d; its last rejection: "
+                            "%s); it is sent again when the robot comes back", robot_id, latest, robot.resends,
+                            robot.reported, robot.last_reject_reason or "none reported")  # fmt: skip
             return False
         stored = robot.latest_delta
         msg = wire.decode(wire.WEIGHT_DELTA, stored) if stored is not None else None
@@ -447,6 +601,26 @@ class CloudTrainer:
         self.counters.resends += 1
         log.info("robot %s runs v%d, latest is v%d: sending %s", robot_id, robot.reported, latest,
                  "a keyframe" if msg.keyframe else "the delta again")  # fmt: skip
+        self._send(robot_id, robot, wire.encode(msg))
+        return True
+
+    def resend_after_comeback(self, robot_id: str) -> bool:
+        """Send the latest version once more, as a keyframe, to a robot that came back after a give-up (see
+        :meth:`seen`); True if sent."""
+        robot = self.robots.get(robot_id)
+        if robot is None or not robot.comeback_due:
+            return False
+        robot.comeback_due = False
+        latest = robot.chain.latest
+        if robot.gave_up is None or not 0 <= robot.reported < latest or latest in robot.declined:
+            return False
+        robot.comebacks += 1
+        robot.gave_up = time.monotonic()  # the next come-back waits twice as long from here
+        msg = robot.chain.keyframe(self.config.codec, self.signer, stamp_ns=time.time_ns())
+        self.counters.keyframes += 1
+        self.counters.comeback_resends += 1
+        log.info("robot %s is back (runs v%d): sending v%d again as a keyframe (come-back %d)", robot_id,
+                 robot.reported, latest, robot.comebacks)  # fmt: skip
         self._send(robot_id, robot, wire.encode(msg))
         return True
 
@@ -469,24 +643,59 @@ class CloudTrainer:
                           err, exc_info=not isinstance(err, RoundFailed))  # fmt: skip
         for robot_id in list(self.robots):
             try:
-                self.resend_if_behind(robot_id)
+                self.resend_after_comeback(robot_id) or self.resend_if_behind(robot_id)
             except Exception as err:
                 self.counters.failures += 1
                 log.error("robot %s: resend failed: %s", robot_id, err)
         return results
 
     def serve(self, stop: threading.Event | None = None) -> None:
-        """Run until ``stop`` (or :meth:`stop`) is set; a failing pass is logged, counted and retried."""
+        """Run until ``stop`` (or :meth:`stop`) is set; a failing pass is logged, counted and retried. A round
+        in progress stops at its next module call once :meth:`abandon_round` is called (from another thread)."""
         stop = stop or self._stop
-        while not stop.is_set():
-            try:
-                busy = bool(self.step())
-            except Exception:  # e.g. the store briefly unavailable
-                self.counters.failures += 1
-                log.exception("cloud trainer pass failed; retrying")
-                busy = False
-            if not busy:
-                stop.wait(self.config.poll_s)
+        with self._interruptible():
+            while not stop.is_set():
+                try:
+                    busy = bool(self.step())
+                except RoundAbandoned:
+                    return
+                except Exception:  # e.g. the store briefly unavailable
+                    self.counters.failures += 1
+                    log.exception("cloud trainer pass failed; retrying")
+                    busy = False
+                if not busy:
+                    stop.wait(self.config.poll_s)
+
+    @contextlib.contextmanager
+    def _interruptible(self):
+        """While :meth:`serve` runs, every ``nn.Module`` call on its thread checks the abandon flag (a global
+        forward pre-hook, ``torch.nn.modules.module.register_module_forward_pre_hook``): the round's teacher
+        labelling and AKD steps are all module calls, so an abandoned round stops within one of them, without a
+        hook in ``cdcca.akd``."""
+        thread = threading.get_ident()
+        abandon = self._abandon
+
+        def check(module, args):
+            if abandon.is_set() and threading.get_ident() == thread:
+                raise RoundAbandoned("the service is stopping")
+
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(check)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def abandon_round(self) -> dict | None:
+        """Make the round in progress (if any) stop before its commit; returns what it was (robot_id, version,
+        samples) or ``None`` when no round was running or it had committed already. Taken under the lock the
+        commit holds, so a round is either committed whole or not at all."""
+        locked = self._chain_lock.acquire(timeout=1.0)  # a commit in progress finishes first (one transaction)
+        try:
+            self._abandon.set()
+            return dict(self.current_round) if self.current_round is not None else None
+        finally:
+            if locked:
+                self._chain_lock.release()
 
     def stop(self) -> None:
         self._stop.set()
@@ -503,5 +712,6 @@ class CloudTrainer:
                              for r, robot in self.robots.items() if robot.declined}}  # fmt: skip
 
     def close(self) -> None:
+        self._closed = True
         self.store.close()
 

@@ -1,0 +1,115 @@
+"""A full cloud disk (issue 17: 232 tracebacks in 20 s): one WARNING per cause per 30 s, counted, nothing
+acknowledged that is not stored, and the loop goes on when space is back.
+
+The full disk is simulated at the SQLite connection: every write raises the ``OperationalError`` SQLite raises
+for ``SQLITE_FULL`` ("database or disk is full"); everything else is the real store.
+"""
+
+import errno
+import logging
+import sqlite3
+
+from cloud_trainer.faults import DISK_FULL, FaultLog, fault_cause
+from tests.test_cloud_trainer import RecordingLink, make_trainer
+from tests.test_cloud_trainer import uploads as uploads  # noqa: F401  (the fixture)
+
+
+class FullDisk:
+    """The store's SQLite connection on a full disk: every write fails as SQLite fails it (``SQLITE_FULL``,
+    "database or disk is full"); reads, transactions and rollbacks go to the real connection."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def execute(self, sql, *args):
+        if sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def executemany(self, sql, *args):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def fill_disk(trainer) -> None:
+    trainer.store._db = FullDisk(trainer.store._db)
+
+
+def free_disk(trainer) -> None:
+    trainer.store._db = trainer.store._db.db
+
+
+def warnings_about(caplog, text):
+    return [r for r in caplog.records if r.levelno == logging.WARNING and text in r.getMessage()]
+
+
+def test_a_full_disk_is_one_warning_counted_and_no_ack(pretrained_test_pair, uploads, keys, tmp_path, caplog):
+    # Prepare
+    trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud", round_size=64)
+    trainer.link = RecordingLink()
+    assert trainer.receive_tokens("r1", uploads[0])
+    fill_disk(trainer)
+    # Execute: every other sample, resent 5 times as a robot without acks would
+    caplog.set_level(logging.INFO)
+    results = [trainer.receive_tokens("r1", msg) for _ in range(5) for msg in uploads[1:]]
+    # Assert
+    assert not any(results)
+    acked = [sid for _, topic, msg in trainer.link.published if topic == "uts_ack" for sid in msg.sample_ids]
+    assert acked == [uploads[0].sample_id]  # only what is on disk was acknowledged
+    assert trainer.counters.store_faults == {DISK_FULL: 5 * (len(uploads) - 1)}
+    full = warnings_about(caplog, "disk full")
+    assert len(full) == 1 and "storing a sample from r1" in full[0].getMessage() and full[0].exc_info is None
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback at all
+    assert trainer.counters.rejected == 0  # the samples are fine: not counted as bad input
+
+    # space is back: the robot's resends are stored and acknowledged
+    free_disk(trainer)
+    assert all(trainer.receive_tokens("r1", msg) for msg in uploads[1:])
+    assert trainer.store.count("r1") == len(uploads)
+
+
+def test_a_round_whose_commit_hits_a_full_disk_keeps_its_samples_pending(pretrained_test_pair, uploads, keys,
+                                                                         tmp_path, caplog):  # fmt: skip
+    # Prepare
+    trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud", round_size=4)
+    trainer._send = lambda robot_id, robot, data: None
+    for msg in uploads[:4]:
+        trainer.receive_tokens("r1", msg)
+    fill_disk(trainer)
+    caplog.set_level(logging.INFO)
+    # Execute
+    first = trainer.step()
+    # Assert
+    assert first == [] and trainer.store.pending_counts() == {"r1": 4}
+    assert trainer.store.load_robot("r1") is None  # nothing of the round was committed
+    assert trainer.counters.store_faults == {DISK_FULL: 1} and trainer.counters.quarantined == 0
+    assert len(warnings_about(caplog, "disk full")) == 1
+    assert not [r for r in caplog.records if r.exc_info]
+    # space is back and the hold is over: the round runs on the same samples
+    free_disk(trainer)
+    trainer._hold.clear()
+    [result] = trainer.step()
+    assert result["version"] == 1 and result["samples"] == 4
+
+
+def test_the_fault_log_says_each_cause_once_per_period_with_the_count():
+    # Prepare
+    now = [0.0]
+    logger = logging.getLogger("tests.fault_log")
+    seen = []
+    logger.addHandler(handler := logging.Handler())
+    handler.emit = lambda record: seen.append(record.getMessage())
+    faults = FaultLog(logger, every_s=30.0, clock=lambda: now[0])
+    full = OSError(errno.ENOSPC, "No space left on device")
+    # Execute
+    lines = [faults.record(fault_cause(full), "storing a sample", full) for _ in range(10)]
+    now[0] = 31.0
+    lines.append(faults.record(fault_cause(full), "storing a sample", full))
+    # Assert
+    assert lines == [True] + [False] * 9 + [True]
+    assert faults.counts == {DISK_FULL: 11}
+    assert len(seen) == 2 and "(10 times in the last 30 s)" in seen[1]
+    assert fault_cause(ValueError("a bug")) is None  # not the disk's: surfaces as it is
+    logger.removeHandler(handler)

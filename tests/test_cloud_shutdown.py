@@ -1,0 +1,132 @@
+"""Stopping the cloud (issue 17, Errors): within 2 s of Ctrl-C even mid-round, the round abandoned before its
+commit (its samples stay pending, one line says so), and a second Ctrl-C exits at once.
+
+The cloud runs as ``python -m cloud_trainer`` with a round that would take hours; the test uploads over a real
+Zenoh link on loopback and signals the process.
+"""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cdcca.data.digits_shift import load_domain
+from cdcca.envelope import generate_key
+from cdcca.models.checkpoint import load_mllm
+from cdcca.transport import Link, LinkConfig
+from cdcca.uts import pack_tokens
+from cloud_trainer.store import CloudStore
+from tests.test_transport import wait_until
+
+ROUND = 4
+
+
+def private_endpoint(tmp_path) -> str:
+    """A Unix socket in the test's folder: unlike a loopback TCP port just freed, no robot of another test still
+    retries it, so only this test's uploads reach the cloud."""
+    return f"unixsock-stream/{tmp_path / 'cloud.sock'}"
+STOP_S = 2.0  # issue 17: the cloud stops within 2 s of Ctrl-C
+
+
+@pytest.fixture(scope="module")
+def uploads(pretrained_test_pair):
+    """``ROUND`` UtsTokens of robot r1 (every other token kept)."""
+    student = load_mllm(pretrained_test_pair / "student")
+    samples = load_domain("printed", "stream", limit=ROUND)[:ROUND]  # three prompts per image: the first ROUND
+    with torch.inference_mode():
+        tokens = student.visual_tokens(student.preprocess([s.load_image() for s in samples]))
+    keep = torch.zeros(tokens.shape[1], dtype=torch.bool)
+    keep[::2] = True
+    return [pack_tokens(tokens[i], keep, torch.rand(tokens.shape[1]), robot_id="r1", sample_id=s.sample_id,
+                        adapter_version=0, prompt=s.prompt, student_answer="?", sample_entropy=1.0)
+            for i, s in enumerate(samples)]  # fmt: skip
+
+
+def start_mid_round(pretrained_test_pair, uploads, tmp_path):
+    """A cloud process whose first round (``ROUND`` samples, 100000 AKD steps) is running; (process, log path,
+    the uploading link)."""
+    key, _ = generate_key(tmp_path / "keys", "cloud-test")
+    endpoint = private_endpoint(tmp_path)
+    log_path = tmp_path / "cloud.log"
+    argv = [sys.executable, "-m", "cloud_trainer", "--checkpoints", str(pretrained_test_pair), "--state",
+            str(tmp_path / "cloud"), "--key", str(key), "--endpoint", endpoint, "--round-size", str(ROUND),
+            "--steps", "100000", "--threads", "1"]  # fmt: skip
+    process = subprocess.Popen(argv, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    robot = None
+    try:
+        assert wait_until(lambda: "cloud trainer serving" in log_path.read_text(), 90), log_path.read_text()[-2000:]
+        robot = Link(LinkConfig(connect=[endpoint]))
+        acks = []
+        robot.subscribe("r1", "uts_ack", lambda robot_id, msg, data: acks.extend(msg.sample_ids))
+        assert wait_until(lambda: robot.peers() >= 1)
+        for msg in uploads:
+            robot.publish("r1", "uts_tokens", msg)
+        assert wait_until(lambda: f"round v1 on {ROUND} samples started" in log_path.read_text(), 60), \
+            log_path.read_text()[-2000:]  # fmt: skip
+        assert wait_until(lambda: len(set(acks)) == ROUND)  # every sample is on disk (acknowledged)
+        time.sleep(1.0)  # inside the AKD steps
+    except BaseException:
+        process.kill()
+        if robot is not None:
+            robot.close()
+        raise
+    return process, log_path, robot
+
+
+def test_ctrl_c_mid_round_stops_within_2_s_and_the_samples_stay_pending(pretrained_test_pair, uploads, tmp_path):
+    # Prepare
+    process, log_path, robot = start_mid_round(pretrained_test_pair, uploads, tmp_path)
+    try:
+        # Execute
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=30)
+        took = time.monotonic() - signalled
+    finally:
+        robot.close()
+        if process.poll() is None:
+            process.kill()
+    # Assert
+    text = log_path.read_text()
+    assert code == 0, text[-2000:]
+    assert took < STOP_S + 1.0, f"stopped {took:.1f} s after SIGINT (+1 s for the interpreter's exit)"
+    lines = [line for line in text.splitlines() if "abandoned" in line]
+    assert len(lines) == 1 and f"stopping: round for r1 abandoned, its {ROUND} samples stay pending" in lines[0]
+    assert "Traceback" not in text
+    store = CloudStore(tmp_path / "cloud" / "cloud.sqlite")
+    try:
+        assert store.pending_counts() == {"r1": ROUND}  # nothing committed: the next start runs the round again
+        assert store.robots() == []  # and no version was published
+    finally:
+        store.close()
+
+
+def test_a_second_ctrl_c_exits_at_once(pretrained_test_pair, uploads, tmp_path):
+    # Prepare
+    process, log_path, robot = start_mid_round(pretrained_test_pair, uploads, tmp_path)
+    try:
+        # Execute: stop the process (SIGSTOP) so the first SIGINT is still being handled when the second arrives
+        process.send_signal(signal.SIGSTOP)
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        signalled = time.monotonic()
+        code = process.wait(timeout=30)
+        took = time.monotonic() - signalled
+    finally:
+        robot.close()
+        if process.poll() is None:
+            process.kill()
+    # Assert
+    text = log_path.read_text()
+    assert took < STOP_S, text[-2000:]
+    assert code in (0, 130), text[-2000:]  # 130: the second signal ended it; 0: the first was already done
+    store = CloudStore(tmp_path / "cloud" / "cloud.sqlite")
+    try:
+        assert store.pending_counts() == {"r1": ROUND}
+    finally:
+        store.close()

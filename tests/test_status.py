@@ -1,0 +1,124 @@
+"""``cdcca status`` over a real Zenoh link on loopback: robots' and the cloud's DiagnosticArray, AdapterStatus and
+WeightDelta messages become one row per robot and the cloud's line."""
+
+import io
+import json
+import threading
+
+import pytest
+
+from cdcca import wire
+from cdcca.envelope import seal
+from cdcca.status import StatusMonitor, plain_table, run_status
+from cdcca.transport import Link, LinkConfig
+from cdcca.wire import DIAGNOSTIC_ARRAY
+from cloud_trainer.status import ROBOT_NAME, WORKER_NAME, _status
+from tests.test_cloud_shutdown import private_endpoint
+from tests.test_transport import wait_until
+
+
+def put(link: Link, robot_id: str, topic: str, msg) -> None:
+    link.publish_bytes(robot_id, topic, wire.encode(msg))
+
+
+def robot_diagnostics(**values):
+    return wire.new(DIAGNOSTIC_ARRAY, header=wire.header(1), status=[_status(0, "cdcca edge", "answering", "r1",
+                                                                             values)])  # fmt: skip
+
+
+def cloud_diagnostics():
+    robot = _status(1, ROBOT_NAME + "r2", "gave up", "r2", {
+        "applied_version": 1, "latest_version": 3, "pending_samples": 7, "rounds": 3, "rejections": 4,
+        "last_reject_reason": "signature: key cloud-1 is not trusted"})  # fmt: skip
+    worker = _status(0, WORKER_NAME, "serving", "_cloud", {"rounds_done": 5, "current_round": "r1 v3 (32 samples)",
+                                                           "quarantined": 2, "pending_total": 39})  # fmt: skip
+    return wire.new(DIAGNOSTIC_ARRAY, header=wire.header(1), status=[robot, worker])
+
+
+def publish_all(link: Link, signer) -> None:
+    put(link, "r1", "diagnostics", robot_diagnostics(adapter_version="2", uplink_queued="5", uplink_acked="40",
+                                                     answers="100", updates_applied="2", updates_rejected="1",
+                                                     cloud="up", something_new="ignored"))  # fmt: skip
+    put(link, "_cloud", "diagnostics", cloud_diagnostics())
+    put(link, "r2", "adapter_status", wire.new(wire.ADAPTER_STATUS, robot_id="r2", version=3, state=wire.REJECTED,
+                                               reason="signature: key cloud-1 is not trusted"))  # fmt: skip
+    put(link, "r2", "weight_delta", seal(b"\x00" * 16, robot_id="r2", version=3, base_version=0, keyframe=True,
+                                         codec="fp16", num_params=4, signer=signer))  # fmt: skip
+
+
+@pytest.fixture()
+def endpoint(tmp_path):
+    endpoint = private_endpoint(tmp_path)  # no other test's robot reaches it
+    publisher = Link(LinkConfig(listen=[endpoint]))  # the robots and the cloud, as one session
+    yield endpoint, publisher
+    publisher.close()
+
+
+def test_the_monitor_makes_one_row_per_robot_and_the_cloud_line(endpoint, keys):
+    # Prepare
+    address, publisher = endpoint
+    link = Link(LinkConfig(connect=[address]))
+    monitor = StatusMonitor(link)
+    try:
+        assert wait_until(lambda: link.peers() >= 1)
+        # Execute: publish until everything has been seen (subscriptions take a moment to propagate)
+        def complete():
+            publish_all(publisher, keys[0])
+            snap = monitor.snapshot()
+            rows = {r["robot"]: r for r in snap["robots"]}
+            return snap["cloud"] is not None and rows.get("r1", {}).get("answers") and rows.get("r2", {}).get("rounds")
+
+        assert wait_until(complete, timeout=10)
+        snapshot = monitor.snapshot()
+    finally:
+        monitor.close()
+        link.close()
+    # Assert
+    rows = {row["robot"]: row for row in snapshot["robots"]}
+    assert set(rows) == {"r1", "r2"}  # the cloud's pseudo id is no robot
+    r1, r2 = rows["r1"], rows["r2"]
+    assert (r1["adapter_version"], r1["uplink_queued"], r1["answers"], r1["uplink_acked"], r1["rejections"]) == \
+        (2, 5, 100, 40, 1)  # fmt: skip
+    assert r1["cloud"] == "up" and r1["seen_s_ago"] is not None
+    assert r2["rounds"] == 3 and r2["rejections"] >= 4  # the cloud's count; the monitor's own is lower
+    assert r2["last_reject_reason"] == "signature: key cloud-1 is not trusted"
+    assert snapshot["cloud"]["rounds_done"] == 5 and snapshot["cloud"]["pending_total"] == 39
+    text = plain_table(snapshot)
+    assert "r1 v3 (32 samples)" in text and "signature: key cloud-1 is not trusted" in text
+    assert all(len(line) <= 120 for line in text.splitlines())
+
+
+def test_once_prints_one_json_snapshot_after_listening(endpoint, keys):
+    # Prepare: robots and the cloud publish every 0.2 s while the command listens
+    address, publisher = endpoint
+    done = threading.Event()
+
+    def publish_until_done():
+        while not done.wait(0.2):
+            publish_all(publisher, keys[0])
+
+    thread = threading.Thread(target=publish_until_done, daemon=True)
+    thread.start()
+    out = io.StringIO()
+    # Execute
+    try:
+        snapshot = run_status(LinkConfig(connect=[address]), once_after_s=2.5, json_out=True, out=out)
+    finally:
+        done.set()
+        thread.join()
+    # Assert
+    printed = json.loads(out.getvalue())
+    assert printed["robots"] == snapshot["robots"]
+    assert [row["robot"] for row in printed["robots"]] == ["r1", "r2"]
+    assert printed["robots"][0]["answers"] == 100 and printed["cloud"]["quarantined"] == 2
+
+
+def test_once_with_nobody_on_the_link_says_so(endpoint):
+    # Prepare
+    address, _ = endpoint
+    out = io.StringIO()
+    # Execute
+    snapshot = run_status(LinkConfig(connect=[address]), once_after_s=0.3, json_out=False, out=out)
+    # Assert
+    assert snapshot["robots"] == [] and snapshot["cloud"] is None
+    assert "no robot heard from yet" in out.getvalue() and "cloud: not heard from" in out.getvalue()
