@@ -241,11 +241,17 @@ def _add_edge_args(parser: argparse.ArgumentParser) -> None:
                              "waiting at most this many seconds (default 30); other sources keep serving this long "
                              "(default: until Ctrl-C); -1: until Ctrl-C")  # fmt: skip
     parser.add_argument("--show-answers", action="store_true",
-                        help="print each answer, one line: stamp, prompt, answer, entropy, adapter version")  # fmt: skip
+                        help="print each answer: stamp, prompt, answer, entropy, adapter version")  # fmt: skip
     parser.add_argument("--answers-file", type=Path, default=None, metavar="FILE",
                         help="append each answer to this JSON Lines file (one object per answer)")  # fmt: skip
     parser.add_argument("--metrics-port", type=port_number, default=None, metavar="PORT",
                         help="serve Prometheus metrics (cdcca_edge_*) on this port (default: off)")  # fmt: skip
+    parser.add_argument("--metrics-addr", default="0.0.0.0", metavar="ADDR",
+                        help="address the metrics server binds (127.0.0.1: this machine only)")  # fmt: skip
+    parser.add_argument("--status-line", action=argparse.BooleanOptionalAction, default=None,
+                        help="a one-line status rewritten in place (default: when stdout is a terminal)")  # fmt: skip
+    parser.add_argument("--cloud-warn-after", type=positive_float, default=5.0, metavar="SECONDS",
+                        help="warn when no cloud has been seen for this long (answers continue meanwhile)")  # fmt: skip
     parser.add_argument("--queue-capacity", type=positive_int, default=EDGE_DEFAULTS["queue_capacity"],
                         help="uplink samples kept on disk while the cloud is away")  # fmt: skip
 
@@ -650,7 +656,7 @@ def _check_source(spec: str) -> None:
 def cmd_edge(args) -> dict:
     import threading
 
-    from cdcca.edge.app import ReplaySettings, build_runtime, replay, stop_on_signals
+    from cdcca.edge.app import ReplaySettings, build_runtime, edge_exit_code, edge_exit_reason, replay, stop_on_signals
     from cdcca.edge.runtime import EdgeConfig
     from cdcca.edge.sources import DEFAULT_PROMPTS
     from cdcca.envelope import TrustStore
@@ -661,10 +667,12 @@ def cmd_edge(args) -> dict:
     state = _writable_dir(args.state or cache_dir() / "edge" / args.robot_id, "--state")
     trust = args.trust or cache_dir() / "trust"
     TrustStore.load(trust)  # a missing or malformed store fails now, with advice, before the model loads
-    config = EdgeConfig(robot_id=args.robot_id, state_dir=state, queue_capacity=args.queue_capacity)
+    config = EdgeConfig(robot_id=args.robot_id, state_dir=state, queue_capacity=args.queue_capacity,
+                        cloud_warn_after_s=args.cloud_warn_after)  # fmt: skip
     settings = ReplaySettings(args.source, tuple(args.prompt or DEFAULT_PROMPTS), args.batch_size,
                               args.query_rate, args.rate, args.linger, show_answers=args.show_answers,
-                              answers_file=args.answers_file, metrics_port=args.metrics_port)  # fmt: skip
+                              answers_file=args.answers_file, metrics_port=args.metrics_port,
+                              metrics_addr=args.metrics_addr, status_line=args.status_line)  # fmt: skip
     checkpoints = args.checkpoints or checkpoint_dir(args.preset)
     link = _open_link(args, listen=False)
     try:
@@ -686,6 +694,10 @@ def cmd_edge(args) -> dict:
         f"{report['uplink_queued']} still queued, adapter v{report['adapter_version']} "
         f"({report['seconds']:.1f} s)"
     )
+    reason = edge_exit_reason(report)
+    if reason is not None:  # answers were made, but the cloud side of the loop was not: exit 3 says so
+        print(f"cdcca edge: warning: {reason}", file=sys.stderr)
+        report["exit_code"] = edge_exit_code(report)
     return report
 
 

@@ -10,6 +10,8 @@ import pytest
 from cdcca import wire
 from cdcca.bag import CAMERA_TOPIC, BagWriter, image_to_msg
 from cdcca.cli import main
+from cdcca.edge.app import EXIT_NO_CLOUD as NO_CLOUD
+from cdcca.edge.app import edge_exit_reason
 from cdcca.envelope import generate_key, trust_key
 
 DEPTH_TOPIC = "/camera/camera/depth/image_rect_raw"
@@ -79,7 +81,7 @@ def test_a_recorded_bag_is_asked_every_prompt_at_the_recorded_rate(edge, tmp_pat
     code, report = edge(f"bag:{bag}", "--prompt", "what digit?",
                          "--prompt", "what colour?", "--rate", rate)  # fmt: skip
 
-    assert code == 0
+    assert code == NO_CLOUD
     assert report["queries"] == FRAMES * 2
     assert report["answers"] == FRAMES * 2
     assert report["seconds"] >= min_seconds  # (FRAMES - 1) frame periods / rate
@@ -105,19 +107,19 @@ def test_an_unsupported_topic_is_skipped_with_one_warning_when_another_works(edg
 
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     warnings = [m for m in messages if DEPTH_TOPIC in m]
-    assert code == 0
+    assert code == NO_CLOUD
     assert report["queries"] == FRAMES
     assert len(warnings) == 1 and "32FC1" in warnings[0]
 
 
-@pytest.mark.parametrize(("topic", "code"), [(CAMERA_TOPIC, 0), (DEPTH_TOPIC, 2), ("/no/such/topic", 2)])
+@pytest.mark.parametrize(("topic", "code"), [(CAMERA_TOPIC, NO_CLOUD), (DEPTH_TOPIC, 2), ("/no/such/topic", 2)])
 def test_the_camera_topic_can_be_chosen_after_a_hash(edge, tmp_path, topic, code):
     bag = _record(tmp_path / "rgb_and_depth", depth=True)
 
     got, report = edge(f"bag:{bag}#{topic}", "--prompt", "what digit?", "--rate", "0")
 
     assert got == code
-    assert (report["queries"] if report else None) == (FRAMES if code == 0 else None)
+    assert (report["queries"] if report else None) == (FRAMES if code == NO_CLOUD else None)
 
 
 def test_the_robot_exits_at_the_end_after_a_bounded_wait_for_the_cloud(edge, tmp_path, capsys, caplog):
@@ -126,9 +128,13 @@ def test_the_robot_exits_at_the_end_after_a_bounded_wait_for_the_cloud(edge, tmp
     with caplog.at_level(logging.WARNING):
         code, report = edge(f"bag:{bag}", "--prompt", "what digit?", "--rate", "0", "--linger", "1")
 
-    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("robot r1:")]
+    out, err = capsys.readouterr()
+    summary = [line for line in out.splitlines() if line.startswith("robot r1:")]
     unacked = [r.getMessage() for r in caplog.records if "did not acknowledge" in r.getMessage()]
-    assert code == 0
+    assert code == NO_CLOUD  # answers were made, the cloud side of the loop was not: the exit code says so
+    assert [line for line in err.splitlines() if line.startswith("cdcca edge: warning:")] == [
+        f"cdcca edge: warning: {edge_exit_reason(report)}"]
+    assert "no cloud was reached" in err
     assert report["uplink_enqueued"] > 0 and report["uplink_acked"] == 0  # no cloud listens: all stay queued
     assert report["seconds"] >= 1.0
     assert unacked == [f"the cloud did not acknowledge {report['uplink_queued']} queued samples within 1 s; "
@@ -145,7 +151,7 @@ def test_a_bag_with_its_own_prompts_is_asked_those_not_prompt(edge, tmp_path):
 
     code, report = edge(f"bag:{summary.path}", "--prompt", "ignored?", "--rate", "0")
 
-    assert code == 0
+    assert code == NO_CLOUD
     assert report["queries"] == summary.counts["/cdcca/prompt"] == 2 * 3  # 2 images x 3 tasks
 
 

@@ -245,7 +245,7 @@ def test_a_delta_for_another_robot_is_ignored_without_a_status(robot):
 def test_bad_input_is_counted_and_logged_once_and_the_node_serves_on(robot):
     """Malformed CDR, an unreadable encoding, a forged delta; #7: its rejection reaches /rosout exactly once."""
     robot.deltas.publish(b"\x00\x01\x00\x00\xff\xff")  # serialized bytes that are no WeightDelta
-    depth = Image(height=2, width=2, encoding="16UC1", step=4, data=bytes(8))
+    depth = Image(height=2, width=2, encoding="32FC1", step=8, data=bytes(16))  # 16UC1 now reads as grey
     robot.camera.publish(depth)
     time.sleep(0.3)
     robot.ask("about a depth image?")
