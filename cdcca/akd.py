@@ -25,7 +25,11 @@ Beyond the paper, measured in ``bench/README.md``:
 * **what the robot already knew is guarded** (learning without forgetting, Li & Hoiem 2016): the cloud keeps
   an *anchor* set of source-domain inputs (the data the student was pretrained on) with the base student's own
   answers; every step also trains on a replayed anchor batch, and a round publishes only weights whose answers
-  on held-out anchors still agree with the base student's (``forget_tolerance``);
+  on held-out anchors still agree with the base student's (``forget_tolerance``). A check that finds the
+  constraint broken does not end the round's progress: the weights go back to the last admissible step and
+  the anchor weight doubles for the rest of the round, the multiplier update of constrained learning
+  (Chamon & Ribeiro, "Probably approximately correct constrained learning", NeurIPS 2020), so a round that
+  drifts learns on under a firmer anchor instead of stopping at its last good step;
 * a held-out *check* slice of the round's uploads picks the step whose weights best predict the teacher's
   labels there (token log-likelihood, not exact-match, which is a noisy judge of captions).
 """
@@ -76,6 +80,9 @@ class AKDConfig:
         anchor_batch: anchor samples replayed per step.
         forget_tolerance: largest drop, as a share of held-out anchors, of agreement with the base student's
             answers that a published round may have; checked every ``check_every`` steps (needs anchors).
+        max_backtracks: a check below ``forget_tolerance`` sends the weights back to the last step within it
+            and doubles the anchor weight for the rest of the round, at most this many times per round (0: a
+            broken check only keeps those weights from being published).
     """
 
     lambda_query: float = 1.0
@@ -95,6 +102,7 @@ class AKDConfig:
     lambda_anchor: float = 1.0
     anchor_batch: int = 16
     forget_tolerance: float = 0.02
+    max_backtracks: int = 3
 
     def __post_init__(self) -> None:
         for name in ("lambda_query", "lambda_repr", "lambda_ce", "lambda_kl"):
@@ -114,6 +122,8 @@ class AKDConfig:
         if self.lambda_anchor < 0 or self.anchor_batch < 1 or not 0.0 <= self.forget_tolerance <= 1.0:
             raise ValueError(f"AKDConfig needs lambda_anchor >= 0, anchor_batch >= 1 and forget_tolerance in [0, 1], "
                              f"got {self.lambda_anchor}, {self.anchor_batch}, {self.forget_tolerance}")  # fmt: skip
+        if self.max_backtracks < 0:
+            raise ValueError(f"AKDConfig.max_backtracks must be >= 0, got {self.max_backtracks}")
 
 
 @dataclass
@@ -166,6 +176,7 @@ class RoundReport:
     kept_step: int | None = None
     check_score: tuple[float, float] | None = None
     anchor_agreement: tuple[float, float] | None = None
+    backtracks: int = 0
 
 
 @torch.no_grad()
@@ -289,9 +300,11 @@ class Distiller:
         batch: Sequence[DistillSample],
         labels: Sequence[str],
         anchors: tuple[Sequence[DistillSample], Sequence[str]] | None = None,
+        anchor_scale: float = 1.0,
     ) -> dict[str, torch.Tensor]:
         """Every term of the AKD objective on one batch (unweighted), plus ``total`` (weighted); ``anchors``
-        adds the replay term on (anchor inputs, the base student's answers)."""
+        adds the replay term on (anchor inputs, the base student's answers), weighted ``lambda_anchor`` times
+        ``anchor_scale``."""
         tokens, mask = self._stack(batch)  # (B, N, D), (B, N)
         prompts = [s.prompt for s in batch]
         with torch.no_grad():
@@ -314,7 +327,7 @@ class Distiller:
         if anchors is not None and self.config.lambda_anchor > 0:
             terms["anchor"] = self._student_lm(*anchors)[1].loss
         weights = {"query": self.config.lambda_query, "repr": self.config.lambda_repr, "ce": self.config.lambda_ce,
-                   "kl": self.config.lambda_kl, "anchor": self.config.lambda_anchor}  # fmt: skip
+                   "kl": self.config.lambda_kl, "anchor": self.config.lambda_anchor * anchor_scale}  # fmt: skip
         terms["total"] = sum(weights[name] * value for name, value in terms.items())
         return terms
 
@@ -401,6 +414,7 @@ class Distiller:
         self.student.blip2.vision_model.eval()
         replay = self.anchor_replay if self.anchor_replay[0] and config.lambda_anchor > 0 else None
         history: dict[str, list[float]] = {}
+        backtracks, anchor_scale = 0, 1.0
         for step in range(1, config.steps + 1):
             index = rng.choice(len(samples), size=min(config.batch_size, len(samples)), replace=False)
             index = index[self.rank :: self.world_size] if len(index) >= self.world_size else index
@@ -408,7 +422,7 @@ class Distiller:
             if replay is not None:
                 pick = rng.choice(len(replay[0]), size=min(config.anchor_batch, len(replay[0])), replace=False)
                 anchors = ([replay[0][i] for i in pick], [replay[1][i] for i in pick])
-            terms = self.losses([samples[i] for i in index], [labels[i] for i in index], anchors)
+            terms = self.losses([samples[i] for i in index], [labels[i] for i in index], anchors, anchor_scale)
             self.optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             if self.world_size > 1:
@@ -423,6 +437,12 @@ class Distiller:
                     score = self._check_score(*check) if check is not None else None
                     if check is None or score > best[0]:
                         best = (score, step, self._snapshot(), agreement)
+                elif backtracks < config.max_backtracks and step < config.steps:
+                    backtracks += 1  # back to the last admissible weights, under a firmer anchor
+                    anchor_scale *= 2.0
+                    with torch.no_grad():
+                        for name, param in self.trainable.items():
+                            param.copy_(best[2][name])
                 self.student.train()
                 self.student.blip2.vision_model.eval()
         self.student.eval()
@@ -439,5 +459,5 @@ class Distiller:
             seconds=time.perf_counter() - started, pseudo_label_seconds=labelled - started,
             pseudo_labels=all_labels, kept_step=best[1] if checked else None,
             check_score=(start_score, best[0]) if check is not None else None,
-            anchor_agreement=(start_anchor, best[3]) if guard else None,
+            anchor_agreement=(start_anchor, best[3]) if guard else None, backtracks=backtracks,
         )  # fmt: skip

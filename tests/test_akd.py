@@ -209,6 +209,42 @@ def test_anchor_guard_keeps_only_weights_that_remember_the_source(pair, monkeypa
     assert all(torch.equal(distiller.trainable[k], snapshots[kept // 2][k]) for k in distiller.trainable)
 
 
+@pytest.mark.parametrize(("max_backtracks", "kept", "scales"), [(3, 6, [1, 1, 1, 1, 2, 2]), (0, 6, [1] * 6)])
+def test_a_broken_guard_sends_the_round_back_under_a_firmer_anchor(pair, monkeypatch, max_backtracks, kept, scales):
+    # Prepare: the guard's verdicts are scripted (start, steps 2, 4, 6): step 4 forgets, step 6 is fine again
+    teacher, student = pair
+    add_lora(student)
+    anchors = DistillSample.from_samples(student, load_domain("source", "train", limit=4))
+    samples = DistillSample.from_samples(student, load_domain("printed", "stream", limit=4))
+    config = AKDConfig(steps=6, batch_size=4, lr=5e-2, check_every=2, forget_tolerance=0.05,
+                       max_backtracks=max_backtracks)  # fmt: skip
+    distiller = Distiller(teacher, student, config, anchors=anchors)
+    snapshots, calls, seen = [], iter([1.0, 1.0, 0.5, 1.0]), []
+    losses = distiller.losses
+
+    def scripted():
+        snapshots.append({k: v.detach().clone() for k, v in distiller.trainable.items()})
+        return next(calls)
+
+    def recording(batch, labels, anchors=None, anchor_scale=1.0):
+        seen.append((anchor_scale, {k: v.detach().clone() for k, v in distiller.trainable.items()}))
+        return losses(batch, labels, anchors, anchor_scale)
+
+    monkeypatch.setattr(distiller, "_anchor_agreement", scripted)
+    monkeypatch.setattr(distiller, "losses", recording)
+    # Execute
+    report = distiller.run_round(samples)
+    # Assert: with backtracking, step 5 starts from step 2's weights with the anchor weight doubled; without it,
+    # from step 4's (which forgot); either way the latest admissible step, 6, is kept
+    assert [scale for scale, _ in seen] == scales
+    assert report.kept_step == kept and report.backtracks == (1 if max_backtracks else 0)
+    step_five = seen[4][1]
+    assert all(torch.equal(step_five[k], snapshots[1][k]) for k in step_five) == bool(max_backtracks)
+    assert all(torch.equal(distiller.trainable[k], snapshots[kept // 2][k]) for k in distiller.trainable)
+    with pytest.raises(ValueError, match="max_backtracks"):
+        AKDConfig(max_backtracks=-1)
+
+
 def test_projections_start_from_the_least_squares_fit(pair):
     teacher, student = pair
     add_lora(student)

@@ -252,6 +252,7 @@ def run_method(name: str, checkpoints, teacher: MLLM, config: AdaptBenchConfig, 
         rounds.append({"domain": domain, **_row(evaluate(student, tests[domain], progress=False)[0]),
                        "seconds": result.seconds, "samples_used": result.samples_used,
                        "kept_step": report.kept_step if report else None,
+                       "backtracks": report.backtracks if report else None,
                        "uplink_bytes": getattr(method, "uplink_bytes", 0)})  # fmt: skip
     source_after = evaluate(student, tests[SOURCE_DOMAIN], progress=False)[0].accuracy
     mean = {key: float(np.mean([r[key] for r in rounds])) for key in ("mc", "da", "bleu4", "cider", "acc")}
