@@ -13,6 +13,10 @@ atomically (:func:`~cdcca.edge.adapter_slot.persist_adapter`), then published by
 Each answer reads that reference once and uses it for every run of the answer, so an answer in flight
 finishes on the adapter it started with; the previous adapter stays loaded for :meth:`OnnxBackend.rollback`.
 Adapters are activated through ``InferenceSession.run``: ORT ignores active adapters with IOBinding.
+
+UTS runs on the same export without torch (:mod:`cdcca.edge.onnx_uts`): an answer's entropy (stage 1) comes
+from the decoder's logits, and each :class:`OnnxAnswer` carries the encoder's ``uts_front``, from which
+:meth:`OnnxBackend.token_sampler`'s ``uts.onnx`` scores the tokens of the samples stage 1 keeps (stage 2).
 """
 
 from __future__ import annotations
@@ -46,9 +50,22 @@ from cdcca.edge.adapter_slot import (
 )  # fmt: skip
 from cdcca.edge.backend import BackendAnswer, EdgeBackend
 from cdcca.edge.onnx_export import OnnxExport, OnnxModelMismatch, write_adapters
+from cdcca.edge.onnx_uts import OnnxTokenSampler, UTSSettings, log_softmax, sample_entropy, token_entropy
 from cdcca.envelope import DeltaRejected, TrustStore
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class OnnxAnswer(BackendAnswer):
+    """A :class:`BackendAnswer` with what UTS stage 2 starts from.
+
+    Attributes:
+        uts_front: (B, N, Dv) the encoder's hidden state before its last ``mc_layers`` layers (``None`` for an
+            export without a UTS graph).
+    """
+
+    uts_front: np.ndarray | None = None
 
 
 @dataclass
@@ -89,7 +106,8 @@ class OnnxBackend(EdgeBackend):
         self.state_dir = Path(state_dir) if state_dir is not None else None
         manifest = self.export.manifest
         self.lm, self.spec = manifest["lm"], manifest["image_spec"]
-        options = ort.SessionOptions()
+        self.uts = manifest.get("uts")  # None: an export written before UTS had a graph
+        self._options = options = ort.SessionOptions()
         options.log_severity_level = 3  # overridable initializers are the point; ORT warns about each one
         options.inter_op_num_threads = 1
         if not spinning:
@@ -155,14 +173,23 @@ class OnnxBackend(EdgeBackend):
 
     def answer(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> BackendAnswer:
         adapter = self._active  # read once: a swap during this answer does not reach it
-        visual_tokens, soft_prompt = self.sessions["encoder"].run(
-            None, {"pixel_values": self._pixel_values(images)}, adapter.run_options["encoder"])  # fmt: skip
+        outputs = ["visual_tokens", "soft_prompt"] + ([self.uts["front_output"]] if self.uts else [])
+        visual_tokens, soft_prompt, *front = self.sessions["encoder"].run(
+            outputs, {"pixel_values": self._pixel_values(images)}, adapter.run_options["encoder"])  # fmt: skip
         token_ids, entropy, alive = self.generate(soft_prompt, prompts, adapter)
         pad = self.lm["pad_token_id"]
         texts = [" ".join(self.tokenizer.decode(row[row != pad].tolist(), skip_special_tokens=True).split())
                  for row in token_ids]  # fmt: skip
-        sample_entropy = (entropy * alive).sum(1) / np.maximum(alive.sum(1), 1)  # Eq. 2
-        return BackendAnswer(texts, torch.from_numpy(sample_entropy), torch.from_numpy(visual_tokens), adapter.version)
+        return OnnxAnswer(texts, torch.from_numpy(sample_entropy(entropy, alive)), torch.from_numpy(visual_tokens),
+                          adapter.version, front[0] if front else None)  # fmt: skip
+
+    def token_sampler(self, config: UTSSettings) -> OnnxTokenSampler:
+        """UTS on this export (both stages, no torch) with ``config`` (a ``cdcca.uts.UTSConfig``); its stage 2
+        scores an :class:`OnnxAnswer`'s ``uts_front``. :class:`OnnxModelMismatch` for an export without one."""
+        if not self.uts:
+            raise OnnxModelMismatch(f"the export in {self.export.directory} has no UTS graph (written by an older "
+                                    "CD-CCA); export the student again with `cdcca export --backend onnx`")  # fmt: skip
+        return OnnxTokenSampler(self.export.directory / self.uts["file"], self.uts, config, self._options)
 
     def generate(self, soft_prompt: np.ndarray, prompts: Sequence[str], adapter: _Adapter | None = None,
                  logits_out: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
@@ -185,9 +212,8 @@ class OnnxBackend(EdgeBackend):
             logits, *present = session.run(None, feeds, options)  # (B, V), then the cache
             if logits_out is not None:
                 logits_out.append(logits)
-            shifted = logits - logits.max(-1, keepdims=True)
-            log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-            entropies.append(-(np.exp(log_probs) * log_probs).sum(-1))
+            log_probs = log_softmax(logits)
+            entropies.append(token_entropy(log_probs))
             alive.append(~done)
             next_token = np.where(done, pad, log_probs.argmax(-1))
             tokens.append(next_token)

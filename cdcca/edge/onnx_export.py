@@ -4,6 +4,13 @@ Two graphs, cut where the robot's loop cuts the model:
 
 * ``encoder.onnx``: pixel values (B, 3, S, S) -> visual tokens (B, N, Dv) and the LM soft prompt (B, Q, D):
   the frozen vision encoder, the Q-Former and the language projection.
+  It also emits ``uts_front`` (B, N, Dv), the encoder's hidden state before its last ``mc_layers`` layers.
+* ``uts.onnx``: UTS stage 2 (:mod:`cdcca.edge.onnx_uts`): the last ``mc_layers`` encoder layers run M times
+  as one batch with a given attention-dropout keep mask, -> (B, N) variance of each output token across the
+  passes, averaged over channels (Eq. 3), as ``cdcca.uts.UncertaintyTokenSampler.token_variance`` computes it.
+  The mask is an input (ONNX's random ops take their seed as an attribute, not an input), so a run is
+  deterministic for the mask a seeded generator drew; the frozen encoder has no trainable tensors, so this
+  graph takes no adapter.
 * ``decoder.onnx``: one greedy step of the OPT language model with a KV cache: a prefix of embeddings (the
   soft prompt at the first step, empty afterwards), new token ids, the attention mask and the past keys and
   values -> the last position's logits and the present keys and values. The first call (past length 0)
@@ -46,7 +53,7 @@ from cdcca.errors import CdccaError
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import has_lora, trainable_parameters
 
-ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
+ENCODER_FILE, DECODER_FILE, UTS_FILE = "encoder.onnx", "decoder.onnx", "uts.onnx"
 EXTERNAL_DATA_ABOVE = 1 << 30  # initializer bytes past which a graph keeps its tensors in <file>.data (limit: 2 GiB)
 MANIFEST_FILE, BASE_FILE = "manifest.json", "base.safetensors"
 FORMAT_VERSION = 1
@@ -111,15 +118,59 @@ class OnnxExport:
 
 # --------------------------------------------------------------------------------------------- graphs
 class _EncoderForward(nn.Module):
-    """pixel values -> (visual tokens, soft prompt): the frozen encoder, the Q-Former, the projection."""
+    """pixel values -> (visual tokens, soft prompt, UTS front): the frozen encoder, the Q-Former, the projection.
 
-    def __init__(self, student: MLLM) -> None:
+    The encoder runs layer by layer as ``Blip2VisionModel.forward`` does (embeddings, layers, post-layernorm),
+    so that the hidden state before the last ``mc_layers`` layers can be an output as well.
+    """
+
+    def __init__(self, student: MLLM, mc_layers: int) -> None:
         super().__init__()
-        self.student = student
+        self.student, self.mc_layers = student, mc_layers
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        visual_tokens = self.student.visual_tokens(pixel_values)  # (B, N, Dv)
-        return visual_tokens, self.student.encode_visual(visual_tokens=visual_tokens)  # (B, Q, D)
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        vision = self.student.blip2.vision_model
+        layers = vision.encoder.layers
+        hidden = vision.embeddings(pixel_values)  # (B, N, Dv)
+        for layer in layers[: len(layers) - self.mc_layers]:
+            hidden = layer(hidden)
+        front = hidden
+        for layer in layers[len(layers) - self.mc_layers :]:
+            hidden = layer(hidden)
+        visual_tokens = vision.post_layernorm(hidden)  # (B, N, Dv)
+        return visual_tokens, self.student.encode_visual(visual_tokens=visual_tokens), front  # soft prompt (B, Q, D)
+
+
+class _MCDropoutTail(nn.Module):
+    """UTS stage 2: (B, N, Dv) front and (L, B, M, H, N, N) dropout keep mask -> (B, N) token variance (Eq. 3).
+
+    The last L encoder layers written against their own submodules with the eager attention of
+    ``transformers``' BLIP-2 (softmax(q·kᵀ·scale), dropout, ·v), the dropout being a product with the given
+    mask (kept entries hold 1/(1-p), dropped ones 0: what ``torch.nn.functional.dropout`` multiplies by).
+    """
+
+    def __init__(self, student: MLLM, mc_layers: int) -> None:
+        super().__init__()
+        vision = student.blip2.vision_model
+        self.layers = vision.encoder.layers[len(vision.encoder.layers) - mc_layers :]
+        self.post_layernorm = vision.post_layernorm
+
+    def forward(self, front: torch.Tensor, dropout_keep: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = front.shape
+        passes = dropout_keep.shape[2]
+        hidden = front.unsqueeze(1).expand(batch, passes, tokens, width).reshape(-1, tokens, width)  # (B*M, N, Dv)
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            heads, head_dim = attn.num_heads, attn.head_dim
+            residual = hidden
+            qkv = attn.qkv(layer.layer_norm1(hidden)).reshape(-1, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+            weights = torch.softmax(torch.matmul(qkv[0], qkv[1].transpose(-1, -2)) * attn.scale, dim=-1)
+            weights = weights * dropout_keep[index].reshape(-1, heads, tokens, tokens)  # (B*M, H, N, N)
+            context = torch.matmul(weights, qkv[2]).transpose(1, 2).reshape(-1, tokens, width)
+            hidden = attn.projection(context) + residual
+            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+        outputs = self.post_layernorm(hidden).reshape(batch, passes, tokens, width)
+        return outputs.var(dim=1).mean(dim=-1)  # (B, N)
 
 
 class _DecoderStep(nn.Module):
@@ -245,13 +296,18 @@ def _dummy_pixels(student: MLLM, batch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def export_onnx(student: MLLM, out_dir: str | Path, external_data: bool | None = None) -> OnnxExport:
+def export_onnx(student: MLLM, out_dir: str | Path, external_data: bool | None = None,
+                mc_layers: int = 1) -> OnnxExport:  # fmt: skip
     """Export ``student`` (LoRA injected) to ``out_dir``; returns the opened export.
 
     The trainable set's current values become θ_base of the export (version 0 of every adapter built for it).
     ``external_data``: keep each graph's tensors in ``<graph>.onnx.data`` (``None``: when they pass 1 GiB, as a
-    graph must stay under protobuf's 2 GiB).
+    graph must stay under protobuf's 2 GiB). ``mc_layers``: the final encoder layers UTS stage 2 runs
+    stochastically (``UTSConfig.mc_layers``; the robot's setting must match the export's).
     """
+    layers = len(student.blip2.vision_model.encoder.layers)
+    if not 1 <= mc_layers <= layers:
+        raise ValueError(f"mc_layers must be in 1..{layers} (the vision encoder's layers), got {mc_layers}")
     if not has_lora(student):
         raise ValueError("the student needs its LoRA adapters before export (cdcca.models.add_lora), so the "
                          "exported graphs take them as adapter inputs")  # fmt: skip
@@ -266,12 +322,20 @@ def export_onnx(student: MLLM, out_dir: str | Path, external_data: bool | None =
     encoder_names = [n for n in trainable if n not in lm_names]
     batch, dim = 2, text.hidden_size
     heads, head_dim = text.num_attention_heads, text.hidden_size // text.num_attention_heads
+    pixels = _dummy_pixels(student, batch)
     encoder_used = _export_graph(
-        _EncoderForward(student), (_dummy_pixels(student, batch),), ["pixel_values"],
-        ["visual_tokens", "soft_prompt"],
-        {"pixel_values": {0: "batch"}, "visual_tokens": {0: "batch"}, "soft_prompt": {0: "batch"}},
+        _EncoderForward(student, mc_layers), (pixels,), ["pixel_values"], ["visual_tokens", "soft_prompt", "uts_front"],
+        {"pixel_values": {0: "batch"}, "visual_tokens": {0: "batch"}, "soft_prompt": {0: "batch"},
+         "uts_front": {0: "batch"}},
         {n: trainable[n] for n in encoder_names}, out / ENCODER_FILE, external_data,
     )  # fmt: skip
+    front = _EncoderForward(student, mc_layers)(pixels)[2]  # (B, N, Dv)
+    vision = student.blip2.vision_model.config
+    passes = 3  # traced with 3 passes; the graph takes any M
+    keep = torch.ones(mc_layers, batch, passes, vision.num_attention_heads, front.shape[1], front.shape[1])
+    _export_graph(_MCDropoutTail(student, mc_layers), (front, keep), ["uts_front", "dropout_keep"],
+                  ["token_variance"], {"uts_front": {0: "batch"}, "dropout_keep": {1: "batch", 2: "passes"},
+                                       "token_variance": {0: "batch"}}, {}, out / UTS_FILE, external_data)  # fmt: skip
     past_names = [f"past_{kind}_{i}" for i in range(text.num_hidden_layers) for kind in ("key", "value")]
     present_names = [name.replace("past_", "present_") for name in past_names]
     prefix, tokens, past_len = student.num_query_tokens, 3, 2
@@ -302,6 +366,8 @@ def export_onnx(student: MLLM, out_dir: str | Path, external_data: bool | None =
         "graphs": {"encoder": {"file": ENCODER_FILE, "params": encoder_used},
                    "decoder": {"file": DECODER_FILE, "params": decoder_used, "past": past_names,
                                "present": present_names}},
+        "uts": {"file": UTS_FILE, "mc_layers": mc_layers, "front_output": "uts_front", "tokens": front.shape[1],
+                "width": front.shape[2], "heads": vision.num_attention_heads},
         "lm": {"layers": text.num_hidden_layers, "heads": heads, "head_dim": head_dim, "hidden": dim,
                "num_query_tokens": student.num_query_tokens, "eos_token_id": student.tokenizer.eos_token_id,
                "pad_token_id": student.tokenizer.pad_token_id},

@@ -1,0 +1,140 @@
+"""UTS on ONNX Runtime and numpy: both stages of uncertainty-guided token sampling without torch (issue 19).
+
+The same two stages as :mod:`cdcca.uts` (Wang et al., CVPR 2024, Sec. 3.2, Eq. 2-4), for a robot that runs the
+ONNX export (:mod:`cdcca.edge.onnx_export`):
+
+1. **Sample level (Eq. 2)**: :func:`sample_entropy` averages the entropies (:func:`token_entropy`) of the
+   answer tokens, computed from the decoder graph's logits; :meth:`OnnxTokenSampler.keep_samples` keeps those
+   above a threshold or in the top fraction of a sliding window per prompt kind, the decisions
+   ``UncertaintyTokenSampler.keep_samples`` makes.
+2. **Token level (Eq. 3-4)**: the export's ``uts.onnx`` runs the last ``mc_layers`` encoder layers M times as
+   one batch, from the ``uts_front`` the encoder graph already computed while answering, with attention
+   dropout as an input mask; the variance of each output token across the passes, averaged over channels, is
+   its uncertainty. Tokens above β, or the top ratio, are kept.
+
+The masks come from a numpy generator (PCG64) seeded with ``config.seed``, so scoring is reproducible for a
+seed; they are not the masks torch's generator draws for the same seed, so a parity check feeds both
+paths one mask (``tests/test_onnx_uts.py``): the variances then agree to float32 rounding and the kept
+samples and tokens are the same sets.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+
+class UTSSettings(Protocol):
+    """The fields of ``cdcca.uts.UTSConfig`` this module reads (that class, validated, is what callers pass)."""
+
+    sample_mode: str
+    entropy_threshold: float
+    sample_fraction: float
+    window: int
+    group_words: int
+    mc_passes: int
+    mc_dropout: float
+    mc_layers: int
+    token_mode: str
+    token_keep_ratio: float
+    token_threshold: float
+    seed: int
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """(B, V) decoder logits -> (B, V) log-probabilities of the next token."""
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def token_entropy(log_probs: np.ndarray) -> np.ndarray:
+    """(B, V) log-probabilities -> (B,) entropy of the next-token distribution, nats."""
+    return -(np.exp(log_probs) * log_probs).sum(-1)
+
+
+def sample_entropy(entropy: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    """Eq. 2: (B, T) per-step entropies and the (B, T) mask of steps that belong to the answer (its EOS
+    included, padding after it not) -> (B,) mean answer-token entropy, nats."""
+    return (entropy * alive).sum(1) / np.maximum(alive.sum(1), 1)
+
+
+class OnnxTokenSampler:
+    """Two-stage UTS for one robot on the exported graphs.
+
+    Args:
+        graph: the export's ``uts.onnx``.
+        info: the export manifest's ``uts`` entry (``mc_layers``, ``heads``, ``tokens``, ``width``).
+        config: UTS settings (a ``cdcca.uts.UTSConfig``); ``mc_layers`` must be the export's.
+        session_options: ORT options (threads); ``None``: ORT's defaults.
+    """
+
+    def __init__(self, graph: str | Path, info: dict, config: UTSSettings,
+                 session_options: ort.SessionOptions | None = None) -> None:  # fmt: skip
+        if config.mc_layers != info["mc_layers"]:
+            raise ValueError(f"UTS runs the last {config.mc_layers} encoder layers stochastically, but this export's "
+                             f"uts graph has {info['mc_layers']}; export again with mc_layers={config.mc_layers} or "
+                             f"set mc_layers={info['mc_layers']}")  # fmt: skip
+        self.config, self.info = config, info
+        self.session = ort.InferenceSession(str(graph), session_options, providers=["CPUExecutionProvider"])
+        self._recent: dict[str, deque] = {}  # prompt kind -> its recent entropies
+        self._rng = np.random.default_rng(config.seed)
+        self._rng_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------ stage 1
+    def prompt_kind(self, prompt: str) -> str:
+        """The window a prompt's entropy is ranked in: its first ``group_words`` words."""
+        return " ".join(prompt.lower().split()[: self.config.group_words])
+
+    def keep_samples(self, entropy: np.ndarray, prompts: Sequence[str] | None = None) -> np.ndarray:
+        """Stage 1 on (B,) entropies (updates the sliding windows) -> (B,) bool; ``prompts`` pick the windows."""
+        keep = np.zeros(len(entropy), bool)
+        for i, value in enumerate(np.asarray(entropy, np.float32).tolist()):
+            if self.config.sample_mode == "threshold":
+                keep[i] = value > self.config.entropy_threshold
+                continue
+            kind = self.prompt_kind(prompts[i]) if prompts is not None else ""
+            recent = self._recent.setdefault(kind, deque(maxlen=self.config.window))
+            recent.append(value)
+            rank = (np.asarray(recent) > value).sum()  # samples in the window more uncertain than this one
+            keep[i] = rank < max(1, int(np.ceil(self.config.sample_fraction * len(recent))))
+        return keep
+
+    # ------------------------------------------------------------------------------------------ stage 2
+    def dropout_keep(self, batch: int) -> np.ndarray:
+        """The next (L, B, M, H, N, N) attention-dropout mask: 0 where dropped, 1/(1-p) where kept."""
+        info, p = self.info, self.config.mc_dropout
+        shape = (info["mc_layers"], batch, self.config.mc_passes, info["heads"], info["tokens"], info["tokens"])
+        with self._rng_lock:
+            uniform = self._rng.random(shape, dtype=np.float32)
+        return (uniform >= np.float32(p)).astype(np.float32) * (np.float32(1.0) / np.float32(1.0 - p))
+
+    def token_variance(self, front: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+        """Eq. 3: (B, N, D) ``uts_front`` -> (B, N) MC-dropout variance; ``keep``: a mask of :meth:`dropout_keep`'s
+        shape (the next seeded one if omitted)."""
+        front = np.ascontiguousarray(front, np.float32)
+        if front.ndim != 3 or front.shape[1:] != (self.info["tokens"], self.info["width"]):
+            raise ValueError(f"uts_front must be (B, {self.info['tokens']}, {self.info['width']}), got {front.shape}")
+        keep = self.dropout_keep(front.shape[0]) if keep is None else np.ascontiguousarray(keep, np.float32)
+        (variance,) = self.session.run(None, {"uts_front": front, "dropout_keep": keep})
+        return variance
+
+    def keep_tokens(self, variance: np.ndarray) -> np.ndarray:
+        """Eq. 4 on (B, N) variances -> (B, N) bool: above β, or the top ``token_keep_ratio``."""
+        if self.config.token_mode == "threshold":
+            return variance > self.config.token_threshold
+        count = max(1, int(round(self.config.token_keep_ratio * variance.shape[1])))
+        top = np.argsort(-variance, axis=1, kind="stable")[:, :count]  # (B, count)
+        keep = np.zeros(variance.shape, bool)
+        np.put_along_axis(keep, top, True, axis=1)
+        return keep
+
+    def stage_two(self, front: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(B, N) MC-dropout variance and (B, N) kept-token mask of the samples' ``uts_front``."""
+        variance = self.token_variance(front, keep)
+        return variance, self.keep_tokens(variance)

@@ -1,0 +1,224 @@
+"""UTS on ONNX Runtime (cdcca.edge.onnx_uts): the same variances, kept tokens and kept samples as cdcca.uts on
+torch for one dropout mask, a reproducible seeded mask of its own, and no torch import."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from cdcca.data.digits_shift import corpus, load_domain
+from cdcca.edge import onnx_uts
+from cdcca.edge.onnx_backend import OnnxBackend
+from cdcca.edge.onnx_export import OnnxExport, OnnxModelMismatch, export_onnx
+from cdcca.edge.onnx_uts import OnnxTokenSampler, log_softmax, sample_entropy, token_entropy
+from cdcca.envelope import TrustStore
+from cdcca.models.checkpoint import build_pair
+from cdcca.models.presets import get_preset
+from cdcca.models.tokenizer import build_tokenizer
+from cdcca.models.trainable import add_lora, trainable_parameters
+from cdcca.uts import UncertaintyTokenSampler, UTSConfig
+
+LOGIT_GAIN = 30.0
+VARIANCE_RTOL = 1e-5  # float32 graph vs torch eager: observed ~1e-6 of the largest variance
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [s.load_image() for d in ("source", "noisy_rotated") for s in load_domain(d, "test", limit=3)]
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """An untrained ``tiny`` student (4 vision layers) exported with two stochastic layers."""
+    _, student = build_pair(get_preset("tiny"), build_tokenizer(corpus()), seed=0)
+    student = add_lora(student).eval()
+    return student, export_onnx(student, tmp_path_factory.mktemp("tiny") / "student_onnx", mc_layers=2)
+
+
+def _torch_masks(config: UTSConfig, layers: int, batch: int, heads: int, tokens: int) -> np.ndarray:
+    """The masks ``UncertaintyTokenSampler.token_variance`` draws on its first call (seed chain, then one
+    Bernoulli draw of the attention shape per stochastic layer, scaled by 1/(1-p)) as (L, B, M, H, N, N)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    state = torch.get_rng_state()
+    torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    p, shape = config.mc_dropout, (batch * config.mc_passes, heads, tokens, tokens)
+    masks = [(torch.empty(shape).bernoulli_(1 - p) / (1 - p)).numpy() for _ in range(layers)]
+    torch.set_rng_state(state)
+    return np.stack(masks).reshape(layers, batch, config.mc_passes, heads, tokens, tokens)
+
+
+def _front(export, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    session = ort.InferenceSession(str(export.directory / export.manifest["graphs"]["encoder"]["file"]))
+    visual_tokens, front = session.run(
+        ["visual_tokens", export.manifest["uts"]["front_output"]], {"pixel_values": pixels}
+    )
+    return visual_tokens, front
+
+
+@pytest.mark.parametrize("case", ["test-1-layer", "tiny-2-layers"])
+@pytest.mark.parametrize("seed", [0, 7])
+def test_same_variances_and_kept_tokens_as_torch_for_the_same_mask(case, seed, exported, tiny_export, images):
+    # Prepare: the real torch sampler, and the mask its seed draws, fed to the ORT graph
+    student, export = exported if case.startswith("test") else tiny_export
+    info = export.manifest["uts"]
+    config = UTSConfig(seed=seed, mc_layers=info["mc_layers"], token_keep_ratio=0.4)
+    pixels = student.preprocess(images)
+    masks = _torch_masks(config, info["mc_layers"], len(images), info["heads"], info["tokens"])
+    sampler = OnnxTokenSampler(export.directory / info["file"], info, config)
+    # Execute
+    torch_variance, torch_keep = UncertaintyTokenSampler(student, config).stage_two(pixels)
+    visual_tokens, front = _front(export, pixels.numpy())
+    variance, keep = sampler.stage_two(front, masks)
+    # Assert
+    np.testing.assert_allclose(visual_tokens, student.visual_tokens(pixels).detach().numpy(), atol=1e-5)
+    scale = float(torch_variance.abs().max())
+    assert scale > 0 and variance.shape == tuple(torch_variance.shape)
+    np.testing.assert_allclose(variance, torch_variance.numpy(), rtol=VARIANCE_RTOL, atol=VARIANCE_RTOL * scale)
+    assert np.array_equal(keep, torch_keep.numpy())
+    assert keep.sum(1).tolist() == [round(0.4 * info["tokens"])] * len(images)
+
+
+def test_its_own_mask_is_seeded_scaled_and_inside_the_model(tiny_export, images):
+    student, export = tiny_export
+    info = export.manifest["uts"]
+    _, front = _front(export, student.preprocess(images).numpy())
+    samplers = [
+        OnnxTokenSampler(export.directory / info["file"], info, UTSConfig(seed=s, mc_layers=2)) for s in (3, 3, 4)
+    ]
+
+    runs = [sampler.token_variance(front) for sampler in samplers]
+    mask = OnnxTokenSampler(export.directory / info["file"], info, UTSConfig(seed=3, mc_layers=2)).dropout_keep(64)
+
+    assert np.array_equal(runs[0], runs[1]) and not np.allclose(runs[0], runs[2])  # same seed, same scores
+    assert not np.array_equal(runs[0], samplers[0].token_variance(front))  # the generator moves on
+    assert set(np.unique(mask).tolist()) == {0.0, np.float32(1) / np.float32(0.9)}
+    assert abs(float((mask == 0).mean()) - 0.1) < 0.005
+    assert mask.shape == (2, 64, 8, info["heads"], info["tokens"], info["tokens"])
+    # inside the model: not the closed-form x²·p/(1-p) of dropout on the finished tokens (a magnitude ranking)
+    magnitude = (front**2).mean(-1)
+    ranks = [np.argsort(np.argsort(v, axis=1), axis=1).ravel() for v in (runs[0], magnitude)]
+    assert abs(np.corrcoef(*ranks)[0, 1]) < 0.9
+
+
+@pytest.mark.parametrize("mode", ["top_fraction", "threshold"])
+def test_stage_one_keeps_the_samples_torch_keeps(mode, spread_export, keys, samples_for_stage_one):
+    # Prepare: ORT answers (entropy from the decoder's logits) and the torch sampler scoring the same samples
+    student, export = spread_export
+    _, trust = keys
+    config = UTSConfig(sample_mode=mode, entropy_threshold=1.0, sample_fraction=0.5, window=6)
+    backend = OnnxBackend(export, "r1", trust, threads=1)
+    torch_sampler = UncertaintyTokenSampler(student, config)
+    sampler = backend.token_sampler(config)
+    torch_keep, ort_keep, gaps = [], [], []
+    for sample in samples_for_stage_one:
+        # Execute
+        scores = torch_sampler.score([sample])
+        answer = backend.answer([sample.load_image()], [sample.prompt])
+        entropy = answer.sample_entropy.numpy()
+        _, front = _front(export, backend._pixel_values([sample.load_image()]))
+        assert np.array_equal(answer.uts_front, front)  # what stage 2 starts from comes with the answer
+        torch_keep.append(bool(scores.keep_sample[0]))
+        ort_keep.append(bool(sampler.keep_samples(entropy, [sample.prompt])[0]))
+        gaps.append(abs(float(entropy[0]) - float(scores.sample_entropy[0])))
+    # Assert
+    assert max(gaps) < 1e-4
+    assert ort_keep == torch_keep and 0 < sum(ort_keep) < len(ort_keep)
+
+
+@pytest.fixture(scope="module")
+def spread_export(exported, tmp_path_factory):
+    """The pretrained ``test`` student with a seeded perturbation of its trainable set, exported.
+
+    The briefly pretrained student answers almost uniformly (every entropy 4.797 nats within 1e-6), so a window
+    ranking would compare float rounding, which two engines do not share: a perturbation and a larger final
+    norm spread the entropies over 0.7-1.6 nats."""
+    student = copy.deepcopy(exported[0])
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, param in trainable_parameters(student).items():
+            param.add_(0.5 * torch.randn(param.shape, generator=generator))
+            if name.endswith("decoder.final_layer_norm.weight"):
+                param.mul_(LOGIT_GAIN)  # sharper answer distributions
+    return student, export_onnx(student, tmp_path_factory.mktemp("spread") / "student_onnx")
+
+
+@pytest.fixture(scope="module")
+def samples_for_stage_one():
+    return [s for d in ("source", "printed", "rephrased") for s in load_domain(d, "test", limit=5)]
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    from cdcca.envelope import Signer, generate_key
+
+    private, public = generate_key(tmp_path_factory.mktemp("keys"), "cloud")
+    trust = TrustStore()
+    trust.add("cloud", public.read_text())
+    return Signer.load(private), trust
+
+
+def test_sample_entropy_from_logits_is_eq_2():
+    logits = [np.array([[0.0, 0.0], [10.0, -10.0]], np.float32), np.array([[5.0, 0.0], [0.0, 0.0]], np.float32)]
+    alive = np.array([[1, 1], [1, 0]], np.float32)  # the second answer ended at its first token
+
+    steps = np.stack([token_entropy(log_softmax(step)) for step in logits], 1)  # (B, T)
+    entropy = sample_entropy(steps, alive)
+
+    p = 1 / (1 + np.exp(-5.0))
+    expected_first = (np.log(2) + -(p * np.log(p) + (1 - p) * np.log(1 - p))) / 2
+    np.testing.assert_allclose(entropy, [expected_first, 0.0], atol=1e-6)
+
+
+def test_mismatched_settings_are_clear_errors(exported, tiny_export, keys, tmp_path):
+    _, export = exported
+    older = OnnxExport(export.directory, {k: v for k, v in export.manifest.items() if k != "uts"})
+    backend = OnnxBackend(older, "r1", keys[1])
+    assert backend.answer([np.zeros((24, 24, 3), np.uint8)], ["what digit is this?"]).uts_front is None
+    with pytest.raises(OnnxModelMismatch, match="no UTS graph"):
+        backend.token_sampler(UTSConfig())
+    info = export.manifest["uts"]
+    with pytest.raises(ValueError, match="export again with mc_layers=2"):
+        OnnxTokenSampler(export.directory / info["file"], info, UTSConfig(mc_layers=2))
+    sampler = OnnxTokenSampler(export.directory / info["file"], info, UTSConfig())
+    with pytest.raises(ValueError, match="uts_front must be"):
+        sampler.token_variance(np.zeros((1, info["tokens"] + 1, info["width"]), np.float32))
+    with pytest.raises(ValueError, match="mc_layers must be in 1..4"):
+        export_onnx(tiny_export[0], export.directory.parent / "bad", mc_layers=5)
+
+
+def test_the_module_imports_no_torch():
+    """Loaded by path: ``cdcca.edge``'s package __init__ still imports the torch runtime (see issue 19)."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('onnx_uts', {str(Path(onnx_uts.__file__))!r})\n"
+        "module = sys.modules['onnx_uts'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("mode", ["top_fraction", "threshold"])
+def test_stage_one_decisions_equal_torch_on_the_same_entropies(mode, exported):
+    # Prepare: entropies with exact ties, three prompt kinds, a window shorter than the stream
+    student, export = exported
+    config = UTSConfig(sample_mode=mode, entropy_threshold=1.0, sample_fraction=0.3, window=5, group_words=2)
+    rng = np.random.default_rng(0)
+    entropy = rng.choice(np.linspace(0.5, 1.5, 9, dtype=np.float32), 60)  # ties on purpose
+    prompts = [rng.choice(["what digit is it?", "describe the image.", "is the digit odd?"]) for _ in entropy]
+    torch_sampler = UncertaintyTokenSampler(student, config)
+    sampler = OnnxTokenSampler(export.directory / "uts.onnx", export.manifest["uts"], config)
+    # Execute: batches of 4, as an answering loop would
+    expected = [
+        torch_sampler.keep_samples(torch.from_numpy(entropy[i : i + 4]), prompts[i : i + 4]) for i in range(0, 60, 4)
+    ]
+    got = [sampler.keep_samples(entropy[i : i + 4], prompts[i : i + 4]) for i in range(0, 60, 4)]
+    # Assert
+    assert np.array_equal(np.concatenate(got), torch.cat(expected).numpy())
+    assert 0 < np.concatenate(got).sum() < 60
+    assert set(sampler._recent) == (set(torch_sampler._recent) if mode == "top_fraction" else set())
