@@ -29,6 +29,7 @@ def private_endpoint(tmp_path) -> str:
     retries it, so only this test's uploads reach the cloud."""
     return f"unixsock-stream/{tmp_path / 'cloud.sock'}"
 STOP_S = 2.0  # issue 17: the cloud stops within 2 s of Ctrl-C
+EXIT_SLACK_S = 10.0  # then the interpreter unloads torch and transformers: 1.5 s idle here, more on a busy machine
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def start_mid_round(pretrained_test_pair, uploads, tmp_path):
     key, _ = generate_key(tmp_path / "keys", "cloud-test")
     endpoint = private_endpoint(tmp_path)
     log_path = tmp_path / "cloud.log"
-    argv = [sys.executable, "-m", "cloud_trainer", "--checkpoints", str(pretrained_test_pair), "--state",
+    argv = [sys.executable, "-u", "-m", "cloud_trainer", "--checkpoints", str(pretrained_test_pair), "--state",
             str(tmp_path / "cloud"), "--key", str(key), "--endpoint", endpoint, "--round-size", str(ROUND),
             "--steps", "100000", "--threads", "1"]  # fmt: skip
     process = subprocess.Popen(argv, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
@@ -80,11 +81,13 @@ def test_ctrl_c_mid_round_stops_within_2_s_and_the_samples_stay_pending(pretrain
     # Prepare
     process, log_path, robot = start_mid_round(pretrained_test_pair, uploads, tmp_path)
     try:
-        # Execute
+        # Execute: the service has stopped when its stats table is out (stdout unbuffered)
         signalled = time.monotonic()
         process.send_signal(signal.SIGINT)
-        code = process.wait(timeout=30)
+        stopped = wait_until(lambda: "rounds_abandoned" in log_path.read_text(), timeout=30)
         took = time.monotonic() - signalled
+        code = process.wait(timeout=30)
+        exited = time.monotonic() - signalled
     finally:
         robot.close()
         if process.poll() is None:
@@ -92,8 +95,9 @@ def test_ctrl_c_mid_round_stops_within_2_s_and_the_samples_stay_pending(pretrain
     # Assert
     text = log_path.read_text()
     assert code == 0, text[-2000:]
-    assert took < STOP_S + 1.0, f"stopped {took:.1f} s after SIGINT (+1 s for the interpreter's exit)"
-    lines = [line for line in text.splitlines() if "abandoned" in line]
+    assert stopped and took < STOP_S, f"stopped {took:.1f} s after SIGINT"
+    assert exited < STOP_S + EXIT_SLACK_S
+    lines = [line for line in text.splitlines() if "abandoned," in line]
     assert len(lines) == 1 and f"stopping: round for r1 abandoned, its {ROUND} samples stay pending" in lines[0]
     assert "Traceback" not in text
     store = CloudStore(tmp_path / "cloud" / "cloud.sqlite")
@@ -108,13 +112,13 @@ def test_a_second_ctrl_c_exits_at_once(pretrained_test_pair, uploads, tmp_path):
     # Prepare
     process, log_path, robot = start_mid_round(pretrained_test_pair, uploads, tmp_path)
     try:
-        # Execute: stop the process (SIGSTOP) so the first SIGINT is still being handled when the second arrives
+        # Execute: both signals arrive together (held while the process is stopped; two kinds, since Linux merges
+        # a pending signal with its repeat), as a person pressing Ctrl-C twice while it stops
         process.send_signal(signal.SIGSTOP)
         process.send_signal(signal.SIGINT)
-        process.send_signal(signal.SIGCONT)
-        time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
+        process.send_signal(signal.SIGCONT)
         code = process.wait(timeout=30)
         took = time.monotonic() - signalled
     finally:
@@ -124,7 +128,8 @@ def test_a_second_ctrl_c_exits_at_once(pretrained_test_pair, uploads, tmp_path):
     # Assert
     text = log_path.read_text()
     assert took < STOP_S, text[-2000:]
-    assert code in (0, 130), text[-2000:]  # 130: the second signal ended it; 0: the first was already done
+    assert code == 130 and "interrupted again: exiting now" in text, text[-2000:]
+    assert "rounds_abandoned" not in text  # it did not wait for the orderly end (the stats table)
     store = CloudStore(tmp_path / "cloud" / "cloud.sqlite")
     try:
         assert store.pending_counts() == {"r1": ROUND}
