@@ -54,14 +54,19 @@ def test_the_give_up_is_a_warning_with_robot_version_and_reason(rejected_five_ti
     assert trainer.robots["r1"].last_reject_reason == statuses[-1].reason
 
 
-def test_a_robot_that_comes_back_with_a_fixed_trust_store_gets_the_version(rejected_five_times, pretrained_test_pair,
+@pytest.mark.parametrize("message", ["status", "upload"])
+def test_a_robot_that_comes_back_with_a_fixed_trust_store_gets_the_version(message, rejected_five_times,
+                                                                          pretrained_test_pair, uploads,
                                                                           keys):  # fmt: skip
     # Prepare: r1 restarts with a trust store that trusts the cloud
     trainer, sent, _ = rejected_five_times
     robot = AdapterSlot(load_adaptable_student(pretrained_test_pair), "r1", keys[1])
-    # Execute: its first heartbeat is a come-back
-    trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=0, state=wire.APPLIED,
-                                          reason="heartbeat"))  # fmt: skip
+    # Execute: its first message, a heartbeat or an upload, is a come-back
+    if message == "status":
+        trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=0, state=wire.APPLIED,
+                                              reason="heartbeat"))  # fmt: skip
+    else:
+        assert trainer.receive_tokens("r1", uploads[4])
     trainer.step()
     # Assert
     assert [(m.version, m.keyframe) for m in sent] == [(1, True)]

@@ -122,3 +122,23 @@ def test_once_with_nobody_on_the_link_says_so(endpoint):
     # Assert
     assert snapshot["robots"] == [] and snapshot["cloud"] is None
     assert "no robot heard from yet" in out.getvalue() and "cloud: not heard from" in out.getvalue()
+
+
+def test_the_rich_view_renders_the_rows_within_120_columns():
+    # Prepare
+    from rich.console import Console
+
+    from cdcca.status import rich_table
+
+    snapshot = {"robots": [{"robot": "r1", "adapter_version": 3, "uplink_queued": 2, "answers": 41, "uplink_acked": 17,
+                            "rounds": 3, "rejections": 1,
+                            "last_reject_reason": "base fingerprint mismatch: " + "x" * 60,
+                            "seen_s_ago": 1.2}],
+                "cloud": None}  # fmt: skip
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    # Execute
+    console.print(rich_table(snapshot))
+    text = console.file.getvalue()
+    # Assert
+    assert "r1" in text and "41" in text and "base fingerprint mismatch" in text and "cloud: not heard from" in text
+    assert max(len(line) for line in text.splitlines()) <= 120
