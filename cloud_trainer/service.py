@@ -16,6 +16,13 @@ Algorithm 1 of Wang et al. (CVPR 2024), cloud side, as a long-running service:
   that is behind gets the latest delta again, or a keyframe when the stored delta is based on a version it
   does not hold.
 
+A robot still behind after ``max_resends`` resends is given up on with a WARNING naming the version and the
+robot's last rejection reason; its next message after ``comeback_after_s`` (doubling per come-back) is a
+come-back and gets the version once more as a keyframe. A store write that fails for the disk's sake (full,
+read-only) is one WARNING per cause per 30 s (``cloud_trainer.faults``), counted in ``store_faults``, and the sample
+is not acknowledged, so the robot keeps it. A round in progress when the service stops is abandoned before its
+commit (:meth:`CloudTrainer.abandon_round`); its samples stay pending.
+
 Each robot has its own cloud student, distiller and version chain; the teacher is shared. A round that fails
 is undone (the robot is reloaded from its last commit); the samples it fails on alone are quarantined (kept,
 counted, logged, never pending again) and the round runs on the rest. A failure that no sample explains puts
@@ -299,6 +306,8 @@ class CloudTrainer:
         whose state is none of the STATE_* constants, or that names a version this cloud never published for that
         robot (forged, or another cloud's), changes nothing and is counted in ``statuses_ignored`` by reason.
         """
+        if self._closed:  # shutting down: the store is closed, the robot repeats its status
+            return
         if msg.state not in (APPLIED, REJECTED, ROLLED_BACK):  # not a state: never taken for APPLIED
             self._ignore_status(robot_id, "state", msg)
             return
