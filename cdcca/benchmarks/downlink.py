@@ -275,26 +275,29 @@ def hot_swap_run(student: MLLM, base: dict, delta: dict, config: DownlinkBenchCo
 
 
 def plot_downlink(report: dict, path) -> None:
-    """Bits per parameter (bars) and accuracy (dots) per codec."""
+    """Bits per parameter (bars, worst case) and each domain's accuracy loss against its uncompressed Δ (dots)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = report["codecs"]
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
     names = [r["codec"] for r in rows]
-    bars = ax.bar(names, [r["bits_per_param"] for r in rows], color="tab:blue")
+    bars = ax.bar(names, [r["bits_per_param"] for r in rows], color="tab:blue", alpha=0.8)
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_ylabel("bits per trainable parameter")
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     twin = ax.twinx()
-    twin.plot(names, [r["accuracy"] for r in rows], "o", color="tab:orange", label="accuracy with decoded delta")
-    twin.axhline(report["summary"]["accuracy_uncompressed"], color="tab:orange", linestyle="--", linewidth=1,
-                 label="uncompressed delta")  # fmt: skip
-    twin.axhline(report["summary"]["accuracy_before"], color="tab:gray", linestyle=":", linewidth=1,
-                 label="before the round")  # fmt: skip
-    twin.set_ylim(report["summary"]["accuracy_before"] - 2, report["summary"]["accuracy_uncompressed"] + 4)
-    twin.set_ylabel("accuracy (%)")
-    twin.legend(loc="upper center", fontsize=8)
-    ax.set_title(f"DWC codecs, worst case of one round on each of {report['config']['domain']}", fontsize=9)
+    cases = report.get("cases") or [{"domain": report["config"]["domain"], "codecs": rows}]
+    for offset, (case, marker) in enumerate(zip(cases, "os^vD")):
+        positions = np.arange(len(names)) + 0.12 * (offset - (len(cases) - 1) / 2)
+        twin.plot(positions, [r["acc_loss_points"] for r in case["codecs"]], marker, markersize=5,
+                  label=f"loss on {case['domain']}")  # fmt: skip
+    twin.axhline(0.5, color="tab:red", linestyle="--", linewidth=1, label="0.5-point target")
+    twin.axhline(0.0, color="tab:gray", linestyle=":", linewidth=1)
+    twin.set_ylabel("accuracy loss vs uncompressed Δ (points)")
+    twin.legend(loc="upper center", fontsize=7)
+    ax.set_title(f"DWC codecs, one round on each of {report['config']['domain']}; default "
+                 f"{report['summary'].get('default_codec', report['summary'].get('best_codec'))}", fontsize=9)
     save_figure(fig, path)
