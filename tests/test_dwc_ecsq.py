@@ -165,3 +165,41 @@ def test_config_validation_names_the_field():
         ECSQConfig(step=0.0)
     with pytest.raises(ValueError, match="ECSQConfig.zstd_level"):
         ECSQConfig(zstd_level=0)
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_a_signed_ecsq_delta_applies_on_the_robot_as_the_chain_expects(kind, exported, keys, tmp_path):
+    from cdcca.edge.adapter_slot import APPLIED, AdapterSlot
+    from cdcca.edge.backend import TorchBackend
+    from cdcca.edge.onnx_backend import OnnxBackend
+    from cdcca.envelope import VersionChain
+    from cdcca.models.trainable import trainable_parameters
+
+    # Prepare: the robot's backend and the cloud's chain over the same base; a perturbed target
+    signer, trust = keys
+    student, export = exported
+    if kind == "torch":
+        backend = TorchBackend(AdapterSlot(student, "r1", trust, state_dir=tmp_path))
+        base = backend.slot.base
+    else:
+        backend = OnnxBackend(export, "r1", trust, state_dir=tmp_path, threads=1)
+        base = backend.base
+    generator = torch.Generator().manual_seed(5)
+    target = {name: value + 0.02 * torch.randn(value.shape, generator=generator) for name, value in base.items()}
+    chain = VersionChain("r1", base)
+
+    # Execute
+    status = backend.receive(chain.make_delta(target, "ecsq", signer))
+
+    # Assert: applied, and the robot holds exactly what the chain recorded (error feedback stays exact)
+    assert status.state == APPLIED
+    if kind == "torch":
+        with backend.slot.model() as model:
+            held = {k: v.detach().clone() for k, v in trainable_parameters(model).items()}
+    else:
+        held = {k: v.clone() for k, v in backend._active.params.items()}
+    for name, value in held.items():
+        assert torch.allclose(value, chain.published[1][name], atol=1e-6), name
+        change = target[name] - base[name]
+        quantum = max(0.75 * float(change.pow(2).mean().sqrt()), float(change.abs().max()) / 127)
+        assert float((value - target[name]).abs().max()) <= quantum * 1.01 + 1e-6, name
