@@ -11,8 +11,8 @@
 3. Hot-swap: a robot answers one prompt at a time while signed deltas arrive every few answers; answer
    latency p50/p99 with and without swaps, swap latency, and failed answers.
 4. The default codec: the fewest bits per parameter among the codecs whose accuracy loss pooled over the cases
-   is at most ``max_loss_points``; the worst case is reported beside it (the summary says which and why). ``scale`` projects every codec to the paper's
-   trainable-set sizes (:mod:`cdcca.benchmarks.scale`).
+   is at most ``max_loss_points``; the worst case is reported beside it (the summary says which and why).
+5. ``scale`` projects every codec to the paper's trainable-set sizes (:mod:`cdcca.benchmarks.scale`).
 """
 
 from __future__ import annotations
