@@ -27,6 +27,9 @@ def test_edge_report(pretrained_test_pair, tmp_path, capsys):
     assert summary["failed_answers"] == 0
     assert report["parity"]["1"]["before"] >= 0.99 and report["parity"]["1"]["after"] >= 0.99
     assert report["uts"]["answers"] == 4 and report["uts"]["scoring_ms_mean"] > 0
+    ort_uts = report["ort_uts"]
+    assert ort_uts["answers"] == 4 and ort_uts["kept_samples"] >= 1 and ort_uts["stage_two_ms_mean"] > 0
+    assert summary["uts_scoring_over_ort_answer"] == ort_uts["scoring_over_answer"] > 0
     assert "onnxruntime" in capsys.readouterr().out  # the table
     assert (tmp_path / "edge.png").stat().st_size > 10_000
     assert plot_edge(report, tmp_path / "again.png").is_file()

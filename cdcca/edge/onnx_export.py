@@ -146,7 +146,9 @@ class _MCDropoutTail(nn.Module):
 
     The last L encoder layers written against their own submodules with the eager attention of
     ``transformers``' BLIP-2 (softmax(q·kᵀ·scale), dropout, ·v), the dropout being a product with the given
-    mask (kept entries hold 1/(1-p), dropped ones 0: what ``torch.nn.functional.dropout`` multiplies by).
+    mask (kept entries hold 1/(1-p), dropped ones 0: what ``torch.nn.functional.dropout`` multiplies by). The
+    M passes are one batch; what precedes the first dropout (layer norm, q/k/v, attention probabilities) is the
+    same in every pass, so it runs once per sample and is broadcast over the passes.
     """
 
     def __init__(self, student: MLLM, mc_layers: int) -> None:
@@ -155,22 +157,32 @@ class _MCDropoutTail(nn.Module):
         self.layers = vision.encoder.layers[len(vision.encoder.layers) - mc_layers :]
         self.post_layernorm = vision.post_layernorm
 
+    @staticmethod
+    def _probs_and_values(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, N, Dv) -> attention probabilities (S, H, N, N) and values (S, H, N, hd) before dropout."""
+        attn = layer.self_attn
+        qkv = attn.qkv(layer.layer_norm1(hidden)).reshape(hidden.shape[0], hidden.shape[1], 3, attn.num_heads, -1)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (S, H, N, hd)
+        return torch.softmax(torch.matmul(query, key.transpose(-1, -2)) * attn.scale, dim=-1), value
+
     def forward(self, front: torch.Tensor, dropout_keep: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = front.shape
         passes = dropout_keep.shape[2]
-        hidden = front.unsqueeze(1).expand(batch, passes, tokens, width).reshape(-1, tokens, width)  # (B*M, N, Dv)
+        hidden = front.unsqueeze(1)  # (B, 1, N, Dv): broadcast over the passes until the first dropout
         for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            heads, head_dim = attn.num_heads, attn.head_dim
-            residual = hidden
-            qkv = attn.qkv(layer.layer_norm1(hidden)).reshape(-1, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-            weights = torch.softmax(torch.matmul(qkv[0], qkv[1].transpose(-1, -2)) * attn.scale, dim=-1)
-            weights = weights * dropout_keep[index].reshape(-1, heads, tokens, tokens)  # (B*M, H, N, N)
-            context = torch.matmul(weights, qkv[2]).transpose(1, 2).reshape(-1, tokens, width)
-            hidden = attn.projection(context) + residual
+            if index == 0:
+                probs, value = self._probs_and_values(layer, front)  # (B, H, N, N), (B, H, N, hd)
+                probs, value = probs.unsqueeze(1), value.unsqueeze(1)  # (B, 1, H, N, ·)
+            else:
+                probs, value = self._probs_and_values(layer, hidden.reshape(-1, tokens, width))
+                heads = probs.shape[1]
+                probs = probs.reshape(batch, passes, heads, tokens, tokens)
+                value = value.reshape(batch, passes, heads, tokens, -1)
+            context = torch.matmul(probs * dropout_keep[index], value)  # (B, M, H, N, hd)
+            context = context.transpose(2, 3).reshape(batch, passes, tokens, width)
+            hidden = layer.self_attn.projection(context) + hidden  # (B, M, N, Dv)
             hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
-        outputs = self.post_layernorm(hidden).reshape(batch, passes, tokens, width)
-        return outputs.var(dim=1).mean(dim=-1)  # (B, N)
+        return self.post_layernorm(hidden).var(dim=1).mean(dim=-1)  # (B, N)
 
 
 class _DecoderStep(nn.Module):
