@@ -212,3 +212,24 @@ def test_external_data_export_answers_as_the_inline_one_before_and_after_a_swap(
         if when == "before":
             assert all(backend.receive(delta).state == APPLIED for backend in backends)
     assert [backend.version for backend in backends] == [1, 1]
+
+
+@pytest.mark.parametrize("size", [24, 40])
+def test_pixel_values_are_those_of_the_torch_preprocess(exported, keys, size):
+    student, export = exported
+    backend = OnnxBackend(export, "r1", keys[1])
+    image = np.random.default_rng(size).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+    got, expected = backend._pixel_values([image, image[::-1]]), student.preprocess([image, image[::-1]]).numpy()
+
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_adapters_written_from_numpy_equal_those_written_from_torch(exported, tmp_path):
+    _, export = exported
+    from_numpy = write_adapters(export, export.base_arrays(), tmp_path, "numpy")
+    from_torch = write_adapters(export, export.base(), tmp_path, "torch")
+
+    for graph in export.manifest["graphs"]:
+        left, right = read_adapter(export, from_numpy[graph]), read_adapter(export, from_torch[graph])
+        assert list(left) == list(right) and all(np.array_equal(left[n], right[n]) for n in left)

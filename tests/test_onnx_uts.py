@@ -191,13 +191,15 @@ def test_mismatched_settings_are_clear_errors(exported, tiny_export, keys, tmp_p
         export_onnx(tiny_export[0], export.directory.parent / "bad", mc_layers=5)
 
 
-def test_the_module_imports_no_torch():
+@pytest.mark.parametrize("module", ["onnx_uts", "onnx_model"])
+def test_the_robot_modules_import_no_torch(module):
     """Loaded by path: ``cdcca.edge``'s package __init__ still imports the torch runtime (see issue 19)."""
+    path = Path(onnx_uts.__file__).with_name(f"{module}.py")
     code = (
         "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('onnx_uts', {str(Path(onnx_uts.__file__))!r})\n"
-        "module = sys.modules['onnx_uts'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))\n"
+        f"spec = importlib.util.spec_from_file_location({module!r}, {str(path)!r})\n"
+        f"module = sys.modules[{module!r}] = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'onnx') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 
 from cdcca.edge.adapter_slot import (
     APPLIED,
@@ -49,7 +48,7 @@ from cdcca.edge.adapter_slot import (
     verify_delta,
 )  # fmt: skip
 from cdcca.edge.backend import BackendAnswer, EdgeBackend
-from cdcca.edge.onnx_export import OnnxExport, OnnxModelMismatch, write_adapters
+from cdcca.edge.onnx_model import OnnxExport, OnnxModelMismatch, write_adapters
 from cdcca.edge.onnx_uts import OnnxTokenSampler, UTSSettings, log_softmax, sample_entropy, token_entropy
 from cdcca.envelope import DeltaRejected, TrustStore
 
@@ -152,14 +151,17 @@ class OnnxBackend(EdgeBackend):
         for image in images:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected an RGB uint8 image of shape (H, W, 3), got {image.dtype} {image.shape}")
-            pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0  # (3, H, W)
-            if pixels.shape[1:] != (size, size):
-                pixels = F.interpolate(pixels[None], size=(size, size), mode="bilinear", antialias=True,
-                                       align_corners=False)[0]  # fmt: skip
+            pixels = image.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)  # (3, H, W)
+            if pixels.shape[1:] != (size, size):  # torch only here, until a numpy resize matches its antialiasing
+                import torch
+                import torch.nn.functional as F
+
+                pixels = F.interpolate(torch.from_numpy(pixels)[None], size=(size, size), mode="bilinear",
+                                       antialias=True, align_corners=False)[0].numpy()  # fmt: skip
             batch.append(pixels)
-        mean = torch.tensor(self.spec["mean"]).view(1, 3, 1, 1)
-        std = torch.tensor(self.spec["std"]).view(1, 3, 1, 1)
-        return ((torch.stack(batch) - mean) / std).numpy()
+        mean = np.asarray(self.spec["mean"], np.float32).reshape(1, 3, 1, 1)
+        std = np.asarray(self.spec["std"], np.float32).reshape(1, 3, 1, 1)
+        return (np.stack(batch) - mean) / std  # bit-identical to MLLM.preprocess (tests/test_onnx_backend.py)
 
     def _prompt_batch(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded ``<s> prompt`` ids (B, T) and mask (B, T), as ``MLLM._text_batch``."""

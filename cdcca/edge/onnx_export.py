@@ -1,6 +1,7 @@
 """Export the student to ONNX with its trainable set as overridable initializers (ORT multi-LoRA ready).
 
-Two graphs, cut where the robot's loop cuts the model:
+Three graphs, cut where the robot's loop cuts the model (the directory's format, and what the robot needs to read
+it without torch, live in :mod:`cdcca.edge.onnx_model`):
 
 * ``encoder.onnx``: pixel values (B, 3, S, S) -> visual tokens (B, N, Dv) and the LM soft prompt (B, Q, D):
   the frozen vision encoder, the Q-Former and the language projection.
@@ -40,80 +41,31 @@ import json
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from cdcca.errors import CdccaError
+from cdcca.edge.onnx_model import (  # noqa: F401  (re-exported: the export's on-disk format lives there)
+    BASE_FILE,
+    DECODER_FILE,
+    ENCODER_FILE,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    UTS_FILE,
+    OnnxExport,
+    OnnxModelMismatch,
+    read_adapter,
+    write_adapters,
+)
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import has_lora, trainable_parameters
 
-ENCODER_FILE, DECODER_FILE, UTS_FILE = "encoder.onnx", "decoder.onnx", "uts.onnx"
 EXTERNAL_DATA_ABOVE = 1 << 30  # initializer bytes past which a graph keeps its tensors in <file>.data (limit: 2 GiB)
-MANIFEST_FILE, BASE_FILE = "manifest.json", "base.safetensors"
-FORMAT_VERSION = 1
 OPSET = 17
-
-
-class OnnxModelMismatch(CdccaError, ValueError):
-    """An ONNX export and an adapter (or a state, or a checkpoint) that do not belong together."""
-
-
-@dataclass
-class OnnxExport:
-    """An exported student on disk.
-
-    Attributes:
-        directory: the export directory (graphs, tokenizer, ``base.safetensors``, ``manifest.json``).
-        manifest: what :func:`export_onnx` recorded: graph files, the trainable names of each graph, LM
-            geometry, special token ids, image spec and ``student_id`` (a hash of the frozen weights).
-    """
-
-    directory: Path
-    manifest: dict
-
-    @classmethod
-    def load(cls, directory: str | Path) -> OnnxExport:
-        """Open an export directory; a clear error if it is not one."""
-        directory = Path(directory).expanduser()
-        path = directory / MANIFEST_FILE
-        if not path.is_file():
-            raise OnnxModelMismatch(f"{directory} is not an ONNX export (no {MANIFEST_FILE}); create one with "
-                                    "`cdcca export --backend onnx` or cdcca.edge.onnx_export.export_onnx")  # fmt: skip
-        manifest = json.loads(path.read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise OnnxModelMismatch(f"{path} has format {manifest.get('format_version')}, this CD-CCA reads "
-                                    f"{FORMAT_VERSION}; export the student again")  # fmt: skip
-        return cls(directory, manifest)
-
-    def base(self) -> dict[str, torch.Tensor]:
-        """θ_base: the trainable set at version 0, in trainable-set order."""
-        params = load_file(str(self.directory / BASE_FILE))
-        self.check_params(params)
-        return {name: params[name] for name in self.manifest["trainable"]}
-
-    def graph_params(self, graph: str) -> list[str]:
-        """Trainable names that ``graph`` (``encoder`` or ``decoder``) takes as overridable inputs."""
-        return self.manifest["graphs"][graph]["params"]
-
-    def check_params(self, params: dict[str, torch.Tensor]) -> None:
-        """Raise :class:`OnnxModelMismatch` unless ``params`` has exactly this export's names and shapes."""
-        shapes = self.manifest["shapes"]
-        missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
-        if missing or extra:
-            raise OnnxModelMismatch(f"adapter does not match this export ({self.directory}): missing {missing[:3]}, "
-                                    f"unexpected {extra[:3]}; it was built for another student -- re-export the "
-                                    "student the adapter belongs to, or start from this export's base")  # fmt: skip
-        for name, tensor in params.items():
-            if list(tensor.shape) != shapes[name]:
-                raise OnnxModelMismatch(f"adapter tensor {name!r} has shape {list(tensor.shape)}, this export "
-                                        f"({self.directory}) expects {shapes[name]}; it was built for another "
-                                        "student -- re-export the student it belongs to")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- graphs
@@ -386,43 +338,6 @@ def export_onnx(student: MLLM, out_dir: str | Path, external_data: bool | None =
     }  # fmt: skip
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks a complete export
     return OnnxExport(out, manifest)
-
-
-# ------------------------------------------------------------------------------------------- adapters
-def write_adapters(export: OnnxExport, params: dict[str, torch.Tensor], directory: str | Path,
-                   stem: str, version: int = 0) -> dict[str, Path]:  # fmt: skip
-    """Write ``params`` (the whole trainable set) as one ``.onnx_adapter`` file per graph; graph -> path.
-
-    ``AdapterFormat.set_model_version`` records which export the adapter is for, ``set_adapter_version`` the
-    adapter version. Raises :class:`OnnxModelMismatch` if ``params`` is not this export's trainable set.
-    """
-    import onnxruntime as ort
-
-    export.check_params(params)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for graph in export.manifest["graphs"]:
-        adapter = ort.AdapterFormat()
-        adapter.set_model_version(export.manifest["adapter_model_version"])
-        adapter.set_adapter_version(int(version))
-        values = {n: np.ascontiguousarray(params[n].detach().cpu().float().numpy()) for n in export.graph_params(graph)}
-        adapter.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in values.items()})
-        paths[graph] = directory / f"{stem}.{graph}.onnx_adapter"
-        adapter.export_adapter(str(paths[graph]))
-    return paths
-
-
-def read_adapter(export: OnnxExport, path: str | Path) -> dict[str, np.ndarray]:
-    """Read one graph's ``.onnx_adapter`` after checking it was written for ``export``."""
-    import onnxruntime as ort
-
-    adapter = ort.AdapterFormat.read_adapter(str(path))
-    if adapter.get_model_version() != export.manifest["adapter_model_version"]:
-        raise OnnxModelMismatch(f"{path} was written for another export (model version {adapter.get_model_version()}, "
-                                f"this export is {export.manifest['adapter_model_version']}); rebuild the adapter "
-                                "from this export's base")  # fmt: skip
-    return {name: value.numpy() for name, value in adapter.get_parameters().items()}
 
 
 # ------------------------------------------------------------------------------------------------ CLI
