@@ -233,3 +233,17 @@ def test_adapters_written_from_numpy_equal_those_written_from_torch(exported, tm
     for graph in export.manifest["graphs"]:
         left, right = read_adapter(export, from_numpy[graph]), read_adapter(export, from_torch[graph])
         assert list(left) == list(right) and all(np.array_equal(left[n], right[n]) for n in left)
+
+
+def test_the_tokenizer_without_transformers_encodes_and_decodes_as_the_students(exported, keys, samples):
+    student, export = exported
+    backend = OnnxBackend(export, "r1", keys[1])
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, len(student.tokenizer), 12).tolist() for _ in range(50)]
+
+    assert backend.tokenizer._fast is not None  # the export's tokenizer.json, through `tokenizers`
+    for sample in samples:
+        assert backend.tokenizer.encode(sample.prompt) == student.tokenizer(sample.prompt)["input_ids"]
+    for ids in sequences:
+        expected = " ".join(student.tokenizer.decode(ids, skip_special_tokens=True).split())
+        assert " ".join(backend.tokenizer.decode(ids).split()) == expected

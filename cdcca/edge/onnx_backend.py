@@ -55,6 +55,33 @@ from cdcca.envelope import DeltaRejected, TrustStore
 log = logging.getLogger(__name__)
 
 
+class _Tokenizer:
+    """The export's tokenizer through the ``tokenizers`` library alone (no transformers, no torch) when the export
+    holds a ``tokenizer.json`` (every fast tokenizer saves one); ``transformers.AutoTokenizer`` otherwise."""
+
+    def __init__(self, directory: Path) -> None:
+        if (directory / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            self._fast, self._auto = Tokenizer.from_file(str(directory / "tokenizer.json")), None
+        else:
+            from transformers import AutoTokenizer
+
+            self._fast, self._auto = None, AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+    def encode(self, prompt: str) -> list[int]:
+        """``<s> prompt`` ids (with the special tokens the tokenizer's post-processor adds)."""
+        if self._fast is not None:
+            return self._fast.encode(prompt, add_special_tokens=True).ids
+        return self._auto(prompt, add_special_tokens=True)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids`` without special tokens."""
+        if self._fast is not None:
+            return self._fast.decode(ids, skip_special_tokens=True)
+        return self._auto.decode(ids, skip_special_tokens=True)
+
+
 @dataclass
 class OnnxAnswer(BackendAnswer):
     """A :class:`BackendAnswer` with what UTS stage 2 starts from.
@@ -98,8 +125,6 @@ class OnnxBackend(EdgeBackend):
     def __init__(self, export: str | Path | OnnxExport, robot_id: str, trust: TrustStore,
                  state_dir: str | Path | None = None, threads: int | None = None, max_new_tokens: int = 12,
                  spinning: bool = False) -> None:  # fmt: skip
-        from transformers import AutoTokenizer
-
         self.export = export if isinstance(export, OnnxExport) else OnnxExport.load(export)
         self.robot_id, self.trust, self.max_new_tokens = robot_id, trust, max_new_tokens
         self.state_dir = Path(state_dir) if state_dir is not None else None
@@ -117,7 +142,7 @@ class OnnxBackend(EdgeBackend):
         self.sessions = {graph: ort.InferenceSession(str(directory / info["file"]), options,
                                                      providers=["CPUExecutionProvider"])
                          for graph, info in manifest["graphs"].items()}  # fmt: skip
-        self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        self.tokenizer = _Tokenizer(directory)
         self.base = self.export.base()
         self._check_export()
         self._files = self.state_dir / "onnx_adapters" if self.state_dir is not None else Path(tempfile.mkdtemp())
@@ -165,7 +190,7 @@ class OnnxBackend(EdgeBackend):
 
     def _prompt_batch(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded ``<s> prompt`` ids (B, T) and mask (B, T), as ``MLLM._text_batch``."""
-        rows = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        rows = [self.tokenizer.encode(p) for p in prompts]
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), self.lm["pad_token_id"], np.int64)
         mask = np.zeros((len(rows), width), np.int64)
@@ -180,7 +205,7 @@ class OnnxBackend(EdgeBackend):
             outputs, {"pixel_values": self._pixel_values(images)}, adapter.run_options["encoder"])  # fmt: skip
         token_ids, entropy, alive = self.generate(soft_prompt, prompts, adapter)
         pad = self.lm["pad_token_id"]
-        texts = [" ".join(self.tokenizer.decode(row[row != pad].tolist(), skip_special_tokens=True).split())
+        texts = [" ".join(self.tokenizer.decode(row[row != pad].tolist()).split())
                  for row in token_ids]  # fmt: skip
         return OnnxAnswer(texts, torch.from_numpy(sample_entropy(entropy, alive)), torch.from_numpy(visual_tokens),
                           adapter.version, front[0] if front else None)  # fmt: skip
