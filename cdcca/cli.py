@@ -34,6 +34,7 @@ VERBS = {
     "make-bag": "write the digits-shift stream as a rosbag2 (camera, prompts, ground truth) for replay",
     "keys": "Ed25519 signing keys for weight deltas: `keys generate|trust|list|revoke|endorse|accept` (rotation)",
     "bench": "benchmarks: `bench uplink|downlink|adapt|edge` (UTS, DWC + hot-swap, Tables 1-4, torch vs ONNX)",
+    "status": "live view of the robots and the cloud on the link: versions, queues, rounds, rejections",
 }
 
 EXAMPLES = {
@@ -53,6 +54,8 @@ EXAMPLES = {
              "cdcca keys list"],
     "bench": ["cdcca bench uplink --threads 2 --json bench/results/uplink.json",
               "cdcca bench adapt --methods source-only pl cdcca --seeds 0"],
+    "status": ["cdcca status                         # live table until Ctrl-C",
+               "cdcca status --once 5 --as-json      # listen 5 s, print one JSON snapshot"],
 }  # fmt: skip
 
 # What the verbs feed into config dataclasses, written out so that building the parser imports no torch;
@@ -64,6 +67,7 @@ DOMAIN_NAMES = ("source", "colour_inverted", "printed", "noisy_rotated", "rephra
 TASK_NAMES = ("vqa", "mc", "caption")  # cdcca.data.sample.TASKS
 PRETRAIN_DEFAULTS = {"vision_steps": 1000, "teacher_steps": 500, "student_steps": 300, "batch_size": 64, "seed": 0}
 CLOUD_DEFAULTS = {"round_size": 64, "max_round_samples": 256, "replay": 0, "codec": "nf4-zstd"}
+CLOUD_SERVICE_DEFAULTS = {"metrics_address": "127.0.0.1", "status_every_s": 2.0, "comeback_after_s": 10.0}
 AKD_DEFAULTS = {"check_fraction": 0.0, "check_min": 3, "pseudo_label_keep": 1.0, "steps": 60, "lr": 1e-3, "seed": 0}
 EDGE_DEFAULTS = {"robot_id": "r1", "queue_capacity": 1024, "batch_size": 8}
 REPLAY_DEFAULTS = {"speed": 1.0, "rate_hz": 0.0}
@@ -287,6 +291,22 @@ def _add_cloud_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lr", type=positive_float, default=AKD_DEFAULTS["lr"], help="AKD learning rate")
     parser.add_argument("--seed", type=int, default=AKD_DEFAULTS["seed"], help="random seed of AKD")
+    parser.add_argument("--metrics-port", type=port_number, default=None, metavar="PORT",
+                        help="serve Prometheus metrics (cdcca_cloud_*) on this port (default: off)")  # fmt: skip
+    parser.add_argument("--metrics-address", default=CLOUD_SERVICE_DEFAULTS["metrics_address"], metavar="ADDR",
+                        help="address the metrics server binds (0.0.0.0: every interface)")  # fmt: skip
+    parser.add_argument("--status-every", type=non_negative_float, default=CLOUD_SERVICE_DEFAULTS["status_every_s"],
+                        metavar="SECONDS", help="publish the cloud's status on the link this often (0: off)")
+    parser.add_argument("--comeback-after", type=non_negative_float, default=CLOUD_SERVICE_DEFAULTS["comeback_after_s"],
+                        metavar="SECONDS",
+                        help="after giving up on a robot, resend when it shows up again this much later")  # fmt: skip
+
+
+def _add_status_args(parser: argparse.ArgumentParser) -> None:
+    _add_link_args(parser)
+    parser.add_argument("--once", type=non_negative_float, default=None, metavar="SECONDS",
+                        help="listen this long, print one table and exit (default: live until Ctrl-C)")  # fmt: skip
+    parser.add_argument("--as-json", action="store_true", help="print the snapshot as JSON instead of a table")
 
 
 def _add_demo_args(parser: argparse.ArgumentParser) -> None:
@@ -434,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_preset(p, "preset whose sizes are counted")
         if verb == "make-bag":
             _add_make_bag_args(p)
+        if verb == "status":
+            _add_status_args(p)
     return parser
 
 
@@ -722,7 +744,9 @@ def cmd_cloud(args) -> dict:
                          flush_after_s=args.flush_after,
                          akd=AKDConfig(steps=args.steps, lr=args.lr, seed=args.seed,
                                        pseudo_label_keep=args.pseudo_label_keep,
-                                       check_fraction=args.check_fraction, check_min=args.check_min))  # fmt: skip
+                                       check_fraction=args.check_fraction, check_min=args.check_min),
+                         metrics_port=args.metrics_port, metrics_address=args.metrics_address,
+                         status_every_s=args.status_every, comeback_after_s=args.comeback_after)  # fmt: skip
     checkpoints, key = args.checkpoints or checkpoint_dir(args.preset), args.key or cache_dir() / "keys" / "cloud-1.key"
     Signer.load(key)  # a missing key fails now, with advice, before the teacher loads
     if rank > 0:  # torchrun: rank 0 serves; this rank distills alongside it
@@ -966,10 +990,19 @@ def _print_downlink_tables(report: dict) -> None:
     print(format_table([swap], list(swap), title="hot-swap"))
 
 
+def cmd_status(args) -> dict:
+    from cdcca.status import run_status
+    from cdcca.transport import LinkConfig
+
+    _setup_logging(args.verbose)
+    config = LinkConfig.from_file(args.link) if args.link else LinkConfig.loopback(False, args.endpoint)
+    return run_status(config, once_after_s=args.once, json_out=args.as_json)
+
+
 # ---------------------------------------------------------------------------------------------------- main
 HANDLERS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "info": cmd_info, "demo": cmd_demo, "bench": cmd_bench,
             "make-bag": cmd_make_bag, "keys": cmd_keys, "edge": cmd_edge, "cloud": cmd_cloud,
-            "export": cmd_export}  # fmt: skip
+            "export": cmd_export, "status": cmd_status}  # fmt: skip
 
 
 def one_line(err: BaseException) -> str:

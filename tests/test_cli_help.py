@@ -73,6 +73,13 @@ def test_the_defaults_shown_are_the_config_dataclasses_defaults():
     table = [  # (parsed value, dataclass value, what)
         *[(getattr(cloud, f), getattr(cloud_config, f), f"cloud --{f}") for f in cli.CLOUD_DEFAULTS],
         (cloud.flush_after, cloud_config.flush_after_s, "cloud --flush-after"),
+        (cloud.metrics_address, cloud_config.metrics_address, "cloud --metrics-address"),
+        (cloud.status_every, cloud_config.status_every_s, "cloud --status-every"),
+        (cloud.comeback_after, cloud_config.comeback_after_s, "cloud --comeback-after"),
+        (cloud.metrics_port, cloud_config.metrics_port, "cloud --metrics-port"),
+        (edge.cloud_warn_after, edge_config.cloud_warn_after_s, "edge --cloud-warn-after"),
+        (edge.metrics_addr, replay.metrics_addr, "edge --metrics-addr"),
+        (edge.status_line, replay.status_line, "edge --status-line"),
         *[(getattr(cloud, f), getattr(akd, f), f"cloud --{f} (AKD)") for f in cli.AKD_DEFAULTS],
         *[(getattr(edge, f), getattr(edge_config, f), f"edge --{f}") for f in cli.EDGE_DEFAULTS],
         (edge.batch_size, replay.batch_size, "edge --batch-size (replay)"),

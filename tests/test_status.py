@@ -124,6 +124,33 @@ def test_once_with_nobody_on_the_link_says_so(endpoint):
     assert "no robot heard from yet" in out.getvalue() and "cloud: not heard from" in out.getvalue()
 
 
+def test_the_status_verb_listens_once_and_prints_json(endpoint, keys, capsys, tmp_path):
+    # Prepare: `cdcca status` joins the link through --endpoint, as a robot would
+    from cdcca.cli import main
+
+    address, publisher = endpoint
+    done = threading.Event()
+
+    def publish_until_done():
+        while not done.wait(0.2):
+            publish_all(publisher, keys[0])
+
+    thread = threading.Thread(target=publish_until_done, daemon=True)
+    thread.start()
+    # Execute
+    try:
+        code = main(["status", "--endpoint", address, "--once", "2.5", "--as-json", "--json", str(tmp_path / "s.json")])
+    finally:
+        done.set()
+        thread.join()
+    # Assert: exit 0; the snapshot on stdout and in --json has the robots the link carried
+    printed = capsys.readouterr().out
+    snapshot = json.loads(printed[: printed.rindex("}") + 1])
+    assert code == 0
+    assert [row["robot"] for row in snapshot["robots"]] == ["r1", "r2"]
+    assert json.loads((tmp_path / "s.json").read_text())["robots"] == snapshot["robots"]
+
+
 def test_the_rich_view_renders_the_rows_within_120_columns():
     # Prepare
     from rich.console import Console
