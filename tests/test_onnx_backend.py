@@ -214,15 +214,19 @@ def test_external_data_export_answers_as_the_inline_one_before_and_after_a_swap(
     assert [backend.version for backend in backends] == [1, 1]
 
 
-@pytest.mark.parametrize("size", [24, 40])
-def test_pixel_values_are_those_of_the_torch_preprocess(exported, keys, size):
+@pytest.mark.parametrize("shape", [(24, 24), (40, 40), (480, 640), (17, 30), (100, 7)])
+def test_pixel_values_are_those_of_the_torch_preprocess(exported, keys, shape):
+    """Resized in numpy as torch resizes (antialiased bilinear), without torch; unresized, bit for bit."""
     student, export = exported
     backend = OnnxBackend(export, "r1", keys[1])
-    image = np.random.default_rng(size).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    image = np.random.default_rng(shape[1]).integers(0, 256, (*shape, 3), dtype=np.uint8)
 
     got, expected = backend._pixel_values([image, image[::-1]]), student.preprocess([image, image[::-1]]).numpy()
 
-    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    assert got.dtype == np.float32 and got.shape == expected.shape == (2, 3, 24, 24)
+    if shape == (24, 24):
+        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)  # torch computes its weights in float32
 
 
 def test_adapters_written_from_numpy_equal_those_written_from_torch(exported, tmp_path):
