@@ -179,6 +179,18 @@ class RoundReport:
     backtracks: int = 0
 
 
+ANCHOR_IMAGES = 64  # source images the cloud keeps as anchors: half replayed, half the forgetting guard
+
+
+def source_anchors(model: MLLM, images: int = ANCHOR_IMAGES) -> list[DistillSample]:
+    """The embedded pair's anchor set: ``images`` images of the student's pretraining domain (digits-shift
+    ``source``, ``train`` split), one sample per task each, with every visual token. ``cdcca cloud``, ``make demo``
+    and ``cdcca bench adapt`` keep the same set."""
+    from cdcca.data.digits_shift import SOURCE_DOMAIN, load_domain
+
+    return DistillSample.from_samples(model, load_domain(SOURCE_DOMAIN, "train", limit=images))
+
+
 @torch.no_grad()
 def fit_linear(layer: nn.Linear, inputs: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-2) -> None:
     """Set ``layer`` to the ridge-regression fit of (n, in) ``inputs`` onto (n, out) ``targets``."""

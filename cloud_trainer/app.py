@@ -15,15 +15,13 @@ import signal
 import threading
 from pathlib import Path
 
-from cdcca.akd import DistillSample
-from cdcca.data.digits_shift import SOURCE_DOMAIN, load_domain
+from cdcca.akd import ANCHOR_IMAGES, source_anchors
 from cdcca.envelope import Signer
 from cdcca.models.checkpoint import load_adaptable_student, load_mllm
 from cdcca.transport import Link
 from cloud_trainer.service import CloudConfig, CloudTrainer
 
 log = logging.getLogger(__name__)
-ANCHOR_IMAGES = 64  # source images kept as anchors (as ``cdcca bench adapt``)
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
 
 
@@ -35,7 +33,9 @@ def build_trainer(checkpoints: Path, key_file: Path, config: CloudConfig, link=N
     signer = Signer.load(key_file)
     anchors = None
     if anchor_images > 0 and teacher.meta.get("preset"):  # the embedded pair: its pretraining data is at hand
-        anchors = DistillSample.from_samples(teacher, load_domain(SOURCE_DOMAIN, "train", limit=anchor_images))
+        anchors = source_anchors(teacher, anchor_images)
+    if link is not None and hasattr(link, "declare_presence"):  # robots see the cloud come and go (liveliness)
+        link.declare_presence()
     return CloudTrainer(teacher, lambda: load_adaptable_student(checkpoints), signer, config, link, anchors=anchors)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cdcca import wire
-from cdcca.akd import AKDConfig, Distiller, DistillSample
+from cdcca.akd import ANCHOR_IMAGES, AKDConfig, Distiller, DistillSample, source_anchors
 from cdcca.baselines.base import AdaptationMethod, RoundResult
 from cdcca.data.digits_shift import SOURCE_DOMAIN, TARGET_DOMAINS, load_domain
 from cdcca.data.sample import Sample
@@ -34,7 +34,6 @@ from cdcca.uts import UncertaintyTokenSampler, UTSConfig, pack_tokens
 
 STEPS = AKDConfig.steps  # optimizer steps per round, every method: the cloud's default
 CHECK_FRACTION = AKDConfig.check_fraction  # share of the uploads CD-CCA holds out to check a round (cloud default)
-ANCHOR_IMAGES = 64  # source images the cloud keeps as anchors (half replayed, half guard)
 
 
 class CdccaMethod(AdaptationMethod):
@@ -216,12 +215,6 @@ def make_method(name: str, student: MLLM, teacher: MLLM, steps: int, seed: int,
         return CdccaMethod(student, teacher, uts=uts, akd=akd, seed=seed, anchors=anchors,
                            token_selection="uts" if kind == "uts" else "random")  # fmt: skip
     return _baseline(name)(student, teacher, steps, seed)
-
-
-def source_anchors(student: MLLM, images: int = ANCHOR_IMAGES) -> list[DistillSample]:
-    """The cloud's anchor set: ``images`` source-domain ``train`` images (the student's own pretraining data),
-    one sample per task each, with every visual token."""
-    return DistillSample.from_samples(student, load_domain(SOURCE_DOMAIN, "train", limit=images))
 
 
 def _fresh_student(checkpoints, teacher: MLLM, seed: int) -> MLLM:
