@@ -224,3 +224,19 @@ def test_stage_one_decisions_equal_torch_on_the_same_entropies(mode, exported):
     assert np.array_equal(np.concatenate(got), torch.cat(expected).numpy())
     assert 0 < np.concatenate(got).sum() < 60
     assert set(sampler._recent) == (set(torch_sampler._recent) if mode == "top_fraction" else set())
+
+
+def test_cdcca_export_writes_the_uts_graph(pretrained_test_pair, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from cdcca.edge.onnx_export import cli_export
+
+    args = SimpleNamespace(
+        preset="test", checkpoints=pretrained_test_pair, out=tmp_path / "onnx", json=None, mc_layers=1
+    )
+
+    report = cli_export(args)
+
+    assert set(report["graph_bytes"]) == {"encoder", "decoder", "uts"} and report["graph_bytes"]["uts"] > 1000
+    assert OnnxExport.load(tmp_path / "onnx").manifest["uts"]["mc_layers"] == 1
+    assert "uts.onnx" in capsys.readouterr().out

@@ -345,7 +345,8 @@ def cli_export(args) -> dict:
     """``cdcca export --backend onnx``: export the student of a preset's checkpoints (LoRA added, seeded).
 
     ``args`` has ``preset``, ``checkpoints`` (None: the preset's checkpoint directory), ``out`` (None:
-    ``<checkpoints>/student_onnx``) and ``json``.
+    ``<checkpoints>/student_onnx``), ``json`` and optionally ``mc_layers`` (default 1, ``UTSConfig``'s: the encoder
+    layers UTS stage 2 runs stochastically; the robot's setting must match).
     """
     from cdcca.models.checkpoint import load_mllm
     from cdcca.models.trainable import add_lora
@@ -356,13 +357,14 @@ def cli_export(args) -> dict:
     student = add_lora(load_mllm(checkpoints / "student"))
     if out.exists() and (out / MANIFEST_FILE).is_file():
         shutil.rmtree(out)  # a previous export of this directory; rewritten whole
-    export = export_onnx(student, out)
+    export = export_onnx(student, out, mc_layers=getattr(args, "mc_layers", None) or 1)
     from cdcca.report import format_table
 
+    graphs = {**export.manifest["graphs"], "uts": {**export.manifest["uts"], "params": []}}
     sizes = {name: sum(p.stat().st_size for p in out.glob(info["file"] + "*"))  # with <file>.data, if any
-             for name, info in export.manifest["graphs"].items()}  # fmt: skip
+             for name, info in graphs.items()}  # fmt: skip
     rows = [{"graph": info["file"], "bytes": sizes[name], "adapter_tensors": len(info["params"])}
-            for name, info in export.manifest["graphs"].items()]  # fmt: skip
+            for name, info in graphs.items()]  # fmt: skip
     print(format_table(rows, ["graph", "bytes", "adapter_tensors"], title=f"ONNX export -> {out}"))
     return {"out": str(out), "student_id": export.manifest["student_id"], "graph_bytes": sizes,
             "trainable_tensors": len(export.manifest["trainable"]),
