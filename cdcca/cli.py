@@ -256,6 +256,9 @@ def _add_edge_args(parser: argparse.ArgumentParser) -> None:
                         help="a one-line status rewritten in place (default: when stdout is a terminal)")  # fmt: skip
     parser.add_argument("--cloud-warn-after", type=positive_float, default=5.0, metavar="SECONDS",
                         help="warn when no cloud has been seen for this long (answers continue meanwhile)")  # fmt: skip
+    parser.add_argument("--wait-updates", type=non_negative_int, default=0, metavar="N",
+                        help="a recording: after the uplink drained, wait (within --linger) for N new adapter "
+                             "versions, so offline adaptation ends with the adapted student applied")  # fmt: skip
     parser.add_argument("--queue-capacity", type=positive_int, default=EDGE_DEFAULTS["queue_capacity"],
                         help="uplink samples kept on disk while the cloud is away")  # fmt: skip
 
@@ -694,7 +697,8 @@ def cmd_edge(args) -> dict:
     settings = ReplaySettings(args.source, tuple(args.prompt or DEFAULT_PROMPTS), args.batch_size,
                               args.query_rate, args.rate, args.linger, show_answers=args.show_answers,
                               answers_file=args.answers_file, metrics_port=args.metrics_port,
-                              metrics_addr=args.metrics_addr, status_line=args.status_line)  # fmt: skip
+                              metrics_addr=args.metrics_addr, status_line=args.status_line,
+                              wait_updates=args.wait_updates)  # fmt: skip
     checkpoints = args.checkpoints or checkpoint_dir(args.preset)
     link = _open_link(args, listen=False)
     try:

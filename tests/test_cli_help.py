@@ -80,6 +80,7 @@ def test_the_defaults_shown_are_the_config_dataclasses_defaults():
         (edge.cloud_warn_after, edge_config.cloud_warn_after_s, "edge --cloud-warn-after"),
         (edge.metrics_addr, replay.metrics_addr, "edge --metrics-addr"),
         (edge.status_line, replay.status_line, "edge --status-line"),
+        (edge.wait_updates, replay.wait_updates, "edge --wait-updates"),
         *[(getattr(cloud, f), getattr(akd, f), f"cloud --{f} (AKD)") for f in cli.AKD_DEFAULTS],
         *[(getattr(edge, f), getattr(edge_config, f), f"edge --{f}") for f in cli.EDGE_DEFAULTS],
         (edge.batch_size, replay.batch_size, "edge --batch-size (replay)"),

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from cdcca import wire
-from cdcca.edge.app import EXIT_NO_CLOUD, ReplaySettings, build_runtime, edge_exit_code, replay
+from cdcca.edge.app import EXIT_NO_CLOUD, ReplaySettings, build_runtime, edge_exit_code, edge_exit_reason, replay
 from cdcca.edge.observe import CloudWatch, EdgeMetrics, answer_line
 from cdcca.edge.runtime import EdgeConfig
 from cdcca.envelope import generate_key, trust_key
@@ -309,3 +309,31 @@ def test_a_bag_replayed_against_a_real_cloud_reaches_it_and_exits_0(pretrained_t
     assert (report["answers"], report["uplink_enqueued"], report["uplink_queued"]) == (4, 4, 0)
     assert report["cloud_reached"] is True and edge_exit_code(report) == 0
     assert "(4 acknowledged in all, 0 queued)" in drained()[-1]
+
+
+def test_offline_adaptation_from_a_bag_ends_with_the_adapted_version_applied(pretrained_test_pair, tmp_path):
+    """`cdcca edge --source bag:… --wait-updates 1` against a cloud that trains: the run ends on the new version."""
+    from cdcca.envelope import generate_key as make_key
+    from tests.test_edge_encodings import record
+    from tests.test_loop_faults import Cloud
+
+    private, public = make_key(tmp_path / "keys", "cloud-test")
+    trust_key(public, tmp_path / "trust")
+    setup = {"checkpoints": pretrained_test_pair, "key": private, "tmp": tmp_path,
+             "endpoint": f"tcp/127.0.0.1:{free_port()}"}  # fmt: skip
+    cloud = Cloud(setup, round_size=4)  # the bag's 4 uploads make one (3-step) round
+    link = Link(LinkConfig.loopback(False, setup["endpoint"]))
+    config = EdgeConfig(state_dir=tmp_path / "edge", uts=ALL_SAMPLES, resend_after_s=0.5)
+    runtime = build_runtime(pretrained_test_pair, config, tmp_path / "trust", link)
+    try:
+        settings = ReplaySettings(f"bag:{record(tmp_path / 'bag', 'rgb8', frames=4)}", ("what?",), speed=0.0,
+                                  linger_s=120.0, wait_updates=1)  # fmt: skip
+        report = replay(runtime, settings, threading.Event())
+    finally:
+        runtime.close()
+        link.close()
+        cloud.stop()
+    assert (report["answers"], report["uplink_queued"], report["start_version"]) == (4, 0, 0)
+    assert report["adapter_version"] == 1 and report["updates_waited_for"] == 1
+    assert edge_exit_code(report) == 0 and edge_exit_reason(report) is None
+    assert edge_exit_reason({**report, "adapter_version": 0}).startswith("the cloud acknowledged every upload")

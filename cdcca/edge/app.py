@@ -87,6 +87,8 @@ class ReplaySettings:
         metrics_port: serve Prometheus metrics on this port (``None`` or 0: off).
         metrics_addr: the address the metrics server binds (default: every interface, as exporters do).
         status_line: a one-line status rewritten in place on stdout; ``None``: when stdout is a terminal.
+        wait_updates: a recording, after its uplink drained, also waits (within ``linger_s``) until this many
+            new adapter versions are applied: offline adaptation that ends with the adapted student in place.
     """
 
     source: str
@@ -100,11 +102,14 @@ class ReplaySettings:
     metrics_port: int | None = None
     metrics_addr: str = "0.0.0.0"
     status_line: bool | None = None
+    wait_updates: int = 0
 
     def __post_init__(self) -> None:
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port (--metrics-port) must be a TCP port 1-65535 (0: off), "
                              f"got {self.metrics_port}")  # fmt: skip
+        if self.wait_updates < 0:
+            raise ValueError(f"wait_updates (--wait-updates) must be >= 0, got {self.wait_updates}")
         if self.answers_file is not None:
             self.answers_file = Path(self.answers_file)
             if self.answers_file.is_dir():
@@ -118,8 +123,9 @@ class ReplaySettings:
 DRAIN_TIMEOUT_S = 30.0  # the longest a finished recording waits for the cloud to acknowledge its uplink
 
 
-def _linger(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event) -> None:
-    """After the source ends: serve until stopped, for ``linger_s``, or (a recording) until the uplink drains."""
+def _linger(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event, start_version: int = 0) -> None:
+    """After the source ends: serve until stopped, for ``linger_s``, or (a recording) until the uplink drains
+    and, with ``wait_updates``, until that many versions past ``start_version`` are applied."""
     recording = settings.source.startswith(("bag:", "realsense:")) and settings.source != "realsense:"
     if settings.linger_s is not None and settings.linger_s < 0 or settings.linger_s is None and not recording:
         stop.wait(None)
@@ -134,6 +140,16 @@ def _linger(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Even
     if len(runtime.uplink):
         log.warning("the cloud did not acknowledge %d queued samples within %.0f s; they stay queued in %s",
                     len(runtime.uplink), wait_s, runtime.config.state_dir)  # fmt: skip
+        return
+    if settings.wait_updates > 0:
+        target = start_version + settings.wait_updates
+        log.info("uplink drained; waiting for adapter v%d from the cloud (at most %.0f s more)", target,
+                 max(0.0, deadline - time.monotonic()))  # fmt: skip
+        while runtime.backend.version < target and time.monotonic() < deadline and not stop.wait(0.2):
+            pass
+        if runtime.backend.version < target:
+            log.warning("no adapter v%d within %.0f s (running v%d); the cloud may still be training: run again "
+                        "with a longer --linger", target, wait_s, runtime.backend.version)  # fmt: skip
 
 
 EXIT_NO_CLOUD = 3  # the cloud was never reached, or a recording's uplink was left unacknowledged
@@ -141,7 +157,8 @@ EXIT_NO_CLOUD = 3  # the cloud was never reached, or a recording's uplink was le
 
 def edge_exit_code(report: dict) -> int:
     """The exit status of ``cdcca edge`` after :func:`replay`: 0, or :data:`EXIT_NO_CLOUD` (3) when a cloud was
-    expected and never reached, or a recording ended with uploads the cloud did not acknowledge."""
+    expected and never reached, a recording ended with uploads the cloud did not acknowledge, or the updates a
+    recording waited for (``wait_updates``) did not arrive."""
     return 0 if edge_exit_reason(report) is None else EXIT_NO_CLOUD
 
 
@@ -152,6 +169,10 @@ def edge_exit_reason(report: dict) -> str | None:
         return (f"no cloud was reached at {report.get('cloud_endpoint', 'the link endpoint')}; answers were made, "
                 f"{queued} uploads stay queued for the next run; check --endpoint / --link and that `cdcca cloud` "
                 "runs")  # fmt: skip
+    waited, start = report.get("updates_waited_for", 0), report.get("start_version", 0)
+    if report.get("recording") and waited and queued == 0 and report.get("adapter_version", 0) < start + waited:
+        return (f"the cloud acknowledged every upload but sent no adapter v{start + waited} in time (running "
+                f"v{report.get('adapter_version', 0)}); its round may still run: --linger waits longer")  # fmt: skip
     if report.get("recording") and queued > 0:
         return (f"the cloud did not acknowledge {queued} uploads before the end; they stay queued for the next run "
                 "(--linger waits longer)")  # fmt: skip
@@ -202,7 +223,7 @@ def _replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Even
         runtime.config.batch_size = settings.batch_size
         return run_dds_edge(runtime, settings.source[4:], stop, DdsEdgeSettings())
     runtime.start()
-    started = time.monotonic()
+    started, start_version = time.monotonic(), runtime.backend.version
     batch, done = [], 0
     first_stamp_ns = None
     for query in open_source(settings.source, settings.prompts, on_fault=runtime.record_fault):
@@ -229,8 +250,9 @@ def _replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Even
         runtime.ask([q.image for q in batch], [q.prompt for q in batch], [q.sample_id for q in batch])
         done += len(batch)
     log.info("source finished after %d queries in %.1f s", done, time.monotonic() - started)
-    _linger(runtime, settings, stop)
-    return {"queries": done, "seconds": time.monotonic() - started, **runtime.stats()}
+    _linger(runtime, settings, stop, start_version)
+    return {"queries": done, "seconds": time.monotonic() - started, "start_version": start_version,
+            "updates_waited_for": settings.wait_updates, **runtime.stats()}
 
 
 def stop_on_signals(stop: threading.Event) -> None:
