@@ -14,6 +14,7 @@ with :func:`register`. The decoded values are bit-identical to ``cdcca.dwc``'s (
   ``bitsandbytes.functional.quantize_4bit`` stores them. The 16 NF4 levels are the quantiles of N(0, 1) of
   Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (NeurIPS 2023, App. E), as bitsandbytes'
   ``get_4bit_type("nf4")`` lists them (float32).
+- ``sparse-sign`` / ``sparse-sign-ref``: sent signs times one scale per group (``cdcca.dwc.SparseSignCodec``).
 """
 
 from __future__ import annotations
@@ -301,3 +302,47 @@ def _nf4(entries: list[Entry], streams: dict[str, np.ndarray], params: dict[str,
 
 register("nf4", kinds=("nf4",))(_nf4)
 register("nf4-zstd", kinds=("nf4",))(_nf4)
+
+
+def _group_shape(shape: tuple[int, ...], granularity: str) -> tuple[int, int]:
+    """(groups, group length) of a tensor: the whole tensor, or its rows along the last axis."""
+    numel = math.prod(shape)
+    if granularity == "tensor" or len(shape) < 2 or shape[-1] == 0:
+        return 1, numel
+    return numel // shape[-1], shape[-1]
+
+
+def _sparse_sign(entries: list[Entry], streams: dict[str, np.ndarray], params: dict[str, Any]) -> dict[int, np.ndarray]:
+    """Over the ``sign`` tensors in layout order: ``"mask"`` (packed bits, 1 per sent entry), ``"signs"`` (packed
+    bits, 1 = negative, per sent entry), ``"scales"`` (float32, one per group with a sent entry); value = sign ·
+    scale of its group (ComPEFT sparsity with BitDelta's scale). Param ``granularity`` (``tensor`` or ``row``)."""
+    granularity = params.get("granularity")
+    if granularity not in ("tensor", "row"):
+        raise CodecError(f"sparse-sign granularity {granularity!r} is not 'tensor' or 'row'")
+    total = sum(entry.numel for entry in entries)
+    mask = np.unpackbits(take(streams, "mask", np.uint8, -(-total // 8)), count=total).astype(bool)
+    sent = int(mask.sum())
+    negative = np.unpackbits(take(streams, "signs", np.uint8, -(-sent // 8)), count=sent).astype(bool)
+    scales = take(streams, "scales", np.float32, None)
+    if not (np.isfinite(scales).all() and (scales >= 0).all()):
+        raise CodecError("sparse-sign scales must be finite and >= 0")
+    signed = np.zeros(total, np.float32)
+    signed[mask] = np.where(negative, -1.0, 1.0)
+    decoded, offset, used = {}, 0, 0
+    for entry in entries:
+        shape = _group_shape(entry.shape, granularity)  # (G, L)
+        nonempty = mask[offset : offset + entry.numel].reshape(shape).any(axis=1)  # (G,)
+        group_scale = np.zeros(shape[0], np.float32)
+        count = int(nonempty.sum())
+        if used + count > scales.size:
+            raise CodecError(f"stream 'scales' has {scales.size} values; tensor {entry.name!r} needs more")
+        group_scale[nonempty] = scales[used : used + count]
+        decoded[entry.index] = (signed[offset : offset + entry.numel].reshape(shape) * group_scale[:, None]).ravel()
+        offset, used = offset + entry.numel, used + count
+    if used != scales.size:
+        raise CodecError(f"stream 'scales' has {scales.size} values, the mask calls for {used}")
+    return decoded
+
+
+register("sparse-sign", kinds=("sign",))(_sparse_sign)
+register("sparse-sign-ref", kinds=("sign",))(_sparse_sign)
