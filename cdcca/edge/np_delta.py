@@ -15,6 +15,10 @@ with :func:`register`. The decoded values are bit-identical to ``cdcca.dwc``'s (
   Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (NeurIPS 2023, App. E), as bitsandbytes'
   ``get_4bit_type("nf4")`` lists them (float32).
 - ``sparse-sign`` / ``sparse-sign-ref``: sent signs times one scale per group (``cdcca.dwc.SparseSignCodec``).
+- ``ecsq``: an entropy-coded uniform scalar quantizer (``cdcca.dwc.ECSQCodec``).
+
+The decoders repeat ``cdcca.dwc``'s stream layouts, which that module owns; the tests decode every codec both ways
+and compare bits, so a change there that is not made here fails them.
 """
 
 from __future__ import annotations
@@ -346,3 +350,47 @@ def _sparse_sign(entries: list[Entry], streams: dict[str, np.ndarray], params: d
 
 register("sparse-sign", kinds=("sign",))(_sparse_sign)
 register("sparse-sign-ref", kinds=("sign",))(_sparse_sign)
+
+
+_ECSQ_MAX_SYMBOL = 127
+
+
+def _inflate(streams: dict[str, np.ndarray], key: str, size: int) -> np.ndarray:
+    """Stream ``key``: one zstd frame that must inflate to exactly ``size`` bytes (checked before inflating)."""
+    frame = take(streams, key, np.uint8, None).tobytes()
+    if zstandard.frame_content_size(frame) != size:
+        raise CodecError(f"stream {key!r} should inflate to {size} bytes")
+    return np.frombuffer(zstandard.ZstdDecompressor().decompress(frame, max_output_size=size), np.uint8)
+
+
+@register("ecsq", kinds=("ecsq",))
+def _ecsq(entries: list[Entry], streams: dict[str, np.ndarray], params: dict[str, Any]) -> dict[int, np.ndarray]:
+    """Entropy-coded uniform scalar quantizer (``cdcca.dwc.ECSQCodec``): symbols s, reconstructed as
+    sign(s) · (|s| − θ) · q per tensor. Zstd-framed streams ``"magnitudes"`` (min(|s|, 3), four per byte),
+    ``"signs"`` (packed bits, 1 = negative, per non-zero s), ``"extra"`` (|s| − 3 where |s| >= 3); plain
+    ``"steps"`` (float32 q per tensor) and ``"offsets"`` (uint8, θ = offset / 510). Param ``step``."""
+    step = params.get("step")
+    if type(step) is not float or not 0.0 < step < 64.0:
+        raise CodecError(f"ecsq step {step!r} is not a number in (0, 64)")
+    total = sum(entry.numel for entry in entries)
+    steps = take(streams, "steps", np.float32, len(entries))
+    offsets = take(streams, "offsets", np.uint8, len(entries))
+    if not (np.isfinite(steps).all() and (steps > 0).all()):
+        raise CodecError("ecsq steps must be finite and > 0")
+    quads = _inflate(streams, "magnitudes", -(-total // 4))
+    magnitude = ((quads[:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3).reshape(-1)[:total]  # (P,)
+    nonzero = magnitude != 0
+    sent = int(nonzero.sum())
+    negative = np.unpackbits(_inflate(streams, "signs", -(-sent // 8)), count=sent).astype(bool)
+    top = magnitude == 3
+    extra = _inflate(streams, "extra", int(top.sum()))
+    if (extra > _ECSQ_MAX_SYMBOL - 3).any():
+        raise CodecError(f"stream 'extra' exceeds the largest symbol {_ECSQ_MAX_SYMBOL}")
+    values = magnitude.astype(np.float32)  # (P,)
+    values[top] += extra
+    sizes = [entry.numel for entry in entries]
+    shrink = np.repeat(offsets.astype(np.float32) / 510, sizes)  # (P,)
+    values[nonzero] = np.where(negative, -1.0, 1.0) * (values[nonzero] - shrink[nonzero])
+    values *= np.repeat(steps, sizes)  # (P,)
+    bounds = np.cumsum([0, *sizes])
+    return {entry.index: values[bounds[i] : bounds[i + 1]] for i, entry in enumerate(entries)}
