@@ -345,9 +345,13 @@ def check_fingerprint(msg, base_fingerprint: str) -> None:
     stated = str(getattr(msg, "base_fingerprint", ""))
     if stated and base_fingerprint and stated != base_fingerprint:
         raise DeltaRejected(f"base fingerprint mismatch: delta for {stated}, robot has {base_fingerprint}")
-    if not stated:
+    if not stated and msg.robot_id not in _WARNED_NO_FINGERPRINT:  # once per robot: a fleet of old clouds is not news
+        _WARNED_NO_FINGERPRINT.add(msg.robot_id)
         log.warning("delta v%s for robot %s states no base fingerprint (an older cloud?); accepted on its names and "
-                    "shapes alone", msg.version, msg.robot_id)  # fmt: skip
+                    "shapes alone (said once)", msg.version, msg.robot_id)  # fmt: skip
+
+
+_WARNED_NO_FINGERPRINT: set[str] = set()
 
 
 def open_envelope(msg, *, trust: TrustStore, robot_id: str, current_version: int, expected: dict[str, torch.Tensor],
