@@ -228,6 +228,11 @@ def _add_edge_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", default=None,
                         help="prompt asked about every frame of a folder, camera or bag without /cdcca/prompt "
                              "(repeatable)")  # fmt: skip
+    parser.add_argument("--prompts-file", type=Path, default=None, metavar="FILE",
+                        help="prompts, one per line (blank lines, # comments skipped), as --prompt")  # fmt: skip
+    parser.add_argument("--topic", default=None, metavar="TOPIC",
+                        help="bag:PATH only: the camera topic to replay (as bag:PATH#TOPIC; default: the first "
+                             "Image/CompressedImage topic)")  # fmt: skip
     parser.add_argument("--state", type=Path, default=None, help="uplink queue + adapter state (default: cache)")
     parser.add_argument("--trust", type=Path, default=None, help="trust store of signing keys (default: cache)")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnx"],
@@ -678,6 +683,29 @@ def _check_source(spec: str) -> None:
             raise CdccaError(f"--source {spec!r}: {path} is not readable")
 
 
+def _edge_prompts(args) -> tuple[str, ...] | None:
+    """``--prompt`` values then the lines of ``--prompts-file``; ``None`` when neither was given."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        try:
+            lines = Path(args.prompts_file).expanduser().read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise CdccaError(f"--prompts-file {args.prompts_file}: cannot read it ({one_line(err)})") from err
+        prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if len(prompts) == len(args.prompt or []):
+            raise CdccaError(f"--prompts-file {args.prompts_file} holds no prompt (one per line)")
+    return tuple(prompts) or None
+
+
+def _edge_source(args) -> str:
+    """``--source``, with ``--topic`` folded in as ``bag:PATH#TOPIC``."""
+    if args.topic is None:
+        return args.source
+    if not args.source.startswith("bag:") or "#" in args.source:
+        raise CdccaError(f"--topic goes with --source bag:PATH (without #TOPIC), got --source {args.source!r}")
+    return f"{args.source}#{args.topic}"
+
+
 def cmd_edge(args) -> dict:
     import threading
 
@@ -688,13 +716,15 @@ def cmd_edge(args) -> dict:
     from cdcca.paths import cache_dir, checkpoint_dir
 
     _setup_logging(args.verbose)
+    args.source = _edge_source(args)
     _check_source(args.source)
+    prompts = _edge_prompts(args) or DEFAULT_PROMPTS
     state = _writable_dir(args.state or cache_dir() / "edge" / args.robot_id, "--state")
     trust = args.trust or cache_dir() / "trust"
     TrustStore.load(trust)  # a missing or malformed store fails now, with advice, before the model loads
     config = EdgeConfig(robot_id=args.robot_id, state_dir=state, queue_capacity=args.queue_capacity,
                         cloud_warn_after_s=args.cloud_warn_after)  # fmt: skip
-    settings = ReplaySettings(args.source, tuple(args.prompt or DEFAULT_PROMPTS), args.batch_size,
+    settings = ReplaySettings(args.source, tuple(prompts), args.batch_size,
                               args.query_rate, args.rate, args.linger, show_answers=args.show_answers,
                               answers_file=args.answers_file, metrics_port=args.metrics_port,
                               metrics_addr=args.metrics_addr, status_line=args.status_line,

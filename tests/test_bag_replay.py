@@ -166,3 +166,31 @@ def test_a_negative_rate_is_one_error_line_and_exit_2(edge, tmp_path, capsys):
     last = capsys.readouterr().err.splitlines()[-1]
     assert code == 2 and report is None
     assert last.startswith("cdcca edge") and "error:" in last and "rate" in last and "-1" in last
+
+
+def test_prompts_come_from_a_file_and_the_topic_from_topic(edge, tmp_path):
+    bag = _record(tmp_path / "rgb_and_depth", depth=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# asked about every frame\nwhat digit?\n\nwhat colour?\n")
+
+    code, report = edge(f"bag:{bag}", "--prompts-file", str(prompts), "--topic", CAMERA_TOPIC, "--rate", "0")
+
+    assert code == NO_CLOUD  # answered; no cloud listens here
+    assert report["queries"] == report["answers"] == FRAMES * 2  # two prompts from the file, comment skipped
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--prompts-file", "{tmp}/none.txt"], "--prompts-file"),
+    (["--prompts-file", "{tmp}/empty.txt"], "holds no prompt"),
+    (["--topic", "/x"], "--topic goes with --source bag:PATH"),
+])  # fmt: skip
+def test_a_bad_prompts_file_or_topic_is_one_line_and_exit_2(edge, tmp_path, capsys, extra, says):
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    bag = _record(tmp_path / "recorded")
+    source = f"bag:{bag}#{CAMERA_TOPIC}" if "--topic" in extra else f"bag:{bag}"
+
+    code, report = edge(source, *[part.format(tmp=tmp_path) for part in extra])
+
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and report is None
+    assert len(errors) == 1 and says in errors[0]
