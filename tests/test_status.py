@@ -1,6 +1,7 @@
 """``cdcca status`` over a real Zenoh link on loopback: robots' and the cloud's DiagnosticArray, AdapterStatus and
 WeightDelta messages become one row per robot and the cloud's line."""
 
+import contextlib
 import io
 import json
 import threading
@@ -44,6 +45,24 @@ def publish_all(link: Link, signer) -> None:
                                                reason="signature: key cloud-1 is not trusted"))  # fmt: skip
     put(link, "r2", "weight_delta", seal(b"\x00" * 16, robot_id="r2", version=3, base_version=0, keyframe=True,
                                          codec="fp16", num_params=4, signer=signer))  # fmt: skip
+
+
+@contextlib.contextmanager
+def publishing(link: Link, signer, period_s: float = 0.2):
+    """Robots and the cloud publish every ``period_s`` on ``link`` while the block runs."""
+    done = threading.Event()
+
+    def publish_until_done():
+        while not done.wait(period_s):
+            publish_all(link, signer)
+
+    thread = threading.Thread(target=publish_until_done, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 @pytest.fixture()
@@ -91,21 +110,10 @@ def test_the_monitor_makes_one_row_per_robot_and_the_cloud_line(endpoint, keys):
 def test_once_prints_one_json_snapshot_after_listening(endpoint, keys):
     # Prepare: robots and the cloud publish every 0.2 s while the command listens
     address, publisher = endpoint
-    done = threading.Event()
-
-    def publish_until_done():
-        while not done.wait(0.2):
-            publish_all(publisher, keys[0])
-
-    thread = threading.Thread(target=publish_until_done, daemon=True)
-    thread.start()
     out = io.StringIO()
     # Execute
-    try:
+    with publishing(publisher, keys[0]):
         snapshot = run_status(LinkConfig(connect=[address]), once_after_s=2.5, json_out=True, out=out)
-    finally:
-        done.set()
-        thread.join()
     # Assert
     printed = json.loads(out.getvalue())
     assert printed["robots"] == snapshot["robots"]
@@ -129,20 +137,9 @@ def test_the_status_verb_listens_once_and_prints_json(endpoint, keys, capsys, tm
     from cdcca.cli import main
 
     address, publisher = endpoint
-    done = threading.Event()
-
-    def publish_until_done():
-        while not done.wait(0.2):
-            publish_all(publisher, keys[0])
-
-    thread = threading.Thread(target=publish_until_done, daemon=True)
-    thread.start()
     # Execute
-    try:
+    with publishing(publisher, keys[0]):
         code = main(["status", "--endpoint", address, "--once", "2.5", "--as-json", "--json", str(tmp_path / "s.json")])
-    finally:
-        done.set()
-        thread.join()
     # Assert: exit 0; the snapshot on stdout and in --json has the robots the link carried
     printed = capsys.readouterr().out
     snapshot = json.loads(printed[: printed.rindex("}") + 1])
