@@ -15,7 +15,7 @@ from cdcca.data.digits_shift import corpus, load_domain
 from cdcca.edge import onnx_uts
 from cdcca.edge.onnx_backend import OnnxBackend
 from cdcca.edge.onnx_export import OnnxExport, OnnxModelMismatch, export_onnx
-from cdcca.edge.onnx_uts import OnnxTokenSampler, log_softmax, sample_entropy, token_entropy
+from cdcca.edge.onnx_uts import OnnxTokenSampler, dropout_keep_mask, log_softmax, sample_entropy, token_entropy
 from cdcca.envelope import TrustStore
 from cdcca.models.checkpoint import build_pair
 from cdcca.models.presets import get_preset
@@ -240,3 +240,24 @@ def test_cdcca_export_writes_the_uts_graph(pretrained_test_pair, tmp_path, capsy
     assert set(report["graph_bytes"]) == {"encoder", "decoder", "uts"} and report["graph_bytes"]["uts"] > 1000
     assert OnnxExport.load(tmp_path / "onnx").manifest["uts"]["mc_layers"] == 1
     assert "uts.onnx" in capsys.readouterr().out
+
+
+def test_the_torch_tail_fed_the_seeded_mask_scores_as_the_graph(tiny_export, images):
+    """One seed, one mask, both engines: what a torch robot needs to pick the ORT robot's tokens."""
+    from cdcca.edge.onnx_export import MCDropoutTail
+
+    student, export = tiny_export
+    info = export.manifest["uts"]
+    config = UTSConfig(seed=21, mc_layers=2)
+    _, front = _front(export, student.preprocess(images).numpy())
+    sampler = OnnxTokenSampler(export.directory / info["file"], info, config)
+    shape = (2, len(images), config.mc_passes, info["heads"], info["tokens"], info["tokens"])
+    mask = dropout_keep_mask(np.random.default_rng(config.seed), shape, config.mc_dropout)
+
+    variance, keep = sampler.stage_two(front)  # its own first mask: the same draw
+    with torch.no_grad():
+        torch_variance = MCDropoutTail(student, 2)(torch.from_numpy(front), torch.from_numpy(mask)).numpy()
+
+    scale = float(np.abs(torch_variance).max())
+    np.testing.assert_allclose(variance, torch_variance, rtol=VARIANCE_RTOL, atol=VARIANCE_RTOL * scale)
+    assert np.array_equal(keep, sampler.keep_tokens(torch_variance))

@@ -93,7 +93,7 @@ class _EncoderForward(nn.Module):
         return visual_tokens, self.student.encode_visual(visual_tokens=visual_tokens), front  # soft prompt (B, Q, D)
 
 
-class _MCDropoutTail(nn.Module):
+class MCDropoutTail(nn.Module):
     """UTS stage 2: (B, N, Dv) front and (L, B, M, H, N, N) dropout keep mask -> (B, N) token variance (Eq. 3).
 
     The last L encoder layers written against their own submodules with the eager attention of
@@ -101,6 +101,9 @@ class _MCDropoutTail(nn.Module):
     mask (kept entries hold 1/(1-p), dropped ones 0: what ``torch.nn.functional.dropout`` multiplies by). The
     M passes are one batch; what precedes the first dropout (layer norm, q/k/v, attention probabilities) is the
     same in every pass, so it runs once per sample and is broadcast over the passes.
+
+    In torch, fed the mask a seed draws (:func:`cdcca.edge.onnx_uts.dropout_keep_mask`), it gives the variances
+    ``uts.onnx`` gives: what lets the torch and the ORT robot pick the same tokens for the same seed.
     """
 
     def __init__(self, student: MLLM, mc_layers: int) -> None:
@@ -297,7 +300,7 @@ def export_onnx(student: MLLM, out_dir: str | Path, external_data: bool | None =
     vision = student.blip2.vision_model.config
     passes = 3  # traced with 3 passes; the graph takes any M
     keep = torch.ones(mc_layers, batch, passes, vision.num_attention_heads, front.shape[1], front.shape[1])
-    _export_graph(_MCDropoutTail(student, mc_layers), (front, keep), ["uts_front", "dropout_keep"],
+    _export_graph(MCDropoutTail(student, mc_layers), (front, keep), ["uts_front", "dropout_keep"],
                   ["token_variance"], {"uts_front": {0: "batch"}, "dropout_keep": {1: "batch", 2: "passes"},
                                        "token_variance": {0: "batch"}}, {}, out / UTS_FILE, external_data)  # fmt: skip
     past_names = [f"past_{kind}_{i}" for i in range(text.num_hidden_layers) for kind in ("key", "value")]

@@ -12,10 +12,10 @@ ONNX export (:mod:`cdcca.edge.onnx_export`):
    dropout as an input mask; the variance of each output token across the passes, averaged over channels, is
    its uncertainty. Tokens above β, or the top ratio, are kept.
 
-The masks come from a numpy generator (PCG64) seeded with ``config.seed``, so scoring is reproducible for a
-seed; they are not the masks torch's generator draws for the same seed, so a parity check feeds both
-paths one mask (``tests/test_onnx_uts.py``): the variances then agree to float32 rounding and the kept
-samples and tokens are the same sets.
+The masks come from a numpy generator (PCG64) seeded with ``config.seed`` (:func:`dropout_keep_mask`), so scoring
+is reproducible for a seed; they are not the masks torch's generator draws for the same seed, so a parity check
+feeds both paths one mask (``tests/test_onnx_uts.py``): the variances then agree to float32 rounding and the kept
+samples and tokens are the same sets. ``cdcca.edge.onnx_export.MCDropoutTail`` is the same computation in torch.
 """
 
 from __future__ import annotations
@@ -28,6 +28,13 @@ from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
+
+
+def dropout_keep_mask(rng: np.random.Generator, shape: tuple[int, ...], p: float) -> np.ndarray:
+    """An attention-dropout mask of ``shape`` drawn from ``rng``: 0 where dropped (probability ``p``), 1/(1-p) where
+    kept, in float32 as ``torch.nn.functional.dropout`` scales."""
+    uniform = rng.random(shape, dtype=np.float32)
+    return (uniform >= np.float32(p)).astype(np.float32) * (np.float32(1.0) / np.float32(1.0 - p))
 
 
 class UTSSettings(Protocol):
@@ -108,11 +115,10 @@ class OnnxTokenSampler:
     # ------------------------------------------------------------------------------------------ stage 2
     def dropout_keep(self, batch: int) -> np.ndarray:
         """The next (L, B, M, H, N, N) attention-dropout mask: 0 where dropped, 1/(1-p) where kept."""
-        info, p = self.info, self.config.mc_dropout
+        info = self.info
         shape = (info["mc_layers"], batch, self.config.mc_passes, info["heads"], info["tokens"], info["tokens"])
         with self._rng_lock:
-            uniform = self._rng.random(shape, dtype=np.float32)
-        return (uniform >= np.float32(p)).astype(np.float32) * (np.float32(1.0) / np.float32(1.0 - p))
+            return dropout_keep_mask(self._rng, shape, self.config.mc_dropout)
 
     def token_variance(self, front: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
         """Eq. 3: (B, N, D) ``uts_front`` -> (B, N) MC-dropout variance; ``keep``: a mask of :meth:`dropout_keep`'s
