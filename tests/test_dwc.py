@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -21,6 +22,8 @@ from cdcca.dwc import (
     CODECS,
     CodecError,
     DeltaStats,
+    ECSQCodec,
+    ECSQConfig,
     NF4Codec,
     NF4Config,
     SparseSignCodec,
@@ -284,6 +287,54 @@ def test_sparse_sign_budget_trades_size_for_error(trained):
     assert stats[0].payload_bytes < stats[1].payload_bytes < stats[2].payload_bytes
     assert stats[0].relative_error > stats[1].relative_error > stats[2].relative_error
     assert stats[2].relative_error < 0.3
+
+
+# --------------------------------------------------------------------------------------- pinned payload bytes
+def _pinned_delta() -> dict[str, torch.Tensor]:
+    """A fixed delta (numpy's PCG64, stable across versions): odd lengths, a zero tensor, a zero row, one
+    heavy column, so every codec takes its padding, zero and allocation paths."""
+    rng = np.random.default_rng(20261129)
+    shapes = {"a": (7,), "b": (3, 5), "c": (64,), "d": (65,), "e": (2, 3, 11), "zero": (4, 4), "g": (129, 3)}
+    delta = {name: (0.02 * rng.standard_normal(shape)).astype(np.float32) for name, shape in shapes.items()}
+    delta["zero"][:] = 0.0
+    delta["b"][1] = 0.0
+    delta["g"][:, 0] *= 40.0
+    return {name: torch.from_numpy(values) for name, values in delta.items()}
+
+
+# SHA-256 of each codec's payload of _pinned_delta(). The committed downlink results (bench/downlink.md) and any
+# envelope already signed depend on these bytes: a change here is a wire-format change, not a refactor. (They
+# also pin the venv's zstd and bitsandbytes; a new release of either that changes them is a finding too.)
+PINNED_PAYLOADS = [
+    ("fp16", CODECS["fp16"], None, "56b56d03f6d69a2eac32f475ea419ccd7a847fdef1bc1f4cea76f2baeff79dd4"),
+    ("nf4", CODECS["nf4"], None, "e76e99900a71833959576ea1285910821b97af17fe6b0c671ae39d7316fa52f7"),
+    ("nf4-zstd", CODECS["nf4-zstd"], None, "382d83f42b9488a5d1cc0c0f9cd222003f388d00387c9fc03c8f1ebba2a9c657"),
+    ("sparse-sign", CODECS["sparse-sign"], None, "428c8e16c726850ff8ac14d6df08e15c15bfa55bc895490748cf5f4cebb0a117"),
+    ("sparse-sign-ref", CODECS["sparse-sign-ref"], None,
+     "b6b0badbbb8e0a555f4fe5c60704089c5c6f019e4a20ea159c51e7f870853ec2"),
+    ("ecsq", CODECS["ecsq"], None, "2bb238d5df97165641ad9c21bd9c1deb8caf9bc337601e0bba7492076b2f76e7"),
+    ("nf4/32", NF4Codec(NF4Config(blocksize=32)), None,
+     "2b3b0f662765bee969aab7b188e478eea67c23727ba140e26d1c7cbc306766f1"),
+    ("sparse-sign/row", SparseSignCodec(SparseSignConfig(granularity="row")), None,
+     "c4308cafa42b43ed1c28cd6cf3a24aa91cae16fe476e4b3647e3ff05d5cfcf9a"),
+    ("sparse-sign/0.3+importance", SparseSignCodec(SparseSignConfig(bits_per_value=0.3)), {"g": 1e-4},
+     "2a4b4310a6b76a3b13bbe7f859441879271becbb6df83800ec8de8b2a1458b36"),
+    ("ecsq/3.0", ECSQCodec(ECSQConfig(step=3.0)), None,
+     "9f1ed4025ebbb795d870df907c197d0bd9aa4222c97b6d693f93b623d4c5b8eb"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("label, codec, importance, sha256", PINNED_PAYLOADS, ids=[p[0] for p in PINNED_PAYLOADS])
+def test_payload_bytes_are_pinned(label, codec, importance, sha256):
+    delta = _pinned_delta()
+    weights = None if importance is None else {name: importance.get(name, 1.0) for name in delta}
+
+    payload = codec.encode(delta, weights)
+
+    assert hashlib.sha256(payload).hexdigest() == sha256, label
+    reference = {name: tuple(t.shape) for name, t in delta.items()}
+    decoded = codec.decode(payload, reference, strict=True)
+    assert [tuple(t.shape) for t in decoded.values()] == list(reference.values()) and not decoded["zero"].any()
 
 
 # ---------------------------------------------------------------------------------- sparse-sign, by hand
