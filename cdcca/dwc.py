@@ -13,17 +13,12 @@ applies θ = θ_base + decode(payload) (Eq. 8). Codecs, by name (:data:`CODECS`)
   Fine-Tune May Only Be Worth One Bit", 2024); how many per group is a rate-distortion choice under a bit
   budget, negligible groups get none, and zstd entropy-codes the result. Under 1 bit/param on adapter deltas.
 
-Payload: safetensors bytes (never pickle) of flat 1-D streams. Its string metadata has one key, ``cdcca-dwc``,
-whose JSON value holds ``codec``, ``version``, ``params`` (the knobs the decoder needs) and ``layout``, a list
-``[[name, shape, kind], ...]`` in the delta's order; kind ``zero`` marks a tensor decoded as zeros from no data.
-(One key, because safetensors writes several in random order and equal deltas should give equal bytes.)
-Entropy-coded codecs wrap those bytes in one zstd frame. Each codec class documents its streams.
-
-Decoding is a trust boundary: malformed bytes raise :class:`CodecError` and nothing else. It checks every
-stream against the layout; a self-consistent forgery is what the envelope's SHA-256 and signature catch. A
-receiver passes its own trainable set (``decode(payload, reference, strict=True)``): the payload must then carry
-exactly those names and shapes, and may inflate to no more than they can need, both checked before anything is
-inflated or allocated (the fixed caps below only bound a decode without a reference).
+The payload format (safetensors streams, never pickle, in an optional zstd frame, with a ``cdcca-dwc`` header)
+and its decoding are :mod:`cdcca.dwc_format`'s, torch-free, so the cloud's decode and the robot's
+(:mod:`cdcca.edge.np_delta`) are one reader; here each codec encodes with torch and bitsandbytes, and
+``Codec.decode`` returns that reader's arrays as torch tensors. Decoding is a trust boundary: malformed bytes raise
+:class:`CodecError` and nothing else, and a receiver passes its own trainable set (``decode(payload, reference,
+strict=True)``) to bound what a payload may claim before anything is inflated.
 
 Applying a delta (Eq. 8) bounds its magnitude relative to the base weights (:data:`MAX_DELTA_RATIO`): a signed
 delta of finite but absurd values (1e38) is refused instead of silencing the model.
@@ -34,7 +29,6 @@ Error feedback comes free with the version chain: compute the next Δ against wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
@@ -45,31 +39,30 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 import zstandard
-from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from cdcca.errors import CdccaError
+from cdcca import dwc_format
+from cdcca.dwc_format import (
+    ECSQ_MAX_SYMBOL,
+    FORMAT,
+    MAX_CONTAINER_BYTES,
+    MAX_DELTA_RATIO,
+    MAX_ELEMENTS,
+    NF4_BLOCKSIZES,
+    VERSION,
+    CodecError,
+    container_limit,
+    group_shape,
+    layout_fingerprint,
+)
 
-FORMAT = "cdcca-dwc"
-VERSION = 1
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_MAX_ELEMENTS = 1 << 28  # refuse payloads that claim more than 256 M values (1 GiB as float32)
-_MAX_CONTAINER_BYTES = 1 << 31  # refuse zstd frames that claim to inflate beyond 2 GiB
-_NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024)  # bitsandbytes' CPU kernel is exact up to 1024
-MAX_DELTA_RATIO = 10.0  # apply_delta refuses |Δ| above this many times the base's largest |θ| (at least 1.0)
-
-
-class CodecError(CdccaError, ValueError):
-    """A delta cannot be encoded, or a payload cannot be decoded (truncated, corrupt, another codec's, shapes
-    inconsistent with the data, NaN/Inf). A robot rejects such a delta, keeps its adapter and reports it."""
-
-
-class _Entry(NamedTuple):
-    index: int  # position in the layout
-    name: str
-    shape: tuple[int, ...]
-    kind: str
-    numel: int
+__all__ = ["CODECS", "FORMAT", "MAX_DELTA_RATIO", "VERSION", "Codec", "CodecError", "DeltaStats", "ECSQCodec",
+           "ECSQConfig", "Fp16Codec", "NF4Codec", "NF4Config", "SparseSignCodec", "SparseSignConfig", "apply_delta",
+           "bits_per_param", "compute_delta", "container_limit", "get_codec", "gradient_importance",
+           "layout_fingerprint", "measure"]  # fmt: skip
+# the format's limits and readers under their former names here (tests/test_np_delta.py, tests/test_envelope.py)
+_MAX_ELEMENTS, _MAX_CONTAINER_BYTES, _NF4_BLOCKSIZES = MAX_ELEMENTS, MAX_CONTAINER_BYTES, NF4_BLOCKSIZES
+_read_metadata, _unwrap = dwc_format.read_metadata, dwc_format.unwrap
 
 
 # ---------------------------------------------------------------------------------------------- Eq. 7 and 8
@@ -120,87 +113,6 @@ def apply_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tens
     return updated
 
 
-# ------------------------------------------------------------------------------------------------ container
-def _unwrap(payload: bytes, limit: int = _MAX_CONTAINER_BYTES) -> bytes:
-    """The safetensors bytes inside ``payload``, inflating its zstd frame if it has one; CodecError beyond
-    ``limit`` bytes (checked on the frame's declared size, before inflating)."""
-    if not isinstance(payload, (bytes, bytearray, memoryview)):
-        raise CodecError(f"a payload is bytes, got {type(payload).__name__}")
-    payload = bytes(payload)
-    if payload[:4] != _ZSTD_MAGIC:
-        if len(payload) > limit:
-            raise CodecError(f"payload of {len(payload)} bytes; the receiver's trainable set needs at most {limit}")
-        return payload
-    size = zstandard.frame_content_size(payload)
-    if not 0 <= size <= limit:
-        raise CodecError(f"zstd frame declares {size} bytes (unknown or above the receiver's limit of {limit})")
-    return zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
-
-
-def container_limit(reference: Mapping[str, Any]) -> int:
-    """The most bytes a DWC container of the trainable set ``reference`` (name -> shape) can need: 8 per value
-    (every codec sends fewer), room for each name in the header and the layout, and a fixed allowance."""
-    return 65536 + sum(8 * math.prod(shape) + 512 + 8 * len(name) for name, shape in reference.items())
-
-
-def _check_reference(entries: list[_Entry], reference: Mapping[str, Any]) -> None:
-    """A payload decoded strictly carries exactly the receiver's tensors, in names and shapes."""
-    names = {entry.name for entry in entries}
-    missing, extra = [n for n in reference if n not in names], sorted(names - set(reference))
-    if missing or extra:
-        raise CodecError(f"payload tensors do not match the receiver's trainable set: missing {missing[:3]} "
-                         f"({len(missing)}), unexpected {extra[:3]} ({len(extra)})")  # fmt: skip
-    for entry in entries:
-        expected = tuple(int(d) for d in reference[entry.name])
-        if entry.shape != expected:
-            raise CodecError(f"tensor {entry.name!r}: payload shape {list(entry.shape)}, the receiver's is "
-                             f"{list(expected)}")  # fmt: skip
-
-
-def _read_metadata(container: bytes) -> dict[str, str]:
-    """The string metadata of safetensors bytes (safetensors' own loader does not return it)."""
-    header_size = int.from_bytes(container[:8], "little") if len(container) >= 8 else -1
-    if not 0 < header_size <= len(container) - 8:
-        raise CodecError(f"not a safetensors container ({len(container)} bytes, header size {header_size})")
-    metadata = json.loads(container[8 : 8 + header_size]).get("__metadata__")
-    if not isinstance(metadata, dict) or not isinstance(metadata.get(FORMAT), str):
-        raise CodecError(f"safetensors metadata has no {FORMAT!r} key; this is not a DWC payload")
-    return metadata
-
-
-def _parse_layout(raw: Any, kinds: tuple[str, ...]) -> list[_Entry]:
-    if not isinstance(raw, list):
-        raise CodecError("the header's 'layout' is missing or not a list")
-    entries: list[_Entry] = []
-    names: set[str] = set()
-    total = 0
-    for index, item in enumerate(raw):
-        if not (isinstance(item, list) and len(item) == 3):
-            raise CodecError(f"layout entry {index} is not [name, shape, kind]")
-        name, shape, kind = item
-        if not isinstance(name, str) or name in names:
-            raise CodecError(f"layout entry {index} has a missing or repeated name {name!r}")
-        if not (isinstance(shape, list) and len(shape) <= 8 and all(type(d) is int and d >= 0 for d in shape)):
-            raise CodecError(f"tensor {name!r} has an invalid shape {shape!r}")
-        if kind != "zero" and kind not in kinds:
-            raise CodecError(f"tensor {name!r} has kind {kind!r}; expected 'zero' or one of {kinds}")
-        entries.append(_Entry(index, name, tuple(shape), kind, math.prod(shape)))
-        names.add(name)
-        total += entries[-1].numel
-        if total > _MAX_ELEMENTS:
-            raise CodecError(f"layout claims more than {_MAX_ELEMENTS} values")
-    return entries
-
-
-def _take(streams: dict[str, np.ndarray], key: str, dtype: type, size: int | None) -> np.ndarray:
-    """Stream ``key``, checked to be 1-D of ``dtype`` and (if given) ``size`` elements."""
-    stream = streams.get(key)
-    if stream is None or stream.dtype != dtype or stream.ndim != 1 or (size is not None and stream.size != size):
-        found = None if stream is None else f"{stream.dtype}{list(stream.shape)}"
-        raise CodecError(f"stream {key!r} should be {np.dtype(dtype)}[{size}], found {found}")
-    return stream
-
-
 def gradient_importance(params: Mapping[str, torch.nn.Parameter], losses: Iterable[torch.Tensor]) -> dict[str, float]:
     """Per-tensor mean squared gradient over ``losses`` (a diagonal Fisher estimate), for ``Codec.encode``.
 
@@ -222,21 +134,15 @@ def gradient_importance(params: Mapping[str, torch.nn.Parameter], losses: Iterab
     return {name: total / count for name, total in totals.items()}
 
 
-def layout_fingerprint(shapes: Mapping[str, Any]) -> str:
-    """SHA-256 of the ordered (name, shape) list: what a by-reference payload sends instead of the names."""
-    listing = [[name, [int(d) for d in shape]] for name, shape in shapes.items()]
-    return hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
-
-
 class Codec(ABC):
     """Turns a delta (name -> tensor) into payload bytes and back; decoded tensors are float32 on CPU.
 
-    Subclasses say what they do to the changed tensors (``_encode_streams``) and back (``_decode_streams``);
-    the container, the layout, all-zero tensors and the checks of untrusted bytes live here.
+    Subclasses say what they do to the changed tensors (``_encode_streams``); the container, the layout and
+    all-zero tensors live here. Decoding is the numpy decoder registered under the codec's name in
+    :data:`cdcca.dwc_format.DECODERS`, which also holds the checks of untrusted bytes.
     """
 
     name: str
-    kinds: tuple[str, ...] = ()  # layout kinds this codec writes besides "zero"
     zstd_level: int | None = None  # entropy-code the payload at this zstd level
     layout_by_reference: bool = False  # send a fingerprint of the names and shapes instead of the names
 
@@ -285,51 +191,8 @@ class Codec(ABC):
         carry exactly the reference's names and shapes and fit :func:`container_limit` of it, both checked
         before anything is inflated or allocated: what a receiver decoding untrusted bytes passes.
         """
-        if strict and reference is None:
-            raise CodecError("a strict decode needs the receiver's trainable set as reference")
-        try:
-            return self._decode(payload, reference, strict)
-        except CodecError:
-            raise
-        except Exception as error:  # trust boundary: whatever garbage triggers, callers see one error type
-            raise CodecError(f"malformed {self.name!r} payload ({type(error).__name__}: {error})") from error
-
-    def _decode(self, payload: bytes, reference: Mapping[str, Any] | None, strict: bool) -> dict[str, torch.Tensor]:
-        container = _unwrap(payload, container_limit(reference) if strict else _MAX_CONTAINER_BYTES)
-        header = json.loads(_read_metadata(container)[FORMAT])
-        if not isinstance(header, dict):
-            raise CodecError(f"the {FORMAT!r} metadata is not a JSON object")
-        if header.get("version") != VERSION or type(header["version"]) is not int:
-            raise CodecError(f"payload is {FORMAT} version {header.get('version')!r}; this decoder reads {VERSION}")
-        if header.get("codec") != self.name:
-            raise CodecError(f"payload was encoded by codec {header.get('codec')!r}, not {self.name!r}")
-        layout = header.get("layout")
-        if isinstance(layout, dict):  # by reference: the receiver supplies names and shapes
-            if reference is None:
-                raise CodecError("payload carries its layout by fingerprint; decode needs the receiver's layout")
-            kinds = layout.get("kinds")
-            if layout.get("sha256") != layout_fingerprint(reference):
-                raise CodecError("layout fingerprint does not match the receiver's trainable set")
-            if not isinstance(kinds, list) or len(kinds) != len(reference):
-                raise CodecError("layout 'kinds' must list one kind per tensor of the reference")
-            layout = [[name, [int(d) for d in shape], kind] for (name, shape), kind in zip(reference.items(), kinds)]
-        entries = _parse_layout(layout, self.kinds)
-        if strict:
-            _check_reference(entries, reference)
-        params = header.get("params")
-        if not isinstance(params, dict):
-            raise CodecError("the header's 'params' is not an object")
-        streams = load_safetensors(container)
-        decoded = self._decode_streams([e for e in entries if e.kind != "zero"], streams, params)
-        delta = {}
-        for entry in entries:
-            values = decoded[entry.index] if entry.kind != "zero" else np.zeros(entry.numel, np.float32)
-            if values.size != entry.numel:
-                raise CodecError(f"tensor {entry.name!r}: {values.size} values for shape {list(entry.shape)}")
-            if not np.isfinite(values).all():
-                raise CodecError(f"tensor {entry.name!r} decodes to NaN/Inf")
-            delta[entry.name] = torch.from_numpy(np.array(values, np.float32).reshape(entry.shape))
-        return delta
+        arrays = dwc_format.decode(payload, self.name, reference, strict)
+        return {name: torch.from_numpy(array) for name, array in arrays.items()}
 
     def _params(self) -> dict[str, Any]:
         return {}
@@ -340,28 +203,18 @@ class Codec(ABC):
     ) -> tuple[dict[int, str], dict[str, np.ndarray]]:
         """Layout kinds of the changed tensors (by layout index; absent = dropped) and the streams to store."""
 
-    @abstractmethod
-    def _decode_streams(
-        self, entries: list[_Entry], streams: dict[str, np.ndarray], params: dict[str, Any]
-    ) -> dict[int, np.ndarray]:
-        """Flat float32 values of each non-zero entry, by layout index."""
-
 
 # ----------------------------------------------------------------------------------------------------- fp16
 class Fp16Codec(Codec):
     """Reference codec. Streams: ``"<i>"``, float16 (numel,), for each non-zero tensor i of the layout."""
 
     name = "fp16"
-    kinds = ("fp16",)
 
     def _encode_streams(self, changed, names, weights=None) -> tuple[dict[int, str], dict[str, np.ndarray]]:
         for index, array in changed.items():
             if np.abs(array).max() > np.finfo(np.float16).max:
                 raise CodecError(f"delta tensor {names[index]!r} exceeds the float16 range; use a scaled codec (nf4)")
         return {i: "fp16" for i in changed}, {str(i): a.reshape(-1).astype(np.float16) for i, a in changed.items()}
-
-    def _decode_streams(self, entries, streams, params) -> dict[int, np.ndarray]:
-        return {e.index: _take(streams, str(e.index), np.float16, e.numel).astype(np.float32) for e in entries}
 
 
 # ------------------------------------------------------------------------------------------------------ nf4
@@ -378,8 +231,8 @@ class NF4Config:
     zstd_level: int | None = None
 
     def __post_init__(self) -> None:
-        if self.blocksize not in _NF4_BLOCKSIZES:
-            raise ValueError(f"NF4Config.blocksize must be one of {_NF4_BLOCKSIZES}, got {self.blocksize}")
+        if self.blocksize not in NF4_BLOCKSIZES:
+            raise ValueError(f"NF4Config.blocksize must be one of {NF4_BLOCKSIZES}, got {self.blocksize}")
         if self.zstd_level is not None and not 1 <= self.zstd_level <= 22:
             raise ValueError(f"NF4Config.zstd_level must be None or in 1..22, got {self.zstd_level}")
 
@@ -393,14 +246,13 @@ def _bitsandbytes():
 
 
 class NF4Codec(Codec):
-    """The paper's codec, NF4 (QLoRA) via ``bitsandbytes.functional.quantize_4bit``/``dequantize_4bit``.
+    """The paper's codec, NF4 (QLoRA), encoded with ``bitsandbytes.functional.quantize_4bit`` and decoded in numpy
+    bit-identically to its ``dequantize_4bit`` (so the robot needs no bitsandbytes).
 
     Each changed tensor is flattened, padded with one zero to even length, and quantized blockwise: value ≈
     absmax(block) · NF4[code]. Streams for tensor i: ``"<i>.codes"``, uint8 (ceil(numel/2),), two 4-bit codes
     per byte, high nibble first; ``"<i>.absmax"``, float32 (ceil(numel/blocksize),). Params: ``blocksize``.
     """
-
-    kinds = ("nf4",)
 
     def __init__(self, config: NF4Config = NF4Config()) -> None:
         self.config = config
@@ -419,31 +271,6 @@ class NF4Codec(Codec):
             streams[f"{index}.codes"] = codes.reshape(-1).numpy()
             streams[f"{index}.absmax"] = state.absmax.float().numpy()
         return {i: "nf4" for i in changed}, streams
-
-    def _decode_streams(self, entries, streams, params) -> dict[int, np.ndarray]:
-        blocksize = params.get("blocksize")
-        if type(blocksize) is not int or blocksize not in _NF4_BLOCKSIZES:
-            raise CodecError(f"nf4 blocksize {blocksize!r} is not one of {_NF4_BLOCKSIZES}")
-        bnb = _bitsandbytes()
-        codebook = bnb.get_4bit_type("nf4", device="cpu")  # (16,)
-        decoded = {}
-        for entry in entries:
-            padded = entry.numel + entry.numel % 2
-            codes = _take(streams, f"{entry.index}.codes", np.uint8, padded // 2)
-            absmax = _take(streams, f"{entry.index}.absmax", np.float32, -(-padded // blocksize))
-            if not (np.isfinite(absmax).all() and (absmax >= 0).all()):
-                raise CodecError(f"tensor {entry.name!r} has a negative or non-finite absmax")
-            state = bnb.QuantState(
-                absmax=torch.from_numpy(absmax.copy()),
-                shape=torch.Size([padded]),
-                code=codebook,
-                blocksize=blocksize,
-                quant_type="nf4",
-                dtype=torch.float32,
-            )
-            values = bnb.dequantize_4bit(torch.from_numpy(codes.copy()).reshape(-1, 1), state, quant_type="nf4")
-            decoded[entry.index] = values.reshape(-1)[: entry.numel].numpy()
-        return decoded
 
 
 # ---------------------------------------------------------------------------------------------- sparse-sign
@@ -476,14 +303,6 @@ class SparseSignConfig:
             raise ValueError(f"SparseSignConfig.zstd_level must be in 1..22, got {self.zstd_level}")
 
 
-def _group_shape(shape: tuple[int, ...], granularity: str) -> tuple[int, int]:
-    """(groups, group length) of a tensor: the whole tensor, or its rows along the last axis."""
-    numel = math.prod(shape)
-    if granularity == "tensor" or len(shape) < 2 or shape[-1] == 0:
-        return 1, numel
-    return numel // shape[-1], shape[-1]
-
-
 class _Groups(NamedTuple):
     """A changed tensor cut into groups, with what sending the k largest |Δ| of a group removes and costs."""
 
@@ -495,7 +314,7 @@ class _Groups(NamedTuple):
 
 
 def _rate_distortion(index: int, array: np.ndarray, granularity: str) -> _Groups:
-    values = array.reshape(_group_shape(array.shape, granularity))  # (G, L)
+    values = array.reshape(group_shape(array.shape, granularity))  # (G, L)
     length = values.shape[1]
     magnitude = np.abs(values)
     order = np.argsort(-magnitude, axis=1, kind="stable")  # (G, L)
@@ -542,8 +361,6 @@ class SparseSignCodec(Codec):
     fingerprint (the robot knows its trainable set): on small adapters the names cost more than the values.
     """
 
-    kinds = ("sign",)
-
     def __init__(self, config: SparseSignConfig = SparseSignConfig()) -> None:
         self.config = config
         self.zstd_level = config.zstd_level
@@ -576,34 +393,6 @@ class SparseSignCodec(Codec):
         }
         return kinds, streams
 
-    def _decode_streams(self, entries, streams, params) -> dict[int, np.ndarray]:
-        granularity = params.get("granularity")
-        if granularity not in ("tensor", "row"):
-            raise CodecError(f"sparse-sign granularity {granularity!r} is not 'tensor' or 'row'")
-        total = sum(entry.numel for entry in entries)
-        mask = np.unpackbits(_take(streams, "mask", np.uint8, -(-total // 8)), count=total).astype(bool)
-        sent = int(mask.sum())
-        negative = np.unpackbits(_take(streams, "signs", np.uint8, -(-sent // 8)), count=sent).astype(bool)
-        scales = _take(streams, "scales", np.float32, None)
-        if not (np.isfinite(scales).all() and (scales >= 0).all()):
-            raise CodecError("sparse-sign scales must be finite and >= 0")
-        signed = np.zeros(total, np.float32)
-        signed[mask] = np.where(negative, -1.0, 1.0)
-        decoded, offset, used = {}, 0, 0
-        for entry in entries:
-            shape = _group_shape(entry.shape, granularity)  # (G, L)
-            nonempty = mask[offset : offset + entry.numel].reshape(shape).any(axis=1)  # (G,)
-            group_scale = np.zeros(shape[0], np.float32)
-            count = int(nonempty.sum())
-            if used + count > scales.size:
-                raise CodecError(f"stream 'scales' has {scales.size} values; tensor {entry.name!r} needs more")
-            group_scale[nonempty] = scales[used : used + count]
-            decoded[entry.index] = (signed[offset : offset + entry.numel].reshape(shape) * group_scale[:, None]).ravel()
-            offset, used = offset + entry.numel, used + count
-        if used != scales.size:
-            raise CodecError(f"stream 'scales' has {scales.size} values, the mask calls for {used}")
-        return decoded
-
 
 # ------------------------------------------------------------------------------------------------------ ecsq
 @dataclass(frozen=True)
@@ -628,21 +417,12 @@ class ECSQConfig:
             raise ValueError(f"ECSQConfig.zstd_level must be in 1..22, got {self.zstd_level}")
 
 
-_ECSQ_MAX_SYMBOL = 127  # largest |symbol|; a tensor's step widens so that max |Δ| / step fits
 _ECSQ_STREAMS = ("magnitudes", "signs", "extra")  # each one zstd frame inside the container
 
 
 def _zstd_frame(array: np.ndarray, level: int) -> np.ndarray:
     return np.frombuffer(zstandard.ZstdCompressor(level=level, write_content_size=True).compress(array.tobytes()),
                          np.uint8)  # fmt: skip
-
-
-def _inflate(streams: dict[str, np.ndarray], key: str, size: int) -> np.ndarray:
-    """Stream ``key``: one zstd frame that must inflate to exactly ``size`` bytes (checked before inflating)."""
-    frame = _take(streams, key, np.uint8, None).tobytes()
-    if zstandard.frame_content_size(frame) != size:
-        raise CodecError(f"stream {key!r} should inflate to {size} bytes")
-    return np.frombuffer(zstandard.ZstdDecompressor().decompress(frame, max_output_size=size), np.uint8)
 
 
 class ECSQCodec(Codec):
@@ -668,7 +448,6 @@ class ECSQCodec(Codec):
     """
 
     name = "ecsq"
-    kinds = ("ecsq",)
     layout_by_reference = True
 
     def __init__(self, config: ECSQConfig = ECSQConfig()) -> None:
@@ -683,8 +462,8 @@ class ECSQCodec(Codec):
         for index, array in changed.items():
             flat = array.reshape(-1).astype(np.float64)
             rms, peak = float(np.sqrt(np.mean(flat**2))), float(np.abs(flat).max())
-            step = float(np.float32(max(self.config.step * rms, peak / _ECSQ_MAX_SYMBOL)))
-            coded = np.clip(np.rint(flat / step), -_ECSQ_MAX_SYMBOL, _ECSQ_MAX_SYMBOL)  # (numel,)
+            step = float(np.float32(max(self.config.step * rms, peak / ECSQ_MAX_SYMBOL)))
+            coded = np.clip(np.rint(flat / step), -ECSQ_MAX_SYMBOL, ECSQ_MAX_SYMBOL)  # (numel,)
             sent = coded != 0
             if not sent.any():
                 continue  # every value below half a step: decoded as zero
@@ -705,36 +484,6 @@ class ECSQCodec(Codec):
             "offsets": np.array(offsets, np.uint8),
         }
         return kinds, streams
-
-    def _decode_streams(self, entries, streams, params) -> dict[int, np.ndarray]:
-        step = params.get("step")
-        if type(step) is not float or not 0.0 < step < 64.0:
-            raise CodecError(f"ecsq step {step!r} is not a number in (0, 64)")
-        total = sum(entry.numel for entry in entries)
-        steps = _take(streams, "steps", np.float32, len(entries))
-        offsets = _take(streams, "offsets", np.uint8, len(entries))
-        if not (np.isfinite(steps).all() and (steps > 0).all()):
-            raise CodecError("ecsq steps must be finite and > 0")
-        quads = _inflate(streams, "magnitudes", -(-total // 4))
-        magnitude = ((quads[:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3).reshape(-1)[:total]  # (P,)
-        nonzero = magnitude != 0
-        sent = int(nonzero.sum())
-        negative = np.unpackbits(_inflate(streams, "signs", -(-sent // 8)), count=sent).astype(bool)
-        top = magnitude == 3
-        extra = _inflate(streams, "extra", int(top.sum()))
-        if (extra > _ECSQ_MAX_SYMBOL - 3).any():
-            raise CodecError(f"stream 'extra' exceeds the largest symbol {_ECSQ_MAX_SYMBOL}")
-        values = magnitude.astype(np.float32)  # (P,)
-        values[top] += extra
-        shrink = np.repeat(offsets.astype(np.float32) / 510, [entry.numel for entry in entries])  # (P,)
-        values[nonzero] = np.where(negative, -1.0, 1.0) * (values[nonzero] - shrink[nonzero])
-        quantum = np.repeat(steps, [entry.numel for entry in entries])  # (P,)
-        values *= quantum
-        decoded, begin = {}, 0
-        for entry in entries:
-            decoded[entry.index] = values[begin : begin + entry.numel]
-            begin += entry.numel
-        return decoded
 
 
 # ----------------------------------------------------------------------------------------- registry, stats

@@ -1,6 +1,7 @@
 """Numpy DWC decoding (cdcca.edge.np_delta): bit-identical to cdcca.dwc's torch/bitsandbytes decode, the same
 rejections of corrupt bytes, Eq. 8 as cdcca.dwc.apply_delta, and no torch import."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save as save_safetensors
 
 from cdcca import dwc
 from cdcca.edge import np_delta
@@ -70,6 +72,33 @@ def test_apply_matches_the_torch_apply_bit_for_bit(label):
     got = np_delta.apply({k: v.numpy() for k, v in base.items()}, np_delta.decode(payload, codec.name))
 
     assert all(np.array_equal(_bits(got[n]), _bits(expected[n].numpy())) for n in SHAPES)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 1024])
+@pytest.mark.parametrize("numel", [1, 63, 4099])
+def test_nf4_decode_is_bit_identical_to_bitsandbytes_dequantize(blocksize, numel):
+    """The cloud records θ_base + decode(payload) as what the robot holds; if the numpy NF4 decode and
+    bitsandbytes' dequantize_4bit differed in any bit, that record would drift from the robot round after round."""
+    import bitsandbytes.functional as bnb
+
+    # Prepare: every code, and block scales from 0 through subnormals to near the float32 maximum
+    rng = np.random.default_rng(numel * blocksize)
+    padded = numel + numel % 2
+    codes = rng.integers(0, 256, padded // 2, dtype=np.uint8)
+    blocks = -(-padded // blocksize)
+    absmax = (rng.random(blocks) * 10.0 ** rng.integers(-44, 38, blocks)).astype(np.float32)
+    absmax[0] = 0.0
+    header = {"codec": "nf4", "version": 1, "params": {"blocksize": blocksize}, "layout": [["w", [numel], "nf4"]]}
+    payload = save_safetensors({"0.codes": codes, "0.absmax": absmax}, metadata={"cdcca-dwc": json.dumps(header)})
+    state = bnb.QuantState(absmax=torch.from_numpy(absmax.copy()), shape=torch.Size([padded]),
+                           code=bnb.get_4bit_type("nf4", device="cpu"), blocksize=blocksize, quant_type="nf4",
+                           dtype=torch.float32)  # fmt: skip
+    # Execute
+    expected = bnb.dequantize_4bit(torch.from_numpy(codes.copy()).reshape(-1, 1), state, quant_type="nf4")
+    got = np_delta.decode(payload, "nf4")["w"]
+    # Assert
+    assert np.array_equal(_bits(got), _bits(expected.reshape(-1)[:numel].numpy()))
+    assert (got != 0).any() or numel <= blocksize
 
 
 def test_apply_refuses_what_the_torch_apply_refuses():
@@ -150,6 +179,20 @@ def test_registry_and_constants_follow_cdcca_dwc():
     constants = ("FORMAT", "VERSION", "MAX_DELTA_RATIO", "_MAX_ELEMENTS", "_MAX_CONTAINER_BYTES", "_NF4_BLOCKSIZES")
     assert [getattr(np_delta, c) for c in constants] == [getattr(dwc, c) for c in constants]
     assert np.array_equal(np_delta.NF4_LEVELS, bnb.get_4bit_type("nf4", device="cpu").numpy())
+
+
+def test_one_codec_error_class_for_the_cloud_and_the_robot():
+    from cdcca import dwc_format
+    from cdcca.errors import CdccaError
+
+    payload = CODECS["ecsq"].encode(_delta(6))
+
+    assert dwc.CodecError is np_delta.CodecError is dwc_format.CodecError
+    assert issubclass(dwc.CodecError, CdccaError) and issubclass(dwc.CodecError, ValueError)
+    with pytest.raises(np_delta.CodecError, match="carries its layout by fingerprint"):
+        CODECS["ecsq"].decode(payload)  # raised through cdcca.dwc, caught as the robot's class
+    with pytest.raises(dwc.CodecError, match="no numpy decoder"):
+        np_delta.decode(payload, "no-such-codec")
 
 
 def test_the_module_imports_no_torch():

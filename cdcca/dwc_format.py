@@ -1,0 +1,388 @@
+"""The DWC payload format and its decoding, in numpy alone (paper Sec. 3.4, Eq. 8): what the cloud writes
+(:mod:`cdcca.dwc`, which encodes with torch and bitsandbytes) and what every receiver reads, the torch decode
+and the torch-free robot (:mod:`cdcca.edge.np_delta`, issue 19) alike. One reader, so the two cannot drift.
+
+Container: safetensors bytes (never pickle; the format of huggingface/safetensors' README: an 8-byte
+little-endian header size, a JSON header, the raw data) of flat 1-D streams, optionally in one zstd frame (RFC
+8878) that declares its content size. The string metadata has one key, ``cdcca-dwc``, whose JSON value holds
+``codec``, ``version``, ``params`` (the knobs the decoder needs) and ``layout``: either ``[[name, shape, kind],
+...]`` in the delta's order, or by reference ``{"sha256": layout_fingerprint, "kinds": [...]}`` for a receiver
+that knows its trainable set. Kind ``zero`` marks a tensor decoded as zeros from no data. (One key, because
+safetensors writes several in random order and equal deltas should give equal bytes.)
+
+Decoding is a trust boundary: malformed bytes raise :class:`CodecError` and nothing else. Every stream is checked
+against the layout; a self-consistent forgery is what the envelope's SHA-256 and signature catch. A receiver
+passes its own trainable set (``decode(payload, codec, reference, strict=True)``): the payload must then carry
+exactly those names and shapes, and may inflate to no more than :func:`container_limit` of them, both checked
+before anything is inflated or allocated (the fixed caps below only bound a decode without a reference).
+
+Each codec's numpy decoder registers itself in :data:`DECODERS` (:func:`register`) and documents its streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import zstandard
+from safetensors.numpy import load as load_safetensors
+
+from cdcca.errors import CdccaError
+
+FORMAT = "cdcca-dwc"  # the metadata key
+VERSION = 1
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+MAX_ELEMENTS = 1 << 28  # refuse payloads that claim more than 256 M values (1 GiB as float32)
+MAX_CONTAINER_BYTES = 1 << 31  # refuse zstd frames that claim to inflate beyond 2 GiB
+MAX_DELTA_RATIO = 10.0  # Eq. 8 refuses |Δ| above this many times the base's largest |θ| (at least 1.0)
+NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024)  # bitsandbytes' CPU kernel is exact up to 1024
+# The 16 NF4 levels, quantiles of N(0, 1) (Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs",
+# NeurIPS 2023, App. E) as bitsandbytes' get_4bit_type("nf4") lists them in float32.
+NF4_LEVELS = np.array(
+    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0],
+    np.float32,
+)  # fmt: skip
+ECSQ_MAX_SYMBOL = 127  # largest |symbol| of the ecsq codec
+
+
+class CodecError(CdccaError, ValueError):
+    """A delta cannot be encoded, or a payload cannot be decoded (truncated, corrupt, another codec's, shapes
+    inconsistent with the data, NaN/Inf, a codec without a decoder here). A robot rejects such a delta, keeps its
+    adapter and reports it."""
+
+
+class Entry(NamedTuple):
+    """One tensor of a payload's layout."""
+
+    index: int  # position in the layout
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "zero" (no data) or one of the codec's kinds
+    numel: int
+
+
+StreamDecoder = Callable[[list[Entry], dict[str, np.ndarray], dict[str, Any]], dict[int, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class NumpyDecoder:
+    """A codec's numpy decoder.
+
+    Args:
+        kinds: layout kinds the codec writes besides ``zero``.
+        decode_streams: (non-zero entries, streams, params) -> flat float32 values by layout index.
+    """
+
+    kinds: tuple[str, ...]
+    decode_streams: StreamDecoder
+
+
+DECODERS: dict[str, NumpyDecoder] = {}
+
+
+def register(name: str, kinds: tuple[str, ...]) -> Callable[[StreamDecoder], StreamDecoder]:
+    """Decorator: ``decode_streams`` becomes the numpy decoder of codec ``name``."""
+
+    def add(decode_streams: StreamDecoder) -> StreamDecoder:
+        DECODERS[name] = NumpyDecoder(kinds, decode_streams)
+        return decode_streams
+
+    return add
+
+
+# ------------------------------------------------------------------------------------------------ container
+def unwrap(payload: bytes, limit: int = MAX_CONTAINER_BYTES) -> bytes:
+    """The safetensors bytes inside ``payload``, inflating its zstd frame if it has one; CodecError beyond
+    ``limit`` bytes (checked on the frame's declared size, before inflating)."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise CodecError(f"a payload is bytes, got {type(payload).__name__}")
+    payload = bytes(payload)
+    if payload[:4] != ZSTD_MAGIC:
+        if len(payload) > limit:
+            raise CodecError(f"payload of {len(payload)} bytes; the receiver's trainable set needs at most {limit}")
+        return payload
+    size = zstandard.frame_content_size(payload)
+    if not 0 <= size <= limit:
+        raise CodecError(f"zstd frame declares {size} bytes (unknown or above the receiver's limit of {limit})")
+    return zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
+
+
+def container_limit(reference: Mapping[str, Any]) -> int:
+    """The most bytes a DWC container of the trainable set ``reference`` (name -> shape) can need: 8 per value
+    (every codec sends fewer), room for each name in the header and the layout, and a fixed allowance."""
+    return 65536 + sum(8 * math.prod(shape) + 512 + 8 * len(name) for name, shape in reference.items())
+
+
+def layout_fingerprint(shapes: Mapping[str, Any]) -> str:
+    """SHA-256 of the ordered (name, shape) list: what a by-reference payload sends instead of the names."""
+    listing = [[name, [int(d) for d in shape]] for name, shape in shapes.items()]
+    return hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_metadata(container: bytes) -> dict[str, str]:
+    """The string metadata of safetensors bytes (safetensors' own loader does not return it)."""
+    header_size = int.from_bytes(container[:8], "little") if len(container) >= 8 else -1
+    if not 0 < header_size <= len(container) - 8:
+        raise CodecError(f"not a safetensors container ({len(container)} bytes, header size {header_size})")
+    metadata = json.loads(container[8 : 8 + header_size]).get("__metadata__")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get(FORMAT), str):
+        raise CodecError(f"safetensors metadata has no {FORMAT!r} key; this is not a DWC payload")
+    return metadata
+
+
+def read_header(container: bytes) -> dict[str, Any]:
+    """The DWC header (``codec``, ``version``, ``params``, ``layout``) of a container of this :data:`VERSION`."""
+    header = json.loads(read_metadata(container)[FORMAT])
+    if not isinstance(header, dict):
+        raise CodecError(f"the {FORMAT!r} metadata is not a JSON object")
+    if header.get("version") != VERSION or type(header["version"]) is not int:
+        raise CodecError(f"payload is {FORMAT} version {header.get('version')!r}; this decoder reads {VERSION}")
+    return header
+
+
+def parse_layout(raw: Any, kinds: tuple[str, ...]) -> list[Entry]:
+    """The entries of an embedded layout, each checked (name, shape, kind), at most :data:`MAX_ELEMENTS` values."""
+    if not isinstance(raw, list):
+        raise CodecError("the header's 'layout' is missing or not a list")
+    entries: list[Entry] = []
+    names: set[str] = set()
+    total = 0
+    for index, item in enumerate(raw):
+        if not (isinstance(item, list) and len(item) == 3):
+            raise CodecError(f"layout entry {index} is not [name, shape, kind]")
+        name, shape, kind = item
+        if not isinstance(name, str) or name in names:
+            raise CodecError(f"layout entry {index} has a missing or repeated name {name!r}")
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(type(d) is int and d >= 0 for d in shape)):
+            raise CodecError(f"tensor {name!r} has an invalid shape {shape!r}")
+        if kind != "zero" and kind not in kinds:
+            raise CodecError(f"tensor {name!r} has kind {kind!r}; expected 'zero' or one of {kinds}")
+        entries.append(Entry(index, name, tuple(shape), kind, math.prod(shape)))
+        names.add(name)
+        total += entries[-1].numel
+        if total > MAX_ELEMENTS:
+            raise CodecError(f"layout claims more than {MAX_ELEMENTS} values")
+    return entries
+
+
+def _resolve_layout(layout: Any, reference: Mapping[str, Any] | None) -> Any:
+    """An embedded layout as is; a by-reference one rebuilt from the receiver's trainable set it fingerprints."""
+    if not isinstance(layout, dict):
+        return layout
+    if reference is None:
+        raise CodecError("payload carries its layout by fingerprint; decode needs the receiver's layout")
+    kinds = layout.get("kinds")
+    if layout.get("sha256") != layout_fingerprint(reference):
+        raise CodecError("layout fingerprint does not match the receiver's trainable set")
+    if not isinstance(kinds, list) or len(kinds) != len(reference):
+        raise CodecError("layout 'kinds' must list one kind per tensor of the reference")
+    return [[name, [int(d) for d in shape], kind] for (name, shape), kind in zip(reference.items(), kinds)]
+
+
+def check_reference(entries: list[Entry], reference: Mapping[str, Any]) -> None:
+    """A payload decoded strictly carries exactly the receiver's tensors, in names and shapes."""
+    names = {entry.name for entry in entries}
+    missing, extra = [n for n in reference if n not in names], sorted(names - set(reference))
+    if missing or extra:
+        raise CodecError(f"payload tensors do not match the receiver's trainable set: missing {missing[:3]} "
+                         f"({len(missing)}), unexpected {extra[:3]} ({len(extra)})")  # fmt: skip
+    for entry in entries:
+        expected = tuple(int(d) for d in reference[entry.name])
+        if entry.shape != expected:
+            raise CodecError(f"tensor {entry.name!r}: payload shape {list(entry.shape)}, the receiver's is "
+                             f"{list(expected)}")  # fmt: skip
+
+
+def take(streams: dict[str, np.ndarray], key: str, dtype: type, size: int | None) -> np.ndarray:
+    """Stream ``key``, checked to be 1-D of ``dtype`` and (if given) ``size`` elements (for decoders)."""
+    stream = streams.get(key)
+    if stream is None or stream.dtype != dtype or stream.ndim != 1 or (size is not None and stream.size != size):
+        found = None if stream is None else f"{stream.dtype}{list(stream.shape)}"
+        raise CodecError(f"stream {key!r} should be {np.dtype(dtype)}[{size}], found {found}")
+    return stream
+
+
+def inflate(streams: dict[str, np.ndarray], key: str, size: int) -> np.ndarray:
+    """Stream ``key``: one zstd frame that must inflate to exactly ``size`` bytes (checked before inflating)."""
+    frame = take(streams, key, np.uint8, None).tobytes()
+    if zstandard.frame_content_size(frame) != size:
+        raise CodecError(f"stream {key!r} should inflate to {size} bytes")
+    return np.frombuffer(zstandard.ZstdDecompressor().decompress(frame, max_output_size=size), np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------- decode
+def payload_codec(payload: bytes) -> str:
+    """The codec name a payload's header declares (CodecError if it is not a DWC payload)."""
+    try:
+        codec = read_header(unwrap(payload)).get("codec")
+    except CodecError:
+        raise
+    except Exception as error:
+        raise CodecError(f"malformed payload ({type(error).__name__}: {error})") from error
+    if not isinstance(codec, str):
+        raise CodecError("the header names no codec")
+    return codec
+
+
+def decode(payload: bytes, codec: str, reference: Mapping[str, Any] | None = None,
+           strict: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+    """The delta in ``payload`` as float32 arrays (original names, order and shapes); CodecError if malformed.
+
+    ``codec`` is the name the sender announces; the payload's header must say the same. ``reference`` (name ->
+    shape, in order: the receiver's trainable set) is required for payloads that carry their layout by
+    fingerprint. With ``strict`` the payload must carry exactly the reference's names and shapes and fit its
+    :func:`container_limit`, both checked before anything is inflated or allocated.
+    """
+    if codec not in DECODERS:
+        raise CodecError(f"codec {codec!r} has no numpy decoder on this robot; it decodes {', '.join(DECODERS)}")
+    if strict and reference is None:
+        raise CodecError("a strict decode needs the receiver's trainable set as reference")
+    try:
+        return _decode(payload, codec, reference, strict)
+    except CodecError:
+        raise
+    except Exception as error:  # trust boundary: whatever garbage triggers, callers see one error type
+        raise CodecError(f"malformed {codec!r} payload ({type(error).__name__}: {error})") from error
+
+
+def _decode(payload: bytes, codec: str, reference: Mapping[str, Any] | None, strict: bool) -> dict[str, np.ndarray]:
+    decoder = DECODERS[codec]
+    container = unwrap(payload, container_limit(reference) if strict else MAX_CONTAINER_BYTES)
+    header = read_header(container)
+    if header.get("codec") != codec:
+        raise CodecError(f"payload was encoded by codec {header.get('codec')!r}, not {codec!r}")
+    entries = parse_layout(_resolve_layout(header.get("layout"), reference), decoder.kinds)
+    if strict:
+        check_reference(entries, reference)
+    params = header.get("params")
+    if not isinstance(params, dict):
+        raise CodecError("the header's 'params' is not an object")
+    streams = load_safetensors(container)
+    decoded = decoder.decode_streams([e for e in entries if e.kind != "zero"], streams, params)
+    delta = {}
+    for entry in entries:
+        values = decoded[entry.index] if entry.kind != "zero" else np.zeros(entry.numel, np.float32)
+        if values.size != entry.numel:
+            raise CodecError(f"tensor {entry.name!r}: {values.size} values for shape {list(entry.shape)}")
+        if not np.isfinite(values).all():
+            raise CodecError(f"tensor {entry.name!r} decodes to NaN/Inf")
+        delta[entry.name] = np.array(values, np.float32).reshape(entry.shape)
+    return delta
+
+
+# ------------------------------------------------------------------------------------------------- codecs
+@register("fp16", kinds=("fp16",))
+def _fp16(entries: list[Entry], streams: dict[str, np.ndarray], params: dict[str, Any]) -> dict[int, np.ndarray]:
+    """Stream ``"<i>"``: float16 (numel,) per non-zero tensor i, widened to float32."""
+    return {e.index: take(streams, str(e.index), np.float16, e.numel).astype(np.float32) for e in entries}
+
+
+def _nf4(entries: list[Entry], streams: dict[str, np.ndarray], params: dict[str, Any]) -> dict[int, np.ndarray]:
+    """Streams ``"<i>.codes"`` uint8 (ceil(numel/2),), two codes per byte, high nibble first, as
+    ``bitsandbytes.functional.quantize_4bit`` stores them, and ``"<i>.absmax"`` float32 (ceil(padded/blocksize),);
+    a tensor is padded with one zero to even length before quantizing. value = NF4[code] · absmax(block) in
+    float32, bit-identical to bitsandbytes' ``dequantize_4bit`` (``tests/test_np_delta.py``). Param ``blocksize``."""
+    blocksize = params.get("blocksize")
+    if type(blocksize) is not int or blocksize not in NF4_BLOCKSIZES:
+        raise CodecError(f"nf4 blocksize {blocksize!r} is not one of {NF4_BLOCKSIZES}")
+    decoded = {}
+    for entry in entries:
+        padded = entry.numel + entry.numel % 2
+        codes = take(streams, f"{entry.index}.codes", np.uint8, padded // 2)
+        absmax = take(streams, f"{entry.index}.absmax", np.float32, -(-padded // blocksize))
+        if not (np.isfinite(absmax).all() and (absmax >= 0).all()):
+            raise CodecError(f"tensor {entry.name!r} has a negative or non-finite absmax")
+        nibbles = np.stack([codes >> 4, codes & 0x0F], axis=1).reshape(-1)  # (padded,), high nibble first
+        scale = np.repeat(absmax, blocksize)[:padded]  # (padded,)
+        decoded[entry.index] = (NF4_LEVELS[nibbles] * scale)[: entry.numel]
+    return decoded
+
+
+register("nf4", kinds=("nf4",))(_nf4)
+register("nf4-zstd", kinds=("nf4",))(_nf4)
+
+
+def group_shape(shape: tuple[int, ...], granularity: str) -> tuple[int, int]:
+    """(groups, group length) of a tensor for sparse-sign: the whole tensor, or its rows along the last axis."""
+    numel = math.prod(shape)
+    if granularity == "tensor" or len(shape) < 2 or shape[-1] == 0:
+        return 1, numel
+    return numel // shape[-1], shape[-1]
+
+
+def _sparse_sign(entries: list[Entry], streams: dict[str, np.ndarray], params: dict[str, Any]) -> dict[int, np.ndarray]:
+    """Over the ``sign`` tensors in layout order: ``"mask"`` (uint8, numpy ``packbits``, 1 per sent entry),
+    ``"signs"`` (uint8 packed bits, 1 = negative, per sent entry), ``"scales"`` (float32, one per group with a sent
+    entry); value = sign · scale of its group (ComPEFT sparsity with BitDelta's scale). Param ``granularity``
+    (``tensor`` or ``row``, see :func:`group_shape`)."""
+    granularity = params.get("granularity")
+    if granularity not in ("tensor", "row"):
+        raise CodecError(f"sparse-sign granularity {granularity!r} is not 'tensor' or 'row'")
+    total = sum(entry.numel for entry in entries)
+    mask = np.unpackbits(take(streams, "mask", np.uint8, -(-total // 8)), count=total).astype(bool)
+    sent = int(mask.sum())
+    negative = np.unpackbits(take(streams, "signs", np.uint8, -(-sent // 8)), count=sent).astype(bool)
+    scales = take(streams, "scales", np.float32, None)
+    if not (np.isfinite(scales).all() and (scales >= 0).all()):
+        raise CodecError("sparse-sign scales must be finite and >= 0")
+    signed = np.zeros(total, np.float32)
+    signed[mask] = np.where(negative, -1.0, 1.0)
+    decoded, offset, used = {}, 0, 0
+    for entry in entries:
+        shape = group_shape(entry.shape, granularity)  # (G, L)
+        nonempty = mask[offset : offset + entry.numel].reshape(shape).any(axis=1)  # (G,)
+        group_scale = np.zeros(shape[0], np.float32)
+        count = int(nonempty.sum())
+        if used + count > scales.size:
+            raise CodecError(f"stream 'scales' has {scales.size} values; tensor {entry.name!r} needs more")
+        group_scale[nonempty] = scales[used : used + count]
+        decoded[entry.index] = (signed[offset : offset + entry.numel].reshape(shape) * group_scale[:, None]).ravel()
+        offset, used = offset + entry.numel, used + count
+    if used != scales.size:
+        raise CodecError(f"stream 'scales' has {scales.size} values, the mask calls for {used}")
+    return decoded
+
+
+register("sparse-sign", kinds=("sign",))(_sparse_sign)
+register("sparse-sign-ref", kinds=("sign",))(_sparse_sign)
+
+
+@register("ecsq", kinds=("ecsq",))
+def _ecsq(entries: list[Entry], streams: dict[str, np.ndarray], params: dict[str, Any]) -> dict[int, np.ndarray]:
+    """Symbols s of a uniform scalar quantizer, value = sign(s) · (|s| − θ) · q per tensor. Over the ``ecsq``
+    tensors in layout order, each a zstd frame of uint8: ``"magnitudes"`` (min(|s|, 3), four per byte, lowest bits
+    first), ``"signs"`` (numpy ``packbits``, 1 = negative, per non-zero s), ``"extra"`` (|s| − 3 where |s| >= 3);
+    plain: ``"steps"`` (float32 q per tensor) and ``"offsets"`` (uint8 per tensor, θ = offset / 510). Param
+    ``step``."""
+    step = params.get("step")
+    if type(step) is not float or not 0.0 < step < 64.0:
+        raise CodecError(f"ecsq step {step!r} is not a number in (0, 64)")
+    total = sum(entry.numel for entry in entries)
+    steps = take(streams, "steps", np.float32, len(entries))
+    offsets = take(streams, "offsets", np.uint8, len(entries))
+    if not (np.isfinite(steps).all() and (steps > 0).all()):
+        raise CodecError("ecsq steps must be finite and > 0")
+    quads = inflate(streams, "magnitudes", -(-total // 4))
+    magnitude = ((quads[:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3).reshape(-1)[:total]  # (P,)
+    nonzero = magnitude != 0
+    sent = int(nonzero.sum())
+    negative = np.unpackbits(inflate(streams, "signs", -(-sent // 8)), count=sent).astype(bool)
+    top = magnitude == 3
+    extra = inflate(streams, "extra", int(top.sum()))
+    if (extra > ECSQ_MAX_SYMBOL - 3).any():
+        raise CodecError(f"stream 'extra' exceeds the largest symbol {ECSQ_MAX_SYMBOL}")
+    values = magnitude.astype(np.float32)  # (P,)
+    values[top] += extra
+    sizes = [entry.numel for entry in entries]
+    shrink = np.repeat(offsets.astype(np.float32) / 510, sizes)  # (P,)
+    values[nonzero] = np.where(negative, -1.0, 1.0) * (values[nonzero] - shrink[nonzero])
+    values *= np.repeat(steps, sizes)  # (P,)
+    bounds = np.cumsum([0, *sizes])
+    return {entry.index: values[bounds[i] : bounds[i + 1]] for i, entry in enumerate(entries)}
