@@ -456,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
             _add_model_dir(p, "student/")
             p.add_argument("--backend", default="onnx", choices=["onnx"], help="export format")
             p.add_argument("--out", type=Path, default=None, help="output folder (default: MODEL/student_onnx)")
+            p.add_argument("--mc-layers", type=positive_int, default=1, metavar="N",
+                           help="final encoder layers UTS stage 2 runs stochastically; must match the robot's "
+                                "UTSConfig.mc_layers")  # fmt: skip
         if verb == "eval":
             _add_eval_args(p)
         if verb == "info":

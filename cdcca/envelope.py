@@ -24,17 +24,21 @@ import math
 import os
 import re
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from cdcca import wire
 from cdcca.errors import CdccaError
+
+if TYPE_CHECKING:  # the cloud side (VersionChain) works on torch tensors; a robot on ONNX Runtime never imports it
+    import torch
 
 log = logging.getLogger(__name__)
 _KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -354,9 +358,21 @@ def check_fingerprint(msg, base_fingerprint: str) -> None:
 _WARNED_NO_FINGERPRINT: set[str] = set()
 
 
-def open_envelope(msg, *, trust: TrustStore, robot_id: str, current_version: int, expected: dict[str, torch.Tensor],
-                  newest_version: int | None = None,
-                  base_fingerprint: str = "") -> dict[str, torch.Tensor]:  # fmt: skip
+Decoder = Callable[[bytes, str, Mapping[str, tuple[int, ...]]], Mapping[str, Any]]
+"""``decode(payload, codec, reference)``: a strict decode of a DWC payload against the receiver's trainable set
+(name -> shape); raises ``CodecError`` for anything malformed."""
+
+
+def dwc_decode(payload: bytes, codec: str, reference: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The torch :class:`Decoder` (``cdcca.dwc``, imports torch): what :func:`open_envelope` uses by default."""
+    from cdcca.dwc import get_codec
+
+    return get_codec(codec).decode(payload, reference, strict=True)
+
+
+def open_envelope(msg, *, trust: TrustStore, robot_id: str, current_version: int, expected: Mapping[str, Any],
+                  newest_version: int | None = None, base_fingerprint: str = "",
+                  decode: Decoder | None = None) -> dict[str, Any]:  # fmt: skip
     """Every check a robot makes before touching its model; returns the decoded delta or raises DeltaRejected.
 
     Args:
@@ -370,8 +386,16 @@ def open_envelope(msg, *, trust: TrustStore, robot_id: str, current_version: int
             the decode (``num_params``, the payload's names, shapes and inflated size) before it allocates.
         base_fingerprint: this robot's :func:`cdcca.fingerprint.student_fingerprint` (empty: unknown, not
             checked); see :func:`check_fingerprint`.
+        decode: how the payload is decoded (a :class:`Decoder`): default :func:`dwc_decode` (torch tensors);
+            a robot without torch passes ``cdcca.edge.np_delta.decode`` (numpy arrays, the same values).
     """
-    from cdcca.dwc import CodecError, get_codec
+    from cdcca.edge.np_delta import CodecError  # torch-free
+
+    codec_errors: tuple[type[Exception], ...] = (CodecError,)
+    if decode is None:
+        from cdcca.dwc import CodecError as DwcCodecError
+
+        decode, codec_errors = dwc_decode, (CodecError, DwcCodecError)
 
     if msg.robot_id != robot_id:
         raise DeltaRejected(f"delta addressed to robot {msg.robot_id!r}, this is {robot_id!r}")
@@ -393,8 +417,8 @@ def open_envelope(msg, *, trust: TrustStore, robot_id: str, current_version: int
     if msg.num_params != total:
         raise DeltaRejected(f"num_params {msg.num_params} does not match this robot's trainable set ({total} values)")
     try:
-        delta = get_codec(msg.codec).decode(payload, reference, strict=True)
-    except CodecError as err:
+        delta = decode(payload, msg.codec, reference)
+    except codec_errors as err:
         raise DeltaRejected(f"cannot decode {msg.codec!r} payload: {err}") from err
     missing, extra = set(expected) - set(delta), set(delta) - set(expected)
     if missing or extra:
@@ -404,7 +428,7 @@ def open_envelope(msg, *, trust: TrustStore, robot_id: str, current_version: int
     for name, tensor in delta.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise DeltaRejected(f"{name}: shape {tuple(tensor.shape)} != {tuple(expected[name].shape)}")
-    if sum(t.numel() for t in delta.values()) != msg.num_params:
+    if sum(math.prod(tuple(t.shape)) for t in delta.values()) != msg.num_params:
         raise DeltaRejected(f"num_params {msg.num_params} does not match the payload")
     return delta
 

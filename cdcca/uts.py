@@ -31,12 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cdcca import wire
 from cdcca.data.sample import Sample
 from cdcca.errors import CdccaError
 from cdcca.models.mllm import MLLM
-
-ENCODINGS = ("int8", "fp16")
+from cdcca.uts_config import ENCODINGS, UTSConfig, pack_tokens  # noqa: F401  (torch-free; re-exported here)
 
 
 class UplinkError(CdccaError, ValueError):
@@ -48,60 +46,6 @@ class UplinkError(CdccaError, ValueError):
     def __init__(self, message: str, reason: str = "inconsistent") -> None:
         super().__init__(message)
         self.reason = reason
-
-
-@dataclass
-class UTSConfig:
-    """Settings of uncertainty-guided token sampling.
-
-    Args:
-        sample_mode: ``threshold`` (entropy > ``entropy_threshold``) or ``top_fraction`` (entropy among the top
-            ``sample_fraction`` of the last ``window`` answers).
-        entropy_threshold: stage-1 threshold on the mean answer-token entropy, nats.
-        sample_fraction: stage-1 fraction of samples kept in ``top_fraction`` mode.
-        window: number of recent entropies in the sliding window (of each prompt kind).
-        group_words: prompts sharing their first ``group_words`` words share a window (0: one window for all).
-        mc_passes: M, stochastic passes of stage 2 (batched into one forward).
-        mc_dropout: attention-dropout rate inside the encoder during the passes.
-        mc_layers: how many final encoder layers run stochastically (the earlier ones run once).
-        token_mode: ``ratio`` (keep the top ``token_keep_ratio``) or ``threshold`` (variance > ``token_threshold``).
-        token_keep_ratio: stage-2 fraction of visual tokens kept in ``ratio`` mode.
-        token_threshold: β of Eq. 4 in ``threshold`` mode.
-        encoding: ``int8`` (per-token symmetric scale) or ``fp16`` for the kept tokens on the wire.
-        seed: seed of the dropout masks, so scoring is reproducible.
-    """
-
-    sample_mode: str = "top_fraction"
-    entropy_threshold: float = 0.5
-    sample_fraction: float = 0.5
-    window: int = 50
-    group_words: int = 3
-    mc_passes: int = 8
-    mc_dropout: float = 0.1
-    mc_layers: int = 1
-    token_mode: str = "ratio"
-    token_keep_ratio: float = 0.5
-    token_threshold: float = 0.0
-    encoding: str = "int8"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.sample_mode not in ("threshold", "top_fraction"):
-            raise ValueError(f"UTSConfig.sample_mode must be 'threshold' or 'top_fraction', got {self.sample_mode!r}")
-        if self.token_mode not in ("ratio", "threshold"):
-            raise ValueError(f"UTSConfig.token_mode must be 'ratio' or 'threshold', got {self.token_mode!r}")
-        if self.encoding not in ENCODINGS:
-            raise ValueError(f"UTSConfig.encoding must be one of {ENCODINGS}, got {self.encoding!r}")
-        for name in ("sample_fraction", "token_keep_ratio"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise ValueError(f"UTSConfig.{name} must be in (0, 1], got {getattr(self, name)}")
-        if not 0.0 < self.mc_dropout < 1.0:
-            raise ValueError(f"UTSConfig.mc_dropout must be in (0, 1), got {self.mc_dropout}")
-        if self.group_words < 0:
-            raise ValueError(f"UTSConfig.group_words must be >= 0, got {self.group_words}")
-        for name in ("window", "mc_passes", "mc_layers"):
-            if getattr(self, name) < (2 if name == "mc_passes" else 1):
-                raise ValueError(f"UTSConfig.{name} is too small: {getattr(self, name)}")
 
 
 @dataclass
@@ -266,38 +210,6 @@ class UncertaintyTokenSampler:
 
 
 # ---------------------------------------------------------------------------------------- wire packing
-def pack_tokens(
-    tokens: torch.Tensor, keep: torch.Tensor, variance: torch.Tensor, *, robot_id: str, sample_id: str,
-    adapter_version: int, prompt: str, student_answer: str, sample_entropy: float, encoding: str = "int8",
-    stamp_ns: int = 0, frame_id: str = "",
-):  # fmt: skip
-    """One sample's kept visual tokens as a ``UtsTokens`` message.
-
-    Args:
-        tokens: (N, D) visual tokens of the frame.
-        keep: (N,) which tokens to send.
-        variance: (N,) their MC-dropout variance.
-    """
-    if encoding not in ENCODINGS:
-        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
-    indices = keep.nonzero().squeeze(1)
-    kept = tokens[indices].float().numpy()  # (K, D)
-    if encoding == "int8":
-        scales = np.abs(kept).max(axis=1) / 127.0  # (K,) symmetric per-token scale
-        scales[scales == 0] = 1.0
-        quantized = np.clip(np.rint(kept / scales[:, None]), -127, 127).astype(np.int8)
-        data, scales, code = quantized.view(np.uint8).reshape(-1), scales.astype(np.float32), 0
-    else:
-        data, scales, code = kept.astype("<f2").view(np.uint8).reshape(-1), np.zeros(0, np.float32), 1
-    return wire.new(
-        wire.UTS_TOKENS, header=wire.header(stamp_ns, frame_id), robot_id=robot_id, sample_id=sample_id,
-        adapter_version=adapter_version, prompt=prompt, student_answer=student_answer,
-        sample_entropy=sample_entropy, num_tokens=tokens.shape[0], token_dim=tokens.shape[1],
-        token_indices=indices.numpy().astype(np.uint16), token_variance=variance[indices].float().numpy(),
-        encoding=code, scales=scales, token_data=data,
-    )  # fmt: skip
-
-
 MAX_TOKEN_VALUES = 1 << 24  # unpack_tokens' cap on num_tokens * token_dim without tighter bounds (64 MiB float32)
 
 

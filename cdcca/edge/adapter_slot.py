@@ -6,52 +6,44 @@ Eq. 8) while answers continue. The swap is a pointer exchange under a lock held 
 shadow is only written once no answer still uses it. After a swap the shadow holds the previous adapter,
 which is what :meth:`AdapterSlot.rollback` returns to.
 
-The current adapter and version persist as one safetensors file replaced atomically (write, fsync,
-rename), so a restart resumes at the last good version and a crash mid-write never leaves a torn adapter.
-The new adapter is persisted before anything in memory changes: a failed write (a full disk) leaves the
-robot exactly as it was, the delta is reported REJECTED and counted in ``persist_failures``, and a resend of
-the same version applies once the disk has room.
+The current adapter persists through :mod:`cdcca.edge.adapter_state` (torch-free, shared with the ONNX Runtime
+backend) before anything in memory changes: a failed write (a full disk) leaves the robot exactly as it was, the
+delta is reported REJECTED and counted in ``persist_failures``, and a resend of the same version applies once the
+disk has room.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from cdcca import wire
-from cdcca.dwc import apply_delta
-from cdcca.envelope import DeltaRejected, TrustStore, open_envelope
+from cdcca.edge import adapter_state
+from cdcca.edge.adapter_state import (  # noqa: F401  (kept importable from here)
+    APPLIED,
+    REJECTED,
+    ROLLED_BACK,
+    STATE_FILE,
+    SlotCounters,
+    adapter_status,
+    persist_adapter,
+    persist_failed_reason,
+    restore_adapter,
+    rollback_reason,
+    rolled_back_from,
+)
+from cdcca.envelope import DeltaRejected, TrustStore, dwc_decode
 from cdcca.fingerprint import student_fingerprint
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import has_lora, trainable_parameters
-from cdcca.wire import APPLIED, REJECTED, ROLLED_BACK  # noqa: F401  (AdapterStatus states)
 
 log = logging.getLogger(__name__)
-STATE_FILE = "adapter.safetensors"
-
-
-@dataclass
-class SlotCounters:
-    """What happened to deltas on this robot."""
-
-    applied: int = 0
-    rejected: int = 0
-    rolled_back: int = 0
-    restore_failures: int = 0
-    persist_failures: int = 0  # the adapter state could not be written (e.g. ENOSPC); nothing was swapped
-    last_apply_ms: float = 0.0
-    last_swap_us: float = 0.0
 
 
 def _shadow_copy(model: MLLM, trainable: set[str]) -> MLLM:
@@ -70,88 +62,14 @@ Params = dict[str, torch.Tensor]
 
 def verify_delta(msg, *, trust: TrustStore, robot_id: str, version: int, newest_version: int, base: Params,
                  current: Params, base_fingerprint: str = "") -> Params:  # fmt: skip
-    """Every check on a ``WeightDelta``, then Eq. 8 against its reference: θ_base for a keyframe, the current
-    adapter otherwise. Returns the new adapter; raises :class:`DeltaRejected` (nothing is modified).
-    ``base_fingerprint``: this robot's base student (:mod:`cdcca.fingerprint`); empty: not checked."""
-    delta = open_envelope(msg, trust=trust, robot_id=robot_id, current_version=version,
-                          newest_version=newest_version, expected=current,
-                          base_fingerprint=base_fingerprint)  # fmt: skip
-    try:
-        return apply_delta(base if msg.keyframe else current, delta)
-    except ValueError as err:  # NaN/Inf after adding: the model must not see it
-        raise DeltaRejected(f"applying the delta fails: {err}") from err
+    """:func:`cdcca.edge.adapter_state.verify_delta` on torch tensors (``cdcca.dwc`` decodes and applies): every
+    check on a ``WeightDelta``, then Eq. 8. Returns the new adapter; raises :class:`DeltaRejected`."""
+    from cdcca.dwc import apply_delta
 
-
-def persist_adapter(state_dir: Path, robot_id: str, version: int, newest_version: int,
-                    params: dict[str, torch.Tensor], extra: dict[str, str] | None = None) -> None:  # fmt: skip
-    """Replace ``state_dir/adapter.safetensors`` atomically (write, fsync, rename, fsync the folder)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    final, partial = state_dir / STATE_FILE, state_dir / f"{STATE_FILE}.partial"
-    metadata = {"robot_id": robot_id, "version": str(version), "newest_version": str(max(newest_version, version)),
-                **(extra or {})}  # fmt: skip
-    save_file({k: v.contiguous() for k, v in params.items()}, str(partial), metadata=metadata)
-    with open(partial, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, final)  # atomic on POSIX: readers see the old or the new file, never half of one
-    directory = os.open(state_dir, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def restore_adapter(state_dir: Path, robot_id: str, base: Params,
-                    extra: dict[str, str] | None = None) -> tuple[int, int, Params] | None:  # fmt: skip
-    """The persisted ``(version, newest_version, params)``, or ``None`` if nothing was persisted.
-
-    Raises ``ValueError`` for a state that cannot be used (corrupt, another robot, another trainable set, or
-    metadata that contradicts ``extra``); a write that never completed is discarded first.
-    """
-    from safetensors import safe_open
-
-    (state_dir / f"{STATE_FILE}.partial").unlink(missing_ok=True)
-    path = state_dir / STATE_FILE
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        params = load_file(str(path))
-        if metadata.get("robot_id") != robot_id:
-            raise ValueError(f"state belongs to robot {metadata.get('robot_id')!r}")
-        for key, value in (extra or {}).items():  # checked where the writer recorded it
-            if key in metadata and metadata[key] != value:
-                raise ValueError(f"state has {key}={metadata.get(key)!r}, expected {value!r}")
-        if set(params) != set(base) or any(params[k].shape != base[k].shape for k in params):
-            raise ValueError("tensors do not match this student's trainable set")
-        return int(metadata["version"]), int(metadata.get("newest_version", metadata["version"])), params
-    except (SafetensorError, KeyError, OSError) as err:
-        raise ValueError(f"unreadable adapter state: {err}") from err
-
-
-def rollback_reason(version: int, why: str) -> str:
-    """``AdapterStatus.reason`` of a ROLLED_BACK status: names the version given up (``version`` carries the one
-    now running), so the cloud can stop offering it (:func:`rolled_back_from`)."""
-    return f"rolled back from v{int(version)}: {why}"
-
-
-def rolled_back_from(reason: str) -> int | None:
-    """The version a ROLLED_BACK status gave up, from its reason (``None`` if the reason does not say)."""
-    prefix = "rolled back from v"
-    if not reason.startswith(prefix):
-        return None
-    digits = reason[len(prefix) :].split(":", 1)[0]
-    return int(digits) if digits.isdigit() else None
-
-
-def persist_failed_reason(version: int, running: int, err: OSError) -> str:
-    return f"persisting v{version} failed ({err}); still running v{running}, a resend of v{version} applies"
-
-
-def adapter_status(robot_id: str, version: int, state: int, reason: str, stamp_ns: int | None = None):
-    """A ``cdcca_msgs/AdapterStatus`` (``state``: APPLIED, REJECTED or ROLLED_BACK)."""
-    return wire.new(wire.ADAPTER_STATUS, header=wire.header(time.time_ns() if stamp_ns is None else stamp_ns),
-                    robot_id=robot_id, version=int(version), state=state, reason=reason)  # fmt: skip
+    return adapter_state.verify_delta(msg, trust=trust, robot_id=robot_id, version=version,
+                                      newest_version=newest_version, base=base, current=current,
+                                      base_fingerprint=base_fingerprint, decode=dwc_decode,
+                                      apply=apply_delta)  # fmt: skip
 
 
 class AdapterSlot:

@@ -1,5 +1,6 @@
 """``cdcca edge``: one robot as a process -- a source of frames and prompts through an :class:`EdgeRuntime`
-connected to the cloud over Zenoh."""
+connected to the cloud over Zenoh. With ``--backend onnx`` nothing here loads torch, transformers, peft or
+bitsandbytes (issue 19): the ONNX Runtime export answers, scores UTS and applies deltas on its own."""
 
 from __future__ import annotations
 
@@ -10,14 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cdcca.edge.adapter_slot import AdapterSlot
-from cdcca.edge.backend import TorchBackend
 from cdcca.edge.observe import AnswerSink, CloudWatch, EdgeMetrics, StatusLine
 from cdcca.edge.ports import FanOut, ZenohPort
 from cdcca.edge.runtime import EdgeConfig, EdgeRuntime
 from cdcca.edge.sources import DEFAULT_PROMPTS, open_source
 from cdcca.envelope import TrustStore
-from cdcca.models.checkpoint import load_adaptable_student
 from cdcca.transport import CLOUD_PRESENCE
 from cdcca.wire.topics import CLOUD_ID, DIAGNOSTICS, LINK_TOPICS
 
@@ -32,19 +30,28 @@ def build_runtime(checkpoints: Path, config: EdgeConfig, trust_dir: Path, link=N
         link: an open Zenoh :class:`~cdcca.transport.Link` to the cloud (becomes a
             :class:`~cdcca.edge.ports.ZenohPort`); ``None`` with no ``port``: offline.
         port: any other port of the runtime (an rclpy or DDS shell passes its own).
-        backend: ``torch`` (eager student behind an adapter slot) or ``onnx`` (ONNX Runtime on the export
-            in ``<checkpoints>/student_onnx`` made by ``cdcca export --backend onnx``).
+        backend: ``torch`` (eager student behind an adapter slot) or ``onnx`` (ONNX Runtime on the export made
+            by ``cdcca export --backend onnx``: ``checkpoints`` itself when it is one, else
+            ``<checkpoints>/student_onnx``; torch is not imported).
         threads: ONNX Runtime intra-op threads.
     """
-    student = load_adaptable_student(checkpoints)  # UTS stage 2 runs on its frozen encoder either way
     trust = TrustStore.load(trust_dir)
     if backend == "torch":
+        from cdcca.edge.adapter_slot import AdapterSlot
+        from cdcca.edge.backend import TorchBackend
+        from cdcca.models.checkpoint import load_adaptable_student
+
+        student = load_adaptable_student(checkpoints)  # UTS stage 2 runs on its frozen encoder
         answering = TorchBackend(AdapterSlot(student, config.robot_id, trust, Path(config.state_dir) / "adapter"))
     elif backend == "onnx":
         from cdcca.edge.onnx_backend import OnnxBackend
+        from cdcca.edge.onnx_model import MANIFEST_FILE
 
-        answering = OnnxBackend(Path(checkpoints) / "student_onnx", config.robot_id, trust,
-                                state_dir=Path(config.state_dir) / "onnx_adapter", threads=threads)  # fmt: skip
+        export = Path(checkpoints)
+        export = export if (export / MANIFEST_FILE).is_file() else export / "student_onnx"
+        student = None  # UTS runs on the export's own graphs (OnnxBackend.token_sampler)
+        answering = OnnxBackend(export, config.robot_id, trust, state_dir=Path(config.state_dir) / "onnx_adapter",
+                                threads=threads)  # fmt: skip
     else:
         raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
     if link is not None:

@@ -2,9 +2,11 @@
 
 :class:`EdgeRuntime <cdcca.edge.runtime.EdgeRuntime>` talks to a backend only through :class:`EdgeBackend`,
 so the torch student (:class:`TorchBackend`, the default) and the ONNX Runtime export
-(``cdcca.edge.onnx_backend.OnnxBackend``) are interchangeable. UTS stage 2 (MC-dropout variance) always runs
-on the torch copy of the frozen, shared vision encoder, and only for samples stage 1 keeps: adapters never
-touch that encoder, so its tokens mean the same thing whichever backend answered.
+(``cdcca.edge.onnx_backend.OnnxBackend``) are interchangeable. Answers carry numpy arrays, so this module, the
+runtime and the ONNX Runtime backend run without torch (issue 19); :class:`TorchBackend` imports torch when it
+is used. UTS runs on what the backend answered with: the ONNX Runtime backend brings its own token sampler
+(``token_sampler``), the torch student's frozen, shared vision encoder scores the others
+(:class:`cdcca.uts.UncertaintyTokenSampler`).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from cdcca.edge.adapter_slot import AdapterSlot
+if TYPE_CHECKING:
+    from cdcca.edge.adapter_slot import AdapterSlot
 
 
 @dataclass
@@ -25,14 +28,14 @@ class BackendAnswer:
 
     Attributes:
         texts: greedy answers, one per prompt.
-        sample_entropy: (B,) mean answer-token entropy in nats (UTS stage 1, Eq. 2).
-        visual_tokens: (B, N, D) the deterministic visual tokens the answers were computed from.
+        sample_entropy: (B,) float32 mean answer-token entropy in nats (UTS stage 1, Eq. 2).
+        visual_tokens: (B, N, D) float32 deterministic visual tokens the answers were computed from.
         adapter_version: the adapter version that answered (one version for the whole batch).
     """
 
     texts: list[str]
-    sample_entropy: torch.Tensor
-    visual_tokens: torch.Tensor
+    sample_entropy: np.ndarray
+    visual_tokens: np.ndarray
     adapter_version: int
 
 
@@ -77,13 +80,15 @@ class TorchBackend(EdgeBackend):
     def version(self) -> int:
         return self.slot.version
 
-    @torch.inference_mode()
     def answer(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> BackendAnswer:
-        with self.slot.model() as model:
+        import torch
+
+        with torch.inference_mode(), self.slot.model() as model:
             version = self.slot.version_of(model)
-            tokens = model.visual_tokens(model.preprocess(list(images)))
+            tokens = model.visual_tokens(model.preprocess(list(images)))  # (B, N, D)
             generation = model.generate(list(prompts), visual_tokens=tokens)
-        return BackendAnswer(generation.texts, generation.sample_entropy.cpu(), tokens.cpu(), version)
+            entropy = generation.sample_entropy.float().cpu().numpy()  # (B,)
+            return BackendAnswer(generation.texts, entropy, tokens.float().cpu().numpy(), version)
 
     def receive(self, msg):
         return self.slot.receive(msg)

@@ -7,9 +7,10 @@ a ``RunOptions`` with ``add_active_adapter`` (ONNX Runtime multi-LoRA: onnxrunti
 finetune.html; C API ``RunOptionsAddActiveLoraAdapter``). The sessions are built once; a swap only changes
 which ``RunOptions`` the next answer picks up.
 
-A delta is verified exactly as :class:`~cdcca.edge.adapter_slot.AdapterSlot` verifies it (the shared
-:func:`~cdcca.edge.adapter_slot.verify_delta`), the new adapter is built off the answering path, persisted
-atomically (:func:`~cdcca.edge.adapter_slot.persist_adapter`), then published by replacing one reference.
+A delta is verified as :class:`~cdcca.edge.adapter_slot.AdapterSlot` verifies it (the shared
+:func:`~cdcca.edge.adapter_state.verify_delta`, decoded and applied in numpy by :mod:`cdcca.edge.np_delta`), the
+new adapter is built off the answering path, persisted atomically (:func:`~cdcca.edge.adapter_state.persist_adapter`),
+then published by replacing one reference.
 Each answer reads that reference once and uses it for every run of the answer, so an answer in flight
 finishes on the adapter it started with; the previous adapter stays loaded for :meth:`OnnxBackend.rollback`.
 Adapters are activated through ``InferenceSession.run``: ORT ignores active adapters with IOBinding.
@@ -17,6 +18,10 @@ Adapters are activated through ``InferenceSession.run``: ORT ignores active adap
 UTS runs on the same export without torch (:mod:`cdcca.edge.onnx_uts`): an answer's entropy (stage 1) comes
 from the decoder's logits, and each :class:`OnnxAnswer` carries the encoder's ``uts_front``, from which
 :meth:`OnnxBackend.token_sampler`'s ``uts.onnx`` scores the tokens of the samples stage 1 keeps (stage 2).
+
+Nothing here imports torch, transformers, peft or bitsandbytes: ``cdcca edge --backend onnx`` runs without them
+(``tests/test_edge_torch_free.py``). Only :attr:`OnnxBackend.base` and ``_Adapter.params``, torch views for parity
+checks against the torch student and for a cloud-side ``VersionChain``, import torch when they are read.
 """
 
 from __future__ import annotations
@@ -34,9 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
-from cdcca.edge.adapter_slot import (
+from cdcca.edge.adapter_state import (
     APPLIED,
     REJECTED,
     ROLLED_BACK,
@@ -117,10 +121,21 @@ class _Adapter:
     """One loaded adapter version: its tensors, the mapped ORT adapters and a ``RunOptions`` per graph."""
 
     version: int
-    params: dict[str, torch.Tensor]
+    arrays: dict[str, np.ndarray]  # the trainable set of this version, numpy
     run_options: dict[str, ort.RunOptions]
     files: list[Path] = field(default_factory=list)
     loaded: list[ort.LoraAdapter] = field(default_factory=list)  # kept alive as long as the RunOptions are
+
+    @property
+    def params(self) -> dict:
+        """The trainable set as torch tensors (imports torch; copies): for comparisons with the torch student."""
+        return _torch_copy(self.arrays)
+
+
+def _torch_copy(arrays: dict[str, np.ndarray]) -> dict:
+    import torch
+
+    return {name: torch.from_numpy(np.array(value)) for name, value in arrays.items()}
 
 
 class OnnxBackend(EdgeBackend):
@@ -161,7 +176,7 @@ class OnnxBackend(EdgeBackend):
                                                      providers=["CPUExecutionProvider"])
                          for graph, info in manifest["graphs"].items()}  # fmt: skip
         self.tokenizer = _Tokenizer(directory)
-        self.base = self.export.base()
+        self.base_arrays = self.export.base_arrays()  # θ_base, version 0
         self._check_export()
         self._files = self.state_dir / "onnx_adapters" if self.state_dir is not None else Path(tempfile.mkdtemp())
         if self.state_dir is None:
@@ -169,7 +184,7 @@ class OnnxBackend(EdgeBackend):
         self._apply_lock = threading.Lock()  # one delta at a time
         self.counters = SlotCounters()
         self.newest_version = 0
-        self._active, self._previous = self._load(0, self.base), None
+        self._active, self._previous = self._load(0, self.base_arrays), None
         if self.state_dir is not None:
             self._restore()
 
@@ -187,6 +202,12 @@ class OnnxBackend(EdgeBackend):
     @property
     def version(self) -> int:
         return self._active.version
+
+    @property
+    def base(self) -> dict:
+        """θ_base as torch tensors (imports torch; copies), what a cloud-side ``VersionChain`` for this robot starts
+        from; the backend itself keeps :attr:`base_arrays`."""
+        return _torch_copy(self.base_arrays)
 
     def _pixel_values(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """RGB uint8 frames -> (B, 3, S, S) float32, the same resize and normalisation as ``MLLM.preprocess``."""
@@ -222,8 +243,8 @@ class OnnxBackend(EdgeBackend):
         pad = self.lm["pad_token_id"]
         texts = [" ".join(self.tokenizer.decode(row[row != pad].tolist()).split())
                  for row in token_ids]  # fmt: skip
-        return OnnxAnswer(texts, torch.from_numpy(sample_entropy(entropy, alive)), torch.from_numpy(visual_tokens),
-                          adapter.version, front[0] if front else None)  # fmt: skip
+        return OnnxAnswer(texts, sample_entropy(entropy, alive).astype(np.float32), visual_tokens, adapter.version,
+                          front[0] if front else None)  # fmt: skip
 
     def token_sampler(self, config: UTSSettings) -> OnnxTokenSampler:
         """UTS on this export (both stages, no torch) with ``config`` (a ``cdcca.uts.UTSConfig``); its stage 2
@@ -268,11 +289,11 @@ class OnnxBackend(EdgeBackend):
         return np.stack(tokens, 1), np.stack(entropies, 1).astype(np.float32), np.stack(alive, 1).astype(np.float32)
 
     # -------------------------------------------------------------------------------------- updating
-    def _load(self, version: int, params: dict[str, torch.Tensor]) -> _Adapter:
-        """Write and map the adapter files of ``params`` (off the answering path)."""
+    def _load(self, version: int, arrays: dict[str, np.ndarray]) -> _Adapter:
+        """Write and map the adapter files of ``arrays`` (off the answering path)."""
         stem = f"v{version}-{time.time_ns()}"  # unique: a rolled-back version may be rebuilt later
-        paths = write_adapters(self.export, params, self._files, stem, version)
-        adapter = _Adapter(version, params, {}, list(paths.values()))
+        paths = write_adapters(self.export, arrays, self._files, stem, version)
+        adapter = _Adapter(version, arrays, {}, list(paths.values()))
         for graph, path in paths.items():
             lora = ort.LoraAdapter()
             lora.Load(str(path))
@@ -301,8 +322,8 @@ class OnnxBackend(EdgeBackend):
             current = self._active
             try:
                 params = verify_delta(msg, trust=self.trust, robot_id=self.robot_id, version=current.version,
-                                      newest_version=self.newest_version, base=self.base,
-                                      current=current.params)  # fmt: skip
+                                      newest_version=self.newest_version, base=self.base_arrays,
+                                      current=current.arrays)  # fmt: skip
             except DeltaRejected as err:
                 self.counters.rejected += 1
                 log.warning("robot %s rejected delta v%s: %s", self.robot_id, msg.version, err.reason)
@@ -350,12 +371,12 @@ class OnnxBackend(EdgeBackend):
     # ----------------------------------------------------------------------------------- persistence
     def _persist(self, adapter: _Adapter, newest_version: int) -> None:
         if self.state_dir is not None:
-            persist_adapter(self.state_dir, self.robot_id, adapter.version, newest_version, adapter.params,
+            persist_adapter(self.state_dir, self.robot_id, adapter.version, newest_version, adapter.arrays,
                             {"student_id": self.export.manifest["student_id"]})  # fmt: skip
 
     def _restore(self) -> None:
         try:
-            restored = restore_adapter(self.state_dir, self.robot_id, self.base,
+            restored = restore_adapter(self.state_dir, self.robot_id, self.base_arrays,
                                        {"student_id": self.export.manifest["student_id"]})  # fmt: skip
         except ValueError as err:
             self.counters.restore_failures += 1

@@ -24,7 +24,7 @@ from typing import Any
 from cdcca.edge.runtime import EdgeConfig, EdgeRuntime
 from cdcca.errors import CdccaError
 from cdcca.paths import cache_dir, checkpoint_dir
-from cdcca.uts import UTSConfig
+from cdcca.uts_config import UTSConfig
 from cdcca.wire.topics import CAMERA_TOPIC, PROMPT_TOPIC, topic_problem
 
 NODE_NAME = "cdcca_edge"

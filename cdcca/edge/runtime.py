@@ -4,7 +4,9 @@ One :class:`EdgeRuntime` per robot (Algorithm 1 of Wang et al., CVPR 2024, devic
 
 1. **Answer** every prompt about its frame with the student (a :class:`~cdcca.edge.backend.EdgeBackend`).
 2. **UTS** on every answer: stage 1 on the answer entropy, stage 2 (MC-dropout token variance on the frozen
-   encoder) for the samples stage 1 keeps; kept tokens are packed into ``UtsTokens``.
+   encoder) for the samples stage 1 keeps; kept tokens are packed into ``UtsTokens``. An ONNX Runtime backend
+   scores with its own graphs (``backend.token_sampler``, :mod:`cdcca.edge.onnx_uts`), so a robot on it runs
+   without torch (issue 19); otherwise the torch student's encoder scores (:class:`cdcca.uts.UncertaintyTokenSampler`).
 3. **Uplink**: each selected sample goes into the durable :class:`~cdcca.edge.uplink.UplinkQueue` and is
    sent until the cloud acknowledges it; with the cloud unreachable the queue fills (bounded, lowest
    uncertainty dropped) and answering is unaffected.
@@ -37,10 +39,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
 from cdcca import wire
 from cdcca.edge.backend import EdgeBackend
@@ -49,9 +50,11 @@ from cdcca.edge.health import HealthCheck, HealthConfig
 from cdcca.edge.sources import DEFAULT_PROMPTS
 from cdcca.edge.uplink import StaleAck, UplinkQueue, UplinkWriteError
 from cdcca.envelope import AckRejected, TrustStore, verify_ack
-from cdcca.models.mllm import MLLM
-from cdcca.uts import UncertaintyTokenSampler, UTSConfig, pack_tokens
+from cdcca.uts_config import UTSConfig, as_numpy, pack_tokens
 from cdcca.wire.topics import DIAGNOSTICS
+
+if TYPE_CHECKING:
+    from cdcca.models.mllm import MLLM
 
 log = logging.getLogger(__name__)
 _ROBOT_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -186,7 +189,8 @@ class EdgeRuntime:
 
     Args:
         backend: what answers (torch or ONNX Runtime) and applies deltas.
-        encoder_owner: a torch student whose frozen vision encoder UTS stage 2 runs on.
+        encoder_owner: a torch student whose frozen vision encoder UTS stage 2 runs on; ``None`` for a backend
+            with its own ``token_sampler(config)`` (ONNX Runtime), which is then used whether or not one is given.
         config: runtime settings.
         port: where messages go (see the module doc); ``None`` runs offline (the queue still fills). A port
             with ``attach(runtime)`` is attached, so it can hand over what arrives.
@@ -195,12 +199,13 @@ class EdgeRuntime:
             the backend's (``backend.trust``, or ``backend.slot.trust``). Without one every ack is refused.
     """
 
-    def __init__(self, backend: EdgeBackend, encoder_owner: MLLM, config: EdgeConfig, port: Port | None = None,
-                 clock: Callable[[], float] = time.monotonic, trust: TrustStore | None = None) -> None:  # fmt: skip
+    def __init__(self, backend: EdgeBackend, encoder_owner: MLLM | None, config: EdgeConfig,
+                 port: Port | None = None, clock: Callable[[], float] = time.monotonic,
+                 trust: TrustStore | None = None) -> None:  # fmt: skip
         from cdcca.edge.diagnostics import AnswerMeter
 
         self.backend, self.config, self.encoder_owner = backend, config, encoder_owner
-        self.sampler = UncertaintyTokenSampler(encoder_owner, config.uts)
+        self.sampler, self.sampler_on_backend = self._token_sampler(backend, encoder_owner, config.uts)
         self.uplink = UplinkQueue(Path(config.state_dir) / "uplink.sqlite", config.queue_capacity)
         self.counters = EdgeCounters()
         if trust is None:  # the keys the backend checks deltas against
@@ -225,6 +230,27 @@ class EdgeRuntime:
         self.port: Port | None = None
         if port is not None:
             self.connect(port)
+
+    @staticmethod
+    def _token_sampler(backend: EdgeBackend, encoder_owner: MLLM | None, config: UTSConfig) -> tuple[Any, bool]:
+        """UTS for this robot and whether it is the backend's own: ``backend.token_sampler(config)`` when the backend
+        has one (scores its answers' ``uts_front``, no torch), else the torch sampler on ``encoder_owner``."""
+        from cdcca.edge.onnx_model import OnnxModelMismatch
+
+        make = getattr(backend, "token_sampler", None)
+        if make is not None:
+            try:
+                return make(config), True
+            except OnnxModelMismatch:  # an export without a UTS graph: the torch encoder scores, if there is one
+                if encoder_owner is None:
+                    raise
+                log.warning("the ONNX export has no UTS graph; UTS stage 2 runs on the torch student's encoder")
+        if encoder_owner is None:
+            raise ValueError(f"the {getattr(backend, 'name', 'given')} backend has no token sampler of its own; "
+                             "pass the torch student as encoder_owner for UTS")  # fmt: skip
+        from cdcca.uts import UncertaintyTokenSampler
+
+        return UncertaintyTokenSampler(encoder_owner, config), False
 
     def connect(self, port: Port | None) -> None:
         """Send through ``port`` from now on (``None``: nowhere; a node detaches before it drops its publishers)."""
@@ -417,13 +443,22 @@ class EdgeRuntime:
                         answer=answer, entropy=entropy, adapter_version=int(version),
                         latency_ms=latency_ms)  # fmt: skip
 
-    @torch.inference_mode()
+    def _stage_two(self, images, result, index: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(K, N) MC-dropout variance and kept-token mask of the samples ``index`` of a batch (UTS stage 2)."""
+        if self.sampler_on_backend:  # from the encoder state the backend answered with (issue 19: no torch)
+            return self.sampler.stage_two(np.asarray(result.uts_front)[index])
+        import torch
+
+        with torch.inference_mode():
+            variance, keep = self.sampler.stage_two(self.encoder_owner.preprocess([images[i] for i in index]))
+        return as_numpy(variance), as_numpy(keep)
+
     def _select(self, images, prompts, ids, result, stamp: int) -> None:
-        keep = self.sampler.keep_samples(result.sample_entropy, prompts)
+        keep = as_numpy(self.sampler.keep_samples(as_numpy(result.sample_entropy), prompts)).astype(bool)
         if not keep.any():
             return
-        index = keep.nonzero().squeeze(1).tolist()
-        variance, tokens_kept = self.sampler.stage_two(self.encoder_owner.preprocess([images[i] for i in index]))
+        index = np.flatnonzero(keep).tolist()
+        variance, tokens_kept = self._stage_two(images, result, index)
         for row, i in enumerate(index):
             msg = pack_tokens(result.visual_tokens[i], tokens_kept[row], variance[row], robot_id=self.config.robot_id,
                               sample_id=ids[i], adapter_version=result.adapter_version, prompt=prompts[i],

@@ -1,0 +1,160 @@
+"""What both robot backends do with an adapter besides running it, without torch (issue 19): verify a weight
+delta and apply Eq. 8 (θ = θ_base + decode(Δ), Wang et al., CVPR 2024), persist and restore the current adapter,
+and build the ``AdapterStatus`` to publish.
+
+The torch :class:`~cdcca.edge.adapter_slot.AdapterSlot` and the ONNX Runtime
+:class:`~cdcca.edge.onnx_backend.OnnxBackend` share these functions, so a delta is accepted or refused for the
+same reasons on both. An adapter is a dict of numpy arrays (the ORT robot) or of torch tensors (the torch robot);
+the functions here keep to the kind they are given and import torch only for torch tensors, which a caller that
+holds them has imported already.
+
+The current adapter and version persist as one safetensors file replaced atomically (write, fsync, rename, fsync
+the folder): a restart resumes at the last good version, and a crash mid-write never leaves a torn adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cdcca import wire
+from cdcca.edge import np_delta
+from cdcca.envelope import Decoder, DeltaRejected, TrustStore, open_envelope
+from cdcca.wire import APPLIED, REJECTED, ROLLED_BACK  # noqa: F401  (AdapterStatus states)
+
+log = logging.getLogger(__name__)
+STATE_FILE = "adapter.safetensors"
+
+Params = Mapping[str, Any]  # name -> numpy array or torch tensor: one kind per adapter
+Apply = Callable[[Params, Params], dict[str, Any]]  # Eq. 8 (base, delta) -> new adapter; ValueError if unusable
+
+
+@dataclass
+class SlotCounters:
+    """What happened to deltas on this robot."""
+
+    applied: int = 0
+    rejected: int = 0
+    rolled_back: int = 0
+    restore_failures: int = 0
+    persist_failures: int = 0  # the adapter state could not be written (e.g. ENOSPC); nothing was swapped
+    last_apply_ms: float = 0.0
+    last_swap_us: float = 0.0
+
+
+def numpy_decode(payload: bytes, codec: str, reference: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The numpy :class:`~cdcca.envelope.Decoder`: a strict :func:`cdcca.edge.np_delta.decode` (float32 arrays, the
+    values ``cdcca.dwc`` decodes, bit for bit)."""
+    return np_delta.decode(payload, codec, reference, strict=True)
+
+
+def verify_delta(msg, *, trust: TrustStore, robot_id: str, version: int, newest_version: int, base: Params,
+                 current: Params, base_fingerprint: str = "", decode: Decoder = numpy_decode,
+                 apply: Apply = np_delta.apply) -> dict[str, Any]:  # fmt: skip
+    """Every check on a ``WeightDelta`` (:func:`~cdcca.envelope.open_envelope`), then Eq. 8 against its reference:
+    θ_base for a keyframe, the current adapter otherwise. Returns the new adapter; raises :class:`DeltaRejected`
+    (nothing is modified). ``base_fingerprint``: this robot's base student (:mod:`cdcca.fingerprint`); empty: not
+    checked. ``decode`` and ``apply`` default to numpy (:mod:`cdcca.edge.np_delta`); the torch slot passes
+    ``cdcca.dwc``'s."""
+    delta = open_envelope(msg, trust=trust, robot_id=robot_id, current_version=version,
+                          newest_version=newest_version, expected=current, base_fingerprint=base_fingerprint,
+                          decode=decode)  # fmt: skip
+    try:
+        return apply(base if msg.keyframe else current, delta)
+    except ValueError as err:  # NaN/Inf after adding, or a change beyond the bound: the model must not see it
+        raise DeltaRejected(f"applying the delta fails: {err}") from err
+
+
+def _is_torch(params: Params) -> bool:
+    return any(hasattr(value, "detach") for value in params.values())
+
+
+def persist_adapter(state_dir: Path, robot_id: str, version: int, newest_version: int, params: Params,
+                    extra: dict[str, str] | None = None) -> None:  # fmt: skip
+    """Replace ``state_dir/adapter.safetensors`` atomically (write, fsync, rename, fsync the folder)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    final, partial = state_dir / STATE_FILE, state_dir / f"{STATE_FILE}.partial"
+    metadata = {"robot_id": robot_id, "version": str(version), "newest_version": str(max(newest_version, version)),
+                **(extra or {})}  # fmt: skip
+    if _is_torch(params):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in params.items()}, str(partial), metadata=metadata)
+    else:
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(partial), metadata=metadata)
+    with open(partial, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, final)  # atomic on POSIX: readers see the old or the new file, never half of one
+    directory = os.open(state_dir, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def restore_adapter(state_dir: Path, robot_id: str, base: Params,
+                    extra: dict[str, str] | None = None) -> tuple[int, int, dict[str, Any]] | None:  # fmt: skip
+    """The persisted ``(version, newest_version, params)`` (params of ``base``'s kind), or ``None`` if nothing was
+    persisted.
+
+    Raises ``ValueError`` for a state that cannot be used (corrupt, another robot, another trainable set, or
+    metadata that contradicts ``extra``); a write that never completed is discarded first.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    (state_dir / f"{STATE_FILE}.partial").unlink(missing_ok=True)
+    path = state_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    if _is_torch(base):
+        from safetensors.torch import load_file
+    else:
+        from safetensors.numpy import load_file
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+        params = load_file(str(path))
+        if metadata.get("robot_id") != robot_id:
+            raise ValueError(f"state belongs to robot {metadata.get('robot_id')!r}")
+        for key, value in (extra or {}).items():  # checked where the writer recorded it
+            if key in metadata and metadata[key] != value:
+                raise ValueError(f"state has {key}={metadata.get(key)!r}, expected {value!r}")
+        if set(params) != set(base) or any(tuple(params[k].shape) != tuple(base[k].shape) for k in params):
+            raise ValueError("tensors do not match this student's trainable set")
+        return int(metadata["version"]), int(metadata.get("newest_version", metadata["version"])), params
+    except (SafetensorError, KeyError, OSError) as err:
+        raise ValueError(f"unreadable adapter state: {err}") from err
+
+
+def rollback_reason(version: int, why: str) -> str:
+    """``AdapterStatus.reason`` of a ROLLED_BACK status: names the version given up (``version`` carries the one
+    now running), so the cloud can stop offering it (:func:`rolled_back_from`)."""
+    return f"rolled back from v{int(version)}: {why}"
+
+
+def rolled_back_from(reason: str) -> int | None:
+    """The version a ROLLED_BACK status gave up, from its reason (``None`` if the reason does not say)."""
+    prefix = "rolled back from v"
+    if not reason.startswith(prefix):
+        return None
+    digits = reason[len(prefix) :].split(":", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def persist_failed_reason(version: int, running: int, err: OSError) -> str:
+    return f"persisting v{version} failed ({err}); still running v{running}, a resend of v{version} applies"
+
+
+def adapter_status(robot_id: str, version: int, state: int, reason: str, stamp_ns: int | None = None):
+    """A ``cdcca_msgs/AdapterStatus`` (``state``: APPLIED, REJECTED or ROLLED_BACK)."""
+    return wire.new(wire.ADAPTER_STATUS, header=wire.header(time.time_ns() if stamp_ns is None else stamp_ns),
+                    robot_id=robot_id, version=int(version), state=state, reason=reason)  # fmt: skip
