@@ -3,8 +3,9 @@
 Rank 0 is the service (link, store, rounds, deltas). Before each round it broadcasts the round's samples
 (tokens, masks, prompts: tensors plus a JSON header, no pickle) and every other rank runs the same
 :meth:`Distiller.run_round <cdcca.akd.Distiller.run_round>` on them, which averages gradients across ranks
-each step (DDP's data parallelism). Ranks start from the same committed state (read from the shared store
-directory), so they stay identical. Backend: ``nccl`` when CUDA is available, else ``gloo``.
+each step (DDP's data parallelism). Ranks start from the same committed state (each rank's one student takes
+the robot's adapter state from its memory, else from the shared store directory), so they stay identical.
+Backend: ``nccl`` when CUDA is available, else ``gloo``.
 """
 
 from __future__ import annotations
@@ -74,10 +75,11 @@ def receive_round() -> tuple[str, list[DistillSample]] | None:
 
 
 def follow(trainer) -> int:
-    """Other ranks: run every round rank 0 announces on this rank's copy of the robot's student."""
+    """Other ranks: run every round rank 0 announces on this rank's student, holding that robot's adapter state
+    (kept in memory since this rank's last round of it, else read from the store rank 0 committed it to)."""
     rounds = 0
     while (task := receive_round()) is not None:
         robot_id, samples = task
-        trainer._robot(robot_id).distiller.run_round(samples)
+        trainer._activate(robot_id).run_round(samples)
         rounds += 1
     return rounds

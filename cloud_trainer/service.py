@@ -23,8 +23,10 @@ read-only) is one WARNING per cause per 30 s (``cloud_trainer.faults``), counted
 is not acknowledged, so the robot keeps it. A round in progress when the service stops is abandoned before its
 commit (:meth:`CloudTrainer.abandon_round`); its samples stay pending.
 
-Each robot has its own cloud student, distiller and version chain; the teacher is shared. A round that fails
-is undone (the robot is reloaded from its last commit); the samples it fails on alone are quarantined (kept,
+A worker holds the frozen teacher and one student with one distiller (``cloud_trainer.adapter_states``); a robot is
+its adapter state (trainable set, ϕ/ψ, AdamW moments, round counter), swapped into that student for its round and
+committed with it, plus its version chain. A round that fails is undone (the robot is reloaded from its last
+commit); the samples it fails on alone are quarantined (kept,
 counted, logged, never pending again) and the round runs on the rest. A failure that no sample explains puts
 only that robot on hold for ``round_retry_s``: other robots and :meth:`CloudTrainer.serve` go on.
 """
@@ -55,6 +57,7 @@ from cdcca.transport import Link
 from cdcca.uts import UplinkError
 from cdcca.wire import APPLIED, REJECTED, ROLLED_BACK
 from cdcca.wire.topics import CLOUD_ID, DIAGNOSTICS
+from cloud_trainer.adapter_states import AdapterState, SharedStudent, state_tensors
 from cloud_trainer.admission import SampleAdmission
 from cloud_trainer.faults import FaultLog, fault_cause
 from cloud_trainer.store import CloudStore
@@ -89,6 +92,9 @@ class CloudConfig:
             after asking it to abandon its round.
         poll_s: idle wait of the service loop.
         round_retry_s: a robot whose round failed for no sample's fault waits this long before the next try.
+        adapter_cache: robots whose adapter state (trainable set, ϕ/ψ, AdamW moments) stays in memory besides the
+            one in the shared student, least recently used dropped first; the others are read from the store at
+            their next round (0: always from the store). Memory per robot, never a student per robot.
         akd: distillation settings of every round.
     """
 
@@ -103,6 +109,7 @@ class CloudConfig:
     comeback_after_s: float = 10.0
     poll_s: float = 0.05
     round_retry_s: float = 30.0
+    adapter_cache: int = 4
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
     status_every_s: float = 2.0
@@ -115,6 +122,8 @@ class CloudConfig:
                              f"{self.max_round_samples}")  # fmt: skip
         if self.round_retry_s < 0:
             raise ValueError(f"CloudConfig.round_retry_s must be >= 0, got {self.round_retry_s}")
+        if self.adapter_cache < 0:
+            raise ValueError(f"CloudConfig.adapter_cache must be >= 0, got {self.adapter_cache}")
         if self.max_resends < 0 or self.comeback_after_s < 0:
             raise ValueError(f"CloudConfig.max_resends and comeback_after_s must be >= 0, got {self.max_resends}, "
                              f"{self.comeback_after_s}")  # fmt: skip
@@ -127,8 +136,8 @@ class CloudConfig:
 
 @dataclass
 class _Robot:
-    student: MLLM
-    distiller: Distiller
+    """What the service tracks of a robot besides its adapter state (see ``cloud_trainer.adapter_states``)."""
+
     chain: VersionChain
     reported: int = -1  # version the robot last said it runs (-1: not heard from)
     last_sent: float = 0.0
@@ -194,8 +203,8 @@ class CloudTrainer:
 
     Args:
         teacher: the shared teacher (frozen).
-        make_student: builds a fresh copy of the robots' student with LoRA (the version-0 base every robot
-            ships with).
+        make_student: builds the robots' student with LoRA (the version-0 base every robot ships with); called
+            once: every robot's rounds run on that one student, with the robot's adapter state swapped in.
         signer: the key deltas are signed with.
         config: service settings.
         link: the Zenoh link; ``None`` for offline use (feed :meth:`receive_tokens` directly).
@@ -211,10 +220,12 @@ class CloudTrainer:
         self.store = CloudStore(Path(config.state_dir) / "cloud.sqlite")
         self.robots: dict[str, _Robot] = {}
         self.counters = CloudCounters()
-        self._spare_student: MLLM | None = make_student()  # the limits come from it; the first new robot gets it
-        self.admission = SampleAdmission(teacher, self._spare_student)
-        # every robot's student is built from the same checkpoint: one base, hashed once, stated in every delta
-        self.base_fingerprint = student_fingerprint(self._spare_student)
+        student = make_student()
+        self.admission = SampleAdmission(teacher, student)  # the limits come from the models
+        # one base for every robot, hashed once and stated in every delta; each chain's version 0
+        self.base_fingerprint = student_fingerprint(student)
+        self._base = {name: p.detach().clone() for name, p in trainable_parameters(student).items()}
+        self.shared = SharedStudent(teacher, student, config.akd, self.anchors, config.adapter_cache)
         self._hold: dict[str, float] = {}  # robot_id -> monotonic time its rounds may be tried again
         self._stop = threading.Event()
         self._chain_lock = threading.Lock()  # statuses arrive on Zenoh's thread while a round publishes
@@ -368,45 +379,50 @@ class CloudTrainer:
                     msg.version, msg.reason, declined)  # fmt: skip
 
     # --------------------------------------------------------------------------------------- robots
+    @property
+    def student(self) -> MLLM:
+        """The worker's one student (it holds the adapter state of ``shared.active``)."""
+        return self.shared.student
+
+    @property
+    def distiller(self) -> Distiller:
+        """The worker's one distiller (it holds the adapter state of ``shared.active``)."""
+        return self.shared.distiller
+
+    def _activate(self, robot_id: str) -> Distiller:
+        """The distiller, holding ``robot_id``'s adapter state (from memory, else its last commit, else version 0)."""
+        return self.shared.activate(robot_id, lambda: self._stored_state(robot_id))
+
+    def adapter_state(self, robot_id: str) -> AdapterState:
+        """``robot_id``'s adapter state as its next round would start from it (nothing is swapped)."""
+        return self.shared.state_of(robot_id, lambda: self._stored_state(robot_id))
+
+    def _stored_state(self, robot_id: str) -> AdapterState | None:
+        """The robot's state as its last round committed it; ``None`` before its first round."""
+        stored = self.store.load_adapter_state(robot_id)
+        if stored is None:
+            return None
+        latest, tensors, optimizer = stored
+        initial = self.shared.initial
+        # a store written before the optimizer column has no moments: they start over, as they did then
+        return AdapterState(tensors if tensors is not None else initial.tensors, optimizer or {}, latest)
+
     def _robot(self, robot_id: str) -> _Robot:
         robot = self.robots.get(robot_id)
         if robot is not None:
             return robot
-        student, self._spare_student = self._spare_student or self.make_student(), None
-        base = {name: p.detach().clone() for name, p in trainable_parameters(student).items()}
-        distiller = Distiller(self.teacher, student, self.config.akd, anchors=self.anchors)
-        chain = VersionChain(robot_id, base, base_fingerprint=self.base_fingerprint)
-        robot = self.robots[robot_id] = _Robot(student, distiller, chain)
+        chain = VersionChain(robot_id, self._base, base_fingerprint=self.base_fingerprint)
+        robot = self.robots[robot_id] = _Robot(chain)
         old = self._reloaded.pop(robot_id, None)
         if old is not None:  # forgotten after an abandoned round: what the robot said still holds
             robot.reported, robot.last_sent, robot.resends = old.reported, old.last_sent, old.resends
             robot.rejections, robot.last_reject_reason = old.rejections, old.last_reject_reason
-        record = self.store.load_robot(robot_id)
+        record = self.store.load_robot(robot_id, adapter=False)  # the adapter state is read at its next round
         if record is not None:  # a restart: continue from the last committed round
-            if record.student is not None:
-                self._load_state(distiller, record.student)
-            if record.optimizer is not None:  # so the next round is the one an uninterrupted cloud would run
-                distiller.load_optimizer_state(record.optimizer)
             chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
-            distiller.rounds = record.latest
             robot.latest_delta = record.deltas.get(record.latest)
             robot.declined = dict(record.declined)
         return robot
-
-    @staticmethod
-    def _state(distiller: Distiller) -> dict[str, torch.Tensor]:
-        state = {f"student.{k}": v for k, v in distiller.trainable.items()}
-        state.update({f"phi.{k}": v for k, v in distiller.phi.state_dict().items()})
-        state.update({f"psi.{k}": v for k, v in distiller.psi.state_dict().items()})
-        return state
-
-    @staticmethod
-    def _load_state(distiller: Distiller, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, param in distiller.trainable.items():
-                param.copy_(state[f"student.{name}"])
-        for prefix, layer in (("phi.", distiller.phi), ("psi.", distiller.psi)):
-            layer.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
 
     # --------------------------------------------------------------------------------------- rounds
     def run_round(self, robot_id: str) -> dict:
@@ -444,7 +460,7 @@ class CloudTrainer:
                     self._store_fault(cause, f"committing the round of {robot_id}", err)
                     raise RoundFailed(f"robot {robot_id}: the round could not be committed ({cause}); its samples "
                                       f"stay pending") from err  # fmt: skip
-                if robot.distiller.world_size > 1:  # the other ranks ran (part of) it: they cannot be undone here
+                if self.distiller.world_size > 1:  # the other ranks ran (part of) it: they cannot be undone here
                     raise
                 poison = self._probe(robot_id, fresh + replayed)
                 if not poison:
@@ -488,17 +504,18 @@ class CloudTrainer:
         """AKD on the samples, DWC against what the robot holds, and the commit: (msg, CDR bytes, report,
         published params). Raises on any failure, the round then being undone by the caller."""
         samples = fresh + replayed
-        if robot.distiller.world_size > 1:  # under torchrun: the other ranks run this round with us
+        distiller = self._activate(robot_id)
+        if distiller.world_size > 1:  # under torchrun: the other ranks run this round with us
             from cloud_trainer.distributed import send_round
 
             send_round(robot_id, samples)
-        report = robot.distiller.run_round(samples)
+        report = distiller.run_round(samples)
         if self._abandon.is_set():
             raise RoundAbandoned(robot_id)
         losses = [name for name, value in report.losses.items() if not math.isfinite(value)]
         if losses:  # the round may have kept its starting weights, but some sample poisons the objective
             raise FloatingPointError(f"the round's losses {losses} are NaN/Inf")
-        params = {name: p.detach().clone() for name, p in robot.distiller.trainable.items()}
+        params = {name: p.detach().clone() for name, p in distiller.trainable.items()}
         broken = [name for name, tensor in params.items() if not bool(torch.isfinite(tensor).all())]
         if broken:
             raise FloatingPointError(f"the round left NaN/Inf in {broken[:3]}")
@@ -508,8 +525,8 @@ class CloudTrainer:
             msg = robot.chain.make_delta(params, self.config.codec, self.signer, stamp_ns=time.time_ns())
             data = wire.encode(msg)
             self.store.commit_round(robot_id, int(msg.version), [s.sample_id for s in fresh],
-                                    self._state(robot.distiller), robot.chain.published[int(msg.version)], data,
-                                    robot.chain.applied, robot.distiller.optimizer_state())  # fmt: skip
+                                    state_tensors(distiller), robot.chain.published[int(msg.version)], data,
+                                    robot.chain.applied, distiller.optimizer_state())  # fmt: skip
             self.current_round = None  # committed: a stop from here on no longer abandons it
         return msg, data, report, params
 
@@ -536,7 +553,7 @@ class CloudTrainer:
     def _probe(self, robot_id: str, samples: list[DistillSample]) -> dict[str, str]:
         """sample_id -> why, for each sample a round fails on alone: the teacher's labels and every AKD loss of
         that one sample must compute and be finite."""
-        distiller = self._robot(robot_id).distiller
+        distiller = self._activate(robot_id)
         poison = {}
         for sample in samples:
             try:
@@ -551,6 +568,7 @@ class CloudTrainer:
 
     def _undo(self, robot_id: str) -> None:
         """Reload the robot from its last commit (a failed round may have changed weights, moments, chain)."""
+        self.shared.forget(robot_id)
         old = self.robots.pop(robot_id, None)
         robot = self._robot(robot_id)
         if old is not None:
@@ -560,6 +578,7 @@ class CloudTrainer:
     def _forget(self, robot_id: str) -> None:
         """Drop the robot's in-memory state after an abandoned round (its weights are half trained); what it
         reported is kept, and the rest is loaded again from the last commit when it is next needed."""
+        self.shared.forget(robot_id)
         old = self.robots.pop(robot_id, None)
         if old is not None:
             self._reloaded[robot_id] = old
@@ -723,4 +742,3 @@ class CloudTrainer:
     def close(self) -> None:
         self._closed = True
         self.store.close()
-

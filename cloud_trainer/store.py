@@ -1,4 +1,4 @@
-"""The cloud's durable state in one SQLite file: received samples, and per robot its chain and cloud student.
+"""The cloud's durable state in one SQLite file: received samples, and per robot its chain and adapter state.
 
 A received ``UtsTokens`` counts as received (and is acknowledged) only once its row is committed; a duplicate
 (same robot_id, sample_id) is ignored. A finished round is one transaction: the robot's new cloud-student
@@ -189,9 +189,13 @@ class CloudStore:
         return {r[0] for r in rows}
 
     # ------------------------------------------------------------------------------------- robots
-    def load_robot(self, robot_id: str) -> RobotRecord | None:
+    def load_robot(self, robot_id: str, adapter: bool = True) -> RobotRecord | None:
+        """The robot's chain, deltas and declined versions; with ``adapter`` also its adapter state (``student``
+        and ``optimizer``; else both ``None``: a worker reads them at the robot's next round,
+        :meth:`load_adapter_state`)."""
+        columns = "student, optimizer" if adapter else "NULL, NULL"
         with self._lock:
-            row = self._db.execute("SELECT latest, applied, student, optimizer FROM robots WHERE robot_id = ?",
+            row = self._db.execute(f"SELECT latest, applied, {columns} FROM robots WHERE robot_id = ?",
                                    (robot_id,)).fetchone()  # fmt: skip
             if row is None:
                 return None
@@ -205,6 +209,19 @@ class CloudStore:
             published={v: from_bytes(p) for v, p, _ in versions}, deltas={v: bytes(d) for v, _, d in versions},
             optimizer=from_bytes(optimizer) if optimizer is not None else None, declined=dict(declined),
         )  # fmt: skip
+
+    def load_adapter_state(self, robot_id: str) -> tuple[int, dict[str, torch.Tensor] | None,
+                                                          dict[str, torch.Tensor] | None] | None:  # fmt: skip
+        """(latest version, cloud-student state, optimizer state) as the robot's last round committed them (either
+        state ``None`` in a store written before it was kept); ``None`` for a robot without a committed round."""
+        with self._lock:
+            row = self._db.execute("SELECT latest, student, optimizer FROM robots WHERE robot_id = ?",
+                                   (robot_id,)).fetchone()  # fmt: skip
+        if row is None:
+            return None
+        latest, student, optimizer = row
+        return (latest, from_bytes(student) if student is not None else None,
+                from_bytes(optimizer) if optimizer is not None else None)  # fmt: skip
 
     def robots(self) -> list[str]:
         with self._lock:

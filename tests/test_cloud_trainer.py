@@ -16,6 +16,7 @@ from cdcca.models.checkpoint import load_adaptable_student, load_mllm
 from cdcca.models.trainable import trainable_parameters
 from cdcca.uts import pack_tokens
 from cdcca.wire.topics import LINK_TOPICS
+from cloud_trainer.adapter_states import state_tensors
 from cloud_trainer.service import CloudConfig, CloudTrainer
 
 
@@ -114,7 +115,7 @@ def test_a_round_publishes_a_delta_the_robot_applies_and_survives_restart(pretra
     robot = AdapterSlot(load_adaptable_student(pretrained_test_pair), "r1", trust)
     status = robot.receive(delta)
     assert status.state == 0 and robot.version == 1
-    cloud_params = trainable_parameters(trainer.robots["r1"].student)
+    cloud_params = trainable_parameters(trainer.student)  # the one student, holding r1's state after its round
     robot_params = trainable_parameters(robot._models[robot._active])
     assert all(torch.allclose(cloud_params[k], robot_params[k], atol=1e-2) for k in cloud_params)  # fp16 codec
     assert any(not torch.equal(robot.base[k], robot.current[k]) for k in robot.base)
@@ -125,8 +126,9 @@ def test_a_round_publishes_a_delta_the_robot_applies_and_survives_restart(pretra
     restarted = make_trainer(pretrained_test_pair, signer, tmp_path / "cloud")
     chain = restarted.robots["r1"].chain
     assert (chain.latest, chain.applied) == (1, 1)
-    restored = trainable_parameters(restarted.robots["r1"].student)
-    assert all(torch.equal(restored[k], cloud_params[k]) for k in cloud_params)
+    restored = restarted.adapter_state("r1")  # read from the store: the restarted worker has not run a round yet
+    assert restarted.shared.active is None and restored.rounds == 1
+    assert all(torch.equal(restored.tensors[f"student.{k}"], cloud_params[k]) for k in cloud_params)
     for msg in uploads[4:]:
         restarted.receive_tokens("r1", msg)
     assert restarted.counters.duplicates == 4 and restarted.counters.received == 4
@@ -139,12 +141,11 @@ def test_a_crash_inside_a_round_loses_nothing(pretrained_test_pair, uploads, key
     trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud")
     for msg in uploads[:8]:
         trainer.receive_tokens("r1", msg)
-    robot = trainer._robot("r1")
 
     def crash(samples):
         raise KeyboardInterrupt("killed mid-round")
 
-    monkeypatch.setattr(robot.distiller, "run_round", crash)
+    monkeypatch.setattr(trainer.distiller, "run_round", crash)
     with pytest.raises(KeyboardInterrupt):
         trainer.step()
     trainer.close()
@@ -197,7 +198,8 @@ def test_a_status_of_no_state_or_an_unpublished_version_is_ignored_and_counted(p
     assert not trainer.resend_if_behind("r1")
 
 
-def test_each_robot_has_its_own_student_and_chain(pretrained_test_pair, uploads, keys, tmp_path):
+def test_each_robot_has_its_own_adapter_state_and_chain_on_one_student(pretrained_test_pair, uploads, keys,
+                                                                       tmp_path):  # fmt: skip
     import dataclasses
 
     trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud", round_size=4)
@@ -209,7 +211,9 @@ def test_each_robot_has_its_own_student_and_chain(pretrained_test_pair, uploads,
     for msg in uploads[4:8]:
         trainer.receive_tokens("r2", dataclasses.replace(msg, robot_id="r2"))
     assert [(r["robot_id"], r["version"]) for r in trainer.step()] == [("r2", 2)]
-    assert trainer.robots["r1"].student is not trainer.robots["r2"].student
+    r1, r2 = trainer.adapter_state("r1"), trainer.adapter_state("r2")
+    assert (r1.rounds, r2.rounds) == (1, 2) and trainer.shared.active == "r2"
+    assert any(not torch.equal(r1.tensors[k], r2.tensors[k]) for k in r1.tensors)
     assert (trainer.robots["r1"].chain.latest, trainer.robots["r2"].chain.latest) == (1, 2)
     assert trainer.store.count("r1") == 4 and trainer.store.count("r2") == 8
 
@@ -229,8 +233,8 @@ def test_a_restarted_cloud_runs_the_round_an_uninterrupted_one_would(pretrained_
         for msg in uploads[4:8]:
             trainer.receive_tokens("r1", msg)
         assert [r["version"] for r in trainer.step()] == [2]
-        distiller = trainer.robots["r1"].distiller
-        return CloudTrainer._state(distiller), distiller.optimizer_state()
+        distiller = trainer._activate("r1")
+        return state_tensors(distiller), distiller.optimizer_state()
 
     def forget_optimizer(state_dir):  # what a store written before this change holds
         with sqlite3.connect(state_dir / "cloud.sqlite") as db:
@@ -246,7 +250,7 @@ def test_a_restarted_cloud_runs_the_round_an_uninterrupted_one_would(pretrained_
 
 
 def test_optimizer_state_for_other_parameters_is_refused(pretrained_test_pair, keys, tmp_path):
-    distiller = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud")._robot("r1").distiller
+    distiller = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud")._activate("r1")
     with pytest.raises(ValueError, match="does not name"):
         distiller.load_optimizer_state({"9999.exp_avg": torch.zeros(1)})
     with pytest.raises(ValueError, match="not shaped"):
@@ -322,7 +326,7 @@ def test_samples_the_models_cannot_take_are_rejected_before_the_ack(label, make,
 
 def test_sample_limits_come_from_the_models(pretrained_test_pair, keys, tmp_path):
     trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud")
-    teacher, student = trainer.teacher, trainer._spare_student
+    teacher, student = trainer.teacher, trainer.student
     limits = trainer.admission.limits
     vision = teacher.blip2.config.vision_config
     assert limits.num_tokens == (vision.image_size // vision.patch_size) ** 2 + 1
@@ -384,7 +388,7 @@ def test_a_sample_that_poisons_the_round_is_quarantined_and_the_round_goes_on(pr
     assert list(result["quarantined"]) == [blowup.sample_id]
     assert result["quarantined"][blowup.sample_id].startswith("round: ")
     assert trainer.counters.round_failures == 1 and trainer.counters.quarantined == 1
-    params = trainable_parameters(trainer.robots["r1"].student)
+    params = trainer.adapter_state("r1").tensors
     assert all(bool(torch.isfinite(p).all()) for p in params.values())
 
 
@@ -399,12 +403,14 @@ def test_one_robots_failing_rounds_stop_neither_other_robots_nor_serve(pretraine
     trainer.config.round_retry_s = 60.0
     for msg in uploads[:4]:
         trainer.receive_tokens("r1", msg)
-    failing = trainer._robot("r1")
+    healthy_round = trainer.distiller.run_round
 
-    def broken_round(samples):
-        raise RuntimeError("disk of the r1 worker is gone")
+    def broken_round(samples):  # the one distiller serves both robots: only r1's rounds fail
+        if trainer.shared.active == "r1":
+            raise RuntimeError("disk of the r1 worker is gone")
+        return healthy_round(samples)
 
-    monkeypatch.setattr(failing.distiller, "run_round", broken_round)
+    monkeypatch.setattr(trainer.distiller, "run_round", broken_round)
     # Execute: serve in a thread while r2 uploads
     stop = threading.Event()
     server = threading.Thread(target=trainer.serve, args=(stop,), daemon=True)

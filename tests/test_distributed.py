@@ -32,13 +32,13 @@ def _worker(rank, world, port, checkpoints, key, out):
         samples = DistillSample.from_samples(student, load_domain("printed", "stream", limit=4))
         for robot_id in ("r1", "r2", "r1"):  # the rounds of two robots, as the service runs them
             send_round(robot_id, samples)
-            trainer._robot(robot_id).distiller.run_round(samples)
+            trainer._activate(robot_id).run_round(samples)
         send_stop()
         rounds = 3
     else:
         rounds = follow(trainer)
-    params = {f"{r}.{k}": v.detach().clone()
-              for r in ("r1", "r2") for k, v in trainer._robot(r).distiller.trainable.items()}  # fmt: skip
+    params = {f"{r}.{k}": v.detach().clone()  # each robot's adapter state, swapped into the rank's one student
+              for r in ("r1", "r2") for k, v in trainer._activate(r).trainable.items()}  # fmt: skip
     save_file(params, f"{out}/rank{rank}.safetensors", metadata={"rounds": json.dumps(rounds)})
     dist.destroy_process_group()
 
