@@ -76,6 +76,19 @@ def _is_torch(params: Params) -> bool:
     return any(hasattr(value, "detach") for value in params.values())
 
 
+def save_file(params: Params, path: str, metadata: dict[str, str]) -> None:
+    """Write ``params`` as safetensors (``safetensors.torch`` for torch tensors, ``safetensors.numpy`` otherwise): the
+    one place the adapter state touches the disk (a test makes it raise ``ENOSPC`` here)."""
+    if _is_torch(params):
+        from safetensors.torch import save_file as save_tensors
+
+        save_tensors({k: v.contiguous() for k, v in params.items()}, path, metadata=metadata)
+    else:
+        from safetensors.numpy import save_file as save_arrays
+
+        save_arrays({k: np.ascontiguousarray(v) for k, v in params.items()}, path, metadata=metadata)
+
+
 def persist_adapter(state_dir: Path, robot_id: str, version: int, newest_version: int, params: Params,
                     extra: dict[str, str] | None = None) -> None:  # fmt: skip
     """Replace ``state_dir/adapter.safetensors`` atomically (write, fsync, rename, fsync the folder)."""
@@ -83,14 +96,7 @@ def persist_adapter(state_dir: Path, robot_id: str, version: int, newest_version
     final, partial = state_dir / STATE_FILE, state_dir / f"{STATE_FILE}.partial"
     metadata = {"robot_id": robot_id, "version": str(version), "newest_version": str(max(newest_version, version)),
                 **(extra or {})}  # fmt: skip
-    if _is_torch(params):
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in params.items()}, str(partial), metadata=metadata)
-    else:
-        from safetensors.numpy import save_file
-
-        save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(partial), metadata=metadata)
+    save_file(params, str(partial), metadata)
     with open(partial, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(partial, final)  # atomic on POSIX: readers see the old or the new file, never half of one
