@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from cdcca import wire
 from cdcca.edge import params
@@ -42,7 +41,8 @@ class FakeBackend:
     def answer(self, images, prompts):
         self.batches.append(list(prompts))
         texts = [f"seen {float(np.mean(img)):.1f}" for img in images]
-        return BackendAnswer(texts, torch.full((len(images),), 0.5), torch.zeros(len(images), 4, 8), self.version)
+        return BackendAnswer(texts, np.full(len(images), 0.5, np.float32), np.zeros((len(images), 4, 8), np.float32),
+                             self.version)  # fmt: skip
 
     def receive(self, msg):
         ok = msg.key_id == "cloud-1"
@@ -82,6 +82,11 @@ def runtime(student, tmp_path):
     runtime.clock, runtime.sent, runtime.signer = clock, port, Signer.load(private)
     yield runtime
     runtime.close()
+
+
+def test_a_backend_without_its_own_token_sampler_needs_the_torch_encoder(tmp_path):
+    with pytest.raises(ValueError, match="encoder_owner"):
+        EdgeRuntime(FakeBackend(), None, EdgeConfig(state_dir=tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------- parameters

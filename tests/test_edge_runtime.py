@@ -125,6 +125,8 @@ def test_onnx_backend_runtime_answers_like_torch(pretrained_test_pair, keys, tmp
                                     keys[1], backend=backend)  # fmt: skip
             results[backend] = [a.answer for a in runtime.ask(images, prompts, ids)]
             assert runtime.stats()["uplink_queued"] == len(ids)  # UTS runs on both
+            # the ONNX robot scores with its own graphs and holds no torch student
+            assert runtime.sampler_on_backend == (runtime.encoder_owner is None) == (backend == "onnx")
             runtime.close()
         assert results["onnx"] == results["torch"]
     finally:

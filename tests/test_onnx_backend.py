@@ -15,7 +15,7 @@ from cdcca.edge.adapter_slot import APPLIED, REJECTED, ROLLED_BACK, AdapterSlot
 from cdcca.edge.backend import TorchBackend
 from cdcca.edge.onnx_backend import OnnxBackend
 from cdcca.edge.onnx_export import BASE_FILE, OnnxExport, OnnxModelMismatch, export_onnx, read_adapter, write_adapters
-from cdcca.envelope import VersionChain
+from cdcca.envelope import VersionChain, seal
 from cdcca.models.trainable import add_lora, trainable_parameters
 
 LOGIT_ATOL = 1e-4  # float32 graphs vs torch eager: observed differences are ~1e-6
@@ -251,3 +251,22 @@ def test_the_tokenizer_without_transformers_encodes_and_decodes_as_the_students(
     for ids in sequences:
         expected = " ".join(student.tokenizer.decode(ids, skip_special_tokens=True).split())
         assert " ".join(backend.tokenizer.decode(ids).split()) == expected
+
+
+@pytest.mark.parametrize(("codec", "payload", "reason"), [
+    ("ecsq", b"not a safetensors container", "cannot decode 'ecsq' payload"),
+    ("no-such-codec", b"x", "has no numpy decoder"),
+])  # fmt: skip
+def test_a_signed_but_undecodable_delta_is_rejected_in_numpy_and_nothing_changes(exported, keys, codec, payload,
+                                                                                 reason):  # fmt: skip
+    _, export = exported
+    signer, trust = keys
+    backend = OnnxBackend(export, "r1", trust, threads=1)
+    total = int(sum(np.prod(shape) for shape in export.manifest["shapes"].values()))
+    msg = seal(payload, robot_id="r1", version=1, base_version=0, keyframe=True, codec=codec, num_params=total,
+               signer=signer)  # fmt: skip
+
+    status = backend.receive(msg)
+
+    assert status.state == REJECTED and reason in status.reason
+    assert backend.version == 0 and backend.counters.rejected == 1
