@@ -270,3 +270,14 @@ def test_a_signed_but_undecodable_delta_is_rejected_in_numpy_and_nothing_changes
 
     assert status.state == REJECTED and reason in status.reason
     assert backend.version == 0 and backend.counters.rejected == 1
+
+
+def test_export_mc_layers_must_fit_the_vision_encoder(pretrained_test_pair, tmp_path, capsys):
+    from cdcca.cli import main
+
+    command = ["export", "--backend", "onnx", "--model", str(pretrained_test_pair), "--out", str(tmp_path / "x")]
+
+    assert main(command + ["--mc-layers", "2"]) == 2  # the test preset's encoder has one layer
+    assert "mc_layers must be in 1..1" in capsys.readouterr().err
+    assert main(command + ["--mc-layers", "1"]) == 0
+    assert OnnxExport.load(tmp_path / "x").manifest["uts"]["mc_layers"] == 1
