@@ -387,7 +387,7 @@ def open_envelope(msg, *, trust: TrustStore, robot_id: str, current_version: int
         base_fingerprint: this robot's :func:`cdcca.fingerprint.student_fingerprint` (empty: unknown, not
             checked); see :func:`check_fingerprint`.
         decode: how the payload is decoded (a :class:`Decoder`): default :func:`dwc_decode` (torch tensors);
-            a robot without torch passes ``cdcca.edge.np_delta.decode`` (numpy arrays, the same values).
+            a robot without torch passes ``cdcca.edge.adapter_state.numpy_decode`` (numpy arrays, the same values).
     """
     from cdcca.edge.np_delta import CodecError  # torch-free
 
