@@ -1109,7 +1109,7 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             _setup_logging(verbose=True)
         _preflight(args)
-        if args.threads:
+        if args.threads and not (args.verb == "edge" and args.backend == "onnx"):  # ORT takes threads itself
             import torch
 
             torch.set_num_threads(args.threads)

@@ -8,7 +8,7 @@ import errno
 import pytest
 import torch
 
-from cdcca.edge import adapter_slot as adapter_slot_module
+from cdcca.edge import adapter_state as adapter_state_module
 from cdcca.edge.adapter_slot import APPLIED, REJECTED, ROLLED_BACK, AdapterSlot
 from cdcca.edge.backend import TorchBackend
 from cdcca.edge.onnx_backend import OnnxBackend
@@ -67,7 +67,7 @@ def test_a_failed_persist_changes_nothing_a_resend_applies_and_rollback_restores
     v2_answer = backend.answer([sample.load_image()], [sample.prompt])
 
     # Execute + Assert: v3 cannot be persisted -> REJECTED with the cause, still v2 in memory and on disk
-    monkeypatch.setattr(adapter_slot_module, "save_file", _disk_full)
+    monkeypatch.setattr(adapter_state_module, "save_file", _disk_full)
     status = backend.receive(deltas[3])
     assert (status.state, status.version) == (REJECTED, 3) and "No space left" in status.reason
     assert backend.version == 2 and _same(_active_params(backend), v2_params)
@@ -80,7 +80,7 @@ def test_a_failed_persist_changes_nothing_a_resend_applies_and_rollback_restores
     assert not _same(v3_params, v2_params)
 
     # v4 fails to persist; rollback then returns to v3, what ran before (D4: the torch slot installed v4's weights)
-    monkeypatch.setattr(adapter_slot_module, "save_file", _disk_full)
+    monkeypatch.setattr(adapter_state_module, "save_file", _disk_full)
     assert backend.receive(deltas[4]).state == REJECTED and backend.version == 3
     monkeypatch.undo()
     rolled = backend.rollback()
@@ -104,7 +104,7 @@ def test_a_rollback_that_cannot_be_persisted_still_stops_the_adapter_and_says_so
     base = backend.slot.base if kind == "torch" else backend.base
     chain = VersionChain("r1", base)
     assert backend.receive(chain.make_delta(_perturbed(base, seed=1), "fp16", signer)).state == APPLIED
-    monkeypatch.setattr(adapter_slot_module, "save_file", _disk_full)
+    monkeypatch.setattr(adapter_state_module, "save_file", _disk_full)
 
     status = backend.rollback("health check: non-finite entropy")
 

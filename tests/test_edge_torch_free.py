@@ -80,7 +80,7 @@ def test_the_onnx_robot_answers_and_applies_an_ecsq_delta_without_torch(robot_fi
     args = ["edge", "--backend", "onnx", "--model", str(robot_files["export"]),
             "--source", f"dir:{robot_files['frames']}", "--linger", "0", "--robot-id", "r1",
             "--trust", str(robot_files["trust"]), "--state", str(state),
-            "--endpoint", f"tcp/127.0.0.1:{free_port()}", "--no-status-line"]  # fmt: skip
+            "--endpoint", f"tcp/127.0.0.1:{free_port()}", "--no-status-line", "--threads", "1"]  # fmt: skip
     for prompt in PROMPTS:
         args += ["--prompt", prompt]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -119,7 +119,7 @@ def test_stage_one_keeps_the_samples_torch_keeps(mode, spread_export, keys, samp
         # Execute
         scores = torch_sampler.score([sample])
         answer = backend.answer([sample.load_image()], [sample.prompt])
-        entropy = answer.sample_entropy.numpy()
+        entropy = answer.sample_entropy  # (1,) float32, numpy
         _, front = _front(export, backend._pixel_values([sample.load_image()]))
         assert np.array_equal(answer.uts_front, front)  # what stage 2 starts from comes with the answer
         torch_keep.append(bool(scores.keep_sample[0]))

@@ -218,7 +218,7 @@ def _ort_uts_overhead(backend, inputs: list, config: EdgeBenchConfig) -> dict:
         started = time.perf_counter()
         answer = backend.answer([image], [prompt])
         answered = time.perf_counter()
-        keep = sampler.keep_samples(answer.sample_entropy.numpy(), [prompt])
+        keep = sampler.keep_samples(answer.sample_entropy, [prompt])
         if keep.any():
             began = time.perf_counter()
             sampler.stage_two(answer.uts_front[keep])
