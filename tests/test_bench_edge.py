@@ -1,20 +1,37 @@
-"""``cdcca bench edge`` on the test preset: workers in subprocesses, both backends agree, swaps never fail."""
+"""``cdcca bench edge`` on the test preset: workers in subprocesses, both backends agree, swaps never fail, the ONNX
+Runtime worker runs without torch, and the summary carries issue 19's figures and targets."""
 
+import contextlib
+import io
 from types import SimpleNamespace
 
 import pytest
 
 from cdcca.benchmarks.edge import EdgeBenchConfig, cli_bench_edge, plot_edge
+from cloud_trainer.service import CloudConfig
 
 
-def test_edge_report(pretrained_test_pair, tmp_path, capsys):
-    args = SimpleNamespace(preset="test", checkpoints=pretrained_test_pair, json=None, plot=tmp_path / "edge.png",
+@pytest.fixture(scope="module")
+def edge_run(pretrained_test_pair, tmp_path_factory):
+    """One small run of the benchmark (its printed output and plot kept), shared by the tests below."""
+    out = tmp_path_factory.mktemp("bench_edge")
+    args = SimpleNamespace(preset="test", checkpoints=pretrained_test_pair, json=None, plot=out / "edge.png",
                            threads=1)  # fmt: skip
     config = EdgeBenchConfig(threads=(1,), images_per_domain=2, answers=20, warmup=2, parity_answers=15,
                              swap_answers=20, swap_every=4, uts_answers=4)  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        report = cli_bench_edge(args, config)
+    return report, printed.getvalue(), out
 
-    report = cli_bench_edge(args, config)
 
+@pytest.fixture
+def edge_report(edge_run):
+    return edge_run[0]
+
+
+def test_edge_report(edge_run, tmp_path):
+    report, printed, out = edge_run
     rows = {r["backend"]: r for r in report["rows"]}
     assert set(rows) == {"torch", "onnxruntime"} and all(r["threads"] == 1 for r in rows.values())
     for row in rows.values():
@@ -30,6 +47,38 @@ def test_edge_report(pretrained_test_pair, tmp_path, capsys):
     ort_uts = report["ort_uts"]
     assert ort_uts["answers"] == 4 and ort_uts["kept_samples"] >= 1 and ort_uts["stage_two_ms_mean"] > 0
     assert summary["uts_scoring_over_ort_answer"] == ort_uts["scoring_over_answer"] > 0
-    assert "onnxruntime" in capsys.readouterr().out  # the table
-    assert (tmp_path / "edge.png").stat().st_size > 10_000
+    assert "onnxruntime" in printed and "ort_peak_rss_mib" in printed  # the table and the summary
+    assert (out / "edge.png").stat().st_size > 10_000
     assert plot_edge(report, tmp_path / "again.png").is_file()
+    assert plot_edge(report, tmp_path / "again.png").is_file()
+
+
+def test_edge_report_measures_the_robot_without_torch(edge_report):
+    # Assert: the ORT worker imported nothing of the torch stack; the torch worker did (the check can fail)
+    report = edge_report
+    workers = {w["backend"]: w for w in report["workers"]}
+    assert workers["onnxruntime"]["heavy_modules"] == [] and "torch" in workers["torch"]["heavy_modules"]
+    summary = report["summary"]
+    assert summary["ort_worker_heavy_modules"] == [] and summary["targets_met"]["ort_worker_without_torch"]
+    assert report["config"]["codec"] == CloudConfig.codec == "ecsq"
+    # VmHWM of each worker: without torch the ORT robot's peak is well below the torch one's
+    rows = {r["backend"]: r for r in report["rows"]}
+    by_threads = summary["ort_peak_rss_mib_by_threads"]
+    assert summary["ort_peak_rss_mib"] == rows["onnxruntime"]["peak_rss_mb"] == by_threads["1"]
+    assert 0 < summary["ort_peak_rss_mib"] < summary["torch_peak_rss_mib"] - 100
+
+
+def test_edge_report_summary_carries_the_issue_targets(edge_report):
+    summary = edge_report["summary"]
+    assert summary["ort_over_torch_p50_by_threads"].keys() == {"1"}
+    assert summary["uts_scoring_over_ort_answer_by_threads"]["1"] == summary["uts_scoring_over_ort_answer"] > 0
+    assert summary["uts_scoring_over_kept_ort_answer"] >= summary["uts_scoring_over_ort_answer"]  # stage 2 runs there
+    assert summary["parity_min"] >= 0.99 and 0 <= summary["uts_same_kept_samples_min"] <= 1
+    assert summary["ort_swap_p99_ms"] >= summary["ort_swap_ms"] > 0
+    targets = summary["targets_met"]
+    assert set(targets) == {"ort_worker_without_torch", "ort_peak_rss_at_most_200_mib",
+                            "uts_scoring_at_most_0.3_ort_answer", "ort_p50_at_most_0.4_torch_at_1_and_2_threads",
+                            "ort_swap_at_most_20ms_with_0_failed_answers", "answers_identical_to_torch"}  # fmt: skip
+    assert targets["ort_p50_at_most_0.4_torch_at_1_and_2_threads"] is False  # 2 threads were not measured
+    assert targets["ort_peak_rss_at_most_200_mib"] == (summary["ort_peak_rss_mib"] <= 200)
+    assert targets["uts_scoring_at_most_0.3_ort_answer"] == (summary["uts_scoring_over_ort_answer"] <= 0.3)
