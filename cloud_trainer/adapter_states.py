@@ -127,6 +127,15 @@ class SharedStudent:
         if self.active == robot_id:
             self.active = None
 
+    def forget_stale(self, robot_id: str, rounds: int) -> None:
+        """Drop what memory holds for ``robot_id`` unless it is its state after ``rounds`` rounds (the store's
+        latest version: among several workers, another may have run its rounds since)."""
+        cached = self._cache.get(robot_id)
+        if cached is not None and cached.rounds != rounds:
+            del self._cache[robot_id]
+        if self.active == robot_id and self.distiller.rounds != rounds:
+            self.active = None
+
     def cached(self) -> list[str]:
         """Robots whose state is in memory besides the active one, least recently used first."""
         return list(self._cache)

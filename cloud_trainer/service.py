@@ -60,7 +60,7 @@ from cdcca.wire.topics import CLOUD_ID, DIAGNOSTICS
 from cloud_trainer.adapter_states import AdapterState, SharedStudent, state_tensors
 from cloud_trainer.admission import SampleAdmission
 from cloud_trainer.faults import FaultLog, fault_cause
-from cloud_trainer.store import CloudStore
+from cloud_trainer.store import CloudStore, StaleRound
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,12 @@ class CloudConfig:
             after asking it to abandon its round.
         poll_s: idle wait of the service loop.
         round_retry_s: a robot whose round failed for no sample's fault waits this long before the next try.
+        worker_id: this process's name among several workers sharing one store (``None``: the only worker). Each
+            worker claims a due round with a lease (:meth:`CloudStore.claim`: the oldest pending sample first),
+            and publishes and resends only the versions it committed.
+        lease_s: how long a claimed round is this worker's; a worker that dies frees its robots after it. Longer
+            than a round takes: a round that outlives its lease may be run again by another worker, and then
+            only the first commit counts.
         adapter_cache: robots whose adapter state (trainable set, ϕ/ψ, AdamW moments) stays in memory besides the
             one in the shared student, least recently used dropped first; the others are read from the store at
             their next round (0: always from the store). Memory per robot, never a student per robot.
@@ -110,6 +116,8 @@ class CloudConfig:
     poll_s: float = 0.05
     round_retry_s: float = 30.0
     adapter_cache: int = 4
+    worker_id: str | None = None
+    lease_s: float = 600.0
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
     status_every_s: float = 2.0
@@ -124,6 +132,10 @@ class CloudConfig:
             raise ValueError(f"CloudConfig.round_retry_s must be >= 0, got {self.round_retry_s}")
         if self.adapter_cache < 0:
             raise ValueError(f"CloudConfig.adapter_cache must be >= 0, got {self.adapter_cache}")
+        if self.worker_id is not None and not self.worker_id.strip():
+            raise ValueError("CloudConfig.worker_id must be a non-empty name or None (the only worker)")
+        if self.lease_s <= 0:
+            raise ValueError(f"CloudConfig.lease_s must be > 0, got {self.lease_s}")
         if self.max_resends < 0 or self.comeback_after_s < 0:
             raise ValueError(f"CloudConfig.max_resends and comeback_after_s must be >= 0, got {self.max_resends}, "
                              f"{self.comeback_after_s}")  # fmt: skip
@@ -149,6 +161,7 @@ class _Robot:
     gave_up: float | None = None  # monotonic time the resends of the latest version were given up (None: not)
     comebacks: int = 0  # come-backs that got the latest version again since the give-up
     comeback_due: bool = False  # the robot came back: the service loop sends it the latest version once
+    owned: bool = True  # this worker committed the latest version, so it resends it (always, as the only worker)
 
 
 @dataclass
@@ -175,6 +188,7 @@ class CloudCounters:
     give_ups: int = 0  # versions whose resends were given up (robot still behind after max_resends)
     comeback_resends: int = 0  # latest versions sent again to a robot that came back after a give-up
     rounds_abandoned: int = 0  # rounds stopped by a shutdown; their samples stay pending
+    rounds_superseded: int = 0  # rounds dropped at their commit: another worker committed that robot's round first
     store_faults: dict[str, int] = field(default_factory=dict)  # store writes that failed, by cause (disk_full)
     delta_bytes: int = 0  # bytes of the deltas published (first sends and resends)
 
@@ -334,6 +348,9 @@ class CloudTrainer:
             return
         robot = self.robots.get(robot_id)
         self.seen(robot_id)
+        if self.config.worker_id is not None and msg.version > (robot.chain.latest if robot is not None else 0):
+            robot = self._robot(robot_id)  # another worker may have published it: the store knows
+            self._reload_chain(robot_id, robot)
         if msg.version > (robot.chain.latest if robot is not None else 0):  # forged, or another cloud's version
             self._ignore_status(robot_id, "version", msg)
             return
@@ -412,7 +429,7 @@ class CloudTrainer:
         if robot is not None:
             return robot
         chain = VersionChain(robot_id, self._base, base_fingerprint=self.base_fingerprint)
-        robot = self.robots[robot_id] = _Robot(chain)
+        robot = self.robots[robot_id] = _Robot(chain, owned=self.config.worker_id is None)
         old = self._reloaded.pop(robot_id, None)
         if old is not None:  # forgotten after an abandoned round: what the robot said still holds
             robot.reported, robot.last_sent, robot.resends = old.reported, old.last_sent, old.resends
@@ -452,6 +469,14 @@ class CloudTrainer:
                 self.counters.rounds_abandoned += 1
                 self._forget(robot_id)
                 raise
+            except StaleRound as err:  # another worker's round of this robot committed first: that one counts
+                self.counters.rounds_superseded += 1
+                self._undo(robot_id)
+                log.warning("robot %s: round dropped: %s", robot_id, err)
+                result = {"event": "superseded", "robot_id": robot_id, "version": None, "samples": len(fresh),
+                          "quarantined": quarantined, "finished_unix": time.time()}  # fmt: skip
+                self._log_round(result)
+                return result
             except Exception as err:  # undone below; what is left is a sample's fault or RoundFailed
                 self.counters.round_failures += 1
                 self._undo(robot_id)
@@ -475,7 +500,7 @@ class CloudTrainer:
                 continue
             finally:
                 self.current_round = None
-            robot.latest_delta, robot.resends = data, 0
+            robot.latest_delta, robot.resends, robot.owned = data, 0, True
             robot.gave_up, robot.comebacks, robot.comeback_due = None, 0, False
             self._send(robot_id, robot, data)
             self.counters.rounds += 1
@@ -574,6 +599,7 @@ class CloudTrainer:
         if old is not None:
             robot.reported, robot.last_sent, robot.resends = old.reported, old.last_sent, old.resends
             robot.declined = old.declined
+            robot.owned = robot.owned or (old.owned and old.chain.latest >= robot.chain.latest)
 
     def _forget(self, robot_id: str) -> None:
         """Drop the robot's in-memory state after an abandoned round (its weights are half trained); what it
@@ -606,6 +632,8 @@ class CloudTrainer:
     def resend_if_behind(self, robot_id: str) -> bool:
         """Send the latest version again to a robot still behind ``resend_after_s`` after the last send."""
         robot = self.robots[robot_id]
+        if not robot.owned:  # another worker published the latest version: it resends it
+            return False
         latest = robot.chain.latest
         behind = 0 <= robot.reported < latest
         if not behind or time.monotonic() - robot.last_sent < self.config.resend_after_s:
@@ -636,7 +664,7 @@ class CloudTrainer:
         """Send the latest version once more, as a keyframe, to a robot that came back after a give-up (see
         :meth:`seen`); True if sent."""
         robot = self.robots.get(robot_id)
-        if robot is None or not robot.comeback_due:
+        if robot is None or not robot.comeback_due or not robot.owned:
             return False
         robot.comeback_due = False
         latest = robot.chain.latest
@@ -656,11 +684,7 @@ class CloudTrainer:
         """One pass: run every due round, resend to robots that are behind. A robot whose round fails is put on
         hold for ``round_retry_s``; the other robots' rounds still run."""
         results = []
-        flush = self.config.flush_after_s
-        for robot_id, (count, oldest) in sorted(self.store.pending_summary().items()):
-            due = count >= self.config.round_size or (flush is not None and time.time() - oldest >= flush)
-            if not due or self._hold.get(robot_id, 0.0) > time.monotonic():
-                continue
+        for robot_id in self._due_rounds():
             try:
                 results.append(self.run_round(robot_id))
             except Exception as err:  # one robot's failure never stops the others or the service
@@ -669,6 +693,8 @@ class CloudTrainer:
                 self._hold[robot_id] = time.monotonic() + self.config.round_retry_s
                 log.error("robot %s: round failed, next try in %.0f s: %s", robot_id, self.config.round_retry_s,
                           err, exc_info=not isinstance(err, RoundFailed))  # fmt: skip
+            finally:
+                self._release(robot_id)
         for robot_id in list(self.robots):
             try:
                 self.resend_after_comeback(robot_id) or self.resend_if_behind(robot_id)
@@ -676,6 +702,60 @@ class CloudTrainer:
                 self.counters.failures += 1
                 log.error("robot %s: resend failed: %s", robot_id, err)
         return results
+
+    def _due_rounds(self):
+        """The robots whose round is due, in turn. As the only worker: each due robot not on hold, by id. Among
+        several workers: rounds claimed one at a time from the shared store (the oldest pending sample first,
+        robots leased to other workers skipped), at most as many as robots have pending samples now."""
+        worker, config = self.config.worker_id, self.config
+        if worker is None:
+            for robot_id, (count, oldest) in sorted(self.store.pending_summary().items()):
+                due = count >= config.round_size or (config.flush_after_s is not None
+                                                     and time.time() - oldest >= config.flush_after_s)  # fmt: skip
+                if due and self._hold.get(robot_id, 0.0) <= time.monotonic():
+                    yield robot_id
+            return
+        for _ in range(len(self.store.pending_summary())):
+            held = frozenset(r for r, until in self._hold.items() if until > time.monotonic())
+            robot_id = self.store.claim(worker, config.lease_s, config.round_size, config.flush_after_s, held)
+            if robot_id is None:
+                return
+            self._refresh(robot_id)
+            yield robot_id
+
+    def _release(self, robot_id: str) -> None:
+        """End this worker's lease on ``robot_id`` (among several workers); a failure only lets it expire."""
+        if self.config.worker_id is None:
+            return
+        try:
+            self.store.release(robot_id, self.config.worker_id)
+        except sqlite3.Error as err:
+            self.counters.failures += 1
+            log.error("robot %s: releasing the lease failed (it expires in %.0f s): %s", robot_id, self.config.lease_s,
+                      err)  # fmt: skip
+
+    def _refresh(self, robot_id: str) -> None:
+        """Among several workers, before a round: catch up with the rounds other workers committed for ``robot_id``
+        (its chain from the store; an adapter state in memory from before them is dropped)."""
+        latest = self.store.latest(robot_id)
+        self.shared.forget_stale(robot_id, latest)
+        robot = self._robot(robot_id)
+        if robot.chain.latest != latest:
+            self._reload_chain(robot_id, robot)
+
+    def _reload_chain(self, robot_id: str, robot: _Robot) -> None:
+        """Take the robot's chain as the store has it now: another worker published a newer version, which that
+        worker resends."""
+        record = self.store.load_robot(robot_id, adapter=False)
+        if record is None:
+            return
+        with self._chain_lock:
+            chain = robot.chain
+            if record.latest != chain.latest:
+                robot.owned, robot.resends, robot.gave_up = False, 0, None
+            chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
+            robot.latest_delta = record.deltas.get(record.latest)
+            robot.declined = dict(record.declined)
 
     def serve(self, stop: threading.Event | None = None) -> None:
         """Run until ``stop`` (or :meth:`stop`) is set; a failing pass is logged, counted and retried. A round

@@ -47,6 +47,11 @@ CREATE TABLE IF NOT EXISTS published (
     delta    BLOB NOT NULL,        -- CDR bytes of the signed WeightDelta
     PRIMARY KEY (robot_id, version)
 );
+CREATE TABLE IF NOT EXISTS leases (
+    robot_id TEXT PRIMARY KEY,     -- a robot whose round a worker has claimed
+    worker   TEXT NOT NULL,        -- CloudConfig.worker_id of that worker
+    expires  REAL NOT NULL         -- Unix seconds; after it, another worker may claim the robot's round
+);
 CREATE TABLE IF NOT EXISTS declined (
     robot_id TEXT NOT NULL,
     version  INTEGER NOT NULL,     -- a version the robot rolled back from: never sent to it again
@@ -62,6 +67,11 @@ def to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 
 def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return load_tensors(bytes(data))
+
+
+class StaleRound(RuntimeError):
+    """A round's commit found the robot at another version than the round started from: another worker committed
+    a round of that robot meanwhile (its lease had expired). Nothing of this round is stored."""
 
 
 @dataclass
@@ -230,12 +240,17 @@ class CloudStore:
     def commit_round(self, robot_id: str, version: int, sample_ids: list[str], student: dict[str, torch.Tensor],
                      published: dict[str, torch.Tensor], delta: bytes, applied: int,
                      optimizer: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
-        """Everything a finished round changes, in one transaction."""
+        """Everything a finished round changes, in one transaction; :class:`StaleRound` (and nothing stored) if the
+        robot's latest version is no longer ``version - 1`` (another worker's round came first)."""
         student_blob, published_blob = to_bytes(student), to_bytes(published)
         optimizer_blob = to_bytes(optimizer) if optimizer is not None else None
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                row = self._db.execute("SELECT latest FROM robots WHERE robot_id = ?", (robot_id,)).fetchone()
+                if (row[0] if row is not None else 0) != version - 1:
+                    raise StaleRound(f"robot {robot_id} is at v{row[0] if row else 0} in the store, not "
+                                     f"v{version - 1}: another worker committed first")  # fmt: skip
                 self._db.execute(
                     "INSERT INTO robots (robot_id, latest, applied, student, optimizer) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT(robot_id) DO UPDATE SET latest = excluded.latest, student = excluded.student, "
@@ -250,6 +265,58 @@ class CloudStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    # ------------------------------------------------------------------------------------- leases
+    def claim(self, worker: str, lease_s: float, round_size: int, flush_after_s: float | None = None,
+              skip: frozenset[str] = frozenset(), now: float | None = None) -> str | None:  # fmt: skip
+        """Claim the due round whose oldest pending sample is oldest, for ``lease_s`` seconds; its robot, or ``None``.
+
+        The job-queue pattern on SQLite: one ``BEGIN IMMEDIATE`` transaction (the database's write lock, what
+        ``SELECT ... FOR UPDATE SKIP LOCKED`` gives on PostgreSQL) picks a robot that has ``round_size`` pending
+        samples (or one older than ``flush_after_s``), holds no live lease of another worker and is not in
+        ``skip``, and writes the lease. A worker that dies lets its lease expire; a round that outlives its lease
+        cannot commit twice (:meth:`commit_round` checks the version)."""
+        now = time.time() if now is None else now
+        flush_before = now - flush_after_s if flush_after_s is not None else -1.0
+        skipped = sorted(skip)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT s.robot_id FROM samples s LEFT JOIN leases l ON l.robot_id = s.robot_id "
+                    "WHERE s.version IS NULL AND s.quarantined IS NULL "
+                    "AND (l.robot_id IS NULL OR l.expires <= ? OR l.worker = ?) "
+                    f"AND s.robot_id NOT IN ({', '.join('?' * len(skipped))}) "
+                    "GROUP BY s.robot_id HAVING COUNT(*) >= ? OR MIN(s.received) <= ? "
+                    "ORDER BY MIN(s.received), s.robot_id LIMIT 1",
+                    (now, worker, *skipped, round_size, flush_before),
+                ).fetchone()
+                if row is not None:
+                    self._db.execute("INSERT INTO leases (robot_id, worker, expires) VALUES (?, ?, ?) ON CONFLICT"
+                                     "(robot_id) DO UPDATE SET worker = excluded.worker, expires = excluded.expires",
+                                     (row[0], worker, now + lease_s))  # fmt: skip
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return row[0] if row is not None else None
+
+    def release(self, robot_id: str, worker: str) -> None:
+        """End ``worker``'s lease on ``robot_id`` (its round committed or failed)."""
+        with self._lock:
+            self._db.execute("DELETE FROM leases WHERE robot_id = ? AND worker = ?", (robot_id, worker))
+
+    def leases(self) -> dict[str, tuple[str, float]]:
+        """robot_id -> (worker, expiry in Unix seconds) of the leases held now or expired unreleased."""
+        with self._lock:
+            rows = self._db.execute("SELECT robot_id, worker, expires FROM leases").fetchall()
+        return {robot_id: (worker, expires) for robot_id, worker, expires in rows}
+
+    def latest(self, robot_id: str) -> int:
+        """The robot's newest committed version (0: none)."""
+        with self._lock:
+            row = self._db.execute("SELECT latest FROM robots WHERE robot_id = ?", (robot_id,)).fetchone()
+        return row[0] if row is not None else 0
 
     def record_applied(self, robot_id: str, version: int) -> None:
         """The robot reports ``version`` as current; versions it can no longer be based on are pruned."""

@@ -1,4 +1,5 @@
-"""A cloud for a fleet (issue 16, part 1): one student per worker, a robot is its adapter state.
+"""A cloud for a fleet (issue 16): one student per worker, a robot is its adapter state (part 1); several workers
+share one store, claiming rounds with expiring leases (part 2, SQLite).
 
 The reference for "results must not change" is one trainer per robot, i.e. one student per robot as the cloud ran
 before; the shared student must publish the same bytes for the same interleaved rounds.
@@ -6,6 +7,8 @@ before; the shared student must publish the same bytes for the same interleaved 
 
 import dataclasses
 import gc
+import threading
+import time
 import weakref
 
 import pytest
@@ -168,3 +171,110 @@ def test_memory_holds_one_student_whatever_the_number_of_robots(fleet, uploads, 
 def test_an_adapter_cache_below_zero_is_refused():
     with pytest.raises(ValueError, match="adapter_cache"):
         CloudConfig(adapter_cache=-1)
+
+
+# ------------------------------------------------------------------- part 2: several workers share one store
+def make_worker(fleet, state_dir, worker_id, lease_s=60.0):
+    trainer = make_trainer(fleet, state_dir)
+    trainer.config.worker_id, trainer.config.lease_s = worker_id, lease_s
+    return trainer
+
+
+def test_workers_claim_the_oldest_pending_sample_first_and_skip_live_leases(fleet, uploads, tmp_path):
+    # Prepare: a quiet robot's one old sample (flushed after 10 s), then a chatty robot's full round, then a third
+    trainer = make_trainer(fleet, tmp_path / "cloud")
+    store = trainer.store
+    upload(trainer, "quiet", uploads[:1])
+    upload(trainer, "chatty", uploads[:8])
+    upload(trainer, "late", uploads[:4])
+    now = max(received for _, received in store.pending_summary().values()) + 11.0  # the quiet sample is due
+    # Execute
+    claims = [store.claim(worker, 60.0, 4, flush_after_s=10.0, now=now) for worker in ("a", "b", "c", "d")]
+    again = store.claim("d", 60.0, 4, flush_after_s=10.0, now=now + 61.0)  # every lease has expired
+    skipped = store.claim("d", 60.0, 4, flush_after_s=10.0, skip=frozenset({"quiet"}), now=now + 122.0)
+    # Assert: fair order (oldest pending sample, not most samples), one worker per robot while leased
+    assert claims == ["quiet", "chatty", "late", None]
+    assert again == "quiet" and skipped == "chatty"
+    assert store.leases()["late"] == ("c", now + 60.0)
+    store.release("late", "someone-else")  # only its holder releases a lease
+    assert "late" in store.leases()
+    store.release("late", "c")
+    assert "late" not in store.leases()
+
+
+def test_a_worker_that_dies_mid_round_loses_nothing_and_the_robot_gets_one_version(fleet, uploads, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    # Prepare: worker a claims r1's round with a short lease and stalls in it; worker b serves the same store
+    state = tmp_path / "cloud"
+    stalled, rescuer = make_worker(fleet, state, "a", lease_s=0.2), make_worker(fleet, state, "b")
+    upload(stalled, "r1", uploads[:4])
+    real_round, rescued = stalled.distiller.run_round, []
+
+    def stalls(samples):
+        assert rescuer.step() == []  # a's lease is live: b leaves r1 alone
+        time.sleep(0.3)  # a hangs past its lease (a dead worker's lease expires the same way)
+        rescued.extend(rescuer.step())  # b claims the expired lease and runs the round
+        return real_round(samples)  # a wakes up and tries to commit the same round
+
+    monkeypatch.setattr(stalled.distiller, "run_round", stalls)
+    # Execute
+    [late] = stalled.step()
+    # Assert: b's round counts, a's is dropped whole; the samples were used once, by version 1
+    assert [(r["robot_id"], r["version"]) for r in rescued] == [("r1", 1)]
+    assert (late["event"], late["version"]) == ("superseded", None) and stalled.counters.rounds_superseded == 1
+    record = stalled.store.load_robot("r1")
+    assert record.latest == 1 and sorted(record.deltas) == [1] and stalled.store.pending_counts() == {}
+    assert stalled.store.leases() == {}
+    # only b resends v1; a knows v1 (from the store), so the robot's status is not taken for a forgery
+    assert (stalled.robots["r1"].owned, rescuer.robots["r1"].owned) == (False, True)
+    stalled.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=0, state=wire.APPLIED))
+    assert not stalled.resend_if_behind("r1") and stalled.counters.statuses_ignored == {}
+
+
+def test_workers_taking_turns_on_one_robot_publish_what_one_worker_would(fleet, uploads, tmp_path):
+    # Prepare: one worker alone, and two workers on one store where b holds r1's state of round 1 in memory
+    alone = make_trainer(fleet, tmp_path / "alone")
+    a, b = make_worker(fleet, tmp_path / "shared", "a"), make_worker(fleet, tmp_path / "shared", "b")
+    expected, got = [], []
+    # Execute: r1's rounds on b, a, b
+    for version, (worker, chosen) in enumerate([(b, slice(0, 4)), (a, slice(4, 8)), (b, slice(8, 12))], start=1):
+        upload(alone, "r1", uploads[chosen])
+        alone.step()
+        expected.append(published(alone, "r1"))
+        upload(worker, "r1", uploads[chosen])
+        assert [r["version"] for r in worker.step()] == [version]
+        got.append(published(worker, "r1"))
+    # Assert: b's third round started from a's second, not from what b remembered
+    assert all(same_delta(mine, theirs) for mine, theirs in zip(got, expected, strict=True))
+    assert b.counters.rounds_superseded == 0
+
+
+def test_two_workers_serving_one_store_give_each_robot_exactly_one_version(fleet, uploads, tmp_path):
+    # Prepare: four robots' rounds due in one store, two workers serving it in parallel
+    state = tmp_path / "cloud"
+    workers = [make_worker(fleet, state, name) for name in ("a", "b")]
+    robots = [f"robot-{i}" for i in range(4)]
+    for robot_id in robots:
+        upload(workers[0], robot_id, uploads[:4])
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.serve, args=(stop,), daemon=True) for w in workers]
+    # Execute
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 120
+    while workers[0].store.pending_counts() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    # Assert: every robot at version 1, each round run once, no lease left behind
+    assert {r: workers[0].store.latest(r) for r in robots} == {r: 1 for r in robots}
+    assert sum(w.counters.rounds for w in workers) == 4 and sum(w.counters.rounds_superseded for w in workers) == 0
+    assert workers[0].store.leases() == {}
+
+
+def test_worker_settings_are_checked():
+    with pytest.raises(ValueError, match="worker_id"):
+        CloudConfig(worker_id=" ")
+    with pytest.raises(ValueError, match="lease_s"):
+        CloudConfig(lease_s=0)
