@@ -29,6 +29,11 @@ committed with it, plus its version chain. A round that fails is undone (the rob
 commit); the samples it fails on alone are quarantined (kept,
 counted, logged, never pending again) and the round runs on the rest. A failure that no sample explains puts
 only that robot on hold for ``round_retry_s``: other robots and :meth:`CloudTrainer.serve` go on.
+
+Several workers (processes with their own ``CloudConfig.worker_id``) may serve one store: each claims due rounds
+with an expiring lease, the robot with the oldest pending sample first (:meth:`CloudStore.claim`), catches up with
+the versions the others committed before it trains, and resends only what it published itself. A commit checks the
+robot's version in the same transaction, so a round that outlived its lease and ran again elsewhere publishes once.
 """
 
 from __future__ import annotations
