@@ -67,7 +67,8 @@ DOMAIN_NAMES = ("source", "colour_inverted", "printed", "noisy_rotated", "rephra
 TASK_NAMES = ("vqa", "mc", "caption")  # cdcca.data.sample.TASKS
 PRETRAIN_DEFAULTS = {"vision_steps": 1000, "teacher_steps": 500, "student_steps": 300, "batch_size": 64, "seed": 0}
 CLOUD_DEFAULTS = {"round_size": 64, "max_round_samples": 256, "replay": 0, "codec": "ecsq"}
-CLOUD_SERVICE_DEFAULTS = {"metrics_address": "127.0.0.1", "status_every_s": 2.0, "comeback_after_s": 10.0}
+CLOUD_SERVICE_DEFAULTS = {"metrics_address": "127.0.0.1", "status_every_s": 2.0, "comeback_after_s": 10.0,
+                          "adapter_cache": 4, "lease_s": 600.0}
 AKD_DEFAULTS = {"check_fraction": 0.0, "check_min": 3, "pseudo_label_keep": 1.0, "steps": 60, "lr": 1e-3, "seed": 0}
 EDGE_DEFAULTS = {"robot_id": "r1", "queue_capacity": 1024, "batch_size": 8}
 REPLAY_DEFAULTS = {"speed": 1.0, "rate_hz": 0.0}
@@ -308,6 +309,13 @@ def _add_cloud_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--comeback-after", type=non_negative_float, default=CLOUD_SERVICE_DEFAULTS["comeback_after_s"],
                         metavar="SECONDS",
                         help="after giving up on a robot, resend when it shows up again this much later")  # fmt: skip
+    parser.add_argument("--adapter-cache", type=non_negative_int, default=CLOUD_SERVICE_DEFAULTS["adapter_cache"],
+                        metavar="N", help="robots whose adapter state stays in memory besides the one training "
+                                          "(LRU); the others load from --state at their next round")  # fmt: skip
+    parser.add_argument("--worker-id", default=None, metavar="NAME",
+                        help="one of several workers sharing --state: each claims due rounds with a lease")  # fmt: skip
+    parser.add_argument("--lease", type=positive_float, default=CLOUD_SERVICE_DEFAULTS["lease_s"], metavar="SECONDS",
+                        help="how long a claimed round stays this worker's; longer than a round takes")  # fmt: skip
 
 
 def _add_status_args(parser: argparse.ArgumentParser) -> None:
@@ -783,7 +791,8 @@ def cmd_cloud(args) -> dict:
                                        pseudo_label_keep=args.pseudo_label_keep,
                                        check_fraction=args.check_fraction, check_min=args.check_min),
                          metrics_port=args.metrics_port, metrics_address=args.metrics_address,
-                         status_every_s=args.status_every, comeback_after_s=args.comeback_after)  # fmt: skip
+                         status_every_s=args.status_every, comeback_after_s=args.comeback_after,
+                         adapter_cache=args.adapter_cache, worker_id=args.worker_id, lease_s=args.lease)  # fmt: skip
     checkpoints, key = args.checkpoints or checkpoint_dir(args.preset), args.key or cache_dir() / "keys" / "cloud-1.key"
     Signer.load(key)  # a missing key fails now, with advice, before the teacher loads
     if rank > 0:  # torchrun: rank 0 serves; this rank distills alongside it
