@@ -55,7 +55,8 @@ class _TrainerCollector:
                       values=counters.rejected_reasons)
         yield counter("samples_quarantined", "stored samples no round may use", counters.quarantined)
         yield counter("rounds", "rounds by outcome", label="outcome", values={
-            "done": counters.rounds, "failed": counters.round_failures, "abandoned": counters.rounds_abandoned})
+            "done": counters.rounds, "failed": counters.round_failures, "abandoned": counters.rounds_abandoned,
+            "superseded": counters.rounds_superseded})
         yield counter("deltas_sent", "WeightDelta messages published (first sends and resends)", counters.deltas_sent)
         yield counter("delta_bytes", "bytes of the WeightDelta messages published", counters.delta_bytes)
         yield counter("update_rejections", "updates robots rejected, by reason kind", label="reason",
