@@ -115,11 +115,17 @@ def _heavy_modules() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ the worker
+def _load_frames(path: str) -> list[tuple[np.ndarray, str]]:
+    """(RGB uint8 frame, prompt) pairs written by :func:`_save_frames`."""
+    with np.load(path, allow_pickle=False) as archive:
+        frames = sorted(name for name in archive.files if name.startswith("frame_"))
+        return list(zip((archive[name] for name in frames), archive["prompts"].tolist()))
+
+
 def _worker(spec: dict) -> dict:
     """One backend at one thread count, in its own process (see the module docstring). The ORT worker imports
     nothing of the torch stack, and fails if anything did."""
     from cdcca import wire
-    from cdcca.data.digits_shift import load_domain
     from cdcca.edge.adapter_state import APPLIED
     from cdcca.envelope import TrustStore
 
@@ -139,8 +145,7 @@ def _worker(spec: dict) -> dict:
     trust = TrustStore()
     trust.add("bench", spec["public_key"])
     messages = [wire.decode(wire.WEIGHT_DELTA, Path(p).read_bytes()) for p in spec["messages"]]
-    samples = [s for d in config.domains for s in load_domain(d, "test", limit=config.images_per_domain)]
-    inputs = [(s.load_image(), s.prompt) for s in samples]
+    inputs = _load_frames(spec["frames"])
     started = time.perf_counter()
     if spec["backend"] == "torch":
         backend = TorchBackend(AdapterSlot(add_lora(load_mllm(spec["student"])), config.robot_id, trust,
@@ -179,7 +184,7 @@ def _worker(spec: dict) -> dict:
         "parity_before": parity_before, "parity_after": parity_after,
     }  # fmt: skip
     if spec["backend"] == "torch":
-        result["uts"] = _uts_overhead(backend, samples, config)
+        result["uts"] = _uts_overhead(backend, inputs, config)
     else:
         result["uts"] = _ort_uts_overhead(backend, inputs, config)
     result["memory_mb"] = {"baseline": baseline_mb, "after_load": loaded_mb, "peak": _peak_rss_mib()}
@@ -225,10 +230,12 @@ def _hot_swap(backend, counters, messages: list, answer, config: EdgeBenchConfig
             "receive_ms": _percentiles(receive_ms), "activate_us": _percentiles(activate_us)}  # fmt: skip
 
 
-def _uts_overhead(backend, samples, config: EdgeBenchConfig) -> dict:
+def _uts_overhead(backend, inputs: list, config: EdgeBenchConfig) -> dict:
     """UTS (both stages) per answer on the torch student: scoring time vs answering time."""
+    from cdcca.data.sample import Sample
     from cdcca.uts import UncertaintyTokenSampler
 
+    samples = [Sample(f"bench-{i}", "bench", "vqa", prompt, image=image) for i, (image, prompt) in enumerate(inputs)]
     with backend.slot.model() as student:  # the frozen encoder UTS scores with is shared by both copies
         sampler = UncertaintyTokenSampler(student)
     answer_s, scoring_s, decisions = [], [], []
@@ -274,6 +281,17 @@ def _ort_uts_overhead(backend, inputs: list, config: EdgeBenchConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the parent
+def _save_frames(config: EdgeBenchConfig, path: Path) -> None:
+    """The test frames and prompts every worker answers, as one ``.npz`` of uint8 arrays plus the prompts (no
+    pickle). Rendering them (:mod:`cdcca.data.digits_shift`) loads a whole digits data set, ~95 MiB a robot fed
+    by a camera never holds, so the parent renders them once and the workers only read them."""
+    from cdcca.data.digits_shift import load_domain
+
+    samples = [s for d in config.domains for s in load_domain(d, "test", limit=config.images_per_domain)]
+    np.savez(path, prompts=np.array([s.prompt for s in samples]),
+             **{f"frame_{i:05d}": s.load_image() for i, s in enumerate(samples)})  # fmt: skip
+
+
 def _prepare(checkpoints: Path, config: EdgeBenchConfig, work: Path) -> dict:
     """Export the student and build the signed deltas (written as CDR) every worker replays."""
     import torch
@@ -289,6 +307,7 @@ def _prepare(checkpoints: Path, config: EdgeBenchConfig, work: Path) -> dict:
     started = time.perf_counter()
     export = export_onnx(student, work / "student_onnx")
     export_s = time.perf_counter() - started
+    _save_frames(config, work / "frames.npz")
     private, public = generate_key(work / "keys", "bench")
     signer, base = Signer.load(private), export.base()
     generator = torch.Generator().manual_seed(0)
@@ -302,6 +321,7 @@ def _prepare(checkpoints: Path, config: EdgeBenchConfig, work: Path) -> dict:
         paths[-1].write_bytes(wire.encode(msg))
     sizes = {g: (export.directory / info["file"]).stat().st_size for g, info in export.manifest["graphs"].items()}
     return {"student": str(checkpoints / "student"), "export": str(export.directory),
+            "frames": str(work / "frames.npz"),
             "messages": [str(p) for p in paths], "public_key": public.read_text(), "export_s": export_s,
             "graph_bytes": sizes, "codec": CloudConfig.codec,
             "trainable_params": int(sum(t.numel() for t in base.values()))}  # fmt: skip
@@ -332,7 +352,7 @@ def run_edge_bench(checkpoints: Path, config: EdgeBenchConfig, progress: bool = 
         for backend, threads in progress_bar(jobs, desc="edge bench workers", disable=not progress):
             spec = {"backend": backend, "threads": threads, "config": asdict(config),
                     "state_dir": str(work / f"state_{backend}_{threads}"),  # swaps persist, as on the robot
-                    **{k: prepared[k] for k in ("student", "export", "messages", "public_key")}}  # fmt: skip
+                    **{k: prepared[k] for k in ("student", "export", "frames", "messages", "public_key")}}  # fmt: skip
             results[backend, threads] = _run_worker(spec, work)
     rows, ratios, parity, same_kept = [], {}, {}, {}
     for (backend, threads), r in results.items():
