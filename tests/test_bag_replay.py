@@ -83,6 +83,7 @@ def test_a_recorded_bag_is_asked_every_prompt_at_the_recorded_rate(edge, tmp_pat
 
     assert code == NO_CLOUD
     assert report["queries"] == FRAMES * 2
+    assert report["ground_truth"] == {}  # an ordinary recording carries no ground truth
     assert report["answers"] == FRAMES * 2
     assert report["seconds"] >= min_seconds  # (FRAMES - 1) frame periods / rate
 
@@ -153,6 +154,9 @@ def test_a_bag_with_its_own_prompts_is_asked_those_not_prompt(edge, tmp_path):
 
     assert code == NO_CLOUD
     assert report["queries"] == summary.counts["/cdcca/prompt"] == 2 * 3  # 2 images x 3 tasks
+    truth = report["ground_truth"]  # VQA and MC answers scored against the bag's ground truth; captions are not
+    assert truth["scored"] == 2 * 2 and list(truth["by_version"]) == ["0"]
+    assert 0.0 <= truth["accuracy"] <= 100.0 and truth["by_version"]["0"]["answers"] == 4
 
 
 def test_a_negative_rate_is_one_error_line_and_exit_2(edge, tmp_path, capsys):
@@ -194,3 +198,24 @@ def test_a_bad_prompts_file_or_topic_is_one_line_and_exit_2(edge, tmp_path, caps
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and report is None
     assert len(errors) == 1 and says in errors[0]
+
+
+def test_answers_are_scored_against_the_bags_ground_truth_per_adapter_version(tmp_path):
+    from types import SimpleNamespace
+
+    from cdcca.bag import make_stream_bag
+    from cdcca.edge.app import TruthScore
+
+    summary = make_stream_bag(tmp_path / "stream", domains=("printed",), limit=3)
+    score = TruthScore(summary.path)
+    records = {sid: r for sid, r in score.truth.items() if r["task"] in ("vqa", "mc")}
+    right = {"vqa": lambda r: r["answers"][0], "mc": lambda r: r["choices"][r["correct_idx"]]}
+
+    score([SimpleNamespace(sample_id=sid, answer=right[r["task"]](r), adapter_version=0) for sid, r in records.items()])
+    score([SimpleNamespace(sample_id=sid, answer="no idea at all", adapter_version=1) for sid in records])
+    score([SimpleNamespace(sample_id="not-in-the-bag", answer="x", adapter_version=1)])
+
+    report = score.report()
+    assert len(score.truth) == 3 * 3 and len(records) == 3 * 2  # every prompt has its record; captions unscored
+    assert report["by_version"][0]["accuracy"] == 100.0 and report["by_version"][1]["accuracy"] == 0.0
+    assert report["scored"] == 2 * len(records) and report["accuracy"] == 50.0

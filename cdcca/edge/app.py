@@ -162,6 +162,58 @@ def _linger(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Even
 EXIT_NO_CLOUD = 3  # the cloud was never reached, or a recording's uplink was left unacknowledged
 
 
+class TruthScore:
+    """Accuracy of the answers to a bag's own prompts that carry ground truth (``cdcca make-bag`` streams record it
+    on :data:`~cdcca.wire.topics.GROUND_TRUTH_TOPIC` after each prompt), per adapter version: VQA accuracy and
+    A-OKVQA multiple-choice accuracy, the benchmark's metrics; captions are not scored per answer. An answer
+    listener of :class:`~cdcca.edge.runtime.EdgeRuntime`; a bag without ground truth scores nothing."""
+
+    def __init__(self, path: Path) -> None:
+        from cdcca.bag import GroundTruth, Prompt, read_bag
+        from cdcca.wire.topics import GROUND_TRUTH_TOPIC, PROMPT_TOPIC
+
+        self.truth: dict[str, dict] = {}  # sample id of the bag's prompt (as the bag source names it) -> record
+        prompt = None
+        for event in read_bag(path, topics=(PROMPT_TOPIC, GROUND_TRUTH_TOPIC), on_skip=lambda *_: None):
+            if isinstance(event, Prompt):
+                prompt = event
+            elif isinstance(event, GroundTruth) and prompt is not None:
+                self.truth[f"{path.name}@{prompt.stamp_ns}"] = event.record
+                prompt = None
+        self.scores: dict[int, dict[str, list[float]]] = {}  # version -> task -> per-answer accuracy (%)
+        self._lock = threading.Lock()
+
+    def __call__(self, answers) -> None:
+        from cdcca.metrics import aokvqa_mc_accuracy, vqa_accuracy
+
+        for msg in answers:
+            record = self.truth.get(msg.sample_id)
+            if record is None or record.get("task") not in ("vqa", "mc"):
+                continue
+            if record["task"] == "vqa":
+                score = vqa_accuracy(msg.answer, record["answers"])
+            else:
+                score = aokvqa_mc_accuracy(msg.answer, record["choices"], record["correct_idx"])
+            with self._lock:
+                self.scores.setdefault(int(msg.adapter_version), {}).setdefault(record["task"], []).append(100 * score)
+
+    def report(self) -> dict:
+        """``{"scored": n, "accuracy": mean of VQA and MC (%), "by_version": {v: {...}}}`` (empty without truth)."""
+        def summary(tasks: dict[str, list[float]]) -> dict:
+            means = {task: sum(values) / len(values) for task, values in tasks.items() if values}
+            return {"answers": sum(len(v) for v in tasks.values()), **{f"{t}_acc": m for t, m in means.items()},
+                    "accuracy": sum(means.values()) / len(means) if means else None}  # fmt: skip
+
+        with self._lock:
+            merged: dict[str, list[float]] = {}
+            for tasks in self.scores.values():
+                for task, values in tasks.items():
+                    merged.setdefault(task, []).extend(values)
+            by_version = {version: summary(tasks) for version, tasks in sorted(self.scores.items())}
+        return {"scored": sum(len(v) for v in merged.values()), "accuracy": summary(merged)["accuracy"],
+                "by_version": by_version} if merged else {}
+
+
 def edge_exit_code(report: dict) -> int:
     """The exit status of ``cdcca edge`` after :func:`replay`: 0, or :data:`EXIT_NO_CLOUD` (3) when a cloud was
     expected and never reached, a recording ended with uploads the cloud did not acknowledge, or the updates a
@@ -198,7 +250,8 @@ def replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event
     (see :func:`edge_exit_code`) and ``metrics_port`` (the port served, or ``None``)."""
     sink = AnswerSink(settings.show_answers, settings.answers_file, on_fault=runtime.record_fault)
     metrics = EdgeMetrics(runtime, settings.metrics_port, settings.metrics_addr) if settings.metrics_port else None
-    listeners = [sink] + ([metrics.observe] if metrics is not None else [])
+    truth = TruthScore(Path(settings.source[4:].partition("#")[0])) if settings.source.startswith("bag:") else None
+    listeners = [sink] + ([metrics.observe] if metrics is not None else []) + ([truth] if truth else [])
     runtime.answer_listeners.extend(listeners)
     status = StatusLine(runtime)
     if settings.status_line or settings.status_line is None and status.stream.isatty():
@@ -216,9 +269,14 @@ def replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event
             metrics.close()
     recording = settings.source.startswith(("bag:", "realsense:")) and settings.source != "realsense:"
     cloud = runtime.cloud
+    scored = truth.report() if truth is not None else {}
+    if scored:
+        log.info("accuracy on the bag's ground truth: %.1f over %d answers (%s)", scored["accuracy"],
+                 scored["scored"], ", ".join(f"v{v}: {s['accuracy']:.1f} on {s['answers']}"
+                                            for v, s in scored["by_version"].items()))  # fmt: skip
     return {**report, "cloud_expected": cloud is not None, "recording": recording,
             "cloud_endpoint": None if cloud is None else cloud.endpoint,
-            "metrics_port": None if metrics is None else metrics.port}  # fmt: skip
+            "metrics_port": None if metrics is None else metrics.port, "ground_truth": scored}  # fmt: skip
 
 
 def _replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Event) -> dict:
