@@ -35,9 +35,10 @@ import numpy as np
 
 from cdcca import wire
 from cdcca.akd import AKDConfig
-from cdcca.bag import image_to_msg, read_samples, write_stream_bag
+from cdcca.bag import image_to_msg, write_stream_bag
 from cdcca.data.digits_shift import load_domain
 from cdcca.edge.adapter_slot import AdapterSlot
+from cdcca.edge.sources import open_source
 from cdcca.envelope import TrustStore, generate_key, trust_key
 from cdcca.errors import CdccaError
 from cdcca.evaluate import evaluate
@@ -202,7 +203,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
     trust_key(public, work / "trust")
     bag = work / "stream"
     summary = _stream_bag(bag, config)
-    frames = {s.sample_id: s for s in read_samples(bag)}
+    frames = {q.sample_id: q.image for q in open_source(f"bag:{bag}")}  # keyed as the robot names its answers
     tests = [s for d in config.domains for s in load_domain(d, "test", limit=config.test_images)]
     endpoint = f"tcp/127.0.0.1:{config.port}"
     share = str(max(1, config.threads // 2))
@@ -308,9 +309,9 @@ def _stream_bag(path: Path, config: DemoConfig):
     return write_stream_bag(path, samples)
 
 
-def _frame_bytes(sample) -> int:
+def _frame_bytes(image) -> int:
     """Bytes of the frame as a ``sensor_msgs/Image`` (what uploading the raw camera frame would cost)."""
-    return len(wire.encode(image_to_msg(sample.load_image())))
+    return len(wire.encode(image_to_msg(image)))
 
 
 def _round_record(path: Path, version: int, timeout: float = 30.0) -> dict:

@@ -22,6 +22,7 @@ def test_demo_runs_three_rounds_between_two_processes(pretrained_test_pair, tmp_
     for row in rows:
         assert all(isinstance(row[name], (int, float)) for name in FIELDS)
         assert row["uploaded_samples"] >= 1 and row["uplink_bytes"] > 0 and row["update_latency_s"] > 0
+        assert row["raw_bytes"] > 0  # the frames of the answered prompts, found under the ids the robot uses
         assert 0 < row["downlink_bytes"] < row["full_bytes"]
     assert rows[1]["student_acc_before"] == rows[0]["student_acc_after"]
     assert report["answers_seen"] == report["bag"]["queries"] or report["answers_seen"] > 0
