@@ -18,7 +18,7 @@ def edge_run(pretrained_test_pair, tmp_path_factory):
     args = SimpleNamespace(preset="test", checkpoints=pretrained_test_pair, json=None, plot=out / "edge.png",
                            threads=1)  # fmt: skip
     config = EdgeBenchConfig(threads=(1,), images_per_domain=2, answers=20, warmup=2, parity_answers=15,
-                             swap_answers=20, swap_every=4, uts_answers=4)  # fmt: skip
+                             swap_answers=20, swap_every=4, uts_answers=4, latency_rounds=2)  # fmt: skip
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         report = cli_bench_edge(args, config)
@@ -38,6 +38,10 @@ def test_edge_report(edge_run, tmp_path):
         assert 0 < row["p50_ms"] <= row["p99_ms"]
         assert row["failed"] == 0 and row["applied"] == "5/5"
         assert row["peak_rss_mb"] > row["model_rss_mb"] > 0
+    for worker in report["workers"]:  # p50 pools both latency rounds, so it lies between their p50s
+        by_round = worker["latency_p50_ms_by_round"]
+        assert len(by_round) == 2 and min(by_round) <= worker["latency_ms"]["p50"] <= max(by_round)
+        assert "latencies_ms" not in worker
     summary = report["summary"]
     assert summary["ort_over_torch_p50"] == pytest.approx(rows["onnxruntime"]["p50_ms"] / rows["torch"]["p50_ms"])
     assert summary["ort_swap_ms"] == rows["onnxruntime"]["receive_ms"] > 0

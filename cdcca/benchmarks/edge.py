@@ -12,7 +12,8 @@ torch loaded; proc(5)). The deltas use the cloud's default codec (``cloud_traine
 
 Per backend and thread count:
 
-1. latency of single answers (one frame, one prompt, greedy, batch 1 as on the robot): p50 / p99;
+1. latency of single answers (one frame, one prompt, greedy, batch 1 as on the robot): p50 / p99 over the answers
+   of ``latency_rounds`` workers per backend that alternate torch / ORT (a shared machine's load drifts);
 2. parity: the answers on a fixed set before and after the keyframe swap, compared across backends;
 3. swap latency: a delta received while idle, and deltas arriving every few answers while a thread keeps
    answering (receive = verify + decode + Eq. 8 + build/load + persist + activate), and failed answers;
@@ -61,8 +62,12 @@ class EdgeBenchConfig:
         parity_answers: answers compared across backends, before and after the swap.
         swap_answers: answers in the hot-swap run.
         swap_every: a delta arrives after every this many answers of the hot-swap run.
-        uts_answers: answers scored by UTS in each backend's worker.
+        uts_answers: answers scored by UTS in each backend's worker, in the frames' order (all domains, all three
+            prompts); the default scores every test frame and prompt once, so no one domain's answer lengths decide.
         delta_scale: standard deviation of the seeded perturbation the deltas carry.
+        latency_rounds: how many times each backend's latency phase runs per thread count, in worker processes
+            alternating torch / ORT (the first round is the full worker's); p50 and p99 pool every round's answers,
+            so a change in the shared machine's load between two workers biases neither backend.
         robot_id: the robot the deltas are addressed to.
     """
 
@@ -74,12 +79,15 @@ class EdgeBenchConfig:
     parity_answers: int = 600
     swap_answers: int = 600
     swap_every: int = 5
-    uts_answers: int = 100
+    uts_answers: int = 600
     delta_scale: float = 0.05
     robot_id: str = "bench-robot"
+    latency_rounds: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("images_per_domain", "answers", "parity_answers", "swap_answers", "swap_every", "uts_answers"):
+        counts = ("images_per_domain", "answers", "parity_answers", "swap_answers", "swap_every", "uts_answers",
+                  "latency_rounds")  # fmt: skip
+        for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"EdgeBenchConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.threads or min(self.threads) < 1:
@@ -169,6 +177,8 @@ def _worker(spec: dict) -> dict:
         began = time.perf_counter()
         answer(i)
         latencies.append(1000 * (time.perf_counter() - began))
+    if spec.get("latency_only"):  # a later latency round (see EdgeBenchConfig.latency_rounds)
+        return _checked({"backend": spec["backend"], "threads": spec["threads"], "latencies_ms": latencies}, spec)
     parity_before = [answer(i).texts[0] for i in range(config.parity_answers)]
     began = time.perf_counter()
     keyframe_state = backend.receive(messages[0]).state
@@ -178,7 +188,7 @@ def _worker(spec: dict) -> dict:
     swap = _hot_swap(backend, counters, messages[1:], answer, config, APPLIED)
     result = {
         "backend": spec["backend"], "threads": spec["threads"], "load_s": load_s,
-        "latency_ms": {**_percentiles(latencies), "mean": float(np.mean(latencies))},
+        "latencies_ms": latencies,
         "keyframe_applied": keyframe_state == APPLIED, "idle_receive_ms": idle_receive_ms,
         "idle_activate_us": idle_activate_us, "hot_swap": swap,
         "parity_before": parity_before, "parity_after": parity_after,
@@ -188,6 +198,11 @@ def _worker(spec: dict) -> dict:
     else:
         result["uts"] = _ort_uts_overhead(backend, inputs, config)
     result["memory_mb"] = {"baseline": baseline_mb, "after_load": loaded_mb, "peak": _peak_rss_mib()}
+    return _checked(result, spec)
+
+
+def _checked(result: dict, spec: dict) -> dict:
+    """``result`` with the torch-stack modules the worker imported; the ORT worker fails if there is any."""
     result["heavy_modules"] = heavy = _heavy_modules()
     if spec["backend"] != "torch" and heavy:
         raise RuntimeError(f"the ONNX Runtime worker imported {', '.join(heavy)}: the robot without torch would "
@@ -347,13 +362,21 @@ def run_edge_bench(checkpoints: Path, config: EdgeBenchConfig, progress: bool = 
     with tempfile.TemporaryDirectory(prefix="cdcca-bench-edge-") as tmp:
         work = Path(tmp)
         prepared = _prepare(checkpoints, config, work)
-        jobs = [(b, n) for n in config.threads for b in ("torch", "onnxruntime")]
-        results = {}
-        for backend, threads in progress_bar(jobs, desc="edge bench workers", disable=not progress):
-            spec = {"backend": backend, "threads": threads, "config": asdict(config),
-                    "state_dir": str(work / f"state_{backend}_{threads}"),  # swaps persist, as on the robot
+        backends = ("torch", "onnxruntime")
+        jobs = [(b, n, r) for n in config.threads for r in range(config.latency_rounds) for b in backends]
+        results, rounds = {}, {}
+        for backend, threads, round_ in progress_bar(jobs, desc="edge bench workers", disable=not progress):
+            spec = {"backend": backend, "threads": threads, "config": asdict(config), "latency_only": round_ > 0,
+                    "state_dir": str(work / f"state_{backend}_{threads}_{round_}"),  # swaps persist, as on the robot
                     **{k: prepared[k] for k in ("student", "export", "frames", "messages", "public_key")}}  # fmt: skip
-            results[backend, threads] = _run_worker(spec, work)
+            result = _run_worker(spec, work)
+            rounds.setdefault((backend, threads), []).append(result.pop("latencies_ms"))
+            if round_ == 0:
+                results[backend, threads] = result
+    for key, result in results.items():  # every round's answers pooled
+        pooled = [ms for latencies in rounds[key] for ms in latencies]
+        result["latency_ms"] = {**_percentiles(pooled), "mean": float(np.mean(pooled))}
+        result["latency_p50_ms_by_round"] = [float(np.percentile(latencies, 50)) for latencies in rounds[key]]
     rows, ratios, parity, same_kept = [], {}, {}, {}
     for (backend, threads), r in results.items():
         swap = r["hot_swap"]
