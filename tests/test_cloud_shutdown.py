@@ -11,14 +11,11 @@ import sys
 import time
 
 import pytest
-import torch
 
-from cdcca.data.digits_shift import load_domain
 from cdcca.envelope import generate_key
-from cdcca.models.checkpoint import load_mllm
 from cdcca.transport import Link, LinkConfig
-from cdcca.uts import pack_tokens
 from cloud_trainer.store import CloudStore
+from tests.test_cloud_trainer import r1_uploads
 from tests.test_transport import wait_until
 
 ROUND = 4
@@ -35,15 +32,7 @@ EXIT_SLACK_S = 10.0  # then the interpreter unloads torch and transformers: 1.5 
 @pytest.fixture(scope="module")
 def uploads(pretrained_test_pair):
     """``ROUND`` UtsTokens of robot r1 (every other token kept)."""
-    student = load_mllm(pretrained_test_pair / "student")
-    samples = load_domain("printed", "stream", limit=ROUND)[:ROUND]  # three prompts per image: the first ROUND
-    with torch.inference_mode():
-        tokens = student.visual_tokens(student.preprocess([s.load_image() for s in samples]))
-    keep = torch.zeros(tokens.shape[1], dtype=torch.bool)
-    keep[::2] = True
-    return [pack_tokens(tokens[i], keep, torch.rand(tokens.shape[1]), robot_id="r1", sample_id=s.sample_id,
-                        adapter_version=0, prompt=s.prompt, student_answer="?", sample_entropy=1.0)
-            for i, s in enumerate(samples)]  # fmt: skip
+    return r1_uploads(pretrained_test_pair, images=ROUND, count=ROUND)  # three prompts per image: the first ROUND
 
 
 def start_mid_round(pretrained_test_pair, uploads, tmp_path):

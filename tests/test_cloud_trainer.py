@@ -20,11 +20,11 @@ from cloud_trainer.adapter_states import state_tensors
 from cloud_trainer.service import CloudConfig, CloudTrainer
 
 
-@pytest.fixture(scope="module")
-def uploads(pretrained_test_pair):
-    """UtsTokens messages of robot r1 for 12 printed-domain samples (half the tokens kept)."""
-    student = load_mllm(pretrained_test_pair / "student")
-    samples = load_domain("printed", "stream", limit=4)
+def r1_uploads(checkpoints, images: int, count: int | None = None) -> list:
+    """UtsTokens messages of robot r1 for the first ``count`` printed-domain samples of ``images`` stream images
+    (three prompts each; every other token kept), as the cloud receives them."""
+    student = load_mllm(checkpoints / "student")
+    samples = load_domain("printed", "stream", limit=images)[:count]
     with torch.inference_mode():
         tokens = student.visual_tokens(student.preprocess([s.load_image() for s in samples]))
     keep = torch.zeros(tokens.shape[1], dtype=torch.bool)
@@ -32,6 +32,12 @@ def uploads(pretrained_test_pair):
     return [pack_tokens(tokens[i], keep, torch.rand(tokens.shape[1]), robot_id="r1", sample_id=s.sample_id,
                         adapter_version=0, prompt=s.prompt, student_answer="?", sample_entropy=1.0)
             for i, s in enumerate(samples)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uploads(pretrained_test_pair):
+    """UtsTokens messages of robot r1 for 12 printed-domain samples (half the tokens kept)."""
+    return r1_uploads(pretrained_test_pair, images=4)
 
 
 @pytest.fixture()
