@@ -74,6 +74,8 @@ EDGE_DEFAULTS = {"robot_id": "r1", "queue_capacity": 1024, "batch_size": 8}
 REPLAY_DEFAULTS = {"speed": 1.0, "rate_hz": 0.0}
 DEMO_DEFAULTS = {"rounds": 3, "stream_images": 150, "test_images": 100, "port": 7447}
 BENCH_METHODS = ("source-only", "tent", "cotta", "pkd", "cwd", "pl", "cdcca")  # AdaptBenchConfig.methods
+CLOUD_ONLY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "onnx", "sklearn", "pycocoevalcap",
+                      "matplotlib", "cyclonedds", "pyrealsense2")  # pyproject.toml's [cloud] and [edge] extras
 HEAVY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "onnxruntime", "zenoh")
 THIRD_PARTY_WARNINGS = r"(torch|torchvision|transformers|peft|bitsandbytes|onnx|onnxruntime|accelerate|zenoh)(\.|$)"
 
@@ -1142,6 +1144,15 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         plain_os_error = isinstance(err, OSError) and not isinstance(err, CdccaError)
         print(f"{prog}: error: {describe_os_error(err) if plain_os_error else one_line(err)}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:  # a robot-only install asked for what only the cloud install has
+        top = (err.name or "").split(".")[0]
+        if top not in CLOUD_ONLY_MODULES:
+            print(f"{prog}: error: unexpected ModuleNotFoundError: {one_line(err)} (run with --verbose for the "
+                  "traceback)", file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"{prog}: error: this needs the cloud install ({top} is missing): pip install 'cdcca[cloud]'; a robot "
+              "without torch runs `cdcca edge --backend onnx` on an exported student", file=sys.stderr)  # fmt: skip
         return 2
     except Exception as err:  # a bug: say so in one line; the traceback is a flag away
         if verbose:

@@ -51,11 +51,14 @@ class WireError(CdccaError, ValueError):
 
 
 def msgs_dir() -> Path:
-    """Folder of the ``cdcca_msgs`` package: ``$CDCCA_MSGS_DIR``, this checkout, or an installed ROS share dir."""
+    """Folder of the ``cdcca_msgs`` interfaces: ``$CDCCA_MSGS_DIR``, this checkout, the copy an installed package
+    carries (``cdcca/wire/interfaces``, links to the checkout's ``msg/`` and ``srv/``), or an installed ROS share
+    dir."""
     candidates = []
     if os.environ.get("CDCCA_MSGS_DIR"):
         candidates.append(Path(os.environ["CDCCA_MSGS_DIR"]))
     candidates.append(Path(__file__).resolve().parents[2] / "ros2_ws" / "src" / "cdcca_msgs")
+    candidates.append(Path(__file__).parent / "interfaces")  # an installed package: its copy of msg/ and srv/
     for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
         if prefix:
             candidates.append(Path(prefix) / "share" / "cdcca_msgs")
