@@ -236,8 +236,9 @@ def test_chaos_on_every_key_loses_nothing_acknowledged_and_every_bad_message_is_
         assert not attacker_thread.is_alive()
         assert wait_until(lambda: all(r.backend.version == 1 for r in runtimes.values()), timeout=90)
         assert wait_until(lambda: all(len(r.uplink) == 0 for r in runtimes.values()), timeout=30)
-        assert wait_until(lambda: observed(cloud, runtimes, links) == +chaos.expected, timeout=20), \
-            (observed(cloud, runtimes, links), chaos.expected)  # fmt: skip
+        seen = lambda: observed(cloud, runtimes, links)  # noqa: E731
+        assert wait_until(lambda: seen() == +chaos.expected, timeout=45), \
+            {"observed, not expected": seen() - chaos.expected, "expected, not observed": chaos.expected - seen()}
 
         # ... then replays of what the cloud really sent, onto the other robot's keys and onto the same key
         assert wait_until(lambda: cloud.trainer.stats()["reported"] == {"r1": 1, "r2": 1})  # no resend from now
@@ -252,8 +253,9 @@ def test_chaos_on_every_key_loses_nothing_acknowledged_and_every_bad_message_is_
             attacker.publish_bytes(robot_id, "uts_ack", captured[(robot_id, "uts_ack")][0])
             chaos.expected[(robot_id, "acks_rejected", "replayed")] += 1  # older than the last accepted
         assert wait_until(lambda: all(r.counters.deltas_duplicate >= 1 for r in runtimes.values()))
-        assert wait_until(lambda: observed(cloud, runtimes, links) == +chaos.expected, timeout=20), \
-            (observed(cloud, runtimes, links), chaos.expected)  # fmt: skip
+        seen = lambda: observed(cloud, runtimes, links)  # noqa: E731
+        assert wait_until(lambda: seen() == +chaos.expected, timeout=45), \
+            {"observed, not expected": seen() - chaos.expected, "expected, not observed": chaos.expected - seen()}
 
         # Assert: nothing acknowledged is lost, both robots updated, every bad message accounted for
         stats = cloud.trainer.stats()
