@@ -68,3 +68,14 @@ def keys(tmp_path_factory):
     trust = TrustStore()
     trust.add("cloud", public.read_text())
     return Signer.load(private), trust
+
+
+@pytest.fixture(scope="module")
+def trust_dir(tmp_path_factory):
+    """A robot trust store folder holding one cloud key (the robot refuses to start without one)."""
+    from cdcca.envelope import generate_key, trust_key
+
+    _, public = generate_key(tmp_path_factory.mktemp("keys"), "cloud-1")
+    store = tmp_path_factory.mktemp("trust")
+    trust_key(public, store)
+    return store

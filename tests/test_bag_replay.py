@@ -12,7 +12,6 @@ from cdcca.bag import CAMERA_TOPIC, BagWriter, image_to_msg
 from cdcca.cli import main
 from cdcca.edge.app import EXIT_NO_CLOUD as NO_CLOUD
 from cdcca.edge.app import edge_exit_reason
-from cdcca.envelope import generate_key, trust_key
 
 DEPTH_TOPIC = "/camera/camera/depth/image_rect_raw"
 FRAME_PERIOD_NS = 250_000_000  # a 4 Hz camera
@@ -45,15 +44,6 @@ def _free_endpoint() -> str:
     with socket.socket() as probe:  # a port no cloud listens on: the robot runs offline
         probe.bind(("127.0.0.1", 0))
         return f"tcp/127.0.0.1:{probe.getsockname()[1]}"
-
-
-@pytest.fixture(scope="module")
-def trust_dir(tmp_path_factory):
-    """A robot trust store holding one cloud key (the robot refuses to start without one)."""
-    _, public = generate_key(tmp_path_factory.mktemp("keys"), "cloud-1")
-    store = tmp_path_factory.mktemp("trust")
-    trust_key(public, store)
-    return store
 
 
 @pytest.fixture()

@@ -16,7 +16,7 @@ from cdcca import wire
 from cdcca.edge.app import EXIT_NO_CLOUD, ReplaySettings, build_runtime, edge_exit_code, edge_exit_reason, replay
 from cdcca.edge.observe import CloudWatch, EdgeMetrics, answer_line
 from cdcca.edge.runtime import EdgeConfig
-from cdcca.envelope import generate_key, trust_key
+from cdcca.envelope import trust_key
 from cdcca.transport import Link, LinkConfig
 from cdcca.uts import UTSConfig
 from cdcca.wire.topics import ROBOT_STATUS_KEYS
@@ -25,21 +25,13 @@ from tests.test_transport import free_port, wait_until
 ALL_SAMPLES = UTSConfig(sample_mode="threshold", entropy_threshold=-1.0)
 
 
-@pytest.fixture(scope="module")
-def trust(tmp_path_factory):
-    _, public = generate_key(tmp_path_factory.mktemp("keys"), "cloud-1")
-    store = tmp_path_factory.mktemp("trust")
-    trust_key(public, store)
-    return store
-
-
 @pytest.fixture()
-def make_robot(pretrained_test_pair, trust, tmp_path):
+def make_robot(pretrained_test_pair, trust_dir, tmp_path):
     made = []
 
     def make(robot_id: str = "r1", link=None, **config):
         config = EdgeConfig(robot_id=robot_id, state_dir=tmp_path / robot_id, uts=ALL_SAMPLES, **config)
-        runtime = build_runtime(pretrained_test_pair, config, trust, link)
+        runtime = build_runtime(pretrained_test_pair, config, trust_dir, link)
         made.append(runtime)
         return runtime
 

@@ -16,7 +16,6 @@ from cdcca.edge import onnx_uts
 from cdcca.edge.onnx_backend import OnnxBackend
 from cdcca.edge.onnx_export import OnnxExport, OnnxModelMismatch, export_onnx
 from cdcca.edge.onnx_uts import OnnxTokenSampler, dropout_keep_mask, log_softmax, sample_entropy, token_entropy
-from cdcca.envelope import TrustStore
 from cdcca.models.checkpoint import build_pair
 from cdcca.models.presets import get_preset
 from cdcca.models.tokenizer import build_tokenizer
@@ -150,16 +149,6 @@ def spread_export(exported, tmp_path_factory):
 @pytest.fixture(scope="module")
 def samples_for_stage_one():
     return [s for d in ("source", "printed", "rephrased") for s in load_domain(d, "test", limit=5)]
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    from cdcca.envelope import Signer, generate_key
-
-    private, public = generate_key(tmp_path_factory.mktemp("keys"), "cloud")
-    trust = TrustStore()
-    trust.add("cloud", public.read_text())
-    return Signer.load(private), trust
 
 
 def test_sample_entropy_from_logits_is_eq_2():
