@@ -107,6 +107,13 @@ held_out_fraction = _number(float, "a fraction in [0, 1)", low=0, high=1, high_o
 port_number = _number(int, "a port in 1..65535", low=1, high=65535)
 
 
+def store_spec(text: str) -> str:
+    """``--store``: a ``postgresql://`` URL or a SQLite file path (checked at parse, before a model loads)."""
+    if "://" in text and not text.startswith(("postgresql://", "postgres://")):
+        raise argparse.ArgumentTypeError(f"expected a postgresql:// URL or a SQLite file path, got {text!r}")
+    return text
+
+
 def _linger(text: str) -> float:
     value = _number(float, "a number of seconds (-1: until Ctrl-C)")(text)
     if value < 0 and value != -1:
@@ -279,6 +286,9 @@ def _add_cloud_args(parser: argparse.ArgumentParser) -> None:
                         help="join the robots' ROS 2 graph directly over DDS (topics /cdcca/<topic>; ROS_DOMAIN_ID, "
                              "ROS_AUTOMATIC_DISCOVERY_RANGE) instead of Zenoh: a cloud on the robots' LAN")  # fmt: skip
     parser.add_argument("--state", type=Path, default=None, help="SQLite store and round log (default: cache)")
+    parser.add_argument("--store", type=store_spec, default=None, metavar="URL",
+                        help="the store, if not --state's SQLite file: postgresql://USER@HOST/DB, shared by the "
+                             "workers of a fleet (see the README's Fleet section)")  # fmt: skip
     parser.add_argument("--key", type=Path, default=None, help="Ed25519 signing key (default: cache/keys/cloud-1.key)")
     parser.add_argument("--round-size", type=positive_int, default=CLOUD_DEFAULTS["round_size"],
                         help="new samples of a robot that make a round")  # fmt: skip
@@ -403,6 +413,7 @@ BENCH_KINDS = {
     "downlink": "one adaptation round, then bytes, bits per parameter, time and accuracy per DWC codec; hot-swap",
     "adapt": "the continual stream against the baselines (Tables 1-4): accuracy, gap closed, source drop",
     "edge": "torch eager vs ONNX Runtime: per-answer latency, memory, UTS overhead, swaps under load",
+    "fleet": "N light robots on Zenoh against 1 and 2 cloud workers: RSS per robot, rounds/min, update latency",
 }
 
 
@@ -417,6 +428,10 @@ def _add_bench_args(parser: argparse.ArgumentParser) -> None:
         _add_preset(p, "preset whose pretrained student is measured")
         _add_model_dir(p)
         p.add_argument("--plot", type=Path, default=None, help="PNG (default: beside the JSON)")
+        if which == "fleet":
+            from cdcca.benchmarks.fleet_cli import add_fleet_arguments  # argparse only: nothing heavy
+
+            add_fleet_arguments(p)
         if which == "uplink":
             p.add_argument("--images-per-domain", type=positive_int, default=80, help="stream images per domain")
         if which == "downlink":
@@ -786,7 +801,7 @@ def cmd_cloud(args) -> dict:
     get_codec(args.codec)  # an unknown codec fails now, not after the first round
     rank, world = init_from_env()
     state = _writable_dir(args.state or cache_dir() / "cloud", "--state")
-    config = CloudConfig(state_dir=state, round_size=args.round_size,
+    config = CloudConfig(state_dir=state, store=args.store, round_size=args.round_size,
                          max_round_samples=args.max_round_samples, replay=args.replay, codec=args.codec,
                          flush_after_s=args.flush_after,
                          akd=AKDConfig(steps=args.steps, lr=args.lr, seed=args.seed,
@@ -987,6 +1002,10 @@ def cmd_bench(args) -> dict:
         from cdcca.benchmarks.edge import cli_bench_edge
 
         return cli_bench_edge(args)
+    if args.which == "fleet":
+        from cdcca.benchmarks.fleet import cli_bench_fleet
+
+        return cli_bench_fleet(args)
     checkpoints = args.checkpoints or checkpoint_dir(args.preset)
     student = load_mllm(checkpoints / "student")
     plot = args.plot or (args.json.with_suffix(".png") if args.json else None)

@@ -65,7 +65,7 @@ from cdcca.wire.topics import CLOUD_ID, DIAGNOSTICS
 from cloud_trainer.adapter_states import AdapterState, SharedStudent, state_tensors
 from cloud_trainer.admission import SampleAdmission
 from cloud_trainer.faults import FaultLog, fault_cause
-from cloud_trainer.store import CloudStore, StaleRound
+from cloud_trainer.store import StaleRound, open_store
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,9 @@ class CloudConfig:
     """Settings of the cloud trainer.
 
     Args:
-        state_dir: where the SQLite store and the round log live.
+        state_dir: where the round log lives, and the SQLite store unless ``store`` names another.
+        store: the durable store: a SQLite file path or a ``postgresql://`` URL shared by several workers
+            (``None``: ``state_dir/cloud.sqlite``); see :func:`cloud_trainer.store.open_store`.
         round_size: pending samples of a robot that start a round.
         max_round_samples: the most new samples one round takes (oldest first; the rest wait).
         replay: samples of earlier rounds (most recent first) trained on again with the new ones, so a round
@@ -110,6 +112,7 @@ class CloudConfig:
     """
 
     state_dir: Path = Path("cloud_state")
+    store: str | None = None
     round_size: int = 64
     max_round_samples: int = 256
     replay: int = 0
@@ -236,7 +239,7 @@ class CloudTrainer:
         self.teacher, self.make_student, self.signer = teacher, make_student, signer
         self.anchors = list(anchors or [])
         self.config, self.link = config, link
-        self.store = CloudStore(Path(config.state_dir) / "cloud.sqlite")
+        self.store = open_store(config.store or Path(config.state_dir) / "cloud.sqlite")
         self.robots: dict[str, _Robot] = {}
         self.counters = CloudCounters()
         student = make_student()

@@ -340,3 +340,14 @@ class CloudStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def open_store(spec: str | Path) -> CloudStore:
+    """The store named by ``spec``: a ``postgresql://`` (or ``postgres://``) URL opens the PostgreSQL store
+    (:mod:`cloud_trainer.store_pg`, for several workers on several machines); anything else is a SQLite file."""
+    text = str(spec)
+    if text.startswith(("postgresql://", "postgres://")):
+        from cloud_trainer.store_pg import PgStore
+
+        return PgStore(text)
+    return CloudStore(Path(text))
