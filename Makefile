@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEBIAN_PACKAGES := libusb-1.0-0 cmake g++  # pyrealsense2 needs libusb at import time; colcon builds cdcca_msgs
+DEBIAN_PACKAGES := libusb-1.0-0 cmake g++ postgresql  # pyrealsense2 needs libusb at import time; colcon builds cdcca_msgs; the fleet store tests start a PostgreSQL server
 ROS_DISTROS ?= jazzy kilted
 # Jazzy (the LTS the README targets; rclpy 7.1.6): the ros-jazzy-* names only, since one unprefixed name pulls
 # Kilted into the venv. Runtime, the messages the node uses, the rosidl/ament_cmake toolchain, the linters.
