@@ -17,6 +17,30 @@ import numpy as np
 from cdcca import wire
 
 ENCODINGS = ("int8", "fp16")
+# Stage-1 ties (Eq. 2 rankings and the threshold): two engines compute a sample's mean answer-token entropy with
+# different float32 rounding (torch eager vs ONNX Runtime: up to ~1e-6 nats apart on the tiny student, measured over
+# 200 test frames), while two distinct samples can sit 4e-7 nats apart. Entropies closer than this tolerance count
+# as equal, so the torch and the ORT robot make the same decision unless a gap lands within ~1e-6 of the tolerance
+# itself; 1e-5 nats (+1e-5 relative) is 10x the largest engine gap seen and far below real entropy differences.
+ENTROPY_TIE_ATOL = 1e-5
+ENTROPY_TIE_RTOL = 1e-5
+
+
+def entropy_tolerance(value: float) -> float:
+    """How far above ``value`` (nats) another entropy must be to count as larger: :data:`ENTROPY_TIE_ATOL` plus
+    :data:`ENTROPY_TIE_RTOL` of ``|value|``."""
+    return ENTROPY_TIE_ATOL + ENTROPY_TIE_RTOL * abs(value)
+
+
+def above(value: float, reference: float) -> bool:
+    """``value`` > ``reference`` by more than the tie tolerance of ``reference`` (stage-1 threshold mode)."""
+    return value > reference + entropy_tolerance(reference)
+
+
+def window_rank(history: Any, value: float) -> int:
+    """How many entropies in ``history`` (the sliding window) are larger than ``value`` by more than the tie
+    tolerance: the rank ``UTSConfig.sample_fraction`` is compared with in ``top_fraction`` mode."""
+    return int((np.asarray(history, np.float64) > value + entropy_tolerance(value)).sum())
 
 
 @dataclass

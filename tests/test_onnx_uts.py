@@ -250,3 +250,51 @@ def test_the_torch_tail_fed_the_seeded_mask_scores_as_the_graph(tiny_export, ima
     scale = float(np.abs(torch_variance).max())
     np.testing.assert_allclose(variance, torch_variance, rtol=VARIANCE_RTOL, atol=VARIANCE_RTOL * scale)
     assert np.array_equal(keep, sampler.keep_tokens(torch_variance))
+
+
+def _strict_decisions(entropy: np.ndarray, prompts: list, config: UTSConfig, kind) -> list[bool]:
+    """Stage 1 without a tie tolerance (``>`` on the raw floats), as the decisions were made before it."""
+    from collections import deque
+
+    recent, keep = {}, []
+    for value, prompt in zip(entropy.tolist(), prompts):
+        if config.sample_mode == "threshold":
+            keep.append(value > config.entropy_threshold)
+            continue
+        window = recent.setdefault(kind(prompt), deque(maxlen=config.window))
+        window.append(value)
+        keep.append(
+            int((np.asarray(window) > value).sum()) < max(1, int(np.ceil(config.sample_fraction * len(window))))
+        )
+    return keep
+
+
+@pytest.mark.parametrize("mode", ["top_fraction", "threshold"])
+def test_stage_one_near_ties_are_decided_as_ties(mode, exported):
+    """Two engines round a sample's entropy differently (torch vs ORT: up to ~1e-6 nats on the tiny student), so
+    entropies within ``uts_config.entropy_tolerance`` count as equal: the other engine's copy of a stream, each value
+    moved by up to 2e-6 nats, is kept exactly as the stream itself, where raw ``>`` decides differently."""
+    from cdcca.uts_config import ENTROPY_TIE_ATOL, above, entropy_tolerance, window_rank
+
+    # Prepare: exact ties (and values on the threshold), and the same stream as the other engine would compute it
+    _, export = exported
+    config = UTSConfig(sample_mode=mode, entropy_threshold=1.0, sample_fraction=0.3, window=5, group_words=2)
+    rng = np.random.default_rng(1)
+    entropy = rng.choice(np.linspace(0.5, 1.5, 9), 80)  # ties on purpose; 1.0 sits on the threshold
+    prompts = [str(rng.choice(["what digit is it?", "describe the image.", "is the digit odd?"])) for _ in entropy]
+    other = entropy + rng.uniform(-2e-6, 2e-6, entropy.shape)
+    samplers = [OnnxTokenSampler(export.directory / "uts.onnx", export.manifest["uts"], config) for _ in range(2)]
+
+    # Execute
+    kept, kept_other = (sampler.keep_samples(values, prompts) for sampler, values in zip(samplers, (entropy, other)))
+
+    # Assert: the same samples, though raw comparisons on the two copies disagree
+    assert np.array_equal(kept, kept_other) and 0 < kept.sum() < len(kept)
+    strict = _strict_decisions(entropy, prompts, config, samplers[0].prompt_kind)
+    strict_other = _strict_decisions(other, prompts, config, samplers[0].prompt_kind)
+    assert strict != strict_other  # without the tolerance these rounding differences flip decisions
+    assert kept.tolist() == strict  # and with it, exact ties decide as they always did
+    # the tolerance itself: 1e-6 apart is a tie, 1e-3 apart is not
+    assert window_rank([1.0 + 1e-6, 1.0], 1.0) == 0 and window_rank([1.0 + 1e-3, 1.0], 1.0) == 1
+    assert not above(1.0 + 1e-6, 1.0) and above(1.0 + 1e-3, 1.0)
+    assert ENTROPY_TIE_ATOL <= entropy_tolerance(2.0) < 1e-4

@@ -29,12 +29,22 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
+from cdcca.uts_config import above, window_rank
 
-def dropout_keep_mask(rng: np.random.Generator, shape: tuple[int, ...], p: float) -> np.ndarray:
+
+def dropout_keep_mask(rng: np.random.Generator, shape: tuple[int, ...], p: float,
+                      out: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """An attention-dropout mask of ``shape`` drawn from ``rng``: 0 where dropped (probability ``p``), 1/(1-p) where
-    kept, in float32 as ``torch.nn.functional.dropout`` scales."""
-    uniform = rng.random(shape, dtype=np.float32)
-    return (uniform >= np.float32(p)).astype(np.float32) * (np.float32(1.0) / np.float32(1.0 - p))
+    kept, in float32 as ``torch.nn.functional.dropout`` scales.
+
+    ``out`` (float32, C-contiguous, ``shape``): draw into it instead of allocating; the values are the same.
+    The uniforms are drawn in place and turned into the mask in place (no temporaries: the mask of 8 passes over a
+    37-token layer is 175 kB, and allocating it per sample cost more than the comparison)."""
+    if out is None:
+        out = np.empty(shape, np.float32)
+    rng.random(dtype=np.float32, out=out)
+    keep = out >= np.float32(p)
+    return np.multiply(keep, np.float32(1.0) / np.float32(1.0 - p), out=out, dtype=np.float32)
 
 
 class UTSSettings(Protocol):
@@ -91,7 +101,8 @@ class OnnxTokenSampler:
         self.session = ort.InferenceSession(str(graph), session_options, providers=["CPUExecutionProvider"])
         self._recent: dict[str, deque] = {}  # prompt kind -> its recent entropies
         self._rng = np.random.default_rng(config.seed)
-        self._rng_lock = threading.Lock()
+        self._rng_lock = threading.Lock()  # the generator, and the mask buffer while a run reads it
+        self._mask: np.ndarray | None = None  # reused: stage 2 runs once per kept sample
 
     # ------------------------------------------------------------------------------------------ stage 1
     def prompt_kind(self, prompt: str) -> str:
@@ -99,35 +110,49 @@ class OnnxTokenSampler:
         return " ".join(prompt.lower().split()[: self.config.group_words])
 
     def keep_samples(self, entropy: np.ndarray, prompts: Sequence[str] | None = None) -> np.ndarray:
-        """Stage 1 on (B,) entropies (updates the sliding windows) -> (B,) bool; ``prompts`` pick the windows."""
+        """Stage 1 on (B,) entropies (updates the sliding windows) -> (B,) bool; ``prompts`` pick the windows.
+
+        Entropies within :func:`cdcca.uts_config.entropy_tolerance` of each other (or of the threshold) count as
+        tied, so float rounding that differs between engines does not change a decision."""
         keep = np.zeros(len(entropy), bool)
         for i, value in enumerate(np.asarray(entropy, np.float32).tolist()):
             if self.config.sample_mode == "threshold":
-                keep[i] = value > self.config.entropy_threshold
+                keep[i] = above(value, self.config.entropy_threshold)
                 continue
             kind = self.prompt_kind(prompts[i]) if prompts is not None else ""
             recent = self._recent.setdefault(kind, deque(maxlen=self.config.window))
             recent.append(value)
-            rank = (np.asarray(recent) > value).sum()  # samples in the window more uncertain than this one
+            rank = window_rank(recent, value)  # samples in the window more uncertain than this one
             keep[i] = rank < max(1, int(np.ceil(self.config.sample_fraction * len(recent))))
         return keep
 
     # ------------------------------------------------------------------------------------------ stage 2
+    def _mask_shape(self, batch: int) -> tuple[int, ...]:
+        info = self.info
+        return info["mc_layers"], batch, self.config.mc_passes, info["heads"], info["tokens"], info["tokens"]
+
     def dropout_keep(self, batch: int) -> np.ndarray:
         """The next (L, B, M, H, N, N) attention-dropout mask: 0 where dropped, 1/(1-p) where kept."""
-        info = self.info
-        shape = (info["mc_layers"], batch, self.config.mc_passes, info["heads"], info["tokens"], info["tokens"])
         with self._rng_lock:
-            return dropout_keep_mask(self._rng, shape, self.config.mc_dropout)
+            return dropout_keep_mask(self._rng, self._mask_shape(batch), self.config.mc_dropout)
 
     def token_variance(self, front: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
         """Eq. 3: (B, N, D) ``uts_front`` -> (B, N) MC-dropout variance; ``keep``: a mask of :meth:`dropout_keep`'s
-        shape (the next seeded one if omitted)."""
+        shape (the next seeded one if omitted: the mask :meth:`dropout_keep` would return, drawn into a buffer this
+        sampler reuses, held under the generator's lock for the run)."""
         front = np.ascontiguousarray(front, np.float32)
         if front.ndim != 3 or front.shape[1:] != (self.info["tokens"], self.info["width"]):
             raise ValueError(f"uts_front must be (B, {self.info['tokens']}, {self.info['width']}), got {front.shape}")
-        keep = self.dropout_keep(front.shape[0]) if keep is None else np.ascontiguousarray(keep, np.float32)
-        (variance,) = self.session.run(None, {"uts_front": front, "dropout_keep": keep})
+        if keep is not None:
+            keep = np.ascontiguousarray(keep, np.float32)
+            (variance,) = self.session.run(None, {"uts_front": front, "dropout_keep": keep})
+            return variance
+        shape = self._mask_shape(front.shape[0])
+        with self._rng_lock:
+            if self._mask is None or self._mask.shape != shape:
+                self._mask = np.empty(shape, np.float32)
+            mask = dropout_keep_mask(self._rng, shape, self.config.mc_dropout, out=self._mask)
+            (variance,) = self.session.run(None, {"uts_front": front, "dropout_keep": mask})
         return variance
 
     def keep_tokens(self, variance: np.ndarray) -> np.ndarray:
