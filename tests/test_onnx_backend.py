@@ -281,3 +281,43 @@ def test_export_mc_layers_must_fit_the_vision_encoder(pretrained_test_pair, tmp_
     assert "mc_layers must be in 1..1" in capsys.readouterr().err
     assert main(command + ["--mc-layers", "1"]) == 0
     assert OnnxExport.load(tmp_path / "x").manifest["uts"]["mc_layers"] == 1
+
+
+def test_two_threads_answer_as_one_and_a_single_prompt_decodes_on_one_thread(exported, keys, samples):
+    _, export = exported
+    one, two = OnnxBackend(export, "r1", keys[1], threads=1), OnnxBackend(export, "r1", keys[1], threads=2)
+
+    first, second = _answers(one, samples), _answers(two, samples)
+
+    assert [a.texts for a in first] == [a.texts for a in second]
+    assert all(np.array_equal(a.sample_entropy, b.sample_entropy) for a, b in zip(first, second))
+    assert one._single_decoder is one.sessions["decoder"]  # one thread already: no second session
+    assert two._single_decoder is not two.sessions["decoder"]
+    assert two._single_decoder.get_session_options().intra_op_num_threads == 1
+    assert two.sessions["decoder"].get_session_options().intra_op_num_threads == 2
+
+
+def test_a_batch_of_prompts_about_one_frame_encodes_it_once_and_answers_as_one_by_one(exported, keys, samples):
+    """The runtime asks ``[rgb] * n`` (n prompts about the latest frame); the encoder runs on that frame once."""
+    _, export = exported
+    backend = OnnxBackend(export, "r1", keys[1], threads=1)
+    image = samples[0].load_image()
+    prompts = [s.prompt for s in samples[:4]]
+    batches = []
+    encoder = backend.sessions["encoder"]
+
+    class Counting:
+        def run(self, outputs, feeds, options):
+            batches.append(feeds["pixel_values"].shape[0])
+            return encoder.run(outputs, feeds, options)
+
+    backend.sessions["encoder"] = Counting()
+    together = backend.answer([image] * len(prompts), prompts)
+    alone = [backend.answer([image], [p]) for p in prompts]
+    different = backend.answer([image, image.copy()], prompts[:2])  # equal pixels, two frames: encoded as two
+
+    assert batches == [1, 1, 1, 1, 1, 2]
+    assert together.texts == [a.texts[0] for a in alone]
+    np.testing.assert_allclose(together.sample_entropy, [a.sample_entropy[0] for a in alone], rtol=1e-5)
+    assert together.visual_tokens.shape[0] == together.uts_front.shape[0] == len(prompts)
+    assert different.texts == [a.texts[0] for a in alone[:2]]
