@@ -49,7 +49,8 @@ NF4_LEVELS = np.array(
      0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0],
     np.float32,
 )  # fmt: skip
-ECSQ_MAX_SYMBOL = 127  # largest |symbol| of the ecsq codec
+ECSQ_MAX_SYMBOL = 127  # largest |symbol| of the ecsq and ecdq codecs
+ECDQ_CONTEXTS = 2  # ecdq codes its symbols in this many classes of |dither|
 
 
 class CodecError(CdccaError, ValueError):
@@ -384,5 +385,65 @@ def _ecsq(entries: list[Entry], streams: dict[str, np.ndarray], params: dict[str
     shrink = np.repeat(offsets.astype(np.float32) / 510, sizes)  # (P,)
     values[nonzero] = np.where(negative, -1.0, 1.0) * (values[nonzero] - shrink[nonzero])
     values *= np.repeat(steps, sizes)  # (P,)
+    bounds = np.cumsum([0, *sizes])
+    return {entry.index: values[bounds[i] : bounds[i + 1]] for i, entry in enumerate(entries)}
+
+
+def ecdq_dither(total: int, seed: int) -> np.ndarray:
+    """The ecdq codec's subtractive dither, float64 (total,) uniform in [-1/2, 1/2), shared by both ends.
+
+    Drawn from the PCG64 bit generator's raw 64-bit outputs (stable across numpy versions, unlike
+    ``Generator.random``'s conversions): u = (raw >> 11) · 2^-53 − 1/2, exact in float64.
+    """
+    raw = np.random.PCG64(seed).random_raw(total) if total else np.zeros(0, np.uint64)
+    return (raw >> np.uint64(11)).astype(np.float64) * 2.0**-53 - 0.5
+
+
+def ecdq_contexts(dither: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per value: the sign flip (+1 where u >= 0, else −1) and the context, |u| in :data:`ECDQ_CONTEXTS` classes.
+
+    Given the dither, a symbol s = round(x/q + u) leans towards sign(u), the more so the larger |u|: coding
+    t = s · flip in the class of |u| moves the rate from H(s) towards H(s | u), which the decoder can exploit.
+    Two classes measured best with zstd's Huffman stage on the tiny student (1, 3, 4, 8 cost 1-7 % more).
+    """
+    flip = np.where(dither >= 0, 1, -1).astype(np.int8)
+    context = np.minimum((2 * np.abs(dither) * ECDQ_CONTEXTS).astype(np.int64), ECDQ_CONTEXTS - 1)
+    return flip, context
+
+
+@register("ecdq", kinds=("ecdq",))
+def _ecdq(entries: list[Entry], streams: dict[str, np.ndarray], params: dict[str, Any]) -> dict[int, np.ndarray]:
+    """Subtractively dithered uniform quantizer: value = (s − u) · q per tensor, u = :func:`ecdq_dither` over the
+    ``ecdq`` tensors in layout order. Symbols t = s · flip (:func:`ecdq_contexts`), sorted (stably) by context;
+    per context c a zstd frame ``"c<c>"`` of uint8, four 2-bit codes per byte, lowest bits first (0: t = 0, 1:
+    t = 1, 2: t = −1, 3: escape); ``"extra"``, a zstd frame of int8, t for each escape (|t| in 2..127) in that
+    order; plain ``"steps"``, uint16 per tensor, q = the float32 whose high 16 bits they are (bfloat16). Params
+    ``step`` (the encoder's, in RMS units) and ``seed``."""
+    step, seed = params.get("step"), params.get("seed")
+    if type(step) is not float or not 0.0 < step < 64.0:
+        raise CodecError(f"ecdq step {step!r} is not a number in (0, 64)")
+    if type(seed) is not int or not 0 <= seed < 2**63:
+        raise CodecError(f"ecdq seed {seed!r} is not an int in [0, 2^63)")
+    total = sum(entry.numel for entry in entries)
+    steps = (take(streams, "steps", np.uint16, len(entries)).astype(np.uint32) << 16).view(np.float32)
+    if not (np.isfinite(steps).all() and (steps > 0).all()):
+        raise CodecError("ecdq steps must be finite and > 0")
+    dither = ecdq_dither(total, seed)  # (P,)
+    flip, context = ecdq_contexts(dither)
+    counts = np.bincount(context, minlength=ECDQ_CONTEXTS)
+    codes = np.concatenate([
+        ((inflate(streams, f"c{c}", -(-int(n) // 4))[:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3).reshape(-1)[:n]
+        for c, n in enumerate(counts)
+    ])  # (P,) in context order  # fmt: skip
+    escape = codes == 3
+    extra = inflate(streams, "extra", int(escape.sum())).view(np.int8)
+    if (np.abs(extra.astype(np.int16)) < 2).any() or (extra == -128).any():
+        raise CodecError(f"stream 'extra' must hold symbols with 2 <= |t| <= {ECSQ_MAX_SYMBOL}")
+    symbols = np.array([0, 1, -1, 0], np.int16)[codes]
+    symbols[escape] = extra
+    ordered = np.empty(total, np.int16)
+    ordered[np.argsort(context, kind="stable")] = symbols
+    sizes = [entry.numel for entry in entries]
+    values = ((ordered * flip - dither) * np.repeat(steps.astype(np.float64), sizes)).astype(np.float32)  # (P,)
     bounds = np.cumsum([0, *sizes])
     return {entry.index: values[bounds[i] : bounds[i + 1]] for i, entry in enumerate(entries)}

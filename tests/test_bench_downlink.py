@@ -1,4 +1,5 @@
-"""``cdcca bench downlink`` on the test preset: the round changes only the trainable set; the report adds up."""
+"""``cdcca bench downlink`` on the test preset: the round changes only the trainable set; the report adds up, and
+the ``ecdq`` rate point is chosen on held-out stream images by the stated rule."""
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ def test_downlink_report(pretrained_test_pair):
     student, teacher = load_mllm(pretrained_test_pair / "student"), load_mllm(pretrained_test_pair / "teacher")
     frozen_before = {n: p.detach().clone() for n, p in student.blip2.named_parameters()}
     config = DownlinkBenchConfig(domains=("printed", "colour_inverted"), stream_images=8, test_images=4, steps=3,
-                                 batch_size=8, swap_answers=20, swap_every=2, scale=False)
+                                 batch_size=8, swap_answers=20, swap_every=2, scale=False, seeds=(0,),
+                                 calibration_images=3, ladder=(2.0, 4.0), dither_seeds=(0, 1))
 
     report = run_downlink_bench(student, teacher, config, progress=False)
 
@@ -26,6 +28,19 @@ def test_downlink_report(pretrained_test_pair):
         assert row["bits_per_param"] == pytest.approx(8 * row["bytes"] / row["params"])
         assert row["ms_at_10mbps"] == pytest.approx(100 * row["ms_at_1gbps"])
     assert rows["sparse-sign-ref"]["bytes"] < rows["ecsq"]["bytes"] < rows["nf4"]["bytes"] < rows["fp16"]["bytes"] * 1.5
+    assert rows["ecdq"]["bytes"] < rows["ecsq"]["bytes"]
+    for case in report["cases"]:  # the frontier: every (step, dither seed), and the point chosen on held-out images
+        points = case["frontier"]
+        assert [(p["step"], p["seed"]) for p in points] == [(2.0, 0), (2.0, 1), (4.0, 0), (4.0, 1)]
+        assert points[2]["bits_per_param"] < points[0]["bits_per_param"]
+        chosen = case["codecs"][-1]
+        assert chosen["codec"] == "ecdq@cal"
+        assert (chosen["step"], chosen["seed"]) in [(p["step"], p["seed"]) for p in points]
+        within = [p for p in points if p["held_out_loss_points"] <= config.max_loss_points]
+        if within:
+            assert chosen["held_out_loss_points"] <= config.max_loss_points
+            assert chosen["bits_per_param"] == min(p["bits_per_param"] for p in within)
+    assert len(report["summary"]["calibrated"]["chosen"]) == 2
     assert [case["domain"] for case in report["cases"]] == ["printed", "colour_inverted"]
     for position, row in enumerate(report["codecs"]):  # each codec's row is its worst case over the domains
         per_case = [case["codecs"][position] for case in report["cases"]]
@@ -37,7 +52,8 @@ def test_downlink_report(pretrained_test_pair):
     assert set(summary) >= {"default_codec", "why", "bits_per_param", "acc_loss_points", "nf4_bits_per_param",
                             "p99_swap_ratio", "failed_answers", "meets_target"}  # fmt: skip
     default = rows[summary["default_codec"]]
-    within = [r for r in rows.values() if r["mean_acc_loss_points"] <= config.max_loss_points]
+    assert "@" not in summary["default_codec"]  # a registered codec, which CloudConfig.codec can name
+    within = [r for n, r in rows.items() if r["mean_acc_loss_points"] <= config.max_loss_points and "@" not in n]
     if within:  # the default is the smallest codec within the loss target, else the smallest of all
         assert default["bits_per_param"] == min(r["bits_per_param"] for r in within)
     assert summary["bits_per_param"] == default["bits_per_param"]

@@ -22,6 +22,8 @@ from cdcca.dwc import (
     CODECS,
     CodecError,
     DeltaStats,
+    ECDQCodec,
+    ECDQConfig,
     ECSQCodec,
     ECSQConfig,
     NF4Codec,
@@ -194,7 +196,7 @@ def test_round_trip_keeps_names_order_shapes_and_float32(codec_name, trained):
     header, _, compressed = _unpack(payload)
     layout = header["layout"]["kinds"] if codec.layout_by_reference else header["layout"]
     assert (header["codec"], header["version"], len(layout)) == (codec_name, 1, len(trained.delta))
-    assert compressed == (codec_name in ("nf4-zstd", "sparse-sign", "sparse-sign-ref", "ecsq"))
+    assert compressed == (codec_name in ("nf4-zstd", "sparse-sign", "sparse-sign-ref", "ecsq", "ecdq"))
 
 
 # Bound on ‖decode(encode(Δ)) − Δ‖₂ / ‖Δ‖₂ for the trained round and the adapter-sized delta. Measured:
@@ -321,6 +323,10 @@ PINNED_PAYLOADS = [
      "2a4b4310a6b76a3b13bbe7f859441879271becbb6df83800ec8de8b2a1458b36"),
     ("ecsq/3.0", ECSQCodec(ECSQConfig(step=3.0)), None,
      "9f1ed4025ebbb795d870df907c197d0bd9aa4222c97b6d693f93b623d4c5b8eb"),
+    ("ecdq/2.0", ECDQCodec(ECDQConfig(step=2.0)), None,
+     "5cf1d09753767138973aed975744d8fbf21d7862e3864025fb2bd84fc2edde3a"),
+    ("ecdq/4.0/seed7", ECDQCodec(ECDQConfig(step=4.0, seed=7)), None,
+     "ffb0b2f562d0fe234598ac0ba4e0a5a40cc6efa929e3d2bc56f8d7d32e83cf15"),
 ]  # fmt: skip
 
 
@@ -516,13 +522,15 @@ def test_fuzz_any_delta_round_trips_with_bounded_error(codec_name, shapes, scale
         assert bool((error.abs() <= original.abs() * 2.0**-11 + 2.0**-25).all())
     elif codec_name.startswith("nf4"):
         assert bool((error.abs() <= 0.1520 * original.abs().max()).all()) if original.numel() else True
+    elif codec_name == "ecdq":  # |error| <= q/2 with q = step · RMS per tensor: ‖error‖ <= step/2 · ‖Δ‖
+        assert float(error.norm()) <= float(original.norm()) * max(1.0, codec.config.step / 2) * (1 + 1e-5)
     else:
         assert float(error.norm()) <= float(original.norm()) * (1 + 1e-5)  # never worse than sending nothing
 
 
 # -------------------------------------------------------------------------------------- registry, configs
 def test_registry_names_and_unknown_codec_error():
-    assert list(CODECS) == ["fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref", "ecsq"]
+    assert list(CODECS) == ["fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref", "ecsq", "ecdq"]
     assert all(get_codec(name).name == name for name in CODECS)
 
     with pytest.raises(CodecError, match="unknown codec 'zip'; choose one of: fp16, nf4, nf4-zstd, sparse-sign, sp"):

@@ -25,6 +25,8 @@ CODECS = {
     "sparse-sign-ref/row": dwc.SparseSignCodec(dwc.SparseSignConfig(granularity="row", layout_by_reference=True)),
     "ecsq": dwc.ECSQCodec(),
     "ecsq/coarse": dwc.ECSQCodec(dwc.ECSQConfig(step=3.0)),
+    "ecdq": dwc.ECDQCodec(),
+    "ecdq/coarse": dwc.ECDQCodec(dwc.ECDQConfig(step=4.0, seed=3)),
 }
 
 
@@ -127,7 +129,7 @@ def _numpy_outcome(codec, payload, reference):
         return "rejected"
 
 
-@pytest.mark.parametrize("label", ["fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref/row", "ecsq"])
+@pytest.mark.parametrize("label", ["fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref/row", "ecsq", "ecdq"])
 def test_corrupt_and_truncated_payloads_get_the_same_verdict(label):
     # Prepare: truncations, single-byte flips across the whole payload, and junk
     codec = CODECS[label]

@@ -7,11 +7,18 @@
    transfer time at 1 Gb/s and 10 Mb/s (computed from bytes), encode/decode time, and the accuracy of
    θ_base + decode(Δ) (Eq. 8) on the domain's test split against the uncompressed Δ (the layout of the
    paper's Table 5).
-   Steps 1-2 run once per target domain (``domains``: the cases); each codec's row is its worst case.
+   Steps 1-2 run once per target domain and round seed (``domains`` x ``seeds``: the cases); each codec's row
+   is its worst case.
+2b. The rate-loss frontier of ``ecdq`` (:class:`cdcca.dwc.ECDQCodec`): every step of ``ladder`` with every dither
+   seed of ``dither_seeds``, each measured on the test split *and* on ``calibration_images`` held-out stream
+   images the round did not train on. The row ``ecdq@cal`` is the point the cloud would send: the fewest bits
+   among the points whose accuracy loss on the held-out images is at most ``max_loss_points`` (a rate point
+   chosen on the round's own data, never on the test split; its test loss is what is reported).
 3. Hot-swap: a robot answers one prompt at a time while signed deltas arrive every few answers; answer
    latency p50/p99 with and without swaps, swap latency, and failed answers.
-4. The default codec: the fewest bits per parameter among the codecs whose accuracy loss pooled over the cases
-   is at most ``max_loss_points``; the worst case is reported beside it (the summary says which and why).
+4. The default codec: the fewest bits per parameter among the registered codecs whose accuracy loss pooled over
+   the cases is at most ``max_loss_points``; the worst case is reported beside it (the summary says which and
+   why). The calibrated ``ecdq@cal`` is reported beside it (``summary.calibrated``).
 5. ``scale`` projects every codec to the paper's trainable-set sizes (:mod:`cdcca.benchmarks.scale`).
 """
 
@@ -30,7 +37,7 @@ from cdcca.data.digits_shift import load_domain
 from cdcca.dwc import gradient_importance
 from cdcca.evaluate import evaluate
 from cdcca.models.mllm import MLLM
-from cdcca.models.trainable import add_lora, trainable_parameters
+from cdcca.models.trainable import LoraSettings, add_lora, trainable_parameters
 from cdcca.report import progress_bar, save_figure
 
 
@@ -50,6 +57,11 @@ class DownlinkBenchConfig:
         swap_every: a delta arrives after every this many answers.
         max_loss_points: accuracy a codec may lose (points, pooled over the domains) and still be the default.
         scale: also project every codec to the paper-scale trainable sets (``scale`` section).
+        seeds: seeds of the round (LoRA initialisation and batch order); each domain runs once per seed.
+        calibration_images: held-out stream images (after the round's ``stream_images``) the ``ecdq`` rate point
+            is chosen on; 0 skips the frontier and ``ecdq@cal``.
+        ladder: ``ecdq`` steps (in RMS units) of the frontier, finest first.
+        dither_seeds: ``ecdq`` dither seeds tried at every step.
     """
 
     domains: tuple[str, ...] = ("printed", "colour_inverted", "noisy_rotated")
@@ -63,19 +75,26 @@ class DownlinkBenchConfig:
     swap_every: int = 5
     max_loss_points: float = 0.5
     scale: bool = True
+    seeds: tuple[int, ...] = (0, 1)
+    calibration_images: int = 150
+    ladder: tuple[float, ...] = (1.5, 2.0, 3.0, 4.0)
+    dither_seeds: tuple[int, ...] = (0, 1)
 
     def __post_init__(self) -> None:
-        if not self.domains:
-            raise ValueError("DownlinkBenchConfig.domains must name at least one domain")
+        if not self.domains or not self.seeds:
+            raise ValueError("DownlinkBenchConfig.domains and .seeds must name at least one domain and seed")
+        if self.calibration_images and not (self.ladder and self.dither_seeds):
+            raise ValueError("DownlinkBenchConfig.ladder and .dither_seeds must not be empty with calibration")
         for name in ("stream_images", "test_images", "steps", "batch_size", "swap_answers", "swap_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DownlinkBenchConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
-def adaptation_round(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain: str) -> dict:
+def adaptation_round(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain: str, seed: int = 0) -> dict:
     """One AKD round of ``student`` (in place) on ``domain``'s stream; also each tensor's importance."""
     samples = load_domain(domain, "stream", limit=config.stream_images)
-    distiller = Distiller(teacher, student, AKDConfig(steps=config.steps, lr=config.lr, batch_size=config.batch_size))
+    akd = AKDConfig(steps=config.steps, lr=config.lr, batch_size=config.batch_size, seed=seed)
+    distiller = Distiller(teacher, student, akd)
     buffer = DistillSample.from_samples(student, samples)
     report = distiller.run_round(buffer)
     labels = report.pseudo_labels
@@ -103,17 +122,60 @@ def _accuracy(model: MLLM, samples) -> float:
     return evaluate(model, samples, progress=False)[0].accuracy
 
 
+def _held_out(domain: str, config: DownlinkBenchConfig) -> list:
+    """Stream samples of the ``calibration_images`` images after the ones the round trains on."""
+    trained = {s.sample_id for s in load_domain(domain, "stream", limit=config.stream_images)}
+    everything = load_domain(domain, "stream", limit=config.stream_images + config.calibration_images)
+    return [s for s in everything if s.sample_id not in trained]
+
+
+def _frontier(student: MLLM, base: dict, delta: dict, importance: dict, test: list, held_out: list,
+              config: DownlinkBenchConfig, accuracy_uncompressed: float) -> tuple[list[dict], dict]:  # fmt: skip
+    """Every ``ecdq`` (step, dither seed) point on the held-out and the test samples, and the calibrated row."""
+    from cdcca.dwc import ECDQCodec, ECDQConfig, apply_delta
+
+    reference = {name: tuple(t.shape) for name, t in delta.items()}
+    num_params = sum(t.numel() for t in delta.values())
+    _load_params(student, {k: base[k] + delta[k] for k in base})
+    held_out_uncompressed = _accuracy(student, held_out)
+    points = []
+    for step in config.ladder:
+        for seed in config.dither_seeds:
+            codec = ECDQCodec(ECDQConfig(step=step, seed=seed))
+            started = time.perf_counter()
+            payload = codec.encode(delta, importance=importance)
+            encoded = time.perf_counter()
+            decoded = codec.decode(payload, reference, strict=True)
+            decode_s = time.perf_counter() - encoded
+            _load_params(student, apply_delta(base, decoded))
+            accuracy, held_out_accuracy = _accuracy(student, test), _accuracy(student, held_out)
+            points.append({"step": step, "seed": seed, "bytes": len(payload), "bits_per_param": 8 * len(payload) /
+                           num_params, "encode_ms": 1000 * (encoded - started), "decode_ms": 1000 * decode_s,
+                           "accuracy": accuracy, "acc_loss_points": accuracy_uncompressed - accuracy,
+                           "held_out_loss_points": held_out_uncompressed - held_out_accuracy})  # fmt: skip
+    within = [p for p in points if p["held_out_loss_points"] <= config.max_loss_points]
+    chosen = min(within, key=lambda p: (p["bits_per_param"], p["held_out_loss_points"])) if within else min(
+        points, key=lambda p: (p["step"], p["held_out_loss_points"]))  # fmt: skip
+    bits = 8 * chosen["bytes"]
+    row = {"codec": "ecdq@cal", "params": num_params, "bytes": chosen["bytes"], "bits_per_param": bits / num_params,
+           "ms_at_1gbps": 1000 * bits / 1e9, "ms_at_10mbps": 1000 * bits / 1e7, "encode_ms": chosen["encode_ms"],
+           "decode_ms": chosen["decode_ms"], "accuracy": chosen["accuracy"],
+           "acc_loss_points": chosen["acc_loss_points"], "step": chosen["step"], "seed": chosen["seed"],
+           "held_out_loss_points": chosen["held_out_loss_points"]}  # fmt: skip
+    return points, row
+
+
 def _run_case(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain: str, codecs: tuple[str, ...],
-              progress: bool) -> dict:  # fmt: skip
+              progress: bool, seed: int = 0) -> dict:  # fmt: skip
     """One round on ``domain`` and every codec's bytes, times and accuracy; ``student`` gets LoRA and adapts."""
     from cdcca.dwc import apply_delta, compute_delta, get_codec
 
-    torch.manual_seed(0)
-    add_lora(student)
+    torch.manual_seed(seed)
+    add_lora(student, LoraSettings(seed=seed))  # the seed draws the LoRA A matrices (both ends share it)
     base = {k: v.detach().clone() for k, v in trainable_parameters(student).items()}
     test = load_domain(domain, "test", limit=config.test_images)
     accuracy_before = _accuracy(student, test)
-    round_log = adaptation_round(student, teacher, config, domain)
+    round_log = adaptation_round(student, teacher, config, domain, seed)
     importance = round_log.pop("importance")
     updated = {k: v.detach().clone() for k, v in trainable_parameters(student).items()}
     delta = compute_delta(updated, base)
@@ -137,11 +199,16 @@ def _run_case(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain:
             "encode_ms": 1000 * (encoded - started), "decode_ms": 1000 * decode_s,
             "accuracy": accuracy, "acc_loss_points": accuracy_uncompressed - accuracy,
         })  # fmt: skip
+    frontier = []
+    if config.calibration_images:
+        frontier, calibrated = _frontier(student, base, delta, importance, test, _held_out(domain, config), config,
+                                         accuracy_uncompressed)  # fmt: skip
+        rows.append(calibrated)
     _load_params(student, updated)
     per_tensor = {name: float(t.pow(2).mean().sqrt()) for name, t in delta.items()}
-    return {"domain": domain, "round": round_log, "accuracy_before": accuracy_before,
-            "accuracy_uncompressed": accuracy_uncompressed, "codecs": rows, "delta_rms": per_tensor,
-            "base": base, "delta": delta}  # fmt: skip
+    return {"domain": domain, "seed": seed, "round": round_log, "accuracy_before": accuracy_before,
+            "accuracy_uncompressed": accuracy_uncompressed, "codecs": rows, "frontier": frontier,
+            "delta_rms": per_tensor, "base": base, "delta": delta}  # fmt: skip
 
 
 def _worst_case(cases: list[dict]) -> list[dict]:
@@ -164,23 +231,27 @@ def run_downlink_bench(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig
     from cdcca.dwc import CODECS
 
     codecs = config.codecs or tuple(CODECS)
-    pristine = copy.deepcopy(student) if len(config.domains) > 1 else None
+    runs = [(domain, seed) for seed in config.seeds for domain in config.domains]
+    pristine = copy.deepcopy(student) if len(runs) > 1 else None
     cases = []
-    for position, domain in enumerate(config.domains):
+    for position, (domain, seed) in enumerate(runs):
         model = student if position == 0 else copy.deepcopy(pristine)
-        cases.append(_run_case(model, teacher, config, domain, codecs, progress))
+        cases.append(_run_case(model, teacher, config, domain, codecs, progress, seed))
     first = cases[0]
     swap = hot_swap_run(student, first["base"], first["delta"], config, progress)
     rows = _worst_case(cases)
     # One answer of a domain's test split moves its accuracy by 100 / test_images points (0.29 at 347): a single
     # case cannot resolve 0.5 points, so the default is chosen on the loss pooled over the cases (the mean, as the
     # splits are equally large) and the worst case is reported beside it.
-    within = [r for r in rows if r["mean_acc_loss_points"] <= config.max_loss_points]
-    default = min(within or rows, key=lambda r: r["bits_per_param"])
+    registered = [r for r in rows if "@" not in r["codec"]]  # a name CloudConfig.codec can take
+    within = [r for r in registered if r["mean_acc_loss_points"] <= config.max_loss_points]
+    default = min(within or registered, key=lambda r: r["bits_per_param"])
+    calibrated = next((r for r in rows if r["codec"] == "ecdq@cal"), None)
     nf4 = next((r for r in rows if r["codec"] == "nf4"), None)
     if within:
         why = (f"fewest bits per trainable parameter ({default['bits_per_param']:.2f}) among the codecs whose accuracy "
-               f"loss pooled over {len(cases)} domains is at most {config.max_loss_points} points "
+               f"loss pooled over {len(cases)} cases ({len(config.domains)} domains x {len(config.seeds)} seeds) is at "
+               f"most {config.max_loss_points} points "
                f"({default['mean_acc_loss_points']:.2f}; worst domain {default['acc_loss_points']:.2f}, one answer = "
                f"{100 / config.test_images:.2f}); signed hot-swaps failed {swap['failed_answers']} answers")
     else:
@@ -195,7 +266,21 @@ def run_downlink_bench(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig
         "failed_answers": swap["failed_answers"], "accuracy_before": first["accuracy_before"],
         "accuracy_uncompressed": first["accuracy_uncompressed"],
     }  # fmt: skip
-    run = {"domain": "+".join(config.domains), "domains": list(config.domains), "stream_images": config.stream_images,
+    if calibrated is not None:
+        summary["calibrated"] = {
+            "codec": "ecdq, step and dither seed chosen per round on held-out stream images",
+            "bits_per_param": calibrated["bits_per_param"], "acc_loss_points": calibrated["mean_acc_loss_points"],
+            "worst_case_acc_loss_points": calibrated["acc_loss_points"],
+            "meets_target": calibrated["bits_per_param"] <= 0.5 and calibrated["mean_acc_loss_points"] <=
+            config.max_loss_points and swap["failed_answers"] == 0,
+            "chosen": [{"domain": c["domain"], "seed": c["seed"], "step": c["codecs"][-1]["step"],
+                        "dither_seed": c["codecs"][-1]["seed"], "bits_per_param": c["codecs"][-1]["bits_per_param"],
+                        "acc_loss_points": c["codecs"][-1]["acc_loss_points"],
+                        "held_out_loss_points": c["codecs"][-1]["held_out_loss_points"]} for c in cases],
+        }  # fmt: skip
+    run = {"domain": "+".join(config.domains), "domains": list(config.domains), "seeds": list(config.seeds),
+           "calibration_images": config.calibration_images, "ladder": list(config.ladder),
+           "dither_seeds": list(config.dither_seeds), "stream_images": config.stream_images,
            "test_images": config.test_images, "steps": config.steps, "lr": config.lr,
            "threads": torch.get_num_threads()}  # fmt: skip
     report = {"config": run, "round": first["round"], "codecs": rows, "hot_swap": swap, "summary": summary,
@@ -275,29 +360,54 @@ def hot_swap_run(student: MLLM, base: dict, delta: dict, config: DownlinkBenchCo
 
 
 def plot_downlink(report: dict, path) -> None:
-    """Bits per parameter (bars, worst case) and each domain's accuracy loss against its uncompressed Δ (dots)."""
+    """Left: bits per parameter (bars, worst case) and each case's accuracy loss against its uncompressed Δ (dots).
+    Right: the ``ecdq`` rate-loss frontier of every case on the test split, and the calibrated points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = report["codecs"]
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    cases = report.get("cases") or [{"domain": report["config"]["domain"], "codecs": rows}]
+    frontier = any(case.get("frontier") for case in cases)
+    fig, axes = plt.subplots(1, 2 if frontier else 1, figsize=(13 if frontier else 7.5, 4.2), squeeze=False)
+    ax = axes[0, 0]
     names = [r["codec"] for r in rows]
     bars = ax.bar(names, [r["bits_per_param"] for r in rows], color="tab:blue", alpha=0.8)
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_ylabel("bits per trainable parameter")
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     twin = ax.twinx()
-    cases = report.get("cases") or [{"domain": report["config"]["domain"], "codecs": rows}]
-    for offset, (case, marker) in enumerate(zip(cases, "os^vD")):
-        positions = np.arange(len(names)) + 0.12 * (offset - (len(cases) - 1) / 2)
-        twin.plot(positions, [r["acc_loss_points"] for r in case["codecs"]], marker, markersize=5,
-                  label=f"loss on {case['domain']}")  # fmt: skip
+    colours = plt.get_cmap("tab10")
+    for offset, case in enumerate(cases):
+        positions = np.arange(len(names)) + 0.08 * (offset - (len(cases) - 1) / 2)
+        label = f"{case['domain']} seed {case.get('seed', 0)}"
+        twin.plot(positions, [r["acc_loss_points"] for r in case["codecs"]], "os^vDP<>"[offset % 8], markersize=4,
+                  color=colours(offset % 10), label=f"loss on {label}")  # fmt: skip
     twin.axhline(0.5, color="tab:red", linestyle="--", linewidth=1, label="0.5-point target")
     twin.axhline(0.0, color="tab:gray", linestyle=":", linewidth=1)
     twin.set_ylabel("accuracy loss vs uncompressed Δ (points)")
-    twin.legend(loc="upper center", fontsize=7)
-    ax.set_title(f"DWC codecs, one round on each of {report['config']['domain']}; default "
-                 f"{report['summary'].get('default_codec', report['summary'].get('best_codec'))}", fontsize=9)
+    twin.legend(loc="upper center", fontsize=6)
+    summary = report["summary"]
+    ax.set_title(f"DWC codecs, worst of {len(cases)} cases; default {summary.get('default_codec')}", fontsize=9)
+    if frontier:
+        right = axes[0, 1]
+        for offset, case in enumerate(cases):
+            points = case.get("frontier") or []
+            for seed in sorted({p["seed"] for p in points}):
+                mine = [p for p in points if p["seed"] == seed]
+                right.plot([p["bits_per_param"] for p in mine], [p["acc_loss_points"] for p in mine],
+                           "-" if seed == 0 else "--", marker="o", markersize=3, linewidth=0.8,
+                           color=colours(offset % 10),
+                           label=f"{case['domain']} seed {case.get('seed', 0)}" if seed == 0 else None)  # fmt: skip
+            chosen = case["codecs"][-1] if case["codecs"][-1]["codec"] == "ecdq@cal" else None
+            if chosen:
+                right.plot(chosen["bits_per_param"], chosen["acc_loss_points"], "*", markersize=11,
+                           color=colours(offset % 10), markeredgecolor="black")  # fmt: skip
+        right.axhline(0.5, color="tab:red", linestyle="--", linewidth=1)
+        right.axvline(0.5, color="tab:red", linestyle=":", linewidth=1)
+        right.set_xlabel("bits per trainable parameter")
+        right.set_ylabel("accuracy loss on test (points)")
+        right.set_title("ecdq frontier (dashed: dither seed 1); * = chosen on held-out stream images", fontsize=9)
+        right.legend(fontsize=6)
     save_figure(fig, path)
