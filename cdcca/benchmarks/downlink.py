@@ -77,7 +77,7 @@ class DownlinkBenchConfig:
     scale: bool = True
     seeds: tuple[int, ...] = (0, 1)
     calibration_images: int = 150
-    ladder: tuple[float, ...] = (1.5, 2.0, 3.0, 4.0)
+    ladder: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
     dither_seeds: tuple[int, ...] = (0, 1)
 
     def __post_init__(self) -> None:
