@@ -31,9 +31,12 @@ counted, logged, never pending again) and the round runs on the rest. A failure 
 only that robot on hold for ``round_retry_s``: other robots and :meth:`CloudTrainer.serve` go on.
 
 Several workers (processes with their own ``CloudConfig.worker_id``) may serve one store: each claims due rounds
-with an expiring lease, the robot with the oldest pending sample first (:meth:`CloudStore.claim`), catches up with
-the versions the others committed before it trains, and resends only what it published itself. A commit checks the
-robot's version in the same transaction, so a round that outlived its lease and ran again elsewhere publishes once.
+with an expiring lease, the robot with the oldest pending sample first (:meth:`CloudStore.claim`), renews the lease
+every third of ``lease_s`` while the round runs (so a long round is not taken over by another worker while its worker
+lives), and catches up with the versions the others committed before it trains. A commit checks the robot's version
+in the same transaction, so a round that outlived its lease and ran again elsewhere publishes once. The worker that
+committed a version resends it; any other worker resends the store's latest delta to a robot still behind after
+twice ``resend_after_s`` (so a robot behind gets its update even when the worker that published it is gone).
 """
 
 from __future__ import annotations
@@ -170,6 +173,7 @@ class _Robot:
     comebacks: int = 0  # come-backs that got the latest version again since the give-up
     comeback_due: bool = False  # the robot came back: the service loop sends it the latest version once
     owned: bool = True  # this worker committed the latest version, so it resends it (always, as the only worker)
+    synced: float = 0.0  # monotonic time a worker that does not own the latest version last read it from the store
 
 
 @dataclass
@@ -199,6 +203,8 @@ class CloudCounters:
     rounds_superseded: int = 0  # rounds dropped at their commit: another worker committed that robot's round first
     store_faults: dict[str, int] = field(default_factory=dict)  # store writes that failed, by cause (disk_full)
     delta_bytes: int = 0  # bytes of the deltas published (first sends and resends)
+    lease_renewals: int = 0  # leases renewed while their round ran (among several workers)
+    foreign_resends: int = 0  # resends of a version another worker committed (it did not get the robot there)
 
 
 class RoundFailed(RuntimeError):
@@ -254,6 +260,7 @@ class CloudTrainer:
         self._ack_lock = threading.Lock()  # acks of one robot leave in the order of their sequence
         self._ack_sequence: dict[str, int] = {}  # robot_id -> sequence of the last ack sent
         self.round_log = Path(config.state_dir) / "rounds.jsonl"
+        self.round_log.parent.mkdir(parents=True, exist_ok=True)  # the store may live elsewhere (--store)
         self.faults = FaultLog(log)  # store and disk faults: one line per cause per 30 s, counted
         self.current_round: dict | None = None  # the round in progress: robot_id, version, samples, started_unix
         self.on_round: list[Callable[[dict], None]] = []  # called with each finished round's result (metrics)
@@ -359,6 +366,8 @@ class CloudTrainer:
         if self.config.worker_id is not None and msg.version > (robot.chain.latest if robot is not None else 0):
             robot = self._robot(robot_id)  # another worker may have published it: the store knows
             self._reload_chain(robot_id, robot)
+        elif self.config.worker_id is not None and robot is None and self.store.latest(robot_id) > 0:
+            robot = self._robot(robot_id)  # trained by another worker: resent from here if that worker is gone
         if msg.version > (robot.chain.latest if robot is not None else 0):  # forged, or another cloud's version
             self._ignore_status(robot_id, "version", msg)
             return
@@ -444,10 +453,20 @@ class CloudTrainer:
             robot.rejections, robot.last_reject_reason = old.rejections, old.last_reject_reason
         record = self.store.load_robot(robot_id, adapter=False)  # the adapter state is read at its next round
         if record is not None:  # a restart: continue from the last committed round
-            chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
+            chain.latest, chain.applied, chain.published = record.latest, record.applied, self._ordered(record)
             robot.latest_delta = record.deltas.get(record.latest)
             robot.declined = dict(record.declined)
+            if not robot.owned:  # another worker published it: that worker gets the first resends
+                robot.last_sent = robot.synced = time.monotonic()
         return robot
+
+    def _ordered(self, record) -> dict[int, dict[str, torch.Tensor]]:
+        """The stored versions' parameters in the trainable set's order (the store's safetensors come back sorted by
+        name): an incremental delta is laid out in its reference's order, and a robot checks that layout against
+        its own trainable set, so a delta computed on a version read back from the store (a restart, or a round
+        after another worker's) must not reorder it."""
+        return {version: {name: params[name] for name in self._base if name in params} | params
+                for version, params in record.published.items()}  # fmt: skip
 
     # --------------------------------------------------------------------------------------- rounds
     def run_round(self, robot_id: str) -> dict:
@@ -605,7 +624,8 @@ class CloudTrainer:
         old = self.robots.pop(robot_id, None)
         robot = self._robot(robot_id)
         if old is not None:
-            robot.reported, robot.last_sent, robot.resends = old.reported, old.last_sent, old.resends
+            robot.reported, robot.resends = old.reported, old.resends
+            robot.last_sent = max(old.last_sent, robot.last_sent)
             robot.declined = old.declined
             robot.owned = robot.owned or (old.owned and old.chain.latest >= robot.chain.latest)
 
@@ -638,13 +658,20 @@ class CloudTrainer:
             self.counters.delta_bytes += len(data)
 
     def resend_if_behind(self, robot_id: str) -> bool:
-        """Send the latest version again to a robot still behind ``resend_after_s`` after the last send."""
+        """Send the latest version again to a robot still behind ``resend_after_s`` after the last send.
+
+        Among several workers, the worker that committed the latest version resends it; the others read the robot's
+        latest version from the store every ``resend_after_s`` and resend the store's delta once the robot is still
+        behind ``2 * resend_after_s`` after they learnt of it or last sent it (the worker that published it may be
+        gone; if it is not, a duplicate is all it costs: the robot refuses a version it runs already)."""
         robot = self.robots[robot_id]
-        if not robot.owned:  # another worker published the latest version: it resends it
-            return False
+        wait = self.config.resend_after_s
+        if not robot.owned:  # another worker published the latest version: it resends first
+            self._sync_foreign(robot_id, robot)
+            wait = 2 * self.config.resend_after_s
         latest = robot.chain.latest
         behind = 0 <= robot.reported < latest
-        if not behind or time.monotonic() - robot.last_sent < self.config.resend_after_s:
+        if not behind or time.monotonic() - robot.last_sent < wait:
             return False
         if latest in robot.declined:
             return False
@@ -663,10 +690,24 @@ class CloudTrainer:
             self.counters.keyframes += 1
         robot.resends += 1
         self.counters.resends += 1
-        log.info("robot %s runs v%d, latest is v%d: sending %s", robot_id, robot.reported, latest,
-                 "a keyframe" if msg.keyframe else "the delta again")  # fmt: skip
+        if not robot.owned:
+            self.counters.foreign_resends += 1
+        log.info("robot %s runs v%d, latest is v%d: sending %s%s", robot_id, robot.reported, latest,
+                 "a keyframe" if msg.keyframe else "the delta again",
+                 "" if robot.owned else " (another worker committed it)")  # fmt: skip
         self._send(robot_id, robot, wire.encode(msg))
         return True
+
+    def _sync_foreign(self, robot_id: str, robot: _Robot) -> None:
+        """A robot whose latest version another worker committed: every ``resend_after_s``, read its latest version
+        from the store (a newer one starts that worker's grace anew, see :meth:`resend_if_behind`)."""
+        now = time.monotonic()
+        if now - robot.synced < self.config.resend_after_s:
+            return
+        robot.synced = now
+        if self.store.latest(robot_id) != robot.chain.latest:
+            self._reload_chain(robot_id, robot)
+            robot.last_sent = now
 
     def resend_after_comeback(self, robot_id: str) -> bool:
         """Send the latest version once more, as a keyframe, to a robot that came back after a give-up (see
@@ -694,7 +735,8 @@ class CloudTrainer:
         results = []
         for robot_id in self._due_rounds():
             try:
-                results.append(self.run_round(robot_id))
+                with self._lease_renewal(robot_id):
+                    results.append(self.run_round(robot_id))
             except Exception as err:  # one robot's failure never stops the others or the service
                 if not isinstance(err, RoundFailed):
                     self.counters.failures += 1
@@ -742,6 +784,51 @@ class CloudTrainer:
             log.error("robot %s: releasing the lease failed (it expires in %.0f s): %s", robot_id, self.config.lease_s,
                       err)  # fmt: skip
 
+    @contextlib.contextmanager
+    def _lease_renewal(self, robot_id: str):
+        """Among several workers, while the block (a round of ``robot_id``) runs: renew this worker's lease on the
+        robot every third of ``lease_s`` from a helper thread, as job queues extend a visibility timeout while a
+        job runs (a lease that expires only when its worker is gone). A renewal that fails is logged; the lease
+        then expires, and the round's commit is refused if another worker ran it meanwhile (:class:`StaleRound`)."""
+        worker = self.config.worker_id
+        if worker is None:
+            yield
+            return
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.config.lease_s / 3):
+                try:
+                    if self._renew_lease(robot_id, worker):
+                        self.counters.lease_renewals += 1
+                    else:
+                        log.warning("robot %s: the lease of its round could not be renewed (another worker holds it)",
+                                    robot_id)  # fmt: skip
+                        return
+                except Exception as err:  # the store briefly unavailable: the next renewal may still succeed
+                    self.counters.failures += 1
+                    log.error("robot %s: renewing the lease of its round failed: %s", robot_id, err)
+
+        thread = threading.Thread(target=renew, name=f"cdcca-lease-{robot_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(5.0)
+
+    def _renew_lease(self, robot_id: str, worker: str) -> bool:
+        """Extend ``worker``'s lease on ``robot_id`` by ``lease_s`` from now; False if another worker holds it.
+
+        With a store that has ``renew(robot_id, worker, lease_s)`` that; otherwise :meth:`CloudStore.claim` limited to
+        this robot (every other robot with pending samples skipped, any pending sample due): it takes the lease only
+        if it is this worker's or expired unclaimed, which is a renewal."""
+        renew = getattr(self.store, "renew", None)
+        if renew is not None:
+            return bool(renew(robot_id, worker, self.config.lease_s))
+        others = frozenset(self.store.pending_summary()) - {robot_id}
+        return self.store.claim(worker, self.config.lease_s, 1, None, others) == robot_id
+
     def _refresh(self, robot_id: str) -> None:
         """Among several workers, before a round: catch up with the rounds other workers committed for ``robot_id``
         (its chain from the store; an adapter state in memory from before them is dropped)."""
@@ -761,7 +848,7 @@ class CloudTrainer:
             chain = robot.chain
             if record.latest != chain.latest:
                 robot.owned, robot.resends, robot.gave_up = False, 0, None
-            chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
+            chain.latest, chain.applied, chain.published = record.latest, record.applied, self._ordered(record)
             robot.latest_delta = record.deltas.get(record.latest)
             robot.declined = dict(record.declined)
 
