@@ -79,6 +79,7 @@ def test_edge_report_summary_carries_the_issue_targets(edge_report):
     assert summary["uts_scoring_over_kept_ort_answer"] >= summary["uts_scoring_over_ort_answer"]  # stage 2 runs there
     assert summary["parity_min"] >= 0.99 and 0 <= summary["uts_same_kept_samples_min"] <= 1
     assert summary["ort_swap_p99_ms"] >= summary["ort_swap_ms"] > 0
+    assert summary["ort_picked_threads"] == {"1": {"single_frame": 1, "single_sample": 1}}  # one thread: no choice
     targets = summary["targets_met"]
     assert set(targets) == {"ort_worker_without_torch", "ort_peak_rss_at_most_200_mib",
                             "uts_scoring_at_most_0.3_ort_answer", "ort_p50_at_most_0.4_torch_at_1_and_2_threads",

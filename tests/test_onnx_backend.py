@@ -295,6 +295,37 @@ def test_two_threads_answer_as_one_and_a_single_prompt_decodes_on_one_thread(exp
     assert two._single_decoder is not two.sessions["decoder"]
     assert two._single_decoder.get_session_options().intra_op_num_threads == 1
     assert two.sessions["decoder"].get_session_options().intra_op_num_threads == 2
+    # single frames: the encoder session the start-up timing picked, and it says which
+    assert one._single_encoder is one.sessions["encoder"] and one.single_frame_threads == 1
+    picked = two._single_encoder.get_session_options().intra_op_num_threads
+    assert picked == two.single_frame_threads and picked in (1, 2)
+    assert (two._single_encoder is two.sessions["encoder"]) == (picked == 2)
+
+
+def test_the_single_frame_encoder_is_the_faster_of_the_two_timed(exported, keys, monkeypatch):
+    _, export = exported
+    backend = OnnxBackend(export, "r1", keys[1], threads=2)
+    clock = iter(range(10**6))
+
+    def fake_clock():  # the one-thread session's runs take 1 tick, the two-thread session's 3
+        return next(clock) * 1.0
+
+    calls = []
+    for name, session in (("many", backend.sessions["encoder"]),):
+        original = session.run
+
+        def slow_run(*args, _original=original, **kwargs):
+            calls.append(name)
+            next(clock), next(clock)  # two extra ticks
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(session, "run", slow_run, raising=False)
+    monkeypatch.setattr("cdcca.edge.onnx_model.time.perf_counter", fake_clock)
+
+    chosen = backend._tune_single_frame(rounds=3)
+
+    assert chosen is not backend.sessions["encoder"] and backend.single_frame_threads == 1
+    assert len(calls) == 5  # warm-up twice, then the timed rounds
 
 
 def test_a_batch_of_prompts_about_one_frame_encodes_it_once_and_answers_as_one_by_one(exported, keys, samples):
@@ -311,7 +342,7 @@ def test_a_batch_of_prompts_about_one_frame_encodes_it_once_and_answers_as_one_b
             batches.append(feeds["pixel_values"].shape[0])
             return encoder.run(outputs, feeds, options)
 
-    backend.sessions["encoder"] = Counting()
+    backend.sessions["encoder"] = backend._single_encoder = Counting()
     together = backend.answer([image] * len(prompts), prompts)
     alone = [backend.answer([image], [p]) for p in prompts]
     different = backend.answer([image, image.copy()], prompts[:2])  # equal pixels, two frames: encoded as two

@@ -298,3 +298,25 @@ def test_stage_one_near_ties_are_decided_as_ties(mode, exported):
     assert window_rank([1.0 + 1e-6, 1.0], 1.0) == 0 and window_rank([1.0 + 1e-3, 1.0], 1.0) == 1
     assert not above(1.0 + 1e-6, 1.0) and above(1.0 + 1e-3, 1.0)
     assert ENTROPY_TIE_ATOL <= entropy_tolerance(2.0) < 1e-4
+
+
+def test_one_sample_runs_on_the_session_that_timed_faster(exported, images):
+    _, export = exported
+    info = export.manifest["uts"]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    sampler = OnnxTokenSampler(export.directory / info["file"], info, UTSConfig(), options)
+    single = OnnxTokenSampler(export.directory / info["file"], info, UTSConfig(), _one_thread())
+    front = np.random.default_rng(0).standard_normal((1, info["tokens"], info["width"])).astype(np.float32)
+
+    picked = sampler._single.get_session_options().intra_op_num_threads
+    assert picked == sampler.single_sample_threads and picked in (1, 2)
+    assert (sampler._single is sampler.session) == (picked == 2)
+    assert single._single is single.session and single.single_sample_threads == 1  # one thread: nothing to time
+    np.testing.assert_allclose(sampler.token_variance(front), single.token_variance(front), rtol=1e-6)  # same seed
+
+
+def _one_thread():
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return options

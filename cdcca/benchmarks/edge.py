@@ -198,6 +198,8 @@ def _worker(spec: dict) -> dict:
     else:
         result["uts"] = _ort_uts_overhead(backend, inputs, config)
     result["memory_mb"] = {"baseline": baseline_mb, "after_load": loaded_mb, "peak": _peak_rss_mib()}
+    if spec["backend"] != "torch":  # what the backend timed and picked for single frames / single samples
+        result["single_frame_threads"] = backend.single_frame_threads
     return _checked(result, spec)
 
 
@@ -288,6 +290,7 @@ def _ort_uts_overhead(backend, inputs: list, config: EdgeBenchConfig) -> dict:
     kept = np.asarray(decisions)
     answer_s, scoring_s = np.asarray(answer_s), np.asarray(scoring_s)
     return {"answers": config.uts_answers, "kept_samples": int(kept.sum()), "keep_decisions": decisions,
+            "single_sample_threads": sampler.single_sample_threads,
             "answer_ms_mean": 1000 * float(np.mean(answer_s)), "scoring_ms_mean": 1000 * float(np.mean(scoring_s)),
             "stage_two_ms_mean": 1000 * float(np.mean(stage_two_s)) if stage_two_s else None,
             "scoring_over_answer": float(np.sum(scoring_s) / np.sum(answer_s)),
@@ -415,6 +418,11 @@ def run_edge_bench(checkpoints: Path, config: EdgeBenchConfig, progress: bool = 
         "torch_peak_rss_mib": max(r["peak_rss_mb"] for r in torch_rows),
         "ort_over_torch_p50": max(ratios.values()),  # the worst thread count
         "ort_over_torch_p50_by_threads": {str(k): v for k, v in ratios.items()},
+        # the intra-op threads the ORT robot timed faster at start-up for one frame (encoder) and one kept sample
+        # (UTS stage 2), per configured thread count; the decoder always decodes one prompt on one thread
+        "ort_picked_threads": {str(n): {"single_frame": results["onnxruntime", n].get("single_frame_threads"),
+                                        "single_sample": results["onnxruntime", n]["uts"].get("single_sample_threads")}
+                               for n in config.threads},
         "ort_swap_ms": ort_swap,  # receive -> active under load, p50, the worst thread count
         "ort_swap_p99_ms": max(r["receive_p99_ms"] for r in ort_rows),
         "torch_swap_ms": max(r["receive_ms"] for r in torch_rows),

@@ -53,13 +53,20 @@ from cdcca.edge.adapter_state import (
     verify_delta,
 )  # fmt: skip
 from cdcca.edge.backend import BackendAnswer, EdgeBackend
-from cdcca.edge.onnx_model import OnnxExport, OnnxModelMismatch, write_adapters
+from cdcca.edge.onnx_model import (
+    OnnxExport,
+    OnnxModelMismatch,
+    faster_session,
+    one_thread_options,
+    write_adapters,
+)  # fmt: skip
 from cdcca.edge.onnx_uts import OnnxTokenSampler, UTSSettings, log_softmax, sample_entropy, token_entropy
 from cdcca.envelope import DeltaRejected, TrustStore
 
 log = logging.getLogger(__name__)
 
 PROMPT_CACHE = 1024  # distinct prompts whose token ids the tokenizer keeps
+TUNE_ROUNDS = 15  # encoder runs per candidate thread count when the backend picks one for single frames
 
 
 @functools.lru_cache(maxsize=16)
@@ -158,10 +165,14 @@ class OnnxBackend(EdgeBackend):
         trust: public keys deltas must be signed with.
         state_dir: where the current adapter persists (as the torch slot persists it) and where adapter
             files live; ``None`` keeps the state in memory and the files in a temporary folder.
-        threads: ONNX Runtime intra-op threads (``None``: ORT's default) of the encoder, UTS and batched decoder
-            runs. Greedy decoding of a single prompt runs on one thread whatever this is: its ops are a few
-            microseconds each (one token, batch 1), less than handing half of one to a second thread costs; on this
-            2-core machine a prefill took 170 us on one thread vs 271 us on two, a cached step 94 vs 121 us.
+        threads: ONNX Runtime intra-op threads (``None``: ORT's default) of the UTS graph and of batched runs.
+            Greedy decoding of a single prompt runs on one thread whatever this is: its ops are a few microseconds
+            each (one token, batch 1), less than handing half of one to a second thread costs; on this 2-core
+            machine a prefill took 170 us on one thread vs 271 us on two, a cached step 94 vs 121 us. Whether the
+            encoder's single-frame run gains from more than one thread depends on the board and on what else runs
+            on it (here, with other work on the two cores, it took 2.2 ms on one thread and 3.7 ms on two), so the
+            backend times both on a blank frame when it starts (:meth:`_tune_single_frame`) and keeps the faster:
+            :attr:`single_frame_threads`. Both choices compute the same numbers (one row per thread split).
         max_new_tokens: longest answer, as ``MLLM.generate``.
         spinning: let ORT's worker threads spin between runs. Off by default: on a small shared CPU a spinning
             worker takes the core other work (the link, the uplink queue, other processes) needs, and made 2-thread
@@ -190,12 +201,8 @@ class OnnxBackend(EdgeBackend):
         self.sessions = {graph: ort.InferenceSession(str(directory / info["file"]), options,
                                                      providers=["CPUExecutionProvider"])
                          for graph, info in manifest["graphs"].items()}  # fmt: skip
-        self._single_decoder = self.sessions["decoder"]  # decodes one prompt: on one thread (see ``threads``)
-        if threads != 1:
-            single = ort.SessionOptions()
-            single.log_severity_level, single.inter_op_num_threads, single.intra_op_num_threads = 3, 1, 1
-            self._single_decoder = ort.InferenceSession(str(directory / manifest["graphs"]["decoder"]["file"]), single,
-                                                        providers=["CPUExecutionProvider"])  # fmt: skip
+        # decodes one prompt: on one thread (see ``threads``)
+        self._single_decoder = self.sessions["decoder"] if threads == 1 else self._one_thread_session("decoder")
         self.tokenizer = _Tokenizer(directory)
         self.base_arrays = self.export.base_arrays()  # θ_base, version 0
         self._check_export()
@@ -206,8 +213,23 @@ class OnnxBackend(EdgeBackend):
         self.counters = SlotCounters()
         self.newest_version = 0
         self._active, self._previous = self._load(0, self.base_arrays), None
+        self._threads = self.single_frame_threads = threads  # None: ORT's default
+        self._single_encoder = self._tune_single_frame() if threads != 1 else self.sessions["encoder"]
         if self.state_dir is not None:
             self._restore()
+
+    def _one_thread_session(self, graph: str) -> ort.InferenceSession:
+        path = self.export.directory / self.export.manifest["graphs"][graph]["file"]
+        return ort.InferenceSession(str(path), one_thread_options(), providers=["CPUExecutionProvider"])
+
+    def _tune_single_frame(self, rounds: int = TUNE_ROUNDS) -> ort.InferenceSession:
+        """The encoder session single frames run on: the multi-threaded one or a one-thread one, whichever ran a
+        blank frame faster (:func:`~cdcca.edge.onnx_model.faster_session`). Sets :attr:`single_frame_threads`."""
+        candidates = {self._threads: self.sessions["encoder"], 1: self._one_thread_session("encoder")}
+        size = self.spec["size"]
+        feeds = {"pixel_values": np.zeros((1, 3, size, size), np.float32)}
+        self.single_frame_threads = faster_session(candidates, feeds, self._active.run_options["encoder"], rounds)
+        return candidates[self.single_frame_threads]
 
     def _check_export(self) -> None:
         """The graphs, ``base.safetensors`` and the manifest must agree (an edited or mixed export fails here)."""
@@ -261,7 +283,8 @@ class OnnxBackend(EdgeBackend):
         # the runtime asks a batch of prompts about one frame ([rgb] * n): encode that frame once
         one_frame = len(images) > 1 and all(image is images[0] for image in images)
         pixels = self._pixel_values(images[:1] if one_frame else images)
-        encoded = self.sessions["encoder"].run(outputs, {"pixel_values": pixels}, adapter.run_options["encoder"])
+        session = self._single_encoder if pixels.shape[0] == 1 else self.sessions["encoder"]
+        encoded = session.run(outputs, {"pixel_values": pixels}, adapter.run_options["encoder"])
         if one_frame:
             encoded = [np.repeat(value, len(images), axis=0) for value in encoded]
         visual_tokens, soft_prompt, *front = encoded

@@ -11,6 +11,7 @@ only; ``cdcca.edge.onnx_export`` re-exports every name, so both import paths wor
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,3 +135,31 @@ def read_adapter(export: OnnxExport, path: str | Path) -> dict[str, np.ndarray]:
                                 f"this export is {export.manifest['adapter_model_version']}); rebuild the adapter "
                                 "from this export's base")  # fmt: skip
     return {name: value.numpy() for name, value in adapter.get_parameters().items()}
+
+
+# ------------------------------------------------------------------------------------------ threads
+def one_thread_options() -> Any:
+    """ONNX Runtime session options for one intra-op thread, no spinning, warnings off (overridable initializers)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level, options.inter_op_num_threads, options.intra_op_num_threads = 3, 1, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def faster_session(sessions: Mapping[Any, Any], feeds: dict, run_options: Any = None, rounds: int = 15) -> Any:
+    """The key of the session in ``sessions`` that ran ``feeds`` fastest: the median of ``rounds`` timed runs each,
+    the candidates alternating (so a change in load hits all of them), after two untimed runs that allocate.
+
+    How a tiny graph's run scales with threads depends on the board and on what else it runs (a second thread
+    pays off only where an op's work exceeds the hand-off), so the robot times the candidates where it runs, as
+    autotuners such as ATLAS or cuDNN's benchmark mode pick kernels. The candidates compute the same numbers."""
+    times: dict[Any, list[float]] = {key: [] for key in sessions}
+    for index in range(rounds + 2):
+        for key, session in sessions.items():
+            started = time.perf_counter()
+            session.run(None, feeds, run_options)
+            if index >= 2:
+                times[key].append(time.perf_counter() - started)
+    return min(times, key=lambda key: float(np.median(times[key])))

@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
+from cdcca.edge.onnx_model import faster_session, one_thread_options
 from cdcca.uts_config import above, window_rank
 
 
@@ -88,7 +89,9 @@ class OnnxTokenSampler:
         graph: the export's ``uts.onnx``.
         info: the export manifest's ``uts`` entry (``mc_layers``, ``heads``, ``tokens``, ``width``).
         config: UTS settings (a ``cdcca.uts.UTSConfig``); ``mc_layers`` must be the export's.
-        session_options: ORT options (threads); ``None``: ORT's defaults.
+        session_options: ORT options (threads); ``None``: ORT's defaults. Stage 2 of one sample runs on these
+            threads or on one, whichever ran a blank sample faster when the sampler was built
+            (:func:`~cdcca.edge.onnx_model.faster_session`; :attr:`single_sample_threads`, 0 for ORT's default).
     """
 
     def __init__(self, graph: str | Path, info: dict, config: UTSSettings,
@@ -99,6 +102,16 @@ class OnnxTokenSampler:
                              f"set mc_layers={info['mc_layers']}")  # fmt: skip
         self.config, self.info = config, info
         self.session = ort.InferenceSession(str(graph), session_options, providers=["CPUExecutionProvider"])
+        # one sample (stage 2 of one kept answer): the faster of this session and a one-thread one, timed here
+        threads = session_options.intra_op_num_threads if session_options is not None else 0  # 0: ORT's default
+        self.single_sample_threads, self._single = threads, self.session
+        if threads != 1:
+            one = ort.InferenceSession(str(graph), one_thread_options(), providers=["CPUExecutionProvider"])
+            candidates = {threads: self.session, 1: one}
+            feeds = {"uts_front": np.zeros((1, info["tokens"], info["width"]), np.float32),
+                     "dropout_keep": np.ones(self._mask_shape(1), np.float32)}  # fmt: skip
+            self.single_sample_threads = faster_session(candidates, feeds)
+            self._single = candidates[self.single_sample_threads]
         self._recent: dict[str, deque] = {}  # prompt kind -> its recent entropies
         self._rng = np.random.default_rng(config.seed)
         self._rng_lock = threading.Lock()  # the generator, and the mask buffer while a run reads it
@@ -127,6 +140,9 @@ class OnnxTokenSampler:
         return keep
 
     # ------------------------------------------------------------------------------------------ stage 2
+    def _session(self, front: np.ndarray) -> ort.InferenceSession:
+        return self._single if front.shape[0] == 1 else self.session
+
     def _mask_shape(self, batch: int) -> tuple[int, ...]:
         info = self.info
         return info["mc_layers"], batch, self.config.mc_passes, info["heads"], info["tokens"], info["tokens"]
@@ -145,14 +161,14 @@ class OnnxTokenSampler:
             raise ValueError(f"uts_front must be (B, {self.info['tokens']}, {self.info['width']}), got {front.shape}")
         if keep is not None:
             keep = np.ascontiguousarray(keep, np.float32)
-            (variance,) = self.session.run(None, {"uts_front": front, "dropout_keep": keep})
+            (variance,) = self._session(front).run(None, {"uts_front": front, "dropout_keep": keep})
             return variance
         shape = self._mask_shape(front.shape[0])
         with self._rng_lock:
             if self._mask is None or self._mask.shape != shape:
                 self._mask = np.empty(shape, np.float32)
             mask = dropout_keep_mask(self._rng, shape, self.config.mc_dropout, out=self._mask)
-            (variance,) = self.session.run(None, {"uts_front": front, "dropout_keep": mask})
+            (variance,) = self._session(front).run(None, {"uts_front": front, "dropout_keep": mask})
         return variance
 
     def keep_tokens(self, variance: np.ndarray) -> np.ndarray:
