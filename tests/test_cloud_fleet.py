@@ -5,6 +5,7 @@ The reference for "results must not change" is one trainer per robot, i.e. one s
 before; the shared student must publish the same bytes for the same interleaved rounds.
 """
 
+import contextlib
 import dataclasses
 import gc
 import threading
@@ -51,10 +52,11 @@ def fleet(pretrained_test_pair, tmp_path_factory):
             "anchors": source_anchors(teacher, images=4)}  # fmt: skip
 
 
-def make_trainer(fleet, state_dir, adapter_cache=4, make_student=None):
+def make_trainer(fleet, state_dir, adapter_cache=4, make_student=None, **settings):
     config = CloudConfig(state_dir=state_dir, round_size=4, max_round_samples=4, codec="fp16", round_retry_s=0.0,
                          adapter_cache=adapter_cache,  # anchors replayed and checked; every round keeps its steps
-                         akd=AKDConfig(steps=3, batch_size=4, anchor_batch=4, forget_tolerance=1.0))  # fmt: skip
+                         akd=AKDConfig(steps=3, batch_size=4, anchor_batch=4, forget_tolerance=1.0),
+                         **settings)  # fmt: skip
     checkpoints = fleet["checkpoints"]
     make = make_student or (lambda: load_adaptable_student(checkpoints))
     return CloudTrainer(fleet["teacher"], make, fleet["signer"], config, anchors=fleet["anchors"])
@@ -174,10 +176,8 @@ def test_an_adapter_cache_below_zero_is_refused():
 
 
 # ------------------------------------------------------------------- part 2: several workers share one store
-def make_worker(fleet, state_dir, worker_id, lease_s=60.0):
-    trainer = make_trainer(fleet, state_dir)
-    trainer.config.worker_id, trainer.config.lease_s = worker_id, lease_s
-    return trainer
+def make_worker(fleet, state_dir, worker_id, lease_s=60.0, **settings):
+    return make_trainer(fleet, state_dir, worker_id=worker_id, lease_s=lease_s, **settings)
 
 
 def test_workers_claim_the_oldest_pending_sample_first_and_skip_live_leases(fleet, uploads, tmp_path):
@@ -217,6 +217,7 @@ def test_a_worker_that_dies_mid_round_loses_nothing_and_the_robot_gets_one_versi
         return real_round(samples)  # a wakes up and tries to commit the same round
 
     monkeypatch.setattr(stalled.distiller, "run_round", stalls)
+    monkeypatch.setattr(stalled, "_lease_renewal", lambda robot_id: contextlib.nullcontext())  # as if it were dead
     # Execute
     [late] = stalled.step()
     # Assert: b's round counts, a's is dropped whole; the samples were used once, by version 1
@@ -278,3 +279,123 @@ def test_worker_settings_are_checked():
         CloudConfig(worker_id=" ")
     with pytest.raises(ValueError, match="lease_s"):
         CloudConfig(lease_s=0)
+
+
+# ------------------------------------------------------------- part 4: leases renewed, resends by any worker
+class RecordingLink:
+    """A link that records what the cloud publishes (acks, deltas) and subscribes to nothing real."""
+
+    def __init__(self):
+        self.deltas = []
+
+    def subscribe(self, robot_id, topic, handler):
+        pass
+
+    def publish(self, robot_id, topic, msg):
+        return 0
+
+    def publish_bytes(self, robot_id, topic, data):
+        if topic == "weight_delta":
+            self.deltas.append((robot_id, wire.decode(wire.WEIGHT_DELTA, data)))
+        return len(data)
+
+
+def status(robot_id, version):
+    return wire.new(wire.ADAPTER_STATUS, robot_id=robot_id, version=version, state=wire.APPLIED)
+
+
+@pytest.fixture()
+def robot_keys(tmp_path):
+    """A cloud signing key of its own and a robot trust store holding it."""
+    from cdcca.envelope import TrustStore
+
+    private, public = generate_key(tmp_path / "keys", "fleet-test")
+    trust = TrustStore()
+    trust.add("fleet-test", public.read_text())
+    return Signer.load(private), trust
+
+
+def test_a_worker_renews_its_lease_while_a_long_round_runs(fleet, uploads, tmp_path, monkeypatch):
+    # Prepare: worker a's lease is 0.3 s and its round takes 1.2 s; worker b polls the store all the while
+    state = tmp_path / "cloud"
+    a, b = make_worker(fleet, state, "a", lease_s=0.3), make_worker(fleet, state, "b")
+    upload(a, "r1", uploads[:4])
+    real_round, polls = a.distiller.run_round, []
+
+    def long_round(samples):
+        until = time.monotonic() + 1.2
+        while time.monotonic() < until:
+            polls.append(b.step())  # b would claim r1 here if a's lease had expired
+            time.sleep(0.05)
+        return real_round(samples)
+
+    monkeypatch.setattr(a.distiller, "run_round", long_round)
+    # Execute
+    [result] = a.step()
+    # Assert: b never took the round, a committed it once, its lease was renewed (about every 0.1 s) and released
+    assert len(polls) > 10 and all(p == [] for p in polls)
+    assert (result["event"], result["version"]) == ("round", 1)
+    assert a.counters.lease_renewals >= 5 and b.counters.rounds == 0 and a.counters.rounds_superseded == 0
+    assert a.store.latest("r1") == 1 and a.store.leases() == {}
+
+
+def test_a_robot_behind_gets_the_update_from_another_worker_when_its_publisher_is_gone(fleet, uploads, tmp_path,
+                                                                                       robot_keys):  # fmt: skip
+    # Prepare: worker a commits r1's v1 and is gone; worker b never trained r1, and the robot says it runs v0
+    from cdcca.edge.adapter_state import verify_delta
+    from cdcca.models.trainable import trainable_parameters
+
+    signer, trust = robot_keys
+    state = tmp_path / "cloud"
+    a = make_worker(fleet, state, "a")
+    a.signer = signer
+    upload(a, "r1", uploads[:4])
+    assert [r["version"] for r in a.step()] == [1]
+    a.close()  # the publisher is gone (a crash leaves the same store behind)
+    b = make_worker(fleet, state, "b", resend_after_s=0.1)
+    b.signer = signer
+    b.link = link = RecordingLink()
+    # Execute: the robot's heartbeats; b resends only after the publisher's grace (2 x resend_after_s)
+    b.receive_status("r1", status("r1", 0))
+    early = b.step()
+    sent_early = list(link.deltas)
+    time.sleep(0.25)
+    b.receive_status("r1", status("r1", 0))
+    b.step()
+    # Assert: one resend, of the store's v1, which the robot verifies and applies
+    assert early == [] and sent_early == [], (early, [(r, m.version) for r, m in sent_early])
+    assert [(robot_id, msg.version) for robot_id, msg in link.deltas] == [("r1", 1)]
+    assert b.counters.foreign_resends == 1 and b.counters.statuses_ignored == {}
+    student = load_adaptable_student(fleet["checkpoints"])
+    base = {k: v.detach().numpy() for k, v in trainable_parameters(student).items()}
+    applied = verify_delta(link.deltas[0][1], trust=trust, robot_id="r1", version=0, newest_version=0, base=base,
+                           current=base, base_fingerprint=b.base_fingerprint)  # fmt: skip
+    assert applied.keys() == base.keys()
+
+
+def test_a_delta_on_a_version_read_back_from_the_store_keeps_the_robots_layout(fleet, uploads, tmp_path, robot_keys):
+    # Prepare: a robot that applied v1 from one cloud process; the cloud restarts and reads v1 back from its store
+    from cdcca.edge.adapter_state import verify_delta
+    from cdcca.models.trainable import trainable_parameters
+
+    signer, trust = robot_keys
+    student = load_adaptable_student(fleet["checkpoints"])
+    base = {k: v.detach().numpy() for k, v in trainable_parameters(student).items()}
+    first = make_trainer(fleet, tmp_path / "cloud")
+    first.signer = signer
+    upload(first, "r1", uploads[:4])
+    first.step()
+    held = verify_delta(published(first, "r1"), trust=trust, robot_id="r1", version=0, newest_version=0, base=base,
+                        current=base)  # fmt: skip
+    first.receive_status("r1", status("r1", 1))
+    first.close()
+    again = make_trainer(fleet, tmp_path / "cloud")
+    again.signer = signer
+    # Execute: the next round, an incremental delta against the v1 the store held
+    upload(again, "r1", uploads[4:8])
+    again.step()
+    delta = published(again, "r1")
+    # Assert: the robot accepts it (its decoder checks the layout against its own trainable set's order)
+    assert (delta.version, delta.base_version, delta.keyframe) == (2, 1, False)
+    applied = verify_delta(delta, trust=trust, robot_id="r1", version=1, newest_version=1, base=base, current=held)
+    assert list(applied) == list(base)
