@@ -410,6 +410,7 @@ class _Fleet:
                     "resend_after_s": config.resend_after_s, "steps": config.steps, "batch_size": config.batch_size,
                     "anchor_images": config.anchor_images}  # fmt: skip
             self.workers[worker_id] = _Process(f"worker-{worker_id}", "worker", spec, work)
+        self.worker_ids = list(self.workers)
         for worker in self.workers.values():
             worker.wait_for("cloud trainer serving", timeout=180)
 
@@ -421,7 +422,7 @@ class _Fleet:
     def rounds(self, robot_ids: set[str]) -> list[dict]:
         """The committed rounds of these robots, from every worker's round log."""
         found = []
-        for worker_id in self.workers:
+        for worker_id in self.worker_ids:  # a killed worker's log too: what it committed counts
             path = self.work / worker_id / "rounds.jsonl"
             if path.exists():
                 for line in path.read_text().splitlines():
@@ -458,14 +459,14 @@ class _Fleet:
                         worker.check()
                 if kill is not None and killed is None:
                     held = [r for r, (w, expires) in store.leases().items() if w == kill and expires > time.time()]
-                    if held:
-                        time.sleep(0.1)  # into the round
+                    if held:  # between its claim and its release: the round is running
+                        version = store.latest(held[0]) + 1
                         self.workers[kill].kill()
-                        killed = {"worker": kill, "robot_id": held[0], "unix": time.time()}
-                        log.info("fleet bench: killed %s while it held the lease of %s", kill, held[0])
+                        killed = {"worker": kill, "robot_id": held[0], "version": version, "unix": time.time()}
+                        log.info("fleet bench: killed %s in the round of %s v%d", kill, held[0], version)
                 if time.time() > deadline + 30:
                     raise FleetBenchError(f"phase {name} did not finish within {config.phase_timeout_s:.0f} s")
-                time.sleep(0.1)
+                time.sleep(0.01 if kill is not None and killed is None else 0.1)
             for child in children:
                 child.check()
         finally:
@@ -519,11 +520,11 @@ class _Fleet:
                "acked_lost": lost, "acked_unused": unused, "versions_ok": versions_ok, "problems": problems[:5],
                "duplicates": sum(r["duplicates"] for r in seen.values()),
                "bad_acks": sum(r["bad_acks"] for r in seen.values()),
-               "round_seconds_mean": float(np.mean([r["round_seconds"] for r in rounds])) if rounds else None,
-               "reruns": sum(1 for r in rounds if killed and r["robot_id"] == killed["robot_id"]
-                             and r["finished_unix"] > killed["unix"])}  # fmt: skip
-        if killed is not None:
+               "round_seconds_mean": float(np.mean([r["round_seconds"] for r in rounds])) if rounds else None}
+        if killed is not None:  # the killed worker's round: which worker committed that version in the end
             row["killed"] = killed
+            row["kill_rerun_by"] = next((r["worker"] for r in rounds if r["robot_id"] == killed["robot_id"]
+                                         and r["version"] == killed["version"]), None)  # fmt: skip
         return row
 
     def state_bytes(self) -> int | None:
@@ -649,7 +650,7 @@ def _summary(config: FleetBenchConfig, rows: list[dict], rss_points: dict, state
         "latency_robots_compared": [small, big] if load else None,
         "worst_p95_s": max((r["p95_s"] for r in rows if r["p95_s"] is not None), default=None),
         "worst_case_phase": max(rows, key=lambda r: r["p95_s"] or 0.0)["phase"] if rows else None,
-        "kill_reruns": sum(r.get("reruns", 0) for r in rows if r["phase"] == "kill"),
+        "kill_round_rerun_by": next((r.get("kill_rerun_by") for r in rows if r["phase"] == "kill"), None),
     }
     return summary
 
