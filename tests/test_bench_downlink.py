@@ -36,9 +36,10 @@ def test_downlink_report(pretrained_test_pair):
         chosen = case["codecs"][-1]
         assert chosen["codec"] == "ecdq@cal"
         assert (chosen["step"], chosen["seed"]) in [(p["step"], p["seed"]) for p in points]
-        within = [p for p in points if p["held_out_loss_points"] <= config.max_loss_points]
+        within = [p for p in points if p["held_out_loss_points"] + p["held_out_error_points"] <= config.max_loss_points]
+        assert all(p["held_out_error_points"] >= 0 for p in points)
         if within:
-            assert chosen["held_out_loss_points"] <= config.max_loss_points
+            assert chosen["held_out_loss_points"] + chosen["held_out_error_points"] <= config.max_loss_points
             assert chosen["bits_per_param"] == min(p["bits_per_param"] for p in within)
     assert len(report["summary"]["calibrated"]["chosen"]) == 2
     assert [case["domain"] for case in report["cases"]] == ["printed", "colour_inverted"]
