@@ -72,6 +72,13 @@ CREATE TABLE IF NOT EXISTS schema_version (
 );
 """
 
+try:  # what a store operation raises when the database fails (not a bug): the drivers' base errors
+    import psycopg
+
+    STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+except ImportError:  # a cloud without PostgreSQL support
+    STORE_ERRORS = (sqlite3.Error,)
+
 PENDING = "version IS NULL AND quarantined IS NULL"  # a sample no round has used or may not use
 
 
@@ -325,6 +332,14 @@ class SqlStore:
         """End ``worker``'s lease on ``robot_id`` (its round committed or failed)."""
         with self._cursor() as db:
             db.execute("DELETE FROM leases WHERE robot_id = ? AND worker = ?", (robot_id, worker))
+
+    def renew(self, robot_id: str, worker: str, lease_s: float, now: float | None = None) -> bool:
+        """Extend ``worker``'s lease on ``robot_id`` to ``lease_s`` seconds from now (its round is still running);
+        False if the worker holds no lease on it any more (another worker claimed it after it expired)."""
+        now = time.time() if now is None else now
+        with self._cursor() as db:
+            return db.execute("UPDATE leases SET expires = ? WHERE robot_id = ? AND worker = ?",
+                              (now + lease_s, robot_id, worker)).rowcount == 1  # fmt: skip
 
     def leases(self) -> dict[str, tuple[str, float]]:
         """robot_id -> (worker, expiry in Unix seconds) of the leases held now or expired unreleased."""
