@@ -439,6 +439,12 @@ def plot_downlink(report: dict, path) -> None:
             if chosen:
                 right.plot(chosen["bits_per_param"], chosen["acc_loss_points"], "*", markersize=11,
                            color=colours(offset % 10), markeredgecolor="black")  # fmt: skip
+        losses = [p["acc_loss_points"] for case in cases for p in case.get("frontier") or []]
+        top = min(max(losses + [1.0]) + 0.5, 6.0)
+        if max(losses + [0.0]) > top:
+            right.text(0.02, 0.97, f"points above {top:g} clipped (max {max(losses):.1f})", fontsize=7,
+                       transform=right.transAxes, va="top")  # fmt: skip
+        right.set_ylim(min(losses + [0.0]) - 0.5, top)
         right.axhline(0.5, color="tab:red", linestyle="--", linewidth=1)
         right.axvline(0.5, color="tab:red", linestyle=":", linewidth=1)
         right.set_xlabel("bits per trainable parameter")
