@@ -363,6 +363,16 @@ class _Process:
 
         return psutil.Process(self.process.pid).memory_info().rss
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the process so far (``None`` once it is gone)."""
+        import psutil
+
+        try:
+            times = psutil.Process(self.process.pid).cpu_times()
+        except psutil.Error:
+            return None
+        return times.user + times.system
+
     def stop(self, timeout: float = 20.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
@@ -450,6 +460,8 @@ class _Fleet:
                              folder) for i in range(processes)]  # fmt: skip
         killed: dict | None = None
         store = self.open_store() if kill is not None else None
+        cpu_before = {worker_id: worker.cpu_seconds() for worker_id, worker in self.workers.items()}
+        wall_before = time.monotonic()
         try:
             while any(child.process.poll() is None for child in children):
                 for child in children:
@@ -475,13 +487,20 @@ class _Fleet:
                     child.kill()
             if store is not None:
                 store.close()
+        wall = time.monotonic() - wall_before
         if killed is not None:
             self.workers.pop(killed["worker"])
+        # how much of their cores the workers got: on a machine shared with other work, well below 1 while busy
+        used = [worker.cpu_seconds() - cpu_before[w] for w, worker in self.workers.items() if cpu_before[w] is not None]
         seen: dict = {}
         for child in children:
             seen.update(json.loads(child.out.read_text()))
         self.robots_served += len(ids)
-        return self._measure(name, schedules, seen, killed)
+        row = self._measure(name, schedules, seen, killed)
+        row["phase_wall_s"] = wall
+        row["worker_cpu_share"] = sum(used) / (wall * len(used)) if used and wall > 0 else None
+        row["load_average_1m"] = os.getloadavg()[0]
+        return row
 
     def _measure(self, name: str, schedules: dict[str, list[float]], seen: dict, killed: dict | None) -> dict:
         store = self.open_store()
@@ -575,6 +594,7 @@ def run_fleet_bench(config: FleetBenchConfig, progress: bool = True) -> dict:
     rss_points: dict[str, list[tuple[float, float]]] = {}
     state_bytes = None
     capacity = {}
+    run = f"{os.urandom(2).hex()}-" if config.store else ""  # a shared store may hold earlier runs' robots
     hub = Link(LinkConfig(listen=[endpoint]))
     started = time.monotonic()
     try:
@@ -583,7 +603,7 @@ def run_fleet_bench(config: FleetBenchConfig, progress: bool = True) -> dict:
             try:
                 for n in config.robots:
                     t0 = time.time() + 1.0
-                    schedules = {f"w{count}n{n}-r{i}": [t0] * config.saturation_rounds for i in range(n)}
+                    schedules = {f"{run}w{count}n{n}-r{i}": [t0] * config.saturation_rounds for i in range(n)}
                     row = fleet.run_phase(f"saturation-n{n}", schedules)
                     rows.append(row)
                     for worker_id, rss in row["rss_bytes"].items():
@@ -596,7 +616,7 @@ def run_fleet_bench(config: FleetBenchConfig, progress: bool = True) -> dict:
                         period = max(config.min_period_s, n / (config.load * capacity[count]))
                         per_robot = max(1, math.ceil(config.latency_rounds / n))
                         t0 = time.time() + 1.0
-                        schedules = {f"w{count}lat{n}-r{i}": [t0 + i * period / n + k * period
+                        schedules = {f"{run}w{count}lat{n}-r{i}": [t0 + i * period / n + k * period
                                                               for k in range(per_robot)] for i in range(n)}  # fmt: skip
                         row = fleet.run_phase(f"load-n{n}", schedules)
                         row["offered_rounds_per_min"] = 60.0 * n / period
@@ -606,7 +626,7 @@ def run_fleet_bench(config: FleetBenchConfig, progress: bool = True) -> dict:
                         bar.update(1)
                     if config.kill_robots and count >= 2:
                         t0 = time.time() + 1.0
-                        schedules = {f"w{count}kill-r{i}": [t0] * config.kill_rounds
+                        schedules = {f"{run}w{count}kill-r{i}": [t0] * config.kill_rounds
                                      for i in range(config.kill_robots)}  # fmt: skip
                         rows.append(fleet.run_phase("kill", schedules, kill="w0"))
                         bar.update(1)
@@ -646,6 +666,8 @@ def _summary(config: FleetBenchConfig, rows: list[dict], rss_points: dict, state
         "state_bytes": state_bytes,
         "rounds_per_min_1_worker": one["rounds_per_min"] if one else None,
         "rounds_per_min_2_workers": two["rounds_per_min"] if two else None,
+        "worker_cpu_share_1_worker": one.get("worker_cpu_share") if one else None,  # below 1: the cores were shared
+        "worker_cpu_share_2_workers": two.get("worker_cpu_share") if two else None,
         "p95_ratio_largest_vs_smallest": ratio,
         "latency_robots_compared": [small, big] if load else None,
         "worst_p95_s": max((r["p95_s"] for r in rows if r["p95_s"] is not None), default=None),
@@ -657,7 +679,7 @@ def _summary(config: FleetBenchConfig, rows: list[dict], rss_points: dict, state
 
 # ----------------------------------------------------------------------------------------------- reporting
 COLUMNS = ["phase", "workers", "robots", "rounds", "rounds_per_min", "p50_s", "p95_s", "max_s", "rss_mib",
-           "acked_lost", "versions_ok"]  # fmt: skip
+           "acked_lost", "versions_ok", "worker_cpu_share", "load_average_1m"]  # fmt: skip
 
 
 def format_fleet(report: dict) -> str:
@@ -665,7 +687,8 @@ def format_fleet(report: dict) -> str:
 
     rows = [{**r, "versions_ok": "yes" if r["versions_ok"] else "NO"} for r in report["rows"]]
     text = format_table(rows, COLUMNS, title="fleet: light robots on Zenoh against cloud workers sharing one store",
-                        headers={"rounds_per_min": "rounds/min", "versions_ok": "1 version/round"})  # fmt: skip
+                        headers={"rounds_per_min": "rounds/min", "versions_ok": "1 version/round",
+                                 "worker_cpu_share": "cpu share", "load_average_1m": "load"})  # fmt: skip
     loads = [r for r in report["rows"] if r["phase"].startswith("load")]
     if loads:
         text += "\n" + format_table(loads, ["robots", "period_s", "offered_rounds_per_min", "offered_share", "p50_s",
