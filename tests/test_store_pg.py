@@ -186,6 +186,76 @@ def test_workers_claiming_at_once_never_get_the_same_robot(backend, tmp_path, re
         store.close()
 
 
+def test_a_claim_skips_a_robot_another_worker_is_claiming_this_moment(pg_url):  # noqa: F811
+    import psycopg
+
+    # Prepare: r1's round is the oldest; another worker's claim transaction holds r1's queue row locked
+    store = open_store(pg_url)
+    for robot_id in ("r1", "r2"):
+        for i in range(2):
+            store.add_sample(robot_id, f"s{i}", b"x")
+    with psycopg.connect(pg_url) as other:
+        other.execute("SELECT 1 FROM queue WHERE robot_id = 'r1' FOR UPDATE")
+        # Execute
+        started = time.monotonic()
+        during = store.claim("b", 60.0, 2)
+        waited = time.monotonic() - started
+        other.rollback()  # that worker found nothing to do: r1 is free again
+    after = store.claim("c", 60.0, 2, skip=frozenset({"r2"}))
+    # Assert: skipped, not waited for (SKIP LOCKED); then claimable
+    assert during == "r2" and waited < 2.0 and after == "r1"
+    assert {r: w for r, (w, _) in store.leases().items()} == {"r1": "c", "r2": "b"}
+    store.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_workers_committing_one_robots_round_at_once_publish_one_version(backend, tmp_path, request):
+    # Prepare: two workers, each with its own connection, finish r1's round at the same time (its first, then its
+    # second); worker 0 dawdles inside its commit, after it read the robot's version, while worker 1 commits
+    first = open_backend(backend, tmp_path, request)
+    spec = first.url if backend == "postgresql" else tmp_path / "cloud.sqlite"
+    workers = [open_store(spec) for _ in range(2)]
+    first.add_sample("r1", "s1", b"x")
+    first.add_sample("r1", "s2", b"x")
+    real_lock = workers[0]._lock_robot
+
+    def dawdles(db, robot_id, applied):
+        latest = real_lock(db, robot_id, applied)
+        time.sleep(0.3)
+        return latest
+
+    workers[0]._lock_robot = dawdles
+
+    def race(version):
+        outcomes = []
+
+        def finish(seed):
+            try:
+                commit(workers[seed], "r1", version, [f"s{version}"], seed=seed)
+                outcomes.append(("committed", seed))
+            except StaleRound:
+                outcomes.append(("stale", seed))
+
+        threads = [threading.Thread(target=finish, args=(seed,)) for seed in (0, 1)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.1)
+        for thread in threads:
+            thread.join(30)
+        return outcomes
+
+    for version in (1, 2):
+        # Execute
+        outcomes = race(version)
+        # Assert: worker 0's commit counts, worker 1's waited for it and was refused whole
+        assert outcomes == [("committed", 0), ("stale", 1)], version
+        record = first.load_robot("r1")
+        assert record.latest == version and sorted(record.deltas) == list(range(1, version + 1))
+        assert torch.equal(record.student["student.w"], torch.full((3,), float(version)))
+    for store in [first, *workers]:
+        store.close()
+
+
 def test_one_store_serves_several_threads(store):
     # Prepare: two threads store samples (as the link's callback does) while this one claims (as the round loop does)
     def add(prefix):
