@@ -208,6 +208,22 @@ def test_a_claim_skips_a_robot_another_worker_is_claiming_this_moment(pg_url):  
     store.close()
 
 
+def test_a_dropped_connection_fails_one_call_and_the_next_reconnects(pg_url):  # noqa: F811
+    import psycopg
+
+    from cloud_trainer.store import STORE_ERRORS
+
+    store = open_store(pg_url)
+    store.add_sample("r1", "s0", b"x")
+    with psycopg.connect(pg_url, autocommit=True) as admin:  # the server drops the store's connection (a restart)
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                      "AND datname = current_database()")  # fmt: skip
+    with pytest.raises(STORE_ERRORS):  # what the service counts as a store fault, not a bug
+        store.add_sample("r1", "s1", b"x")
+    assert store.add_sample("r1", "s1", b"x") and store.count("r1") == 2
+    store.close()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_workers_committing_one_robots_round_at_once_publish_one_version(backend, tmp_path, request):
     # Prepare: two workers, each with its own connection, finish r1's round at the same time (its first, then its
