@@ -93,12 +93,14 @@ def start_server(root: Path) -> PgServer:
     done = run(str(binaries / "initdb"), "-D", str(data), "-U", user, "--auth=trust", "-E", "UTF8", "--no-sync")
     if done.returncode != 0:
         pytest.skip(f"initdb failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-500:]}")
-    options = " ".join([f"-p {port}", f"-k {root}", *(f"-c {key}={value}" for key, value in SETTINGS.items())])
-    done = run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start")
-    if done.returncode != 0:
-        tail = log.read_text()[-800:] if log.exists() else done.stderr
-        pytest.skip(f"the PostgreSQL server did not start ({done.returncode}): {tail.strip()}")
-    return PgServer(root, port, user, itertools.count())
+    for _ in range(3):  # another process may take the free port before the server binds it: try another
+        options = " ".join([f"-p {port}", f"-k {root}", *(f"-c {key}={value}" for key, value in SETTINGS.items())])
+        done = run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start")
+        if done.returncode == 0:
+            return PgServer(root, port, user, itertools.count())
+        port = free_port()
+    tail = log.read_text()[-800:] if log.exists() else done.stderr
+    pytest.skip(f"the PostgreSQL server did not start ({done.returncode}): {tail.strip()}")
 
 
 def stop_server(server: PgServer) -> None:

@@ -438,3 +438,11 @@ def test_a_worker_that_dies_mid_round_on_postgresql_loses_nothing(fleet, uploads
     assert store.pending_counts() == {} and store.leases() == {}
     stalled.close()
     rescuer.close()
+
+
+def test_the_test_server_is_skipped_with_the_reason_when_postgresql_is_not_installed(tmp_path, monkeypatch):
+    import tests.pg_server as pg
+
+    monkeypatch.setattr(pg, "find_binaries", lambda: None)
+    with pytest.raises(pytest.skip.Exception, match="binaries not found .* install Debian's postgresql package"):
+        pg.start_server(tmp_path)
