@@ -150,6 +150,11 @@ class SqlStore:
         """One write transaction: committed if the block returns, rolled back if it raises."""
         raise NotImplementedError
 
+    @contextmanager
+    def _snapshot(self) -> Iterator[Executor]:
+        """Reads that see one state of the store (the robot row and its versions of one moment)."""
+        raise NotImplementedError
+
     def _lock_robot(self, db: Executor, robot_id: str, applied: int) -> int:
         """Inside a commit's transaction: keep other commits of ``robot_id`` out until it ends; its latest version."""
         raise NotImplementedError
@@ -270,7 +275,7 @@ class SqlStore:
         and ``optimizer``; else both ``None``: a worker reads them at the robot's next round,
         :meth:`load_adapter_state`)."""
         columns = "student, optimizer" if adapter else "NULL, NULL"
-        with self._cursor() as db:
+        with self._snapshot() as db:
             row = db.execute(f"SELECT latest, applied, {columns} FROM robots WHERE robot_id = ?",
                              (robot_id,)).fetchone()  # fmt: skip
             if row is None:
@@ -419,6 +424,17 @@ class CloudStore(SqlStore):
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Executor]:
+        """A deferred transaction: in WAL mode it reads one snapshot, whatever other processes commit meanwhile."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN")
+            try:
+                yield db
+            finally:
+                db.execute("COMMIT")  # nothing written: ending it is all
 
     def _lock_robot(self, db: Executor, robot_id: str, applied: int) -> int:
         row = db.execute("SELECT latest FROM robots WHERE robot_id = ?", (robot_id,)).fetchone()

@@ -133,6 +133,15 @@ class PgStore(SqlStore):
             with connection.transaction(), connection.cursor() as cursor:
                 yield _Executor(cursor)
 
+    @contextmanager
+    def _snapshot(self) -> Iterator[_Executor]:
+        """A REPEATABLE READ, READ ONLY transaction: every statement in it sees the store as of its first one."""
+        with self._lock:
+            connection = self._connection()
+            with connection.transaction(), connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield _Executor(cursor)
+
     def _lock_robot(self, db: Executor, robot_id: str, applied: int) -> int:
         """Lock the robot's row for the commit (a first round inserts it: a second first round waits for the unique
         key, then finds the row the first committed)."""
@@ -155,13 +164,13 @@ class PgStore(SqlStore):
 
     def claim(self, worker: str, lease_s: float, round_size: int, flush_after_s: float | None = None,
               skip: frozenset[str] = frozenset(), now: float | None = None) -> str | None:  # fmt: skip
-        """See :meth:`SqlStore.claim`. One transaction: list the due robots without a live lease of another worker,
-        oldest pending sample first; lock the first one's ``queue`` row with ``FOR UPDATE SKIP LOCKED`` (a robot
-        another worker is claiming this moment is skipped, not waited for); then, holding the lock, read its lease
-        and its pending samples again, since at READ COMMITTED a new statement sees every claim and round that
-        committed before the lock was taken, which the listing may have missed; if it is still due and free, write
-        the lease, else try the next robot. The lease is committed before the lock is released, so a worker that
-        locks the row later sees it."""
+        """See :meth:`SqlStore.claim`. One transaction: list the due robots without a live lease of another
+        worker, oldest pending sample first; lock each candidate's ``queue`` row in turn with ``FOR UPDATE SKIP
+        LOCKED`` (a robot another worker is claiming this moment is skipped, not waited for); then, holding the lock,
+        read its lease and its pending samples again, since at READ COMMITTED a new statement sees every claim and
+        round that committed before the lock was taken, which the listing may have missed; if it is still due and
+        free, write the lease, else try the next robot. The lease is committed before the lock is released, so a
+        worker that locks the row later sees it."""
         now = time.time() if now is None else now
         flush_before = now - flush_after_s if flush_after_s is not None else -1.0
         with self._transaction() as db:
