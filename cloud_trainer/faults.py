@@ -34,13 +34,16 @@ def fault_cause(err: BaseException) -> str | None:
         if "readonly" in text or "read-only" in text:
             return STORE_READONLY
         return STORE_ERROR
+    if type(err).__module__.split(".")[0] == "psycopg":  # the PostgreSQL store (no import: psycopg is optional)
+        state = getattr(err, "sqlstate", None)  # SQLSTATE classes: PostgreSQL manual, appendix A
+        return DISK_FULL if state == "53100" else STORE_READONLY if state == "25006" else STORE_ERROR
     return None
 
 
 ADVICE = {
     DISK_FULL: "free space on the cloud's disk; samples are not acknowledged, so robots keep them and resend",
-    STORE_READONLY: "make the state directory writable; samples are not acknowledged, so robots keep them",
-    STORE_ERROR: "check the cloud's SQLite store; samples are not acknowledged, so robots keep them",
+    STORE_READONLY: "make the state directory (or the database) writable; samples are not acknowledged, so robots keep them",
+    STORE_ERROR: "check the cloud's store (its SQLite file or PostgreSQL server); samples are not acknowledged, so robots keep them",
 }
 
 
