@@ -34,7 +34,7 @@ import torch
 from cdcca.data.sample import Sample
 from cdcca.errors import CdccaError
 from cdcca.models.mllm import MLLM
-from cdcca.uts_config import ENCODINGS, UTSConfig, pack_tokens  # noqa: F401  (torch-free; re-exported here)
+from cdcca.uts_config import ENCODINGS, UTSConfig, above, pack_tokens, window_rank  # noqa: F401  (torch-free; re-exported)
 
 
 class UplinkError(CdccaError, ValueError):
@@ -132,18 +132,20 @@ class UncertaintyTokenSampler:
         return " ".join(prompt.lower().split()[: self.config.group_words])
 
     def keep_samples(self, sample_entropy: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
-        """Stage 1 on a batch of entropies (updates the sliding windows); ``prompts`` picks each one's window."""
+        """Stage 1 on a batch of entropies (updates the sliding windows); ``prompts`` picks each one's window.
+
+        Entropies within :func:`cdcca.uts_config.entropy_tolerance` count as tied, the rule the ONNX robot applies
+        too (:meth:`cdcca.edge.onnx_uts.OnnxTokenSampler.keep_samples`), so both engines keep the same samples."""
         keep = torch.zeros(len(sample_entropy), dtype=torch.bool)
-        for i, entropy in enumerate(sample_entropy.tolist()):
+        for i, entropy in enumerate(sample_entropy.float().tolist()):
             if self.config.sample_mode == "threshold":
-                keep[i] = bool(entropy > self.config.entropy_threshold)
+                keep[i] = above(entropy, self.config.entropy_threshold)
             else:
                 kind = self.prompt_kind(prompts[i]) if prompts is not None else ""
                 recent = self._recent.setdefault(kind, deque(maxlen=self.config.window))
                 recent.append(entropy)
-                history = np.asarray(recent)
-                rank = (history > entropy).sum()  # samples in the window more uncertain than this one
-                keep[i] = bool(rank < max(1, int(np.ceil(self.config.sample_fraction * len(history)))))
+                rank = window_rank(recent, entropy)  # samples in the window more uncertain than this one
+                keep[i] = bool(rank < max(1, int(np.ceil(self.config.sample_fraction * len(recent)))))
         return keep
 
     def keep_tokens(self, variance: torch.Tensor) -> torch.Tensor:
