@@ -34,6 +34,7 @@ def test_the_report_carries_every_phase_and_the_summary_keys(report, tmp_path):
         assert row["rounds"] == row["robots"] * (2 if row["phase"] != "load-n2" else 1)
         assert row["p50_s"] is not None and 0 <= row["p50_s"] <= row["p95_s"] <= row["max_s"]
         assert row["rss_mib"] > 0 and row["worker_cpu_share"] > 0 and row["load_average_1m"] >= 0
+        assert row["robots_cpu_cores"] > 0
     load = [r for r in report["rows"] if r["phase"].startswith("load")]
     assert all(0 < r["offered_share"] <= 0.5 + 1e-9 for r in load)
     json.dumps(report)  # what --json writes

@@ -201,7 +201,8 @@ class _SimRobot:
 
 
 def run_robots(spec: dict) -> dict:
-    """The body of one robot process (see the module docstring); returns what each robot saw."""
+    """The body of one robot process (see the module docstring); returns what each robot saw (``robots``) and the
+    process's CPU seconds (``cpu_s``)."""
     from safetensors.numpy import load_file
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -295,9 +296,10 @@ def run_robots(spec: dict) -> dict:
         if done:
             break
     link.close()
-    return {rid: {"fills": r.fills, "round_ids": r.round_ids, "sent": r.sent, "acked": r.acked,
-                  "applied": r.applied, "version": r.version, "duplicates": r.duplicates, "rejected": r.rejected,
-                  "bad_acks": r.bad_acks} for rid, r in robots.items()}  # fmt: skip
+    seen = {rid: {"fills": r.fills, "round_ids": r.round_ids, "sent": r.sent, "acked": r.acked, "applied": r.applied,
+                  "version": r.version, "duplicates": r.duplicates, "rejected": r.rejected, "bad_acks": r.bad_acks}
+            for rid, r in robots.items()}  # fmt: skip
+    return {"robots": seen, "cpu_s": time.process_time()}
 
 
 # ----------------------------------------------------------------------------------------------- the workers
@@ -493,12 +495,16 @@ class _Fleet:
         # how much of their cores the workers got: on a machine shared with other work, well below 1 while busy
         used = [worker.cpu_seconds() - cpu_before[w] for w, worker in self.workers.items() if cpu_before[w] is not None]
         seen: dict = {}
+        robots_cpu = 0.0
         for child in children:
-            seen.update(json.loads(child.out.read_text()))
+            out = json.loads(child.out.read_text())
+            seen.update(out["robots"])
+            robots_cpu += out["cpu_s"]
         self.robots_served += len(ids)
         row = self._measure(name, schedules, seen, killed)
         row["phase_wall_s"] = wall
         row["worker_cpu_share"] = sum(used) / (wall * len(used)) if used and wall > 0 else None
+        row["robots_cpu_cores"] = robots_cpu / wall if wall > 0 else None  # the robot processes' load, in cores
         row["load_average_1m"] = os.getloadavg()[0]
         return row
 
