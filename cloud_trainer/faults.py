@@ -42,8 +42,10 @@ def fault_cause(err: BaseException) -> str | None:
 
 ADVICE = {
     DISK_FULL: "free space on the cloud's disk; samples are not acknowledged, so robots keep them and resend",
-    STORE_READONLY: "make the state directory (or the database) writable; samples are not acknowledged, so robots keep them",
-    STORE_ERROR: "check the cloud's store (its SQLite file or PostgreSQL server); samples are not acknowledged, so robots keep them",
+    STORE_READONLY: "make the state directory (or the database) writable; samples are not acknowledged, so robots "
+    "keep them",
+    STORE_ERROR: "check the cloud's store (its SQLite file or PostgreSQL server); samples are not acknowledged, so "
+    "robots keep them",
 }
 
 

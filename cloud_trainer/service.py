@@ -45,7 +45,6 @@ import contextlib
 import json
 import logging
 import math
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -68,7 +67,7 @@ from cdcca.wire.topics import CLOUD_ID, DIAGNOSTICS
 from cloud_trainer.adapter_states import AdapterState, SharedStudent, state_tensors
 from cloud_trainer.admission import SampleAdmission
 from cloud_trainer.faults import FaultLog, fault_cause
-from cloud_trainer.store import StaleRound, open_store
+from cloud_trainer.store import STORE_ERRORS, StaleRound, open_store
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +405,7 @@ class CloudTrainer:
         self.counters.rollbacks += 1
         try:  # durable, so a restarted cloud does not offer it again either
             self.store.record_declined(robot_id, declined, robot.declined[declined])
-        except sqlite3.Error as err:  # still never resent by this process
+        except STORE_ERRORS as err:  # still never resent by this process
             self.counters.failures += 1
             log.error("robot %s: recording the rollback from v%d failed: %s", robot_id, declined, err)
         log.warning("robot %s rolled back from v%d to v%d (%s); v%d is not sent again", robot_id, declined,
@@ -779,7 +778,7 @@ class CloudTrainer:
             return
         try:
             self.store.release(robot_id, self.config.worker_id)
-        except sqlite3.Error as err:
+        except STORE_ERRORS as err:
             self.counters.failures += 1
             log.error("robot %s: releasing the lease failed (it expires in %.0f s): %s", robot_id, self.config.lease_s,
                       err)  # fmt: skip
@@ -818,16 +817,8 @@ class CloudTrainer:
             thread.join(5.0)
 
     def _renew_lease(self, robot_id: str, worker: str) -> bool:
-        """Extend ``worker``'s lease on ``robot_id`` by ``lease_s`` from now; False if another worker holds it.
-
-        With a store that has ``renew(robot_id, worker, lease_s)`` that; otherwise :meth:`CloudStore.claim` limited to
-        this robot (every other robot with pending samples skipped, any pending sample due): it takes the lease only
-        if it is this worker's or expired unclaimed, which is a renewal."""
-        renew = getattr(self.store, "renew", None)
-        if renew is not None:
-            return bool(renew(robot_id, worker, self.config.lease_s))
-        others = frozenset(self.store.pending_summary()) - {robot_id}
-        return self.store.claim(worker, self.config.lease_s, 1, None, others) == robot_id
+        """Extend ``worker``'s lease on ``robot_id`` by ``lease_s`` from now; False if another worker holds it."""
+        return self.store.renew(robot_id, worker, self.config.lease_s)
 
     def _refresh(self, robot_id: str) -> None:
         """Among several workers, before a round: catch up with the rounds other workers committed for ``robot_id``
