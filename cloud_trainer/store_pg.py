@@ -18,6 +18,7 @@ CloudStore does); a connection the server dropped is opened again at the next ca
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -27,48 +28,13 @@ from typing import Any
 import psycopg
 
 from cloud_trainer.store import PENDING, Executor, SqlStore
+from cloud_trainer.store import SCHEMA as SQLITE_SCHEMA
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS samples (
-    robot_id    TEXT NOT NULL,
-    sample_id   TEXT NOT NULL,
-    received    DOUBLE PRECISION NOT NULL,  -- Unix seconds at the worker that stored it
-    payload     BYTEA NOT NULL,             -- CDR bytes of the UtsTokens message as received
-    version     INTEGER,                    -- the adapter version whose round used it; NULL while pending
-    quarantined TEXT,                       -- why no round may use it (NULL: usable)
-    PRIMARY KEY (robot_id, sample_id)
-);
-CREATE INDEX IF NOT EXISTS samples_pending ON samples (robot_id, version, received);
-CREATE TABLE IF NOT EXISTS robots (
-    robot_id  TEXT PRIMARY KEY,
-    latest    INTEGER NOT NULL,             -- newest published version
-    applied   INTEGER NOT NULL,             -- the version the robot last reported as current
-    student   BYTEA,                        -- safetensors: cloud student's trainable set and AKD projections
-    optimizer BYTEA                         -- safetensors: AdamW moments and step counts of those parameters
-);
-CREATE TABLE IF NOT EXISTS published (
-    robot_id TEXT NOT NULL,
-    version  INTEGER NOT NULL,
-    params   BYTEA NOT NULL,                -- safetensors: the trainable set the robot holds at this version
-    delta    BYTEA NOT NULL,                -- CDR bytes of the signed WeightDelta
-    PRIMARY KEY (robot_id, version)
-);
-CREATE TABLE IF NOT EXISTS leases (
-    robot_id TEXT PRIMARY KEY,              -- a robot whose round a worker has claimed
-    worker   TEXT NOT NULL,                 -- CloudConfig.worker_id of that worker
-    expires  DOUBLE PRECISION NOT NULL      -- Unix seconds; after it, another worker may claim the robot's round
-);
-CREATE TABLE IF NOT EXISTS declined (
-    robot_id TEXT NOT NULL,
-    version  INTEGER NOT NULL,              -- a version the robot rolled back from: never sent to it again
-    reason   TEXT NOT NULL,                 -- the robot's ROLLED_BACK reason
-    PRIMARY KEY (robot_id, version)
-);
+# SQLite's schema in PostgreSQL's types (BLOB -> BYTEA; SQLite's REAL is already an 8-byte float), plus the
+# per-robot rows a claim locks
+SCHEMA = re.sub(r"\bBLOB\b", "BYTEA", re.sub(r"\bREAL\b", "DOUBLE PRECISION", SQLITE_SCHEMA)) + """
 CREATE TABLE IF NOT EXISTS queue (
-    robot_id TEXT PRIMARY KEY               -- a robot that sent a sample: the row a claim locks (SKIP LOCKED)
-);
-CREATE TABLE IF NOT EXISTS schema_version (
-    version INTEGER NOT NULL                -- one row: the SCHEMA_VERSION the store was last opened with
+    robot_id TEXT PRIMARY KEY      -- a robot that sent a sample: the row a claim locks (SKIP LOCKED)
 );
 """
 SCHEMA_LOCK = 0x63646363  # the advisory lock two workers opening a new database at once take ("cdcc")
