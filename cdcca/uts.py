@@ -137,7 +137,7 @@ class UncertaintyTokenSampler:
         Entropies within :func:`cdcca.uts_config.entropy_tolerance` count as tied, the rule the ONNX robot applies
         too (:meth:`cdcca.edge.onnx_uts.OnnxTokenSampler.keep_samples`), so both engines keep the same samples."""
         keep = torch.zeros(len(sample_entropy), dtype=torch.bool)
-        for i, entropy in enumerate(sample_entropy.float().tolist()):
+        for i, entropy in enumerate(torch.as_tensor(sample_entropy).float().tolist()):
             if self.config.sample_mode == "threshold":
                 keep[i] = above(entropy, self.config.entropy_threshold)
             else:
