@@ -262,8 +262,11 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
             members = set(_round_record(work / "cloud" / "rounds.jsonl", int(msg.version))["sample_ids"])
             with observed.lock:
                 uploads = [(t, n) for t, sample_id, n in observed.uploads if sample_id in members]
-                last = max((i for i, s in enumerate(observed.answers) if s in members), default=answered_upto - 1)
-                answered = observed.answers[answered_upto : last + 1]
+                # the answers this round's samples were chosen from: those after the previous round's up to its newest
+                # member. Rounds need not follow answer order (frames answered before the link was up are uploaded
+                # later), so a round whose members were all answered before gets its own members' frames.
+                last = max((i for i, s in enumerate(observed.answers) if s in members), default=-1)
+                answered = observed.answers[answered_upto : last + 1] or [s for s in observed.answers if s in members]
             answered_upto = max(answered_upto, last + 1)
             with slot.model() as active:  # the copy the update was swapped into
                 after = _accuracy(active, tests)
