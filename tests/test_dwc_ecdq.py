@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from safetensors.numpy import load as load_safetensors
-from safetensors.numpy import save as save_safetensors
 
 from cdcca.dwc import CODECS, CodecError, ECDQCodec, ECDQConfig, ECSQCodec, ECSQConfig, bits_per_param
 from cdcca.dwc_format import ecdq_contexts, ecdq_dither
 from cdcca.edge import np_delta
+from tests.test_dwc_ecsq import _container, _rebuild, _reference  # the ecsq tests' container helpers
 
 
 def _delta(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -31,24 +30,9 @@ def _delta(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def _reference(delta):
-    return {name: tuple(t.shape) for name, t in delta.items()}
-
-
 def _quantum(tensor: torch.Tensor, step: float) -> float:
     rms, peak = float(tensor.pow(2).mean().sqrt()), float(tensor.abs().max())
     return max(step * rms, peak / 126)
-
-
-def _container(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
-    container = zstandard.ZstdDecompressor().decompress(payload)
-    size = int.from_bytes(container[:8], "little")
-    return json.loads(json.loads(container[8 : 8 + size])["__metadata__"]["cdcca-dwc"]), load_safetensors(container)
-
-
-def _rebuild(header: dict, streams: dict[str, np.ndarray]) -> bytes:
-    container = save_safetensors(streams, metadata={"cdcca-dwc": json.dumps(header)})
-    return zstandard.ZstdCompressor().compress(container)
 
 
 @pytest.mark.parametrize("step", [0.5, 2.0, 4.0])
