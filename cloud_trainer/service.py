@@ -328,6 +328,8 @@ class CloudTrainer:
         if robot is None or robot.gave_up is None or robot.comeback_due:
             return
         wait = self.config.comeback_after_s * 2 ** min(robot.comebacks, 16)
+        if not robot.owned:  # another worker published the latest version: it sends first, this one after twice
+            wait *= 2
         if time.monotonic() - robot.gave_up >= wait:
             robot.comeback_due = True
 
@@ -710,11 +712,14 @@ class CloudTrainer:
 
     def resend_after_comeback(self, robot_id: str) -> bool:
         """Send the latest version once more, as a keyframe, to a robot that came back after a give-up (see
-        :meth:`seen`); True if sent."""
+        :meth:`seen`); True if sent. Among several workers, one that did not publish the version does so too, after
+        twice the wait (the publisher may be gone; if it is not, the robot is no longer behind by then)."""
         robot = self.robots.get(robot_id)
-        if robot is None or not robot.comeback_due or not robot.owned:
+        if robot is None or not robot.comeback_due:
             return False
         robot.comeback_due = False
+        if not robot.owned:
+            self._sync_foreign(robot_id, robot)
         latest = robot.chain.latest
         if robot.gave_up is None or not 0 <= robot.reported < latest or latest in robot.declined:
             return False

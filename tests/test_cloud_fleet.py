@@ -399,3 +399,34 @@ def test_a_delta_on_a_version_read_back_from_the_store_keeps_the_robots_layout(f
     assert (delta.version, delta.base_version, delta.keyframe) == (2, 1, False)
     applied = verify_delta(delta, trust=trust, robot_id="r1", version=1, newest_version=1, base=base, current=held)
     assert list(applied) == list(base)
+
+
+def test_a_robot_that_comes_back_after_a_give_up_gets_a_keyframe_from_a_worker_that_did_not_publish(
+        fleet, uploads, tmp_path, robot_keys):  # fmt: skip
+    # Prepare: worker a commits r1's v1 and is gone; worker b resends it once (max_resends=1), gives up, and the
+    # robot, still on v0, is heard again only later
+    signer, _ = robot_keys
+    state = tmp_path / "cloud"
+    a = make_worker(fleet, state, "a")
+    a.signer = signer
+    upload(a, "r1", uploads[:4])
+    assert [r["version"] for r in a.step()] == [1]
+    a.close()
+    b = make_worker(fleet, state, "b", resend_after_s=0.05, max_resends=1, comeback_after_s=0.1)
+    b.signer, b.link = signer, (link := RecordingLink())
+    b.receive_status("r1", status("r1", 0))
+    for _ in range(3):  # the publisher's grace, b's one resend, then its give-up
+        time.sleep(0.12)
+        b.step()
+    resent, gave_up = [m.version for _, m in link.deltas], b.counters.give_ups
+    # Execute: the robot is heard within the non-publisher's doubled wait, then after it
+    b.receive_status("r1", status("r1", 0))
+    b.step()
+    early = len(link.deltas)
+    time.sleep(0.25)  # past 2 x comeback_after_s from the give-up
+    b.receive_status("r1", status("r1", 0))
+    b.step()
+    # Assert: one resend, a give-up, nothing on the early come-back, then v1 again as a keyframe
+    assert resent == [1] and gave_up == 1 and early == 1
+    assert [(m.version, m.keyframe) for _, m in link.deltas[1:]] == [(1, True)]
+    assert b.counters.comeback_resends == 1
