@@ -53,10 +53,10 @@ print("RESULT " + json.dumps({"codes": codes, "heavy": heavy, "state": int(statu
 """
 
 
-@pytest.fixture(scope="module")
-def robot_files(pretrained_test_pair, tmp_path_factory):
-    """An export made by `cdcca export --backend onnx`, a folder of frames, a trust store and a signed ecsq delta."""
-    root = tmp_path_factory.mktemp("torch_free")
+def onnx_robot_files(pretrained_test_pair, root: Path, robot_id: str) -> dict:
+    """In ``root``: an export made by `cdcca export --backend onnx`, a folder of three frames, a trust store holding
+    the cloud's key and a signed keyframe delta (the cloud's default codec) to a perturbed adapter for ``robot_id``,
+    as a message (``delta_msg``) and as CDR in a file (``delta``)."""
     export_dir = root / "student_onnx"
     assert main(["export", "--backend", "onnx", "--model", str(pretrained_test_pair), "--out", str(export_dir)]) == 0
     frames = root / "frames"
@@ -68,9 +68,15 @@ def robot_files(pretrained_test_pair, tmp_path_factory):
     base = OnnxExport.load(export_dir).base()
     generator = torch.Generator().manual_seed(7)
     target = {name: value + 0.02 * torch.randn(value.shape, generator=generator) for name, value in base.items()}
-    delta = VersionChain("r1", base).make_delta(target, CloudConfig.codec, Signer.load(private))
+    delta = VersionChain(robot_id, base).make_delta(target, CloudConfig.codec, Signer.load(private))
     (root / "delta.cdr").write_bytes(wire.encode(delta))
-    return {"root": root, "export": export_dir, "frames": frames, "trust": root / "trust", "delta": root / "delta.cdr"}
+    return {"root": root, "export": export_dir, "frames": frames, "trust": root / "trust", "delta": root / "delta.cdr",
+            "delta_msg": delta}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def robot_files(pretrained_test_pair, tmp_path_factory):
+    return onnx_robot_files(pretrained_test_pair, tmp_path_factory.mktemp("torch_free"), "r1")
 
 
 def test_the_onnx_robot_answers_and_applies_an_ecsq_delta_without_torch(robot_files):

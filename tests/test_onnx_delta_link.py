@@ -12,34 +12,22 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
 
 from cdcca import wire
-from cdcca.cli import main
-from cdcca.data.digits_shift import load_domain
-from cdcca.edge.onnx_export import OnnxExport
-from cdcca.envelope import Signer, VersionChain, generate_key, trust_key
 from cdcca.transport import Link, LinkConfig
-from cloud_trainer.service import CloudConfig
+from tests.test_edge_torch_free import onnx_robot_files
+from tests.test_transport import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ROBOT_ID = "r_link"
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes")
 APPLY_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # The robot's process: the CLI until SIGTERM, then one RESULT line (exit status, torch-stack modules ever imported)
@@ -54,22 +42,9 @@ print("RESULT " + json.dumps({"code": code, "heavy": heavy}), flush=True)
 
 @pytest.fixture(scope="module")
 def cloud_side(pretrained_test_pair, tmp_path_factory):
-    """An export of the pretrained ``test`` student, a folder of frames, the cloud's key (trusted by the robot) and
-    a signed keyframe delta to a perturbed adapter, as the cloud trainer would send it."""
-    root = tmp_path_factory.mktemp("onnx_link")
-    export_dir = root / "student_onnx"
-    assert main(["export", "--backend", "onnx", "--model", str(pretrained_test_pair), "--out", str(export_dir)]) == 0
-    frames = root / "frames"
-    frames.mkdir()
-    for i, sample in enumerate(load_domain("source", "stream", limit=2)[:2]):
-        Image.fromarray(sample.load_image()).save(frames / f"frame{i}.png")
-    private, public = generate_key(root / "keys", "cloud-link")
-    trust_key(public, root / "trust")
-    base = OnnxExport.load(export_dir).base()
-    generator = torch.Generator().manual_seed(3)
-    target = {name: value + 0.02 * torch.randn(value.shape, generator=generator) for name, value in base.items()}
-    delta = VersionChain(ROBOT_ID, base).make_delta(target, CloudConfig.codec, Signer.load(private))
-    return {"root": root, "export": export_dir, "frames": frames, "trust": root / "trust", "delta": delta}
+    """An export of the pretrained ``test`` student, frames, the cloud's key (trusted by the robot) and a signed
+    keyframe delta to a perturbed adapter, as the cloud trainer would send it."""
+    return onnx_robot_files(pretrained_test_pair, tmp_path_factory.mktemp("onnx_link"), ROBOT_ID)
 
 
 def test_a_running_onnx_robot_applies_a_delta_published_on_the_link(cloud_side):
@@ -94,7 +69,7 @@ def test_a_running_onnx_robot_applies_a_delta_published_on_the_link(cloud_side):
         next_send = 0.0
         while applied is None and time.monotonic() < deadline and robot.poll() is None:
             if time.monotonic() >= next_send:
-                cloud.publish(ROBOT_ID, "weight_delta", cloud_side["delta"])
+                cloud.publish(ROBOT_ID, "weight_delta", cloud_side["delta_msg"])
                 next_send = time.monotonic() + 1.0
             try:
                 status = statuses.get(timeout=0.2)
