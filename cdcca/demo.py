@@ -23,9 +23,6 @@ import json
 import logging
 import queue
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +33,7 @@ import numpy as np
 from cdcca import wire
 from cdcca.akd import AKDConfig
 from cdcca.bag import image_to_msg, write_stream_bag
+from cdcca.children import LoggedChild
 from cdcca.data.digits_shift import load_domain
 from cdcca.edge.adapter_slot import AdapterSlot
 from cdcca.edge.sources import open_source
@@ -108,48 +106,6 @@ class DemoConfig:
     timeout_s: float = 480.0
 
 
-class _Child:
-    """A ``cdcca`` verb in its own process, its output in a log file."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
-        self.name, self.log_path = name, log_path
-        self._log = open(log_path, "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "cdcca.cli", *argv], stdout=self._log,
-                                        stderr=subprocess.STDOUT)  # fmt: skip
-        self.stopping = False
-
-    def check(self) -> None:
-        code = self.process.poll()
-        if code is not None and not self.stopping:
-            raise DemoError(f"the {self.name} process exited with code {code}; last lines of {self.log_path}:\n"
-                            + self.tail())  # fmt: skip
-
-    def tail(self, lines: int = 15) -> str:
-        self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log_path.read_text(errors="replace"):
-            self.check()
-            if time.monotonic() > deadline:
-                raise DemoError(f"the {self.name} process did not report {text!r} within {timeout:.0f} s")
-            time.sleep(0.1)
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGINT (clean shutdown), then SIGKILL if it does not exit."""
-        self.stopping = True
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
-
-
 @dataclass
 class _Observed:
     """What the demo saw on the link, with arrival times."""
@@ -207,15 +163,15 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
     tests = [s for d in config.domains for s in load_domain(d, "test", limit=config.test_images)]
     endpoint = f"tcp/127.0.0.1:{config.port}"
     share = str(max(1, config.threads // 2))
-    cloud = _Child("cloud", ["cloud", "--checkpoints", str(config.checkpoints), "--state", str(work / "cloud"),
-                             "--key", str(private), "--endpoint", endpoint, "--round-size", str(config.round_size),
-                             "--max-round-samples", str(config.max_round_samples),
-                             "--steps", str(config.steps), "--lr", str(config.lr), "--codec", config.codec,
-                             "--threads", share,
-                             "--replay", str(config.replay), "--pseudo-label-keep", str(config.pseudo_label_keep),
-                             "--check-fraction", str(config.check_fraction), "--check-min", str(config.check_min),
-                             "--flush-after", str(config.flush_after_s)],
-                   work / "cloud.log")  # fmt: skip
+    cloud_args = ["cloud", "--checkpoints", str(config.checkpoints), "--state", str(work / "cloud"),
+                  "--key", str(private), "--endpoint", endpoint, "--round-size", str(config.round_size),
+                  "--max-round-samples", str(config.max_round_samples),
+                  "--steps", str(config.steps), "--lr", str(config.lr), "--codec", config.codec,
+                  "--threads", share,
+                  "--replay", str(config.replay), "--pseudo-label-keep", str(config.pseudo_label_keep),
+                  "--check-fraction", str(config.check_fraction), "--check-min", str(config.check_min),
+                  "--flush-after", str(config.flush_after_s)]  # fmt: skip
+    cloud = LoggedChild("cloud", "cdcca.cli", cloud_args, work / "cloud.log", error=DemoError)
     edge = None
     link = None
     try:
@@ -230,11 +186,11 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
         link = Link(LinkConfig.loopback(False, endpoint))
         observed = _Observed()
         observed.watch(link, config.robot_id)
-        edge = _Child("robot", ["edge", "--robot-id", config.robot_id, "--checkpoints", str(config.checkpoints),
-                                "--source", f"bag:{bag}", "--state", str(work / "edge"), "--trust", str(work / "trust"),
-                                "--endpoint", endpoint, "--query-rate", str(config.rate_hz), "--rate", "0",
-                                "--linger", "-1", "--threads", share],
-                      work / "robot.log")  # fmt: skip
+        edge_args = ["edge", "--robot-id", config.robot_id, "--checkpoints", str(config.checkpoints),
+                     "--source", f"bag:{bag}", "--state", str(work / "edge"), "--trust", str(work / "trust"),
+                     "--endpoint", endpoint, "--query-rate", str(config.rate_hz), "--rate", "0",
+                     "--linger", "-1", "--threads", share]  # fmt: skip
+        edge = LoggedChild("robot", "cdcca.cli", edge_args, work / "robot.log", error=DemoError)
         rows = []
         answered_upto = 0  # answers before this index belong to earlier rounds
         last_delta = time.monotonic()

@@ -44,11 +44,8 @@ import logging
 import math
 import os
 import queue
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from cdcca import wire
+from cdcca.children import LoggedChild
 from cdcca.edge.adapter_state import adapter_status, verify_delta
 from cdcca.envelope import AckRejected, DeltaRejected, TrustStore, verify_ack
 from cdcca.errors import CdccaError
@@ -330,35 +328,15 @@ def run_worker(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the parent
-class _Process:
-    """A child process of the benchmark (a worker or a robot process), its output in a log file."""
+class _Process(LoggedChild):
+    """A child process of the benchmark (a worker or a robot process) running its role on a JSON spec."""
 
     def __init__(self, name: str, role: str, spec: dict, work: Path) -> None:
-        self.name, self.spec_path, self.log_path = name, work / f"{name}.json", work / f"{name}.log"
-        self.out = work / f"{name}.out.json"
-        spec = {**spec, "out": str(self.out)}
-        self.spec_path.write_text(json.dumps(spec))
+        self.spec_path, self.out = work / f"{name}.json", work / f"{name}.out.json"
+        self.spec_path.write_text(json.dumps({**spec, "out": str(self.out)}))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "cdcca.benchmarks.fleet", role, str(self.spec_path)],
-                                        stdout=self._log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
-
-    def tail(self, lines: int = 15) -> str:
-        self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def check(self) -> None:
-        code = self.process.poll()
-        if code not in (None, 0):
-            raise FleetBenchError(f"{self.name} exited with code {code}; last lines of {self.log_path}:\n{self.tail()}")
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log_path.read_text(errors="replace"):
-            self.check()
-            if time.monotonic() > deadline:
-                raise FleetBenchError(f"{self.name} did not report {text!r} within {timeout:.0f} s:\n{self.tail()}")
-            time.sleep(0.1)
+        super().__init__(name, "cdcca.benchmarks.fleet", [role, str(self.spec_path)], work / f"{name}.log",
+                         error=FleetBenchError, env=env, may_exit=True)  # fmt: skip
 
     def rss(self) -> int:
         import psutil
@@ -374,22 +352,6 @@ class _Process:
         except psutil.Error:
             return None
         return times.user + times.system
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-        self._log.close()
 
 
 def _free_port() -> int:
@@ -468,9 +430,8 @@ class _Fleet:
             while any(child.process.poll() is None for child in children):
                 for child in children:
                     child.check()
-                for worker_id, worker in self.workers.items():
-                    if worker_id != (killed or {}).get("worker"):
-                        worker.check()
+                for worker in self.workers.values():
+                    worker.check()  # a worker this phase killed counts as stopped
                 if kill is not None and killed is None:
                     held = [r for r, (w, expires) in store.leases().items() if w == kill and expires > time.time()]
                     if held:  # between its claim and its release: the round is running
