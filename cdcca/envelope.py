@@ -464,6 +464,9 @@ class VersionChain:
         reference = self.published.get(self.applied) if self.applied else None
         keyframe = reference is None
         base_params, base_version = (self.base, 0) if keyframe else (reference, self.applied)
+        # laid out in the base's order, the robot's trainable set's, whatever order the reference came in (a version
+        # read back from a store comes sorted by name): the robot checks the layout against its own set
+        base_params = {name: base_params[name] for name in self.base if name in base_params} | base_params
         delta = compute_delta(params, base_params)
         codec = get_codec(codec_name)
         payload = codec.encode(delta, importance=importance)

@@ -454,20 +454,12 @@ class CloudTrainer:
             robot.rejections, robot.last_reject_reason = old.rejections, old.last_reject_reason
         record = self.store.load_robot(robot_id, adapter=False)  # the adapter state is read at its next round
         if record is not None:  # a restart: continue from the last committed round
-            chain.latest, chain.applied, chain.published = record.latest, record.applied, self._ordered(record)
+            chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
             robot.latest_delta = record.deltas.get(record.latest)
             robot.declined = dict(record.declined)
             if not robot.owned:  # another worker published it: that worker gets the first resends
                 robot.last_sent = robot.synced = time.monotonic()
         return robot
-
-    def _ordered(self, record) -> dict[int, dict[str, torch.Tensor]]:
-        """The stored versions' parameters in the trainable set's order (the store's safetensors come back sorted by
-        name): an incremental delta is laid out in its reference's order, and a robot checks that layout against
-        its own trainable set, so a delta computed on a version read back from the store (a restart, or a round
-        after another worker's) must not reorder it."""
-        return {version: {name: params[name] for name in self._base if name in params} | params
-                for version, params in record.published.items()}  # fmt: skip
 
     # --------------------------------------------------------------------------------------- rounds
     def run_round(self, robot_id: str) -> dict:
@@ -844,7 +836,7 @@ class CloudTrainer:
             chain = robot.chain
             if record.latest != chain.latest:
                 robot.owned, robot.resends, robot.gave_up = False, 0, None
-            chain.latest, chain.applied, chain.published = record.latest, record.applied, self._ordered(record)
+            chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
             robot.latest_delta = record.deltas.get(record.latest)
             robot.declined = dict(record.declined)
 
