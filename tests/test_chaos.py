@@ -19,7 +19,7 @@ from cdcca import wire
 from cdcca.edge.app import build_runtime
 from cdcca.edge.runtime import EdgeConfig
 from cdcca.envelope import AckRejected, Signer, TrustStore, generate_key, seal, sign_ack, verify_ack
-from cdcca.transport import Link, LinkConfig
+from cdcca.transport import TOPICS, Link, LinkConfig
 from cdcca.uts import pack_tokens
 from tests.test_loop_faults import ALL_SAMPLES, Cloud, close_robot
 from tests.test_loop_faults import setup as setup  # noqa: F401  (the fixture: keys, checkpoints, endpoint, frames)
@@ -189,7 +189,7 @@ def test_chaos_on_every_key_loses_nothing_acknowledged_and_every_bad_message_is_
     runtimes, links = {}, {}
     for robot_id in ROBOTS:
         runtimes[robot_id], links[robot_id] = robot(setup, robot_id)
-    attacker = Link(LinkConfig.loopback(False, setup["endpoint"]))
+    attacker = Link(LinkConfig.loopback(False, setup["endpoint"]), blocking=set(TOPICS))  # its every put arrives
     captured: dict[tuple[str, str], list[bytes]] = {}  # what the cloud really sent (not the attacker's own)
     trust = TrustStore.load(setup["trust"])
 

@@ -28,6 +28,12 @@ Presence: the cloud declares a Zenoh liveliness token (:meth:`Link.declare_prese
 transport's lease whether any cloud is up, without waiting for a message (Zenoh's liveliness API: a token lives
 as long as its session, and a subscriber with ``history`` is told of the tokens that already exist).
 
+Congestion: Zenoh's default for a put is to drop it when the transport's queue is full. The cloud's messages
+(``weight_delta``, ``uts_ack``) are published with ``CongestionControl.BLOCK`` instead: they are rare, a delta is
+megabytes that would otherwise be dropped whole on a busy link, and losing one costs a resend period. The robot's
+messages keep the default: its uploads are resent from the durable queue and its statuses repeat as heartbeats,
+and a robot must not stall behind a congested link (Zenoh's ``CongestionControl`` reference).
+
 Malformed bytes never reach the caller: a payload that does not decode as its topic's type, or whose
 ``robot_id`` disagrees with its key, is logged and counted in :attr:`Link.rejected` and dropped.
 """
@@ -54,6 +60,7 @@ TOPICS = LINK_TOPICS
 DEFAULT_ENDPOINT = "tcp/127.0.0.1:7447"
 PRESENCE_PREFIX = "cdcca/presence"  # liveliness tokens: cdcca/presence/<name>, e.g. cdcca/presence/cloud
 CLOUD_PRESENCE = "cloud"  # the name a cloud worker declares (several workers: cloud/<worker>)
+BLOCKING_TOPICS = frozenset({"weight_delta", "uts_ack"})  # put with CongestionControl.BLOCK (see the module doc)
 
 
 class LinkError(CdccaError, ValueError):
@@ -179,12 +186,15 @@ class Link:
 
     Args:
         config: how to join the network.
+        blocking: the topics whose puts block rather than drop when the link is congested (default
+            :data:`BLOCKING_TOPICS`).
     """
 
-    def __init__(self, config: LinkConfig) -> None:
+    def __init__(self, config: LinkConfig, blocking: frozenset[str] | set[str] = BLOCKING_TOPICS) -> None:
         import zenoh
 
         self.config = config
+        self.blocking = frozenset(blocking)
         try:
             self.session = zenoh.open(config.to_zenoh())
         except Exception as err:
@@ -213,7 +223,11 @@ class Link:
                 raise LinkError("the link is closed")
             publisher = self._publishers.get(name)
             if publisher is None:
-                publisher = self._publishers[name] = self.session.declare_publisher(name)
+                import zenoh
+
+                congestion = zenoh.CongestionControl.BLOCK if topic in self.blocking else zenoh.CongestionControl.DROP
+                publisher = self.session.declare_publisher(name, congestion_control=congestion)
+                self._publishers[name] = publisher
             publisher.put(data)
             self.sent_bytes[topic] += len(data)
         return len(data)
