@@ -442,6 +442,9 @@ def _add_bench_args(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the headline table")
             p.add_argument("--stream-images", type=positive_int, default=150, help="stream images per domain")
             p.add_argument("--no-ablations", action="store_true", help="skip Tables 3 and 4")
+            p.add_argument("--workers", type=positive_int, default=None,
+                           help="processes running the (method, seed) runs side by side, --threads split between "
+                                "them (default: --threads, one thread each)")  # fmt: skip
             p.add_argument("--methods", nargs="+", default=None, choices=BENCH_METHODS, metavar="METHOD",
                            help=f"methods of the headline table, of: {' '.join(BENCH_METHODS)} (default: all; "
                                 "source-only is always run)")  # fmt: skip
@@ -1028,6 +1031,8 @@ def cmd_bench(args) -> dict:
             methods=methods,
             steps=args.steps or AdaptBenchConfig.steps,
             ablations=not args.no_ablations,
+            workers=args.workers or args.threads or 1,
+            threads=args.threads,
         )
         report = run_adapt_bench(checkpoints, config)
         _print_adapt_tables(report)

@@ -1,6 +1,7 @@
 """``cdcca bench adapt`` on the test preset: every method runs the stream; evaluation never sees adapted data."""
 
 import pytest
+import torch
 
 from cdcca.benchmarks.adapt import AdaptBenchConfig, CdccaMethod, make_method, run_adapt_bench
 from cdcca.data.digits_shift import load_domain
@@ -67,3 +68,29 @@ def test_a_round_with_nothing_uploaded_is_a_no_op(pretrained_test_pair):
     method = CdccaMethod(student, teacher, uts=UTSConfig(sample_mode="threshold", entropy_threshold=1e9))
     result = method.adapt(load_domain("printed", "stream", limit=2))
     assert (result.steps, result.samples_used) == (0, 0)
+
+
+def test_runs_on_worker_processes_report_what_one_process_reports(pretrained_test_pair):
+    # Prepare: a small stream with the ablations (so the job list mixes headline and ablation runs)
+    threads = torch.get_num_threads()
+    settings = dict(seeds=(0,), stream_images=2, test_images=2, steps=1, anchor_images=2, keep_ratios=(0.25,),
+                    methods=("source-only", "pl", "cdcca"), domains=("printed",), threads=2)  # fmt: skip
+    torch.set_num_threads(1)  # the workers run on 2 // 2 threads each: the same float rounding as here
+    try:
+        # Execute
+        serial = run_adapt_bench(pretrained_test_pair, AdaptBenchConfig(**settings), progress=False)
+        parallel = run_adapt_bench(pretrained_test_pair, AdaptBenchConfig(**settings, workers=2), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+    # Assert: the same runs in the same order, the ablation rows reusing the headline's where they are identical
+    def rows(report, key):
+        return [(r["method"], r["seed"], [round(x["acc"], 6) for x in r["rounds"]], r["uplink_bytes"])
+                for r in report[key]]  # fmt: skip
+
+    assert rows(parallel, "runs") == rows(serial, "runs")
+    assert rows(parallel, "ablation") == rows(serial, "ablation")
+    names = [r["method"] for r in parallel["ablation"]]
+    assert names == ["cdcca-paper", "pl", "+akd", "+uts-1", "cdcca", "cdcca-no-anchor", "uts@0.25", "random@0.25",
+                     "pl@0.1", "pl@0.3"]  # fmt: skip
+    assert parallel["summary"] == serial["summary"]

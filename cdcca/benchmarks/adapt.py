@@ -13,9 +13,12 @@ and the source-domain accuracy lost over the whole stream (worst seed), besides 
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -141,6 +144,10 @@ class AdaptBenchConfig:
         keep_ratios: UTS token keep ratios of Table 4.
         anchor_images: source-domain ``train`` images (one sample per task each) the cloud keeps as anchors.
         domains: the target stream, in order.
+        workers: processes that run the (method, seed) runs side by side, each on ``threads // workers`` torch
+            threads (1: every run in this process). The runs are independent and seeded, so the report does not
+            depend on which process ran what (up to float rounding of the thread count).
+        threads: torch threads in all (default: torch's current count).
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -152,8 +159,12 @@ class AdaptBenchConfig:
     keep_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
     anchor_images: int = ANCHOR_IMAGES
     domains: tuple[str, ...] = field(default=TARGET_DOMAINS)
+    workers: int = 1
+    threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.workers < 1 or (self.threads is not None and self.threads < 1):
+            raise ValueError(f"AdaptBenchConfig.workers and threads must be >= 1, got {self.workers}, {self.threads}")
         if not self.seeds:
             raise ValueError("AdaptBenchConfig.seeds must name at least one seed")
         for name in ("stream_images", "test_images", "steps"):
@@ -253,6 +264,42 @@ def run_method(name: str, checkpoints, teacher: MLLM, config: AdaptBenchConfig, 
             "source_after": source_after, "uplink_bytes": getattr(method, "uplink_bytes", 0)}  # fmt: skip
 
 
+_WORKER: dict = {}  # a worker process's teacher, test sets and settings, loaded once by _start_worker
+
+
+def _start_worker(checkpoints: str, config: AdaptBenchConfig, threads: int) -> None:
+    torch.set_num_threads(threads)
+    teacher = load_mllm(Path(checkpoints) / "teacher")
+    tests = {d: load_domain(d, "test", limit=config.test_images) for d in (SOURCE_DOMAIN, *config.domains)}
+    _WORKER.update(checkpoints=checkpoints, config=config, teacher=teacher, tests=tests)
+
+
+def _worker_run(name: str, seed: int) -> dict:
+    w = _WORKER
+    return run_method(name, Path(w["checkpoints"]), w["teacher"], w["config"], seed, w["tests"], progress=False)
+
+
+def run_methods(jobs: Sequence[tuple[str, int]], checkpoints, teacher: MLLM, config: AdaptBenchConfig,
+                tests: dict[str, list[Sample]], progress: bool = True) -> list[dict]:  # fmt: skip
+    """:func:`run_method` for every ``(method, seed)`` of ``jobs``, in that order; with ``config.workers > 1`` on
+    that many worker processes (spawned; each loads the teacher and test sets once), longest runs first."""
+    if config.workers <= 1 or len(jobs) <= 1:
+        return [run_method(name, checkpoints, teacher, config, seed, tests, progress) for name, seed in jobs]
+    workers = min(config.workers, len(jobs))
+    threads = max(1, (config.threads or torch.get_num_threads()) // workers)
+    cost = {"source-only": 0, "pkd": 1, "tent": 2}  # the rest train through the teacher: about equally long
+    order = sorted(range(len(jobs)), key=lambda i: cost.get(jobs[i][0], 3), reverse=True)
+    results: list[dict | None] = [None] * len(jobs)
+    context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch threads
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                             initargs=(str(checkpoints), config, threads)) as pool:  # fmt: skip
+        futures = {pool.submit(_worker_run, *jobs[i]): i for i in order}
+        for future in progress_bar(as_completed(futures), total=len(futures), desc=f"runs on {workers} workers",
+                                   disable=not progress):  # fmt: skip
+            results[futures[future]] = future.result()
+    return results  # type: ignore[return-value]
+
+
 def _stats(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
 
@@ -262,8 +309,18 @@ def run_adapt_bench(checkpoints, config: AdaptBenchConfig, progress: bool = True
     teacher = load_mllm(checkpoints / "teacher")
     tests = {d: load_domain(d, "test", limit=config.test_images) for d in (SOURCE_DOMAIN, *config.domains)}
     teacher_scores = {d: _row(evaluate(teacher, tests[d], progress=False)[0]) for d in config.domains}
-    runs = [run_method(name, checkpoints, teacher, config, seed, tests, progress)
-            for seed in config.seeds for name in config.methods]  # fmt: skip
+    jobs = [(name, seed) for seed in config.seeds for name in config.methods]
+    ablation_names: list[str] = []
+    same: dict[str, str] = {}
+    if config.ablations:
+        ablation_names = ["cdcca-paper", "pl", "+akd", "+uts-1", "cdcca", "cdcca-no-anchor"]
+        ablation_names += [f"{kind}@{ratio}" for ratio in config.keep_ratios for kind in ("uts", "random")]
+        ablation_names += ["pl@0.1", "pl@0.3"]  # PL on a random share of the samples, near UTS's bytes
+        same = {"cdcca": "cdcca", "pl": "pl", f"uts@{UTSConfig.token_keep_ratio}": "cdcca"}  # identical runs
+        headline_first = {name for name, seed in jobs if seed == config.seeds[0]}
+        jobs += [(n, config.seeds[0]) for n in ablation_names if same.get(n) not in headline_first]
+    done = run_methods(jobs, checkpoints, teacher, config, tests, progress)
+    runs = done[: len(config.seeds) * len(config.methods)]
     headline = {}
     for name in config.methods:
         mine = [r for r in runs if r["method"] == name]
@@ -273,14 +330,10 @@ def run_adapt_bench(checkpoints, config: AdaptBenchConfig, progress: bool = True
                                            for k in range(len(config.domains))]  # fmt: skip
     ablation = []
     if config.ablations:
-        names = ["cdcca-paper", "pl", "+akd", "+uts-1", "cdcca", "cdcca-no-anchor"]
-        names += [f"{kind}@{ratio}" for ratio in config.keep_ratios for kind in ("uts", "random")]
-        names += ["pl@0.1", "pl@0.3"]  # PL on a random share of the samples, near UTS's bytes
         seed = config.seeds[0]
-        same = {"cdcca": "cdcca", "pl": "pl", f"uts@{UTSConfig.token_keep_ratio}": "cdcca"}  # identical runs
-        done = {r["method"]: r for r in runs if r["seed"] == seed}
-        ablation = [{**done[same[n]], "method": n} if same.get(n) in done
-                    else run_method(n, checkpoints, teacher, config, seed, tests, progress) for n in names]  # fmt: skip
+        by_name = {r["method"]: r for r in runs if r["seed"] == seed}
+        by_name.update({r["method"]: r for r in done[len(runs) :]})
+        ablation = [{**by_name[same.get(n, n)], "method": n} for n in ablation_names]
     base = headline["source-only"]
     teacher_acc = float(np.mean([teacher_scores[d]["acc"] for d in config.domains]))
     gain = {name: {k: headline[name][k]["mean"] - base[k]["mean"] for k in ("mc", "da", "acc")} for name in headline}
