@@ -52,7 +52,7 @@ def pl_round(checkpoints, teacher, stream, test, steps=60, lr=1e-3, lora=LoraSet
     """Accuracy on ``test`` after one plain pseudo-labelling round on ``stream`` (all samples)."""
     torch.manual_seed(0)
     model = student(checkpoints, teacher, lora)
-    akd = AKDConfig(steps=steps, lr=lr, lambda_query=0, lambda_repr=0, lambda_kl=0, lambda_anchor=0,
+    akd = AKDConfig(steps=steps, lr=lr, lambda_query=0, lambda_repr=0, lambda_ce=1, lambda_kl=0, lambda_anchor=0,
                     fit_projections=False)  # fmt: skip
     stage2 = keep_ratio is not None
     method = CdccaMethod(model, teacher, uts=UTSConfig(token_keep_ratio=keep_ratio or 1.0), akd=akd, stage1=False,

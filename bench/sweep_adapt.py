@@ -14,6 +14,7 @@ JSON's ``runs`` list when it exists, so a sweep can be extended a few runs at a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -29,19 +30,31 @@ from cdcca.paths import checkpoint_dir
 from cdcca.report import format_table
 from cdcca.uts import UTSConfig
 
+# Every variant but ``default`` is a change of the round before the KL + features default (the first row),
+# spelled out here in full so a run's JSON still means what it meant when the default moves on.
+BEFORE = {"lambda_query": 1.0, "lambda_repr": 1.0, "lambda_ce": 1.0, "lambda_kl": 1.0}
 VARIANTS: dict[str, dict[str, dict]] = {
-    "default": {"akd": {}, "uts": {}},
-    "steps120": {"akd": {"steps": 120}, "uts": {}},
-    "lr2e-3": {"akd": {"lr": 2e-3}, "uts": {}},
-    "frac0.75": {"akd": {}, "uts": {"sample_fraction": 0.75}},
-    "frac1.0": {"akd": {}, "uts": {"sample_fraction": 1.0}},
-    "keep0.75": {"akd": {}, "uts": {"token_keep_ratio": 0.75}},
-    "soft": {"akd": {"lambda_kl": 2.0, "lambda_ce": 0.5}, "uts": {}},
-    "kl-only": {"akd": {"lambda_kl": 2.0, "lambda_ce": 0.0}, "uts": {}},
-    "feat3": {"akd": {"lambda_query": 3.0, "lambda_repr": 3.0}, "uts": {}},
-    "feat5": {"akd": {"lambda_query": 5.0, "lambda_repr": 5.0}, "uts": {}},
-    "anchor0.5": {"akd": {"lambda_anchor": 0.5}, "uts": {}},
-    "no-backtrack": {"akd": {"max_backtracks": 0}, "uts": {}},
+    "default": {"akd": {}, "uts": {}},  # today's AKDConfig / UTSConfig defaults (= "kl-feat3")
+    "before-kl-feat3": {"akd": {**BEFORE}, "uts": {}},  # the default until kl-feat3 replaced it
+    "steps120": {"akd": {**BEFORE, "steps": 120}, "uts": {}},
+    "lr2e-3": {"akd": {**BEFORE, "lr": 2e-3}, "uts": {}},
+    "frac0.75": {"akd": {**BEFORE}, "uts": {"sample_fraction": 0.75}},
+    "frac1.0": {"akd": {**BEFORE}, "uts": {"sample_fraction": 1.0}},
+    "keep0.75": {"akd": {**BEFORE}, "uts": {"token_keep_ratio": 0.75}},
+    "soft": {"akd": {**BEFORE, "lambda_kl": 2.0, "lambda_ce": 0.5}, "uts": {}},
+    "kl-only": {"akd": {**BEFORE, "lambda_kl": 2.0, "lambda_ce": 0.0}, "uts": {}},
+    "feat3": {"akd": {**BEFORE, "lambda_query": 3.0, "lambda_repr": 3.0}, "uts": {}},
+    "feat5": {"akd": {**BEFORE, "lambda_query": 5.0, "lambda_repr": 5.0}, "uts": {}},
+    "anchor0.5": {"akd": {**BEFORE, "lambda_anchor": 0.5}, "uts": {}},
+    "no-backtrack": {"akd": {**BEFORE, "max_backtracks": 0}, "uts": {}},
+    "kl-feat3": {"akd": {"lambda_kl": 2.0, "lambda_ce": 0.0, "lambda_query": 3.0, "lambda_repr": 3.0}, "uts": {}},
+    "kl-feat3-ce0.5": {"akd": {"lambda_kl": 2.0, "lambda_ce": 0.5, "lambda_query": 3.0, "lambda_repr": 3.0},
+                       "uts": {}},
+    "kl-feat5": {"akd": {"lambda_kl": 2.0, "lambda_ce": 0.0, "lambda_query": 5.0, "lambda_repr": 5.0}, "uts": {}},
+    "kl-feat3-a128": {"akd": {"lambda_kl": 2.0, "lambda_ce": 0.0, "lambda_query": 3.0, "lambda_repr": 3.0},
+                      "uts": {}, "bench": {"anchor_images": 128}},
+    "plk0.75": {"akd": {**BEFORE, "pseudo_label_keep": 0.75}, "uts": {}},
+    "tol0.01": {"akd": {**BEFORE, "forget_tolerance": 0.01}, "uts": {}},
 }
 
 
@@ -55,6 +68,7 @@ def run_variant(name: str, seed: int, checkpoints: Path, teacher, tests, config:
         return adapt.CdccaMethod(student, teacher, uts=uts, akd=akd, seed=seed, anchors=anchors)
 
     original, adapt.make_method = adapt.make_method, make
+    config = dataclasses.replace(config, **change.get("bench", {}))
     try:
         started = time.perf_counter()
         run = adapt.run_method("cdcca", checkpoints, teacher, config, seed, tests, progress=False)

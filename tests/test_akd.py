@@ -14,7 +14,8 @@ from cdcca.uts import pack_tokens
 def distiller(pair):
     teacher, student = pair
     add_lora(student)
-    return Distiller(teacher, student, AKDConfig(steps=4, batch_size=4, lr=5e-3, lambda_kl=0.0, fit_projections=False))
+    paper = dict(lambda_query=1.0, lambda_repr=1.0, lambda_ce=1.0, lambda_kl=0.0)  # the paper's loss (Eq. 6)
+    return Distiller(teacher, student, AKDConfig(steps=4, batch_size=4, lr=5e-3, fit_projections=False, **paper))
 
 
 @pytest.fixture(scope="module")

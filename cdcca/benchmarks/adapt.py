@@ -199,15 +199,15 @@ def make_method(name: str, student: MLLM, teacher: MLLM, steps: int, seed: int,
     random share ``f`` of the samples with all their tokens (PL at lower bytes).
     """
     akd = AKDConfig(steps=steps, seed=seed, check_fraction=CHECK_FRACTION)
-    plain = dict(steps=steps, seed=seed, lambda_query=0.0, lambda_repr=0.0, lambda_kl=0.0, lambda_anchor=0.0,
-                 fit_projections=False, check_fraction=0.0)  # fmt: skip
+    plain = dict(steps=steps, seed=seed, lambda_query=0.0, lambda_repr=0.0, lambda_ce=1.0, lambda_kl=0.0,
+                 lambda_anchor=0.0, fit_projections=False, check_fraction=0.0)  # fmt: skip
     if name == "source-only":
         return SourceOnly(student, teacher)
     if name == "cdcca":
         return CdccaMethod(student, teacher, akd=akd, seed=seed, anchors=anchors)
     if name == "cdcca-paper":
-        paper = AKDConfig(steps=steps, seed=seed, lambda_kl=0.0, lambda_anchor=0.0, fit_projections=False,
-                          check_fraction=0.0)  # fmt: skip
+        paper = AKDConfig(steps=steps, seed=seed, lambda_query=1.0, lambda_repr=1.0, lambda_ce=1.0, lambda_kl=0.0,
+                          lambda_anchor=0.0, fit_projections=False, check_fraction=0.0)  # fmt: skip
         return CdccaMethod(student, teacher, akd=paper, seed=seed)
     if name == "pl" or name.startswith("pl@"):
         fraction = float(name.split("@")[1]) if "@" in name else 1.0
