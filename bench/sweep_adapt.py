@@ -9,6 +9,10 @@ accuracy and the source drop, so a knob that helps one domain and hurts another 
 Run: ``python bench/sweep_adapt.py --variants default feat3 --seeds 0 1 2 --json bench/results/sweep_adapt.json``
 (needs ``cdcca pretrain``; about two minutes per variant and seed on one core). Results are appended to the
 JSON's ``runs`` list when it exists, so a sweep can be extended a few runs at a time.
+
+``--domains heldout`` runs the stream of ``bench/heldout_shifts.py`` instead (shifts written after the defaults
+were chosen; results in ``bench/results/heldout_adapt.json``), with the ``source-only`` and ``pl`` rows of
+``bench adapt`` as variants, and reports the share of the teacher-student gap each variant closes per domain.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import torch
 
 from cdcca.akd import AKDConfig
 from cdcca.benchmarks import adapt
-from cdcca.data.digits_shift import SOURCE_DOMAIN, VISUAL_DOMAINS, load_domain
+from cdcca.data.digits_shift import DOMAINS, SOURCE_DOMAIN, load_domain
+from cdcca.evaluate import evaluate
 from cdcca.models.checkpoint import load_mllm
 from cdcca.paths import checkpoint_dir
 from cdcca.report import format_table
@@ -55,12 +60,21 @@ VARIANTS: dict[str, dict[str, dict]] = {
                       "uts": {}, "bench": {"anchor_images": 128}},
     "plk0.75": {"akd": {**BEFORE, "pseudo_label_keep": 0.75}, "uts": {}},
     "tol0.01": {"akd": {**BEFORE, "forget_tolerance": 0.01}, "uts": {}},
+    "frac1.0-keep0.25": {"akd": {}, "uts": {"sample_fraction": 1.0, "token_keep_ratio": 0.25}},  # same bytes
+    "frac0.75-keep0.33": {"akd": {}, "uts": {"sample_fraction": 0.75, "token_keep_ratio": 0.33}},  # same bytes
+    # the benchmark's own rows, for a stream of other domains (--domains)
+    "pl": {"method": "pl"},
+    "source-only": {"method": "source-only"},
 }
 
 
 def run_variant(name: str, seed: int, checkpoints: Path, teacher, tests, config: adapt.AdaptBenchConfig) -> dict:
     """The ``cdcca`` row of ``bench adapt`` for one seed, with the variant's fields changed."""
     change = VARIANTS[name]
+    if "method" in change:  # a row of bench adapt as it is
+        started = time.perf_counter()
+        run = adapt.run_method(change["method"], checkpoints, teacher, config, seed, tests, progress=False)
+        return _record(name, seed, run, started)
 
     def make(_, student, teacher, steps, seed, anchors=None):
         akd = AKDConfig(**{"steps": steps, "seed": seed, "check_fraction": adapt.CHECK_FRACTION, **change["akd"]})
@@ -74,6 +88,10 @@ def run_variant(name: str, seed: int, checkpoints: Path, teacher, tests, config:
         run = adapt.run_method("cdcca", checkpoints, teacher, config, seed, tests, progress=False)
     finally:
         adapt.make_method = original
+    return _record(name, seed, run, started)
+
+
+def _record(name: str, seed: int, run: dict, started: float) -> dict:
     return {"variant": name, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
             "acc": {r["domain"]: round(r["acc"], 2) for r in run["rounds"]},
             "kept_step": [r["kept_step"] for r in run["rounds"]],
@@ -82,8 +100,14 @@ def run_variant(name: str, seed: int, checkpoints: Path, teacher, tests, config:
             "source_drop": round(run["source_before"] - run["source_after"], 2)}  # fmt: skip
 
 
-def summarize(runs: list[dict], domains: list[str]) -> list[dict]:
-    """Per variant: mean and worst seed accuracy per domain, mean over visual domains, worst source drop."""
+def summarize(runs: list[dict], domains: list[str], teacher: dict[str, float] | None = None) -> list[dict]:
+    """Per variant (runs over ``domains`` only): mean and worst seed accuracy per domain, mean over the visual
+    domains, worst source drop; with the ``teacher``'s accuracy per domain and a ``source-only`` variant, also the
+    share of the teacher-student gap closed per domain (mean over seeds, and the worst seed)."""
+    runs = [r for r in runs if set(domains) <= set(r["acc"])]
+    visual = [d for d in domains if DOMAINS[d].shifted_vision]
+    base = {d: float(np.mean([r["acc"][d] for r in runs if r["variant"] == "source-only"] or [np.nan]))
+            for d in domains}  # fmt: skip
     rows = []
     for name in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == name]
@@ -91,8 +115,12 @@ def summarize(runs: list[dict], domains: list[str]) -> list[dict]:
         for domain in domains:
             values = [r["acc"][domain] for r in mine]
             row[domain] = f"{np.mean(values):.1f} ({min(values):.1f})"
-        row["visual_mean"] = round(float(np.mean([np.mean([r["acc"][d] for d in VISUAL_DOMAINS]) for r in mine])), 2)
+        row["visual_mean"] = round(float(np.mean([np.mean([r["acc"][d] for d in visual]) for r in mine])), 2)
         row["worst_drop"] = max(r["source_drop"] for r in mine)
+        if teacher and not np.isnan(list(base.values())).any():
+            closed = {d: [(r["acc"][d] - base[d]) / max(1e-9, teacher[d] - base[d]) for r in mine] for d in domains}
+            row["gap_closed"] = {d: round(float(np.mean(v)), 3) for d, v in closed.items()}
+            row["gap_closed_worst_seed"] = {d: round(float(min(v)), 3) for d, v in closed.items()}
         rows.append(row)
     return rows
 
@@ -102,25 +130,36 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=Path("bench/results/sweep_adapt.json"))
+    parser.add_argument("--domains", choices=["committed", "heldout"], default="committed",
+                        help="the stream: the committed target domains, or the held-out shifts of "
+                             "bench/heldout_shifts.py (written after the defaults were chosen)")  # fmt: skip
+    parser.add_argument("--json", type=Path, default=None,
+                        help="default: bench/results/sweep_adapt.json (committed) or heldout_adapt.json")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     checkpoints = checkpoint_dir("tiny")
     config = adapt.AdaptBenchConfig(seeds=tuple(args.seeds), methods=("cdcca",), ablations=False)
+    if args.domains == "heldout":
+        import heldout_shifts
+
+        config = dataclasses.replace(config, domains=heldout_shifts.register())
+    path = args.json or Path(f"bench/results/{'sweep' if args.domains == 'committed' else 'heldout'}_adapt.json")
     teacher = load_mllm(checkpoints / "teacher")
     tests = {d: load_domain(d, "test", limit=config.test_images) for d in (SOURCE_DOMAIN, *config.domains)}
-    report = json.loads(args.json.read_text()) if args.json.exists() else {"variants": VARIANTS, "runs": []}
+    report = json.loads(path.read_text()) if path.exists() else {"variants": VARIANTS, "runs": []}
     report["variants"] = VARIANTS
+    if "teacher" not in report:
+        report["teacher"] = {d: evaluate(teacher, tests[d], progress=False)[0].accuracy for d in config.domains}
     for seed in args.seeds:
         for name in args.variants:
             run = run_variant(name, seed, checkpoints, teacher, tests, config)
             print(json.dumps(run), flush=True)
             report["runs"].append(run)
-            report["summary"] = summarize(report["runs"], list(config.domains))
-            args.json.write_text(json.dumps(report, indent=1))
+            report["summary"] = summarize(report["runs"], list(config.domains), report["teacher"])
+            path.write_text(json.dumps(report, indent=1))
     columns = ["variant", "seeds", *config.domains, "visual_mean", "worst_drop"]
-    print(format_table(report["summary"], columns, title="CD-CCA one-knob sweep: accuracy mean (worst seed)"))
-    print(f"report: {args.json}")
+    print(format_table(report["summary"], columns, title="CD-CCA sweep: accuracy mean (worst seed)"))
+    print(f"report: {path}")
 
 
 if __name__ == "__main__":
