@@ -239,7 +239,8 @@ def test_a_ros_camera_topic_without_publisher_is_a_warning_not_silence(make_robo
     thread = threading.Thread(target=run_dds_edge, args=(robot, topic, stop, settings), daemon=True)
     thread.start()
     try:
-        assert wait_until(lambda: len([r for r in caplog.records if topic in r.getMessage()]) >= 2, 30)
+        assert wait_until(lambda: len([r for r in caplog.records if topic in r.getMessage()]) >= 2, 60), \
+            "no two warnings within 60 s: is the DDS edge thread alive? " + str(thread.is_alive())
     finally:
         stop.set()
         thread.join(timeout=10)
