@@ -62,6 +62,9 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "tol0.01": {"akd": {**BEFORE, "forget_tolerance": 0.01}, "uts": {}},
     "frac1.0-keep0.25": {"akd": {}, "uts": {"sample_fraction": 1.0, "token_keep_ratio": 0.25}},  # same bytes
     "frac0.75-keep0.33": {"akd": {}, "uts": {"sample_fraction": 0.75, "token_keep_ratio": 0.33}},  # same bytes
+    "keep0.25": {"akd": {}, "uts": {"token_keep_ratio": 0.25}},  # Table 4 over seeds: UTS tokens ...
+    "random0.25": {"akd": {}, "uts": {"token_keep_ratio": 0.25}, "tokens": "random"},  # ... against random ones
+    "random0.5": {"akd": {}, "uts": {}, "tokens": "random"},
     # the benchmark's own rows, for a stream of other domains (--domains)
     "pl": {"method": "pl"},
     "source-only": {"method": "source-only"},
@@ -79,7 +82,8 @@ def run_variant(name: str, seed: int, checkpoints: Path, teacher, tests, config:
     def make(_, student, teacher, steps, seed, anchors=None):
         akd = AKDConfig(**{"steps": steps, "seed": seed, "check_fraction": adapt.CHECK_FRACTION, **change["akd"]})
         uts = UTSConfig(**{"seed": seed, **change["uts"]})
-        return adapt.CdccaMethod(student, teacher, uts=uts, akd=akd, seed=seed, anchors=anchors)
+        return adapt.CdccaMethod(student, teacher, uts=uts, akd=akd, seed=seed, anchors=anchors,
+                                 token_selection=change.get("tokens", "uts"))  # fmt: skip
 
     original, adapt.make_method = adapt.make_method, make
     config = dataclasses.replace(config, **change.get("bench", {}))
