@@ -142,7 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     checkpoints = checkpoint_dir("tiny")
-    config = adapt.AdaptBenchConfig(seeds=tuple(args.seeds), methods=("cdcca",), ablations=False)
+    config = adapt.AdaptBenchConfig(seeds=tuple(args.seeds), methods=("source-only", "cdcca"), ablations=False)
     if args.domains == "heldout":
         import heldout_shifts
 

@@ -447,7 +447,7 @@ def _add_bench_args(parser: argparse.ArgumentParser) -> None:
                                 "them (default: --threads, one thread each)")  # fmt: skip
             p.add_argument("--methods", nargs="+", default=None, choices=BENCH_METHODS, metavar="METHOD",
                            help=f"methods of the headline table, of: {' '.join(BENCH_METHODS)} (default: all; "
-                                "source-only is always run)")  # fmt: skip
+                                "source-only and cdcca are always run)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1024,7 +1024,7 @@ def cmd_bench(args) -> dict:
 
         methods = AdaptBenchConfig.methods
         if args.methods:
-            methods = ("source-only", *[m for m in args.methods if m != "source-only"])
+            methods = ("source-only", *[m for m in args.methods if m not in ("source-only", "cdcca")], "cdcca")
         config = AdaptBenchConfig(
             seeds=tuple(args.seeds),
             stream_images=args.stream_images,

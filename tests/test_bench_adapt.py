@@ -94,3 +94,30 @@ def test_runs_on_worker_processes_report_what_one_process_reports(pretrained_tes
     assert names == ["cdcca-paper", "pl", "+akd", "+uts-1", "cdcca", "cdcca-no-anchor", "uts@0.25", "random@0.25",
                      "pl@0.1", "pl@0.3"]  # fmt: skip
     assert parallel["summary"] == serial["summary"]
+
+
+def test_ablation_rows_identical_to_another_run_are_run_once(pretrained_test_pair, monkeypatch):
+    # Prepare: a headline without PL, so the ablation's PL row runs here; "uts@0.5" is the headline's CD-CCA run
+    import cdcca.benchmarks.adapt as adapt
+
+    ran = []
+    real = adapt.run_method
+
+    def counting(name, *args, **kwargs):
+        ran.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(adapt, "run_method", counting)
+    config = AdaptBenchConfig(seeds=(0,), stream_images=2, test_images=2, steps=1, anchor_images=2, keep_ratios=(0.5,),
+                              methods=("source-only", "cdcca"), domains=("printed",))  # fmt: skip
+
+    # Execute
+    report = run_adapt_bench(pretrained_test_pair, config, progress=False)
+
+    # Assert
+    assert sorted(ran) == sorted(["source-only", "cdcca", "cdcca-paper", "pl", "+akd", "+uts-1", "cdcca-no-anchor",
+                                  "random@0.5", "pl@0.1", "pl@0.3"])  # fmt: skip
+    rows = {r["method"]: r for r in report["ablation"]}
+    assert rows["uts@0.5"]["rounds"] == rows["cdcca"]["rounds"] == report["runs"][1]["rounds"]
+    with pytest.raises(ValueError, match="source-only and cdcca"):
+        AdaptBenchConfig(methods=("source-only", "pl"))

@@ -167,6 +167,9 @@ class AdaptBenchConfig:
             raise ValueError(f"AdaptBenchConfig.workers and threads must be >= 1, got {self.workers}, {self.threads}")
         if not self.seeds:
             raise ValueError("AdaptBenchConfig.seeds must name at least one seed")
+        if not {"source-only", "cdcca"} <= set(self.methods):
+            raise ValueError(f"AdaptBenchConfig.methods must hold source-only and cdcca (the summary compares CD-CCA "
+                             f"with source-only), got {list(self.methods)}")  # fmt: skip
         for name in ("stream_images", "test_images", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AdaptBenchConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -317,8 +320,11 @@ def run_adapt_bench(checkpoints, config: AdaptBenchConfig, progress: bool = True
         ablation_names += [f"{kind}@{ratio}" for ratio in config.keep_ratios for kind in ("uts", "random")]
         ablation_names += ["pl@0.1", "pl@0.3"]  # PL on a random share of the samples, near UTS's bytes
         same = {"cdcca": "cdcca", "pl": "pl", f"uts@{UTSConfig.token_keep_ratio}": "cdcca"}  # identical runs
-        headline_first = {name for name, seed in jobs if seed == config.seeds[0]}
-        jobs += [(n, config.seeds[0]) for n in ablation_names if same.get(n) not in headline_first]
+        scheduled = {name for name, seed in jobs if seed == config.seeds[0]}
+        for name in ablation_names:  # each distinct run once: an ablation row identical to another reuses it
+            if same.get(name, name) not in scheduled:
+                scheduled.add(same.get(name, name))
+                jobs.append((same.get(name, name), config.seeds[0]))
     done = run_methods(jobs, checkpoints, teacher, config, tests, progress)
     runs = done[: len(config.seeds) * len(config.methods)]
     headline = {}
