@@ -23,6 +23,7 @@ from cdcca.models.checkpoint import load_adaptable_student, load_mllm
 from cdcca.models.mllm import MLLM
 from cdcca.uts import pack_tokens
 from cloud_trainer.service import CloudConfig, CloudTrainer
+from tests.test_cloud_trainer import RecordingLink
 
 # (robot, uploads of its round): r1, r2, r1, r2 interleaved, different samples per robot and round
 SCHEDULE = [("r1", slice(0, 4)), ("r2", slice(8, 12)), ("r1", slice(4, 8)), ("r2", slice(0, 4))]
@@ -282,22 +283,13 @@ def test_worker_settings_are_checked():
 
 
 # ------------------------------------------------------------- part 4: leases renewed, resends by any worker
-class RecordingLink:
-    """A link that records what the cloud publishes (acks, deltas) and subscribes to nothing real."""
-
-    def __init__(self):
-        self.deltas = []
-
-    def subscribe(self, robot_id, topic, handler):
-        pass
-
-    def publish(self, robot_id, topic, msg):
-        return 0
-
-    def publish_bytes(self, robot_id, topic, data):
-        if topic == "weight_delta":
-            self.deltas.append((robot_id, wire.decode(wire.WEIGHT_DELTA, data)))
-        return len(data)
+def publish_v1_and_go(fleet, state, signer, uploads) -> None:
+    """Worker ``a`` trains and commits r1's v1 in ``state``, then is gone (a crash leaves the same store behind)."""
+    a = make_worker(fleet, state, "a")
+    a.signer = signer
+    upload(a, "r1", uploads[:4])
+    assert [r["version"] for r in a.step()] == [1]
+    a.close()
 
 
 def status(robot_id, version):
@@ -347,11 +339,7 @@ def test_a_robot_behind_gets_the_update_from_another_worker_when_its_publisher_i
 
     signer, trust = robot_keys
     state = tmp_path / "cloud"
-    a = make_worker(fleet, state, "a")
-    a.signer = signer
-    upload(a, "r1", uploads[:4])
-    assert [r["version"] for r in a.step()] == [1]
-    a.close()  # the publisher is gone (a crash leaves the same store behind)
+    publish_v1_and_go(fleet, state, signer, uploads)
     b = make_worker(fleet, state, "b", resend_after_s=0.1)
     b.signer = signer
     b.link = link = RecordingLink()
@@ -407,11 +395,7 @@ def test_a_robot_that_comes_back_after_a_give_up_gets_a_keyframe_from_a_worker_t
     # robot, still on v0, is heard again only later
     signer, _ = robot_keys
     state = tmp_path / "cloud"
-    a = make_worker(fleet, state, "a")
-    a.signer = signer
-    upload(a, "r1", uploads[:4])
-    assert [r["version"] for r in a.step()] == [1]
-    a.close()
+    publish_v1_and_go(fleet, state, signer, uploads)
     b = make_worker(fleet, state, "b", resend_after_s=0.05, max_resends=1, comeback_after_s=0.1)
     b.signer, b.link = signer, (link := RecordingLink())
     b.receive_status("r1", status("r1", 0))

@@ -75,7 +75,16 @@ class RecordingLink:
         pass
 
     def publish(self, robot_id, topic, msg):
-        self.published.append((robot_id, topic, wire.decode(LINK_TOPICS[topic], wire.encode(msg))))
+        return self.publish_bytes(robot_id, topic, wire.encode(msg))
+
+    def publish_bytes(self, robot_id, topic, data):
+        self.published.append((robot_id, topic, wire.decode(LINK_TOPICS[topic], data)))
+        return len(data)
+
+    @property
+    def deltas(self):
+        """The published ``WeightDelta`` messages, as (robot_id, message)."""
+        return [(robot_id, msg) for robot_id, topic, msg in self.published if topic == "weight_delta"]
 
 
 def test_acks_are_signed_with_the_delta_key_and_their_sequence_grows_across_a_restart(pretrained_test_pair, uploads,
