@@ -195,6 +195,7 @@ class Link:
 
         self.config = config
         self.blocking = frozenset(blocking)
+        self._block, self._drop = zenoh.CongestionControl.BLOCK, zenoh.CongestionControl.DROP
         try:
             self.session = zenoh.open(config.to_zenoh())
         except Exception as err:
@@ -223,11 +224,8 @@ class Link:
                 raise LinkError("the link is closed")
             publisher = self._publishers.get(name)
             if publisher is None:
-                import zenoh
-
-                congestion = zenoh.CongestionControl.BLOCK if topic in self.blocking else zenoh.CongestionControl.DROP
-                publisher = self.session.declare_publisher(name, congestion_control=congestion)
-                self._publishers[name] = publisher
+                congestion = self._block if topic in self.blocking else self._drop
+                publisher = self._publishers[name] = self.session.declare_publisher(name, congestion_control=congestion)
             publisher.put(data)
             self.sent_bytes[topic] += len(data)
         return len(data)
