@@ -18,7 +18,7 @@ def edge_run(pretrained_test_pair, tmp_path_factory):
     args = SimpleNamespace(preset="test", checkpoints=pretrained_test_pair, json=None, plot=out / "edge.png",
                            threads=1)  # fmt: skip
     config = EdgeBenchConfig(threads=(1,), images_per_domain=2, answers=20, warmup=2, parity_answers=15,
-                             swap_answers=20, swap_every=4, uts_answers=4, latency_rounds=2)  # fmt: skip
+                             swap_answers=20, swap_every=4, uts_answers=4, uts_warmup=3, latency_rounds=2)  # fmt: skip
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         report = cli_bench_edge(args, config)
@@ -51,6 +51,12 @@ def test_edge_report(edge_run, tmp_path):
     ort_uts = report["ort_uts"]
     assert ort_uts["answers"] == 4 and ort_uts["kept_samples"] >= 1 and ort_uts["stage_two_ms_mean"] > 0
     assert summary["uts_scoring_over_ort_answer"] == ort_uts["scoring_over_answer"] > 0
+    # the warm-up's answers are scored first and reported apart; both workers decide on all seven
+    assert len(ort_uts["keep_decisions"]) == len(report["uts"]["keep_decisions"]) == 7
+    assert ort_uts["warmup_answers"] == 3 and ort_uts["kept_samples"] == sum(ort_uts["keep_decisions"][3:])
+    assert ort_uts["cold_kept_fraction"] == 1.0  # the first answer of each prompt kind is always kept
+    assert summary["uts_scoring_over_ort_answer_cold"] == ort_uts["cold_scoring_over_answer"] > 0
+    assert summary["uts_kept_fraction"] == ort_uts["kept_samples"] / 4
     assert "onnxruntime" in printed and "ort_peak_rss_mib" in printed  # the table and the summary
     assert (out / "edge.png").stat().st_size > 10_000
     assert plot_edge(report, tmp_path / "again.png").is_file()
@@ -87,3 +93,25 @@ def test_edge_report_summary_carries_the_issue_targets(edge_report):
     assert targets["ort_p50_at_most_0.4_torch_at_1_and_2_threads"] is False  # 2 threads were not measured
     assert targets["ort_peak_rss_at_most_200_mib"] == (summary["ort_peak_rss_mib"] <= 200)
     assert targets["uts_scoring_at_most_0.3_ort_answer"] == (summary["uts_scoring_over_ort_answer"] <= 0.3)
+
+
+def test_uts_figures_split_the_cold_start_from_the_steady_state():
+    """The warm-up's answers count only in the cold-start figures; the target is read on the rest."""
+    import numpy as np
+
+    from cdcca.benchmarks.edge import _uts_figures
+
+    config = EdgeBenchConfig(uts_answers=4, uts_warmup=2)
+    answer_s = np.array([1.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    scoring_s = np.array([0.9, 0.7, 0.8, 0.0, 0.4, 0.0])
+    kept = np.array([True, True, True, False, True, False])
+    figures = _uts_figures(config, answer_s, scoring_s, kept)
+    assert figures["scoring_over_answer"] == pytest.approx(1.2 / 8)
+    assert figures["kept_scoring_over_answer"] == pytest.approx(1.2 / 4)
+    assert figures["cold_scoring_over_answer"] == pytest.approx(1.6 / 2) and figures["cold_kept_fraction"] == 1.0
+    assert figures["kept_samples"] == 2 and figures["keep_decisions"] == kept.tolist()
+    assert figures["answer_ms_mean"] == pytest.approx(2000.0) and figures["scoring_ms_mean"] == pytest.approx(300.0)
+    none = _uts_figures(EdgeBenchConfig(uts_answers=4, uts_warmup=0), answer_s[2:], scoring_s[2:], kept[2:])
+    assert none["cold_scoring_over_answer"] is None and none["scoring_over_answer"] == figures["scoring_over_answer"]
+    with pytest.raises(ValueError, match="uts_warmup"):
+        EdgeBenchConfig(uts_warmup=-1)
