@@ -62,12 +62,14 @@ def snapshot(model) -> dict[str, torch.Tensor]:
         (CoTTAConfig, {"num_augmentations": 0}, "num_augmentations"),
         (PKDConfig, {"lr": -1.0}, "lr"),
         (PKDConfig, {"eps": 0.0}, "eps"),
+        (PKDConfig, {"lambda_task": 0.0, "lambda_feature": 0.0}, "lambda_task"),
         (CWDConfig, {"steps": 0}, "steps"),
         (CWDConfig, {"temperature": 0.0}, "temperature"),
     ],
 )
 def test_config_errors_name_the_field(config_cls, bad, field):
-    with pytest.raises(ValueError, match=re.escape(f"{config_cls.__name__}.{field} must")):
+    with pytest.raises(ValueError, match=re.escape(f"{config_cls.__name__}.{field} must")
+                       if field != "lambda_task" else "lambda_task, lambda_feature >= 0, not both 0"):  # fmt: skip
         config_cls(**bad)
 
 
@@ -213,6 +215,47 @@ def test_cotta_confident_samples_skip_augmentation(lora_pair, stream):
     torch.testing.assert_close(pseudo.targets.sum(-1), torch.ones(len(pseudo.owner)))
 
 
+# ------------------------------------------------------------------------------------- feature distillation
+
+
+def _task_loss(student, tokens, prompts, labels) -> float:
+    student.eval()
+    with torch.no_grad():
+        soft_prompt = student.blip2.language_projection(student.query_outputs(tokens))
+        return float(student.lm_forward(soft_prompt, prompts, labels).loss)
+
+
+@pytest.mark.parametrize("method_cls", [PKD, CWD])
+def test_feature_distillation_trains_the_task_loss_on_the_teachers_answers(lora_pair, stream, method_cls):
+    # Prepare: the task term alone, so what the round lowers is the cross-entropy on the teacher's answers
+    teacher, student = lora_pair
+    config_cls = PKDConfig if method_cls is PKD else CWDConfig
+    method = method_cls(student, teacher, config_cls(steps=6, batch_size=6, lr=0.05, lambda_feature=0.0))
+    samples = stream[:6]
+    prompts = [s.prompt for s in samples]
+    with torch.no_grad():
+        tokens = student.visual_tokens(student.preprocess([s.load_image() for s in samples]))
+        labels = teacher.eval().generate(prompts, visual_tokens=tokens).texts
+    assert method._pseudo_labels(tokens, prompts, batch_size=4) == labels  # batched as the teacher answers alone
+    before = _task_loss(student, tokens, prompts, labels)
+
+    method.adapt(samples)
+
+    assert _task_loss(student, tokens, prompts, labels) < before
+
+
+def test_feature_distillation_without_the_task_term_never_asks_the_teacher_to_answer(lora_pair, stream, monkeypatch):
+    teacher, student = lora_pair
+    method = PKD(student, teacher, PKDConfig(steps=2, batch_size=6, lr=0.05, lambda_task=0.0))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher generated answers for a feature-only round")
+
+    monkeypatch.setattr(teacher, "generate", refuse)
+    result = method.adapt(stream[:6])
+    assert result.steps == 2 and math.isfinite(result.loss)
+
+
 # ------------------------------------------------------------------------------------------------- PKD
 
 
@@ -243,7 +286,8 @@ def test_pkd_projects_the_student_when_widths_differ(tokenizer, stream):
     base = get_preset("test")
     wider_teacher = dataclasses.replace(base, teacher=TowerSizes(2, 48, 2, 4, 48, 2, 2))
     teacher, student = build_pair(wider_teacher, tokenizer, seed=0)
-    pkd = PKD(add_lora(student), teacher.eval(), PKDConfig(steps=2, batch_size=6, lr=0.05))
+    # the feature term alone, whose value (mean 1 - Pearson r) is bounded by 2
+    pkd = PKD(add_lora(student), teacher.eval(), PKDConfig(steps=2, batch_size=6, lr=0.05, lambda_task=0.0))
     projection_before = pkd.projection.weight.detach().clone()
 
     result = pkd.adapt(stream[:6])

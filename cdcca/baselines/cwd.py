@@ -9,7 +9,9 @@ averaged over channels: the student learns where each channel fires most. Adapte
   channel of each sample becomes a distribution over the Q queries;
 * the loss is τ² · KL(teacher ‖ student), averaged over channels and samples, as in CWD's code;
 * as in PKD (``cdcca.baselines.pkd.FeatureDistillation``, whose round this reuses): a learned linear projection
-  of the student's features if the widths differ (cloud-only), and the student trains its trainable set.
+  of the student's features if the widths differ (cloud-only), the student trains its trainable set, and the
+  term is added to the task loss (CWD trains the segmentation loss plus the distillation term; here, with no
+  labels, the cross-entropy on the teacher's greedy answers).
 """
 
 from __future__ import annotations
