@@ -156,6 +156,64 @@ def test_tls_with_user_password_auth_on_loopback(tmp_path):
             link.close()
 
 
+def _users(tmp_path, text="robot-r1:pw1\nrobot-r2:pw2\ncloud:cpw\n"):
+    users = tmp_path / "users.txt"
+    users.write_text(text)
+    return str(users)
+
+
+def test_a_robot_user_puts_only_its_own_robot_topics_and_is_sent_only_its_own_keys(tmp_path):
+    users = _users(tmp_path)
+    endpoint = f"tcp/127.0.0.1:{free_port()}"
+    cloud = Link(LinkConfig(listen=[endpoint], username="cloud", password="cpw", users_file=users,
+                            bind_robot_users=True))  # fmt: skip
+    r1 = Link(LinkConfig(connect=[endpoint], username="robot-r1", password="pw1"))
+    r2 = Link(LinkConfig(connect=[endpoint], username="robot-r2", password="pw2"))
+    try:
+        heard, r1_heard, r2_heard = [], [], []
+        cloud.subscribe("*", "adapter_status", lambda robot_id, msg, _: heard.append((robot_id, msg.version)))
+        cloud.session.declare_subscriber("*/cdcca/weight_delta", lambda s: heard.append((str(s.key_expr), 0)))
+        r1.subscribe("*", "adapter_status", lambda robot_id, msg, _: r1_heard.append(msg.version))
+        r2.subscribe("*", "adapter_status", lambda robot_id, msg, _: r2_heard.append(msg.version))
+        assert wait_until(lambda: r1.peers() == 1 and r2.peers() == 1)
+        time.sleep(0.5)
+
+        r1.publish("r1", "adapter_status", status("r1", version=1))  # its own
+        r1.publish("r2", "adapter_status", status("r2", version=66))  # as another robot
+        r1.publish_bytes("r1", "weight_delta", b"not a robot topic")
+        r2.publish("r2", "adapter_status", status("r2", version=2))
+        cloud.publish("r1", "adapter_status", status("r1", version=7))
+        cloud.publish("r2", "adapter_status", status("r2", version=8))
+
+        assert wait_until(lambda: {("r1", 1), ("r2", 2)} <= set(heard) and 7 in r1_heard and 8 in r2_heard)
+        time.sleep(0.5)
+        assert sorted(heard) == [("r1", 1), ("r1", 7), ("r2", 2), ("r2", 8)]  # its own, and nothing forged
+        # a session hears its own puts locally; from the cloud, each robot is sent only its own robot's keys
+        assert sorted(r1_heard) == [1, 7, 66] and sorted(r2_heard) == [2, 8]
+    finally:
+        for link in (r2, r1, cloud):
+            link.close()
+
+
+def test_binding_robot_users_reads_the_users_file_and_refuses_what_it_cannot_bind(tmp_path):
+    config = LinkConfig(users_file=_users(tmp_path), bind_robot_users=True)
+    acl = config.access_control()
+    assert acl["default_permission"] == "deny" and config.users() == ["robot-r1", "robot-r2", "cloud"]
+    assert {"id": "unbound", "usernames": ["cloud"]} in acl["subjects"]
+    puts = {r["id"]: r["key_exprs"] for r in acl["rules"] if r["id"].startswith("puts-of-")}
+    assert puts["puts-of-r1"] == ["r1/cdcca/uts_tokens", "r1/cdcca/adapter_status", "r1/cdcca/answer",
+                                  "r1/cdcca/diagnostics"]  # fmt: skip
+    with pytest.raises(LinkError, match="needs users_file"):
+        LinkConfig(bind_robot_users=True)
+    with pytest.raises(LinkError, match="no single robot"):
+        LinkConfig(users_file=_users(tmp_path, "robot-*:pw\n"), bind_robot_users=True)
+    for bad in ("robot-r1:pw\nrobot-r2\n", "robot-r1:pw\n# a comment\n"):  # Zenoh would refuse both files
+        with pytest.raises(LinkError, match=r"users.txt:2: expected user:password"):
+            LinkConfig(users_file=_users(tmp_path, bad), bind_robot_users=True)
+    with pytest.raises(LinkError, match="must be non-empty"):
+        LinkConfig(users_file=_users(tmp_path, "robot-a/b:pw\n"), bind_robot_users=True)
+
+
 def test_through_a_router_in_client_mode():
     endpoint = f"tcp/127.0.0.1:{free_port()}"
     router = Link(LinkConfig(mode="router", listen=[endpoint]))

@@ -23,6 +23,12 @@ The embedded default is peer mode on loopback with multicast scouting off: the c
 user/password authentication are configuration (:class:`LinkConfig`), as in Zenoh's own configuration
 reference (``transport/link/tls``, ``transport/auth/usrpwd``).
 
+A robot is bound to its keys by Zenoh's access control (``LinkConfig.bind_robot_users``, Zenoh manual,
+"Access Control"): on the process that listens (the cloud, or a router), every user ``robot-<id>`` of the users
+file may put only the robot topics (:data:`ROBOT_TOPICS`) of robot ``<id>``, and is sent only the keys of robot
+``<id>``. One robot's credentials can then neither upload nor report a status as another robot, nor read another
+robot's deltas. Every other user of the file (cloud workers, monitors) is unrestricted.
+
 Presence: the cloud declares a Zenoh liveliness token (:meth:`Link.declare_presence`, key
 ``cdcca/presence/<name>``); a robot subscribes to them (:meth:`Link.watch_presence`) and so learns within the
 transport's lease whether any cloud is up, without waiting for a message (Zenoh's liveliness API: a token lives
@@ -59,6 +65,11 @@ log = logging.getLogger(__name__)
 TOPICS = LINK_TOPICS
 DEFAULT_ENDPOINT = "tcp/127.0.0.1:7447"
 PRESENCE_PREFIX = "cdcca/presence"  # liveliness tokens: cdcca/presence/<name>, e.g. cdcca/presence/cloud
+ROBOT_TOPICS = ("uts_tokens", "adapter_status", "answer", "diagnostics")  # what a robot puts on the link
+ROBOT_USER_PREFIX = "robot-"  # user robot-<id> of a users file is robot <id> (LinkConfig.bind_robot_users)
+# every message kind of Zenoh 1.x's access control (zenoh-config AclMessage)
+_ACL_MESSAGES = ("put", "delete", "declare_subscriber", "query", "declare_queryable", "reply", "liveliness_token",
+                 "declare_liveliness_subscriber", "liveliness_query")  # fmt: skip
 CLOUD_PRESENCE = "cloud"  # the name a cloud worker declares (several workers: cloud/<worker>)
 BLOCKING_TOPICS = frozenset({"weight_delta", "uts_ack"})  # put with CongestionControl.BLOCK (see the module doc)
 
@@ -92,6 +103,9 @@ class LinkConfig:
         username: user name for Zenoh's user/password authentication.
         password: its password.
         users_file: on the listening side, a file of ``user:password`` lines that are accepted.
+        bind_robot_users: on the listening side (with ``users_file``), Zenoh access control that lets each user
+            ``robot-<id>`` put only robot ``<id>``'s robot topics and receive only robot ``<id>``'s keys; other
+            users are unrestricted (:meth:`access_control`).
     """
 
     mode: str = "peer"
@@ -105,6 +119,7 @@ class LinkConfig:
     username: str | None = None
     password: str | None = None
     users_file: str | None = None
+    bind_robot_users: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("peer", "client", "router"):
@@ -120,6 +135,57 @@ class LinkConfig:
             raise LinkError("tls/ endpoints need LinkConfig.tls_root_ca (the CA certificate peers chain to)")
         if any(e.startswith("tls/") for e in self.listen) and not (self.tls_certificate and self.tls_private_key):
             raise LinkError("listening on tls/ needs LinkConfig.tls_certificate and tls_private_key")
+        if self.bind_robot_users:
+            self.access_control()  # a users file it cannot bind is an error now, not when the link opens
+
+    def users(self) -> list[str]:
+        """The user names of ``users_file``: one ``user:password`` per line, nothing else (Zenoh's usrpwd
+        dictionary refuses blank lines and comments too)."""
+        if self.users_file is None:
+            return []
+        names = []
+        for number, line in enumerate(Path(self.users_file).read_text().splitlines(), 1):
+            name, colon, _ = line.partition(":")
+            if not colon or not name:
+                raise LinkError(f"{self.users_file}:{number}: expected user:password")
+            names.append(name)
+        return names
+
+    def access_control(self) -> dict:
+        """The Zenoh ``access_control`` block of ``bind_robot_users``: default deny; users ``robot-<id>`` may put
+        and delete only ``<id>/cdcca/<t>`` for the robot topics ``t``, are sent puts only on ``<id>/cdcca/**``, and
+        may do everything else (subscribe, liveliness); the file's other users may do everything. Paste it into a
+        ``zenohd`` configuration to bind robots at a router."""
+        if self.users_file is None:
+            raise LinkError("LinkConfig.bind_robot_users needs users_file (the user:password lines robots log in with)")
+        robots = {}
+        for name in self.users():
+            if name.startswith(ROBOT_USER_PREFIX):
+                robot_id = name[len(ROBOT_USER_PREFIX) :]
+                if "*" in robot_id:
+                    raise LinkError(f"{self.users_file}: user {name!r} names no single robot (no * in a robot id)")
+                key(robot_id, ROBOT_TOPICS[0])  # the same robot id check as every key
+                robots[name] = robot_id
+        others = [name for name in self.users() if name not in robots]
+        both = ["ingress", "egress"]
+        reads = [m for m in _ACL_MESSAGES if m not in ("put", "delete")]
+        rules = [{"id": "everything", "permission": "allow", "flows": both, "messages": list(_ACL_MESSAGES),
+                  "key_exprs": ["**"]},
+                 {"id": "no-writes", "permission": "allow", "flows": both, "messages": reads, "key_exprs": ["**"]}]
+        subjects, policies = [], []
+        if others:
+            subjects.append({"id": "unbound", "usernames": others})
+            policies.append({"rules": ["everything"], "subjects": ["unbound"]})
+        for name, robot_id in robots.items():
+            rules += [{"id": f"puts-of-{robot_id}", "permission": "allow", "flows": ["ingress"],
+                       "messages": ["put", "delete"], "key_exprs": [key(robot_id, t) for t in ROBOT_TOPICS]},
+                      {"id": f"keys-of-{robot_id}", "permission": "allow", "flows": ["egress"],
+                       "messages": ["put", "delete"], "key_exprs": [f"{robot_id}/cdcca/**"]}]
+            subjects.append({"id": f"user-{name}", "usernames": [name]})
+            policies.append({"rules": ["no-writes", f"puts-of-{robot_id}", f"keys-of-{robot_id}"],
+                             "subjects": [f"user-{name}"]})
+        return {"enabled": True, "default_permission": "deny", "rules": rules, "subjects": subjects,
+                "policies": policies}  # fmt: skip
 
     @classmethod
     def from_file(cls, path: str | Path) -> LinkConfig:
@@ -167,6 +233,8 @@ class LinkConfig:
             settings["transport/auth/usrpwd/password"] = self.password
         if self.users_file:
             settings["transport/auth/usrpwd/dictionary_file"] = self.users_file
+        if self.bind_robot_users:
+            settings["access_control"] = self.access_control()
         try:
             for name, value in settings.items():
                 config.insert_json5(name, json.dumps(value))
