@@ -290,7 +290,7 @@ def run_methods(jobs: Sequence[tuple[str, int]], checkpoints, teacher: MLLM, con
         return [run_method(name, checkpoints, teacher, config, seed, tests, progress) for name, seed in jobs]
     workers = min(config.workers, len(jobs))
     threads = max(1, (config.threads or torch.get_num_threads()) // workers)
-    cost = {"source-only": 0, "pkd": 1, "tent": 2}  # the rest train through the teacher: about equally long
+    cost = {"source-only": 0, "tent": 2}  # the rest train on the teacher's answers: about equally long
     order = sorted(range(len(jobs)), key=lambda i: cost.get(jobs[i][0], 3), reverse=True)
     results: list[dict | None] = [None] * len(jobs)
     context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch threads
