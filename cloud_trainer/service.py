@@ -6,8 +6,9 @@ Algorithm 1 of Wang et al. (CVPR 2024), cloud side, as a long-running service:
   grid and width, the LMs' positions, sizes derived from them; a rejection is counted by reason), committed
   to SQLite and only then acknowledged with a ``UtsAck``, signed with the delta key and numbered by a per-robot
   sequence that only grows (the clock in ns, or one more than the last, so a restart never reuses one: robots
-  refuse an ack not newer than the last they accepted); duplicates by (robot_id, sample_id) are acknowledged
-  again and otherwise ignored;
+  refuse an ack they accepted before, and one more than 60 s below the newest they accepted, so the acks of
+  several workers may cross, ``cdcca.edge.uplink.ACK_WINDOW``); duplicates by (robot_id, sample_id) are
+  acknowledged again and otherwise ignored;
 * when a robot has ``round_size`` pending samples, a round runs on them (up to ``max_round_samples``): the
   teacher pseudo-labels the kept tokens and AKD distills into that robot's cloud student (continual: each
   round starts from the last), DWC encodes the change against the version the robot runs, and the signed

@@ -176,7 +176,7 @@ def test_the_queue_takes_the_sequence_in_the_transaction_that_deletes(tmp_path):
     for i in range(3):
         queue.put(f"s{i}", 1.0, b"x")
     assert queue.ack(["s0"], sequence=5) == 1
-    with pytest.raises(StaleAck, match="not newer than 5"):
+    with pytest.raises(StaleAck, match="5 was accepted before"):
         queue.ack(["s1"], sequence=5)
     assert sorted(queue.ids()) == ["s1", "s2"] and queue.stats().ack_sequence == 5
     assert queue.ack([], sequence=6) == 0 and queue.stats().ack_sequence == 6
@@ -202,3 +202,30 @@ def test_the_signed_bytes_are_unambiguous_and_verify_names_the_reason(keys):
     assert err.value.reason == "unknown_key"
     with pytest.raises(ValueError, match="sequence"):
         sign_ack(signers["cloud-2"], "r1", ["a"], 0)
+
+
+def test_acks_of_two_workers_that_cross_are_taken_and_each_is_taken_once(tmp_path):
+    """Two cloud workers ack one robot, each numbering from its own clock: an ack below the newest is taken if it
+    is new and within the window; a replay of any taken ack, and one older than the window, are refused."""
+    from cdcca.edge.uplink import ACK_WINDOW
+
+    queue = UplinkQueue(tmp_path / "uplink.sqlite")
+    for i in range(4):
+        queue.put(f"s{i}", 1.0, b"x")
+    newest = 10 * ACK_WINDOW
+    assert queue.ack(["s0"], sequence=newest) == 1  # worker a
+    assert queue.ack(["s1"], sequence=newest - 5) == 1  # worker b, whose ack left first but arrived second
+    for replay in (newest, newest - 5):
+        with pytest.raises(StaleAck, match="was accepted before"):
+            queue.ack(["s2"], sequence=replay)
+    with pytest.raises(StaleAck, match="more than 60 s older than"):
+        queue.ack(["s2"], sequence=newest - ACK_WINDOW)
+    assert sorted(queue.ids()) == ["s2", "s3"] and queue.stats().ack_sequence == newest
+    queue.close()
+    reopened = UplinkQueue(tmp_path / "uplink.sqlite")  # the window survives a restart
+    with pytest.raises(StaleAck, match="was accepted before"):
+        reopened.ack(["s2"], sequence=newest - 5)
+    assert reopened.ack(["s2"], sequence=newest + ACK_WINDOW + 1) == 1  # far newer: the window moves past both
+    assert reopened._db.execute("SELECT COUNT(*) FROM ack_seen").fetchone() == (1,)  # what fell out is pruned
+    assert reopened.ack(["s3"], sequence=newest + 2) == 1  # just inside the moved window, and new
+    reopened.close()

@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS ack_sequence (
     id       INTEGER PRIMARY KEY CHECK (id = 0),
     sequence INTEGER NOT NULL     -- UtsAck.sequence of the newest accepted ack
 );
+CREATE TABLE IF NOT EXISTS ack_seen (
+    sequence INTEGER PRIMARY KEY  -- accepted acks within ACK_WINDOW of the newest
+);
 """
 COUNTERS = ("enqueued", "dropped", "acked", "sent", "resent", "nonfinite_entropy", "refused", "duplicates")
 
@@ -73,12 +76,22 @@ class UplinkStats:
     write_failures: int = 0  # writes the disk refused since this process opened the queue (e.g. disk full)
 
 
-class StaleAck(CdccaError):
-    """An ack whose sequence is not newer than the last accepted one: a replay (it deleted nothing)."""
+# How far below the newest accepted ack sequence an unseen ack is still taken (the sequences are the cloud's clock
+# in ns): 60 s. Several cloud workers ack one robot, each numbering from its own clock, and two workers' acks
+# cross on the way; the anti-replay window of IPsec and DTLS (RFC 4303, Sec. 3.4.3; RFC 6347, Sec. 4.1.2.6)
+# takes those and still refuses every ack it took before.
+ACK_WINDOW = 60_000_000_000
 
-    def __init__(self, sequence: int, last: int) -> None:
-        super().__init__(f"ack sequence {sequence} is not newer than {last}, the last accepted (replayed?)")
-        self.sequence, self.last = sequence, last
+
+class StaleAck(CdccaError):
+    """An ack the replay window refuses: one accepted before, or one older than the window below the newest
+    accepted (it deleted nothing)."""
+
+    def __init__(self, sequence: int, last: int, seen: bool) -> None:
+        why = ("was accepted before" if seen
+               else f"is more than {ACK_WINDOW / 1e9:.0f} s older than {last}, the newest accepted")  # fmt: skip
+        super().__init__(f"ack sequence {sequence} {why} (replayed?)")
+        self.sequence, self.last, self.seen = sequence, last, seen
 
 
 class UplinkWriteError(CdccaError):
@@ -211,9 +224,11 @@ class UplinkQueue:
     def ack(self, sample_ids: list[str], sequence: int | None = None) -> int:
         """The cloud stored these samples; forget them. Returns how many were still queued.
 
-        With ``sequence`` (a verified ``UtsAck.sequence``) the ack counts only if it is newer than every ack
-        accepted before; it becomes the newest in the same transaction as the deletes. Raises :class:`StaleAck`
-        (deleting nothing) otherwise.
+        With ``sequence`` (a verified ``UtsAck.sequence``) the ack counts only if no ack with that sequence was
+        accepted before and it is at most :data:`ACK_WINDOW` below the newest accepted one; it is recorded in the
+        same transaction as the deletes. Raises :class:`StaleAck` (deleting nothing) otherwise. A replayed ack is
+        refused after a restart too (the window is persisted); one the robot never saw that still falls in the
+        window only names samples the cloud stored.
 
         The cost under the queue lock (which the answering thread needs to queue a sample) is bounded by what
         the queue holds, not by the ack: the ids are hashed outside it, and when the ack names more ids than
@@ -226,11 +241,7 @@ class UplinkQueue:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 if sequence is not None:
-                    last = self._last_sequence()
-                    if sequence <= last:
-                        raise StaleAck(sequence, last)
-                    self._db.execute("INSERT INTO ack_sequence VALUES (0, ?) ON CONFLICT(id) DO UPDATE SET "
-                                     "sequence = excluded.sequence", (sequence,))  # fmt: skip
+                    self._take_sequence(sequence)
                 (queued,) = self._db.execute("SELECT COUNT(*) FROM uplink").fetchone()
                 if len(wanted) > queued:
                     wanted = {sid for (sid,) in self._db.execute("SELECT sample_id FROM uplink") if sid in wanted}
@@ -246,6 +257,18 @@ class UplinkQueue:
                 self._rollback()
                 raise
         return max(removed, 0)
+
+    def _take_sequence(self, sequence: int) -> None:
+        """Record ``sequence`` as accepted (inside the ack's transaction), or raise :class:`StaleAck`."""
+        last = self._last_sequence()
+        seen = self._db.execute("SELECT 1 FROM ack_seen WHERE sequence = ?", (sequence,)).fetchone() is not None
+        if seen or sequence <= last - ACK_WINDOW:
+            raise StaleAck(sequence, last, seen)
+        self._db.execute("INSERT INTO ack_seen VALUES (?)", (sequence,))
+        if sequence > last:
+            self._db.execute("INSERT INTO ack_sequence VALUES (0, ?) ON CONFLICT(id) DO UPDATE SET "
+                             "sequence = excluded.sequence", (sequence,))  # fmt: skip
+            self._db.execute("DELETE FROM ack_seen WHERE sequence <= ?", (sequence - ACK_WINDOW,))
 
     def _last_sequence(self) -> int:
         row = self._db.execute("SELECT sequence FROM ack_sequence WHERE id = 0").fetchone()
