@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdcca.baselines.cotta import CoTTA, CoTTAConfig
+from cdcca.baselines.cotta import CoTTA, CoTTAConfig, augment_image
 from cdcca.baselines.cwd import CWD, CWDConfig, channel_distill_loss
 from cdcca.baselines.pkd import PKD, PKDConfig, pearson_distill_loss
 from cdcca.baselines.tent import Tent, TentConfig, norm_parameters
@@ -254,6 +254,18 @@ def test_feature_distillation_without_the_task_term_never_asks_the_teacher_to_an
     monkeypatch.setattr(teacher, "generate", refuse)
     result = method.adapt(stream[:6])
     assert result.steps == 2 and math.isfinite(result.loss)
+
+
+def test_cotta_views_shift_and_rescale_but_never_mirror():
+    """A mirrored digit is another symbol: every view is the frame shifted by at most 2 px and rescaled."""
+    image = np.zeros((12, 12, 3), np.uint8)
+    image[2:10, 3] = 200  # a vertical stroke near the left edge: a mirror would put it near the right
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        view = augment_image(image, rng)
+        column = int(np.argmax(view[6, :, 0]))
+        assert view.shape == image.shape and view.dtype == np.uint8
+        assert 1 <= column <= 5 and view[6, column, 0] >= 0.8 * 200 - 1  # shifted, brightened or dimmed, not flipped
 
 
 # ------------------------------------------------------------------------------------------------- PKD
