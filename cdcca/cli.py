@@ -265,8 +265,9 @@ def _add_edge_args(parser: argparse.ArgumentParser) -> None:
                         help="append each answer to this JSON Lines file (one object per answer)")  # fmt: skip
     parser.add_argument("--metrics-port", type=port_number, default=None, metavar="PORT",
                         help="serve Prometheus metrics (cdcca_edge_*) on this port (default: off)")  # fmt: skip
-    parser.add_argument("--metrics-addr", default="0.0.0.0", metavar="ADDR",
-                        help="address the metrics server binds (127.0.0.1: this machine only)")  # fmt: skip
+    parser.add_argument("--metrics-address", "--metrics-addr", dest="metrics_addr", default="0.0.0.0", metavar="ADDR",
+                        help="address the metrics server binds (127.0.0.1: this machine only; a robot's metrics are "
+                             "scraped from elsewhere, so every interface by default)")  # fmt: skip
     parser.add_argument("--status-line", action=argparse.BooleanOptionalAction, default=None,
                         help="a one-line status rewritten in place (default: when stdout is a terminal)")  # fmt: skip
     parser.add_argument("--cloud-warn-after", type=positive_float, default=5.0, metavar="SECONDS",
@@ -314,7 +315,8 @@ def _add_cloud_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=AKD_DEFAULTS["seed"], help="random seed of AKD")
     parser.add_argument("--metrics-port", type=port_number, default=None, metavar="PORT",
                         help="serve Prometheus metrics (cdcca_cloud_*) on this port (default: off)")  # fmt: skip
-    parser.add_argument("--metrics-address", default=CLOUD_SERVICE_DEFAULTS["metrics_address"], metavar="ADDR",
+    parser.add_argument("--metrics-address", "--metrics-addr", dest="metrics_address",
+                        default=CLOUD_SERVICE_DEFAULTS["metrics_address"], metavar="ADDR",
                         help="address the metrics server binds (0.0.0.0: every interface)")  # fmt: skip
     parser.add_argument("--status-every", type=non_negative_float, default=CLOUD_SERVICE_DEFAULTS["status_every_s"],
                         metavar="SECONDS", help="publish the cloud's status on the link this often (0: off)")

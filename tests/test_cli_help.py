@@ -269,3 +269,13 @@ def test_the_robot_launch_file_takes_model_and_still_model_path():
     source = path.read_text()
     assert "'checkpoints': ParameterValue(ModelFolder()" in source
     assert "LaunchConfiguration('model').perform(context)" in source
+
+
+def test_both_commands_take_both_spellings_of_the_metrics_address():
+    """`edge` spelled it --metrics-addr and `cloud` --metrics-address; a script written for one works on the other."""
+    from cdcca.cli import build_parser
+
+    parse = build_parser().parse_args
+    for spelling in ("--metrics-address", "--metrics-addr"):
+        assert parse(["edge", "--source", "dir:x", spelling, "127.0.0.1"]).metrics_addr == "127.0.0.1"
+        assert parse(["cloud", spelling, "0.0.0.0"]).metrics_address == "0.0.0.0"
