@@ -195,6 +195,33 @@ def test_a_robot_user_puts_only_its_own_robot_topics_and_is_sent_only_its_own_ke
             link.close()
 
 
+def test_a_router_binds_robot_users_for_its_clients(tmp_path):
+    """The same access control on a router (robots and the cloud as its clients): a forged status is dropped at
+    the router, and a robot is routed only its own robot's keys."""
+    endpoint = f"tcp/127.0.0.1:{free_port()}"
+    router = Link(LinkConfig(mode="router", listen=[endpoint], users_file=_users(tmp_path), bind_robot_users=True))
+    cloud = Link(LinkConfig(mode="client", connect=[endpoint], username="cloud", password="cpw"))
+    r1 = Link(LinkConfig(mode="client", connect=[endpoint], username="robot-r1", password="pw1"))
+    r2 = Link(LinkConfig(mode="client", connect=[endpoint], username="robot-r2", password="pw2"))
+    try:
+        heard, r2_heard = [], []
+        cloud.subscribe("*", "adapter_status", lambda robot_id, msg, _: heard.append((robot_id, msg.version)))
+        r2.subscribe("*", "adapter_status", lambda robot_id, msg, _: r2_heard.append(msg.version))
+        assert wait_until(lambda: all(link.peers() == 1 for link in (cloud, r1, r2)))
+        time.sleep(0.5)
+        r1.publish("r1", "adapter_status", status("r1", version=1))
+        r1.publish("r2", "adapter_status", status("r2", version=66))  # as another robot
+        cloud.publish("r2", "adapter_status", status("r2", version=8))
+        cloud.publish("r1", "adapter_status", status("r1", version=7))
+        assert wait_until(lambda: ("r1", 1) in heard and 8 in r2_heard)
+        time.sleep(0.5)
+        assert sorted(heard) == [("r1", 1), ("r1", 7), ("r2", 8)]  # r1's own, the cloud's own (local), no forgery
+        assert r2_heard == [8]  # neither r1's forgery nor r1's key
+    finally:
+        for link in (r2, r1, cloud, router):
+            link.close()
+
+
 def test_binding_robot_users_reads_the_users_file_and_refuses_what_it_cannot_bind(tmp_path):
     config = LinkConfig(users_file=_users(tmp_path), bind_robot_users=True)
     acl = config.access_control()
