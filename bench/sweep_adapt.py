@@ -65,6 +65,10 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "keep0.25": {"akd": {}, "uts": {"token_keep_ratio": 0.25}},  # Table 4 over seeds: UTS tokens ...
     "random0.25": {"akd": {}, "uts": {"token_keep_ratio": 0.25}, "tokens": "random"},  # ... against random ones
     "random0.5": {"akd": {}, "uts": {}, "tokens": "random"},
+    # a sharper token ranking: 32 MC passes instead of 8 (bench/uts_passes.py: 8 passes share 59-70 % of the kept
+    # tokens with a 128-pass estimate), against random tokens at the same bytes
+    "mc32": {"akd": {}, "uts": {"mc_passes": 32}},
+    "mc32-keep0.25": {"akd": {}, "uts": {"mc_passes": 32, "token_keep_ratio": 0.25}},
     # the benchmark's own rows, for a stream of other domains (--domains)
     "pl": {"method": "pl"},
     "source-only": {"method": "source-only"},
