@@ -69,6 +69,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     # tokens with a 128-pass estimate), against random tokens at the same bytes
     "mc32": {"akd": {}, "uts": {"mc_passes": 32}},
     "mc32-keep0.25": {"akd": {}, "uts": {"mc_passes": 32, "token_keep_ratio": 0.25}},
+    "mc6": {"akd": {}, "uts": {"mc_passes": 6}},  # fewer passes: three quarters of stage 2's cost on the robot
     # the benchmark's own rows, for a stream of other domains (--domains)
     "pl": {"method": "pl"},
     "source-only": {"method": "source-only"},
