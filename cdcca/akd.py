@@ -210,6 +210,18 @@ def fit_linear(layer: nn.Linear, inputs: torch.Tensor, targets: torch.Tensor, ri
     layer.bias.copy_(solution[-1])
 
 
+@torch.inference_mode()
+def greedy_answers(model: MLLM, samples: Sequence[DistillSample], batch_size: int = 128) -> list[str]:
+    """``model``'s greedy answers to ``samples``, each attending only to its kept tokens, ``batch_size`` at a time."""
+    model.eval()
+    answers: list[str] = []
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        tokens, mask = torch.stack([s.tokens for s in batch]), torch.stack([s.token_mask for s in batch])
+        answers += model.generate([s.prompt for s in batch], visual_tokens=tokens, token_mask=mask).texts
+    return answers
+
+
 class Distiller:
     """Teacher -> cloud student distillation through the trainable set.
 
@@ -298,16 +310,7 @@ class Distiller:
     def _stack(batch: Sequence[DistillSample]) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([s.tokens for s in batch]), torch.stack([s.token_mask for s in batch])
 
-    @staticmethod
-    @torch.inference_mode()
-    def _greedy(model: MLLM, samples: Sequence[DistillSample], batch_size: int = 128) -> list[str]:
-        model.eval()
-        answers: list[str] = []
-        for start in range(0, len(samples), batch_size):
-            tokens, mask = Distiller._stack(samples[start : start + batch_size])
-            prompts = [s.prompt for s in samples[start : start + batch_size]]
-            answers += model.generate(prompts, visual_tokens=tokens, token_mask=mask).texts
-        return answers
+    _greedy = staticmethod(greedy_answers)
 
     def _student_lm(self, batch: Sequence[DistillSample], labels: Sequence[str]):
         tokens, mask = self._stack(batch)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdcca.akd import DistillSample, greedy_answers
 from cdcca.baselines.base import AdaptationMethod, RoundResult, finish_round, optimizer_step
 from cdcca.data.sample import Sample
 from cdcca.models.mllm import MLLM
@@ -166,13 +167,10 @@ class FeatureDistillation(AdaptationMethod):
         return finish_round(self.student, self.config.steps, started, losses, len(used))
 
     def _pseudo_labels(self, tokens: torch.Tensor, prompts: list[str], batch_size: int = 128) -> list[str]:
-        """The teacher's greedy answers on every visual token, the round's task labels."""
-        labels: list[str] = []
-        for start in range(0, len(prompts), batch_size):
-            generation = self.teacher.generate(prompts[start : start + batch_size],
-                                               visual_tokens=tokens[start : start + batch_size])  # fmt: skip
-            labels += generation.texts
-        return labels
+        """The teacher's greedy answers on every visual token (N, T, D), the round's task labels."""
+        every = torch.ones(tokens.shape[1], dtype=torch.long, device=tokens.device)
+        samples = [DistillSample(str(i), tokens[i], every, prompt) for i, prompt in enumerate(prompts)]
+        return greedy_answers(self.teacher, samples, batch_size)
 
 
 class PKD(FeatureDistillation):
