@@ -41,7 +41,7 @@ def dropout_keep_mask(rng: np.random.Generator, shape: tuple[int, ...], p: float
     Each entry is one 16-bit draw from the generator's raw stream, dropped where it falls under
     ``round(p * 2**16)``: the drop rate is ``p`` to within 2**-17 (0.1 becomes 0.100006). Drawing 16 bits instead of
     a float32 uniform per entry, and comparing integers, makes the mask three times faster to draw (52 against
-    160 us for 8 passes over a 37-token layer, a tenth of stage 2 on one thread; ``bench/README.md``).
+    160 us for 8 passes over a 37-token layer, a tenth of stage 2 on one thread; ``bench/edge.md``).
 
     ``out`` (float32, C-contiguous, ``shape``): write into it instead of allocating; the values are the same."""
     if not 0.0 <= p < 1.0:

@@ -158,15 +158,15 @@ class LinkConfig:
         ``zenohd`` configuration to bind robots at a router."""
         if self.users_file is None:
             raise LinkError("LinkConfig.bind_robot_users needs users_file (the user:password lines robots log in with)")
-        robots = {}
-        for name in self.users():
+        users, robots = self.users(), {}
+        for name in users:
             if name.startswith(ROBOT_USER_PREFIX):
                 robot_id = name[len(ROBOT_USER_PREFIX) :]
                 if "*" in robot_id:
                     raise LinkError(f"{self.users_file}: user {name!r} names no single robot (no * in a robot id)")
                 key(robot_id, ROBOT_TOPICS[0])  # the same robot id check as every key
                 robots[name] = robot_id
-        others = [name for name in self.users() if name not in robots]
+        others = [name for name in users if name not in robots]
         both = ["ingress", "egress"]
         reads = [m for m in _ACL_MESSAGES if m not in ("put", "delete")]
         rules = [{"id": "everything", "permission": "allow", "flows": both, "messages": list(_ACL_MESSAGES),
