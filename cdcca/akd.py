@@ -44,6 +44,7 @@ Beyond the paper, measured in ``bench/README.md``:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,6 +92,13 @@ class AKDConfig:
         max_backtracks: a check below ``forget_tolerance`` sends the weights back to the last step within it
             and doubles the anchor weight for the rest of the round, at most this many times per round (0: a
             broken check only keeps those weights from being published).
+        subspace_fold: train the round in a seeded random subspace of 1/``subspace_fold`` of the trainable set's
+            dimensions (:class:`cdcca.dwc_format.SubspaceBasis`, one basis per round, its seed in
+            :attr:`RoundReport.subspace_seed`), so the ``subspace`` codec sends the change losslessly but for its
+            quantizer (beyond the paper; ``bench/downlink.md``). After each optimizer step the change since the
+            round's start is projected onto the subspace; the trainable set's learning rate is multiplied by
+            √fold, which keeps a step's length in the subspace what it is in the full space. 0: the full space.
+        subspace_chunk: the basis's longest chunk (``SubspaceConfig.chunk``).
     """
 
     lambda_query: float = 3.0
@@ -111,6 +119,8 @@ class AKDConfig:
     anchor_batch: int = 16
     forget_tolerance: float = 0.02
     max_backtracks: int = 3
+    subspace_fold: int = 0
+    subspace_chunk: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("lambda_query", "lambda_repr", "lambda_ce", "lambda_kl"):
@@ -132,6 +142,9 @@ class AKDConfig:
                              f"got {self.lambda_anchor}, {self.anchor_batch}, {self.forget_tolerance}")  # fmt: skip
         if self.max_backtracks < 0:
             raise ValueError(f"AKDConfig.max_backtracks must be >= 0, got {self.max_backtracks}")
+        if self.subspace_fold < 0 or self.subspace_chunk < 1 or self.subspace_chunk & (self.subspace_chunk - 1):
+            raise ValueError(f"AKDConfig.subspace_fold must be >= 0 and subspace_chunk a power of two, got "
+                             f"{self.subspace_fold}, {self.subspace_chunk}")  # fmt: skip
 
 
 @dataclass
@@ -185,6 +198,7 @@ class RoundReport:
     check_score: tuple[float, float] | None = None
     anchor_agreement: tuple[float, float] | None = None
     backtracks: int = 0
+    subspace_seed: int | None = None  # the basis the round trained in (AKDConfig.subspace_fold > 0)
 
 
 ANCHOR_IMAGES = 64  # source images the cloud keeps as anchors: half replayed, half the forgetting guard
@@ -257,7 +271,10 @@ class Distiller:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = torch.distributed.get_rank() if distributed else 0
         self.world_size = torch.distributed.get_world_size() if distributed else 1
-        self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
+        scale = math.sqrt(self.config.subspace_fold) if self.config.subspace_fold else 1.0
+        groups = [{"params": list(self.trainable.values()), "lr": self.config.lr * scale},
+                  {"params": [*self.phi.parameters(), *self.psi.parameters()]}]  # fmt: skip
+        self.optimizer = torch.optim.AdamW(groups, lr=self.config.lr, weight_decay=0.0)
         self._params = params
         self.rounds = 0
         anchors = list(anchors or [])
@@ -428,6 +445,8 @@ class Distiller:
             samples, labels = [samples[i] for i in order[held:]], [labels[i] for i in order[held:]]
         if config.fit_projections:
             self.fit_projections(samples[:64], labels[:64])
+        subspace = self._round_subspace(rng) if config.subspace_fold else None
+        start = self._snapshot() if subspace is not None else None
         guard = bool(self.anchor_check[0])
         floor = 1.0 - config.forget_tolerance
         start_score = self._check_score(*check) if check is not None else None
@@ -452,6 +471,8 @@ class Distiller:
                 self._average_gradients()
             torch.nn.utils.clip_grad_norm_(self._params, 1.0)
             self.optimizer.step()
+            if subspace is not None:
+                self._project(subspace, start)
             for name, value in terms.items():
                 history.setdefault(name, []).append(float(value.detach()))
             if (check is not None or guard) and (step % config.check_every == 0 or step == config.steps):
@@ -483,4 +504,20 @@ class Distiller:
             pseudo_labels=all_labels, kept_step=best[1] if checked else None,
             check_score=(start_score, best[0]) if check is not None else None,
             anchor_agreement=(start_anchor, best[3]) if guard else None, backtracks=backtracks,
+            subspace_seed=subspace.seed if subspace is not None else None,
         )  # fmt: skip
+
+    def _round_subspace(self, rng: np.random.Generator):
+        """This round's random subspace of the trainable set (in its order, the layout the codec sees)."""
+        from cdcca.dwc_format import SubspaceBasis
+
+        numels = tuple(p.numel() for p in self.trainable.values())
+        return SubspaceBasis(numels, self.config.subspace_fold, self.config.subspace_chunk, int(rng.integers(2**62)))
+
+    @torch.no_grad()
+    def _project(self, subspace, start: dict[str, torch.Tensor]) -> None:
+        """θ = θ_start + BBᵀ(θ − θ_start) for each trainable tensor: the change stays in the round's subspace."""
+        for index, (name, param) in enumerate(self.trainable.items()):
+            change = (param - start[name]).reshape(-1).double().numpy()
+            kept = subspace.expand(index, subspace.coefficients(index, change))
+            param.copy_(start[name] + torch.from_numpy(kept).to(param.dtype).reshape(param.shape))

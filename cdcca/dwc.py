@@ -61,7 +61,7 @@ from cdcca.dwc_format import (
 
 __all__ = ["CODECS", "FORMAT", "MAX_DELTA_RATIO", "VERSION", "Codec", "CodecError", "DeltaStats", "ECDQCodec",
            "ECDQConfig", "ECSQCodec", "ECSQConfig", "Fp16Codec", "NF4Codec", "NF4Config", "SparseSignCodec",
-           "SparseSignConfig", "apply_delta", "bits_per_param", "compute_delta", "container_limit", "get_codec",
+           "SparseSignConfig", "SubspaceCodec", "SubspaceConfig", "apply_delta", "bits_per_param", "compute_delta", "container_limit", "get_codec",
            "gradient_importance", "layout_fingerprint", "measure"]  # fmt: skip
 # the format's limits and readers under their former names here (tests/test_np_delta.py, tests/test_envelope.py)
 _MAX_ELEMENTS, _MAX_CONTAINER_BYTES, _NF4_BLOCKSIZES = MAX_ELEMENTS, MAX_CONTAINER_BYTES, NF4_BLOCKSIZES
@@ -575,6 +575,85 @@ class ECDQCodec(Codec):
         return {i: "ecdq" for i in changed}, streams
 
 
+# -------------------------------------------------------------------------------------------------- subspace
+@dataclass(frozen=True)
+class SubspaceConfig:
+    """Knobs of the codec-aware ``subspace`` codec.
+
+    Args:
+        fold: the subspace has 1/``fold`` of the trainable set's dimensions (ceil per power-of-two chunk).
+        chunk: longest chunk (a power of two) a tensor is split into; each chunk gets its own random directions.
+        basis_seed: seed of the random directions; the cloud draws one per round (the round trains in it) and it
+            travels in the header.
+        step: ``ecdq`` step of the coefficients, in units of each tensor's coefficient RMS.
+        seed: ``ecdq`` dither seed of the coefficients.
+        zstd_level: zstd level (1-22) of the entropy coding.
+    """
+
+    fold: int = 12
+    chunk: int = 1024
+    basis_seed: int = 0
+    step: float = 0.5
+    seed: int = 0
+    zstd_level: int = 19
+
+    def __post_init__(self) -> None:
+        dwc_format.subspace_params({"fold": self.fold, "chunk": self.chunk, "basis_seed": self.basis_seed})
+        ECDQConfig(step=self.step, seed=self.seed, zstd_level=self.zstd_level)  # the same checks
+
+
+class SubspaceCodec(Codec):
+    """Beyond the paper, and codec-aware: the round trains in a seeded random subspace and only its coordinates
+    travel (:class:`cdcca.dwc_format.SubspaceBasis`).
+
+    Training an adapter in a random subspace of 1/``fold`` of its dimensions loses little (Li et al., "Measuring
+    the intrinsic dimension of objective landscapes", ICLR 2018; NOLA, Koohpayegani et al., ICLR 2024, builds LoRA
+    from seeded random bases the same way). The round's delta then *is* Bz, so the codec sends z, coded by the
+    ``ecdq`` quantizer at a fine step (``step``): 1/``fold`` of the values at about 3.3 bits each. The robot draws B
+    from the seed in the header and its own trainable set's layout (names never travel).
+
+    A delta that is not in the subspace is projected onto it (what is outside is lost): the cloud trains the
+    round in the same basis (``AKDConfig.subspace_fold``, :meth:`for_round`), starts it from what the robot holds,
+    and sends keyframes that span several rounds with :data:`SUBSPACE_FALLBACK` (:attr:`round_bound`).
+    """
+
+    name = "subspace"
+    layout_by_reference = True
+    round_bound = True  # only a delta trained in this round's basis survives the codec
+
+    def __init__(self, config: SubspaceConfig = SubspaceConfig()) -> None:
+        self.config = config
+        self.zstd_level = config.zstd_level
+
+    def for_round(self, basis_seed: int) -> SubspaceCodec:
+        """This codec with the round's basis."""
+        from dataclasses import replace
+
+        return SubspaceCodec(replace(self.config, basis_seed=int(basis_seed)))
+
+    def basis(self, numels: Iterable[int]) -> dwc_format.SubspaceBasis:
+        """The basis of a trainable set whose tensors (in layout order) have ``numels`` values."""
+        return dwc_format.SubspaceBasis(tuple(numels), self.config.fold, self.config.chunk, self.config.basis_seed)
+
+    def _params(self) -> dict[str, Any]:
+        c = self.config
+        return {"fold": c.fold, "chunk": c.chunk, "basis_seed": c.basis_seed, "step": float(c.step), "seed": c.seed}
+
+    def _encode_streams(self, changed, names, weights=None) -> tuple[dict[int, str], dict[str, np.ndarray]]:
+        numels = [0] * len(names)
+        for index, array in changed.items():
+            numels[index] = array.size
+        basis = self.basis(numels)
+        coefficients = {index: basis.coefficients(index, array) for index, array in changed.items()}
+        inner = ECDQCodec(ECDQConfig(step=self.config.step, seed=self.config.seed, zstd_level=self.zstd_level))
+        kinds, streams = inner._encode_streams(coefficients, names, weights)
+        return {index: "subspace" for index in kinds}, streams
+
+
+SUBSPACE_FALLBACK = "ecdq"  # what a round-bound codec's keyframes spanning several rounds go as
+SUBSPACE_STEPS_FACTOR = 2  # a round trained in a subspace runs this many times the steps (bench/downlink.md)
+
+
 # ----------------------------------------------------------------------------------------- registry, stats
 CODECS: dict[str, Codec] = {
     codec.name: codec
@@ -586,6 +665,7 @@ CODECS: dict[str, Codec] = {
         SparseSignCodec(SparseSignConfig(bits_per_value=0.75, layout_by_reference=True)),
         ECSQCodec(),
         ECDQCodec(),
+        SubspaceCodec(),
     )
 }
 

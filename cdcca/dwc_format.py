@@ -25,7 +25,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -447,3 +447,125 @@ def _ecdq(entries: list[Entry], streams: dict[str, np.ndarray], params: dict[str
     values = ((ordered * flip - dither) * np.repeat(steps.astype(np.float64), sizes)).astype(np.float32)  # (P,)
     bounds = np.cumsum([0, *sizes])
     return {entry.index: values[bounds[i] : bounds[i + 1]] for i, entry in enumerate(entries)}
+
+
+# ------------------------------------------------------------------------------------------------- subspace
+def subspace_chunks(numel: int, chunk: int) -> list[int]:
+    """The power-of-two chunks, at most ``chunk`` long, a tensor of ``numel`` values splits into, largest first
+    (1000 at 1024 -> 512, 256, 128, 64, 32, 8): each gets an exactly orthonormal Hadamard basis."""
+    sizes, left = [], numel
+    while left:
+        size = min(chunk, 1 << (left.bit_length() - 1))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
+def _hadamard(x: np.ndarray) -> np.ndarray:
+    """The unnormalised Walsh-Hadamard transform of each row of ``x`` (rows, m), m a power of two; float64,
+    sums and differences only, so every platform computes the same bits."""
+    rows, m = x.shape
+    h = 1
+    while h < m:
+        x = x.reshape(rows, m // (2 * h), 2, h)
+        x = np.stack((x[:, :, 0] + x[:, :, 1], x[:, :, 0] - x[:, :, 1]), axis=2)
+        h *= 2
+    return x.reshape(rows, m)
+
+
+@dataclass(frozen=True)
+class SubspaceBasis:
+    """A seeded random subspace of a trainable set, the ``subspace`` codec's and a codec-aware round's.
+
+    Each tensor (layout position i, ``numel`` values) splits into power-of-two chunks (:func:`subspace_chunks`);
+    a chunk of m values gets k = ceil(m / ``fold``) orthonormal directions, the columns S of a randomly signed
+    Hadamard matrix, B = diag(d) · H[:, S] / √m: a subsampled randomized Hadamard transform (Ailon and Chazelle,
+    "The fast Johnson-Lindenstrauss transform", STOC 2006; the Fastfood projection Li et al. use to train in a
+    random subspace, "Measuring the intrinsic dimension of objective landscapes", ICLR 2018). The signs d and the
+    subset S come from PCG64 seeded by (``seed``, i), raw outputs only (stable across numpy versions), so both
+    ends build the same basis from the seed and the layout, and a tensor's basis does not depend on the others.
+
+    :meth:`coefficients` is z = Bᵀx and :meth:`expand` is Bz, both O(m log m) per chunk; since BᵀB = I,
+    ``coefficients(expand(z)) == z`` (to float64 rounding) and ``expand(coefficients(x))`` is the orthogonal
+    projection of x onto the subspace.
+    """
+
+    numels: tuple[int, ...]
+    fold: int
+    chunk: int
+    seed: int
+    _drawn: dict = field(default_factory=dict, compare=False, repr=False)  # index -> _tensor's draws
+
+    def __post_init__(self) -> None:
+        if self.fold < 1 or self.chunk < 1 or self.chunk & (self.chunk - 1):
+            raise CodecError(f"subspace fold must be >= 1 and chunk a power of two, got {self.fold}, {self.chunk}")
+        if not 0 <= self.seed < 2**63:
+            raise CodecError(f"subspace seed {self.seed!r} is not an int in [0, 2^63)")
+
+    def dims(self, index: int) -> int:
+        """Coefficients of tensor ``index``."""
+        return sum(-(-m // self.fold) for m in subspace_chunks(self.numels[index], self.chunk))
+
+    def _tensor(self, index: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(signs (m,), columns (k,)) of each chunk of tensor ``index``."""
+        if index in self._drawn:
+            return self._drawn[index]
+        generator = np.random.PCG64(np.random.SeedSequence([self.seed, index]))
+        out = []
+        for m in subspace_chunks(self.numels[index], self.chunk):
+            signs = np.where(generator.random_raw(m) & np.uint64(1), -1.0, 1.0)
+            columns = np.sort(np.argsort(generator.random_raw(m), kind="stable")[: -(-m // self.fold)])
+            out.append((signs, columns))
+        self._drawn[index] = out
+        return out
+
+    def coefficients(self, index: int, values: np.ndarray) -> np.ndarray:
+        """z = Bᵀx of tensor ``index``'s flat values (float64 (dims,))."""
+        values, parts, start = np.asarray(values, np.float64).reshape(-1), [], 0
+        for signs, columns in self._tensor(index):
+            m = signs.size
+            parts.append(_hadamard((values[start : start + m] * signs)[None])[0, columns] / math.sqrt(m))
+            start += m
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def expand(self, index: int, z: np.ndarray) -> np.ndarray:
+        """x = Bz of tensor ``index`` (float64 (numel,)) from its ``dims(index)`` coefficients."""
+        z, parts, start = np.asarray(z, np.float64).reshape(-1), [], 0
+        if z.size != self.dims(index):
+            raise CodecError(f"tensor {index}: {z.size} subspace coefficients, expected {self.dims(index)}")
+        for signs, columns in self._tensor(index):
+            m = signs.size
+            spread = np.zeros((1, m))
+            spread[0, columns] = z[start : start + columns.size]
+            parts.append(_hadamard(spread)[0] * signs / math.sqrt(m))
+            start += columns.size
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def subspace_params(params: dict[str, Any]) -> tuple[int, int, int]:
+    """(fold, chunk, basis seed) of a ``subspace`` header's params, checked."""
+    fold, chunk, seed = params.get("fold"), params.get("chunk"), params.get("basis_seed")
+    if type(fold) is not int or not 1 <= fold <= 1 << 16:
+        raise CodecError(f"subspace fold {fold!r} is not an int in [1, 65536]")
+    if type(chunk) is not int or not 1 <= chunk <= 1 << 20 or chunk & (chunk - 1):
+        raise CodecError(f"subspace chunk {chunk!r} is not a power of two in [1, 2^20]")
+    if type(seed) is not int or not 0 <= seed < 2**63:
+        raise CodecError(f"subspace basis_seed {seed!r} is not an int in [0, 2^63)")
+    return fold, chunk, seed
+
+
+@register("subspace", kinds=("subspace",))
+def _subspace(entries: list[Entry], streams: dict[str, np.ndarray], params: dict[str, Any]) -> dict[int, np.ndarray]:
+    """A delta trained in a seeded random subspace (:class:`SubspaceBasis`): the ``subspace`` tensors' coefficients
+    z, concatenated in layout order and coded as the ``ecdq`` codec codes values (its streams and its params
+    ``step`` and ``seed``), each tensor decoded as Bz. Params ``fold``, ``chunk`` and ``basis_seed`` rebuild B
+    from the layout (a tensor's basis depends on its layout position, not on which others changed)."""
+    fold, chunk, seed = subspace_params(params)
+    size = max((entry.index for entry in entries), default=-1) + 1
+    numels = [0] * size
+    for entry in entries:
+        numels[entry.index] = entry.numel
+    basis = SubspaceBasis(tuple(numels), fold, chunk, seed)
+    inner = [entry._replace(shape=(basis.dims(entry.index),), numel=basis.dims(entry.index)) for entry in entries]
+    z = _ecdq(inner, streams, params)
+    return {entry.index: basis.expand(entry.index, z[entry.index]).astype(np.float32) for entry in entries}

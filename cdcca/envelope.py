@@ -454,11 +454,15 @@ class VersionChain:
         self.applied = version
         self.published = {v: p for v, p in self.published.items() if v >= version}
 
-    def make_delta(self, params: dict[str, torch.Tensor], codec_name: str, signer: Signer, stamp_ns: int = 0,
-                   importance: dict[str, float] | None = None):  # fmt: skip
+    def make_delta(self, params: dict[str, torch.Tensor], codec_name, signer: Signer, stamp_ns: int = 0,
+                   importance: dict[str, float] | None = None, round_start: int | None = None):  # fmt: skip
         """Publish ``params`` as the next version: incremental against the applied version when the cloud
-        still holds it, else a keyframe against the original base. ``importance`` goes to the codec."""
-        from cdcca.dwc import apply_delta, compute_delta, get_codec
+        still holds it, else a keyframe against the original base. ``importance`` goes to the codec.
+
+        ``codec_name``: a registered codec's name or a codec. A round-bound codec (``SubspaceCodec``, whose round
+        trained in its subspace from version ``round_start``) is used only when the delta is against that
+        version; otherwise the change spans several rounds and goes as :data:`cdcca.dwc.SUBSPACE_FALLBACK`."""
+        from cdcca.dwc import SUBSPACE_FALLBACK, apply_delta, compute_delta, get_codec
 
         version = self.latest + 1
         reference = self.published.get(self.applied) if self.applied else None
@@ -468,10 +472,12 @@ class VersionChain:
         # read back from a store comes sorted by name): the robot checks the layout against its own set
         base_params = {name: base_params[name] for name in self.base if name in base_params} | base_params
         delta = compute_delta(params, base_params)
-        codec = get_codec(codec_name)
+        codec = get_codec(codec_name) if isinstance(codec_name, str) else codec_name
+        if getattr(codec, "round_bound", False) and round_start != base_version:
+            codec = get_codec(SUBSPACE_FALLBACK)
         payload = codec.encode(delta, importance=importance)
         msg = seal(payload, robot_id=self.robot_id, version=version, base_version=base_version, keyframe=keyframe,
-                   codec=codec_name, num_params=sum(t.numel() for t in delta.values()), signer=signer,
+                   codec=codec.name, num_params=sum(t.numel() for t in delta.values()), signer=signer,
                    stamp_ns=stamp_ns, base_fingerprint=self.base_fingerprint)  # fmt: skip
         # remember what the robot will actually hold (lossy codecs), so the next incremental delta also
         # carries this round's compression error instead of letting it accumulate
@@ -483,14 +489,17 @@ class VersionChain:
     def keyframe(self, codec_name: str, signer: Signer, stamp_ns: int = 0):
         """The latest published version again, as a keyframe against the original base: what a robot that
         fell behind (missed a delta, or holds a version the cloud no longer keeps) can always apply."""
-        from cdcca.dwc import compute_delta, get_codec
+        from cdcca.dwc import SUBSPACE_FALLBACK, compute_delta, get_codec
 
         if self.latest == 0:
             raise ValueError(f"robot {self.robot_id}: nothing published yet")
         delta = compute_delta(self.published[self.latest], self.base)
-        payload = get_codec(codec_name).encode(delta)
+        codec = get_codec(codec_name)
+        if getattr(codec, "round_bound", False):  # a keyframe spans every round so far: no one round's subspace
+            codec = get_codec(SUBSPACE_FALLBACK)
+        payload = codec.encode(delta)
         return seal(payload, robot_id=self.robot_id, version=self.latest, base_version=0, keyframe=True,
-                    codec=codec_name, num_params=sum(t.numel() for t in delta.values()), signer=signer,
+                    codec=codec.name, num_params=sum(t.numel() for t in delta.values()), signer=signer,
                     stamp_ns=stamp_ns, base_fingerprint=self.base_fingerprint)  # fmt: skip
 
 

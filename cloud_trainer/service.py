@@ -49,13 +49,14 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from cdcca import wire
 from cdcca.akd import AKDConfig, Distiller, DistillSample
+from cdcca.dwc import get_codec
 from cdcca.edge.adapter_slot import rolled_back_from
 from cdcca.envelope import Signer, VersionChain, sign_ack
 from cdcca.fingerprint import student_fingerprint
@@ -155,6 +156,16 @@ class CloudConfig:
         if self.status_every_s < 0 or self.stop_grace_s < 0:
             raise ValueError(f"CloudConfig.status_every_s and stop_grace_s must be >= 0, got {self.status_every_s}, "
                              f"{self.stop_grace_s}")  # fmt: skip
+        from cdcca.dwc import SUBSPACE_STEPS_FACTOR, get_codec
+
+        codec = get_codec(self.codec)
+        if getattr(codec, "round_bound", False) and not self.akd.subspace_fold:
+            # a codec-aware codec: every round trains in its subspace, for more steps (bench/downlink.md)
+            self.akd = replace(self.akd, subspace_fold=codec.config.fold, subspace_chunk=codec.config.chunk,
+                               steps=self.akd.steps * SUBSPACE_STEPS_FACTOR)  # fmt: skip
+        elif getattr(codec, "round_bound", False) and self.akd.subspace_fold != codec.config.fold:
+            raise ValueError(f"CloudConfig: codec {self.codec!r} sends a 1/{codec.config.fold} subspace, but the "
+                             f"rounds train in 1/{self.akd.subspace_fold}")  # fmt: skip
 
 
 @dataclass
@@ -568,7 +579,16 @@ class CloudTrainer:
         with self._chain_lock:
             if self._abandon.is_set():  # checked under the lock abandon_round() sets it under: all or nothing
                 raise RoundAbandoned(robot_id)
-            msg = robot.chain.make_delta(params, self.config.codec, self.signer, stamp_ns=time.time_ns())
+            codec = get_codec(self.config.codec)
+            if report.subspace_seed is not None and getattr(codec, "round_bound", False):
+                codec = codec.for_round(report.subspace_seed)
+            msg = robot.chain.make_delta(params, codec, self.signer, stamp_ns=time.time_ns(),
+                                         round_start=robot.chain.latest)  # fmt: skip
+            if getattr(codec, "round_bound", False):
+                # the next round starts from what the robot will hold, so its change is all in its own subspace
+                with torch.no_grad():
+                    for name, param in distiller.trainable.items():
+                        param.copy_(robot.chain.published[int(msg.version)][name])
             data = wire.encode(msg)
             self.store.commit_round(robot_id, int(msg.version), [s.sample_id for s in fresh],
                                     state_tensors(distiller), robot.chain.published[int(msg.version)], data,

@@ -196,7 +196,7 @@ def test_round_trip_keeps_names_order_shapes_and_float32(codec_name, trained):
     header, _, compressed = _unpack(payload)
     layout = header["layout"]["kinds"] if codec.layout_by_reference else header["layout"]
     assert (header["codec"], header["version"], len(layout)) == (codec_name, 1, len(trained.delta))
-    assert compressed == (codec_name in ("nf4-zstd", "sparse-sign", "sparse-sign-ref", "ecsq", "ecdq"))
+    assert compressed == (codec_name in ("nf4-zstd", "sparse-sign", "sparse-sign-ref", "ecsq", "ecdq", "subspace"))
 
 
 # Bound on ‖decode(encode(Δ)) − Δ‖₂ / ‖Δ‖₂ for the trained round and the adapter-sized delta. Measured:
@@ -530,7 +530,7 @@ def test_fuzz_any_delta_round_trips_with_bounded_error(codec_name, shapes, scale
 
 # -------------------------------------------------------------------------------------- registry, configs
 def test_registry_names_and_unknown_codec_error():
-    assert list(CODECS) == ["fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref", "ecsq", "ecdq"]
+    assert list(CODECS) == ["fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref", "ecsq", "ecdq", "subspace"]
     assert all(get_codec(name).name == name for name in CODECS)
 
     with pytest.raises(CodecError, match="unknown codec 'zip'; choose one of: fp16, nf4, nf4-zstd, sparse-sign, sp"):

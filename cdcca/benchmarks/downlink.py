@@ -63,6 +63,8 @@ class DownlinkBenchConfig:
             is chosen on; 0 skips the frontier and ``ecdq@cal``.
         ladder: ``ecdq`` steps (in RMS units) of the frontier, finest first.
         dither_seeds: ``ecdq`` dither seeds tried at every step.
+        aware_steps_factor: a codec-aware round (a round-bound codec's, trained in its subspace) runs this many
+            times ``steps`` (a subspace step moves less; measured in ``bench/downlink.md``).
     """
 
     domains: tuple[str, ...] = ("printed", "colour_inverted", "noisy_rotated")
@@ -80,6 +82,7 @@ class DownlinkBenchConfig:
     calibration_images: int = 150
     ladder: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
     dither_seeds: tuple[int, ...] = (0, 1)
+    aware_steps_factor: int = 2
 
     def __post_init__(self) -> None:
         if not self.domains or not self.seeds:
@@ -91,10 +94,13 @@ class DownlinkBenchConfig:
                 raise ValueError(f"DownlinkBenchConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
-def adaptation_round(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain: str, seed: int = 0) -> dict:
-    """One AKD round of ``student`` (in place) on ``domain``'s stream; also each tensor's importance."""
+def adaptation_round(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain: str, seed: int = 0,
+                     **akd_settings) -> dict:  # fmt: skip
+    """One AKD round of ``student`` (in place) on ``domain``'s stream; also each tensor's importance.
+    ``akd_settings`` override :class:`AKDConfig` fields (a codec-aware round's subspace and steps)."""
     samples = load_domain(domain, "stream", limit=config.stream_images)
-    akd = AKDConfig(steps=config.steps, lr=config.lr, batch_size=config.batch_size, seed=seed)
+    akd = AKDConfig(**{"steps": config.steps, "lr": config.lr, "batch_size": config.batch_size, "seed": seed,
+                       **akd_settings})  # fmt: skip
     distiller = Distiller(teacher, student, akd)
     buffer = DistillSample.from_samples(student, samples)
     report = distiller.run_round(buffer)
@@ -109,7 +115,7 @@ def adaptation_round(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, 
         param.requires_grad_(False)
         param.grad = None
     return {"samples": report.samples, "final_loss": report.losses["total"], "seconds": report.seconds,
-            "importance": importance}  # fmt: skip
+            "importance": importance, "subspace_seed": report.subspace_seed}  # fmt: skip
 
 
 def _load_params(model: MLLM, params: dict[str, torch.Tensor]) -> None:
@@ -206,6 +212,8 @@ def _run_case(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain:
     torch.manual_seed(seed)
     add_lora(student, LoraSettings(seed=seed))  # the seed draws the LoRA A matrices (both ends share it)
     base = {k: v.detach().clone() for k, v in trainable_parameters(student).items()}
+    aware = [name for name in codecs if getattr(get_codec(name), "round_bound", False)]
+    pristine = copy.deepcopy(student) if aware else None
     test = load_domain(domain, "test", limit=config.test_images)
     accuracy_before = _accuracy(student, test)
     round_log = adaptation_round(student, teacher, config, domain, seed)
@@ -217,6 +225,10 @@ def _run_case(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain:
     reference = {name: tuple(t.shape) for name, t in delta.items()}
     rows = []
     for name in progress_bar(codecs, desc=f"codecs on {domain}", disable=not progress):
+        if name in aware:
+            rows.append(_codec_aware_row(pristine, teacher, config, domain, seed, name, base, test,
+                                         accuracy_uncompressed))  # fmt: skip
+            continue
         codec = get_codec(name)
         started = time.perf_counter()
         payload = codec.encode(delta, importance=importance)
@@ -242,6 +254,41 @@ def _run_case(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain:
     return {"domain": domain, "seed": seed, "round": round_log, "accuracy_before": accuracy_before,
             "accuracy_uncompressed": accuracy_uncompressed, "codecs": rows, "frontier": frontier,
             "delta_rms": per_tensor, "base": base, "delta": delta}  # fmt: skip
+
+
+def _codec_aware_row(pristine: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain: str, seed: int, name: str,
+                     base: dict, test: list, accuracy_uncompressed: float) -> dict:  # fmt: skip
+    """A round-bound codec's row (``SubspaceCodec``): the round trains in the codec's subspace (for
+    ``aware_steps_factor`` times the steps), the codec encodes that round's delta, and the accuracy is compared
+    with the *standard* round's uncompressed delta, the codec's job. Beside it: the subspace round uncompressed
+    (what the subspace costs) and a full-space round of as many steps, uncompressed (what the extra steps buy)."""
+    from cdcca.dwc import apply_delta, compute_delta, get_codec
+
+    codec = get_codec(name)
+    steps = config.steps * config.aware_steps_factor
+    model = copy.deepcopy(pristine)
+    log = adaptation_round(model, teacher, config, domain, seed, steps=steps,
+                           subspace_fold=codec.config.fold, subspace_chunk=codec.config.chunk)  # fmt: skip
+    codec = codec.for_round(log["subspace_seed"])
+    delta = compute_delta({k: v.detach().clone() for k, v in trainable_parameters(model).items()}, base)
+    accuracy_subspace = _accuracy(model, test)
+    reference = {key: tuple(t.shape) for key, t in delta.items()}
+    started = time.perf_counter()
+    payload = codec.encode(delta, importance=log["importance"])
+    encoded = time.perf_counter()
+    decoded = codec.decode(payload, reference, strict=True)
+    decode_s = time.perf_counter() - encoded
+    _load_params(model, apply_delta(base, decoded))
+    accuracy = _accuracy(model, test)
+    full = copy.deepcopy(pristine)
+    adaptation_round(full, teacher, config, domain, seed, steps=steps)
+    num_params, bits = sum(t.numel() for t in delta.values()), 8 * len(payload)
+    return {"codec": name, "params": num_params, "bytes": len(payload), "bits_per_param": bits / num_params,
+            "ms_at_1gbps": 1000 * bits / 1e9, "ms_at_10mbps": 1000 * bits / 1e7,
+            "encode_ms": 1000 * (encoded - started), "decode_ms": 1000 * decode_s,
+            "accuracy": accuracy, "acc_loss_points": accuracy_uncompressed - accuracy, "codec_aware": True,
+            "round_steps": steps, "accuracy_subspace_uncompressed": accuracy_subspace,
+            "accuracy_full_same_steps": _accuracy(full, test)}  # fmt: skip
 
 
 def _worst_case(cases: list[dict]) -> list[dict]:
