@@ -61,7 +61,7 @@ EXAMPLES = {
 # What the verbs feed into config dataclasses, written out so that building the parser imports no torch;
 # tests/test_cli_help.py checks every one against its dataclass field (and these names against the registries).
 PRESET_NAMES = ("test", "tiny")  # cdcca.models.presets.PRESETS
-CODEC_NAMES = ("fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref", "ecsq", "ecdq")  # cdcca.dwc.CODECS
+CODEC_NAMES = ("fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref", "ecsq", "ecdq", "subspace")  # cdcca.dwc.CODECS
 DEFAULT_ENDPOINT = "tcp/127.0.0.1:7447"  # cdcca.transport.DEFAULT_ENDPOINT
 DOMAIN_NAMES = ("source", "colour_inverted", "printed", "noisy_rotated", "rephrased")  # cdcca.data.digits_shift
 TASK_NAMES = ("vqa", "mc", "caption")  # cdcca.data.sample.TASKS

@@ -474,3 +474,30 @@ def test_a_prompt_of_exactly_the_longest_admitted_length_trains(pretrained_test_
         trainer.receive_tokens("r1", msg)
     [result] = trainer.step()
     assert (result["version"], result["samples"], result["quarantined"]) == (1, 4, {})
+
+
+def test_a_cloud_on_the_subspace_codec_sends_its_rounds_in_their_subspace(pretrained_test_pair, uploads, keys,
+                                                                           tmp_path):  # fmt: skip
+    signer, trust = keys
+    config = CloudConfig(state_dir=tmp_path / "cloud", round_size=4, max_round_samples=64, codec="subspace",
+                         resend_after_s=0.0, akd=AKDConfig(steps=3, batch_size=4))  # fmt: skip
+    assert (config.akd.subspace_fold, config.akd.steps) == (12, 6)
+    trainer = CloudTrainer(load_mllm(pretrained_test_pair / "teacher"),
+                           lambda: load_adaptable_student(pretrained_test_pair), signer, config)  # fmt: skip
+    sent = []
+    trainer._send = lambda robot_id, robot, data: sent.append(wire.decode(wire.WEIGHT_DELTA, data))
+    robot = AdapterSlot(load_adaptable_student(pretrained_test_pair), "r1", trust)
+    for batch in (uploads[:4], uploads[4:8]):
+        for msg in batch:
+            trainer.receive_tokens("r1", msg)
+        trainer.step()
+        status = robot.receive(sent[-1])
+        assert status.state == 0 and sent[-1].codec == "subspace"
+        trainer.receive_status("r1", status)
+        cloud = trainable_parameters(trainer.student)  # the cloud continues from what the robot holds
+        held = trainable_parameters(robot._models[robot._active])
+        assert all(torch.allclose(cloud[k], held[k], atol=1e-6) for k in cloud)
+    assert {(m.version, m.base_version, m.keyframe) for m in sent} == {(1, 0, True), (2, 1, False)}
+    trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=0, state=0, reason="heartbeat"))
+    assert trainer.resend_if_behind("r1")
+    assert (sent[-1].codec, sent[-1].keyframe) == ("ecdq", True)  # two rounds' change: no one round's subspace
