@@ -18,6 +18,7 @@ from PIL import Image
 from cdcca import wire
 from cdcca.cli import main
 from cdcca.data.digits_shift import load_domain
+from cdcca.dwc import get_codec
 from cdcca.edge.app import EXIT_NO_CLOUD
 from cdcca.edge.onnx_export import OnnxExport
 from cdcca.envelope import Signer, VersionChain, generate_key, trust_key
@@ -68,7 +69,8 @@ def onnx_robot_files(pretrained_test_pair, root: Path, robot_id: str) -> dict:
     base = OnnxExport.load(export_dir).base()
     generator = torch.Generator().manual_seed(7)
     target = {name: value + 0.02 * torch.randn(value.shape, generator=generator) for name, value in base.items()}
-    delta = VersionChain(robot_id, base).make_delta(target, CloudConfig.codec, Signer.load(private))
+    codec = get_codec(CloudConfig.codec).for_round(1)  # the cloud's default: a round trained in its subspace
+    delta = VersionChain(robot_id, base).make_delta(target, codec, Signer.load(private), round_start=0)
     (root / "delta.cdr").write_bytes(wire.encode(delta))
     return {"root": root, "export": export_dir, "frames": frames, "trust": root / "trust", "delta": root / "delta.cdr",
             "delta_msg": delta}  # fmt: skip
@@ -79,9 +81,9 @@ def robot_files(pretrained_test_pair, tmp_path_factory):
     return onnx_robot_files(pretrained_test_pair, tmp_path_factory.mktemp("torch_free"), "r1")
 
 
-def test_the_onnx_robot_answers_and_applies_an_ecsq_delta_without_torch(robot_files):
+def test_the_onnx_robot_answers_and_applies_a_subspace_delta_without_torch(robot_files):
     # Prepare: the robot's command line (no cloud listens on its endpoint)
-    assert CloudConfig.codec == "ecsq"  # the delta above is the cloud's default codec
+    assert CloudConfig.codec == robot_files["delta_msg"].codec == "subspace"  # the cloud's default codec
     state = robot_files["root"] / "state"
     args = ["edge", "--backend", "onnx", "--model", str(robot_files["export"]),
             "--source", f"dir:{robot_files['frames']}", "--linger", "0", "--robot-id", "r1",

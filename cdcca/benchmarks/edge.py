@@ -332,6 +332,7 @@ def _prepare(checkpoints: Path, config: EdgeBenchConfig, work: Path) -> dict:
     import torch
 
     from cdcca import wire
+    from cdcca.dwc import get_codec
     from cdcca.edge.onnx_export import export_onnx
     from cdcca.envelope import Signer, VersionChain, generate_key
     from cdcca.models.checkpoint import load_mllm
@@ -348,9 +349,12 @@ def _prepare(checkpoints: Path, config: EdgeBenchConfig, work: Path) -> dict:
     generator = torch.Generator().manual_seed(0)
     target = {k: v + config.delta_scale * torch.randn(v.shape, generator=generator) for k, v in base.items()}
     chain = VersionChain(config.robot_id, base)
+    codec = get_codec(CloudConfig.codec)
+    if getattr(codec, "round_bound", False):  # the subspace codec: every delta in one round's subspace, as sent
+        codec = codec.for_round(1)
     paths = []
     for version in range(1, 2 + config.swap_answers // config.swap_every):
-        msg = chain.make_delta(target if version % 2 else base, CloudConfig.codec, signer)
+        msg = chain.make_delta(target if version % 2 else base, codec, signer, round_start=chain.latest)
         chain.record_applied(version)  # built ahead, applied in order: each is incremental on the previous
         paths.append(work / f"delta_{version:04d}.cdr")
         paths[-1].write_bytes(wire.encode(msg))
