@@ -644,7 +644,7 @@ class SubspaceCodec(Codec):
         for index, array in changed.items():
             numels[index] = array.size
         basis = self.basis(numels)
-        coefficients = {index: basis.coefficients(index, array) for index, array in changed.items()}
+        coefficients = basis.coefficients_many(changed)
         inner = ECDQCodec(ECDQConfig(step=self.config.step, seed=self.config.seed, zstd_level=self.zstd_level))
         kinds, streams = inner._encode_streams(coefficients, names, weights)
         return {index: "subspace" for index in kinds}, streams

@@ -462,15 +462,18 @@ def subspace_chunks(numel: int, chunk: int) -> list[int]:
 
 
 def _hadamard(x: np.ndarray) -> np.ndarray:
-    """The unnormalised Walsh-Hadamard transform of each row of ``x`` (rows, m), m a power of two; float64,
-    sums and differences only, so every platform computes the same bits."""
+    """The unnormalised Walsh-Hadamard transform of each row of ``x`` (rows, m), m a power of two, in place on a
+    float64 copy: sums and differences only, so every platform computes the same bits."""
+    x = np.array(x, np.float64)
     rows, m = x.shape
     h = 1
     while h < m:
-        x = x.reshape(rows, m // (2 * h), 2, h)
-        x = np.stack((x[:, :, 0] + x[:, :, 1], x[:, :, 0] - x[:, :, 1]), axis=2)
+        view = x.reshape(rows, m // (2 * h), 2, h)
+        low = view[:, :, 0].copy()
+        view[:, :, 0] += view[:, :, 1]
+        np.subtract(low, view[:, :, 1], out=view[:, :, 1])
         h *= 2
-    return x.reshape(rows, m)
+    return x
 
 
 @dataclass(frozen=True)
@@ -482,8 +485,9 @@ class SubspaceBasis:
     Hadamard matrix, B = diag(d) · H[:, S] / √m: a subsampled randomized Hadamard transform (Ailon and Chazelle,
     "The fast Johnson-Lindenstrauss transform", STOC 2006; the Fastfood projection Li et al. use to train in a
     random subspace, "Measuring the intrinsic dimension of objective landscapes", ICLR 2018). The signs d and the
-    subset S come from PCG64 seeded by (``seed``, i), raw outputs only (stable across numpy versions), so both
-    ends build the same basis from the seed and the layout, and a tensor's basis does not depend on the others.
+    subset S come from one PCG64 stream seeded by ``seed``, tensor i's part starting at 2^48·i (raw outputs only,
+    stable across numpy versions), so both ends build the same basis from the seed and the layout, and a tensor's
+    basis does not depend on the others.
 
     :meth:`coefficients` is z = Bᵀx and :meth:`expand` is Bz, both O(m log m) per chunk; since BᵀB = I,
     ``coefficients(expand(z)) == z`` (to float64 rounding) and ``expand(coefficients(x))`` is the orthogonal
@@ -507,39 +511,75 @@ class SubspaceBasis:
         return sum(-(-m // self.fold) for m in subspace_chunks(self.numels[index], self.chunk))
 
     def _tensor(self, index: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(signs (m,), columns (k,)) of each chunk of tensor ``index``."""
+        """(signs (m,), columns (k,)) of each chunk of tensor ``index``: drawn from one PCG64 stream seeded by
+        ``seed``, tensor i's draws starting 2^48 raw outputs in (``advance``, O(log) and stable), a chunk's m
+        signs from m raw outputs' low bits, its k columns the k smallest of m 16-bit keys (ties by position)."""
         if index in self._drawn:
             return self._drawn[index]
-        generator = np.random.PCG64(np.random.SeedSequence([self.seed, index]))
-        out = []
+        generator, position = self._drawn.get("stream", (None, 0))
+        start = index << 48
+        if generator is None or start < position:
+            generator, position = np.random.PCG64(np.random.SeedSequence(self.seed)), 0
+        generator.advance(start - position)
+        out, position = [], start
         for m in subspace_chunks(self.numels[index], self.chunk):
             signs = np.where(generator.random_raw(m) & np.uint64(1), -1.0, 1.0)
-            columns = np.sort(np.argsort(generator.random_raw(m), kind="stable")[: -(-m // self.fold)])
+            keys = generator.random_raw(-(-m // 4)).view(np.uint16)[:m]
+            columns = np.sort(np.argsort(keys, kind="stable")[: -(-m // self.fold)])
             out.append((signs, columns))
+            position += m - (-m // 4)
+        self._drawn["stream"] = (generator, position)
         self._drawn[index] = out
         return out
 
     def coefficients(self, index: int, values: np.ndarray) -> np.ndarray:
         """z = Bᵀx of tensor ``index``'s flat values (float64 (dims,))."""
-        values, parts, start = np.asarray(values, np.float64).reshape(-1), [], 0
-        for signs, columns in self._tensor(index):
-            m = signs.size
-            parts.append(_hadamard((values[start : start + m] * signs)[None])[0, columns] / math.sqrt(m))
-            start += m
-        return np.concatenate(parts) if parts else np.zeros(0)
+        return self.coefficients_many({index: values})[index]
 
     def expand(self, index: int, z: np.ndarray) -> np.ndarray:
         """x = Bz of tensor ``index`` (float64 (numel,)) from its ``dims(index)`` coefficients."""
-        z, parts, start = np.asarray(z, np.float64).reshape(-1), [], 0
-        if z.size != self.dims(index):
-            raise CodecError(f"tensor {index}: {z.size} subspace coefficients, expected {self.dims(index)}")
-        for signs, columns in self._tensor(index):
-            m = signs.size
-            spread = np.zeros((1, m))
-            spread[0, columns] = z[start : start + columns.size]
-            parts.append(_hadamard(spread)[0] * signs / math.sqrt(m))
-            start += columns.size
-        return np.concatenate(parts) if parts else np.zeros(0)
+        return self.expand_many({index: z})[index]
+
+    def _by_size(self, indices) -> dict[int, list[tuple[int, int, int, np.ndarray, np.ndarray]]]:
+        """Chunk size m -> [(tensor, first value, first coefficient, signs, columns)], to transform each size's
+        chunks as one batch."""
+        groups: dict[int, list] = {}
+        for index in sorted(indices):
+            value, coefficient = 0, 0
+            for signs, columns in self._tensor(index):
+                groups.setdefault(signs.size, []).append((index, value, coefficient, signs, columns))
+                value, coefficient = value + signs.size, coefficient + columns.size
+        return groups
+
+    def coefficients_many(self, values: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """:meth:`coefficients` of several tensors (index -> flat values), each chunk size's chunks in one batch."""
+        flat = {index: np.asarray(v, np.float64).reshape(-1) for index, v in values.items()}
+        for index, v in flat.items():
+            if v.size != self.numels[index]:
+                raise CodecError(f"tensor {index}: {v.size} values, expected {self.numels[index]}")
+        out = {index: np.empty(self.dims(index)) for index in flat}
+        for m, chunks in self._by_size(flat).items():
+            rows = np.stack([flat[i][v : v + m] * signs for i, v, _, signs, _ in chunks])  # (chunks, m)
+            spectrum = _hadamard(rows) / math.sqrt(m)
+            for row, (i, _, c, _, columns) in zip(spectrum, chunks):
+                out[i][c : c + columns.size] = row[columns]
+        return out
+
+    def expand_many(self, coefficients: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """:meth:`expand` of several tensors (index -> coefficients), each chunk size's chunks in one batch."""
+        flat = {index: np.asarray(z, np.float64).reshape(-1) for index, z in coefficients.items()}
+        for index, z in flat.items():
+            if z.size != self.dims(index):
+                raise CodecError(f"tensor {index}: {z.size} subspace coefficients, expected {self.dims(index)}")
+        out = {index: np.empty(self.numels[index]) for index in flat}
+        for m, chunks in self._by_size(flat).items():
+            spread = np.zeros((len(chunks), m))
+            for row, (i, _, c, _, columns) in zip(spread, chunks):
+                row[columns] = flat[i][c : c + columns.size]
+            spread = _hadamard(spread) / math.sqrt(m)
+            for row, (i, v, _, signs, _) in zip(spread, chunks):
+                out[i][v : v + m] = row * signs
+        return out
 
 
 def subspace_params(params: dict[str, Any]) -> tuple[int, int, int]:
@@ -567,5 +607,5 @@ def _subspace(entries: list[Entry], streams: dict[str, np.ndarray], params: dict
         numels[entry.index] = entry.numel
     basis = SubspaceBasis(tuple(numels), fold, chunk, seed)
     inner = [entry._replace(shape=(basis.dims(entry.index),), numel=basis.dims(entry.index)) for entry in entries]
-    z = _ecdq(inner, streams, params)
-    return {entry.index: basis.expand(entry.index, z[entry.index]).astype(np.float32) for entry in entries}
+    values = basis.expand_many(_ecdq(inner, streams, params))
+    return {index: array.astype(np.float32) for index, array in values.items()}

@@ -72,6 +72,9 @@ def test_projection_is_idempotent_keeps_a_fold_th_of_the_energy_and_depends_on_t
     assert not np.allclose(basis.coefficients(1, x), basis.coefficients(0, x))  # each position its own draws
     alone = SubspaceBasis((0, 4096), fold=8, chunk=1024, seed=11)  # tensor 0 unchanged (absent from a payload)
     np.testing.assert_array_equal(alone.coefficients(1, x), basis.coefficients(1, x))
+    backwards = SubspaceBasis((4096, 4096), fold=8, chunk=1024, seed=11)
+    np.testing.assert_array_equal(backwards.coefficients(1, x), basis.coefficients(1, x))  # later tensor first
+    np.testing.assert_array_equal(backwards.coefficients(0, x), basis.coefficients(0, x))  # then the stream rewinds
 
 
 # ------------------------------------------------------------------------------------------------ the codec
