@@ -585,12 +585,13 @@ class SubspaceConfig:
         chunk: longest chunk (a power of two) a tensor is split into; each chunk gets its own random directions.
         basis_seed: seed of the random directions; the cloud draws one per round (the round trains in it) and it
             travels in the header.
-        step: ``ecdq`` step of the coefficients, in units of each tensor's coefficient RMS.
-        seed: ``ecdq`` dither seed of the coefficients.
+        step: quantizer step of the coefficients, in units of each tensor's coefficient RMS (subtractively
+            dithered, as ``ecdq``'s, so the error is uniform and unbiased).
+        seed: dither seed of the coefficients.
         zstd_level: zstd level (1-22) of the entropy coding.
     """
 
-    fold: int = 12
+    fold: int = 10
     chunk: int = 1024
     basis_seed: int = 0
     step: float = 0.5
@@ -643,11 +644,21 @@ class SubspaceCodec(Codec):
         numels = [0] * len(names)
         for index, array in changed.items():
             numels[index] = array.size
-        basis = self.basis(numels)
-        coefficients = basis.coefficients_many(changed)
-        inner = ECDQCodec(ECDQConfig(step=self.config.step, seed=self.config.seed, zstd_level=self.zstd_level))
-        kinds, streams = inner._encode_streams(coefficients, names, weights)
-        return {index: "subspace" for index in kinds}, streams
+        coefficients = self.basis(numels).coefficients_many(changed)
+        flats, steps = [], []
+        for index in sorted(coefficients):
+            z = coefficients[index]
+            rms, peak = float(np.sqrt(np.mean(z**2))), float(np.abs(z).max())
+            finer = math.sqrt(max(1.0, weights[index])) if weights is not None else 1.0  # Fisher above the mean
+            step = np.float32(max(self.config.step * rms / finer, peak / (ECSQ_MAX_SYMBOL - 1), 1e-30))
+            steps.append(np.uint16(step.view(np.uint32) >> 16))  # bfloat16: q rounded down to 8 mantissa bits
+            flats.append(z)
+        values = np.concatenate(flats) if flats else np.zeros(0)  # (K,)
+        widened = (np.array(steps, np.uint16).astype(np.uint32) << 16).view(np.float32)  # q as the robot reads it
+        step_of = np.repeat(widened.astype(np.float64), [f.size for f in flats])
+        symbols = np.rint(values / step_of + ecdq_dither(values.size, self.config.seed)).astype(np.int8)
+        streams = {"symbols": _zstd_frame(symbols.view(np.uint8), self.zstd_level), "steps": np.array(steps, np.uint16)}
+        return {index: "subspace" for index in coefficients}, streams
 
 
 SUBSPACE_FALLBACK = "ecdq"  # what a round-bound codec's keyframes spanning several rounds go as

@@ -596,16 +596,30 @@ def subspace_params(params: dict[str, Any]) -> tuple[int, int, int]:
 
 @register("subspace", kinds=("subspace",))
 def _subspace(entries: list[Entry], streams: dict[str, np.ndarray], params: dict[str, Any]) -> dict[int, np.ndarray]:
-    """A delta trained in a seeded random subspace (:class:`SubspaceBasis`): the ``subspace`` tensors' coefficients
-    z, concatenated in layout order and coded as the ``ecdq`` codec codes values (its streams and its params
-    ``step`` and ``seed``), each tensor decoded as Bz. Params ``fold``, ``chunk`` and ``basis_seed`` rebuild B
-    from the layout (a tensor's basis depends on its layout position, not on which others changed)."""
-    fold, chunk, seed = subspace_params(params)
-    size = max((entry.index for entry in entries), default=-1) + 1
-    numels = [0] * size
+    """A delta trained in a seeded random subspace (:class:`SubspaceBasis`): each ``subspace`` tensor's
+    coefficients z, subtractively dithered and uniformly quantized, z = (s − u) · q, u = :func:`ecdq_dither` over
+    the coefficients in layout order; stream ``"symbols"``, one zstd frame of int8 s (|s| <= 127); plain
+    ``"steps"``, uint16 per tensor, q = the float32 whose high 16 bits they are (bfloat16). Each tensor decodes
+    as Bz. Params ``fold``, ``chunk`` and ``basis_seed`` rebuild B from the layout (a tensor's basis depends on its
+    layout position, not on which others changed); ``step`` (the encoder's, in RMS units) and ``seed``."""
+    fold, chunk, basis_seed = subspace_params(params)
+    step, seed = params.get("step"), params.get("seed")
+    if type(step) is not float or not 0.0 < step < 64.0:
+        raise CodecError(f"subspace step {step!r} is not a number in (0, 64)")
+    if type(seed) is not int or not 0 <= seed < 2**63:
+        raise CodecError(f"subspace seed {seed!r} is not an int in [0, 2^63)")
+    numels = [0] * (max((entry.index for entry in entries), default=-1) + 1)
     for entry in entries:
         numels[entry.index] = entry.numel
-    basis = SubspaceBasis(tuple(numels), fold, chunk, seed)
-    inner = [entry._replace(shape=(basis.dims(entry.index),), numel=basis.dims(entry.index)) for entry in entries]
-    values = basis.expand_many(_ecdq(inner, streams, params))
+    basis = SubspaceBasis(tuple(numels), fold, chunk, basis_seed)
+    dims = [basis.dims(entry.index) for entry in entries]
+    steps = (take(streams, "steps", np.uint16, len(entries)).astype(np.uint32) << 16).view(np.float32)
+    if not (np.isfinite(steps).all() and (steps > 0).all()):
+        raise CodecError("subspace steps must be finite and > 0")
+    symbols = inflate(streams, "symbols", sum(dims)).view(np.int8)
+    if (symbols == -128).any():
+        raise CodecError(f"stream 'symbols' must hold symbols with |s| <= {ECSQ_MAX_SYMBOL}")
+    z = (symbols - ecdq_dither(symbols.size, seed)) * np.repeat(steps.astype(np.float64), dims)  # (K,)
+    bounds = np.cumsum([0, *dims])
+    values = basis.expand_many({entry.index: z[bounds[i] : bounds[i + 1]] for i, entry in enumerate(entries)})
     return {index: array.astype(np.float32) for index, array in values.items()}
