@@ -518,7 +518,7 @@ class Distiller:
     def _project(self, subspace, start: dict[str, torch.Tensor]) -> None:
         """θ = θ_start + BBᵀ(θ − θ_start) for each trainable tensor: the change stays in the round's subspace."""
         params = list(self.trainable.items())
-        change = {index: (param - start[name]).reshape(-1).double().numpy() for index, (name, param) in enumerate(params)}
+        change = {i: (param - start[name]).reshape(-1).double().numpy() for i, (name, param) in enumerate(params)}
         kept = subspace.expand_many(subspace.coefficients_many(change))
         for index, (name, param) in enumerate(params):
             param.copy_(start[name] + torch.from_numpy(kept[index]).to(param.dtype).reshape(param.shape))

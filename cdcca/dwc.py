@@ -519,6 +519,25 @@ class ECDQConfig:
             raise ValueError(f"ECDQConfig.zstd_level must be in 1..22, got {self.zstd_level}")
 
 
+def _dithered_steps(arrays: Mapping[int, np.ndarray], step: float, weights: Mapping[int, float] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """The dithered quantizers' steps (``ecdq``, ``subspace``): per tensor, in index order, q ≈ ``step`` · RMS,
+    finer by √weight where the Fisher weight is above the mean, widened so that |x|/q <= 126 -> (values (P,) float64
+    in that order, q per tensor as bfloat16 bits (uint16), q per value as the robot reads it (P,) float64)."""
+    flats, steps = [], []
+    for index in sorted(arrays):
+        flat = np.asarray(arrays[index], np.float64).reshape(-1)
+        rms, peak = float(np.sqrt(np.mean(flat**2))), float(np.abs(flat).max())
+        finer = math.sqrt(max(1.0, weights[index])) if weights is not None else 1.0  # Fisher above the mean
+        q = np.float32(max(step * rms / finer, peak / (ECSQ_MAX_SYMBOL - 1), 1e-30))
+        steps.append(np.uint16(q.view(np.uint32) >> 16))  # bfloat16: q rounded down to 8 mantissa bits
+        flats.append(flat)
+    values = np.concatenate(flats) if flats else np.zeros(0)
+    bits = np.array(steps, np.uint16)
+    widened = (bits.astype(np.uint32) << 16).view(np.float32)  # q as the robot reads it
+    return values, bits, np.repeat(widened.astype(np.float64), [f.size for f in flats])
+
+
 class ECDQCodec(Codec):
     """Beyond the paper: entropy-coded *dithered* uniform quantization, an unbiased low-rate codec.
 
@@ -549,17 +568,7 @@ class ECDQCodec(Codec):
         return {"step": float(self.config.step), "seed": int(self.config.seed)}
 
     def _encode_streams(self, changed, names, weights=None) -> tuple[dict[int, str], dict[str, np.ndarray]]:
-        flats, steps = [], []
-        for index, array in changed.items():
-            flat = array.reshape(-1).astype(np.float64)
-            rms, peak = float(np.sqrt(np.mean(flat**2))), float(np.abs(flat).max())
-            finer = math.sqrt(max(1.0, weights[index])) if weights is not None else 1.0  # Fisher above the mean
-            step = np.float32(max(self.config.step * rms / finer, peak / (ECSQ_MAX_SYMBOL - 1), 1e-30))
-            steps.append(np.uint16(step.view(np.uint32) >> 16))  # bfloat16: q rounded down to 8 mantissa bits
-            flats.append(flat)
-        values = np.concatenate(flats) if flats else np.zeros(0)  # (P,)
-        widened = (np.array(steps, np.uint16).astype(np.uint32) << 16).view(np.float32)  # q as the robot reads it
-        step_of = np.repeat(widened.astype(np.float64), [f.size for f in flats])  # (P,)
+        values, steps, step_of = _dithered_steps(changed, self.config.step, weights)
         dither = ecdq_dither(values.size, self.config.seed)
         flip, context = ecdq_contexts(dither)
         symbols = np.rint(values / step_of + dither).astype(np.int16) * flip  # t, (P,)
@@ -571,7 +580,7 @@ class ECDQCodec(Codec):
             streams[f"c{c}"] = _zstd_frame((quads @ np.array([1, 4, 16, 64])).astype(np.uint8), level)
             start += n
         streams["extra"] = _zstd_frame(symbols[codes == 3].astype(np.int8), level)
-        streams["steps"] = np.array(steps, np.uint16)
+        streams["steps"] = steps
         return {i: "ecdq" for i in changed}, streams
 
 
@@ -647,19 +656,9 @@ class SubspaceCodec(Codec):
         for index, array in changed.items():
             numels[index] = array.size
         coefficients = self.basis(numels).coefficients_many(changed)
-        flats, steps = [], []
-        for index in sorted(coefficients):
-            z = coefficients[index]
-            rms, peak = float(np.sqrt(np.mean(z**2))), float(np.abs(z).max())
-            finer = math.sqrt(max(1.0, weights[index])) if weights is not None else 1.0  # Fisher above the mean
-            step = np.float32(max(self.config.step * rms / finer, peak / (ECSQ_MAX_SYMBOL - 1), 1e-30))
-            steps.append(np.uint16(step.view(np.uint32) >> 16))  # bfloat16: q rounded down to 8 mantissa bits
-            flats.append(z)
-        values = np.concatenate(flats) if flats else np.zeros(0)  # (K,)
-        widened = (np.array(steps, np.uint16).astype(np.uint32) << 16).view(np.float32)  # q as the robot reads it
-        step_of = np.repeat(widened.astype(np.float64), [f.size for f in flats])
+        values, steps, step_of = _dithered_steps(coefficients, self.config.step, weights)  # (K,) coefficients
         symbols = np.rint(values / step_of + ecdq_dither(values.size, self.config.seed)).astype(np.int8)
-        streams = {"symbols": _zstd_frame(symbols.view(np.uint8), self.zstd_level), "steps": np.array(steps, np.uint16)}
+        streams = {"symbols": _zstd_frame(symbols.view(np.uint8), self.zstd_level), "steps": steps}
         return {index: "subspace" for index in coefficients}, streams
 
 

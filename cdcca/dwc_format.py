@@ -389,6 +389,15 @@ def _ecsq(entries: list[Entry], streams: dict[str, np.ndarray], params: dict[str
     return {entry.index: values[bounds[i] : bounds[i + 1]] for i, entry in enumerate(entries)}
 
 
+def bfloat16_steps(streams: dict[str, np.ndarray], count: int, codec: str) -> np.ndarray:
+    """Stream ``"steps"``: ``count`` uint16, each the high 16 bits of a float32 step (bfloat16) -> float32 steps,
+    checked finite and > 0 (the dithered codecs')."""
+    steps = (take(streams, "steps", np.uint16, count).astype(np.uint32) << 16).view(np.float32)
+    if not (np.isfinite(steps).all() and (steps > 0).all()):
+        raise CodecError(f"{codec} steps must be finite and > 0")
+    return steps
+
+
 def ecdq_dither(total: int, seed: int) -> np.ndarray:
     """The ecdq codec's subtractive dither, float64 (total,) uniform in [-1/2, 1/2), shared by both ends.
 
@@ -425,9 +434,7 @@ def _ecdq(entries: list[Entry], streams: dict[str, np.ndarray], params: dict[str
     if type(seed) is not int or not 0 <= seed < 2**63:
         raise CodecError(f"ecdq seed {seed!r} is not an int in [0, 2^63)")
     total = sum(entry.numel for entry in entries)
-    steps = (take(streams, "steps", np.uint16, len(entries)).astype(np.uint32) << 16).view(np.float32)
-    if not (np.isfinite(steps).all() and (steps > 0).all()):
-        raise CodecError("ecdq steps must be finite and > 0")
+    steps = bfloat16_steps(streams, len(entries), "ecdq")
     dither = ecdq_dither(total, seed)  # (P,)
     flip, context = ecdq_contexts(dither)
     counts = np.bincount(context, minlength=ECDQ_CONTEXTS)
@@ -613,9 +620,7 @@ def _subspace(entries: list[Entry], streams: dict[str, np.ndarray], params: dict
         numels[entry.index] = entry.numel
     basis = SubspaceBasis(tuple(numels), fold, chunk, basis_seed)
     dims = [basis.dims(entry.index) for entry in entries]
-    steps = (take(streams, "steps", np.uint16, len(entries)).astype(np.uint32) << 16).view(np.float32)
-    if not (np.isfinite(steps).all() and (steps > 0).all()):
-        raise CodecError("subspace steps must be finite and > 0")
+    steps = bfloat16_steps(streams, len(entries), "subspace")
     symbols = inflate(streams, "symbols", sum(dims)).view(np.int8)
     if (symbols == -128).any():
         raise CodecError(f"stream 'symbols' must hold symbols with |s| <= {ECSQ_MAX_SYMBOL}")

@@ -56,7 +56,7 @@ import torch
 
 from cdcca import wire
 from cdcca.akd import AKDConfig, Distiller, DistillSample
-from cdcca.dwc import get_codec
+from cdcca.dwc import SUBSPACE_STEPS_FACTOR, get_codec
 from cdcca.edge.adapter_slot import rolled_back_from
 from cdcca.envelope import Signer, VersionChain, sign_ack
 from cdcca.fingerprint import student_fingerprint
@@ -156,8 +156,6 @@ class CloudConfig:
         if self.status_every_s < 0 or self.stop_grace_s < 0:
             raise ValueError(f"CloudConfig.status_every_s and stop_grace_s must be >= 0, got {self.status_every_s}, "
                              f"{self.stop_grace_s}")  # fmt: skip
-        from cdcca.dwc import SUBSPACE_STEPS_FACTOR, get_codec
-
         codec = get_codec(self.codec)
         if getattr(codec, "round_bound", False) and not self.akd.subspace_fold:
             # a codec-aware codec: every round trains in its subspace, for more steps (bench/downlink.md)

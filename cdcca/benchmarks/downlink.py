@@ -207,7 +207,7 @@ def _frontier(student: MLLM, base: dict, delta: dict, importance: dict, test: li
 def _run_case(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain: str, codecs: tuple[str, ...],
               progress: bool, seed: int = 0) -> dict:  # fmt: skip
     """One round on ``domain`` and every codec's bytes, times and accuracy; ``student`` gets LoRA and adapts."""
-    from cdcca.dwc import apply_delta, compute_delta, get_codec
+    from cdcca.dwc import compute_delta, get_codec
 
     torch.manual_seed(seed)
     add_lora(student, LoraSettings(seed=seed))  # the seed draws the LoRA A matrices (both ends share it)
@@ -220,30 +220,14 @@ def _run_case(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain:
     importance = round_log.pop("importance")
     updated = {k: v.detach().clone() for k, v in trainable_parameters(student).items()}
     delta = compute_delta(updated, base)
-    num_params = sum(t.numel() for t in delta.values())
     accuracy_uncompressed = _accuracy(student, test)
-    reference = {name: tuple(t.shape) for name, t in delta.items()}
     rows = []
     for name in progress_bar(codecs, desc=f"codecs on {domain}", disable=not progress):
         if name in aware:
             rows.append(_codec_aware_row(pristine, teacher, config, domain, seed, name, base, test,
                                          accuracy_uncompressed))  # fmt: skip
             continue
-        codec = get_codec(name)
-        started = time.perf_counter()
-        payload = codec.encode(delta, importance=importance)
-        encoded = time.perf_counter()
-        decoded = codec.decode(payload, reference, strict=True)  # as the robot decodes: its own layout, bounded
-        decode_s = time.perf_counter() - encoded
-        _load_params(student, apply_delta(base, decoded))
-        accuracy = _accuracy(student, test)
-        bits = 8 * len(payload)
-        rows.append({
-            "codec": name, "params": num_params, "bytes": len(payload), "bits_per_param": bits / num_params,
-            "ms_at_1gbps": 1000 * bits / 1e9, "ms_at_10mbps": 1000 * bits / 1e7,
-            "encode_ms": 1000 * (encoded - started), "decode_ms": 1000 * decode_s,
-            "accuracy": accuracy, "acc_loss_points": accuracy_uncompressed - accuracy,
-        })  # fmt: skip
+        rows.append(_codec_row(name, get_codec(name), student, base, delta, importance, test, accuracy_uncompressed))
     frontier = []
     if config.calibration_images:
         frontier, calibrated = _frontier(student, base, delta, importance, test, _held_out(domain, config), config,
@@ -262,7 +246,7 @@ def _codec_aware_row(pristine: MLLM, teacher: MLLM, config: DownlinkBenchConfig,
     ``aware_steps_factor`` times the steps), the codec encodes that round's delta, and the accuracy is compared
     with the *standard* round's uncompressed delta, the codec's job. Beside it: the subspace round uncompressed
     (what the subspace costs) and a full-space round of as many steps, uncompressed (what the extra steps buy)."""
-    from cdcca.dwc import apply_delta, compute_delta, get_codec
+    from cdcca.dwc import compute_delta, get_codec
 
     codec = get_codec(name)
     steps = config.steps * config.aware_steps_factor
@@ -272,23 +256,32 @@ def _codec_aware_row(pristine: MLLM, teacher: MLLM, config: DownlinkBenchConfig,
     codec = codec.for_round(log["subspace_seed"])
     delta = compute_delta({k: v.detach().clone() for k, v in trainable_parameters(model).items()}, base)
     accuracy_subspace = _accuracy(model, test)
+    row = _codec_row(name, codec, model, base, delta, log["importance"], test, accuracy_uncompressed)
+    full = copy.deepcopy(pristine)
+    adaptation_round(full, teacher, config, domain, seed, steps=steps)
+    return {**row, "codec_aware": True, "round_steps": steps, "accuracy_subspace_uncompressed": accuracy_subspace,
+            "accuracy_full_same_steps": _accuracy(full, test)}  # fmt: skip
+
+
+def _codec_row(name: str, codec, model: MLLM, base: dict, delta: dict, importance: dict, test: list,
+               accuracy_uncompressed: float) -> dict:  # fmt: skip
+    """``codec`` on ``delta``: bytes, bits per parameter, transfer, encode and decode time, and the accuracy of
+    ``model`` holding θ_base + decode(Δ) (left loaded) against ``accuracy_uncompressed``."""
+    from cdcca.dwc import apply_delta
+
     reference = {key: tuple(t.shape) for key, t in delta.items()}
     started = time.perf_counter()
-    payload = codec.encode(delta, importance=log["importance"])
+    payload = codec.encode(delta, importance=importance)
     encoded = time.perf_counter()
-    decoded = codec.decode(payload, reference, strict=True)
+    decoded = codec.decode(payload, reference, strict=True)  # as the robot decodes: its own layout, bounded
     decode_s = time.perf_counter() - encoded
     _load_params(model, apply_delta(base, decoded))
     accuracy = _accuracy(model, test)
-    full = copy.deepcopy(pristine)
-    adaptation_round(full, teacher, config, domain, seed, steps=steps)
     num_params, bits = sum(t.numel() for t in delta.values()), 8 * len(payload)
     return {"codec": name, "params": num_params, "bytes": len(payload), "bits_per_param": bits / num_params,
             "ms_at_1gbps": 1000 * bits / 1e9, "ms_at_10mbps": 1000 * bits / 1e7,
             "encode_ms": 1000 * (encoded - started), "decode_ms": 1000 * decode_s,
-            "accuracy": accuracy, "acc_loss_points": accuracy_uncompressed - accuracy, "codec_aware": True,
-            "round_steps": steps, "accuracy_subspace_uncompressed": accuracy_subspace,
-            "accuracy_full_same_steps": _accuracy(full, test)}  # fmt: skip
+            "accuracy": accuracy, "acc_loss_points": accuracy_uncompressed - accuracy}  # fmt: skip
 
 
 def _worst_case(cases: list[dict]) -> list[dict]:
