@@ -3,8 +3,11 @@
 UTS stage 2 (Wang et al., CVPR 2024, Eq. 3-4) ranks a sample's visual tokens by the variance of their last-layer
 outputs over M stochastic passes and keeps the top ratio. The variance is estimated from M draws, so the kept
 set is itself random. This script measures how much of the kept set at M passes agrees with the set a
-``--reference``-pass estimate keeps (the low-noise answer), against random tokens, per domain: the trade-off
-behind the default M = 8 (``bench/edge.md``: stage 2's cost is linear in M and decides the robot's UTS budget).
+``--reference``-pass sample variance keeps (the low-noise answer), against random tokens, per domain, for both
+estimators of ``UTSConfig.mc_center``: the passes' sample variance (``mean``, M - 1 degrees of freedom) and their
+mean squared deviation from the dropout-free output the robot already has (``deterministic``, M). It is the
+trade-off behind the default M (``bench/edge.md``: stage 2's cost is linear in M and decides the robot's UTS
+budget).
 
 It runs the robot's own ``uts.onnx`` (ONNX Runtime, the exported tiny student) on the encoder's ``uts_front``
 of test frames, with the seeded masks of :func:`cdcca.edge.onnx_uts.dropout_keep_mask`.
@@ -20,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+CENTRES = ("mean", "deterministic")  # UTSConfig.mc_center: the passes' own mean, or the dropout-free output
 
 
 def _kept(variance: np.ndarray, ratio: float) -> np.ndarray:
@@ -38,7 +43,7 @@ def main() -> dict:
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: the tiny preset's)")
     parser.add_argument("--domains", nargs="+", default=["source", "colour_inverted", "printed", "noisy_rotated"])
     parser.add_argument("--images", type=int, default=60, help="test frames per domain")
-    parser.add_argument("--passes", type=int, nargs="+", default=[4, 6, 8, 16])
+    parser.add_argument("--passes", type=int, nargs="+", default=[4, 6, 7, 8, 16])
     parser.add_argument("--reference", type=int, default=128, help="passes of the reference estimate")
     parser.add_argument("--draws", type=int, default=5, help="independent M-pass estimates per frame")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the mask generator")
@@ -69,23 +74,27 @@ def main() -> dict:
         rows = []
         for domain in progress_bar(args.domains, desc="domains"):
             images = [s.load_image() for s in load_domain(domain, "test", limit=args.images)]
-            (front,) = encoder.run([info["front_output"]], {"pixel_values": student.preprocess(images).numpy()})
+            center, front = encoder.run(["visual_tokens", info["front_output"]],
+                                        {"pixel_values": student.preprocess(images).numpy()})  # fmt: skip
             row = {"domain": domain}
-            per_seed: dict[str, list[float]] = {str(m): [] for m in args.passes}
+            per_seed: dict[str, list[float]] = {f"{c}-{m}": [] for c in CENTRES for m in args.passes}
             per_seed["random"] = []
             for seed in args.seeds:
                 rng = np.random.default_rng(seed)
 
-                def variance(passes: int) -> np.ndarray:
+                def scores(passes: int) -> dict[str, np.ndarray]:
                     shape = (info["mc_layers"], len(front), passes, info["heads"], info["tokens"], info["tokens"])
                     mask = dropout_keep_mask(rng, shape, uts.mc_dropout)
-                    return graph.run(None, {"uts_front": front, "dropout_keep": mask})[0]
+                    out = graph.run(["token_variance", "token_spread"],
+                                    {"uts_front": front, "center": center, "dropout_keep": mask})  # fmt: skip
+                    return dict(zip(CENTRES, out))
 
-                reference = _kept(variance(args.reference), uts.token_keep_ratio)
+                reference = _kept(scores(args.reference)["mean"], uts.token_keep_ratio)
                 for passes in args.passes:
-                    draws = [_overlap(_kept(variance(passes), uts.token_keep_ratio), reference)
-                             for _ in range(args.draws)]  # fmt: skip
-                    per_seed[str(passes)].append(float(np.mean(draws)))
+                    draws = [scores(passes) for _ in range(args.draws)]
+                    for c in CENTRES:
+                        overlaps = [_overlap(_kept(d[c], uts.token_keep_ratio), reference) for d in draws]
+                        per_seed[f"{c}-{passes}"].append(float(np.mean(overlaps)))
                 random = np.stack([rng.permutation(info["tokens"])[: reference.shape[1]] for _ in reference])
                 per_seed["random"].append(_overlap(random, reference))
             for name, values in per_seed.items():
@@ -95,12 +104,12 @@ def main() -> dict:
                          "model": str(model), "token_keep_ratio": uts.token_keep_ratio, "mc_dropout": uts.mc_dropout,
                          "mc_layers": info["mc_layers"]},
               "rows": rows}  # fmt: skip
-    names = [*map(str, args.passes), "random"]
-    table = [{"domain": r["domain"], **{f"M={n}" if n != "random" else n: f"{100 * r[n]['mean']:.1f} "
-                                        f"({100 * r[n]['min']:.1f})" for n in names}} for r in rows]  # fmt: skip
-    print(f"kept tokens shared with a {args.reference}-pass estimate, % (worst seed), "
-          f"{uts.token_keep_ratio:.0%} of {info['tokens']} kept")
-    print(format_table(table, ["domain", *(f"M={n}" if n != "random" else n for n in names)]))
+    names = [*(f"{c}-{m}" for c in CENTRES for m in args.passes), "random"]
+    table = [{"estimate": n, **{r["domain"]: f"{100 * r[n]['mean']:.1f} ({100 * r[n]['min']:.1f})" for r in rows}}
+             for n in names]  # fmt: skip
+    print(f"kept tokens shared with a {args.reference}-pass sample variance, % (worst seed), "
+          f"{uts.token_keep_ratio:.0%} of {info['tokens']} kept; estimate = centre-M")
+    print(format_table(table, ["estimate", *(r["domain"] for r in rows)]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
         print(f"report: {args.json}")

@@ -112,8 +112,10 @@ class UncertaintyTokenSampler:
             hidden = layer(hidden)
         return vision.post_layernorm(hidden)
 
-    def token_variance(self, hidden_front: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) front activations -> (B, N) MC-dropout variance of each output token (Eq. 3)."""
+    def token_variance(self, hidden_front: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, D) front activations -> (B, N) MC-dropout uncertainty of each output token (Eq. 3), averaged over
+        channels: around the dropout-free output (``mc_center="deterministic"``; ``center``, (B, N, D), is that
+        output if the caller has it, else it is computed here) or the sample variance (``"mean"``)."""
         batch, tokens, width = hidden_front.shape
         passes = self.config.mc_passes
         hidden = hidden_front.repeat_interleave(passes, dim=0)  # (B*M, N, D): the M passes as one forward
@@ -125,7 +127,11 @@ class UncertaintyTokenSampler:
         finally:
             torch.set_rng_state(state)
         outputs = self.student.blip2.vision_model.post_layernorm(hidden).view(batch, passes, tokens, width)
-        return outputs.var(dim=1).mean(dim=-1)  # (B, N)
+        if self.config.mc_center == "mean":
+            return outputs.var(dim=1).mean(dim=-1)  # (B, N)
+        if center is None:
+            center = self._deterministic_tail(hidden_front)
+        return (outputs - center.unsqueeze(1)).square().mean(dim=(1, 3))  # (B, N)
 
     def prompt_kind(self, prompt: str) -> str:
         """The window a prompt's entropy is ranked in: its first ``group_words`` words."""
@@ -179,7 +185,7 @@ class UncertaintyTokenSampler:
         keep_tokens = torch.zeros(visual_tokens.shape[:2], dtype=torch.bool)
         if keep_sample.any():
             index = keep_sample.nonzero().squeeze(1)
-            variance[index] = self.token_variance(front[index]).cpu()
+            variance[index] = self.token_variance(front[index], visual_tokens[index]).cpu()
             keep_tokens[index] = self.keep_tokens(variance[index])
         return UTSScores(
             answers=generation.texts, sample_entropy=entropy, keep_sample=keep_sample,

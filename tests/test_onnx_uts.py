@@ -60,19 +60,19 @@ def _front(export, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("case", ["test-1-layer", "tiny-2-layers"])
-@pytest.mark.parametrize("seed", [0, 7])
-def test_same_variances_and_kept_tokens_as_torch_for_the_same_mask(case, seed, exported, tiny_export, images):
+@pytest.mark.parametrize(("seed", "center"), [(0, "deterministic"), (7, "deterministic"), (7, "mean")])
+def test_same_variances_and_kept_tokens_as_torch_for_the_same_mask(case, seed, center, exported, tiny_export, images):
     # Prepare: the real torch sampler, and the mask its seed draws, fed to the ORT graph
     student, export = exported if case.startswith("test") else tiny_export
     info = export.manifest["uts"]
-    config = UTSConfig(seed=seed, mc_layers=info["mc_layers"], token_keep_ratio=0.4)
+    config = UTSConfig(seed=seed, mc_layers=info["mc_layers"], token_keep_ratio=0.4, mc_center=center)
     pixels = student.preprocess(images)
     masks = _torch_masks(config, info["mc_layers"], len(images), info["heads"], info["tokens"])
     sampler = OnnxTokenSampler(export.directory / info["file"], info, config)
     # Execute
     torch_variance, torch_keep = UncertaintyTokenSampler(student, config).stage_two(pixels)
     visual_tokens, front = _front(export, pixels.numpy())
-    variance, keep = sampler.stage_two(front, masks)
+    variance, keep = sampler.stage_two(front, visual_tokens, masks)
     # Assert
     np.testing.assert_allclose(visual_tokens, student.visual_tokens(pixels).detach().numpy(), atol=1e-5)
     scale = float(torch_variance.abs().max())
@@ -85,19 +85,19 @@ def test_same_variances_and_kept_tokens_as_torch_for_the_same_mask(case, seed, e
 def test_its_own_mask_is_seeded_scaled_and_inside_the_model(tiny_export, images):
     student, export = tiny_export
     info = export.manifest["uts"]
-    _, front = _front(export, student.preprocess(images).numpy())
+    visual_tokens, front = _front(export, student.preprocess(images).numpy())
     samplers = [
         OnnxTokenSampler(export.directory / info["file"], info, UTSConfig(seed=s, mc_layers=2)) for s in (3, 3, 4)
     ]
 
-    runs = [sampler.token_variance(front) for sampler in samplers]
+    runs = [sampler.token_variance(front, visual_tokens) for sampler in samplers]
     mask = OnnxTokenSampler(export.directory / info["file"], info, UTSConfig(seed=3, mc_layers=2)).dropout_keep(64)
 
     assert np.array_equal(runs[0], runs[1]) and not np.allclose(runs[0], runs[2])  # same seed, same scores
-    assert not np.array_equal(runs[0], samplers[0].token_variance(front))  # the generator moves on
+    assert not np.array_equal(runs[0], samplers[0].token_variance(front, visual_tokens))  # the generator moves on
     assert set(np.unique(mask).tolist()) == {0.0, np.float32(1) / np.float32(0.9)}
     assert abs(float((mask == 0).mean()) - 0.1) < 0.005
-    assert mask.shape == (2, 64, 8, info["heads"], info["tokens"], info["tokens"])
+    assert mask.shape == (2, 64, UTSConfig().mc_passes, info["heads"], info["tokens"], info["tokens"])
     # inside the model: not the closed-form x²·p/(1-p) of dropout on the finished tokens (a magnitude ranking)
     magnitude = (front**2).mean(-1)
     ranks = [np.argsort(np.argsort(v, axis=1), axis=1).ravel() for v in (runs[0], magnitude)]
@@ -176,6 +176,13 @@ def test_mismatched_settings_are_clear_errors(exported, tiny_export, keys, tmp_p
     sampler = OnnxTokenSampler(export.directory / info["file"], info, UTSConfig())
     with pytest.raises(ValueError, match="uts_front must be"):
         sampler.token_variance(np.zeros((1, info["tokens"] + 1, info["width"]), np.float32))
+    front = np.zeros((1, info["tokens"], info["width"]), np.float32)
+    with pytest.raises(ValueError, match="pass the answer's visual_tokens as center"):
+        sampler.token_variance(front)
+    with pytest.raises(ValueError, match="center must be the visual tokens of the same frames"):
+        sampler.token_variance(front, np.zeros((2, info["tokens"], info["width"]), np.float32))
+    with pytest.raises(ValueError, match="mc_center must be one of"):
+        UTSConfig(mc_center="median")
     with pytest.raises(ValueError, match="mc_layers must be in 1..4"):
         export_onnx(tiny_export[0], export.directory.parent / "bad", mc_layers=5)
 
@@ -238,14 +245,15 @@ def test_the_torch_tail_fed_the_seeded_mask_scores_as_the_graph(tiny_export, ima
     student, export = tiny_export
     info = export.manifest["uts"]
     config = UTSConfig(seed=21, mc_layers=2)
-    _, front = _front(export, student.preprocess(images).numpy())
+    visual_tokens, front = _front(export, student.preprocess(images).numpy())
     sampler = OnnxTokenSampler(export.directory / info["file"], info, config)
     shape = (2, len(images), config.mc_passes, info["heads"], info["tokens"], info["tokens"])
     mask = dropout_keep_mask(np.random.default_rng(config.seed), shape, config.mc_dropout)
 
-    variance, keep = sampler.stage_two(front)  # its own first mask: the same draw
+    variance, keep = sampler.stage_two(front, visual_tokens)  # its own first mask: the same draw
     with torch.no_grad():
-        torch_variance = MCDropoutTail(student, 2)(torch.from_numpy(front), torch.from_numpy(mask)).numpy()
+        _, torch_variance = MCDropoutTail(student, 2)(*map(torch.from_numpy, (front, mask, visual_tokens)))
+        torch_variance = torch_variance.numpy()
 
     scale = float(np.abs(torch_variance).max())
     np.testing.assert_allclose(variance, torch_variance, rtol=VARIANCE_RTOL, atol=VARIANCE_RTOL * scale)
@@ -313,7 +321,32 @@ def test_one_sample_runs_on_the_session_that_timed_faster(exported, images):
     assert picked == sampler.single_sample_threads and picked in (1, 2)
     assert (sampler._single is sampler.session) == (picked == 2)
     assert single._single is single.session and single.single_sample_threads == 1  # one thread: nothing to time
-    np.testing.assert_allclose(sampler.token_variance(front), single.token_variance(front), rtol=1e-6)  # same seed
+    np.testing.assert_allclose(sampler.token_variance(front, front), single.token_variance(front, front),
+                               rtol=1e-6)  # same seed
+
+
+def test_the_spread_is_measured_around_the_dropout_free_tokens_the_robot_answered_with(tiny_export, images):
+    """``center`` is the encoder graph's ``visual_tokens``: with nothing dropped every pass is exactly that output,
+    so the spread is zero, while the sample variance of the same passes is zero with any centre; with dropout the
+    spread around it is at least the passes' (M-1)/M sample variance (a mean squared deviation is smallest around
+    the mean), and close to it (the dropout-free output is near the passes' mean)."""
+    student, export = tiny_export
+    info = export.manifest["uts"]
+    visual_tokens, front = _front(export, student.preprocess(images).numpy())
+    graph = ort.InferenceSession(str(export.directory / info["file"]))
+    passes = 7
+    shape = (2, len(images), passes, info["heads"], info["tokens"], info["tokens"])
+
+    ones = {"uts_front": front, "center": visual_tokens, "dropout_keep": np.ones(shape, np.float32)}
+    variance_0, spread_0 = graph.run(["token_variance", "token_spread"], ones)
+    mask = dropout_keep_mask(np.random.default_rng(5), shape, 0.1)
+    variance, spread = graph.run(["token_variance", "token_spread"], {**ones, "dropout_keep": mask})
+
+    scale = float(spread.max())
+    assert scale > 0 and float(np.abs(spread_0).max()) < 1e-6 * scale and float(np.abs(variance_0).max()) < 1e-6 * scale
+    assert np.all(spread >= (passes - 1) / passes * variance * (1 - 1e-4))
+    assert float(np.median(spread / ((passes - 1) / passes * variance))) < 1.5
+
 
 
 def _one_thread():

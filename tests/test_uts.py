@@ -85,6 +85,25 @@ def test_token_variance_is_not_a_function_of_magnitude(pair, stream):
     assert float(ratio.std() / ratio.mean()) > 0.2  # far from proportional
 
 
+def test_the_deterministic_centre_is_the_spread_of_the_same_passes_around_the_dropout_free_output(pair, stream):
+    """The same seed draws the same passes in both modes: their mean squared deviation from the dropout-free tokens
+    equals (M-1)/M of their sample variance plus the squared gap between their mean and those tokens."""
+    _, student = pair
+    pixels = student.preprocess([s.image for s in stream[:6]])
+    spread_sampler, variance_sampler = (UncertaintyTokenSampler(student, UTSConfig(seed=4, mc_passes=5, mc_center=c))
+                                        for c in ("deterministic", "mean"))  # fmt: skip
+    with torch.no_grad():
+        front = spread_sampler._front(pixels)
+        center = spread_sampler._deterministic_tail(front)
+        spread = spread_sampler.token_variance(front)  # computes the centre itself
+        given = UncertaintyTokenSampler(student, UTSConfig(seed=4, mc_passes=5)).token_variance(front, center)
+        variance = variance_sampler.token_variance(front)
+    torch.testing.assert_close(spread, given)
+    gap = spread - 4 / 5 * variance  # = mean over channels of (pass mean - centre)^2 >= 0
+    assert float(gap.min()) > -1e-6 * float(spread.max())
+    assert 0 < float(gap.mean()) < float(spread.mean())
+
+
 def test_mc_passes_are_reproducible_and_leave_the_encoder_deterministic(pair, stream):
     _, student = pair
     pixels = student.preprocess([s.image for s in stream[:4]])

@@ -305,7 +305,7 @@ def _ort_uts_overhead(backend, inputs: list, config: EdgeBenchConfig) -> dict:
         keep = sampler.keep_samples(answer.sample_entropy, [prompt])
         if keep.any():
             began = time.perf_counter()
-            sampler.stage_two(answer.uts_front[keep])
+            sampler.stage_two(answer.uts_front[keep], answer.visual_tokens[keep])
             stage_two_s.append(time.perf_counter() - began)
         scoring_s.append(time.perf_counter() - answered)
         answer_s.append(answered - started)

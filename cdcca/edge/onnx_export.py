@@ -8,7 +8,9 @@ it without torch, live in :mod:`cdcca.edge.onnx_model`):
   It also emits ``uts_front`` (B, N, Dv), the encoder's hidden state before its last ``mc_layers`` layers.
 * ``uts.onnx``: UTS stage 2 (:mod:`cdcca.edge.onnx_uts`): the last ``mc_layers`` encoder layers run M times
   as one batch with a given attention-dropout keep mask, -> (B, N) variance of each output token across the
-  passes, averaged over channels (Eq. 3), as ``cdcca.uts.UncertaintyTokenSampler.token_variance`` computes it.
+  passes (Eq. 3) and (B, N) spread of the passes around the dropout-free output (``center``: the encoder's
+  ``visual_tokens``), each averaged over channels, as ``cdcca.uts.UncertaintyTokenSampler.token_variance``
+  computes them (``UTSConfig.mc_center``).
   The mask is an input (ONNX's random ops take their seed as an attribute, not an input), so a run is
   deterministic for the mask a seeded generator drew; the frozen encoder has no trainable tensors, so this
   graph takes no adapter.
@@ -94,7 +96,9 @@ class _EncoderForward(nn.Module):
 
 
 class MCDropoutTail(nn.Module):
-    """UTS stage 2: (B, N, Dv) front and (L, B, M, H, N, N) dropout keep mask -> (B, N) token variance (Eq. 3).
+    """UTS stage 2: (B, N, Dv) front, (L, B, M, H, N, N) dropout keep mask and (B, N, Dv) dropout-free output ->
+    (B, N) token variance over the passes (Eq. 3) and (B, N) token spread around the dropout-free output, each
+    averaged over channels (``UTSConfig.mc_center`` picks which one the robot reads).
 
     The last L encoder layers written against their own submodules with the eager attention of
     ``transformers``' BLIP-2 (softmax(q·kᵀ·scale), dropout, ·v), the dropout being a product with the given
@@ -120,7 +124,8 @@ class MCDropoutTail(nn.Module):
         query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (S, H, N, hd)
         return torch.softmax(torch.matmul(query, key.transpose(-1, -2)) * attn.scale, dim=-1), value
 
-    def forward(self, front: torch.Tensor, dropout_keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, front: torch.Tensor, dropout_keep: torch.Tensor,
+                center: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         batch, tokens, width = front.shape
         passes = dropout_keep.shape[2]
         hidden = front.unsqueeze(1)  # (B, 1, N, Dv): broadcast over the passes until the first dropout
@@ -137,7 +142,8 @@ class MCDropoutTail(nn.Module):
             context = context.transpose(2, 3).reshape(batch, passes, tokens, width)
             hidden = layer.self_attn.projection(context) + hidden  # (B, M, N, Dv)
             hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
-        return self.post_layernorm(hidden).var(dim=1).mean(dim=-1)  # (B, N)
+        outputs = self.post_layernorm(hidden)  # (B, M, N, Dv)
+        return outputs.var(dim=1).mean(dim=-1), (outputs - center.unsqueeze(1)).square().mean(dim=(1, 3))
 
 
 class _DecoderStep(nn.Module):
@@ -300,9 +306,11 @@ def export_onnx(student: MLLM, out_dir: str | Path, external_data: bool | None =
     vision = student.blip2.vision_model.config
     passes = 3  # traced with 3 passes; the graph takes any M
     keep = torch.ones(mc_layers, batch, passes, vision.num_attention_heads, front.shape[1], front.shape[1])
-    _export_graph(MCDropoutTail(student, mc_layers), (front, keep), ["uts_front", "dropout_keep"],
-                  ["token_variance"], {"uts_front": {0: "batch"}, "dropout_keep": {1: "batch", 2: "passes"},
-                                       "token_variance": {0: "batch"}}, {}, out / UTS_FILE, external_data)  # fmt: skip
+    _export_graph(MCDropoutTail(student, mc_layers), (front, keep, torch.randn_like(front)),
+                  ["uts_front", "dropout_keep", "center"], ["token_variance", "token_spread"],
+                  {"uts_front": {0: "batch"}, "dropout_keep": {1: "batch", 2: "passes"}, "center": {0: "batch"},
+                   "token_variance": {0: "batch"}, "token_spread": {0: "batch"}}, {}, out / UTS_FILE,
+                  external_data)  # fmt: skip
     past_names = [f"past_{kind}_{i}" for i in range(text.num_hidden_layers) for kind in ("key", "value")]
     present_names = [name.replace("past_", "present_") for name in past_names]
     prefix, tokens, past_len = student.num_query_tokens, 3, 2

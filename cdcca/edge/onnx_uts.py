@@ -9,8 +9,9 @@ ONNX export (:mod:`cdcca.edge.onnx_export`):
    ``UncertaintyTokenSampler.keep_samples`` makes.
 2. **Token level (Eq. 3-4)**: the export's ``uts.onnx`` runs the last ``mc_layers`` encoder layers M times as
    one batch, from the ``uts_front`` the encoder graph already computed while answering, with attention
-   dropout as an input mask; the variance of each output token across the passes, averaged over channels, is
-   its uncertainty. Tokens above β, or the top ratio, are kept.
+   dropout as an input mask; the spread of each output token over the passes, averaged over channels, is its
+   uncertainty: around the dropout-free ``visual_tokens`` the robot answered with (``mc_center="deterministic"``,
+   the default) or around the passes' mean (the sample variance). Tokens above β, or the top ratio, are kept.
 
 The masks come from a numpy generator (PCG64) seeded with ``config.seed`` (:func:`dropout_keep_mask`), so scoring
 is reproducible for a seed; they are not the masks torch's generator draws for the same seed, so a parity check
@@ -63,6 +64,7 @@ class UTSSettings(Protocol):
     window: int
     group_words: int
     mc_passes: int
+    mc_center: str
     mc_dropout: float
     mc_layers: int
     token_mode: str
@@ -114,8 +116,8 @@ class OnnxTokenSampler:
         if threads != 1:
             one = ort.InferenceSession(str(graph), one_thread_options(), providers=["CPUExecutionProvider"])
             candidates = {threads: self.session, 1: one}
-            feeds = {"uts_front": np.zeros((1, info["tokens"], info["width"]), np.float32),
-                     "dropout_keep": np.ones(self._mask_shape(1), np.float32)}  # fmt: skip
+            blank = np.zeros((1, info["tokens"], info["width"]), np.float32)
+            feeds = {"uts_front": blank, "center": blank, "dropout_keep": np.ones(self._mask_shape(1), np.float32)}
             self.single_sample_threads = faster_session(candidates, feeds)
             self._single = candidates[self.single_sample_threads]
         self._recent: dict[str, deque] = {}  # prompt kind -> its recent entropies
@@ -158,24 +160,37 @@ class OnnxTokenSampler:
         with self._rng_lock:
             return dropout_keep_mask(self._rng, self._mask_shape(batch), self.config.mc_dropout)
 
-    def token_variance(self, front: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
-        """Eq. 3: (B, N, D) ``uts_front`` -> (B, N) MC-dropout variance; ``keep``: a mask of :meth:`dropout_keep`'s
-        shape (the next seeded one if omitted: the mask :meth:`dropout_keep` would return, drawn into a buffer this
-        sampler reuses, held under the generator's lock for the run)."""
+    def token_variance(self, front: np.ndarray, center: np.ndarray | None = None,
+                       keep: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+        """Eq. 3: (B, N, D) ``uts_front`` -> (B, N) MC-dropout uncertainty (``config.mc_center``); ``center``: the
+        (B, N, D) ``visual_tokens`` the encoder graph gave with that front (required for the ``deterministic``
+        centre); ``keep``: a mask of :meth:`dropout_keep`'s shape (the next seeded one if omitted: the mask
+        :meth:`dropout_keep` would return, drawn into a buffer this sampler reuses, held under the generator's
+        lock for the run)."""
         front = np.ascontiguousarray(front, np.float32)
         if front.ndim != 3 or front.shape[1:] != (self.info["tokens"], self.info["width"]):
             raise ValueError(f"uts_front must be (B, {self.info['tokens']}, {self.info['width']}), got {front.shape}")
+        if center is not None:
+            center = np.ascontiguousarray(center, np.float32)
+            if center.shape != front.shape:
+                raise ValueError(f"center must be the visual tokens of the same frames, {front.shape}, "
+                                 f"got {center.shape}")  # fmt: skip
+        elif self.config.mc_center == "deterministic":
+            raise ValueError("mc_center='deterministic' measures the passes around the dropout-free output: pass "
+                             "the answer's visual_tokens as center")  # fmt: skip
+        else:  # the sample variance does not read it; the graph still takes the input
+            center = np.zeros_like(front)
+        feeds = {"uts_front": front, "center": center}
+        output = ["token_spread" if self.config.mc_center == "deterministic" else "token_variance"]
         if keep is not None:
-            keep = np.ascontiguousarray(keep, np.float32)
-            (variance,) = self._session(front).run(None, {"uts_front": front, "dropout_keep": keep})
-            return variance
+            feeds["dropout_keep"] = np.ascontiguousarray(keep, np.float32)
+            return self._session(front).run(output, feeds)[0]
         shape = self._mask_shape(front.shape[0])
         with self._rng_lock:
             if self._mask is None or self._mask.shape != shape:
                 self._mask = np.empty(shape, np.float32)
-            mask = dropout_keep_mask(self._rng, shape, self.config.mc_dropout, out=self._mask)
-            (variance,) = self._session(front).run(None, {"uts_front": front, "dropout_keep": mask})
-        return variance
+            feeds["dropout_keep"] = dropout_keep_mask(self._rng, shape, self.config.mc_dropout, out=self._mask)
+            return self._session(front).run(output, feeds)[0]
 
     def keep_tokens(self, variance: np.ndarray) -> np.ndarray:
         """Eq. 4 on (B, N) variances -> (B, N) bool: above β, or the top ``token_keep_ratio``."""
@@ -187,7 +202,9 @@ class OnnxTokenSampler:
         np.put_along_axis(keep, top, True, axis=1)
         return keep
 
-    def stage_two(self, front: np.ndarray, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(B, N) MC-dropout variance and (B, N) kept-token mask of the samples' ``uts_front``."""
-        variance = self.token_variance(front, keep)
+    def stage_two(self, front: np.ndarray, center: np.ndarray | None = None,
+                  keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """(B, N) MC-dropout uncertainty and (B, N) kept-token mask of the samples' ``uts_front`` (``center``: their
+        ``visual_tokens``; see :meth:`token_variance`)."""
+        variance = self.token_variance(front, center, keep)
         return variance, self.keep_tokens(variance)

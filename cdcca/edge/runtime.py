@@ -446,7 +446,7 @@ class EdgeRuntime:
     def _stage_two(self, images, result, index: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(K, N) MC-dropout variance and kept-token mask of the samples ``index`` of a batch (UTS stage 2)."""
         if self.sampler_on_backend:  # from the encoder state the backend answered with (issue 19: no torch)
-            return self.sampler.stage_two(np.asarray(result.uts_front)[index])
+            return self.sampler.stage_two(np.asarray(result.uts_front)[index], np.asarray(result.visual_tokens)[index])
         import torch
 
         with torch.inference_mode():
