@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import copy
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -390,14 +391,13 @@ def hot_swap_run(student: MLLM, base: dict, delta: dict, config: DownlinkBenchCo
         chain.record_applied(version)  # built ahead, applied in order: each is incremental on the previous
     latencies: dict[str, list[float]] = {"without": [], "with": []}
     failures, statuses, swap_us = 0, [], []
-    queue, arrived, stop = list(messages), threading.Event(), threading.Event()
+    built = len(messages)
+    inbox: queue.SimpleQueue = queue.SimpleQueue()  # every delta sent reaches the robot, however slow it applies
 
     def deliver() -> None:  # the robot's subscriber thread: applies each delta as it arrives
-        while not stop.is_set():
-            if arrived.wait(timeout=0.05) and queue:
-                arrived.clear()
-                statuses.append(slot.receive(queue.pop(0)).state)
-                swap_us.append(slot.counters.last_swap_us)
+        while (msg := inbox.get()) is not None:
+            statuses.append(slot.receive(msg).state)
+            swap_us.append(slot.counters.last_swap_us)
 
     def answer(sample) -> float:
         nonlocal failures
@@ -418,13 +418,13 @@ def hot_swap_run(student: MLLM, base: dict, delta: dict, config: DownlinkBenchCo
     for i in bar:
         mode = "with" if (i // block) % 2 else "without"
         latencies[mode].append(answer(samples[i % len(samples)]))
-        if mode == "with" and (i + 1) % config.swap_every == 0:
-            arrived.set()
-    stop.set()
+        if mode == "with" and (i + 1) % config.swap_every == 0 and messages:
+            inbox.put(messages.pop(0))
+    inbox.put(None)  # after the deltas still queued
     thread.join()
     applied = sum(state == APPLIED for state in statuses)
     return {
-        "answers_per_run": config.swap_answers, "swaps_applied": applied, "swaps_sent": len(messages),
+        "answers_per_run": config.swap_answers, "swaps_applied": applied, "swaps_sent": built - len(messages),
         "p50_ms_without_swaps": float(np.percentile(latencies["without"], 50)),
         "p99_ms_without_swaps": float(np.percentile(latencies["without"], 99)),
         "p50_ms_with_swaps": float(np.percentile(latencies["with"], 50)),
