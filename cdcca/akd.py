@@ -99,6 +99,9 @@ class AKDConfig:
             round's start is projected onto the subspace; the trainable set's learning rate is multiplied by
             √fold, which keeps a step's length in the subspace what it is in the full space. 0: the full space.
         subspace_chunk: the basis's longest chunk (``SubspaceConfig.chunk``).
+        subspace_seed: the round's basis seed instead of the one it draws (the draw is still made, so batches and
+            everything else stay as they were; a benchmark's way to try other bases on the same round). ``None``:
+            drawn, as the cloud does.
     """
 
     lambda_query: float = 3.0
@@ -121,6 +124,7 @@ class AKDConfig:
     max_backtracks: int = 3
     subspace_fold: int = 0
     subspace_chunk: int = 1024
+    subspace_seed: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("lambda_query", "lambda_repr", "lambda_ce", "lambda_kl"):
@@ -512,7 +516,9 @@ class Distiller:
         from cdcca.dwc_format import SubspaceBasis
 
         numels = tuple(p.numel() for p in self.trainable.values())
-        return SubspaceBasis(numels, self.config.subspace_fold, self.config.subspace_chunk, int(rng.integers(2**62)))
+        seed = int(rng.integers(2**62))
+        seed = seed if self.config.subspace_seed is None else self.config.subspace_seed
+        return SubspaceBasis(numels, self.config.subspace_fold, self.config.subspace_chunk, seed)
 
     @torch.no_grad()
     def _project(self, subspace, start: dict[str, torch.Tensor]) -> None:

@@ -1060,6 +1060,12 @@ def _print_downlink_tables(report: dict) -> None:
     columns = ["codec", "params", "bytes", "bits_per_param", "ms_at_1gbps", "ms_at_10mbps", "encode_ms",
                "decode_ms", "accuracy", "acc_loss_points"]  # fmt: skip
     print(format_table(report["codecs"], columns, title=f"DWC codecs, domain {report['config']['domain']}"))
+    aware = [(case, row) for case in report["cases"] for row in case["codecs"] if row.get("draws")]
+    if aware:  # a codec-aware codec: its loss per case and basis draw
+        rows = [{"codec": row["codec"], "domain": case["domain"], "seed": case["seed"],
+                 "mean_loss": row["acc_loss_points"],
+                 "per_draw": " / ".join(f"{d['acc_loss_points']:.2f}" for d in row["draws"])} for case, row in aware]
+        print(format_table(rows, list(rows[0]), title="codec-aware rounds: accuracy loss per case, each basis draw"))
     swap = report["hot_swap"]
     print(format_table([swap], list(swap), title="hot-swap"))
 

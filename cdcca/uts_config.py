@@ -26,10 +26,11 @@ ENCODINGS = ("int8", "fp16")
 # stage 1 kept everything.
 ENTROPY_TIE_ATOL = 5e-6
 ENTROPY_TIE_RTOL = 0.0
-# Stage 2's estimate of a token's uncertainty from the M passes: ``deterministic`` averages the passes' squared
-# deviation from the dropout-free output (the visual tokens the robot answered with, already computed), ``mean``
-# takes their sample variance (Eq. 3 as written). The dropout-free output stands in for the passes' mean, so M
-# passes give M degrees of freedom instead of M - 1: 7 passes rank tokens as well as 8 did (bench/edge.md).
+# Stage 2's estimate of a token's uncertainty from the M passes: ``mean`` takes their sample variance (Eq. 3 as
+# written, the default), ``deterministic`` averages the passes' squared deviation from the dropout-free output (the
+# visual tokens the robot answered with, already computed). The dropout-free output stands in for the passes' mean,
+# so M passes give M degrees of freedom instead of M - 1: 7 passes rank tokens as well as 8 do with ``mean``, at 7/8
+# of stage 2's cost (bench/README.md, "The token stage's estimate").
 MC_CENTRES = ("deterministic", "mean")
 
 
@@ -62,10 +63,10 @@ class UTSConfig:
         window: number of recent entropies in the sliding window (of each prompt kind).
         group_words: prompts sharing their first ``group_words`` words share a window (0: one window for all).
         mc_passes: M, stochastic passes of stage 2 (batched into one forward).
-        mc_center: what the passes' spread is measured around (:data:`MC_CENTRES`): ``deterministic``, the
-            dropout-free output (mean over channels of the passes' mean squared deviation from it), or ``mean``, their
-            own mean (the sample variance of Eq. 3). The two rank tokens alike (99 % of kept tokens shared at 128
-            passes); at equal M the first is less noisy, as it spends no degree of freedom on the mean.
+        mc_center: what the passes' spread is measured around (:data:`MC_CENTRES`): ``mean``, their own mean (the
+            sample variance of Eq. 3), or ``deterministic``, the dropout-free output (mean over channels of the
+            passes' mean squared deviation from it). The two rank tokens alike (99 % of kept tokens shared at 128
+            passes); at equal M the second is less noisy, as it spends no degree of freedom on the mean.
         mc_dropout: attention-dropout rate inside the encoder during the passes.
         mc_layers: how many final encoder layers run stochastically (the earlier ones run once).
         token_mode: ``ratio`` (keep the top ``token_keep_ratio``) or ``threshold`` (variance > ``token_threshold``).
@@ -80,8 +81,8 @@ class UTSConfig:
     sample_fraction: float = 0.5
     window: int = 50
     group_words: int = 3
-    mc_passes: int = 7
-    mc_center: str = "deterministic"
+    mc_passes: int = 8
+    mc_center: str = "mean"
     mc_dropout: float = 0.1
     mc_layers: int = 1
     token_mode: str = "ratio"

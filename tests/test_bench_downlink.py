@@ -47,6 +47,12 @@ def test_downlink_report(pretrained_test_pair):
         per_case = [case["codecs"][position] for case in report["cases"]]
         assert row["acc_loss_points"] == max(r["acc_loss_points"] for r in per_case)
         assert row["bytes"] == max(r["bytes"] for r in per_case)
+    for case in report["cases"]:  # the codec-aware codec: one round per basis draw, the loss their mean
+        aware = next(r for r in case["codecs"] if r["codec"] == "subspace")
+        assert len(aware["draws"]) == config.basis_draws == 2
+        assert len({d["basis_seed"] for d in aware["draws"]}) == 2
+        assert aware["acc_loss_points"] == pytest.approx(sum(d["acc_loss_points"] for d in aware["draws"]) / 2)
+        assert aware["bytes"] == max(d["bytes"] for d in aware["draws"])
     swap = report["hot_swap"]
     assert swap["failed_answers"] == 0 and swap["swaps_applied"] == swap["swaps_sent"] == 10
     summary = report["summary"]

@@ -132,10 +132,12 @@ def test_config_is_checked():
 
 
 # ------------------------------------------------------------------------------------------------ training
-def test_a_subspace_round_changes_the_trainable_set_only_inside_its_basis(pair):
+@pytest.mark.parametrize("forced", [None, 123])
+def test_a_subspace_round_changes_the_trainable_set_only_inside_its_basis(pair, forced):
     teacher, student = pair
     add_lora(student)
-    config = AKDConfig(steps=6, batch_size=4, lr=5e-3, subspace_fold=8, subspace_chunk=256)
+    config = AKDConfig(steps=6, batch_size=4, lr=5e-3, subspace_fold=8, subspace_chunk=256,
+                       subspace_seed=forced)
     distiller = Distiller(teacher, student, config)
     assert list(distiller.trainable) == list(trainable_parameters(student))  # the order the codec lays out
     before = {n: p.detach().clone() for n, p in distiller.trainable.items()}
@@ -143,7 +145,7 @@ def test_a_subspace_round_changes_the_trainable_set_only_inside_its_basis(pair):
 
     report = distiller.run_round(samples)
 
-    assert report.subspace_seed is not None
+    assert report.subspace_seed is not None and forced in (None, report.subspace_seed)
     basis = SubspaceBasis(tuple(p.numel() for p in before.values()), 8, 256, report.subspace_seed)
     moved = 0
     for index, (name, param) in enumerate(distiller.trainable.items()):
@@ -155,7 +157,7 @@ def test_a_subspace_round_changes_the_trainable_set_only_inside_its_basis(pair):
     assert distiller.optimizer.param_groups[0]["lr"] == pytest.approx(5e-3 * np.sqrt(8))  # √fold, trainable set
     assert distiller.optimizer.param_groups[1]["lr"] == pytest.approx(5e-3)  # ϕ and ψ as configured
     second = distiller.run_round(samples)
-    assert second.subspace_seed != report.subspace_seed  # a fresh basis each round
+    assert (second.subspace_seed != report.subspace_seed) == (forced is None)  # a fresh basis each round
 
 
 def test_subspace_settings_are_checked():

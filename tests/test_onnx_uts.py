@@ -90,7 +90,7 @@ def test_its_own_mask_is_seeded_scaled_and_inside_the_model(tiny_export, images)
         OnnxTokenSampler(export.directory / info["file"], info, UTSConfig(seed=s, mc_layers=2)) for s in (3, 3, 4)
     ]
 
-    runs = [sampler.token_variance(front, visual_tokens) for sampler in samplers]
+    runs = [sampler.token_variance(front, visual_tokens) for sampler in samplers]  # the default: sample variance
     mask = OnnxTokenSampler(export.directory / info["file"], info, UTSConfig(seed=3, mc_layers=2)).dropout_keep(64)
 
     assert np.array_equal(runs[0], runs[1]) and not np.allclose(runs[0], runs[2])  # same seed, same scores
@@ -177,8 +177,9 @@ def test_mismatched_settings_are_clear_errors(exported, tiny_export, keys, tmp_p
     with pytest.raises(ValueError, match="uts_front must be"):
         sampler.token_variance(np.zeros((1, info["tokens"] + 1, info["width"]), np.float32))
     front = np.zeros((1, info["tokens"], info["width"]), np.float32)
+    centred = OnnxTokenSampler(export.directory / info["file"], info, UTSConfig(mc_center="deterministic"))
     with pytest.raises(ValueError, match="pass the answer's visual_tokens as center"):
-        sampler.token_variance(front)
+        centred.token_variance(front)
     with pytest.raises(ValueError, match="center must be the visual tokens of the same frames"):
         sampler.token_variance(front, np.zeros((2, info["tokens"], info["width"]), np.float32))
     with pytest.raises(ValueError, match="mc_center must be one of"):
@@ -238,13 +239,14 @@ def test_cdcca_export_writes_the_uts_graph(pretrained_test_pair, tmp_path, capsy
     assert "uts.onnx" in capsys.readouterr().out
 
 
-def test_the_torch_tail_fed_the_seeded_mask_scores_as_the_graph(tiny_export, images):
+@pytest.mark.parametrize("center", ["mean", "deterministic"])
+def test_the_torch_tail_fed_the_seeded_mask_scores_as_the_graph(center, tiny_export, images):
     """One seed, one mask, both engines: what a torch robot needs to pick the ORT robot's tokens."""
     from cdcca.edge.onnx_export import MCDropoutTail
 
     student, export = tiny_export
     info = export.manifest["uts"]
-    config = UTSConfig(seed=21, mc_layers=2)
+    config = UTSConfig(seed=21, mc_layers=2, mc_center=center)
     visual_tokens, front = _front(export, student.preprocess(images).numpy())
     sampler = OnnxTokenSampler(export.directory / info["file"], info, config)
     shape = (2, len(images), config.mc_passes, info["heads"], info["tokens"], info["tokens"])
@@ -252,8 +254,8 @@ def test_the_torch_tail_fed_the_seeded_mask_scores_as_the_graph(tiny_export, ima
 
     variance, keep = sampler.stage_two(front, visual_tokens)  # its own first mask: the same draw
     with torch.no_grad():
-        _, torch_variance = MCDropoutTail(student, 2)(*map(torch.from_numpy, (front, mask, visual_tokens)))
-        torch_variance = torch_variance.numpy()
+        outputs = MCDropoutTail(student, 2)(*map(torch.from_numpy, (front, mask, visual_tokens)))
+        torch_variance = outputs[("mean", "deterministic").index(center)].numpy()
 
     scale = float(np.abs(torch_variance).max())
     np.testing.assert_allclose(variance, torch_variance, rtol=VARIANCE_RTOL, atol=VARIANCE_RTOL * scale)

@@ -10,8 +10,9 @@ ONNX export (:mod:`cdcca.edge.onnx_export`):
 2. **Token level (Eq. 3-4)**: the export's ``uts.onnx`` runs the last ``mc_layers`` encoder layers M times as
    one batch, from the ``uts_front`` the encoder graph already computed while answering, with attention
    dropout as an input mask; the spread of each output token over the passes, averaged over channels, is its
-   uncertainty: around the dropout-free ``visual_tokens`` the robot answered with (``mc_center="deterministic"``,
-   the default) or around the passes' mean (the sample variance). Tokens above β, or the top ratio, are kept.
+   uncertainty: around the passes' mean (the sample variance, ``mc_center="mean"``, the default) or around the
+   dropout-free ``visual_tokens`` the robot answered with (``"deterministic"``). Tokens above β, or the top ratio,
+   are kept.
 
 The masks come from a numpy generator (PCG64) seeded with ``config.seed`` (:func:`dropout_keep_mask`), so scoring
 is reproducible for a seed; they are not the masks torch's generator draws for the same seed, so a parity check
