@@ -63,8 +63,8 @@ class UTSConfig:
         window: number of recent entropies in the sliding window (of each prompt kind).
         group_words: prompts sharing their first ``group_words`` words share a window (0: one window for all).
         mc_passes: M, stochastic passes of stage 2 (batched into one forward).
-        mc_center: what the passes' spread is measured around (:data:`MC_CENTRES`): ``mean``, their own mean (the
-            sample variance of Eq. 3), or ``deterministic``, the dropout-free output (mean over channels of the
+        mc_center: what the passes' spread is measured around: ``mean``, their own mean (the sample variance of
+            Eq. 3), or ``deterministic``, the dropout-free output (mean over channels of the
             passes' mean squared deviation from it). The two rank tokens alike (99 % of kept tokens shared at 128
             passes); at equal M the second is less noisy, as it spends no degree of freedom on the mean.
         mc_dropout: attention-dropout rate inside the encoder during the passes.

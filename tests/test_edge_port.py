@@ -100,6 +100,8 @@ def test_parameters_are_the_config_fields_with_their_defaults_and_docs():
     spec = params.SPECS["uts_token_keep_ratio"]
     assert (spec.owner, spec.field, spec.default) == (UTSConfig, "token_keep_ratio", UTSConfig().token_keep_ratio)
     assert params.SPECS["batch_size"].default == EdgeConfig().batch_size and not params.SPECS["batch_size"].read_only
+    _, runtime = params.configs(params.validate_parameters({"uts_mc_passes": 7, "uts_mc_center": "deterministic"}))
+    assert (runtime.uts.mc_passes, runtime.uts.mc_center) == (7, "deterministic")  # a robot short of compute
     doubles = [spec.name for spec in params.PARAMETERS if spec.kind == "double"]
     given = params.validate_parameters({name: 1 for name in doubles})  # ints are fine for doubles...
     assert all(type(given[name]) is float and given[name] == 1.0 for name in doubles)  # ...and come back as floats
@@ -118,6 +120,8 @@ def test_parameters_are_the_config_fields_with_their_defaults_and_docs():
         ("camera_topic", "/c" * 124, "must be at most 247 characters"),  # 248: rcl refuses it (issue 14, #6)
         ("uts_sample_fraction", 0.0, "UTSConfig.sample_fraction"),
         ("uts_encoding", "int4", "UTSConfig.encoding must be one of"),
+        ("uts_mc_center", "median", "UTSConfig.mc_center must be one of"),
+        ("uts_mc_passes", 1, "UTSConfig.mc_passes is too small"),
         ("prompts", [], "EdgeConfig.prompts must be a non-empty list"),
         ("prompts", ["ok", " "], "EdgeConfig.prompts must be a non-empty list"),
         ("resend_after_s", 0.0, "EdgeConfig.resend_after_s must be > 0"),

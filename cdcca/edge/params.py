@@ -141,7 +141,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
                                                  "pump_every_s", "heartbeat_every_s")),
     _spec("diagnostics_period_s", EdgeNodeConfig, "diagnostics_period_s"),
     *(_spec(f"uts_{name}", UTSConfig, name) for name in ("sample_mode", "entropy_threshold", "sample_fraction",
-                                                         "token_keep_ratio", "encoding")),
+                                                         "token_keep_ratio", "mc_passes", "mc_center", "encoding")),
 )  # fmt: skip
 SPECS = {spec.name: spec for spec in PARAMETERS}
 
