@@ -70,6 +70,8 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "mc32": {"akd": {}, "uts": {"mc_passes": 32}},
     "mc32-keep0.25": {"akd": {}, "uts": {"mc_passes": 32, "token_keep_ratio": 0.25}},
     "mc6": {"akd": {}, "uts": {"mc_passes": 6}},  # fewer passes: three quarters of stage 2's cost on the robot
+    # 7 passes measured around the dropout-free tokens: 8 passes' ranking at 7/8 of the cost (bench/uts_passes.py)
+    "mc7-centred": {"akd": {}, "uts": {"mc_passes": 7, "mc_center": "deterministic"}},
     # the benchmark's own rows, for a stream of other domains (--domains)
     "pl": {"method": "pl"},
     "source-only": {"method": "source-only"},
