@@ -230,11 +230,12 @@ def test_the_exit_code_says_whether_the_cloud_was_reached(report, code, reason):
 def test_a_ros_camera_topic_without_publisher_is_a_warning_not_silence(make_robot, caplog):
     from cdcca.edge.dds_port import DdsEdgeSettings, run_dds_edge
     from cdcca.transport.dds import loopback_config
+    from tests.test_dds import free_domain_id
 
     robot = make_robot()
     stop = threading.Event()
     topic = "/nobody/publishes/this"
-    settings = DdsEdgeSettings(domain_id=77, config=loopback_config(), no_frames_warning_s=0.5)
+    settings = DdsEdgeSettings(domain_id=free_domain_id(3), config=loopback_config(), no_frames_warning_s=0.5)
     caplog.set_level(logging.WARNING, logger="cdcca.edge.dds_port")
     thread = threading.Thread(target=run_dds_edge, args=(robot, topic, stop, settings), daemon=True)
     thread.start()
@@ -245,7 +246,7 @@ def test_a_ros_camera_topic_without_publisher_is_a_warning_not_silence(make_robo
         stop.set()
         thread.join(timeout=10)
     first = next(r.getMessage() for r in caplog.records if topic in r.getMessage())
-    assert "no camera frame" in first and "no publisher" in first and "ROS domain 77" in first
+    assert "no camera frame" in first and "no publisher" in first and f"ROS domain {settings.domain_id}" in first
 
 
 def test_the_status_line_is_rewritten_in_place_on_a_terminal_only(make_robot, tmp_path):
