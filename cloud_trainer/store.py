@@ -29,6 +29,12 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+# How long opening a SQLite store waits out another process's lock. Besides its busy handler (the connection's
+# timeout), SQLite may answer SQLITE_BUSY at once where waiting could deadlock or while another connection sets up
+# the WAL index (sqlite3_busy_handler, "The presence of a busy handler does not guarantee that it will be invoked");
+# two torchrun ranks opening one store met that ("database is locked" from PRAGMA journal_mode=WAL). Every step of
+# opening is idempotent, so it is retried until this deadline.
+OPEN_WAIT_S = 30.0
 SCHEMA_VERSION = 2  # 1: the first stores (no optimizer, quarantined, leases, declined); 2: all of them
 
 SCHEMA = """
@@ -387,13 +393,25 @@ class CloudStore(SqlStore):
     def __init__(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=OPEN_WAIT_S)
+        self._lock = threading.Lock()
+        deadline = time.monotonic() + OPEN_WAIT_S
+        while True:
+            try:
+                self._open()
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _open(self) -> None:
+        """WAL mode, the schema and its migrations (each step idempotent)."""
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._add_column("robots", "optimizer", "BLOB")  # a store written before the optimizer was kept
         self._add_column("samples", "quarantined", "TEXT")  # ... or before samples could be quarantined
-        self._lock = threading.Lock()
         self._record_schema_version()
 
     def _add_column(self, table: str, column: str, kind: str) -> None:

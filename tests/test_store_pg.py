@@ -446,3 +446,36 @@ def test_the_test_server_is_skipped_with_the_reason_when_postgresql_is_not_insta
     monkeypatch.setattr(pg, "find_binaries", lambda: None)
     with pytest.raises(pytest.skip.Exception, match="binaries not found .* install Debian's postgresql package"):
         pg.start_server(tmp_path)
+
+
+def test_a_sqlite_store_opening_waits_out_a_lock_sqlite_reports_without_its_busy_handler(tmp_path, monkeypatch):
+    """SQLite may answer "database is locked" at once, without waiting in its busy handler (as two torchrun ranks
+    opening one store met it on ``PRAGMA journal_mode=WAL``): opening retries until ``OPEN_WAIT_S``, then raises."""
+    from cloud_trainer import store as store_module
+
+    real_connect, refusals = sqlite3.connect, {"left": 3}
+
+    class Contended:  # a connection whose WAL switch meets another process's lock the first times
+        def __init__(self, db):
+            self._db = db
+
+        def execute(self, sql, *args):
+            if sql.startswith("PRAGMA journal_mode") and refusals["left"]:
+                refusals["left"] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return self._db.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self._db, name)
+
+    monkeypatch.setattr(store_module.sqlite3, "connect", lambda *a, **k: Contended(real_connect(*a, **k)))
+    opened = CloudStore(tmp_path / "cloud.sqlite")
+    assert refusals["left"] == 0 and opened.schema_version() == SCHEMA_VERSION
+    assert opened._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+    monkeypatch.setattr(store_module, "OPEN_WAIT_S", 0.2)  # a lock that stays: an error once the wait is over
+    refusals["left"] = 10**6
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        CloudStore(tmp_path / "other.sqlite")
+    assert 0.2 <= time.monotonic() - started < 5.0
