@@ -393,7 +393,7 @@ class CloudStore(SqlStore):
     def __init__(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=OPEN_WAIT_S)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         deadline = time.monotonic() + OPEN_WAIT_S
         while True:
