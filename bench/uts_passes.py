@@ -10,7 +10,9 @@ trade-off behind the default M (``bench/edge.md``: stage 2's cost is linear in M
 budget).
 
 It runs the robot's own ``uts.onnx`` (ONNX Runtime, the exported tiny student) on the encoder's ``uts_front``
-of test frames, with the seeded masks of :func:`cdcca.edge.onnx_uts.dropout_keep_mask`.
+of test frames, with the seeded masks of :func:`cdcca.edge.onnx_uts.dropout_keep_mask`, in both precisions of
+the export (``int8``, the default, and ``fp32``; the reference is always float32), and checks the int8 graph
+against its torch emulation (``MCDropoutTail(precision="int8")``) on the same masks.
 
     python bench/uts_passes.py --json bench/results/uts_passes.json
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 CENTRES = ("mean", "deterministic")  # UTSConfig.mc_center: the passes' own mean, or the dropout-free output
+PRECISIONS = ("fp32", "int8")  # export_onnx(uts_precision=...)
 
 
 def _kept(variance: np.ndarray, ratio: float) -> np.ndarray:
@@ -43,7 +46,7 @@ def main() -> dict:
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: the tiny preset's)")
     parser.add_argument("--domains", nargs="+", default=["source", "colour_inverted", "printed", "noisy_rotated"])
     parser.add_argument("--images", type=int, default=60, help="test frames per domain")
-    parser.add_argument("--passes", type=int, nargs="+", default=[4, 6, 7, 8, 16])
+    parser.add_argument("--passes", type=int, nargs="+", default=[6, 7, 8, 16])
     parser.add_argument("--reference", type=int, default=128, help="passes of the reference estimate")
     parser.add_argument("--draws", type=int, default=5, help="independent M-pass estimates per frame")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the mask generator")
@@ -51,9 +54,10 @@ def main() -> dict:
     args = parser.parse_args()
 
     import onnxruntime as ort
+    import torch
 
     from cdcca.data.digits_shift import load_domain
-    from cdcca.edge.onnx_export import export_onnx
+    from cdcca.edge.onnx_export import MCDropoutTail, export_onnx
     from cdcca.edge.onnx_uts import dropout_keep_mask
     from cdcca.models.checkpoint import load_mllm
     from cdcca.models.trainable import add_lora
@@ -65,38 +69,56 @@ def main() -> dict:
     model = args.model or checkpoint_dir("tiny")
     student = add_lora(load_mllm(model / "student"))
     with tempfile.TemporaryDirectory() as work:
-        export = export_onnx(student, Path(work) / "onnx")
+        exports = {p: export_onnx(student, Path(work) / p, uts_precision=p) for p in PRECISIONS}
+        export = exports["fp32"]
         info = export.manifest["uts"]
         options = ort.SessionOptions()
         options.log_severity_level = 3  # the export's overridable initializers would warn once each
         encoder = ort.InferenceSession(str(export.directory / export.manifest["graphs"]["encoder"]["file"]), options)
-        graph = ort.InferenceSession(str(export.directory / info["file"]), options)
+        graphs = {p: ort.InferenceSession(str(x.directory / info["file"]), options) for p, x in exports.items()}
+        emulation = MCDropoutTail(student, info["mc_layers"], "int8")
         rows = []
         for domain in progress_bar(args.domains, desc="domains"):
             images = [s.load_image() for s in load_domain(domain, "test", limit=args.images)]
             center, front = encoder.run(["visual_tokens", info["front_output"]],
                                         {"pixel_values": student.preprocess(images).numpy()})  # fmt: skip
             row = {"domain": domain}
-            per_seed: dict[str, list[float]] = {f"{c}-{m}": [] for c in CENTRES for m in args.passes}
-            per_seed["random"] = []
+            per_seed: dict[str, list[float]] = {f"{p}-{c}-{m}": [] for p in PRECISIONS for c in CENTRES
+                                                for m in args.passes}  # fmt: skip
+            per_seed["random"], per_seed["int8-vs-emulation"] = [], []
             for seed in args.seeds:
                 rng = np.random.default_rng(seed)
 
-                def scores(passes: int) -> dict[str, np.ndarray]:
+                def mask_of(passes: int) -> np.ndarray:
                     shape = (info["mc_layers"], len(front), passes, info["heads"], info["tokens"], info["tokens"])
-                    mask = dropout_keep_mask(rng, shape, uts.mc_dropout)
-                    out = graph.run(["token_variance", "token_spread"],
-                                    {"uts_front": front, "center": center, "dropout_keep": mask})  # fmt: skip
+                    return dropout_keep_mask(rng, shape, uts.mc_dropout)
+
+                def scores(precision: str, mask: np.ndarray) -> dict[str, np.ndarray]:
+                    feeds = {"uts_front": front, "center": center, "dropout_keep": mask}
+                    if precision == "int8":  # one sample per run, as the robot's sampler runs an int8 graph
+                        out = [np.concatenate(parts) for parts in zip(*(
+                            graphs[precision].run(["token_variance", "token_spread"], {
+                                "uts_front": front[i : i + 1], "center": center[i : i + 1],
+                                "dropout_keep": np.ascontiguousarray(mask[:, i : i + 1])})
+                            for i in range(len(front))))]  # fmt: skip
+                    else:
+                        out = graphs[precision].run(["token_variance", "token_spread"], feeds)
                     return dict(zip(CENTRES, out))
 
-                reference = _kept(scores(args.reference)["mean"], uts.token_keep_ratio)
+                reference = _kept(scores("fp32", mask_of(args.reference))["mean"], uts.token_keep_ratio)
                 for passes in args.passes:
-                    draws = [scores(passes) for _ in range(args.draws)]
-                    for c in CENTRES:
-                        overlaps = [_overlap(_kept(d[c], uts.token_keep_ratio), reference) for d in draws]
-                        per_seed[f"{c}-{passes}"].append(float(np.mean(overlaps)))
+                    for precision in PRECISIONS:
+                        draws = [scores(precision, mask_of(passes)) for _ in range(args.draws)]
+                        for c in CENTRES:
+                            overlaps = [_overlap(_kept(d[c], uts.token_keep_ratio), reference) for d in draws]
+                            per_seed[f"{precision}-{c}-{passes}"].append(float(np.mean(overlaps)))
                 random = np.stack([rng.permutation(info["tokens"])[: reference.shape[1]] for _ in reference])
                 per_seed["random"].append(_overlap(random, reference))
+                mask = mask_of(uts.mc_passes)  # the int8 graph against its torch emulation, one mask
+                with torch.no_grad():
+                    emulated = emulation(*map(torch.from_numpy, (front, mask, center)))[0].numpy()
+                same = _kept(scores("int8", mask)["mean"], uts.token_keep_ratio)
+                per_seed["int8-vs-emulation"].append(_overlap(same, _kept(emulated, uts.token_keep_ratio)))
             for name, values in per_seed.items():
                 row[name] = {"mean": float(np.mean(values)), "min": float(np.min(values)), "per_seed": values}
             rows.append(row)
@@ -104,11 +126,13 @@ def main() -> dict:
                          "model": str(model), "token_keep_ratio": uts.token_keep_ratio, "mc_dropout": uts.mc_dropout,
                          "mc_layers": info["mc_layers"]},
               "rows": rows}  # fmt: skip
-    names = [*(f"{c}-{m}" for c in CENTRES for m in args.passes), "random"]
+    names = [*(f"{p}-{c}-{m}" for p in PRECISIONS for c in CENTRES for m in args.passes), "random",
+             "int8-vs-emulation"]
     table = [{"estimate": n, **{r["domain"]: f"{100 * r[n]['mean']:.1f} ({100 * r[n]['min']:.1f})" for r in rows}}
              for n in names]  # fmt: skip
     print(f"kept tokens shared with a {args.reference}-pass sample variance, % (worst seed), "
-          f"{uts.token_keep_ratio:.0%} of {info['tokens']} kept; estimate = centre-M")
+          f"{uts.token_keep_ratio:.0%} of {info['tokens']} kept; estimate = precision-centre-M; int8-vs-emulation: "
+          f"the int8 graph's kept tokens shared with its torch emulation's, {uts.mc_passes} passes, one mask")
     print(format_table(table, ["estimate", *(r["domain"] for r in rows)]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

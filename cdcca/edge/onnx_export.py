@@ -13,7 +13,8 @@ it without torch, live in :mod:`cdcca.edge.onnx_model`):
   computes them (``UTSConfig.mc_center``).
   The mask is an input (ONNX's random ops take their seed as an attribute, not an input), so a run is
   deterministic for the mask a seeded generator drew; the frozen encoder has no trainable tensors, so this
-  graph takes no adapter.
+  graph takes no adapter. Its linear layers run in int8 by default (``uts_precision``, :func:`int8_matmuls`):
+  stage 2 is M passes of the layer's MLP, compute-bound at float32's peak on a robot's CPU.
 * ``decoder.onnx``: one greedy step of the OPT language model with a KV cache: a prefix of embeddings (the
   soft prompt at the first step, empty afterwards), new token ids, the attention mask and the past keys and
   values -> the last position's logits and the present keys and values. The first call (past length 0)
@@ -95,6 +96,74 @@ class _EncoderForward(nn.Module):
         return visual_tokens, self.student.encode_visual(visual_tokens=visual_tokens), front  # soft prompt (B, Q, D)
 
 
+UTS_PRECISIONS = ("int8", "fp32")  # how uts.onnx runs its linear layers; the first is the default
+
+
+def int8_weight(weight: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """Symmetric per-tensor int8 of a float32 weight: ``(q, scale)``, ``weight ≈ q * scale``, q in [-127, 127]."""
+    weight = np.asarray(weight, np.float32)
+    peak = np.float32(np.abs(weight).max())
+    scale = peak / np.float32(127) if peak > 0 else np.float32(1)
+    return np.clip(np.rint(weight / scale), -127, 127).astype(np.int8), np.float32(scale)
+
+
+def int8_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` as ``uts.onnx``'s int8 graph computes it, for (B, ..., K) ``x`` run one sample per run.
+
+    ONNX Runtime's ``DynamicQuantizeMatMul`` (com.microsoft contrib op): the input is quantized to uint8 with the
+    scale and zero point of ``DynamicQuantizeLinear`` (its range widened to hold 0, round half to even), the
+    weight is :func:`int8_weight`, the product accumulates in integers and is scaled back by the two scales'
+    product; the bias is added after. The integer products are summed exactly here (float64), so the emulation
+    agrees with the kernel to float32 rounding. The range is each sample's own (the robot runs one sample per
+    run, so a sample's scores do not depend on the others in its batch)."""
+    q, weight_scale = int8_weight(linear.weight.detach().cpu().numpy())
+    flat = x.reshape(x.shape[0], -1)
+    low, high = flat.amin(dim=1).clamp(max=0.0), flat.amax(dim=1).clamp(min=0.0)
+    scale = torch.where(high > low, (high - low) / 255.0, torch.ones_like(high))
+    zero = torch.round((-low / scale).clamp(0.0, 255.0))
+    view = (-1,) + (1,) * (x.dim() - 1)
+    scale, zero = scale.view(view), zero.view(view)
+    centred = (torch.round(x / scale) + zero).clamp(0.0, 255.0) - zero  # uint8 minus its zero point
+    acc = (centred.double() @ torch.from_numpy(q.T.astype(np.float64))).float()
+    out = acc * (scale * torch.tensor(weight_scale))
+    return out + linear.bias if linear.bias is not None else out
+
+
+def int8_matmuls(model: onnx.ModelProto) -> int:
+    """Run every MatMul of ``model`` by a constant 2-D weight in int8, in place; returns how many.
+
+    Each becomes ONNX Runtime's ``DynamicQuantizeMatMul`` (com.microsoft contrib op, ``DynamicQuantizeLinear``
+    on the input then an integer GEMM; onnxruntime.ai/docs/performance/model-optimizations/quantization.html,
+    dynamic quantization) with the weight as :func:`int8_weight`. MatMuls between activations (attention) stay
+    float32. What ONNX Runtime's ``quantize_dynamic`` would write, by this module's own rule, so
+    :func:`int8_linear` can compute the same numbers in torch."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    nodes, replaced = [], set()
+    for node in model.graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is None or len(weight.dims) != 2:
+            nodes.append(node)
+            continue
+        q, scale = int8_weight(onnx.numpy_helper.to_array(weight))
+        base = weight.name.replace(":", "_")
+        model.graph.initializer.extend([onnx.numpy_helper.from_array(q, base + "_int8"),
+                                        onnx.numpy_helper.from_array(np.asarray(scale, np.float32), base + "_scale"),
+                                        onnx.numpy_helper.from_array(np.zeros((), np.int8), base + "_zero")])  # fmt: skip
+        nodes.append(onnx.helper.make_node("DynamicQuantizeMatMul", [node.input[0], base + "_int8", base + "_scale",
+                                                                     base + "_zero"],
+                                           list(node.output), name=node.name + "_int8", domain="com.microsoft"))  # fmt: skip
+        replaced.add(weight.name)
+    still_read = {name for node in nodes for name in node.input}
+    kept = [t for t in model.graph.initializer if t.name not in replaced or t.name in still_read]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return len(replaced)
+
+
 class MCDropoutTail(nn.Module):
     """UTS stage 2: (B, N, Dv) front, (L, B, M, H, N, N) dropout keep mask and (B, N, Dv) dropout-free output ->
     (B, N) token variance over the passes (Eq. 3) and (B, N) token spread around the dropout-free output, each
@@ -108,19 +177,33 @@ class MCDropoutTail(nn.Module):
 
     In torch, fed the mask a seed draws (:func:`cdcca.edge.onnx_uts.dropout_keep_mask`), it gives the variances
     ``uts.onnx`` gives: what lets the torch and the ORT robot pick the same tokens for the same seed.
+    ``precision="int8"`` computes what the int8 graph computes (:func:`int8_linear`, one sample per run); the
+    export traces the float32 module and rewrites its MatMuls (:func:`int8_matmuls`).
     """
 
-    def __init__(self, student: MLLM, mc_layers: int) -> None:
+    def __init__(self, student: MLLM, mc_layers: int, precision: str = "fp32") -> None:
         super().__init__()
+        if precision not in UTS_PRECISIONS:
+            raise ValueError(f"precision must be one of {UTS_PRECISIONS}, got {precision!r}")
         vision = student.blip2.vision_model
         self.layers = vision.encoder.layers[len(vision.encoder.layers) - mc_layers :]
         self.post_layernorm = vision.post_layernorm
+        self.precision = precision
 
-    @staticmethod
-    def _probs_and_values(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(S, N, Dv) -> attention probabilities (S, H, N, N) and values (S, H, N, hd) before dropout."""
+    def _linear(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(linear, x) if self.precision == "int8" else linear(x)
+
+    def _probs_and_values(self, layer: nn.Module, hidden: torch.Tensor,
+                          batch: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(S, N, Dv) -> attention probabilities (S, H, N, N) and values (S, H, N, hd) before dropout (S = batch
+        samples times the passes, if any)."""
         attn = layer.self_attn
-        qkv = attn.qkv(layer.layer_norm1(hidden)).reshape(hidden.shape[0], hidden.shape[1], 3, attn.num_heads, -1)
+        normed = layer.layer_norm1(hidden)
+        if self.precision == "int8":  # a sample's passes are one run's input: regrouped by sample for its range
+            qkv = int8_linear(attn.qkv, normed.reshape(batch, -1, normed.shape[-1])).reshape(*normed.shape[:2], -1)
+        else:
+            qkv = attn.qkv(normed)
+        qkv = qkv.reshape(hidden.shape[0], hidden.shape[1], 3, attn.num_heads, -1)
         query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each (S, H, N, hd)
         return torch.softmax(torch.matmul(query, key.transpose(-1, -2)) * attn.scale, dim=-1), value
 
@@ -131,17 +214,18 @@ class MCDropoutTail(nn.Module):
         hidden = front.unsqueeze(1)  # (B, 1, N, Dv): broadcast over the passes until the first dropout
         for index, layer in enumerate(self.layers):
             if index == 0:
-                probs, value = self._probs_and_values(layer, front)  # (B, H, N, N), (B, H, N, hd)
+                probs, value = self._probs_and_values(layer, front, batch)  # (B, H, N, N), (B, H, N, hd)
                 probs, value = probs.unsqueeze(1), value.unsqueeze(1)  # (B, 1, H, N, ·)
             else:
-                probs, value = self._probs_and_values(layer, hidden.reshape(-1, tokens, width))
+                probs, value = self._probs_and_values(layer, hidden.reshape(-1, tokens, width), batch)
                 heads = probs.shape[1]
                 probs = probs.reshape(batch, passes, heads, tokens, tokens)
                 value = value.reshape(batch, passes, heads, tokens, -1)
             context = torch.matmul(probs * dropout_keep[index], value)  # (B, M, H, N, hd)
             context = context.transpose(2, 3).reshape(batch, passes, tokens, width)
-            hidden = layer.self_attn.projection(context) + hidden  # (B, M, N, Dv)
-            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+            hidden = self._linear(layer.self_attn.projection, context) + hidden  # (B, M, N, Dv)
+            mlp = layer.mlp
+            hidden = hidden + self._linear(mlp.fc2, mlp.activation_fn(self._linear(mlp.fc1, layer.layer_norm2(hidden))))
         outputs = self.post_layernorm(hidden)  # (B, M, N, Dv)
         return outputs.var(dim=1).mean(dim=-1), (outputs - center.unsqueeze(1)).square().mean(dim=(1, 3))
 
@@ -229,8 +313,9 @@ def _student_id(student: MLLM, trainable: set[str]) -> str:
 
 def _export_graph(module: nn.Module, inputs: tuple, input_names: list[str], output_names: list[str],
                   dynamic_axes: dict, params: dict[str, torch.Tensor], path: Path,
-                  external_data: bool | None = None) -> list[str]:  # fmt: skip
-    """Trace ``module`` to ``path`` and turn the trainable inputs into overridable initializers.
+                  external_data: bool | None = None, rewrite=None) -> list[str]:  # fmt: skip
+    """Trace ``module`` to ``path`` and turn the trainable inputs into overridable initializers; ``rewrite``: a
+    function that changes the traced ``onnx.ModelProto`` in place before it is saved (:func:`int8_matmuls`).
 
     A protobuf message cannot exceed 2 GiB, so a larger graph keeps its tensors in ``<file>.data`` beside it
     (ONNX external data: onnx.ai/onnx/repo-docs/ExternalData.html; ONNX Runtime finds the file next to the
@@ -250,6 +335,8 @@ def _export_graph(module: nn.Module, inputs: tuple, input_names: list[str], outp
     used = [name for name in names if name in graph_inputs]  # the exporter drops inputs the graph never reads
     for name in used:
         model.graph.initializer.append(onnx.numpy_helper.from_array(params[name].detach().numpy(), name))
+    if rewrite is not None:
+        rewrite(model)
     if external_data is None:
         external_data = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_ABOVE
     data_file = path.with_name(path.name + ".data")
@@ -270,15 +357,20 @@ def _dummy_pixels(student: MLLM, batch: int) -> torch.Tensor:
 
 @torch.no_grad()
 def export_onnx(student: MLLM, out_dir: str | Path, external_data: bool | None = None,
-                mc_layers: int = 1) -> OnnxExport:  # fmt: skip
+                mc_layers: int = 1, uts_precision: str = UTS_PRECISIONS[0]) -> OnnxExport:  # fmt: skip
     """Export ``student`` (LoRA injected) to ``out_dir``; returns the opened export.
 
     The trainable set's current values become θ_base of the export (version 0 of every adapter built for it).
     ``external_data``: keep each graph's tensors in ``<graph>.onnx.data`` (``None``: when they pass 1 GiB, as a
     graph must stay under protobuf's 2 GiB). ``mc_layers``: the final encoder layers UTS stage 2 runs
-    stochastically (``UTSConfig.mc_layers``; the robot's setting must match the export's).
+    stochastically (``UTSConfig.mc_layers``; the robot's setting must match the export's). ``uts_precision``:
+    ``int8`` (default) runs ``uts.onnx``'s linear layers in int8 (:func:`int8_matmuls`; about half of stage 2's
+    time on one x86 core, kept tokens as close to a 128-pass float32 estimate as float32's own, ``bench/edge.md``),
+    ``fp32`` keeps them in float32.
     """
     layers = len(student.blip2.vision_model.encoder.layers)
+    if uts_precision not in UTS_PRECISIONS:
+        raise ValueError(f"uts_precision must be one of {UTS_PRECISIONS}, got {uts_precision!r}")
     if not 1 <= mc_layers <= layers:
         raise ValueError(f"mc_layers must be in 1..{layers} (the vision encoder's layers), got {mc_layers}")
     if not has_lora(student):
@@ -310,7 +402,7 @@ def export_onnx(student: MLLM, out_dir: str | Path, external_data: bool | None =
                   ["uts_front", "dropout_keep", "center"], ["token_variance", "token_spread"],
                   {"uts_front": {0: "batch"}, "dropout_keep": {1: "batch", 2: "passes"}, "center": {0: "batch"},
                    "token_variance": {0: "batch"}, "token_spread": {0: "batch"}}, {}, out / UTS_FILE,
-                  external_data)  # fmt: skip
+                  external_data, int8_matmuls if uts_precision == "int8" else None)  # fmt: skip
     past_names = [f"past_{kind}_{i}" for i in range(text.num_hidden_layers) for kind in ("key", "value")]
     present_names = [name.replace("past_", "present_") for name in past_names]
     prefix, tokens, past_len = student.num_query_tokens, 3, 2
@@ -342,7 +434,7 @@ def export_onnx(student: MLLM, out_dir: str | Path, external_data: bool | None =
                    "decoder": {"file": DECODER_FILE, "params": decoder_used, "past": past_names,
                                "present": present_names}},
         "uts": {"file": UTS_FILE, "mc_layers": mc_layers, "front_output": "uts_front", "tokens": front.shape[1],
-                "width": front.shape[2], "heads": vision.num_attention_heads},
+                "width": front.shape[2], "heads": vision.num_attention_heads, "precision": uts_precision},
         "lm": {"layers": text.num_hidden_layers, "heads": heads, "head_dim": head_dim, "hidden": dim,
                "num_query_tokens": student.num_query_tokens, "eos_token_id": student.tokenizer.eos_token_id,
                "pad_token_id": student.tokenizer.pad_token_id},
@@ -357,7 +449,7 @@ def cli_export(args) -> dict:
 
     ``args`` has ``preset``, ``checkpoints`` (None: the preset's checkpoint directory), ``out`` (None:
     ``<checkpoints>/student_onnx``), ``json`` and optionally ``mc_layers`` (default 1, ``UTSConfig``'s: the encoder
-    layers UTS stage 2 runs stochastically; the robot's setting must match).
+    layers UTS stage 2 runs stochastically; the robot's setting must match) and ``uts_precision`` (default int8).
     """
     from cdcca.models.checkpoint import load_mllm
     from cdcca.models.trainable import add_lora
@@ -368,7 +460,8 @@ def cli_export(args) -> dict:
     student = add_lora(load_mllm(checkpoints / "student"))
     if out.exists() and (out / MANIFEST_FILE).is_file():
         shutil.rmtree(out)  # a previous export of this directory; rewritten whole
-    export = export_onnx(student, out, mc_layers=getattr(args, "mc_layers", None) or 1)
+    export = export_onnx(student, out, mc_layers=getattr(args, "mc_layers", None) or 1,
+                         uts_precision=getattr(args, "uts_precision", None) or UTS_PRECISIONS[0])
     from cdcca.report import format_table
 
     graphs = {**export.manifest["graphs"], "uts": {**export.manifest["uts"], "params": []}}

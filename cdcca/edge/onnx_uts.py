@@ -17,7 +17,9 @@ ONNX export (:mod:`cdcca.edge.onnx_export`):
 The masks come from a numpy generator (PCG64) seeded with ``config.seed`` (:func:`dropout_keep_mask`), so scoring
 is reproducible for a seed; they are not the masks torch's generator draws for the same seed, so a parity check
 feeds both paths one mask (``tests/test_onnx_uts.py``): the variances then agree to float32 rounding and the kept
-samples and tokens are the same sets. ``cdcca.edge.onnx_export.MCDropoutTail`` is the same computation in torch.
+samples and tokens are the same sets. ``cdcca.edge.onnx_export.MCDropoutTail`` is the same computation in torch,
+for the int8 graph of a default export too (``precision="int8"``: the linear layers' inputs quantized per run, so
+an int8 graph runs one sample per run).
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class OnnxTokenSampler:
                              f"uts graph has {info['mc_layers']}; export again with mc_layers={config.mc_layers} or "
                              f"set mc_layers={info['mc_layers']}")  # fmt: skip
         self.config, self.info = config, info
+        self.precision = info.get("precision", "fp32")  # exports before int8 stage 2 ran it in float32
         self.session = ort.InferenceSession(str(graph), session_options, providers=["CPUExecutionProvider"])
         # one sample (stage 2 of one kept answer): the faster of this session and a one-thread one, timed here
         threads = session_options.intra_op_num_threads if session_options is not None else 0  # 0: ORT's default
@@ -181,17 +184,26 @@ class OnnxTokenSampler:
                              "the answer's visual_tokens as center")  # fmt: skip
         else:  # the sample variance does not read it; the graph still takes the input
             center = np.zeros_like(front)
-        feeds = {"uts_front": front, "center": center}
-        output = ["token_spread" if self.config.mc_center == "deterministic" else "token_variance"]
         if keep is not None:
-            feeds["dropout_keep"] = np.ascontiguousarray(keep, np.float32)
-            return self._session(front).run(output, feeds)[0]
+            return self._run(front, center, np.ascontiguousarray(keep, np.float32))
         shape = self._mask_shape(front.shape[0])
         with self._rng_lock:
             if self._mask is None or self._mask.shape != shape:
                 self._mask = np.empty(shape, np.float32)
-            feeds["dropout_keep"] = dropout_keep_mask(self._rng, shape, self.config.mc_dropout, out=self._mask)
-            return self._session(front).run(output, feeds)[0]
+            return self._run(front, center, dropout_keep_mask(self._rng, shape, self.config.mc_dropout, out=self._mask))
+
+    def _run(self, front: np.ndarray, center: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """The graph on (B, N, D) fronts and centres and an (L, B, M, H, N, N) mask -> (B, N) uncertainty. An int8
+        graph quantizes each linear layer's input over the whole run, so it runs one sample at a time: a sample's
+        scores are then the same whatever else was kept with it."""
+        output = ["token_spread" if self.config.mc_center == "deterministic" else "token_variance"]
+        if self.precision != "int8" or front.shape[0] == 1:
+            return self._session(front).run(output, {"uts_front": front, "center": center, "dropout_keep": keep})[0]
+        return np.concatenate([
+            self._single.run(output, {"uts_front": front[i : i + 1], "center": center[i : i + 1],
+                                      "dropout_keep": np.ascontiguousarray(keep[:, i : i + 1])})[0]
+            for i in range(front.shape[0])
+        ])  # fmt: skip
 
     def keep_tokens(self, variance: np.ndarray) -> np.ndarray:
         """Eq. 4 on (B, N) variances -> (B, N) bool: above β, or the top ``token_keep_ratio``."""
