@@ -405,7 +405,8 @@ def test_the_int8_op_is_what_the_torch_emulation_computes():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(q, "w"), numpy_helper.from_array(np.asarray(scale, np.float32), "s"),
          numpy_helper.from_array(np.zeros((), np.int8), "z")])  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     session = ort.InferenceSession(model.SerializeToString(), _one_thread())
 
     expected = session.run(None, {"x": x})[0]
@@ -421,8 +422,8 @@ def test_the_default_uts_graph_runs_its_linear_layers_in_int8(tiny_int8_export, 
     import onnx
 
     _, int8 = tiny_int8_export
-    graphs = {e: onnx.load(str(x.directory / x.manifest["uts"]["file"])) for e, x in (("int8", int8),
-                                                                                    ("fp32", tiny_export[1]))}  # fmt: skip
+    exports = {"int8": int8, "fp32": tiny_export[1]}
+    graphs = {e: onnx.load(str(x.directory / x.manifest["uts"]["file"])) for e, x in exports.items()}
     ops = {e: [n.op_type for n in g.graph.node] for e, g in graphs.items()}
 
     assert int8.manifest["uts"]["precision"] == "int8" and tiny_export[1].manifest["uts"]["precision"] == "fp32"
@@ -473,8 +474,10 @@ def test_an_int8_graph_scores_each_sample_as_if_it_ran_alone(tiny_int8_export, i
     mask = sampler.dropout_keep(len(images))
 
     together = sampler.token_variance(front, visual_tokens, mask)
-    alone = [sampler.token_variance(front[i : i + 1], visual_tokens[i : i + 1], np.ascontiguousarray(mask[:, i : i + 1]))
-             for i in range(len(images))]  # fmt: skip
+    alone = [
+        sampler.token_variance(front[i : i + 1], visual_tokens[i : i + 1], np.ascontiguousarray(mask[:, i : i + 1]))
+        for i in range(len(images))
+    ]
     in_one_run = sampler.session.run(["token_variance"], {"uts_front": front, "center": visual_tokens,
                                                           "dropout_keep": mask})[0]  # fmt: skip
 

@@ -146,12 +146,12 @@ def int8_matmuls(model: onnx.ModelProto) -> int:
             continue
         q, scale = int8_weight(onnx.numpy_helper.to_array(weight))
         base = weight.name.replace(":", "_")
-        model.graph.initializer.extend([onnx.numpy_helper.from_array(q, base + "_int8"),
-                                        onnx.numpy_helper.from_array(np.asarray(scale, np.float32), base + "_scale"),
-                                        onnx.numpy_helper.from_array(np.zeros((), np.int8), base + "_zero")])  # fmt: skip
-        nodes.append(onnx.helper.make_node("DynamicQuantizeMatMul", [node.input[0], base + "_int8", base + "_scale",
-                                                                     base + "_zero"],
-                                           list(node.output), name=node.name + "_int8", domain="com.microsoft"))  # fmt: skip
+        names = [base + "_int8", base + "_scale", base + "_zero"]
+        model.graph.initializer.extend([onnx.numpy_helper.from_array(q, names[0]),
+                                        onnx.numpy_helper.from_array(np.asarray(scale, np.float32), names[1]),
+                                        onnx.numpy_helper.from_array(np.zeros((), np.int8), names[2])])  # fmt: skip
+        nodes.append(onnx.helper.make_node("DynamicQuantizeMatMul", [node.input[0], *names], list(node.output),
+                                           name=node.name + "_int8", domain="com.microsoft"))  # fmt: skip
         replaced.add(weight.name)
     still_read = {name for node in nodes for name in node.input}
     kept = [t for t in model.graph.initializer if t.name not in replaced or t.name in still_read]
