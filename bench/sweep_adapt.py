@@ -72,6 +72,8 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "mc6": {"akd": {}, "uts": {"mc_passes": 6}},  # fewer passes: three quarters of stage 2's cost on the robot
     # 7 passes measured around the dropout-free tokens: 8 passes' ranking at 7/8 of the cost (bench/uts_passes.py)
     "mc7-centred": {"akd": {}, "uts": {"mc_passes": 7, "mc_center": "deterministic"}},
+    "kl-t1": {"akd": {"temperature": 1.0}, "uts": {}},  # the teacher's distribution unsoftened
+    "kl-t1.5": {"akd": {"temperature": 1.5}, "uts": {}},
     # the benchmark's own rows, for a stream of other domains (--domains)
     "pl": {"method": "pl"},
     "source-only": {"method": "source-only"},
@@ -105,6 +107,8 @@ def run_variant(name: str, seed: int, checkpoints: Path, teacher, tests, config:
 def _record(name: str, seed: int, run: dict, started: float) -> dict:
     return {"variant": name, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
             "acc": {r["domain"]: round(r["acc"], 2) for r in run["rounds"]},
+            "mc": {r["domain"]: round(r["mc"], 2) for r in run["rounds"]},
+            "da": {r["domain"]: round(r["da"], 2) for r in run["rounds"]},
             "kept_step": [r["kept_step"] for r in run["rounds"]],
             "samples_used": [r["samples_used"] for r in run["rounds"]],
             "backtracks": [r.get("backtracks") for r in run["rounds"]],
