@@ -58,7 +58,7 @@ def main() -> dict:
 
     from cdcca.data.digits_shift import load_domain
     from cdcca.edge.onnx_export import MCDropoutTail, export_onnx
-    from cdcca.edge.onnx_uts import dropout_keep_mask
+    from cdcca.edge.onnx_uts import OnnxTokenSampler, dropout_keep_mask
     from cdcca.models.checkpoint import load_mllm
     from cdcca.models.trainable import add_lora
     from cdcca.paths import checkpoint_dir
@@ -75,7 +75,8 @@ def main() -> dict:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # the export's overridable initializers would warn once each
         encoder = ort.InferenceSession(str(export.directory / export.manifest["graphs"]["encoder"]["file"]), options)
-        graphs = {p: ort.InferenceSession(str(x.directory / info["file"]), options) for p, x in exports.items()}
+        samplers = {p: OnnxTokenSampler(x.directory / info["file"], x.manifest["uts"], uts, options)
+                    for p, x in exports.items()}  # the robot's runs (an int8 graph: one sample per run)
         emulation = MCDropoutTail(student, info["mc_layers"], "int8")
         rows = []
         for domain in progress_bar(args.domains, desc="domains"):
@@ -94,16 +95,7 @@ def main() -> dict:
                     return dropout_keep_mask(rng, shape, uts.mc_dropout)
 
                 def scores(precision: str, mask: np.ndarray) -> dict[str, np.ndarray]:
-                    feeds = {"uts_front": front, "center": center, "dropout_keep": mask}
-                    if precision == "int8":  # one sample per run, as the robot's sampler runs an int8 graph
-                        out = [np.concatenate(parts) for parts in zip(*(
-                            graphs[precision].run(["token_variance", "token_spread"], {
-                                "uts_front": front[i : i + 1], "center": center[i : i + 1],
-                                "dropout_keep": np.ascontiguousarray(mask[:, i : i + 1])})
-                            for i in range(len(front))))]  # fmt: skip
-                    else:
-                        out = graphs[precision].run(["token_variance", "token_spread"], feeds)
-                    return dict(zip(CENTRES, out))
+                    return dict(zip(CENTRES, samplers[precision].run_graph(front, center, mask)))
 
                 reference = _kept(scores("fp32", mask_of(args.reference))["mean"], uts.token_keep_ratio)
                 for passes in args.passes:

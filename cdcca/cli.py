@@ -489,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--mc-layers", type=positive_int, default=1, metavar="N",
                            help="final encoder layers UTS stage 2 runs stochastically; must match the robot's "
                                 "UTSConfig.mc_layers")  # fmt: skip
-            p.add_argument("--uts-precision", default="int8", choices=["int8", "fp32"],
+            from cdcca.edge.onnx_model import UTS_PRECISIONS
+
+            p.add_argument("--uts-precision", default=UTS_PRECISIONS[0], choices=UTS_PRECISIONS,
                            help="how uts.onnx runs UTS stage 2's linear layers: int8 (about twice as fast on "
                                 "one core, bench/edge.md) or fp32")  # fmt: skip
         if verb == "eval":

@@ -389,31 +389,30 @@ INT8_RTOL = 2e-2  # int8 graph vs its torch emulation: most samples agree to flo
 
 
 def test_the_int8_op_is_what_the_torch_emulation_computes():
-    """One ``DynamicQuantizeMatMul`` as the rewrite writes it, against :func:`int8_linear`: the same numbers to
-    the bit (integer products, the same range, zero point and rounding)."""
+    """A float32 MatMul by a weight, rewritten by :func:`int8_matmuls`, against :func:`int8_linear`: the same
+    numbers to the bit (integer products, the same range, zero point and rounding)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from cdcca.edge.onnx_export import int8_linear, int8_weight
+    from cdcca.edge.onnx_export import int8_linear, int8_matmuls
 
     rng = np.random.default_rng(0)
     linear = torch.nn.Linear(512, 96, bias=False)
     x = (0.7 * rng.standard_normal((1, 300, 512)) + 0.2).astype(np.float32)
-    q, scale = int8_weight(linear.weight.detach().numpy().T)
-    node = helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "z"], ["y"], domain="com.microsoft")
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
     graph = helper.make_graph(
         [node], "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(q, "w"), numpy_helper.from_array(np.asarray(scale, np.float32), "s"),
-         numpy_helper.from_array(np.zeros((), np.int8), "z")])  # fmt: skip
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    model = helper.make_model(graph, opset_imports=opsets)
-    session = ort.InferenceSession(model.SerializeToString(), _one_thread())
+        [numpy_helper.from_array(linear.weight.detach().numpy().T.copy(), "w")])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
+    assert int8_matmuls(model) == 1
+    session = ort.InferenceSession(model.SerializeToString(), _one_thread())
     expected = session.run(None, {"x": x})[0]
     with torch.no_grad():
         emulated = int8_linear(linear, torch.from_numpy(x)).numpy()
 
-    assert q.dtype == np.int8 and int(np.abs(q).max()) == 127
+    assert [n.op_type for n in model.graph.node] == ["DynamicQuantizeMatMul"]
+    assert {t.name for t in model.graph.initializer} == {"w_int8", "w_scale", "w_zero"}  # the float weight is gone
     assert np.array_equal(emulated, expected)
     assert float(np.abs(emulated - x @ linear.weight.detach().numpy().T).max()) > 0  # it is not float32
 
@@ -430,7 +429,7 @@ def test_the_default_uts_graph_runs_its_linear_layers_in_int8(tiny_int8_export, 
     assert ops["int8"].count("DynamicQuantizeMatMul") == 8  # qkv, projection, fc1, fc2 of two layers
     assert ops["fp32"].count("DynamicQuantizeMatMul") == 0
     assert ops["int8"].count("MatMul") == ops["fp32"].count("MatMul") - 8  # attention stays float32
-    weights = {e: sum(t.raw_data.__len__() for t in g.graph.initializer) for e, g in graphs.items()}
+    weights = {e: sum(len(t.raw_data) for t in g.graph.initializer) for e, g in graphs.items()}
     assert weights["int8"] < 0.3 * weights["fp32"]
 
 

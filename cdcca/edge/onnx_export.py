@@ -59,6 +59,7 @@ from cdcca.edge.onnx_model import (  # noqa: F401  (re-exported: the export's on
     FORMAT_VERSION,
     MANIFEST_FILE,
     UTS_FILE,
+    UTS_PRECISIONS,
     OnnxExport,
     OnnxModelMismatch,
     read_adapter,
@@ -94,9 +95,6 @@ class _EncoderForward(nn.Module):
             hidden = layer(hidden)
         visual_tokens = vision.post_layernorm(hidden)  # (B, N, Dv)
         return visual_tokens, self.student.encode_visual(visual_tokens=visual_tokens), front  # soft prompt (B, Q, D)
-
-
-UTS_PRECISIONS = ("int8", "fp32")  # how uts.onnx runs its linear layers; the first is the default
 
 
 def int8_weight(weight: np.ndarray) -> tuple[np.ndarray, np.float32]:

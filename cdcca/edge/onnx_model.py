@@ -24,6 +24,7 @@ from cdcca.errors import CdccaError
 ENCODER_FILE, DECODER_FILE, UTS_FILE = "encoder.onnx", "decoder.onnx", "uts.onnx"
 MANIFEST_FILE, BASE_FILE = "manifest.json", "base.safetensors"
 FORMAT_VERSION = 2  # 2: uts.onnx takes the dropout-free output (``center``) and gives ``token_spread``
+UTS_PRECISIONS = ("int8", "fp32")  # how uts.onnx runs its linear layers (manifest ``uts.precision``); first: default
 
 
 def as_array(value: Any) -> np.ndarray:

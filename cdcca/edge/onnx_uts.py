@@ -193,17 +193,21 @@ class OnnxTokenSampler:
             return self._run(front, center, dropout_keep_mask(self._rng, shape, self.config.mc_dropout, out=self._mask))
 
     def _run(self, front: np.ndarray, center: np.ndarray, keep: np.ndarray) -> np.ndarray:
-        """The graph on (B, N, D) fronts and centres and an (L, B, M, H, N, N) mask -> (B, N) uncertainty. An int8
-        graph quantizes each linear layer's input over the whole run, so it runs one sample at a time: a sample's
-        scores are then the same whatever else was kept with it."""
-        output = ["token_spread" if self.config.mc_center == "deterministic" else "token_variance"]
+        output = "token_spread" if self.config.mc_center == "deterministic" else "token_variance"
+        return self.run_graph(front, center, keep, [output])[0]
+
+    def run_graph(self, front: np.ndarray, center: np.ndarray, keep: np.ndarray,
+                  outputs: Sequence[str] = ("token_variance", "token_spread")) -> list[np.ndarray]:  # fmt: skip
+        """``uts.onnx`` on (B, N, D) fronts and centres and an (L, B, M, H, N, N) mask -> its (B, N) ``outputs``.
+        An int8 graph quantizes each linear layer's input over the whole run, so it runs one sample at a time: a
+        sample's scores are then the same whatever else was kept with it."""
+        outputs = list(outputs)
         if self.precision != "int8" or front.shape[0] == 1:
-            return self._session(front).run(output, {"uts_front": front, "center": center, "dropout_keep": keep})[0]
-        return np.concatenate([
-            self._single.run(output, {"uts_front": front[i : i + 1], "center": center[i : i + 1],
-                                      "dropout_keep": np.ascontiguousarray(keep[:, i : i + 1])})[0]
-            for i in range(front.shape[0])
-        ])  # fmt: skip
+            return self._session(front).run(outputs, {"uts_front": front, "center": center, "dropout_keep": keep})
+        runs = [self._single.run(outputs, {"uts_front": front[i : i + 1], "center": center[i : i + 1],
+                                           "dropout_keep": np.ascontiguousarray(keep[:, i : i + 1])})
+                for i in range(front.shape[0])]  # fmt: skip
+        return [np.concatenate(parts) for parts in zip(*runs)]
 
     def keep_tokens(self, variance: np.ndarray) -> np.ndarray:
         """Eq. 4 on (B, N) variances -> (B, N) bool: above β, or the top ``token_keep_ratio``."""
