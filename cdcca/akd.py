@@ -160,20 +160,30 @@ class DistillSample:
         tokens: (N, D) visual tokens (zeros where not uploaded).
         token_mask: (N,) 1 for uploaded tokens.
         prompt: the question or instruction.
+        message_id: the ``UtsTokens.sample_id`` of the message that carried it (what the cloud stores, acks and
+            quarantines; a message carries every uploaded prompt about one frame). Default: ``sample_id``.
     """
 
     sample_id: str
     tokens: torch.Tensor
     token_mask: torch.Tensor
     prompt: str
+    message_id: str = ""
+
+    def __post_init__(self) -> None:
+        self.message_id = self.message_id or self.sample_id
 
     @classmethod
-    def from_uts(cls, msg) -> DistillSample:
-        """From a received ``UtsTokens`` message."""
-        from cdcca.uts import unpack_tokens
+    def from_uts(cls, msg) -> list[DistillSample]:
+        """The samples of a received ``UtsTokens`` message: one per prompt it carries, sharing its tokens."""
+        from cdcca.uts import UplinkError, frame_prompts, unpack_tokens
 
         tokens, mask = unpack_tokens(msg)
-        return cls(msg.sample_id, tokens[0], mask[0], msg.prompt)
+        try:
+            prompts = frame_prompts(msg)
+        except ValueError as err:
+            raise UplinkError(str(err)) from err
+        return [cls(p.sample_id, tokens[0], mask[0], p.prompt, msg.sample_id) for p in prompts]
 
     @classmethod
     def from_samples(cls, encoder_owner: MLLM, samples: Sequence[Sample]) -> list[DistillSample]:

@@ -66,8 +66,8 @@ class DemoConfig:
             streaming one domain after the other.
         stream_images: stream images per domain in the bag (one prompt per task each).
         test_images: held-out test images per domain the accuracy is measured on.
-        round_size: uploaded samples that start a cloud round.
-        max_round_samples: the most new samples one round takes.
+        round_size: uploads (one per frame, with every uncertain prompt about it) that start a cloud round.
+        max_round_samples: the most new uploads one round takes.
         steps: AKD optimizer steps per round.
         lr: AKD learning rate.
         replay: samples of earlier rounds each round trains on again (see ``CloudConfig.replay``).

@@ -34,7 +34,9 @@ import torch
 from cdcca.data.sample import Sample
 from cdcca.errors import CdccaError
 from cdcca.models.mllm import MLLM
-from cdcca.uts_config import ENCODINGS, UTSConfig, above, pack_tokens, window_rank  # noqa: F401  (torch-free; re-exported)
+from cdcca.uts_config import (  # noqa: F401  (torch-free; re-exported)
+    ENCODINGS, FramePrompt, UTSConfig, above, by_frame, frame_prompts, pack_tokens, window_rank,
+)  # fmt: skip
 
 
 class UplinkError(CdccaError, ValueError):
@@ -171,7 +173,10 @@ class UncertaintyTokenSampler:
     # ----------------------------------------------------------------------------------------- public
     @torch.inference_mode()
     def score(self, batch: Sequence[Sample]) -> UTSScores:
-        """Answer the batch with the student and run both UTS stages on it."""
+        """Answer the batch with the student and run both UTS stages on it.
+
+        Stage 2 runs once per frame: samples that share an image (the same array, or the same file) get the
+        same token variance and kept tokens, and :meth:`select` sends that frame's tokens once."""
         self.student.eval()
         started = time.perf_counter()
         pixels = self.student.preprocess([s.load_image() for s in batch])
@@ -184,9 +189,12 @@ class UncertaintyTokenSampler:
         variance = torch.full(visual_tokens.shape[:2], float("nan"))
         keep_tokens = torch.zeros(visual_tokens.shape[:2], dtype=torch.bool)
         if keep_sample.any():
-            index = keep_sample.nonzero().squeeze(1)
-            variance[index] = self.token_variance(front[index], visual_tokens[index]).cpu()
-            keep_tokens[index] = self.keep_tokens(variance[index])
+            groups = by_frame(keep_sample.nonzero().squeeze(1).tolist(), frame_keys(batch))
+            first = torch.tensor([group[0] for group in groups])
+            scored = self.token_variance(front[first], visual_tokens[first]).cpu()
+            kept = self.keep_tokens(scored)
+            for row, group in enumerate(groups):
+                variance[group], keep_tokens[group] = scored[row], kept[row]
         return UTSScores(
             answers=generation.texts, sample_entropy=entropy, keep_sample=keep_sample,
             visual_tokens=visual_tokens.cpu(), token_variance=variance, keep_tokens=keep_tokens,
@@ -196,25 +204,26 @@ class UncertaintyTokenSampler:
     def select(
         self, batch: Sequence[Sample], robot_id: str = "robot", adapter_version: int = 0, stamp_ns: int | None = None
     ) -> list:
-        """``UtsTokens`` messages for the samples of ``batch`` that pass both stages."""
+        """``UtsTokens`` messages for the samples of ``batch`` that pass both stages, one per frame."""
         scores = self.score(batch)
-        return [
-            pack_tokens(
-                scores.visual_tokens[i],
-                scores.keep_tokens[i],
-                scores.token_variance[i],
-                robot_id=robot_id,
-                sample_id=sample.sample_id,
-                adapter_version=adapter_version,
-                prompt=sample.prompt,
-                student_answer=scores.answers[i],
-                sample_entropy=float(scores.sample_entropy[i]),
-                encoding=self.config.encoding,
-                stamp_ns=time.time_ns() if stamp_ns is None else stamp_ns,
-            )  # fmt: skip
-            for i, sample in enumerate(batch)
-            if scores.keep_sample[i]
-        ]
+        stamp_ns = time.time_ns() if stamp_ns is None else stamp_ns
+        messages = []
+        for group in by_frame(scores.keep_sample.nonzero().squeeze(1).tolist(), frame_keys(batch)):
+            prompts = [FramePrompt(batch[i].sample_id, batch[i].prompt, scores.answers[i],
+                                   float(scores.sample_entropy[i])) for i in group]  # fmt: skip
+            i, first = group[0], prompts[0]
+            messages.append(pack_tokens(
+                scores.visual_tokens[i], scores.keep_tokens[i], scores.token_variance[i], robot_id=robot_id,
+                sample_id=first.sample_id, adapter_version=adapter_version, prompt=first.prompt,
+                student_answer=first.student_answer, sample_entropy=first.sample_entropy,
+                encoding=self.config.encoding, stamp_ns=stamp_ns, more=prompts[1:],
+            ))  # fmt: skip
+        return messages
+
+
+def frame_keys(batch: Sequence[Sample]) -> list:
+    """What identifies each sample's frame: its image file, or the identity of its in-memory image."""
+    return [s.image_path if s.image_path is not None else id(s.image) for s in batch]
 
 
 # ---------------------------------------------------------------------------------------- wire packing

@@ -2,15 +2,16 @@
 
 What both UTS implementations share, the torch one (:mod:`cdcca.uts`, which re-exports every name here) and the
 ONNX Runtime one (:mod:`cdcca.edge.onnx_uts`): :class:`UTSConfig` (the settings of Sec. 3.2 of Wang et al., CVPR
-2024, Eq. 2-4) and :func:`pack_tokens`, which puts one sample's kept visual tokens into a ``cdcca_msgs/UtsTokens``
-message, int8 with a per-token symmetric scale (default) or fp16, with their indices and variances. Arrays may be
+2024, Eq. 2-4) and :func:`pack_tokens`, which puts one frame's kept visual tokens into a ``cdcca_msgs/UtsTokens``
+message with every prompt about the frame that passed stage 1 (:class:`FramePrompt`; the tokens travel once), int8 with a per-token symmetric scale (default) or fp16, with their indices and variances. Arrays may be
 numpy arrays or torch tensors; torch is never imported here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -119,16 +120,28 @@ def as_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+class FramePrompt(NamedTuple):
+    """One prompt asked about a frame, as a ``UtsTokens`` message carries it (its first or one of ``more_*``)."""
+
+    sample_id: str
+    prompt: str
+    student_answer: str
+    sample_entropy: float
+
+
 def pack_tokens(
     tokens: Any, keep: Any, variance: Any, *, robot_id: str, sample_id: str, adapter_version: int, prompt: str,
     student_answer: str, sample_entropy: float, encoding: str = "int8", stamp_ns: int = 0, frame_id: str = "",
+    more: Sequence[FramePrompt] = (),
 ):  # fmt: skip
-    """One sample's kept visual tokens as a ``UtsTokens`` message.
+    """One frame's kept visual tokens as a ``UtsTokens`` message, for one sample and the ``more`` samples asked
+    about the same frame (their tokens travel once).
 
     Args:
         tokens: (N, D) visual tokens of the frame.
         keep: (N,) which tokens to send.
         variance: (N,) their MC-dropout variance.
+        more: further prompts about the frame that passed stage 1 with this one.
     """
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
@@ -142,10 +155,35 @@ def pack_tokens(
         data, scales, code = quantized.view(np.uint8).reshape(-1), scales.astype(np.float32), 0
     else:
         data, scales, code = kept.astype("<f2").view(np.uint8).reshape(-1), np.zeros(0, np.float32), 1
+    more = [FramePrompt(*m) for m in more]
     return wire.new(
         wire.UTS_TOKENS, header=wire.header(stamp_ns, frame_id), robot_id=robot_id, sample_id=sample_id,
         adapter_version=adapter_version, prompt=prompt, student_answer=student_answer,
         sample_entropy=sample_entropy, num_tokens=tokens.shape[0], token_dim=tokens.shape[1],
         token_indices=indices.astype(np.uint16), token_variance=as_numpy(variance)[indices].astype(np.float32),
-        encoding=code, scales=scales, token_data=data,
+        encoding=code, scales=scales, token_data=data, more_sample_ids=[m.sample_id for m in more],
+        more_prompts=[m.prompt for m in more], more_student_answers=[m.student_answer for m in more],
+        more_sample_entropies=np.asarray([m.sample_entropy for m in more], dtype=np.float32),
     )  # fmt: skip
+
+
+def by_frame(indices: Sequence[int], frames: Sequence[Any]) -> list[list[int]]:
+    """``indices`` grouped by their frame (``frames[i]``: any hashable key, e.g. ``id()`` of the image array), each
+    group in the order given and the groups in the order of their first index: one ``UtsTokens`` per group."""
+    groups: dict[Any, list[int]] = {}
+    for i in indices:
+        groups.setdefault(frames[i], []).append(int(i))
+    return list(groups.values())
+
+
+def frame_prompts(msg: Any) -> list[FramePrompt]:
+    """Every prompt a ``UtsTokens`` message carries, its own first; ``ValueError`` if the ``more_*`` arrays are not
+    aligned."""
+    sizes = {len(msg.more_sample_ids), len(msg.more_prompts), len(msg.more_student_answers),
+             len(msg.more_sample_entropies)}  # fmt: skip
+    if len(sizes) != 1:
+        raise ValueError(f"sample {msg.sample_id[:64]!r}: more_sample_ids, more_prompts, more_student_answers and "
+                         f"more_sample_entropies must be aligned, got lengths {sorted(sizes)}")  # fmt: skip
+    first = FramePrompt(msg.sample_id, msg.prompt, msg.student_answer, float(msg.sample_entropy))
+    return [first, *(FramePrompt(*m) for m in zip(msg.more_sample_ids, msg.more_prompts, msg.more_student_answers,
+                                                   (float(e) for e in msg.more_sample_entropies)))]  # fmt: skip

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 from cdcca.akd import DistillSample
 from cdcca.models.mllm import MLLM
-from cdcca.uts import UplinkError, unpack_tokens
+from cdcca.uts import FramePrompt, UplinkError, frame_prompts, unpack_tokens
 
 ANSWER_TOKENS = 16  # LM positions kept free for an answer: 12 generated tokens, </s>, re-tokenisation slack
 CHARS_PER_TOKEN = 32  # a prompt longer than this many characters per allowed token is refused untokenised
 MAX_SAMPLE_ID_CHARS = 256
+MAX_FRAME_PROMPTS = 64  # prompts one UtsTokens may carry about its frame (a robot sends at most a batch's worth)
 HEADER_BYTES = 4096  # CDR header, frame id, robot id, fixed fields and alignment of one UtsTokens
 
 
@@ -32,7 +33,8 @@ class SampleLimits:
             answer of ``ANSWER_TOKENS``.
         max_prompt_chars: a prompt above this is refused before it is tokenised.
         max_answer_chars: the robot's ``student_answer`` (kept with the sample, never trained on).
-        max_message_bytes: the most CDR bytes a sample of these bounds can take (all tokens sent as fp16).
+        max_message_bytes: the most CDR bytes a message of these bounds can take (all tokens sent as fp16, and
+            ``MAX_FRAME_PROMPTS`` prompts).
     """
 
     num_tokens: int
@@ -65,8 +67,8 @@ class SampleLimits:
         max_prompt_chars = CHARS_PER_TOKEN * max_prompt_tokens
         max_answer_chars = CHARS_PER_TOKEN * (max_prompt_tokens + ANSWER_TOKENS)
         per_token = 2 * token_dim + 4 + 4 + 2  # fp16 values, a scale, a variance and an index
-        max_bytes = (HEADER_BYTES + num_tokens * per_token + 4 * (max_prompt_chars + max_answer_chars)
-                     + MAX_SAMPLE_ID_CHARS)  # fmt: skip
+        per_prompt = 4 * (max_prompt_chars + max_answer_chars) + MAX_SAMPLE_ID_CHARS + 3 * 4 + 4  # + lengths, entropy
+        max_bytes = HEADER_BYTES + num_tokens * per_token + MAX_FRAME_PROMPTS * per_prompt
         return cls(num_tokens, token_dim, max_prompt_tokens, max_prompt_chars, max_answer_chars, max_bytes)
 
 
@@ -83,8 +85,9 @@ class SampleAdmission:
         tokenizers = {id(m.tokenizer): m for m in (teacher, student)}
         self._tokenizers = list(tokenizers.values())  # models whose tokenizer counts a prompt (once if shared)
 
-    def check(self, msg, size: int | None = None) -> DistillSample:
-        """The sample as a round takes it; :class:`UplinkError` with a ``reason`` if the models cannot take it.
+    def check(self, msg, size: int | None = None) -> list[DistillSample]:
+        """The message's samples as a round takes them (one per prompt it carries about its frame);
+        :class:`UplinkError` with a ``reason`` if the models cannot take one of them (the message is refused whole).
 
         Args:
             msg: the received ``UtsTokens``.
@@ -94,21 +97,36 @@ class SampleAdmission:
         if size is not None and size > limits.max_message_bytes:
             raise UplinkError(f"UtsTokens of {size} bytes; samples for these models take at most "
                               f"{limits.max_message_bytes}", "oversized")  # fmt: skip
-        if not msg.sample_id:
-            raise UplinkError("empty sample_id; every sample needs the robot's id for it", "sample_id")
-        if len(msg.sample_id) > MAX_SAMPLE_ID_CHARS:
-            raise UplinkError(f"sample_id of {len(msg.sample_id)} characters (at most {MAX_SAMPLE_ID_CHARS})",
+        if len(msg.more_sample_ids) >= MAX_FRAME_PROMPTS:
+            raise UplinkError(f"sample {msg.sample_id[:64]!r}: {len(msg.more_sample_ids) + 1} prompts about one frame "
+                              f"(at most {MAX_FRAME_PROMPTS})", "oversized")  # fmt: skip
+        try:
+            prompts = frame_prompts(msg)
+        except ValueError as err:
+            raise UplinkError(str(err)) from err
+        if len({p.sample_id for p in prompts}) != len(prompts):
+            raise UplinkError(f"sample {msg.sample_id[:64]!r}: a sample id repeats among its frame's prompts",
                               "sample_id")  # fmt: skip
-        if len(msg.student_answer) > limits.max_answer_chars:
-            raise UplinkError(f"sample {msg.sample_id!r}: student_answer of {len(msg.student_answer)} characters "
-                              f"(at most {limits.max_answer_chars})", "oversized")  # fmt: skip
-        if len(msg.prompt) > limits.max_prompt_chars:
-            raise UplinkError(f"sample {msg.sample_id!r}: prompt of {len(msg.prompt)} characters (at most "
+        for prompt in prompts:
+            self._check_prompt(prompt)
+        tokens, mask = unpack_tokens(msg, num_tokens=limits.num_tokens, token_dim=limits.token_dim)
+        return [DistillSample(p.sample_id, tokens[0], mask[0], p.prompt, msg.sample_id) for p in prompts]
+
+    def _check_prompt(self, prompt: FramePrompt) -> None:
+        limits = self.limits
+        if not prompt.sample_id:
+            raise UplinkError("empty sample_id; every sample needs the robot's id for it", "sample_id")
+        if len(prompt.sample_id) > MAX_SAMPLE_ID_CHARS:
+            raise UplinkError(f"sample_id of {len(prompt.sample_id)} characters (at most {MAX_SAMPLE_ID_CHARS})",
+                              "sample_id")  # fmt: skip
+        if len(prompt.student_answer) > limits.max_answer_chars:
+            raise UplinkError(f"sample {prompt.sample_id!r}: student_answer of {len(prompt.student_answer)} "
+                              f"characters (at most {limits.max_answer_chars})", "oversized")  # fmt: skip
+        if len(prompt.prompt) > limits.max_prompt_chars:
+            raise UplinkError(f"sample {prompt.sample_id!r}: prompt of {len(prompt.prompt)} characters (at most "
                               f"{limits.max_prompt_chars})", "prompt_too_long")  # fmt: skip
         for model in self._tokenizers:
-            length = len(model.prompt_ids([msg.prompt])[0])
+            length = len(model.prompt_ids([prompt.prompt])[0])
             if length > limits.max_prompt_tokens:
-                raise UplinkError(f"sample {msg.sample_id!r}: prompt of {length} tokens; the language models leave "
-                                  f"room for {limits.max_prompt_tokens}", "prompt_too_long")  # fmt: skip
-        tokens, mask = unpack_tokens(msg, num_tokens=limits.num_tokens, token_dim=limits.token_dim)
-        return DistillSample(msg.sample_id, tokens[0], mask[0], msg.prompt)
+                raise UplinkError(f"sample {prompt.sample_id!r}: prompt of {length} tokens; the language models "
+                                  f"leave room for {limits.max_prompt_tokens}", "prompt_too_long")  # fmt: skip

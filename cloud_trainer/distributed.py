@@ -44,7 +44,7 @@ def send_round(robot_id: str, samples: list[DistillSample]) -> None:
     """Rank 0: tell the other ranks to run a round of ``robot_id`` on ``samples``."""
     dist.broadcast(torch.tensor([ROUND], dtype=torch.int64), 0)
     header = {"robot_id": robot_id, "ids": [s.sample_id for s in samples], "prompts": [s.prompt for s in samples],
-              "shape": list(samples[0].tokens.shape)}  # fmt: skip
+              "messages": [s.message_id for s in samples], "shape": list(samples[0].tokens.shape)}  # fmt: skip
     _broadcast_bytes(json.dumps(header).encode())
     tokens = torch.stack([s.tokens for s in samples]).float().contiguous()
     masks = torch.stack([s.token_mask for s in samples]).long().contiguous()
@@ -69,8 +69,9 @@ def receive_round() -> tuple[str, list[DistillSample]] | None:
     masks = torch.zeros(count, tokens_n, dtype=torch.int64)
     dist.broadcast(tokens, 0)
     dist.broadcast(masks, 0)
-    samples = [DistillSample(sample_id, tokens[i], masks[i], prompt)
-               for i, (sample_id, prompt) in enumerate(zip(header["ids"], header["prompts"]))]  # fmt: skip
+    samples = [DistillSample(sample_id, tokens[i], masks[i], prompt, message_id)
+               for i, (sample_id, prompt, message_id) in enumerate(zip(header["ids"], header["prompts"],
+                                                                       header["messages"]))]  # fmt: skip
     return header["robot_id"], samples
 
 

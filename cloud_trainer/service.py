@@ -82,8 +82,9 @@ class CloudConfig:
         state_dir: where the round log lives, and the SQLite store unless ``store`` names another.
         store: the durable store: a SQLite file path or a ``postgresql://`` URL shared by several workers
             (``None``: ``state_dir/cloud.sqlite``); see :func:`cloud_trainer.store.open_store`.
-        round_size: pending samples of a robot that start a round.
-        max_round_samples: the most new samples one round takes (oldest first; the rest wait).
+        round_size: pending uploads of a robot that start a round. An upload is one ``UtsTokens``: one frame's
+            tokens with every prompt about it that the robot found uncertain, each a sample of the round.
+        max_round_samples: the most new uploads one round takes (oldest first; the rest wait).
         replay: samples of earlier rounds (most recent first) trained on again with the new ones, so a round
             on one shifted domain does not overwrite what earlier rounds taught (0: new samples only, as in
             the paper).
@@ -525,8 +526,8 @@ class CloudTrainer:
                             robot_id, type(err).__name__, err, len(poison))  # fmt: skip
                 for sample_id, reason in poison.items():
                     self._quarantine(robot_id, sample_id, reason, quarantined)
-                fresh = [s for s in fresh if s.sample_id not in poison]
-                replayed = [s for s in replayed if s.sample_id not in poison]
+                fresh = [s for s in fresh if s.message_id not in poison]
+                replayed = [s for s in replayed if s.message_id not in poison]
                 continue
             finally:
                 self.current_round = None
@@ -588,7 +589,7 @@ class CloudTrainer:
                     for name, param in distiller.trainable.items():
                         param.copy_(robot.chain.published[int(msg.version)][name])
             data = wire.encode(msg)
-            self.store.commit_round(robot_id, int(msg.version), [s.sample_id for s in fresh],
+            self.store.commit_round(robot_id, int(msg.version), list(dict.fromkeys(s.message_id for s in fresh)),
                                     state_tensors(distiller), robot.chain.published[int(msg.version)], data,
                                     robot.chain.applied, distiller.optimizer_state())  # fmt: skip
             self.current_round = None  # committed: a stop from here on no longer abandons it
@@ -600,7 +601,7 @@ class CloudTrainer:
         samples = []
         for sample_id, payload in rows:
             try:
-                samples.append(self.admission.check(wire.decode(wire.UTS_TOKENS, payload)))
+                samples.extend(self.admission.check(wire.decode(wire.UTS_TOKENS, payload)))
             except UplinkError as err:
                 self._quarantine(robot_id, sample_id, f"{err.reason}: {err}", quarantined)
             except Exception as err:  # e.g. bytes that no longer decode
@@ -615,8 +616,9 @@ class CloudTrainer:
         log.warning("robot %s: sample %r quarantined: %s", robot_id, sample_id, reason)
 
     def _probe(self, robot_id: str, samples: list[DistillSample]) -> dict[str, str]:
-        """sample_id -> why, for each sample a round fails on alone: the teacher's labels and every AKD loss of
-        that one sample must compute and be finite."""
+        """message_id -> why, for each stored upload with a sample a round fails on alone: the teacher's labels and
+        every AKD loss of that one sample must compute and be finite (the upload's other prompts share its tokens,
+        so it is quarantined whole)."""
         distiller = self._activate(robot_id)
         poison = {}
         for sample in samples:
@@ -625,9 +627,9 @@ class CloudTrainer:
                     terms = distiller.losses([sample], distiller.pseudo_label([sample]))
                 broken = [name for name, value in terms.items() if not bool(torch.isfinite(value).all())]
                 if broken:
-                    poison[sample.sample_id] = f"round: non-finite {', '.join(broken)}"
+                    poison[sample.message_id] = f"round: non-finite {', '.join(broken)}"
             except Exception as err:  # any failure of this one sample is its own
-                poison[sample.sample_id] = f"round: {type(err).__name__}: {err}"
+                poison[sample.message_id] = f"round: {type(err).__name__}: {err}"
         return poison
 
     def _undo(self, robot_id: str) -> None:

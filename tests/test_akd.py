@@ -120,7 +120,7 @@ def test_uts_messages_feed_a_round(distiller, buffer_samples):
                             adapter_version=0, prompt=s.prompt, student_answer="", sample_entropy=1.0)
                 for i, s in enumerate(buffer_samples)]  # fmt: skip
 
-    samples = [DistillSample.from_uts(m) for m in messages]
+    samples = [sample for m in messages for sample in DistillSample.from_uts(m)]
     report = distiller.run_round(samples)
 
     assert int(samples[0].token_mask.sum()) == 3

@@ -34,6 +34,19 @@ def test_uplink_report_accounts_bytes(pretrained_test_pair):
     assert summary["uts_over_raw"] == pytest.approx(totals["uts"] / totals["raw"])
     # int8 and stage 2 make each uploaded sample smaller than the same sample with all tokens in fp16
     assert totals["uts"] < totals["uts_stage1"]
+    assert totals["uts"] <= totals["uts_per_prompt"]
+
+
+def test_a_frames_tokens_travel_once_however_many_of_its_prompts_are_uncertain(pretrained_test_pair):
+    student = load_mllm(pretrained_test_pair / "student")
+    every = UTSConfig(sample_mode="threshold", entropy_threshold=-1.0)  # all three prompts of every frame
+    report = run_uplink_bench(student, UplinkBenchConfig(images_per_domain=1, camera_width=64, camera_height=48,
+                                                         uts=every), progress=False)  # fmt: skip
+    summary, totals = report["summary"], report["totals_bytes"]
+    assert summary["samples_kept_fraction"] == summary["frames_uploaded_fraction"] == 1.0
+    # three prompts per frame: one message of the tokens and three prompts against three messages (on the test
+    # preset's narrow tokens the header and prompts are a good part of a message)
+    assert 1 / 3 < totals["uts"] / totals["uts_per_prompt"] == summary["uts_over_uts_per_prompt"] < 0.6
     assert summary["tokens_kept_fraction"] == pytest.approx(UTSConfig.token_keep_ratio, abs=0.05)
 
 

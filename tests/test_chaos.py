@@ -20,7 +20,7 @@ from cdcca.edge.app import build_runtime
 from cdcca.edge.runtime import EdgeConfig
 from cdcca.envelope import AckRejected, Signer, TrustStore, generate_key, seal, sign_ack, verify_ack
 from cdcca.transport import TOPICS, Link, LinkConfig
-from cdcca.uts import pack_tokens
+from cdcca.uts import frame_prompts, pack_tokens
 from tests.test_loop_faults import ALL_SAMPLES, Cloud, close_robot
 from tests.test_loop_faults import setup as setup  # noqa: F401  (the fixture: keys, checkpoints, endpoint, frames)
 from tests.test_transport import wait_until
@@ -185,7 +185,7 @@ def test_chaos_on_every_key_loses_nothing_acknowledged_and_every_bad_message_is_
     rng = random.Random(SEED)
     torch.manual_seed(SEED)
     mallory = Signer.load(generate_key(tmp_path / "mallory", "mallory")[0])
-    cloud = Cloud(setup, round_size=len(setup["ids"]))
+    cloud = Cloud(setup, round_size=len(setup["ids"]) // 3)  # a robot's uploads: one per frame of three prompts
     runtimes, links = {}, {}
     for robot_id in ROBOTS:
         runtimes[robot_id], links[robot_id] = robot(setup, robot_id)
@@ -262,9 +262,13 @@ def test_chaos_on_every_key_loses_nothing_acknowledged_and_every_bad_message_is_
         for robot_id, runtime in runtimes.items():
             robot_stats = runtime.stats()
             sent = {f"{robot_id}-{i}" for i in range(len(prompts))}
-            assert cloud.trainer.store.sample_ids(robot_id) == sent  # every acked sample is stored, no forged one
-            assert robot_stats["uplink_acked"] == robot_stats["uplink_enqueued"] == len(sent)
-            assert robot_stats["acks_accepted"] >= len(sent)  # every other ack is in the counters checked above
+            uploads = {f"{robot_id}-{i}" for i in range(0, len(prompts), 3)}  # one per frame of three prompts
+            assert cloud.trainer.store.sample_ids(robot_id) == uploads  # every acked upload is stored, no forged one
+            carried = {p.sample_id for _, payload in cloud.trainer.store.used(robot_id, len(prompts))
+                       for p in frame_prompts(wire.decode(wire.UTS_TOKENS, payload))}  # fmt: skip
+            assert carried == sent  # ... with every sample in it, and round v1 trained on them
+            assert robot_stats["uplink_acked"] == robot_stats["uplink_enqueued"] == len(uploads)
+            assert robot_stats["acks_accepted"] >= len(uploads)  # every other ack is in the counters checked above
             assert robot_stats["deltas_applied"] == 1  # the replay and any resend of v1 are duplicates
             assert robot_stats["deltas_duplicate"] == 1 + resends[robot_id]
             assert runtime.backend.slot.counters.rejected == chaos.expected[(robot_id, "deltas_rejected", "")] == 4
@@ -272,7 +276,7 @@ def test_chaos_on_every_key_loses_nothing_acknowledged_and_every_bad_message_is_
             assert "handler_error" not in str(dict(links[robot_id].rejected))
         assert stats["versions"] == {"r1": 1, "r2": 1} and stats["reported"] == {"r1": 1, "r2": 1}
         assert stats["quarantine"] == {} and stats["round_failures"] == 0 and stats["declined"] == {}
-        assert stats["received"] == 2 * len(prompts) and stats["stored"] == 2 * len(prompts)
+        assert stats["received"] == 2 * len(prompts) // 3 and stats["stored"] == 2 * len(prompts) // 3  # uploads
         assert stats["rejected"] == sum(n for (who, what, _), n in chaos.expected.items()
                                         if (who, what) == ("cloud", "rejected"))  # fmt: skip
         assert "handler_error" not in str(dict(cloud.link.rejected))
@@ -291,7 +295,7 @@ def test_a_forged_ack_naming_queued_samples_deletes_nothing(setup, tmp_path):
         assert wait_until(lambda: link.peers() >= 1)
         time.sleep(0.5)
         ids = [f"r1-{i}" for i in range(6)]
-        runtime.ask(setup["images"][:6], setup["prompts"][:6], ids)
+        runtime.ask([image.copy() for image in setup["images"][:6]], setup["prompts"][:6], ids)  # 6 frames
         assert sorted(runtime.uplink.ids()) == ids
 
         # Execute: well-formed acks, on r1's key, from a peer that stored nothing: unsigned, and signed by its own key

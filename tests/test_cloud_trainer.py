@@ -312,7 +312,18 @@ def _wider(msg, width):
                        adapter_version=0, prompt=msg.prompt, student_answer="?", sample_entropy=1.0)  # fmt: skip
 
 
+def _frame(msg, *more):
+    """``msg`` carrying ``more`` (sample_id, prompt) pairs about its frame as well, as a robot groups them."""
+    return _copy(msg, more_sample_ids=[m[0] for m in more], more_prompts=[m[1] for m in more],
+                 more_student_answers=["?"] * len(more), more_sample_entropies=np.ones(len(more), np.float32))
+
+
 @pytest.mark.parametrize(("label", "make", "reason"), [
+    ("a frame's second prompt beyond the LM's positions", lambda m: _frame(m, ("x/long", "is it " * 200)),
+     "prompt_too_long"),
+    ("more_* arrays that are not aligned", lambda m: _copy(_frame(m, ("x/a", "p")), more_prompts=[]),
+     "inconsistent"),
+    ("one sample id twice in a frame", lambda m: _frame(m, (m.sample_id, "which digit?")), "sample_id"),
     ("20 more tokens than the encoder's grid", lambda m: _copy(m, sample_id="grid", num_tokens=m.num_tokens + 20),
      "token_grid"),
     ("a 65535 x 65535 grid in ~140 bytes", lambda m: _copy(m, sample_id="huge", num_tokens=65535, token_dim=65535,
@@ -337,6 +348,41 @@ def test_samples_the_models_cannot_take_are_rejected_before_the_ack(label, make,
     assert trainer.store.count() == 0
     assert (trainer.counters.acked, trainer.counters.rejected) == (0, 1)
     assert trainer.stats()["rejected_reasons"] == {reason: 1}
+
+
+def test_a_frame_with_three_prompts_is_one_upload_acked_once_and_three_samples(pretrained_test_pair, uploads, keys,
+                                                                            tmp_path):  # fmt: skip
+    # Prepare: uploads 0-2 are the three prompts about one image; the robot sends them as one message
+    link = RecordingLink()
+    config = CloudConfig(state_dir=tmp_path / "cloud", round_size=2, codec="fp16", akd=AKDConfig(steps=2, batch_size=4))
+    trainer = CloudTrainer(load_mllm(pretrained_test_pair / "teacher"),
+                           lambda: load_adaptable_student(pretrained_test_pair), keys[0], config, link)  # fmt: skip
+    frame = _frame(uploads[0], *((u.sample_id, u.prompt) for u in uploads[1:3]))
+    # Execute
+    assert trainer.receive_tokens("r1", frame, wire.encode(frame))
+    assert trainer.receive_tokens("r1", uploads[3])
+    [result] = trainer.step()
+    # Assert: stored and acknowledged as one upload each; the round trained on all four prompts and used both
+    acks = [list(msg.sample_ids) for _, topic, msg in link.published if topic == "uts_ack"]
+    assert acks == [[uploads[0].sample_id], [uploads[3].sample_id]]
+    assert trainer.store.count("r1") == 2 and trainer.counters.received == 2
+    assert (result["version"], result["samples"]) == (1, 4)
+    assert result["sample_ids"] == [u.sample_id for u in uploads[:4]]
+    assert trainer.store.pending_counts() == {}
+
+
+def test_a_frame_that_poisons_the_round_is_quarantined_whole(pretrained_test_pair, uploads, keys, tmp_path):
+    trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud", round_size=3)
+    for msg in uploads[3:5]:
+        assert trainer.receive_tokens("r1", msg)
+    blowup = _frame(_copy(uploads[0], scales=np.full(len(uploads[0].scales), 1e30, np.float32)),
+                    *((u.sample_id, u.prompt) for u in uploads[1:3]))  # fmt: skip
+    assert trainer.receive_tokens("r1", blowup)
+    [result] = trainer.step()
+    assert (result["version"], result["samples"]) == (1, 2)
+    assert list(result["quarantined"]) == [blowup.sample_id]  # its three prompts share the tokens: one entry
+    assert trainer.store.quarantined("r1")["r1"].keys() == {blowup.sample_id}
+    assert trainer.store.pending_counts() == {}
 
 
 def test_sample_limits_come_from_the_models(pretrained_test_pair, keys, tmp_path):

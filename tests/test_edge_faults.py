@@ -171,8 +171,8 @@ class ListPort:
 
 
 def test_a_full_disk_while_sending_keeps_the_samples_and_does_not_flood(robot):
-    # Prepare: two samples queued, then marking them as sent fails (the WAL cannot grow)
-    robot.ask([np.zeros((32, 32, 3), np.uint8)] * 2, ["what digit?"] * 2)
+    # Prepare: two samples of two frames queued, then marking them as sent fails (the WAL cannot grow)
+    robot.ask([np.zeros((32, 32, 3), np.uint8) for _ in range(2)], ["what digit?"] * 2)
     port = ListPort()
     robot.connect(port)
     robot.uplink._db = FullDisk(robot.uplink._db, failing=("UPDATE UPLINK SET SENT_AT",))

@@ -113,8 +113,9 @@ def test_two_runtimes_serve_their_own_prometheus_metrics(make_robot):
 
     # Assert
     assert 'cdcca_edge_answers_total{robot="r1"} 3.0' in one
-    assert 'cdcca_edge_uploads_enqueued_total{robot="r1"} 3.0' in one
-    assert 'cdcca_edge_uplink_queue_depth{robot="r1"} 3.0' in one
+    # three prompts about one frame: one upload carries them all
+    assert 'cdcca_edge_uploads_enqueued_total{robot="r1"} 1.0' in one
+    assert 'cdcca_edge_uplink_queue_depth{robot="r1"} 1.0' in one
     assert 'cdcca_edge_faults_total{kind="bad_image",robot="r1"} 1.0' in one
     assert 'cdcca_edge_answer_latency_seconds_count{robot="r1"} 3.0' in one
     assert 'cdcca_edge_cloud_up{robot="r1"} 0.0' in one and 'cdcca_edge_adapter_version{robot="r1"} 0.0' in one
@@ -269,7 +270,7 @@ def test_the_status_line_is_rewritten_in_place_on_a_terminal_only(make_robot, tm
     frames = [f for f in shown.split("\r\x1b[K") if f]
     assert len(frames) >= 2 and "\n" not in shown  # rewritten in place, never scrolling
     assert frames[0].startswith("r1 | 2 answers, ")
-    assert "uplink 2 queued, 0 acked | adapter v0 | cloud offline" in frames[0]
+    assert "uplink 1 queued, 0 acked | adapter v0 | cloud offline" in frames[0]  # two prompts, one frame
 
     with open(tmp_path / "not-a-terminal.txt", "w") as plain:
         assert StatusLine(robot, plain, every_s=0.05).start()._thread is None

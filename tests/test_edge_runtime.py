@@ -15,7 +15,7 @@ from cdcca.edge.sources import SourceError, open_source
 from cdcca.envelope import Signer, generate_key, trust_key
 from cdcca.models.checkpoint import load_adaptable_student, load_mllm
 from cdcca.transport import Link, LinkConfig
-from cdcca.uts import UTSConfig
+from cdcca.uts import UTSConfig, frame_prompts
 from cloud_trainer.service import CloudConfig, CloudTrainer
 from tests.test_transport import free_port, wait_until
 
@@ -43,7 +43,11 @@ def test_offline_robot_answers_and_queues_within_its_bound(pretrained_test_pair,
     assert [a.sample_id for a in answers] == ids and all(a.adapter_version == 0 for a in answers)
     assert all(np.isfinite(a.entropy) for a in answers)
     stats = runtime.stats()
-    assert (stats["answers"], stats["selected"], stats["uplink_queued"], stats["uplink_dropped"]) == (18, 18, 5, 13)
+    # one upload per frame (6 frames, three prompts each): the queue keeps 5 and drops the least uncertain one
+    assert (stats["answers"], stats["selected"], stats["uplink_queued"], stats["uplink_dropped"]) == (18, 18, 5, 1)
+    for _, payload in runtime.uplink.due(0.0):
+        carried = [p.sample_id for p in frame_prompts(wire.decode(wire.UTS_TOKENS, payload))]
+        assert len(carried) == 3 and len({i.rsplit("/", 1)[0] for i in carried}) == 1
     kept = runtime.uplink.ids()
     runtime.close()
     restarted = build_runtime(pretrained_test_pair, config, keys[1], link=None)  # the queue is durable
@@ -81,7 +85,7 @@ def test_the_loop_over_loopback_zenoh(pretrained_test_pair, keys, tmp_path, stre
     images, prompts, ids = stream
     endpoint = f"tcp/127.0.0.1:{free_port()}"
     cloud_link, robot_link = Link(LinkConfig.loopback(True, endpoint)), Link(LinkConfig.loopback(False, endpoint))
-    config = CloudConfig(state_dir=tmp_path / "cloud", round_size=12, codec="nf4-zstd",
+    config = CloudConfig(state_dir=tmp_path / "cloud", round_size=6, codec="nf4-zstd",
                          akd=AKDConfig(steps=3, batch_size=4))  # fmt: skip
     checkpoints = pretrained_test_pair
     trainer = CloudTrainer(load_mllm(checkpoints / "teacher"), lambda: load_adaptable_student(checkpoints), signer,
@@ -97,11 +101,11 @@ def test_the_loop_over_loopback_zenoh(pretrained_test_pair, keys, tmp_path, stre
         runtime.start()
         runtime.ask(images, prompts, ids)
         assert wait_until(lambda: runtime.backend.version == 1, timeout=60)
-        assert wait_until(lambda: len(runtime.uplink) == 0)  # every sample acknowledged ...
-        assert trainer.store.sample_ids("r1") == {f"{i}" for i in ids}  # ... because the cloud stored it
+        assert wait_until(lambda: len(runtime.uplink) == 0)  # every upload acknowledged ...
+        assert trainer.store.sample_ids("r1") == set(ids[::3])  # ... because the cloud stored it (one per frame)
         assert wait_until(lambda: trainer.robots["r1"].reported == 1)  # the heartbeat told the cloud
         assert runtime.ask(images[:1], prompts[:1])[0].adapter_version == 1
-        assert runtime.stats()["uplink_acked"] == 18 and trainer.counters.deltas_sent == 1
+        assert runtime.stats()["uplink_acked"] == 6 and trainer.counters.deltas_sent == 1
     finally:
         stop.set()
         server.join(timeout=30)
@@ -124,7 +128,7 @@ def test_onnx_backend_runtime_answers_like_torch(pretrained_test_pair, keys, tmp
             runtime = build_runtime(pretrained_test_pair, EdgeConfig(state_dir=tmp_path / backend, uts=ALL_SAMPLES),
                                     keys[1], backend=backend)  # fmt: skip
             results[backend] = [a.answer for a in runtime.ask(images, prompts, ids)]
-            assert runtime.stats()["uplink_queued"] == len(ids)  # UTS runs on both
+            assert runtime.stats()["uplink_queued"] == len(ids) // 3  # UTS runs on both: one upload per frame
             # the ONNX robot scores with its own graphs and holds no torch student
             assert runtime.sampler_on_backend == (runtime.encoder_owner is None) == (backend == "onnx")
             runtime.close()

@@ -7,7 +7,10 @@ import torch
 from cdcca import wire
 from cdcca.data.digits_shift import load_domain
 from cdcca.models.checkpoint import load_mllm
-from cdcca.uts import UncertaintyTokenSampler, UplinkError, UTSConfig, pack_tokens, unpack_tokens
+from cdcca.akd import DistillSample
+from cdcca.uts import (
+    FramePrompt, UncertaintyTokenSampler, UplinkError, UTSConfig, by_frame, frame_prompts, pack_tokens, unpack_tokens,
+)  # fmt: skip
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -134,13 +137,63 @@ def test_select_packs_stage_one_survivors(pair, stream):
     _, student = pair
     sampler = UncertaintyTokenSampler(student, UTSConfig(sample_mode="threshold", entropy_threshold=0.0))
     messages = sampler.select(stream, robot_id="r7", adapter_version=2, stamp_ns=5)
-    assert [m.sample_id for m in messages] == [s.sample_id for s in stream]  # entropy > 0 for every sample
+    # entropy > 0 for every sample, and one message per frame carries all of that frame's prompts, in order
+    frames = [s.sample_id.rsplit("/", 1)[0] for s in stream]
+    assert len(messages) == len(set(frames)) < len(stream)
+    carried = [p for m in messages for p in frame_prompts(wire.decode(wire.UTS_TOKENS, wire.encode(m)))]
+    assert [p.sample_id for p in carried] == [s.sample_id for s in stream]
+    assert [p.prompt for p in carried] == [s.prompt for s in stream]
+    for message in messages:
+        assert {p.sample_id.rsplit("/", 1)[0] for p in frame_prompts(message)} == {message.sample_id.rsplit("/", 1)[0]}
     n = student.blip2.vision_model.embeddings.num_positions
     for message in messages:
         decoded = wire.decode(wire.UTS_TOKENS, wire.encode(message))
         assert decoded.robot_id == "r7" and decoded.adapter_version == 2 and decoded.num_tokens == n
         assert len(decoded.token_indices) == round(UTSConfig.token_keep_ratio * n) and decoded.encoding == 0
         assert np.all(np.diff(decoded.token_indices.astype(int)) > 0)
+
+
+def test_stage_two_runs_once_per_frame_and_its_prompts_share_the_tokens(pair, stream):
+    _, student = pair
+    sampler = UncertaintyTokenSampler(student, UTSConfig(sample_mode="threshold", entropy_threshold=0.0))
+    rows = []
+    original = sampler.token_variance
+    sampler.token_variance = lambda front, center=None: rows.append(len(front)) or original(front, center)
+    scores = sampler.score(stream)
+    frames = [s.sample_id.rsplit("/", 1)[0] for s in stream]
+    assert sum(rows) == len(set(frames)) < len(stream)  # stage 2 scored each frame once
+    for i, j in [(i, j) for i in range(len(stream)) for j in range(i) if frames[i] == frames[j]]:
+        assert torch.equal(scores.keep_tokens[i], scores.keep_tokens[j])
+        assert torch.equal(scores.token_variance[i], scores.token_variance[j])
+
+
+def test_one_frame_travels_once_with_all_its_prompts():
+    torch.manual_seed(0)
+    tokens, keep = torch.randn(10, 6), torch.tensor([1, 0, 1, 1, 0, 0, 0, 1, 0, 1], dtype=torch.bool)
+    more = [FramePrompt("f/mc", "which digit?", "three", 0.5), FramePrompt("f/cap", "describe", "a digit", 2.25)]
+    common = dict(robot_id="r", adapter_version=0, sample_id="f/vqa", prompt="is it a 3?", student_answer="yes",
+                  sample_entropy=1.0)  # fmt: skip
+    alone = wire.encode(pack_tokens(tokens, keep, torch.rand(10), **common))
+    data = wire.encode(pack_tokens(tokens, keep, torch.rand(10), **common, more=more))
+    decoded = wire.decode(wire.UTS_TOKENS, data)
+    assert frame_prompts(decoded) == [FramePrompt("f/vqa", "is it a 3?", "yes", 1.0), *more]
+    assert len(data) - len(alone) < 100  # two more prompts cost their text, not another copy of the tokens
+    samples = DistillSample.from_uts(decoded)
+    assert [s.sample_id for s in samples] == ["f/vqa", "f/mc", "f/cap"]
+    assert {s.message_id for s in samples} == {"f/vqa"} and samples[2].prompt == "describe"
+    assert all(torch.equal(s.tokens, samples[0].tokens) and torch.equal(s.token_mask, samples[0].token_mask)
+               for s in samples)  # fmt: skip
+    decoded.more_prompts = decoded.more_prompts[:1]  # arrays that are not aligned are refused, not guessed at
+    with pytest.raises(ValueError, match="aligned"):
+        frame_prompts(decoded)
+    with pytest.raises(UplinkError, match="aligned"):
+        DistillSample.from_uts(decoded)
+
+
+def test_by_frame_groups_in_order():
+    frames = ["a", "b", "a", "c", "b", "a"]
+    assert by_frame([0, 1, 2, 4, 5], frames) == [[0, 2, 5], [1, 4]]
+    assert by_frame([], frames) == []
 
 
 @pytest.mark.parametrize(("encoding", "tolerance"), [("int8", None), ("fp16", 1e-2)])

@@ -164,3 +164,44 @@ def test_fuzz_mutated_messages_only_ever_raise_wire_error(data):
     except WireError:
         return
     assert decoded.__msgtype__ == wire.UTS_TOKENS
+
+
+def _earlier_uts_tokens():
+    """``UtsTokens`` as it was defined before the ``more_*`` fields were appended, in a typestore of its own."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    text = (wire.msgs_dir() / "msg" / "UtsTokens.msg").read_text()
+    lines = text.splitlines()
+    earlier = [line for line in lines if not line.split(" ")[1:2] or not line.split(" ")[1].startswith("more_")]
+    assert len(earlier) == len(lines) - 4
+    earlier = "\n".join(earlier)
+    store = get_typestore(Stores.ROS2_JAZZY)
+    store.register(get_types_from_msg(earlier, wire.UTS_TOKENS))
+    return store
+
+
+def test_uts_tokens_written_before_the_frame_fields_still_decode_and_cut_ones_do_not():
+    from cdcca.uts import FramePrompt, frame_prompts, pack_tokens
+
+    store = _earlier_uts_tokens()
+    for kept in range(1, 6):  # every alignment of where the earlier message ends
+        msg = pack_tokens(np.arange(15.0).reshape(5, 3), np.arange(5) < kept, np.ones(5), robot_id="r",
+                          sample_id=f"s{kept}", adapter_version=2, prompt="p" * kept, student_answer="a",
+                          sample_entropy=1.5)  # fmt: skip
+        cls = store.types[wire.UTS_TOKENS]
+        fields = {name: getattr(msg, name) for name, _ in store.fielddefs[wire.UTS_TOKENS][1]}
+        fields["header"] = store.types["std_msgs/msg/Header"](
+            stamp=store.types["builtin_interfaces/msg/Time"](sec=1, nanosec=2), frame_id="cam")
+        data = bytes(store.serialize_cdr(cls(**fields), wire.UTS_TOKENS))
+        decoded = wire.decode(wire.UTS_TOKENS, data)  # e.g. held in a robot's uplink queue across the upgrade
+        assert frame_prompts(decoded) == [FramePrompt(f"s{kept}", "p" * kept, "a", 1.5)]
+        assert decoded.header.frame_id == "cam" and wire.stamp_ns(decoded.header) == 10**9 + 2
+        assert np.array_equal(decoded.token_data, msg.token_data) and len(decoded.more_prompts) == 0
+        with pytest.raises(wire.WireError):
+            wire.decode(wire.UTS_TOKENS, data[:-1])  # an earlier message cut short is still malformed
+    framed = wire.encode(pack_tokens(np.ones((5, 3)), np.ones(5), np.ones(5), robot_id="r", sample_id="s",
+                                     adapter_version=0, prompt="p", student_answer="a", sample_entropy=1.0,
+                                     more=[FramePrompt("t", "q", "b", 2.0)]))  # fmt: skip
+    for cut in range(len(framed) - 20, len(framed)):  # a message with frame prompts, cut inside them
+        with pytest.raises(wire.WireError):
+            wire.decode(wire.UTS_TOKENS, framed[:cut])

@@ -33,10 +33,28 @@ from cdcca.models.checkpoint import load_mllm, share_vision_encoder
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import LoraSettings, add_lora
 from cdcca.report import progress_bar, save_figure
-from cdcca.uts import UncertaintyTokenSampler, UTSConfig, pack_tokens
+from cdcca.uts import FramePrompt, UncertaintyTokenSampler, UTSConfig, by_frame, frame_keys, pack_tokens
 
 STEPS = AKDConfig.steps  # optimizer steps per round, every method: the cloud's default
 CHECK_FRACTION = AKDConfig.check_fraction  # share of the uploads CD-CCA holds out to check a round (cloud default)
+
+
+def frame_batches(samples: Sequence[Sample], batch_size: int) -> list[list[Sample]]:
+    """``samples`` in order, in batches of at most ``batch_size`` that keep consecutive samples of one frame
+    together (a frame with more samples than ``batch_size`` is split)."""
+    batches: list[list[Sample]] = [[]]
+    keys = frame_keys(samples)
+    for i, sample in enumerate(samples):
+        run = 1  # the samples from i on that share its frame, when i starts a frame
+        if i == 0 or keys[i] != keys[i - 1]:
+            while i + run < len(samples) and keys[i + run] == keys[i]:
+                run += 1
+            if batches[-1] and len(batches[-1]) + min(run, batch_size) > batch_size:
+                batches.append([])
+        elif len(batches[-1]) >= batch_size:
+            batches.append([])
+        batches[-1].append(sample)
+    return [b for b in batches if b]
 
 
 class CdccaMethod(AdaptationMethod):
@@ -82,31 +100,35 @@ class CdccaMethod(AdaptationMethod):
         self.uplink_bytes = 0
 
     def upload(self, samples: Sequence[Sample], batch_size: int = 64) -> list[DistillSample]:
-        """What the robot sends for a stream segment, as the cloud receives it."""
+        """What the robot sends for a stream segment, as the cloud receives it: one ``UtsTokens`` per frame, with
+        every selected prompt about it (batches of at most ``batch_size`` samples never split a frame)."""
         uploaded = []
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start : start + batch_size]
+        for batch in frame_batches(samples, batch_size):
             scores = self.sampler.score(batch)
-            for i, sample in enumerate(batch):
-                if self.stage1 and not scores.keep_sample[i]:
-                    continue
-                if not self.stage1 and float(torch.rand((), generator=self.generator)) >= self.sample_fraction:
-                    continue
-                keep = scores.keep_tokens[i]
+            if self.stage1:
+                chosen = scores.keep_sample.nonzero().squeeze(1).tolist()
+            else:
+                chosen = [i for i in range(len(batch))
+                          if float(torch.rand((), generator=self.generator)) < self.sample_fraction]  # fmt: skip
+            for group in by_frame(chosen, frame_keys(batch)):
+                first = group[0]
+                keep = scores.keep_tokens[first]
                 if not self.stage2:
                     keep = torch.ones_like(keep)
-                elif not scores.keep_sample[i]:  # stage 1 off: stage 2 was not computed for this sample
-                    keep = self.sampler.stage_two(self.student.preprocess([sample.image]))[1][0]
+                elif not scores.keep_sample[first]:  # stage 1 off: stage 2 was not computed for this frame
+                    keep = self.sampler.stage_two(self.student.preprocess([batch[first].load_image()]))[1][0]
                 if self.stage2 and self.token_selection == "random":
                     count = int(keep.sum())
                     keep = torch.zeros_like(keep)
                     keep[torch.randperm(len(keep), generator=self.generator)[:count]] = True
-                message = pack_tokens(scores.visual_tokens[i], keep, torch.zeros(len(keep)), robot_id="bench",
-                                      sample_id=sample.sample_id, adapter_version=0, prompt=sample.prompt,
-                                      student_answer=scores.answers[i],
-                                      sample_entropy=float(scores.sample_entropy[i]))  # fmt: skip
+                prompts = [FramePrompt(batch[i].sample_id, batch[i].prompt, scores.answers[i],
+                                       float(scores.sample_entropy[i])) for i in group]  # fmt: skip
+                message = pack_tokens(scores.visual_tokens[first], keep, torch.zeros(len(keep)), robot_id="bench",
+                                      sample_id=prompts[0].sample_id, adapter_version=0, prompt=prompts[0].prompt,
+                                      student_answer=prompts[0].student_answer,
+                                      sample_entropy=prompts[0].sample_entropy, more=prompts[1:])  # fmt: skip
                 self.uplink_bytes += len(wire.encode(message))
-                uploaded.append(DistillSample.from_uts(message))
+                uploaded.extend(DistillSample.from_uts(message))
         return uploaded
 
     def adapt(self, samples: Sequence[Sample]) -> RoundResult:

@@ -1,9 +1,11 @@
 """``cdcca bench uplink``: what UTS saves on the robot -> cloud link, and what it costs on the robot.
 
-For every frame of the digits-shift target stream, the bytes a robot would send under five policies:
-the raw RGB frame, a JPEG (quality 90) of the frame, all visual tokens in fp16, UTS stage 1 only (uncertain
-samples, all their tokens, fp16), and UTS stages 1+2 (uncertain samples, uncertain tokens, int8). Byte counts
-of the token policies are the sizes of the actual ``UtsTokens`` CDR messages. Frames are sized as the robot's
+For every frame of the digits-shift target stream (three prompts about each, answered as one batch), the bytes a
+robot would send under six policies: the raw RGB frame, a JPEG (quality 90) of the frame, all visual tokens in
+fp16, UTS stage 1 only (the frames with an uncertain prompt, all their tokens, fp16), UTS stages 1+2 with one
+message per uncertain prompt (the frame's kept tokens repeated in each, as before frames were grouped), and UTS
+stages 1+2 as the robot sends them (one message per frame: its kept tokens in int8 once, with every uncertain
+prompt). Byte counts of the token policies are the sizes of the actual ``UtsTokens`` CDR messages. Frames are sized as the robot's
 camera delivers them (RealSense D400 default colour profile, 640x480 RGB; the model resizes them to its input)
 and, for reference, at the benchmark's native 24x24.
 
@@ -24,7 +26,7 @@ from cdcca import wire
 from cdcca.data.digits_shift import TARGET_DOMAINS, load_domain
 from cdcca.models.mllm import MLLM
 from cdcca.report import progress_bar, save_figure
-from cdcca.uts import UncertaintyTokenSampler, UTSConfig, pack_tokens
+from cdcca.uts import FramePrompt, UncertaintyTokenSampler, UTSConfig, pack_tokens
 
 
 @dataclass
@@ -72,42 +74,53 @@ def jpeg_bytes(frame: np.ndarray, quality: int) -> int:
 
 
 def run_uplink_bench(student: MLLM, config: UplinkBenchConfig, progress: bool = True) -> dict:
-    """Stream the target domains through the student one prompt at a time; returns the JSON report."""
+    """Stream the target domains through the student, each frame's prompts as one batch (as the robot answers the
+    prompts waiting for its latest frame); returns the JSON report."""
     torch.manual_seed(0)
     sampler = UncertaintyTokenSampler(student, config.uts)
     samples = [s for d in TARGET_DOMAINS for s in load_domain(d, "stream", limit=config.images_per_domain)]
+    by_key: dict[str, list] = {}  # frame key -> its samples, in stream order
+    for sample in samples:
+        by_key.setdefault(sample.sample_id.rsplit("/", 1)[0], []).append(sample)
     frames: dict[str, dict] = {}  # frame key -> per-policy bytes
     answer_seconds, scoring_seconds, uploaded_scoring = [], [], []
-    kept_samples = kept_tokens = tokens_of_kept_samples = 0
-    for sample in progress_bar(samples, desc="bench uplink", disable=not progress):
-        frame_key = sample.sample_id.rsplit("/", 1)[0]
-        if frame_key not in frames:
-            camera = camera_frame(sample.image, config.camera_width, config.camera_height)
-            frames[frame_key] = {
-                "raw": camera.nbytes, "jpeg": jpeg_bytes(camera, config.jpeg_quality),
-                "raw_native": sample.image.nbytes, "jpeg_native": jpeg_bytes(sample.image, config.jpeg_quality),
-                "all_tokens_fp16": 0, "uts_stage1": 0, "uts": 0,
-            }  # fmt: skip
-        scores = sampler.score([sample])
-        answer_seconds.append(scores.answer_seconds)
-        scoring_seconds.append(scores.scoring_seconds)
-        tokens = scores.visual_tokens[0]  # (N, D)
+    kept_samples = kept_tokens = tokens_of_kept_frames = 0
+    for frame_key, batch in progress_bar(by_key.items(), desc="bench uplink", disable=not progress):
+        image = batch[0].image
+        camera = camera_frame(image, config.camera_width, config.camera_height)
+        bytes_ = frames[frame_key] = {
+            "raw": camera.nbytes, "jpeg": jpeg_bytes(camera, config.jpeg_quality),
+            "raw_native": image.nbytes, "jpeg_native": jpeg_bytes(image, config.jpeg_quality),
+            "all_tokens_fp16": 0, "uts_stage1": 0, "uts_per_prompt": 0, "uts": 0,
+        }  # fmt: skip
+        scores = sampler.score(batch)
+        answer_seconds.append(scores.answer_seconds / len(batch))  # per prompt
+        scoring_seconds.append(scores.scoring_seconds / len(batch))
+        tokens = scores.visual_tokens[0]  # (N, D): the frame's, shared by its prompts
         every = torch.ones(tokens.shape[0], dtype=torch.bool)
-        common = dict(robot_id="r1", sample_id=sample.sample_id, adapter_version=0, prompt=sample.prompt,
-                      student_answer=scores.answers[0], sample_entropy=float(scores.sample_entropy[0]))  # fmt: skip
-        if frames[frame_key]["all_tokens_fp16"] == 0:  # without UTS a frame's tokens would go up once
-            message = pack_tokens(tokens, every, torch.zeros(len(every)), encoding="fp16", **common)
-            frames[frame_key]["all_tokens_fp16"] = len(wire.encode(message))
-        if scores.keep_sample[0]:
-            kept_samples += 1
-            tokens_of_kept_samples += tokens.shape[0]
-            uploaded_scoring.append(scores.scoring_seconds / scores.answer_seconds)
-            stage1 = pack_tokens(tokens, every, scores.token_variance[0], encoding="fp16", **common)
-            frames[frame_key]["uts_stage1"] += len(wire.encode(stage1))
-            keep = scores.keep_tokens[0]
+        asked = [FramePrompt(s.sample_id, s.prompt, scores.answers[i], float(scores.sample_entropy[i]))
+                 for i, s in enumerate(batch)]  # fmt: skip
+
+        def message(keep, variance, encoding, prompts):
+            first = prompts[0]
+            return len(wire.encode(pack_tokens(
+                tokens, keep, variance, encoding=encoding, robot_id="r1", sample_id=first.sample_id,
+                adapter_version=0, prompt=first.prompt, student_answer=first.student_answer,
+                sample_entropy=first.sample_entropy, more=prompts[1:],
+            )))  # fmt: skip
+
+        bytes_["all_tokens_fp16"] = message(every, torch.zeros(len(every)), "fp16", asked)  # without UTS
+        kept = [asked[i] for i in scores.keep_sample.nonzero().squeeze(1).tolist()]
+        if kept:
+            first = int(scores.keep_sample.nonzero()[0])
+            variance, keep = scores.token_variance[first], scores.keep_tokens[first]
+            kept_samples += len(kept)
+            tokens_of_kept_frames += tokens.shape[0]
             kept_tokens += int(keep.sum())
-            message = pack_tokens(tokens, keep, scores.token_variance[0], encoding=config.uts.encoding, **common)
-            frames[frame_key]["uts"] += len(wire.encode(message))
+            uploaded_scoring.append(scores.scoring_seconds / scores.answer_seconds)
+            bytes_["uts_stage1"] = message(every, variance, "fp16", kept)
+            bytes_["uts"] = message(keep, variance, config.uts.encoding, kept)
+            bytes_["uts_per_prompt"] = sum(message(keep, variance, config.uts.encoding, [p]) for p in kept)
     totals = {key: sum(f[key] for f in frames.values()) for key in next(iter(frames.values()))}
     n_frames = len(frames)
     rows = [
@@ -117,6 +130,8 @@ def run_uplink_bench(student: MLLM, config: UplinkBenchConfig, progress: bool = 
          "native_24px": totals["jpeg_native"] / n_frames},
         {"policy": "all visual tokens fp16", "bytes_per_frame": totals["all_tokens_fp16"] / n_frames},
         {"policy": "UTS stage 1 (fp16)", "bytes_per_frame": totals["uts_stage1"] / n_frames},
+        {"policy": f"UTS stage 1+2 ({config.uts.encoding}), tokens once per prompt",
+         "bytes_per_frame": totals["uts_per_prompt"] / n_frames},
         {"policy": f"UTS stage 1+2 ({config.uts.encoding})", "bytes_per_frame": totals["uts"] / n_frames},
     ]  # fmt: skip
     for row in rows:
@@ -129,7 +144,9 @@ def run_uplink_bench(student: MLLM, config: UplinkBenchConfig, progress: bool = 
         "uts_overhead_ratio": scoring / answer,
         "uts_overhead_ratio_uploaded_samples": float(np.mean(uploaded_scoring)) if uploaded_scoring else 0.0,
         "samples_kept_fraction": kept_samples / len(samples),
-        "tokens_kept_fraction": kept_tokens / max(1, tokens_of_kept_samples),
+        "frames_uploaded_fraction": sum(1 for f in frames.values() if f["uts"]) / len(frames),
+        "tokens_kept_fraction": kept_tokens / max(1, tokens_of_kept_frames),
+        "uts_over_uts_per_prompt": totals["uts"] / max(1, totals["uts_per_prompt"]),
         "answer_ms_p50": 1000 * float(np.median(answer_seconds)),
         "scoring_ms_mean": 1000 * scoring,
     }

@@ -7,8 +7,9 @@ One :class:`EdgeRuntime` per robot (Algorithm 1 of Wang et al., CVPR 2024, devic
    encoder) for the samples stage 1 keeps; kept tokens are packed into ``UtsTokens``. An ONNX Runtime backend
    scores with its own graphs (``backend.token_sampler``, :mod:`cdcca.edge.onnx_uts`), so a robot on it runs
    without torch (issue 19); otherwise the torch student's encoder scores (:class:`cdcca.uts.UncertaintyTokenSampler`).
-3. **Uplink**: each selected sample goes into the durable :class:`~cdcca.edge.uplink.UplinkQueue` and is
-   sent until the cloud acknowledges it; with the cloud unreachable the queue fills (bounded, lowest
+3. **Uplink**: each frame with selected samples goes into the durable :class:`~cdcca.edge.uplink.UplinkQueue` as
+   one ``UtsTokens`` (its kept tokens once, every uncertain prompt about it) and is sent until the cloud
+   acknowledges it; with the cloud unreachable the queue fills (bounded, lowest
    uncertainty dropped) and answering is unaffected.
 4. **Downlink**: a ``WeightDelta`` is verified and hot-swapped by the backend off the answering thread;
    the resulting ``AdapterStatus`` is published, and repeated as a heartbeat so the cloud knows the applied
@@ -50,7 +51,7 @@ from cdcca.edge.health import HealthCheck, HealthConfig
 from cdcca.edge.sources import DEFAULT_PROMPTS
 from cdcca.edge.uplink import StaleAck, UplinkQueue, UplinkWriteError
 from cdcca.envelope import AckRejected, TrustStore, verify_ack
-from cdcca.uts_config import UTSConfig, as_numpy, pack_tokens
+from cdcca.uts_config import FramePrompt, UTSConfig, as_numpy, by_frame, pack_tokens
 from cdcca.wire.topics import DIAGNOSTICS
 
 if TYPE_CHECKING:
@@ -454,25 +455,30 @@ class EdgeRuntime:
         return as_numpy(variance), as_numpy(keep)
 
     def _select(self, images, prompts, ids, result, stamp: int) -> None:
+        """UTS on an answered batch: stage 2 once per frame with an uncertain prompt, and one ``UtsTokens`` per such
+        frame carrying every uncertain prompt about it (the frame's tokens travel once)."""
         keep = as_numpy(self.sampler.keep_samples(as_numpy(result.sample_entropy), prompts)).astype(bool)
         if not keep.any():
             return
-        index = np.flatnonzero(keep).tolist()
-        variance, tokens_kept = self._stage_two(images, result, index)
-        for row, i in enumerate(index):
-            msg = pack_tokens(result.visual_tokens[i], tokens_kept[row], variance[row], robot_id=self.config.robot_id,
-                              sample_id=ids[i], adapter_version=result.adapter_version, prompt=prompts[i],
-                              student_answer=result.texts[i], sample_entropy=float(result.sample_entropy[i]),
-                              encoding=self.config.uts.encoding, stamp_ns=stamp)  # fmt: skip
-            try:
-                dropped = self.uplink.put(ids[i], float(result.sample_entropy[i]), wire.encode(msg))
-            except UplinkWriteError as err:  # the sample is lost, counted; what is queued stays queued
+        groups = by_frame(np.flatnonzero(keep).tolist(), [id(image) for image in images])
+        variance, tokens_kept = self._stage_two(images, result, [group[0] for group in groups])
+        for row, group in enumerate(groups):
+            asked = [FramePrompt(ids[i], prompts[i], result.texts[i], float(result.sample_entropy[i])) for i in group]
+            first = group[0]
+            msg = pack_tokens(result.visual_tokens[first], tokens_kept[row], variance[row],
+                              robot_id=self.config.robot_id, sample_id=ids[first],
+                              adapter_version=result.adapter_version, prompt=prompts[first],
+                              student_answer=result.texts[first], sample_entropy=asked[0].sample_entropy,
+                              encoding=self.config.uts.encoding, stamp_ns=stamp, more=asked[1:])  # fmt: skip
+            try:  # queued by its most uncertain prompt: the queue drops the least uncertain upload when full
+                dropped = self.uplink.put(ids[first], max(a.sample_entropy for a in asked), wire.encode(msg))
+            except UplinkWriteError as err:  # the upload is lost, counted; what is queued stays queued
                 kind = "uplink_disk_full" if err.disk_full else "uplink_write"
                 self.record_fault(kind, f"{err}; the samples already queued are kept")
                 continue
             if dropped is not None:
-                log.info("uplink queue full: dropped the least uncertain sample %s", dropped)
-            self.counters.selected += 1
+                log.info("uplink queue full: dropped the least uncertain upload %s", dropped)
+            self.counters.selected += len(group)
 
     def answer_pending(self) -> list:
         """Answer up to ``batch_size`` waiting prompts about the latest frame (published; also returned).

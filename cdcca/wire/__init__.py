@@ -164,7 +164,54 @@ def decode(type_name: str, data: bytes | bytearray | memoryview) -> Any:
     try:
         return TYPESTORE.deserialize_cdr(bytes(data), full)
     except Exception as err:  # SerdeError, struct.error, IndexError, UnicodeDecodeError, ... -> one type
+        earlier = _decode_before_appended(full, bytes(data))
+        if earlier is not None:
+            return earlier
         raise WireError(f"malformed {full}: {type(err).__name__}: {err}") from err
+
+
+# Fields appended at the end of a message after it first shipped. CDR written before (e.g. held in a robot's durable
+# uplink queue across an upgrade) decodes with its earlier definition, the appended fields at their zero value.
+APPENDED_FIELDS = {UTS_TOKENS: ("more_sample_ids", "more_prompts", "more_student_answers", "more_sample_entropies")}
+
+
+def _build_earlier_typestore():
+    store = get_typestore(Stores.ROS2_JAZZY)
+    types = {}
+    for full, fields in APPENDED_FIELDS.items():
+        text = (msgs_dir() / "msg" / f"{full.rsplit('/', 1)[1]}.msg").read_text()
+        kept = [line for line in text.splitlines() if not (line.split() + ["", ""])[1] in fields]
+        types.update(get_types_from_msg("\n".join(kept), full))
+    store.register(types)
+    return store
+
+
+_EARLIER = _build_earlier_typestore()
+
+
+def _decode_before_appended(full: str, data: bytes) -> Any | None:
+    """``data`` as the earlier definition of ``full`` (without its appended fields) wrote it, or ``None``."""
+    if full not in APPENDED_FIELDS:
+        return None
+    try:
+        earlier = _EARLIER.deserialize_cdr(data, full)
+        if bytes(_EARLIER.serialize_cdr(earlier, full)) != data:  # not all of it: a newer message cut short
+            return None
+    except Exception:
+        return None
+    return _ours(earlier)
+
+
+def _ours(value: Any) -> Any:
+    """A message of the earlier typestore (nested ones and lists of them included) as this one's; the fields only
+    this one has get their zero value."""
+    if isinstance(value, list):
+        return [_ours(v) for v in value]
+    type_name = getattr(value, "__msgtype__", None)
+    if type_name is None:
+        return value
+    names = [name for name, _ in _EARLIER.fielddefs[type_name][1]]
+    return new(type_name, **{name: _ours(getattr(value, name)) for name in names})
 
 
 def msgdef(type_name: str) -> tuple[str, str]:
