@@ -17,7 +17,10 @@ variance x^2 p/(1-p), so "uncertainty" would just rank tokens by magnitude. Drop
 token's variance depend on how its attention to the other tokens is spread, which is what the paper means.
 
 Kept tokens travel in a ``cdcca_msgs/UtsTokens`` message, int8 with a per-token scale (default) or fp16,
-with their indices; the cloud rebuilds them with :func:`unpack_tokens` and attends only to those.
+with their indices; the cloud rebuilds them with :func:`unpack_tokens` and attends only to those. Stage 2 depends
+on the frame, not on the prompt, so it runs once per frame, and one message carries the frame's kept tokens with
+every prompt about it that passed stage 1 (:func:`frame_prompts`; beyond the paper, which sends a sample's tokens
+per sample).
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ from cdcca.data.sample import Sample
 from cdcca.errors import CdccaError
 from cdcca.models.mllm import MLLM
 from cdcca.uts_config import (  # noqa: F401  (torch-free; re-exported)
-    ENCODINGS, FramePrompt, UTSConfig, above, by_frame, frame_prompts, pack_tokens, window_rank,
+    ENCODINGS,
+    FramePrompt,
+    UTSConfig,
+    above,
+    by_frame,
+    frame_prompts,
+    pack_tokens,
+    window_rank,
 )  # fmt: skip
 
 

@@ -3,8 +3,9 @@
 What both UTS implementations share, the torch one (:mod:`cdcca.uts`, which re-exports every name here) and the
 ONNX Runtime one (:mod:`cdcca.edge.onnx_uts`): :class:`UTSConfig` (the settings of Sec. 3.2 of Wang et al., CVPR
 2024, Eq. 2-4) and :func:`pack_tokens`, which puts one frame's kept visual tokens into a ``cdcca_msgs/UtsTokens``
-message with every prompt about the frame that passed stage 1 (:class:`FramePrompt`; the tokens travel once), int8 with a per-token symmetric scale (default) or fp16, with their indices and variances. Arrays may be
-numpy arrays or torch tensors; torch is never imported here.
+message with every prompt about the frame that passed stage 1 (:class:`FramePrompt`; the tokens travel once), int8
+with a per-token symmetric scale (default) or fp16, with their indices and variances. Arrays may be numpy arrays or
+torch tensors; torch is never imported here.
 """
 
 from __future__ import annotations

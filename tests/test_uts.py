@@ -5,11 +5,18 @@ import pytest
 import torch
 
 from cdcca import wire
+from cdcca.akd import DistillSample
 from cdcca.data.digits_shift import load_domain
 from cdcca.models.checkpoint import load_mllm
-from cdcca.akd import DistillSample
 from cdcca.uts import (
-    FramePrompt, UncertaintyTokenSampler, UplinkError, UTSConfig, by_frame, frame_prompts, pack_tokens, unpack_tokens,
+    FramePrompt,
+    UncertaintyTokenSampler,
+    UplinkError,
+    UTSConfig,
+    by_frame,
+    frame_prompts,
+    pack_tokens,
+    unpack_tokens,
 )  # fmt: skip
 
 

@@ -5,9 +5,9 @@ robot would send under six policies: the raw RGB frame, a JPEG (quality 90) of t
 fp16, UTS stage 1 only (the frames with an uncertain prompt, all their tokens, fp16), UTS stages 1+2 with one
 message per uncertain prompt (the frame's kept tokens repeated in each, as before frames were grouped), and UTS
 stages 1+2 as the robot sends them (one message per frame: its kept tokens in int8 once, with every uncertain
-prompt). Byte counts of the token policies are the sizes of the actual ``UtsTokens`` CDR messages. Frames are sized as the robot's
-camera delivers them (RealSense D400 default colour profile, 640x480 RGB; the model resizes them to its input)
-and, for reference, at the benchmark's native 24x24.
+prompt). Byte counts of the token policies are the sizes of the actual ``UtsTokens`` CDR messages. Frames are
+sized as the robot's camera delivers them (RealSense D400 default colour profile, 640x480 RGB; the model resizes
+them to its input) and, for reference, at the benchmark's native 24x24.
 
 Compare the paper (Wang et al., CVPR 2024, Sec. 4.4): 65.54 KB of UTS uplink for 31.10 MB of raw frames.
 """

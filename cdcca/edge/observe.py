@@ -310,7 +310,8 @@ class _RuntimeCollector:
             return family
 
         yield counter("answers", "Prompts answered", stats["answers"])
-        yield counter("uploads_enqueued", "Uploads queued for the cloud (one per frame, with its uncertain prompts)", stats["uplink_enqueued"])
+        yield counter("uploads_enqueued", "Uploads queued for the cloud (one per frame, with its uncertain prompts)",
+                      stats["uplink_enqueued"])  # fmt: skip
         yield counter("uploads_acked", "Samples the cloud acknowledged", stats["uplink_acked"])
         yield counter("updates_applied", "Weight deltas applied", counters.deltas_applied)
         rejected = CounterMetricFamily("cdcca_edge_updates_rejected", "Weight deltas rejected, by reason kind",

@@ -180,7 +180,7 @@ def _build_earlier_typestore():
     types = {}
     for full, fields in APPENDED_FIELDS.items():
         text = (msgs_dir() / "msg" / f"{full.rsplit('/', 1)[1]}.msg").read_text()
-        kept = [line for line in text.splitlines() if not (line.split() + ["", ""])[1] in fields]
+        kept = [line for line in text.splitlines() if (line.split() + ["", ""])[1] not in fields]
         types.update(get_types_from_msg("\n".join(kept), full))
     store.register(types)
     return store
