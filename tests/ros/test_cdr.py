@@ -26,13 +26,9 @@ CASES = [
         "header": HEADER, "robot_id": "r1", "sample_id": "r1-17-3", "adapter_version": 3, "prompt": "what digit? ✓",
         "student_answer": "seven", "sample_entropy": 1.25, "num_tokens": 17, "token_dim": 8,
         "token_indices": [0, 3, 16], "token_variance": [0.5, 0.25, 1e-7], "encoding": UtsTokens.ENCODING_INT8,
-        "scales": [0.1, 0.2, 0.3], "token_data": [(i * 37) % 256 for i in range(24)]}),
-    (wire.UTS_TOKENS, UtsTokens, {  # one frame, three prompts: the tokens once
-        "header": HEADER, "robot_id": "r1", "sample_id": "r1-17-3", "prompt": "what digit?", "num_tokens": 17,
-        "token_dim": 2, "token_indices": [5], "token_variance": [0.5], "encoding": UtsTokens.ENCODING_FP16,
-        "token_data": [0, 60, 0, 188], "more_sample_ids": ["r1-17-4", "r1-17-5"],
-        "more_prompts": ["which colour?", "describe it ✓"], "more_student_answers": ["red", ""],
-        "more_sample_entropies": [0.125, 3.5]}),
+        "scales": [0.1, 0.2, 0.3], "token_data": [(i * 37) % 256 for i in range(24)],
+        "more_sample_ids": ["r1-17-4", "r1-17-5"], "more_prompts": ["which colour?", "describe it ✓"],
+        "more_student_answers": ["red", ""], "more_sample_entropies": [0.125, 3.5]}),  # one frame, three prompts
     (wire.UTS_ACK, UtsAck, {"header": HEADER, "robot_id": "r1", "sample_ids": ["r1-1", "", "r1-ü"],
                             "sequence": 2**63 - 1, "key_id": "cloud-1", "signature": [7] * 64}),
     (wire.WEIGHT_DELTA, WeightDelta, {
