@@ -454,9 +454,18 @@ class Distiller:
         check: tuple[list[DistillSample], list[str]] | None = None
         held = int(round(config.check_fraction * len(samples)))
         if config.check_fraction > 0 and held >= config.check_min and held < len(samples):
-            order = rng.permutation(len(samples))
-            check = ([samples[i] for i in order[:held]], [labels[i] for i in order[:held]])
-            samples, labels = [samples[i] for i in order[held:]], [labels[i] for i in order[held:]]
+            # whole uploads: a frame's prompts share its tokens, so none of them is both trained on and checked
+            by_upload: dict[str, list[int]] = {}
+            for i, s in enumerate(samples):
+                by_upload.setdefault(s.message_id, []).append(i)
+            groups = list(by_upload.values())
+            order = [i for u in rng.permutation(len(groups)) for i in groups[u]]  # uploads in random order
+            cut = next(n for n in range(max(held, 1), len(order) + 1)
+                       if n == len(order) or samples[order[n]].message_id != samples[order[n - 1]].message_id)
+            checked, trained = order[:cut], order[cut:]
+            if trained:
+                check = ([samples[i] for i in checked], [labels[i] for i in checked])
+                samples, labels = [samples[i] for i in trained], [labels[i] for i in trained]
         if config.fit_projections:
             self.fit_projections(samples[:64], labels[:64])
         subspace = self._round_subspace(rng) if config.subspace_fold else None

@@ -39,6 +39,7 @@ from cdcca.errors import CdccaError
 from cdcca.models.mllm import MLLM
 from cdcca.uts_config import (  # noqa: F401  (torch-free; re-exported)
     ENCODINGS,
+    MAX_FRAME_PROMPTS,
     FramePrompt,
     UTSConfig,
     above,

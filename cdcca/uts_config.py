@@ -168,13 +168,17 @@ def pack_tokens(
     )  # fmt: skip
 
 
-def by_frame(indices: Sequence[int], frames: Sequence[Any]) -> list[list[int]]:
-    """``indices`` grouped by their frame (``frames[i]``: any hashable key, e.g. ``id()`` of the image array), each
-    group in the order given and the groups in the order of their first index: one ``UtsTokens`` per group."""
+MAX_FRAME_PROMPTS = 64  # the most prompts one UtsTokens carries (the cloud refuses more); a frame's others go in another
+
+
+def by_frame(indices: Sequence[int], frames: Sequence[Any], limit: int = MAX_FRAME_PROMPTS) -> list[list[int]]:
+    """``indices`` grouped by their frame (``frames[i]``: any hashable key, e.g. ``id()`` of an image array the caller
+    holds), each group in the order given and the groups in the order of their first index, at most ``limit`` per
+    group (a frame with more is split): one ``UtsTokens`` per group."""
     groups: dict[Any, list[int]] = {}
     for i in indices:
         groups.setdefault(frames[i], []).append(int(i))
-    return list(groups.values())
+    return [group[start : start + limit] for group in groups.values() for start in range(0, len(group), limit)]
 
 
 def frame_prompts(msg: Any) -> list[FramePrompt]:

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 from cdcca.akd import DistillSample
 from cdcca.models.mllm import MLLM
-from cdcca.uts import FramePrompt, UplinkError, frame_prompts, unpack_tokens
+from cdcca.uts import MAX_FRAME_PROMPTS, FramePrompt, UplinkError, frame_prompts, unpack_tokens
 
 ANSWER_TOKENS = 16  # LM positions kept free for an answer: 12 generated tokens, </s>, re-tokenisation slack
 CHARS_PER_TOKEN = 32  # a prompt longer than this many characters per allowed token is refused untokenised
 MAX_SAMPLE_ID_CHARS = 256
-MAX_FRAME_PROMPTS = 64  # prompts one UtsTokens may carry about its frame (a robot sends at most a batch's worth)
 HEADER_BYTES = 4096  # CDR header, frame id, robot id, fixed fields and alignment of one UtsTokens
 
 

@@ -10,7 +10,8 @@ Names (all prefixed ``cdcca_cloud_``): ``samples_received_total``, ``samples_adm
 ``rounds_total{outcome="done|failed|abandoned"}``, ``round_seconds`` (histogram), ``deltas_sent_total``,
 ``delta_bytes_total``, ``update_rejections_total{reason}`` (robots' REJECTED statuses by reason kind),
 ``store_faults_total{cause}``, ``robot_applied_version{robot}``, ``robot_latest_version{robot}``,
-``pending_samples{robot}``.
+``pending_samples{robot}``. A "sample" of these names is one upload, a ``UtsTokens`` message: one frame's tokens with
+every prompt about it that the robot found uncertain (the names predate frame grouping; dashboards keep working).
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ class _TrainerCollector:
 
         received = counters.received + counters.duplicates + counters.rejected + sum(counters.store_faults.values())
         yield counter("samples_received", "UtsTokens messages that reached the service", received)
-        yield counter("samples_admitted", "samples stored (new) and acknowledged", counters.received)
-        yield counter("samples_duplicate", "samples received again (acknowledged again, stored once)",
+        yield counter("samples_admitted", "uploads stored (new) and acknowledged", counters.received)
+        yield counter("samples_duplicate", "uploads received again (acknowledged again, stored once)",
                       counters.duplicates)
-        yield counter("samples_rejected", "samples refused before the ack, by reason", label="reason",
+        yield counter("samples_rejected", "uploads refused before the ack, by reason", label="reason",
                       values=counters.rejected_reasons)
-        yield counter("samples_quarantined", "stored samples no round may use", counters.quarantined)
+        yield counter("samples_quarantined", "stored uploads no round may use", counters.quarantined)
         yield counter("rounds", "rounds by outcome", label="outcome", values={
             "done": counters.rounds, "failed": counters.round_failures, "abandoned": counters.rounds_abandoned,
             "superseded": counters.rounds_superseded})
@@ -71,7 +72,7 @@ class _TrainerCollector:
             latest.add_metric([robot_id], robot.chain.latest)
         yield applied
         yield latest
-        pending = GaugeMetricFamily(PREFIX + "pending_samples", "samples waiting for a round", labels=["robot"])
+        pending = GaugeMetricFamily(PREFIX + "pending_samples", "uploads waiting for a round", labels=["robot"])
         for robot_id, count in sorted(trainer.store.pending_counts().items()):
             pending.add_metric([robot_id], count)
         yield pending

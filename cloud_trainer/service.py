@@ -84,7 +84,8 @@ class CloudConfig:
             (``None``: ``state_dir/cloud.sqlite``); see :func:`cloud_trainer.store.open_store`.
         round_size: pending uploads of a robot that start a round. An upload is one ``UtsTokens``: one frame's
             tokens with every prompt about it that the robot found uncertain, each a sample of the round.
-        max_round_samples: the most new uploads one round takes (oldest first; the rest wait).
+        max_round_samples: the most new samples one round takes, in whole uploads (oldest first; the rest wait;
+            at least one upload).
         replay: samples of earlier rounds (most recent first) trained on again with the new ones, so a round
             on one shifted domain does not overwrite what earlier rounds taught (0: new samples only, as in
             the paper).
@@ -234,6 +235,21 @@ def reason_kind(reason: str) -> str:
     kind = reason.split(":", 1)[0].strip().lower()
     kind = "".join(c if c.isalnum() else "_" for c in kind)[:40].strip("_")
     return kind or "unknown"
+
+
+def whole_uploads(samples: list[DistillSample], limit: int) -> list[DistillSample]:
+    """The first uploads of ``samples`` (in order) whose prompts together are at most ``limit`` samples, and at
+    least the first upload: an upload is used, committed and quarantined whole."""
+    kept: list[DistillSample] = []
+    uploads: set[str] = set()
+    for sample in samples:
+        if sample.message_id not in uploads:
+            size = sum(s.message_id == sample.message_id for s in samples)
+            if kept and len(kept) + size > limit:
+                break
+            uploads.add(sample.message_id)
+        kept.append(sample)
+    return kept
 
 
 class CloudTrainer:
@@ -486,8 +502,9 @@ class CloudTrainer:
             raise ValueError(f"robot {robot_id} has no pending samples")
         started = time.perf_counter()
         quarantined: dict[str, str] = {}
-        fresh = self._admit_stored(robot_id, pending, quarantined)
-        replayed = self._admit_stored(robot_id, self.store.used(robot_id, self.config.replay), quarantined) \
+        fresh = whole_uploads(self._admit_stored(robot_id, pending, quarantined), self.config.max_round_samples)
+        replayed = whole_uploads(self._admit_stored(robot_id, self.store.used(robot_id, self.config.replay),
+                                                    quarantined), self.config.replay) \
             if self.config.replay else []  # fmt: skip
         while fresh:
             robot = self._robot(robot_id)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cdcca import wire
-from cdcca.akd import AKDConfig
+from cdcca.akd import AKDConfig, DistillSample
 from cdcca.data.digits_shift import load_domain
 from cdcca.edge.adapter_slot import AdapterSlot
 from cdcca.envelope import Signer, TrustStore, generate_key, trust_key, verify_ack
@@ -17,7 +17,7 @@ from cdcca.models.trainable import trainable_parameters
 from cdcca.uts import pack_tokens
 from cdcca.wire.topics import LINK_TOPICS
 from cloud_trainer.adapter_states import state_tensors
-from cloud_trainer.service import CloudConfig, CloudTrainer
+from cloud_trainer.service import CloudConfig, CloudTrainer, whole_uploads
 
 
 def r1_uploads(checkpoints, images: int, count: int | None = None) -> list:
@@ -369,6 +369,17 @@ def test_a_frame_with_three_prompts_is_one_upload_acked_once_and_three_samples(p
     assert (result["version"], result["samples"]) == (1, 4)
     assert result["sample_ids"] == [u.sample_id for u in uploads[:4]]
     assert trainer.store.pending_counts() == {}
+
+
+def test_a_round_takes_whole_uploads_up_to_its_sample_limit():
+    def upload(name, prompts):
+        return [DistillSample(f"{name}/{i}", torch.zeros(2, 1), torch.ones(2), "p", name) for i in range(prompts)]
+
+    samples = upload("a", 3) + upload("b", 2) + upload("c", 1)
+    assert [s.sample_id for s in whole_uploads(samples, 5)] == ["a/0", "a/1", "a/2", "b/0", "b/1"]
+    assert [s.sample_id for s in whole_uploads(samples, 4)] == ["a/0", "a/1", "a/2"]  # b would split
+    assert [s.sample_id for s in whole_uploads(samples, 1)] == ["a/0", "a/1", "a/2"]  # at least one upload
+    assert whole_uploads(samples, 100) == samples
 
 
 def test_a_frame_that_poisons_the_round_is_quarantined_whole(pretrained_test_pair, uploads, keys, tmp_path):

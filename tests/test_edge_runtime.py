@@ -57,6 +57,17 @@ def test_offline_robot_answers_and_queues_within_its_bound(pretrained_test_pair,
     restarted.close()
 
 
+def test_frames_of_a_4d_batch_are_never_merged(pretrained_test_pair, keys, tmp_path, stream):
+    images, prompts, _ = stream
+    runtime = build_runtime(pretrained_test_pair, EdgeConfig(state_dir=tmp_path / "edge", uts=ALL_SAMPLES), keys[1])
+    batch = np.stack([images[0], images[3], images[0], images[3]])  # iterating it yields short-lived views
+    runtime.ask(batch, prompts[:4])
+    assert runtime.stats()["uplink_queued"] == 4  # each view is its own frame: nothing merged by a reused id()
+    runtime.ask([images[0], images[3], images[0], images[3]], prompts[:4])  # the same arrays: two frames
+    assert runtime.stats()["uplink_queued"] == 6
+    runtime.close()
+
+
 def test_a_model_failure_is_counted_and_the_robot_keeps_serving(pretrained_test_pair, keys, tmp_path, stream):
     images, prompts, ids = stream
     runtime = build_runtime(pretrained_test_pair, EdgeConfig(state_dir=tmp_path / "edge"), keys[1])

@@ -201,6 +201,7 @@ def test_by_frame_groups_in_order():
     frames = ["a", "b", "a", "c", "b", "a"]
     assert by_frame([0, 1, 2, 4, 5], frames) == [[0, 2, 5], [1, 4]]
     assert by_frame([], frames) == []
+    assert by_frame([0, 1, 2, 4, 5], frames, limit=2) == [[0, 2], [5], [1, 4]]  # a frame's prompts beyond the cap
 
 
 @pytest.mark.parametrize(("encoding", "tolerance"), [("int8", None), ("fp16", 1e-2)])

@@ -197,6 +197,8 @@ def test_uts_tokens_written_before_the_frame_fields_still_decode_and_cut_ones_do
         assert frame_prompts(decoded) == [FramePrompt(f"s{kept}", "p" * kept, "a", 1.5)]
         assert decoded.header.frame_id == "cam" and wire.stamp_ns(decoded.header) == 10**9 + 2
         assert np.array_equal(decoded.token_data, msg.token_data) and len(decoded.more_prompts) == 0
+        padded = data + bytes(-(len(data) - 4) % 4)  # as Cyclone sends it: padded to 4 bytes
+        assert frame_prompts(wire.decode(wire.UTS_TOKENS, padded)) == frame_prompts(decoded)
         with pytest.raises(wire.WireError):
             wire.decode(wire.UTS_TOKENS, data[:-1])  # an earlier message cut short is still malformed
     framed = wire.encode(pack_tokens(np.ones((5, 3)), np.ones(5), np.ones(5), robot_id="r", sample_id="s",

@@ -460,7 +460,8 @@ class EdgeRuntime:
         keep = as_numpy(self.sampler.keep_samples(as_numpy(result.sample_entropy), prompts)).astype(bool)
         if not keep.any():
             return
-        groups = by_frame(np.flatnonzero(keep).tolist(), [id(image) for image in images])
+        frames = list(images)  # held while grouping, so equal id() means the same array (views of a 4-D batch differ)
+        groups = by_frame(np.flatnonzero(keep).tolist(), [id(frame) for frame in frames])
         variance, tokens_kept = self._stage_two(images, result, [group[0] for group in groups])
         for row, group in enumerate(groups):
             asked = [FramePrompt(ids[i], prompts[i], result.texts[i], float(result.sample_entropy[i])) for i in group]
@@ -470,8 +471,9 @@ class EdgeRuntime:
                               adapter_version=result.adapter_version, prompt=prompts[first],
                               student_answer=result.texts[first], sample_entropy=asked[0].sample_entropy,
                               encoding=self.config.uts.encoding, stamp_ns=stamp, more=asked[1:])  # fmt: skip
-            try:  # queued by its most uncertain prompt: the queue drops the least uncertain upload when full
-                dropped = self.uplink.put(ids[first], max(a.sample_entropy for a in asked), wire.encode(msg))
+            priority = max(e if math.isfinite(e) else math.inf for e in (a.sample_entropy for a in asked))
+            try:  # queued by its most uncertain prompt (a broken one first): the queue drops the least uncertain
+                dropped = self.uplink.put(ids[first], priority, wire.encode(msg))
             except UplinkWriteError as err:  # the upload is lost, counted; what is queued stays queued
                 kind = "uplink_disk_full" if err.disk_full else "uplink_write"
                 self.record_fault(kind, f"{err}; the samples already queued are kept")

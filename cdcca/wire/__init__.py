@@ -195,7 +195,8 @@ def _decode_before_appended(full: str, data: bytes) -> Any | None:
         return None
     try:
         earlier = _EARLIER.deserialize_cdr(data, full)
-        if bytes(_EARLIER.serialize_cdr(earlier, full)) != data:  # not all of it: a newer message cut short
+        end = len(_EARLIER.serialize_cdr(earlier, full))  # where the earlier message ends (either byte order)
+        if not 0 <= len(data) - end <= 3 or any(data[end:]):  # more than its padding: a newer message cut short
             return None
     except Exception:
         return None
