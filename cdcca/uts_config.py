@@ -168,7 +168,7 @@ def pack_tokens(
     )  # fmt: skip
 
 
-MAX_FRAME_PROMPTS = 64  # the most prompts one UtsTokens carries (the cloud refuses more); a frame's others go in another
+MAX_FRAME_PROMPTS = 64  # the most prompts one UtsTokens carries (the cloud refuses more); more go in another
 
 
 def by_frame(indices: Sequence[int], frames: Sequence[Any], limit: int = MAX_FRAME_PROMPTS) -> list[list[int]]:
