@@ -74,6 +74,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "mc7-centred": {"akd": {}, "uts": {"mc_passes": 7, "mc_center": "deterministic"}},
     "kl-t1": {"akd": {"temperature": 1.0}, "uts": {}},  # the teacher's distribution unsoftened
     "kl-t1.5": {"akd": {"temperature": 1.5}, "uts": {}},
+    "frame-prompts": {"akd": {}, "uts": {"upload_prompts": "frame"}},  # every prompt of an uploaded frame rides along
     # the benchmark's own rows, for a stream of other domains (--domains)
     "pl": {"method": "pl"},
     "source-only": {"method": "source-only"},

@@ -45,6 +45,7 @@ from cdcca.uts_config import (  # noqa: F401  (torch-free; re-exported)
     above,
     by_frame,
     frame_prompts,
+    uploaded,
     pack_tokens,
     window_rank,
 )  # fmt: skip
@@ -70,8 +71,9 @@ class UTSScores:
         sample_entropy: (B,) mean answer-token entropy, nats (Eq. 2).
         keep_sample: (B,) stage-1 decision.
         visual_tokens: (B, N, D) deterministic visual tokens (what the student answered with).
-        token_variance: (B, N) MC-dropout variance (Eq. 3); computed for kept samples only, NaN elsewhere.
-        keep_tokens: (B, N) stage-2 decision (all False for samples dropped at stage 1).
+        token_variance: (B, N) MC-dropout variance (Eq. 3) of each sample's frame; computed for the frames of kept
+            samples only, NaN elsewhere.
+        keep_tokens: (B, N) stage-2 decision of each sample's frame (all False for frames no kept sample is about).
         answer_seconds: wall time of answering the batch.
         scoring_seconds: wall time of UTS on top of answering (stage-2 passes and selection).
     """
@@ -200,12 +202,15 @@ class UncertaintyTokenSampler:
         variance = torch.full(visual_tokens.shape[:2], float("nan"))
         keep_tokens = torch.zeros(visual_tokens.shape[:2], dtype=torch.bool)
         if keep_sample.any():
-            groups = by_frame(keep_sample.nonzero().squeeze(1).tolist(), frame_keys(batch))
+            keys = frame_keys(batch)
+            groups = by_frame(keep_sample.nonzero().squeeze(1).tolist(), keys, limit=len(batch))
             first = torch.tensor([group[0] for group in groups])
             scored = self.token_variance(front[first], visual_tokens[first]).cpu()
             kept = self.keep_tokens(scored)
-            for row, group in enumerate(groups):
-                variance[group], keep_tokens[group] = scored[row], kept[row]
+            row_of = {keys[group[0]]: row for row, group in enumerate(groups)}
+            for i, key in enumerate(keys):  # every sample about a scored frame, kept or not
+                if key in row_of:
+                    variance[i], keep_tokens[i] = scored[row_of[key]], kept[row_of[key]]
         return UTSScores(
             answers=generation.texts, sample_entropy=entropy, keep_sample=keep_sample,
             visual_tokens=visual_tokens.cpu(), token_variance=variance, keep_tokens=keep_tokens,
@@ -219,7 +224,8 @@ class UncertaintyTokenSampler:
         scores = self.score(batch)
         stamp_ns = time.time_ns() if stamp_ns is None else stamp_ns
         messages = []
-        for group in by_frame(scores.keep_sample.nonzero().squeeze(1).tolist(), frame_keys(batch)):
+        keys = frame_keys(batch)
+        for group in by_frame(uploaded(scores.keep_sample.tolist(), keys, self.config.upload_prompts), keys):
             prompts = [FramePrompt(batch[i].sample_id, batch[i].prompt, scores.answers[i],
                                    float(scores.sample_entropy[i])) for i in group]  # fmt: skip
             i, first = group[0], prompts[0]

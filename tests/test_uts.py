@@ -17,6 +17,7 @@ from cdcca.uts import (
     frame_prompts,
     pack_tokens,
     unpack_tokens,
+    uploaded,
 )  # fmt: skip
 
 
@@ -195,6 +196,29 @@ def test_one_frame_travels_once_with_all_its_prompts():
         frame_prompts(decoded)
     with pytest.raises(UplinkError, match="aligned"):
         DistillSample.from_uts(decoded)
+
+
+def test_uploaded_takes_the_kept_prompts_or_every_prompt_of_their_frames():
+    frames = ["a", "b", "a", "c", "b", "a"]
+    keep = [False, True, False, False, False, True]
+    assert uploaded(keep, frames) == [1, 5]
+    assert uploaded(keep, frames, "frame") == [0, 1, 2, 4, 5]  # c had no uncertain prompt: it stays home
+    with pytest.raises(ValueError, match="upload_prompts"):
+        UTSConfig(upload_prompts="all")
+
+
+def test_with_frame_prompts_a_confident_prompt_rides_along_with_its_frame(pair, stream):
+    _, student = pair
+    def select(upload_prompts):  # stage 1 keeps each frame's first prompt only
+        sampler = UncertaintyTokenSampler(student, UTSConfig(upload_prompts=upload_prompts))
+        sampler.keep_samples = lambda entropy, prompts=None: torch.tensor([i % 3 == 0 for i in range(len(entropy))])
+        return sampler.select(stream)
+
+    alone, along = select("uncertain"), select("frame")
+    assert [len(frame_prompts(m)) for m in alone] == [1] * len(alone)
+    assert [len(frame_prompts(m)) for m in along] == [3] * len(alone)  # the frame's other two prompts came too
+    assert [m.sample_id for m in along] == [m.sample_id for m in alone]
+    assert all(np.array_equal(a.token_indices, b.token_indices) for a, b in zip(alone, along))
 
 
 def test_by_frame_groups_in_order():

@@ -33,7 +33,7 @@ from cdcca.models.checkpoint import load_mllm, share_vision_encoder
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import LoraSettings, add_lora
 from cdcca.report import progress_bar, save_figure
-from cdcca.uts import FramePrompt, UncertaintyTokenSampler, UTSConfig, by_frame, frame_keys, pack_tokens
+from cdcca.uts import FramePrompt, UncertaintyTokenSampler, UTSConfig, by_frame, frame_keys, pack_tokens, uploaded
 
 STEPS = AKDConfig.steps  # optimizer steps per round, every method: the cloud's default
 CHECK_FRACTION = AKDConfig.check_fraction  # share of the uploads CD-CCA holds out to check a round (cloud default)
@@ -102,20 +102,21 @@ class CdccaMethod(AdaptationMethod):
     def upload(self, samples: Sequence[Sample], batch_size: int = 64) -> list[DistillSample]:
         """What the robot sends for a stream segment, as the cloud receives it: one ``UtsTokens`` per frame, with
         every selected prompt about it (batches of at most ``batch_size`` samples never split a frame)."""
-        uploaded = []
+        received = []
         for batch in frame_batches(samples, batch_size):
             scores = self.sampler.score(batch)
+            keys = frame_keys(batch)
             if self.stage1:
-                chosen = scores.keep_sample.nonzero().squeeze(1).tolist()
+                chosen = uploaded(scores.keep_sample.tolist(), keys, self.sampler.config.upload_prompts)
             else:
                 chosen = [i for i in range(len(batch))
                           if float(torch.rand((), generator=self.generator)) < self.sample_fraction]  # fmt: skip
-            for group in by_frame(chosen, frame_keys(batch)):
+            for group in by_frame(chosen, keys):
                 first = group[0]
                 keep = scores.keep_tokens[first]
                 if not self.stage2:
                     keep = torch.ones_like(keep)
-                elif not scores.keep_sample[first]:  # stage 1 off: stage 2 was not computed for this frame
+                elif not self.stage1:  # stage 2 was not computed for this frame
                     keep = self.sampler.stage_two(self.student.preprocess([batch[first].load_image()]))[1][0]
                 if self.stage2 and self.token_selection == "random":
                     count = int(keep.sum())
@@ -128,8 +129,8 @@ class CdccaMethod(AdaptationMethod):
                                       student_answer=prompts[0].student_answer,
                                       sample_entropy=prompts[0].sample_entropy, more=prompts[1:])  # fmt: skip
                 self.uplink_bytes += len(wire.encode(message))
-                uploaded.extend(DistillSample.from_uts(message))
-        return uploaded
+                received.extend(DistillSample.from_uts(message))
+        return received
 
     def adapt(self, samples: Sequence[Sample]) -> RoundResult:
         started = time.perf_counter()

@@ -51,7 +51,7 @@ from cdcca.edge.health import HealthCheck, HealthConfig
 from cdcca.edge.sources import DEFAULT_PROMPTS
 from cdcca.edge.uplink import StaleAck, UplinkQueue, UplinkWriteError
 from cdcca.envelope import AckRejected, TrustStore, verify_ack
-from cdcca.uts_config import FramePrompt, UTSConfig, as_numpy, by_frame, pack_tokens
+from cdcca.uts_config import FramePrompt, UTSConfig, as_numpy, by_frame, pack_tokens, uploaded
 from cdcca.wire.topics import DIAGNOSTICS
 
 if TYPE_CHECKING:
@@ -461,7 +461,8 @@ class EdgeRuntime:
         if not keep.any():
             return
         frames = list(images)  # held while grouping, so equal id() means the same array (views of a 4-D batch differ)
-        groups = by_frame(np.flatnonzero(keep).tolist(), [id(frame) for frame in frames])
+        keys = [id(frame) for frame in frames]
+        groups = by_frame(uploaded(keep.tolist(), keys, self.config.uts.upload_prompts), keys)
         variance, tokens_kept = self._stage_two(images, result, [group[0] for group in groups])
         for row, group in enumerate(groups):
             asked = [FramePrompt(ids[i], prompts[i], result.texts[i], float(result.sample_entropy[i])) for i in group]
