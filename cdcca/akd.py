@@ -102,6 +102,10 @@ class AKDConfig:
         subspace_seed: the round's basis seed instead of the one it draws (the draw is still made, so batches and
             everything else stay as they were; a benchmark's way to try other bases on the same round). ``None``:
             drawn, as the cloud does.
+        average_last: the round ends on the mean of its weights over its last ``average_last`` steps instead of the
+            last step's (stochastic weight averaging, Izmailov et al., UAI 2018: the mean sits in a flatter region,
+            where the noise of a quantized delta costs less; ``bench/downlink.md``). A backtrack restarts the mean.
+            In a subspace round the mean stays in the subspace. 0: the last step's weights.
     """
 
     lambda_query: float = 3.0
@@ -125,6 +129,7 @@ class AKDConfig:
     subspace_fold: int = 0
     subspace_chunk: int = 1024
     subspace_seed: int | None = None
+    average_last: int = 0
 
     def __post_init__(self) -> None:
         for name in ("lambda_query", "lambda_repr", "lambda_ce", "lambda_kl"):
@@ -146,6 +151,8 @@ class AKDConfig:
                              f"got {self.lambda_anchor}, {self.anchor_batch}, {self.forget_tolerance}")  # fmt: skip
         if self.max_backtracks < 0:
             raise ValueError(f"AKDConfig.max_backtracks must be >= 0, got {self.max_backtracks}")
+        if not 0 <= self.average_last <= self.steps:
+            raise ValueError(f"AKDConfig.average_last must be in [0, steps={self.steps}], got {self.average_last}")
         if self.subspace_fold < 0 or self.subspace_chunk < 1 or self.subspace_chunk & (self.subspace_chunk - 1):
             raise ValueError(f"AKDConfig.subspace_fold must be >= 0 and subspace_chunk a power of two, got "
                              f"{self.subspace_fold}, {self.subspace_chunk}")  # fmt: skip
@@ -480,6 +487,8 @@ class Distiller:
         replay = self.anchor_replay if self.anchor_replay[0] and config.lambda_anchor > 0 else None
         history: dict[str, list[float]] = {}
         backtracks, anchor_scale = 0, 1.0
+        average: dict[str, torch.Tensor] | None = None  # running mean of the last steps' weights (average_last)
+        averaged = 0
         for step in range(1, config.steps + 1):
             index = rng.choice(len(samples), size=min(config.batch_size, len(samples)), replace=False)
             index = index[self.rank :: self.world_size] if len(index) >= self.world_size else index
@@ -496,6 +505,9 @@ class Distiller:
             self.optimizer.step()
             if subspace is not None:
                 self._project(subspace, start)
+            if config.average_last and step > config.steps - config.average_last:
+                averaged += 1
+                average = self._running_mean(average, averaged, load=step == config.steps)
             for name, value in terms.items():
                 history.setdefault(name, []).append(float(value.detach()))
             if (check is not None or guard) and (step % config.check_every == 0 or step == config.steps):
@@ -507,6 +519,7 @@ class Distiller:
                 elif backtracks < config.max_backtracks and step < config.steps:
                     backtracks += 1  # back to the last admissible weights, under a firmer anchor
                     anchor_scale *= 2.0
+                    average, averaged = None, 0
                     with torch.no_grad():
                         for name, param in self.trainable.items():
                             param.copy_(best[2][name])
@@ -529,6 +542,21 @@ class Distiller:
             anchor_agreement=(start_anchor, best[3]) if guard else None, backtracks=backtracks,
             subspace_seed=subspace.seed if subspace is not None else None,
         )  # fmt: skip
+
+    @torch.no_grad()
+    def _running_mean(self, average: dict[str, torch.Tensor] | None, count: int,
+                      load: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The trainable set's running mean with the current weights as its ``count``-th term; ``load`` puts the mean
+        into the trainable set."""
+        if average is None:
+            average = {name: param.detach().clone() for name, param in self.trainable.items()}
+        else:
+            for name, param in self.trainable.items():
+                average[name] += (param.detach() - average[name]) / count
+        if load:
+            for name, param in self.trainable.items():
+                param.copy_(average[name])
+        return average
 
     def _round_subspace(self, rng: np.random.Generator):
         """This round's random subspace of the trainable set (in its order, the layout the codec sees)."""

@@ -664,6 +664,7 @@ class SubspaceCodec(Codec):
 
 SUBSPACE_FALLBACK = "ecdq"  # what a round-bound codec's keyframes spanning several rounds go as
 SUBSPACE_STEPS_FACTOR = 2  # a round trained in a subspace runs this many times the steps (bench/downlink.md)
+SUBSPACE_AVERAGED_SHARE = 1 / 3  # ... and ends on the mean of its weights over this share of its last steps (SWA)
 
 
 # ----------------------------------------------------------------------------------------- registry, stats

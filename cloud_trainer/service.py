@@ -56,7 +56,7 @@ import torch
 
 from cdcca import wire
 from cdcca.akd import AKDConfig, Distiller, DistillSample
-from cdcca.dwc import SUBSPACE_STEPS_FACTOR, get_codec
+from cdcca.dwc import SUBSPACE_AVERAGED_SHARE, SUBSPACE_STEPS_FACTOR, get_codec
 from cdcca.edge.adapter_slot import rolled_back_from
 from cdcca.envelope import Signer, VersionChain, sign_ack
 from cdcca.fingerprint import student_fingerprint
@@ -161,8 +161,9 @@ class CloudConfig:
         codec = get_codec(self.codec)
         if getattr(codec, "round_bound", False) and not self.akd.subspace_fold:
             # a codec-aware codec: every round trains in its subspace, for more steps (bench/downlink.md)
+            steps = self.akd.steps * SUBSPACE_STEPS_FACTOR
             self.akd = replace(self.akd, subspace_fold=codec.config.fold, subspace_chunk=codec.config.chunk,
-                               steps=self.akd.steps * SUBSPACE_STEPS_FACTOR)  # fmt: skip
+                               steps=steps, average_last=int(steps * SUBSPACE_AVERAGED_SHARE))  # fmt: skip
         elif getattr(codec, "round_bound", False) and self.akd.subspace_fold != codec.config.fold:
             raise ValueError(f"CloudConfig: codec {self.codec!r} sends a 1/{codec.config.fold} subspace, but the "
                              f"rounds train in 1/{self.akd.subspace_fold}")  # fmt: skip

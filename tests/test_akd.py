@@ -1,5 +1,7 @@
 """AKD: the loss terms on hand-checkable cases, the frozen/trainable split, continual rounds, UTS input."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,6 +137,32 @@ def test_uts_messages_feed_a_round(distiller, buffer_samples):
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AKDConfig(**kwargs)
+
+
+@pytest.mark.parametrize("subspace_fold", [0, 4])
+def test_a_round_ends_on_the_mean_of_its_last_steps(pair, buffer_samples, subspace_fold):
+    teacher, _ = pair
+    finals, seen = {}, {}
+    for average_last in (0, 3):
+        student = add_lora(copy.deepcopy(pair[1]))
+        distiller = Distiller(teacher, student, AKDConfig(steps=5, batch_size=4, average_last=average_last,
+                                                          subspace_fold=subspace_fold))  # fmt: skip
+        steps = seen[average_last] = []  # the weights after each step (after its projection, in a subspace)
+        project = distiller._project
+        if subspace_fold:
+            distiller._project = lambda *a, d=distiller, s=steps, p=project: (p(*a), s.append(d._snapshot()))
+        else:
+            distiller.optimizer.register_step_post_hook(lambda *_, d=distiller, s=steps: s.append(d._snapshot()))
+        distiller.run_round(DistillSample.from_samples(student, buffer_samples))
+        finals[average_last] = distiller._snapshot()
+        assert len(steps) == 5
+    # the same seed takes the same steps; only the end differs: the last step's weights, or the last three's mean
+    for name, value in finals[3].items():
+        assert torch.equal(seen[3][-1][name], seen[0][-1][name]) and torch.equal(finals[0][name], seen[0][-1][name])
+        assert torch.allclose(value, torch.stack([s[name] for s in seen[3][-3:]]).mean(0), atol=1e-6), name
+    assert any(not torch.equal(finals[3][n], finals[0][n]) for n in finals[0])
+    with pytest.raises(ValueError, match="average_last"):
+        AKDConfig(steps=5, average_last=6)
 
 
 def test_distiller_needs_lora(pair):

@@ -255,7 +255,7 @@ def _codec_aware_row(pristine: MLLM, teacher: MLLM, config: DownlinkBenchConfig,
     loss and accuracy being their mean and the bytes the largest draw's. Beside it: each subspace round
     uncompressed (what the subspace costs) and a full-space round of as many steps, uncompressed (what the extra
     steps buy)."""
-    from cdcca.dwc import compute_delta, get_codec
+    from cdcca.dwc import SUBSPACE_AVERAGED_SHARE, compute_delta, get_codec
 
     codec = get_codec(name)
     steps = config.steps * config.aware_steps_factor
@@ -264,7 +264,8 @@ def _codec_aware_row(pristine: MLLM, teacher: MLLM, config: DownlinkBenchConfig,
         forced = None if draw == 0 else int(np.random.default_rng([seed, draw]).integers(2**62))
         model = copy.deepcopy(pristine)
         log = adaptation_round(model, teacher, config, domain, seed, steps=steps, subspace_fold=codec.config.fold,
-                               subspace_chunk=codec.config.chunk, subspace_seed=forced)  # fmt: skip
+                               subspace_chunk=codec.config.chunk, subspace_seed=forced,
+                               average_last=int(steps * SUBSPACE_AVERAGED_SHARE))  # fmt: skip
         delta = compute_delta({k: v.detach().clone() for k, v in trainable_parameters(model).items()}, base)
         accuracy_subspace = _accuracy(model, test)
         row = _codec_row(name, codec.for_round(log["subspace_seed"]), model, base, delta, log["importance"], test,
