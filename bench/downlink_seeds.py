@@ -75,16 +75,16 @@ def main() -> None:
         report = merge([json.loads(p.read_text()) for p in args.merge])
     else:
         report = run(tuple(args.seeds), tuple(args.codecs))
-    report["summary"] = summary(report)
+    report["summary"] = {codec: summary(report, codec) for codec in report["codecs"] if codec != "fp16"}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=float))
-    s = report["summary"]
-    for row in s["per_round"]:
-        print(f"{row['domain']:16s} seed {row['seed']}  draw {row['draw']}  loss {row['acc_loss_points']:+.2f}  "
-              f"(subspace before quantizing {row['subspace_loss_points']:+.2f})")
-    print(f"pooled over {s['rounds']} rounds: {s['acc_loss_points']:.2f} points (by draw "
-          f"{', '.join(f'{v:.2f}' for v in s['acc_loss_points_by_draw'])}; before quantizing "
-          f"{s['subspace_loss_points']:.2f}); worst round {s['worst_round_acc_loss_points']:.2f}")
+    for codec, s in report["summary"].items():
+        for row in s["per_round"]:
+            print(f"{codec:10s} {row['domain']:16s} seed {row['seed']}  draw {row['draw']}  loss "
+                  f"{row['acc_loss_points']:+.2f}  (codec-aware round before quantizing {row['subspace_loss_points']:+.2f})")
+        print(f"{codec}: pooled over {s['rounds']} rounds {s['acc_loss_points']:.2f} points (by draw "
+              f"{', '.join(f'{v:.2f}' for v in s['acc_loss_points_by_draw'])}; before quantizing "
+              f"{s['subspace_loss_points']:.2f}); worst round {s['worst_round_acc_loss_points']:.2f}")
 
 
 if __name__ == "__main__":
