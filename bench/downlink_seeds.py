@@ -81,7 +81,8 @@ def main() -> None:
     for codec, s in report["summary"].items():
         for row in s["per_round"]:
             print(f"{codec:10s} {row['domain']:16s} seed {row['seed']}  draw {row['draw']}  loss "
-                  f"{row['acc_loss_points']:+.2f}  (codec-aware round before quantizing {row['subspace_loss_points']:+.2f})")
+                  f"{row['acc_loss_points']:+.2f}  (codec-aware round before quantizing "
+                  f"{row['subspace_loss_points']:+.2f})")
         print(f"{codec}: pooled over {s['rounds']} rounds {s['acc_loss_points']:.2f} points (by draw "
               f"{', '.join(f'{v:.2f}' for v in s['acc_loss_points_by_draw'])}; before quantizing "
               f"{s['subspace_loss_points']:.2f}); worst round {s['worst_round_acc_loss_points']:.2f}")

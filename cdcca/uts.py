@@ -45,8 +45,8 @@ from cdcca.uts_config import (  # noqa: F401  (torch-free; re-exported)
     above,
     by_frame,
     frame_prompts,
-    uploaded,
     pack_tokens,
+    uploaded,
     window_rank,
 )  # fmt: skip
 
