@@ -181,15 +181,13 @@ class DistillSample:
         self.message_id = self.message_id or self.sample_id
 
     @classmethod
-    def from_uts(cls, msg) -> list[DistillSample]:
-        """The samples of a received ``UtsTokens`` message: one per prompt it carries, sharing its tokens."""
-        from cdcca.uts import UplinkError, frame_prompts, unpack_tokens
+    def from_uts(cls, msg, **bounds: int | None) -> list[DistillSample]:
+        """The samples of a received ``UtsTokens`` message: one per prompt it carries, sharing its tokens;
+        ``bounds``: the receiver's ``num_tokens`` and ``token_dim`` (:func:`cdcca.uts.unpack_tokens`)."""
+        from cdcca.uts import frame_prompts, unpack_tokens
 
-        tokens, mask = unpack_tokens(msg)
-        try:
-            prompts = frame_prompts(msg)
-        except ValueError as err:
-            raise UplinkError(str(err)) from err
+        prompts = frame_prompts(msg)
+        tokens, mask = unpack_tokens(msg, **bounds)
         return [cls(p.sample_id, tokens[0], mask[0], p.prompt, msg.sample_id) for p in prompts]
 
     @classmethod
@@ -461,15 +459,16 @@ class Distiller:
         check: tuple[list[DistillSample], list[str]] | None = None
         held = int(round(config.check_fraction * len(samples)))
         if config.check_fraction > 0 and held >= config.check_min and held < len(samples):
-            # whole uploads: a frame's prompts share its tokens, so none of them is both trained on and checked
+            # whole uploads, in random order, until ``held`` are out: a frame's prompts share its tokens, so none of
+            # them is both trained on and checked
             by_upload: dict[str, list[int]] = {}
             for i, s in enumerate(samples):
                 by_upload.setdefault(s.message_id, []).append(i)
             groups = list(by_upload.values())
-            order = [i for u in rng.permutation(len(groups)) for i in groups[u]]  # uploads in random order
-            cut = next(n for n in range(max(held, 1), len(order) + 1)
-                       if n == len(order) or samples[order[n]].message_id != samples[order[n - 1]].message_id)
-            checked, trained = order[:cut], order[cut:]
+            checked: list[int] = []
+            trained: list[int] = []
+            for u in rng.permutation(len(groups)):
+                (checked if len(checked) < held else trained).extend(groups[u])
             if trained:
                 check = ([samples[i] for i in checked], [labels[i] for i in checked])
                 samples, labels = [samples[i] for i in trained], [labels[i] for i in trained]

@@ -295,7 +295,7 @@ def _add_cloud_args(parser: argparse.ArgumentParser) -> None:
                         help="new uploads of a robot that make a round (one per frame, with each of its uncertain "
                              "prompts)")  # fmt: skip
     parser.add_argument("--max-round-samples", type=positive_int, default=CLOUD_DEFAULTS["max_round_samples"],
-                        help="most new uploads one round trains on")  # fmt: skip
+                        help="most new samples one round trains on, in whole uploads")  # fmt: skip
     parser.add_argument("--replay", type=non_negative_int, default=CLOUD_DEFAULTS["replay"],
                         help="samples of earlier rounds trained on again with each round's new ones")  # fmt: skip
     parser.add_argument("--check-fraction", type=held_out_fraction, default=AKD_DEFAULTS["check_fraction"],

@@ -35,31 +35,21 @@ import numpy as np
 import torch
 
 from cdcca.data.sample import Sample
-from cdcca.errors import CdccaError
 from cdcca.models.mllm import MLLM
 from cdcca.uts_config import (  # noqa: F401  (torch-free; re-exported)
     ENCODINGS,
     MAX_FRAME_PROMPTS,
     FramePrompt,
+    UplinkError,
     UTSConfig,
     above,
     by_frame,
     frame_prompts,
+    pack_frame,
     pack_tokens,
     uploaded,
     window_rank,
 )  # fmt: skip
-
-
-class UplinkError(CdccaError, ValueError):
-    """A ``UtsTokens`` message that decodes as CDR but cannot be used: inconsistent (sizes, indices, encoding)
-    or beyond what the receiver's model takes. ``reason`` is a short code a receiver counts rejections by:
-    ``inconsistent``, ``encoding``, ``not_finite``, ``token_grid``, ``token_dim`` or ``oversized`` (and the
-    cloud's own, see ``cloud_trainer.admission``)."""
-
-    def __init__(self, message: str, reason: str = "inconsistent") -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass
@@ -228,13 +218,10 @@ class UncertaintyTokenSampler:
         for group in by_frame(uploaded(scores.keep_sample.tolist(), keys, self.config.upload_prompts), keys):
             prompts = [FramePrompt(batch[i].sample_id, batch[i].prompt, scores.answers[i],
                                    float(scores.sample_entropy[i])) for i in group]  # fmt: skip
-            i, first = group[0], prompts[0]
-            messages.append(pack_tokens(
-                scores.visual_tokens[i], scores.keep_tokens[i], scores.token_variance[i], robot_id=robot_id,
-                sample_id=first.sample_id, adapter_version=adapter_version, prompt=first.prompt,
-                student_answer=first.student_answer, sample_entropy=first.sample_entropy,
-                encoding=self.config.encoding, stamp_ns=stamp_ns, more=prompts[1:],
-            ))  # fmt: skip
+            i = group[0]
+            messages.append(pack_frame(scores.visual_tokens[i], scores.keep_tokens[i], scores.token_variance[i],
+                                       prompts, robot_id=robot_id, adapter_version=adapter_version,
+                                       encoding=self.config.encoding, stamp_ns=stamp_ns))  # fmt: skip
         return messages
 
 

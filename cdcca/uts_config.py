@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cdcca import wire
+from cdcca.errors import CdccaError
 
 ENCODINGS = ("int8", "fp16")
 # Stage-1 ties (Eq. 2 rankings and the threshold): two engines compute a sample's mean answer-token entropy with
@@ -123,6 +124,17 @@ class UTSConfig:
                 raise ValueError(f"UTSConfig.{name} is too small: {getattr(self, name)}")
 
 
+class UplinkError(CdccaError, ValueError):
+    """A ``UtsTokens`` message that decodes as CDR but cannot be used: inconsistent (sizes, indices, encoding)
+    or beyond what the receiver's model takes. ``reason`` is a short code a receiver counts rejections by:
+    ``inconsistent``, ``encoding``, ``not_finite``, ``token_grid``, ``token_dim`` or ``oversized`` (and the
+    cloud's own, see ``cloud_trainer.admission``)."""
+
+    def __init__(self, message: str, reason: str = "inconsistent") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def as_numpy(value: Any) -> np.ndarray:
     """A numpy array of a numpy array, a sequence or a CPU torch tensor (without importing torch)."""
     if hasattr(value, "detach"):  # a torch tensor
@@ -177,6 +189,15 @@ def pack_tokens(
     )  # fmt: skip
 
 
+def pack_frame(tokens: Any, keep: Any, variance: Any, prompts: Sequence[FramePrompt], **fields: Any):
+    """:func:`pack_tokens` for one frame and the prompts about it (the first in the message's own fields, the rest
+    in ``more_*``); ``fields``: ``robot_id``, ``adapter_version``, ``encoding``, ``stamp_ns``, ``frame_id``."""
+    first, *more = prompts
+    return pack_tokens(tokens, keep, variance, sample_id=first.sample_id, prompt=first.prompt,
+                       student_answer=first.student_answer, sample_entropy=first.sample_entropy, more=more,
+                       **fields)  # fmt: skip
+
+
 MAX_FRAME_PROMPTS = 64  # the most prompts one UtsTokens carries (the cloud refuses more); more go in another
 
 
@@ -201,13 +222,13 @@ def by_frame(indices: Sequence[int], frames: Sequence[Any], limit: int = MAX_FRA
 
 
 def frame_prompts(msg: Any) -> list[FramePrompt]:
-    """Every prompt a ``UtsTokens`` message carries, its own first; ``ValueError`` if the ``more_*`` arrays are not
-    aligned."""
+    """Every prompt a ``UtsTokens`` message carries, its own first; :class:`UplinkError` if the ``more_*`` arrays
+    are not aligned."""
     sizes = {len(msg.more_sample_ids), len(msg.more_prompts), len(msg.more_student_answers),
              len(msg.more_sample_entropies)}  # fmt: skip
     if len(sizes) != 1:
-        raise ValueError(f"sample {msg.sample_id[:64]!r}: more_sample_ids, more_prompts, more_student_answers and "
-                         f"more_sample_entropies must be aligned, got lengths {sorted(sizes)}")  # fmt: skip
+        raise UplinkError(f"sample {msg.sample_id[:64]!r}: more_sample_ids, more_prompts, more_student_answers and "
+                          f"more_sample_entropies must be aligned, got lengths {sorted(sizes)}")  # fmt: skip
     first = FramePrompt(msg.sample_id, msg.prompt, msg.student_answer, float(msg.sample_entropy))
     return [first, *(FramePrompt(*m) for m in zip(msg.more_sample_ids, msg.more_prompts, msg.more_student_answers,
                                                    (float(e) for e in msg.more_sample_entropies)))]  # fmt: skip

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from cdcca.akd import DistillSample
 from cdcca.models.mllm import MLLM
-from cdcca.uts import MAX_FRAME_PROMPTS, FramePrompt, UplinkError, frame_prompts, unpack_tokens
+from cdcca.uts import MAX_FRAME_PROMPTS, FramePrompt, UplinkError, frame_prompts
 
 ANSWER_TOKENS = 16  # LM positions kept free for an answer: 12 generated tokens, </s>, re-tokenisation slack
 CHARS_PER_TOKEN = 32  # a prompt longer than this many characters per allowed token is refused untokenised
@@ -99,17 +99,13 @@ class SampleAdmission:
         if len(msg.more_sample_ids) >= MAX_FRAME_PROMPTS:
             raise UplinkError(f"sample {msg.sample_id[:64]!r}: {len(msg.more_sample_ids) + 1} prompts about one frame "
                               f"(at most {MAX_FRAME_PROMPTS})", "oversized")  # fmt: skip
-        try:
-            prompts = frame_prompts(msg)
-        except ValueError as err:
-            raise UplinkError(str(err)) from err
+        prompts = frame_prompts(msg)
         if len({p.sample_id for p in prompts}) != len(prompts):
             raise UplinkError(f"sample {msg.sample_id[:64]!r}: a sample id repeats among its frame's prompts",
                               "sample_id")  # fmt: skip
         for prompt in prompts:
             self._check_prompt(prompt)
-        tokens, mask = unpack_tokens(msg, num_tokens=limits.num_tokens, token_dim=limits.token_dim)
-        return [DistillSample(p.sample_id, tokens[0], mask[0], p.prompt, msg.sample_id) for p in prompts]
+        return DistillSample.from_uts(msg, num_tokens=limits.num_tokens, token_dim=limits.token_dim)
 
     def _check_prompt(self, prompt: FramePrompt) -> None:
         limits = self.limits

@@ -48,6 +48,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -241,14 +242,12 @@ def reason_kind(reason: str) -> str:
 def whole_uploads(samples: list[DistillSample], limit: int) -> list[DistillSample]:
     """The first uploads of ``samples`` (in order) whose prompts together are at most ``limit`` samples, and at
     least the first upload: an upload is used, committed and quarantined whole."""
+    sizes = Counter(s.message_id for s in samples)  # an upload's samples are consecutive (admitted together)
     kept: list[DistillSample] = []
-    uploads: set[str] = set()
     for sample in samples:
-        if sample.message_id not in uploads:
-            size = sum(s.message_id == sample.message_id for s in samples)
-            if kept and len(kept) + size > limit:
-                break
-            uploads.add(sample.message_id)
+        starts_upload = kept and kept[-1].message_id != sample.message_id
+        if starts_upload and len(kept) + sizes[sample.message_id] > limit:
+            break
         kept.append(sample)
     return kept
 

@@ -33,7 +33,7 @@ from cdcca.models.checkpoint import load_mllm, share_vision_encoder
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import LoraSettings, add_lora
 from cdcca.report import progress_bar, save_figure
-from cdcca.uts import FramePrompt, UncertaintyTokenSampler, UTSConfig, by_frame, frame_keys, pack_tokens, uploaded
+from cdcca.uts import FramePrompt, UncertaintyTokenSampler, UTSConfig, by_frame, frame_keys, pack_frame, uploaded
 
 STEPS = AKDConfig.steps  # optimizer steps per round, every method: the cloud's default
 CHECK_FRACTION = AKDConfig.check_fraction  # share of the uploads CD-CCA holds out to check a round (cloud default)
@@ -124,10 +124,8 @@ class CdccaMethod(AdaptationMethod):
                     keep[torch.randperm(len(keep), generator=self.generator)[:count]] = True
                 prompts = [FramePrompt(batch[i].sample_id, batch[i].prompt, scores.answers[i],
                                        float(scores.sample_entropy[i])) for i in group]  # fmt: skip
-                message = pack_tokens(scores.visual_tokens[first], keep, torch.zeros(len(keep)), robot_id="bench",
-                                      sample_id=prompts[0].sample_id, adapter_version=0, prompt=prompts[0].prompt,
-                                      student_answer=prompts[0].student_answer,
-                                      sample_entropy=prompts[0].sample_entropy, more=prompts[1:])  # fmt: skip
+                message = pack_frame(scores.visual_tokens[first], keep, torch.zeros(len(keep)), prompts,
+                                     robot_id="bench", adapter_version=0)  # fmt: skip
                 self.uplink_bytes += len(wire.encode(message))
                 received.extend(DistillSample.from_uts(message))
         return received

@@ -26,7 +26,7 @@ from cdcca import wire
 from cdcca.data.digits_shift import TARGET_DOMAINS, load_domain
 from cdcca.models.mllm import MLLM
 from cdcca.report import progress_bar, save_figure
-from cdcca.uts import FramePrompt, UncertaintyTokenSampler, UTSConfig, pack_tokens
+from cdcca.uts import FramePrompt, UncertaintyTokenSampler, UTSConfig, pack_frame
 
 
 @dataclass
@@ -102,12 +102,8 @@ def run_uplink_bench(student: MLLM, config: UplinkBenchConfig, progress: bool = 
                  for i, s in enumerate(batch)]  # fmt: skip
 
         def message(keep, variance, encoding, prompts):
-            first = prompts[0]
-            return len(wire.encode(pack_tokens(
-                tokens, keep, variance, encoding=encoding, robot_id="r1", sample_id=first.sample_id,
-                adapter_version=0, prompt=first.prompt, student_answer=first.student_answer,
-                sample_entropy=first.sample_entropy, more=prompts[1:],
-            )))  # fmt: skip
+            return len(wire.encode(pack_frame(tokens, keep, variance, prompts, encoding=encoding, robot_id="r1",
+                                              adapter_version=0)))  # fmt: skip
 
         bytes_["all_tokens_fp16"] = message(every, torch.zeros(len(every)), "fp16", asked)  # without UTS
         kept = [asked[i] for i in scores.keep_sample.nonzero().squeeze(1).tolist()]

@@ -51,7 +51,7 @@ from cdcca.edge.health import HealthCheck, HealthConfig
 from cdcca.edge.sources import DEFAULT_PROMPTS
 from cdcca.edge.uplink import StaleAck, UplinkQueue, UplinkWriteError
 from cdcca.envelope import AckRejected, TrustStore, verify_ack
-from cdcca.uts_config import FramePrompt, UTSConfig, as_numpy, by_frame, pack_tokens, uploaded
+from cdcca.uts_config import FramePrompt, UTSConfig, as_numpy, by_frame, pack_frame, uploaded
 from cdcca.wire.topics import DIAGNOSTICS
 
 if TYPE_CHECKING:
@@ -467,11 +467,9 @@ class EdgeRuntime:
         for row, group in enumerate(groups):
             asked = [FramePrompt(ids[i], prompts[i], result.texts[i], float(result.sample_entropy[i])) for i in group]
             first = group[0]
-            msg = pack_tokens(result.visual_tokens[first], tokens_kept[row], variance[row],
-                              robot_id=self.config.robot_id, sample_id=ids[first],
-                              adapter_version=result.adapter_version, prompt=prompts[first],
-                              student_answer=result.texts[first], sample_entropy=asked[0].sample_entropy,
-                              encoding=self.config.uts.encoding, stamp_ns=stamp, more=asked[1:])  # fmt: skip
+            msg = pack_frame(result.visual_tokens[first], tokens_kept[row], variance[row], asked,
+                             robot_id=self.config.robot_id, adapter_version=result.adapter_version,
+                             encoding=self.config.uts.encoding, stamp_ns=stamp)  # fmt: skip
             priority = max(e if math.isfinite(e) else math.inf for e in (a.sample_entropy for a in asked))
             try:  # queued by its most uncertain prompt (a broken one first): the queue drops the least uncertain
                 dropped = self.uplink.put(ids[first], priority, wire.encode(msg))

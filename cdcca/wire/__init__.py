@@ -11,6 +11,7 @@ Type names are the ROS 2 ones: ``cdcca_msgs/msg/UtsTokens``; ``cdcca_msgs/UtsTok
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,9 @@ def decode(type_name: str, data: bytes | bytearray | memoryview) -> Any:
 APPENDED_FIELDS = {UTS_TOKENS: ("more_sample_ids", "more_prompts", "more_student_answers", "more_sample_entropies")}
 
 
-def _build_earlier_typestore():
+@functools.cache
+def _earlier_typestore():
+    """The appended-to messages as first defined: built on the first message that needs it (a cold path)."""
     store = get_typestore(Stores.ROS2_JAZZY)
     types = {}
     for full, fields in APPENDED_FIELDS.items():
@@ -186,16 +189,14 @@ def _build_earlier_typestore():
     return store
 
 
-_EARLIER = _build_earlier_typestore()
-
-
 def _decode_before_appended(full: str, data: bytes) -> Any | None:
     """``data`` as the earlier definition of ``full`` (without its appended fields) wrote it, or ``None``."""
     if full not in APPENDED_FIELDS:
         return None
     try:
-        earlier = _EARLIER.deserialize_cdr(data, full)
-        end = len(_EARLIER.serialize_cdr(earlier, full))  # where the earlier message ends (either byte order)
+        store = _earlier_typestore()
+        earlier = store.deserialize_cdr(data, full)
+        end = len(store.serialize_cdr(earlier, full))  # where the earlier message ends (either byte order)
         if not 0 <= len(data) - end <= 3 or any(data[end:]):  # more than its padding: a newer message cut short
             return None
     except Exception:
@@ -211,7 +212,7 @@ def _ours(value: Any) -> Any:
     type_name = getattr(value, "__msgtype__", None)
     if type_name is None:
         return value
-    names = [name for name, _ in _EARLIER.fielddefs[type_name][1]]
+    names = [name for name, _ in _earlier_typestore().fielddefs[type_name][1]]
     return new(type_name, **{name: _ours(getattr(value, name)) for name in names})
 
 
