@@ -31,6 +31,7 @@ from cdcca.benchmarks import adapt
 from cdcca.data.digits_shift import DOMAINS, SOURCE_DOMAIN, load_domain
 from cdcca.evaluate import evaluate
 from cdcca.models.checkpoint import load_mllm
+from cdcca.models.trainable import LoraSettings, add_lora
 from cdcca.paths import checkpoint_dir
 from cdcca.report import format_table
 from cdcca.uts import UTSConfig
@@ -38,6 +39,11 @@ from cdcca.uts import UTSConfig
 # Every variant but ``default`` is a change of the round before the KL + features default (the first row),
 # spelled out here in full so a run's JSON still means what it meant when the default moves on.
 BEFORE = {"lambda_query": 1.0, "lambda_repr": 1.0, "lambda_ce": 1.0, "lambda_kl": 1.0}
+# Every linear of a Q-Former layer that reads the queries or the visual tokens (self-attention, cross-attention
+# with its key, the query feed-forward both ways); the default adapts four of them.
+QFORMER_ALL = ("attention.attention.query", "attention.attention.value", "attention.output.dense",
+               "crossattention.attention.query", "crossattention.attention.key", "crossattention.attention.value",
+               "crossattention.output.dense", "intermediate_query.dense", "output_query.dense")  # fmt: skip
 VARIANTS: dict[str, dict[str, dict]] = {
     "default": {"akd": {}, "uts": {}},  # today's AKDConfig / UTSConfig defaults (= "kl-feat3")
     "before-kl-feat3": {"akd": {**BEFORE}, "uts": {}},  # the default until kl-feat3 replaced it
@@ -76,6 +82,10 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "kl-t1.5": {"akd": {"temperature": 1.5}, "uts": {}},
     "frame-prompts": {"akd": {}, "uts": {"upload_prompts": "frame"}},  # every prompt of an uploaded frame rides along
     # the benchmark's own rows, for a stream of other domains (--domains)
+    # LoRA capacity (LoraSettings): the rank everywhere, and the Q-Former linears the adapters reach
+    "lora-r16": {"akd": {}, "uts": {}, "lora": {"rank": 16, "alpha": 32}},
+    "lora-r4": {"akd": {}, "uts": {}, "lora": {"rank": 4, "alpha": 8}},
+    "qformer-all": {"akd": {}, "uts": {}, "lora": {"qformer_modules": QFORMER_ALL}},
     "pl": {"method": "pl"},
     "source-only": {"method": "source-only"},
 }
@@ -95,13 +105,21 @@ def run_variant(name: str, seed: int, checkpoints: Path, teacher, tests, config:
         return adapt.CdccaMethod(student, teacher, uts=uts, akd=akd, seed=seed, anchors=anchors,
                                  token_selection=change.get("tokens", "uts"))  # fmt: skip
 
-    original, adapt.make_method = adapt.make_method, make
+    def fresh(checkpoints, teacher, seed):
+        student = load_mllm(checkpoints / "student")
+        adapt.share_vision_encoder(teacher, student)
+        return add_lora(student, LoraSettings(**{"seed": seed, **change["lora"]}))
+
+    original = adapt.make_method, adapt._fresh_student
+    adapt.make_method = make
+    if "lora" in change:
+        adapt._fresh_student = fresh
     config = dataclasses.replace(config, **change.get("bench", {}))
     try:
         started = time.perf_counter()
         run = adapt.run_method("cdcca", checkpoints, teacher, config, seed, tests, progress=False)
     finally:
-        adapt.make_method = original
+        adapt.make_method, adapt._fresh_student = original
     return _record(name, seed, run, started)
 
 
