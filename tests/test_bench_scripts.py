@@ -1,0 +1,52 @@
+"""The research scripts under ``bench/`` that are not ``cdcca bench`` commands: what they compute from their
+rounds, and the variants they build (their runs are the committed results, too slow for the suite)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from cdcca.models.trainable import LoraSettings
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _round(fold: int, unquantized: float, steps: dict[str, tuple[float, float]]) -> dict:
+    coded = {step: {"bits": bits, "loss": loss} for step, (bits, loss) in steps.items()}
+    return {"seed": 0, "domain": "printed", "fold": fold, "draw": 0, "reference": 80.0,
+            "loss_unquantized": unquantized, "steps": coded}  # fmt: skip
+
+
+def test_subspace_folds_summary_pools_each_fold_and_step_over_its_rounds():
+    folds = _script("subspace_folds")
+    rows = [_round(10, 0.5, {"0.5": (0.45, 1.0), "1.0": (0.36, 3.0)}),
+            _round(10, 0.1, {"0.5": (0.46, -0.2), "1.0": (0.35, 1.0)}),
+            _round(8, 0.3, {"0.5": (0.53, 0.4)})]  # fmt: skip
+
+    summary = folds.summary(rows)
+
+    assert [(r["fold"], r["step"], r["rounds"]) for r in summary] == [(10, 0.5, 2), (10, 1.0, 2), (8, 0.5, 1)]
+    first = summary[0]
+    assert first["bits_mean"] == pytest.approx(0.455) and first["bits_max"] == 0.46
+    assert first["loss"] == pytest.approx(0.4) and first["worst_round"] == 1.0
+    assert first["loss_before_quantizing"] == pytest.approx(0.3)
+    assert summary[1]["loss"] == pytest.approx(2.0) and summary[1]["worst_round"] == 3.0
+
+
+def test_sweep_adapt_lora_variants_are_valid_settings():
+    sweep = _script("sweep_adapt")
+    lora = {name: change["lora"] for name, change in sweep.VARIANTS.items() if "lora" in change}
+    assert set(lora) == {"lora-r16", "lora-r4", "qformer-all"}
+    for change in lora.values():
+        LoraSettings(**change)  # raises on a bad field or value
+    default = set(LoraSettings().qformer_modules)
+    assert default < set(sweep.QFORMER_ALL)  # every linear the default adapts, and more
