@@ -82,6 +82,8 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "kl-t1.5": {"akd": {"temperature": 1.5}, "uts": {}},
     "frame-prompts": {"akd": {}, "uts": {"upload_prompts": "frame"}},  # every prompt of an uploaded frame rides along
     # the benchmark's own rows, for a stream of other domains (--domains)
+    "swa20": {"akd": {"average_last": 20}, "uts": {}},  # the round ends on the mean of its last 20 of 60 steps
+    "swa30": {"akd": {"average_last": 30}, "uts": {}},
     # LoRA capacity (LoraSettings): the rank everywhere, and the Q-Former linears the adapters reach
     "lora-r16": {"akd": {}, "uts": {}, "lora": {"rank": 16, "alpha": 32}},
     "lora-r4": {"akd": {}, "uts": {}, "lora": {"rank": 4, "alpha": 8}},
