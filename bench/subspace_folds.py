@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 
-def run(seeds: list[int], folds: list[int], steps: list[float]) -> list[dict]:
+def run(seeds: list[int], folds: list[int], steps: list[float], fisher: bool = True) -> list[dict]:
     from cdcca.benchmarks.downlink import DownlinkBenchConfig, _accuracy, _codec_row, adaptation_round
     from cdcca.data.digits_shift import load_domain
     from cdcca.dwc import SUBSPACE_AVERAGED_SHARE, SubspaceCodec, SubspaceConfig, compute_delta
@@ -57,10 +57,12 @@ def run(seeds: list[int], folds: list[int], steps: list[float]) -> list[dict]:
                     delta = compute_delta({k: v.detach().clone() for k, v in trainable_parameters(model).items()},
                                           base)  # fmt: skip
                     row = {"seed": seed, "domain": domain, "fold": fold, "draw": draw, "reference": reference,
-                           "loss_unquantized": reference - _accuracy(model, test), "steps": {}}  # fmt: skip
+                           "loss_unquantized": reference - _accuracy(model, test), "fisher": fisher,
+                           "steps": {}}  # fmt: skip
+                    importance = log["importance"] if fisher else None  # finer steps where the Fisher is high
                     for step in steps:
                         codec = SubspaceCodec(SubspaceConfig(fold=fold, basis_seed=log["subspace_seed"], step=step))
-                        coded = _codec_row("subspace", codec, model, base, delta, log["importance"], test, reference)
+                        coded = _codec_row("subspace", codec, model, base, delta, importance, test, reference)
                         row["steps"][str(step)] = {"bits": coded["bits_per_param"], "loss": coded["acc_loss_points"]}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -68,18 +70,18 @@ def run(seeds: list[int], folds: list[int], steps: list[float]) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """Per (fold, step): bits per parameter (mean, max), loss before quantizing and after the codec, pooled over
-    the rounds, the worst round, and the rounds counted."""
+    """Per (fold, Fisher-refined steps or not, step): bits per parameter (mean, max), loss before quantizing and
+    after the codec, pooled over the rounds, the worst round, and the rounds counted."""
     out = []
-    for fold in sorted({r["fold"] for r in rows}, reverse=True):
-        mine = [r for r in rows if r["fold"] == fold]
+    for fold, fisher in sorted({(r["fold"], r.get("fisher", True)) for r in rows}, reverse=True):
+        mine = [r for r in rows if r["fold"] == fold and r.get("fisher", True) == fisher]
         for step in sorted({s for r in mine for s in r["steps"]}, key=float):
             cut = [r for r in mine if step in r["steps"]]
             losses = [r["steps"][step]["loss"] for r in cut]
             bits = [r["steps"][step]["bits"] for r in cut]
-            out.append({"fold": fold, "step": float(step), "rounds": len(cut), "bits_mean": float(np.mean(bits)),
-                        "bits_max": max(bits), "loss_before_quantizing": float(np.mean([r["loss_unquantized"]
-                                                                                        for r in cut])),
+            before = float(np.mean([r["loss_unquantized"] for r in cut]))
+            out.append({"fold": fold, "fisher": fisher, "step": float(step), "rounds": len(cut),
+                        "bits_mean": float(np.mean(bits)), "bits_max": max(bits), "loss_before_quantizing": before,
                         "loss": float(np.mean(losses)), "worst_round": max(losses)})  # fmt: skip
     return out
 
@@ -89,6 +91,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--folds", nargs="+", type=int, default=[10, 8])
     parser.add_argument("--steps", nargs="+", type=float, default=[0.5])
+    parser.add_argument("--no-fisher", action="store_true",
+                        help="one step per tensor at --steps x RMS, none finer where the round's Fisher is high")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="instead of running: merge these reports' rounds into --json")  # fmt: skip
@@ -98,16 +102,19 @@ def main() -> None:
         rows = [r for path in args.merge for r in json.loads(path.read_text())["rounds"]]
         command = [c for path in args.merge for c in json.loads(path.read_text())["command"]]
     else:
-        rows = run(args.seeds, args.folds, args.steps)
+        rows = run(args.seeds, args.folds, args.steps, fisher=not args.no_fisher)
         command = [f"python bench/subspace_folds.py --seeds {' '.join(map(str, args.seeds))} --folds "
-                   f"{' '.join(map(str, args.folds))} --steps {' '.join(map(str, args.steps))}"]  # fmt: skip
+                   f"{' '.join(map(str, args.folds))} --steps {' '.join(map(str, args.steps))}"
+                   + (" --no-fisher" if args.no_fisher else "")]  # fmt: skip
     report = {"command": command, "summary": summary(rows), "rounds": rows}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     for row in report["summary"]:
-        print(f"1/{row['fold']:<3d} step {row['step']:<5g} {row['rounds']:3d} rounds  bits {row['bits_mean']:.3f} "
-              f"(max {row['bits_max']:.3f})  loss before quantizing {row['loss_before_quantizing']:+.2f}  after "
-              f"{row['loss']:+.2f}  (worst round {row['worst_round']:+.2f})")
+        fisher = "" if row["fisher"] else "no Fisher "
+        print(f"1/{row['fold']:<3d} {fisher}step {row['step']:<5g} {row['rounds']:3d} rounds  "
+              f"bits {row['bits_mean']:.3f} (max {row['bits_max']:.3f})  "
+              f"loss before quantizing {row['loss_before_quantizing']:+.2f}  after {row['loss']:+.2f}  "
+              f"(worst round {row['worst_round']:+.2f})")
 
 
 if __name__ == "__main__":

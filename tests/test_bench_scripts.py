@@ -30,11 +30,14 @@ def test_subspace_folds_summary_pools_each_fold_and_step_over_its_rounds():
     folds = _script("subspace_folds")
     rows = [_round(10, 0.5, {"0.5": (0.45, 1.0), "1.0": (0.36, 3.0)}),
             _round(10, 0.1, {"0.5": (0.46, -0.2), "1.0": (0.35, 1.0)}),
-            _round(8, 0.3, {"0.5": (0.53, 0.4)})]  # fmt: skip
+            _round(8, 0.3, {"0.5": (0.53, 0.4)}),
+            {**_round(8, 0.3, {"0.5": (0.51, 0.9)}), "fisher": False}]  # fmt: skip
 
     summary = folds.summary(rows)
 
-    assert [(r["fold"], r["step"], r["rounds"]) for r in summary] == [(10, 0.5, 2), (10, 1.0, 2), (8, 0.5, 1)]
+    assert [(r["fold"], r["fisher"], r["step"], r["rounds"]) for r in summary] == [
+        (10, True, 0.5, 2), (10, True, 1.0, 2), (8, True, 0.5, 1), (8, False, 0.5, 1)]  # fmt: skip
+    assert summary[3]["loss"] == 0.9 and summary[2]["loss"] == 0.4  # steps without Fisher refinement apart
     first = summary[0]
     assert first["bits_mean"] == pytest.approx(0.455) and first["bits_max"] == 0.46
     assert first["loss"] == pytest.approx(0.4) and first["worst_round"] == 1.0
