@@ -25,9 +25,10 @@ import torch
 
 
 def run(seeds: list[int], folds: list[int], steps: list[float], fisher: bool = True) -> list[dict]:
-    from cdcca.benchmarks.downlink import DownlinkBenchConfig, _accuracy, _codec_row, adaptation_round
+    from cdcca.benchmarks import downlink
+    from cdcca.benchmarks.downlink import DownlinkBenchConfig, _accuracy, _codec_row
     from cdcca.data.digits_shift import load_domain
-    from cdcca.dwc import SUBSPACE_AVERAGED_SHARE, SubspaceCodec, SubspaceConfig, compute_delta
+    from cdcca.dwc import SubspaceCodec, SubspaceConfig, compute_delta
     from cdcca.models.checkpoint import load_mllm
     from cdcca.models.trainable import LoraSettings, add_lora, trainable_parameters
     from cdcca.paths import checkpoint_dir
@@ -35,7 +36,6 @@ def run(seeds: list[int], folds: list[int], steps: list[float], fisher: bool = T
     checkpoints = checkpoint_dir("tiny")
     teacher, pretrained = load_mllm(checkpoints / "teacher"), load_mllm(checkpoints / "student")
     config = DownlinkBenchConfig()
-    rounds = config.steps * config.aware_steps_factor
     rows = []
     for seed in seeds:
         for domain in config.domains:
@@ -45,15 +45,11 @@ def run(seeds: list[int], folds: list[int], steps: list[float], fisher: bool = T
             base = {k: v.detach().clone() for k, v in trainable_parameters(student).items()}
             pristine = copy.deepcopy(student)
             test = load_domain(domain, "test", limit=config.test_images)
-            adaptation_round(student, teacher, config, domain, seed)
+            downlink.adaptation_round(student, teacher, config, domain, seed)
             reference = _accuracy(student, test)  # the standard round, uncompressed
             for fold in folds:
                 for draw in range(config.basis_draws):  # the bench's bases: the round's own, then forced seeds
-                    forced = None if draw == 0 else int(np.random.default_rng([seed, draw]).integers(2**62))
-                    model = copy.deepcopy(pristine)
-                    log = adaptation_round(model, teacher, config, domain, seed, steps=rounds, subspace_fold=fold,
-                                           subspace_chunk=1024, subspace_seed=forced,
-                                           average_last=int(rounds * SUBSPACE_AVERAGED_SHARE))  # fmt: skip
+                    model, log = downlink.codec_aware_round(pristine, teacher, config, domain, seed, fold, 1024, draw)
                     delta = compute_delta({k: v.detach().clone() for k, v in trainable_parameters(model).items()},
                                           base)  # fmt: skip
                     row = {"seed": seed, "domain": domain, "fold": fold, "draw": draw, "reference": reference,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from cdcca.benchmarks import adapt
 from cdcca.data.digits_shift import DOMAINS, SOURCE_DOMAIN, load_domain
 from cdcca.evaluate import evaluate
 from cdcca.models.checkpoint import load_mllm
-from cdcca.models.trainable import LoraSettings, add_lora
+from cdcca.models.trainable import LoraSettings
 from cdcca.paths import checkpoint_dir
 from cdcca.report import format_table
 from cdcca.uts import UTSConfig
@@ -107,15 +108,10 @@ def run_variant(name: str, seed: int, checkpoints: Path, teacher, tests, config:
         return adapt.CdccaMethod(student, teacher, uts=uts, akd=akd, seed=seed, anchors=anchors,
                                  token_selection=change.get("tokens", "uts"))  # fmt: skip
 
-    def fresh(checkpoints, teacher, seed):
-        student = load_mllm(checkpoints / "student")
-        adapt.share_vision_encoder(teacher, student)
-        return add_lora(student, LoraSettings(**{"seed": seed, **change["lora"]}))
-
     original = adapt.make_method, adapt._fresh_student
     adapt.make_method = make
     if "lora" in change:
-        adapt._fresh_student = fresh
+        adapt._fresh_student = functools.partial(original[1], lora=LoraSettings(**change["lora"]))
     config = dataclasses.replace(config, **change.get("bench", {}))
     try:
         started = time.perf_counter()

@@ -17,7 +17,7 @@ import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -252,10 +252,11 @@ def make_method(name: str, student: MLLM, teacher: MLLM, steps: int, seed: int,
     return _baseline(name)(student, teacher, steps, seed)
 
 
-def _fresh_student(checkpoints, teacher: MLLM, seed: int) -> MLLM:
+def _fresh_student(checkpoints, teacher: MLLM, seed: int, lora: LoraSettings = LoraSettings()) -> MLLM:
+    """The pretrained student with ``lora``'s adapters, their A matrices drawn from ``seed``."""
     student = load_mllm(checkpoints / "student")
     share_vision_encoder(teacher, student)
-    return add_lora(student, LoraSettings(seed=seed))
+    return add_lora(student, replace(lora, seed=seed))
 
 
 def _row(scores: DomainScore) -> dict:

@@ -247,6 +247,22 @@ def _run_case(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain:
             "delta_rms": per_tensor, "base": base, "delta": delta}  # fmt: skip
 
 
+def codec_aware_round(pristine: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain: str, seed: int, fold: int,
+                      chunk: int, draw: int) -> tuple[MLLM, dict]:  # fmt: skip
+    """A copy of ``pristine`` after a codec-aware round on ``domain``: ``aware_steps_factor`` times the steps in a
+    1/``fold`` subspace, ending on the mean of its last :data:`~cdcca.dwc.SUBSPACE_AVERAGED_SHARE` of steps, in
+    basis draw ``draw`` (0: the basis the round draws, as the cloud does; others: forced seeds of the same round)
+    -> (model, the round's log)."""
+    from cdcca.dwc import SUBSPACE_AVERAGED_SHARE
+
+    steps = config.steps * config.aware_steps_factor
+    forced = None if draw == 0 else int(np.random.default_rng([seed, draw]).integers(2**62))
+    model = copy.deepcopy(pristine)
+    log = adaptation_round(model, teacher, config, domain, seed, steps=steps, subspace_fold=fold, subspace_chunk=chunk,
+                           subspace_seed=forced, average_last=int(steps * SUBSPACE_AVERAGED_SHARE))  # fmt: skip
+    return model, log
+
+
 def _codec_aware_row(pristine: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain: str, seed: int, name: str,
                      base: dict, test: list, accuracy_uncompressed: float) -> dict:  # fmt: skip
     """A round-bound codec's row (``SubspaceCodec``): the round trains in the codec's subspace (for
@@ -255,17 +271,14 @@ def _codec_aware_row(pristine: MLLM, teacher: MLLM, config: DownlinkBenchConfig,
     loss and accuracy being their mean and the bytes the largest draw's. Beside it: each subspace round
     uncompressed (what the subspace costs) and a full-space round of as many steps, uncompressed (what the extra
     steps buy)."""
-    from cdcca.dwc import SUBSPACE_AVERAGED_SHARE, compute_delta, get_codec
+    from cdcca.dwc import compute_delta, get_codec
 
     codec = get_codec(name)
     steps = config.steps * config.aware_steps_factor
     draws = []
     for draw in range(config.basis_draws):
-        forced = None if draw == 0 else int(np.random.default_rng([seed, draw]).integers(2**62))
-        model = copy.deepcopy(pristine)
-        log = adaptation_round(model, teacher, config, domain, seed, steps=steps, subspace_fold=codec.config.fold,
-                               subspace_chunk=codec.config.chunk, subspace_seed=forced,
-                               average_last=int(steps * SUBSPACE_AVERAGED_SHARE))  # fmt: skip
+        model, log = codec_aware_round(pristine, teacher, config, domain, seed, codec.config.fold,
+                                       codec.config.chunk, draw)  # fmt: skip
         delta = compute_delta({k: v.detach().clone() for k, v in trainable_parameters(model).items()}, base)
         accuracy_subspace = _accuracy(model, test)
         row = _codec_row(name, codec.for_round(log["subspace_seed"]), model, base, delta, log["importance"], test,
