@@ -41,7 +41,7 @@ import torch
 import zstandard
 from safetensors.numpy import save as save_safetensors
 
-from cdcca import dwc_format
+from cdcca import dwc_format, entropy
 from cdcca.dwc_format import (
     ECDQ_CONTEXTS,
     ECSQ_MAX_SYMBOL,
@@ -172,18 +172,20 @@ class Codec(ABC):
                 raise CodecError(f"importance must give a finite weight >= 0 for every tensor; missing {missing[:3]}")
             mean = sum(importance[n] for n in names) / max(1, len(names)) or 1.0
             weights = {i: importance[n] / mean for i, n in enumerate(names)}
-        kinds, streams = self._encode_streams(changed, names, weights)
+        kinds, streams, params = self._encode_payload(changed, names, weights)
         layout: Any = [
             [name, list(array.shape), kinds.get(i, "zero")] for i, (name, array) in enumerate(zip(names, arrays))
         ]
         if self.layout_by_reference:
             layout = {"sha256": layout_fingerprint({n: a.shape for n, a in zip(names, arrays)}),
                       "kinds": [entry[2] for entry in layout]}  # fmt: skip
-        header = {"codec": self.name, "version": VERSION, "params": self._params(), "layout": layout}
+        header = {"codec": self.name, "version": VERSION, "params": params, "layout": layout}
         container = save_safetensors(streams, metadata={FORMAT: json.dumps(header, separators=(",", ":"))})
         if self.zstd_level is None:
             return container
-        return zstandard.ZstdCompressor(level=self.zstd_level, write_content_size=True).compress(container)
+        compressor = zstandard.ZstdCompressor(level=self.zstd_level, write_content_size=True, write_dict_id=False,
+                                              dict_data=dwc_format.CONTAINER_DICTIONARY)  # fmt: skip
+        return compressor.compress(container)
 
     def decode(self, payload: bytes, reference: Mapping[str, Any] | None = None,
                strict: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
@@ -199,6 +201,12 @@ class Codec(ABC):
 
     def _params(self) -> dict[str, Any]:
         return {}
+
+    def _encode_payload(self, changed: dict[int, np.ndarray], names: list[str], weights: dict[int, float] | None
+                        ) -> tuple[dict[int, str], dict[str, np.ndarray], dict[str, Any]]:  # fmt: skip
+        """Layout kinds, streams and header params of the changed tensors: :meth:`_encode_streams` and
+        :meth:`_params`, unless the params depend on the data (a codec that overrides this)."""
+        return *self._encode_streams(changed, names, weights), self._params()
 
     @abstractmethod
     def _encode_streams(
@@ -519,23 +527,45 @@ class ECDQConfig:
             raise ValueError(f"ECDQConfig.zstd_level must be in 1..22, got {self.zstd_level}")
 
 
-def _dithered_steps(arrays: Mapping[int, np.ndarray], step: float, weights: Mapping[int, float] | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """The dithered quantizers' steps (``ecdq``, ``subspace``): per tensor, in index order, q ≈ ``step`` · RMS,
-    finer by √weight where the Fisher weight is above the mean, widened so that |x|/q <= 126 -> (values (P,) float64
-    in that order, q per tensor as bfloat16 bits (uint16), q per value as the robot reads it (P,) float64)."""
-    flats, steps = [], []
+def _step_targets(arrays: Mapping[int, np.ndarray], step: float, weights: Mapping[int, float] | None = None
+                  ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:  # fmt: skip
+    """Per tensor in index order: its flat values (float64), the dithered quantizer's target step q ≈ ``step`` ·
+    RMS, finer by √weight where the Fisher weight is above the mean, widened so that |x|/q <= 126, and the
+    smallest q that keeps |x|/q <= 126 (float64 arrays, one value per tensor)."""
+    flats, targets, floors = [], [], []
     for index in sorted(arrays):
         flat = np.asarray(arrays[index], np.float64).reshape(-1)
         rms, peak = float(np.sqrt(np.mean(flat**2))), float(np.abs(flat).max())
         finer = math.sqrt(max(1.0, weights[index])) if weights is not None else 1.0  # Fisher above the mean
-        q = np.float32(max(step * rms / finer, peak / (ECSQ_MAX_SYMBOL - 1), 1e-30))
-        steps.append(np.uint16(q.view(np.uint32) >> 16))  # bfloat16: q rounded down to 8 mantissa bits
+        floors.append(max(peak / (ECSQ_MAX_SYMBOL - 1), 1e-30))
+        targets.append(max(step * rms / finer, floors[-1]))
         flats.append(flat)
+    return flats, np.array(targets), np.array(floors)
+
+
+def _dithered_steps(arrays: Mapping[int, np.ndarray], step: float, weights: Mapping[int, float] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """The dithered quantizers' steps as bfloat16 (``ecdq``, ``subspace`` with the zstd coder), per tensor in index
+    order (:func:`_step_targets`) -> (values (P,) float64 in that order, q per tensor as bfloat16 bits (uint16), q
+    per value as the robot reads it (P,) float64)."""
+    flats, targets, _ = _step_targets(arrays, step, weights)
+    bits = (targets.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)  # q rounded down to 8 mantissa bits
     values = np.concatenate(flats) if flats else np.zeros(0)
-    bits = np.array(steps, np.uint16)
     widened = (bits.astype(np.uint32) << 16).view(np.float32)  # q as the robot reads it
     return values, bits, np.repeat(widened.astype(np.float64), [f.size for f in flats])
+
+
+def _log_step_codes(targets: np.ndarray, floors: np.ndarray) -> tuple[np.ndarray, int]:
+    """One-byte codes of the steps ``targets`` (nearest eighth of an octave, :func:`cdcca.dwc_format.log_steps`),
+    each raised until its step is at least its floor; steps more than 31 octaves below the largest are coarsened
+    to the lowest code -> (codes uint8, step_base)."""
+    if not targets.size:
+        return np.zeros(0, np.uint8), 0
+    base = math.floor(math.log2(float(targets.max()))) - 30
+    codes = np.clip(np.rint((np.log2(targets) - base) * 8), 0, 255).astype(np.int64)
+    for _ in range(2):  # rounding to the nearest code may undercut the floor by up to 4.4 %
+        codes += dwc_format.log_steps(codes.astype(np.uint8), base) < floors
+    return codes.astype(np.uint8), base
 
 
 class ECDQCodec(Codec):
@@ -597,7 +627,10 @@ class SubspaceConfig:
         step: quantizer step of the coefficients, in units of each tensor's coefficient RMS (subtractively
             dithered, as ``ecdq``'s, so the error is uniform and unbiased).
         seed: dither seed of the coefficients.
-        zstd_level: zstd level (1-22) of the entropy coding.
+        coder: entropy coder of the coefficients: ``rans``, each under a Gaussian of its tensor's RMS given its
+            dither (:mod:`cdcca.entropy`), with one-byte steps; or ``zstd``, int8 symbols in a zstd frame with
+            bfloat16 steps (payloads before stop 29). Lossless either way: only the bytes differ.
+        zstd_level: zstd level (1-22) of the container (and of the zstd coder's symbols).
     """
 
     fold: int = 10
@@ -605,10 +638,13 @@ class SubspaceConfig:
     basis_seed: int = 0
     step: float = 0.5
     seed: int = 0
+    coder: str = "rans"
     zstd_level: int = 19
 
     def __post_init__(self) -> None:
         dwc_format.subspace_params({"fold": self.fold, "chunk": self.chunk, "basis_seed": self.basis_seed})
+        if self.coder not in dwc_format.SUBSPACE_CODERS:
+            raise ValueError(f"SubspaceConfig.coder must be one of {dwc_format.SUBSPACE_CODERS}, got {self.coder!r}")
         ECDQConfig(step=self.step, seed=self.seed, zstd_level=self.zstd_level)  # the same checks
 
 
@@ -649,17 +685,42 @@ class SubspaceCodec(Codec):
 
     def _params(self) -> dict[str, Any]:
         c = self.config
-        return {"fold": c.fold, "chunk": c.chunk, "basis_seed": c.basis_seed, "step": float(c.step), "seed": c.seed}
+        params = {"fold": c.fold, "chunk": c.chunk, "basis_seed": c.basis_seed, "step": float(c.step), "seed": c.seed}
+        return params | ({"coder": c.coder} if c.coder != "zstd" else {})
 
-    def _encode_streams(self, changed, names, weights=None) -> tuple[dict[int, str], dict[str, np.ndarray]]:
+    def _coefficients(self, changed: dict[int, np.ndarray], names: list[str]) -> dict[int, np.ndarray]:
         numels = [0] * len(names)
         for index, array in changed.items():
             numels[index] = array.size
-        coefficients = self.basis(numels).coefficients_many(changed)
+        return self.basis(numels).coefficients_many(changed)
+
+    def _encode_streams(self, changed, names, weights=None) -> tuple[dict[int, str], dict[str, np.ndarray]]:
+        """The ``zstd`` coder's streams."""
+        coefficients = self._coefficients(changed, names)
         values, steps, step_of = _dithered_steps(coefficients, self.config.step, weights)  # (K,) coefficients
         symbols = np.rint(values / step_of + ecdq_dither(values.size, self.config.seed)).astype(np.int8)
         streams = {"symbols": _zstd_frame(symbols.view(np.uint8), self.zstd_level), "steps": steps}
         return {index: "subspace" for index in coefficients}, streams
+
+    def _encode_payload(self, changed, names, weights) -> tuple[dict[int, str], dict[str, np.ndarray], dict[str, Any]]:
+        if self.config.coder == "zstd":
+            return super()._encode_payload(changed, names, weights)
+        coefficients = self._coefficients(changed, names)
+        flats, targets, floors = _step_targets(coefficients, self.config.step, weights)
+        codes, base = _log_step_codes(targets, floors)
+        steps = dwc_format.log_steps(codes, base)  # q per tensor as the robot reads it
+        dims = [flat.size for flat in flats]
+        values = np.concatenate(flats) if flats else np.zeros(0)  # (K,)
+        dither = ecdq_dither(values.size, self.config.seed)
+        symbols = np.rint(values / np.repeat(steps, dims) + dither).astype(np.int64)
+        rms = np.array([math.sqrt(float(np.mean(flat**2))) for flat in flats])
+        classes = entropy.scale_class(rms / steps)
+        scales, bins, model = np.repeat(classes, dims), entropy.dither_bin(dither), entropy.GaussianModel()
+        data = entropy.encode(symbols, scales, bins, model)
+        params = self._params() | {"step_base": base,
+                                   "tables": model.checksum(list(zip(scales.tolist(), bins.tolist())))}  # fmt: skip
+        streams = {"symbols": np.frombuffer(data, np.uint8).copy(), "steps": codes, "scales": classes}
+        return {index: "subspace" for index in coefficients}, streams, params
 
 
 SUBSPACE_FALLBACK = "ecdq"  # what a round-bound codec's keyframes spanning several rounds go as

@@ -4,7 +4,8 @@ and the torch-free robot (:mod:`cdcca.edge.np_delta`, issue 19) alike. One reade
 
 Container: safetensors bytes (never pickle; the format of huggingface/safetensors' README: an 8-byte
 little-endian header size, a JSON header, the raw data) of flat 1-D streams, optionally in one zstd frame (RFC
-8878) that declares its content size. The string metadata has one key, ``cdcca-dwc``, whose JSON value holds
+8878) that declares its content size, compressed against :data:`CONTAINER_DICTIONARY` (a raw-content dictionary
+of what DWC headers spell out; decoding always loads it, and frames written without it decode the same). The string metadata has one key, ``cdcca-dwc``, whose JSON value holds
 ``codec``, ``version``, ``params`` (the knobs the decoder needs) and ``layout``: either ``[[name, shape, kind],
 ...]`` in the delta's order, or by reference ``{"sha256": layout_fingerprint, "kinds": [...]}`` for a receiver
 that knows its trainable set. Kind ``zero`` marks a tensor decoded as zeros from no data. (One key, because
@@ -51,6 +52,39 @@ NF4_LEVELS = np.array(
 )  # fmt: skip
 ECSQ_MAX_SYMBOL = 127  # largest |symbol| of the ecsq and ecdq codecs
 ECDQ_CONTEXTS = 2  # ecdq codes its symbols in this many classes of |dither|
+
+
+# What every DWC header spells out (safetensors' keys, this format's, each codec's params and stream names, the
+# trainable sets' name fragments), as a raw-content zstd dictionary (RFC 8878 Sec. 5): a small payload's header
+# then costs its values, not its keys (about 220 of a 2.4 kB subspace payload on the tiny student). Part of the
+# wire format: frames written with it decode only with these exact bytes, so it is never edited, only replaced
+# by a new format version.
+_DICTIONARY_TEXT = "".join([
+    '{"__metadata__":{"cdcca-dwc":"{\\"codec\\":\\"fp16\\",\\"version\\":1,\\"params\\":{\\"blocksize\\":64,',
+    '\\"granularity\\":\\"tensor\\"},\\"layout\\":[[\\"query_tokens\\",[1,32,64],\\"nf4\\"],[\\"',
+    'language_model.model.decoder.layers.0.self_attn.q_proj.lora_A.default.weight\\",[8,64],\\"sign\\"],[\\"',
+    'language_model.model.decoder.layers.1.self_attn.v_proj.lora_B.default.weight\\",[64,8],\\"zero\\"],[\\"',
+    'qformer.encoder.layer.0.attention.attention.query.bias\\",[64],\\"fp16\\"],[\\"',
+    'qformer.encoder.layer.0.attention.output.dense.bias\\",[64],\\"fp16\\"],[\\"',
+    'language_model.model.decoder.layers.1.self_attn_layer_norm.weight\\",[64],\\"fp16\\"]]}"},',
+    '"0.absmax":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"0.codes":{"dtype":"U8","shape":[128],',
+    '"data_offsets":[16,144]},"0":{"dtype":"F16","shape":[256],"data_offsets":[0,512]},"mask":{"dtype":"U8",',
+    '"shape":[32],"data_offsets":[4,36]},"signs":{"dtype":"U8","shape":[5],"data_offsets":[36,41]},',
+    '"magnitudes":{"dtype":"U8","shape":[81],"data_offsets":[35,116]},"offsets":{"dtype":"U8","shape":[2],',
+    '"data_offsets":[116,118]},"c0":{"dtype":"U8","shape":[43],"data_offsets":[4,47]},"c1":{"dtype":"U8",',
+    '"shape":[48],"data_offsets":[47,95]},"extra":{"dtype":"U8","shape":[32],"data_offsets":[95,127]},',
+    '{"__metadata__":{"cdcca-dwc":"{\\"codec\\":\\"ecdq\\",\\"version\\":1,\\"params\\":{\\"step\\":1.0,',
+    '\\"seed\\":0},\\"layout\\":{\\"sha256\\":\\"0123456789abcdef\\",\\"kinds\\":[\\"ecsq\\",\\"ecdq\\",',
+    '\\"sign\\",\\"zero\\"]}}"},"scales":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"steps":{"dtype":"U16",',
+    '"shape":[2],"data_offsets":[0,4]},',
+    '{"__metadata__":{"cdcca-dwc":"{\\"codec\\":\\"subspace\\",\\"version\\":1,\\"params\\":{\\"fold\\":8,',
+    '\\"chunk\\":1024,\\"basis_seed\\":0,\\"step\\":0.5,\\"seed\\":0,\\"coder\\":\\"rans\\",',
+    '\\"step_base\\":-32,\\"tables\\":0},\\"layout\\":{\\"sha256\\":\\"0\\",\\"kinds\\":[',
+    '\\"subspace\\",' * 32, '\\"subspace\\"]}}"},"scales":{"dtype":"U8","shape":[82],"data_offsets":[0,82]},',
+    '"steps":{"dtype":"U8","shape":[82],"data_offsets":[82,164]},"symbols":{"dtype":"U8","shape":[1848],',
+    '"data_offsets":[164,2012]}}',
+])
+CONTAINER_DICTIONARY = zstandard.ZstdCompressionDict(_DICTIONARY_TEXT.encode(), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
 
 class CodecError(CdccaError, ValueError):
@@ -112,7 +146,7 @@ def unwrap(payload: bytes, limit: int = MAX_CONTAINER_BYTES) -> bytes:
     size = zstandard.frame_content_size(payload)
     if not 0 <= size <= limit:
         raise CodecError(f"zstd frame declares {size} bytes (unknown or above the receiver's limit of {limit})")
-    return zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
+    return zstandard.ZstdDecompressor(dict_data=CONTAINER_DICTIONARY).decompress(payload, max_output_size=size)
 
 
 def container_limit(reference: Mapping[str, Any]) -> int:
@@ -601,30 +635,75 @@ def subspace_params(params: dict[str, Any]) -> tuple[int, int, int]:
     return fold, chunk, seed
 
 
+# The subspace codec's step per tensor as one byte, q = STEP_MANTISSAS[e % 8] · 2^(step_base + e // 8): an eighth of an
+# octave apart (each q within 4.4 % of the encoder's target), decoded with exact operations only.
+STEP_MANTISSAS = (1.0, 1.0905077326652577, 1.189207115002721, 1.2968395546510096, 1.4142135623730951,
+                  1.5422108254079407, 1.681792830507429, 1.8340080864093424)  # 2^(r/8), as literals  # fmt: skip
+SUBSPACE_CODERS = ("zstd", "rans")
+
+
+def log_steps(codes: np.ndarray, base: int) -> np.ndarray:
+    """Steps (float64) of one-byte step codes ``codes`` (uint8) over exponent ``base`` (:data:`STEP_MANTISSAS`)."""
+    exponents = base + (codes.astype(np.int64) >> 3)
+    return np.ldexp(np.array(STEP_MANTISSAS)[codes & 7], exponents)
+
+
 @register("subspace", kinds=("subspace",))
 def _subspace(entries: list[Entry], streams: dict[str, np.ndarray], params: dict[str, Any]) -> dict[int, np.ndarray]:
     """A delta trained in a seeded random subspace (:class:`SubspaceBasis`): each ``subspace`` tensor's
     coefficients z, subtractively dithered and uniformly quantized, z = (s − u) · q, u = :func:`ecdq_dither` over
-    the coefficients in layout order; stream ``"symbols"``, one zstd frame of int8 s (|s| <= 127); plain
-    ``"steps"``, uint16 per tensor, q = the float32 whose high 16 bits they are (bfloat16). Each tensor decodes
-    as Bz. Params ``fold``, ``chunk`` and ``basis_seed`` rebuild B from the layout (a tensor's basis depends on its
-    layout position, not on which others changed); ``step`` (the encoder's, in RMS units) and ``seed``."""
+    the coefficients in layout order. Each tensor decodes as Bz. Params ``fold``, ``chunk`` and ``basis_seed``
+    rebuild B from the layout (a tensor's basis depends on its layout position, not on which others changed);
+    ``step`` (the encoder's, in RMS units), ``seed`` and ``coder``:
+
+    - ``rans`` (the default since stop 29): stream ``"symbols"``, uint8 rANS bytes of the symbols s
+      (:func:`cdcca.entropy.decode`), each under a Gaussian of its tensor's scale given its dither u; ``"steps"``,
+      uint8 per tensor, q by :func:`log_steps` over param ``step_base``; ``"scales"``, uint8 per tensor, the
+      scale class of RMS(z)/q (:func:`cdcca.entropy.class_scale`). Param ``tables``: CRC-32 of the Gaussian
+      tables the sender used, which the receiver's must match.
+    - ``zstd`` (or no ``coder``, payloads before stop 29): ``"symbols"``, one zstd frame of int8 s; ``"steps"``,
+      uint16 per tensor, q = the float32 whose high 16 bits they are (bfloat16).
+    """
+    from cdcca import entropy
+
     fold, chunk, basis_seed = subspace_params(params)
-    step, seed = params.get("step"), params.get("seed")
+    step, seed, coder = params.get("step"), params.get("seed"), params.get("coder", "zstd")
     if type(step) is not float or not 0.0 < step < 64.0:
         raise CodecError(f"subspace step {step!r} is not a number in (0, 64)")
     if type(seed) is not int or not 0 <= seed < 2**63:
         raise CodecError(f"subspace seed {seed!r} is not an int in [0, 2^63)")
+    if coder not in SUBSPACE_CODERS:
+        raise CodecError(f"subspace coder {coder!r} is not one of {SUBSPACE_CODERS}")
     numels = [0] * (max((entry.index for entry in entries), default=-1) + 1)
     for entry in entries:
         numels[entry.index] = entry.numel
     basis = SubspaceBasis(tuple(numels), fold, chunk, basis_seed)
     dims = [basis.dims(entry.index) for entry in entries]
-    steps = bfloat16_steps(streams, len(entries), "subspace")
-    symbols = inflate(streams, "symbols", sum(dims)).view(np.int8)
-    if (symbols == -128).any():
-        raise CodecError(f"stream 'symbols' must hold symbols with |s| <= {ECSQ_MAX_SYMBOL}")
-    z = (symbols - ecdq_dither(symbols.size, seed)) * np.repeat(steps.astype(np.float64), dims)  # (K,)
+    dither = ecdq_dither(sum(dims), seed)
+    if coder == "zstd":
+        steps = bfloat16_steps(streams, len(entries), "subspace").astype(np.float64)
+        symbols = inflate(streams, "symbols", sum(dims)).view(np.int8)
+        if (symbols == -128).any():
+            raise CodecError(f"stream 'symbols' must hold symbols with |s| <= {ECSQ_MAX_SYMBOL}")
+    else:
+        base, checksum = params.get("step_base"), params.get("tables")
+        if type(base) is not int or not -1100 <= base <= 1000:
+            raise CodecError(f"subspace step_base {base!r} is not an int in [-1100, 1000]")
+        steps = log_steps(take(streams, "steps", np.uint8, len(entries)), base)
+        if not (np.isfinite(steps).all() and (steps > 0).all()):
+            raise CodecError("subspace steps must be finite and > 0")
+        classes = take(streams, "scales", np.uint8, len(entries))
+        if (classes >= entropy.SCALE_CLASSES).any():
+            raise CodecError(f"subspace scale classes must be < {entropy.SCALE_CLASSES}")
+        scales, bins, model = np.repeat(classes, dims), entropy.dither_bin(dither), entropy.GaussianModel()
+        if model.checksum(list(zip(scales.tolist(), bins.tolist()))) != checksum:
+            raise CodecError("this receiver's Gaussian tables differ from the sender's (param 'tables'); the "
+                             "platforms' erfc disagree, so the payload cannot be decoded here")  # fmt: skip
+        try:
+            symbols = entropy.decode(take(streams, "symbols", np.uint8, None).tobytes(), scales, bins, model)
+        except entropy.EntropyError as error:
+            raise CodecError(f"subspace symbols: {error}") from error
+    z = (symbols - dither) * np.repeat(steps, dims)  # (K,)
     bounds = np.cumsum([0, *dims])
     values = basis.expand_many({entry.index: z[bounds[i] : bounds[i + 1]] for i, entry in enumerate(entries)})
     return {index: array.astype(np.float32) for index, array in values.items()}

@@ -30,12 +30,15 @@ from cdcca.dwc import (
     NF4Config,
     SparseSignCodec,
     SparseSignConfig,
+    SubspaceCodec,
+    SubspaceConfig,
     apply_delta,
     bits_per_param,
     compute_delta,
     get_codec,
     measure,
 )
+from cdcca.dwc_format import CONTAINER_DICTIONARY
 from cdcca.errors import CdccaError
 from cdcca.models.checkpoint import build_pair
 from cdcca.models.presets import get_preset
@@ -123,7 +126,7 @@ def adapter_delta() -> dict[str, torch.Tensor]:
 def _unpack(payload: bytes) -> tuple[dict, dict[str, np.ndarray], bool]:
     """(DWC header, streams, was zstd-wrapped) of a payload, read independently of cdcca.dwc."""
     compressed = payload[:4] == ZSTD_MAGIC
-    container = zstandard.ZstdDecompressor().decompress(payload) if compressed else payload
+    container = zstandard.ZstdDecompressor(dict_data=CONTAINER_DICTIONARY).decompress(payload) if compressed else payload
     header_size = int.from_bytes(container[:8], "little")
     metadata = json.loads(container[8 : 8 + header_size])["__metadata__"]
     assert list(metadata) == ["cdcca-dwc"]
@@ -306,27 +309,35 @@ def _pinned_delta() -> dict[str, torch.Tensor]:
 
 # SHA-256 of each codec's payload of _pinned_delta(). The committed downlink results (bench/downlink.md) and any
 # envelope already signed depend on these bytes: a change here is a wire-format change, not a refactor. (They
-# also pin the venv's zstd and bitsandbytes; a new release of either that changes them is a finding too.)
+# also pin the venv's zstd and bitsandbytes; a new release of either that changes them is a finding too.) Stop 29
+# changed every zstd-wrapped codec's bytes on purpose: the container frame is compressed against
+# CONTAINER_DICTIONARY (frames written without it decode unchanged: test_frames_without_the_dictionary_decode).
 PINNED_PAYLOADS = [
     ("fp16", CODECS["fp16"], None, "56b56d03f6d69a2eac32f475ea419ccd7a847fdef1bc1f4cea76f2baeff79dd4"),
     ("nf4", CODECS["nf4"], None, "e76e99900a71833959576ea1285910821b97af17fe6b0c671ae39d7316fa52f7"),
-    ("nf4-zstd", CODECS["nf4-zstd"], None, "382d83f42b9488a5d1cc0c0f9cd222003f388d00387c9fc03c8f1ebba2a9c657"),
-    ("sparse-sign", CODECS["sparse-sign"], None, "428c8e16c726850ff8ac14d6df08e15c15bfa55bc895490748cf5f4cebb0a117"),
+    ("nf4-zstd", CODECS["nf4-zstd"], None, "bb2f16a612c10b14d84fe5bcfde8d3cd6c0351fdf04fbd73dbbda62aa4eca6c1"),
+    ("sparse-sign", CODECS["sparse-sign"], None, "a483e9bb9bf14b024e01122035425864333837352182cdd6a494380e35993a74"),
     ("sparse-sign-ref", CODECS["sparse-sign-ref"], None,
-     "b6b0badbbb8e0a555f4fe5c60704089c5c6f019e4a20ea159c51e7f870853ec2"),
-    ("ecsq", CODECS["ecsq"], None, "2bb238d5df97165641ad9c21bd9c1deb8caf9bc337601e0bba7492076b2f76e7"),
+     "61b78f8e2de926093bf97f25c1458953561b314318d6807dfbb881aa68a765b9"),
+    ("ecsq", CODECS["ecsq"], None, "8c18b3c38eb887e8bb6d98524c355bb9dee87d51ca563635eab5563a5e23c7c7"),
     ("nf4/32", NF4Codec(NF4Config(blocksize=32)), None,
      "2b3b0f662765bee969aab7b188e478eea67c23727ba140e26d1c7cbc306766f1"),
     ("sparse-sign/row", SparseSignCodec(SparseSignConfig(granularity="row")), None,
-     "c4308cafa42b43ed1c28cd6cf3a24aa91cae16fe476e4b3647e3ff05d5cfcf9a"),
+     "ff414f4ae92084055feab4d7bfc9e7e593517de4d71d84ae9630a6c986af42de"),
     ("sparse-sign/0.3+importance", SparseSignCodec(SparseSignConfig(bits_per_value=0.3)), {"g": 1e-4},
-     "2a4b4310a6b76a3b13bbe7f859441879271becbb6df83800ec8de8b2a1458b36"),
+     "6bf9afba62fd76b3b50ae2f5e2f1a8def8b4a457108a099c1df40f4187ebd2a1"),
     ("ecsq/3.0", ECSQCodec(ECSQConfig(step=3.0)), None,
-     "9f1ed4025ebbb795d870df907c197d0bd9aa4222c97b6d693f93b623d4c5b8eb"),
+     "99febd8ec494c5b0cc2aeaf8cd9a0ca5d794cb20a5770211ef2e5b340c107088"),
     ("ecdq/2.0", ECDQCodec(ECDQConfig(step=2.0)), None,
-     "5cf1d09753767138973aed975744d8fbf21d7862e3864025fb2bd84fc2edde3a"),
+     "9431542f04cb9f431933ee16a6f9c43b71716a2a0a7e86d30599447cf7c6a5bc"),
     ("ecdq/4.0/seed7", ECDQCodec(ECDQConfig(step=4.0, seed=7)), None,
-     "ffb0b2f562d0fe234598ac0ba4e0a5a40cc6efa929e3d2bc56f8d7d32e83cf15"),
+     "c183e41ce00e676ce630796726408df631d1e5f38a46cb58608fd51a3cac9c81"),
+    ("subspace/8", SubspaceCodec(SubspaceConfig(fold=8, basis_seed=3)), None,
+     "e2d04910400d5ed45d9b2e6cbecf6e069225e94f778785e3db84eaa9ed263c10"),
+    ("subspace/4+importance", SubspaceCodec(SubspaceConfig(fold=4, basis_seed=3, step=0.3)), {"g": 9.0},
+     "c9e320b5735c91b911e31266ff43eda65ca4bbd9a0d09551ad74f64896cbdc60"),
+    ("subspace/zstd", SubspaceCodec(SubspaceConfig(fold=8, basis_seed=3, coder="zstd")), None,
+     "144795319df3922499ce9cd5794e4e9230771b6322ebd255dbd6507df748aa4f"),
 ]  # fmt: skip
 
 
@@ -680,3 +691,18 @@ def test_apply_delta_bounds_the_change_relative_to_the_base_weights():
     assert apply_delta(small, {"w": torch.tensor([9.5, 0.0])})["w"][0] == 9.5
     assert apply_delta(base, {"w": torch.zeros(2), "lora_B": torch.tensor([1e38, 0.0])}, max_ratio=None)[
         "lora_B"][0] == 1e38  # fmt: skip
+
+
+@pytest.mark.parametrize("label", ["nf4-zstd", "sparse-sign-ref", "ecdq", "subspace"])
+def test_frames_without_the_dictionary_decode(label):
+    codec, delta = CODECS[label], _pinned_delta()
+    reference = {name: tuple(t.shape) for name, t in delta.items()}
+    payload = codec.encode(delta)
+    container = zstandard.ZstdDecompressor(dict_data=CONTAINER_DICTIONARY).decompress(payload)
+    before = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(container)  # as before stop 29
+
+    old, new = codec.decode(before, reference, strict=True), codec.decode(payload, reference, strict=True)
+
+    assert len(payload) < len(before) - 60  # the dictionary spells the header's keys
+    for name in delta:
+        assert torch.equal(old[name], new[name]), name

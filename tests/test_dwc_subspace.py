@@ -11,8 +11,16 @@ import torch
 from cdcca import wire
 from cdcca.akd import AKDConfig, Distiller, DistillSample
 from cdcca.data.digits_shift import load_domain
-from cdcca.dwc import SUBSPACE_FALLBACK, CodecError, SubspaceCodec, SubspaceConfig, bits_per_param, get_codec
-from cdcca.dwc_format import SubspaceBasis, subspace_chunks
+from cdcca.dwc import (
+    SUBSPACE_FALLBACK,
+    CodecError,
+    SubspaceCodec,
+    SubspaceConfig,
+    _log_step_codes,
+    bits_per_param,
+    get_codec,
+)
+from cdcca.dwc_format import SubspaceBasis, log_steps, subspace_chunks
 from cdcca.edge import np_delta
 from cdcca.envelope import VersionChain
 from cdcca.models.trainable import add_lora, trainable_parameters
@@ -111,6 +119,8 @@ def test_a_delta_outside_the_subspace_decodes_to_its_projection():
 @pytest.mark.parametrize("params, match", [
     ({"fold": 0}, "fold"), ({"fold": 1.5}, "fold"), ({"chunk": 1000}, "chunk"), ({"chunk": 0}, "chunk"),
     ({"basis_seed": -1}, "basis_seed"), ({"basis_seed": "7"}, "basis_seed"), ({"step": 0.0}, "step"),
+    ({"coder": "lzma"}, "coder"), ({"step_base": 5000}, "step_base"), ({"step_base": 1.0}, "step_base"),
+    ({"tables": 1}, "tables"), ({"step_base": 990}, "NaN/Inf"),
 ])  # fmt: skip
 def test_hostile_header_params_are_codec_errors(params, match):
     codec = get_codec("subspace")
@@ -124,11 +134,64 @@ def test_hostile_header_params_are_codec_errors(params, match):
         np_delta.decode(forged, "subspace", _reference(delta), strict=True)
 
 
+@pytest.mark.parametrize("stream, forge, match", [
+    ("scales", lambda a: np.full_like(a, 64), "scale classes"),
+    ("scales", lambda a: a[:-1], "scales"),
+    ("steps", lambda a: a.astype(np.uint16), "steps"),
+    ("symbols", lambda a: a[:-1], "subspace symbols"),
+    ("symbols", lambda a: np.concatenate([a, a[:1]]), "subspace symbols"),
+])  # fmt: skip
+def test_forged_rans_streams_are_codec_errors(stream, forge, match):
+    codec = get_codec("subspace")
+    delta = _in_subspace(codec)
+    header, streams = _container(codec.encode(delta))
+    streams[stream] = forge(streams[stream])
+    forged = _rebuild(header, streams)
+    with pytest.raises(CodecError, match=match):
+        codec.decode(forged, _reference(delta), strict=True)
+    with pytest.raises(CodecError, match=match):
+        np_delta.decode(forged, "subspace", _reference(delta), strict=True)
+
+
+def test_the_rans_coder_sends_what_the_zstd_coder_does_in_fewer_bytes():
+    shapes = {f"bias{i}": (128,) for i in range(40)} | {"lora_A": (8, 512)}  # small tensors: 16 coefficients each
+    rans = SubspaceCodec(SubspaceConfig(fold=8, basis_seed=5))
+    zstd = SubspaceCodec(SubspaceConfig(fold=8, basis_seed=5, coder="zstd"))
+    delta = _in_subspace(rans, shapes)
+
+    new, old = rans.encode(delta), zstd.encode(delta)
+
+    assert len(new) < len(old) - 50
+    assert _container(new)[1]["symbols"].size < 0.93 * _container(old)[1]["symbols"].size
+    assert _container(new)[0]["params"]["coder"] == "rans" and "coder" not in _container(old)[0]["params"]
+    for payload in (new, old):  # payloads of the zstd coder (every one before stop 29) still decode
+        decoded = rans.decode(payload, _reference(delta), strict=True)
+        robot = np_delta.decode(payload, "subspace", _reference(delta), strict=True)
+        for name, original in delta.items():
+            assert float((decoded[name] - original).norm() / original.norm()) < 0.2, name
+            np.testing.assert_array_equal(robot[name], decoded[name].numpy())
+
+
+def test_one_byte_steps_keep_every_symbol_in_range_and_coarsen_only_the_negligible():
+    targets = np.array([1.03, 5.0, 2.0**-40, 0.7])
+    floors = np.array([1.03, 1.0, 2.0**-40, 0.75])  # the first and last must not be undercut by rounding
+
+    codes, base = _log_step_codes(targets, floors)
+    steps = log_steps(codes, base)
+
+    assert (steps >= floors).all()
+    assert np.all(np.abs(np.log2(steps[[0, 1]] / targets[[0, 1]])) <= 1 / 8)
+    assert codes[2] == 0 and steps[2] > targets[2]  # 42 octaves below the largest: raised to the lowest code
+    assert steps[3] == pytest.approx(0.75, rel=0.09)
+
+
 def test_config_is_checked():
     with pytest.raises(CodecError, match="chunk"):
         SubspaceConfig(chunk=1000)
     with pytest.raises(ValueError, match="step"):
         SubspaceConfig(step=0.0)
+    with pytest.raises(ValueError, match="coder"):
+        SubspaceConfig(coder="lzma")
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -27,6 +27,8 @@ CODECS = {
     "ecsq/coarse": dwc.ECSQCodec(dwc.ECSQConfig(step=3.0)),
     "ecdq": dwc.ECDQCodec(),
     "ecdq/coarse": dwc.ECDQCodec(dwc.ECDQConfig(step=4.0, seed=3)),
+    "subspace": dwc.SubspaceCodec(dwc.SubspaceConfig(fold=4, basis_seed=9)),
+    "subspace/zstd": dwc.SubspaceCodec(dwc.SubspaceConfig(fold=2, basis_seed=9, step=0.3, coder="zstd")),
 }
 
 
@@ -129,7 +131,8 @@ def _numpy_outcome(codec, payload, reference):
         return "rejected"
 
 
-@pytest.mark.parametrize("label", ["fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref/row", "ecsq", "ecdq"])
+@pytest.mark.parametrize("label", ["fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref/row", "ecsq", "ecdq",
+                                   "subspace"])  # fmt: skip
 def test_corrupt_and_truncated_payloads_get_the_same_verdict(label):
     # Prepare: truncations, single-byte flips across the whole payload, and junk
     codec = CODECS[label]
