@@ -4,8 +4,9 @@ and the torch-free robot (:mod:`cdcca.edge.np_delta`, issue 19) alike. One reade
 
 Container: safetensors bytes (never pickle; the format of huggingface/safetensors' README: an 8-byte
 little-endian header size, a JSON header, the raw data) of flat 1-D streams, optionally in one zstd frame (RFC
-8878) that declares its content size, compressed against :data:`CONTAINER_DICTIONARY` (a raw-content dictionary
-of what DWC headers spell out; decoding always loads it, and frames written without it decode the same). The string metadata has one key, ``cdcca-dwc``, whose JSON value holds
+8878) that declares its content size, compressed against :data:`CONTAINER_DICTIONARY` (a raw-content
+dictionary of what DWC headers spell out; decoding always loads it, and frames written without it decode the
+same). The string metadata has one key, ``cdcca-dwc``, whose JSON value holds
 ``codec``, ``version``, ``params`` (the knobs the decoder needs) and ``layout``: either ``[[name, shape, kind],
 ...]`` in the delta's order, or by reference ``{"sha256": layout_fingerprint, "kinds": [...]}`` for a receiver
 that knows its trainable set. Kind ``zero`` marks a tensor decoded as zeros from no data. (One key, because
@@ -84,7 +85,8 @@ _DICTIONARY_TEXT = "".join([
     '"steps":{"dtype":"U8","shape":[82],"data_offsets":[82,164]},"symbols":{"dtype":"U8","shape":[1848],',
     '"data_offsets":[164,2012]}}',
 ])
-CONTAINER_DICTIONARY = zstandard.ZstdCompressionDict(_DICTIONARY_TEXT.encode(), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+CONTAINER_DICTIONARY = zstandard.ZstdCompressionDict(_DICTIONARY_TEXT.encode(),
+                                                     dict_type=zstandard.DICT_TYPE_RAWCONTENT)  # fmt: skip
 
 
 class CodecError(CdccaError, ValueError):

@@ -126,7 +126,8 @@ def adapter_delta() -> dict[str, torch.Tensor]:
 def _unpack(payload: bytes) -> tuple[dict, dict[str, np.ndarray], bool]:
     """(DWC header, streams, was zstd-wrapped) of a payload, read independently of cdcca.dwc."""
     compressed = payload[:4] == ZSTD_MAGIC
-    container = zstandard.ZstdDecompressor(dict_data=CONTAINER_DICTIONARY).decompress(payload) if compressed else payload
+    unzstd = zstandard.ZstdDecompressor(dict_data=CONTAINER_DICTIONARY)
+    container = unzstd.decompress(payload) if compressed else payload
     header_size = int.from_bytes(container[:8], "little")
     metadata = json.loads(container[8 : 8 + header_size])["__metadata__"]
     assert list(metadata) == ["cdcca-dwc"]
