@@ -66,7 +66,7 @@ DEFAULT_ENDPOINT = "tcp/127.0.0.1:7447"  # cdcca.transport.DEFAULT_ENDPOINT
 DOMAIN_NAMES = ("source", "colour_inverted", "printed", "noisy_rotated", "rephrased")  # cdcca.data.digits_shift
 TASK_NAMES = ("vqa", "mc", "caption")  # cdcca.data.sample.TASKS
 PRETRAIN_DEFAULTS = {"vision_steps": 1000, "teacher_steps": 500, "student_steps": 300, "batch_size": 64, "seed": 0}
-CLOUD_DEFAULTS = {"round_size": 64, "max_round_samples": 256, "replay": 0, "codec": "ecdq"}
+CLOUD_DEFAULTS = {"round_size": 64, "max_round_samples": 256, "replay": 0, "codec": "subspace"}
 CLOUD_SERVICE_DEFAULTS = {"metrics_address": "127.0.0.1", "status_every_s": 2.0, "comeback_after_s": 10.0,
                           "adapter_cache": 4, "lease_s": 600.0}
 AKD_DEFAULTS = {"check_fraction": 0.0, "check_min": 3, "pseudo_label_keep": 1.0, "steps": 60, "lr": 1e-3, "seed": 0}

