@@ -9,8 +9,8 @@ standard round (150 steps), as in the bench.
     python bench/subspace_folds.py --seeds 0 1 --folds 10 8 --steps 0.5 0.6 --json /tmp/a.json
 
 (one thread; about a minute per round on the 2-core machine; seeds may run as separate processes side by side and
-be merged with ``--merge``.) Results of stop 28: ``bench/results/subspace_folds.json``, summarized in
-``bench/downlink.md``.
+be merged with ``--merge``.) Results of stops 28 (zstd coder) and 29 (rANS coder, fold 8):
+``bench/results/subspace_folds.json``, summarized in ``bench/downlink.md``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def run(seeds: list[int], folds: list[int], steps: list[float], fisher: bool = T
                                           base)  # fmt: skip
                     row = {"seed": seed, "domain": domain, "fold": fold, "draw": draw, "reference": reference,
                            "loss_unquantized": reference - _accuracy(model, test), "fisher": fisher,
-                           "steps": {}}  # fmt: skip
+                           "coder": SubspaceConfig().coder, "steps": {}}  # fmt: skip
                     importance = log["importance"] if fisher else None  # finer steps where the Fisher is high
                     for step in steps:
                         codec = SubspaceCodec(SubspaceConfig(fold=fold, basis_seed=log["subspace_seed"], step=step))
@@ -66,17 +66,21 @@ def run(seeds: list[int], folds: list[int], steps: list[float], fisher: bool = T
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """Per (fold, Fisher-refined steps or not, step): bits per parameter (mean, max), loss before quantizing and
-    after the codec, pooled over the rounds, the worst round, and the rounds counted."""
+    """Per (fold, Fisher-refined steps or not, entropy coder, step): bits per parameter (mean, max), loss before
+    quantizing and after the codec, pooled over the rounds, the worst round, and the rounds counted. Rows without a
+    coder are stop 28's, coded by zstd."""
     out = []
-    for fold, fisher in sorted({(r["fold"], r.get("fisher", True)) for r in rows}, reverse=True):
-        mine = [r for r in rows if r["fold"] == fold and r.get("fisher", True) == fisher]
+    def key(row: dict) -> tuple[int, bool, str]:
+        return row["fold"], row.get("fisher", True), row.get("coder", "zstd")
+
+    for fold, fisher, coder in sorted({key(r) for r in rows}, reverse=True):
+        mine = [r for r in rows if key(r) == (fold, fisher, coder)]
         for step in sorted({s for r in mine for s in r["steps"]}, key=float):
             cut = [r for r in mine if step in r["steps"]]
             losses = [r["steps"][step]["loss"] for r in cut]
             bits = [r["steps"][step]["bits"] for r in cut]
             before = float(np.mean([r["loss_unquantized"] for r in cut]))
-            out.append({"fold": fold, "fisher": fisher, "step": float(step), "rounds": len(cut),
+            out.append({"fold": fold, "fisher": fisher, "coder": coder, "step": float(step), "rounds": len(cut),
                         "bits_mean": float(np.mean(bits)), "bits_max": max(bits), "loss_before_quantizing": before,
                         "loss": float(np.mean(losses)), "worst_round": max(losses)})  # fmt: skip
     return out
@@ -107,7 +111,7 @@ def main() -> None:
         args.json.write_text(json.dumps(report, indent=1))
     for row in report["summary"]:
         fisher = "" if row["fisher"] else "no Fisher "
-        print(f"1/{row['fold']:<3d} {fisher}step {row['step']:<5g} {row['rounds']:3d} rounds  "
+        print(f"1/{row['fold']:<3d} {row['coder']:4s} {fisher}step {row['step']:<5g} {row['rounds']:3d} rounds  "
               f"bits {row['bits_mean']:.3f} (max {row['bits_max']:.3f})  "
               f"loss before quantizing {row['loss_before_quantizing']:+.2f}  after {row['loss']:+.2f}  "
               f"(worst round {row['worst_round']:+.2f})")
