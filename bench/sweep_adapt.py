@@ -89,6 +89,9 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "lora-r16": {"akd": {}, "uts": {}, "lora": {"rank": 16, "alpha": 32}},
     "lora-r4": {"akd": {}, "uts": {}, "lora": {"rank": 4, "alpha": 8}},
     "qformer-all": {"akd": {}, "uts": {}, "lora": {"qformer_modules": QFORMER_ALL}},
+    # the rounds `cdcca cloud` trains under its default codec (`subspace`, CloudConfig): 1/8 of the trainable set,
+    # twice the steps, ending on the mean of the last third (the downlink taken as lossless, as in bench adapt)
+    "subspace8": {"akd": {"subspace_fold": 8, "steps": 120, "average_last": 40}, "uts": {}},
     "pl": {"method": "pl"},
     "source-only": {"method": "source-only"},
 }

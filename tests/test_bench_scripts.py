@@ -31,13 +31,16 @@ def test_subspace_folds_summary_pools_each_fold_and_step_over_its_rounds():
     rows = [_round(10, 0.5, {"0.5": (0.45, 1.0), "1.0": (0.36, 3.0)}),
             _round(10, 0.1, {"0.5": (0.46, -0.2), "1.0": (0.35, 1.0)}),
             _round(8, 0.3, {"0.5": (0.53, 0.4)}),
-            {**_round(8, 0.3, {"0.5": (0.51, 0.9)}), "fisher": False}]  # fmt: skip
+            {**_round(8, 0.3, {"0.5": (0.51, 0.9)}), "fisher": False},
+            {**_round(8, 0.3, {"0.5": (0.44, 0.2)}), "coder": "rans"}]  # fmt: skip
 
     summary = folds.summary(rows)
 
-    assert [(r["fold"], r["fisher"], r["step"], r["rounds"]) for r in summary] == [
-        (10, True, 0.5, 2), (10, True, 1.0, 2), (8, True, 0.5, 1), (8, False, 0.5, 1)]  # fmt: skip
-    assert summary[3]["loss"] == 0.9 and summary[2]["loss"] == 0.4  # steps without Fisher refinement apart
+    assert [(r["fold"], r["fisher"], r["coder"], r["step"], r["rounds"]) for r in summary] == [
+        (10, True, "zstd", 0.5, 2), (10, True, "zstd", 1.0, 2), (8, True, "zstd", 0.5, 1), (8, True, "rans", 0.5, 1),
+        (8, False, "zstd", 0.5, 1)]  # fmt: skip (rows without a coder are stop 28's zstd ones)
+    assert summary[4]["loss"] == 0.9 and summary[2]["loss"] == 0.4  # steps without Fisher refinement apart
+    assert summary[3]["bits_max"] == 0.44 and summary[3]["loss"] == 0.2  # and each coder's rounds apart
     first = summary[0]
     assert first["bits_mean"] == pytest.approx(0.455) and first["bits_max"] == 0.46
     assert first["loss"] == pytest.approx(0.4) and first["worst_round"] == 1.0
@@ -53,3 +56,16 @@ def test_sweep_adapt_lora_variants_are_valid_settings():
         LoraSettings(**change)  # raises on a bad field or value
     default = set(LoraSettings().qformer_modules)
     assert default < set(sweep.QFORMER_ALL)  # every linear the default adapts, and more
+
+
+def test_sweep_adapt_subspace_variant_trains_the_rounds_the_cloud_trains():
+    from cdcca.akd import AKDConfig
+    from cloud_trainer.service import CloudConfig
+
+    sweep = _script("sweep_adapt")
+    cloud = CloudConfig(akd=AKDConfig(steps=60)).akd  # the cloud's rounds under its default codec, from 60 steps
+
+    settings = sweep.VARIANTS["subspace8"]["akd"]
+
+    assert (cloud.subspace_fold, cloud.steps, cloud.average_last) == (
+        settings["subspace_fold"], settings["steps"], settings["average_last"])  # fmt: skip
