@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 
-def run(seeds: list[int], folds: list[int], steps: list[float], fisher: bool = True) -> list[dict]:
+def run(seeds: list[int], folds: list[int], steps: list[float], fisher: bool = True,
+        domains: list[str] | None = None) -> list[dict]:  # fmt: skip
     from cdcca.benchmarks import downlink
     from cdcca.benchmarks.downlink import DownlinkBenchConfig, _accuracy, _codec_row
     from cdcca.data.digits_shift import load_domain
@@ -35,7 +36,7 @@ def run(seeds: list[int], folds: list[int], steps: list[float], fisher: bool = T
 
     checkpoints = checkpoint_dir("tiny")
     teacher, pretrained = load_mllm(checkpoints / "teacher"), load_mllm(checkpoints / "student")
-    config = DownlinkBenchConfig()
+    config = DownlinkBenchConfig(**({"domains": tuple(domains)} if domains else {}))
     rows = []
     for seed in seeds:
         for domain in config.domains:
@@ -93,6 +94,8 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", type=float, default=[0.5])
     parser.add_argument("--no-fisher", action="store_true",
                         help="one step per tensor at --steps x RMS, none finer where the round's Fisher is high")
+    parser.add_argument("--domains", nargs="+", default=None,
+                        help="target domains (default: the downlink bench's three visual shifts)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="instead of running: merge these reports' rounds into --json")  # fmt: skip
@@ -102,10 +105,11 @@ def main() -> None:
         rows = [r for path in args.merge for r in json.loads(path.read_text())["rounds"]]
         command = [c for path in args.merge for c in json.loads(path.read_text())["command"]]
     else:
-        rows = run(args.seeds, args.folds, args.steps, fisher=not args.no_fisher)
+        rows = run(args.seeds, args.folds, args.steps, fisher=not args.no_fisher, domains=args.domains)
         command = [f"python bench/subspace_folds.py --seeds {' '.join(map(str, args.seeds))} --folds "
                    f"{' '.join(map(str, args.folds))} --steps {' '.join(map(str, args.steps))}"
-                   + (" --no-fisher" if args.no_fisher else "")]  # fmt: skip
+                   + (" --no-fisher" if args.no_fisher else "")
+                   + (f" --domains {' '.join(args.domains)}" if args.domains else "")]  # fmt: skip
     report = {"command": command, "summary": summary(rows), "rounds": rows}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

@@ -90,8 +90,11 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "lora-r4": {"akd": {}, "uts": {}, "lora": {"rank": 4, "alpha": 8}},
     "qformer-all": {"akd": {}, "uts": {}, "lora": {"qformer_modules": QFORMER_ALL}},
     # the rounds `cdcca cloud` trains under its default codec (`subspace`, CloudConfig): 1/8 of the trainable set,
-    # twice the steps, ending on the mean of the last third (the downlink taken as lossless, as in bench adapt)
+    # twice the steps, ending on the mean of the last third (the downlink taken as lossless, as in bench adapt); and
+    # with three times the steps or at twice the rate, two ways to let them learn more (measured, not kept)
     "subspace8": {"akd": {"subspace_fold": 8, "steps": 120, "average_last": 40}, "uts": {}},
+    "subspace8-steps180": {"akd": {"subspace_fold": 8, "steps": 180, "average_last": 60}, "uts": {}},
+    "subspace8-lr2e-3": {"akd": {"subspace_fold": 8, "steps": 120, "average_last": 40, "lr": 2e-3}, "uts": {}},
     "pl": {"method": "pl"},
     "source-only": {"method": "source-only"},
 }

@@ -65,7 +65,7 @@ def test_sweep_adapt_subspace_variant_trains_the_rounds_the_cloud_trains():
     sweep = _script("sweep_adapt")
     cloud = CloudConfig(akd=AKDConfig(steps=60)).akd  # the cloud's rounds under its default codec, from 60 steps
 
-    settings = sweep.VARIANTS["subspace8"]["akd"]
+    settings = {"lr": AKDConfig().lr, **sweep.VARIANTS["subspace8"]["akd"]}
 
-    assert (cloud.subspace_fold, cloud.steps, cloud.average_last) == (
-        settings["subspace_fold"], settings["steps"], settings["average_last"])  # fmt: skip
+    assert (cloud.subspace_fold, cloud.steps, cloud.average_last, cloud.lr) == (
+        settings["subspace_fold"], settings["steps"], settings["average_last"], settings["lr"])  # fmt: skip

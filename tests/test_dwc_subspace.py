@@ -254,6 +254,7 @@ def test_a_cloud_on_the_subspace_codec_trains_its_rounds_in_it():
     config = CloudConfig(codec="subspace", akd=AKDConfig(steps=30))
     assert (config.akd.subspace_fold, config.akd.subspace_chunk, config.akd.steps) == (8, 1024, 60)
     assert config.akd.average_last == 20  # ends on the mean of its last third (SWA)
+    assert config.akd.lr == AKDConfig().lr
     assert CloudConfig(codec="ecsq", akd=AKDConfig(steps=30)).akd.subspace_fold == 0
     assert CloudConfig(codec="ecsq", akd=AKDConfig(steps=30)).akd.average_last == 0
     with pytest.raises(ValueError, match="subspace"):

@@ -65,7 +65,8 @@ class DownlinkBenchConfig:
         ladder: ``ecdq`` steps (in RMS units) of the frontier, finest first.
         dither_seeds: ``ecdq`` dither seeds tried at every step.
         aware_steps_factor: a codec-aware round (a round-bound codec's, trained in its subspace) runs this many
-            times ``steps`` (a subspace step moves less; measured in ``bench/downlink.md``).
+            times ``steps`` (a subspace step moves less; measured in ``bench/downlink.md``), as the cloud's do
+            (:data:`cdcca.dwc.SUBSPACE_STEPS_FACTOR`).
         basis_draws: codec-aware rounds per case, each in another random basis (the first is the one the round
             draws, as the cloud does; the others are forced seeds of the same round): two bases of one size moved
             the pooled loss by about a point, so one draw must not decide the default. A case's loss is the mean
