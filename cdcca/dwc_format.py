@@ -689,8 +689,8 @@ def _subspace(entries: list[Entry], streams: dict[str, np.ndarray], params: dict
             raise CodecError(f"stream 'symbols' must hold symbols with |s| <= {ECSQ_MAX_SYMBOL}")
     else:
         base, checksum = params.get("step_base"), params.get("tables")
-        if type(base) is not int or not -1100 <= base <= 1000:
-            raise CodecError(f"subspace step_base {base!r} is not an int in [-1100, 1000]")
+        if type(base) is not int or not -1100 <= base <= 64:  # steps below 2^96: a value overflows no float32
+            raise CodecError(f"subspace step_base {base!r} is not an int in [-1100, 64]")
         steps = log_steps(take(streams, "steps", np.uint8, len(entries)), base)
         if not (np.isfinite(steps).all() and (steps > 0).all()):
             raise CodecError("subspace steps must be finite and > 0")
