@@ -70,10 +70,11 @@ def summary(rows: list[dict]) -> list[dict]:
     """Per (fold, Fisher-refined steps or not, entropy coder, step): bits per parameter (mean, max), loss before
     quantizing and after the codec, pooled over the rounds, the worst round, and the rounds counted. Rows without a
     coder are stop 28's, coded by zstd."""
-    out = []
+
     def key(row: dict) -> tuple[int, bool, str]:
         return row["fold"], row.get("fisher", True), row.get("coder", "zstd")
 
+    out = []
     for fold, fisher, coder in sorted({key(r) for r in rows}, reverse=True):
         mine = [r for r in rows if key(r) == (fold, fisher, coder)]
         for step in sorted({s for r in mine for s in r["steps"]}, key=float):

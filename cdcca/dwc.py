@@ -725,8 +725,7 @@ class SubspaceCodec(Codec):
         classes = entropy.scale_class(rms / steps)
         scales, bins, model = np.repeat(classes, dims), entropy.dither_bin(dither), entropy.GaussianModel()
         data = entropy.encode(symbols, scales, bins, model)
-        params = self._params() | {"step_base": base,
-                                   "tables": model.checksum(list(zip(scales.tolist(), bins.tolist())))}  # fmt: skip
+        params = self._params() | {"step_base": base, "tables": model.checksum(scales, bins)}
         streams = {"symbols": np.frombuffer(data, np.uint8).copy(), "steps": codes, "scales": classes}
         return {index: "subspace" for index in coefficients}, streams, params
 

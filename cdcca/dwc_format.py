@@ -34,6 +34,7 @@ import numpy as np
 import zstandard
 from safetensors.numpy import load as load_safetensors
 
+from cdcca import entropy
 from cdcca.errors import CdccaError
 
 FORMAT = "cdcca-dwc"  # the metadata key
@@ -666,8 +667,6 @@ def _subspace(entries: list[Entry], streams: dict[str, np.ndarray], params: dict
     - ``zstd`` (or no ``coder``, payloads before stop 29): ``"symbols"``, one zstd frame of int8 s; ``"steps"``,
       uint16 per tensor, q = the float32 whose high 16 bits they are (bfloat16).
     """
-    from cdcca import entropy
-
     fold, chunk, basis_seed = subspace_params(params)
     step, seed, coder = params.get("step"), params.get("seed"), params.get("coder", "zstd")
     if type(step) is not float or not 0.0 < step < 64.0:
@@ -698,7 +697,7 @@ def _subspace(entries: list[Entry], streams: dict[str, np.ndarray], params: dict
         if (classes >= entropy.SCALE_CLASSES).any():
             raise CodecError(f"subspace scale classes must be < {entropy.SCALE_CLASSES}")
         scales, bins, model = np.repeat(classes, dims), entropy.dither_bin(dither), entropy.GaussianModel()
-        if model.checksum(list(zip(scales.tolist(), bins.tolist()))) != checksum:
+        if model.checksum(scales, bins) != checksum:
             raise CodecError("this receiver's Gaussian tables differ from the sender's (param 'tables'); the "
                              "platforms' erfc disagree, so the payload cannot be decoded here")  # fmt: skip
         try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import zlib
 from bisect import bisect_right
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -91,17 +90,25 @@ class GaussianModel:
             self._tables[key] = (freq.tolist(), starts.tolist())
         return self._tables[key]
 
-    def checksum(self, contexts: Sequence[tuple[int, int]]) -> int:
-        """CRC-32 of the tables of ``contexts`` (sorted, deduplicated): the sender puts it in the header and the
-        receiver compares its own before decoding."""
+    def per_value(self, scales: np.ndarray, bins: np.ndarray) -> list[tuple[list[int], list[int]]]:
+        """Each value's table, from its scale class and dither bin (each distinct context looked up once)."""
+        keys, inverse = _unique_contexts(scales, bins)
+        tables = [self.table(*divmod(int(key), DITHER_BINS)) for key in keys]
+        return [tables[j] for j in inverse.tolist()]
+
+    def checksum(self, scales: np.ndarray, bins: np.ndarray) -> int:
+        """CRC-32 of the tables of the contexts (scale class, dither bin) present, in sorted order: the sender puts
+        it in the header and the receiver compares its own before decoding."""
         crc = 0
-        for key in sorted(set(contexts)):
-            crc = zlib.crc32(np.array(self.table(*key)[0], np.int64).tobytes(), crc)
+        for key in _unique_contexts(scales, bins)[0]:
+            crc = zlib.crc32(np.array(self.table(*divmod(int(key), DITHER_BINS))[0], np.int64).tobytes(), crc)
         return crc
 
 
-def _contexts(scales: np.ndarray, bins: np.ndarray) -> list[tuple[int, int]]:
-    return list(zip(scales.tolist(), bins.tolist()))
+def _unique_contexts(scales: np.ndarray, bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct context keys scale · DITHER_BINS + bin, each value's index into them)."""
+    keys = np.asarray(scales, np.int64) * DITHER_BINS + np.asarray(bins, np.int64)
+    return np.unique(keys, return_inverse=True)
 
 
 def encode(symbols: np.ndarray, scales: np.ndarray, bins: np.ndarray, model: GaussianModel) -> bytes:
@@ -109,11 +116,10 @@ def encode(symbols: np.ndarray, scales: np.ndarray, bins: np.ndarray, model: Gau
     symbols = np.asarray(symbols, np.int64)
     if symbols.size and np.abs(symbols).max() > MAX_SYMBOL:
         raise EntropyError(f"symbols must lie in ±{MAX_SYMBOL}")
-    contexts = _contexts(np.asarray(scales), np.asarray(bins))
+    tables = model.per_value(scales, bins)
     state, out = STATE_LOW, bytearray()
     bound = (STATE_LOW >> PRECISION) << 8
-    for symbol, context in zip(reversed((symbols + MAX_SYMBOL).tolist()), reversed(contexts)):
-        freqs, starts = model.table(*context)
+    for symbol, (freqs, starts) in zip(reversed((symbols + MAX_SYMBOL).tolist()), reversed(tables)):
         freq = freqs[symbol]
         while state >= bound * freq:
             out.append(state & 0xFF)
@@ -128,12 +134,11 @@ def decode(data: bytes, scales: np.ndarray, bins: np.ndarray, model: GaussianMod
     consumed exactly and the coder ends in its initial state (a truncated or altered stream fails here)."""
     if len(data) < STATE_BYTES:
         raise EntropyError(f"an rANS stream has at least {STATE_BYTES} bytes, got {len(data)}")
-    contexts = _contexts(np.asarray(scales), np.asarray(bins))
+    tables = model.per_value(scales, bins)
     state, position, size = int.from_bytes(data[:STATE_BYTES], "big"), STATE_BYTES, len(data)
-    out = [0] * len(contexts)
+    out = [0] * len(tables)
     mask = TOTAL - 1
-    for i, context in enumerate(contexts):
-        freqs, starts = model.table(*context)
+    for i, (freqs, starts) in enumerate(tables):
         slot = state & mask
         symbol = bisect_right(starts, slot) - 1
         out[i] = symbol

@@ -80,10 +80,11 @@ def test_scale_classes_are_quarter_octaves_and_clamped():
 
 def test_checksum_tells_tables_apart():
     model = entropy.GaussianModel()
-    contexts = [(28, 0), (28, 3), (30, 1)]
+    scales, bins = np.array([28, 28, 30]), np.array([0, 3, 1])
 
-    assert model.checksum(contexts) == entropy.GaussianModel().checksum(list(reversed(contexts)) + contexts)
-    assert model.checksum(contexts) != model.checksum(contexts[:2])
+    fresh = entropy.GaussianModel()
+    assert model.checksum(scales, bins) == fresh.checksum(np.tile(scales[::-1], 2), np.tile(bins[::-1], 2))
+    assert model.checksum(scales, bins) != model.checksum(scales[:2], bins[:2])
 
 
 def test_truncated_extended_or_foreign_streams_are_rejected():
