@@ -103,6 +103,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     # the forgetting guard on source images the student never trained on (the last 32 scans of the source stream
     # split, which the benchmark's 150-image target streams never reach) instead of train images it memorised
     "guard-unseen": {"akd": {}, "uts": {}, "anchors": "unseen"},
+    "guard-unseen-a192": {"akd": {}, "uts": {}, "anchors": "unseen", "bench": {"anchor_images": 192}},  # 96 checked
     "pl": {"method": "pl"},
     "pl-lr5e-4-steps120": {"method": "pl", "akd_defaults": {"lr": 5e-4}, "bench": {"steps": 120}},
     "source-only": {"method": "source-only"},
