@@ -104,6 +104,8 @@ VARIANTS: dict[str, dict[str, dict]] = {
     # split, which the benchmark's 150-image target streams never reach) instead of train images it memorised
     "guard-unseen": {"akd": {}, "uts": {}, "anchors": "unseen"},
     "guard-unseen-a192": {"akd": {}, "uts": {}, "anchors": "unseen", "bench": {"anchor_images": 192}},  # 96 checked
+    # ... and replay on unseen source images too (training images the student memorised carry no gradient)
+    "anchors-unseen-a192": {"akd": {}, "uts": {}, "anchors": "all-unseen", "bench": {"anchor_images": 192}},
     "pl": {"method": "pl"},
     "pl-lr5e-4-steps120": {"method": "pl", "akd_defaults": {"lr": 5e-4}, "bench": {"steps": 120}},
     "source-only": {"method": "source-only"},
@@ -134,6 +136,8 @@ def run_variant(name: str, seed: int, checkpoints: Path, teacher, tests, config:
     adapt.make_method = make
     if change.get("anchors") == "unseen":
         adapt.source_anchors = _unseen_guard_anchors
+    elif change.get("anchors") == "all-unseen":
+        adapt.source_anchors = _unseen_anchors
     if "lora" in change:
         adapt._fresh_student = functools.partial(original[1], lora=LoraSettings(**change["lora"]))
     config = dataclasses.replace(config, **change.get("bench", {}))
@@ -154,6 +158,16 @@ def _unseen_guard_anchors(model, images: int = 64):
     replay = DistillSample.from_samples(model, load_domain(SOURCE_DOMAIN, "train", limit=images))[1::2]
     check = DistillSample.from_samples(model, load_domain(SOURCE_DOMAIN, "stream")[-len(replay) :])
     return [s for pair in zip(check, replay) for s in pair]
+
+
+def _unseen_anchors(model, images: int = 64):
+    """Anchors from the last ``images`` scans of the source ``stream`` split: the checked half (even positions) every
+    sample of the last ``images // 2``, the replayed half (odd positions) every sample of the ``images // 2`` before."""
+    from cdcca.akd import DistillSample
+
+    samples = DistillSample.from_samples(model, load_domain(SOURCE_DOMAIN, "stream")[-3 * images :])
+    half = len(samples) // 2
+    return [s for pair in zip(samples[half:], samples[:half]) for s in pair]
 
 
 def _record(name: str, seed: int, run: dict, started: float) -> dict:
