@@ -113,18 +113,9 @@ VARIANTS: dict[str, dict[str, dict]] = {
 
 
 def run_variant(name: str, seed: int, checkpoints: Path, teacher, tests, config: adapt.AdaptBenchConfig) -> dict:
-    """The ``cdcca`` row of ``bench adapt`` for one seed, with the variant's fields changed."""
+    """The ``cdcca`` row of ``bench adapt`` for one seed with the variant's fields changed, or (``method``) another
+    row of it as it is, under the variant's ``akd_defaults`` and ``bench`` settings."""
     change = VARIANTS[name]
-    if "method" in change:  # a row of bench adapt as it is (with other AKDConfig defaults and bench settings)
-        started = time.perf_counter()
-        original_akd = adapt.AKDConfig
-        adapt.AKDConfig = functools.partial(AKDConfig, **change.get("akd_defaults", {}))
-        try:
-            bench = dataclasses.replace(config, **change.get("bench", {}))
-            run = adapt.run_method(change["method"], checkpoints, teacher, bench, seed, tests, progress=False)
-        finally:
-            adapt.AKDConfig = original_akd
-        return _record(name, seed, run, started)
 
     def make(_, student, teacher, steps, seed, anchors=None):
         akd = AKDConfig(**{"steps": steps, "seed": seed, "check_fraction": adapt.CHECK_FRACTION, **change["akd"]})
@@ -132,20 +123,23 @@ def run_variant(name: str, seed: int, checkpoints: Path, teacher, tests, config:
         return adapt.CdccaMethod(student, teacher, uts=uts, akd=akd, seed=seed, anchors=anchors,
                                  token_selection=change.get("tokens", "uts"))  # fmt: skip
 
-    original = adapt.make_method, adapt._fresh_student, adapt.source_anchors
-    adapt.make_method = make
-    if change.get("anchors") == "unseen":
-        adapt.source_anchors = _unseen_guard_anchors
-    elif change.get("anchors") == "all-unseen":
-        adapt.source_anchors = _unseen_anchors
+    patched = {"AKDConfig": functools.partial(AKDConfig, **change.get("akd_defaults", {}))}
+    if "method" not in change:
+        patched["make_method"] = make
     if "lora" in change:
-        adapt._fresh_student = functools.partial(original[1], lora=LoraSettings(**change["lora"]))
-    config = dataclasses.replace(config, **change.get("bench", {}))
+        patched["_fresh_student"] = functools.partial(adapt._fresh_student, lora=LoraSettings(**change["lora"]))
+    if "anchors" in change:
+        patched["source_anchors"] = ANCHOR_SETS[change["anchors"]]
+    original = {key: getattr(adapt, key) for key in patched}
+    for key, value in patched.items():
+        setattr(adapt, key, value)
     try:
         started = time.perf_counter()
-        run = adapt.run_method("cdcca", checkpoints, teacher, config, seed, tests, progress=False)
+        bench = dataclasses.replace(config, **change.get("bench", {}))
+        run = adapt.run_method(change.get("method", "cdcca"), checkpoints, teacher, bench, seed, tests, progress=False)
     finally:
-        adapt.make_method, adapt._fresh_student, adapt.source_anchors = original
+        for key, value in original.items():
+            setattr(adapt, key, value)
     return _record(name, seed, run, started)
 
 
@@ -165,9 +159,14 @@ def _unseen_anchors(model, images: int = 64):
     sample of the last ``images // 2``, the replayed half (odd positions) every sample of the ``images // 2`` before."""
     from cdcca.akd import DistillSample
 
-    samples = DistillSample.from_samples(model, load_domain(SOURCE_DOMAIN, "stream")[-3 * images :])
+    stream = load_domain(SOURCE_DOMAIN, "stream")
+    per_image = len(stream) // len({s.sample_id.rsplit("/", 1)[0] for s in stream})  # one prompt per task
+    samples = DistillSample.from_samples(model, stream[-per_image * images :])
     half = len(samples) // 2
     return [s for pair in zip(samples[half:], samples[:half]) for s in pair]
+
+
+ANCHOR_SETS = {"unseen": _unseen_guard_anchors, "all-unseen": _unseen_anchors}  # a variant's "anchors"
 
 
 def _record(name: str, seed: int, run: dict, started: float) -> dict:
