@@ -46,7 +46,7 @@ QFORMER_ALL = ("attention.attention.query", "attention.attention.value", "attent
                "crossattention.attention.query", "crossattention.attention.key", "crossattention.attention.value",
                "crossattention.output.dense", "intermediate_query.dense", "output_query.dense")  # fmt: skip
 VARIANTS: dict[str, dict[str, dict]] = {
-    "default": {"akd": {}, "uts": {}},  # today's AKDConfig / UTSConfig defaults (= "kl-feat3")
+    "default": {"akd": {}, "uts": {}},  # today's AKDConfig / UTSConfig defaults (= "kl-feat3" + "anchor-query10")
     "before-kl-feat3": {"akd": {**BEFORE}, "uts": {}},  # the default until kl-feat3 replaced it
     "steps120": {"akd": {**BEFORE, "steps": 120}, "uts": {}},
     "lr2e-3": {"akd": {**BEFORE, "lr": 2e-3}, "uts": {}},
@@ -106,10 +106,21 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "guard-unseen-a192": {"akd": {}, "uts": {}, "anchors": "unseen", "bench": {"anchor_images": 192}},  # 96 checked
     # ... and replay on unseen source images too (training images the student memorised carry no gradient)
     "anchors-unseen-a192": {"akd": {}, "uts": {}, "anchors": "all-unseen", "bench": {"anchor_images": 192}},
+    # the query anchor (stop 31): MSE to the base student's Q-Former query outputs on the replayed source anchors
+    "no-anchor-query": {"akd": {"lambda_anchor_query": 0.0}, "uts": {}},  # the default of stop 30
+    "anchor-query1": {"akd": {"lambda_anchor_query": 1.0}, "uts": {}},
+    "anchor-query3": {"akd": {"lambda_anchor_query": 3.0}, "uts": {}},
+    "anchor-query10": {"akd": {"lambda_anchor_query": 10.0}, "uts": {}},  # = the default since stop 31
+    "anchor-query10-lr1.5e-3": {"akd": {"lambda_anchor_query": 10.0, "lr": 1.5e-3}, "uts": {}},
+    "anchor-query10-replay0.5": {"akd": {"lambda_anchor_query": 10.0, "lambda_anchor": 0.5}, "uts": {}},
     "pl": {"method": "pl"},
     "pl-lr5e-4-steps120": {"method": "pl", "akd_defaults": {"lr": 5e-4}, "bench": {"steps": 120}},
     "source-only": {"method": "source-only"},
 }
+# The variants written before the query anchor became the default (stop 31) ran without it, and keep meaning that.
+for _name, _change in VARIANTS.items():
+    if "akd" in _change and _name != "default" and not _name.startswith(("anchor-query", "no-anchor-query")):
+        _change["akd"] = {"lambda_anchor_query": 0.0, **_change["akd"]}
 
 
 def run_variant(name: str, seed: int, checkpoints: Path, teacher, tests, config: adapt.AdaptBenchConfig) -> dict:

@@ -87,6 +87,11 @@ class AKDConfig:
         lambda_anchor: weight of the anchor replay loss (cross-entropy on the base student's own answers to
             source-domain inputs); needs anchors (``Distiller(anchors=...)``), 0 disables replay.
         anchor_batch: anchor samples replayed per step.
+        lambda_anchor_query: weight (times the anchor weight's multiplier) of the MSE between the student's Q-Former
+            query outputs on the replayed anchors and the base student's: how the robot reads source images is held,
+            not only what it answers about them, whose gradient vanishes on images it answers with certainty
+            (feature distillation for continual learning, as in Hou et al., CVPR 2019). Rides on the replay
+            (``lambda_anchor > 0``); 0 disables it.
         forget_tolerance: largest drop, as a share of held-out anchors, of agreement with the base student's
             answers that a published round may have; checked every ``check_every`` steps (needs anchors).
         max_backtracks: a check below ``forget_tolerance`` sends the weights back to the last step within it
@@ -124,6 +129,7 @@ class AKDConfig:
     fit_projections: bool = True
     lambda_anchor: float = 1.0
     anchor_batch: int = 16
+    lambda_anchor_query: float = 10.0
     forget_tolerance: float = 0.02
     max_backtracks: int = 3
     subspace_fold: int = 0
@@ -146,6 +152,8 @@ class AKDConfig:
                              f"{self.check_fraction}, {self.check_every}")  # fmt: skip
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"AKDConfig.steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.lambda_anchor_query < 0:
+            raise ValueError(f"AKDConfig.lambda_anchor_query must be >= 0, got {self.lambda_anchor_query}")
         if self.lambda_anchor < 0 or self.anchor_batch < 1 or not 0.0 <= self.forget_tolerance <= 1.0:
             raise ValueError(f"AKDConfig needs lambda_anchor >= 0, anchor_batch >= 1 and forget_tolerance in [0, 1], "
                              f"got {self.lambda_anchor}, {self.anchor_batch}, {self.forget_tolerance}")  # fmt: skip
@@ -300,6 +308,10 @@ class Distiller:
         labels = self._greedy(self.student, anchors) if anchors else []
         self.anchor_replay = (anchors[1::2], labels[1::2])  # trained on: the base student's own answers
         self.anchor_check = (anchors[0::2], labels[0::2])  # never trained on: the forgetting guard
+        self.anchor_queries = None  # the base student's query outputs on the replayed anchors (lambda_anchor_query)
+        if self.anchor_replay[0] and self.config.lambda_anchor_query > 0:
+            with torch.inference_mode():
+                self.anchor_queries = self.student.eval().query_outputs(*self._stack(self.anchor_replay[0])).clone()
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """AdamW's per-parameter state as flat tensors (``"<index>.<key>"``, index into the trainable set, ϕ, ψ),
@@ -360,10 +372,12 @@ class Distiller:
         labels: Sequence[str],
         anchors: tuple[Sequence[DistillSample], Sequence[str]] | None = None,
         anchor_scale: float = 1.0,
+        anchor_queries: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Every term of the AKD objective on one batch (unweighted), plus ``total`` (weighted); ``anchors``
         adds the replay term on (anchor inputs, the base student's answers), weighted ``lambda_anchor`` times
-        ``anchor_scale``."""
+        ``anchor_scale``, and with ``anchor_queries`` (the base student's (B, Q, D) query outputs on those inputs)
+        the MSE of the student's to them, weighted ``lambda_anchor_query`` times ``anchor_scale``."""
         tokens, mask = self._stack(batch)  # (B, N, D), (B, N)
         prompts = [s.prompt for s in batch]
         with torch.no_grad():
@@ -384,9 +398,13 @@ class Distiller:
             student_logp = (student_out.logits[:, :-1][s_pos] / temperature).log_softmax(-1)
             terms["kl"] = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean") * temperature**2
         if anchors is not None and self.config.lambda_anchor > 0:
-            terms["anchor"] = self._student_lm(*anchors)[1].loss
+            replayed_queries, replayed = self._student_lm(*anchors)
+            terms["anchor"] = replayed.loss
+            if anchor_queries is not None:
+                terms["anchor_query"] = F.mse_loss(replayed_queries, anchor_queries)
         weights = {"query": self.config.lambda_query, "repr": self.config.lambda_repr, "ce": self.config.lambda_ce,
-                   "kl": self.config.lambda_kl, "anchor": self.config.lambda_anchor * anchor_scale}  # fmt: skip
+                   "kl": self.config.lambda_kl, "anchor": self.config.lambda_anchor * anchor_scale,
+                   "anchor_query": self.config.lambda_anchor_query * anchor_scale}  # fmt: skip
         terms["total"] = sum(weights[name] * value for name, value in terms.items())
         return terms
 
@@ -491,11 +509,13 @@ class Distiller:
         for step in range(1, config.steps + 1):
             index = rng.choice(len(samples), size=min(config.batch_size, len(samples)), replace=False)
             index = index[self.rank :: self.world_size] if len(index) >= self.world_size else index
-            anchors = None
+            anchors, base_queries = None, None
             if replay is not None:
                 pick = rng.choice(len(replay[0]), size=min(config.anchor_batch, len(replay[0])), replace=False)
                 anchors = ([replay[0][i] for i in pick], [replay[1][i] for i in pick])
-            terms = self.losses([samples[i] for i in index], [labels[i] for i in index], anchors, anchor_scale)
+                base_queries = self.anchor_queries[pick] if self.anchor_queries is not None else None
+            terms = self.losses([samples[i] for i in index], [labels[i] for i in index], anchors, anchor_scale,
+                                base_queries)  # fmt: skip
             self.optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             if self.world_size > 1:

@@ -255,9 +255,9 @@ def test_a_broken_guard_sends_the_round_back_under_a_firmer_anchor(pair, monkeyp
         snapshots.append({k: v.detach().clone() for k, v in distiller.trainable.items()})
         return next(calls)
 
-    def recording(batch, labels, anchors=None, anchor_scale=1.0):
+    def recording(batch, labels, anchors=None, anchor_scale=1.0, anchor_queries=None):
         seen.append((anchor_scale, {k: v.detach().clone() for k, v in distiller.trainable.items()}))
-        return losses(batch, labels, anchors, anchor_scale)
+        return losses(batch, labels, anchors, anchor_scale, anchor_queries)
 
     monkeypatch.setattr(distiller, "_anchor_agreement", scripted)
     monkeypatch.setattr(distiller, "losses", recording)
@@ -272,6 +272,37 @@ def test_a_broken_guard_sends_the_round_back_under_a_firmer_anchor(pair, monkeyp
     assert all(torch.equal(distiller.trainable[k], snapshots[kept // 2][k]) for k in distiller.trainable)
     with pytest.raises(ValueError, match="max_backtracks"):
         AKDConfig(max_backtracks=-1)
+
+
+def test_the_query_anchor_holds_how_the_student_reads_source_images(pair):
+    # Prepare: a guard that keeps the base student's query outputs on its replayed anchors
+    teacher, student = pair
+    add_lora(student)
+    anchors = DistillSample.from_samples(student, load_domain("source", "train", limit=4))
+    distiller = Distiller(teacher, student, AKDConfig(lambda_anchor_query=10.0), anchors=anchors)
+    replay, answers = distiller.anchor_replay
+    base = distiller.anchor_queries
+    assert base.shape == (len(replay), student.num_query_tokens, student.blip2.config.qformer_config.hidden_size)
+    samples = DistillSample.from_samples(student, load_domain("printed", "stream", limit=2))
+    labels = ["one"] * len(samples)
+    batch = (replay[:4], answers[:4])
+    # Execute: the terms on the base student, then after a nudge of the Q-Former's adapters
+    with torch.no_grad():
+        at_start = distiller.losses(samples, labels, batch, 2.0, base[:4])
+        for name, param in distiller.trainable.items():
+            if "qformer" in name and "lora_B" in name:
+                param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+        moved = distiller.losses(samples, labels, batch, 2.0, base[:4])
+        now = student.query_outputs(*distiller._stack(replay[:4]))
+    # Assert: zero while the student is the base; then the MSE to the base's outputs, in the total at 10 × 2
+    assert float(at_start["anchor_query"]) == pytest.approx(0.0, abs=1e-10)
+    expected = float(F.mse_loss(now, base[:4]))
+    assert expected > 1e-6 and float(moved["anchor_query"]) == pytest.approx(expected, rel=1e-4)
+    others = sum(float(moved[k]) * w for k, w in [("query", 3.0), ("repr", 3.0), ("kl", 2.0), ("anchor", 2.0)])
+    assert float(moved["total"]) == pytest.approx(others + 20.0 * expected, rel=1e-4)
+    assert Distiller(teacher, student, AKDConfig(lambda_anchor_query=0.0), anchors=anchors).anchor_queries is None
+    with pytest.raises(ValueError, match="lambda_anchor_query"):
+        AKDConfig(lambda_anchor_query=-1.0)
 
 
 def test_projections_start_from_the_least_squares_fit(pair):
