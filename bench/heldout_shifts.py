@@ -7,6 +7,10 @@ only fits the committed domains shows here. None of them is in the teacher's pre
 13-14 points on each (347 test images), so there is a gap to close.
 
 ``register()`` makes them loadable by name (``load_domain``; ``bench/sweep_adapt.py --domains heldout``).
+
+``register("fresh")`` does the same for three more (``--domains fresh``), written in stop 31 after the query
+anchor's weight (``AKDConfig.lambda_anchor_query``) was picked on the three above: slanted coloured digits, faint
+grainy digits, and coloured digits behind a grey bar. The teacher leads the student by 6-11 points on them.
 """
 
 from __future__ import annotations
@@ -59,9 +63,50 @@ HELDOUT = (
 )
 
 
-def register() -> tuple[str, ...]:
-    """Register the held-out shifts (once per process); returns their names in stream order."""
-    for spec in HELDOUT:
+def sheared_coloured(ink: np.ndarray, rng: np.random.Generator) -> Rendered:
+    """Sheared sideways by 0.25-0.45 either way, in one of the named ink colours on a light background."""
+    shear = float(rng.uniform(0.25, 0.45)) * (1 if rng.random() < 0.5 else -1)
+    half = ink.shape[0] / 2
+    affine = (1.0, shear, -shear * half, 0.0, 1.0, 0.0)  # x_in = x + shear · (y - centre)
+    sheared = np.asarray(Image.fromarray(ink, mode="F").transform(ink.shape[::-1], Image.AFFINE, affine,
+                                                                  Image.BILINEAR), dtype=np.float32)  # fmt: skip
+    colour = list(INK_COLOURS)[int(rng.integers(len(INK_COLOURS)))]
+    return Rendered(to_rgb(sheared.clip(0.0, 1.0), INK_COLOURS[colour], (240, 240, 235)),
+                    (f"a slanted {colour} digit {{d}}", "the number {d}, leaning"))  # fmt: skip
+
+
+def faint_noisy(ink: np.ndarray, rng: np.random.Generator) -> Rendered:
+    """Grey ink on a grey background at 30-45 % contrast, with Gaussian pixel noise (σ 0.05-0.09)."""
+    contrast = float(rng.uniform(0.30, 0.45))
+    grey = 0.5 - contrast / 2 + contrast * ink + rng.normal(0.0, float(rng.uniform(0.05, 0.09)), ink.shape)
+    return Rendered(to_rgb(grey.clip(0.0, 1.0).astype(np.float32)),
+                    ("a faint grainy digit {d}", "the number {d}, barely visible"))  # fmt: skip
+
+
+def occluded_coloured(ink: np.ndarray, rng: np.random.Generator) -> Rendered:
+    """One of the named ink colours on white, with a grey bar 3-5 px wide across a random row or column."""
+    colour = list(INK_COLOURS)[int(rng.integers(len(INK_COLOURS)))]
+    image = to_rgb(ink, INK_COLOURS[colour], (250, 250, 250))
+    width, start = int(rng.integers(3, 6)), int(rng.integers(4, ink.shape[0] - 8))
+    if rng.random() < 0.5:
+        image[start : start + width] = 128
+    else:
+        image[:, start : start + width] = 128
+    return Rendered(image, (f"a {colour} digit {{d}} behind a bar", "the number {d}, partly covered"))
+
+
+# Written in stop 31, after the query anchor's weight was picked on HELDOUT: a clean check of that choice.
+FRESH = (
+    DomainSpec("fresh_sheared_coloured", transform=sheared_coloured),
+    DomainSpec("fresh_faint_noisy", transform=faint_noisy),
+    DomainSpec("fresh_occluded_coloured", transform=occluded_coloured),
+)
+GROUPS = {"heldout": HELDOUT, "fresh": FRESH}
+
+
+def register(group: str = "heldout") -> tuple[str, ...]:
+    """Register a group of shifts (``heldout`` or ``fresh``, once per process); returns their names in stream order."""
+    for spec in GROUPS[group]:
         if spec.name not in DOMAINS:
             register_domain(spec)
-    return tuple(spec.name for spec in HELDOUT)
+    return tuple(spec.name for spec in GROUPS[group])

@@ -113,6 +113,11 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "anchor-query10": {"akd": {"lambda_anchor_query": 10.0}, "uts": {}},  # = the default since stop 31
     "anchor-query10-lr1.5e-3": {"akd": {"lambda_anchor_query": 10.0, "lr": 1.5e-3}, "uts": {}},
     "anchor-query10-replay0.5": {"akd": {"lambda_anchor_query": 10.0, "lambda_anchor": 0.5}, "uts": {}},
+    # the cloud's default rounds (subspace8: 1/8 of the trainable set, 120 steps, the mean of the last 40) with it
+    "anchor-query10-subspace8": {"akd": {"lambda_anchor_query": 10.0, "subspace_fold": 8, "steps": 120,
+                                         "average_last": 40}, "uts": {}},  # fmt: skip
+    "anchor-query3-subspace8": {"akd": {"lambda_anchor_query": 3.0, "subspace_fold": 8, "steps": 120,
+                                        "average_last": 40}, "uts": {}},  # fmt: skip
     "pl": {"method": "pl"},
     "pl-lr5e-4-steps120": {"method": "pl", "akd_defaults": {"lr": 5e-4}, "bench": {"steps": 120}},
     "source-only": {"method": "source-only"},
@@ -221,20 +226,22 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--domains", choices=["committed", "heldout"], default="committed",
+    parser.add_argument("--domains", choices=["committed", "heldout", "fresh"], default="committed",
                         help="the stream: the committed target domains, or the held-out shifts of "
-                             "bench/heldout_shifts.py (written after the defaults were chosen)")  # fmt: skip
+                             "bench/heldout_shifts.py (written after the defaults were chosen), or its fresh ones "
+                             "(written after the query anchor's weight was chosen on the held-out ones)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None,
-                        help="default: bench/results/sweep_adapt.json (committed) or heldout_adapt.json")  # fmt: skip
+                        help="default: bench/results/sweep_adapt.json (committed), heldout_adapt.json or "
+                             "fresh_adapt.json")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     checkpoints = checkpoint_dir("tiny")
     config = adapt.AdaptBenchConfig(seeds=tuple(args.seeds), methods=("source-only", "cdcca"), ablations=False)
-    if args.domains == "heldout":
+    if args.domains != "committed":
         import heldout_shifts
 
-        config = dataclasses.replace(config, domains=heldout_shifts.register())
-    path = args.json or Path(f"bench/results/{'sweep' if args.domains == 'committed' else 'heldout'}_adapt.json")
+        config = dataclasses.replace(config, domains=heldout_shifts.register(args.domains))
+    path = args.json or Path(f"bench/results/{'sweep' if args.domains == 'committed' else args.domains}_adapt.json")
     teacher = load_mllm(checkpoints / "teacher")
     tests = {d: load_domain(d, "test", limit=config.test_images) for d in (SOURCE_DOMAIN, *config.domains)}
     report = json.loads(path.read_text()) if path.exists() else {"variants": VARIANTS, "runs": []}

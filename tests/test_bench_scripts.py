@@ -69,3 +69,47 @@ def test_sweep_adapt_subspace_variant_trains_the_rounds_the_cloud_trains():
 
     assert (cloud.subspace_fold, cloud.steps, cloud.average_last, cloud.lr) == (
         settings["subspace_fold"], settings["steps"], settings["average_last"], settings["lr"])  # fmt: skip
+
+
+def test_sweep_adapt_variants_keep_the_round_they_were_written_for():
+    from cdcca.akd import AKDConfig
+
+    sweep = _script("sweep_adapt")
+    rounds = {name: change["akd"] for name, change in sweep.VARIANTS.items() if "akd" in change}
+    for settings in rounds.values():
+        AKDConfig(**settings)  # raises on a bad field or value
+    # the query anchor became the default in stop 31: variants written before it ran without it, and still do
+    assert rounds["default"] == {} and AKDConfig().lambda_anchor_query == 10.0
+    assert rounds["no-anchor-query"] == {"lambda_anchor_query": 0.0}
+    assert rounds["kl-feat3"]["lambda_anchor_query"] == 0.0 and rounds["subspace8"]["lambda_anchor_query"] == 0.0
+    assert rounds["anchor-query3"]["lambda_anchor_query"] == 3.0
+    assert rounds["anchor-query10-subspace8"]["subspace_fold"] == 8
+
+
+def test_held_out_shift_groups_render_shifted_images_of_the_benchmark_size():
+    import sys
+
+    import numpy as np
+
+    from cdcca.data.digits_shift import DOMAINS, IMAGE_SIZE, load_domain
+
+    sys.path.insert(0, str(BENCH))
+    shifts = _script("heldout_shifts")
+    names = ()
+    try:
+        names = shifts.register("fresh")
+        assert shifts.register("fresh") == names and len(names) == 3  # registering twice is harmless
+        source = load_domain("source", "test", limit=2)[0].load_image()
+        for name in names:
+            assert DOMAINS[name].shifted_vision
+            first, again = load_domain(name, "test", limit=2), load_domain(name, "test", limit=2)
+            image = first[0].load_image()
+            assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and image.dtype == np.uint8
+            assert np.array_equal(image, again[0].load_image())  # seeded: the same split renders the same
+            assert not np.array_equal(image, source)
+        with pytest.raises(KeyError):
+            shifts.register("nowhere")
+    finally:
+        sys.path.remove(str(BENCH))
+        for name in names:  # the rest of the suite sees the committed domains only
+            DOMAINS.pop(name)
