@@ -9,8 +9,8 @@ This is how multi-adapter serving keeps one base model for many LoRA adapters (S
 ``set_adapter``), here for training as well as inference.
 
 Everything else a round reads is the same for every robot and built once per worker: the teacher, the frozen
-student weights, the anchor set and the base student's answers to it (``Distiller.anchor_replay`` /
-``anchor_check``). A round is a function of the robot's state and its samples only, so swapping states gives
+student weights, the anchor set, and the base student's answers to it and query outputs on it
+(``Distiller.anchor_replay`` / ``anchor_check`` / ``anchor_queries``). A round is a function of the robot's state and its samples only, so swapping states gives
 bit-identical deltas to one student per robot (``tests/test_cloud_fleet.py``).
 """
 
