@@ -118,6 +118,11 @@ VARIANTS: dict[str, dict[str, dict]] = {
                                          "average_last": 40}, "uts": {}},  # fmt: skip
     "anchor-query3-subspace8": {"akd": {"lambda_anchor_query": 3.0, "subspace_fold": 8, "steps": 120,
                                         "average_last": 40}, "uts": {}},  # fmt: skip
+    # Table 4 over seeds under the query-anchor default: UTS's tokens against random ones at equal bytes
+    "anchor-query10-keep0.25": {"akd": {"lambda_anchor_query": 10.0}, "uts": {"token_keep_ratio": 0.25}},
+    "anchor-query10-random0.25": {"akd": {"lambda_anchor_query": 10.0}, "uts": {"token_keep_ratio": 0.25},
+                                  "tokens": "random"},  # fmt: skip
+    "anchor-query10-random0.5": {"akd": {"lambda_anchor_query": 10.0}, "uts": {}, "tokens": "random"},
     "pl": {"method": "pl"},
     "pl-lr5e-4-steps120": {"method": "pl", "akd_defaults": {"lr": 5e-4}, "bench": {"steps": 120}},
     "source-only": {"method": "source-only"},
