@@ -106,6 +106,16 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "guard-unseen-a192": {"akd": {}, "uts": {}, "anchors": "unseen", "bench": {"anchor_images": 192}},  # 96 checked
     # ... and replay on unseen source images too (training images the student memorised carry no gradient)
     "anchors-unseen-a192": {"akd": {}, "uts": {}, "anchors": "all-unseen", "bench": {"anchor_images": 192}},
+    "pl": {"method": "pl"},
+    "pl-lr5e-4-steps120": {"method": "pl", "akd_defaults": {"lr": 5e-4}, "bench": {"steps": 120}},
+    "source-only": {"method": "source-only"},
+}
+# The variants above were written before the query anchor became the default (stop 31): they ran without it, and keep
+# meaning that. The ones below set it themselves.
+for _name, _change in VARIANTS.items():
+    if "akd" in _change and _name != "default":
+        _change["akd"] = {"lambda_anchor_query": 0.0, **_change["akd"]}
+VARIANTS.update({
     # the query anchor (stop 31): MSE to the base student's Q-Former query outputs on the replayed source anchors
     "no-anchor-query": {"akd": {"lambda_anchor_query": 0.0}, "uts": {}},  # the default of stop 30
     "anchor-query1": {"akd": {"lambda_anchor_query": 1.0}, "uts": {}},
@@ -123,14 +133,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "anchor-query10-random0.25": {"akd": {"lambda_anchor_query": 10.0}, "uts": {"token_keep_ratio": 0.25},
                                   "tokens": "random"},  # fmt: skip
     "anchor-query10-random0.5": {"akd": {"lambda_anchor_query": 10.0}, "uts": {}, "tokens": "random"},
-    "pl": {"method": "pl"},
-    "pl-lr5e-4-steps120": {"method": "pl", "akd_defaults": {"lr": 5e-4}, "bench": {"steps": 120}},
-    "source-only": {"method": "source-only"},
-}
-# The variants written before the query anchor became the default (stop 31) ran without it, and keep meaning that.
-for _name, _change in VARIANTS.items():
-    if "akd" in _change and _name != "default" and not _name.startswith(("anchor-query", "no-anchor-query")):
-        _change["akd"] = {"lambda_anchor_query": 0.0, **_change["akd"]}
+})  # fmt: skip
 
 
 def run_variant(name: str, seed: int, checkpoints: Path, teacher, tests, config: adapt.AdaptBenchConfig) -> dict:

@@ -10,8 +10,9 @@ This is how multi-adapter serving keeps one base model for many LoRA adapters (S
 
 Everything else a round reads is the same for every robot and built once per worker: the teacher, the frozen
 student weights, the anchor set, and the base student's answers to it and query outputs on it
-(``Distiller.anchor_replay`` / ``anchor_check`` / ``anchor_queries``). A round is a function of the robot's state and its samples only, so swapping states gives
-bit-identical deltas to one student per robot (``tests/test_cloud_fleet.py``).
+(``Distiller.anchor_replay`` / ``anchor_check`` / ``anchor_queries``). A round is a function of the robot's state
+and its samples only, so swapping states gives bit-identical deltas to one student per robot
+(``tests/test_cloud_fleet.py``).
 """
 
 from __future__ import annotations
