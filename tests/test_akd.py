@@ -57,10 +57,50 @@ def test_kl_vanishes_when_the_student_is_the_teacher(pair, buffer_samples):
     twin.eval()
 
     with torch.no_grad():
-        terms = distiller.losses(samples, ["three", "one", "seven", "no"] * (len(samples) // 4 + 1))
+        terms = distiller.losses(samples, (["three", "one", "seven", "no"] * len(samples))[: len(samples)])
 
     assert float(terms["kl"]) == pytest.approx(0.0, abs=1e-6)
     assert float(terms["kl"]) >= 0
+
+
+def test_cached_teacher_targets_give_the_terms_of_a_teacher_forward(pair, buffer_samples):
+    """The round computes the teacher's side once (:meth:`Distiller.teacher_targets`, here in batches of 3, so the
+    padding differs); L_repr and L_KL on it equal the terms computed straight from a teacher forward on the batch."""
+    teacher, student = pair
+    add_lora(student)
+    distiller = Distiller(teacher, student, AKDConfig(lambda_kl=1.0, temperature=2.0, fit_projections=False))
+    samples = DistillSample.from_samples(student, buffer_samples)
+    labels = (["three", "it is a seven", "no", "one"] * len(samples))[: len(samples)]
+    student.eval()
+    with torch.no_grad():
+        targets = distiller.teacher_targets(samples, labels, batch_size=3)
+        terms = distiller.losses(samples, labels, targets=targets)
+        tokens, mask = distiller._stack(samples)
+        queries = teacher.query_outputs(tokens, mask)
+        out = teacher.lm_forward(teacher.blip2.language_projection(queries), [s.prompt for s in samples], labels)
+        mine = student.lm_forward(student.blip2.language_projection(student.query_outputs(tokens, mask)),
+                                  [s.prompt for s in samples], labels)  # fmt: skip
+        t_pos, s_pos = out.answer_positions, mine.answer_positions
+        repr_ = F.mse_loss(distiller.psi(mine.hidden[:, :-1][s_pos]), out.hidden[:, :-1][t_pos])
+        kl = F.kl_div((mine.logits[:, :-1][s_pos] / 2).log_softmax(-1), (out.logits[:, :-1][t_pos] / 2).log_softmax(-1),
+                      log_target=True, reduction="batchmean") * 4  # fmt: skip
+    assert [len(t.answer_hidden) for t in targets] == t_pos.sum(1).tolist()  # "it is a seven" has more answer tokens
+    assert float(terms["repr"]) == pytest.approx(float(repr_), rel=1e-4)
+    assert float(terms["kl"]) == pytest.approx(float(kl), rel=1e-4)
+    assert float(terms["kl"]) > 1e-4  # the student differs from the teacher, so the comparison is not 0 == 0
+
+
+def test_a_round_runs_the_teacher_forward_once_not_once_per_step(distiller, buffer_samples, monkeypatch):
+    teacher = distiller.teacher
+    calls = []
+    forward = teacher.lm_forward
+    monkeypatch.setattr(teacher, "lm_forward", lambda *a, **k: calls.append(len(a[1])) or forward(*a, **k))
+    samples = DistillSample.from_samples(distiller.student, buffer_samples)
+
+    report = distiller.run_round(samples)
+
+    assert report.steps == 4
+    assert calls == [len(samples)]  # one teacher-forced pass over the buffer; the steps reuse it
 
 
 def test_a_round_changes_only_the_trainable_set(distiller, buffer_samples):
@@ -255,9 +295,9 @@ def test_a_broken_guard_sends_the_round_back_under_a_firmer_anchor(pair, monkeyp
         snapshots.append({k: v.detach().clone() for k, v in distiller.trainable.items()})
         return next(calls)
 
-    def recording(batch, labels, anchors=None, anchor_scale=1.0, anchor_queries=None):
+    def recording(batch, labels, anchors=None, anchor_scale=1.0, anchor_queries=None, targets=None):
         seen.append((anchor_scale, {k: v.detach().clone() for k, v in distiller.trainable.items()}))
-        return losses(batch, labels, anchors, anchor_scale, anchor_queries)
+        return losses(batch, labels, anchors, anchor_scale, anchor_queries, targets)
 
     monkeypatch.setattr(distiller, "_anchor_agreement", scripted)
     monkeypatch.setattr(distiller, "losses", recording)

@@ -113,3 +113,61 @@ def test_held_out_shift_groups_render_shifted_images_of_the_benchmark_size():
         sys.path.remove(str(BENCH))
         for name in names:  # the rest of the suite sees the committed domains only
             DOMAINS.pop(name)
+
+
+def test_round_time_per_step_mode_runs_the_teacher_on_every_batch(pair, monkeypatch):
+    from cdcca.akd import AKDConfig, Distiller, DistillSample
+    from cdcca.data.digits_shift import load_domain
+    from cdcca.models.trainable import add_lora
+
+    teacher, student = pair
+    add_lora(student)
+    distiller = Distiller(teacher, student, AKDConfig(steps=3, batch_size=4, fit_projections=False))
+    calls = []
+    forward = teacher.lm_forward
+    monkeypatch.setattr(teacher, "lm_forward", lambda *a, **k: calls.append(len(a[1])) or forward(*a, **k))
+    distiller.losses = _script("round_time")._drop_targets(distiller.losses)
+    samples = DistillSample.from_samples(student, load_domain("printed", "stream", limit=4))
+
+    distiller.run_round(samples)
+
+    assert calls == [len(samples), 4, 4, 4]  # the round's one pass, then the teacher again at each of the 3 steps
+
+
+def test_round_time_summary_compares_the_two_modes_on_the_same_rounds():
+    timing = _script("round_time")
+
+    def rounds(seconds: float, acc: float) -> list[dict]:
+        return [{"domain": "printed", "seconds": seconds, "train_seconds": seconds - 1, "acc": acc}]
+
+    runs = [
+        {"mode": "per-round", "seed": 0, "rounds": rounds(4.0, 80.0), "source_drop": 0.5, "round_seconds": 4.0},
+        {"mode": "per-step", "seed": 0, "rounds": rounds(6.0, 80.0), "source_drop": 0.5, "round_seconds": 6.0},
+        {"mode": "per-round", "seed": 1, "rounds": rounds(5.0, 70.0), "source_drop": 1.5, "round_seconds": 5.0},
+        {"mode": "per-step", "seed": 1, "rounds": rounds(7.0, 71.0), "source_drop": 1.0, "round_seconds": 7.0},
+    ]
+
+    report = timing.summarize(runs, ["printed"])
+
+    per_round, per_step = report["summary"]
+    assert (per_round["mode"], per_round["seeds"]) == ("per-round", 2)
+    assert (per_round["round_s"], per_round["train_s"]) == (4.5, 3.5)
+    assert (per_round["printed"], per_round["worst_drop"]) == (75.0, 1.5)
+    assert (per_step["round_s"], per_step["printed"], per_step["worst_drop"]) == (6.5, 75.5, 1.0)
+    assert report["round_speedup"] == pytest.approx(6.5 / 4.5, abs=0.01)
+
+
+def test_token_information_masks_keep_the_count_by_each_rule():
+    import torch
+
+    info = _script("token_information")
+    variance = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.7, 0.2, 0.8, 0.4]])
+
+    top = info.masks(variance, "uts", 2, torch.Generator().manual_seed(0))
+    low = info.masks(variance, "lowest", 1, torch.Generator().manual_seed(0))
+    drawn = [info.masks(variance, "random", 2, torch.Generator().manual_seed(s)) for s in range(8)]
+
+    assert top.tolist() == [[False, True, True, False], [True, False, True, False]]
+    assert low.tolist() == [[True, False, False, False], [False, True, False, False]]
+    assert all(int(m.sum(1).min()) == 2 == int(m.sum(1).max()) for m in drawn)
+    assert len({tuple(m.flatten().tolist()) for m in drawn}) > 1  # the draw depends on the seed
