@@ -133,6 +133,21 @@ VARIANTS.update({
     "anchor-query10-random0.25": {"akd": {"lambda_anchor_query": 10.0}, "uts": {"token_keep_ratio": 0.25},
                                   "tokens": "random"},  # fmt: skip
     "anchor-query10-random0.5": {"akd": {"lambda_anchor_query": 10.0}, "uts": {}, "tokens": "random"},
+    # stop 32: fewer tokens per frame (the teacher answers as well from 4 of the 37 as from all, UTS or random)
+    "keep0.1": {"akd": {"lambda_anchor_query": 10.0}, "uts": {"token_keep_ratio": 0.1}},
+    "random0.1": {"akd": {"lambda_anchor_query": 10.0}, "uts": {"token_keep_ratio": 0.1}, "tokens": "random"},
+    # the cloud's subspace rounds at 180 steps: with the teacher's side computed once per round, they cost what 120 did
+    "anchor-query10-subspace8-steps180": {"akd": {"lambda_anchor_query": 10.0, "subspace_fold": 8, "steps": 180,
+                                                  "average_last": 60}, "uts": {}},  # fmt: skip
+    "anchor-query3-subspace8-steps180": {"akd": {"lambda_anchor_query": 3.0, "subspace_fold": 8, "steps": 180,
+                                                 "average_last": 60}, "uts": {}},  # fmt: skip
+    # more adapters under the query anchor: rank 16, and LoRA on the LM's feed-forward layers too
+    "anchor-query10-lora-r16": {"akd": {"lambda_anchor_query": 10.0}, "uts": {}, "lora": {"rank": 16, "alpha": 32}},
+    "anchor-query10-lora-lm-ffn": {"akd": {"lambda_anchor_query": 10.0}, "uts": {},
+                                   "lora": {"target_modules": ("q_proj", "v_proj", "fc1", "fc2")}},  # fmt: skip
+    # the least uncertain tokens instead (bench/token_information.py: the teacher answers best from those)
+    "lowest0.5": {"akd": {"lambda_anchor_query": 10.0}, "uts": {}, "tokens": "lowest"},
+    "lowest0.25": {"akd": {"lambda_anchor_query": 10.0}, "uts": {"token_keep_ratio": 0.25}, "tokens": "lowest"},
 })  # fmt: skip
 
 

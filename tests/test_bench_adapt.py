@@ -36,6 +36,28 @@ def test_stage_switches_change_what_is_uploaded(pretrained_test_pair):
     assert [int(s.token_mask.sum()) for s in random] == kept and max(kept) < len(full[0].token_mask)
 
 
+def test_lowest_token_selection_keeps_the_least_uncertain_tokens_of_each_frame(pretrained_test_pair):
+    teacher, student = load_mllm(pretrained_test_pair / "teacher"), load_mllm(pretrained_test_pair / "student")
+    share_vision_encoder(teacher, student)
+    add_lora(student)
+    stream = load_domain("printed", "stream", limit=10)  # one batch: one stage-2 draw, the same for a same-seed sampler
+
+    lowest = CdccaMethod(student, teacher, token_selection="lowest").upload(stream)
+    scores = CdccaMethod(student, teacher).sampler.score(stream)
+
+    row = {s.sample_id: i for i, s in enumerate(stream)}
+    assert lowest
+    for sample in lowest:
+        i = row[sample.sample_id]
+        variance, count = scores.token_variance[i], int(scores.keep_tokens[i].sum())
+        kept = sample.token_mask.nonzero().squeeze(1)
+        assert len(kept) == count  # the count UTS keeps ...
+        assert set(kept.tolist()) == set(variance.argsort()[:count].tolist())  # ... of the lowest variances
+        assert not set(kept.tolist()) & set(scores.keep_tokens[i].nonzero().squeeze(1).tolist())
+    with pytest.raises(ValueError, match="token_selection"):
+        CdccaMethod(student, teacher, token_selection="highest")
+
+
 def test_report_has_the_summary_and_held_out_rounds(pretrained_test_pair):
     config = AdaptBenchConfig(seeds=(0, 1), stream_images=2, test_images=2, steps=1, anchor_images=2,
                               methods=("source-only", "pl", "cdcca"), ablations=False,

@@ -51,11 +51,12 @@ def test_subspace_folds_summary_pools_each_fold_and_step_over_its_rounds():
 def test_sweep_adapt_lora_variants_are_valid_settings():
     sweep = _script("sweep_adapt")
     lora = {name: change["lora"] for name, change in sweep.VARIANTS.items() if "lora" in change}
-    assert set(lora) == {"lora-r16", "lora-r4", "qformer-all"}
+    assert set(lora) == {"lora-r16", "lora-r4", "qformer-all", "anchor-query10-lora-r16", "anchor-query10-lora-lm-ffn"}
     for change in lora.values():
         LoraSettings(**change)  # raises on a bad field or value
     default = set(LoraSettings().qformer_modules)
     assert default < set(sweep.QFORMER_ALL)  # every linear the default adapts, and more
+    assert set(LoraSettings().target_modules) < set(lora["anchor-query10-lora-lm-ffn"]["target_modules"])
 
 
 def test_sweep_adapt_subspace_variant_trains_the_rounds_the_cloud_trains():

@@ -90,8 +90,8 @@ class CdccaMethod(AdaptationMethod):
         anchors: Sequence[DistillSample] | None = None,
     ) -> None:
         super().__init__(student, teacher)
-        if token_selection not in ("uts", "random"):
-            raise ValueError(f"token_selection must be 'uts' or 'random', got {token_selection!r}")
+        if token_selection not in ("uts", "random", "lowest"):
+            raise ValueError(f"token_selection must be 'uts', 'random' or 'lowest', got {token_selection!r}")
         self.sampler = UncertaintyTokenSampler(student, uts or UTSConfig(seed=seed))
         self.distiller = Distiller(teacher, student, akd or AKDConfig(seed=seed), anchors=anchors)
         self.stage1, self.stage2, self.token_selection = stage1, stage2, token_selection
@@ -122,6 +122,10 @@ class CdccaMethod(AdaptationMethod):
                     count = int(keep.sum())
                     keep = torch.zeros_like(keep)
                     keep[torch.randperm(len(keep), generator=self.generator)[:count]] = True
+                if self.stage2 and self.token_selection == "lowest":  # the same count, the least uncertain tokens
+                    count = int(keep.sum())
+                    keep = torch.zeros_like(keep)
+                    keep[scores.token_variance[first].topk(count, largest=False).indices] = True
                 prompts = [FramePrompt(batch[i].sample_id, batch[i].prompt, scores.answers[i],
                                        float(scores.sample_entropy[i])) for i in group]  # fmt: skip
                 message = pack_frame(scores.visual_tokens[first], keep, torch.zeros(len(keep)), prompts,
