@@ -145,9 +145,20 @@ VARIANTS.update({
     "anchor-query10-lora-r16": {"akd": {"lambda_anchor_query": 10.0}, "uts": {}, "lora": {"rank": 16, "alpha": 32}},
     "anchor-query10-lora-lm-ffn": {"akd": {"lambda_anchor_query": 10.0}, "uts": {},
                                    "lora": {"target_modules": ("q_proj", "v_proj", "fc1", "fc2")}},  # fmt: skip
+    "anchor-query10-subspace8-lora-r16": {"akd": {"lambda_anchor_query": 10.0, "subspace_fold": 8, "steps": 120,
+                                                  "average_last": 40}, "uts": {},
+                                          "lora": {"rank": 16, "alpha": 32}},  # fmt: skip
     # the least uncertain tokens instead (bench/token_information.py: the teacher answers best from those)
     "lowest0.5": {"akd": {"lambda_anchor_query": 10.0}, "uts": {}, "tokens": "lowest"},
     "lowest0.25": {"akd": {"lambda_anchor_query": 10.0}, "uts": {"token_keep_ratio": 0.25}, "tokens": "lowest"},
+})  # fmt: skip
+# The variants above ran with rank-8 LoRA (α 16), the default until stop 32 made it 16 (α 32): they keep it. The ones
+# below get the default unless they say otherwise.
+for _name, _change in VARIANTS.items():
+    if _name != "default":
+        _change["lora"] = {"rank": 8, "alpha": 16, **_change.get("lora", {})}
+VARIANTS.update({
+    "pl-r16": {"method": "pl"},  # PL on the rank-16 adapters: every method of bench adapt shares the trainable set
 })  # fmt: skip
 
 

@@ -51,9 +51,13 @@ def test_subspace_folds_summary_pools_each_fold_and_step_over_its_rounds():
 def test_sweep_adapt_lora_variants_are_valid_settings():
     sweep = _script("sweep_adapt")
     lora = {name: change["lora"] for name, change in sweep.VARIANTS.items() if "lora" in change}
-    assert set(lora) == {"lora-r16", "lora-r4", "qformer-all", "anchor-query10-lora-r16", "anchor-query10-lora-lm-ffn"}
     for change in lora.values():
         LoraSettings(**change)  # raises on a bad field or value
+    # rank 16 became the default in stop 32: variants written before it ran at rank 8, and still do
+    assert "default" not in lora and "pl-r16" not in lora and LoraSettings().rank == 16
+    assert lora["pl"] == lora["anchor-query10"] == {"rank": 8, "alpha": 16}
+    assert lora["anchor-query10-lora-r16"] == {"rank": 16, "alpha": 32} and lora["lora-r4"]["rank"] == 4
+    assert lora["anchor-query10-lora-lm-ffn"]["rank"] == 8
     default = set(LoraSettings().qformer_modules)
     assert default < set(sweep.QFORMER_ALL)  # every linear the default adapts, and more
     assert set(LoraSettings().target_modules) < set(lora["anchor-query10-lora-lm-ffn"]["target_modules"])

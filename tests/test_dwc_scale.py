@@ -31,8 +31,8 @@ def test_students_are_built_from_their_configs_without_weights():
     assert sum(math.prod(shape) for shape in paper.values()) == 1_643_038  # the paper's "about 1.65 M"
     assert paper["llama.layers.2.adaption_prompt"] == (10, 4096) and "llama.layers.1.adaption_prompt" not in paper
     assert not any(name.startswith("qformer.encoder.layer.6.") for name in paper)  # 6 Q-Former layers
-    assert sum(math.prod(shape) for shape in blip2.values()) == 4_488_192
-    assert blip2["language_model.model.decoder.layers.31.self_attn.q_proj.lora_A.default.weight"] == (8, 2560)
+    assert sum(math.prod(shape) for shape in blip2.values()) == 7_730_176  # 4 488 192 at rank 8, before stop 32
+    assert blip2["language_model.model.decoder.layers.31.self_attn.q_proj.lora_A.default.weight"] == (16, 2560)
 
 
 def test_synthetic_delta_follows_the_measured_statistics_robustly():
