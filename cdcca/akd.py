@@ -324,6 +324,7 @@ class Distiller:
         self.optimizer = torch.optim.AdamW(groups, lr=self.config.lr, weight_decay=0.0)
         self._params = params
         self.rounds = 0
+        self._head_checked = False  # teacher_targets checks once that the LM head rebuilds the teacher's logits
         anchors = list(anchors or [])
         labels = self._greedy(self.student, anchors) if anchors else []
         self.anchor_replay = (anchors[1::2], labels[1::2])  # trained on: the base student's own answers
@@ -403,6 +404,13 @@ class Distiller:
             out = self.teacher.lm_forward(self.teacher.blip2.language_projection(queries), [s.prompt for s in batch],
                                           labels[start : start + batch_size])  # fmt: skip
             hidden, positions = out.hidden[:, :-1], out.answer_positions
+            if not self._head_checked:  # once: L_KL rebuilds the teacher's logits from these states
+                rebuilt = self.teacher.lm.get_output_embeddings()(hidden[positions])
+                if not torch.allclose(rebuilt, out.logits[:, :-1][positions], rtol=1e-4, atol=1e-4):
+                    raise ValueError("the teacher's LM head applied to its last hidden states does not give its logits "
+                                     "(a logit soft-cap or scale after the head?); AKD's L_KL needs a causal LM whose "
+                                     "logits are its output embeddings applied to the last hidden state")  # fmt: skip
+                self._head_checked = True
             targets += [TeacherTarget(queries[i], hidden[i][positions[i]]) for i in range(len(batch))]
         return targets
 

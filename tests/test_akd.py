@@ -392,3 +392,26 @@ def test_projections_start_from_the_least_squares_fit(pair):
             distiller.phi.weight.add_(sign * 1e-3)
             assert float(distiller.losses(samples, labels)["query"]) >= after - 1e-6
             distiller.phi.weight.sub_(sign * 1e-3)
+
+
+def test_a_teacher_whose_head_does_not_rebuild_its_logits_is_a_clear_error(pair, buffer_samples):
+    # a logit scale after the head (as a soft-capped LM has) breaks what L_KL rebuilds from the cached hidden states
+    teacher, student = pair
+    teacher, student = copy.deepcopy(teacher), copy.deepcopy(student)
+    add_lora(student)
+    distiller = Distiller(teacher, student, AKDConfig(fit_projections=False))
+    samples = DistillSample.from_samples(student, buffer_samples)
+    labels = ["three"] * len(samples)
+    forward = teacher.lm.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+    teacher.lm.forward = scaled
+
+    with pytest.raises(ValueError, match="LM head"):
+        distiller.teacher_targets(samples, labels)
+    teacher.lm.forward = forward
+    assert len(distiller.teacher_targets(samples, labels)) == len(samples)  # checked once it holds, then trusted
