@@ -67,7 +67,8 @@ class CdccaMethod(AdaptationMethod):
         teacher: the cloud teacher.
         uts: UTS settings; ``stage1=False`` uploads every sample, ``stage2=False`` every token.
         akd: distillation settings (``lambda_query = lambda_repr = 0`` gives plain pseudo-labelling, PL).
-        token_selection: ``uts`` (MC-dropout variance) or ``random`` (same count, random tokens: Table 4).
+        token_selection: ``uts`` (MC-dropout variance), ``random`` (same count, random tokens: Table 4) or ``lowest``
+            (same count, the least uncertain tokens; ``bench/token_information.py``).
         sample_fraction: with ``stage1=False``, upload a random share of the samples (PL at equal bytes).
         anchors: the cloud's source-domain anchor inputs (see :class:`~cdcca.akd.Distiller`).
 

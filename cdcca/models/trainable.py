@@ -13,7 +13,7 @@ shifted tokens is. With LoRA on the LM alone, only norms and biases could change
 Why rank 16 (since stop 32; 66 272 trainable values on the tiny student, 37 600 at rank 8): with the source
 replay holding how source images are read (``AKDConfig.lambda_anchor_query``), rank 8 left the rounds short of
 room. Over 3 seeds, rank 16 lifted the visual mean on all three streams the project measures (committed +0.35,
-held-out +0.15, fresh +1.23) and the cloud's subspace rounds closed 0.65 of `colour_inverted`'s gap instead of 0.46,
+held-out +0.15, fresh +1.23) and the cloud's subspace rounds closed 0.67 of ``colour_inverted``'s gap instead of 0.46,
 with every worst-seed source drop under 2 (``bench/README.md``). The price is the downlink: 1.76x the values.
 """
 
