@@ -159,6 +159,7 @@ for _name, _change in VARIANTS.items():
         _change["lora"] = {"rank": 8, "alpha": 16, **_change.get("lora", {})}
 VARIANTS.update({
     "pl-r16": {"method": "pl"},  # PL on the rank-16 adapters: every method of bench adapt shares the trainable set
+    "lora-r32": {"akd": {}, "uts": {}, "lora": {"rank": 32, "alpha": 64}},  # twice the default rank again
 })  # fmt: skip
 
 
