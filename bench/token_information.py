@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cdcca.akd import DistillSample, greedy_answers
 from cdcca.benchmarks import adapt
 from cdcca.data.digits_shift import VISUAL_DOMAINS, load_domain
 from cdcca.evaluate import score
@@ -38,14 +39,10 @@ def masks(variance: torch.Tensor, rule: str, count: int, generator: torch.Genera
 
 
 @torch.inference_mode()
-def accuracy(model, samples, tokens: torch.Tensor, mask: torch.Tensor, batch_size: int = 128) -> float:
+def accuracy(model, samples, tokens: torch.Tensor, mask: torch.Tensor) -> float:
     """``model``'s accuracy (VQA and multiple choice) attending only to ``mask``'s tokens."""
-    answers: list[str] = []
-    for start in range(0, len(samples), batch_size):
-        part = slice(start, start + batch_size)
-        answers += model.generate([s.prompt for s in samples[part]], visual_tokens=tokens[part],
-                                  token_mask=mask[part].long()).texts  # fmt: skip
-    return score(samples, answers)[0].accuracy
+    kept = [DistillSample(s.sample_id, tokens[i], mask[i].long(), s.prompt) for i, s in enumerate(samples)]
+    return score(samples, greedy_answers(model, kept))[0].accuracy
 
 
 def main() -> None:

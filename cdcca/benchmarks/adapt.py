@@ -114,19 +114,18 @@ class CdccaMethod(AdaptationMethod):
                           if float(torch.rand((), generator=self.generator)) < self.sample_fraction]  # fmt: skip
             for group in by_frame(chosen, keys):
                 first = group[0]
-                keep = scores.keep_tokens[first]
+                variance, keep = scores.token_variance[first], scores.keep_tokens[first]
                 if not self.stage2:
                     keep = torch.ones_like(keep)
                 elif not self.stage1:  # stage 2 was not computed for this frame
-                    keep = self.sampler.stage_two(self.student.preprocess([batch[first].load_image()]))[1][0]
-                if self.stage2 and self.token_selection == "random":
+                    variance, keep = (x[0] for x in self.sampler.stage_two(
+                        self.student.preprocess([batch[first].load_image()])))  # fmt: skip
+                if self.stage2 and self.token_selection != "uts":  # as many tokens as UTS keeps, chosen otherwise
+                    order = (torch.randperm(len(keep), generator=self.generator) if self.token_selection == "random"
+                             else variance.argsort())  # fmt: skip  # lowest: the least uncertain first
                     count = int(keep.sum())
                     keep = torch.zeros_like(keep)
-                    keep[torch.randperm(len(keep), generator=self.generator)[:count]] = True
-                if self.stage2 and self.token_selection == "lowest":  # the same count, the least uncertain tokens
-                    count = int(keep.sum())
-                    keep = torch.zeros_like(keep)
-                    keep[scores.token_variance[first].topk(count, largest=False).indices] = True
+                    keep[order[:count]] = True
                 prompts = [FramePrompt(batch[i].sample_id, batch[i].prompt, scores.answers[i],
                                        float(scores.sample_entropy[i])) for i in group]  # fmt: skip
                 message = pack_frame(scores.visual_tokens[first], keep, torch.zeros(len(keep)), prompts,
