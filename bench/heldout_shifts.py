@@ -11,6 +11,12 @@ only fits the committed domains shows here. None of them is in the teacher's pre
 ``register("fresh")`` does the same for three more (``--domains fresh``), written in stop 31 after the query
 anchor's weight (``AKDConfig.lambda_anchor_query``) was picked on the three above: slanted coloured digits, faint
 grainy digits, and coloured digits behind a grey bar. The teacher leads the student by 8, 8 and 15 points on them.
+
+``register("sealed")`` (``--domains sealed``) adds three written at the start of stop 33, once the first three groups
+had all been used to pick defaults (stop 32 chose the LoRA rank on all of them): coloured digits pixelated into
+blocks, coloured digits through a low-quality JPEG, and coloured digits under a soft shadow. The teacher leads the
+source-trained student by 12.7, 13.8 and 14.4 points (347 test images). They are run only to check a choice made
+elsewhere, never to make one.
 """
 
 from __future__ import annotations
@@ -101,11 +107,56 @@ FRESH = (
     DomainSpec("fresh_faint_noisy", transform=faint_noisy),
     DomainSpec("fresh_occluded_coloured", transform=occluded_coloured),
 )
-GROUPS = {"heldout": HELDOUT, "fresh": FRESH}
+
+
+def pixelated_coloured(ink: np.ndarray, rng: np.random.Generator) -> Rendered:
+    """Averaged down to 7-10 px a side and blown back up in blocks, in one of the named ink colours on light grey."""
+    side = int(rng.integers(7, 11))
+    small = Image.fromarray(ink, mode="F").resize((side, side), Image.BOX)
+    blocky = np.asarray(small.resize(ink.shape[::-1], Image.NEAREST), dtype=np.float32)
+    colour = list(INK_COLOURS)[int(rng.integers(len(INK_COLOURS)))]
+    return Rendered(to_rgb(blocky.clip(0.0, 1.0), INK_COLOURS[colour], (225, 225, 220)),
+                    (f"a blocky {colour} digit {{d}}", "the number {d}, pixelated"))  # fmt: skip
+
+
+def jpeg_coloured(ink: np.ndarray, rng: np.random.Generator) -> Rendered:
+    """One of the named ink colours on a light background, saved as a JPEG at quality 15-35."""
+    import io
+
+    colour = list(INK_COLOURS)[int(rng.integers(len(INK_COLOURS)))]
+    buffer = io.BytesIO()
+    Image.fromarray(to_rgb(ink, INK_COLOURS[colour], (235, 235, 240))).save(buffer, format="JPEG",
+                                                                          quality=int(rng.integers(15, 36)))
+    return Rendered(np.array(Image.open(buffer).convert("RGB"), dtype=np.uint8),
+                    (f"a {colour} digit {{d}} in a compressed photo", "the number {d}, compressed"))  # fmt: skip
+
+
+def shadowed_coloured(ink: np.ndarray, rng: np.random.Generator) -> Rendered:
+    """One of the named ink colours on a light background, under a shadow that darkens one side of the frame to
+    70-85 % of its light, fading linearly across it in a random direction."""
+    colour = list(INK_COLOURS)[int(rng.integers(len(INK_COLOURS)))]
+    image = to_rgb(ink, INK_COLOURS[colour], (240, 238, 230)).astype(np.float32)
+    angle = float(rng.uniform(0.0, 2.0 * np.pi))
+    rows, cols = np.mgrid[0 : ink.shape[0], 0 : ink.shape[1]].astype(np.float32) / (ink.shape[0] - 1) - 0.5
+    along = (np.cos(angle) * cols + np.sin(angle) * rows) / np.sqrt(0.5) + 0.5  # 0 on the lit side, 1 on the other
+    light = 1.0 - (1.0 - float(rng.uniform(0.7, 0.85))) * along.clip(0.0, 1.0)
+    return Rendered((image * light[..., None]).round().clip(0, 255).astype(np.uint8),
+                    (f"a {colour} digit {{d}} half in shadow", "the number {d}, in the shade"))  # fmt: skip
+
+
+# Written in stop 33 before any of that stop's changes was measured on them, and kept out of every choice made since:
+# the check a new default is held to last, after the committed, held-out and fresh streams chose it.
+SEALED = (
+    DomainSpec("sealed_pixelated_coloured", transform=pixelated_coloured),
+    DomainSpec("sealed_jpeg_coloured", transform=jpeg_coloured),
+    DomainSpec("sealed_shadowed_coloured", transform=shadowed_coloured),
+)
+GROUPS = {"heldout": HELDOUT, "fresh": FRESH, "sealed": SEALED}
 
 
 def register(group: str = "heldout") -> tuple[str, ...]:
-    """Register a group of shifts (``heldout`` or ``fresh``, once per process); returns their names in stream order."""
+    """Register a group of shifts (``heldout``, ``fresh`` or ``sealed``, once per process); returns their names in
+    stream order."""
     for spec in GROUPS[group]:
         if spec.name not in DOMAINS:
             register_domain(spec)

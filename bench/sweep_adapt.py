@@ -160,6 +160,9 @@ for _name, _change in VARIANTS.items():
 VARIANTS.update({
     "pl-r16": {"method": "pl"},  # PL on the rank-16 adapters: every method of bench adapt shares the trainable set
     "lora-r32": {"akd": {}, "uts": {}, "lora": {"rank": 32, "alpha": 64}},  # twice the default rank again
+    # stop 33: LoRA+ (the B matrices at a multiple of the rate; Hayou et al., ICML 2024)
+    "loraplus4": {"akd": {"lora_b_lr_ratio": 4.0}, "uts": {}},
+    "loraplus16": {"akd": {"lora_b_lr_ratio": 16.0}, "uts": {}},
 })  # fmt: skip
 
 
@@ -261,13 +264,14 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--domains", choices=["committed", "heldout", "fresh"], default="committed",
+    parser.add_argument("--domains", choices=["committed", "heldout", "fresh", "sealed"], default="committed",
                         help="the stream: the committed target domains, or the held-out shifts of "
                              "bench/heldout_shifts.py (written after the defaults were chosen), or its fresh ones "
-                             "(written after the query anchor's weight was chosen on the held-out ones)")  # fmt: skip
+                             "(written after the query anchor's weight was chosen on the held-out ones), or its "
+                             "sealed ones (stop 33: only to check a choice made on the others)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None,
-                        help="default: bench/results/sweep_adapt.json (committed), heldout_adapt.json or "
-                             "fresh_adapt.json")  # fmt: skip
+                        help="default: bench/results/sweep_adapt.json (committed), heldout_adapt.json, "
+                             "fresh_adapt.json or sealed_adapt.json")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     checkpoints = checkpoint_dir("tiny")
