@@ -34,7 +34,7 @@ from cdcca.evaluate import evaluate
 from cdcca.models.checkpoint import load_mllm
 from cdcca.models.trainable import LoraSettings
 from cdcca.paths import checkpoint_dir
-from cdcca.report import format_table
+from cdcca.report import checkpoint_fingerprint, environment, format_table
 from cdcca.uts import UTSConfig
 
 # Every variant but ``default`` is a change of the round before the KL + features default (the first row),
@@ -160,9 +160,12 @@ for _name, _change in VARIANTS.items():
 VARIANTS.update({
     "pl-r16": {"method": "pl"},  # PL on the rank-16 adapters: every method of bench adapt shares the trainable set
     "lora-r32": {"akd": {}, "uts": {}, "lora": {"rank": 32, "alpha": 64}},  # twice the default rank again
-    # stop 33: LoRA+ (the B matrices at a multiple of the rate; Hayou et al., ICML 2024)
-    "loraplus4": {"akd": {"lora_b_lr_ratio": 4.0}, "uts": {}},
-    "loraplus16": {"akd": {"lora_b_lr_ratio": 16.0}, "uts": {}},
+    # stop 33: the student sees a random share of each upload's tokens hidden at every step (an augmentation)
+    "tokdrop0.25": {"akd": {"token_dropout": 0.25}, "uts": {}},
+    "tokdrop0.5": {"akd": {"token_dropout": 0.5}, "uts": {}},
+    "tokdrop0.75": {"akd": {"token_dropout": 0.75}, "uts": {}},
+    "tokdrop0.5-subspace8": {"akd": {"token_dropout": 0.5, "subspace_fold": 8, "steps": 120, "average_last": 40},
+                             "uts": {}},  # fmt: skip
 })  # fmt: skip
 
 
@@ -285,6 +288,10 @@ def main() -> None:
     tests = {d: load_domain(d, "test", limit=config.test_images) for d in (SOURCE_DOMAIN, *config.domains)}
     report = json.loads(path.read_text()) if path.exists() else {"variants": VARIANTS, "runs": []}
     report["variants"] = VARIANTS
+    report.setdefault("checkpoints", [])  # the checkpoints its runs were measured on (report.checkpoint_fingerprint)
+    if (fingerprint := checkpoint_fingerprint(checkpoints)) not in report["checkpoints"]:
+        report["checkpoints"].append(fingerprint)
+    report["environment"] = environment()
     if "teacher" not in report:
         report["teacher"] = {d: evaluate(teacher, tests[d], progress=False)[0].accuracy for d in config.domains}
     for seed in args.seeds:

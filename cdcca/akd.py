@@ -117,6 +117,9 @@ class AKDConfig:
             last step's (stochastic weight averaging, Izmailov et al., UAI 2018: the mean sits in a flatter region,
             where the noise of a quantized delta costs less; ``bench/downlink.md``). A backtrack restarts the mean.
             In a subspace round the mean stays in the subspace. 0: the last step's weights.
+        token_dropout: share of each uploaded sample's tokens hidden from the student at random at every training step
+            (at least one stays; the teacher's targets are computed on all of them): an augmentation of the round's few
+            frames, since a frame's answer survives losing most of its tokens (``bench/token_information.py``). 0: off.
     """
 
     lambda_query: float = 3.0
@@ -142,6 +145,7 @@ class AKDConfig:
     subspace_chunk: int = 1024
     subspace_seed: int | None = None
     average_last: int = 0
+    token_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("lambda_query", "lambda_repr", "lambda_ce", "lambda_kl"):
@@ -163,6 +167,8 @@ class AKDConfig:
         if self.lambda_anchor < 0 or self.anchor_batch < 1 or not 0.0 <= self.forget_tolerance <= 1.0:
             raise ValueError(f"AKDConfig needs lambda_anchor >= 0, anchor_batch >= 1 and forget_tolerance in [0, 1], "
                              f"got {self.lambda_anchor}, {self.anchor_batch}, {self.forget_tolerance}")  # fmt: skip
+        if not 0.0 <= self.token_dropout < 1.0:
+            raise ValueError(f"AKDConfig.token_dropout must be in [0, 1), got {self.token_dropout}")
         if self.max_backtracks < 0:
             raise ValueError(f"AKDConfig.max_backtracks must be >= 0, got {self.max_backtracks}")
         if not 0 <= self.average_last <= self.steps:
@@ -255,6 +261,14 @@ def fit_linear(layer: nn.Linear, inputs: torch.Tensor, targets: torch.Tensor, ri
     solution = torch.linalg.solve(design.T @ design + penalty, design.T @ targets)  # (in + 1, out)
     layer.weight.copy_(solution[:-1].T)
     layer.bias.copy_(solution[-1])
+
+
+def drop_tokens(mask: torch.Tensor, share: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, N) token mask -> the same with each kept token hidden with probability ``share``, but for each row's first
+    kept token, so every sample keeps one (``AKDConfig.token_dropout``)."""
+    hidden = torch.rand(mask.shape, generator=generator) < share
+    hidden[torch.arange(len(mask)), mask.float().argmax(dim=1)] = False
+    return mask & ~hidden
 
 
 @dataclass
@@ -381,8 +395,10 @@ class Distiller:
 
     _greedy = staticmethod(greedy_answers)
 
-    def _student_lm(self, batch: Sequence[DistillSample], labels: Sequence[str]):
+    def _student_lm(self, batch: Sequence[DistillSample], labels: Sequence[str], token_dropout: float = 0.0):
         tokens, mask = self._stack(batch)
+        if token_dropout > 0:
+            mask = drop_tokens(mask, token_dropout)
         queries = self.student.query_outputs(tokens, mask)  # (B, Q, Ds)
         return queries, self.student.lm_forward(self.student.blip2.language_projection(queries),
                                                 [s.prompt for s in batch], labels)  # fmt: skip
@@ -432,7 +448,8 @@ class Distiller:
         targets = self.teacher_targets(batch, labels) if targets is None else targets
         teacher_queries = torch.stack([t.queries for t in targets])  # (B, Q, Dt)
         teacher_hidden = torch.cat([t.answer_hidden for t in targets])  # (A, Ht), the answer positions in order
-        student_queries, student_out = self._student_lm(batch, labels)  # (B, Q, Ds)
+        dropout = self.config.token_dropout if self.student.training else 0.0
+        student_queries, student_out = self._student_lm(batch, labels, dropout)  # (B, Q, Ds)
         s_pos = student_out.answer_positions
         terms = {
             "query": F.mse_loss(self.phi(student_queries), teacher_queries),

@@ -111,8 +111,44 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(0, width - 3)] + "..."
 
 
+ENVIRONMENT_PACKAGES = ("torch", "transformers", "peft", "numpy", "pillow", "scikit-learn", "onnxruntime")
+
+
+def environment() -> dict:
+    """What a figure was measured with: Python, the platform, the CPU count and the versions of the packages that
+    change numbers (torch's kernels; Pillow renders the digits-shift images, so its version changes the data and every
+    checkpoint ``cdcca pretrain`` builds from it)."""
+    import os
+    import platform
+    from importlib import metadata
+
+    versions = {}
+    for name in ENVIRONMENT_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "packages": versions}  # fmt: skip
+
+
+def checkpoint_fingerprint(directory: str | Path) -> dict[str, str | None]:
+    """The first 16 hex digits of the SHA-256 of each model's weights under a ``cdcca pretrain`` folder (``teacher``,
+    ``student``), so two reports can tell whether they were measured on the same checkpoint."""
+    import hashlib
+
+    prints: dict[str, str | None] = {}
+    for model in ("teacher", "student"):
+        weights = Path(directory) / model / "model.safetensors"
+        prints[model] = hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else None
+    return prints
+
+
 def write_json(report: dict, path: str | Path) -> Path:
-    """Write ``report`` as indented JSON, creating parent folders."""
+    """Write ``report`` as indented JSON, creating parent folders; a dict report gets an ``environment`` entry
+    (:func:`environment`) unless it has one."""
+    if isinstance(report, dict) and "environment" not in report:
+        report = {**report, "environment": environment()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cdcca.akd import AKDConfig, Distiller, DistillSample
+from cdcca.akd import AKDConfig, Distiller, DistillSample, drop_tokens
 from cdcca.data.digits_shift import load_domain
 from cdcca.models.trainable import add_lora, trainable_parameters
 from cdcca.uts import pack_tokens
@@ -103,6 +103,42 @@ def test_a_round_runs_the_teacher_forward_once_not_once_per_step(distiller, buff
     assert calls == [len(samples)]  # one teacher-forced pass over the buffer; the steps reuse it
 
 
+def test_drop_tokens_hides_a_share_of_the_kept_tokens_and_never_a_whole_sample():
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.rand(64, 37, generator=generator) < 0.5
+    mask[0] = False
+    mask[0, 30] = True  # a sample with one kept token keeps it
+
+    dropped = drop_tokens(mask, 0.75, generator)
+
+    assert not (dropped & ~mask).any()  # only uploaded tokens can be seen
+    assert dropped.sum(dim=1).min() >= 1 and bool(dropped[0, 30])
+    share = 1 - float(dropped.sum()) / float(mask.sum())
+    assert 0.65 < share < 0.8  # about the asked share (the one kept per sample takes a little off it)
+
+
+def test_token_dropout_acts_on_training_steps_only(pair, buffer_samples):
+    teacher, student = pair
+    add_lora(student)
+    distiller = Distiller(teacher, student, AKDConfig(token_dropout=0.5, fit_projections=False))
+    samples = DistillSample.from_samples(student, buffer_samples)
+    labels = distiller.pseudo_label(samples)
+    seen = []
+    query_outputs = student.query_outputs
+    student.query_outputs = lambda tokens, mask: seen.append(mask.clone()) or query_outputs(tokens, mask)
+    full = torch.stack([s.token_mask for s in samples])
+
+    with torch.no_grad():
+        student.eval()
+        distiller.losses(samples, labels)
+        student.train()
+        distiller.losses(samples, labels)
+
+    assert torch.equal(seen[0], full)  # scoring and checks see every uploaded token
+    assert not (seen[1] & ~full).any() and int(seen[1].sum()) < int(full.sum())
+    assert seen[1].sum(dim=1).min() >= 1
+
+
 def test_a_round_changes_only_the_trainable_set(distiller, buffer_samples):
     student = distiller.student
     trainable = set(trainable_parameters(student))
@@ -172,7 +208,8 @@ def test_uts_messages_feed_a_round(distiller, buffer_samples):
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"lambda_query": -1.0}, "lambda_query"),
     ({"lambda_query": 0, "lambda_repr": 0, "lambda_ce": 0, "lambda_kl": 0}, "at least one"),
-    ({"temperature": 0.0}, "temperature"), ({"steps": 0}, "steps"),
+    ({"temperature": 0.0}, "temperature"), ({"steps": 0}, "steps"), ({"token_dropout": 1.0}, "token_dropout"),
+    ({"token_dropout": -0.1}, "token_dropout"),
 ])  # fmt: skip
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -32,7 +32,7 @@ from cdcca.evaluate import DomainScore, evaluate
 from cdcca.models.checkpoint import load_mllm, share_vision_encoder
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import LoraSettings, add_lora
-from cdcca.report import progress_bar, save_figure
+from cdcca.report import checkpoint_fingerprint, progress_bar, save_figure
 from cdcca.uts import FramePrompt, UncertaintyTokenSampler, UTSConfig, by_frame, frame_keys, pack_frame, uploaded
 
 STEPS = AKDConfig.steps  # optimizer steps per round, every method: the cloud's default
@@ -391,7 +391,7 @@ def run_adapt_bench(checkpoints, config: AdaptBenchConfig, progress: bool = True
     }  # fmt: skip
     return {"config": {k: getattr(config, k) for k in config.__dataclass_fields__}, "teacher": teacher_scores,
             "headline": headline, "per_domain": per_domain, "gain": gain, "runs": runs, "ablation": ablation,
-            "summary": summary}  # fmt: skip
+            "summary": summary, "checkpoint": checkpoint_fingerprint(checkpoints)}  # fmt: skip
 
 
 def per_domain_table(runs: list[dict], teacher_scores: dict, domains: Sequence[str]) -> dict:
