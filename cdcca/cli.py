@@ -426,7 +426,7 @@ def _add_bench_args(parser: argparse.ArgumentParser) -> None:
         example = f"example:\n  cdcca bench {which} --threads 2 --json bench/results/{which}.json"
         p = kinds.add_parser(which, help=text, description=text, epilog=example, formatter_class=_Formatter)
         p.set_defaults(steps=None, images_per_domain=80, seeds=[0, 1, 2], stream_images=150, no_ablations=False,
-                       methods=None)  # fmt: skip
+                       methods=None, shifts=None)  # fmt: skip
         _common_args(p)
         _add_preset(p, "preset whose pretrained student is measured")
         _add_model_dir(p)
@@ -451,6 +451,10 @@ def _add_bench_args(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--methods", nargs="+", default=None, choices=BENCH_METHODS, metavar="METHOD",
                            help=f"methods of the headline table, of: {' '.join(BENCH_METHODS)} (default: all; "
                                 "source-only and cdcca are always run)")  # fmt: skip
+            p.add_argument("--shifts", default=None, metavar="FILE.py[:NAME]",
+                           help="run the stream on shifts a Python file declares, a sequence of DomainSpec called NAME "
+                                "(default SHIFTS), instead of the committed target domains; e.g. "
+                                "bench/heldout_shifts.py:SEALED")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1033,10 +1037,16 @@ def cmd_bench(args) -> dict:
         methods = AdaptBenchConfig.methods
         if args.methods:
             methods = ("source-only", *[m for m in args.methods if m not in ("source-only", "cdcca")], "cdcca")
+        shifts = {}
+        if args.shifts:
+            from cdcca.data.digits_shift import load_shifts
+
+            shifts = {"shifts": args.shifts, "domains": load_shifts(args.shifts)}
         config = AdaptBenchConfig(
             seeds=tuple(args.seeds),
             stream_images=args.stream_images,
             methods=methods,
+            **shifts,
             steps=args.steps or AdaptBenchConfig.steps,
             ablations=not args.no_ablations,
             workers=args.workers or args.threads or 1,

@@ -143,3 +143,29 @@ def test_ablation_rows_identical_to_another_run_are_run_once(pretrained_test_pai
     assert rows["uts@0.5"]["rounds"] == rows["cdcca"]["rounds"] == report["runs"][1]["rounds"]
     with pytest.raises(ValueError, match="source-only and cdcca"):
         AdaptBenchConfig(methods=("source-only", "pl"))
+
+
+def test_bench_adapt_runs_on_shifts_declared_in_a_file(pretrained_test_pair, tmp_path, monkeypatch):
+    import json
+
+    from cdcca import cli
+    from cdcca.data import digits_shift
+
+    monkeypatch.setattr(digits_shift, "DOMAINS", dict(digits_shift.DOMAINS))
+    monkeypatch.setattr(digits_shift, "_LOADED_SHIFTS", {})
+    shifts = tmp_path / "shifts.py"
+    shifts.write_text("from cdcca.data.digits_shift import DomainSpec, white_on_black\n"
+                      "SHIFTS = (DomainSpec('flipped', transform=lambda ink, rng: white_on_black(ink[:, ::-1])),\n"
+                      "          DomainSpec('dim', transform=lambda ink, rng: white_on_black(ink * 0.5)))\n")  # fmt: skip
+    out = tmp_path / "adapt.json"
+
+    code = cli.main(["bench", "adapt", "--model", str(pretrained_test_pair), "--shifts", str(shifts), "--seeds", "0",
+                     "--methods", "pl", "--no-ablations", "--stream-images", "2", "--steps", "1", "--json", str(out),
+                     "--threads", "2"])  # fmt: skip
+
+    report = json.loads(out.read_text())
+    assert code == 0 and report["config"]["domains"] == ["flipped", "dim"]  # two workers: each registered them
+    assert set(report["summary"]["per_domain_gap_closed"]) == {"flipped", "dim"}
+    assert [r["domain"] for r in report["runs"][0]["rounds"]] == ["flipped", "dim"]
+    assert report["environment"]["packages"]["torch"] and len(report["checkpoint"]["student"]) == 16
+    assert cli.main(["bench", "adapt", "--model", str(pretrained_test_pair), "--shifts", f"{shifts}:NOPE"]) == 2

@@ -176,3 +176,35 @@ def test_registering_a_domain_makes_it_loadable_by_name(monkeypatch):
     with pytest.raises(ValueError, match="already registered"):
         digits_shift.register_domain(digits_shift.DomainSpec("mirrored"))
     assert spec.shifted_vision and not spec.shifted_language
+
+
+SHIFTS_FILE = '''
+from cdcca.data.digits_shift import DomainSpec, white_on_black
+
+def upside_down(ink, rng):
+    return white_on_black(ink[::-1])
+
+SHIFTS = (DomainSpec("upside_down", transform=upside_down),)
+OTHERS = [DomainSpec("upside_down_too", transform=upside_down)]
+NOT_SHIFTS = ("just", "words")
+'''
+
+
+def test_shifts_declared_in_a_file_are_registered_in_order(monkeypatch, tmp_path):
+    from cdcca.data import digits_shift
+
+    monkeypatch.setattr(digits_shift, "DOMAINS", dict(digits_shift.DOMAINS))
+    monkeypatch.setattr(digits_shift, "_LOADED_SHIFTS", {})
+    path = tmp_path / "my_shifts.py"
+    path.write_text(SHIFTS_FILE)
+
+    names = digits_shift.load_shifts(str(path))
+
+    assert names == ("upside_down",) and digits_shift.load_shifts(f"{path}:SHIFTS") == names  # loaded once
+    assert digits_shift.load_shifts(f"{path}:OTHERS") == ("upside_down_too",)
+    flipped = load_domain("upside_down", "test", limit=1)[0].image
+    assert flipped[::-1].tolist() == load_domain("source", "test", limit=1)[0].image.tolist()
+    with pytest.raises(ValueError, match="no sequence of DomainSpec called 'NOT_SHIFTS'; it has SHIFTS, OTHERS"):
+        digits_shift.load_shifts(f"{path}:NOT_SHIFTS")
+    with pytest.raises(ValueError, match="FILE.py"):
+        digits_shift.load_shifts(str(tmp_path / "missing.py"))

@@ -26,7 +26,7 @@ import torch
 from cdcca import wire
 from cdcca.akd import ANCHOR_IMAGES, AKDConfig, Distiller, DistillSample, source_anchors
 from cdcca.baselines.base import AdaptationMethod, RoundResult
-from cdcca.data.digits_shift import SOURCE_DOMAIN, TARGET_DOMAINS, load_domain
+from cdcca.data.digits_shift import SOURCE_DOMAIN, TARGET_DOMAINS, load_domain, load_shifts
 from cdcca.data.sample import Sample
 from cdcca.evaluate import DomainScore, evaluate
 from cdcca.models.checkpoint import load_mllm, share_vision_encoder
@@ -169,6 +169,8 @@ class AdaptBenchConfig:
         keep_ratios: UTS token keep ratios of Table 4.
         anchor_images: source-domain ``train`` images (one sample per task each) the cloud keeps as anchors.
         domains: the target stream, in order.
+        shifts: ``FILE.py:NAME`` of shifts declared outside the package (:func:`~cdcca.data.digits_shift.load_shifts`),
+            registered in every process that runs (``domains`` must then name them; the CLI's ``--shifts`` does both).
         workers: processes that run the (method, seed) runs side by side, each on ``threads // workers`` torch
             threads (1: every run in this process). The runs are independent and seeded, so the report does not
             depend on which process ran what (up to float rounding of the thread count).
@@ -184,6 +186,7 @@ class AdaptBenchConfig:
     keep_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
     anchor_images: int = ANCHOR_IMAGES
     domains: tuple[str, ...] = field(default=TARGET_DOMAINS)
+    shifts: str | None = None
     workers: int = 1
     threads: int | None = None
 
@@ -298,6 +301,8 @@ _WORKER: dict = {}  # a worker process's teacher, test sets and settings, loaded
 
 def _start_worker(checkpoints: str, config: AdaptBenchConfig, threads: int) -> None:
     torch.set_num_threads(threads)
+    if config.shifts:  # a spawned process starts with the package's domains only
+        load_shifts(config.shifts)
     teacher = load_mllm(Path(checkpoints) / "teacher")
     tests = {d: load_domain(d, "test", limit=config.test_images) for d in (SOURCE_DOMAIN, *config.domains)}
     _WORKER.update(checkpoints=checkpoints, config=config, teacher=teacher, tests=tests)
@@ -335,6 +340,8 @@ def _stats(values: list[float]) -> dict:
 
 def run_adapt_bench(checkpoints, config: AdaptBenchConfig, progress: bool = True) -> dict:
     """Headline table over seeds, ablations on the first seed, teacher reference; returns the JSON report."""
+    if config.shifts:
+        load_shifts(config.shifts)
     teacher = load_mllm(checkpoints / "teacher")
     tests = {d: load_domain(d, "test", limit=config.test_images) for d in (SOURCE_DOMAIN, *config.domains)}
     teacher_scores = {d: _row(evaluate(teacher, tests[d], progress=False)[0]) for d in config.domains}

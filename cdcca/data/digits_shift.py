@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -283,6 +284,39 @@ for _spec in (
 SOURCE_DOMAIN = "source"
 TARGET_DOMAINS = tuple(name for name in DOMAINS if name != SOURCE_DOMAIN)
 VISUAL_DOMAINS = tuple(name for name in TARGET_DOMAINS if DOMAINS[name].shifted_vision)
+_LOADED_SHIFTS: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
+def load_shifts(spec: str) -> tuple[str, ...]:
+    """Register the shifts a Python file declares and return their names in order: ``spec`` is ``FILE.py:NAME``,
+    ``NAME`` a sequence of :class:`DomainSpec` in that file (``FILE.py`` alone reads ``SHIFTS``). What ``cdcca bench
+    adapt --shifts`` runs the whole benchmark on; ``bench/heldout_shifts.py`` declares ``HELDOUT``, ``FRESH`` and
+    ``SEALED`` this way. Loading the same ``spec`` again returns the names registered the first time.
+
+    The file is executed, so pass only a file you trust (as with any Python file you run)."""
+    import importlib.util
+
+    path_text, _, attribute = spec.rpartition(":") if ":" in spec else (spec, "", "SHIFTS")
+    path, attribute = Path(path_text), attribute or "SHIFTS"
+    key = (str(path.resolve()), attribute)
+    if key in _LOADED_SHIFTS:
+        return _LOADED_SHIFTS[key]
+    if path.suffix != ".py" or not path.is_file():
+        raise ValueError(f"--shifts wants FILE.py[:NAME] naming a Python file that declares DomainSpecs, got {spec!r}")
+    module_spec = importlib.util.spec_from_file_location(f"cdcca_shifts_{abs(hash(key))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    specs = getattr(module, attribute, None)
+    if isinstance(specs, DomainSpec):
+        specs = (specs,)
+    if not specs or not isinstance(specs, (list, tuple)) or not all(isinstance(s, DomainSpec) for s in specs):
+        found = [name for name, value in vars(module).items() if isinstance(value, (list, tuple)) and value
+                 and all(isinstance(v, DomainSpec) for v in value)]  # fmt: skip
+        raise ValueError(f"{path} has no sequence of DomainSpec called {attribute!r}"
+                         + (f"; it has {', '.join(found)}" if found else ""))  # fmt: skip
+    names = tuple(register_domain(s).name for s in specs)
+    _LOADED_SHIFTS[key] = names
+    return names
 
 
 # ---------------------------------------------------------------------------------------------- samples
