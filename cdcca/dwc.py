@@ -737,6 +737,11 @@ SUBSPACE_FALLBACK = "ecdq"  # what a round-bound codec's keyframes spanning seve
 # third round then fell twice (78.8 -> 75.8, 77.8 -> 77.2) where at two it rose, so two stays (bench/README.md).
 SUBSPACE_STEPS_FACTOR = 2
 SUBSPACE_AVERAGED_SHARE = 1 / 3
+# ... and holds the source anchors' query outputs (AKDConfig.lambda_anchor_query) at this share of a full-space round's
+# weight: the anchor's pull takes part of a subspace that is already small. At 0.3 (10 -> 3) the subspace rounds close
+# 0.54 of noisy_rotated's gap instead of 0.48 on stop 33's checkpoint (0.63 against 0.60 at rank 8, stop 31), level on
+# the fresh and held-out shifts, with worst source drops still under 1.2 (bench/README.md).
+SUBSPACE_ANCHOR_QUERY_SCALE = 0.3
 
 
 # ----------------------------------------------------------------------------------------- registry, stats

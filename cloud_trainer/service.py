@@ -57,7 +57,7 @@ import torch
 
 from cdcca import wire
 from cdcca.akd import AKDConfig, Distiller, DistillSample
-from cdcca.dwc import SUBSPACE_AVERAGED_SHARE, SUBSPACE_STEPS_FACTOR, get_codec
+from cdcca.dwc import SUBSPACE_ANCHOR_QUERY_SCALE, SUBSPACE_AVERAGED_SHARE, SUBSPACE_STEPS_FACTOR, get_codec
 from cdcca.edge.adapter_slot import rolled_back_from
 from cdcca.envelope import Signer, VersionChain, sign_ack
 from cdcca.fingerprint import student_fingerprint
@@ -163,8 +163,10 @@ class CloudConfig:
         if getattr(codec, "round_bound", False) and not self.akd.subspace_fold:
             # a codec-aware codec: every round trains in its subspace, for more steps (bench/downlink.md)
             steps = self.akd.steps * SUBSPACE_STEPS_FACTOR
+            anchor_query = self.akd.lambda_anchor_query * SUBSPACE_ANCHOR_QUERY_SCALE
             self.akd = replace(self.akd, subspace_fold=codec.config.fold, subspace_chunk=codec.config.chunk,
-                               steps=steps, average_last=int(steps * SUBSPACE_AVERAGED_SHARE))  # fmt: skip
+                               steps=steps, average_last=int(steps * SUBSPACE_AVERAGED_SHARE),
+                               lambda_anchor_query=anchor_query)  # fmt: skip
         elif getattr(codec, "round_bound", False) and self.akd.subspace_fold != codec.config.fold:
             raise ValueError(f"CloudConfig: codec {self.codec!r} sends a 1/{codec.config.fold} subspace, but the "
                              f"rounds train in 1/{self.akd.subspace_fold}")  # fmt: skip

@@ -76,6 +76,21 @@ def test_sweep_adapt_subspace_variant_trains_the_rounds_the_cloud_trains():
         settings["subspace_fold"], settings["steps"], settings["average_last"], settings["lr"])  # fmt: skip
 
 
+def test_sweep_adapt_measured_the_rounds_the_cloud_trains_now():
+    from cdcca.akd import AKDConfig
+    from cdcca.models.trainable import LoraSettings
+    from cloud_trainer.service import CloudConfig
+
+    sweep = _script("sweep_adapt")
+    cloud = CloudConfig(akd=AKDConfig(steps=60)).akd  # from bench adapt's 60 steps, under the default codec
+    variant = sweep.VARIANTS["anchor-query3-subspace8-r16"]
+    measured = AKDConfig(**{"steps": 60, **variant["akd"]})
+
+    assert "lora" not in variant and LoraSettings().rank == 16  # the default adapters, as the cloud's
+    for field in ("subspace_fold", "steps", "average_last", "lambda_anchor_query", "lr", "lambda_kl"):
+        assert getattr(cloud, field) == pytest.approx(getattr(measured, field)), field
+
+
 def test_sweep_adapt_variants_keep_the_round_they_were_written_for():
     from cdcca.akd import AKDConfig
 

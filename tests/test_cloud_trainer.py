@@ -539,6 +539,7 @@ def test_a_cloud_on_the_subspace_codec_sends_its_rounds_in_their_subspace(pretra
     config = CloudConfig(state_dir=tmp_path / "cloud", round_size=4, max_round_samples=64, codec="subspace",
                          resend_after_s=0.0, akd=AKDConfig(steps=3, batch_size=4))  # fmt: skip
     assert (config.akd.subspace_fold, config.akd.steps) == (8, 6)
+    assert config.akd.lambda_anchor_query == pytest.approx(AKDConfig().lambda_anchor_query * 0.3)  # a lighter anchor
     trainer = CloudTrainer(load_mllm(pretrained_test_pair / "teacher"),
                            lambda: load_adaptable_student(pretrained_test_pair), signer, config)  # fmt: skip
     sent = []
