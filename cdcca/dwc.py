@@ -739,8 +739,9 @@ SUBSPACE_STEPS_FACTOR = 2
 SUBSPACE_AVERAGED_SHARE = 1 / 3
 # ... and holds the source anchors' query outputs (AKDConfig.lambda_anchor_query) at this share of a full-space round's
 # weight: the anchor's pull takes part of a subspace that is already small. At 0.3 (10 -> 3) the subspace rounds close
-# 0.54 of noisy_rotated's gap instead of 0.48 on stop 33's checkpoint (0.63 against 0.60 at rank 8, stop 31), level on
-# the fresh and held-out shifts, with worst source drops still under 1.2 (bench/README.md).
+# 0.54 of noisy_rotated's gap instead of 0.48 on stop 33's checkpoint (0.63 against 0.60 at rank 8, stop 31), are a
+# little ahead on the fresh shifts and level on the held-out ones, with worst source drops still under 1.2
+# (bench/README.md).
 SUBSPACE_ANCHOR_QUERY_SCALE = 0.3
 
 
