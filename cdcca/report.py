@@ -145,10 +145,7 @@ def checkpoint_fingerprint(directory: str | Path) -> dict[str, str | None]:
 
 
 def write_json(report: dict, path: str | Path) -> Path:
-    """Write ``report`` as indented JSON, creating parent folders; a dict report gets an ``environment`` entry
-    (:func:`environment`) unless it has one."""
-    if isinstance(report, dict) and "environment" not in report:
-        report = {**report, "environment": environment()}
+    """Write ``report`` as indented JSON, creating parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")

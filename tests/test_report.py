@@ -5,17 +5,29 @@ import json
 from cdcca.report import checkpoint_fingerprint, environment, write_json
 
 
-def test_json_reports_carry_the_environment_that_changes_numbers(tmp_path):
-    path = write_json({"rows": [1, 2]}, tmp_path / "nested" / "report.json")
+def test_the_environment_names_the_packages_that_change_numbers():
+    env = environment()
 
-    report = json.loads(path.read_text())
-
-    assert report["rows"] == [1, 2]
-    packages = report["environment"]["packages"]
+    assert env["cpus"] >= 1 and env["python"].count(".") == 2
+    packages = env["packages"]
     assert packages["torch"].startswith("2.") and packages["pillow"]  # Pillow renders the benchmark's images
-    assert report["environment"] == environment()
-    kept = json.loads(write_json({"environment": "given"}, tmp_path / "given.json").read_text())
-    assert kept["environment"] == "given"  # a report that says where it ran keeps its own
+    assert set(packages) == {"torch", "transformers", "peft", "numpy", "pillow", "scikit-learn", "onnxruntime"}
+
+
+def test_measuring_verbs_write_their_environment_and_others_do_not(tmp_path, monkeypatch):
+    from cdcca import cli
+
+    monkeypatch.setitem(cli.HANDLERS, "eval", lambda args: {"rows": [1]})
+    monkeypatch.setitem(cli.HANDLERS, "keys", lambda args: {"accepted": "trust"})
+    measured, other = tmp_path / "eval.json", tmp_path / "keys.json"
+
+    assert cli.main(["eval", "--json", str(measured)]) == 0
+    assert cli.main(["keys", "list", "--json", str(other)]) == 0
+
+    assert json.loads(measured.read_text()) == {"rows": [1], "environment": environment()}
+    assert json.loads(other.read_text()) == {"accepted": "trust"}  # a key report is not a measurement
+    plain = json.loads(write_json({"rows": [2]}, tmp_path / "nested" / "plain.json").read_text())
+    assert plain == {"rows": [2]}
 
 
 def test_checkpoint_fingerprints_tell_checkpoints_apart(tmp_path):
