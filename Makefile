@@ -86,11 +86,13 @@ system-deps:
 	  echo "note: Debian packages not installed (need root + apt-get):$$missing"; \
 	fi
 
-$(STAMP): pyproject.toml | system-deps
+# constraints.txt pins every other package to the versions the committed results were measured with, so `cdcca
+# pretrain` rebuilds the same pair (it is deterministic within one environment, not across package versions).
+$(STAMP): pyproject.toml constraints.txt | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,cloud,edge]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,cloud,edge]"
 	touch $(STAMP)
 
 clean:
