@@ -156,7 +156,7 @@ def test_bench_adapt_runs_on_shifts_declared_in_a_file(pretrained_test_pair, tmp
     shifts = tmp_path / "shifts.py"
     shifts.write_text("from cdcca.data.digits_shift import DomainSpec, white_on_black\n"
                       "SHIFTS = (DomainSpec('flipped', transform=lambda ink, rng: white_on_black(ink[:, ::-1])),\n"
-                      "          DomainSpec('dim', transform=lambda ink, rng: white_on_black(ink * 0.5)))\n")  # fmt: skip
+                      "          DomainSpec('dim', transform=lambda ink, rng: white_on_black(ink * 0.5)))\n")
     out = tmp_path / "adapt.json"
 
     code = cli.main(["bench", "adapt", "--model", str(pretrained_test_pair), "--shifts", str(shifts), "--seeds", "0",
