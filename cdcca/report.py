@@ -116,8 +116,8 @@ ENVIRONMENT_PACKAGES = ("torch", "transformers", "peft", "numpy", "pillow", "sci
 
 def environment() -> dict:
     """What a figure was measured with: Python, the platform, the CPU count and the versions of the packages that
-    change numbers (torch's kernels; Pillow renders the digits-shift images, so its version changes the data and every
-    checkpoint ``cdcca pretrain`` builds from it)."""
+    can change numbers (torch's kernels; transformers builds and initialises the models; Pillow renders the
+    digits-shift images), and with them every checkpoint ``cdcca pretrain`` builds."""
     import os
     import platform
     from importlib import metadata
@@ -140,7 +140,11 @@ def checkpoint_fingerprint(directory: str | Path) -> dict[str, str | None]:
     prints: dict[str, str | None] = {}
     for model in ("teacher", "student"):
         weights = Path(directory) / model / "model.safetensors"
-        prints[model] = hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else None
+        if not weights.is_file():
+            prints[model] = None
+            continue
+        with weights.open("rb") as file:  # read in chunks: a real checkpoint's weights need not fit in memory twice
+            prints[model] = hashlib.file_digest(file, "sha256").hexdigest()[:16]
     return prints
 
 

@@ -296,7 +296,7 @@ def load_shifts(spec: str) -> tuple[str, ...]:
     The file is executed, so pass only a file you trust (as with any Python file you run)."""
     import importlib.util
 
-    path_text, _, attribute = spec.rpartition(":") if ":" in spec else (spec, "", "SHIFTS")
+    path_text, _, attribute = spec.rpartition(":") if ":" in spec else (spec, "", "")
     path, attribute = Path(path_text), attribute or "SHIFTS"
     key = (str(path.resolve()), attribute)
     if key in _LOADED_SHIFTS:
@@ -307,8 +307,6 @@ def load_shifts(spec: str) -> tuple[str, ...]:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     specs = getattr(module, attribute, None)
-    if isinstance(specs, DomainSpec):
-        specs = (specs,)
     if not specs or not isinstance(specs, (list, tuple)) or not all(isinstance(s, DomainSpec) for s in specs):
         found = [name for name, value in vars(module).items() if isinstance(value, (list, tuple)) and value
                  and all(isinstance(v, DomainSpec) for v in value)]  # fmt: skip
