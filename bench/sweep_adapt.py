@@ -288,7 +288,7 @@ def main() -> None:
         config = dataclasses.replace(config, domains=heldout_shifts.register(args.domains))
     path = args.json or Path(f"bench/results/{'sweep' if args.domains == 'committed' else args.domains}_adapt.json")
     teacher = load_mllm(checkpoints / "teacher")
-    tests = {d: load_domain(d, "test", limit=config.test_images) for d in (SOURCE_DOMAIN, *config.domains)}
+    tests = adapt.load_tests(teacher, config)
     report = json.loads(path.read_text()) if path.exists() else {"variants": VARIANTS, "runs": []}
     report["variants"] = VARIANTS
     report.setdefault("checkpoints", [])  # the checkpoints its runs were measured on (report.checkpoint_fingerprint)

@@ -40,16 +40,54 @@ class DomainScore:
         return asdict(self)
 
 
+class EncodedSamples(list):
+    """A fixed test set with the shared frozen encoder's visual tokens of every sample, so that the models that
+    share that encoder (a teacher, its student and every adapted copy of it) answer it without encoding its frames
+    again. A list of its samples, so anything that takes samples takes it.
+
+    The tokens are computed in :func:`predict`'s batches, so answering from them gives the answers (and scores)
+    that encoding the frames in place gives, bit for bit. Build one with :func:`encode_samples`.
+
+    Attributes:
+        encoder: the vision encoder module the tokens came from; :func:`predict` uses the tokens only for a model
+            whose encoder is this very module (shared, frozen: nothing the project trains is in it).
+        tokens: (N, T, D) visual tokens aligned with the samples.
+        batch_size: the batch size they were computed at.
+    """
+
+    def __init__(self, samples: Sequence[Sample], encoder: torch.nn.Module, tokens: torch.Tensor, batch_size: int):
+        super().__init__(samples)
+        if tokens.shape[0] != len(self):
+            raise ValueError(f"{tokens.shape[0]} token rows for {len(self)} samples")
+        self.encoder, self.tokens, self.batch_size = encoder, tokens, batch_size
+
+
+def encode_samples(model: MLLM, samples: Sequence[Sample], batch_size: int = 128) -> EncodedSamples:
+    """``samples`` with ``model``'s visual tokens, batch by batch as :func:`predict` would encode them."""
+    model.eval()
+    with torch.inference_mode():
+        tokens = [model.visual_tokens(model.preprocess([s.load_image() for s in samples[start : start + batch_size]]))
+                  for start in range(0, len(samples), batch_size)]  # fmt: skip
+    return EncodedSamples(samples, model.blip2.vision_model, torch.cat(tokens), batch_size)
+
+
 def predict(
     model: MLLM, samples: Sequence[Sample], batch_size: int = 128, progress: bool = True, desc: str = "answering"
 ) -> list[str]:
-    """Greedy answers of ``model`` to every sample, in order."""
+    """Greedy answers of ``model`` to every sample, in order (from :class:`EncodedSamples`' tokens when they are
+    ``model``'s encoder's at this batch size)."""
     model.eval()
+    encoded = (isinstance(samples, EncodedSamples) and samples.encoder is model.blip2.vision_model
+               and samples.batch_size == batch_size)  # fmt: skip
     answers: list[str] = []
     with torch.inference_mode():
         for start in progress_bar(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):
             batch = samples[start : start + batch_size]
-            generation = model.generate([s.prompt for s in batch], images=[s.load_image() for s in batch])
+            prompts = [s.prompt for s in batch]
+            if encoded:
+                generation = model.generate(prompts, visual_tokens=samples.tokens[start : start + batch_size])
+            else:
+                generation = model.generate(prompts, images=[s.load_image() for s in batch])
             answers += generation.texts
     return answers
 

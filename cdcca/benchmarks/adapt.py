@@ -28,7 +28,7 @@ from cdcca.akd import ANCHOR_IMAGES, AKDConfig, Distiller, DistillSample, source
 from cdcca.baselines.base import AdaptationMethod, RoundResult
 from cdcca.data.digits_shift import SOURCE_DOMAIN, TARGET_DOMAINS, load_domain, load_shifts
 from cdcca.data.sample import Sample
-from cdcca.evaluate import DomainScore, evaluate
+from cdcca.evaluate import DomainScore, EncodedSamples, encode_samples, evaluate
 from cdcca.models.checkpoint import load_mllm, share_vision_encoder
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import LoraSettings, add_lora
@@ -296,6 +296,13 @@ def run_method(name: str, checkpoints, teacher: MLLM, config: AdaptBenchConfig, 
             "source_after": source_after, "uplink_bytes": getattr(method, "uplink_bytes", 0)}  # fmt: skip
 
 
+def load_tests(teacher: MLLM, config: AdaptBenchConfig) -> dict[str, EncodedSamples]:
+    """The source and target test sets, with the shared encoder's tokens: every student of the benchmark shares
+    the teacher's frozen encoder, so each run answers them without encoding the frames again (same answers)."""
+    return {d: encode_samples(teacher, load_domain(d, "test", limit=config.test_images))
+            for d in (SOURCE_DOMAIN, *config.domains)}  # fmt: skip
+
+
 _WORKER: dict = {}  # a worker process's teacher, test sets and settings, loaded once by _start_worker
 
 
@@ -304,7 +311,7 @@ def _start_worker(checkpoints: str, config: AdaptBenchConfig, threads: int) -> N
     if config.shifts:  # a spawned process starts with the package's domains only
         load_shifts(config.shifts)
     teacher = load_mllm(Path(checkpoints) / "teacher")
-    tests = {d: load_domain(d, "test", limit=config.test_images) for d in (SOURCE_DOMAIN, *config.domains)}
+    tests = load_tests(teacher, config)
     _WORKER.update(checkpoints=checkpoints, config=config, teacher=teacher, tests=tests)
 
 
@@ -343,7 +350,7 @@ def run_adapt_bench(checkpoints, config: AdaptBenchConfig, progress: bool = True
     if config.shifts:
         load_shifts(config.shifts)
     teacher = load_mllm(checkpoints / "teacher")
-    tests = {d: load_domain(d, "test", limit=config.test_images) for d in (SOURCE_DOMAIN, *config.domains)}
+    tests = load_tests(teacher, config)
     teacher_scores = {d: _row(evaluate(teacher, tests[d], progress=False)[0]) for d in config.domains}
     jobs = [(name, seed) for seed in config.seeds for name in config.methods]
     ablation_names: list[str] = []

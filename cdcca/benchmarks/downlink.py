@@ -37,7 +37,7 @@ import torch
 from cdcca.akd import AKDConfig, Distiller, DistillSample
 from cdcca.data.digits_shift import load_domain
 from cdcca.dwc import gradient_importance
-from cdcca.evaluate import evaluate
+from cdcca.evaluate import encode_samples, evaluate
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import LoraSettings, add_lora, trainable_parameters
 from cdcca.report import progress_bar, save_figure
@@ -222,7 +222,7 @@ def _run_case(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain:
     base = {k: v.detach().clone() for k, v in trainable_parameters(student).items()}
     aware = [name for name in codecs if getattr(get_codec(name), "round_bound", False)]
     pristine = copy.deepcopy(student) if aware else None
-    test = load_domain(domain, "test", limit=config.test_images)
+    test = encode_samples(student, load_domain(domain, "test", limit=config.test_images))  # answered many times
     accuracy_before = _accuracy(student, test)
     round_log = adaptation_round(student, teacher, config, domain, seed)
     importance = round_log.pop("importance")
@@ -238,7 +238,8 @@ def _run_case(student: MLLM, teacher: MLLM, config: DownlinkBenchConfig, domain:
         rows.append(_codec_row(name, get_codec(name), student, base, delta, importance, test, accuracy_uncompressed))
     frontier = []
     if config.calibration_images:
-        frontier, calibrated = _frontier(student, base, delta, importance, test, _held_out(domain, config), config,
+        held_out = encode_samples(student, _held_out(domain, config))
+        frontier, calibrated = _frontier(student, base, delta, importance, test, held_out, config,
                                          accuracy_uncompressed)  # fmt: skip
         rows.append(calibrated)
     _load_params(student, updated)
