@@ -67,6 +67,24 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
+def test_the_foreach_optimizer_trains_the_weights_of_the_per_tensor_loop_bit_for_bit(tmp_path, monkeypatch):
+    config = dict(preset="test", vision_steps=3, teacher_steps=4, student_steps=2, batch_size=8)
+    pretrain(PretrainConfig(**config, out_dir=tmp_path / "foreach"), progress=False)
+    made, adamw = [], torch.optim.AdamW
+
+    def per_tensor_loop(params, **kwargs):
+        made.append(kwargs.pop("foreach"))
+        return adamw(params, **kwargs, foreach=False)
+
+    monkeypatch.setattr(pretrain_module.torch.optim, "AdamW", per_tensor_loop)
+    pretrain(PretrainConfig(**config, out_dir=tmp_path / "loop"), progress=False)
+    assert made == [True, True, True]  # vision, teacher and student stages
+    for model in ("teacher", "student"):
+        ours = load_mllm(tmp_path / "foreach" / model).blip2.state_dict()
+        for name, tensor in load_mllm(tmp_path / "loop" / model).blip2.state_dict().items():
+            assert torch.equal(ours[name], tensor), (model, name)
+
+
 def test_optimizer_state_round_trips_without_pickle(tmp_path):
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
