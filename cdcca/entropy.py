@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from bisect import bisect_right
+from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -75,22 +76,34 @@ def gaussian_frequencies(sigma: float, offset: float) -> np.ndarray:
     return freq
 
 
+class ContextTable(NamedTuple):
+    """One context's code: its frequencies and cumulative starts as Python lists (the coder's inner loops read
+    them), the symbol index of each of the 2^16 slots (bytes: decoding looks a slot up instead of bisecting the
+    starts) and the frequencies as int64 bytes (what :meth:`GaussianModel.checksum` hashes)."""
+
+    freqs: list[int]
+    starts: list[int]
+    symbols: bytes
+    freq_bytes: bytes
+
+
+@lru_cache(maxsize=64)  # a table is a pure function of its key; a payload uses a few dozen of the 256 contexts
+def context_table(scale: int, bin_: int) -> ContextTable:
+    """The :class:`ContextTable` of context (scale class, dither bin), built once per process."""
+    freq = gaussian_frequencies(class_scale(scale), -0.5 + (bin_ + 0.5) / DITHER_BINS)
+    starts = np.concatenate([[0], np.cumsum(freq)[:-1]])
+    symbols = np.repeat(np.arange(ALPHABET, dtype=np.uint8), freq).tobytes()  # slot -> symbol index (< 256)
+    return ContextTable(freq.tolist(), starts.tolist(), symbols, freq.astype(np.int64).tobytes())
+
+
 class GaussianModel:
-    """The tables of a payload's contexts, context = (scale class, dither bin), built once per context used."""
+    """The tables of a payload's contexts, context = (scale class, dither bin) (:func:`context_table`)."""
 
-    def __init__(self) -> None:
-        self._tables: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+    def table(self, scale: int, bin_: int) -> ContextTable:
+        """The table of a context."""
+        return context_table(int(scale), int(bin_))
 
-    def table(self, scale: int, bin_: int) -> tuple[list[int], list[int]]:
-        """(frequencies, cumulative starts) of a context, as Python lists (the coder's inner loop reads them)."""
-        key = (int(scale), int(bin_))
-        if key not in self._tables:
-            freq = gaussian_frequencies(class_scale(key[0]), -0.5 + (key[1] + 0.5) / DITHER_BINS)
-            starts = np.concatenate([[0], np.cumsum(freq)[:-1]])
-            self._tables[key] = (freq.tolist(), starts.tolist())
-        return self._tables[key]
-
-    def per_value(self, scales: np.ndarray, bins: np.ndarray) -> list[tuple[list[int], list[int]]]:
+    def per_value(self, scales: np.ndarray, bins: np.ndarray) -> list[ContextTable]:
         """Each value's table, from its scale class and dither bin (each distinct context looked up once)."""
         keys, inverse = _unique_contexts(scales, bins)
         tables = [self.table(*divmod(int(key), DITHER_BINS)) for key in keys]
@@ -101,7 +114,7 @@ class GaussianModel:
         it in the header and the receiver compares its own before decoding."""
         crc = 0
         for key in _unique_contexts(scales, bins)[0]:
-            crc = zlib.crc32(np.array(self.table(*divmod(int(key), DITHER_BINS))[0], np.int64).tobytes(), crc)
+            crc = zlib.crc32(self.table(*divmod(int(key), DITHER_BINS)).freq_bytes, crc)
         return crc
 
 
@@ -119,7 +132,7 @@ def encode(symbols: np.ndarray, scales: np.ndarray, bins: np.ndarray, model: Gau
     tables = model.per_value(scales, bins)
     state, out = STATE_LOW, bytearray()
     bound = (STATE_LOW >> PRECISION) << 8
-    for symbol, (freqs, starts) in zip(reversed((symbols + MAX_SYMBOL).tolist()), reversed(tables)):
+    for symbol, (freqs, starts, _, _) in zip(reversed((symbols + MAX_SYMBOL).tolist()), reversed(tables)):
         freq = freqs[symbol]
         while state >= bound * freq:
             out.append(state & 0xFF)
@@ -138,9 +151,9 @@ def decode(data: bytes, scales: np.ndarray, bins: np.ndarray, model: GaussianMod
     state, position, size = int.from_bytes(data[:STATE_BYTES], "big"), STATE_BYTES, len(data)
     out = [0] * len(tables)
     mask = TOTAL - 1
-    for i, (freqs, starts) in enumerate(tables):
+    for i, (freqs, starts, symbols, _) in enumerate(tables):
         slot = state & mask
-        symbol = bisect_right(starts, slot) - 1
+        symbol = symbols[slot]
         out[i] = symbol
         state = freqs[symbol] * (state >> PRECISION) + slot - starts[symbol]
         while state < STATE_LOW:

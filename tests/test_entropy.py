@@ -99,3 +99,14 @@ def test_truncated_extended_or_foreign_streams_are_rejected():
         entropy.decode(data, np.full(500, 40), bins, entropy.GaussianModel())  # another scale's model
     with pytest.raises(entropy.EntropyError, match="±127"):
         entropy.encode(np.array([128]), np.array([28]), np.array([0]), entropy.GaussianModel())
+
+
+@pytest.mark.parametrize(("scale", "bin_"), [(0, 0), (24, 1), (31, 3), (63, 2)])
+def test_a_contexts_slot_lookup_names_the_symbol_whose_interval_holds_the_slot(scale, bin_):
+    table = entropy.context_table(scale, bin_)
+    starts = np.asarray(table.starts)
+    slots = np.arange(entropy.TOTAL)
+    assert len(table.symbols) == entropy.TOTAL
+    np.testing.assert_array_equal(np.frombuffer(table.symbols, np.uint8), np.searchsorted(starts, slots, "right") - 1)
+    assert np.frombuffer(table.freq_bytes, np.int64).tolist() == table.freqs
+    assert entropy.context_table(scale, bin_) is table  # built once, then shared by every payload
