@@ -512,7 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_pretrain(args) -> dict:
-    from cdcca.pretrain import PretrainConfig, pretrain
+    import torch
+
+    from cdcca.pretrain import EMBEDDED_THREADS, PretrainConfig, pretrain
     from cdcca.report import format_table
 
     config = PretrainConfig(
@@ -524,6 +526,10 @@ def cmd_pretrain(args) -> dict:
         seed=args.seed,
         out_dir=args.out,
     )
+    if config.preset == "tiny" and torch.get_num_threads() != EMBEDDED_THREADS:
+        print(f"cdcca pretrain: warning: {torch.get_num_threads()} torch threads; the committed results' pair was "
+              f"built with --threads {EMBEDDED_THREADS}, and another count builds slightly different weights",
+              file=sys.stderr)  # fmt: skip
     started = time.perf_counter()
     report = pretrain(config)
     report["seconds"] = round(time.perf_counter() - started, 1)

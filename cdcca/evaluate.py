@@ -78,7 +78,7 @@ def predict(
     ``model``'s encoder's at this batch size)."""
     model.eval()
     encoded = (isinstance(samples, EncodedSamples) and samples.encoder is model.blip2.vision_model
-               and samples.batch_size == batch_size)  # fmt: skip
+               and samples.batch_size == batch_size and len(samples.tokens) == len(samples))  # fmt: skip
     answers: list[str] = []
     with torch.inference_mode():
         for start in progress_bar(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):

@@ -108,3 +108,23 @@ def test_third_party_warnings_are_silenced_unless_verbose(pretrained_test_pair, 
     assert shown, "the library no longer warns here; pick another call that does"
     assert _library_warnings(recwarn.list) == []
     assert "site-packages" not in capsys.readouterr().err
+
+
+def test_pretraining_the_embedded_pair_on_another_thread_count_warns_that_it_builds_other_weights(
+    pretrained_test_pair, tmp_path, capsys
+):
+    import shutil
+
+    import torch
+
+    out = tmp_path / "pair"
+    shutil.copytree(pretrained_test_pair, out)  # complete: both verbs below reuse it and return at once
+    threads = torch.get_num_threads()
+    try:
+        assert main(["pretrain", "--preset", "tiny", "--threads", "1", "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert "1 torch threads" in err and "--threads 2" in err
+        assert main(["pretrain", "--preset", "tiny", "--threads", "2", "--out", str(out)]) == 0
+        assert "warning" not in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)

@@ -56,3 +56,13 @@ def test_encoded_samples_refuse_tokens_that_do_not_match_the_samples(pair, sampl
     encoded = encode_samples(teacher, samples, batch_size=8)
     with pytest.raises(ValueError, match="20 token rows for 21 samples"):
         EncodedSamples(samples, encoded.encoder, encoded.tokens[:20], batch_size=8)
+
+
+def test_a_set_changed_after_encoding_is_answered_from_its_frames(pair, samples):
+    teacher, _ = pair
+    encoded = encode_samples(teacher, samples[:-1], batch_size=8)
+    encoded.append(samples[-1])  # the tokens no longer line up with the samples
+    calls = _count_encoder_calls(teacher)
+    assert predict(teacher, encoded, batch_size=8, progress=False) == predict(teacher, samples, batch_size=8,
+                                                                               progress=False)  # fmt: skip
+    assert calls[0] == 2 * 3

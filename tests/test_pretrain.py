@@ -15,6 +15,7 @@ def test_pretrain_writes_a_loadable_pair_sharing_one_encoder(pretrained_test_pai
     for name, tensor in student.blip2.vision_model.state_dict().items():
         assert torch.equal(tensor, teacher.blip2.vision_model.state_dict()[name]), name
     assert teacher.meta["steps_done"] == 12 and student.meta["steps_done"] == 8
+    assert teacher.meta["torch_threads"] == student.meta["torch_threads"] == torch.get_num_threads()
     assert not (pretrained_test_pair / "teacher.partial").exists()
 
 
