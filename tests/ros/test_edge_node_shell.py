@@ -32,9 +32,11 @@ def test_in_a_namespace_with_parameters_set_before_configure_then_sigint(pretrai
         diagnostics = graph.collect(DiagnosticArray, "/diagnostics", 10)
         assert graph.transition(NODE, Transition.TRANSITION_CONFIGURE)
         assert graph.transition(NODE, Transition.TRANSITION_ACTIVATE)
-        assert wait_for(lambda: len(diagnostics) >= 6, 10)
-        stamps = [d.header.stamp.sec + d.header.stamp.nanosec / 1e9 for d in diagnostics[-5:]]
-        assert 0.15 < (stamps[-1] - stamps[0]) / 4 < 0.5  # every 0.25 s, not the default 1 s
+        assert wait_for(lambda: len(diagnostics) >= 10, 20)
+        gaps = np.diff([d.header.stamp.sec + d.header.stamp.nanosec / 1e9 for d in diagnostics[-8:]])
+        # every 0.25 s, not the default 1 s; the median, because one timer callback that a busy machine delays
+        # (a fresh-clone CI saw the last five arrive 1.4 s apart on average) says nothing about the period
+        assert 0.15 < float(np.median(gaps)) < 0.5, gaps
         assert diagnostics[-1].status[0].hardware_id == "r9"
         # #9: the Ask service is absolute like the topics, so `ros2 run cdcca_edge ask` finds it in any namespace
         camera = graph.node.create_publisher(Image, "/camera/camera/color/image_raw", qos_profile_sensor_data)
