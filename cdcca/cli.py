@@ -63,7 +63,7 @@ EXAMPLES = {
 PRESET_NAMES = ("test", "tiny")  # cdcca.models.presets.PRESETS
 CODEC_NAMES = ("fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref", "ecsq", "ecdq", "subspace")  # cdcca.dwc.CODECS
 DEFAULT_ENDPOINT = "tcp/127.0.0.1:7447"  # cdcca.transport.DEFAULT_ENDPOINT
-MEASURING_VERBS = ("pretrain", "eval", "bench", "demo")  # their JSON reports carry report.environment()
+MEASURING_VERBS = ("pretrain", "eval", "bench", "demo")  # their JSON reports carry report.environment(), wall_s
 DOMAIN_NAMES = ("source", "colour_inverted", "printed", "noisy_rotated", "rephrased")  # cdcca.data.digits_shift
 TASK_NAMES = ("vqa", "mc", "caption")  # cdcca.data.sample.TASKS
 PRETRAIN_DEFAULTS = {"vision_steps": 1000, "teacher_steps": 500, "student_steps": 300, "batch_size": 64, "seed": 0}
@@ -1179,12 +1179,15 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        started = time.perf_counter()
         report = HANDLERS[args.verb](args)
         if args.json is not None:
             from cdcca.report import environment, write_json
 
             if args.verb in MEASURING_VERBS and isinstance(report, dict) and "environment" not in report:
-                report = {**report, "environment": environment()}  # what the figures were measured with
+                # what the figures were measured with, and how long the verb took (targets such as `bench adapt`'s
+                # 15 minutes are read from it)
+                report = {**report, "environment": environment(), "wall_s": round(time.perf_counter() - started, 1)}
 
             try:
                 print(f"report: {write_json(report, args.json)}")
