@@ -67,6 +67,27 @@ def test_basis_is_a_signed_column_subset_of_the_hadamard_matrix_and_orthonormal(
         np.testing.assert_allclose(basis.coefficients(index, basis.expand(index, z)), z, atol=1e-12)  # BᵀB = I
 
 
+def test_the_basis_and_both_transforms_are_pinned_bit_for_bit():
+    """A cloud and a robot of different releases must build the same basis from a seed and get the same bits from
+    it: the draws, Bz and Bᵀx of a fixed layout hash to what every release since stop 29 computes (a faster
+    implementation must keep them)."""
+    import hashlib
+
+    def digest(arrays) -> str:
+        return hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()[:16]
+
+    numels = (0, 3, 64, 1000, 4096, 5000, 17, 1, 2567)
+    basis = SubspaceBasis(numels, fold=8, chunk=1024, seed=5)
+    draws = [a.astype(np.float64) for i in range(len(numels)) for chunk in basis._tensor(i) for a in chunk]  # noqa: SLF001
+    assert digest(draws) == "49b07c6a4cbcbf4a"
+    expanded = basis.expand_many({i: np.sin(np.arange(basis.dims(i)) + i) for i in range(len(numels))})
+    assert digest(expanded[i] for i in range(len(numels))) == "8f9661204b73da00"
+    projected = basis.coefficients_many({i: np.cos(np.arange(n) * 0.37 + i) for i, n in enumerate(numels)})
+    assert digest(projected[i] for i in range(len(numels))) == "257e437a933c69ce"
+    assert [basis.expand(i, np.sin(np.arange(basis.dims(i)) + i)).tobytes() for i in range(len(numels))] == [
+        expanded[i].tobytes() for i in range(len(numels))]  # one tensor at a time: the same bits as in a batch
+
+
 def test_projection_is_idempotent_keeps_a_fold_th_of_the_energy_and_depends_on_the_seed_and_position():
     basis = SubspaceBasis((4096, 4096), fold=8, chunk=1024, seed=11)
     x = np.random.default_rng(0).standard_normal(4096)
