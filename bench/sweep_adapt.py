@@ -166,6 +166,9 @@ VARIANTS.update({
     "tokdrop0.75": {"akd": {"token_dropout": 0.75}, "uts": {}},
     "tokdrop0.5-subspace8": {"akd": {"token_dropout": 0.5, "subspace_fold": 8, "steps": 120, "average_last": 40},
                              "uts": {}},  # fmt: skip
+    # stop 35: the round's gradient cleared of its component against the replayed anchors' (A-GEM)
+    "agem": {"akd": {"anchor_projection": True}, "uts": {}},
+    "agem-bt0": {"akd": {"anchor_projection": True, "max_backtracks": 0}, "uts": {}},
     # the cloud's subspace rounds at rank 16 with a third of the query anchor's weight (stop 31 measured it at rank 8)
     "anchor-query3-subspace8-r16": {"akd": {"lambda_anchor_query": 3.0, "subspace_fold": 8, "steps": 120,
                                             "average_last": 40}, "uts": {}},  # fmt: skip

@@ -120,6 +120,11 @@ class AKDConfig:
         token_dropout: share of each uploaded sample's tokens hidden from the student at random at every training step
             (at least one stays; the teacher's targets are computed on all of them): an augmentation of the round's few
             frames, since a frame's answer survives losing most of its tokens (``bench/token_information.py``). 0: off.
+        anchor_projection: where the round's gradient would raise the replayed anchors' loss (a negative inner
+            product with the anchor gradient), remove that component before adding the anchor gradient (A-GEM,
+            Chaudhry et al., "Efficient lifelong learning with A-GEM", ICLR 2019): the round learns along every
+            direction that does not undo what the robot knew, instead of trading the two in one weighted sum.
+            Needs replay (``lambda_anchor > 0``); the two losses are differentiated apart (the same compute).
     """
 
     lambda_query: float = 3.0
@@ -146,6 +151,7 @@ class AKDConfig:
     subspace_seed: int | None = None
     average_last: int = 0
     token_dropout: float = 0.0
+    anchor_projection: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lambda_query", "lambda_repr", "lambda_ce", "lambda_kl"):
@@ -472,7 +478,31 @@ class Distiller:
                    "kl": self.config.lambda_kl, "anchor": self.config.lambda_anchor * anchor_scale,
                    "anchor_query": self.config.lambda_anchor_query * anchor_scale}  # fmt: skip
         terms["total"] = sum(weights[name] * value for name, value in terms.items())
+        if self.config.anchor_projection and "anchor" in terms:  # the round's and the replay's shares (_backward)
+            replay = ("anchor", "anchor_query")
+            terms["split"] = (sum(weights[name] * value for name, value in terms.items() if name in weights
+                                  and name not in replay),
+                              sum(weights[name] * value for name, value in terms.items() if name in replay))
         return terms
+
+    def _backward(self, terms: dict[str, torch.Tensor]) -> None:
+        """Gradients of ``terms["total"]`` into ``.grad``; with ``anchor_projection`` and a replayed anchor
+        (``terms["split"]``: the round's and the replay's weighted sums, removed here), the round's part is first
+        cleared of its component against the anchors' gradient (:class:`AKDConfig`)."""
+        split = terms.pop("split", None)
+        if split is None:
+            terms["total"].backward()
+            return
+        params, (round_loss, anchor) = self._params, split
+        task = torch.autograd.grad(round_loss, params, allow_unused=True)
+        kept = torch.autograd.grad(anchor, params, allow_unused=True)
+        task = [g if g is not None else torch.zeros_like(p) for g, p in zip(task, params)]
+        kept = [g if g is not None else torch.zeros_like(p) for g, p in zip(kept, params)]
+        dot = sum((g * r).sum() for g, r in zip(task, kept))
+        norm = sum((r * r).sum() for r in kept)
+        scale = float(dot / norm) if dot < 0 and norm > 0 else 0.0
+        for param, g, r in zip(params, task, kept):
+            param.grad = g - scale * r + r
 
     @torch.no_grad()
     def fit_projections(self, samples: Sequence[DistillSample], labels: Sequence[str],
@@ -584,7 +614,7 @@ class Distiller:
             terms = self.losses([samples[i] for i in index], [labels[i] for i in index], anchors, anchor_scale,
                                 base_queries, [targets[i] for i in index])  # fmt: skip
             self.optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
+            self._backward(terms)
             if self.world_size > 1:
                 self._average_gradients()
             torch.nn.utils.clip_grad_norm_(self._params, 1.0)

@@ -452,3 +452,44 @@ def test_a_teacher_whose_head_does_not_rebuild_its_logits_is_a_clear_error(pair,
         distiller.teacher_targets(samples, labels)
     teacher.lm.forward = forward
     assert len(distiller.teacher_targets(samples, labels)) == len(samples)  # checked once it holds, then trusted
+
+
+def test_anchor_projection_removes_only_the_part_of_the_rounds_gradient_that_raises_the_anchor_loss(pair):
+    # Prepare: a distiller with replay, its student nudged off the base so that the anchor terms have a gradient
+    teacher, student = pair
+    add_lora(student)
+    anchors = DistillSample.from_samples(student, load_domain("source", "train", limit=4))
+    distiller = Distiller(teacher, student, AKDConfig(anchor_projection=True), anchors=anchors)
+    with torch.no_grad():
+        for name, param in distiller.trainable.items():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+    samples = DistillSample.from_samples(student, load_domain("colour_inverted", "stream", limit=4))
+    labels = [("one", "seven", "four")[i % 3] for i in range(len(samples))]
+    batch = (distiller.anchor_replay[0][:2], distiller.anchor_replay[1][:2])
+    queries = distiller.anchor_queries[[0, 1]]  # indexed, as a round picks them (a slice would stay an inference tensor)
+
+    def gradients(split: bool) -> tuple[torch.Tensor, ...]:
+        distiller.optimizer.zero_grad(set_to_none=True)
+        terms = distiller.losses(samples, labels, batch, 1.0, queries)
+        if split:
+            round_loss, anchor = terms["split"]
+            parts = [torch.autograd.grad(loss, distiller._params, retain_graph=True, allow_unused=True)
+                     for loss in (round_loss, anchor)]  # fmt: skip
+            flat = [torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                               for g, p in zip(part, distiller._params)]) for part in parts]  # fmt: skip
+        distiller._backward(terms)
+        applied = torch.cat([p.grad.reshape(-1) for p in distiller._params])
+        return (applied, *flat) if split else (applied,)
+
+    # Execute: the projected update, and the plain one without the option
+    applied, task, kept = gradients(split=True)
+    distiller.config = AKDConfig(anchor_projection=False)
+    (plain,) = gradients(split=False)
+    # Assert: the parts add up to the plain gradient; a conflict is removed, leaving the anchor's own pull whole
+    torch.testing.assert_close(task + kept, plain, rtol=1e-4, atol=1e-6)
+    dot, norm = float(task @ kept), float(kept @ kept)
+    assert dot < 0 < norm  # this nudge and batch conflict: the round's gradient would raise the anchor loss
+    torch.testing.assert_close(applied, task - dot / norm * kept + kept, rtol=1e-4, atol=1e-6)
+    assert float(applied @ kept) == pytest.approx(norm, rel=1e-3)  # what is left of the round is orthogonal to it
+    assert float(plain @ kept) < norm - 1.0  # without the option the round's part pulls against the anchors
