@@ -169,6 +169,11 @@ VARIANTS.update({
     # stop 35: the round's gradient cleared of its component against the replayed anchors' (A-GEM)
     "agem": {"akd": {"anchor_projection": True}, "uts": {}},
     "agem-bt0": {"akd": {"anchor_projection": True, "max_backtracks": 0}, "uts": {}},
+    # stop 35: hard labels where the teacher is sure of its token, its distribution everywhere (FixMatch's mask)
+    "sure0.9": {"akd": {"lambda_confident": 1.0, "confidence": 0.9}, "uts": {}},
+    "sure0.7": {"akd": {"lambda_confident": 1.0, "confidence": 0.7}, "uts": {}},
+    "sure0.9x2": {"akd": {"lambda_confident": 2.0, "confidence": 0.9}, "uts": {}},
+    "sure0.5": {"akd": {"lambda_confident": 1.0, "confidence": 0.5}, "uts": {}},
     # the cloud's subspace rounds at rank 16 with a third of the query anchor's weight (stop 31 measured it at rank 8)
     "anchor-query3-subspace8-r16": {"akd": {"lambda_anchor_query": 3.0, "subspace_fold": 8, "steps": 120,
                                             "average_last": 40}, "uts": {}},  # fmt: skip

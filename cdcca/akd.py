@@ -120,6 +120,11 @@ class AKDConfig:
         token_dropout: share of each uploaded sample's tokens hidden from the student at random at every training step
             (at least one stays; the teacher's targets are computed on all of them): an augmentation of the round's few
             frames, since a frame's answer survives losing most of its tokens (``bench/token_information.py``). 0: off.
+        lambda_confident: weight of a cross-entropy on the teacher's answer tokens at the positions where the
+            teacher gives its token at least ``confidence`` probability (temperature 1), averaged over every answer
+            token: hard labels where the teacher is sure, its distribution (L_KL) everywhere (the confidence-masked
+            pseudo-labels of FixMatch, Sohn et al., NeurIPS 2020). 0 disables it.
+        confidence: the teacher's probability of its own token above which ``lambda_confident`` applies.
         anchor_projection: where the round's gradient would raise the replayed anchors' loss (a negative inner
             product with the anchor gradient), remove that component before adding the anchor gradient (A-GEM,
             Chaudhry et al., "Efficient lifelong learning with A-GEM", ICLR 2019): the round learns along every
@@ -152,6 +157,8 @@ class AKDConfig:
     average_last: int = 0
     token_dropout: float = 0.0
     anchor_projection: bool = False
+    lambda_confident: float = 0.0
+    confidence: float = 0.9
 
     def __post_init__(self) -> None:
         for name in ("lambda_query", "lambda_repr", "lambda_ce", "lambda_kl"):
@@ -173,6 +180,9 @@ class AKDConfig:
         if self.lambda_anchor < 0 or self.anchor_batch < 1 or not 0.0 <= self.forget_tolerance <= 1.0:
             raise ValueError(f"AKDConfig needs lambda_anchor >= 0, anchor_batch >= 1 and forget_tolerance in [0, 1], "
                              f"got {self.lambda_anchor}, {self.anchor_batch}, {self.forget_tolerance}")  # fmt: skip
+        if self.lambda_confident < 0 or not 0.0 <= self.confidence <= 1.0:
+            raise ValueError(f"AKDConfig needs lambda_confident >= 0 and confidence in [0, 1], got "
+                             f"{self.lambda_confident}, {self.confidence}")  # fmt: skip
         if not 0.0 <= self.token_dropout < 1.0:
             raise ValueError(f"AKDConfig.token_dropout must be in [0, 1), got {self.token_dropout}")
         if self.max_backtracks < 0:
@@ -462,20 +472,28 @@ class Distiller:
             "repr": F.mse_loss(self.psi(student_out.hidden[:, :-1][s_pos]), teacher_hidden),
             "ce": student_out.loss,
         }
-        if self.config.lambda_kl > 0:
-            temperature = self.config.temperature
+        if self.config.lambda_kl > 0 or self.config.lambda_confident > 0:
             with torch.no_grad():
                 teacher_logits = self.teacher.lm.get_output_embeddings()(teacher_hidden)  # (A, V)
+        if self.config.lambda_kl > 0:
+            temperature = self.config.temperature
             teacher_logp = (teacher_logits / temperature).log_softmax(-1)
             student_logp = (student_out.logits[:, :-1][s_pos] / temperature).log_softmax(-1)
             terms["kl"] = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean") * temperature**2
+        if self.config.lambda_confident > 0:
+            answer = student_out.labels[:, 1:][s_pos]  # (A,) the teacher's tokens
+            with torch.no_grad():
+                sure = teacher_logits.softmax(-1).gather(1, answer[:, None])[:, 0] >= self.config.confidence
+            token_ce = F.cross_entropy(student_out.logits[:, :-1][s_pos], answer, reduction="none")
+            terms["confident"] = (token_ce * sure).sum() / max(1, answer.numel())
         if anchors is not None and self.config.lambda_anchor > 0:
             replayed_queries, replayed = self._student_lm(*anchors)
             terms["anchor"] = replayed.loss
             if anchor_queries is not None:
                 terms["anchor_query"] = F.mse_loss(replayed_queries, anchor_queries)
         weights = {"query": self.config.lambda_query, "repr": self.config.lambda_repr, "ce": self.config.lambda_ce,
-                   "kl": self.config.lambda_kl, "anchor": self.config.lambda_anchor * anchor_scale,
+                   "kl": self.config.lambda_kl, "confident": self.config.lambda_confident,
+                   "anchor": self.config.lambda_anchor * anchor_scale,
                    "anchor_query": self.config.lambda_anchor_query * anchor_scale}  # fmt: skip
         terms["total"] = sum(weights[name] * value for name, value in terms.items())
         if self.config.anchor_projection and "anchor" in terms:  # the round's and the replay's shares (_backward)

@@ -467,7 +467,7 @@ def test_anchor_projection_removes_only_the_part_of_the_rounds_gradient_that_rai
     samples = DistillSample.from_samples(student, load_domain("colour_inverted", "stream", limit=4))
     labels = [("one", "seven", "four")[i % 3] for i in range(len(samples))]
     batch = (distiller.anchor_replay[0][:2], distiller.anchor_replay[1][:2])
-    queries = distiller.anchor_queries[[0, 1]]  # indexed, as a round picks them (a slice would stay an inference tensor)
+    queries = distiller.anchor_queries[[0, 1]]  # indexed as a round picks them (a slice stays an inference tensor)
 
     def gradients(split: bool) -> tuple[torch.Tensor, ...]:
         distiller.optimizer.zero_grad(set_to_none=True)
@@ -493,3 +493,33 @@ def test_anchor_projection_removes_only_the_part_of_the_rounds_gradient_that_rai
     torch.testing.assert_close(applied, task - dot / norm * kept + kept, rtol=1e-4, atol=1e-6)
     assert float(applied @ kept) == pytest.approx(norm, rel=1e-3)  # what is left of the round is orthogonal to it
     assert float(plain @ kept) < norm - 1.0  # without the option the round's part pulls against the anchors
+
+
+def test_the_confident_term_is_the_cross_entropy_on_the_tokens_the_teacher_is_sure_of(pair, buffer_samples):
+    # Prepare: the teacher's labels for a small buffer and its probability of each of its own answer tokens
+    teacher, student = pair
+    add_lora(student)
+    samples = DistillSample.from_samples(student, buffer_samples)
+
+    def terms(confidence: float, weight: float = 1.0) -> dict[str, float]:
+        distiller = Distiller(teacher, student, AKDConfig(lambda_confident=weight, confidence=confidence))
+        with torch.no_grad():
+            return {k: float(v) for k, v in distiller.losses(samples, labels).items()}
+
+    labels = Distiller(teacher, student, AKDConfig()).pseudo_label(samples)
+    with torch.no_grad():
+        out = teacher.lm_forward(teacher.blip2.language_projection(teacher.query_outputs(
+            *Distiller._stack(samples))), [s.prompt for s in samples], labels)  # fmt: skip
+        answer = out.labels[:, 1:][out.answer_positions]
+        sure = out.logits[:, :-1][out.answer_positions].softmax(-1).gather(1, answer[:, None])[:, 0]
+    threshold = float(sure.median())
+    # Execute: no threshold, the median of the teacher's probabilities, and the term off
+    everywhere, half, off = terms(0.0), terms(threshold), terms(threshold, weight=0.0)
+    # Assert: every token counts at 0 (the plain CE on the teacher's answers), fewer above the median, and the term
+    # adds to the total at its weight
+    assert everywhere["confident"] == pytest.approx(everywhere["ce"], rel=1e-5)
+    assert bool((sure >= threshold).any() and (sure < threshold).any())
+    assert 0.0 < half["confident"] < everywhere["confident"] and "confident" not in off
+    assert half["total"] == pytest.approx(off["total"] + half["confident"], rel=1e-5)
+    with pytest.raises(ValueError, match="confidence"):
+        AKDConfig(confidence=1.5)
