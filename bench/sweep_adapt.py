@@ -174,6 +174,8 @@ VARIANTS.update({
     "sure0.7": {"akd": {"lambda_confident": 1.0, "confidence": 0.7}, "uts": {}},
     "sure0.9x2": {"akd": {"lambda_confident": 2.0, "confidence": 0.9}, "uts": {}},
     "sure0.5": {"akd": {"lambda_confident": 1.0, "confidence": 0.5}, "uts": {}},
+    # Table 4 on the rebuilt pair and today's defaults: random tokens instead of UTS's at the same count (equal bytes)
+    "random-r16": {"akd": {}, "uts": {}, "tokens": "random"},
     # the cloud's subspace rounds at rank 16 with a third of the query anchor's weight (stop 31 measured it at rank 8)
     "anchor-query3-subspace8-r16": {"akd": {"lambda_anchor_query": 3.0, "subspace_fold": 8, "steps": 120,
                                             "average_last": 40}, "uts": {}},  # fmt: skip
