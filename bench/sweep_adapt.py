@@ -176,6 +176,15 @@ VARIANTS.update({
     "sure0.5": {"akd": {"lambda_confident": 1.0, "confidence": 0.5}, "uts": {}},
     # Table 4 on the rebuilt pair and today's defaults: random tokens instead of UTS's at the same count (equal bytes)
     "random-r16": {"akd": {}, "uts": {}, "tokens": "random"},
+    # the teacher's label by a vote over views of the upload with half its tokens hidden (test-time augmentation)
+    "vote4": {"akd": {"label_views": 4}, "uts": {}},
+    "vote8-drop0.75": {"akd": {"label_views": 8, "label_view_drop": 0.75}, "uts": {}},
+    # what holds colour_inverted under PL: the query anchor (x10 by default) and the replay, on today's adapters
+    "aq0-r16": {"akd": {"lambda_anchor_query": 0.0}, "uts": {}},
+    "no-replay-r16": {"akd": {"lambda_anchor": 0.0}, "uts": {}},
+    # ... and the loss: PL's hard labels next to the soft ones, or instead of them, on UTS's uploads
+    "ce1-r16": {"akd": {"lambda_ce": 1.0}, "uts": {}},
+    "ce1-kl0-r16": {"akd": {"lambda_ce": 1.0, "lambda_kl": 0.0}, "uts": {}},
     # the cloud's subspace rounds at rank 16 with a third of the query anchor's weight (stop 31 measured it at rank 8)
     "anchor-query3-subspace8-r16": {"akd": {"lambda_anchor_query": 3.0, "subspace_fold": 8, "steps": 120,
                                             "average_last": 40}, "uts": {}},  # fmt: skip

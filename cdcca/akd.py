@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -125,6 +126,11 @@ class AKDConfig:
             token: hard labels where the teacher is sure, its distribution (L_KL) everywhere (the confidence-masked
             pseudo-labels of FixMatch, Sohn et al., NeurIPS 2020). 0 disables it.
         confidence: the teacher's probability of its own token above which ``lambda_confident`` applies.
+        label_views: also ask the teacher from this many views of each upload with a share ``label_view_drop`` of
+            its tokens hidden at random, and label the sample with the answer most views give (the full view wins
+            ties): a vote over token subsets, since a frame's answer survives losing most of its tokens
+            (``bench/token_information.py``); test-time augmentation of the teacher. 0: the full view only.
+        label_view_drop: share of an upload's tokens each extra view hides.
         anchor_projection: where the round's gradient would raise the replayed anchors' loss (a negative inner
             product with the anchor gradient), remove that component before adding the anchor gradient (A-GEM,
             Chaudhry et al., "Efficient lifelong learning with A-GEM", ICLR 2019): the round learns along every
@@ -159,6 +165,8 @@ class AKDConfig:
     anchor_projection: bool = False
     lambda_confident: float = 0.0
     confidence: float = 0.9
+    label_views: int = 0
+    label_view_drop: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("lambda_query", "lambda_repr", "lambda_ce", "lambda_kl"):
@@ -183,6 +191,9 @@ class AKDConfig:
         if self.lambda_confident < 0 or not 0.0 <= self.confidence <= 1.0:
             raise ValueError(f"AKDConfig needs lambda_confident >= 0 and confidence in [0, 1], got "
                              f"{self.lambda_confident}, {self.confidence}")  # fmt: skip
+        if self.label_views < 0 or not 0.0 <= self.label_view_drop < 1.0:
+            raise ValueError(f"AKDConfig needs label_views >= 0 and label_view_drop in [0, 1), got "
+                             f"{self.label_views}, {self.label_view_drop}")  # fmt: skip
         if not 0.0 <= self.token_dropout < 1.0:
             raise ValueError(f"AKDConfig.token_dropout must be in [0, 1), got {self.token_dropout}")
         if self.max_backtracks < 0:
@@ -285,6 +296,13 @@ def drop_tokens(mask: torch.Tensor, share: float, generator: torch.Generator | N
     hidden = torch.rand(mask.shape, generator=generator) < share
     hidden[torch.arange(len(mask)), mask.float().argmax(dim=1)] = False
     return mask & ~hidden
+
+
+def _vote(full: str, views: Sequence[str]) -> str:
+    """The answer most of ``[full, *views]`` give; ``full`` wins a tie it is part of."""
+    counts = Counter([full, *views])
+    best = max(counts.values())
+    return full if counts[full] == best else next(answer for answer in views if counts[answer] == best)
 
 
 @dataclass
@@ -401,7 +419,16 @@ class Distiller:
             batch = samples[start : start + batch_size]
             tokens, mask = self._stack(batch)
             generation = self.teacher.generate([s.prompt for s in batch], visual_tokens=tokens, token_mask=mask)
-            labels += generation.texts
+            texts = generation.texts
+            if self.config.label_views:
+                generator = torch.Generator().manual_seed(int(np.random.default_rng(
+                    [self.config.seed, self.rounds, start]).integers(2**62)))  # fmt: skip
+                drop = self.config.label_view_drop
+                views = [self.teacher.generate([s.prompt for s in batch], visual_tokens=tokens,
+                                               token_mask=drop_tokens(mask, drop, generator)).texts
+                         for _ in range(self.config.label_views)]  # fmt: skip
+                texts = [_vote(full, [view[i] for view in views]) for i, full in enumerate(texts)]
+            labels += texts
             entropies.append(generation.sample_entropy.cpu().numpy())
         return labels, np.concatenate(entropies)
 

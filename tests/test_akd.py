@@ -523,3 +523,20 @@ def test_the_confident_term_is_the_cross_entropy_on_the_tokens_the_teacher_is_su
     assert half["total"] == pytest.approx(off["total"] + half["confident"], rel=1e-5)
     with pytest.raises(ValueError, match="confidence"):
         AKDConfig(confidence=1.5)
+
+
+def test_the_vote_over_token_views_takes_the_majority_and_the_full_view_wins_ties(pair, buffer_samples):
+    from cdcca.akd import _vote
+
+    assert _vote("seven", ["one", "one", "seven"]) == "seven"  # a tie the full view is part of
+    assert _vote("seven", ["one", "one", "four"]) == "one"
+    assert _vote("seven", ["one", "four"]) == "seven" and _vote("seven", []) == "seven"
+    # views that hide nothing are the full view: the labels are the plain ones
+    teacher, student = pair
+    add_lora(student)
+    samples = DistillSample.from_samples(student, buffer_samples)
+    plain = Distiller(teacher, student, AKDConfig()).pseudo_label(samples)
+    voted = Distiller(teacher, student, AKDConfig(label_views=3, label_view_drop=0.0)).pseudo_label(samples)
+    assert voted == plain
+    with pytest.raises(ValueError, match="label_views"):
+        AKDConfig(label_views=-1)
