@@ -630,13 +630,13 @@ class SubspaceBasis:
         value, coefficient = 0, 0
         for index in key[1]:
             values[index], coefficients[index] = (value, self.numels[index]), (coefficient, self.dims(index))
-            raw = self._raw(index)
+            drawn = self._raw(index)
             for m, at in self._chunks(index):
-                groups.setdefault(m, []).append((value, coefficient, raw[at : at + m - (-m // 4)]))
+                groups.setdefault(m, []).append((value, coefficient, drawn[at : at + m - (-m // 4)]))
                 value, coefficient = value + m, coefficient - (-m // self.fold)
         batches = []
         for m, chunks in groups.items():
-            signs, columns = self._draws(m, [raw for _, _, raw in chunks])
+            signs, columns = self._draws(m, [chunk for _, _, chunk in chunks])
             batches.append((signs, np.array([c for _, c, _ in chunks])[:, None] + np.arange(columns.shape[1]), columns,
                             np.array([v for v, _, _ in chunks])[:, None] + np.arange(m)))  # fmt: skip
         self._drawn[key] = plan = (values, coefficients, batches)
