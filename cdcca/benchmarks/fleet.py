@@ -29,6 +29,13 @@ every robot served):
    (``lease_s`` is short here), another worker reruns the round, and each robot must still get exactly one
    version per round.
 
+Then *pairs*: the speedup of a second worker is a ratio of two phases run a minute apart, and a shared machine's
+speed drifts between them (two runs of the same code here gave 1.56 and 2.32). So ``speedup_pairs - 1`` more pairs
+of fresh fleets run the largest saturation phase again (after a warm-up phase of the smallest fleet), the worker
+counts taking turns (1, 2 | 2, 1 | 1, 2 ...: a steady drift raises one pair's ratio and lowers the next one's). The
+summary's ``speedup_2_workers`` is the median of the pairs' ratios, each pair's is reported, and so is the spread
+of the one-worker throughput over the pairs (how much the machine moved).
+
 Latency is the time from a round filling up (the last of its samples acknowledged: from then on it is due in the
 store) to the robot having applied the version it made. ``acked_lost`` counts acknowledged samples the store does
 not hold afterwards (and ``acked_unused`` those still unused once every round was run): both must be 0.
@@ -89,6 +96,8 @@ class FleetBenchConfig:
         latency_robots: fleet sizes of the latency phase (``None``: ``robots``).
         kill_robots: robots of the kill phase (0: no kill phase).
         kill_rounds: rounds per robot of the kill phase.
+        speedup_pairs: pairs of adjacent saturation phases at the largest N (1 and 2 workers, taking turns) whose
+            median throughput ratio is the speedup; the main pass is the first (1: only it).
         lease_s: the workers' lease (short, so a killed worker's round is rerun soon; renewed while a round runs).
         resend_after_s: the workers' resend delay (a robot behind gets the update again).
         heartbeat_s: the robots' ``AdapterStatus`` heartbeat.
@@ -114,6 +123,7 @@ class FleetBenchConfig:
     latency_robots: tuple[int, ...] | None = None
     kill_robots: int = 8
     kill_rounds: int = 2
+    speedup_pairs: int = 3
     lease_s: float = 3.0
     resend_after_s: float = 2.0
     heartbeat_s: float = 2.0
@@ -128,6 +138,8 @@ class FleetBenchConfig:
             raise ValueError(f"FleetBenchConfig.load is a share of the throughput in (0, 1), got {self.load}")
         if self.round_size < 1 or self.saturation_rounds < 1 or self.kill_rounds < 1 or self.latency_rounds < 1:
             raise ValueError("FleetBenchConfig: round_size and the rounds per phase must be >= 1")
+        if self.speedup_pairs < 1:
+            raise ValueError(f"FleetBenchConfig.speedup_pairs must be >= 1, got {self.speedup_pairs}")
 
 
 # ------------------------------------------------------------------------------------------------ upload set
@@ -555,7 +567,10 @@ def run_fleet_bench(config: FleetBenchConfig, progress: bool = True) -> dict:
     recorded = record_upload_set(config.checkpoints, work / "recorded", count=max(8, config.round_size))
     endpoint = f"tcp/127.0.0.1:{config.port or _free_port()}"
     latency_sizes = tuple(config.latency_robots or config.robots)
+    largest = max(config.robots)
+    pair_sizes = sorted({min(config.robots), largest})  # a warm-up phase of fresh workers, then the measured one
     phases = len(config.workers) * len(config.robots) + len(latency_sizes) + (1 if config.kill_robots else 0)
+    phases += (config.speedup_pairs - 1) * len(config.workers) * len(pair_sizes)
     bar = progress_bar(None, total=phases, desc="fleet phases", disable=not progress)
     rows: list[dict] = []
     rss_points: dict[str, list[tuple[float, float]]] = {}
@@ -572,6 +587,7 @@ def run_fleet_bench(config: FleetBenchConfig, progress: bool = True) -> dict:
                     t0 = time.time() + 1.0
                     schedules = {f"{run}w{count}n{n}-r{i}": [t0] * config.saturation_rounds for i in range(n)}
                     row = fleet.run_phase(f"saturation-n{n}", schedules)
+                    row["pair"] = 1
                     rows.append(row)
                     for worker_id, rss in row["rss_bytes"].items():
                         rss_points.setdefault(f"W{count}/{worker_id}", []).append((row["robots_served"], rss))
@@ -599,6 +615,20 @@ def run_fleet_bench(config: FleetBenchConfig, progress: bool = True) -> dict:
                         bar.update(1)
             finally:
                 fleet.stop()
+        for pair in range(2, config.speedup_pairs + 1):
+            for count in config.workers if pair % 2 else tuple(reversed(config.workers)):
+                fleet = _Fleet(config, work / f"pair{pair}-workers{count}", recorded, private, trust, endpoint, count)
+                try:
+                    for n in pair_sizes:
+                        t0 = time.time() + 1.0
+                        schedules = {f"{run}p{pair}w{count}n{n}-r{i}": [t0] * config.saturation_rounds
+                                     for i in range(n)}  # fmt: skip
+                        row = fleet.run_phase(f"pair{pair}-saturation-n{n}", schedules)
+                        row["pair"] = pair
+                        rows.append(row)
+                        bar.update(1)
+                finally:
+                    fleet.stop()
     finally:
         hub.close()
         bar.close()
@@ -621,9 +651,16 @@ def _summary(config: FleetBenchConfig, rows: list[dict], rss_points: dict, state
     small = min(load) if load else None
     big = 32 if 32 in load else (max(load) if load else None)
     ratio = (load[big]["p95_s"] / load[small]["p95_s"]) if load and load[small]["p95_s"] else None
+    pairs = speedup_pairs(rows, largest)
+    ratios = [pair["speedup"] for pair in pairs]
+    alone = [pair["rounds_per_min"][1] for pair in pairs]
     summary = {
         "rss_per_robot_over_state": per_robot / state_bytes if per_robot is not None and state_bytes else None,
-        "speedup_2_workers": two["rounds_per_min"] / one["rounds_per_min"] if one and two else None,
+        "speedup_2_workers": float(np.median(ratios)) if ratios else None,  # the pairs' median
+        "speedup_2_workers_by_pair": ratios,
+        "speedup_2_workers_worst_pair": min(ratios) if ratios else None,
+        # how far the machine moved over the pairs: the one-worker throughput's largest over its smallest
+        "rounds_per_min_1_worker_spread": max(alone) / min(alone) if alone and min(alone) > 0 else None,
         "p95_ratio_32_vs_1": ratio if big == 32 and small == 1 else None,
         "acked_lost": sum(r["acked_lost"] for r in rows),
         "acked_unused": sum(r["acked_unused"] for r in rows),
@@ -642,6 +679,17 @@ def _summary(config: FleetBenchConfig, rows: list[dict], rss_points: dict, state
         "kill_round_rerun_by": next((r.get("kill_rerun_by") for r in rows if r["phase"] == "kill"), None),
     }
     return summary
+
+
+def speedup_pairs(rows: list[dict], robots: int) -> list[dict]:
+    """Per pair (see :class:`FleetBenchConfig`), the rounds/min of 1 and 2 workers at saturation with ``robots``
+    robots and their ratio; pairs missing either count are left out."""
+    found: dict[int, dict[int, float]] = {}
+    for row in rows:
+        if "pair" in row and row["robots"] == robots and row["phase"].endswith(f"saturation-n{robots}"):
+            found.setdefault(row["pair"], {})[row["workers"]] = row["rounds_per_min"]
+    return [{"pair": pair, "rounds_per_min": rate, "speedup": rate[2] / rate[1]}
+            for pair, rate in sorted(found.items()) if rate.get(1) and 2 in rate]
 
 
 # ----------------------------------------------------------------------------------------------- reporting
@@ -677,7 +725,7 @@ def plot_fleet(report: dict, path) -> None:
     axes[0].set(xlabel="robots served", ylabel="worker RSS (MiB)", title="cloud memory")
     axes[0].legend(fontsize=8)
     rows = report["rows"]
-    for count in sorted({r["workers"] for r in rows}):
+    for count in sorted({r["workers"] for r in rows}):  # the main pass; the pairs' phases are in the title
         mine = [r for r in rows if r["workers"] == count and r["phase"].startswith("saturation")]
         axes[1].plot([r["robots"] for r in mine], [r["rounds_per_min"] for r in mine], marker="o",
                      label=f"{count} worker(s)")  # fmt: skip
@@ -692,7 +740,8 @@ def plot_fleet(report: dict, path) -> None:
     axes[2].set(xscale="log", xlabel="robots", ylabel="seconds", title="round filled -> update applied (offered load)")
     summary = report["summary"]
     fig.suptitle(f"RSS/robot over state {summary['rss_per_robot_over_state'] or float('nan'):.2f}, "
-                 f"speedup 2 workers {summary['speedup_2_workers'] or float('nan'):.2f}, "
+                 f"speedup 2 workers {summary['speedup_2_workers'] or float('nan'):.2f} (median of pairs "
+                 f"{' / '.join(f'{r:.2f}' for r in summary.get('speedup_2_workers_by_pair') or [])}), "
                  f"acked lost {summary['acked_lost']}", fontsize=10)  # fmt: skip
     save_figure(fig, path)
 
@@ -708,11 +757,14 @@ def cli_bench_fleet(args) -> dict:
                               steps=args.steps or FleetBenchConfig.steps, saturation_rounds=args.saturation_rounds,
                               load=args.load, latency_rounds=args.latency_rounds,
                               latency_robots=tuple(args.latency_robots) if args.latency_robots else None,
-                              kill_robots=args.kill_robots, lease_s=args.lease)  # fmt: skip
+                              kill_robots=args.kill_robots, speedup_pairs=args.speedup_pairs,
+                              lease_s=args.lease)  # fmt: skip
     report = run_fleet_bench(config, progress=not getattr(args, "quiet", False))
     print(format_fleet(report))
     for key, value in report["summary"].items():
-        if not isinstance(value, dict):
+        if isinstance(value, list):
+            print(f"{key}: " + ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value))
+        elif not isinstance(value, dict):
             print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     plot = args.plot or (args.json.with_suffix(".png") if args.json else None)
     if plot is not None:

@@ -49,5 +49,8 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fleet sizes of the latency phase (default: --robots)")  # fmt: skip
     parser.add_argument("--kill-robots", type=int, default=8, metavar="N",
                         help="robots of the phase where a worker is killed mid-round (0: no such phase)")  # fmt: skip
+    parser.add_argument("--speedup-pairs", type=_positive_int, default=3, metavar="N",
+                        help="pairs of 1- and 2-worker saturation phases, taking turns, whose median ratio is the "
+                             "speedup (the first pair is the main pass)")  # fmt: skip
     parser.add_argument("--lease", type=_positive_float, default=3.0, metavar="SECONDS",
                         help="the workers' lease (renewed while a round runs; a killed worker's expires)")  # fmt: skip
