@@ -47,9 +47,9 @@ def _sylvester(m: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ the basis
 def test_chunks_are_powers_of_two_that_add_up():
-    assert subspace_chunks(1000, 1024) == [512, 256, 128, 64, 32, 8]
-    assert subspace_chunks(4096, 1024) == [1024] * 4
-    assert subspace_chunks(1, 1024) == [1] and subspace_chunks(0, 1024) == []
+    assert subspace_chunks(1000, 1024) == (512, 256, 128, 64, 32, 8)
+    assert subspace_chunks(4096, 1024) == (1024,) * 4
+    assert subspace_chunks(1, 1024) == (1,) and subspace_chunks(0, 1024) == ()
 
 
 def test_basis_is_a_signed_column_subset_of_the_hadamard_matrix_and_orthonormal():
@@ -86,6 +86,21 @@ def test_the_basis_and_both_transforms_are_pinned_bit_for_bit():
     assert digest(projected[i] for i in range(len(numels))) == "257e437a933c69ce"
     assert [basis.expand(i, np.sin(np.arange(basis.dims(i)) + i)).tobytes() for i in range(len(numels))] == [
         expanded[i].tobytes() for i in range(len(numels))]  # one tensor at a time: the same bits as in a batch
+
+
+def test_the_columns_are_the_k_smallest_keys_with_ties_going_to_the_earlier_position():
+    """:meth:`SubspaceBasis._draws` selects by a partition; it must pick what a stable sort of the keys puts first,
+    ties included (16-bit keys tie often in a chunk of 1024)."""
+    rng = np.random.default_rng(0)
+    for m, fold in ((1024, 8), (64, 4), (8, 8), (4, 1)):
+        raw = rng.integers(0, 2**64, size=(5, m - (-m // 4)), dtype=np.uint64)
+        keys = raw[:, m:].view(np.uint16)[:, :m]
+        keys[:] = keys % 3  # three distinct keys: nearly every key ties
+        k = -(-m // fold)
+        signs, columns = SubspaceBasis((m,), fold, 1024, 0)._draws(m, list(raw))  # noqa: SLF001
+        expected = np.sort(np.argsort(raw[:, m:].view(np.uint16)[:, :m], axis=1, kind="stable")[:, :k], axis=1)
+        np.testing.assert_array_equal(columns, expected)
+        np.testing.assert_array_equal(signs, np.where(raw[:, :m] & np.uint64(1), -1.0, 1.0))
 
 
 def test_projection_is_idempotent_keeps_a_fold_th_of_the_energy_and_depends_on_the_seed_and_position():
