@@ -1,6 +1,7 @@
 """A full disk while an update is persisted leaves a consistent robot on both backends (issue 15 D4, D5, Build 4).
 
-The fault is injected at the OS boundary: the safetensors write of the adapter state raises ``OSError(ENOSPC)``.
+The fault is injected at the OS boundary (the safetensors write of the adapter state raises ``OSError(ENOSPC)``),
+and, where a tmpfs can be mounted, for real: a file system filled to the last byte.
 """
 
 import errno
@@ -111,3 +112,68 @@ def test_a_rollback_that_cannot_be_persisted_still_stops_the_adapter_and_says_so
     assert (status.state, status.version, backend.version) == (ROLLED_BACK, 0, 0)
     assert status.reason.startswith("rolled back from v1: health check: non-finite entropy (not persisted")
     assert _same(_active_params(backend), base) and _slot(backend).counters.persist_failures == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs: a real file system that can be filled (needs root and the right to mount; skipped elsewhere)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"a real full disk needs a tmpfs mount, refused here: {done.stderr.strip() or 'not root'}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(directory):
+    """Write one file until the file system has no room left (ENOSPC); returns it."""
+    import os
+
+    path = directory / "filler"
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(handle, b"\0" * 65536)
+    except OSError as err:
+        assert err.errno == errno.ENOSPC
+    finally:
+        os.close(handle)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_a_really_full_disk_is_a_rejection_and_a_resend_applies_once_there_is_room(kind, exported, keys, small_disk):
+    """No patching: the libraries' own errors for ENOSPC (safetensors' ``SafetensorError``, ORT's ``RuntimeError``
+    when it writes the ``.onnx_adapter`` files) must become the REJECTED status the patched tests above get."""
+    signer, trust = keys
+    backend = _backend(kind, exported, trust, small_disk / "state")
+    base = backend.slot.base if kind == "torch" else backend.base
+    chain = VersionChain("r1", base)
+    deltas = {}
+    for version in (1, 2):
+        deltas[version] = chain.make_delta(_perturbed(base, seed=version), "fp16", signer)
+        chain.record_applied(version)
+    assert backend.receive(deltas[1]).state == APPLIED
+    v1_params = _active_params(backend)
+    adapters = small_disk / "state" / "onnx_adapters"
+    files_before = sorted(p.name for p in adapters.iterdir()) if kind == "onnx" else None
+
+    filler = _fill(small_disk)
+    status = backend.receive(deltas[2])
+    assert (status.state, status.version) == (REJECTED, 2), status.reason
+    assert backend.version == 1 and _same(_active_params(backend), v1_params)
+    assert _slot(backend).counters.persist_failures == 1
+    if kind == "onnx":  # no half-written adapter file is left behind
+        assert sorted(p.name for p in adapters.iterdir()) == files_before
+
+    filler.unlink()
+    assert backend.receive(deltas[2]).state == APPLIED and backend.version == 2  # room again: the resend applies
+
+    _fill(small_disk)
+    rolled = backend.rollback("health check")  # cannot be persisted, but the adapter stops all the same
+    assert (rolled.state, rolled.version, backend.version) == (ROLLED_BACK, 1, 1) and "(not persisted" in rolled.reason
+    assert _slot(backend).counters.persist_failures == 2 and _same(_active_params(backend), v1_params)

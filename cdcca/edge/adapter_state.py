@@ -96,7 +96,13 @@ def persist_adapter(state_dir: Path, robot_id: str, version: int, newest_version
     final, partial = state_dir / STATE_FILE, state_dir / f"{STATE_FILE}.partial"
     metadata = {"robot_id": robot_id, "version": str(version), "newest_version": str(max(newest_version, version)),
                 **(extra or {})}  # fmt: skip
-    save_file(params, str(partial), metadata)
+    from safetensors import SafetensorError
+
+    try:
+        save_file(params, str(partial), metadata)
+    except SafetensorError as err:  # safetensors reports a full disk (ENOSPC) or an I/O error as its own type
+        partial.unlink(missing_ok=True)
+        raise OSError(f"writing {partial}: {err}") from err
     with open(partial, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(partial, final)  # atomic on POSIX: readers see the old or the new file, never half of one

@@ -107,7 +107,9 @@ def write_adapters(export: OnnxExport, params: Mapping[str, Any], directory: str
     graph; graph -> path.
 
     ``AdapterFormat.set_model_version`` records which export the adapter is for, ``set_adapter_version`` the
-    adapter version. Raises :class:`OnnxModelMismatch` if ``params`` is not this export's trainable set.
+    adapter version. Raises :class:`OnnxModelMismatch` if ``params`` is not this export's trainable set, and
+    ``OSError`` if a file cannot be written (ORT reports a full disk as a ``RuntimeError``); none of the files is
+    then left behind.
     """
     import onnxruntime as ort
 
@@ -122,7 +124,12 @@ def write_adapters(export: OnnxExport, params: Mapping[str, Any], directory: str
         values = {n: as_array(params[n]) for n in export.graph_params(graph)}
         adapter.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in values.items()})
         paths[graph] = directory / f"{stem}.{graph}.onnx_adapter"
-        adapter.export_adapter(str(paths[graph]))
+        try:
+            adapter.export_adapter(str(paths[graph]))
+        except RuntimeError as err:
+            for path in paths.values():
+                path.unlink(missing_ok=True)
+            raise OSError(f"writing {paths[graph]}: {err}") from err
     return paths
 
 
