@@ -175,3 +175,41 @@ def test_the_cloud_records_a_rollback_and_does_not_resend_that_version(pretraine
     assert restarted.stats()["reported"]["r1"] == 0
     assert not restarted.resend_if_behind("r1") and [m.version for m in sent] == [1]
     restarted.close()
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_a_prompt_the_model_cannot_take_costs_only_its_own_answer_and_is_no_verdict_on_the_adapter(
+        kind, pretrained_test_pair, keys, tmp_path):  # fmt: skip
+    # Prepare: a healthy v1 on probation; one prompt far longer than the model's positions
+    signer, trust = keys
+    student = load_adaptable_student(pretrained_test_pair)
+    if kind == "torch":
+        backend = TorchBackend(AdapterSlot(student, "r1", trust, tmp_path / "adapter"))
+    else:
+        export = export_onnx(load_adaptable_student(pretrained_test_pair), tmp_path / "student_onnx")
+        backend = OnnxBackend(export, "r1", trust, state_dir=tmp_path / "adapter", threads=1)
+    port = RecordingPort()
+    runtime = EdgeRuntime(backend, student, EdgeConfig(state_dir=tmp_path / "edge", health=HealthConfig(answers=4)),
+                          port)  # fmt: skip
+    base = backend.slot.base if kind == "torch" else backend.base
+    samples = load_domain("source", "test", limit=3)[:3]
+    images, prompts = [s.load_image() for s in samples], [s.prompt for s in samples]
+    runtime.ask(images, prompts)  # the level before the swap
+    assert runtime.apply(VersionChain("r1", base).make_delta({k: v + 0.01 for k, v in base.items()}, "fp16",
+                                                             signer)).state == wire.APPLIED  # fmt: skip
+    too_long = "describe " + "the digit " * 200
+
+    # Execute: a batch of three with the long prompt in the middle
+    answers = runtime.ask(images, [prompts[0], too_long, prompts[2]])
+
+    # Assert: the other two are answered by v1, the long one is an empty answer, counted; v1 is not rolled back
+    assert [bool(a.answer) for a in answers] == [True, False, True] and math.isnan(answers[1].entropy)
+    assert all(a.adapter_version == 1 for a in answers) and [a.sample_id for a in answers] == sorted(
+        a.sample_id for a in answers)  # in the batch's order
+    assert runtime.counters.failed_answers == 1 and runtime.counters.answers == 3 + 2
+    runtime.ask([images[0]], [too_long])  # alone, too
+    runtime.ask(images, prompts)
+    assert backend.version == 1 and runtime.counters.health_rollbacks == 0
+    assert runtime.stats()["health_passed"] == 1  # v1's four real answers passed
+    assert not [s for s in port.statuses() if s.state == wire.ROLLED_BACK]
+    runtime.close()

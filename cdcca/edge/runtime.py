@@ -373,8 +373,11 @@ class EdgeRuntime:
             stamp_ns: int | None = None, frame_id: str = "") -> list:  # fmt: skip
         """Answer a batch, run UTS on it, queue the uncertain samples, publish and return the ``Answer`` messages.
 
-        A failure inside the model is logged and counted; the batch then gets empty answers with NaN entropy
-        (never raises for model errors, so a caller's loop keeps serving).
+        A failure inside the model is logged and counted, and never raises, so a caller's loop keeps serving. A batch
+        that fails is answered again one prompt at a time, so one prompt the model cannot take (say, longer than its
+        positions) costs only its own answer: that prompt gets an empty answer with NaN entropy. Such a failure is
+        not a verdict on the adapter: only answers the model gave reach the health check (a broken adapter shows as
+        non-finite entropies, not as exceptions: a delta with non-finite values is rejected before it applies).
         """
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
@@ -385,21 +388,21 @@ class EdgeRuntime:
             try:
                 result = self.backend.answer(images, prompts)
             except Exception:
-                log.exception("answering a batch of %d failed", len(prompts))
-                self.counters.failed_answers += len(prompts)
-                version = self.backend.version
-                answers = [self._answer_msg(i, p, "", math.nan, version, 0.0, stamp, frame_id)
-                           for i, p in zip(ids, prompts)]  # fmt: skip
-                self._publish_answers(answers)
-                self._check_health(version, [""] * len(prompts), [math.nan] * len(prompts))
-                return answers
-            latency_ms = 1000 * (time.perf_counter() - started) / max(1, len(prompts))
-            self.counters.answers += len(prompts)
-            try:
-                self._select(images, prompts, ids, result, stamp)
-            except Exception as err:  # the answers are made: they are published whatever UTS does
-                log.debug("UTS failed", exc_info=True)
-                self.record_fault("uts", f"selecting samples for the cloud failed: {type(err).__name__}: {err}")
+                if len(prompts) == 1:
+                    return [self._failed(ids[0], prompts[0], stamp, frame_id)]
+                result = None
+            if result is not None:
+                latency_ms = 1000 * (time.perf_counter() - started) / max(1, len(prompts))
+                self.counters.answers += len(prompts)
+                try:
+                    self._select(images, prompts, ids, result, stamp)
+                except Exception as err:  # the answers are made: they are published whatever UTS does
+                    log.debug("UTS failed", exc_info=True)
+                    self.record_fault("uts", f"selecting samples for the cloud failed: {type(err).__name__}: {err}")
+        if result is None:  # outside the lock: each of these answers takes it
+            log.warning("answering a batch of %d failed; answering its prompts one at a time", len(prompts))
+            return [answer for i in range(len(prompts))
+                    for answer in self.ask(images[i : i + 1], prompts[i : i + 1], ids[i : i + 1], stamp, frame_id)]
         answers = [
             self._answer_msg(ids[i], prompts[i], result.texts[i], float(result.sample_entropy[i]),
                              result.adapter_version, latency_ms, stamp, frame_id)
@@ -409,6 +412,14 @@ class EdgeRuntime:
         self._publish_answers(answers)
         self._check_health(result.adapter_version, result.texts, result.sample_entropy.tolist())
         return answers
+
+    def _failed(self, sample_id: str, prompt: str, stamp: int, frame_id: str):
+        """The published empty answer (NaN entropy) of a prompt the model failed on, logged and counted."""
+        log.exception("answering the prompt %r failed", prompt if len(prompt) <= 80 else prompt[:77] + "...")
+        self.counters.failed_answers += 1
+        answer = self._answer_msg(sample_id, prompt, "", math.nan, self.backend.version, 0.0, stamp, frame_id)
+        self._publish_answers([answer])
+        return answer
 
     def _check_health(self, version: int, texts: Sequence[str], entropies: Sequence[float]) -> None:
         """Feed the health check; a version on probation that fails is rolled back and ROLLED_BACK published."""
