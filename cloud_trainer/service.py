@@ -580,6 +580,7 @@ class CloudTrainer:
         published params). Raises on any failure, the round then being undone by the caller."""
         samples = fresh + replayed
         distiller = self._activate(robot_id)
+        start = robot.chain.latest  # a status naming a newer version may reload the chain while the round trains
         if distiller.world_size > 1:  # under torchrun: the other ranks run this round with us
             from cloud_trainer.distributed import send_round
 
@@ -597,6 +598,9 @@ class CloudTrainer:
         with self._chain_lock:
             if self._abandon.is_set():  # checked under the lock abandon_round() sets it under: all or nothing
                 raise RoundAbandoned(robot_id)
+            if robot.chain.latest != start:  # another worker committed v(start + 1) and the robot reported it
+                raise StaleRound(f"robot {robot_id} moved from v{start} to v{robot.chain.latest} while this round "
+                                 "ran: another worker committed first")  # fmt: skip
             codec = get_codec(self.config.codec)
             if report.subspace_seed is not None and getattr(codec, "round_bound", False):
                 codec = codec.for_round(report.subspace_seed)

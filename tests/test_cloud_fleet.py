@@ -203,9 +203,12 @@ def test_workers_claim_the_oldest_pending_sample_first_and_skip_live_leases(flee
     assert "late" not in store.leases()
 
 
+@pytest.mark.parametrize("reported", [False, True], ids=["silent-robot", "robot-reports-v1-meanwhile"])
 def test_a_worker_that_dies_mid_round_loses_nothing_and_the_robot_gets_one_version(fleet, uploads, tmp_path,
-                                                                                   monkeypatch):  # fmt: skip
-    # Prepare: worker a claims r1's round with a short lease and stalls in it; worker b serves the same store
+                                                                                   monkeypatch, reported):  # fmt: skip
+    # Prepare: worker a claims r1's round with a short lease and stalls in it; worker b serves the same store.
+    # reported: the robot applies b's v1 and its status reaches a (every worker hears every robot) while a still
+    # trains, which reloads a's chain to v1: a's round must still be dropped, not committed as v2
     state = tmp_path / "cloud"
     stalled, rescuer = make_worker(fleet, state, "a", lease_s=0.2), make_worker(fleet, state, "b")
     upload(stalled, "r1", uploads[:4])
@@ -215,6 +218,8 @@ def test_a_worker_that_dies_mid_round_loses_nothing_and_the_robot_gets_one_versi
         assert rescuer.step() == []  # a's lease is live: b leaves r1 alone
         time.sleep(0.3)  # a hangs past its lease (a dead worker's lease expires the same way)
         rescued.extend(rescuer.step())  # b claims the expired lease and runs the round
+        if reported:
+            stalled.receive_status("r1", status("r1", 1))
         return real_round(samples)  # a wakes up and tries to commit the same round
 
     monkeypatch.setattr(stalled.distiller, "run_round", stalls)

@@ -82,6 +82,8 @@ def test_a_round_commits_whole_and_a_stale_one_not_at_all(store):
         commit(store, "r1", 1, ["c"], seed=7)  # another worker's first round came first
     with pytest.raises(StaleRound):
         commit(store, "r1", 3, ["c"])  # a round that skipped one
+    with pytest.raises(StaleRound, match="used by a round another worker committed"):
+        commit(store, "r1", 2, ["c", "a"])  # the next version, but on a sample v1 already trained on
     record = store.load_robot("r1")
     # Assert: v1 as committed; the stale commits left nothing (c still pending, no v3)
     assert (record.latest, record.applied, sorted(record.deltas)) == (1, 0, [1])
