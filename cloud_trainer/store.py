@@ -444,10 +444,11 @@ class CloudStore(SqlStore):
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # on SQLITE_FULL SQLite may have rolled back already: keep its error
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
 
     @contextmanager
     def _snapshot(self) -> Iterator[Executor]:

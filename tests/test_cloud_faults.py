@@ -113,3 +113,28 @@ def test_the_fault_log_says_each_cause_once_per_period_with_the_count():
     assert len(seen) == 2 and "(10 times in the last 30 s)" in seen[1]
     assert fault_cause(ValueError("a bug")) is None  # not the disk's: surfaces as it is
     logger.removeHandler(handler)
+
+
+def test_a_really_full_database_keeps_its_cause_and_the_store_stays_usable(tmp_path):
+    """No fake connection: SQLite's own SQLITE_FULL (``max_page_count`` caps the file as a full disk would) inside a
+    round's commit. SQLite may roll the transaction back by itself; the store must report the full disk, not a
+    failed ROLLBACK, and serve the next transaction."""
+    import torch
+
+    from cloud_trainer.store import CloudStore
+
+    store = CloudStore(tmp_path / "cloud.sqlite")
+    store.add_sample("r1", "a", b"x" * 100)
+    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count = {pages + 1}")
+    big = {"w": torch.zeros(200_000)}
+    try:
+        store.commit_round("r1", 1, ["a"], big, big, b"d" * 1000, 0)
+        raise AssertionError("a commit larger than the room left was stored")
+    except sqlite3.OperationalError as err:
+        assert "full" in str(err) and fault_cause(err) == DISK_FULL
+    assert not store._db.in_transaction and store.latest("r1") == 0 and store.pending_counts() == {"r1": 1}
+    store._db.execute("PRAGMA max_page_count = 1073741823")  # room again
+    store.commit_round("r1", 1, ["a"], big, big, b"d" * 1000, 0)
+    assert store.latest("r1") == 1 and store.pending_counts() == {}
+    store.close()
