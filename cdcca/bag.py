@@ -300,7 +300,7 @@ def choose_camera_topic(path: str | Path, topic: str | None = None) -> CameraCho
         for connection in cameras:
             if connection.topic in problems:
                 continue
-            first = next(reader.messages(connections=[connection]), None)
+            first = next(_messages(reader, path, connections=[connection]), None)
             if first is None:
                 problems[connection.topic] = "no messages"
                 continue
@@ -324,6 +324,16 @@ def choose_camera_topic(path: str | Path, topic: str | None = None) -> CameraCho
         reader.close()
 
 
+def _messages(reader, path: Path, **selection) -> Iterator[tuple]:
+    """``reader.messages(**selection)``, but a file that breaks while it is read (a record longer than the file, a
+    malformed SQLite page, a ROS 1 index that contradicts its chunk: rosbags, apsw and the ROS 1 reader each raise
+    their own types) ends the iteration with a :class:`BagError`."""
+    try:
+        yield from reader.messages(**selection)
+    except Exception as err:
+        raise BagError(f"bag {path} is corrupt where it was being read ({type(err).__name__}: {err})") from err
+
+
 def read_bag(path: str | Path, stats: ReadStats | None = None, topics: Iterable[str] | None = None,
              on_skip: Callable[[str, str, int, Exception], None] | None = None) -> Iterator[BagEvent]:  # fmt: skip
     """Events of a bag in receive-time order; bad messages are logged, counted in ``stats`` and skipped.
@@ -336,7 +346,7 @@ def read_bag(path: str | Path, stats: ReadStats | None = None, topics: Iterable[
     wanted = None if topics is None else set(topics)
     reader = _open_reader(path)
     try:
-        for connection, stamp_ns, raw in reader.messages():
+        for connection, stamp_ns, raw in _messages(reader, path):
             topic, msgtype = connection.topic, connection.msgtype
             if not _used(topic, msgtype) or (wanted is not None and topic not in wanted):
                 stats.ignored[topic] += 1

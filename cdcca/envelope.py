@@ -299,8 +299,8 @@ class KeyStatement:
                     not isinstance(fields["issued_unix"], (int, float)):  # fmt: skip
                 raise ValueError("wrong field types")
             return cls(**fields)
-        except ValueError as err:  # json.JSONDecodeError is one
-            raise KeyStoreError(f"not a key statement: {err}") from None
+        except (ValueError, RecursionError) as err:  # json.JSONDecodeError is one; thousands of "[" nest too deep
+            raise KeyStoreError(f"not a key statement: {type(err).__name__}: {err}") from None
 
 
 def trust_key(public_file: str | Path, store_dir: str | Path) -> Path:

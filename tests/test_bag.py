@@ -327,3 +327,46 @@ def test_realsense_sdk_recording_is_read(tmp_path):
         np.testing.assert_array_equal(event.rgb, rgb)  # png or raw: lossless either way
     assert not stats.skipped
     assert sum(count for topic, count in stats.ignored.items() if topic.endswith("/image/metadata")) == 3
+
+
+def test_a_bag_that_breaks_while_it_is_read_is_a_bag_error(tmp_path):
+    """Damage past the index (a record longer than the file, a copy cut short) shows only while messages are read;
+    rosbags and apsw raise their own types then, which must reach the caller as BagError (the CLI's clear line)."""
+    import struct
+
+    stamp = 1_700_000_000 * 10**9
+    with bag.BagWriter(tmp_path / "good", "mcap") as writer:
+        for i in range(3):
+            writer.write(bag.CAMERA_TOPIC, bag.image_to_msg(RGB_2X2, stamp + 10 * i, "cam"), stamp + 10 * i)
+    raw = bytearray(next((tmp_path / "good").glob("*.mcap")).read_bytes())
+    # the first Message record: opcode 0x05, its u64 length, channel u16, sequence u32, then log_time = stamp
+    at = next(m.start() - 15 for m in re.finditer(re.escape(struct.pack("<Q", stamp)), bytes(raw))
+              if raw[m.start() - 15] == 0x05)  # fmt: skip
+    for length in (1 << 20, 1 << 62):
+        raw[at + 1 : at + 9] = struct.pack("<Q", length)
+        broken = tmp_path / f"long{length}.mcap"
+        broken.write_bytes(raw)
+        with pytest.raises(bag.BagError, match="is corrupt where it was being read"):
+            list(bag.read_bag(broken))
+        with pytest.raises(bag.BagError, match="is corrupt where it was being read"):
+            bag.choose_camera_topic(broken)
+
+
+def test_a_compressed_image_claiming_a_huge_canvas_is_refused_before_it_is_decoded():
+    """A 1-bit PNG of 9400x9400 is 10 kB and would inflate to about 1 GB of RGB."""
+    import io
+
+    from PIL import Image as PILImage
+
+    from cdcca.wire.images import MAX_COMPRESSED_PIXELS, ImageEncodingError, msg_to_rgb
+
+    buffer = io.BytesIO()
+    PILImage.new("1", (9400, 9400)).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) < 64_000 and 9400 * 9400 > MAX_COMPRESSED_PIXELS
+    msg = wire.new(wire.COMPRESSED_IMAGE, format="png", data=np.frombuffer(buffer.getvalue(), np.uint8))
+    with pytest.raises(ImageEncodingError, match="9400x9400 is larger than any camera's frame"):
+        msg_to_rgb(msg)
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (3840, 2160), (1, 2, 3)).save(buffer, format="PNG")  # a 4K frame still decodes
+    frame = msg_to_rgb(wire.new(wire.COMPRESSED_IMAGE, format="png", data=np.frombuffer(buffer.getvalue(), np.uint8)))
+    assert frame.shape == (2160, 3840, 3) and tuple(frame[0, 0]) == (1, 2, 3)

@@ -428,3 +428,13 @@ def test_a_new_cloud_key_takes_over_through_a_statement_signed_by_the_old_one(st
     TrustStore.load(store).accept(retire)
     assert TrustStore.load(store).revoked == {"cloud-1": _fingerprint_of(old_public)}
     assert set(TrustStore.load(store).fingerprints()) == {"cloud-2"}
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"a":' * 100_000, "not json", '["a list"]', "{}"])
+def test_a_key_statement_that_is_not_one_is_a_key_store_error(text):
+    """A statement may travel over any channel (``cdcca keys accept FILE``): nesting deep enough to exhaust the
+    parser's recursion is refused like any other malformed text."""
+    from cdcca.envelope import KeyStatement
+
+    with pytest.raises(KeyStoreError, match="not a key statement"):
+        KeyStatement.from_json(text)

@@ -140,6 +140,11 @@ def msg_to_rgb(msg: Any) -> np.ndarray:
     return np.array(convert(rows.reshape(height, width, channels)), dtype=np.uint8, order="C", copy=True)
 
 
+# 8K UHD: more than any camera a robot carries. A PNG of a few kB can claim a canvas of tens of megapixels (under
+# Pillow's own bomb limit of 89 M) and inflate to a gigabyte; its header says so before anything is decoded.
+MAX_COMPRESSED_PIXELS = 7680 * 4320
+
+
 def _compressed_to_rgb(msg: Any) -> np.ndarray:
     """Formats follow image_transport: ``jpeg``, ``png`` or ``rgb8; jpeg compressed bgr8``. The trailing
     ``compressed bgr8`` names what OpenCV's imdecode returns; the file itself stores true colour."""
@@ -149,6 +154,13 @@ def _compressed_to_rgb(msg: Any) -> np.ndarray:
         raise ImageEncodingError(f"unsupported CompressedImage format {msg.format!r}; supported: jpeg, png")
     try:
         with PILImage.open(io.BytesIO(np.asarray(msg.data, dtype=np.uint8).tobytes())) as image:
+            if image.width * image.height > MAX_COMPRESSED_PIXELS:  # read from the header, before any decoding
+                raise ImageEncodingError(
+                    f"{msg.format!r} CompressedImage of {image.width}x{image.height} is larger than any camera's "
+                    f"frame (at most {MAX_COMPRESSED_PIXELS} pixels): not decoded"
+                )
             return np.array(image.convert("RGB"), dtype=np.uint8)
+    except ImageEncodingError:
+        raise
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
         raise ImageEncodingError(f"cannot decode {msg.format!r} CompressedImage: {err}") from err
