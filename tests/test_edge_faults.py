@@ -185,3 +185,27 @@ def test_a_full_disk_while_sending_keeps_the_samples_and_does_not_flood(robot):
     assert robot.counters.faults == {"uplink_disk_full": 3} and len(robot.uplink) == 2
     robot.uplink._db = robot.uplink._db.db  # room again
     assert robot.pump() == 2 and port.sent.count("uts_tokens") == 2
+
+
+class FlakyPort(ListPort):
+    """A link that refuses to publish while ``down`` (a closed session raises)."""
+
+    down = True
+
+    def publish(self, topic: str, data: bytes) -> None:
+        if self.down:
+            raise ConnectionError("session closed")
+        super().publish(topic, data)
+
+
+def test_uploads_the_link_refused_go_out_at_the_next_pump_and_count_as_sent_only_then(robot):
+    # Prepare: two uploads of two frames queued; the link is down
+    robot.ask([np.zeros((32, 32, 3), np.uint8), np.full((32, 32, 3), 255, np.uint8)], ["what digit?"] * 2)
+    port = FlakyPort()
+    robot.connect(port)
+
+    # Execute + Assert: nothing went out and nothing counts as sent; back up, the next pump sends both at once
+    assert robot.pump() == 0 and robot.counters.publish_errors == 1 and robot.uplink.stats().sent == 0
+    port.down = False
+    assert robot.pump() == 2 and port.sent.count("uts_tokens") == 2  # not resend_after_s later
+    assert robot.uplink.stats().sent == 2 and robot.pump() == 0

@@ -42,6 +42,41 @@ def test_queue_and_counters_survive_a_restart(tmp_path):
     assert reopened.stats().dropped == 1
 
 
+def test_a_queue_reopened_with_a_smaller_capacity_keeps_its_most_uncertain_samples(tmp_path):
+    path = tmp_path / "q.sqlite"
+    queue = UplinkQueue(path, capacity=10)
+    for i in range(10):
+        queue.put(f"s{i}", i / 10, b"x")
+    queue.close()
+    smaller = UplinkQueue(path, capacity=3)  # trimmed when opened, not one sample per later put
+    assert smaller.ids() == ["s9", "s8", "s7"] and smaller.stats().dropped == 7
+    assert smaller.put("new", 0.95, b"x") == "s7" and len(smaller) == 3
+
+
+def test_samples_that_could_not_be_published_are_due_again_at_once_and_not_counted_as_sent(tmp_path):
+    queue = UplinkQueue(tmp_path / "q.sqlite")
+    for name, entropy in (("a", 0.9), ("b", 0.5), ("c", 0.1)):
+        queue.put(name, entropy, name.encode())
+    assert [s for s, _ in queue.due(resend_after_s=5, now=100.0)] == ["a", "b", "c"]
+    queue.unsend(["b", "c"])  # the link went down after a was published
+    assert queue.stats().sent == 1
+    assert [s for s, _ in queue.due(resend_after_s=5, now=100.5)] == ["b", "c"]  # not after resend_after_s
+    assert queue.ack(["b", "c"]) == 2
+    assert [s for s, _ in queue.due(resend_after_s=5, now=106.0)] == ["a"]
+    queue.unsend(["a"])  # a resend that failed goes back to its first send's time: due again too
+    assert [s for s, _ in queue.due(resend_after_s=5, now=106.5)] == ["a"]
+    stats = queue.stats()
+    assert (stats.sent, stats.resent) == (3, 1)
+
+
+def test_a_wall_clock_that_steps_back_does_not_stall_resends(tmp_path):
+    queue = UplinkQueue(tmp_path / "q.sqlite")
+    queue.put("s", 0.5, b"s")
+    assert queue.due(resend_after_s=10, now=5000.0) == [("s", b"s")]
+    assert queue.due(resend_after_s=10, now=1411.0) == [("s", b"s")]  # an hour back: sent "in the future" is due
+    assert queue.due(resend_after_s=10, now=1412.0) == []  # and in flight again from then on
+
+
 def test_capacity_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="capacity"):
         UplinkQueue(tmp_path / "q.sqlite", capacity=0)

@@ -559,9 +559,10 @@ class EdgeRuntime:
         except UplinkWriteError as err:
             self.record_fault("uplink_disk_full" if err.disk_full else "uplink_write", str(err))
             return 0
-        for _, payload in due:
+        for index, (_, payload) in enumerate(due):
             if not self._send("uts_tokens", payload):
-                break  # retried at the next pump
+                self.uplink.unsend([sample_id for sample_id, _ in due[index:]])  # retried at the next pump
+                break
             self.counters.uplink_published += 1
             self.counters.uplink_bytes += len(payload)
             sent += 1

@@ -131,6 +131,29 @@ class UplinkQueue:
         self._lock = threading.Lock()
         self.path = path
         self.write_failures = 0
+        self._marked: dict[str, float | None] = {}  # the last due() call's samples -> their sent_at before it
+        with self._lock:  # a queue reopened with a smaller capacity keeps its most uncertain samples
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                dropped = self._trim()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        if dropped:
+            log.warning("uplink queue %s held more than its capacity %d: dropped the %d least uncertain samples",
+                        path, capacity, len(dropped))  # fmt: skip
+
+    def _trim(self) -> list[str]:
+        """Drop (counted) the least uncertain samples beyond capacity, inside the caller's transaction."""
+        (count,) = self._db.execute("SELECT COUNT(*) FROM uplink").fetchone()
+        if count <= self.capacity:
+            return []
+        dropped = [sample_id for (sample_id,) in self._db.execute(
+            "SELECT sample_id FROM uplink ORDER BY entropy ASC, enqueued DESC LIMIT ?", (count - self.capacity,))]
+        self._db.executemany("DELETE FROM uplink WHERE sample_id = ?", [(sample_id,) for sample_id in dropped])
+        self._bump("dropped", len(dropped))
+        return dropped
 
     def _rollback(self) -> None:
         """Undo the open transaction, unless SQLite already has (it does after SQLITE_FULL)."""
@@ -181,13 +204,8 @@ class UplinkQueue:
                     self._bump("enqueued")
                     if not finite:
                         self._bump("nonfinite_entropy")
-                    (count,) = self._db.execute("SELECT COUNT(*) FROM uplink").fetchone()
-                    if count > self.capacity:
-                        (dropped,) = self._db.execute(
-                            "SELECT sample_id FROM uplink ORDER BY entropy ASC, enqueued DESC LIMIT 1"
-                        ).fetchone()
-                        self._db.execute("DELETE FROM uplink WHERE sample_id = ?", (dropped,))
-                        self._bump("dropped")
+                    gone = self._trim()
+                    dropped = sample_id if sample_id in gone else (gone[0] if gone else None)
                 self._db.execute("COMMIT")
             except (sqlite3.Error, OSError) as err:
                 self._rollback()
@@ -199,13 +217,14 @@ class UplinkQueue:
 
     def due(self, resend_after_s: float, limit: int = 64, now: float | None = None) -> list[tuple[str, bytes]]:
         """Samples to send now: never sent, or sent more than ``resend_after_s`` ago without an ack (most
-        uncertain first). Marks them as sent."""
+        uncertain first), or "sent" after ``now`` (the wall clock stepped back since). Marks them as sent; what then
+        cannot be published goes back with :meth:`unsend`."""
         now = time.time() if now is None else now
         with self._lock:
             rows = self._db.execute(
-                "SELECT sample_id, payload, sent_at FROM uplink WHERE sent_at IS NULL OR sent_at < ? "
+                "SELECT sample_id, payload, sent_at FROM uplink WHERE sent_at IS NULL OR sent_at < ? OR sent_at > ? "
                 "ORDER BY sent_at IS NOT NULL, entropy DESC LIMIT ?",
-                (now - resend_after_s, limit),
+                (now - resend_after_s, now, limit),
             ).fetchall()
             if rows:
                 try:
@@ -219,7 +238,26 @@ class UplinkQueue:
                 except (sqlite3.Error, OSError) as err:  # unmarked samples would go out at every pump: wait
                     self._rollback()
                     raise self._write_error(f"{len(rows)} due samples stay queued, unsent for now", err) from err
+            self._marked = {sample_id: sent_at for sample_id, _, sent_at in rows}
         return [(sample_id, bytes(payload)) for sample_id, payload, _ in rows]
+
+    def unsend(self, sample_ids: list[str]) -> None:
+        """Samples of the last :meth:`due` that could not be published: back as they were (due again at once, the
+        ``sent``/``resent`` counters as before). If the disk refuses even that, they wait ``resend_after_s``."""
+        with self._lock:
+            back = [(self._marked.pop(s), s) for s in sample_ids if s in self._marked]
+            if not back:
+                return
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("UPDATE uplink SET sent_at = ? WHERE sample_id = ?", back)
+                resent = sum(sent_at is not None for sent_at, _ in back)
+                self._bump("sent", resent - len(back))
+                self._bump("resent", -resent)
+                self._db.execute("COMMIT")
+            except (sqlite3.Error, OSError) as err:
+                self._rollback()
+                log.warning("%s", self._write_error(f"{len(back)} unpublished samples wait to be resent", err))
 
     def ack(self, sample_ids: list[str], sequence: int | None = None) -> int:
         """The cloud stored these samples; forget them. Returns how many were still queued.
