@@ -352,3 +352,14 @@ def test_a_batch_of_prompts_about_one_frame_encodes_it_once_and_answers_as_one_b
     np.testing.assert_allclose(together.sample_entropy, [a.sample_entropy[0] for a in alone], rtol=1e-5)
     assert together.visual_tokens.shape[0] == together.uts_front.shape[0] == len(prompts)
     assert different.texts == [a.texts[0] for a in alone[:2]]
+
+
+def test_restarts_on_one_state_directory_do_not_pile_up_adapter_files(exported, keys, tmp_path):
+    _, export = exported
+    files = tmp_path / "state" / "onnx_adapters"
+    for _ in range(4):  # no delta ever applied: each start writes the base adapter's files again
+        backend = OnnxBackend(export, "r4", keys[1], state_dir=tmp_path / "state", threads=1)
+        mapped = {p.name for p in backend._active.files}  # noqa: SLF001
+        assert {p.name for p in files.glob("*.onnx_adapter")} == mapped and len(mapped) == len(
+            export.manifest["graphs"])  # one file per graph, this run's
+        del backend

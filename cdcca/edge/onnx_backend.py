@@ -217,6 +217,7 @@ class OnnxBackend(EdgeBackend):
         self._single_encoder = self._tune_single_frame() if threads != 1 else self.sessions["encoder"]
         if self.state_dir is not None:
             self._restore()
+            self._drop_unused_files()  # a run that restores nothing would leave the files of every earlier start
 
     def _one_thread_session(self, graph: str) -> ort.InferenceSession:
         path = self.export.directory / self.export.manifest["graphs"][graph]["file"]
@@ -360,7 +361,12 @@ class OnnxBackend(EdgeBackend):
         self._active, self._previous = adapter, previous
         self.counters.last_swap_us = 1e6 * (time.perf_counter() - started)
         del dropped
-        keep = {p.name for a in (adapter, previous) if a is not None for p in a.files}
+        self._drop_unused_files()
+
+    def _drop_unused_files(self) -> None:
+        """Delete the ``.onnx_adapter`` files neither the active nor the previous adapter maps (those of earlier
+        versions, and of earlier runs on this state directory)."""
+        keep = {p.name for a in (self._active, self._previous) if a is not None for p in a.files}
         for path in self._files.glob("*.onnx_adapter"):  # answers still running map theirs: unlinking is safe
             if path.name not in keep:
                 path.unlink(missing_ok=True)
