@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -277,7 +278,9 @@ class CameraChoice:
 
 
 def choose_camera_topic(path: str | Path, topic: str | None = None) -> CameraChoice:
-    """The Image/CompressedImage topic to replay: ``topic``, or the first whose first frame can be read.
+    """The Image/CompressedImage topic to replay: ``topic``, or the first whose first frame can be read, colour
+    topics first (a name with ``color``, ``colour`` or ``rgb`` in it: a RealSense recording holds its depth stream as
+    a ``mono16`` Image, which reads as grey, beside the colour one).
 
     Each camera topic's first message is decoded before replay, so an unsupported encoding (16UC1 depth,
     yuv422) is refused once, naming the topic and the encoding, instead of once per frame. Unusable topics
@@ -296,6 +299,7 @@ def choose_camera_topic(path: str | Path, topic: str | None = None) -> CameraCho
                                f"its camera topics: {', '.join(names) or 'none'}")  # fmt: skip
         if not cameras:
             raise BagError(f"bag {path} has no sensor_msgs/Image or CompressedImage topic")
+        cameras.sort(key=lambda c: not re.search(r"colou?r|rgb", c.topic, re.IGNORECASE))  # stable: colour first
         problems: dict[str, str] = {}
         for connection in cameras:
             if connection.topic in problems:

@@ -154,8 +154,10 @@ def test_realsense_recording_source_asks_every_prompt_about_every_frame(tmp_path
     from cdcca.bag import BagWriter, image_to_msg
 
     frames = [np.full((4, 6, 3), i * 40, np.uint8) for i in range(3)]
-    with BagWriter(tmp_path / "rec", "sqlite3") as bag:  # colour frames as the RealSense SDK records them
+    depth = wire.new(wire.IMAGE, height=4, width=6, encoding="mono16", step=12, data=np.full(48, 7, np.uint8))
+    with BagWriter(tmp_path / "rec", "sqlite3") as bag:  # as the RealSense SDK records: depth (sensor 0), colour
         for i, rgb in enumerate(frames):
+            bag.write("/device_0/sensor_0/Depth_0/image/data", depth, 10 + i)  # mono16: would read as grey
             bag.write("/device_0/sensor_1/Color_0/image/data", image_to_msg(rgb, 10 + i), 10 + i)
     recording = next((tmp_path / "rec").glob("*.db3"))
     queries = list(open_source(f"realsense:{recording}", prompts=("a?", "b?")))

@@ -83,9 +83,10 @@ def _folder(path: Path, prompts: Sequence[str], on_fault: FaultHandler | None) -
 
 
 def _recording(path: Path, prompts: Sequence[str]) -> Iterator[Query]:
-    from cdcca.bag import Frame, read_bag
+    """The frames of one camera topic of a RealSense recording (the colour stream, not its depth beside it)."""
+    from cdcca.bag import Frame, choose_camera_topic, read_bag
 
-    for frame in read_bag(path):
+    for frame in read_bag(path, topics=[choose_camera_topic(path).topic]):
         if isinstance(frame, Frame):
             for k, prompt in enumerate(prompts):
                 yield Query(f"{path.name}@{frame.stamp_ns}#{k}", frame.rgb, prompt)
