@@ -59,6 +59,7 @@ from cdcca import wire
 from cdcca.akd import AKDConfig, Distiller, DistillSample
 from cdcca.dwc import SUBSPACE_ANCHOR_QUERY_SCALE, SUBSPACE_AVERAGED_SHARE, SUBSPACE_STEPS_FACTOR, get_codec
 from cdcca.edge.adapter_slot import rolled_back_from
+from cdcca.edge.adapter_state import rejection_kind
 from cdcca.envelope import Signer, VersionChain, sign_ack
 from cdcca.fingerprint import student_fingerprint
 from cdcca.models.mllm import MLLM
@@ -234,11 +235,10 @@ class RoundAbandoned(BaseException):
 
 
 def reason_kind(reason: str) -> str:
-    """A short label of a robot's rejection reason (what precedes its first ``:``), for counters and metrics:
-    ``"signature: key cloud-2 is not trusted"`` -> ``"signature"``."""
-    kind = reason.split(":", 1)[0].strip().lower()
-    kind = "".join(c if c.isalnum() else "_" for c in kind)[:40].strip("_")
-    return kind or "unknown"
+    """A short label of a robot's rejection reason, for counters and metrics: one of the few kinds the robot's own
+    checks give (:func:`~cdcca.edge.adapter_state.rejection_kind`: ``"bad signature: ..."`` -> ``"signature"``),
+    else ``other``. A robot writes its reasons, so they must not make a new counter or metric series each."""
+    return rejection_kind(reason)
 
 
 def whole_uploads(samples: list[DistillSample], limit: int) -> list[DistillSample]:
@@ -393,11 +393,12 @@ class CloudTrainer:
             return
         robot = self.robots.get(robot_id)
         self.seen(robot_id)
-        if self.config.worker_id is not None and msg.version > (robot.chain.latest if robot is not None else 0):
-            robot = self._robot(robot_id)  # another worker may have published it: the store knows
-            self._reload_chain(robot_id, robot)
-        elif self.config.worker_id is not None and robot is None and self.store.latest(robot_id) > 0:
-            robot = self._robot(robot_id)  # trained by another worker: resent from here if that worker is gone
+        if self.config.worker_id is not None:
+            if robot is None and self.store.latest(robot_id) > 0:
+                robot = self._robot(robot_id)  # trained by another worker: resent from here if that worker is gone
+            if robot is not None and msg.version > robot.chain.latest:
+                self._reload_chain(robot_id, robot)  # another worker may have published it: the store knows
+            # a robot the store never heard of gets no state here: a status names no version of it (counted below)
         if msg.version > (robot.chain.latest if robot is not None else 0):  # forged, or another cloud's version
             self._ignore_status(robot_id, "version", msg)
             return

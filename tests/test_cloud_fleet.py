@@ -419,3 +419,17 @@ def test_a_robot_that_comes_back_after_a_give_up_gets_a_keyframe_from_a_worker_t
     assert resent == [1] and gave_up == 1 and early == 1
     assert [(m.version, m.keyframe) for _, m in link.deltas[1:]] == [(1, True)]
     assert b.counters.comeback_resends == 1
+
+
+def test_statuses_a_robot_writes_cannot_grow_the_workers_state(fleet, tmp_path):
+    """A robot writes its statuses' reasons and versions: thousands of distinct reasons stay a few counted kinds
+    (each a metric series), and a version no worker published for an unknown robot id makes no robot state."""
+    worker = make_worker(fleet, tmp_path / "cloud", "w1")
+    for i in range(300):
+        reason = f"x{i}: made up" if i % 2 else "bad signature: forged"
+        worker.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=0, state=wire.REJECTED,
+                                             reason=reason))  # fmt: skip
+    for i in range(100):
+        worker.receive_status(f"ghost{i}", status(f"ghost{i}", 7))
+    assert worker.counters.update_rejections == {"other": 150, "signature": 150}
+    assert worker.robots == {} and worker.counters.statuses_ignored == {"version": 100}

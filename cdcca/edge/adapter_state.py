@@ -89,6 +89,22 @@ def save_file(params: Params, path: str, metadata: dict[str, str]) -> None:
         save_arrays({k: np.ascontiguousarray(v) for k, v in params.items()}, path, metadata=metadata)
 
 
+_REJECTION_KINDS = (  # (kind, words of AdapterStatus.reason that mean it), first match wins
+    ("fingerprint", ("base fingerprint",)),
+    ("robot", ("addressed to robot",)),
+    ("signature", ("signature", "signing key", "trust store")),
+    ("version", ("not newer", "based on version", "keyframe must")),
+    ("persist", ("persisting",)),
+    ("payload", ("SHA-256", "decode", "num_params", "tensors", "shape", "applying")),
+)
+
+
+def rejection_kind(reason: str) -> str:
+    """A short, bounded label for a rejection reason (for metrics, on the robot and in the cloud, which counts the
+    reasons robots send): fingerprint, robot, signature, version, persist, payload or other."""
+    return next((kind for kind, words in _REJECTION_KINDS if any(w in reason for w in words)), "other")
+
+
 def persist_adapter(state_dir: Path, robot_id: str, version: int, newest_version: int, params: Params,
                     extra: dict[str, str] | None = None) -> None:  # fmt: skip
     """Replace ``state_dir/adapter.safetensors`` atomically (write, fsync, rename, fsync the folder)."""

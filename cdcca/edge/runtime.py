@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from cdcca import wire
+from cdcca.edge.adapter_state import rejection_kind
 from cdcca.edge.backend import EdgeBackend
 from cdcca.edge.frames import LatestFrame, NoFrameError, frame_of_request
 from cdcca.edge.health import HealthCheck, HealthConfig
@@ -167,22 +168,6 @@ class EdgeCounters:
     health_passed: int = 0  # versions marked good after their first answers
     health_rollbacks: int = 0  # versions rolled back by the health check
     faults: dict[str, int] = field(default_factory=dict)  # kind -> runtime faults logged, counted and skipped
-
-
-_REJECTION_KINDS = (  # (kind, words of AdapterStatus.reason that mean it), first match wins
-    ("fingerprint", ("base fingerprint",)),
-    ("robot", ("addressed to robot",)),
-    ("signature", ("signature", "signing key", "trust store")),
-    ("version", ("not newer", "based on version", "keyframe must")),
-    ("persist", ("persisting",)),
-    ("payload", ("SHA-256", "decode", "num_params", "tensors", "shape", "applying")),
-)
-
-
-def rejection_kind(reason: str) -> str:
-    """A short, bounded label for a rejection reason (for metrics): fingerprint, robot, signature, version,
-    persist, payload or other."""
-    return next((kind for kind, words in _REJECTION_KINDS if any(w in reason for w in words)), "other")
 
 
 class EdgeRuntime:
