@@ -60,6 +60,29 @@ def _take_signals(stop: threading.Event) -> dict | None:
     return previous
 
 
+def _report_abandoned(trainer: CloudTrainer, round_: dict, running: bool) -> None:
+    """Say what became of the round a stop interrupted: abandoned (its samples stay pending), or, when its commit
+    was already under way, what the store holds now."""
+    robot_id, version, samples = round_["robot_id"], round_["version"], round_["samples"]
+    if not round_.get("committing"):
+        log.warning("stopping: round for %s abandoned, its %d samples stay pending", robot_id, samples)
+        return
+    try:
+        committed = trainer.store.latest(robot_id) >= version
+    except Exception as err:  # noqa: BLE001 - a report, not a decision: say what is not known
+        log.warning("stopping: round v%d for %s was committing; the store cannot say if it did (%s)", version,
+                    robot_id, err)  # fmt: skip
+        return
+    if committed:
+        log.info("stopping: round v%d for %s was committing and is committed", version, robot_id)
+    elif running:
+        log.warning("stopping: round v%d for %s was still committing; it commits whole or not at all (not yet)",
+                    version, robot_id)  # fmt: skip
+    else:
+        log.warning("stopping: round v%d for %s was not committed, its %d samples stay pending", version, robot_id,
+                    samples)  # fmt: skip
+
+
 def serve(trainer: CloudTrainer, stop: threading.Event) -> dict:
     """Serve until ``stop`` is set (or SIGINT/SIGTERM when called on the main thread); returns the stats.
 
@@ -90,8 +113,7 @@ def serve(trainer: CloudTrainer, stop: threading.Event) -> dict:
         abandoned = trainer.abandon_round()
         worker.join(config.stop_grace_s)
         if abandoned is not None:
-            log.warning("stopping: round for %s abandoned, its %d samples stay pending", abandoned["robot_id"],
-                        abandoned["samples"])  # fmt: skip
+            _report_abandoned(trainer, abandoned, worker.is_alive())
         if worker.is_alive():  # e.g. inside one long native call; it commits nothing now (abandon is set)
             log.warning("the round worker did not stop within %.1f s; exiting without it", config.stop_grace_s)
         if publisher is not None:

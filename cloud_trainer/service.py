@@ -924,11 +924,13 @@ class CloudTrainer:
     def abandon_round(self) -> dict | None:
         """Make the round in progress (if any) stop before its commit; returns what it was (robot_id, version,
         samples) or ``None`` when no round was running or it had committed already. Taken under the lock the
-        commit holds, so a round is either committed whole or not at all."""
+        commit holds, so a round is either committed whole or not at all. If that lock is not free within a second
+        (a commit waiting on a busy store), the round is reported with ``committing: True``: it may still commit,
+        whole (the caller can ask the store once the worker has stopped)."""
         locked = self._chain_lock.acquire(timeout=1.0)  # a commit in progress finishes first (one transaction)
         try:
             self._abandon.set()
-            return dict(self.current_round) if self.current_round is not None else None
+            return {**self.current_round, "committing": not locked} if self.current_round is not None else None
         finally:
             if locked:
                 self._chain_lock.release()

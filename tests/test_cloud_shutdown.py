@@ -124,3 +124,45 @@ def test_a_second_ctrl_c_exits_at_once(pretrained_test_pair, uploads, tmp_path):
         assert store.pending_counts() == {"r1": ROUND}
     finally:
         store.close()
+
+
+def test_a_stop_during_a_slow_commit_reports_what_the_store_holds_not_an_abandoned_round(pretrained_test_pair, keys,
+                                                                                        tmp_path, caplog):  # fmt: skip
+    """The commit holds the chain lock (a store busy for seconds); a stop cannot abandon that round, which may still
+    commit whole: the report must not say its samples stay pending when the store holds its version."""
+    import logging
+    import threading
+
+    import torch
+
+    from cloud_trainer.app import _report_abandoned
+    from tests.test_cloud_trainer import make_trainer
+
+    trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud")
+    trainer.current_round = {"robot_id": "r1", "version": 1, "samples": 4}
+    committing, release = threading.Event(), threading.Event()
+
+    def slow_commit():
+        with trainer._chain_lock:  # noqa: SLF001 - what _train_and_commit holds around the store's transaction
+            committing.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=slow_commit)
+    thread.start()
+    committing.wait(5)
+    abandoned = trainer.abandon_round()  # waits 1 s for the lock, then reports the round as committing
+    assert abandoned == {"robot_id": "r1", "version": 1, "samples": 4, "committing": True}
+    with caplog.at_level(logging.INFO, logger="cloud_trainer.app"):
+        _report_abandoned(trainer, abandoned, running=True)
+        assert "still committing" in caplog.text
+        release.set()
+        thread.join()
+        _report_abandoned(trainer, abandoned, running=False)  # nothing committed: pending
+        assert "was not committed, its 4 samples stay pending" in caplog.text
+        tensor = {"w": torch.zeros(2)}
+        trainer.store.commit_round("r1", 1, [], tensor, tensor, b"delta", 0)
+        _report_abandoned(trainer, abandoned, running=False)
+        assert "was committing and is committed" in caplog.text
+    trainer.current_round = None
+    assert trainer.abandon_round() is None
+    trainer.close()
