@@ -373,3 +373,31 @@ def test_the_robot_joins_a_ros2_graph_over_dds(pretrained_test_pair, keys, tmp_p
     # The robot is the ROS 2 node cdcca_edge: camera, prompt, delta and ack readers; answer, uplink, status writers
     assert nodes and nodes[-1].node_name == "cdcca_edge"
     assert (len(nodes[-1].reader_gid_seq), len(nodes[-1].writer_gid_seq)) == (4, 3)
+
+
+def test_a_sample_the_binding_cannot_decode_is_counted_and_the_link_keeps_delivering():
+    """A C++ ROS node's std::string need not be UTF-8; Cyclone's Python binding raises while it takes such a
+    sample. The cloud's DdsLink must count it and deliver what comes after (its poll thread used to die)."""
+    domain_id = free_domain_id(1)  # the same configuration as the node test's: a domain is configured once
+    link = dds.DdsLink(domain_id, dds.loopback_config(), poll_s=0.01)
+    robots = dds.DdsGraph(domain_id, dds.loopback_config())
+    try:
+        got = []
+        link.subscribe("*", "uts_tokens", lambda robot_id, msg, data: got.append(msg.sample_id))
+        writer = robots.writer("/cdcca/uts_tokens", wire.UTS_TOKENS, dds.RELIABLE)
+
+        def upload(sample_id):
+            return wire.new(wire.UTS_TOKENS, header=wire.header(1, "cam"), robot_id="r1", sample_id=sample_id)
+
+        assert wait_until(lambda: writer.write(upload("s1")) is None and got, timeout=10)
+        good = wire.encode(upload("s-\u00e9"))
+        bad = good.replace("s-\u00e9".encode(), b"s-\xe9?")  # same length, not UTF-8
+        sample = dds.to_idl(upload("placeholder"))
+        sample.serialize = lambda use_version_2=False: bad  # the bytes a C++ node would put on the wire
+        writer.writer.write(sample)
+        assert wait_until(lambda: link.rejected["uts_tokens"] == 1, timeout=10)
+        writer.write(upload("s2"))
+        assert wait_until(lambda: "s2" in got, timeout=10) and link._thread.is_alive()  # noqa: SLF001
+    finally:
+        link.close()
+        robots.close()

@@ -132,17 +132,22 @@ def run_dds_edge(runtime: EdgeRuntime, camera_topic: str = CAMERA_TOPIC, stop_ev
     log.info("joined ROS 2 domain %d: camera %s (%s), prompts %s", graph.domain_id, camera_topic,
              dds_topic(camera_topic), settings.prompt_topic)  # fmt: skip
     silence = CameraSilence(camera_topic, graph.domain_id, settings.no_frames_warning_s)
+
+    def malformed(err: Exception) -> None:  # a sample the binding cannot decode (a non-UTF-8 string): counted
+        runtime.counters.malformed += 1
+        log.warning("dropped a sample that does not decode: %s: %s", type(err).__name__, err)
+
     try:
         while not stop_event.is_set():
             if not runtime.frame.received:
                 silence.check(runtime.frame.received, lambda: _publishers(reader for reader, _ in cameras))
             busy = False
             for reader, type_name in cameras:
-                samples = take_all(reader)
+                samples = take_all(reader, on_error=malformed)
                 if samples:  # the newest only: cameras outpace prompts
                     runtime.on_camera(samples[-1], type_name)  # IDL sample: msg_to_rgb reads the same field names
             for reader, type_name, handle in inputs:
-                for sample in take_all(reader):
+                for sample in take_all(reader, on_error=malformed):
                     busy = True
                     try:
                         handle(sample.data if type_name == wire.STRING else from_idl(type_name, sample))

@@ -26,10 +26,12 @@ announces one node holding every reader and writer it creates, republished whole
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from typing import Any, Mapping
 from xml.sax.saxutils import escape
 
@@ -321,9 +323,27 @@ class DdsGraph:
             self.participant = None
 
 
-def take_all(reader: DataReader, limit: int = 64) -> list:
-    """Valid samples taken from ``reader`` (invalid ones: disposals, unregistrations, are skipped)."""
-    return [s for s in reader.take(N=limit) if getattr(s, "sample_info", None) is None or s.sample_info.valid_data]
+def take_all(reader: DataReader, limit: int = 64, on_error: Callable[[Exception], None] | None = None) -> list:
+    """Valid samples taken from ``reader``, at most ``limit`` (invalid ones: disposals, unregistrations, are skipped).
+
+    One sample at a time: the binding decodes a sample inside ``take`` after removing it from the reader, and a
+    sample the wire accepts but Python cannot decode (a string that is not UTF-8, which a C++ node may send) raises
+    there. That sample is lost either way; ``on_error(err)`` is told (default: logged), and the rest are taken.
+    """
+    samples = []
+    for _ in range(limit):
+        try:
+            taken = reader.take(N=1)
+        except Exception as err:  # noqa: BLE001 - the binding's decode errors are many types (UnicodeDecodeError...)
+            if on_error is not None:
+                on_error(err)
+            else:
+                log.warning("dropped a DDS sample that does not decode: %s: %s", type(err).__name__, err)
+            continue
+        if not taken:
+            break
+        samples.extend(s for s in taken if getattr(s, "sample_info", None) is None or s.sample_info.valid_data)
+    return samples
 
 
 class DdsLink:
@@ -376,13 +396,17 @@ class DdsLink:
             reader = self.graph.reader(self._names[topic], self._types[topic], RELIABLE)
             self._subscriptions.append((reader, topic, robot_id, handler))
 
+    def _undecodable(self, topic: str, err: Exception) -> None:
+        self.rejected[topic] += 1
+        log.warning("rejected a %s sample that does not decode: %s: %s", topic, type(err).__name__, err)
+
     def _poll(self) -> None:
         while not self._stop.is_set():
             with self._lock:
                 subscriptions = list(self._subscriptions)
             busy = False
             for reader, topic, robot_id, handler in subscriptions:
-                for sample in take_all(reader):
+                for sample in take_all(reader, on_error=functools.partial(self._undecodable, topic)):
                     busy = True
                     try:
                         data = idl_to_cdr(sample)
