@@ -61,7 +61,8 @@ EXAMPLES = {
 # What the verbs feed into config dataclasses, written out so that building the parser imports no torch;
 # tests/test_cli_help.py checks every one against its dataclass field (and these names against the registries).
 PRESET_NAMES = ("test", "tiny")  # cdcca.models.presets.PRESETS
-CODEC_NAMES = ("fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref", "ecsq", "ecdq", "subspace")  # cdcca.dwc.CODECS
+# cdcca.dwc.CODECS
+CODEC_NAMES = ("fp16", "nf4", "nf4-zstd", "sparse-sign", "sparse-sign-ref", "ecsq", "ecdq", "subspace")
 DEFAULT_ENDPOINT = "tcp/127.0.0.1:7447"  # cdcca.transport.DEFAULT_ENDPOINT
 MEASURING_VERBS = ("pretrain", "eval", "bench", "demo")  # their JSON reports carry report.environment(), wall_s
 DOMAIN_NAMES = ("source", "colour_inverted", "printed", "noisy_rotated", "rephrased")  # cdcca.data.digits_shift
@@ -544,22 +545,33 @@ def cmd_pretrain(args) -> dict:
 
 
 def _resolve_models(args) -> dict[str, Path]:
-    """``eval --model``: names of the pair ('teacher', 'student'), pair folders (teacher/ + student/) or single
-    checkpoint folders (config.json); the hidden ``--checkpoints`` still names the pair folder."""
+    """``eval --model``: names of the pair ('teacher', 'student'), pair folders (teacher/ and/or student/ inside) or
+    single checkpoint folders (config.json), any mix; the hidden ``--checkpoints`` still names the pair folder.
+    Each pair folder gives the named models (default both; keyed ``<folder>/<name>`` when there are several), and
+    a path that is none of these is an error (a typo was silently dropped before)."""
     from cdcca.paths import checkpoint_dir
 
-    base, names, singles = args.checkpoints, [], {}
+    names, singles, pairs = [], {}, [Path(args.checkpoints)] if args.checkpoints else []
     for item in args.model or []:
+        path = Path(item).expanduser()
         if item in ("teacher", "student"):
             names.append(item)
-        elif (Path(item).expanduser() / "config.json").is_file():
-            singles[item] = Path(item).expanduser()
-        else:  # a pair folder (a missing one fails in load_mllm with advice)
-            base = Path(item).expanduser()
-    if not names and not singles:
-        names = ["teacher", "student"]
-    base = base or checkpoint_dir(args.preset)
-    return {**{name: base / name for name in names}, **singles}
+        elif (path / "config.json").is_file():
+            singles[item] = path
+        elif any((path / name).is_dir() for name in ("teacher", "student")):
+            pairs.append(path)
+        elif path.exists():
+            raise CdccaError(f"--model {item}: not a checkpoint folder (no config.json) nor a pair folder (no "
+                             "teacher/ or student/ in it); `cdcca pretrain` writes a pair")  # fmt: skip
+        else:
+            raise CdccaError(f"--model {item}: no such folder (and not 'teacher' or 'student')")
+    if names and not pairs:
+        pairs = [checkpoint_dir(args.preset)]
+    if not pairs and not singles:
+        pairs = [checkpoint_dir(args.preset)]
+    wanted = names or ["teacher", "student"]
+    models = {(name if len(pairs) == 1 else f"{pair}/{name}"): pair / name for pair in pairs for name in wanted}
+    return {**models, **singles}
 
 
 def run_eval(models: dict[str, Path], domains, tasks, split: str, limit, batch_size: int, plot: Path | None) -> dict:
@@ -1120,6 +1132,9 @@ def describe_os_error(err: OSError) -> str:
     reason = err.strerror or one_line(err)
     if err.errno == errno.ENOSPC:
         return f"no space left on the device writing {path}; free some space or write elsewhere"
+    if err.errno in (errno.EACCES, errno.EPERM) and err.filename is not None and os.path.exists(err.filename) \
+            and not os.access(err.filename, os.R_OK):  # fmt: skip
+        return f"cannot read {path}: {reason}; check its permissions"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path}: {reason}; pass a writable path"
     if err.errno == errno.ENOENT:

@@ -139,6 +139,8 @@ class TrustStore:
         directory = Path(directory)
         if not directory.is_dir():
             raise KeyStoreError(f"no trust store at {directory}; add a key with `cdcca keys trust PUBFILE --store DIR`")
+        if not os.access(directory, os.R_OK | os.X_OK):  # it would list as empty: a robot trusting no key at all
+            raise KeyStoreError(f"the trust store {directory} cannot be read; check its permissions")
         store = cls(directory=directory)
         for path in sorted(directory.glob("*.revoked")):
             store.revoked[_check_key_id(path.stem)] = path.read_text().strip()
@@ -310,7 +312,7 @@ def trust_key(public_file: str | Path, store_dir: str | Path) -> Path:
     store_dir = Path(store_dir)
     store = TrustStore.load(store_dir) if store_dir.is_dir() else TrustStore()
     store.add(public_file.stem, public_file.read_text())  # validates; refuses replacing or revoked keys
-    target = store_dir / public_file.name
+    target = store_dir / f"{public_file.stem}.pub"  # the store reads *.pub: a key copied under another suffix is lost
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.is_file() or target.read_text() != public_file.read_text():
         _write_atomic(target, public_file.read_text())

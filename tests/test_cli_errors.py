@@ -274,3 +274,19 @@ def test_an_unexpected_error_is_one_line_exit_1_and_the_traceback_with_verbose(m
     finally:
         root.setLevel(level)  # --verbose set DEBUG logging for the process
     assert code == 1 and errors[0].startswith("Traceback") and "_failing_handler" in "\n".join(errors)
+
+
+def test_a_file_that_cannot_be_read_is_not_called_unwritable(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from cdcca.cli import describe_os_error
+
+    key = tmp_path / "cloud-1.key"
+    key.write_text("x")
+    denied = PermissionError(errno.EACCES, "Permission denied", str(key))
+    assert describe_os_error(denied).startswith(f"cannot write {key}")  # root: readable, so a write failed
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(key) and mode & os.R_OK
+                        else real_access(path, mode))  # fmt: skip
+    assert describe_os_error(denied) == f"cannot read {key}: Permission denied; check its permissions"

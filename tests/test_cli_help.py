@@ -10,6 +10,7 @@ import pytest
 
 from cdcca import cli
 from cdcca.cli import build_parser, main
+from cdcca.errors import CdccaError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,6 +219,15 @@ def test_eval_model_takes_a_pair_folder_a_checkpoint_folder_or_names(tmp_path):
     assert cli._resolve_models(parse(["eval", "--model", str(single)])) == {str(single): single}
     assert cli._resolve_models(parse(["eval", "--checkpoints", str(pair), "--model", "student"])) == {
         "student": pair / "student"}  # fmt: skip
+    other = tmp_path / "other"
+    (other / "teacher").mkdir(parents=True)
+    assert cli._resolve_models(parse(["eval", "--model", str(pair), str(other), str(single)])) == {
+        f"{pair}/teacher": pair / "teacher", f"{pair}/student": pair / "student",
+        f"{other}/teacher": other / "teacher", f"{other}/student": other / "student", str(single): single}  # fmt: skip
+    with pytest.raises(CdccaError, match="no such folder"):  # a typo is not dropped in silence
+        cli._resolve_models(parse(["eval", "--model", str(single), str(tmp_path / "singel")]))
+    with pytest.raises(CdccaError, match="not a checkpoint folder"):
+        cli._resolve_models(parse(["eval", "--model", str(tmp_path)]))
 
 
 def _table_lines(capsys) -> list[str]:

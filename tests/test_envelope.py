@@ -438,3 +438,24 @@ def test_a_key_statement_that_is_not_one_is_a_key_store_error(text):
 
     with pytest.raises(KeyStoreError, match="not a key statement"):
         KeyStatement.from_json(text)
+
+
+def test_a_key_trusted_from_a_file_of_another_suffix_is_stored_as_a_pub_and_listed(tmp_path, capsys):
+    _, public = generate_key(tmp_path / "cloud", "cloud-3")
+    mailed = tmp_path / "cloud-3.txt"  # as it arrived by mail
+    mailed.write_text(public.read_text())
+    assert _keys_cli("trust", mailed, "--store", tmp_path / "trust", tmp_path=tmp_path)[0] == 0
+    code, listing = _keys_cli("list", "--store", tmp_path / "trust", tmp_path=tmp_path)
+    assert code == 0 and listing["fingerprints"] == {"cloud-3": _fingerprint_of(public)}
+    assert TrustStore.load(tmp_path / "trust").keys.keys() == {"cloud-3"}
+
+
+def test_a_trust_store_that_cannot_be_read_is_an_error_not_an_empty_store(tmp_path, monkeypatch):
+    """Root reads any folder, so the permission a robot's user lacks is taken away at os.access."""
+    _, public = generate_key(tmp_path / "cloud", "cloud-1")
+    trust_key(public, tmp_path / "trust")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path / "trust")
+                        else real_access(path, mode))  # fmt: skip
+    with pytest.raises(KeyStoreError, match="cannot be read; check its permissions"):
+        TrustStore.load(tmp_path / "trust")
