@@ -29,6 +29,8 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from cdcca.errors import CdccaError
+
 # How long opening a SQLite store waits out another process's lock. Besides its busy handler (the connection's
 # timeout), SQLite may answer SQLITE_BUSY at once where waiting could deadlock or while another connection sets up
 # the WAL index (sqlite3_busy_handler, "The presence of a busy handler does not guarantee that it will be invoked");
@@ -103,6 +105,11 @@ class StaleRound(RuntimeError):
 
 class NewerSchema(RuntimeError):
     """The store was written by a newer cdcca (a higher ``schema_version``): upgrade this worker first."""
+
+
+class StoreUnreachable(CdccaError, ConnectionError):
+    """The store's server cannot be reached when the store is opened (a wrong host, port, database or user, or a
+    server that is down): a setting the operator fixes, reported in one line."""
 
 
 @dataclass

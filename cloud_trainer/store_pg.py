@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 
-from cloud_trainer.store import PENDING, Executor, SqlStore
+from cloud_trainer.store import PENDING, Executor, SqlStore, StoreUnreachable
 from cloud_trainer.store import SCHEMA as SQLITE_SCHEMA
 
 # SQLite's schema in PostgreSQL's types (BLOB -> BYTEA; SQLite's REAL is already an 8-byte float), plus the
@@ -67,7 +67,13 @@ class PgStore(SqlStore):
         self.url, self.connect_timeout_s = url, connect_timeout_s
         self._lock = threading.Lock()
         self._closed = False
-        self._conn = self._connect()
+        try:
+            self._conn = self._connect()
+        except psycopg.OperationalError as err:
+            shown = re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)  # never print a password
+            reason = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+            raise StoreUnreachable(f"cannot reach the --store {shown}: {reason}; check the host, port, database and "
+                                   "user, and that the server runs") from err  # fmt: skip
         with self._transaction() as db:
             db.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
             db.cursor.execute(SCHEMA)

@@ -486,3 +486,13 @@ def test_a_sqlite_store_opening_waits_out_a_lock_sqlite_reports_without_its_busy
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         CloudStore(tmp_path / "other.sqlite")
     assert 0.2 <= time.monotonic() - started < 5.0
+
+
+def test_a_server_that_cannot_be_reached_is_one_clear_error_without_the_password():
+    from cdcca.errors import CdccaError
+
+    pytest.importorskip("psycopg", reason="the PostgreSQL store needs psycopg")
+    with pytest.raises(CdccaError, match=r"cannot reach the --store postgresql://cdcca:\*\*\*@127\.0\.0\.1:1/cdcca: "
+                                         r".*check the host, port") as caught:  # fmt: skip
+        open_store("postgresql://cdcca:secret@127.0.0.1:1/cdcca")
+    assert "secret" not in str(caught.value) and "\n" not in str(caught.value)  # the CLI's one line, exit 2
