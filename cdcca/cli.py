@@ -77,7 +77,8 @@ REPLAY_DEFAULTS = {"speed": 1.0, "rate_hz": 0.0}
 DEMO_DEFAULTS = {"rounds": 3, "stream_images": 150, "test_images": 100, "port": 7447}
 BENCH_METHODS = ("source-only", "tent", "cotta", "pkd", "cwd", "pl", "cdcca")  # AdaptBenchConfig.methods
 CLOUD_ONLY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "onnx", "sklearn", "pycocoevalcap",
-                      "matplotlib", "cyclonedds", "pyrealsense2")  # pyproject.toml's [cloud] and [edge] extras
+                      "matplotlib", "psycopg")  # pyproject.toml's [cloud] extra
+EDGE_EXTRA_MODULES = {"pyrealsense2": "a RealSense camera", "cyclonedds": "a ROS 2 graph over DDS"}  # [edge] extra
 HEAVY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "onnxruntime", "zenoh")
 THIRD_PARTY_WARNINGS = r"(torch|torchvision|transformers|peft|bitsandbytes|onnx|onnxruntime|accelerate|zenoh)(\.|$)"
 
@@ -1223,6 +1224,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ModuleNotFoundError as err:  # a robot-only install asked for what only the cloud install has
         top = (err.name or "").split(".")[0]
+        if top in EDGE_EXTRA_MODULES:
+            print(f"{prog}: error: {EDGE_EXTRA_MODULES[top]} needs {top}, which is missing: pip install "
+                  "'cdcca[edge]' (pyrealsense2 also needs Debian's libusb-1.0-0)", file=sys.stderr)  # fmt: skip
+            return 2
         if top not in CLOUD_ONLY_MODULES:
             print(f"{prog}: error: unexpected ModuleNotFoundError: {one_line(err)} (run with --verbose for the "
                   "traceback)", file=sys.stderr)  # fmt: skip

@@ -290,3 +290,19 @@ def test_a_file_that_cannot_be_read_is_not_called_unwritable(tmp_path, monkeypat
     monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(key) and mode & os.R_OK
                         else real_access(path, mode))  # fmt: skip
     assert describe_os_error(denied) == f"cannot read {key}: Permission denied; check its permissions"
+
+
+@pytest.mark.parametrize(("module", "code", "advice"), [
+    ("pyrealsense2", 2, "a RealSense camera needs pyrealsense2, which is missing: pip install 'cdcca[edge]'"),
+    ("cyclonedds.domain", 2, "a ROS 2 graph over DDS needs cyclonedds, which is missing: pip install 'cdcca[edge]'"),
+    ("psycopg", 2, "this needs the cloud install (psycopg is missing): pip install 'cdcca[cloud]'"),
+    ("no_such_module", 1, "unexpected ModuleNotFoundError"),
+])  # fmt: skip
+def test_a_missing_optional_package_names_the_extra_that_has_it(module, code, advice, capsys, monkeypatch):
+    from cdcca import cli
+
+    def missing(args):
+        raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+    monkeypatch.setitem(cli.HANDLERS, "info", missing)
+    _one_error_line(["info"], capsys, advice, code=code)
