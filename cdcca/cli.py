@@ -671,15 +671,18 @@ def _open_link(args, listen: bool):
     except KeyboardInterrupt:
         raise
     except Exception as err:
-        message = re.sub(r" at /\S+\.rs:\d+\.?", "", one_line(err))  # Zenoh's Rust source paths help no user
-        rust = re.search(r'msg: "((?:[^"\\]|\\.)*)"', message)  # the readable part of a Rust error's Debug text
-        if rust:
-            message = (
-                "invalid Zenoh setting: " + rust.group(1).replace('\\"', '"') + "; check endpoints and certificates"
-            )
-        for prefix in ("cannot read link configuration ", f"{where}: "):
-            message = message.removeprefix(prefix)
-        raise CdccaError(f"cannot open the link ({where}): {message}") from err
+        raise _link_error(where, err) from err
+
+
+def _link_error(where: str, err: Exception) -> CdccaError:
+    """A refused link as one line a user can act on (Zenoh's Rust source paths and Debug text taken out)."""
+    message = re.sub(r" at /\S+\.rs:\d+\.?", "", one_line(err))  # Zenoh's Rust source paths help no user
+    rust = re.search(r'msg: "((?:[^"\\]|\\.)*)"', message)  # the readable part of a Rust error's Debug text
+    if rust:
+        message = "invalid Zenoh setting: " + rust.group(1).replace('\\"', '"') + "; check endpoints and certificates"
+    for prefix in ("cannot read link configuration ", f"{where}: "):
+        message = message.removeprefix(prefix)
+    return CdccaError(f"cannot open the link ({where}): {message}")
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -1108,11 +1111,14 @@ def _print_downlink_tables(report: dict) -> None:
 
 def cmd_status(args) -> dict:
     from cdcca.status import run_status
-    from cdcca.transport import LinkConfig
+    from cdcca.transport import LinkConfig, LinkError
 
     _setup_logging(args.verbose)
     config = LinkConfig.from_file(args.link) if args.link else LinkConfig.loopback(False, args.endpoint)
-    return run_status(config, once_after_s=args.once, json_out=args.as_json)
+    try:
+        return run_status(config, once_after_s=args.once, json_out=args.as_json)
+    except LinkError as err:  # the session could not open: one line, as edge and cloud say it
+        raise _link_error(str(args.link) if args.link else args.endpoint, err) from err
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -1241,8 +1247,8 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         if type(err).__module__ == "sqlite3":  # a state database the disk or permissions refuse
-            print(f"{prog}: error: the state database failed: {one_line(err)}; check that the --state folder is "
-                  "writable and its disk has room", file=sys.stderr)  # fmt: skip
+            print(f"{prog}: error: the state database failed: {one_line(err)}; check that the --state folder (and "
+                  "the --store file, if given) is writable and its disk has room", file=sys.stderr)  # fmt: skip
             return 2
         print(f"{prog}: error: unexpected {type(err).__name__}: {one_line(err)} (run with --verbose for the "
               "traceback)", file=sys.stderr)  # fmt: skip

@@ -94,7 +94,12 @@ class Signer:
         path = Path(path)
         if not path.is_file():
             raise KeyStoreError(f"no signing key at {path}; create one with `cdcca keys generate --key-id ID`")
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (ValueError, TypeError) as err:  # not PEM, or a public key / another format passed as --key
+            why = (str(err).splitlines() or [type(err).__name__])[0]
+            raise KeyStoreError(f"{path} is not a PEM private key ({why}); --key takes the .key file "
+                                "`cdcca keys generate` writes, not its .pub") from None  # fmt: skip
         if not isinstance(key, Ed25519PrivateKey):
             raise KeyStoreError(f"{path} is not an Ed25519 private key")
         return cls(_check_key_id(path.stem), key)

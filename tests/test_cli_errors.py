@@ -306,3 +306,17 @@ def test_a_missing_optional_package_names_the_extra_that_has_it(module, code, ad
 
     monkeypatch.setitem(cli.HANDLERS, "info", missing)
     _one_error_line(["info"], capsys, advice, code=code)
+
+
+def test_status_on_an_endpoint_zenoh_refuses_is_one_line_without_its_source_paths(capsys):
+    line = _one_error_line(["status", "--endpoint", "bogus", "--once", "1"], capsys,
+                           "cannot open the link (bogus): invalid Zenoh setting", quiet=False)  # fmt: skip
+    assert ".rs:" not in line and "/root/" not in line
+
+
+def test_a_public_key_passed_as_the_signing_key_says_which_file_to_pass(tmp_path):
+    from cdcca.envelope import KeyStoreError, Signer, generate_key
+
+    _, public = generate_key(tmp_path, "cloud-1")
+    with pytest.raises(KeyStoreError, match=r"cloud-1\.pub is not a PEM private key .*not its \.pub"):
+        Signer.load(public)
