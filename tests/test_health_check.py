@@ -88,16 +88,20 @@ def _silencing(student, base: dict) -> dict:
     return target
 
 
+def _student_and_backend(kind: str, checkpoints, trust, tmp_path):
+    """The robot's torch student (UTS runs on its encoder) and a backend of ``kind`` on it, state in tmp_path."""
+    student = load_adaptable_student(checkpoints)
+    if kind == "torch":
+        return student, TorchBackend(AdapterSlot(student, "r1", trust, tmp_path / "adapter"))
+    export = export_onnx(load_adaptable_student(checkpoints), tmp_path / "student_onnx")
+    return student, OnnxBackend(export, "r1", trust, state_dir=tmp_path / "adapter", threads=1)
+
+
 @pytest.mark.parametrize("kind", ["torch", "onnx"])
 def test_a_delta_that_silences_the_student_is_rolled_back_by_the_robot(kind, pretrained_test_pair, keys, tmp_path):
     # Prepare: a robot on v1 (healthy) with its answers as the pre-swap level; v2 empties every answer
     signer, trust = keys
-    student = load_adaptable_student(pretrained_test_pair)
-    if kind == "torch":
-        backend = TorchBackend(AdapterSlot(student, "r1", trust, tmp_path / "adapter"))
-    else:
-        export = export_onnx(load_adaptable_student(pretrained_test_pair), tmp_path / "student_onnx")
-        backend = OnnxBackend(export, "r1", trust, state_dir=tmp_path / "adapter", threads=1)
+    student, backend = _student_and_backend(kind, pretrained_test_pair, trust, tmp_path)
     port = RecordingPort()
     config = EdgeConfig(state_dir=tmp_path / "edge", health=HealthConfig(answers=6))
     runtime = EdgeRuntime(backend, student, config, port)
@@ -182,12 +186,7 @@ def test_a_prompt_the_model_cannot_take_costs_only_its_own_answer_and_is_no_verd
         kind, pretrained_test_pair, keys, tmp_path):  # fmt: skip
     # Prepare: a healthy v1 on probation; one prompt far longer than the model's positions
     signer, trust = keys
-    student = load_adaptable_student(pretrained_test_pair)
-    if kind == "torch":
-        backend = TorchBackend(AdapterSlot(student, "r1", trust, tmp_path / "adapter"))
-    else:
-        export = export_onnx(load_adaptable_student(pretrained_test_pair), tmp_path / "student_onnx")
-        backend = OnnxBackend(export, "r1", trust, state_dir=tmp_path / "adapter", threads=1)
+    student, backend = _student_and_backend(kind, pretrained_test_pair, trust, tmp_path)
     port = RecordingPort()
     runtime = EdgeRuntime(backend, student, EdgeConfig(state_dir=tmp_path / "edge", health=HealthConfig(answers=4)),
                           port)  # fmt: skip
