@@ -79,6 +79,7 @@ BENCH_METHODS = ("source-only", "tent", "cotta", "pkd", "cwd", "pl", "cdcca")  #
 CLOUD_ONLY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "onnx", "sklearn", "pycocoevalcap",
                       "matplotlib", "psycopg")  # pyproject.toml's [cloud] extra
 EDGE_EXTRA_MODULES = {"pyrealsense2": "a RealSense camera", "cyclonedds": "a ROS 2 graph over DDS"}  # [edge] extra
+CLOUD_ONLY_MODULES += ("cyclonedds",)  # `cloud --dds`: the [cloud] extra has it too
 HEAVY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "onnxruntime", "zenoh")
 THIRD_PARTY_WARNINGS = r"(torch|torchvision|transformers|peft|bitsandbytes|onnx|onnxruntime|accelerate|zenoh)(\.|$)"
 
@@ -1141,6 +1142,8 @@ def describe_os_error(err: OSError) -> str:
         return f"no space left on the device writing {path}; free some space or write elsewhere"
     if err.errno in (errno.EACCES, errno.EPERM) and err.filename is not None and os.path.exists(err.filename) \
             and not os.access(err.filename, os.R_OK):  # fmt: skip
+        if not os.access(err.filename, os.W_OK):  # which of the two failed, the error does not say
+            return f"cannot read or write {path}: {reason}; check its owner and permissions"
         return f"cannot read {path}: {reason}; check its permissions"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path}: {reason}; pass a writable path"
@@ -1230,7 +1233,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ModuleNotFoundError as err:  # a robot-only install asked for what only the cloud install has
         top = (err.name or "").split(".")[0]
-        if top in EDGE_EXTRA_MODULES:
+        if top in EDGE_EXTRA_MODULES and not prog.startswith("cdcca cloud"):  # `cloud --dds`: [cloud] has it
             print(f"{prog}: error: {EDGE_EXTRA_MODULES[top]} needs {top}, which is missing: pip install "
                   "'cdcca[edge]' (pyrealsense2 also needs Debian's libusb-1.0-0)", file=sys.stderr)  # fmt: skip
             return 2

@@ -67,6 +67,10 @@ def _report_abandoned(trainer: CloudTrainer, round_: dict, running: bool) -> Non
     if not round_.get("committing"):
         log.warning("stopping: round for %s abandoned, its %d samples stay pending", robot_id, samples)
         return
+    if running:  # its commit holds the store's lock: asking the store would wait for it (on PostgreSQL, unbounded)
+        log.warning("stopping: round v%d for %s was still committing; it commits whole or not at all", version,
+                    robot_id)  # fmt: skip
+        return
     try:
         committed = trainer.store.latest(robot_id) >= version
     except Exception as err:  # noqa: BLE001 - a report, not a decision: say what is not known
@@ -75,9 +79,6 @@ def _report_abandoned(trainer: CloudTrainer, round_: dict, running: bool) -> Non
         return
     if committed:
         log.info("stopping: round v%d for %s was committing and is committed", version, robot_id)
-    elif running:
-        log.warning("stopping: round v%d for %s was still committing; it commits whole or not at all (not yet)",
-                    version, robot_id)  # fmt: skip
     else:
         log.warning("stopping: round v%d for %s was not committed, its %d samples stay pending", version, robot_id,
                     samples)  # fmt: skip

@@ -342,9 +342,11 @@ class SqlStore:
             db.execute("INSERT INTO published (robot_id, version, params, delta) VALUES (?, ?, ?, ?)",
                        (robot_id, version, published_blob, delta))  # fmt: skip
             if sample_ids:
-                used = [s for (s,) in db.execute(
-                    f"SELECT sample_id FROM samples WHERE robot_id = ? AND version IS NOT NULL AND sample_id IN "
-                    f"({', '.join('?' * len(sample_ids))})", (robot_id, *sample_ids)).fetchall()]  # fmt: skip
+                used = [s for at in range(0, len(sample_ids), 500)  # under every SQLite's limit on ? per statement
+                        for (s,) in db.execute(
+                            "SELECT sample_id FROM samples WHERE robot_id = ? AND version IS NOT NULL AND sample_id "
+                            f"IN ({', '.join('?' * len(sample_ids[at : at + 500]))})",
+                            (robot_id, *sample_ids[at : at + 500])).fetchall()]  # fmt: skip
                 if used:  # a sample trains one round: a round on samples another committed is stale, whatever its v
                     raise StaleRound(f"robot {robot_id}: {len(used)} of the round's samples (e.g. {used[0]!r}) were "
                                      "used by a round another worker committed")  # fmt: skip

@@ -70,7 +70,8 @@ class PgStore(SqlStore):
         try:
             self._conn = self._connect()
         except psycopg.OperationalError as err:
-            shown = re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)  # never print a password
+            shown = re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)  # never print a password: in the address
+            shown = re.sub(r"([?&]password=)[^&]*", r"\1***", shown)  # or as a parameter
             reason = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
             raise StoreUnreachable(f"cannot reach the --store {shown}: {reason}; check the host, port, database and "
                                    "user, and that the server runs") from err  # fmt: skip

@@ -290,6 +290,9 @@ def test_a_file_that_cannot_be_read_is_not_called_unwritable(tmp_path, monkeypat
     monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(key) and mode & os.R_OK
                         else real_access(path, mode))  # fmt: skip
     assert describe_os_error(denied) == f"cannot read {key}: Permission denied; check its permissions"
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(key) else real_access(path, mode))
+    assert describe_os_error(denied) == (f"cannot read or write {key}: Permission denied; "
+                                         "check its owner and permissions")  # fmt: skip
 
 
 @pytest.mark.parametrize(("module", "code", "advice"), [
@@ -306,6 +309,17 @@ def test_a_missing_optional_package_names_the_extra_that_has_it(module, code, ad
 
     monkeypatch.setitem(cli.HANDLERS, "info", missing)
     _one_error_line(["info"], capsys, advice, code=code)
+
+
+def test_a_missing_cyclonedds_on_the_cloud_names_the_cloud_extra(capsys, monkeypatch, tmp_path):
+    from cdcca import cli
+
+    def missing(args):
+        raise ModuleNotFoundError("No module named 'cyclonedds'", name="cyclonedds")
+
+    monkeypatch.setitem(cli.HANDLERS, "cloud", missing)
+    _one_error_line(["cloud", "--dds", "--state", tmp_path / "state"], capsys,
+                    "this needs the cloud install (cyclonedds is missing): pip install 'cdcca[cloud]'")  # fmt: skip
 
 
 def test_status_on_an_endpoint_zenoh_refuses_is_one_line_without_its_source_paths(capsys):

@@ -10,6 +10,7 @@ files: a JPEG cut in half, a PNG with garbage after its header.
 import io
 import logging
 import sqlite3
+import time
 
 import numpy as np
 import pytest
@@ -204,8 +205,12 @@ def test_uploads_the_link_refused_go_out_at_the_next_pump_and_count_as_sent_only
     port = FlakyPort()
     robot.connect(port)
 
-    # Execute + Assert: nothing went out and nothing counts as sent; back up, the next pump sends both at once
+    # Execute + Assert: nothing went out and nothing counts as sent; the pumps right after wait (no retry storm)
     assert robot.pump() == 0 and robot.counters.publish_errors == 1 and robot.uplink.stats().sent == 0
+    assert [robot.pump() for _ in range(5)] == [0] * 5 and robot.counters.publish_errors == 1
+    time.sleep(0.6)  # the first wait is 0.5 s; then it doubles while the link refuses
+    assert robot.pump() == 0 and robot.counters.publish_errors == 2
     port.down = False
-    assert robot.pump() == 2 and port.sent.count("uts_tokens") == 2  # not resend_after_s later
+    time.sleep(1.1)
+    assert robot.pump() == 2 and port.sent.count("uts_tokens") == 2  # not resend_after_s (10 s) later
     assert robot.uplink.stats().sent == 2 and robot.pump() == 0

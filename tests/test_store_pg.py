@@ -84,6 +84,9 @@ def test_a_round_commits_whole_and_a_stale_one_not_at_all(store):
         commit(store, "r1", 3, ["c"])  # a round that skipped one
     with pytest.raises(StaleRound, match="used by a round another worker committed"):
         commit(store, "r1", 2, ["c", "a"])  # the next version, but on a sample v1 already trained on
+    many = [f"m{i}" for i in range(1200)]  # more ids than one statement may carry on old SQLite builds (999)
+    with pytest.raises(StaleRound, match="1 of the round's samples"):
+        commit(store, "r1", 2, [*many, "b"])
     record = store.load_robot("r1")
     # Assert: v1 as committed; the stale commits left nothing (c still pending, no v3)
     assert (record.latest, record.applied, sorted(record.deltas)) == (1, 0, [1])
@@ -496,3 +499,5 @@ def test_a_server_that_cannot_be_reached_is_one_clear_error_without_the_password
                                          r".*check the host, port") as caught:  # fmt: skip
         open_store("postgresql://cdcca:secret@127.0.0.1:1/cdcca")
     assert "secret" not in str(caught.value) and "\n" not in str(caught.value)  # the CLI's one line, exit 2
+    with pytest.raises(CdccaError, match=r"postgresql://u@127\.0\.0\.1:1/db\?sslmode=disable&password=\*\*\*: "):
+        open_store("postgresql://u@127.0.0.1:1/db?sslmode=disable&password=hunter2")  # libpq takes it as a parameter

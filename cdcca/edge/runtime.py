@@ -170,6 +170,9 @@ class EdgeCounters:
     faults: dict[str, int] = field(default_factory=dict)  # kind -> runtime faults logged, counted and skipped
 
 
+PUMP_RETRY_S = 0.5  # the first wait before publishing again after the link refused an upload (then doubling)
+
+
 class EdgeRuntime:
     """Answers, UTS, the durable uplink and hot-swapped updates for one robot, behind one port.
 
@@ -201,6 +204,7 @@ class EdgeRuntime:
         self.meter = AnswerMeter(clock=clock)
         self.health = HealthCheck(config.health)
         self._clock = clock
+        self._pump_retry_at, self._pump_backoff_s = 0.0, PUMP_RETRY_S  # after the link refused an upload
         self._deltas: queue.Queue = queue.Queue()
         self._prompts: deque[str] = deque()
         self._wake = threading.Condition()  # prompts arrived, a first frame arrived, or stop
@@ -535,8 +539,11 @@ class EdgeRuntime:
             return False
 
     def pump(self) -> int:
-        """Publish the uplink samples that are due (unchanged CDR from the durable queue); returns how many."""
-        if self.port is None:
+        """Publish the uplink samples that are due (unchanged CDR from the durable queue); returns how many.
+
+        Uploads the link refuses go back to the queue, due again; the next try waits 0.5 s, doubling while the link
+        keeps refusing, up to ``resend_after_s`` (a link that is down costs no log line and disk write per pump)."""
+        if self.port is None or self._clock() < self._pump_retry_at:
             return 0
         sent = 0
         try:
@@ -546,8 +553,11 @@ class EdgeRuntime:
             return 0
         for index, (_, payload) in enumerate(due):
             if not self._send("uts_tokens", payload):
-                self.uplink.unsend([sample_id for sample_id, _ in due[index:]])  # retried at the next pump
-                break
+                self.uplink.unsend([sample_id for sample_id, _ in due[index:]])  # due again at the next try
+                self._pump_retry_at = self._clock() + self._pump_backoff_s
+                self._pump_backoff_s = min(2 * self._pump_backoff_s, max(PUMP_RETRY_S, self.config.resend_after_s))
+                return sent
+            self._pump_backoff_s = PUMP_RETRY_S
             self.counters.uplink_published += 1
             self.counters.uplink_bytes += len(payload)
             sent += 1
