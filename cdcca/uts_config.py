@@ -176,6 +176,10 @@ def pack_tokens(
         quantized = np.clip(np.rint(kept / scales[:, None]), -127, 127).astype(np.int8)
         data, scales, code = quantized.view(np.uint8).reshape(-1), scales.astype(np.float32), 0
     else:
+        largest = float(np.abs(kept).max()) if kept.size else 0.0
+        if not largest <= np.finfo(np.float16).max:  # float16 would make it inf, which the cloud refuses
+            raise ValueError(f"sample {sample_id!r}: a token value of {largest:.3g} does not fit the fp16 encoding "
+                             "(at most 65504); the int8 encoding scales each token and takes it")  # fmt: skip
         data, scales, code = kept.astype("<f2").view(np.uint8).reshape(-1), np.zeros(0, np.float32), 1
     more = [FramePrompt(*m) for m in more]
     return wire.new(

@@ -228,6 +228,18 @@ def test_by_frame_groups_in_order():
     assert by_frame([0, 1, 2, 4, 5], frames, limit=2) == [[0, 2], [5], [1, 4]]  # a frame's prompts beyond the cap
 
 
+def test_tokens_beyond_fp16_are_refused_when_packed_not_turned_into_an_upload_the_cloud_drops():
+    tokens = torch.randn(4, 6)
+    tokens[2, 3] = 7e4  # over float16's 65504: it would travel as inf
+    keep = torch.tensor([1, 0, 1, 0], dtype=torch.bool)
+    fields = dict(robot_id="r", sample_id="s", adapter_version=0, prompt="p", student_answer="a", sample_entropy=1.0)
+    with pytest.raises(ValueError, match="7e\\+04 does not fit the fp16 encoding"):
+        pack_tokens(tokens, keep, torch.rand(4), **fields, encoding="fp16")
+    restored, _ = unpack_tokens(wire.decode(wire.UTS_TOKENS, wire.encode(
+        pack_tokens(tokens, keep, torch.rand(4), **fields, encoding="int8"))))  # fmt: skip
+    assert float(restored[0, 2, 3]) == pytest.approx(7e4, rel=1e-2)
+
+
 @pytest.mark.parametrize(("encoding", "tolerance"), [("int8", None), ("fp16", 1e-2)])
 def test_pack_unpack_round_trip(encoding, tolerance):
     torch.manual_seed(0)
