@@ -255,6 +255,9 @@ def test_bad_input_is_counted_and_logged_once_and_the_node_serves_on(robot):
     robot.deltas.publish(to_ros(forged, WeightDelta))
     assert wait_for(lambda: any(s.state == AdapterStatus.STATE_REJECTED for s in robot.statuses), 10)
     assert wait_for(lambda: robot.last_diagnostics()[1]["malformed_messages"] == "1", 5)
+    # /rosout is a topic of its own: its message may arrive after the status and the diagnostics
+    assert wait_for(lambda: any("rejected delta v5" in m.msg for m in robot.rosout), 10)
+    time.sleep(0.5)  # a second copy, if the node logged it twice, would be here by now
     rejections = [m for m in robot.rosout if "rejected delta v5" in m.msg]
     assert len(rejections) == 1 and rejections[0].name == "cdcca_edge", [m.msg for m in rejections]
     assert robot.process.text().count("rejected delta v5") == 1
