@@ -77,9 +77,8 @@ REPLAY_DEFAULTS = {"speed": 1.0, "rate_hz": 0.0}
 DEMO_DEFAULTS = {"rounds": 3, "stream_images": 150, "test_images": 100, "port": 7447}
 BENCH_METHODS = ("source-only", "tent", "cotta", "pkd", "cwd", "pl", "cdcca")  # AdaptBenchConfig.methods
 CLOUD_ONLY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "onnx", "sklearn", "pycocoevalcap",
-                      "matplotlib", "psycopg")  # pyproject.toml's [cloud] extra
+                      "matplotlib", "psycopg", "cyclonedds")  # pyproject.toml's [cloud] extra (`cloud --dds`)
 EDGE_EXTRA_MODULES = {"pyrealsense2": "a RealSense camera", "cyclonedds": "a ROS 2 graph over DDS"}  # [edge] extra
-CLOUD_ONLY_MODULES += ("cyclonedds",)  # `cloud --dds`: the [cloud] extra has it too
 HEAVY_MODULES = ("torch", "transformers", "peft", "bitsandbytes", "onnxruntime", "zenoh")
 THIRD_PARTY_WARNINGS = r"(torch|torchvision|transformers|peft|bitsandbytes|onnx|onnxruntime|accelerate|zenoh)(\.|$)"
 
@@ -567,9 +566,7 @@ def _resolve_models(args) -> dict[str, Path]:
                              "teacher/ or student/ in it); `cdcca pretrain` writes a pair")  # fmt: skip
         else:
             raise CdccaError(f"--model {item}: no such folder (and not 'teacher' or 'student')")
-    if names and not pairs:
-        pairs = [checkpoint_dir(args.preset)]
-    if not pairs and not singles:
+    if not pairs and (names or not singles):  # names alone, or nothing: the cached pair
         pairs = [checkpoint_dir(args.preset)]
     wanted = names or ["teacher", "student"]
     models = {(name if len(pairs) == 1 else f"{pair}/{name}"): pair / name for pair in pairs for name in wanted}

@@ -212,7 +212,7 @@ class CloudCounters:
     rollbacks: int = 0  # versions robots rolled back from (health check or request); never resent
     statuses_ignored: dict[str, int] = field(default_factory=dict)  # AdapterStatus dropped, by reason: ``state``
     # (not one of the STATE_* constants), ``version`` (a version this cloud never published for that robot)
-    update_rejections: dict[str, int] = field(default_factory=dict)  # REJECTED statuses by reason kind
+    update_rejections: dict[str, int] = field(default_factory=dict)  # REJECTED statuses by rejection_kind
     give_ups: int = 0  # versions whose resends were given up (robot still behind after max_resends)
     comeback_resends: int = 0  # latest versions sent again to a robot that came back after a give-up
     rounds_abandoned: int = 0  # rounds stopped by a shutdown; their samples stay pending
@@ -232,13 +232,6 @@ class RoundAbandoned(BaseException):
 
     A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` on the way (a round's
     failure handling, sample probing) takes it for a failure of the round."""
-
-
-def reason_kind(reason: str) -> str:
-    """A short label of a robot's rejection reason, for counters and metrics: one of the few kinds the robot's own
-    checks give (:func:`~cdcca.edge.adapter_state.rejection_kind`: ``"bad signature: ..."`` -> ``"signature"``),
-    else ``other``. A robot writes its reasons, so they must not make a new counter or metric series each."""
-    return rejection_kind(reason)
 
 
 def whole_uploads(samples: list[DistillSample], limit: int) -> list[DistillSample]:
@@ -383,7 +376,7 @@ class CloudTrainer:
             return
         if msg.state == REJECTED:
             log.warning("robot %s rejected v%d: %s", robot_id, msg.version, msg.reason)
-            kind, rejections = reason_kind(msg.reason), self.counters.update_rejections
+            kind, rejections = rejection_kind(msg.reason), self.counters.update_rejections
             self.counters.update_rejections = {**rejections, kind: rejections.get(kind, 0) + 1}
             rejecting = self.robots.get(robot_id)
             if rejecting is not None:

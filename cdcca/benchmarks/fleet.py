@@ -551,6 +551,13 @@ def _slope(points: list[tuple[float, float]]) -> float | None:
     return float(np.polyfit(xs, ys, 1)[0])
 
 
+def _saturate(fleet: _Fleet, phase: str, prefix: str, robots: int, pair: int) -> dict:
+    """A saturation phase: ``robots`` robots (ids ``<prefix>-r<i>``) publish all their rounds at once."""
+    t0 = time.time() + 1.0
+    schedules = {f"{prefix}-r{i}": [t0] * fleet.config.saturation_rounds for i in range(robots)}
+    return {**fleet.run_phase(phase, schedules), "pair": pair}
+
+
 def run_fleet_bench(config: FleetBenchConfig, progress: bool = True) -> dict:
     """Run every phase (see the module docstring); returns the report (config, rows, rss, summary)."""
     import shutil
@@ -584,10 +591,7 @@ def run_fleet_bench(config: FleetBenchConfig, progress: bool = True) -> dict:
             fleet = _Fleet(config, work / f"workers{count}", recorded, private, trust, endpoint, count)
             try:
                 for n in config.robots:
-                    t0 = time.time() + 1.0
-                    schedules = {f"{run}w{count}n{n}-r{i}": [t0] * config.saturation_rounds for i in range(n)}
-                    row = fleet.run_phase(f"saturation-n{n}", schedules)
-                    row["pair"] = 1
+                    row = _saturate(fleet, f"saturation-n{n}", f"{run}w{count}n{n}", n, pair=1)
                     rows.append(row)
                     for worker_id, rss in row["rss_bytes"].items():
                         rss_points.setdefault(f"W{count}/{worker_id}", []).append((row["robots_served"], rss))
@@ -620,12 +624,8 @@ def run_fleet_bench(config: FleetBenchConfig, progress: bool = True) -> dict:
                 fleet = _Fleet(config, work / f"pair{pair}-workers{count}", recorded, private, trust, endpoint, count)
                 try:
                     for n in pair_sizes:
-                        t0 = time.time() + 1.0
-                        schedules = {f"{run}p{pair}w{count}n{n}-r{i}": [t0] * config.saturation_rounds
-                                     for i in range(n)}  # fmt: skip
-                        row = fleet.run_phase(f"pair{pair}-saturation-n{n}", schedules)
-                        row["pair"] = pair
-                        rows.append(row)
+                        rows.append(_saturate(fleet, f"pair{pair}-saturation-n{n}", f"{run}p{pair}w{count}n{n}", n,
+                                              pair))  # fmt: skip
                         bar.update(1)
                 finally:
                     fleet.stop()

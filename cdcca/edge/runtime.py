@@ -380,7 +380,7 @@ class EdgeRuntime:
                 if len(prompts) == 1:
                     return [self._failed(ids[0], prompts[0], stamp, frame_id)]
                 result = None
-            if result is not None:
+            else:
                 latency_ms = 1000 * (time.perf_counter() - started) / max(1, len(prompts))
                 self.counters.answers += len(prompts)
                 try:
