@@ -446,7 +446,8 @@ class VersionChain:
     """The cloud's view of one robot: the original base, what it published, what the robot applied.
 
     Keeps the parameters of the original base (version 0) and of every published version still needed: the
-    robot's applied version (the base of the next incremental delta). Older ones are dropped.
+    robot's applied version (the base of the next incremental delta). Older ones are dropped. A version resent as a
+    keyframe (:meth:`keyframe`) keeps an empty dict: what the robot holds at it is not known.
     """
 
     robot_id: str
@@ -472,7 +473,8 @@ class VersionChain:
         from cdcca.dwc import SUBSPACE_FALLBACK, apply_delta, compute_delta, get_codec
 
         version = self.latest + 1
-        reference = self.published.get(self.applied) if self.applied else None
+        # a version resent as a keyframe is not known ({}): the delta goes against the base, which every robot holds
+        reference = (self.published.get(self.applied) or None) if self.applied else None
         keyframe = reference is None
         base_params, base_version = (self.base, 0) if keyframe else (reference, self.applied)
         # laid out in the base's order, the robot's trainable set's, whatever order the reference came in (a version
@@ -495,16 +497,26 @@ class VersionChain:
 
     def keyframe(self, codec_name: str, signer: Signer, stamp_ns: int = 0):
         """The latest published version again, as a keyframe against the original base: what a robot that
-        fell behind (missed a delta, or holds a version the cloud no longer keeps) can always apply."""
+        fell behind (missed a delta, or holds a version the cloud no longer keeps) can always apply.
+
+        A lossy codec makes the keyframe's weights differ from the incremental delta's, and a robot's APPLIED does not
+        say which of the two messages of this version it took. So the version's parameters are forgotten (an empty
+        dict): the next delta goes against the original base, which both hold, and the cloud again knows exactly what
+        the robot holds once it is applied. Without this, a robot that applied the keyframe would keep its
+        quantization error for good, every later delta being computed against weights it does not have. Send the
+        same message again on a later resend: a second call raises ``ValueError``."""
         from cdcca.dwc import SUBSPACE_FALLBACK, compute_delta, get_codec
 
         if self.latest == 0:
             raise ValueError(f"robot {self.robot_id}: nothing published yet")
+        if not self.published.get(self.latest):
+            raise ValueError(f"robot {self.robot_id}: v{self.latest} was sent as a keyframe already; send that again")
         delta = compute_delta(self.published[self.latest], self.base)
         codec = get_codec(codec_name)
         if getattr(codec, "round_bound", False):  # a keyframe spans every round so far: no one round's subspace
             codec = get_codec(SUBSPACE_FALLBACK)
         payload = codec.encode(delta)
+        self.published[self.latest] = {}
         return seal(payload, robot_id=self.robot_id, version=self.latest, base_version=0, keyframe=True,
                     codec=codec.name, num_params=sum(t.numel() for t in delta.values()), signer=signer,
                     stamp_ns=stamp_ns, base_fingerprint=self.base_fingerprint)  # fmt: skip

@@ -608,7 +608,8 @@ class CloudTrainer:
             data = wire.encode(msg)
             self.store.commit_round(robot_id, int(msg.version), list(dict.fromkeys(s.message_id for s in fresh)),
                                     state_tensors(distiller), robot.chain.published[int(msg.version)], data,
-                                    robot.chain.applied, distiller.optimizer_state())  # fmt: skip
+                                    robot.chain.applied, distiller.optimizer_state(),
+                                    base_version=int(msg.base_version))  # fmt: skip
             self.current_round = None  # committed: a stop from here on no longer abandons it
         return msg, data, report, params
 
@@ -717,8 +718,9 @@ class CloudTrainer:
         stored = robot.latest_delta
         msg = wire.decode(wire.WEIGHT_DELTA, stored) if stored is not None else None
         if msg is None or not (msg.keyframe or msg.base_version == robot.reported):
-            msg = robot.chain.keyframe(self.config.codec, self.signer, stamp_ns=time.time_ns())
-            self.counters.keyframes += 1
+            msg = self._keyframe(robot_id, robot)
+            if msg is None:
+                return False
         robot.resends += 1
         self.counters.resends += 1
         if not robot.owned:
@@ -728,6 +730,34 @@ class CloudTrainer:
                  "" if robot.owned else " (another worker committed it)")  # fmt: skip
         self._send(robot_id, robot, wire.encode(msg))
         return True
+
+    def _keyframe(self, robot_id: str, robot: _Robot):
+        """The robot's latest version as a keyframe: the one sent before if there is one, else a new one, recorded in
+        the store in place of the incremental delta, the version then being unknown
+        (:meth:`cdcca.envelope.VersionChain.keyframe`: the next round's delta goes against the base). ``None`` if
+        another worker committed a newer version meanwhile (the chain is reloaded; that worker sends it)."""
+        with self._chain_lock:
+            stored = robot.latest_delta
+            msg = wire.decode(wire.WEIGHT_DELTA, stored) if stored is not None else None
+            if msg is not None and msg.keyframe and msg.version == robot.chain.latest:
+                return msg
+            latest, known = robot.chain.latest, robot.chain.published.get(robot.chain.latest)
+            msg = robot.chain.keyframe(self.config.codec, self.signer, stamp_ns=time.time_ns())
+            data = wire.encode(msg)
+            try:
+                recorded = self.store.record_keyframe(robot_id, latest, data)
+            except BaseException:
+                robot.chain.published[latest] = known  # nothing sent: the version's incremental delta still holds
+                raise
+            if not recorded:
+                robot.chain.published[latest] = known
+        if not recorded:
+            log.info("robot %s: v%d is no longer its latest version; not sent as a keyframe", robot_id, latest)
+            self._reload_chain(robot_id, robot)
+            return None
+        robot.latest_delta = data
+        self.counters.keyframes += 1
+        return msg
 
     def _sync_foreign(self, robot_id: str, robot: _Robot) -> None:
         """A robot whose latest version another worker committed: every ``resend_after_s``, read its latest version
@@ -753,10 +783,11 @@ class CloudTrainer:
         latest = robot.chain.latest
         if robot.gave_up is None or not 0 <= robot.reported < latest or latest in robot.declined:
             return False
+        msg = self._keyframe(robot_id, robot)
+        if msg is None:
+            return False
         robot.comebacks += 1
         robot.gave_up = time.monotonic()  # the next come-back waits twice as long from here
-        msg = robot.chain.keyframe(self.config.codec, self.signer, stamp_ns=time.time_ns())
-        self.counters.keyframes += 1
         self.counters.comeback_resends += 1
         log.info("robot %s is back (runs v%d): sending v%d again as a keyframe (come-back %d)", robot_id,
                  robot.reported, latest, robot.comebacks)  # fmt: skip

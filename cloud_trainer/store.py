@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS robots (
 CREATE TABLE IF NOT EXISTS published (
     robot_id TEXT NOT NULL,
     version  INTEGER NOT NULL,
-    params   BLOB NOT NULL,        -- safetensors: the trainable set the robot holds at this version
+    params   BLOB NOT NULL,        -- safetensors: the trainable set the robot holds at this version (none: resent
+                                   -- as a keyframe, the robot may hold either; the next delta is a keyframe)
     delta    BLOB NOT NULL,        -- CDR bytes of the signed WeightDelta
     PRIMARY KEY (robot_id, version)
 );
@@ -96,6 +97,9 @@ def to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 
 def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return load_tensors(bytes(data))
+
+
+UNKNOWN = to_bytes({})  # a published version's params once it was resent as a keyframe: not known
 
 
 class StaleRound(RuntimeError):
@@ -323,9 +327,10 @@ class SqlStore:
 
     def commit_round(self, robot_id: str, version: int, sample_ids: list[str], student: dict[str, torch.Tensor],
                      published: dict[str, torch.Tensor], delta: bytes, applied: int,
-                     optimizer: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+                     optimizer: dict[str, torch.Tensor] | None = None, base_version: int = 0) -> None:  # fmt: skip
         """Everything a finished round changes, in one transaction; :class:`StaleRound` (and nothing stored) if the
-        robot's latest version is no longer ``version - 1`` (another worker's round came first)."""
+        robot's latest version is no longer ``version - 1`` (another worker's round came first), or if the delta is
+        incremental (``base_version`` > 0) on a version another worker has since resent as a keyframe."""
         student_blob, published_blob = to_bytes(student), to_bytes(published)
         optimizer_blob = to_bytes(optimizer) if optimizer is not None else None
         with self._transaction() as db:
@@ -333,6 +338,12 @@ class SqlStore:
             if latest != version - 1:
                 raise StaleRound(f"robot {robot_id} is at v{latest} in the store, not v{version - 1}: another "
                                  "worker committed first")  # fmt: skip
+            if base_version:
+                row = db.execute("SELECT length(params) FROM published WHERE robot_id = ? AND version = ?",
+                                 (robot_id, base_version)).fetchone()  # fmt: skip
+                if row is None or row[0] <= len(UNKNOWN):
+                    raise StaleRound(f"robot {robot_id}: v{base_version}, the base of the round's delta, was resent "
+                                     "as a keyframe meanwhile: what the robot holds there is not known")  # fmt: skip
             db.execute(
                 "INSERT INTO robots (robot_id, latest, applied, student, optimizer) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (robot_id) DO UPDATE SET latest = excluded.latest, student = excluded.student, "
@@ -352,6 +363,16 @@ class SqlStore:
                                      "used by a round another worker committed")  # fmt: skip
                 db.executemany("UPDATE samples SET version = ? WHERE robot_id = ? AND sample_id = ?",
                                [(version, robot_id, s) for s in sample_ids])  # fmt: skip
+
+    def record_keyframe(self, robot_id: str, version: int, delta: bytes) -> bool:
+        """``delta``, a keyframe of ``version``, is sent from now on in place of its incremental delta, and what the
+        robot holds at ``version`` becomes unknown (:meth:`cdcca.envelope.VersionChain.keyframe`); False (nothing
+        changed) if ``version`` is no longer the robot's latest (another worker committed a newer one)."""
+        with self._transaction() as db:
+            if self._lock_robot(db, robot_id, 0) != version:
+                return False
+            return db.execute("UPDATE published SET params = ?, delta = ? WHERE robot_id = ? AND version = ?",
+                              (UNKNOWN, delta, robot_id, version)).rowcount == 1  # fmt: skip
 
     # ------------------------------------------------------------------------------------- leases
     def release(self, robot_id: str, worker: str) -> None:

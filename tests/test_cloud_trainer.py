@@ -196,6 +196,48 @@ def test_a_robot_behind_gets_the_delta_again_or_a_keyframe(pretrained_test_pair,
     assert trainer.counters.keyframes == 1
 
 
+@pytest.mark.parametrize("restart", [False, True], ids=["same-process", "restarted-between"])
+def test_after_a_keyframe_the_next_round_goes_against_the_base_so_the_robot_holds_what_the_cloud_records(
+        pretrained_test_pair, uploads, keys, tmp_path, restart):  # fmt: skip
+    # Arrange: v1 applied, v2 (incremental on v1) lost, the robot restarted on v0: v2 goes again as a keyframe
+    signer, trust = keys
+    trainer = make_trainer(pretrained_test_pair, signer, tmp_path / "cloud", round_size=4)
+    sent = []
+    capture = lambda robot_id, robot, data: sent.append(wire.decode(wire.WEIGHT_DELTA, data))  # noqa: E731
+    trainer._send = capture
+    robot = AdapterSlot(load_adaptable_student(pretrained_test_pair), "r1", trust)
+    for msg in uploads[:4]:
+        trainer.receive_tokens("r1", msg)
+    trainer.step()
+    trainer.receive_status("r1", robot.receive(sent[-1]))
+    for msg in uploads[4:8]:
+        trainer.receive_tokens("r1", msg)
+    trainer.step()
+    assert (sent[-1].version, sent[-1].base_version) == (2, 1)  # lost
+    robot = AdapterSlot(load_adaptable_student(pretrained_test_pair), "r1", trust)
+    trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=0, state=0))
+    assert trainer.resend_if_behind("r1") and trainer.resend_if_behind("r1")
+    first, again = sent[-2:]
+    assert (first.version, first.keyframe) == (2, True) and wire.encode(again) == wire.encode(first)  # one keyframe
+    assert trainer.counters.keyframes == 1
+    assert robot.receive(first).state == 0
+    if restart:
+        trainer.close()
+        trainer = make_trainer(pretrained_test_pair, signer, tmp_path / "cloud", round_size=4)
+        trainer._send = capture
+    trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=2, state=0))
+    # Act: the next round
+    for msg in uploads[8:12]:
+        trainer.receive_tokens("r1", msg)
+    trainer.step()
+    # Assert: it goes against the base (the cloud cannot know which v2 the robot took), and once applied the robot
+    # holds exactly what the chain records as the base of the round after it
+    assert (sent[-1].version, sent[-1].keyframe, sent[-1].base_version) == (3, True, 0)
+    assert robot.receive(sent[-1]).state == 0
+    recorded = trainer.robots["r1"].chain.published[3]
+    assert all(torch.equal(robot.current[k], recorded[k]) for k in recorded)
+
+
 def test_a_status_of_no_state_or_an_unpublished_version_is_ignored_and_counted(pretrained_test_pair, uploads, keys,
                                                                                tmp_path):  # fmt: skip
     trainer = make_trainer(pretrained_test_pair, keys[0], tmp_path / "cloud", round_size=4)

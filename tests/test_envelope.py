@@ -179,6 +179,36 @@ def test_a_robot_that_missed_versions_gets_a_keyframe(student, keys):
     assert all(torch.allclose(slot.current[k], target[k], atol=1e-3) for k in target)
 
 
+@pytest.mark.parametrize("took", ["keyframe", "incremental delta"])
+def test_after_a_resent_keyframe_the_robot_holds_exactly_what_the_chain_records_again(student, keys, took):
+    # Arrange: v1 applied; v2 (incremental) reaches the robot or not; the cloud resends v2 as a keyframe (ecdq, lossy)
+    signer, trust = keys
+    slot = AdapterSlot(student, "r1", trust)
+    chain = VersionChain("r1", slot.base)
+    assert slot.receive(chain.make_delta(_updated(slot.base, 1), "ecdq", signer)).state == APPLIED
+    chain.record_applied(1)
+    incremental = chain.make_delta(_updated(slot.base, 2), "ecdq", signer)
+    recorded_v2 = dict(chain.published[2])
+    keyframe = chain.keyframe("ecdq", signer)
+    order = [keyframe, incremental] if took == "keyframe" else [incremental, keyframe]
+    assert [slot.receive(m).state for m in order] == [APPLIED, REJECTED] and slot.version == 2  # the other: not newer
+    chain.record_applied(2)
+    gap = max(float((slot.current[k] - recorded_v2[k]).abs().max()) for k in recorded_v2)
+    assert (gap > 1e-3) == (took == "keyframe")  # the keyframe's own quantization error: the two messages differ
+    with pytest.raises(ValueError, match="sent as a keyframe already"):
+        chain.keyframe("ecdq", signer)  # the one sent is sent again
+    # Act: three more rounds, each applied
+    sent = []
+    for seed in (3, 4, 5):
+        sent.append(chain.make_delta(_updated(slot.base, seed), "ecdq", signer))
+        assert slot.receive(sent[-1]).state == APPLIED
+        chain.record_applied(chain.latest)
+        # Assert: from the first delta after the keyframe on, the robot holds what the cloud records, bit for bit
+        # (before the fix, the keyframe's quantization error stayed: 0.04 per element here)
+        assert all(torch.equal(slot.current[k], chain.published[chain.latest][k]) for k in slot.current)
+    assert [(m.keyframe, m.base_version) for m in sent] == [(True, 0), (False, 3), (False, 4)]
+
+
 def test_rollback_returns_to_the_previous_adapter_and_blocks_its_replay(student, keys):
     signer, trust = keys
     slot = AdapterSlot(student, "r1", trust)

@@ -33,11 +33,11 @@ def store(request, tmp_path):
     opened.close()
 
 
-def commit(store, robot_id, version, sample_ids=(), seed=0):
+def commit(store, robot_id, version, sample_ids=(), seed=0, base_version=0):
     """A round's commit with small tensors that differ per version."""
     store.commit_round(robot_id, version, list(sample_ids), {"student.w": torch.full((3,), float(version + seed))},
                        {"w": torch.arange(4.0) * version}, f"delta-{version}".encode(), 0,
-                       {"0.exp_avg": torch.ones(2) * version})  # fmt: skip
+                       {"0.exp_avg": torch.ones(2) * version}, base_version=base_version)  # fmt: skip
 
 
 def test_open_store_picks_the_backend_by_url(store):
@@ -110,6 +110,22 @@ def test_applied_versions_prune_what_the_robot_can_no_longer_be_based_on(store):
     assert (store.load_robot("r1").applied, sorted(store.load_robot("r1").published)) == (2, [2, 3])
     store.record_applied("r1", 9)  # a version beyond the latest never prunes the latest
     assert sorted(store.load_robot("r1").deltas) == [3]
+
+
+def test_a_keyframe_makes_its_version_unknown_and_a_round_incremental_on_it_stale(store):
+    commit(store, "r1", 1)
+    commit(store, "r1", 2, base_version=1)
+    # Execute: another worker resends v2 as a keyframe
+    assert store.record_keyframe("r1", 2, b"keyframe-2")
+    assert not store.record_keyframe("r1", 1, b"keyframe-1")  # v1 is not the latest: nothing changes
+    # Assert: v2's delta is the keyframe and what the robot holds at v2 unknown; a round on it is stale
+    record = store.load_robot("r1")
+    assert record.deltas == {1: b"delta-1", 2: b"keyframe-2"} and record.published[2] == {}
+    assert torch.equal(record.published[1]["w"], torch.arange(4.0))
+    with pytest.raises(StaleRound, match="v2, the base of the round's delta, was resent as a keyframe"):
+        commit(store, "r1", 3, base_version=2)
+    commit(store, "r1", 3, base_version=1)  # on a version still known, or on the base: committed
+    assert store.latest("r1") == 3 and store.load_robot("r1").deltas[3] == b"delta-3"
 
 
 def test_a_declined_version_is_recorded_once(store):
