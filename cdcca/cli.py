@@ -659,13 +659,14 @@ def cmd_demo(args) -> dict:
 
 
 def _open_link(args, listen: bool):
-    """The Zenoh link of ``edge``/``cloud``; any refusal (a bad file, a setting Zenoh rejects) is one line."""
+    """The Zenoh link of ``edge``/``cloud``; any refusal (a bad file, a setting Zenoh rejects) is one line. A client
+    whose router is not up yet connects in the background (a robot that boots before the network still answers)."""
     from cdcca.transport import Link, LinkConfig
 
     where = str(args.link) if args.link else args.endpoint
     try:
         config = LinkConfig.from_file(args.link) if args.link else LinkConfig.loopback(listen, args.endpoint)
-        return Link(config)
+        return Link(config, connect_later=True)
     except KeyboardInterrupt:
         raise
     except Exception as err:

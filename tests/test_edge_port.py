@@ -337,6 +337,51 @@ def test_a_failing_port_is_counted_and_answering_goes_on(runtime):
     assert runtime.counters.publish_errors == 1 and runtime.counters.answers_published == 0
 
 
+def test_a_robot_that_starts_before_its_zenoh_router_answers_keeps_its_uploads_and_catches_up(runtime, caplog):
+    from cdcca.edge.ports import ZenohPort
+    from cdcca.transport import Link, LinkConfig
+    from tests.test_transport import free_port, wait_until
+
+    caplog.set_level("INFO", logger="cdcca")
+    # Arrange: a client link whose router is not up; two uploads queued
+    endpoint = f"tcp/127.0.0.1:{free_port()}"
+    link = Link(LinkConfig(mode="client", connect=[endpoint]), connect_later=True)
+    router = cloud = None
+    try:
+        runtime.connect(ZenohPort(link, "r1"))
+        for i in range(2):
+            runtime.uplink.put(f"r1-{i}", 1.0 + i, f"payload-{i}".encode())
+        runtime.on_camera(image_to_msg(FRAME))
+        # Act / Assert: it answers; the answers and uploads the link refuses are counted, logged once, kept queued
+        assert all(runtime.ask_one(f"q{i}?").answer.startswith("seen") for i in range(3))
+        assert runtime.pump() == 0 and sorted(runtime.uplink.ids()) == ["r1-0", "r1-1"]
+        assert runtime.counters.publish_errors == 4 and runtime.counters.answers_published == 0
+        assert caplog.text.count("publishing answer failed") == 1
+        # the router and the cloud come up: the robot connects, uploads go out, a delta comes in
+        router = Link(LinkConfig(mode="router", listen=[endpoint]))
+        cloud = Link(LinkConfig(mode="client", connect=[endpoint]))
+        uploads = []
+        cloud.subscribe("r1", "uts_tokens", lambda robot_id, msg, data: uploads.append(msg))
+        assert wait_until(lambda: link.peers() == 1, timeout=20)
+        time.sleep(0.3)
+        runtime.clock.now += 60  # past the pump's backoff
+        assert runtime.pump() == 2  # sent; they are not UtsTokens, so the cloud's link drops them, as it must
+        assert wait_until(lambda: cloud.rejected["uts_tokens"] == 2)
+        cloud.publish("r1", "weight_delta", wire.new(wire.WEIGHT_DELTA, robot_id="r1", version=4, base_version=3,
+                                                     key_id="cloud-1"))  # fmt: skip
+        assert wait_until(lambda: runtime.process_deltas() == 1)
+        assert runtime.backend.version == 4 and "publishing adapter_status works again" not in caplog.text
+        runtime.on_camera(image_to_msg(FRAME))
+        assert runtime.ask_one("again?").answer.startswith("seen") and runtime.counters.answers_published == 1
+        assert "publishing answer works again" in caplog.text
+    finally:
+        runtime.connect(None)
+        link.close()
+        for other in (cloud, router):
+            if other is not None:
+                other.close()
+
+
 def test_diagnostics_report_rate_and_a_full_queue(runtime):
     runtime.on_camera(image_to_msg(FRAME))
     for _ in range(4):

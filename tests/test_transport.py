@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from cdcca import wire
-from cdcca.transport import Link, LinkConfig, LinkError, key
+from cdcca.transport import Link, LinkConfig, LinkError, LinkNotConnected, key
 
 
 def free_port() -> int:
@@ -256,3 +256,50 @@ def test_through_a_router_in_client_mode():
     finally:
         for link in (monitor, robot, router):
             link.close()
+
+
+def test_a_client_started_before_its_router_connects_in_the_background_once_the_router_is_up(caplog):
+    # Arrange: no router on the endpoint yet
+    endpoint = f"tcp/127.0.0.1:{free_port()}"
+    with pytest.raises(LinkError, match="cannot open the Zenoh session"):
+        Link(LinkConfig(mode="client", connect=[endpoint]))  # asked to connect now: refused, as before
+    robot = Link(LinkConfig(mode="client", connect=[endpoint]), connect_later=True)
+    router = cloud = None
+    try:
+        got, present = [], []
+        robot.subscribe("r1", "adapter_status", lambda robot_id, msg, _: got.append(msg.version))
+        robot.watch_presence("cloud", lambda name, alive: present.append((name, alive)))
+        assert not robot.connected and robot.peers() == 0
+        with pytest.raises(LinkNotConnected, match="no Zenoh router reached yet"):
+            robot.publish("r1", "adapter_status", status(version=1))
+        assert "connecting in the background" in caplog.text and ".rs:" not in caplog.text
+        # Act: the router and the cloud come up
+        time.sleep(0.8)  # at least one failed try in the background
+        router = Link(LinkConfig(mode="router", listen=[endpoint]))
+        cloud = Link(LinkConfig(mode="client", connect=[endpoint]))
+        cloud.declare_presence()
+        heard = []
+        cloud.subscribe("*", "adapter_status", lambda robot_id, msg, _: heard.append(msg.version))
+        # Assert: the robot connects, and what it declared before works both ways
+        assert wait_until(lambda: robot.connected and robot.peers() == 1, timeout=20)
+        assert robot.connect_failures >= 1
+        assert wait_until(lambda: present == [("cloud", True)])
+        time.sleep(0.3)
+        cloud.publish("r1", "adapter_status", status(version=7))
+        robot.publish("r1", "adapter_status", status(version=8))
+        assert wait_until(lambda: got[-1:] == [7] and heard[-1:] == [8])
+    finally:
+        robot.close()
+        for link in (cloud, router):
+            if link is not None:
+                link.close()
+
+
+def test_a_client_still_looking_for_its_router_closes_at_once():
+    robot = Link(LinkConfig(mode="client", connect=[f"tcp/127.0.0.1:{free_port()}"]), connect_later=True)
+    started = time.monotonic()
+    robot.close()
+    robot._connector.join(timeout=5)
+    assert not robot._connector.is_alive() and time.monotonic() - started < 5 and robot.session is None
+    with pytest.raises(LinkError, match="closed"):
+        robot.publish("r1", "adapter_status", status())

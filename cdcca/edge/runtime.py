@@ -205,6 +205,7 @@ class EdgeRuntime:
         self.health = HealthCheck(config.health)
         self._clock = clock
         self._pump_retry_at, self._pump_backoff_s = 0.0, PUMP_RETRY_S  # after the link refused an upload
+        self._publish_failing: set[str] = set()  # topics whose last publish failed (logged once per outage)
         self._deltas: queue.Queue = queue.Queue()
         self._prompts: deque[str] = deque()
         self._wake = threading.Condition()  # prompts arrived, a first frame arrived, or stop
@@ -532,11 +533,16 @@ class EdgeRuntime:
             return False
         try:
             port.publish(topic, data)
-            return True
         except Exception as err:  # a closed session or a dropped publisher must not stop the robot
             self.counters.publish_errors += 1
-            log.warning("publishing %s failed: %s", topic, err)
+            # once per outage and topic (a link still looking for its router refuses every answer)
+            (log.debug if topic in self._publish_failing else log.warning)("publishing %s failed: %s", topic, err)
+            self._publish_failing.add(topic)
             return False
+        if topic in self._publish_failing:
+            self._publish_failing.discard(topic)
+            log.info("publishing %s works again", topic)
+        return True
 
     def pump(self) -> int:
         """Publish the uplink samples that are due (unchanged CDR from the durable queue); returns how many.

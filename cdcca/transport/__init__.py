@@ -40,6 +40,13 @@ megabytes that would otherwise be dropped whole on a busy link, and losing one c
 messages keep the default: its uploads are resent from the durable queue and its statuses repeat as heartbeats,
 and a robot must not stall behind a congested link (Zenoh's ``CongestionControl`` reference).
 
+Starting before the router: a Zenoh session in client mode opens only once it reaches a router (``zenoh.open``
+fails at once otherwise), while a peer retries its endpoints in the background. A robot that boots before the network
+or the cloud's router is up must still answer, so ``Link(config, connect_later=True)`` (what ``cdcca edge`` and
+``cdcca cloud`` use) opens a client whose router cannot be reached yet in the background: it retries every 0.5 s,
+doubling up to :data:`CONNECT_RETRY_MAX_S`, keeps the subscriptions and presence declared meanwhile and declares them
+on the session once it opens; until then a put raises :class:`LinkNotConnected` (the robot's uploads stay queued).
+
 Malformed bytes never reach the caller: a payload that does not decode as its topic's type, or whose
 ``robot_id`` disagrees with its key, is logged and counted in :attr:`Link.rejected` and dropped.
 """
@@ -49,6 +56,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -72,10 +80,16 @@ _ACL_MESSAGES = ("put", "delete", "declare_subscriber", "query", "declare_querya
                  "declare_liveliness_subscriber", "liveliness_query")  # fmt: skip
 CLOUD_PRESENCE = "cloud"  # the name a cloud worker declares (several workers: cloud/<worker>)
 BLOCKING_TOPICS = frozenset({"weight_delta", "uts_ack"})  # put with CongestionControl.BLOCK (see the module doc)
+CONNECT_RETRY_S = 0.5  # a client whose router cannot be reached yet tries again after this, doubling ...
+CONNECT_RETRY_MAX_S = 10.0  # ... up to this
 
 
 class LinkError(CdccaError, ValueError):
     """The link cannot be configured or opened (bad configuration, unreadable certificate, port in use)."""
+
+
+class LinkNotConnected(LinkError):
+    """A put on a client link that has not reached its router yet (``Link(..., connect_later=True)``)."""
 
 
 def key(robot_id: str, topic: str) -> str:
@@ -246,6 +260,11 @@ class LinkConfig:
         return asdict(self)
 
 
+def _readable(err: Exception) -> str:
+    """A Zenoh error without its Rust source path."""
+    return re.sub(r"\s*at /\S+\.rs:\d+\.?", "", str(err)).strip()
+
+
 Handler = Callable[[str, Any, bytes], None]  # (robot_id, decoded message, the CDR payload as received)
 
 
@@ -256,27 +275,80 @@ class Link:
         config: how to join the network.
         blocking: the topics whose puts block rather than drop when the link is congested (default
             :data:`BLOCKING_TOPICS`).
+        connect_later: in client mode, a router that cannot be reached yet is not an error: the session opens in the
+            background once it can (see the module doc); :attr:`connected` says whether it has.
     """
 
-    def __init__(self, config: LinkConfig, blocking: frozenset[str] | set[str] = BLOCKING_TOPICS) -> None:
+    def __init__(self, config: LinkConfig, blocking: frozenset[str] | set[str] = BLOCKING_TOPICS,
+                 connect_later: bool = False) -> None:  # fmt: skip
         import zenoh
 
         self.config = config
         self.blocking = frozenset(blocking)
         self._block, self._drop = zenoh.CongestionControl.BLOCK, zenoh.CongestionControl.DROP
-        try:
-            self.session = zenoh.open(config.to_zenoh())
-        except Exception as err:
-            raise LinkError(f"cannot open the Zenoh session ({err}); check endpoints and certificates") from err
         self._publishers: dict[str, Any] = {}
         self._subscribers: list[Any] = []
         self._tokens: list[Any] = []
+        self._declare_later: list[Callable[[], None]] = []  # what was declared before the session opened
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._connector: threading.Thread | None = None
         self.rejected: Counter[str] = Counter()  # topic -> malformed payloads dropped
         self.sent_bytes: Counter[str] = Counter()
         self.received_bytes: Counter[str] = Counter()
+        self.connect_failures = 0  # failed tries to reach the router in the background
         self.closed = False
+        self.session: Any = None
+        try:
+            self.session = zenoh.open(config.to_zenoh())
+        except Exception as err:
+            if not (connect_later and config.mode == "client"):
+                raise LinkError(f"cannot open the Zenoh session ({err}); check endpoints and certificates") from err
+            log.warning("no Zenoh router reachable at %s yet (%s); connecting in the background",
+                        ", ".join(config.connect) or "the scouted routers", _readable(err))  # fmt: skip
+            self._connector = threading.Thread(target=self._connect, name="zenoh-connect", daemon=True)
+            self._connector.start()
         atexit.register(self.close)  # an open Zenoh session keeps the interpreter from exiting
+
+    @property
+    def connected(self) -> bool:
+        """Whether the Zenoh session is open (always, but for a client still looking for its router)."""
+        return self.session is not None
+
+    def _connect(self) -> None:
+        """Open the client session once its router can be reached, then declare what was declared meanwhile."""
+        import zenoh
+
+        wait = CONNECT_RETRY_S
+        while not self._stop.wait(wait):
+            try:
+                session = zenoh.open(self.config.to_zenoh())
+            except Exception as err:
+                self.connect_failures += 1
+                log.debug("Zenoh router still unreachable: %s", _readable(err))
+                wait = min(2 * wait, CONNECT_RETRY_MAX_S)
+                continue
+            with self._lock:
+                if self.closed:
+                    session.close()
+                    return
+                self.session, later = session, self._declare_later
+                self._declare_later = []
+            log.info("connected to the Zenoh router after %d failed tries", self.connect_failures)
+            for declare in later:
+                try:
+                    declare()
+                except Exception:  # one bad declaration must not keep the others back
+                    log.exception("declaring on the Zenoh session failed")
+            return
+
+    def _declare(self, declare: Callable[[], None]) -> None:
+        """Run ``declare`` on the session now, or once it opens."""
+        with self._lock:
+            if self.session is None:
+                self._declare_later.append(declare)
+                return
+        declare()
 
     def publish(self, robot_id: str, topic: str, msg: Any) -> int:
         """Encode ``msg`` and put it on ``<robot_id>/cdcca/<topic>``; returns the payload size in bytes."""
@@ -290,6 +362,9 @@ class Link:
         with self._lock:
             if self.closed:
                 raise LinkError("the link is closed")
+            if self.session is None:
+                where = ", ".join(self.config.connect) or "the scouted routers"
+                raise LinkNotConnected(f"not connected: no Zenoh router reached yet at {where}")
             publisher = self._publishers.get(name)
             if publisher is None:
                 congestion = self._block if topic in self.blocking else self._drop
@@ -322,7 +397,8 @@ class Link:
                 log.exception("handler of %s failed", sample.key_expr)
                 self.rejected[f"{topic}:handler_error"] += 1
 
-        self._subscribers.append(self.session.declare_subscriber(key(robot_id, topic), on_sample))
+        name = key(robot_id, topic)
+        self._declare(lambda: self._subscribers.append(self.session.declare_subscriber(name, on_sample)))
 
     def _reject(self, topic: str, sender: str, reason: str) -> None:
         self.rejected[topic] += 1
@@ -333,7 +409,7 @@ class Link:
         on ``cdcca/presence/<name>``; it goes away with the session (closed, crashed or cut off)."""
         if not name or any(c in name for c in "?#$*") or name.startswith("/") or name.endswith("/"):
             raise LinkError(f"presence name {name!r} must be key chunks separated by / (no ? # $ *)")
-        self._tokens.append(self.session.liveliness().declare_token(f"{PRESENCE_PREFIX}/{name}"))
+        self._declare(lambda: self._tokens.append(self.session.liveliness().declare_token(f"{PRESENCE_PREFIX}/{name}")))
 
     def watch_presence(self, name: str, on_change: Callable[[str, bool], None]) -> None:
         """Call ``on_change(name, alive)`` whenever a presence token under ``name`` (``cloud`` also matches
@@ -348,12 +424,13 @@ class Link:
             except Exception:  # a handler bug must not kill Zenoh's thread
                 log.exception("presence handler failed")
 
-        self._subscribers.append(
-            self.session.liveliness().declare_subscriber(f"{prefix}{name}/**", on_sample, history=True)
-        )
+        self._declare(lambda: self._subscribers.append(
+            self.session.liveliness().declare_subscriber(f"{prefix}{name}/**", on_sample, history=True)))  # fmt: skip
 
     def peers(self) -> int:
         """Zenoh sessions this one is connected to (peers and routers)."""
+        if self.session is None:
+            return 0
         info = self.session.info
         return len(list(info.peers_zid())) + len(list(info.routers_zid()))
 
@@ -362,7 +439,10 @@ class Link:
             if self.closed:
                 return
             self.closed = True
+        self._stop.set()
         atexit.unregister(self.close)
+        if self.session is None:  # still looking for the router: it gives up at its next wake-up
+            return
         for token in self._tokens:
             token.undeclare()
         for subscriber in self._subscribers:
