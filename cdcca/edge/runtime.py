@@ -535,13 +535,18 @@ class EdgeRuntime:
             port.publish(topic, data)
         except Exception as err:  # a closed session or a dropped publisher must not stop the robot
             self.counters.publish_errors += 1
-            # once per outage and topic (a link still looking for its router refuses every answer)
-            (log.debug if topic in self._publish_failing else log.warning)("publishing %s failed: %s", topic, err)
+            # once per outage (a link still looking for its router refuses every answer, status and upload)
+            if self._publish_failing:
+                log.debug("publishing %s failed: %s", topic, err)
+            else:
+                log.warning("publishing %s failed: %s (more failures are logged at debug level until every topic "
+                            "publishes again)", topic, err)  # fmt: skip
             self._publish_failing.add(topic)
             return False
         if topic in self._publish_failing:
             self._publish_failing.discard(topic)
-            log.info("publishing %s works again", topic)
+            if not self._publish_failing:
+                log.info("publishing works again (%s)", topic)
         return True
 
     def pump(self) -> int:
