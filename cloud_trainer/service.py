@@ -53,6 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cdcca import wire
@@ -60,7 +61,7 @@ from cdcca.akd import AKDConfig, Distiller, DistillSample
 from cdcca.dwc import SUBSPACE_ANCHOR_QUERY_SCALE, SUBSPACE_AVERAGED_SHARE, SUBSPACE_STEPS_FACTOR, get_codec
 from cdcca.edge.adapter_slot import rolled_back_from
 from cdcca.edge.adapter_state import rejection_kind
-from cdcca.envelope import Signer, VersionChain, sign_ack
+from cdcca.envelope import Signer, VersionChain, seal, sign_ack
 from cdcca.fingerprint import student_fingerprint
 from cdcca.models.mllm import MLLM
 from cdcca.models.trainable import trainable_parameters
@@ -728,36 +729,54 @@ class CloudTrainer:
         log.info("robot %s runs v%d, latest is v%d: sending %s%s", robot_id, robot.reported, latest,
                  "a keyframe" if msg.keyframe else "the delta again",
                  "" if robot.owned else " (another worker committed it)")  # fmt: skip
-        self._send(robot_id, robot, wire.encode(msg))
+        self._send(robot_id, robot, wire.encode(self._signed_now(msg)))
         return True
 
     def _keyframe(self, robot_id: str, robot: _Robot):
         """The robot's latest version as a keyframe: the one sent before if there is one, else a new one, recorded in
         the store in place of the incremental delta, the version then being unknown
         (:meth:`cdcca.envelope.VersionChain.keyframe`: the next round's delta goes against the base). ``None`` if
-        another worker committed a newer version meanwhile (the chain is reloaded; that worker sends it)."""
+        another worker committed a newer version meanwhile (the chain is reloaded; that worker sends it), or if the
+        store cannot record it (a store fault; tried again ``resend_after_s`` later: a keyframe sent but not recorded
+        would leave the store claiming to know what the robot holds)."""
         with self._chain_lock:
-            stored = robot.latest_delta
+            latest, stored = robot.chain.latest, robot.latest_delta
             msg = wire.decode(wire.WEIGHT_DELTA, stored) if stored is not None else None
-            if msg is not None and msg.keyframe and msg.version == robot.chain.latest:
+            if msg is not None and msg.keyframe and msg.version == latest:
                 return msg
-            latest, known = robot.chain.latest, robot.chain.published.get(robot.chain.latest)
+            known = robot.chain.published.get(latest)
             msg = robot.chain.keyframe(self.config.codec, self.signer, stamp_ns=time.time_ns())
             data = wire.encode(msg)
             try:
                 recorded = self.store.record_keyframe(robot_id, latest, data)
-            except BaseException:
+            except BaseException as err:
                 robot.chain.published[latest] = known  # nothing sent: the version's incremental delta still holds
-                raise
-            if not recorded:
+                cause = fault_cause(err)
+                if cause is None:
+                    raise
+                self._store_fault(cause, f"recording the keyframe of v{latest} for {robot_id}", err)
+                robot.last_sent = time.monotonic()  # tried again after resend_after_s, not at every pass
+                return None
+            if recorded:
+                robot.latest_delta = data
+            else:
                 robot.chain.published[latest] = known
         if not recorded:
             log.info("robot %s: v%d is no longer its latest version; not sent as a keyframe", robot_id, latest)
             self._reload_chain(robot_id, robot)
             return None
-        robot.latest_delta = data
         self.counters.keyframes += 1
         return msg
+
+    def _signed_now(self, msg):
+        """``msg`` as sent again: the same payload signed by this cloud's key if another key signed it (a stored delta
+        from before a key rotation; robots may have revoked the old key)."""
+        if msg.key_id == self.signer.key_id:
+            return msg
+        return seal(bytes(np.asarray(msg.payload, np.uint8)), robot_id=msg.robot_id, version=int(msg.version),
+                    base_version=int(msg.base_version), keyframe=bool(msg.keyframe), codec=msg.codec,
+                    num_params=int(msg.num_params), signer=self.signer, stamp_ns=time.time_ns(),
+                    base_fingerprint=msg.base_fingerprint)  # fmt: skip
 
     def _sync_foreign(self, robot_id: str, robot: _Robot) -> None:
         """A robot whose latest version another worker committed: every ``resend_after_s``, read its latest version
@@ -791,7 +810,7 @@ class CloudTrainer:
         self.counters.comeback_resends += 1
         log.info("robot %s is back (runs v%d): sending v%d again as a keyframe (come-back %d)", robot_id,
                  robot.reported, latest, robot.comebacks)  # fmt: skip
-        self._send(robot_id, robot, wire.encode(msg))
+        self._send(robot_id, robot, wire.encode(self._signed_now(msg)))
         return True
 
     def step(self) -> list[dict]:

@@ -138,3 +138,40 @@ def test_a_really_full_database_keeps_its_cause_and_the_store_stays_usable(tmp_p
     store.commit_round("r1", 1, ["a"], big, big, b"d" * 1000, 0)
     assert store.latest("r1") == 1 and store.pending_counts() == {}
     store.close()
+
+
+def test_a_keyframe_the_store_cannot_record_is_not_sent_and_tried_again_after_the_wait(
+        pretrained_test_pair, uploads, keys, tmp_path, caplog):  # fmt: skip
+    # Prepare: v1 applied, v2 (incremental on v1) published, the robot restarted on v0: it needs v2 as a keyframe
+    from cdcca import wire
+
+    signer, _ = keys
+    trainer = make_trainer(pretrained_test_pair, signer, tmp_path / "cloud", round_size=4)
+    trainer.config.resend_after_s = 3600.0
+    trainer.link = RecordingLink()
+    for batch in (uploads[:4], uploads[4:8]):
+        for msg in batch:
+            trainer.receive_tokens("r1", msg)
+        trainer.step()
+        trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=1, state=0))
+    trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=0, state=0))
+    robot = trainer.robots["r1"]
+    robot.last_sent = 0.0  # due now
+    fill_disk(trainer)
+    # Execute: a pass with a full disk, then twenty more
+    deltas = lambda: [m for _, topic, m in trainer.link.published if topic == "weight_delta"]  # noqa: E731
+    before = len(deltas())
+    for _ in range(21):
+        trainer.step()
+    # Assert: nothing sent (the store could not record the keyframe), one fault, no error per pass, v2 still known
+    assert len(deltas()) == before and trainer.counters.keyframes == 0 and trainer.counters.failures == 0
+    assert sum(trainer.counters.store_faults.values()) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert robot.chain.published[2] and wire.decode(wire.WEIGHT_DELTA, robot.latest_delta).keyframe is False
+    # ... and with room again, after the wait, it goes out and is recorded
+    free_disk(trainer)
+    robot.last_sent = 0.0
+    trainer.step()
+    [keyframe] = deltas()[before:]
+    assert (keyframe.version, keyframe.keyframe) == (2, True) and robot.chain.published[2] == {}
+    assert trainer.store.load_robot("r1").published[2] == {}

@@ -601,3 +601,39 @@ def test_a_cloud_on_the_subspace_codec_sends_its_rounds_in_their_subspace(pretra
     trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=0, state=0, reason="heartbeat"))
     assert trainer.resend_if_behind("r1")
     assert (sent[-1].codec, sent[-1].keyframe) == ("ecdq", True)  # two rounds' change: no one round's subspace
+
+
+def test_a_delta_stored_before_a_key_rotation_is_resent_under_the_new_key(pretrained_test_pair, uploads, tmp_path):
+    # Arrange: v1 and v2 signed by cloud-1; v2 resent as a keyframe and stored; the cloud restarts with cloud-2 and
+    # the robot trusts only cloud-2 (cloud-1 revoked)
+    old_key, _ = generate_key(tmp_path / "k1", "cloud-1")
+    new_key, new_public = generate_key(tmp_path / "k2", "cloud-2")
+    trust_key(new_public, tmp_path / "trust")
+    trainer = make_trainer(pretrained_test_pair, Signer.load(old_key), tmp_path / "cloud", round_size=4)
+    sent = []
+    capture = lambda robot_id, robot, data: sent.append(wire.decode(wire.WEIGHT_DELTA, data))  # noqa: E731
+    trainer._send = capture
+    for batch in (uploads[:4], uploads[4:8]):
+        for msg in batch:
+            trainer.receive_tokens("r1", msg)
+        trainer.step()
+        trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=1, state=0))
+    trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=0, state=0))
+    assert trainer.resend_if_behind("r1") and (sent[-1].keyframe, sent[-1].key_id) == (True, "cloud-1")
+    trainer.close()
+    trainer = make_trainer(pretrained_test_pair, Signer.load(new_key), tmp_path / "cloud", round_size=4)
+    trainer._send = capture
+    trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=0, state=0))
+    # Act: a resend, and a come-back after a give-up
+    assert trainer.resend_if_behind("r1")
+    robot = trainer.robots["r1"]
+    robot.gave_up, robot.comeback_due = 0.0, True
+    assert trainer.resend_after_comeback("r1")
+    # Assert: the stored keyframe's payload, signed by cloud-2, which the robot applies
+    first, again = sent[-2:]
+    for msg in (first, again):
+        assert (msg.version, msg.keyframe, msg.key_id) == (2, True, "cloud-2")
+        assert bytes(msg.payload) == bytes(sent[-3].payload)
+    slot = AdapterSlot(load_adaptable_student(pretrained_test_pair), "r1", TrustStore.load(tmp_path / "trust"))
+    assert slot.receive(first).state == 0 and slot.version == 2
+    assert trainer.counters.keyframes == 0  # no new keyframe was made

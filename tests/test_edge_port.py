@@ -357,6 +357,9 @@ def test_a_robot_that_starts_before_its_zenoh_router_answers_keeps_its_uploads_a
         assert runtime.pump() == 0 and sorted(runtime.uplink.ids()) == ["r1-0", "r1-1"]
         assert runtime.counters.publish_errors == 4 and runtime.counters.answers_published == 0
         assert caplog.text.count("publishing answer failed") == 1 and "publishing uts_tokens failed" not in caplog.text
+        report = EdgeDiagnostics(runtime).report()
+        assert report.level == WARN and "not reached its Zenoh router" in report.message
+        assert report.values["link"].startswith("connecting (") and report.values["publish_errors"] == "4"
         # the router and the cloud come up: the robot connects, uploads go out, a delta comes in
         router = Link(LinkConfig(mode="router", listen=[endpoint]))
         cloud = Link(LinkConfig(mode="client", connect=[endpoint]))
@@ -374,12 +377,29 @@ def test_a_robot_that_starts_before_its_zenoh_router_answers_keeps_its_uploads_a
         runtime.on_camera(image_to_msg(FRAME))
         assert runtime.ask_one("again?").answer.startswith("seen") and runtime.counters.answers_published == 1
         assert "publishing works again (answer)" in caplog.text
+        assert "link" not in EdgeDiagnostics(runtime).report().values
     finally:
         runtime.connect(None)
         link.close()
         for other in (cloud, router):
             if other is not None:
                 other.close()
+
+
+def test_a_port_that_refuses_does_not_keep_a_message_from_the_others():
+    from cdcca.edge.ports import FanOut
+
+    class Refusing:
+        topics = frozenset({"answer", "uts_tokens"})
+
+        def publish(self, topic, data):
+            raise RuntimeError("no router yet")
+
+    ros = RecordingPort()
+    ros.topics = frozenset({"answer"})
+    with pytest.raises(RuntimeError, match="no router yet"):
+        FanOut(Refusing(), ros).publish("answer", b"a")
+    assert ros.sent == [("answer", b"a")]  # the ROS graph still gets the answer
 
 
 def test_diagnostics_report_rate_and_a_full_queue(runtime):

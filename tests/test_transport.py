@@ -295,6 +295,19 @@ def test_a_client_started_before_its_router_connects_in_the_background_once_the_
                 link.close()
 
 
+def test_a_client_that_keeps_failing_to_connect_warns_again_with_the_count(monkeypatch, caplog):
+    import cdcca.transport as transport
+
+    monkeypatch.setattr(transport, "CONNECT_WARN_EVERY_S", 0.0)
+    monkeypatch.setattr(transport, "CONNECT_RETRY_MAX_S", 0.5)
+    robot = Link(LinkConfig(mode="client", connect=[f"tcp/127.0.0.1:{free_port()}"]), connect_later=True)
+    try:
+        assert wait_until(lambda: robot.connect_failures >= 2, timeout=10)
+        assert "still no Zenoh router at" in caplog.text and "after 1 tries" in caplog.text
+    finally:
+        robot.close()
+
+
 def test_a_client_still_looking_for_its_router_closes_at_once():
     robot = Link(LinkConfig(mode="client", connect=[f"tcp/127.0.0.1:{free_port()}"]), connect_later=True)
     started = time.monotonic()

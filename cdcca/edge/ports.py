@@ -34,6 +34,15 @@ class ZenohPort:
         """Malformed payloads the link dropped, per topic."""
         return self.link.rejected
 
+    @property
+    def connected(self) -> bool:
+        """Whether the link has reached the network (a client may still be looking for its router)."""
+        return self.link.connected
+
+    @property
+    def connect_failures(self) -> int:
+        return self.link.connect_failures
+
     def publish(self, topic: str, data: bytes) -> None:
         self.link.publish_bytes(self.robot_id, topic, data)
 
@@ -59,10 +68,26 @@ class FanOut:
     def rejected(self) -> Any:
         return next((port.rejected for port in self.ports if hasattr(port, "rejected")), None)
 
+    @property
+    def connected(self) -> bool:
+        return all(getattr(port, "connected", True) for port in self.ports)
+
+    @property
+    def connect_failures(self) -> int:
+        return sum(getattr(port, "connect_failures", 0) for port in self.ports)
+
     def publish(self, topic: str, data: bytes) -> None:
+        """Publish on every port that carries ``topic``; one that refuses (a Zenoh link still looking for its router)
+        does not keep the message from the others. The first refusal is raised once all were tried."""
+        failed: Exception | None = None
         for port in self.ports:
             if topic in port.topics:
-                port.publish(topic, data)
+                try:
+                    port.publish(topic, data)
+                except Exception as err:
+                    failed = failed or err
+        if failed is not None:
+            raise failed
 
     def attach(self, runtime: EdgeRuntime) -> None:
         for port in self.ports:

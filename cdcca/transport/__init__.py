@@ -58,6 +58,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -82,6 +83,7 @@ CLOUD_PRESENCE = "cloud"  # the name a cloud worker declares (several workers: c
 BLOCKING_TOPICS = frozenset({"weight_delta", "uts_ack"})  # put with CongestionControl.BLOCK (see the module doc)
 CONNECT_RETRY_S = 0.5  # a client whose router cannot be reached yet tries again after this, doubling ...
 CONNECT_RETRY_MAX_S = 10.0  # ... up to this
+CONNECT_WARN_EVERY_S = 60.0  # while it fails, a warning this often (a wrong password fails as a router that is down)
 
 
 class LinkError(CdccaError, ValueError):
@@ -319,13 +321,19 @@ class Link:
         """Open the client session once its router can be reached, then declare what was declared meanwhile."""
         import zenoh
 
-        wait = CONNECT_RETRY_S
+        wait, warned = CONNECT_RETRY_S, time.monotonic()
         while not self._stop.wait(wait):
             try:
                 session = zenoh.open(self.config.to_zenoh())
             except Exception as err:
                 self.connect_failures += 1
-                log.debug("Zenoh router still unreachable: %s", _readable(err))
+                if time.monotonic() - warned >= CONNECT_WARN_EVERY_S:
+                    warned = time.monotonic()
+                    log.warning("still no Zenoh router at %s after %d tries (%s); check that it runs and the link's "
+                                "credentials and certificates", ", ".join(self.config.connect) or "the scouted routers",
+                                self.connect_failures, _readable(err))  # fmt: skip
+                else:
+                    log.debug("Zenoh router still unreachable: %s", _readable(err))
                 wait = min(2 * wait, CONNECT_RETRY_MAX_S)
                 continue
             with self._lock:
