@@ -180,6 +180,26 @@ def test_the_ask_service_answers_about_the_latest_or_the_given_frame(robot):
     assert empty.answer == "" and math.isnan(empty.entropy)
 
 
+def test_no_ask_goes_unanswered_across_deactivate_and_an_inactive_node_refuses_at_once(robot):
+    """Ask used to be destroyed at deactivate: the reply of an Ask in flight was lost, its client waited in vain."""
+    robot.frame()
+    time.sleep(0.3)
+    client = robot.graph.node.create_client(Ask, "/cdcca/ask")
+    try:
+        assert client.wait_for_service(timeout_sec=30)
+        futures = [client.call_async(Ask.Request(prompt=f"in flight {i}?")) for i in range(8)]
+        assert robot.graph.transition(NODE, Transition.TRANSITION_DEACTIVATE)
+        assert wait_for(lambda: all(f.done() for f in futures), 30), [f.done() for f in futures]
+        assert robot.graph.state(NODE) == "inactive"
+        refused = robot.graph.call(Ask, "/cdcca/ask", Ask.Request(prompt="anyone there?"))
+        assert refused.answer == "" and math.isnan(refused.entropy)
+        assert wait_for(lambda: any("inactive (activate it to answer)" in m.msg for m in list(robot.rosout)), 10)
+    finally:
+        robot.graph.node.destroy_client(client)
+        assert robot.graph.transition(NODE, Transition.TRANSITION_ACTIVATE)
+    assert robot.graph.call(Ask, "/cdcca/ask", Ask.Request(prompt="and now?")).answer
+
+
 def test_a_burst_of_prompts_is_answered_whole(robot):
     """#3: prompts past 10 in a burst were lost silently (KEEP_LAST 10, prompts_dropped 0)."""
     robot.frame()

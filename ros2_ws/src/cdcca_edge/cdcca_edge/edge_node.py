@@ -5,12 +5,17 @@ Lifecycle (managed nodes, design.ros2.org/articles/node_lifecycle.html):
 
 * configure: validate the parameters (cdcca.edge.params, derived from the config
   dataclasses), load the student and its persisted adapter (EdgeRuntime), create the
-  publishers and the /diagnostics report;
+  publishers, the /diagnostics report and the /cdcca/ask service (cdcca_msgs/srv/Ask);
 * activate: subscribe to the camera (sensor_msgs/Image, and CompressedImage on
   <camera_topic>/compressed when asked; sensor-data QoS), to prompts (std_msgs/String), to
-  /cdcca/weight_delta (reliable, transient local, depth 1) and /cdcca/uts_ack, serve
-  /cdcca/ask (cdcca_msgs/srv/Ask), start the runtime's loop;
-* deactivate: stop the loop and drop those again (state is kept); cleanup: release the model.
+  /cdcca/weight_delta (reliable, transient local, depth 1) and /cdcca/uts_ack, answer Ask,
+  start the runtime's loop;
+* deactivate: wait for the Asks being answered, stop the loop and drop the subscriptions
+  (state is kept); cleanup: release the model and the service.
+
+Ask lives from configure to cleanup and answers an empty answer at once while the node is
+inactive (as Nav2's lifecycle servers reject goals while inactive): a service destroyed at
+deactivate would lose the reply of an Ask in flight, which its client waits for in vain.
 
 An invalid transition request is answered with success=false (rclpy 7 would raise it out
 of the executor). A transition that raises is logged and goes through on_error. Callbacks
@@ -27,6 +32,7 @@ RclpyPort. The node has no timer of its own but the diagnostics one.
 import functools
 import logging
 import math
+import threading
 
 from cdcca import wire
 from cdcca.edge import params as edge_params
@@ -113,6 +119,9 @@ class RosLogHandler(logging.Handler):
             self.handleError(record)
 
 
+ASK_DRAIN_S = 30.0  # how long deactivating waits for the Asks being answered
+
+
 class EdgeNode(LifecycleNode):
     """Answers prompts about camera frames; uplink, hot-swaps and diagnostics by EdgeRuntime."""
 
@@ -132,8 +141,12 @@ class EdgeNode(LifecycleNode):
         self._port_publishers = {}  # not _publishers: rclpy's Node keeps its own list there
         self._diagnostics_publisher = None
         self._diagnostics_timer = None
-        self._active = []  # subscriptions and service of the active state
+        self._active = []  # subscriptions of the active state
         self._answering = MutuallyExclusiveCallbackGroup()  # Ask: one batch at a time
+        self._ask_service = None  # from configure to cleanup
+        self._asks = threading.Condition()  # guards the two below
+        self._serving_asks = False  # active: Ask is answered
+        self._asks_in_flight = 0
         self._loop = MutuallyExclusiveCallbackGroup()  # deltas and acks
         self._inputs = ReentrantCallbackGroup()
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
@@ -217,6 +230,8 @@ class EdgeNode(LifecycleNode):
         self._diagnostics_timer = self.create_timer(
             node_config.diagnostics_period_s, self._guarded(self._publish_diagnostics),
             callback_group=self._loop, clock=self._steady)
+        self._ask_service = self.create_service(Ask, topics.ASK_SERVICE, self._on_ask,
+                                                callback_group=self._answering)
         self.get_logger().info(
             f"configured robot {self.params['robot_id']} at adapter version "
             f'{self.runtime.backend.version}')
@@ -248,24 +263,26 @@ class EdgeNode(LifecycleNode):
         add(self.create_subscription(UtsAck, topics.ROS_TOPICS['uts_ack'],
                                      guarded(runtime.on_ack), RELIABLE,
                                      callback_group=self._loop, raw=True))
-        add(self.create_service(Ask, topics.ASK_SERVICE, self._on_ask,
-                                callback_group=self._answering))
         if self.params['subscribe_compressed']:
             add(self.create_subscription(
                 CompressedImage, camera.rstrip('/') + topics.COMPRESSED_SUFFIX,
                 guarded(self._on_compressed), qos_profile_sensor_data,
                 callback_group=self._inputs, raw=True))
         runtime.start()
+        with self._asks:
+            self._serving_asks = True
         return TransitionCallbackReturn.SUCCESS
 
     def _release_active(self):
+        with self._asks:  # Asks from now on are refused; those being answered finish first
+            self._serving_asks = False
+            if not self._asks.wait_for(lambda: self._asks_in_flight == 0, timeout=ASK_DRAIN_S):
+                self.get_logger().warning(
+                    f'{self._asks_in_flight} Ask(s) still in flight after {ASK_DRAIN_S:.0f} s')
         if self.runtime is not None:
             self.runtime.stop()  # a batch in flight finishes and is published first
         for entity in self._active:
-            if hasattr(entity, 'srv_type'):
-                self.destroy_service(entity)
-            else:
-                self.destroy_subscription(entity)
+            self.destroy_subscription(entity)
         self._active = []
 
     @_transition
@@ -281,6 +298,9 @@ class EdgeNode(LifecycleNode):
         for publisher in self._port_publishers.values():
             self.destroy_lifecycle_publisher(publisher)
         self._port_publishers = {}
+        if self._ask_service is not None:
+            self.destroy_service(self._ask_service)
+            self._ask_service = None
         if self._diagnostics_timer is not None:
             self.destroy_timer(self._diagnostics_timer)
             self.destroy_publisher(self._diagnostics_publisher)
@@ -324,12 +344,26 @@ class EdgeNode(LifecycleNode):
         self.runtime.on_camera(data, wire.COMPRESSED_IMAGE)
 
     def _on_ask(self, request, response):
+        with self._asks:
+            serving = self._serving_asks
+            self._asks_in_flight += serving
+        try:
+            return self._answer_ask(request, response, serving)
+        finally:
+            if serving:
+                with self._asks:
+                    self._asks_in_flight -= 1
+                    self._asks.notify_all()
+
+    def _answer_ask(self, request, response, serving):
         runtime = self.runtime
         response.answer, response.entropy = '', math.nan
         response.adapter_version = runtime.backend.version if runtime is not None else 0
         try:
             if runtime is None:
                 raise ValueError('cdcca_edge is not configured')
+            if not serving:
+                raise ValueError('cdcca_edge is inactive (activate it to answer)')
             image = None
             if request.image.width > 0:
                 image = wire.decode(wire.IMAGE, serialize_message(request.image))
