@@ -194,6 +194,10 @@ VARIANTS.update({
     "noguard": {"akd": {"forget_tolerance": 1.0}, "uts": {}},  # agreement never below 0: never backtracks
     "tol0.04": {"akd": {"forget_tolerance": 0.04}, "uts": {}},
     "bt0": {"akd": {"max_backtracks": 0}, "uts": {}},  # a broken check ends the round on its last good weights
+    # stop 37: both anchor losses at a fraction of their weight together (removing both lifted colour_inverted, removing
+    # either alone lowered it); the guard's backtracks still double them where the source drifts
+    "anchors0.5": {"akd": {"lambda_anchor": 0.5, "lambda_anchor_query": 5.0}, "uts": {}},
+    "anchors0.25": {"akd": {"lambda_anchor": 0.25, "lambda_anchor_query": 2.5}, "uts": {}},
 })  # fmt: skip
 
 
