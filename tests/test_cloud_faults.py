@@ -10,7 +10,7 @@ import logging
 import sqlite3
 
 from cloud_trainer.faults import DISK_FULL, FaultLog, fault_cause
-from tests.test_cloud_trainer import RecordingLink, make_trainer
+from tests.test_cloud_trainer import RecordingLink, behind_after_two_rounds, make_trainer
 from tests.test_cloud_trainer import uploads as uploads  # noqa: F401  (the fixture)
 
 
@@ -149,12 +149,7 @@ def test_a_keyframe_the_store_cannot_record_is_not_sent_and_tried_again_after_th
     trainer = make_trainer(pretrained_test_pair, signer, tmp_path / "cloud", round_size=4)
     trainer.config.resend_after_s = 3600.0
     trainer.link = RecordingLink()
-    for batch in (uploads[:4], uploads[4:8]):
-        for msg in batch:
-            trainer.receive_tokens("r1", msg)
-        trainer.step()
-        trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=1, state=0))
-    trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=0, state=0))
+    behind_after_two_rounds(trainer, uploads)
     robot = trainer.robots["r1"]
     robot.last_sent = 0.0  # due now
     fill_disk(trainer)

@@ -34,6 +34,17 @@ def r1_uploads(checkpoints, images: int, count: int | None = None) -> list:
             for i, s in enumerate(samples)]  # fmt: skip
 
 
+def behind_after_two_rounds(trainer, uploads) -> None:
+    """Robot r1 applied v1; v2 (incremental on v1) is published; the robot then reports v0 (it restarted from
+    scratch): v2 can reach it only as a keyframe."""
+    for batch in (uploads[:4], uploads[4:8]):
+        for msg in batch:
+            trainer.receive_tokens("r1", msg)
+        trainer.step()
+        trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=1, state=0))
+    trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=0, state=0))
+
+
 @pytest.fixture(scope="module")
 def uploads(pretrained_test_pair):
     """UtsTokens messages of robot r1 for 12 printed-domain samples (half the tokens kept)."""
@@ -613,12 +624,7 @@ def test_a_delta_stored_before_a_key_rotation_is_resent_under_the_new_key(pretra
     sent = []
     capture = lambda robot_id, robot, data: sent.append(wire.decode(wire.WEIGHT_DELTA, data))  # noqa: E731
     trainer._send = capture
-    for batch in (uploads[:4], uploads[4:8]):
-        for msg in batch:
-            trainer.receive_tokens("r1", msg)
-        trainer.step()
-        trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=1, state=0))
-    trainer.receive_status("r1", wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=0, state=0))
+    behind_after_two_rounds(trainer, uploads)
     assert trainer.resend_if_behind("r1") and (sent[-1].keyframe, sent[-1].key_id) == (True, "cloud-1")
     trainer.close()
     trainer = make_trainer(pretrained_test_pair, Signer.load(new_key), tmp_path / "cloud", round_size=4)
