@@ -803,10 +803,10 @@ class CloudTrainer:
         if robot.gave_up is None or not 0 <= robot.reported < latest or latest in robot.declined:
             return False
         msg = self._keyframe(robot_id, robot)
+        robot.gave_up = time.monotonic()  # the next come-back waits from here, sent or not (a store fault)
         if msg is None:
             return False
-        robot.comebacks += 1
-        robot.gave_up = time.monotonic()  # the next come-back waits twice as long from here
+        robot.comebacks += 1  # ... twice as long
         self.counters.comeback_resends += 1
         log.info("robot %s is back (runs v%d): sending v%d again as a keyframe (come-back %d)", robot_id,
                  robot.reported, latest, robot.comebacks)  # fmt: skip

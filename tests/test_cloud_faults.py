@@ -8,6 +8,7 @@ for ``SQLITE_FULL`` ("database or disk is full"); everything else is the real st
 import errno
 import logging
 import sqlite3
+import time
 
 from cloud_trainer.faults import DISK_FULL, FaultLog, fault_cause
 from tests.test_cloud_trainer import RecordingLink, behind_after_two_rounds, make_trainer
@@ -170,3 +171,22 @@ def test_a_keyframe_the_store_cannot_record_is_not_sent_and_tried_again_after_th
     [keyframe] = deltas()[before:]
     assert (keyframe.version, keyframe.keyframe) == (2, True) and robot.chain.published[2] == {}
     assert trainer.store.load_robot("r1").published[2] == {}
+
+
+def test_a_come_back_the_store_cannot_record_waits_like_any_come_back(pretrained_test_pair, uploads, keys, tmp_path):
+    # Prepare: the robot is behind (it needs v2 as a keyframe), the cloud gave up, the disk is full
+    signer, _ = keys
+    trainer = make_trainer(pretrained_test_pair, signer, tmp_path / "cloud", round_size=4)
+    trainer.config.resend_after_s = trainer.config.comeback_after_s = 3600.0
+    trainer.link = RecordingLink()
+    behind_after_two_rounds(trainer, uploads)
+    robot = trainer.robots["r1"]
+    robot.last_sent, robot.gave_up, robot.comeback_due = time.monotonic(), time.monotonic() - 7200, True
+    fill_disk(trainer)
+    # Execute: five passes, each after a heartbeat
+    for _ in range(5):
+        trainer.step()
+        trainer.seen("r1")
+    # Assert: one try, one fault; the next come-back waits comeback_after_s from it
+    assert sum(trainer.counters.store_faults.values()) == 1 and trainer.counters.comeback_resends == 0
+    assert not robot.comeback_due and time.monotonic() - robot.gave_up < 60

@@ -128,10 +128,6 @@ class EdgeDiagnostics:
             "faults": str(sum(counters.faults.values())),
             "publish_errors": str(counters.publish_errors),
         }
-        port = runtime.port
-        connected = getattr(port, "connected", True)
-        if port is not None and not connected:  # a Zenoh client still looking for its router
-            values["link"] = f"connecting ({getattr(port, 'connect_failures', 0)} failed tries)"
         problems = []
         if counters.deltas_rejected > self._rejected_at_last_report:
             problems.append("a weight delta was rejected")
@@ -145,8 +141,6 @@ class EdgeDiagnostics:
             problems.append("uplink queue nearly full (cloud unreachable?)")
         if max_age > 0 and frame.received and age > max_age:
             problems.append(f"camera frame {age:.1f} s old")
-        if port is not None and not connected:
-            problems.append("the link has not reached its Zenoh router yet")
         self._rejected_at_last_report = counters.deltas_rejected
         self._failed_at_last_report = counters.failed_answers
         self._health_rollbacks_at_last_report = counters.health_rollbacks

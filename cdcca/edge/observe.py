@@ -192,6 +192,8 @@ def status_text(runtime: EdgeRuntime) -> str:
     stats = runtime.stats()
     cloud = runtime.cloud
     link = "offline" if cloud is None else "up" if cloud.up else "down"
+    if not stats["link_connected"] and runtime.port is not None:  # a Zenoh client still looking for its router
+        link += f", link connecting ({stats['link_connect_failures']} failed tries)"
     return (f"{runtime.config.robot_id} | {stats['answers']} answers, {runtime.meter.rate_hz():.1f}/s | uplink "
             f"{stats['uplink_queued']} queued, {stats['uplink_acked']} acked | adapter v{stats['adapter_version']} | "
             f"cloud {link}")  # fmt: skip
@@ -328,3 +330,5 @@ class _RuntimeCollector:
         yield gauge("adapter_version", "Adapter version answering now", stats["adapter_version"])
         cloud = runtime.cloud
         yield gauge("cloud_up", "1 while the cloud is reachable", float(cloud is not None and cloud.up))
+        yield gauge("link_connected", "1 once the link reached the network (a Zenoh client: its router)",
+                    float(stats["link_connected"]))  # fmt: skip

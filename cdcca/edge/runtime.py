@@ -535,18 +535,16 @@ class EdgeRuntime:
             port.publish(topic, data)
         except Exception as err:  # a closed session or a dropped publisher must not stop the robot
             self.counters.publish_errors += 1
-            # once per outage (a link still looking for its router refuses every answer, status and upload)
-            if self._publish_failing:
+            # once per outage of each topic (a link still looking for its router refuses every answer it is given)
+            if topic in self._publish_failing:
                 log.debug("publishing %s failed: %s", topic, err)
             else:
-                log.warning("publishing %s failed: %s (more failures are logged at debug level until every topic "
-                            "publishes again)", topic, err)  # fmt: skip
-            self._publish_failing.add(topic)
+                log.warning("publishing %s failed: %s (logged again once it has worked)", topic, err)
+                self._publish_failing.add(topic)
             return False
         if topic in self._publish_failing:
             self._publish_failing.discard(topic)
-            if not self._publish_failing:
-                log.info("publishing works again (%s)", topic)
+            log.info("publishing %s works again", topic)
         return True
 
     def pump(self) -> int:
@@ -725,4 +723,6 @@ class EdgeRuntime:
         rejected = getattr(self.port, "rejected", None)
         if rejected is not None:
             report["rejected"] = dict(rejected)
+        report["link_connected"] = bool(getattr(self.port, "connected", self.port is not None))
+        report["link_connect_failures"] = int(getattr(self.port, "connect_failures", 0))
         return report

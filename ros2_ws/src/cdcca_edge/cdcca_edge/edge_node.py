@@ -273,12 +273,17 @@ class EdgeNode(LifecycleNode):
             self._serving_asks = True
         return TransitionCallbackReturn.SUCCESS
 
-    def _release_active(self):
-        with self._asks:  # Asks from now on are refused; those being answered finish first
-            self._serving_asks = False
+    def _drain_asks(self):
+        """Wait for the Asks being answered (refused ones too) to return their replies."""
+        with self._asks:
             if not self._asks.wait_for(lambda: self._asks_in_flight == 0, timeout=ASK_DRAIN_S):
                 self.get_logger().warning(
                     f'{self._asks_in_flight} Ask(s) still in flight after {ASK_DRAIN_S:.0f} s')
+
+    def _release_active(self):
+        with self._asks:  # Asks from now on are refused; those being answered finish first
+            self._serving_asks = False
+        self._drain_asks()
         if self.runtime is not None:
             self.runtime.stop()  # a batch in flight finishes and is published first
         for entity in self._active:
@@ -299,6 +304,7 @@ class EdgeNode(LifecycleNode):
             self.destroy_lifecycle_publisher(publisher)
         self._port_publishers = {}
         if self._ask_service is not None:
+            self._drain_asks()  # a refusal in flight still gets its reply
             self.destroy_service(self._ask_service)
             self._ask_service = None
         if self._diagnostics_timer is not None:
@@ -346,14 +352,13 @@ class EdgeNode(LifecycleNode):
     def _on_ask(self, request, response):
         with self._asks:
             serving = self._serving_asks
-            self._asks_in_flight += serving
+            self._asks_in_flight += 1
         try:
             return self._answer_ask(request, response, serving)
         finally:
-            if serving:
-                with self._asks:
-                    self._asks_in_flight -= 1
-                    self._asks.notify_all()
+            with self._asks:
+                self._asks_in_flight -= 1
+                self._asks.notify_all()
 
     def _answer_ask(self, request, response, serving):
         runtime = self.runtime
