@@ -806,8 +806,9 @@ def cmd_edge(args) -> dict:
     try:
         report = replay(runtime, settings, stop)
     finally:
-        runtime.close()
+        runtime.stop()  # the loop ends, then the link (no ack arrives after it), then the queue
         link.close()
+        runtime.close()
     print(format_stats(report, f"robot {args.robot_id}"))
     print(
         f"robot {args.robot_id}: {report['queries']} queries, {report['answers']} answers, "

@@ -276,12 +276,16 @@ def test_the_chain_sends_the_subspace_codec_only_for_the_round_that_trained_in_i
     second = chain.make_delta({n: chain.published[1][n] + d for n, d in _in_subspace(codec, seed=1).items()}, codec,
                               signer, round_start=1)  # fmt: skip
     assert second.codec == SUBSPACE_FALLBACK  # the robot has not applied v1: the change spans two rounds
-    assert chain.keyframe("subspace", signer).codec == SUBSPACE_FALLBACK
     chain.record_applied(2)
     third = chain.make_delta({n: chain.published[2][n] + d for n, d in _in_subspace(codec, seed=2).items()}, codec,
                              signer, round_start=2)  # fmt: skip
     assert third.codec == "subspace" and int(third.base_version) == 2
     assert wire.decode(wire.WEIGHT_DELTA, wire.encode(third)).codec == "subspace"
+    assert chain.keyframe("subspace", signer).codec == SUBSPACE_FALLBACK  # every round so far: no one subspace
+    chain.record_applied(3)
+    fourth = chain.make_delta({n: base[n] + d for n, d in _in_subspace(codec, seed=3).items()}, codec, signer,
+                              round_start=3)  # fmt: skip
+    assert (fourth.codec, fourth.keyframe) == (SUBSPACE_FALLBACK, True)  # after a keyframe: against the base
 
 
 def test_a_cloud_on_the_subspace_codec_trains_its_rounds_in_it():

@@ -55,6 +55,8 @@ class HealthCheck:
         self.config = config
         self._lock = threading.Lock()
         self._recent: deque[float] = deque(maxlen=config.baseline_answers)  # entropies of the version marked good
+        self._good: int | None = None  # the version marked good (the first one answering, then each that passes)
+        self._before: list[float] = []  # the good version's level when the one on probation was swapped in
         self._baseline: float | None = None  # the pre-swap level of the version on probation
         self._probation: int | None = None
         self._seen: list[tuple[str, float]] = []
@@ -71,8 +73,10 @@ class HealthCheck:
         if self.config.answers == 0:
             return
         with self._lock:
-            if self._recent:
-                self._baseline = sum(self._recent) / len(self._recent)
+            if self._probation is None:  # replacing a version on probation: held to the same good version's level
+                self._before = list(self._recent)
+            if self._before:
+                self._baseline = sum(self._before) / len(self._before)
             self._recent.clear()
             self._probation, self._seen = int(version), []
 
@@ -84,13 +88,19 @@ class HealthCheck:
     def observe(self, version: int, texts: Sequence[str], entropies: Sequence[float]) -> str | None:
         """Record answers of ``version``; returns why the version on probation fails, or ``None``.
 
-        Answers of another version (still in flight from before the swap) are ignored. A non-finite entropy
-        fails at once; the other checks are made when :attr:`HealthConfig.answers` answers are in.
+        Answers of another version are ignored: one still in flight from before the swap, one of the new version
+        that finished before :meth:`start` was called, a straggler of a version rolled back. Only answers of the
+        version marked good make the level the next version is held to. A non-finite entropy fails at once; the
+        other checks are made when :attr:`HealthConfig.answers` answers are in. A version that fails leaves the level
+        as it was before its swap (the runtime rolls back to the good version).
         """
         entropies = [float(e) for e in entropies]
         with self._lock:
             if self._probation is None:
-                self._recent.extend(e for e in entropies if math.isfinite(e))
+                if self._good is None:
+                    self._good = int(version)
+                if int(version) == self._good:
+                    self._recent.extend(e for e in entropies if math.isfinite(e))
                 return None
             if int(version) != self._probation:
                 return None
@@ -98,10 +108,12 @@ class HealthCheck:
             reason = self._verdict()
             if reason is not None:
                 self.failed += 1
+                self._recent.extend(self._before)
                 self._probation, self._seen = None, []
             elif len(self._seen) >= self.config.answers:
                 self.passed += 1
-                self._recent.extend(e for _, e in self._seen)
+                self._good = self._probation
+                self._recent.extend(e for _, e in self._seen if math.isfinite(e))
                 self._probation, self._seen = None, []
             return reason
 

@@ -170,6 +170,7 @@ class EdgeCounters:
     faults: dict[str, int] = field(default_factory=dict)  # kind -> runtime faults logged, counted and skipped
 
 
+STOP_WAIT_S = 60.0  # how long stop() waits for each loop thread (a batch in flight finishes first)
 PUMP_RETRY_S = 0.5  # the first wait before publishing again after the link refused an upload (then doubling)
 
 
@@ -206,6 +207,7 @@ class EdgeRuntime:
         self._clock = clock
         self._pump_retry_at, self._pump_backoff_s = 0.0, PUMP_RETRY_S  # after the link refused an upload
         self._publish_failing: set[str] = set()  # topics whose last publish failed (logged once per outage)
+        self._status_lock = threading.RLock()  # an adapter change and its AdapterStatus, in order (publish_status)
         self._deltas: queue.Queue = queue.Queue()
         self._prompts: deque[str] = deque()
         self._wake = threading.Condition()  # prompts arrived, a first frame arrived, or stop
@@ -375,11 +377,12 @@ class EdgeRuntime:
         ids = self._sample_ids(len(prompts)) if sample_ids is None else list(sample_ids)
         started = time.perf_counter()
         with self._answer_lock:
+            version = self.backend.version  # what a failed answer is tagged with (a swap may come meanwhile)
             try:
                 result = self.backend.answer(images, prompts)
             except Exception:
                 if len(prompts) == 1:
-                    return [self._failed(ids[0], prompts[0], stamp, frame_id)]
+                    return [self._failed(ids[0], prompts[0], stamp, frame_id, version)]
                 result = None
             else:
                 latency_ms = 1000 * (time.perf_counter() - started) / max(1, len(prompts))
@@ -403,11 +406,11 @@ class EdgeRuntime:
         self._check_health(result.adapter_version, result.texts, result.sample_entropy.tolist())
         return answers
 
-    def _failed(self, sample_id: str, prompt: str, stamp: int, frame_id: str):
+    def _failed(self, sample_id: str, prompt: str, stamp: int, frame_id: str, version: int):
         """The published empty answer (NaN entropy) of a prompt the model failed on, logged and counted."""
         log.exception("answering the prompt %r failed", prompt if len(prompt) <= 80 else prompt[:77] + "...")
         self.counters.failed_answers += 1
-        answer = self._answer_msg(sample_id, prompt, "", math.nan, self.backend.version, 0.0, stamp, frame_id)
+        answer = self._answer_msg(sample_id, prompt, "", math.nan, version, 0.0, stamp, frame_id)
         self._publish_answers([answer])
         return answer
 
@@ -421,14 +424,15 @@ class EdgeRuntime:
         if reason is None:
             return
         log.error("adapter v%d failed its health check: %s; rolling back", version, reason)
-        status = self.backend.rollback(f"health check: {reason}", only_version=version)
-        if status is None:  # a newer version was applied meanwhile; it is on probation itself
-            return
-        if status.state == wire.ROLLED_BACK:
-            self.counters.health_rollbacks += 1
-        else:  # nothing to roll back to (e.g. restarted on this version): the cloud hears why
-            log.error("cannot roll back v%d: %s", version, status.reason)
-        self.publish_status(status)
+        with self._status_lock:  # no APPLIED or heartbeat of the old state can follow this status
+            status = self.backend.rollback(f"health check: {reason}", only_version=version)
+            if status is None:  # a newer version was applied meanwhile; it is on probation itself
+                return
+            if status.state == wire.ROLLED_BACK:
+                self.counters.health_rollbacks += 1
+            else:  # nothing to roll back to (e.g. restarted on this version): the cloud hears why
+                log.error("cannot roll back v%d: %s", version, status.reason)
+            self.publish_status(status)
 
     def _publish_answers(self, answers: list) -> None:
         for msg in answers:
@@ -580,18 +584,19 @@ class EdgeRuntime:
             self.counters.deltas_duplicate += 1
             log.debug("WeightDelta version %d is already applied", msg.version)
             return None
-        status = self.backend.receive(msg)  # the backend logs why it rejected a delta
-        if status.state == wire.REJECTED:
-            self.counters.deltas_rejected += 1
-            kind, reasons = rejection_kind(status.reason), self.counters.deltas_rejected_reasons
-            self.counters.deltas_rejected_reasons = {**reasons, kind: reasons.get(kind, 0) + 1}
-        else:
-            self.counters.deltas_applied += 1
-            self.health.start(status.version)
-            based = "keyframe" if msg.keyframe else f"on v{msg.base_version}"
-            log.info("applied adapter v%d from the cloud (%s delta, %d applied so far)", status.version, based,
-                     self.counters.deltas_applied)  # fmt: skip
-        self.publish_status(status)
+        with self._status_lock:  # a rollback's status cannot overtake this one
+            status = self.backend.receive(msg)  # the backend logs why it rejected a delta
+            if status.state == wire.REJECTED:
+                self.counters.deltas_rejected += 1
+                kind, reasons = rejection_kind(status.reason), self.counters.deltas_rejected_reasons
+                self.counters.deltas_rejected_reasons = {**reasons, kind: reasons.get(kind, 0) + 1}
+            else:
+                self.counters.deltas_applied += 1
+                self.health.start(status.version)
+                based = "keyframe" if msg.keyframe else f"on v{msg.base_version}"
+                log.info("applied adapter v%d from the cloud (%s delta, %d applied so far)", status.version, based,
+                         self.counters.deltas_applied)  # fmt: skip
+            self.publish_status(status)
         return status
 
     def heartbeat(self):
@@ -601,9 +606,12 @@ class EdgeRuntime:
                         version=self.backend.version, state=wire.APPLIED, reason="heartbeat")  # fmt: skip
 
     def publish_status(self, status=None) -> None:
-        """Publish ``status`` (default: :meth:`heartbeat`)."""
-        if self._send("adapter_status", wire.encode(status if status is not None else self.heartbeat())):
-            self.counters.statuses_published += 1
+        """Publish ``status`` (default: :meth:`heartbeat`). Statuses are made and published under one lock, so the
+        cloud hears them in the order the adapter changed (a heartbeat read before a rollback cannot follow the
+        ROLLED_BACK, nor an APPLIED the rollback of its own version)."""
+        with self._status_lock:
+            if self._send("adapter_status", wire.encode(status if status is not None else self.heartbeat())):
+                self.counters.statuses_published += 1
 
     def publish_diagnostics(self) -> bool:
         """Publish the robot's status as a ``diagnostic_msgs/DiagnosticArray`` on the link topic ``diagnostics``
@@ -640,20 +648,22 @@ class EdgeRuntime:
     def start(self) -> EdgeRuntime:
         """Run the loop: a thread for the link (deltas, uplink, heartbeat) and the answering worker (prompts
         that arrive, ``prompts`` every 1/``ask_rate_hz`` s). Restartable after :meth:`stop`."""
-        if not self._threads:
-            self._stop = threading.Event()
-            self._threads = [threading.Thread(target=self._link_loop, name=f"edge-link-{self.config.robot_id}",
-                                              daemon=True),
-                             threading.Thread(target=self._answer_loop, name=f"edge-answer-{self.config.robot_id}",
-                                              daemon=True)]  # fmt: skip
+        if not self._threads or self._stop.is_set():
+            # each run has its own stop event: a loop of an earlier run that outlived stop() (a publish that blocked
+            # for a minute) ends once it is unblocked instead of seeing a cleared event and running on
+            stop = self._stop = threading.Event()
+            self._threads = [threading.Thread(target=self._link_loop, args=(stop,),
+                                              name=f"edge-link-{self.config.robot_id}", daemon=True),
+                             threading.Thread(target=self._answer_loop, args=(stop,),
+                                              name=f"edge-answer-{self.config.robot_id}", daemon=True)]  # fmt: skip
             for thread in self._threads:
                 thread.start()
         return self
 
-    def _link_loop(self) -> None:
+    def _link_loop(self, stop: threading.Event) -> None:
         next_pump = next_heartbeat = next_diagnostics = 0.0
         next_log = self._clock() + self.config.log_every_s
-        while not self._stop.is_set():
+        while not stop.is_set():
             try:
                 self.process_deltas(timeout=min(self.config.pump_every_s, self.config.heartbeat_every_s))
                 now = self._clock()
@@ -673,39 +683,43 @@ class EdgeRuntime:
                     next_log = now + self.config.log_every_s
             except Exception:  # keep the robot alive; the cause is in the log
                 log.exception("edge link step failed")
-                self._stop.wait(0.1)
+                stop.wait(0.1)
 
-    def _answer_loop(self) -> None:
+    def _answer_loop(self, stop: threading.Event) -> None:
         next_ask = self._clock()
-        while not self._stop.is_set():
+        while not stop.is_set():
             try:
                 rate = self.config.ask_rate_hz
                 with self._wake:
-                    while not self._stop.is_set():
+                    while not stop.is_set():
                         if self._prompts and self.frame.received:
                             break
                         wait = None if rate <= 0 else next_ask - self._clock()
                         if wait is not None and wait <= 0:
                             break
                         self._wake.wait(wait)  # idle: no polling (issue 14: an idle node used 6.5 % of a core)
-                if self._stop.is_set():
+                if stop.is_set():
                     return
-                while self._prompts and not self._stop.is_set() and self.answer_pending():
+                while self._prompts and not stop.is_set() and self.answer_pending():
                     pass
                 if rate > 0 and self._clock() >= next_ask:
                     self.ask_about_latest()
                     next_ask = self._clock() + 1.0 / rate
             except Exception:
                 log.exception("answering failed")
-                self._stop.wait(0.1)
+                stop.wait(0.1)
 
     def stop(self) -> None:
         """Stop the loop; a batch in flight finishes (and is published) first."""
         self._stop.set()
         with self._wake:
             self._wake.notify_all()
-        for thread in self._threads:
-            thread.join(timeout=60)
+        others = [thread for thread in self._threads if thread is not threading.current_thread()]
+        for thread in others:  # (stop() from an answer listener: its own loop ends by itself)
+            thread.join(timeout=STOP_WAIT_S)
+        alive = [thread.name for thread in others if thread.is_alive()]
+        if alive:
+            log.error("edge loop threads %s did not stop within %.0f s; they end once unblocked", alive, STOP_WAIT_S)
         self._threads = []
 
     def close(self) -> None:

@@ -129,6 +129,7 @@ class UplinkQueue:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
+        self._closed = False
         self.path = path
         self.write_failures = 0
         self._marked: dict[str, float | None] = {}  # the last due() call's samples -> their sent_at before it
@@ -157,7 +158,7 @@ class UplinkQueue:
 
     def _rollback(self) -> None:
         """Undo the open transaction, unless SQLite already has (it does after SQLITE_FULL)."""
-        if self._db.in_transaction:
+        if not self._closed and self._db.in_transaction:
             try:
                 self._db.execute("ROLLBACK")
             except sqlite3.Error as err:  # the cause being handled is the one to report
@@ -191,8 +192,8 @@ class UplinkQueue:
         if not finite:  # NaN would become NULL; a broken model's samples are the most uncertain of all
             entropy = math.inf
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._open_transaction()
                 cursor = self._db.execute(
                     "INSERT OR IGNORE INTO uplink (sample_id, entropy, payload, enqueued) VALUES (?, ?, ?, ?)",
                     (sample_id, entropy, payload, time.time()),
@@ -276,8 +277,8 @@ class UplinkQueue:
         if not wanted and sequence is None:
             return 0
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._open_transaction()
                 if sequence is not None:
                     self._take_sequence(sequence)
                 (queued,) = self._db.execute("SELECT COUNT(*) FROM uplink").fetchone()
@@ -329,6 +330,13 @@ class UplinkQueue:
         return UplinkStats(queued=queued, ack_sequence=sequence, write_failures=self.write_failures,
                            **{name: counters.get(name, 0) for name in COUNTERS})  # fmt: skip
 
+    def _open_transaction(self) -> None:
+        """``BEGIN IMMEDIATE`` (under ``_lock``); a closed queue is a write error of its own."""
+        if self._closed:
+            raise sqlite3.ProgrammingError("the uplink queue is closed")
+        self._db.execute("BEGIN IMMEDIATE")
+
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()
