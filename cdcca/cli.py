@@ -807,8 +807,10 @@ def cmd_edge(args) -> dict:
         report = replay(runtime, settings, stop)
     finally:
         runtime.stop()  # the loop ends, then the link (no ack arrives after it), then the queue
-        link.close()
-        runtime.close()
+        try:
+            link.close()
+        finally:
+            runtime.close()
     print(format_stats(report, f"robot {args.robot_id}"))
     print(
         f"robot {args.robot_id}: {report['queries']} queries, {report['answers']} answers, "

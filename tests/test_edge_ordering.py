@@ -170,11 +170,18 @@ def test_a_closed_uplink_queue_refuses_with_its_own_error(robot):
     from cdcca.edge.uplink import UplinkWriteError
 
     runtime, _, _ = robot
+    queue = runtime.uplink
+    queue.put("r1-a", 2.0, b"payload")
     runtime.close()
     with pytest.raises(UplinkWriteError, match="closed"):
-        runtime.uplink.put("r1-x", 1.0, b"payload")
+        queue.put("r1-x", 1.0, b"payload")
     with pytest.raises(UplinkWriteError, match="closed"):
-        runtime.uplink.ack(["r1-x"])
+        queue.ack(["r1-a"])
+    # a loop or a diagnostics timer that outlived the stop reads the queue as it was closed; nothing is due
+    assert queue.due(0.0) == [] and queue.ids() == ["r1-a"] and len(queue) == 1
+    assert (queue.stats().queued, queue.stats().enqueued) == (1, 1)
+    assert queue.put("", 1.0, b"payload") == ""  # refused as before, without touching the closed file
+    queue.unsend(["r1-a"])
 
 
 def test_a_loop_that_outlived_stop_ends_once_unblocked_instead_of_running_on_after_a_restart(robot, monkeypatch,
@@ -193,3 +200,34 @@ def test_a_loop_that_outlived_stop_ends_once_unblocked_instead_of_running_on_aft
     loops = [t.name for t in threading.enumerate() if t.name.startswith("edge-")]
     assert sorted(loops) == ["edge-answer-r1", "edge-link-r1"]  # the old link loop ended
     runtime.stop()
+
+
+def test_a_late_answer_of_a_version_rolled_back_never_becomes_the_good_version(tmp_path):
+    # A robot restarted on its persisted v5 gets v6 from the latched topic before it answered anything; v6 fails
+    backend = VersionsBackend({5: 1.0, 6: math.nan, 7: 10.0})
+    backend.running = 5
+    runtime = EdgeRuntime(backend, None, EdgeConfig(state_dir=tmp_path, health=HealthConfig(answers=4)), Port())
+    try:
+        runtime.apply(delta(6, 5))
+        runtime.ask([IMAGE], ["q?"])  # NaN: rolled back to v5
+        assert backend.version == 5 and runtime.health.good == 5
+        runtime._check_health(6, ["late"], [1.0])  # a v6 answer still in flight (a ROS Ask) arrives now
+        runtime.ask([IMAGE] * 4, ["q?"] * 4)
+        # Assert: v5 stays good, its answers make the level, and a v7 at ten times that level is rolled back
+        assert runtime.health.good == 5
+        runtime.apply(delta(7, 5))
+        runtime.ask([IMAGE] * 4, ["q?"] * 4)
+        assert backend.version == 5 and runtime.counters.health_rollbacks == 2
+    finally:
+        runtime.close()
+
+
+def test_a_version_rolled_back_to_that_was_never_marked_good_goes_on_probation(robot):
+    runtime, backend, port = robot
+    backend.entropy = {1: 1.0, 2: math.nan, 3: math.nan}
+    runtime.apply(delta(2, 1))
+    runtime.apply(delta(3, 2))  # v2 replaced before it answered
+    runtime.ask([IMAGE], ["q?"])  # v3 fails: back to v2, which was never checked
+    assert (backend.version, runtime.health.probation) == (2, 2)
+    runtime.ask([IMAGE], ["q?"])  # v2 fails too: nothing left to roll back to, and the cloud hears it
+    assert port.statuses[-1][1:] == (REJECTED, "no previous adapter to roll back to")

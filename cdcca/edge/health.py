@@ -51,17 +51,24 @@ class HealthConfig:
 class HealthCheck:
     """The probation of the latest applied version; thread-safe (deltas and answers arrive on two threads)."""
 
-    def __init__(self, config: HealthConfig) -> None:
+    def __init__(self, config: HealthConfig, good: int | None = None) -> None:
         self.config = config
         self._lock = threading.Lock()
         self._recent: deque[float] = deque(maxlen=config.baseline_answers)  # entropies of the version marked good
-        self._good: int | None = None  # the version marked good (the first one answering, then each that passes)
+        self._good = good  # the version marked good (the running one at start; None: the first answering), then each
+        # that passes; a version that failed is never adopted as good
+        self._failed: set[int] = set()
         self._before: list[float] = []  # the good version's level when the one on probation was swapped in
         self._baseline: float | None = None  # the pre-swap level of the version on probation
         self._probation: int | None = None
         self._seen: list[tuple[str, float]] = []
         self.passed = 0
         self.failed = 0
+
+    @property
+    def good(self) -> int | None:
+        """The version marked good: its answers make the level the next version is held to."""
+        return self._good
 
     @property
     def probation(self) -> int | None:
@@ -80,11 +87,6 @@ class HealthCheck:
             self._recent.clear()
             self._probation, self._seen = int(version), []
 
-    def stop(self) -> None:
-        """Forget the probation (the version was rolled back or replaced)."""
-        with self._lock:
-            self._probation, self._seen = None, []
-
     def observe(self, version: int, texts: Sequence[str], entropies: Sequence[float]) -> str | None:
         """Record answers of ``version``; returns why the version on probation fails, or ``None``.
 
@@ -97,7 +99,7 @@ class HealthCheck:
         entropies = [float(e) for e in entropies]
         with self._lock:
             if self._probation is None:
-                if self._good is None:
+                if self._good is None and int(version) not in self._failed:
                     self._good = int(version)
                 if int(version) == self._good:
                     self._recent.extend(e for e in entropies if math.isfinite(e))
@@ -108,6 +110,7 @@ class HealthCheck:
             reason = self._verdict()
             if reason is not None:
                 self.failed += 1
+                self._failed.add(self._probation)
                 self._recent.extend(self._before)
                 self._probation, self._seen = None, []
             elif len(self._seen) >= self.config.answers:

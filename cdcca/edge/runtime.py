@@ -203,7 +203,7 @@ class EdgeRuntime:
         self.trust = trust
         self.frame = LatestFrame(clock)
         self.meter = AnswerMeter(clock=clock)
-        self.health = HealthCheck(config.health)
+        self.health = HealthCheck(config.health, good=backend.version)
         self._clock = clock
         self._pump_retry_at, self._pump_backoff_s = 0.0, PUMP_RETRY_S  # after the link refused an upload
         self._publish_failing: set[str] = set()  # topics whose last publish failed (logged once per outage)
@@ -430,6 +430,8 @@ class EdgeRuntime:
                 return
             if status.state == wire.ROLLED_BACK:
                 self.counters.health_rollbacks += 1
+                if status.version != self.health.good:  # back to a version never marked good (v3 replaced it first)
+                    self.health.start(status.version)
             else:  # nothing to roll back to (e.g. restarted on this version): the cloud hears why
                 log.error("cannot roll back v%d: %s", version, status.reason)
             self.publish_status(status)

@@ -184,7 +184,8 @@ class UplinkQueue:
         if not sample_id or not payload:
             what = "sample id" if not sample_id else "payload"
             with self._lock:
-                self._bump("refused")
+                if not self._closed:
+                    self._bump("refused")
             log.warning("uplink queue refused sample %r: empty %s", sample_id, what)
             return sample_id
         entropy = float(entropy)
@@ -192,8 +193,8 @@ class UplinkQueue:
         if not finite:  # NaN would become NULL; a broken model's samples are the most uncertain of all
             entropy = math.inf
         with self._lock:
+            self._open_transaction()
             try:
-                self._open_transaction()
                 cursor = self._db.execute(
                     "INSERT OR IGNORE INTO uplink (sample_id, entropy, payload, enqueued) VALUES (?, ?, ?, ?)",
                     (sample_id, entropy, payload, time.time()),
@@ -222,6 +223,8 @@ class UplinkQueue:
         cannot be published goes back with :meth:`unsend`."""
         now = time.time() if now is None else now
         with self._lock:
+            if self._closed:
+                return []
             rows = self._db.execute(
                 "SELECT sample_id, payload, sent_at FROM uplink WHERE sent_at IS NULL OR sent_at < ? OR sent_at > ? "
                 "ORDER BY sent_at IS NOT NULL, entropy DESC LIMIT ?",
@@ -247,7 +250,7 @@ class UplinkQueue:
         ``sent``/``resent`` counters as before). If the disk refuses even that, they wait ``resend_after_s``."""
         with self._lock:
             back = [(self._marked.pop(s), s) for s in sample_ids if s in self._marked]
-            if not back:
+            if not back or self._closed:
                 return
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -277,8 +280,8 @@ class UplinkQueue:
         if not wanted and sequence is None:
             return 0
         with self._lock:
+            self._open_transaction()
             try:
-                self._open_transaction()
                 if sequence is not None:
                     self._take_sequence(sequence)
                 (queued,) = self._db.execute("SELECT COUNT(*) FROM uplink").fetchone()
@@ -316,14 +319,20 @@ class UplinkQueue:
     def ids(self) -> list[str]:
         """Queued sample ids, most uncertain first."""
         with self._lock:
+            if self._closed:
+                return list(self._closed_ids)
             return [r[0] for r in self._db.execute("SELECT sample_id FROM uplink ORDER BY entropy DESC")]
 
     def __len__(self) -> int:
         with self._lock:
+            if self._closed:
+                return len(self._closed_ids)
             return self._db.execute("SELECT COUNT(*) FROM uplink").fetchone()[0]
 
     def stats(self) -> UplinkStats:
         with self._lock:
+            if self._closed:
+                return self._closed_stats
             counters = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
             queued = self._db.execute("SELECT COUNT(*) FROM uplink").fetchone()[0]
             sequence = self._last_sequence()
@@ -331,12 +340,23 @@ class UplinkQueue:
                            **{name: counters.get(name, 0) for name in COUNTERS})  # fmt: skip
 
     def _open_transaction(self) -> None:
-        """``BEGIN IMMEDIATE`` (under ``_lock``); a closed queue is a write error of its own."""
+        """``BEGIN IMMEDIATE`` (under ``_lock``); a closed queue refuses writes with an :class:`UplinkWriteError`."""
         if self._closed:
-            raise sqlite3.ProgrammingError("the uplink queue is closed")
-        self._db.execute("BEGIN IMMEDIATE")
+            raise UplinkWriteError(f"uplink queue {self.path} is closed", disk_full=False)
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except (sqlite3.Error, OSError) as err:
+            raise self._write_error("nothing was written", err) from err
 
     def close(self) -> None:
+        """Close the file. Afterwards writes are refused (:class:`UplinkWriteError`), nothing is due, and
+        :meth:`stats`, :meth:`ids` and ``len`` answer as of the close (a loop or a diagnostics timer that outlived the
+        runtime's stop reads them)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed_ids = [r[0] for r in self._db.execute("SELECT sample_id FROM uplink ORDER BY entropy DESC")]
+        self._closed_stats = self.stats()
         with self._lock:
             self._closed = True
             self._db.close()
