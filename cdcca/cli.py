@@ -873,8 +873,10 @@ def cmd_cloud(args) -> dict:
     finally:
         if world > 1:
             send_stop()
-        trainer.close()
-        link.close()
+        try:
+            link.close()  # no upload or status arrives after it, so none meets a closed store
+        finally:
+            trainer.close()
     print(format_stats(report, "cloud trainer"))
     return report
 

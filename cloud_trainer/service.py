@@ -288,7 +288,7 @@ class CloudTrainer:
         self.on_round: list[Callable[[dict], None]] = []  # called with each finished round's result (metrics)
         self.last_seen: dict[str, float] = {}  # robot_id -> Unix time of its last message
         self._abandon = threading.Event()  # set by abandon_round(): the round in progress stops before its commit
-        self._reloaded: dict[str, _Robot] = {}  # robots forgotten after an abandoned round, until reloaded
+        self._robots_lock = threading.Lock()  # making a robot's state (from the store) and adding it to robots
         self._closed = False
         for robot_id in self.store.robots():
             self._robot(robot_id)
@@ -467,22 +467,26 @@ class CloudTrainer:
         return AdapterState(tensors if tensors is not None else initial.tensors, optimizer or {}, latest)
 
     def _robot(self, robot_id: str) -> _Robot:
+        """The robot's state, made once per process (from its last commit, if any) and then only ever changed in
+        place: a status handler on the link's thread never holds an object the round thread has replaced."""
         robot = self.robots.get(robot_id)
         if robot is not None:
             return robot
-        chain = VersionChain(robot_id, self._base, base_fingerprint=self.base_fingerprint)
-        robot = self.robots[robot_id] = _Robot(chain, owned=self.config.worker_id is None)
-        old = self._reloaded.pop(robot_id, None)
-        if old is not None:  # forgotten after an abandoned round: what the robot said still holds
-            robot.reported, robot.last_sent, robot.resends = old.reported, old.last_sent, old.resends
-            robot.rejections, robot.last_reject_reason = old.rejections, old.last_reject_reason
-        record = self.store.load_robot(robot_id, adapter=False)  # the adapter state is read at its next round
-        if record is not None:  # a restart: continue from the last committed round
-            chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
-            robot.latest_delta = record.deltas.get(record.latest)
-            robot.declined = dict(record.declined)
-            if not robot.owned:  # another worker published it: that worker gets the first resends
-                robot.last_sent = robot.synced = time.monotonic()
+        with self._robots_lock:
+            robot = self.robots.get(robot_id)
+            if robot is not None:
+                return robot
+            robot = _Robot(VersionChain(robot_id, self._base, base_fingerprint=self.base_fingerprint),
+                           owned=self.config.worker_id is None)  # fmt: skip
+            record = self.store.load_robot(robot_id, adapter=False)  # the adapter state is read at its next round
+            if record is not None:  # a restart: continue from the last committed round
+                robot.chain.latest, robot.chain.applied, robot.chain.published = (record.latest, record.applied,
+                                                                                  record.published)  # fmt: skip
+                robot.latest_delta = record.deltas.get(record.latest)
+                robot.declined = dict(record.declined)
+                if not robot.owned:  # another worker published it: that worker gets the first resends
+                    robot.last_sent = robot.synced = time.monotonic()
+            self.robots[robot_id] = robot  # complete before any handler can see it
         return robot
 
     # --------------------------------------------------------------------------------------- rounds
@@ -532,7 +536,12 @@ class CloudTrainer:
                                       f"stay pending") from err  # fmt: skip
                 if self.distiller.world_size > 1:  # the other ranks ran (part of) it: they cannot be undone here
                     raise
-                poison = self._probe(robot_id, fresh + replayed)
+                try:
+                    poison = self._probe(robot_id, fresh + replayed)
+                except RoundAbandoned:  # stopping while the samples were probed: counted as abandoned
+                    self.counters.rounds_abandoned += 1
+                    self._forget(robot_id)
+                    raise
                 if not poison:
                     raise RoundFailed(f"robot {robot_id}: the round failed and no sample fails alone "
                                       f"({type(err).__name__}: {err})") from err  # fmt: skip
@@ -652,23 +661,32 @@ class CloudTrainer:
         return poison
 
     def _undo(self, robot_id: str) -> None:
-        """Reload the robot from its last commit (a failed round may have changed weights, moments, chain)."""
+        """Reload the robot's chain from its last commit, in place (a failed round may have changed weights, moments,
+        chain). What the robot said (its version, rollbacks, rejections) and the resend state stay: statuses that
+        arrived meanwhile are kept, not overwritten by a copy from before the round."""
         self.shared.forget(robot_id)
-        old = self.robots.pop(robot_id, None)
-        robot = self._robot(robot_id)
-        if old is not None:
-            robot.reported, robot.resends = old.reported, old.resends
-            robot.last_sent = max(old.last_sent, robot.last_sent)
-            robot.declined = old.declined
-            robot.owned = robot.owned or (old.owned and old.chain.latest >= robot.chain.latest)
+        robot = self.robots.get(robot_id)
+        if robot is None:
+            return
+        record = self.store.load_robot(robot_id, adapter=False)
+        with self._chain_lock:
+            chain, latest_before = robot.chain, robot.chain.latest
+            if record is None:
+                chain.latest, chain.applied, chain.published, robot.latest_delta = 0, 0, {}, None
+            else:
+                chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
+                robot.latest_delta = record.deltas.get(record.latest)
+                robot.declined = {**record.declined, **robot.declined}
+            robot.owned = self.config.worker_id is None or (robot.owned and latest_before >= chain.latest)
+            if not robot.owned:  # another worker published the latest version: that worker gets the first resends
+                robot.last_sent = robot.synced = time.monotonic()
+            if robot.reported != chain.applied and robot.reported in chain.published:  # (a store fault lost it)
+                chain.record_applied(robot.reported)
 
     def _forget(self, robot_id: str) -> None:
-        """Drop the robot's in-memory state after an abandoned round (its weights are half trained); what it
-        reported is kept, and the rest is loaded again from the last commit when it is next needed."""
+        """Drop the robot's adapter state after an abandoned round (its weights are half trained; the chain was not
+        touched: a round is abandoned before its delta is made); it is read again at the robot's next round."""
         self.shared.forget(robot_id)
-        old = self.robots.pop(robot_id, None)
-        if old is not None:
-            self._reloaded[robot_id] = old
 
     def _log_round(self, result: dict) -> None:
         try:
@@ -709,8 +727,11 @@ class CloudTrainer:
         if latest in robot.declined:
             return False
         if robot.resends >= self.config.max_resends:
-            if robot.gave_up is None:
-                robot.gave_up = time.monotonic()
+            with self._chain_lock:  # a status saying it caught up may have arrived since the check above
+                give_up = robot.gave_up is None and 0 <= robot.reported < robot.chain.latest
+                if give_up:
+                    robot.gave_up = time.monotonic()
+            if give_up:
                 self.counters.give_ups += 1
                 log.warning("robot %s: giving up on sending v%d after %d resends (it runs v%d; its last rejection: "
                             "%s); it is sent again when the robot comes back", robot_id, latest, robot.resends,
@@ -803,7 +824,9 @@ class CloudTrainer:
         if robot.gave_up is None or not 0 <= robot.reported < latest or latest in robot.declined:
             return False
         msg = self._keyframe(robot_id, robot)
-        robot.gave_up = time.monotonic()  # the next come-back waits from here, sent or not (a store fault)
+        with self._chain_lock:  # the next come-back waits from here, sent or not (a store fault), unless it caught up
+            if 0 <= robot.reported < robot.chain.latest:
+                robot.gave_up = time.monotonic()
         if msg is None:
             return False
         robot.comebacks += 1  # ... twice as long
@@ -984,13 +1007,14 @@ class CloudTrainer:
     def stats(self) -> dict:
         """Counters, stored and quarantined samples, versions, and the robots on hold (seconds left)."""
         now = time.monotonic()
+        robots = dict(self.robots)  # copies: the link's threads add robots and rollbacks meanwhile
+        declined = {r: dict(robot.declined) for r, robot in robots.items()}
         return {**asdict(self.counters), "stored": self.store.count(),
                 "quarantine": self.store.quarantine_counts(),
-                "on_hold": {r: round(t - now, 1) for r, t in self._hold.items() if t > now},
-                "versions": {r: robot.chain.latest for r, robot in self.robots.items()},
-                "reported": {r: robot.reported for r, robot in self.robots.items()},
-                "declined": {r: {str(v): why for v, why in robot.declined.items()}
-                             for r, robot in self.robots.items() if robot.declined}}  # fmt: skip
+                "on_hold": {r: round(t - now, 1) for r, t in dict(self._hold).items() if t > now},
+                "versions": {r: robot.chain.latest for r, robot in robots.items()},
+                "reported": {r: robot.reported for r, robot in robots.items()},
+                "declined": {r: {str(v): why for v, why in d.items()} for r, d in declined.items() if d}}  # fmt: skip
 
     def close(self) -> None:
         self._closed = True

@@ -1,0 +1,133 @@
+"""The cloud trainer while the link's threads deliver statuses during a round, its undo and its resends:
+each interleaving is held at its point with events (found by a review, each reproduced before the fix)."""
+
+import sqlite3
+import threading
+
+import pytest
+
+from cdcca import wire
+from cdcca.edge.adapter_state import rollback_reason
+from cloud_trainer.service import RoundAbandoned
+from tests.test_cloud_trainer import RecordingLink, make_trainer
+from tests.test_cloud_trainer import uploads as uploads  # noqa: F401  (the fixture)
+
+
+def status(version, state=wire.APPLIED, reason=""):
+    return wire.new(wire.ADAPTER_STATUS, robot_id="r1", version=version, state=state, reason=reason)
+
+
+def trainer_on_v1(checkpoints, signer, state_dir, uploads):
+    trainer = make_trainer(checkpoints, signer, state_dir, round_size=4)
+    trainer.link = RecordingLink()
+    for msg in uploads[:4]:
+        trainer.receive_tokens("r1", msg)
+    trainer.step()
+    trainer.receive_status("r1", status(1))
+    return trainer
+
+
+def deltas(trainer):
+    return [(m.version, m.keyframe) for _, topic, m in trainer.link.published if topic == "weight_delta"]
+
+
+def test_a_rollback_that_arrives_while_a_failed_round_is_undone_is_kept(pretrained_test_pair, uploads, keys, tmp_path):
+    # Prepare: v1 applied; the next round fails to commit (full disk) and is undone
+    trainer = trainer_on_v1(pretrained_test_pair, keys[0], tmp_path / "cloud", uploads)
+    robot = trainer.robots["r1"]
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    trainer._train_and_commit = full
+    undoing, go = threading.Event(), threading.Event()
+    load = trainer.store.load_robot
+
+    def held(robot_id, adapter=True):  # the undo reads the last commit: the link thread delivers a rollback now
+        if threading.current_thread() is threading.main_thread() and not go.is_set():
+            undoing.set()
+            go.wait(10)
+        return load(robot_id, adapter)
+
+    trainer.store.load_robot = held
+
+    def link_thread():
+        undoing.wait(10)
+        trainer.receive_status("r1", status(0, wire.ROLLED_BACK, rollback_reason(1, "health check failed")))
+        go.set()
+
+    thread = threading.Thread(target=link_thread)
+    thread.start()
+    for msg in uploads[4:8]:
+        trainer.receive_tokens("r1", msg)
+    trainer.step()
+    thread.join(10)
+    trainer.store.load_robot = load
+    # Assert: one robot object throughout; the rollback is in memory and in the store, and v1 is never sent again
+    assert trainer.robots["r1"] is robot and robot.reported == 0 and 1 in robot.declined
+    assert 1 in trainer.store.load_robot("r1", adapter=False).declined
+    trainer.link.published.clear()
+    trainer.receive_status("r1", status(0))
+    assert not trainer.resend_if_behind("r1") and deltas(trainer) == []
+
+
+def test_a_failed_round_keeps_the_give_up_and_the_robots_last_rejection(pretrained_test_pair, uploads, keys, tmp_path):
+    trainer = trainer_on_v1(pretrained_test_pair, keys[0], tmp_path / "cloud", uploads)
+    trainer.config.max_resends = 1
+    for msg in uploads[4:8]:
+        trainer.receive_tokens("r1", msg)
+    trainer.step()  # v2, which the robot refuses
+    trainer.receive_status("r1", status(1, wire.REJECTED, "signature: unknown key"))
+    trainer.resend_if_behind("r1")
+    trainer.resend_if_behind("r1")  # one resend, then the give-up
+    robot = trainer.robots["r1"]
+    assert trainer.counters.give_ups == 1 and robot.gave_up is not None
+    # Act: a round fails and is undone
+    trainer._undo("r1")
+    trainer.resend_if_behind("r1")
+    # Assert: still given up once, with the robot's reason
+    assert trainer.counters.give_ups == 1 and robot.gave_up is not None
+    assert robot.rejections == 1 and robot.last_reject_reason == "signature: unknown key"
+
+
+def test_a_come_back_does_not_mark_a_robot_that_caught_up_meanwhile_as_given_up(pretrained_test_pair, uploads, keys,
+                                                                                tmp_path):  # fmt: skip
+    trainer = trainer_on_v1(pretrained_test_pair, keys[0], tmp_path / "cloud", uploads)
+    trainer.config.max_resends, trainer.config.comeback_after_s = 1, 0.0
+    for msg in uploads[4:8]:
+        trainer.receive_tokens("r1", msg)
+    trainer.step()  # v2; the robot stays on v1
+    trainer.resend_if_behind("r1")
+    trainer.resend_if_behind("r1")  # the give-up
+    trainer.seen("r1")  # it comes back
+    keyframe = trainer._keyframe
+
+    def caught_up_meanwhile(robot_id, robot):
+        msg = keyframe(robot_id, robot)
+        thread = threading.Thread(target=trainer.receive_status, args=("r1", status(2)))
+        thread.start()
+        thread.join(10)
+        return msg
+
+    trainer._keyframe = caught_up_meanwhile
+    trainer.step()
+    robot = trainer.robots["r1"]
+    assert robot.reported == 2 and robot.gave_up is None
+
+
+def test_a_stop_while_the_samples_of_a_failed_round_are_probed_counts_as_abandoned(pretrained_test_pair, uploads,
+                                                                                    keys, tmp_path):  # fmt: skip
+    trainer = trainer_on_v1(pretrained_test_pair, keys[0], tmp_path / "cloud", uploads)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("a round that fails")
+
+    def stopped(*args, **kwargs):
+        raise RoundAbandoned("r1")
+
+    trainer._train_and_commit, trainer._probe = fails, stopped
+    for msg in uploads[4:8]:
+        trainer.receive_tokens("r1", msg)
+    with pytest.raises(RoundAbandoned):
+        trainer.run_round("r1")
+    assert trainer.counters.rounds_abandoned == 1 and trainer.store.pending_counts() == {"r1": 4}
