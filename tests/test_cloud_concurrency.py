@@ -131,3 +131,22 @@ def test_a_stop_while_the_samples_of_a_failed_round_are_probed_counts_as_abandon
     with pytest.raises(RoundAbandoned):
         trainer.run_round("r1")
     assert trainer.counters.rounds_abandoned == 1 and trainer.store.pending_counts() == {"r1": 4}
+
+
+def test_a_rollback_after_an_abandoned_round_is_recorded(pretrained_test_pair, uploads, keys, tmp_path):
+    # Prepare: v1 applied; the next round is abandoned (the service is stopping)
+    trainer = trainer_on_v1(pretrained_test_pair, keys[0], tmp_path / "cloud", uploads)
+
+    def stopping(*args, **kwargs):
+        raise RoundAbandoned("r1")
+
+    trainer._train_and_commit = stopping
+    for msg in uploads[4:8]:
+        trainer.receive_tokens("r1", msg)
+    with pytest.raises(RoundAbandoned):
+        trainer.run_round("r1")
+    # Act: the robot rolls back from v1 before the service closes
+    trainer.receive_status("r1", status(0, wire.ROLLED_BACK, rollback_reason(1, "health check failed")))
+    # Assert: recorded (it used to find no robot and be ignored, and a restarted cloud sent v1 again)
+    assert trainer.counters.rollbacks == 1 and trainer.counters.statuses_ignored == {}
+    assert 1 in trainer.store.load_robot("r1", adapter=False).declined
