@@ -509,6 +509,7 @@ class CloudTrainer:
             if self.config.replay else []  # fmt: skip
         while fresh:
             robot = self._robot(robot_id)
+            start = robot.chain.latest
             log.info("robot %s: round v%d on %d samples started", robot_id, robot.chain.latest + 1, len(fresh))
             self.current_round = {"robot_id": robot_id, "version": robot.chain.latest + 1, "samples": len(fresh),
                                   "started_unix": time.time()}  # fmt: skip
@@ -520,7 +521,7 @@ class CloudTrainer:
                 raise
             except StaleRound as err:  # another worker's round of this robot committed first: that one counts
                 self.counters.rounds_superseded += 1
-                self._undo(robot_id)
+                self._undo(robot_id, start)
                 log.warning("robot %s: round dropped: %s", robot_id, err)
                 result = {"event": "superseded", "robot_id": robot_id, "version": None, "samples": len(fresh),
                           "quarantined": quarantined, "finished_unix": time.time()}  # fmt: skip
@@ -528,7 +529,7 @@ class CloudTrainer:
                 return result
             except Exception as err:  # undone below; what is left is a sample's fault or RoundFailed
                 self.counters.round_failures += 1
-                self._undo(robot_id)
+                self._undo(robot_id, start)
                 cause = fault_cause(err)
                 if cause is not None:  # the store could not commit (a full disk): no sample's fault
                     self._store_fault(cause, f"committing the round of {robot_id}", err)
@@ -660,27 +661,29 @@ class CloudTrainer:
                 poison[sample.message_id] = f"round: {type(err).__name__}: {err}"
         return poison
 
-    def _undo(self, robot_id: str) -> None:
+    def _undo(self, robot_id: str, start: int) -> None:
         """Reload the robot's chain from its last commit, in place (a failed round may have changed weights, moments,
-        chain). What the robot said (its version, rollbacks, rejections) and the resend state stay: statuses that
-        arrived meanwhile are kept, not overwritten by a copy from before the round."""
+        chain); ``start``: the latest version when the round started. What the robot said (its version, rollbacks,
+        rejections) stays: statuses that arrived meanwhile are kept, not overwritten by a copy from before the round.
+        The resend state stays too, unless another worker committed a newer version meanwhile: that one is theirs."""
         self.shared.forget(robot_id)
         robot = self.robots.get(robot_id)
         if robot is None:
             return
         record = self.store.load_robot(robot_id, adapter=False)
         with self._chain_lock:
-            chain, latest_before = robot.chain, robot.chain.latest
+            chain = robot.chain
             if record is None:
                 chain.latest, chain.applied, chain.published, robot.latest_delta = 0, 0, {}, None
             else:
                 chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
                 robot.latest_delta = record.deltas.get(record.latest)
                 robot.declined = {**record.declined, **robot.declined}
-            robot.owned = self.config.worker_id is None or (robot.owned and latest_before >= chain.latest)
-            if not robot.owned:  # another worker published the latest version: that worker gets the first resends
-                robot.last_sent = robot.synced = time.monotonic()
-            if robot.reported != chain.applied and robot.reported in chain.published:  # (a store fault lost it)
+            if self.config.worker_id is not None and chain.latest != start:  # another worker's version now
+                robot.owned, robot.resends, robot.comebacks, robot.comeback_due = False, 0, 0, False
+                robot.gave_up, robot.last_sent, robot.synced = None, time.monotonic(), time.monotonic()
+            # a status read meanwhile (a rollback to v0), or one a store fault kept from the store
+            if robot.reported != chain.applied and robot.reported in {0, *chain.published}:
                 chain.record_applied(robot.reported)
 
     def _forget(self, robot_id: str) -> None:

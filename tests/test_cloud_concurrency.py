@@ -9,6 +9,7 @@ import pytest
 from cdcca import wire
 from cdcca.edge.adapter_state import rollback_reason
 from cloud_trainer.service import RoundAbandoned
+from tests.test_cloud_fleet import fleet as fleet  # noqa: F401  (the fixture)
 from tests.test_cloud_trainer import RecordingLink, make_trainer
 from tests.test_cloud_trainer import uploads as uploads  # noqa: F401  (the fixture)
 
@@ -43,11 +44,12 @@ def test_a_rollback_that_arrives_while_a_failed_round_is_undone_is_kept(pretrain
     undoing, go = threading.Event(), threading.Event()
     load = trainer.store.load_robot
 
-    def held(robot_id, adapter=True):  # the undo reads the last commit: the link thread delivers a rollback now
+    def held(robot_id, adapter=True):  # the undo has read the last commit: the link thread delivers a rollback now
+        record = load(robot_id, adapter)
         if threading.current_thread() is threading.main_thread() and not go.is_set():
             undoing.set()
             go.wait(10)
-        return load(robot_id, adapter)
+        return record
 
     trainer.store.load_robot = held
 
@@ -65,6 +67,7 @@ def test_a_rollback_that_arrives_while_a_failed_round_is_undone_is_kept(pretrain
     trainer.store.load_robot = load
     # Assert: one robot object throughout; the rollback is in memory and in the store, and v1 is never sent again
     assert trainer.robots["r1"] is robot and robot.reported == 0 and 1 in robot.declined
+    assert robot.chain.applied == 0  # the next delta goes against what the robot runs, not against v1
     assert 1 in trainer.store.load_robot("r1", adapter=False).declined
     trainer.link.published.clear()
     trainer.receive_status("r1", status(0))
@@ -83,7 +86,7 @@ def test_a_failed_round_keeps_the_give_up_and_the_robots_last_rejection(pretrain
     robot = trainer.robots["r1"]
     assert trainer.counters.give_ups == 1 and robot.gave_up is not None
     # Act: a round fails and is undone
-    trainer._undo("r1")
+    trainer._undo("r1", robot.chain.latest)
     trainer.resend_if_behind("r1")
     # Assert: still given up once, with the robot's reason
     assert trainer.counters.give_ups == 1 and robot.gave_up is not None
@@ -150,3 +153,32 @@ def test_a_rollback_after_an_abandoned_round_is_recorded(pretrained_test_pair, u
     # Assert: recorded (it used to find no robot and be ignored, and a restarted cloud sent v1 again)
     assert trainer.counters.rollbacks == 1 and trainer.counters.statuses_ignored == {}
     assert 1 in trainer.store.load_robot("r1", adapter=False).declined
+
+
+def test_a_round_another_worker_committed_first_leaves_the_version_to_that_worker(fleet, uploads, tmp_path):
+    from tests.test_cloud_fleet import make_trainer as make_worker
+    from tests.test_cloud_fleet import upload
+
+    # Prepare: worker a publishes v1, which the robot does not apply, and gives up; worker b then commits v2
+    store = tmp_path / "shared.sqlite"
+    a = make_worker(fleet, tmp_path / "a", store=store, worker_id="a", resend_after_s=0.5, max_resends=1)
+    b = make_worker(fleet, tmp_path / "b", store=store, worker_id="b", resend_after_s=0.5)
+    a.link, b.link = RecordingLink(), RecordingLink()
+    upload(a, "r1", uploads[0:4])
+    assert [r["version"] for r in a.step()] == [1]
+    a.receive_status("r1", status(0))
+    robot = a.robots["r1"]
+    for _ in range(2):
+        robot.last_sent = 0.0
+        a.resend_if_behind("r1")
+    assert robot.gave_up is not None
+    upload(b, "r1", uploads[4:8])
+    assert [r["version"] for r in b.step()] == [2]
+    # Act: a's round of v2 (claimed before b's commit) is refused by the store
+    upload(a, "r1", uploads[8:12])
+    assert a.run_round("r1")["event"] == "superseded"
+    # Assert: v2 is b's: a resends it only as a backup, with no give-up state of its own v1
+    assert (robot.chain.latest, robot.owned, robot.resends, robot.gave_up, robot.comebacks) == (2, False, 0, None, 0)
+    a.link.published.clear()
+    robot.last_sent -= 0.6  # past b's wait, not a's (twice as long)
+    assert not a.resend_if_behind("r1")
