@@ -675,7 +675,9 @@ def _open_link(args, listen: bool):
 
 def _link_error(where: str, err: Exception) -> CdccaError:
     """A refused link as one line a user can act on (Zenoh's Rust source paths and Debug text taken out)."""
-    message = re.sub(r" at /\S+\.rs:\d+\.?", "", one_line(err))  # Zenoh's Rust source paths help no user
+    from cdcca.transport import without_rust_paths
+
+    message = without_rust_paths(one_line(err))  # Zenoh's Rust source paths help no user
     rust = re.search(r'msg: "((?:[^"\\]|\\.)*)"', message)  # the readable part of a Rust error's Debug text
     if rust:
         message = "invalid Zenoh setting: " + rust.group(1).replace('\\"', '"') + "; check endpoints and certificates"

@@ -480,12 +480,7 @@ class CloudTrainer:
                            owned=self.config.worker_id is None)  # fmt: skip
             record = self.store.load_robot(robot_id, adapter=False)  # the adapter state is read at its next round
             if record is not None:  # a restart: continue from the last committed round
-                robot.chain.latest, robot.chain.applied, robot.chain.published = (record.latest, record.applied,
-                                                                                  record.published)  # fmt: skip
-                robot.latest_delta = record.deltas.get(record.latest)
-                robot.declined = dict(record.declined)
-                if not robot.owned:  # another worker published it: that worker gets the first resends
-                    robot.last_sent = robot.synced = time.monotonic()
+                self._take_record(robot, record, foreign=not robot.owned)
             self.robots[robot_id] = robot  # complete before any handler can see it
         return robot
 
@@ -676,12 +671,7 @@ class CloudTrainer:
             if record is None:
                 chain.latest, chain.applied, chain.published, robot.latest_delta = 0, 0, {}, None
             else:
-                chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
-                robot.latest_delta = record.deltas.get(record.latest)
-                robot.declined = {**record.declined, **robot.declined}
-            if self.config.worker_id is not None and chain.latest != start:  # another worker's version now
-                robot.owned, robot.resends, robot.comebacks, robot.comeback_due = False, 0, 0, False
-                robot.gave_up, robot.last_sent, robot.synced = None, time.monotonic(), time.monotonic()
+                self._take_record(robot, record, foreign=self.config.worker_id is not None and record.latest != start)
             # a status read meanwhile (a rollback to v0), or one a store fault kept from the store
             if robot.reported != chain.applied and robot.reported in {0, *chain.published}:
                 chain.record_applied(robot.reported)
@@ -947,12 +937,20 @@ class CloudTrainer:
         if record is None:
             return
         with self._chain_lock:
-            chain = robot.chain
-            if record.latest != chain.latest:
-                robot.owned, robot.resends, robot.gave_up = False, 0, None
-            chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
-            robot.latest_delta = record.deltas.get(record.latest)
-            robot.declined = dict(record.declined)
+            self._take_record(robot, record, foreign=record.latest != robot.chain.latest)
+
+    @staticmethod
+    def _take_record(robot: _Robot, record, foreign: bool) -> None:
+        """The robot's chain as the store holds it, in place; the declined versions merged (one recorded here is kept
+        if the store missed it). ``foreign``: the latest version is another worker's, which that worker resends first:
+        this worker's resend state of its own last version goes."""
+        chain = robot.chain
+        chain.latest, chain.applied, chain.published = record.latest, record.applied, record.published
+        robot.latest_delta = record.deltas.get(record.latest)
+        robot.declined = {**record.declined, **robot.declined}
+        if foreign:
+            robot.owned, robot.resends, robot.comebacks, robot.comeback_due, robot.gave_up = False, 0, 0, False, None
+            robot.last_sent = robot.synced = time.monotonic()
 
     def serve(self, stop: threading.Event | None = None) -> None:
         """Run until ``stop`` (or :meth:`stop`) is set; a failing pass is logged, counted and retried. A round

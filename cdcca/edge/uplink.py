@@ -331,12 +331,12 @@ class UplinkQueue:
 
     def stats(self) -> UplinkStats:
         with self._lock:
-            if self._closed:
-                return self._closed_stats
-            counters = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
-            queued = self._db.execute("SELECT COUNT(*) FROM uplink").fetchone()[0]
-            sequence = self._last_sequence()
-        return UplinkStats(queued=queued, ack_sequence=sequence, write_failures=self.write_failures,
+            return self._closed_stats if self._closed else self._read_stats()
+
+    def _read_stats(self) -> UplinkStats:  # under _lock
+        counters = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+        queued = self._db.execute("SELECT COUNT(*) FROM uplink").fetchone()[0]
+        return UplinkStats(queued=queued, ack_sequence=self._last_sequence(), write_failures=self.write_failures,
                            **{name: counters.get(name, 0) for name in COUNTERS})  # fmt: skip
 
     def _open_transaction(self) -> None:
@@ -356,7 +356,6 @@ class UplinkQueue:
             if self._closed:
                 return
             self._closed_ids = [r[0] for r in self._db.execute("SELECT sample_id FROM uplink ORDER BY entropy DESC")]
-        self._closed_stats = self.stats()
-        with self._lock:
+            self._closed_stats = self._read_stats()
             self._closed = True
             self._db.close()

@@ -262,9 +262,9 @@ class LinkConfig:
         return asdict(self)
 
 
-def _readable(err: Exception) -> str:
-    """A Zenoh error without its Rust source path."""
-    return re.sub(r"\s*at /\S+\.rs:\d+\.?", "", str(err)).strip()
+def without_rust_paths(text: str) -> str:
+    """A Zenoh error's text without the Rust source paths it carries (``... at /root/.cargo/.../x.rs:447.``)."""
+    return re.sub(r"\s*at /\S+\.rs:\d+\.?", "", text).strip()
 
 
 Handler = Callable[[str, Any, bytes], None]  # (robot_id, decoded message, the CDR payload as received)
@@ -307,7 +307,7 @@ class Link:
             if not (connect_later and config.mode == "client"):
                 raise LinkError(f"cannot open the Zenoh session ({err}); check endpoints and certificates") from err
             log.warning("no Zenoh router reachable at %s yet (%s); connecting in the background",
-                        ", ".join(config.connect) or "the scouted routers", _readable(err))  # fmt: skip
+                        ", ".join(config.connect) or "the scouted routers", without_rust_paths(str(err)))  # fmt: skip
             self._connector = threading.Thread(target=self._connect, name="zenoh-connect", daemon=True)
             self._connector.start()
         atexit.register(self.close)  # an open Zenoh session keeps the interpreter from exiting
@@ -331,9 +331,9 @@ class Link:
                     warned = time.monotonic()
                     log.warning("still no Zenoh router at %s after %d tries (%s); check that it runs and the link's "
                                 "credentials and certificates", ", ".join(self.config.connect) or "the scouted routers",
-                                self.connect_failures, _readable(err))  # fmt: skip
+                                self.connect_failures, without_rust_paths(str(err)))  # fmt: skip
                 else:
-                    log.debug("Zenoh router still unreachable: %s", _readable(err))
+                    log.debug("Zenoh router still unreachable: %s", without_rust_paths(str(err)))
                 wait = min(2 * wait, CONNECT_RETRY_MAX_S)
                 continue
             with self._lock:
