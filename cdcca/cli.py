@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from cdcca.errors import CdccaError
+from cdcca.paths import write_atomic
 
 VERBS = {
     "pretrain": "train the embedded teacher and student on digits-shift (resumable; cached)",
@@ -927,9 +928,7 @@ def _trust(public_file: Path, store_dir: Path, replace: bool) -> Path:
     del store.keys[key_id]
     store.add(key_id, new_hex)  # the new key must be valid and not revoked
     target = store_dir / f"{key_id}.pub"
-    temporary = target.with_name(target.name + ".tmp")
-    temporary.write_text(new_hex)
-    os.replace(temporary, target)
+    write_atomic(target, new_hex)
     return target
 
 

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from cdcca import wire
 from cdcca.errors import CdccaError
+from cdcca.paths import write_atomic
 
 if TYPE_CHECKING:  # the cloud side (VersionChain) works on torch tensors; a robot on ONNX Runtime never imports it
     import torch
@@ -191,7 +192,7 @@ class TrustStore:
                                 "`cdcca keys accept`), then revoke it")  # fmt: skip
         revoked = self.fingerprints()[key_id]
         if self.directory is not None:
-            _write_atomic(self.directory / f"{key_id}.revoked", revoked + "\n")
+            write_atomic(self.directory / f"{key_id}.revoked", revoked + "\n")
         self.revoked[key_id] = revoked
         del self.keys[key_id]
         return revoked
@@ -231,13 +232,7 @@ class TrustStore:
             return
         self.add(statement.key_id, statement.public_key)
         if self.directory is not None:
-            _write_atomic(self.directory / f"{statement.key_id}.pub", statement.public_key + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+            write_atomic(self.directory / f"{statement.key_id}.pub", statement.public_key + "\n")
 
 
 STATEMENT_CONTEXT = b"cdcca key statement v1\n"  # domain separation: a statement's signature is never a delta's
@@ -320,7 +315,7 @@ def trust_key(public_file: str | Path, store_dir: str | Path) -> Path:
     target = store_dir / f"{public_file.stem}.pub"  # the store reads *.pub: a key copied under another suffix is lost
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.is_file() or target.read_text() != public_file.read_text():
-        _write_atomic(target, public_file.read_text())
+        write_atomic(target, public_file.read_text())
     return target
 
 

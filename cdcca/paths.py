@@ -1,4 +1,5 @@
-"""Where CD-CCA keeps what it builds: ``$CDCCA_CACHE`` if set, else ``~/.cache/cdcca``."""
+"""Where CD-CCA keeps what it builds (``$CDCCA_CACHE`` if set, else ``~/.cache/cdcca``), and how a small file is
+replaced without a reader ever seeing half of it."""
 
 from __future__ import annotations
 
@@ -14,3 +15,21 @@ def cache_dir() -> Path:
 def checkpoint_dir(preset: str) -> Path:
     """Directory holding ``teacher/`` and ``student/`` of a preset built by ``cdcca pretrain``."""
     return cache_dir() / "checkpoints" / preset
+
+
+def write_atomic(path: Path, text: str, durable: bool = False) -> None:
+    """Replace ``path`` with ``text``: written beside it, then renamed over it (readers see the old or the new file,
+    never half of one). ``durable``: also fsync the file and its folder, so the new content survives a power cut."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    if durable:
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

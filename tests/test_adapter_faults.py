@@ -177,3 +177,51 @@ def test_a_really_full_disk_is_a_rejection_and_a_resend_applies_once_there_is_ro
     rolled = backend.rollback("health check")  # cannot be persisted, but the adapter stops all the same
     assert (rolled.state, rolled.version, backend.version) == (ROLLED_BACK, 1, 1) and "(not persisted" in rolled.reason
     assert _slot(backend).counters.persist_failures == 2 and _same(_active_params(backend), v1_params)
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_a_restarted_robot_can_still_roll_back_one_level(kind, exported, keys, few_samples, tmp_path):
+    # Prepare: the robot applied v1 then v2 and stopped
+    signer, trust = keys
+    state_dir = tmp_path / "state"
+    backend = _backend(kind, exported, trust, state_dir)
+    base = backend.slot.base if kind == "torch" else backend.base
+    chain = VersionChain("r1", base)
+    sample = few_samples[0]
+    assert backend.receive(chain.make_delta(_perturbed(base, seed=1), "fp16", signer)).state == APPLIED
+    chain.record_applied(1)
+    v1_params = _active_params(backend)
+    v1_answer = backend.answer([sample.load_image()], [sample.prompt])
+    assert backend.receive(chain.make_delta(_perturbed(base, seed=2), "fp16", signer)).state == APPLIED
+
+    # Execute: a restart, then a rollback
+    restarted = _backend(kind, exported, trust, state_dir)
+    assert restarted.version == 2
+    rolled = restarted.rollback("health check: after a restart")
+
+    # Assert: back on v1, bit for bit, answering as v1 did; one level only, and that survives a restart too
+    assert (rolled.state, rolled.version, restarted.version) == (ROLLED_BACK, 1, 1)
+    assert _same(_active_params(restarted), v1_params)
+    answer = restarted.answer([sample.load_image()], [sample.prompt])
+    assert answer.texts == v1_answer.texts and answer.adapter_version == 1
+    assert restarted.rollback().state == REJECTED
+    again = _backend(kind, exported, trust, state_dir)
+    assert again.version == 1 and again.rollback().state == REJECTED
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_the_first_version_keeps_the_base_to_roll_back_to_without_writing_it(kind, exported, keys, tmp_path):
+    signer, trust = keys
+    state_dir = tmp_path / "state"
+    backend = _backend(kind, exported, trust, state_dir)
+    base = backend.slot.base if kind == "torch" else backend.base
+    base_params = _active_params(backend)
+    assert backend.receive(VersionChain("r1", base).make_delta(_perturbed(base, seed=1), "fp16", signer)).state \
+        == APPLIED  # fmt: skip
+    from safetensors import safe_open
+
+    with safe_open(str(state_dir / adapter_state_module.STATE_FILE), framework="numpy") as handle:
+        assert set(handle.keys()) == set(base) and handle.metadata()["previous_version"] == "0"
+    restarted = _backend(kind, exported, trust, state_dir)
+    assert restarted.rollback().version == 0 and restarted.version == 0
+    assert _same(_active_params(restarted), base_params)

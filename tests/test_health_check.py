@@ -1,6 +1,7 @@
 """Health-checked updates (issue 15 D8, Build 6): a signed delta that breaks the student is rolled back by the robot
 itself, ROLLED_BACK is published with the reason, and the cloud never sends that version again."""
 
+import json
 import math
 
 import pytest
@@ -211,4 +212,107 @@ def test_a_prompt_the_model_cannot_take_costs_only_its_own_answer_and_is_no_verd
     assert backend.version == 1 and runtime.counters.health_rollbacks == 0
     assert runtime.stats()["health_passed"] == 1  # v1's four real answers passed
     assert not [s for s in port.statuses() if s.state == wire.ROLLED_BACK]
+    runtime.close()
+
+
+# ------------------------------------------------------------------------------------------ across a restart
+def _record(tmp_path, **state) -> object:
+    path = tmp_path / "health.json"
+    path.write_text(json.dumps(state))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("saved", "running", "probation", "good"),
+    [
+        ({}, 2, None, 2),  # no record yet (first start, or a robot from before the record): trusted as before
+        ({"good": 1, "probation": 2, "level": 1.0}, 2, 2, 1),  # stopped during v2's probation: checked again
+        ({"good": 1, "probation": 2, "level": 1.0}, 1, None, 1),  # stopped after rolling back to v1
+        ({"good": 2}, 2, None, 2),  # stopped after v2 passed
+        ({"good": 1}, 3, 3, 1),  # returned to v3 without a check (a failed rollback's write, an old state)
+        ({"good": 4}, 0, None, 0),  # the base student is never on probation
+    ],
+    ids=["no_record", "on_probation", "rolled_back", "passed", "unchecked", "base"],
+)
+def test_a_restart_keeps_a_version_on_probation_until_it_passes(tmp_path, saved, running, probation, good):
+    path = _record(tmp_path, **saved) if saved else tmp_path / "health.json"
+    health = HealthCheck.resume(GOOD, running, path)
+    assert (health.probation, health.good) == (probation, good)
+    assert json.loads(path.read_text())["good"] == good  # the record is there for the next start
+    if probation is not None:
+        assert json.loads(path.read_text())["probation"] == probation
+
+
+def test_after_a_restart_the_version_on_probation_is_held_to_the_level_recorded_at_its_swap(tmp_path):
+    path = tmp_path / "health.json"
+    before = HealthCheck.resume(GOOD, 1, path)
+    before.observe(1, ["7"] * 8, [1.0] * 8)  # v1's level: 1.0 nats
+    before.start(2)
+    assert json.loads(path.read_text()) == {"good": 1, "probation": 2, "level": 1.0}
+
+    after = HealthCheck.resume(GOOD, 2, path)  # the robot stopped before v2's verdict
+    verdicts = [after.observe(2, ["7"], [3.0]) for _ in range(4)]
+    assert "above 2.500 (2 x 1.000 before the swap + 0.5)" in verdicts[-1] and after.failed == 1
+
+    passing = HealthCheck.resume(GOOD, 2, path)
+    assert [passing.observe(2, ["7"], [1.2]) for _ in range(4)] == [None] * 4 and passing.passed == 1
+    assert json.loads(path.read_text()) == {"good": 2}
+    assert HealthCheck.resume(GOOD, 2, path).probation is None
+
+
+def test_an_unreadable_or_unwritable_record_is_logged_and_the_check_goes_on(tmp_path, caplog):
+    path = _record(tmp_path)
+    path.write_text("{not json")
+    health = HealthCheck.resume(GOOD, 3, path)
+    assert (health.good, health.probation) == (3, None) and "ignoring the health record" in caplog.text
+    blocked = tmp_path / "no_such_folder" / "health.json"
+    health = HealthCheck.resume(GOOD, 3, blocked)
+    health.start(4)
+    assert health.record_failures == 2 and health.probation == 4  # the check itself goes on
+    assert "cannot write the health record" in caplog.text
+    off = HealthCheck.resume(HealthConfig(answers=0), 3, _record(tmp_path, good=1, probation=3))
+    assert off.probation is None  # no check: nothing is on probation
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_a_robot_restarted_during_a_probation_checks_the_version_again_and_rolls_it_back(
+        kind, pretrained_test_pair, keys, tmp_path):  # fmt: skip
+    # Prepare: v1 passed; v2 (it empties every answer) is applied and the robot stops before its verdict
+    signer, trust = keys
+    student, backend = _student_and_backend(kind, pretrained_test_pair, trust, tmp_path)
+    config = EdgeConfig(state_dir=tmp_path / "edge", health=HealthConfig(answers=6))
+    runtime = EdgeRuntime(backend, student, config, RecordingPort())
+    base = backend.slot.base if kind == "torch" else backend.base
+    chain = VersionChain("r1", base)
+    v1 = chain.make_delta({k: v + 0.01 for k, v in base.items()}, "fp16", signer)
+    chain.record_applied(1)
+    v2 = chain.make_delta(_silencing(student, base), "fp16", signer)
+    samples = load_domain("source", "test", limit=3)[:3]
+    images, prompts = [s.load_image() for s in samples], [s.prompt for s in samples]
+    assert runtime.apply(v1).state == wire.APPLIED
+    v1_answers = [a.answer for a in runtime.ask(images, prompts) + runtime.ask(images, prompts)]
+    assert runtime.stats()["health_passed"] == 1
+    assert runtime.apply(v2).state == wire.APPLIED
+    assert [a.answer for a in runtime.ask(images, prompts)] == ["", "", ""]  # 3 of 6: no verdict yet
+    runtime.close()
+
+    # Execute: the robot starts again on the same state
+    student, backend = _student_and_backend(kind, pretrained_test_pair, trust, tmp_path)
+    port = RecordingPort()
+    runtime = EdgeRuntime(backend, student, config, port)
+    assert backend.version == 2 and runtime.stats()["health_probation"] == 2
+    runtime.ask(images, prompts)
+    runtime.ask(images, prompts)
+
+    # Assert: v2 failed its check again and the robot went back to v1, which answers as it did
+    status = port.statuses()[-1]
+    assert (status.state, status.version, backend.version) == (wire.ROLLED_BACK, 1, 1)
+    assert status.reason.startswith("rolled back from v2: health check: 6 of 6 answers of v2 are empty")
+    assert [a.answer for a in runtime.ask(images, prompts) + runtime.ask(images, prompts)] == v1_answers
+    runtime.close()
+
+    # ... and the next start runs v1, marked good, with nothing on probation
+    student, backend = _student_and_backend(kind, pretrained_test_pair, trust, tmp_path)
+    runtime = EdgeRuntime(backend, student, config, RecordingPort())
+    assert backend.version == 1 and runtime.health.probation is None and runtime.health.good == 1
     runtime.close()

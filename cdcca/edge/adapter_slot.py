@@ -177,7 +177,8 @@ class AdapterSlot:
             return self._status(version, ROLLED_BACK, rollback_reason(left, reason) + note, stamp_ns)
 
     def _install(self, version: int, params: dict[str, torch.Tensor]) -> None:
-        self._persist(version, params)  # first: if it fails (OSError), nothing in memory has changed
+        # first: if it fails (OSError), nothing in memory has changed
+        self._persist(version, params, previous=(self.version, self.current))
         shadow_index = 1 - self._active
         with self._lock:  # wait for answers that started before the last swap and still use the shadow
             self._idle.wait_for(lambda: self._in_flight[shadow_index] == 0)
@@ -198,9 +199,11 @@ class AdapterSlot:
         self.counters.last_swap_us = 1e6 * (time.perf_counter() - started)
 
     # ----------------------------------------------------------------------------------- persistence
-    def _persist(self, version: int, params: dict[str, torch.Tensor]) -> None:
+    def _persist(self, version: int, params: dict[str, torch.Tensor],
+                 previous: tuple[int, dict[str, torch.Tensor]] | None = None) -> None:  # fmt: skip
         if self.state_dir is not None:
-            persist_adapter(self.state_dir, self.robot_id, version, self.newest_version, params, self._extra())
+            persist_adapter(self.state_dir, self.robot_id, version, self.newest_version, params, self._extra(),
+                            previous)  # fmt: skip
 
     def _extra(self) -> dict[str, str]:
         """Metadata the persisted state must agree with: an adapter made for other base weights is not restored."""
@@ -215,13 +218,16 @@ class AdapterSlot:
             return
         if restored is None:
             return
-        version, newest, params = restored
-        for live in self._slots:
+        version, newest, params, previous = restored
+        shadow = 1 - self._active  # holds the previous adapter, as after a swap (what rollback swaps back to)
+        for index, live in enumerate(self._slots):
+            held = previous[1] if index == shadow and previous is not None else params
             with torch.no_grad():
-                for name, value in params.items():
+                for name, value in held.items():
                     live[name].copy_(value)
-        self._versions = [version, version]
+            self._versions[index] = previous[0] if index == shadow and previous is not None else version
         self.version, self.newest_version, self.current = version, newest, params
+        self.previous = previous
 
     def _status(self, version: int, state: int, reason: str, stamp_ns: int | None):
         return adapter_status(self.robot_id, version, state, reason, stamp_ns)

@@ -9,7 +9,9 @@ the functions here keep to the kind they are given and import torch only for tor
 holds them has imported already.
 
 The current adapter and version persist as one safetensors file replaced atomically (write, fsync, rename, fsync
-the folder): a restart resumes at the last good version, and a crash mid-write never leaves a torn adapter.
+the folder), with the previous adapter beside them: a restart resumes at the last version applied and can still roll
+back one level (a version on probation when the robot stopped is checked again, :mod:`cdcca.edge.health`), and a
+crash mid-write never leaves a torn adapter.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -31,6 +33,7 @@ from cdcca.wire import APPLIED, REJECTED, ROLLED_BACK  # noqa: F401  (AdapterSta
 
 log = logging.getLogger(__name__)
 STATE_FILE = "adapter.safetensors"
+PREVIOUS = "previous/"  # prefix of the previous adapter's tensors in the state file (no trainable name starts so)
 
 Params = Mapping[str, Any]  # name -> numpy array or torch tensor: one kind per adapter
 Apply = Callable[[Params, Params], dict[str, Any]]  # Eq. 8 (base, delta) -> new adapter; ValueError if unusable
@@ -105,17 +108,36 @@ def rejection_kind(reason: str) -> str:
     return next((kind for kind, words in _REJECTION_KINDS if any(w in reason for w in words)), "other")
 
 
+class Restored(NamedTuple):
+    """What :func:`restore_adapter` read: the running version and its adapter, the newest version seen, and the
+    adapter to roll back to (``(version, params)``, ``None`` when there is none)."""
+
+    version: int
+    newest_version: int
+    params: dict[str, Any]
+    previous: tuple[int, dict[str, Any]] | None
+
+
 def persist_adapter(state_dir: Path, robot_id: str, version: int, newest_version: int, params: Params,
-                    extra: dict[str, str] | None = None) -> None:  # fmt: skip
-    """Replace ``state_dir/adapter.safetensors`` atomically (write, fsync, rename, fsync the folder)."""
+                    extra: dict[str, str] | None = None,
+                    previous: tuple[int, Params] | None = None) -> None:  # fmt: skip
+    """Replace ``state_dir/adapter.safetensors`` atomically (write, fsync, rename, fsync the folder).
+
+    ``previous``: the adapter a rollback returns to, ``(version, params)``; kept in the same file, so the pair is
+    never torn. Version 0's tensors are not written (they are the base every restore is given)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     final, partial = state_dir / STATE_FILE, state_dir / f"{STATE_FILE}.partial"
     metadata = {"robot_id": robot_id, "version": str(version), "newest_version": str(max(newest_version, version)),
                 **(extra or {})}  # fmt: skip
+    tensors = dict(params)
+    if previous is not None:
+        metadata["previous_version"] = str(int(previous[0]))
+        if int(previous[0]) != 0:
+            tensors.update({PREVIOUS + name: value for name, value in previous[1].items()})
     from safetensors import SafetensorError
 
     try:
-        save_file(params, str(partial), metadata)
+        save_file(tensors, str(partial), metadata)
     except SafetensorError as err:  # safetensors reports a full disk (ENOSPC) or an I/O error as its own type
         partial.unlink(missing_ok=True)
         raise OSError(f"writing {partial}: {err}") from err
@@ -130,9 +152,9 @@ def persist_adapter(state_dir: Path, robot_id: str, version: int, newest_version
 
 
 def restore_adapter(state_dir: Path, robot_id: str, base: Params,
-                    extra: dict[str, str] | None = None) -> tuple[int, int, dict[str, Any]] | None:  # fmt: skip
-    """The persisted ``(version, newest_version, params)`` (params of ``base``'s kind), or ``None`` if nothing was
-    persisted.
+                    extra: dict[str, str] | None = None) -> Restored | None:  # fmt: skip
+    """The persisted state (params of ``base``'s kind), or ``None`` if nothing was persisted. A state written before
+    the previous adapter was kept restores without one.
 
     Raises ``ValueError`` for a state that cannot be used (corrupt, another robot, another trainable set, or
     metadata that contradicts ``extra``); a write that never completed is discarded first.
@@ -150,17 +172,31 @@ def restore_adapter(state_dir: Path, robot_id: str, base: Params,
     try:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
-        params = load_file(str(path))
+        tensors = load_file(str(path))
         if metadata.get("robot_id") != robot_id:
             raise ValueError(f"state belongs to robot {metadata.get('robot_id')!r}")
         for key, value in (extra or {}).items():  # checked where the writer recorded it
             if key in metadata and metadata[key] != value:
                 raise ValueError(f"state has {key}={metadata.get(key)!r}, expected {value!r}")
-        if set(params) != set(base) or any(tuple(params[k].shape) != tuple(base[k].shape) for k in params):
-            raise ValueError("tensors do not match this student's trainable set")
-        return int(metadata["version"]), int(metadata.get("newest_version", metadata["version"])), params
+        params = {k: v for k, v in tensors.items() if not k.startswith(PREVIOUS)}
+        _check_trainable_set(params, base)
+        previous = None
+        if "previous_version" in metadata:
+            before = int(metadata["previous_version"])
+            kept = {k[len(PREVIOUS) :]: v for k, v in tensors.items() if k.startswith(PREVIOUS)}
+            if before == 0:
+                kept = {k: v.clone() if hasattr(v, "clone") else v.copy() for k, v in base.items()}
+            _check_trainable_set(kept, base)
+            previous = (before, kept)
+        version = int(metadata["version"])
+        return Restored(version, int(metadata.get("newest_version", version)), params, previous)
     except (SafetensorError, KeyError, OSError) as err:
         raise ValueError(f"unreadable adapter state: {err}") from err
+
+
+def _check_trainable_set(params: Params, base: Params) -> None:
+    if set(params) != set(base) or any(tuple(params[k].shape) != tuple(base[k].shape) for k in params):
+        raise ValueError("tensors do not match this student's trainable set")
 
 
 def rollback_reason(version: int, why: str) -> str:

@@ -6,15 +6,29 @@ its next :attr:`HealthConfig.answers` answers must have finite entropies, mostly
 entropy (UTS Eq. 2) not far above the level the previous version had just before the swap. A version that
 fails is rolled back by the runtime at once, with the reason in a ROLLED_BACK ``AdapterStatus``; one that
 passes is marked good and its answers become the level the next update is held to.
+
+A restart does not end a probation. The check keeps a small record beside the adapter state (``health.json``: the
+version marked good, the one on probation and the level it is held to), written at each swap and each pass; a robot
+that restarts on a version the record does not mark good holds it to the check again (:meth:`HealthCheck.resume`),
+and the adapter state keeps the previous adapter for the rollback (:mod:`cdcca.edge.adapter_state`). Without it a
+power cut during a probation would have made any new version good.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+from cdcca.paths import write_atomic
+
+log = logging.getLogger(__name__)
+RECORD_FILE = "health.json"
 
 
 @dataclass
@@ -51,8 +65,10 @@ class HealthConfig:
 class HealthCheck:
     """The probation of the latest applied version; thread-safe (deltas and answers arrive on two threads)."""
 
-    def __init__(self, config: HealthConfig, good: int | None = None) -> None:
+    def __init__(self, config: HealthConfig, good: int | None = None, record: str | Path | None = None) -> None:
         self.config = config
+        self.record = Path(record) if record is not None else None  # None: kept in memory only
+        self.record_failures = 0  # the record could not be written (the check itself goes on)
         self._lock = threading.Lock()
         self._recent: deque[float] = deque(maxlen=config.baseline_answers)  # entropies of the version marked good
         self._good = good  # the version marked good (the running one at start; None: the first answering), then each
@@ -64,6 +80,55 @@ class HealthCheck:
         self._seen: list[tuple[str, float]] = []
         self.passed = 0
         self.failed = 0
+
+    @classmethod
+    def resume(cls, config: HealthConfig, running: int, record: str | Path) -> HealthCheck:
+        """The check of a robot that starts running ``running`` (the adapter version it restored).
+
+        A version other than the base (0) that the record does not mark good goes on probation again: it is the one
+        that was on probation when the robot stopped (held to the level recorded at its swap), or one the robot
+        returned to without checking it. Otherwise (no record yet, or the check is off) ``running`` is good.
+        """
+        check = cls(config, record=record)
+        saved = check._read()
+        good, running = saved.get("good"), int(running)
+        with check._lock:
+            if config.answers and isinstance(good, int) and running not in (good, 0):
+                level = saved.get("level") if saved.get("probation") == running else None
+                check._good, check._probation = good, running
+                check._baseline = float(level) if isinstance(level, (int, float)) and math.isfinite(level) else None
+                log.warning("adapter v%d was on probation when the robot stopped (v%d is the last marked good): its "
+                            "health check starts again", running, good)  # fmt: skip
+            else:
+                check._good = running
+            check._save()
+        return check
+
+    def _read(self) -> dict:
+        if self.record is None or not self.record.is_file():
+            return {}
+        try:
+            saved = json.loads(self.record.read_text(encoding="utf-8"))
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+            return saved
+        except (OSError, ValueError) as err:  # written atomically, so only a hand edit or a bad disk gets here
+            log.error("ignoring the health record %s (%s): the running adapter counts as good", self.record, err)
+            return {}
+
+    def _save(self) -> None:
+        """Write the record (called under the lock, so two threads' records land in the order they were made)."""
+        if self.record is None:
+            return
+        state = {"good": self._good}
+        if self._probation is not None:
+            state |= {"probation": self._probation, "level": self._baseline}
+        try:
+            write_atomic(self.record, json.dumps(state) + "\n", durable=True)
+        except OSError as err:
+            self.record_failures += 1
+            log.error("cannot write the health record %s (%s): a restart would trust the running adapter", self.record,
+                      err)  # fmt: skip
 
     @property
     def good(self) -> int | None:
@@ -86,6 +151,7 @@ class HealthCheck:
                 self._baseline = sum(self._before) / len(self._before)
             self._recent.clear()
             self._probation, self._seen = int(version), []
+            self._save()
 
     def observe(self, version: int, texts: Sequence[str], entropies: Sequence[float]) -> str | None:
         """Record answers of ``version``; returns why the version on probation fails, or ``None``.
@@ -118,6 +184,7 @@ class HealthCheck:
                 self._good = self._probation
                 self._recent.extend(e for _, e in self._seen if math.isfinite(e))
                 self._probation, self._seen = None, []
+                self._save()
             return reason
 
     def _verdict(self) -> str | None:

@@ -388,7 +388,7 @@ class OnnxBackend(EdgeBackend):
             try:  # written and persisted before anything the robot answers with changes
                 adapter = self._load(int(msg.version), params)
                 newest = max(self.newest_version, adapter.version)
-                self._persist(adapter, newest)
+                self._persist(adapter, newest, previous=current)
             except OSError as err:  # e.g. a full disk; newest_version stays, so a resend applies
                 for path in adapter.files if adapter is not None else ():
                     path.unlink(missing_ok=True)
@@ -425,10 +425,11 @@ class OnnxBackend(EdgeBackend):
                                   stamp_ns)  # fmt: skip
 
     # ----------------------------------------------------------------------------------- persistence
-    def _persist(self, adapter: _Adapter, newest_version: int) -> None:
+    def _persist(self, adapter: _Adapter, newest_version: int, previous: _Adapter | None = None) -> None:
         if self.state_dir is not None:
             persist_adapter(self.state_dir, self.robot_id, adapter.version, newest_version, adapter.arrays,
-                            {"student_id": self.export.manifest["student_id"]})  # fmt: skip
+                            {"student_id": self.export.manifest["student_id"]},
+                            None if previous is None else (previous.version, previous.arrays))  # fmt: skip
 
     def _restore(self) -> None:
         try:
@@ -439,5 +440,6 @@ class OnnxBackend(EdgeBackend):
             log.error("ignoring adapter state in %s (%s); starting from the base adapter", self.state_dir, err)
             return
         if restored is not None:
-            version, self.newest_version, params = restored
-            self._activate(self._load(version, params), None)
+            version, self.newest_version, params, previous = restored
+            before = None if previous is None else self._load(*previous)
+            self._activate(self._load(version, params), before)

@@ -48,7 +48,7 @@ from cdcca import wire
 from cdcca.edge.adapter_state import rejection_kind
 from cdcca.edge.backend import EdgeBackend
 from cdcca.edge.frames import LatestFrame, NoFrameError, frame_of_request
-from cdcca.edge.health import HealthCheck, HealthConfig
+from cdcca.edge.health import RECORD_FILE, HealthCheck, HealthConfig
 from cdcca.edge.sources import DEFAULT_PROMPTS
 from cdcca.edge.uplink import StaleAck, UplinkQueue, UplinkWriteError
 from cdcca.envelope import AckRejected, TrustStore, verify_ack
@@ -203,7 +203,7 @@ class EdgeRuntime:
         self.trust = trust
         self.frame = LatestFrame(clock)
         self.meter = AnswerMeter(clock=clock)
-        self.health = HealthCheck(config.health, good=backend.version)
+        self.health = HealthCheck.resume(config.health, backend.version, Path(config.state_dir) / RECORD_FILE)
         self._clock = clock
         self._pump_retry_at, self._pump_backoff_s = 0.0, PUMP_RETRY_S  # after the link refused an upload
         self._publish_failing: set[str] = set()  # topics whose last publish failed (logged once per outage)
@@ -432,7 +432,7 @@ class EdgeRuntime:
                 self.counters.health_rollbacks += 1
                 if status.version != self.health.good:  # back to a version never marked good (v3 replaced it first)
                     self.health.start(status.version)
-            else:  # nothing to roll back to (e.g. restarted on this version): the cloud hears why
+            else:  # nothing to roll back to (the last rollback went back already): the cloud hears why
                 log.error("cannot roll back v%d: %s", version, status.reason)
             self.publish_status(status)
 
