@@ -270,6 +270,7 @@ class CloudTrainer:
         self.store = open_store(config.store or Path(config.state_dir) / "cloud.sqlite")
         self.robots: dict[str, _Robot] = {}
         self.counters = CloudCounters()
+        self._counters_lock = threading.Lock()  # counters change on the link's threads, the round's and the loop's
         student = make_student()
         self.admission = SampleAdmission(teacher, student)  # the limits come from the models
         # one base for every robot, hashed once and stated in every delta; each chain's version 0
@@ -322,9 +323,9 @@ class CloudTrainer:
             self._store_fault(cause, f"storing a sample from {robot_id}", err)
             return False
         if added:
-            self.counters.received += 1
+            self._count(received=1)
         else:
-            self.counters.duplicates += 1
+            self._count(duplicates=1)
         # acknowledged only now that it is committed, and at once: a round in progress must not delay acks,
         # or the robot resends what the cloud already has
         if self.link is not None:
@@ -332,12 +333,27 @@ class CloudTrainer:
                 now = time.time_ns()
                 sequence = self._ack_sequence[robot_id] = max(now, self._ack_sequence.get(robot_id, 0) + 1)
                 self.link.publish(robot_id, "uts_ack", sign_ack(self.signer, robot_id, [msg.sample_id], sequence, now))
-        self.counters.acked += 1
+        self._count(acked=1)
         return True
+
+    def _count(self, **increments: int) -> None:
+        """Add to counters: the link's threads, the round thread and the service loop all count."""
+        with self._counters_lock:
+            for name, amount in increments.items():
+                setattr(self.counters, name, getattr(self.counters, name) + amount)
+
+    def _count_in(self, field: str, key: str) -> int:
+        """One more under ``key`` in the counter dict ``field``; returns the new count. The dict is replaced, not
+        mutated, so a copy stats() holds never changes."""
+        with self._counters_lock:
+            counts = getattr(self.counters, field)
+            setattr(self.counters, field, {**counts, key: counts.get(key, 0) + 1})
+            return counts.get(key, 0) + 1
 
     def _store_fault(self, cause: str, what: str, err: BaseException) -> None:
         self.faults.record(cause, what, err)
-        self.counters.store_faults = dict(self.faults.counts)
+        with self._counters_lock:
+            self.counters.store_faults = dict(self.faults.counts)
 
     def seen(self, robot_id: str) -> None:
         """A message from ``robot_id`` arrived (an upload, a status, its diagnostics). If the cloud gave up
@@ -357,9 +373,8 @@ class CloudTrainer:
             robot.comeback_due = True
 
     def _reject(self, robot_id: str, reason: str, err: Exception) -> None:
-        self.counters.rejected += 1
-        reasons = self.counters.rejected_reasons  # replaced, not mutated: stats() may be copying it meanwhile
-        self.counters.rejected_reasons = {**reasons, reason: reasons.get(reason, 0) + 1}
+        self._count(rejected=1)
+        self._count_in("rejected_reasons", reason)
         log.warning("rejected UtsTokens from %s (%s): %s", robot_id, reason, err)
 
     def receive_status(self, robot_id: str, msg) -> None:
@@ -377,8 +392,7 @@ class CloudTrainer:
             return
         if msg.state == REJECTED:
             log.warning("robot %s rejected v%d: %s", robot_id, msg.version, msg.reason)
-            kind, rejections = rejection_kind(msg.reason), self.counters.update_rejections
-            self.counters.update_rejections = {**rejections, kind: rejections.get(kind, 0) + 1}
+            self._count_in("update_rejections", rejection_kind(msg.reason))
             rejecting = self.robots.get(robot_id)
             if rejecting is not None:
                 rejecting.rejections += 1
@@ -416,9 +430,8 @@ class CloudTrainer:
                         self._store_fault(cause, f"recording v{msg.version} applied by {robot_id}", err)
 
     def _ignore_status(self, robot_id: str, reason: str, msg) -> None:
-        ignored = self.counters.statuses_ignored  # replaced, not mutated, as rejected_reasons
-        self.counters.statuses_ignored = {**ignored, reason: ignored.get(reason, 0) + 1}
-        log_at = log.warning if reason not in ignored else log.debug  # a heartbeat repeats every few seconds
+        first = self._count_in("statuses_ignored", reason) == 1
+        log_at = log.warning if first else log.debug  # a heartbeat repeats every few seconds
         log_at("ignored an AdapterStatus from %s (%s): state %d, v%d", robot_id, reason, msg.state, msg.version)
 
     def _record_rollback(self, robot_id: str, robot: _Robot, msg) -> None:
@@ -428,11 +441,11 @@ class CloudTrainer:
         if declined <= msg.version or declined in robot.declined:
             return
         robot.declined[declined] = msg.reason[:500]
-        self.counters.rollbacks += 1
+        self._count(rollbacks=1)
         try:  # durable, so a restarted cloud does not offer it again either
             self.store.record_declined(robot_id, declined, robot.declined[declined])
         except STORE_ERRORS as err:  # still never resent by this process
-            self.counters.failures += 1
+            self._count(failures=1)
             log.error("robot %s: recording the rollback from v%d failed: %s", robot_id, declined, err)
         log.warning("robot %s rolled back from v%d to v%d (%s); v%d is not sent again", robot_id, declined,
                     msg.version, msg.reason, declined)  # fmt: skip
@@ -511,11 +524,11 @@ class CloudTrainer:
             try:
                 msg, data, report, params = self._train_and_commit(robot_id, robot, fresh, replayed)
             except RoundAbandoned:  # the service is stopping: nothing was committed, the samples stay pending
-                self.counters.rounds_abandoned += 1
+                self._count(rounds_abandoned=1)
                 self._forget(robot_id)
                 raise
             except StaleRound as err:  # another worker's round of this robot committed first: that one counts
-                self.counters.rounds_superseded += 1
+                self._count(rounds_superseded=1)
                 self._undo(robot_id, start)
                 log.warning("robot %s: round dropped: %s", robot_id, err)
                 result = {"event": "superseded", "robot_id": robot_id, "version": None, "samples": len(fresh),
@@ -523,7 +536,7 @@ class CloudTrainer:
                 self._log_round(result)
                 return result
             except Exception as err:  # undone below; what is left is a sample's fault or RoundFailed
-                self.counters.round_failures += 1
+                self._count(round_failures=1)
                 self._undo(robot_id, start)
                 cause = fault_cause(err)
                 if cause is not None:  # the store could not commit (a full disk): no sample's fault
@@ -535,7 +548,7 @@ class CloudTrainer:
                 try:
                     poison = self._probe(robot_id, fresh + replayed)
                 except RoundAbandoned:  # stopping while the samples were probed: counted as abandoned
-                    self.counters.rounds_abandoned += 1
+                    self._count(rounds_abandoned=1)
                     self._forget(robot_id)
                     raise
                 if not poison:
@@ -553,7 +566,7 @@ class CloudTrainer:
             robot.latest_delta, robot.resends, robot.owned = data, 0, True
             robot.gave_up, robot.comebacks, robot.comeback_due = None, 0, False
             self._send(robot_id, robot, data)
-            self.counters.rounds += 1
+            self._count(rounds=1)
             result = {
                 "event": "round", "robot_id": robot_id, "version": int(msg.version),
                 "base_version": int(msg.base_version), "keyframe": bool(msg.keyframe), "samples": len(fresh),
@@ -635,7 +648,7 @@ class CloudTrainer:
     def _quarantine(self, robot_id: str, sample_id: str, reason: str, quarantined: dict[str, str]) -> None:
         reason = reason[:500]
         self.store.quarantine(robot_id, sample_id, reason)
-        self.counters.quarantined += 1
+        self._count(quarantined=1)
         quarantined[sample_id] = reason
         log.warning("robot %s: sample %r quarantined: %s", robot_id, sample_id, reason)
 
@@ -694,12 +707,12 @@ class CloudTrainer:
             try:
                 self.link.publish_bytes(robot_id, "weight_delta", data)
             except Exception as err:  # committed already; the resend path delivers it later
-                self.counters.failures += 1
+                self._count(failures=1)
                 log.error("robot %s: publishing a delta failed (%s); it is resent when the robot reports", robot_id,
                           err)  # fmt: skip
                 return
-            self.counters.deltas_sent += 1
-            self.counters.delta_bytes += len(data)
+            self._count(deltas_sent=1)
+            self._count(delta_bytes=len(data))
 
     def resend_if_behind(self, robot_id: str) -> bool:
         """Send the latest version again to a robot still behind ``resend_after_s`` after the last send.
@@ -725,7 +738,7 @@ class CloudTrainer:
                 if give_up:
                     robot.gave_up = time.monotonic()
             if give_up:
-                self.counters.give_ups += 1
+                self._count(give_ups=1)
                 log.warning("robot %s: giving up on sending v%d after %d resends (it runs v%d; its last rejection: "
                             "%s); it is sent again when the robot comes back", robot_id, latest, robot.resends,
                             robot.reported, robot.last_reject_reason or "none reported")  # fmt: skip
@@ -737,9 +750,9 @@ class CloudTrainer:
             if msg is None:
                 return False
         robot.resends += 1
-        self.counters.resends += 1
+        self._count(resends=1)
         if not robot.owned:
-            self.counters.foreign_resends += 1
+            self._count(foreign_resends=1)
         log.info("robot %s runs v%d, latest is v%d: sending %s%s", robot_id, robot.reported, latest,
                  "a keyframe" if msg.keyframe else "the delta again",
                  "" if robot.owned else " (another worker committed it)")  # fmt: skip
@@ -779,7 +792,7 @@ class CloudTrainer:
             log.info("robot %s: v%d is no longer its latest version; not sent as a keyframe", robot_id, latest)
             self._reload_chain(robot_id, robot)
             return None
-        self.counters.keyframes += 1
+        self._count(keyframes=1)
         return msg
 
     def _signed_now(self, msg):
@@ -823,7 +836,7 @@ class CloudTrainer:
         if msg is None:
             return False
         robot.comebacks += 1  # ... twice as long
-        self.counters.comeback_resends += 1
+        self._count(comeback_resends=1)
         log.info("robot %s is back (runs v%d): sending v%d again as a keyframe (come-back %d)", robot_id,
                  robot.reported, latest, robot.comebacks)  # fmt: skip
         self._send(robot_id, robot, wire.encode(self._signed_now(msg)))
@@ -839,7 +852,7 @@ class CloudTrainer:
                     results.append(self.run_round(robot_id))
             except Exception as err:  # one robot's failure never stops the others or the service
                 if not isinstance(err, RoundFailed):
-                    self.counters.failures += 1
+                    self._count(failures=1)
                 self._hold[robot_id] = time.monotonic() + self.config.round_retry_s
                 log.error("robot %s: round failed, next try in %.0f s: %s", robot_id, self.config.round_retry_s,
                           err, exc_info=not isinstance(err, RoundFailed))  # fmt: skip
@@ -849,7 +862,7 @@ class CloudTrainer:
             try:
                 self.resend_after_comeback(robot_id) or self.resend_if_behind(robot_id)
             except Exception as err:
-                self.counters.failures += 1
+                self._count(failures=1)
                 log.error("robot %s: resend failed: %s", robot_id, err)
         return results
 
@@ -880,7 +893,7 @@ class CloudTrainer:
         try:
             self.store.release(robot_id, self.config.worker_id)
         except STORE_ERRORS as err:
-            self.counters.failures += 1
+            self._count(failures=1)
             log.error("robot %s: releasing the lease failed (it expires in %.0f s): %s", robot_id, self.config.lease_s,
                       err)  # fmt: skip
 
@@ -900,13 +913,13 @@ class CloudTrainer:
             while not done.wait(self.config.lease_s / 3):
                 try:
                     if self._renew_lease(robot_id, worker):
-                        self.counters.lease_renewals += 1
+                        self._count(lease_renewals=1)
                     else:
                         log.warning("robot %s: the lease of its round could not be renewed (another worker holds it)",
                                     robot_id)  # fmt: skip
                         return
                 except Exception as err:  # the store briefly unavailable: the next renewal may still succeed
-                    self.counters.failures += 1
+                    self._count(failures=1)
                     log.error("robot %s: renewing the lease of its round failed: %s", robot_id, err)
 
         thread = threading.Thread(target=renew, name=f"cdcca-lease-{robot_id}", daemon=True)
@@ -963,7 +976,7 @@ class CloudTrainer:
                 except RoundAbandoned:
                     return
                 except Exception:  # e.g. the store briefly unavailable
-                    self.counters.failures += 1
+                    self._count(failures=1)
                     log.exception("cloud trainer pass failed; retrying")
                     busy = False
                 if not busy:
@@ -1010,7 +1023,9 @@ class CloudTrainer:
         now = time.monotonic()
         robots = dict(self.robots)  # copies: the link's threads add robots and rollbacks meanwhile
         declined = {r: dict(robot.declined) for r, robot in robots.items()}
-        return {**asdict(self.counters), "stored": self.store.count(),
+        with self._counters_lock:
+            counters = asdict(self.counters)
+        return {**counters, "stored": self.store.count(),
                 "quarantine": self.store.quarantine_counts(),
                 "on_hold": {r: round(t - now, 1) for r, t in dict(self._hold).items() if t > now},
                 "versions": {r: robot.chain.latest for r, robot in robots.items()},

@@ -182,3 +182,36 @@ def test_a_round_another_worker_committed_first_leaves_the_version_to_that_worke
     a.link.published.clear()
     robot.last_sent -= 0.6  # past b's wait, not a's (twice as long)
     assert not a.resend_if_behind("r1")
+
+
+def test_counters_the_link_threads_bump_together_lose_no_count(pretrained_test_pair, uploads, keys, tmp_path):
+    # Prepare: four link threads each refuse uploads and ignore statuses, switching threads as often as they can
+    import sys
+
+    trainer = trainer_on_v1(pretrained_test_pair, keys[0], tmp_path / "cloud", uploads)
+    forged = status(99)  # a version this cloud never published: ignored
+    per_thread, threads = 300, 4
+    interval = sys.getswitchinterval()
+
+    def link_thread():
+        for _ in range(per_thread):
+            assert not trainer.receive_tokens("r1", None)  # no message at all: refused as malformed
+            trainer.receive_status("r1", forged)
+
+    # Execute
+    sys.setswitchinterval(1e-6)
+    try:
+        workers = [threading.Thread(target=link_thread) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+
+    # Assert: every refusal and every ignored status is counted, in the totals and by reason
+    stats = trainer.stats()
+    assert stats["rejected"] == per_thread * threads
+    assert sum(stats["rejected_reasons"].values()) == per_thread * threads
+    assert stats["statuses_ignored"] == {"version": per_thread * threads}
+    trainer.close()
