@@ -222,6 +222,33 @@ def test_the_first_version_keeps_the_base_to_roll_back_to_without_writing_it(kin
 
     with safe_open(str(state_dir / adapter_state_module.STATE_FILE), framework="numpy") as handle:
         assert set(handle.keys()) == set(base) and handle.metadata()["previous_version"] == "0"
+    assert not (state_dir / adapter_state_module.PREVIOUS_FILE).exists()
     restarted = _backend(kind, exported, trust, state_dir)
     assert restarted.rollback().version == 0 and restarted.version == 0
     assert _same(_active_params(restarted), base_params)
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_a_previous_adapter_that_cannot_be_used_costs_only_the_rollback(kind, exported, keys, tmp_path, caplog):
+    # Prepare: v2 over v1, then the previous adapter's file is damaged (or replaced by another version's)
+    signer, trust = keys
+    state_dir = tmp_path / "state"
+    backend = _backend(kind, exported, trust, state_dir)
+    base = backend.slot.base if kind == "torch" else backend.base
+    chain = VersionChain("r1", base)
+    for version in (1, 2):
+        assert backend.receive(chain.make_delta(_perturbed(base, seed=version), "fp16", signer)).state == APPLIED
+        chain.record_applied(version)
+    v2_params = _active_params(backend)
+    from safetensors import safe_open
+
+    with safe_open(str(state_dir / adapter_state_module.STATE_FILE), framework="numpy") as handle:
+        assert set(handle.keys()) == set(base)  # the current file is what a release without the previous reads
+    previous = state_dir / adapter_state_module.PREVIOUS_FILE
+    previous.write_bytes(previous.read_bytes()[:100])
+
+    # Execute + Assert: v2 restores and answers; only the rollback is gone, and the log says why
+    restarted = _backend(kind, exported, trust, state_dir)
+    assert restarted.version == 2 and _same(_active_params(restarted), v2_params)
+    assert "without the previous adapter v1" in caplog.text
+    assert restarted.rollback().state == REJECTED

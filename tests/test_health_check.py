@@ -225,53 +225,65 @@ def _record(tmp_path, **state) -> object:
 @pytest.mark.parametrize(
     ("saved", "running", "probation", "good"),
     [
-        ({}, 2, None, 2),  # no record yet (first start, or a robot from before the record): trusted as before
-        ({"good": 1, "probation": 2, "level": 1.0}, 2, 2, 1),  # stopped during v2's probation: checked again
-        ({"good": 1, "probation": 2, "level": 1.0}, 1, None, 1),  # stopped after rolling back to v1
-        ({"good": 2}, 2, None, 2),  # stopped after v2 passed
-        ({"good": 1}, 3, 3, 1),  # returned to v3 without a check (a failed rollback's write, an old state)
-        ({"good": 4}, 0, None, 0),  # the base student is never on probation
+        (None, 2, None, 2),  # no record yet (first start, or a robot from before the record): trusted as before
+        ({"good": 1, "level": 1.0, "probation": 2}, 2, 2, 1),  # stopped during v2's probation: checked again
+        ({"good": 1, "level": 1.0}, 2, 2, 1),  # stopped between persisting v2 and recording its swap
+        ({"good": 1, "level": 1.0, "probation": 2}, 1, None, 1),  # stopped after rolling back to v1
+        ({"good": 2, "level": 1.0}, 2, None, 2),  # stopped after v2 passed
+        ({"good": 1, "level": 1.0}, 3, 3, 1),  # returned to v3 without a check (e.g. an older adapter state)
+        ({"good": 4, "level": 1.0}, 0, None, 0),  # the base student is never on probation
+        ("{not json", 3, 3, None),  # unreadable: checked, not trusted
     ],
-    ids=["no_record", "on_probation", "rolled_back", "passed", "unchecked", "base"],
+    ids=["no_record", "on_probation", "swap_not_recorded", "rolled_back", "passed", "unchecked", "base", "unreadable"],
 )
-def test_a_restart_keeps_a_version_on_probation_until_it_passes(tmp_path, saved, running, probation, good):
-    path = _record(tmp_path, **saved) if saved else tmp_path / "health.json"
+def test_a_restart_keeps_a_version_that_was_not_marked_good_on_probation(tmp_path, saved, running, probation, good):
+    path = tmp_path / "health.json"
+    if saved is not None:
+        path.write_text(saved if isinstance(saved, str) else json.dumps(saved))
     health = HealthCheck.resume(GOOD, running, path)
     assert (health.probation, health.good) == (probation, good)
-    assert json.loads(path.read_text())["good"] == good  # the record is there for the next start
-    if probation is not None:
-        assert json.loads(path.read_text())["probation"] == probation
+    record = json.loads(path.read_text())  # the record is there for the next start
+    assert record["good"] == good and record.get("probation") == probation
 
 
-def test_after_a_restart_the_version_on_probation_is_held_to_the_level_recorded_at_its_swap(tmp_path):
+def test_after_a_restart_the_version_on_probation_is_held_to_the_recorded_level(tmp_path):
     path = tmp_path / "health.json"
     before = HealthCheck.resume(GOOD, 1, path)
     before.observe(1, ["7"] * 8, [1.0] * 8)  # v1's level: 1.0 nats
     before.start(2)
-    assert json.loads(path.read_text()) == {"good": 1, "probation": 2, "level": 1.0}
+    assert json.loads(path.read_text()) == {"good": 1, "level": 1.0, "failed": [], "probation": 2}
 
     after = HealthCheck.resume(GOOD, 2, path)  # the robot stopped before v2's verdict
     verdicts = [after.observe(2, ["7"], [3.0]) for _ in range(4)]
     assert "above 2.500 (2 x 1.000 before the swap + 0.5)" in verdicts[-1] and after.failed == 1
+    assert json.loads(path.read_text())["failed"] == [2]
 
-    passing = HealthCheck.resume(GOOD, 2, path)
-    assert [passing.observe(2, ["7"], [1.2]) for _ in range(4)] == [None] * 4 and passing.passed == 1
-    assert json.loads(path.read_text()) == {"good": 2}
+    passing = HealthCheck.resume(GOOD, 2, _record(tmp_path, good=1, level=1.0, probation=2))
+    assert [passing.observe(2, ["7"], [1.5]) for _ in range(4)] == [None] * 4 and passing.passed == 1
+    assert json.loads(path.read_text()) == {"good": 2, "level": 1.5, "failed": []}
     assert HealthCheck.resume(GOOD, 2, path).probation is None
 
 
-def test_an_unreadable_or_unwritable_record_is_logged_and_the_check_goes_on(tmp_path, caplog):
-    path = _record(tmp_path)
-    path.write_text("{not json")
-    health = HealthCheck.resume(GOOD, 3, path)
-    assert (health.good, health.probation) == (3, None) and "ignoring the health record" in caplog.text
+def test_a_version_that_failed_before_a_restart_fails_at_its_first_answer(tmp_path):
+    # v3 failed, and the robot could not persist its rollback (a full disk): it restarts on v3
+    health = HealthCheck.resume(GOOD, 3, _record(tmp_path, good=1, level=1.0, failed=[3], probation=2))
+    assert health.probation == 3
+    assert health.observe(3, ["7"], [1.0]) == "v3 failed its health check before the robot restarted"
+
+
+def test_an_unwritable_record_is_logged_and_counted_and_the_check_goes_on(tmp_path, caplog):
     blocked = tmp_path / "no_such_folder" / "health.json"
     health = HealthCheck.resume(GOOD, 3, blocked)
     health.start(4)
     assert health.record_failures == 2 and health.probation == 4  # the check itself goes on
     assert "cannot write the health record" in caplog.text
-    off = HealthCheck.resume(HealthConfig(answers=0), 3, _record(tmp_path, good=1, probation=3))
-    assert off.probation is None  # no check: nothing is on probation
+
+
+def test_a_start_with_the_check_off_leaves_the_record_as_it_is(tmp_path):
+    path = _record(tmp_path, good=1, level=1.0, probation=2)
+    off = HealthCheck.resume(HealthConfig(answers=0), 2, path)
+    assert off.probation is None  # no check: nothing is on probation ...
+    assert HealthCheck.resume(GOOD, 2, path).probation == 2  # ... and v2 is checked once the check is on again
 
 
 @pytest.mark.parametrize("kind", ["torch", "onnx"])

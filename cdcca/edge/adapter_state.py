@@ -9,7 +9,7 @@ the functions here keep to the kind they are given and import torch only for tor
 holds them has imported already.
 
 The current adapter and version persist as one safetensors file replaced atomically (write, fsync, rename, fsync
-the folder), with the previous adapter beside them: a restart resumes at the last version applied and can still roll
+the folder), the previous adapter as a second one: a restart resumes at the last version applied and can still roll
 back one level (a version on probation when the robot stopped is checked again, :mod:`cdcca.edge.health`), and a
 crash mid-write never leaves a torn adapter.
 """
@@ -33,7 +33,7 @@ from cdcca.wire import APPLIED, REJECTED, ROLLED_BACK  # noqa: F401  (AdapterSta
 
 log = logging.getLogger(__name__)
 STATE_FILE = "adapter.safetensors"
-PREVIOUS = "previous/"  # prefix of the previous adapter's tensors in the state file (no trainable name starts so)
+PREVIOUS_FILE = "adapter.previous.safetensors"
 
 Params = Mapping[str, Any]  # name -> numpy array or torch tensor: one kind per adapter
 Apply = Callable[[Params, Params], dict[str, Any]]  # Eq. 8 (base, delta) -> new adapter; ValueError if unusable
@@ -123,28 +123,35 @@ def persist_adapter(state_dir: Path, robot_id: str, version: int, newest_version
                     previous: tuple[int, Params] | None = None) -> None:  # fmt: skip
     """Replace ``state_dir/adapter.safetensors`` atomically (write, fsync, rename, fsync the folder).
 
-    ``previous``: the adapter a rollback returns to, ``(version, params)``; kept in the same file, so the pair is
-    never torn. Version 0's tensors are not written (they are the base every restore is given)."""
+    ``previous``: the adapter a rollback returns to, ``(version, params)``, written first to its own file
+    (``adapter.previous.safetensors``, which a release from before it ignores); the current file names its version,
+    so a previous file left from another swap is never taken for it. Version 0's tensors are not written: they are
+    the base every restore is given."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    final, partial = state_dir / STATE_FILE, state_dir / f"{STATE_FILE}.partial"
-    metadata = {"robot_id": robot_id, "version": str(version), "newest_version": str(max(newest_version, version)),
-                **(extra or {})}  # fmt: skip
-    tensors = dict(params)
+    metadata = {"robot_id": robot_id, **(extra or {})}
+    if previous is not None and int(previous[0]) != 0:
+        _write_state(state_dir / PREVIOUS_FILE, previous[1], metadata | {"version": str(int(previous[0]))})
+    current = metadata | {"version": str(version), "newest_version": str(max(newest_version, version))}
     if previous is not None:
-        metadata["previous_version"] = str(int(previous[0]))
-        if int(previous[0]) != 0:
-            tensors.update({PREVIOUS + name: value for name, value in previous[1].items()})
+        current["previous_version"] = str(int(previous[0]))
+    _write_state(state_dir / STATE_FILE, params, current)
+    if previous is None or int(previous[0]) == 0:
+        (state_dir / PREVIOUS_FILE).unlink(missing_ok=True)  # nothing names it now
+
+
+def _write_state(final: Path, params: Params, metadata: dict[str, str]) -> None:
+    partial = final.with_name(final.name + ".partial")
     from safetensors import SafetensorError
 
     try:
-        save_file(tensors, str(partial), metadata)
+        save_file(params, str(partial), metadata)
     except SafetensorError as err:  # safetensors reports a full disk (ENOSPC) or an I/O error as its own type
         partial.unlink(missing_ok=True)
         raise OSError(f"writing {partial}: {err}") from err
     with open(partial, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(partial, final)  # atomic on POSIX: readers see the old or the new file, never half of one
-    directory = os.open(state_dir, os.O_RDONLY)
+    directory = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
@@ -153,18 +160,42 @@ def persist_adapter(state_dir: Path, robot_id: str, version: int, newest_version
 
 def restore_adapter(state_dir: Path, robot_id: str, base: Params,
                     extra: dict[str, str] | None = None) -> Restored | None:  # fmt: skip
-    """The persisted state (params of ``base``'s kind), or ``None`` if nothing was persisted. A state written before
-    the previous adapter was kept restores without one.
+    """The persisted state (params of ``base``'s kind), or ``None`` if nothing was persisted.
 
-    Raises ``ValueError`` for a state that cannot be used (corrupt, another robot, another trainable set, or
-    metadata that contradicts ``extra``); a write that never completed is discarded first.
+    Raises ``ValueError`` for a current adapter that cannot be used (corrupt, another robot, another trainable set,
+    or metadata that contradicts ``extra``); writes that never completed are discarded first. A previous adapter
+    that cannot be used (missing, unreadable, or not the version the current one names) is left out with a
+    warning: the robot then runs the current one without a rollback, as a state written before it was kept does.
     """
+    for name in (STATE_FILE, PREVIOUS_FILE):
+        (state_dir / f"{name}.partial").unlink(missing_ok=True)
+    if not (state_dir / STATE_FILE).is_file():
+        return None
+    metadata, params = _read_state(state_dir / STATE_FILE, robot_id, base, extra)
+    try:
+        version = int(metadata["version"])
+        newest = int(metadata.get("newest_version", version))
+        before = int(metadata["previous_version"]) if "previous_version" in metadata else None
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"unreadable adapter state: bad metadata ({err})") from err
+    previous = None
+    if before == 0:
+        previous = (0, {k: v.clone() if hasattr(v, "clone") else v.copy() for k, v in base.items()})
+    elif before is not None:
+        try:
+            kept_metadata, kept = _read_state(state_dir / PREVIOUS_FILE, robot_id, base, extra)
+            if kept_metadata.get("version") != str(before):
+                raise ValueError(f"it holds v{kept_metadata.get('version')}, not v{before}")
+            previous = (before, kept)
+        except ValueError as err:
+            log.warning("restoring v%d without the previous adapter v%d (%s): no rollback until the next update",
+                        version, before, err)  # fmt: skip
+    return Restored(version, newest, params, previous)
+
+
+def _read_state(path: Path, robot_id: str, base: Params, extra: dict[str, str] | None) -> tuple[dict, dict]:
     from safetensors import SafetensorError, safe_open
 
-    (state_dir / f"{STATE_FILE}.partial").unlink(missing_ok=True)
-    path = state_dir / STATE_FILE
-    if not path.is_file():
-        return None
     if _is_torch(base):
         from safetensors.torch import load_file
     else:
@@ -172,26 +203,16 @@ def restore_adapter(state_dir: Path, robot_id: str, base: Params,
     try:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
-        if metadata.get("robot_id") != robot_id:
-            raise ValueError(f"state belongs to robot {metadata.get('robot_id')!r}")
-        for key, value in (extra or {}).items():  # checked where the writer recorded it
-            if key in metadata and metadata[key] != value:
-                raise ValueError(f"state has {key}={metadata.get(key)!r}, expected {value!r}")
-        params = {k: v for k, v in tensors.items() if not k.startswith(PREVIOUS)}
-        _check_trainable_set(params, base)
-        previous = None
-        if "previous_version" in metadata:
-            before = int(metadata["previous_version"])
-            kept = {k[len(PREVIOUS) :]: v for k, v in tensors.items() if k.startswith(PREVIOUS)}
-            if before == 0:
-                kept = {k: v.clone() if hasattr(v, "clone") else v.copy() for k, v in base.items()}
-            _check_trainable_set(kept, base)
-            previous = (before, kept)
-        version = int(metadata["version"])
-        return Restored(version, int(metadata.get("newest_version", version)), params, previous)
-    except (SafetensorError, KeyError, OSError) as err:
+        params = load_file(str(path))
+    except (SafetensorError, OSError) as err:
         raise ValueError(f"unreadable adapter state: {err}") from err
+    if metadata.get("robot_id") != robot_id:
+        raise ValueError(f"state belongs to robot {metadata.get('robot_id')!r}")
+    for key, value in (extra or {}).items():  # checked where the writer recorded it
+        if key in metadata and metadata[key] != value:
+            raise ValueError(f"state has {key}={metadata.get(key)!r}, expected {value!r}")
+    _check_trainable_set(params, base)
+    return metadata, params
 
 
 def _check_trainable_set(params: Params, base: Params) -> None:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from cdcca.edge.adapter_slot import AdapterSlot
 
 
@@ -43,6 +45,7 @@ class EdgeBackend(ABC):
     """The contract between the edge runtime and whatever runs the student."""
 
     name: str = "abstract"
+    state_dir: Path | None = None  # where the adapter state persists (None: in memory only)
 
     @property
     @abstractmethod
@@ -75,6 +78,10 @@ class TorchBackend(EdgeBackend):
 
     def __init__(self, slot: AdapterSlot) -> None:
         self.slot = slot
+
+    @property
+    def state_dir(self) -> Path | None:
+        return self.slot.state_dir
 
     @property
     def version(self) -> int:

@@ -29,6 +29,7 @@ from cdcca.paths import write_atomic
 
 log = logging.getLogger(__name__)
 RECORD_FILE = "health.json"
+FAILED_KEPT = 32  # versions that failed, kept in the record
 
 
 @dataclass
@@ -76,35 +77,49 @@ class HealthCheck:
         self._failed: set[int] = set()
         self._before: list[float] = []  # the good version's level when the one on probation was swapped in
         self._baseline: float | None = None  # the pre-swap level of the version on probation
+        self._level: float | None = None  # the good version's level as last measured (kept in the record)
         self._probation: int | None = None
         self._seen: list[tuple[str, float]] = []
         self.passed = 0
         self.failed = 0
 
     @classmethod
-    def resume(cls, config: HealthConfig, running: int, record: str | Path) -> HealthCheck:
-        """The check of a robot that starts running ``running`` (the adapter version it restored).
+    def resume(cls, config: HealthConfig, running: int, record: str | Path | None) -> HealthCheck:
+        """The check of a robot that starts running ``running`` (the adapter version it restored); ``record``:
+        where the check keeps what it decided (``None``: in memory only).
 
-        A version other than the base (0) that the record does not mark good goes on probation again: it is the one
-        that was on probation when the robot stopped (held to the level recorded at its swap), or one the robot
-        returned to without checking it. Otherwise (no record yet, or the check is off) ``running`` is good.
+        The base (0) and the version the record marks good run as good. Any other version goes on probation, held
+        to the good version's recorded level: the one on probation when the robot stopped, one whose swap the record
+        never heard of (the robot stopped between persisting the adapter and writing the record), one the robot
+        returned to without a check; one that failed before (a rollback the robot could not persist) fails at its
+        first answer. With no record yet (a first start, or state from a release without it) the running version is
+        good; with an unreadable one it goes on probation. With the check off the record is left as it is.
         """
-        check = cls(config, record=record)
+        check, running = cls(config, record=record), int(running)
+        if not config.answers:
+            check._good = running
+            return check
         saved = check._read()
-        good, running = saved.get("good"), int(running)
         with check._lock:
-            if config.answers and isinstance(good, int) and running not in (good, 0):
-                level = saved.get("level") if saved.get("probation") == running else None
-                check._good, check._probation = good, running
-                check._baseline = float(level) if isinstance(level, (int, float)) and math.isfinite(level) else None
-                log.warning("adapter v%d was on probation when the robot stopped (v%d is the last marked good): its "
-                            "health check starts again", running, good)  # fmt: skip
-            else:
+            failed = saved.get("failed", [])
+            check._failed = {int(v) for v in failed if isinstance(v, int)} if isinstance(failed, list) else set()
+            good, level = saved.get("good"), saved.get("level")
+            check._level = float(level) if isinstance(level, (int, float)) and math.isfinite(level) else None
+            if running == 0 or running == good or saved == {}:
+                if running != good:
+                    check._level = None  # the level recorded was another version's
                 check._good = running
-            check._save()
+            else:
+                check._good = good if isinstance(good, int) else None
+                check._probation, check._baseline = running, check._level
+                why = f"v{good} is the last marked good" if isinstance(good, int) else "no version is recorded as good"
+                log.warning("adapter v%d was not marked good when the robot stopped (%s): its health check starts "
+                            "again", running, why)  # fmt: skip
+            check._save(durable=True)
         return check
 
     def _read(self) -> dict:
+        """The record; ``{}`` when there is none, ``{"unreadable": ...}`` when it cannot be read."""
         if self.record is None or not self.record.is_file():
             return {}
         try:
@@ -113,22 +128,25 @@ class HealthCheck:
                 raise ValueError("not a JSON object")
             return saved
         except (OSError, ValueError) as err:  # written atomically, so only a hand edit or a bad disk gets here
-            log.error("ignoring the health record %s (%s): the running adapter counts as good", self.record, err)
-            return {}
+            log.error("cannot read the health record %s (%s): the running adapter goes on probation", self.record, err)
+            return {"unreadable": str(err)}
 
-    def _save(self) -> None:
-        """Write the record (called under the lock, so two threads' records land in the order they were made)."""
+    def _save(self, durable: bool) -> None:
+        """Write the record (under the lock, so two threads' records land in the order they were made).
+
+        Writes that make a restart stricter need not reach the disk before the robot goes on (a pass, a failure:
+        lost, the version is checked again); the swap's write does."""
         if self.record is None:
             return
-        state = {"good": self._good}
+        state = {"good": self._good, "level": self._level, "failed": sorted(self._failed)[-FAILED_KEPT:]}
         if self._probation is not None:
-            state |= {"probation": self._probation, "level": self._baseline}
+            state["probation"] = self._probation
         try:
-            write_atomic(self.record, json.dumps(state) + "\n", durable=True)
+            write_atomic(self.record, json.dumps(state) + "\n", durable=durable)
         except OSError as err:
             self.record_failures += 1
-            log.error("cannot write the health record %s (%s): a restart would trust the running adapter", self.record,
-                      err)  # fmt: skip
+            log.error("cannot write the health record %s (%s): a restart checks the running adapter against the last "
+                      "record written", self.record, err)  # fmt: skip
 
     @property
     def good(self) -> int | None:
@@ -148,10 +166,11 @@ class HealthCheck:
             if self._probation is None:  # replacing a version on probation: held to the same good version's level
                 self._before = list(self._recent)
             if self._before:
-                self._baseline = sum(self._before) / len(self._before)
+                self._level = sum(self._before) / len(self._before)
+            self._baseline = self._level
             self._recent.clear()
             self._probation, self._seen = int(version), []
-            self._save()
+            self._save(durable=True)
 
     def observe(self, version: int, texts: Sequence[str], entropies: Sequence[float]) -> str | None:
         """Record answers of ``version``; returns why the version on probation fails, or ``None``.
@@ -179,17 +198,21 @@ class HealthCheck:
                 self._failed.add(self._probation)
                 self._recent.extend(self._before)
                 self._probation, self._seen = None, []
+                self._save(durable=False)
             elif len(self._seen) >= self.config.answers:
                 self.passed += 1
                 self._good = self._probation
                 self._recent.extend(e for _, e in self._seen if math.isfinite(e))
+                self._level = sum(self._recent) / len(self._recent) if self._recent else None
                 self._probation, self._seen = None, []
-                self._save()
+                self._save(durable=False)
             return reason
 
     def _verdict(self) -> str | None:
         seen, config = self._seen, self.config
         version = f"v{self._probation}"
+        if self._probation in self._failed:  # it failed before a restart, and the robot could not leave it then
+            return f"{version} failed its health check before the robot restarted"
         broken = sum(not math.isfinite(e) for _, e in seen)
         if broken:
             return f"{broken} of {len(seen)} answers of {version} have a non-finite entropy"

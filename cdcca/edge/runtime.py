@@ -203,7 +203,8 @@ class EdgeRuntime:
         self.trust = trust
         self.frame = LatestFrame(clock)
         self.meter = AnswerMeter(clock=clock)
-        self.health = HealthCheck.resume(config.health, backend.version, Path(config.state_dir) / RECORD_FILE)
+        record = None if backend.state_dir is None else Path(backend.state_dir) / RECORD_FILE  # beside the adapter
+        self.health = HealthCheck.resume(config.health, backend.version, record)
         self._clock = clock
         self._pump_retry_at, self._pump_backoff_s = 0.0, PUMP_RETRY_S  # after the link refused an upload
         self._publish_failing: set[str] = set()  # topics whose last publish failed (logged once per outage)
@@ -731,7 +732,8 @@ class EdgeRuntime:
     def stats(self) -> dict:
         """Counters of the runtime, the uplink queue and the port, as one flat dict."""
         report = {**vars(self.counters), "adapter_version": self.backend.version, "prompts_waiting": self.pending(),
-                  "health_probation": -1 if self.health.probation is None else self.health.probation}  # fmt: skip
+                  "health_probation": -1 if self.health.probation is None else self.health.probation,
+                  "health_record_failures": self.health.record_failures}  # fmt: skip
         report.update({f"uplink_{k}": v for k, v in vars(self.uplink.stats()).items()})
         cloud = self.cloud
         report["cloud_reached"] = bool(cloud is not None and cloud.reached)
