@@ -238,8 +238,12 @@ def test_restart_resumes_at_the_last_good_version(pair, keys, tmp_path, monkeypa
     chain.record_applied(1)
     v1 = {k: v.clone() for k, v in slot.current.items()}
 
-    def crash(*args):  # power lost after writing the new file but before the rename
-        raise OSError("simulated crash")
+    rename = os.replace
+
+    def crash(source, target):  # power lost after writing the new file but before its rename (the previous
+        if str(target).endswith("adapter.safetensors"):  # adapter's own file, written first, got through)
+            raise OSError("simulated crash")
+        return rename(source, target)
 
     monkeypatch.setattr(os, "replace", crash)
     status = slot.receive(chain.make_delta(_updated(slot.base, 2), "fp16", signer))
@@ -256,6 +260,8 @@ def test_restart_resumes_at_the_last_good_version(pair, keys, tmp_path, monkeypa
     assert not (tmp_path / "state" / "adapter.safetensors.partial").exists()
     with restarted.model() as active:
         assert _same(active, v1)
+    # the previous adapter's file now holds v1 (written for v2's swap): v1's own previous, the base, is restored
+    assert restarted.previous[0] == 0 and restarted.rollback().version == 0
 
 
 def test_corrupt_state_falls_back_to_the_base_adapter(student, keys, tmp_path):

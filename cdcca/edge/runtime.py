@@ -203,7 +203,8 @@ class EdgeRuntime:
         self.trust = trust
         self.frame = LatestFrame(clock)
         self.meter = AnswerMeter(clock=clock)
-        record = None if backend.state_dir is None else Path(backend.state_dir) / RECORD_FILE  # beside the adapter
+        adapter_dir = getattr(backend, "state_dir", None)  # a backend that keeps no adapter state has none
+        record = None if adapter_dir is None else Path(adapter_dir) / RECORD_FILE  # beside the adapter state
         self.health = HealthCheck.resume(config.health, backend.version, record)
         self._clock = clock
         self._pump_retry_at, self._pump_backoff_s = 0.0, PUMP_RETRY_S  # after the link refused an upload
