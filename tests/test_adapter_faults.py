@@ -222,7 +222,7 @@ def test_the_first_version_keeps_the_base_to_roll_back_to_without_writing_it(kin
 
     with safe_open(str(state_dir / adapter_state_module.STATE_FILE), framework="numpy") as handle:
         assert set(handle.keys()) == set(base) and handle.metadata()["previous_version"] == "0"
-    assert not (state_dir / adapter_state_module.PREVIOUS_FILE).exists()
+    assert not list(state_dir.glob(adapter_state_module.PREVIOUS_FILES))
     restarted = _backend(kind, exported, trust, state_dir)
     assert restarted.rollback().version == 0 and restarted.version == 0
     assert _same(_active_params(restarted), base_params)
@@ -244,7 +244,7 @@ def test_a_previous_adapter_that_cannot_be_used_costs_only_the_rollback(kind, ex
 
     with safe_open(str(state_dir / adapter_state_module.STATE_FILE), framework="numpy") as handle:
         assert set(handle.keys()) == set(base)  # the current file is what a release without the previous reads
-    previous = state_dir / adapter_state_module.PREVIOUS_FILE
+    previous = adapter_state_module.previous_file(state_dir, 1)
     previous.write_bytes(previous.read_bytes()[:100])
 
     # Execute + Assert: v2 restores and answers; only the rollback is gone, and the log says why
@@ -252,3 +252,39 @@ def test_a_previous_adapter_that_cannot_be_used_costs_only_the_rollback(kind, ex
     assert restarted.version == 2 and _same(_active_params(restarted), v2_params)
     assert "without the previous adapter v1" in caplog.text
     assert restarted.rollback().state == REJECTED
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_a_swap_that_fails_halfway_keeps_the_running_versions_rollback_across_a_restart(
+        kind, exported, keys, tmp_path, monkeypatch):  # fmt: skip
+    # Prepare: v2 over v1; v3's previous adapter (v2) is written, then the disk fills before the state file
+    signer, trust = keys
+    state_dir = tmp_path / "state"
+    backend = _backend(kind, exported, trust, state_dir)
+    base = backend.slot.base if kind == "torch" else backend.base
+    chain = VersionChain("r1", base)
+    deltas = {}
+    for version in (1, 2, 3):
+        deltas[version] = chain.make_delta(_perturbed(base, seed=version), "fp16", signer)
+        chain.record_applied(version)
+    assert backend.receive(deltas[1]).state == APPLIED
+    v1_params = _active_params(backend)
+    assert backend.receive(deltas[2]).state == APPLIED
+    write = adapter_state_module.save_file
+
+    def state_file_full(params, path, metadata):
+        if path.endswith(adapter_state_module.STATE_FILE + ".partial"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(params, path, metadata)
+
+    monkeypatch.setattr(adapter_state_module, "save_file", state_file_full)
+    assert backend.receive(deltas[3]).state == REJECTED
+    monkeypatch.undo()
+
+    # Execute: a restart
+    restarted = _backend(kind, exported, trust, state_dir)
+
+    # Assert: v2 runs, and its rollback to v1 is still there
+    assert restarted.version == 2
+    rolled = restarted.rollback()
+    assert (rolled.state, rolled.version) == (ROLLED_BACK, 1) and _same(_active_params(restarted), v1_params)

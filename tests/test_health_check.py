@@ -268,22 +268,37 @@ def test_a_version_that_failed_before_a_restart_fails_at_its_first_answer(tmp_pa
     # v3 failed, and the robot could not persist its rollback (a full disk): it restarts on v3
     health = HealthCheck.resume(GOOD, 3, _record(tmp_path, good=1, level=1.0, failed=[3], probation=2))
     assert health.probation == 3
-    assert health.observe(3, ["7"], [1.0]) == "v3 failed its health check before the robot restarted"
+    assert health.observe(3, ["7"], [1.0]) == "v3 failed its health check already"
 
 
 def test_an_unwritable_record_is_logged_and_counted_and_the_check_goes_on(tmp_path, caplog):
-    blocked = tmp_path / "no_such_folder" / "health.json"
+    (tmp_path / "a_file").write_text("")
+    blocked = tmp_path / "a_file" / "health.json"  # its folder cannot be made
     health = HealthCheck.resume(GOOD, 3, blocked)
     health.start(4)
     assert health.record_failures == 2 and health.probation == 4  # the check itself goes on
     assert "cannot write the health record" in caplog.text
 
 
-def test_a_start_with_the_check_off_leaves_the_record_as_it_is(tmp_path):
+def test_a_start_with_the_check_off_begins_a_record_but_never_changes_one(tmp_path):
     path = _record(tmp_path, good=1, level=1.0, probation=2)
     off = HealthCheck.resume(HealthConfig(answers=0), 2, path)
     assert off.probation is None  # no check: nothing is on probation ...
     assert HealthCheck.resume(GOOD, 2, path).probation == 2  # ... and v2 is checked once the check is on again
+    first = tmp_path / "first" / "health.json"  # a first start with the check off, in a folder not made yet
+    HealthCheck.resume(HealthConfig(answers=0), 2, first)
+    assert json.loads(first.read_text())["good"] == 2
+    assert HealthCheck.resume(GOOD, 3, first).probation == 3  # v3 came while the check was off
+
+
+def test_after_an_unreadable_record_no_version_is_taken_as_good_without_a_check(tmp_path):
+    # v3 runs after an unreadable record and fails; its rollback is refused, so nothing is marked good
+    health = HealthCheck.resume(GOOD, 3, _record(tmp_path))
+    (tmp_path / "health.json").write_text("{not json")
+    health = HealthCheck.resume(GOOD, 3, tmp_path / "health.json")
+    assert health.observe(3, ["7"], [math.nan]) is not None and health.good is None
+    health.observe(4, ["7"] * 4, [9.0] * 4)  # v4 answered between its swap and start(4)
+    assert health.good is None
 
 
 @pytest.mark.parametrize("kind", ["torch", "onnx"])
@@ -294,6 +309,8 @@ def test_a_robot_restarted_during_a_probation_checks_the_version_again_and_rolls
     student, backend = _student_and_backend(kind, pretrained_test_pair, trust, tmp_path)
     config = EdgeConfig(state_dir=tmp_path / "edge", health=HealthConfig(answers=6))
     runtime = EdgeRuntime(backend, student, config, RecordingPort())
+    assert json.loads((tmp_path / "adapter" / "health.json").read_text())["good"] == 0  # begun at the first start
+    assert runtime.stats()["health_record_failures"] == 0
     base = backend.slot.base if kind == "torch" else backend.base
     chain = VersionChain("r1", base)
     v1 = chain.make_delta({k: v + 0.01 for k, v in base.items()}, "fp16", signer)

@@ -33,7 +33,7 @@ from cdcca.wire import APPLIED, REJECTED, ROLLED_BACK  # noqa: F401  (AdapterSta
 
 log = logging.getLogger(__name__)
 STATE_FILE = "adapter.safetensors"
-PREVIOUS_FILE = "adapter.previous.safetensors"
+PREVIOUS_FILES = "adapter.previous-v*.safetensors"  # the previous adapter's file, named by its version
 
 Params = Mapping[str, Any]  # name -> numpy array or torch tensor: one kind per adapter
 Apply = Callable[[Params, Params], dict[str, Any]]  # Eq. 8 (base, delta) -> new adapter; ValueError if unusable
@@ -123,20 +123,29 @@ def persist_adapter(state_dir: Path, robot_id: str, version: int, newest_version
                     previous: tuple[int, Params] | None = None) -> None:  # fmt: skip
     """Replace ``state_dir/adapter.safetensors`` atomically (write, fsync, rename, fsync the folder).
 
-    ``previous``: the adapter a rollback returns to, ``(version, params)``, written first to its own file
-    (``adapter.previous.safetensors``, which a release from before it ignores); the current file names its version,
-    so a previous file left from another swap is never taken for it. Version 0's tensors are not written: they are
-    the base every restore is given."""
+    ``previous``: the adapter a rollback returns to, ``(version, params)``, written first to a file of its own
+    version (:func:`previous_file`, which a release from before it ignores); the current file names that version,
+    and the other versions' files are deleted only once it has landed, so a swap that fails halfway (a full disk, a
+    power cut) leaves the running version's rollback intact. Version 0's tensors are not written: they are the base
+    every restore is given."""
     state_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"robot_id": robot_id, **(extra or {})}
     if previous is not None and int(previous[0]) != 0:
-        _write_state(state_dir / PREVIOUS_FILE, previous[1], metadata | {"version": str(int(previous[0]))})
+        _write_state(previous_file(state_dir, int(previous[0])), previous[1],
+                     metadata | {"version": str(int(previous[0]))})  # fmt: skip
     current = metadata | {"version": str(version), "newest_version": str(max(newest_version, version))}
     if previous is not None:
         current["previous_version"] = str(int(previous[0]))
     _write_state(state_dir / STATE_FILE, params, current)
-    if previous is None or int(previous[0]) == 0:
-        (state_dir / PREVIOUS_FILE).unlink(missing_ok=True)  # nothing names it now
+    named = previous_file(state_dir, int(previous[0])) if previous is not None else None
+    for stale in state_dir.glob(PREVIOUS_FILES):  # only now: until the new state landed, the old one named its own
+        if stale != named:
+            stale.unlink(missing_ok=True)
+
+
+def previous_file(state_dir: Path, version: int) -> Path:
+    """Where the adapter of ``version`` is kept while it is the one a rollback returns to."""
+    return state_dir / f"adapter.previous-v{int(version)}.safetensors"
 
 
 def _write_state(final: Path, params: Params, metadata: dict[str, str]) -> None:
@@ -167,8 +176,8 @@ def restore_adapter(state_dir: Path, robot_id: str, base: Params,
     that cannot be used (missing, unreadable, or not the version the current one names) is left out with a
     warning: the robot then runs the current one without a rollback, as a state written before it was kept does.
     """
-    for name in (STATE_FILE, PREVIOUS_FILE):
-        (state_dir / f"{name}.partial").unlink(missing_ok=True)
+    for partial in state_dir.glob("adapter*.safetensors.partial"):
+        partial.unlink(missing_ok=True)
     if not (state_dir / STATE_FILE).is_file():
         return None
     metadata, params = _read_state(state_dir / STATE_FILE, robot_id, base, extra)
@@ -183,7 +192,7 @@ def restore_adapter(state_dir: Path, robot_id: str, base: Params,
         previous = (0, {k: v.clone() if hasattr(v, "clone") else v.copy() for k, v in base.items()})
     elif before is not None:
         try:
-            kept_metadata, kept = _read_state(state_dir / PREVIOUS_FILE, robot_id, base, extra)
+            kept_metadata, kept = _read_state(previous_file(state_dir, before), robot_id, base, extra)
             if kept_metadata.get("version") != str(before):
                 raise ValueError(f"it holds v{kept_metadata.get('version')}, not v{before}")
             previous = (before, kept)

@@ -74,6 +74,7 @@ class HealthCheck:
         self._recent: deque[float] = deque(maxlen=config.baseline_answers)  # entropies of the version marked good
         self._good = good  # the version marked good (the running one at start; None: the first answering), then each
         # that passes; a version that failed is never adopted as good
+        self._adopt_first = good is None  # resume() knows what is good, or that nothing is: it never adopts
         self._failed: set[int] = set()
         self._before: list[float] = []  # the good version's level when the one on probation was swapped in
         self._baseline: float | None = None  # the pre-swap level of the version on probation
@@ -93,13 +94,18 @@ class HealthCheck:
         never heard of (the robot stopped between persisting the adapter and writing the record), one the robot
         returned to without a check; one that failed before (a rollback the robot could not persist) fails at its
         first answer. With no record yet (a first start, or state from a release without it) the running version is
-        good; with an unreadable one it goes on probation. With the check off the record is left as it is.
+        good; with an unreadable one it goes on probation. With the check off a record is begun if there is none,
+        and otherwise left as it is (versions applied meanwhile are checked once the check is on again).
         """
         check, running = cls(config, record=record), int(running)
-        if not config.answers:
-            check._good = running
-            return check
+        check._adopt_first = False
         saved = check._read()
+        if not config.answers:  # no check: nothing goes on probation, and a record is only begun, never changed
+            check._good = running
+            if saved == {}:
+                with check._lock:
+                    check._save()
+            return check
         with check._lock:
             failed = saved.get("failed", [])
             check._failed = {int(v) for v in failed if isinstance(v, int)} if isinstance(failed, list) else set()
@@ -115,7 +121,7 @@ class HealthCheck:
                 why = f"v{good} is the last marked good" if isinstance(good, int) else "no version is recorded as good"
                 log.warning("adapter v%d was not marked good when the robot stopped (%s): its health check starts "
                             "again", running, why)  # fmt: skip
-            check._save(durable=True)
+            check._save()
         return check
 
     def _read(self) -> dict:
@@ -131,18 +137,18 @@ class HealthCheck:
             log.error("cannot read the health record %s (%s): the running adapter goes on probation", self.record, err)
             return {"unreadable": str(err)}
 
-    def _save(self, durable: bool) -> None:
-        """Write the record (under the lock, so two threads' records land in the order they were made).
-
-        Writes that make a restart stricter need not reach the disk before the robot goes on (a pass, a failure:
-        lost, the version is checked again); the swap's write does."""
+    def _save(self) -> None:
+        """Write the record, durably (a torn or lost record after a power cut would put the running version on
+        probation, or forget a failure), under the lock, so two threads' records land in the order they were made.
+        Once per swap and once per verdict."""
         if self.record is None:
             return
         state = {"good": self._good, "level": self._level, "failed": sorted(self._failed)[-FAILED_KEPT:]}
         if self._probation is not None:
             state["probation"] = self._probation
         try:
-            write_atomic(self.record, json.dumps(state) + "\n", durable=durable)
+            self.record.parent.mkdir(parents=True, exist_ok=True)  # a robot's first start: no adapter written yet
+            write_atomic(self.record, json.dumps(state) + "\n", durable=True)
         except OSError as err:
             self.record_failures += 1
             log.error("cannot write the health record %s (%s): a restart checks the running adapter against the last "
@@ -170,7 +176,7 @@ class HealthCheck:
             self._baseline = self._level
             self._recent.clear()
             self._probation, self._seen = int(version), []
-            self._save(durable=True)
+            self._save()
 
     def observe(self, version: int, texts: Sequence[str], entropies: Sequence[float]) -> str | None:
         """Record answers of ``version``; returns why the version on probation fails, or ``None``.
@@ -184,7 +190,7 @@ class HealthCheck:
         entropies = [float(e) for e in entropies]
         with self._lock:
             if self._probation is None:
-                if self._good is None and int(version) not in self._failed:
+                if self._good is None and self._adopt_first and int(version) not in self._failed:
                     self._good = int(version)
                 if int(version) == self._good:
                     self._recent.extend(e for e in entropies if math.isfinite(e))
@@ -198,21 +204,22 @@ class HealthCheck:
                 self._failed.add(self._probation)
                 self._recent.extend(self._before)
                 self._probation, self._seen = None, []
-                self._save(durable=False)
+                self._save()
             elif len(self._seen) >= self.config.answers:
                 self.passed += 1
                 self._good = self._probation
                 self._recent.extend(e for _, e in self._seen if math.isfinite(e))
                 self._level = sum(self._recent) / len(self._recent) if self._recent else None
                 self._probation, self._seen = None, []
-                self._save(durable=False)
+                self._save()
             return reason
 
     def _verdict(self) -> str | None:
         seen, config = self._seen, self.config
         version = f"v{self._probation}"
-        if self._probation in self._failed:  # it failed before a restart, and the robot could not leave it then
-            return f"{version} failed its health check before the robot restarted"
+        if self._probation in self._failed:  # it failed already, and the robot could not leave it (a rollback
+            # refused or not persisted, then a restart or a rollback to it)
+            return f"{version} failed its health check already"
         broken = sum(not math.isfinite(e) for _, e in seen)
         if broken:
             return f"{broken} of {len(seen)} answers of {version} have a non-finite entropy"
