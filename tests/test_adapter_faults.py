@@ -5,6 +5,7 @@ and, where a tmpfs can be mounted, for real: a file system filled to the last by
 """
 
 import errno
+import os
 
 import pytest
 import torch
@@ -288,3 +289,35 @@ def test_a_swap_that_fails_halfway_keeps_the_running_versions_rollback_across_a_
     assert restarted.version == 2
     rolled = restarted.rollback()
     assert (rolled.state, rolled.version) == (ROLLED_BACK, 1) and _same(_active_params(restarted), v1_params)
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard_link", "no_hard_links"])
+def test_the_previous_adapter_is_the_old_state_file_linked_not_copied(links, exported, keys, tmp_path, monkeypatch):
+    # Prepare: v1 persisted; on a file system without hard links (FAT) os.link fails
+    signer, trust = keys
+    state_dir = tmp_path / "state"
+    backend = _backend("onnx", exported, trust, state_dir)
+    chain = VersionChain("r1", backend.base)
+    deltas = {}
+    for version in (1, 2):
+        deltas[version] = chain.make_delta(_perturbed(backend.base, seed=version), "fp16", signer)
+        chain.record_applied(version)
+    assert backend.receive(deltas[1]).state == APPLIED
+    v1_file = os.stat(state_dir / adapter_state_module.STATE_FILE).st_ino
+    v1_params = _active_params(backend)
+    if not links:
+        monkeypatch.setattr(os, "link", lambda *args: _raise(OSError(errno.EPERM, "Operation not permitted")))
+
+    # Execute
+    assert backend.receive(deltas[2]).state == APPLIED
+
+    # Assert: v1's file is the previous adapter (the same inode where links work), and a restart rolls back to it
+    kept = adapter_state_module.previous_file(state_dir, 1)
+    assert (os.stat(kept).st_ino == v1_file) is links
+    monkeypatch.undo()
+    restarted = _backend("onnx", exported, trust, state_dir)
+    assert restarted.rollback().version == 1 and _same(_active_params(restarted), v1_params)
+
+
+def _raise(err):
+    raise err

@@ -123,16 +123,16 @@ def persist_adapter(state_dir: Path, robot_id: str, version: int, newest_version
                     previous: tuple[int, Params] | None = None) -> None:  # fmt: skip
     """Replace ``state_dir/adapter.safetensors`` atomically (write, fsync, rename, fsync the folder).
 
-    ``previous``: the adapter a rollback returns to, ``(version, params)``, written first to a file of its own
-    version (:func:`previous_file`, which a release from before it ignores); the current file names that version,
+    ``previous``: the adapter a rollback returns to, ``(version, params)``, kept first in a file of its own version
+    (:func:`previous_file`, which a release from before it ignores; a hard link to the state file that holds it,
+    when it does); the current file names that version,
     and the other versions' files are deleted only once it has landed, so a swap that fails halfway (a full disk, a
     power cut) leaves the running version's rollback intact. Version 0's tensors are not written: they are the base
     every restore is given."""
     state_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"robot_id": robot_id, **(extra or {})}
     if previous is not None and int(previous[0]) != 0:
-        _write_state(previous_file(state_dir, int(previous[0])), previous[1],
-                     metadata | {"version": str(int(previous[0]))})  # fmt: skip
+        _keep_previous(state_dir, int(previous[0]), previous[1], metadata)
     current = metadata | {"version": str(version), "newest_version": str(max(newest_version, version))}
     if previous is not None:
         current["previous_version"] = str(int(previous[0]))
@@ -141,6 +141,27 @@ def persist_adapter(state_dir: Path, robot_id: str, version: int, newest_version
     for stale in state_dir.glob(PREVIOUS_FILES):  # only now: until the new state landed, the old one named its own
         if stale != named:
             stale.unlink(missing_ok=True)
+
+
+def _keep_previous(state_dir: Path, version: int, params: Params, metadata: dict[str, str]) -> None:
+    """The previous adapter's file: the state file as it is, when it holds ``version`` (a hard link, no copy: the
+    swap's latency stays that of one write); written out otherwise (a rollback whose write failed left another
+    version there) or where the file system has no hard links (FAT)."""
+    from safetensors import SafetensorError, safe_open
+
+    target, current = previous_file(state_dir, version), state_dir / STATE_FILE
+    try:
+        with safe_open(str(current), framework="numpy") as handle:
+            held = (handle.metadata() or {}).get("version")
+        if held == str(version):
+            link = target.with_name(target.name + ".partial")
+            link.unlink(missing_ok=True)
+            os.link(current, link)
+            os.replace(link, target)
+            return
+    except (OSError, SafetensorError):
+        pass
+    _write_state(target, params, metadata | {"version": str(version)})
 
 
 def previous_file(state_dir: Path, version: int) -> Path:
