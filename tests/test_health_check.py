@@ -330,6 +330,7 @@ def test_a_robot_restarted_during_a_probation_checks_the_version_again_and_rolls
     port = RecordingPort()
     runtime = EdgeRuntime(backend, student, config, port)
     assert backend.version == 2 and runtime.stats()["health_probation"] == 2
+    assert EdgeDiagnostics(runtime).report().values["health_probation"] == "2"
     runtime.ask(images, prompts)
     runtime.ask(images, prompts)
 
@@ -344,4 +345,19 @@ def test_a_robot_restarted_during_a_probation_checks_the_version_again_and_rolls
     student, backend = _student_and_backend(kind, pretrained_test_pair, trust, tmp_path)
     runtime = EdgeRuntime(backend, student, config, RecordingPort())
     assert backend.version == 1 and runtime.health.probation is None and runtime.health.good == 1
+    runtime.close()
+
+
+def test_a_health_record_the_robot_cannot_write_shows_in_its_diagnostics(pretrained_test_pair, tmp_path):
+    from tests.test_edge_port import FakeBackend
+
+    backend = FakeBackend()
+    (tmp_path / "adapter").write_text("")  # a file where the adapter state's folder should be
+    backend.state_dir = tmp_path / "adapter"
+    student = load_adaptable_student(pretrained_test_pair)  # UTS runs on its encoder
+    runtime = EdgeRuntime(backend, student, EdgeConfig(state_dir=tmp_path / "edge"), RecordingPort())
+    report = EdgeDiagnostics(runtime).report()
+    assert report.level == 1 and "the health record could not be written" in report.message
+    assert report.values["health_record_failures"] == "1" and report.values["health_probation"] == "none"
+    assert EdgeDiagnostics(runtime).report().values["health_record_failures"] == "1"
     runtime.close()

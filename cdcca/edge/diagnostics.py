@@ -86,10 +86,12 @@ class EdgeDiagnostics:
         self._failed_at_last_report = 0
         self._health_rollbacks_at_last_report = 0
         self._acks_rejected_at_last_report = 0
+        self._record_failures_at_last_report = 0
 
     def report(self) -> DiagnosticReport:
-        """WARN when a delta was rejected, an ack refused, an answer failed or an update failed its health check
-        (and was rolled back) since the previous report, when the uplink queue is
+        """WARN when a delta was rejected, an ack refused, an answer failed, an update failed its health check
+        (and was rolled back) or the health check's record could not be written since the previous report, when the
+        uplink queue is
         at least 90 % full, or when the latest frame is older than ``max_frame_age_s``; ERROR when no camera
         frame has arrived while prompts wait."""
         runtime = self.runtime
@@ -108,6 +110,8 @@ class EdgeDiagnostics:
             "rejected_deltas": str(counters.deltas_rejected),
             "applied_deltas": str(counters.deltas_applied),
             "health_rollbacks": str(counters.health_rollbacks),
+            "health_probation": "none" if runtime.health.probation is None else str(runtime.health.probation),
+            "health_record_failures": str(runtime.health.record_failures),
             "foreign_deltas": str(counters.deltas_foreign),
             "rejected_acks": str(counters.acks_rejected),
             "answers": str(counters.answers),
@@ -135,6 +139,8 @@ class EdgeDiagnostics:
             problems.append("answering failed")
         if counters.health_rollbacks > self._health_rollbacks_at_last_report:
             problems.append("an update failed its health check and was rolled back")
+        if runtime.health.record_failures > self._record_failures_at_last_report:
+            problems.append("the health record could not be written (a restart checks against an older one)")
         if counters.acks_rejected > self._acks_rejected_at_last_report:
             problems.append("a UtsAck was refused (unsigned, untrusted key or replayed)")
         if depth >= 0.9 * capacity:
@@ -145,6 +151,7 @@ class EdgeDiagnostics:
         self._failed_at_last_report = counters.failed_answers
         self._health_rollbacks_at_last_report = counters.health_rollbacks
         self._acks_rejected_at_last_report = counters.acks_rejected
+        self._record_failures_at_last_report = runtime.health.record_failures
         if frame.received == 0 and runtime.pending():
             return DiagnosticReport(ERROR, "no camera frame received; prompts are waiting", values)
         if problems:
