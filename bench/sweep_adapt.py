@@ -198,6 +198,9 @@ VARIANTS.update({
     # either alone lowered it); the guard's backtracks still double them where the source drifts
     "anchors0.5": {"akd": {"lambda_anchor": 0.5, "lambda_anchor_query": 5.0}, "uts": {}},
     "anchors0.25": {"akd": {"lambda_anchor": 0.25, "lambda_anchor_query": 2.5}, "uts": {}},
+    # stop 38: today's round on every sample (stage 1 keeps all, twice the uplink): is the half UTS does not send
+    # what PL has over CD-CCA on colour_inverted (stop 35's reading)?
+    "all-samples": {"akd": {}, "uts": {"sample_fraction": 1.0}},
 })  # fmt: skip
 
 

@@ -180,23 +180,33 @@ def test_a_really_full_disk_is_a_rejection_and_a_resend_applies_once_there_is_ro
     assert _slot(backend).counters.persist_failures == 2 and _same(_active_params(backend), v1_params)
 
 
-@pytest.mark.parametrize("kind", ["torch", "onnx"])
-def test_a_restarted_robot_can_still_roll_back_one_level(kind, exported, keys, few_samples, tmp_path):
-    # Prepare: the robot applied v1 then v2 and stopped
+def _robot_and_deltas(kind, exported, keys, state_dir, versions=(1, 2)):
+    """A robot of ``kind`` on ``state_dir`` and the cloud's signed deltas for ``versions``, each incremental on the
+    one before (made ahead, as a cloud that published them in order)."""
     signer, trust = keys
-    state_dir = tmp_path / "state"
     backend = _backend(kind, exported, trust, state_dir)
     base = backend.slot.base if kind == "torch" else backend.base
     chain = VersionChain("r1", base)
+    deltas = {}
+    for version in versions:
+        deltas[version] = chain.make_delta(_perturbed(base, seed=version), "fp16", signer)
+        chain.record_applied(version)
+    return backend, deltas
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_a_restarted_robot_can_still_roll_back_one_level(kind, exported, keys, few_samples, tmp_path):
+    # Prepare: the robot applied v1 then v2 and stopped
+    state_dir = tmp_path / "state"
+    backend, deltas = _robot_and_deltas(kind, exported, keys, state_dir)
     sample = few_samples[0]
-    assert backend.receive(chain.make_delta(_perturbed(base, seed=1), "fp16", signer)).state == APPLIED
-    chain.record_applied(1)
+    assert backend.receive(deltas[1]).state == APPLIED
     v1_params = _active_params(backend)
     v1_answer = backend.answer([sample.load_image()], [sample.prompt])
-    assert backend.receive(chain.make_delta(_perturbed(base, seed=2), "fp16", signer)).state == APPLIED
+    assert backend.receive(deltas[2]).state == APPLIED
 
     # Execute: a restart, then a rollback
-    restarted = _backend(kind, exported, trust, state_dir)
+    restarted = _backend(kind, exported, keys[1], state_dir)
     assert restarted.version == 2
     rolled = restarted.rollback("health check: after a restart")
 
@@ -206,50 +216,42 @@ def test_a_restarted_robot_can_still_roll_back_one_level(kind, exported, keys, f
     answer = restarted.answer([sample.load_image()], [sample.prompt])
     assert answer.texts == v1_answer.texts and answer.adapter_version == 1
     assert restarted.rollback().state == REJECTED
-    again = _backend(kind, exported, trust, state_dir)
+    again = _backend(kind, exported, keys[1], state_dir)
     assert again.version == 1 and again.rollback().state == REJECTED
 
 
 @pytest.mark.parametrize("kind", ["torch", "onnx"])
 def test_the_first_version_keeps_the_base_to_roll_back_to_without_writing_it(kind, exported, keys, tmp_path):
-    signer, trust = keys
     state_dir = tmp_path / "state"
-    backend = _backend(kind, exported, trust, state_dir)
-    base = backend.slot.base if kind == "torch" else backend.base
+    backend, deltas = _robot_and_deltas(kind, exported, keys, state_dir, versions=(1,))
     base_params = _active_params(backend)
-    assert backend.receive(VersionChain("r1", base).make_delta(_perturbed(base, seed=1), "fp16", signer)).state \
-        == APPLIED  # fmt: skip
+    assert backend.receive(deltas[1]).state == APPLIED
     from safetensors import safe_open
 
     with safe_open(str(state_dir / adapter_state_module.STATE_FILE), framework="numpy") as handle:
-        assert set(handle.keys()) == set(base) and handle.metadata()["previous_version"] == "0"
+        assert set(handle.keys()) == set(base_params) and handle.metadata()["previous_version"] == "0"
     assert not list(state_dir.glob(adapter_state_module.PREVIOUS_FILES))
-    restarted = _backend(kind, exported, trust, state_dir)
+    restarted = _backend(kind, exported, keys[1], state_dir)
     assert restarted.rollback().version == 0 and restarted.version == 0
     assert _same(_active_params(restarted), base_params)
 
 
 @pytest.mark.parametrize("kind", ["torch", "onnx"])
 def test_a_previous_adapter_that_cannot_be_used_costs_only_the_rollback(kind, exported, keys, tmp_path, caplog):
-    # Prepare: v2 over v1, then the previous adapter's file is damaged (or replaced by another version's)
-    signer, trust = keys
+    # Prepare: v2 over v1, then the previous adapter's file is damaged
     state_dir = tmp_path / "state"
-    backend = _backend(kind, exported, trust, state_dir)
-    base = backend.slot.base if kind == "torch" else backend.base
-    chain = VersionChain("r1", base)
-    for version in (1, 2):
-        assert backend.receive(chain.make_delta(_perturbed(base, seed=version), "fp16", signer)).state == APPLIED
-        chain.record_applied(version)
+    backend, deltas = _robot_and_deltas(kind, exported, keys, state_dir)
+    assert backend.receive(deltas[1]).state == APPLIED and backend.receive(deltas[2]).state == APPLIED
     v2_params = _active_params(backend)
     from safetensors import safe_open
 
     with safe_open(str(state_dir / adapter_state_module.STATE_FILE), framework="numpy") as handle:
-        assert set(handle.keys()) == set(base)  # the current file is what a release without the previous reads
+        assert set(handle.keys()) == set(v2_params)  # the current file is what a release without the previous reads
     previous = adapter_state_module.previous_file(state_dir, 1)
     previous.write_bytes(previous.read_bytes()[:100])
 
     # Execute + Assert: v2 restores and answers; only the rollback is gone, and the log says why
-    restarted = _backend(kind, exported, trust, state_dir)
+    restarted = _backend(kind, exported, keys[1], state_dir)
     assert restarted.version == 2 and _same(_active_params(restarted), v2_params)
     assert "without the previous adapter v1" in caplog.text
     assert restarted.rollback().state == REJECTED
@@ -258,16 +260,9 @@ def test_a_previous_adapter_that_cannot_be_used_costs_only_the_rollback(kind, ex
 @pytest.mark.parametrize("kind", ["torch", "onnx"])
 def test_a_swap_that_fails_halfway_keeps_the_running_versions_rollback_across_a_restart(
         kind, exported, keys, tmp_path, monkeypatch):  # fmt: skip
-    # Prepare: v2 over v1; v3's previous adapter (v2) is written, then the disk fills before the state file
-    signer, trust = keys
+    # Prepare: v2 over v1; v3's previous adapter (v2) is kept, then the disk fills before the state file
     state_dir = tmp_path / "state"
-    backend = _backend(kind, exported, trust, state_dir)
-    base = backend.slot.base if kind == "torch" else backend.base
-    chain = VersionChain("r1", base)
-    deltas = {}
-    for version in (1, 2, 3):
-        deltas[version] = chain.make_delta(_perturbed(base, seed=version), "fp16", signer)
-        chain.record_applied(version)
+    backend, deltas = _robot_and_deltas(kind, exported, keys, state_dir, versions=(1, 2, 3))
     assert backend.receive(deltas[1]).state == APPLIED
     v1_params = _active_params(backend)
     assert backend.receive(deltas[2]).state == APPLIED
@@ -283,7 +278,7 @@ def test_a_swap_that_fails_halfway_keeps_the_running_versions_rollback_across_a_
     monkeypatch.undo()
 
     # Execute: a restart
-    restarted = _backend(kind, exported, trust, state_dir)
+    restarted = _backend(kind, exported, keys[1], state_dir)
 
     # Assert: v2 runs, and its rollback to v1 is still there
     assert restarted.version == 2
@@ -294,14 +289,8 @@ def test_a_swap_that_fails_halfway_keeps_the_running_versions_rollback_across_a_
 @pytest.mark.parametrize("links", [True, False], ids=["hard_link", "no_hard_links"])
 def test_the_previous_adapter_is_the_old_state_file_linked_not_copied(links, exported, keys, tmp_path, monkeypatch):
     # Prepare: v1 persisted; on a file system without hard links (FAT) os.link fails
-    signer, trust = keys
     state_dir = tmp_path / "state"
-    backend = _backend("onnx", exported, trust, state_dir)
-    chain = VersionChain("r1", backend.base)
-    deltas = {}
-    for version in (1, 2):
-        deltas[version] = chain.make_delta(_perturbed(backend.base, seed=version), "fp16", signer)
-        chain.record_applied(version)
+    backend, deltas = _robot_and_deltas("onnx", exported, keys, state_dir)
     assert backend.receive(deltas[1]).state == APPLIED
     v1_file = os.stat(state_dir / adapter_state_module.STATE_FILE).st_ino
     v1_params = _active_params(backend)
@@ -315,7 +304,7 @@ def test_the_previous_adapter_is_the_old_state_file_linked_not_copied(links, exp
     kept = adapter_state_module.previous_file(state_dir, 1)
     assert (os.stat(kept).st_ino == v1_file) is links
     monkeypatch.undo()
-    restarted = _backend("onnx", exported, trust, state_dir)
+    restarted = _backend("onnx", exported, keys[1], state_dir)
     assert restarted.rollback().version == 1 and _same(_active_params(restarted), v1_params)
 
 

@@ -89,6 +89,22 @@ def _silencing(student, base: dict) -> dict:
     return target
 
 
+def _v1_passed_and_a_silencing_v2(runtime, student, backend, signer):
+    """Applies a healthy v1 and answers until it passes; returns v2 (it empties every answer, not applied), the
+    frames and prompts asked, and v1's answers."""
+    base = backend.slot.base if backend.name == "torch" else backend.base
+    chain = VersionChain("r1", base)
+    v1 = chain.make_delta({k: v + 0.01 for k, v in base.items()}, "fp16", signer)
+    chain.record_applied(1)
+    v2 = chain.make_delta(_silencing(student, base), "fp16", signer)
+    samples = load_domain("source", "test", limit=3)[:3]
+    images, prompts = [s.load_image() for s in samples], [s.prompt for s in samples]
+    assert runtime.apply(v1).state == wire.APPLIED
+    v1_answers = [a.answer for a in runtime.ask(images, prompts) + runtime.ask(images, prompts)]
+    assert runtime.stats()["health_passed"] == 1
+    return v2, images, prompts, v1_answers
+
+
 def _student_and_backend(kind: str, checkpoints, trust, tmp_path):
     """The robot's torch student (UTS runs on its encoder) and a backend of ``kind`` on it, state in tmp_path."""
     student = load_adaptable_student(checkpoints)
@@ -104,20 +120,11 @@ def test_a_delta_that_silences_the_student_is_rolled_back_by_the_robot(kind, pre
     signer, trust = keys
     student, backend = _student_and_backend(kind, pretrained_test_pair, trust, tmp_path)
     port = RecordingPort()
-    config = EdgeConfig(state_dir=tmp_path / "edge", health=HealthConfig(answers=6))
-    runtime = EdgeRuntime(backend, student, config, port)
+    runtime = EdgeRuntime(backend, student, EdgeConfig(state_dir=tmp_path / "edge", health=HealthConfig(answers=6)),
+                          port)  # fmt: skip
     diagnostics = EdgeDiagnostics(runtime)
-    base = backend.slot.base if kind == "torch" else backend.base
-    chain = VersionChain("r1", base)
-    v1 = chain.make_delta({k: v + 0.01 for k, v in base.items()}, "fp16", signer)
-    chain.record_applied(1)
-    v2 = chain.make_delta(_silencing(student, base), "fp16", signer)
-    samples = load_domain("source", "test", limit=3)[:3]
-    images, prompts = [s.load_image() for s in samples], [s.prompt for s in samples]
-    assert runtime.apply(v1).state == wire.APPLIED
-    v1_answers = [a.answer for a in runtime.ask(images, prompts) + runtime.ask(images, prompts)]
-    assert runtime.stats()["health_passed"] == 1 and all(v1_answers)
-    assert "health check" not in diagnostics.report().message
+    v2, images, prompts, v1_answers = _v1_passed_and_a_silencing_v2(runtime, student, backend, signer)
+    assert all(v1_answers) and "health check" not in diagnostics.report().message
 
     # Execute: the signed, in-bound v2 is applied, and the robot keeps answering
     assert runtime.apply(v2).state == wire.APPLIED and runtime.stats()["health_probation"] == 2
@@ -311,16 +318,7 @@ def test_a_robot_restarted_during_a_probation_checks_the_version_again_and_rolls
     runtime = EdgeRuntime(backend, student, config, RecordingPort())
     assert json.loads((tmp_path / "adapter" / "health.json").read_text())["good"] == 0  # begun at the first start
     assert runtime.stats()["health_record_failures"] == 0
-    base = backend.slot.base if kind == "torch" else backend.base
-    chain = VersionChain("r1", base)
-    v1 = chain.make_delta({k: v + 0.01 for k, v in base.items()}, "fp16", signer)
-    chain.record_applied(1)
-    v2 = chain.make_delta(_silencing(student, base), "fp16", signer)
-    samples = load_domain("source", "test", limit=3)[:3]
-    images, prompts = [s.load_image() for s in samples], [s.prompt for s in samples]
-    assert runtime.apply(v1).state == wire.APPLIED
-    v1_answers = [a.answer for a in runtime.ask(images, prompts) + runtime.ask(images, prompts)]
-    assert runtime.stats()["health_passed"] == 1
+    v2, images, prompts, v1_answers = _v1_passed_and_a_silencing_v2(runtime, student, backend, signer)
     assert runtime.apply(v2).state == wire.APPLIED
     assert [a.answer for a in runtime.ask(images, prompts)] == ["", "", ""]  # 3 of 6: no verdict yet
     runtime.close()
