@@ -310,3 +310,29 @@ def test_the_previous_adapter_is_the_old_state_file_linked_not_copied(links, exp
 
 def _raise(err):
     raise err
+
+
+def test_a_swap_resent_after_it_failed_halfway_leaves_no_second_name_for_a_file(exported, keys, tmp_path, monkeypatch):
+    # Prepare: v1 applied; v2's state file cannot be written after v1's file was kept as the previous adapter
+    state_dir = tmp_path / "state"
+    backend, deltas = _robot_and_deltas("onnx", exported, keys, state_dir, versions=(1, 2, 3))
+    assert backend.receive(deltas[1]).state == APPLIED
+    write = adapter_state_module.save_file
+
+    def state_file_full(params, path, metadata):
+        if path.endswith(adapter_state_module.STATE_FILE + ".partial"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(params, path, metadata)
+
+    monkeypatch.setattr(adapter_state_module, "save_file", state_file_full)
+    assert backend.receive(deltas[2]).state == REJECTED
+    monkeypatch.undo()
+
+    # Execute: the resend of v2 applies, then v3
+    assert backend.receive(deltas[2]).state == APPLIED and backend.receive(deltas[3]).state == APPLIED
+
+    # Assert: only the state file and v2's previous file, each one name for its data
+    files = sorted(p.name for p in state_dir.iterdir() if p.is_file())
+    assert files == ["adapter.previous-v2.safetensors", "adapter.safetensors"]
+    assert all(os.stat(state_dir / name).st_nlink == 1 for name in files)
+    assert _backend("onnx", exported, keys[1], state_dir).rollback().version == 2

@@ -150,17 +150,22 @@ def _keep_previous(state_dir: Path, version: int, params: Params, metadata: dict
     from safetensors import SafetensorError, safe_open
 
     target, current = previous_file(state_dir, version), state_dir / STATE_FILE
+    link = target.with_name(target.name + ".link")  # not _write_state's scratch name: nothing ever writes into it
     try:
         with safe_open(str(current), framework="numpy") as handle:
             held = (handle.metadata() or {}).get("version")
         if held == str(version):
-            link = target.with_name(target.name + ".partial")
+            if target.exists() and os.path.samefile(current, target):  # a swap that failed after linking it
+                return
             link.unlink(missing_ok=True)
             os.link(current, link)
             os.replace(link, target)
+            _fsync_folder(state_dir)  # kept before the state file that names it is written
             return
     except (OSError, SafetensorError):
         pass
+    finally:
+        link.unlink(missing_ok=True)
     _write_state(target, params, metadata | {"version": str(version)})
 
 
@@ -171,6 +176,7 @@ def previous_file(state_dir: Path, version: int) -> Path:
 
 def _write_state(final: Path, params: Params, metadata: dict[str, str]) -> None:
     partial = final.with_name(final.name + ".partial")
+    partial.unlink(missing_ok=True)  # a new file, never one another name shares
     from safetensors import SafetensorError
 
     try:
@@ -181,7 +187,11 @@ def _write_state(final: Path, params: Params, metadata: dict[str, str]) -> None:
     with open(partial, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(partial, final)  # atomic on POSIX: readers see the old or the new file, never half of one
-    directory = os.open(final.parent, os.O_RDONLY)
+    _fsync_folder(final.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
@@ -197,8 +207,9 @@ def restore_adapter(state_dir: Path, robot_id: str, base: Params,
     that cannot be used (missing, unreadable, or not the version the current one names) is left out with a
     warning: the robot then runs the current one without a rollback, as a state written before it was kept does.
     """
-    for partial in state_dir.glob("adapter*.safetensors.partial"):
-        partial.unlink(missing_ok=True)
+    for pattern in ("adapter*.safetensors.partial", "adapter.previous-v*.safetensors.link"):
+        for partial in state_dir.glob(pattern):
+            partial.unlink(missing_ok=True)
     if not (state_dir / STATE_FILE).is_file():
         return None
     metadata, params = _read_state(state_dir / STATE_FILE, robot_id, base, extra)
