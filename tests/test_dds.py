@@ -401,3 +401,24 @@ def test_a_sample_the_binding_cannot_decode_is_counted_and_the_link_keeps_delive
     finally:
         link.close()
         robots.close()
+
+
+def test_a_ros_camera_robot_that_is_stopped_reports_like_a_replay(pretrained_test_pair, keys, tmp_path, monkeypatch):
+    # `cdcca edge --source ros:TOPIC` stopped by SIGTERM printed its summary, then failed on the report's missing
+    # "queries" (exit 1, no --json): the summary and the exit code read the same keys for every source
+    from cdcca.cli import format_stats
+    from cdcca.edge.app import ReplaySettings, build_runtime, edge_exit_code, replay
+    from cdcca.edge.runtime import EdgeConfig
+
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(free_domain_id(3)))
+    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    runtime = build_runtime(pretrained_test_pair, EdgeConfig(state_dir=tmp_path / "edge"), keys)
+    stop = threading.Event()
+    stop.set()  # stopped at once: no frame arrived
+    try:
+        report = replay(runtime, ReplaySettings(source="ros:/camera/image", linger_s=0), stop)
+    finally:
+        runtime.stop()
+        runtime.close()
+    assert (report["queries"], report["answers"], report["start_version"]) == (0, 0, 0) and report["seconds"] >= 0
+    assert "robot r1" in format_stats(report, "robot r1") and edge_exit_code(report) == 0

@@ -286,7 +286,11 @@ def _replay(runtime: EdgeRuntime, settings: ReplaySettings, stop: threading.Even
         runtime.config.prompts = tuple(settings.prompts)
         runtime.config.ask_rate_hz = settings.rate_hz or 1.0
         runtime.config.batch_size = settings.batch_size
-        return run_dds_edge(runtime, settings.source[4:], stop, DdsEdgeSettings())
+        started, start_version = time.monotonic(), runtime.backend.version
+        stats = run_dds_edge(runtime, settings.source[4:], stop, DdsEdgeSettings())
+        # a camera's queries are the prompts answered about its frames (the summary reads them as a replay's)
+        return {"queries": stats["answers"] + stats["failed_answers"], "seconds": time.monotonic() - started,
+                "start_version": start_version, "updates_waited_for": 0, **stats}  # fmt: skip
     runtime.start()
     started, start_version = time.monotonic(), runtime.backend.version
     batch, done = [], 0
