@@ -109,6 +109,7 @@ non_negative_float = _number(float, "a number >= 0", low=0)
 keep_fraction = _number(float, "a fraction in (0, 1]", low=0, high=1, low_open=True)
 held_out_fraction = _number(float, "a fraction in [0, 1)", low=0, high=1, high_open=True)
 port_number = _number(int, "a port in 1..65535", low=1, high=65535)
+thread_count = _number(int, "a thread count in 1..1024", low=1, high=1024)  # 99999 made OpenBLAS crash the process
 
 
 def store_spec(text: str) -> str:
@@ -179,7 +180,7 @@ def package_version() -> str:
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=thread_count, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="third-party warnings, DEBUG logging and tracebacks")  # fmt: skip
 
@@ -719,10 +720,17 @@ def _check_output_dir(path: Path, flag: str) -> None:
                          f"{flag}")  # fmt: skip
 
 
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "tif", "tiff", "eps", "ps")  # what matplotlib writes
+
+
 def _check_output_file(path: Path, flag: str) -> None:
     """A report or plot file's folder must be writable before a long run starts, not after it."""
+    example = "plot.png" if flag == "--plot" else "report.json"
     if path.is_dir():
-        raise CdccaError(f"{flag} {path} is a folder; pass a file name such as {path / 'report.json'}")
+        raise CdccaError(f"{flag} {path} is a folder; pass a file name such as {path / example}")
+    if flag == "--plot" and path.suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        raise CdccaError(f"--plot {path}: the picture's format comes from its extension, one of "
+                         f"{', '.join('.' + f for f in PLOT_FORMATS)}; pass e.g. {path.with_suffix('.png')}")
     if path.exists():
         if not os.access(path, os.W_OK):
             raise CdccaError(f"{flag} {path} is not writable; pass another file with {flag}")

@@ -77,6 +77,7 @@ def model_dir(pair, tmp_path):
         (["eval", "--domains", "mars"], ["--domains", "'mars'"]),
         (["edg"], ["invalid choice: 'edg'", "'edge'"]),
         (["keys", "trust"], ["PUBFILE"]),
+        (["info", "--threads", "99999"], ["--threads", "1..1024, got 99999"]),
         (["bench", "adapt", "--methods", "magic"], ["'magic'", "'cdcca'"]),
     ],
 )
@@ -173,6 +174,12 @@ def test_a_broken_config_json_names_it(model_dir, capsys, tmp_path):
                     str(config), "cdcca pretrain")  # fmt: skip
 
 
+def test_a_plot_whose_extension_matplotlib_cannot_write_fails_before_any_work(capsys, tmp_path):
+    # the model folder does not exist: had the evaluation run first, the error would be about it (and its JSON lost)
+    _one_error_line(["eval", "--model", tmp_path / "none", "--plot", tmp_path / "p.txt", "--json", tmp_path / "e.json"],
+                    capsys, "--plot", "p.txt", ".png")  # fmt: skip
+
+
 def test_a_missing_model_folder_points_at_pretrain(capsys, tmp_path):
     _one_error_line(["export", "--model", tmp_path / "none"], capsys, "cdcca pretrain")
 
@@ -181,11 +188,16 @@ def test_a_missing_model_folder_points_at_pretrain(capsys, tmp_path):
 @pytest.mark.parametrize(
     ("config", "expected"),
     [
-        ({"connect": "tcp/127.0.0.1:7447"}, 'invalid type: string "tcp/127.0.0.1:7447"'),
+        ({"connect": "tcp/127.0.0.1:7447"}, "'connect' must be a list of endpoint strings, got \"tcp/127.0.0.1:7447\""),
+        ({"connect": [5]}, "'connect' must be a list of endpoint strings, got [5]"),
+        ({"tls_mutual": "yes"}, "'tls_mutual' must be true or false"),
         ({"conect": ["tcp/127.0.0.1:7447"]}, "unknown keys ['conect']"),
         ("{not json", "Expecting property name"),
+        ("[]", "a link configuration is a JSON object"),
+        ("null", "a link configuration is a JSON object"),
     ],
-    ids=["connect-as-a-string", "misspelt-key", "not-json"],
+    ids=["connect-as-a-string", "connect-not-strings", "flag-as-a-string", "misspelt-key", "not-json", "a-list",
+         "null"],
 )
 def test_a_link_configuration_zenoh_refuses_is_one_line(config, expected, capsys, tmp_path, trust_dir):
     link = tmp_path / "link.json"

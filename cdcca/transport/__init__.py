@@ -63,7 +63,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from cdcca import wire
 from cdcca.errors import CdccaError
@@ -124,6 +124,7 @@ class LinkConfig:
             users are unrestricted (:meth:`access_control`).
     """
 
+    _FLAGS: ClassVar[tuple[str, ...]] = ("multicast_scouting", "tls_mutual", "bind_robot_users")
     mode: str = "peer"
     listen: list[str] = field(default_factory=list)
     connect: list[str] = field(default_factory=list)
@@ -207,12 +208,22 @@ class LinkConfig:
     def from_file(cls, path: str | Path) -> LinkConfig:
         """Read a JSON file whose keys are this class's fields."""
         try:
-            raw = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
             raise LinkError(f"cannot read link configuration {path}: {err}") from err
+        if not isinstance(raw, dict):
+            raise LinkError(f"{path}: a link configuration is a JSON object of {sorted(cls.__dataclass_fields__)}, "
+                            f"got {type(raw).__name__}")  # fmt: skip
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise LinkError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        for name, value in raw.items():  # the types zenoh wants, checked here where the file can be named
+            wanted = (list,) if name in ("listen", "connect") else (bool,) if name in cls._FLAGS else (str, type(None))
+            if not isinstance(value, wanted) or name in ("listen", "connect") and not all(
+                    isinstance(v, str) for v in value):  # fmt: skip
+                kind = "a list of endpoint strings" if wanted == (list,) else "true or false" if wanted == (bool,) \
+                    else "a string"  # fmt: skip
+                raise LinkError(f"{path}: {name!r} must be {kind}, got {json.dumps(value)}")
         return cls(**raw)
 
     @classmethod
