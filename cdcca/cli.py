@@ -789,7 +789,7 @@ def cmd_edge(args) -> dict:
     from cdcca.edge.runtime import EdgeConfig
     from cdcca.edge.sources import DEFAULT_PROMPTS
     from cdcca.envelope import TrustStore
-    from cdcca.paths import cache_dir, checkpoint_dir
+    from cdcca.paths import cache_dir
 
     _setup_logging(args.verbose)
     args.source = _edge_source(args)
@@ -805,10 +805,9 @@ def cmd_edge(args) -> dict:
                               answers_file=args.answers_file, metrics_port=args.metrics_port,
                               metrics_addr=args.metrics_addr, status_line=args.status_line,
                               wait_updates=args.wait_updates)  # fmt: skip
-    checkpoints = args.checkpoints or checkpoint_dir(args.preset)
     link = _open_link(args, listen=False)
     try:
-        runtime = build_runtime(checkpoints, config, trust, link, backend=args.backend, threads=args.threads)
+        runtime = build_runtime(_pair_folder(args), config, trust, link, backend=args.backend, threads=args.threads)
     except BaseException:  # Ctrl-C while the model loads included: KeyboardInterrupt, "interrupted"
         link.close()
         raise
@@ -843,7 +842,7 @@ def cmd_cloud(args) -> dict:
     from cdcca.dwc import get_codec
     from cdcca.edge.app import stop_on_signals
     from cdcca.envelope import Signer
-    from cdcca.paths import cache_dir, checkpoint_dir
+    from cdcca.paths import cache_dir
     from cloud_trainer.app import build_trainer, serve
     from cloud_trainer.distributed import follow, init_from_env, send_stop
     from cloud_trainer.service import CloudConfig
@@ -861,10 +860,10 @@ def cmd_cloud(args) -> dict:
                          metrics_port=args.metrics_port, metrics_address=args.metrics_address,
                          status_every_s=args.status_every, comeback_after_s=args.comeback_after,
                          adapter_cache=args.adapter_cache, worker_id=args.worker_id, lease_s=args.lease)  # fmt: skip
-    checkpoints, key = args.checkpoints or checkpoint_dir(args.preset), args.key or cache_dir() / "keys" / "cloud-1.key"
+    key = args.key or cache_dir() / "keys" / "cloud-1.key"
     Signer.load(key)  # a missing key fails now, with advice, before the teacher loads
     if rank > 0:  # torchrun: rank 0 serves; this rank distills alongside it
-        trainer = build_trainer(checkpoints, key, config)
+        trainer = build_trainer(_pair_folder(args), key, config)
         return {"rank": rank, "rounds": follow(trainer)}
     if args.dds:
         from cdcca.transport.dds import DdsLink
@@ -873,7 +872,7 @@ def cmd_cloud(args) -> dict:
     else:
         link = _open_link(args, listen=True)
     try:
-        trainer = build_trainer(checkpoints, key, config, link)
+        trainer = build_trainer(_pair_folder(args), key, config, link)
     except BaseException:  # Ctrl-C while the teacher loads included
         link.close()
         raise
@@ -902,6 +901,7 @@ def format_stats(report: dict, title: str) -> str:
 def cmd_export(args) -> dict:
     from cdcca.edge.onnx_export import cli_export
 
+    args.checkpoints = _pair_folder(args)
     return cli_export(args)
 
 
@@ -1046,7 +1046,6 @@ def _print_adapt_tables(report: dict) -> None:
 
 def cmd_bench(args) -> dict:
     from cdcca.models.checkpoint import load_mllm
-    from cdcca.paths import checkpoint_dir
     from cdcca.report import format_table
 
     if args.which == "edge":
@@ -1057,7 +1056,7 @@ def cmd_bench(args) -> dict:
         from cdcca.benchmarks.fleet import cli_bench_fleet
 
         return cli_bench_fleet(args)
-    checkpoints = args.checkpoints or checkpoint_dir(args.preset)
+    checkpoints = _pair_folder(args)
     student = load_mllm(checkpoints / "student")
     plot = args.plot or (args.json.with_suffix(".png") if args.json else None)
     if args.which == "uplink":
@@ -1187,6 +1186,25 @@ def quiet_third_party(verbose: bool) -> None:
 
 OUTPUT_DIRS = {"pretrain": ("out",), "demo": ("out", "workdir"), "export": ("out",), "make-bag": ("path",),
                "keys": ("dir",)}  # fmt: skip
+
+
+def _pair_folder(args) -> Path:
+    """The teacher/student pair's folder: ``--model DIR``, checked where a verb is about to load it (a missing
+    relative folder was taken for a model hub id), or the preset's in the cache."""
+    from cdcca.paths import checkpoint_dir
+
+    if args.checkpoints is None:
+        return checkpoint_dir(args.preset)
+    folder = Path(args.checkpoints)
+    if not folder.exists():
+        raise CdccaError(f"--model {folder}: no such folder; pass the folder `cdcca pretrain --out` wrote (it holds "
+                         "teacher/ and student/), or run `cdcca pretrain` to build the embedded pair")  # fmt: skip
+    if not folder.is_dir():
+        raise CdccaError(f"--model {folder} is a file; pass the folder that holds teacher/ and student/")
+    if (folder / "config.json").is_file() and not (folder / "student").exists():
+        raise CdccaError(f"--model {folder} is one model's folder; pass the folder above it ({folder.parent}), "
+                         "which holds teacher/ and student/")  # fmt: skip
+    return folder
 
 
 def _preflight(args) -> None:

@@ -87,8 +87,10 @@ def test_a_bad_option_is_one_line_and_exit_2_before_anything_loads(argv, expecte
 
 
 def test_an_unknown_codec_fails_before_the_models_load(capsys, tmp_path):
-    # the model folder does not exist: had anything loaded first, the error would be about it
-    _one_error_line(["cloud", "--codec", "zip", "--model", tmp_path / "none", "--state", tmp_path / "s"], capsys,
+    # the pair's folders are empty: had anything loaded first, the error would be about them
+    for role in ("teacher", "student"):
+        (tmp_path / "pair" / role).mkdir(parents=True)
+    _one_error_line(["cloud", "--codec", "zip", "--model", tmp_path / "pair", "--state", tmp_path / "s"], capsys,
                     "unknown codec 'zip'", "nf4-zstd")  # fmt: skip
 
 
@@ -178,6 +180,17 @@ def test_a_plot_whose_extension_matplotlib_cannot_write_fails_before_any_work(ca
     # the model folder does not exist: had the evaluation run first, the error would be about it (and its JSON lost)
     _one_error_line(["eval", "--model", tmp_path / "none", "--plot", tmp_path / "p.txt", "--json", tmp_path / "e.json"],
                     capsys, "--plot", "p.txt", ".png")  # fmt: skip
+
+
+@pytest.mark.parametrize("verb", [["edge", "--source", "dir:{tmp}", "--trust", "{tmp}/trust", "--state", "{tmp}/s"],
+                                  ["cloud", "--key", "{tmp}/keys/cloud-1.key", "--state", "{tmp}/s"], ["export"]],
+                         ids=lambda v: v[0])  # fmt: skip
+def test_a_model_folder_that_is_not_a_pair_is_named_before_anything_loads(verb, model_dir, trust_dir, capsys,
+                                                                         tmp_path, monkeypatch):  # fmt: skip
+    argv = [str(a).format(tmp=tmp_path) for a in verb]
+    monkeypatch.chdir(tmp_path)
+    _one_error_line(argv + ["--model", "ckpt"], capsys, "--model ckpt: no such folder", "cdcca pretrain")
+    _one_error_line(argv + ["--model", model_dir / "student"], capsys, "is one model's folder", str(model_dir))
 
 
 def test_a_missing_model_folder_points_at_pretrain(capsys, tmp_path):
