@@ -29,6 +29,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from cdcca.data.digits_shift import INK_COLOURS, STYLES, TrainingImage, corpus, training_image, training_samples
+from cdcca.errors import CdccaError
 from cdcca.models.checkpoint import build_pair, load_mllm, save_mllm, share_vision_encoder
 from cdcca.models.mllm import MLLM
 from cdcca.models.presets import get_preset
@@ -213,6 +214,30 @@ def is_complete(directory: Path) -> bool:
     return (directory / "model.safetensors").is_file() and (directory / "cdcca.json").is_file()
 
 
+class PretrainMismatch(CdccaError, ValueError):
+    """``--out`` holds a finished stage built with other settings than the ones asked for."""
+
+
+def check_reusable(directory: Path, config: PretrainConfig, stage: str) -> None:
+    """A finished stage in ``directory`` is reused only if its ``cdcca.json`` records the settings asked for now
+    (``cdcca pretrain --preset test --out <a tiny pair>`` reported the tiny pair as built). A model from before the
+    settings were recorded is reused as it is."""
+    meta = json.loads((directory / "cdcca.json").read_text()).get("meta", {})
+    recorded = meta.get("pretrain")
+    if not isinstance(recorded, dict):
+        return
+    # out_dir and checkpoint_every do not change the weights (a resumed run computes what an uninterrupted one
+    # would); the student's steps do not change the teacher
+    ignored = ("out_dir", "checkpoint_every") + (("student_steps",) if stage == "teacher" else ())
+    asked = {k: v for k, v in asdict(config).items() if k not in ignored}
+    differ = sorted(k for k, v in asked.items() if k in recorded and recorded[k] != v)
+    if differ:
+        changes = ", ".join(f"{k} {recorded[k]!r} (asked {asked[k]!r})" for k in differ)
+        again = f"{directory} and the student beside it" if stage == "teacher" else str(directory)
+        raise PretrainMismatch(f"{directory} was built with {changes}; pass another --out, or delete {again} to "
+                               "build it again with these settings")  # fmt: skip
+
+
 def _train_answering(
     model: MLLM, stage: str, distribution: str, steps: int, config: PretrainConfig, progress: bool
 ) -> dict:
@@ -242,6 +267,9 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> dict:
     out = config.out_dir
     tokenizer = build_tokenizer(corpus())
     teacher, student = build_pair(get_preset(config.preset), tokenizer, seed=config.seed)
+    for stage in ("teacher", "student"):  # before any work: a mismatch found after the teacher's minutes is late
+        if is_complete(out / stage):
+            check_reusable(out / stage, config, stage)
     if is_complete(out / "teacher"):
         teacher = load_mllm(out / "teacher")
         report["stages"] += [{"stage": "vision", "reused": True}, {"stage": "teacher", "reused": True}]

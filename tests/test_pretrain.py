@@ -7,7 +7,7 @@ import torch
 
 import cdcca.pretrain as pretrain_module
 from cdcca.models.checkpoint import load_mllm
-from cdcca.pretrain import PretrainConfig, load_optimizer, pretrain, save_optimizer
+from cdcca.pretrain import PretrainConfig, PretrainMismatch, load_optimizer, pretrain, save_optimizer
 
 
 def test_pretrain_writes_a_loadable_pair_sharing_one_encoder(pretrained_test_pair):
@@ -18,13 +18,21 @@ def test_pretrain_writes_a_loadable_pair_sharing_one_encoder(pretrained_test_pai
     assert not (pretrained_test_pair / "teacher.partial").exists()
 
 
-def test_pretrain_reuses_finished_checkpoints(pretrained_test_pair):
-    report = pretrain(PretrainConfig(preset="test", out_dir=pretrained_test_pair), progress=False)
+def test_pretrain_reuses_finished_checkpoints_built_with_the_settings_asked_for(pretrained_test_pair):
+    built = json.loads((pretrained_test_pair / "teacher" / "cdcca.json").read_text())["meta"]["pretrain"]
+    same = {k: v for k, v in built.items() if k != "out_dir"}
+    report = pretrain(PretrainConfig(**same, out_dir=pretrained_test_pair), progress=False)
     assert [(r["stage"], r.get("reused")) for r in report["stages"]] == [
         ("vision", True),
         ("teacher", True),
         ("student", True),
     ]
+    # other settings are not silently ignored (`--preset test --out <a tiny pair>` reported the tiny pair built)
+    with pytest.raises(PretrainMismatch, match=r"teacher was built with seed 0 \(asked 7\); .* and the student"):
+        pretrain(PretrainConfig(**{**same, "student_steps": 5, "seed": 7}, out_dir=pretrained_test_pair),
+                 progress=False)  # fmt: skip
+    with pytest.raises(PretrainMismatch, match=r"student was built with student_steps 8 \(asked 5\)"):
+        pretrain(PretrainConfig(**{**same, "student_steps": 5}, out_dir=pretrained_test_pair), progress=False)
 
 
 def test_training_reduces_the_loss(tmp_path):
