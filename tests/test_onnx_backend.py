@@ -363,3 +363,26 @@ def test_restarts_on_one_state_directory_do_not_pile_up_adapter_files(exported, 
         assert {p.name for p in files.glob("*.onnx_adapter")} == mapped and len(mapped) == len(
             export.manifest["graphs"])  # one file per graph, this run's
         del backend
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda d, m: (d / m["graphs"]["encoder"]["file"]).unlink(), "cannot load .*encoder"),
+        (lambda d, m: (d / m["graphs"]["decoder"]["file"]).write_bytes(b"\x08\x01garbage"), "cannot load .*decoder"),
+        (lambda d, m: (d / "manifest.json").write_text("[]"), "manifest.json holds JSON but not an object"),
+        (lambda d, m: (d / "manifest.json").write_text("{"), "manifest.json is damaged or unreadable"),
+    ],
+    ids=["graph-missing", "graph-truncated", "manifest-a-list", "manifest-cut"],
+)
+def test_a_damaged_export_is_an_error_naming_the_file_and_how_to_rebuild(damage, expected, exported, keys, tmp_path):
+    import json
+    import shutil
+
+    _, export = exported
+    copy = tmp_path / "export"
+    shutil.copytree(export.directory, copy)
+    damage(copy, json.loads((copy / "manifest.json").read_text()))
+    with pytest.raises(OnnxModelMismatch, match=expected) as caught:
+        OnnxBackend(OnnxExport.load(copy), "r1", keys[1], threads=1)
+    assert "cdcca export --backend onnx" in str(caught.value)

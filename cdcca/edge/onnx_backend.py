@@ -156,6 +156,16 @@ def _torch_copy(arrays: dict[str, np.ndarray]) -> dict:
     return {name: torch.from_numpy(np.array(value)) for name, value in arrays.items()}
 
 
+def _session(path: Path, options) -> ort.InferenceSession:
+    """An ONNX Runtime session of one graph of an export; a missing or damaged graph file is an
+    :class:`~cdcca.edge.onnx_model.OnnxModelMismatch` naming it (ORT's own errors read as a crash)."""
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own types (NoSuchFile, InvalidProtobuf, Fail)
+        raise OnnxModelMismatch(f"cannot load {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                                "export the student again with `cdcca export --backend onnx`") from err
+
+
 class OnnxBackend(EdgeBackend):
     """The exported student on ONNX Runtime (CPU), with multi-LoRA hot-swap and rollback.
 
@@ -198,8 +208,7 @@ class OnnxBackend(EdgeBackend):
         if threads:
             options.intra_op_num_threads = threads
         directory = self.export.directory
-        self.sessions = {graph: ort.InferenceSession(str(directory / info["file"]), options,
-                                                     providers=["CPUExecutionProvider"])
+        self.sessions = {graph: _session(directory / info["file"], options)
                          for graph, info in manifest["graphs"].items()}  # fmt: skip
         # decodes one prompt: on one thread (see ``threads``)
         self._single_decoder = self.sessions["decoder"] if threads == 1 else self._one_thread_session("decoder")
@@ -220,8 +229,7 @@ class OnnxBackend(EdgeBackend):
             self._drop_unused_files()  # a run that restores nothing would leave the files of every earlier start
 
     def _one_thread_session(self, graph: str) -> ort.InferenceSession:
-        path = self.export.directory / self.export.manifest["graphs"][graph]["file"]
-        return ort.InferenceSession(str(path), one_thread_options(), providers=["CPUExecutionProvider"])
+        return _session(self.export.directory / self.export.manifest["graphs"][graph]["file"], one_thread_options())
 
     def _tune_single_frame(self, rounds: int = TUNE_ROUNDS) -> ort.InferenceSession:
         """The encoder session single frames run on: the multi-threaded one or a one-thread one, whichever ran a

@@ -59,7 +59,14 @@ class OnnxExport:
         if not path.is_file():
             raise OnnxModelMismatch(f"{directory} is not an ONNX export (no {MANIFEST_FILE}); create one with "
                                     "`cdcca export --backend onnx` or cdcca.edge.onnx_export.export_onnx")  # fmt: skip
-        manifest = json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise OnnxModelMismatch(f"{path} is damaged or unreadable ({err}); export the student again with "
+                                    "`cdcca export --backend onnx`") from err  # fmt: skip
+        if not isinstance(manifest, dict):
+            raise OnnxModelMismatch(f"{path} holds JSON but not an object; export the student again with "
+                                    "`cdcca export --backend onnx`")  # fmt: skip
         if manifest.get("format_version") != FORMAT_VERSION:
             raise OnnxModelMismatch(f"{path} has format {manifest.get('format_version')}, this CD-CCA reads "
                                     f"{FORMAT_VERSION}; export the student again")  # fmt: skip
