@@ -828,6 +828,10 @@ def cmd_edge(args) -> dict:
         f"{report['uplink_queued']} still queued, adapter v{report['adapter_version']} "
         f"({report['seconds']:.1f} s)"
     )
+    if report["queries"] == 0 and not stop.is_set() and args.source.startswith(("dir:", "bag:")):
+        skipped = sum(report.get("faults", {}).values()) if isinstance(report.get("faults"), dict) else 0
+        raise CdccaError(f"--source {args.source}: not one frame could be read ({skipped} skipped, the log says why); "
+                         "point it at a folder of PNG/JPEG frames or a bag with a camera topic")  # fmt: skip
     reason = edge_exit_reason(report)
     if reason is not None:  # answers were made, but the cloud side of the loop was not: exit 3 says so
         print(f"cdcca edge: warning: {reason}", file=sys.stderr)

@@ -213,3 +213,14 @@ def test_answers_are_scored_against_the_bags_ground_truth_per_adapter_version(tm
     assert len(score.truth) == 3 * 3 and len(records) == 3 * 2  # every prompt has its record; captions unscored
     assert report["by_version"][0]["accuracy"] == 100.0 and report["by_version"][1]["accuracy"] == 0.0
     assert report["scored"] == 2 * len(records) and report["accuracy"] == 50.0
+
+
+def test_a_folder_without_one_readable_frame_is_an_error_not_a_run(edge, tmp_path, capsys):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "0001.png").write_bytes(b"not a png")
+
+    code, report = edge(f"dir:{frames}")
+
+    assert code == 2 and report is None
+    assert "not one frame could be read (1 skipped" in capsys.readouterr().err
