@@ -122,7 +122,7 @@ def test_two_runtimes_serve_their_own_prometheus_metrics(make_robot):
     assert 'cdcca_edge_answers_total{robot="r2"} 0.0' in two and 'robot="r1"' not in two
 
 
-def test_a_metrics_port_in_use_is_one_clear_error(make_robot):
+def test_a_metrics_port_in_use_or_a_foreign_address_is_one_error_naming_the_flag(make_robot):
     robot = make_robot()
     taken = EdgeMetrics(robot, free_port(), "127.0.0.1")
     try:
@@ -130,6 +130,8 @@ def test_a_metrics_port_in_use_is_one_clear_error(make_robot):
             EdgeMetrics(robot, taken.port, "127.0.0.1")
     finally:
         taken.close()
+    with pytest.raises(ValueError, match=r"cannot serve metrics on 999\.1\.1\.1:.*pick another --metrics-address"):
+        EdgeMetrics(robot, free_port(), "999.1.1.1")  # no such address: the port was never the problem
 
 
 def test_cloud_presence_warns_within_seconds_then_reports_up_and_down(make_robot, caplog):

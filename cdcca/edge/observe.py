@@ -263,8 +263,11 @@ class EdgeMetrics:
 
             try:
                 self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
-            except OSError as err:
-                raise ValueError(f"cannot serve metrics on {addr}:{port}: {err}; pick another --metrics-port") from err
+            except OSError as err:  # the port is taken, or the address is none of this machine's
+                import errno
+
+                flag = "--metrics-port" if err.errno in (errno.EADDRINUSE, errno.EACCES) else "--metrics-address"
+                raise ValueError(f"cannot serve metrics on {addr}:{port}: {err}; pick another {flag}") from err
             self.port = self.server.server_port
 
     def observe(self, answers: Sequence[Any]) -> None:
