@@ -310,8 +310,12 @@ def trust_key(public_file: str | Path, store_dir: str | Path) -> Path:
     same key again is a no-op; a different key under a trusted (or revoked) id is refused."""
     public_file = Path(public_file)
     store_dir = Path(store_dir)
+    text = public_file.read_text(errors="replace")
+    if "PRIVATE KEY" in text:  # the .key beside the .pub: it must never leave the cloud
+        raise KeyStoreError(f"{public_file} is a private key (it stays in the cloud); trust its public half, "
+                            f"{public_file.with_suffix('.pub')}")  # fmt: skip
     store = TrustStore.load(store_dir) if store_dir.is_dir() else TrustStore()
-    store.add(public_file.stem, public_file.read_text())  # validates; refuses replacing or revoked keys
+    store.add(public_file.stem, text)  # validates; refuses replacing or revoked keys
     target = store_dir / f"{public_file.stem}.pub"  # the store reads *.pub: a key copied under another suffix is lost
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.is_file() or target.read_text() != public_file.read_text():

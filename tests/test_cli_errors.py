@@ -257,6 +257,12 @@ def test_keys_trust_replace_never_brings_back_a_revoked_key(capsys, tmp_path):
     _one_error_line(["keys", "trust", old, "--store", store, "--replace"], capsys, "revoked")
 
 
+def test_trusting_a_private_key_file_says_to_pass_its_public_half(capsys, tmp_path):
+    private, public = generate_key(tmp_path / "keys", "cloud-9")
+    _one_error_line(["keys", "trust", private, "--store", tmp_path / "trust"], capsys, "is a private key", str(public))
+    assert not (tmp_path / "trust" / "cloud-9.pub").exists()
+
+
 def test_a_missing_public_key_file_is_one_line(capsys, tmp_path):
     _one_error_line(["keys", "trust", tmp_path / "nope.pub", "--store", tmp_path / "trust"], capsys,
                     str(tmp_path / "nope.pub"))  # fmt: skip
