@@ -112,6 +112,15 @@ port_number = _number(int, "a port in 1..65535", low=1, high=65535)
 thread_count = _number(int, "a thread count in 1..1024", low=1, high=1024)  # 99999 made OpenBLAS crash the process
 
 
+def robot_id(text: str) -> str:
+    """``--robot-id``: checked at parse, before it names a folder (``../../x`` made one outside the cache)."""
+    from cdcca.wire.topics import ROBOT_ID, ROBOT_ID_RULE
+
+    if not ROBOT_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be {ROBOT_ID_RULE}, got {text!r}")
+    return text
+
+
 def store_spec(text: str) -> str:
     """``--store``: a ``postgresql://`` URL or a SQLite file path (checked at parse, before a model loads)."""
     if "://" in text and not text.startswith(("postgresql://", "postgres://")):
@@ -238,7 +247,8 @@ def _add_edge_args(parser: argparse.ArgumentParser) -> None:
     _add_preset(parser)
     _add_model_dir(parser, "student/")
     _add_link_args(parser)
-    parser.add_argument("--robot-id", default=EDGE_DEFAULTS["robot_id"], help="this robot's id on the link")
+    parser.add_argument("--robot-id", type=robot_id, default=EDGE_DEFAULTS["robot_id"],
+                        help="this robot's id on the link")  # fmt: skip
     parser.add_argument("--source", required=True, help=f"{SOURCE_FORMS} (DDS)")
     parser.add_argument("--prompt", action="append", default=None,
                         help="prompt asked about every frame of a folder, camera or bag without /cdcca/prompt "

@@ -78,6 +78,7 @@ def model_dir(pair, tmp_path):
         (["edg"], ["invalid choice: 'edg'", "'edge'"]),
         (["keys", "trust"], ["PUBFILE"]),
         (["info", "--threads", "99999"], ["--threads", "1..1024, got 99999"]),
+        (["edge", "--source", "dir:x", "--robot-id", "../../x"], ["--robot-id", "letters, digits and _", "'../../x'"]),
         (["bench", "adapt", "--methods", "magic"], ["'magic'", "'cdcca'"]),
     ],
 )

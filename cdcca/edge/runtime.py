@@ -33,7 +33,6 @@ import itertools
 import logging
 import math
 import queue
-import re
 import threading
 import time
 from collections import deque
@@ -53,13 +52,12 @@ from cdcca.edge.sources import DEFAULT_PROMPTS
 from cdcca.edge.uplink import StaleAck, UplinkQueue, UplinkWriteError
 from cdcca.envelope import AckRejected, TrustStore, verify_ack
 from cdcca.uts_config import FramePrompt, UTSConfig, as_numpy, by_frame, pack_frame, uploaded
-from cdcca.wire.topics import DIAGNOSTICS
+from cdcca.wire.topics import DIAGNOSTICS, ROBOT_ID, ROBOT_ID_RULE
 
 if TYPE_CHECKING:
     from cdcca.models.mllm import MLLM
 
 log = logging.getLogger(__name__)
-_ROBOT_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class Port(Protocol):
@@ -117,9 +115,7 @@ class EdgeConfig:
             if not ok:
                 raise ValueError(f"EdgeConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
 
-        require("robot_id", isinstance(self.robot_id, str) and bool(_ROBOT_ID.fullmatch(self.robot_id)),
-                "letters, digits and _, not starting with a digit (it is the Zenoh key prefix and the bridge "
-                "namespace)")  # fmt: skip
+        require("robot_id", isinstance(self.robot_id, str) and bool(ROBOT_ID.fullmatch(self.robot_id)), ROBOT_ID_RULE)
         self.state_dir = Path(self.state_dir)
         self.prompts = tuple(self.prompts)
         require("queue_capacity", 1 <= self.queue_capacity <= 10**7, ">= 1 and <= 10000000")

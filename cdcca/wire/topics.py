@@ -21,6 +21,8 @@ LINK_TOPICS = {
     "answer": ANSWER,  # robot -> any
     DIAGNOSTICS: DIAGNOSTIC_ARRAY,  # robot -> any; the cloud's own under the pseudo robot id CLOUD_ID
 }  # the short names: Zenoh keys <robot_id>/cdcca/<name>, ROS topics /cdcca/<name>
+ROBOT_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a robot id: the Zenoh key prefix and the ROS bridge namespace
+ROBOT_ID_RULE = "letters, digits and _, not starting with a digit (it is the Zenoh key prefix and the bridge namespace)"
 CLOUD_ID = "_cloud"  # the key prefix the cloud publishes its own diagnostics under (not a valid robot id)
 # keys of the robot's DiagnosticStatus on the link that `cdcca status` reads (cdcca.edge.diagnostics)
 ROBOT_STATUS_KEYS = ("adapter_version", "uplink_queued", "uplink_acked", "answers", "updates_applied",
