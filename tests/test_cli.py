@@ -117,8 +117,16 @@ def test_pretraining_the_embedded_pair_on_another_thread_count_warns_that_it_bui
 
     import torch
 
+    from dataclasses import asdict
+
+    from cdcca.pretrain import PretrainConfig
+
     out = tmp_path / "pair"
-    shutil.copytree(pretrained_test_pair, out)  # complete: both verbs below reuse it and return at once
+    shutil.copytree(pretrained_test_pair, out)  # complete: both verbs below reuse it and return at once ...
+    for role in ("teacher", "student"):  # ... once it records the settings they ask for (the tiny defaults)
+        meta = json.loads((out / role / "cdcca.json").read_text())
+        meta["meta"]["pretrain"] = {**asdict(PretrainConfig(preset="tiny")), "out_dir": str(out)}
+        (out / role / "cdcca.json").write_text(json.dumps(meta))
     threads = torch.get_num_threads()
     try:
         assert main(["pretrain", "--preset", "tiny", "--threads", "1", "--out", str(out)]) == 0
