@@ -114,10 +114,9 @@ def test_pretraining_the_embedded_pair_on_another_thread_count_warns_that_it_bui
     pretrained_test_pair, tmp_path, capsys
 ):
     import shutil
+    from dataclasses import asdict
 
     import torch
-
-    from dataclasses import asdict
 
     from cdcca.pretrain import PretrainConfig
 
