@@ -406,12 +406,16 @@ def test_a_sample_the_binding_cannot_decode_is_counted_and_the_link_keeps_delive
 def test_a_ros_camera_robot_that_is_stopped_reports_like_a_replay(pretrained_test_pair, keys, tmp_path, monkeypatch):
     # `cdcca edge --source ros:TOPIC` stopped by SIGTERM printed its summary, then failed on the report's missing
     # "queries" (exit 1, no --json): the summary and the exit code read the same keys for every source
+    import functools
+
     from cdcca.cli import format_stats
+    from cdcca.edge import dds_port
     from cdcca.edge.app import ReplaySettings, build_runtime, edge_exit_code, replay
     from cdcca.edge.runtime import EdgeConfig
 
-    monkeypatch.setenv("ROS_DOMAIN_ID", str(free_domain_id(3)))
-    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    # slot 3, configured as tests/test_edge_observe.py configures it (a domain takes one configuration per process)
+    monkeypatch.setattr(dds_port, "DdsEdgeSettings", functools.partial(
+        dds_port.DdsEdgeSettings, domain_id=free_domain_id(3), config=dds.loopback_config()))  # fmt: skip
     runtime = build_runtime(pretrained_test_pair, EdgeConfig(state_dir=tmp_path / "edge"), keys)
     stop = threading.Event()
     stop.set()  # stopped at once: no frame arrived

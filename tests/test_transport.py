@@ -284,10 +284,14 @@ def test_a_client_started_before_its_router_connects_in_the_background_once_the_
         assert wait_until(lambda: robot.connected and robot.peers() == 1, timeout=20)
         assert robot.connect_failures >= 1
         assert wait_until(lambda: present == [("cloud", True)])
-        time.sleep(0.3)
-        cloud.publish("r1", "adapter_status", status(version=7))
-        robot.publish("r1", "adapter_status", status(version=8))
-        assert wait_until(lambda: got[-1:] == [7] and heard[-1:] == [8])
+
+        def both_ways() -> bool:  # a put before the other side's subscription reached the router is lost: again
+            cloud.publish("r1", "adapter_status", status(version=7))
+            robot.publish("r1", "adapter_status", status(version=8))
+            time.sleep(0.1)
+            return got[-1:] == [7] and heard[-1:] == [8]
+
+        assert wait_until(both_ways, timeout=20)
     finally:
         robot.close()
         for link in (cloud, router):
