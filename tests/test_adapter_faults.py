@@ -180,6 +180,20 @@ def test_a_really_full_disk_is_a_rejection_and_a_resend_applies_once_there_is_ro
     assert _slot(backend).counters.persist_failures == 2 and _same(_active_params(backend), v1_params)
 
 
+def _refused_when_the_state_file_cannot_be_written(backend, delta, monkeypatch) -> None:
+    """``delta`` arrives while the disk fills after the previous adapter was kept, before the state file lands."""
+    write = adapter_state_module.save_file
+
+    def state_file_full(params, path, metadata):
+        if path.endswith(adapter_state_module.STATE_FILE + ".partial"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(params, path, metadata)
+
+    monkeypatch.setattr(adapter_state_module, "save_file", state_file_full)
+    assert backend.receive(delta).state == REJECTED
+    monkeypatch.undo()
+
+
 def _robot_and_deltas(kind, exported, keys, state_dir, versions=(1, 2)):
     """A robot of ``kind`` on ``state_dir`` and the cloud's signed deltas for ``versions``, each incremental on the
     one before (made ahead, as a cloud that published them in order)."""
@@ -266,16 +280,7 @@ def test_a_swap_that_fails_halfway_keeps_the_running_versions_rollback_across_a_
     assert backend.receive(deltas[1]).state == APPLIED
     v1_params = _active_params(backend)
     assert backend.receive(deltas[2]).state == APPLIED
-    write = adapter_state_module.save_file
-
-    def state_file_full(params, path, metadata):
-        if path.endswith(adapter_state_module.STATE_FILE + ".partial"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return write(params, path, metadata)
-
-    monkeypatch.setattr(adapter_state_module, "save_file", state_file_full)
-    assert backend.receive(deltas[3]).state == REJECTED
-    monkeypatch.undo()
+    _refused_when_the_state_file_cannot_be_written(backend, deltas[3], monkeypatch)
 
     # Execute: a restart
     restarted = _backend(kind, exported, keys[1], state_dir)
@@ -317,16 +322,7 @@ def test_a_swap_resent_after_it_failed_halfway_leaves_no_second_name_for_a_file(
     state_dir = tmp_path / "state"
     backend, deltas = _robot_and_deltas("onnx", exported, keys, state_dir, versions=(1, 2, 3))
     assert backend.receive(deltas[1]).state == APPLIED
-    write = adapter_state_module.save_file
-
-    def state_file_full(params, path, metadata):
-        if path.endswith(adapter_state_module.STATE_FILE + ".partial"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return write(params, path, metadata)
-
-    monkeypatch.setattr(adapter_state_module, "save_file", state_file_full)
-    assert backend.receive(deltas[2]).state == REJECTED
-    monkeypatch.undo()
+    _refused_when_the_state_file_cannot_be_written(backend, deltas[2], monkeypatch)
 
     # Execute: the resend of v2 applies, then v3
     assert backend.receive(deltas[2]).state == APPLIED and backend.receive(deltas[3]).state == APPLIED
