@@ -28,8 +28,13 @@ def write_atomic(path: Path, text: str, durable: bool = False) -> None:
             os.fsync(handle.fileno())
     os.replace(temporary, path)
     if durable:
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the names last written in ``folder`` (a rename, a link) survive a power cut."""
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

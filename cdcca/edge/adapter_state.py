@@ -29,6 +29,7 @@ import numpy as np
 from cdcca import wire
 from cdcca.edge import np_delta
 from cdcca.envelope import Decoder, DeltaRejected, TrustStore, open_envelope
+from cdcca.paths import fsync_folder
 from cdcca.wire import APPLIED, REJECTED, ROLLED_BACK  # noqa: F401  (AdapterStatus states)
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def _keep_previous(state_dir: Path, version: int, params: Params, metadata: dict
             link.unlink(missing_ok=True)
             os.link(current, link)
             os.replace(link, target)
-            _fsync_folder(state_dir)  # kept before the state file that names it is written
+            fsync_folder(state_dir)  # kept before the state file that names it is written
             return
     except (OSError, SafetensorError):
         pass
@@ -187,15 +188,7 @@ def _write_state(final: Path, params: Params, metadata: dict[str, str]) -> None:
     with open(partial, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(partial, final)  # atomic on POSIX: readers see the old or the new file, never half of one
-    _fsync_folder(final.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    directory = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    fsync_folder(final.parent)
 
 
 def restore_adapter(state_dir: Path, robot_id: str, base: Params,

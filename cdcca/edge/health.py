@@ -8,8 +8,8 @@ fails is rolled back by the runtime at once, with the reason in a ROLLED_BACK ``
 passes is marked good and its answers become the level the next update is held to.
 
 A restart does not end a probation. The check keeps a small record beside the adapter state (``health.json``: the
-version marked good, the one on probation and the level it is held to), written at each swap and each pass; a robot
-that restarts on a version the record does not mark good holds it to the check again (:meth:`HealthCheck.resume`),
+version marked good, its level, the one on probation, the versions that failed), written at each swap and verdict; a
+robot that restarts on a version the record does not mark good holds it to the check again (:meth:`HealthCheck.resume`),
 and the adapter state keeps the previous adapter for the rollback (:mod:`cdcca.edge.adapter_state`). Without it a
 power cut during a probation would have made any new version good.
 """
