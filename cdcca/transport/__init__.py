@@ -218,11 +218,14 @@ class LinkConfig:
         if unknown:
             raise LinkError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         for name, value in raw.items():  # the types zenoh wants, checked here where the file can be named
-            wanted = (list,) if name in ("listen", "connect") else (bool,) if name in cls._FLAGS else (str, type(None))
-            if not isinstance(value, wanted) or name in ("listen", "connect") and not all(
-                    isinstance(v, str) for v in value):  # fmt: skip
-                kind = "a list of endpoint strings" if wanted == (list,) else "true or false" if wanted == (bool,) \
-                    else "a string"  # fmt: skip
+            if name in ("listen", "connect"):
+                ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+                kind = "a list of endpoint strings"
+            elif name in cls._FLAGS:
+                ok, kind = isinstance(value, bool), "true or false"
+            else:
+                ok, kind = value is None or isinstance(value, str), "a string"
+            if not ok:
                 raise LinkError(f"{path}: {name!r} must be {kind}, got {json.dumps(value)}")
         return cls(**raw)
 
