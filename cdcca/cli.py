@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import math
 import os
 import re
@@ -110,6 +111,7 @@ keep_fraction = _number(float, "a fraction in (0, 1]", low=0, high=1, low_open=T
 held_out_fraction = _number(float, "a fraction in [0, 1)", low=0, high=1, high_open=True)
 port_number = _number(int, "a port in 1..65535", low=1, high=65535)
 thread_count = _number(int, "a thread count in 1..1024", low=1, high=1024)  # 99999 made OpenBLAS crash the process
+seed_number = _number(int, "a seed in 0..2**63-1", low=0, high=2**63 - 1)  # numpy and torch take no more
 
 
 def robot_id(text: str) -> str:
@@ -216,7 +218,7 @@ def _add_pretrain_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=positive_int, default=PRETRAIN_DEFAULTS["batch_size"], help="images per step"
     )
-    parser.add_argument("--seed", type=int, default=PRETRAIN_DEFAULTS["seed"], help="random seed")
+    parser.add_argument("--seed", type=seed_number, default=PRETRAIN_DEFAULTS["seed"], help="random seed")
     parser.add_argument("--model", "--out", dest="out", type=Path, default=None, metavar="DIR",
                         help="model folder to write, the one other verbs take as --model (default: the preset's, in "
                              "the cache)")  # fmt: skip
@@ -328,7 +330,7 @@ def _add_cloud_args(parser: argparse.ArgumentParser) -> None:
         "--steps", type=positive_int, default=AKD_DEFAULTS["steps"], help="AKD optimizer steps per round"
     )
     parser.add_argument("--lr", type=positive_float, default=AKD_DEFAULTS["lr"], help="AKD learning rate")
-    parser.add_argument("--seed", type=int, default=AKD_DEFAULTS["seed"], help="random seed of AKD")
+    parser.add_argument("--seed", type=seed_number, default=AKD_DEFAULTS["seed"], help="random seed of AKD")
     parser.add_argument("--metrics-port", type=port_number, default=None, metavar="PORT",
                         help="serve Prometheus metrics (cdcca_cloud_*) on this port (default: off)")  # fmt: skip
     parser.add_argument("--metrics-address", "--metrics-addr", dest="metrics_address",
@@ -761,6 +763,10 @@ def _check_source(spec: str) -> None:
     kind, _, rest = spec.partition(":")
     if kind not in ("bag", "dir", "realsense", "ros") or (kind != "realsense" and not rest):
         raise CdccaError(f"--source {spec!r} is not a source; use {SOURCE_FORMS}")
+    if kind == "realsense" and not rest:  # a live camera: there before the student loads, not 23 s later
+        from cdcca.edge.sources import require_camera
+
+        require_camera()
     path = Path(rest.partition("#")[0] if kind == "bag" else rest).expanduser()
     if kind in ("bag", "dir") or (kind == "realsense" and rest):
         if not path.exists():
@@ -807,7 +813,10 @@ def cmd_edge(args) -> dict:
     prompts = _edge_prompts(args) or DEFAULT_PROMPTS
     state = _writable_dir(args.state or cache_dir() / "edge" / args.robot_id, "--state")
     trust = args.trust or cache_dir() / "trust"
-    TrustStore.load(trust)  # a missing or malformed store fails now, with advice, before the model loads
+    if not TrustStore.load(trust).keys:  # a missing or malformed store fails now, with advice, before the model loads
+        logging.getLogger("cdcca.edge").warning(
+            "the trust store %s trusts no key: every update from the cloud will be rejected until `cdcca keys trust "
+            "PUBFILE --store %s` adds one (the robot reads the store again for each update)", trust, trust)
     config = EdgeConfig(robot_id=args.robot_id, state_dir=state, queue_capacity=args.queue_capacity,
                         cloud_warn_after_s=args.cloud_warn_after)  # fmt: skip
     settings = ReplaySettings(args.source, tuple(prompts), args.batch_size,
@@ -863,6 +872,9 @@ def cmd_cloud(args) -> dict:
 
     _setup_logging(args.verbose)
     get_codec(args.codec)  # an unknown codec fails now, not after the first round
+    if args.max_round_samples < args.round_size:
+        raise CdccaError(f"--round-size {args.round_size} is more than --max-round-samples {args.max_round_samples}: "
+                         "a round could never start; raise --max-round-samples or lower --round-size")  # fmt: skip
     rank, world = init_from_env()
     state = _writable_dir(args.state or cache_dir() / "cloud", "--state")
     config = CloudConfig(state_dir=state, store=args.store, round_size=args.round_size,
@@ -976,6 +988,11 @@ def cmd_keys(args) -> dict:
     if args.action == "trust":
         stored = _trust(Path(args.target), store_dir, args.replace)
         print(f"trusted {stored.stem} ({fingerprint(stored.read_text())}) in {store_dir}")
+        twins = sorted(k for k, f in TrustStore.load(store_dir).fingerprints().items()
+                       if f == fingerprint(stored.read_text()) and k != stored.stem)  # fmt: skip
+        if twins:  # not wrong (a revocation names the key, so it ends every id of it), but rarely meant
+            print(f"note: the same key is also trusted as {', '.join(map(repr, twins))}; `cdcca keys revoke "
+                  f"{stored.stem}` ends both")  # fmt: skip
         if args.replace:
             print("robots running now keep the key they loaded until they restart")
         return {"trusted": stored.stem, "fingerprint": fingerprint(stored.read_text()), "store": str(store_dir)}
@@ -1059,7 +1076,6 @@ def _print_adapt_tables(report: dict) -> None:
 
 
 def cmd_bench(args) -> dict:
-    from cdcca.models.checkpoint import load_mllm
     from cdcca.report import format_table
 
     if args.which == "edge":
@@ -1070,12 +1086,18 @@ def cmd_bench(args) -> dict:
         from cdcca.benchmarks.fleet import cli_bench_fleet
 
         return cli_bench_fleet(args)
+    shifts = {}
+    if args.which == "adapt" and args.shifts:  # the user's file runs before seconds of model loading, not after
+        from cdcca.data.digits_shift import load_shifts
+
+        shifts = {"shifts": args.shifts, "domains": load_shifts(args.shifts)}
     checkpoints = _pair_folder(args)
-    student = load_mllm(checkpoints / "student")
     plot = args.plot or (args.json.with_suffix(".png") if args.json else None)
     if args.which == "uplink":
         from cdcca.benchmarks.uplink import UplinkBenchConfig, plot_uplink, run_uplink_bench
+        from cdcca.models.checkpoint import load_mllm  # seconds of imports: after the cheap checks
 
+        student = load_mllm(checkpoints / "student")
         report = run_uplink_bench(student, UplinkBenchConfig(images_per_domain=args.images_per_domain))
         print(format_table(report["rows"], ["policy", "bytes_per_frame", "vs_raw_%", "native_24px"],
                            title=f"uplink per frame, camera {report['config']['camera']}"))  # fmt: skip
@@ -1086,11 +1108,6 @@ def cmd_bench(args) -> dict:
         methods = AdaptBenchConfig.methods
         if args.methods:
             methods = ("source-only", *[m for m in args.methods if m not in ("source-only", "cdcca")], "cdcca")
-        shifts = {}
-        if args.shifts:
-            from cdcca.data.digits_shift import load_shifts
-
-            shifts = {"shifts": args.shifts, "domains": load_shifts(args.shifts)}
         config = AdaptBenchConfig(
             seeds=tuple(args.seeds),
             stream_images=args.stream_images,
@@ -1106,8 +1123,9 @@ def cmd_bench(args) -> dict:
         plotter = plot_adapt
     else:
         from cdcca.benchmarks.downlink import DownlinkBenchConfig, plot_downlink, run_downlink_bench
+        from cdcca.models.checkpoint import load_mllm
 
-        teacher = load_mllm(checkpoints / "teacher")
+        student, teacher = load_mllm(checkpoints / "student"), load_mllm(checkpoints / "teacher")
         report = run_downlink_bench(student, teacher, DownlinkBenchConfig(steps=args.steps or 150))
         _print_downlink_tables(report)
         plotter = plot_downlink
@@ -1142,9 +1160,15 @@ def cmd_status(args) -> dict:
     _setup_logging(args.verbose)
     config = LinkConfig.from_file(args.link) if args.link else LinkConfig.loopback(False, args.endpoint)
     try:
-        return run_status(config, once_after_s=args.once, json_out=args.as_json)
+        snapshot = run_status(config, once_after_s=args.once, json_out=args.as_json)
     except LinkError as err:  # the session could not open: one line, as edge and cloud say it
         raise _link_error(str(args.link) if args.link else args.endpoint, err) from err
+    if args.once is not None and not snapshot["robots"] and snapshot["cloud"] is None:
+        # a health check reads the exit code: nothing heard is not "all well"
+        print(f"cdcca status: warning: nothing heard in {args.once:g} s: no robot and no cloud published on this link",
+              file=sys.stderr)  # fmt: skip
+        return {**snapshot, "exit_code": 3}
+    return snapshot
 
 
 # ---------------------------------------------------------------------------------------------------- main

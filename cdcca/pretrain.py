@@ -30,7 +30,7 @@ from torch import nn
 
 from cdcca.data.digits_shift import INK_COLOURS, STYLES, TrainingImage, corpus, training_image, training_samples
 from cdcca.errors import CdccaError
-from cdcca.models.checkpoint import build_pair, load_mllm, save_mllm, share_vision_encoder
+from cdcca.models.checkpoint import _read_json, build_pair, load_mllm, save_mllm, share_vision_encoder
 from cdcca.models.mllm import MLLM
 from cdcca.models.presets import get_preset
 from cdcca.models.tokenizer import build_tokenizer
@@ -222,7 +222,7 @@ def check_reusable(directory: Path, config: PretrainConfig, stage: str) -> None:
     """A finished stage in ``directory`` is reused only if its ``cdcca.json`` records the settings asked for now
     (``cdcca pretrain --preset test --out <a tiny pair>`` reported the tiny pair as built). A model from before the
     settings were recorded is reused as it is."""
-    meta = json.loads((directory / "cdcca.json").read_text()).get("meta", {})
+    meta = _read_json(directory / "cdcca.json").get("meta", {})  # a damaged file is named, with what to do
     recorded = meta.get("pretrain")
     if not isinstance(recorded, dict):
         return

@@ -395,8 +395,9 @@ class CloudTrainer:
             self._count_in("update_rejections", rejection_kind(msg.reason))
             rejecting = self.robots.get(robot_id)
             if rejecting is not None:
-                rejecting.rejections += 1
-                rejecting.last_reject_reason = msg.reason[:500]
+                with self._chain_lock:  # link threads report at once: a bare += lost counts
+                    rejecting.rejections += 1
+                    rejecting.last_reject_reason = msg.reason[:500]
             self.seen(robot_id)
             return
         robot = self.robots.get(robot_id)

@@ -80,6 +80,9 @@ def model_dir(pair, tmp_path):
         (["info", "--threads", "99999"], ["--threads", "1..1024, got 99999"]),
         (["edge", "--source", "dir:x", "--robot-id", "../../x"], ["--robot-id", "letters, digits and _", "'../../x'"]),
         (["bench", "adapt", "--methods", "magic"], ["'magic'", "'cdcca'"]),
+        (["pretrain", "--seed", str(2**64)], ["--seed", "0..2**63-1", str(2**64)]),  # numpy refused it mid-run
+        (["cloud", "--seed", "-1"], ["--seed", "0..2**63-1, got -1"]),
+        (["bench", "fleet", "--store", "mysql://x"], ["--store", "postgresql://", "'mysql://x'"]),  # made a file
     ],
 )
 def test_a_bad_option_is_one_line_and_exit_2_before_anything_loads(argv, expected, capsys):
@@ -93,6 +96,34 @@ def test_an_unknown_codec_fails_before_the_models_load(capsys, tmp_path):
         (tmp_path / "pair" / role).mkdir(parents=True)
     _one_error_line(["cloud", "--codec", "zip", "--model", tmp_path / "pair", "--state", tmp_path / "s"], capsys,
                     "unknown codec 'zip'", "nf4-zstd")  # fmt: skip
+
+
+def test_a_round_size_over_the_round_limit_names_both_flags_before_the_models_load(capsys, tmp_path):
+    # the pair's folder does not exist: had anything loaded first, the error would be about it
+    _one_error_line(["cloud", "--round-size", "10", "--max-round-samples", "5", "--model", tmp_path / "none",
+                     "--state", tmp_path / "s"], capsys,
+                    "--round-size 10 is more than --max-round-samples 5")  # fmt: skip
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("SHIFTS = [\n", "SyntaxError: '[' was never closed"),
+    ("raise RuntimeError('boom')\n", "RuntimeError: boom"),
+])  # fmt: skip
+def test_a_shifts_file_that_fails_to_load_is_one_line_before_any_model_loads(content, expected, capsys, tmp_path):
+    # Prepare: a shifts file that cannot run, and no models at all (they would load first and fail otherwise)
+    shifts = tmp_path / "shifts.py"
+    shifts.write_text(content)
+    # Execute / Assert: exit 2 naming the file and what went wrong in it (it was "unexpected", exit 1)
+    _one_error_line(["bench", "adapt", "--shifts", str(shifts), "--model", tmp_path / "none"], capsys,
+                    f"--shifts {shifts} failed to load", expected)  # fmt: skip
+
+
+def test_a_live_camera_that_is_not_connected_fails_before_the_student_loads(capsys, tmp_path):
+    rs = pytest.importorskip("pyrealsense2", reason="pyrealsense2 is not installed (needs Debian's libusb-1.0-0)")
+    if len(rs.context().query_devices()) > 0:
+        pytest.skip("a RealSense camera is connected to this machine")
+    _one_error_line(["edge", "--source", "realsense", "--model", tmp_path / "none"], capsys,
+                    "no RealSense camera is connected", "--source realsense:FILE")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ files and folders
@@ -244,6 +275,35 @@ def test_keys_trust_refuses_another_key_under_a_trusted_id_unless_replace(capsys
     assert (store / "cloud-1.pub").read_text().strip() == second.read_text().strip()
     code, _, listing = _run(["keys", "list", "--store", store], capsys)
     assert code == 0 and _fingerprint(second) in listing and _fingerprint(first) not in listing
+
+
+def test_a_robot_started_on_a_trust_store_without_keys_warns_that_every_update_will_be_rejected(capsys, caplog,
+                                                                                                 tmp_path):
+    # Prepare: an empty trust folder (accepted: a key may be trusted later, the robot reads the store again)
+    (tmp_path / "trust").mkdir()
+    (tmp_path / "frames").mkdir()
+    # Execute: the model folder is missing, so the run stops right after the store is read
+    code, _, _ = _run(["edge", "--source", f"dir:{tmp_path / 'frames'}", "--trust", tmp_path / "trust",
+                       "--state", tmp_path / "s", "--model", tmp_path / "none"], capsys)  # fmt: skip
+    # Assert
+    assert code == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("trusts no key: every update from the cloud will be rejected" in w for w in warnings), warnings
+
+
+def test_keys_trust_notes_a_key_that_is_already_trusted_under_another_id(capsys, tmp_path):
+    # Prepare: cloud-1's public key copied as alias.pub
+    _, public = generate_key(tmp_path / "keys", "cloud-1")
+    alias = tmp_path / "alias.pub"
+    alias.write_text(public.read_text())
+    store = tmp_path / "trust"
+    assert _run(["keys", "trust", public, "--store", store], capsys)[0] == 0
+    # Execute
+    code, errors, out = _run(["keys", "trust", alias, "--store", store], capsys)
+    # Assert: trusted (not wrong), with a note naming the other id
+    assert code == 0 and errors == []
+    assert "note: the same key is also trusted as 'cloud-1'" in out
+    assert _run(["keys", "trust", public, "--store", tmp_path / "other"], capsys)[2].count("note:") == 0
 
 
 def test_keys_trust_replace_never_brings_back_a_revoked_key(capsys, tmp_path):

@@ -185,11 +185,13 @@ def test_a_round_another_worker_committed_first_leaves_the_version_to_that_worke
 
 
 def test_counters_the_link_threads_bump_together_lose_no_count(pretrained_test_pair, uploads, keys, tmp_path):
-    # Prepare: four link threads each refuse uploads and ignore statuses, switching threads as often as they can
+    # Prepare: four link threads each refuse uploads, ignore statuses and hear rejections, switching threads as
+    # often as they can
     import sys
 
     trainer = trainer_on_v1(pretrained_test_pair, keys[0], tmp_path / "cloud", uploads)
     forged = status(99)  # a version this cloud never published: ignored
+    refused = status(1, wire.REJECTED, "signature: unknown key")  # counted for the robot and by reason
     per_thread, threads = 300, 4
     interval = sys.getswitchinterval()
 
@@ -197,6 +199,7 @@ def test_counters_the_link_threads_bump_together_lose_no_count(pretrained_test_p
         for _ in range(per_thread):
             assert not trainer.receive_tokens("r1", None)  # no message at all: refused as malformed
             trainer.receive_status("r1", forged)
+            trainer.receive_status("r1", refused)
 
     # Execute
     sys.setswitchinterval(1e-6)
@@ -214,4 +217,6 @@ def test_counters_the_link_threads_bump_together_lose_no_count(pretrained_test_p
     assert stats["rejected"] == per_thread * threads
     assert sum(stats["rejected_reasons"].values()) == per_thread * threads
     assert stats["statuses_ignored"] == {"version": per_thread * threads}
+    assert stats["update_rejections"] == {"signature": per_thread * threads}
+    assert trainer.robots["r1"].rejections == per_thread * threads
     trainer.close()

@@ -132,6 +132,21 @@ def test_once_with_nobody_on_the_link_says_so(endpoint):
     assert "no robot heard from yet" in out.getvalue() and "cloud: not heard from" in out.getvalue()
 
 
+def test_the_status_verb_exits_3_when_nothing_was_heard_so_a_health_check_can_use_it(endpoint, capsys):
+    # Prepare: a link on which nobody publishes
+    from cdcca.cli import main
+
+    address, _ = endpoint
+    # Execute
+    code = main(["status", "--endpoint", address, "--once", "0.3"])
+    # Assert: the table is printed as usual; the exit code and one warning say that nothing was heard
+    captured = capsys.readouterr()
+    assert code == 3
+    assert "no robot heard from yet" in captured.out
+    assert captured.err.strip() == ("cdcca status: warning: nothing heard in 0.3 s: no robot and no cloud published "
+                                    "on this link")  # fmt: skip
+
+
 def test_the_status_verb_listens_once_and_prints_json(endpoint, keys, capsys, tmp_path):
     # Prepare: `cdcca status` joins the link through --endpoint, as a robot would
     from cdcca.cli import main

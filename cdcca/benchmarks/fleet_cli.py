@@ -20,6 +20,15 @@ def _share(text: str) -> float:
     return value
 
 
+def _postgresql_url(text: str) -> str:
+    """``--store``: the workers share a PostgreSQL server; any other text (``mysql://x``) made a SQLite file of that
+    name, which two workers cannot share."""
+    if not text.startswith(("postgresql://", "postgres://")):
+        raise argparse.ArgumentTypeError(f"expected a postgresql:// URL (leave it out for a SQLite file per worker "
+                                         f"count), got {text!r}")  # fmt: skip
+    return text
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -33,7 +42,7 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fleet sizes to measure")  # fmt: skip
     parser.add_argument("--workers", type=_positive_int, nargs="+", default=[1, 2], metavar="N",
                         help="cloud worker counts to measure")  # fmt: skip
-    parser.add_argument("--store", default=None, metavar="URL",
+    parser.add_argument("--store", type=_postgresql_url, default=None, metavar="URL",
                         help="postgresql:// URL the workers share (default: a SQLite file)")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                         help="state, logs and child specs of the run (default: a fresh temporary folder)")  # fmt: skip

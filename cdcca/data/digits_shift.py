@@ -305,7 +305,10 @@ def load_shifts(spec: str) -> tuple[str, ...]:
         raise ValueError(f"--shifts wants FILE.py[:NAME] naming a Python file that declares DomainSpecs, got {spec!r}")
     module_spec = importlib.util.spec_from_file_location(f"cdcca_shifts_{abs(hash(key))}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:  # the user's file: a syntax error or a raise in it is theirs to fix, not a crash of ours
+        raise ValueError(f"--shifts {path} failed to load: {type(err).__name__}: {err}") from err
     specs = getattr(module, attribute, None)
     if not specs or not isinstance(specs, (list, tuple)) or not all(isinstance(s, DomainSpec) for s in specs):
         found = [name for name, value in vars(module).items() if isinstance(value, (list, tuple)) and value

@@ -92,10 +92,20 @@ def _recording(path: Path, prompts: Sequence[str]) -> Iterator[Query]:
                 yield Query(f"{path.name}@{frame.stamp_ns}#{k}", frame.rgb, prompt)
 
 
+def require_camera() -> None:
+    """Fail at once when librealsense sees no camera: ``pipeline.start`` takes about 15 s to say so (0.1 s here)."""
+    import pyrealsense2 as rs
+
+    if len(rs.context().query_devices()) == 0:
+        raise SourceError("no RealSense camera is connected (librealsense sees none: check the USB cable and the udev "
+                          "rules); replay a recording with --source realsense:FILE instead")  # fmt: skip
+
+
 def _camera(prompts: Sequence[str], width: int = 640, height: int = 480, fps: int = 30) -> Iterator[Query]:
     """Live RealSense colour frames (needs a connected camera; not testable without one)."""
     import pyrealsense2 as rs
 
+    require_camera()
     pipeline, config = rs.pipeline(), rs.config()
     config.enable_stream(rs.stream.color, width, height, rs.format.rgb8, fps)
     try:
