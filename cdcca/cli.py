@@ -889,7 +889,7 @@ def cmd_cloud(args) -> dict:
     key = args.key or cache_dir() / "keys" / "cloud-1.key"
     Signer.load(key)  # a missing key fails now, with advice, before the teacher loads
     if rank > 0:  # torchrun: rank 0 serves; this rank distills alongside it
-        trainer = build_trainer(_pair_folder(args), key, config)
+        trainer = build_trainer(_pair_folder(args), key, config, hold_state=False)  # rank 0 holds the folder
         return {"rank": rank, "rounds": follow(trainer)}
     if args.dds:
         from cdcca.transport.dds import DdsLink

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cdcca.errors import CdccaError
+
 
 def cache_dir() -> Path:
     """Root of the cache (checkpoints, reports)."""
@@ -38,3 +40,48 @@ def fsync_folder(folder: Path) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+LOCK_FILE = ".lock"
+
+
+class FolderInUse(CdccaError, OSError):
+    """A state folder another live process holds (:class:`FolderLock`)."""
+
+
+class FolderLock:
+    """An exclusive hold on a state folder for as long as this process keeps it: two robots (or two clouds) on one
+    folder would write one adapter state and answer one uplink queue's acks each as their own.
+
+    ``flock`` on ``<folder>/.lock``, which names the holder's pid; the kernel drops the hold when the process ends,
+    however it ends, so a crash leaves nothing to clean up. The file is never deleted (deleting it would let a
+    second process lock a new file while the first still holds the old one)."""
+
+    def __init__(self, folder: Path, flag: str = "--state") -> None:
+        import fcntl
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / LOCK_FILE
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(self._fd)
+            self._fd = None
+            raise FolderInUse(f"{folder} is in use by another process (pid {holder}); stop that one first, or pass "
+                              f"another {flag} folder") from None  # fmt: skip
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Let another process take the folder (closing the file drops the ``flock``)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

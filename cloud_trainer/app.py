@@ -18,6 +18,7 @@ from pathlib import Path
 from cdcca.akd import ANCHOR_IMAGES, source_anchors
 from cdcca.envelope import Signer
 from cdcca.models.checkpoint import load_adaptable_student, load_mllm
+from cdcca.paths import FolderLock
 from cdcca.transport import Link
 from cloud_trainer.service import CloudConfig, CloudTrainer
 
@@ -26,17 +27,30 @@ EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 
 
 
 def build_trainer(checkpoints: Path, key_file: Path, config: CloudConfig, link=None,
-                  anchor_images: int = ANCHOR_IMAGES) -> CloudTrainer:  # fmt: skip
+                  anchor_images: int = ANCHOR_IMAGES, hold_state: bool = True) -> CloudTrainer:  # fmt: skip
     """A trainer with the preset's teacher, a fresh LoRA student per robot and, for the embedded digits-shift
-    pair, ``anchor_images`` images of the student's source domain as anchors (0: no forgetting guard)."""
-    teacher = load_mllm(Path(checkpoints) / "teacher")
-    signer = Signer.load(key_file)
-    anchors = None
-    if anchor_images > 0 and teacher.meta.get("preset"):  # the embedded pair: its pretraining data is at hand
-        anchors = source_anchors(teacher, anchor_images)
-    if link is not None and hasattr(link, "declare_presence"):  # robots see the cloud come and go (liveliness)
-        link.declare_presence()
-    return CloudTrainer(teacher, lambda: load_adaptable_student(checkpoints), signer, config, link, anchors=anchors)
+    pair, ``anchor_images`` images of the student's source domain as anchors (0: no forgetting guard).
+
+    ``hold_state``: hold ``config.state_dir`` (:class:`~cdcca.paths.FolderLock`) until ``trainer.close()``, so a
+    second cloud on it is refused before its teacher loads (two trainers on one store would each make versions for
+    the same robots); a torchrun rank other than 0 shares rank 0's folder and passes ``False``."""
+    hold = FolderLock(Path(config.state_dir)) if hold_state else None
+    try:
+        signer = Signer.load(key_file)
+        teacher = load_mllm(Path(checkpoints) / "teacher")
+        anchors = None
+        if anchor_images > 0 and teacher.meta.get("preset"):  # the embedded pair: its pretraining data is at hand
+            anchors = source_anchors(teacher, anchor_images)
+        if link is not None and hasattr(link, "declare_presence"):  # robots see the cloud come and go (liveliness)
+            link.declare_presence()
+        trainer = CloudTrainer(teacher, lambda: load_adaptable_student(checkpoints), signer, config, link,
+                               anchors=anchors)  # fmt: skip
+    except BaseException:
+        if hold is not None:
+            hold.release()
+        raise
+    trainer.folder_lock = hold
+    return trainer
 
 
 def _take_signals(stop: threading.Event) -> dict | None:

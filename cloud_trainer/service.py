@@ -265,6 +265,7 @@ class CloudTrainer:
     def __init__(self, teacher: MLLM, make_student: Callable[[], MLLM], signer: Signer, config: CloudConfig,
                  link=None, anchors: Sequence[DistillSample] | None = None) -> None:  # fmt: skip
         self.teacher, self.make_student, self.signer = teacher, make_student, signer
+        self.folder_lock = None  # a cdcca.paths.FolderLock on config.state_dir, when build_trainer took one
         self.anchors = list(anchors or [])
         self.config, self.link = config, link
         self.store = open_store(config.store or Path(config.state_dir) / "cloud.sqlite")
@@ -1035,4 +1036,8 @@ class CloudTrainer:
 
     def close(self) -> None:
         self._closed = True
-        self.store.close()
+        try:
+            self.store.close()
+        finally:
+            if self.folder_lock is not None:
+                self.folder_lock.release()

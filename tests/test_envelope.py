@@ -250,6 +250,8 @@ def test_restart_resumes_at_the_last_good_version(pair, keys, tmp_path, monkeypa
     monkeypatch.undo()
     assert (status.state, slot.version) == (REJECTED, 1) and "simulated crash" in status.reason
     assert (tmp_path / "state" / "adapter.safetensors.partial").exists()
+    (tmp_path / "state" / ".tmpX1y2Z3").write_bytes(b"half")  # what safetensors >= 0.8 leaves when killed mid-write
+    (tmp_path / "state" / ".tmp-notes").write_text("kept")  # not its pattern: not ours to delete
 
     _, fresh = build_pair(get_preset("test"), student.tokenizer, seed=0)  # the same robot, rebooted
     add_lora(fresh)
@@ -258,6 +260,7 @@ def test_restart_resumes_at_the_last_good_version(pair, keys, tmp_path, monkeypa
 
     assert restarted.version == 1
     assert not (tmp_path / "state" / "adapter.safetensors.partial").exists()
+    assert not (tmp_path / "state" / ".tmpX1y2Z3").exists() and (tmp_path / "state" / ".tmp-notes").exists()
     with restarted.model() as active:
         assert _same(active, v1)
     # the previous adapter's file now holds v1 (written for v2's swap): v1's own previous, the base, is restored

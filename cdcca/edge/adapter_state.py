@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from cdcca.wire import APPLIED, REJECTED, ROLLED_BACK  # noqa: F401  (AdapterSta
 log = logging.getLogger(__name__)
 STATE_FILE = "adapter.safetensors"
 PREVIOUS_FILES = "adapter.previous-v*.safetensors"  # the previous adapter's file, named by its version
+SAFETENSORS_SCRATCH = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # where safetensors >= 0.8 writes before its own rename
 
 Params = Mapping[str, Any]  # name -> numpy array or torch tensor: one kind per adapter
 Apply = Callable[[Params, Params], dict[str, Any]]  # Eq. 8 (base, delta) -> new adapter; ValueError if unusable
@@ -203,6 +205,9 @@ def restore_adapter(state_dir: Path, robot_id: str, base: Params,
     for pattern in ("adapter*.safetensors.partial", "adapter.previous-v*.safetensors.link"):
         for partial in state_dir.glob(pattern):
             partial.unlink(missing_ok=True)
+    for scratch in state_dir.glob(".tmp??????"):  # safetensors >= 0.8 writes there first: a crash mid-write left it
+        if SAFETENSORS_SCRATCH.fullmatch(scratch.name):
+            scratch.unlink(missing_ok=True)
     if not (state_dir / STATE_FILE).is_file():
         return None
     metadata, params = _read_state(state_dir / STATE_FILE, robot_id, base, extra)

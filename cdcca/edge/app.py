@@ -16,6 +16,7 @@ from cdcca.edge.ports import FanOut, ZenohPort
 from cdcca.edge.runtime import EdgeConfig, EdgeRuntime
 from cdcca.edge.sources import DEFAULT_PROMPTS, open_source
 from cdcca.envelope import TrustStore
+from cdcca.paths import FolderLock
 from cdcca.transport import CLOUD_PRESENCE
 from cdcca.wire.topics import CLOUD_ID, DIAGNOSTICS, LINK_TOPICS
 
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 def build_runtime(checkpoints: Path, config: EdgeConfig, trust_dir: Path, link=None, backend: str = "torch",
                   threads: int | None = None, port=None) -> EdgeRuntime:  # fmt: skip
-    """The robot's runtime; the adapter state persists under ``config.state_dir``.
+    """The robot's runtime; the adapter state persists under ``config.state_dir``, which the runtime holds
+    (:class:`~cdcca.paths.FolderLock`) until ``runtime.close()``: a second robot on it is refused.
 
     Args:
         link: an open Zenoh :class:`~cdcca.transport.Link` to the cloud (becomes a
@@ -36,6 +38,18 @@ def build_runtime(checkpoints: Path, config: EdgeConfig, trust_dir: Path, link=N
         threads: ONNX Runtime intra-op threads.
     """
     trust = TrustStore.load(trust_dir)
+    hold = FolderLock(Path(config.state_dir))  # before the backend restores the adapter state it would share
+    try:
+        runtime = _build(checkpoints, config, trust, link, backend, threads, port)
+    except BaseException:
+        hold.release()
+        raise
+    runtime.folder_lock = hold  # released by runtime.close()
+    return runtime
+
+
+def _build(checkpoints: Path, config: EdgeConfig, trust: TrustStore, link, backend: str, threads: int | None,
+           port) -> EdgeRuntime:  # fmt: skip
     if backend == "torch":
         from cdcca.edge.adapter_slot import AdapterSlot
         from cdcca.edge.backend import TorchBackend

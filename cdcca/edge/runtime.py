@@ -219,6 +219,7 @@ class EdgeRuntime:
         self._acked_since_log = 0
         self._diagnostics = None  # EdgeDiagnostics of publish_diagnostics, made on first use
         self.port: Port | None = None
+        self.folder_lock = None  # a cdcca.paths.FolderLock on config.state_dir, when build_runtime took one
         if port is not None:
             self.connect(port)
 
@@ -724,7 +725,11 @@ class EdgeRuntime:
 
     def close(self) -> None:
         self.stop()
-        self.uplink.close()
+        try:
+            self.uplink.close()
+        finally:
+            if self.folder_lock is not None:
+                self.folder_lock.release()
 
     def stats(self) -> dict:
         """Counters of the runtime, the uplink queue and the port, as one flat dict."""

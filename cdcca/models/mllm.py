@@ -128,6 +128,8 @@ class MLLM(nn.Module):
                 raise ValueError(
                     f"expected an RGB uint8 image of shape (H, W, 3), got {image.dtype} {tuple(image.shape)}"
                 )
+            if not image.flags.writeable:  # a frame decoded from a message or a bag: torch warns on a read-only one
+                image = image.copy()  # (uint8, the same bytes: float() copies anyway)
             pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0  # (3, H, W)
             if pixels.shape[1:] != (self.image_spec.size, self.image_spec.size):
                 pixels = F.interpolate(
