@@ -831,8 +831,8 @@ def cmd_edge(args) -> dict:
         link.close()
         raise
     stop = threading.Event()
-    stop_on_signals(stop)  # from here on Ctrl-C stops the replay cleanly (the queue and adapter state are durable)
     try:
+        stop_on_signals(stop)  # from here on Ctrl-C stops the replay cleanly (the queue and adapter state are durable)
         report = replay(runtime, settings, stop)
     finally:
         runtime.stop()  # the loop ends, then the link (no ack arrives after it), then the queue
@@ -903,8 +903,8 @@ def cmd_cloud(args) -> dict:
         link.close()
         raise
     stop = threading.Event()
-    stop_on_signals(stop)
     try:
+        stop_on_signals(stop)  # inside: a failure here still closes the trainer (and lets its --state go)
         report = serve(trainer, stop)
     finally:
         if world > 1:
@@ -988,11 +988,6 @@ def cmd_keys(args) -> dict:
     if args.action == "trust":
         stored = _trust(Path(args.target), store_dir, args.replace)
         print(f"trusted {stored.stem} ({fingerprint(stored.read_text())}) in {store_dir}")
-        twins = sorted(k for k, f in TrustStore.load(store_dir).fingerprints().items()
-                       if f == fingerprint(stored.read_text()) and k != stored.stem)  # fmt: skip
-        if twins:  # not wrong (a revocation names the key, so it ends every id of it), but rarely meant
-            print(f"note: the same key is also trusted as {', '.join(map(repr, twins))}; `cdcca keys revoke "
-                  f"{stored.stem}` ends both")  # fmt: skip
         if args.replace:
             print("robots running now keep the key they loaded until they restart")
         return {"trusted": stored.stem, "fingerprint": fingerprint(stored.read_text()), "store": str(store_dir)}
@@ -1163,9 +1158,10 @@ def cmd_status(args) -> dict:
         snapshot = run_status(config, once_after_s=args.once, json_out=args.as_json)
     except LinkError as err:  # the session could not open: one line, as edge and cloud say it
         raise _link_error(str(args.link) if args.link else args.endpoint, err) from err
-    if args.once is not None and not snapshot["robots"] and snapshot["cloud"] is None:
+    if args.once is not None and not snapshot["robots"] and snapshot["cloud"] is None and not snapshot["cloud_present"]:
         # a health check reads the exit code: nothing heard is not "all well"
-        print(f"cdcca status: warning: nothing heard in {args.once:g} s: no robot and no cloud published on this link",
+        short = " (robots report every 2 s: listen longer than that)" if args.once < 2.5 else ""
+        print(f"cdcca status: warning: nothing heard in {args.once:g} s: no robot and no cloud on this link{short}",
               file=sys.stderr)  # fmt: skip
         return {**snapshot, "exit_code": 3}
     return snapshot

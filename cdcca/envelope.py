@@ -157,6 +157,12 @@ class TrustStore:
             if fingerprint(key) in store.revoked.values():  # a revoked key copied in under a new name
                 log.warning("trust store %s: %s holds a revoked key; not trusted", directory, path.name)
                 continue
+            twin = store.trusted_as(fingerprint(key))
+            if twin is not None:  # a folder from a release that allowed it: kept, a signer may use either id
+                log.warning("trust store %s: %s holds the key also trusted as %r; revoking either id ends both",
+                            directory, path.name, twin)  # fmt: skip
+                store.keys[path.stem] = _public_key(path.stem, key)
+                continue
             store.add(path.stem, key)
         return store
 
@@ -176,7 +182,15 @@ class TrustStore:
             raise KeyStoreError(f"a different key is already trusted as {key_id!r} "
                                 f"({self.fingerprints()[key_id][:16]}... vs {new[:16]}...); trust the new key under a "
                                 f"new id, and revoke {key_id!r} if it is to go")  # fmt: skip
+        twin = self.trusted_as(new)
+        if twin not in (None, key_id):  # revoking one of two ids would leave a restarted robot with no key at all
+            raise KeyStoreError(f"this key ({new[:16]}...) is already trusted as {twin!r}; a key is trusted under "
+                                "one id")  # fmt: skip
         self.keys[key_id] = key
+
+    def trusted_as(self, key_fingerprint: str) -> str | None:
+        """The id a key (by its fingerprint) is trusted under, or ``None``."""
+        return next((k for k, f in self.fingerprints().items() if f == key_fingerprint), None)
 
     def revoke(self, key_id: str) -> str:
         """Reject ``key_id``'s deltas from now on (persisted as ``<key_id>.revoked`` when loaded from a folder);
@@ -187,24 +201,31 @@ class TrustStore:
             return self.revoked[key_id]
         if key_id not in self.keys:
             raise KeyStoreError(f"no trusted key {key_id!r} to revoke; trusted: {sorted(self.keys)}")
-        if len(self.keys) == 1:
+        revoked = self.fingerprints()[key_id]
+        if set(self.fingerprints().values()) == {revoked}:  # by key: one key under two ids (an old store) is one
             raise KeyStoreError(f"{key_id!r} is the only trusted key; trust its successor first (`cdcca keys trust` or "
                                 "`cdcca keys accept`), then revoke it")  # fmt: skip
-        revoked = self.fingerprints()[key_id]
         if self.directory is not None:
             write_atomic(self.directory / f"{key_id}.revoked", revoked + "\n")
         self.revoked[key_id] = revoked
-        del self.keys[key_id]
+        for twin in [k for k, f in self.fingerprints().items() if f == revoked]:
+            del self.keys[twin]
         return revoked
 
+    def trusted_as_revoked(self, key_id: str) -> str | None:
+        """The revoked id of the key trusted as ``key_id``, if that key was revoked under another id."""
+        held = self.fingerprints().get(key_id)
+        return next((k for k, f in self.revoked.items() if f == held), None)
+
     def _refresh(self, key_id: str) -> None:
-        """Pick up what ``cdcca keys`` changed in the folder since :meth:`load` (one stat per call)."""
+        """Pick up what ``cdcca keys`` changed in the folder since :meth:`load` (one listing per call: a revocation
+        under any id, since a store an older release wrote may hold one key under two)."""
         if self.directory is None or not _KEY_ID.match(key_id):
             return
-        marker = self.directory / f"{key_id}.revoked"
-        if key_id not in self.revoked and marker.is_file():
-            self.revoked[key_id] = marker.read_text().strip()
-            self.keys.pop(key_id, None)
+        for marker in self.directory.glob("*.revoked"):
+            if marker.stem not in self.revoked and _KEY_ID.match(marker.stem):
+                self.revoked[marker.stem] = marker.read_text().strip()
+                self.keys.pop(marker.stem, None)
         public = self.directory / f"{key_id}.pub"
         if key_id not in self.keys and key_id not in self.revoked and public.is_file():
             self.add(key_id, public.read_text())
@@ -218,6 +239,8 @@ class TrustStore:
             raise DeltaRejected(f"signing key {key_id!r} is revoked")
         if key_id not in self.keys:
             raise DeltaRejected(f"unknown signing key {key_id!r}")
+        if self.fingerprints()[key_id] in self.revoked.values():  # the same key revoked under another id
+            raise DeltaRejected(f"signing key {key_id!r} is revoked (as {self.trusted_as_revoked(key_id)!r})")
         try:
             self.keys[key_id].verify(signature, data)
         except InvalidSignature:

@@ -57,11 +57,18 @@ class FolderLock:
     however it ends, so a crash leaves nothing to clean up. The file is never deleted (deleting it would let a
     second process lock a new file while the first still holds the old one)."""
 
-    def __init__(self, folder: Path, flag: str = "--state") -> None:
+    def __init__(self, folder: Path, hint: str = "pass another --state folder", name: str = LOCK_FILE) -> None:
+        """Take the hold, or raise :class:`FolderInUse` naming the holder's pid.
+
+        Args:
+            folder: the state folder (made if missing).
+            hint: what the refused one can do instead, the end of the error's sentence.
+            name: the lock file's name (several cloud workers share a folder, each under ``.lock-<worker id>``).
+        """
         import fcntl
 
         folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / LOCK_FILE
+        self.path = folder / name
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -69,8 +76,8 @@ class FolderLock:
             holder = os.pread(self._fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(self._fd)
             self._fd = None
-            raise FolderInUse(f"{folder} is in use by another process (pid {holder}); stop that one first, or pass "
-                              f"another {flag} folder") from None  # fmt: skip
+            who = "this process" if holder == str(os.getpid()) else "another process"  # a build never closed
+            raise FolderInUse(f"{folder} is in use by {who} (pid {holder}); stop that one first, or {hint}") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 

@@ -3,7 +3,8 @@
 It only listens: robots' ``diagnostic_msgs/DiagnosticArray`` on ``<robot>/cdcca/diagnostics`` (keys
 ``adapter_version``, ``uplink_queued``, ``uplink_acked``, ``answers``, ``updates_applied``, ``updates_rejected``,
 ``cloud``), the cloud's on ``_cloud/cdcca/diagnostics`` (see ``cloud_trainer.status``), every robot's
-``AdapterStatus`` (applied / rejected and why) and the ``WeightDelta`` messages the cloud sends (rounds). Values
+``AdapterStatus`` (applied / rejected and why), the ``WeightDelta`` messages the cloud sends (rounds) and the cloud
+workers' presence tokens (up before their first status, which comes every 2 s). Values
 are read leniently: a key that is missing or not a number leaves its cell empty, so robots of other versions
 still show. The view is a ``rich`` live table (rich.live.Live) on a terminal, and a plain table otherwise.
 """
@@ -18,7 +19,7 @@ import time
 from typing import Any
 
 from cdcca import wire
-from cdcca.transport import Link, LinkConfig
+from cdcca.transport import CLOUD_PRESENCE, Link, LinkConfig
 from cdcca.wire.topics import CLOUD_ID, DIAGNOSTICS
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,12 @@ class StatusMonitor:
         self.link, self.clock = link, clock
         self.robots: dict[str, dict[str, Any]] = {}
         self.cloud: dict[str, Any] = {}
+        self.cloud_present: set[str] = set()  # presence tokens of cloud workers up now (``cloud``, ``cloud/<id>``)
         self._lock = threading.Lock()
         link.subscribe("*", DIAGNOSTICS, lambda robot_id, msg, _: self.on_diagnostics(robot_id, msg))
         link.subscribe("*", "adapter_status", lambda robot_id, msg, _: self.on_adapter_status(robot_id, msg))
         link.subscribe("*", "weight_delta", lambda robot_id, msg, _: self.on_weight_delta(robot_id, msg))
+        link.watch_presence(CLOUD_PRESENCE, self.on_presence)
 
     def _row(self, robot_id: str) -> dict[str, Any]:
         row = self.robots.get(robot_id)
@@ -99,6 +102,10 @@ class StatusMonitor:
                 self.cloud.update({"level": int(status.level), "message": status.message,
                                    **{k: _number(v) if _number(v) is not None else v for k, v in values.items()}})
 
+    def on_presence(self, name: str, alive: bool) -> None:
+        with self._lock:
+            (self.cloud_present.add if alive else self.cloud_present.discard)(name)
+
     def on_adapter_status(self, robot_id: str, msg) -> None:
         with self._lock:
             row = self._row(robot_id)
@@ -122,11 +129,12 @@ class StatusMonitor:
         with self._lock:
             robots = [dict(row) for _, row in sorted(self.robots.items())]
             cloud = dict(self.cloud) if self.cloud else None
+            present = sorted(self.cloud_present)
         for row in robots:
             row["seen_s_ago"] = round(now - row["last_seen"], 1) if row["last_seen"] is not None else None
         if cloud is not None:
             cloud["seen_s_ago"] = round(now - cloud["last_seen"], 1)
-        return {"robots": robots, "cloud": cloud, "taken_unix": now}
+        return {"robots": robots, "cloud": cloud, "cloud_present": present, "taken_unix": now}
 
     def close(self) -> None:
         """Nothing of its own to release: the subscriptions end with the link."""
@@ -150,6 +158,8 @@ def table_rows(snapshot: dict) -> list[list[str]]:
 
 def cloud_line(snapshot: dict) -> str:
     cloud = snapshot["cloud"]
+    if cloud is None and snapshot.get("cloud_present"):
+        return f"cloud: up ({', '.join(snapshot['cloud_present'])}), no status heard yet (it reports every 2 s)"
     if cloud is None:
         return "cloud: not heard from (is it running, and does it publish its status?)"
     current = cloud.get("current_round") or "idle"

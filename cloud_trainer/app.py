@@ -18,7 +18,7 @@ from pathlib import Path
 from cdcca.akd import ANCHOR_IMAGES, source_anchors
 from cdcca.envelope import Signer
 from cdcca.models.checkpoint import load_adaptable_student, load_mllm
-from cdcca.paths import FolderLock
+from cdcca.paths import LOCK_FILE, FolderLock
 from cdcca.transport import Link
 from cloud_trainer.service import CloudConfig, CloudTrainer
 
@@ -33,8 +33,13 @@ def build_trainer(checkpoints: Path, key_file: Path, config: CloudConfig, link=N
 
     ``hold_state``: hold ``config.state_dir`` (:class:`~cdcca.paths.FolderLock`) until ``trainer.close()``, so a
     second cloud on it is refused before its teacher loads (two trainers on one store would each make versions for
-    the same robots); a torchrun rank other than 0 shares rank 0's folder and passes ``False``."""
-    hold = FolderLock(Path(config.state_dir)) if hold_state else None
+    the same robots); fleet workers (``worker_id``), which may share a folder, each hold their own id in it; a
+    torchrun rank other than 0 shares rank 0's folder and passes ``False``."""
+    hold = None
+    if hold_state:  # workers of one fleet may share a folder (and its SQLite store): one process per worker id
+        name = LOCK_FILE if config.worker_id is None else f"{LOCK_FILE}-{config.worker_id}"
+        again = "pass another --state folder" if config.worker_id is None else "give this worker another --worker-id"
+        hold = FolderLock(Path(config.state_dir), again, name)
     try:
         signer = Signer.load(key_file)
         teacher = load_mllm(Path(checkpoints) / "teacher")

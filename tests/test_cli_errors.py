@@ -82,7 +82,6 @@ def model_dir(pair, tmp_path):
         (["bench", "adapt", "--methods", "magic"], ["'magic'", "'cdcca'"]),
         (["pretrain", "--seed", str(2**64)], ["--seed", "0..2**63-1", str(2**64)]),  # numpy refused it mid-run
         (["cloud", "--seed", "-1"], ["--seed", "0..2**63-1, got -1"]),
-        (["bench", "fleet", "--store", "mysql://x"], ["--store", "postgresql://", "'mysql://x'"]),  # made a file
     ],
 )
 def test_a_bad_option_is_one_line_and_exit_2_before_anything_loads(argv, expected, capsys):
@@ -96,6 +95,17 @@ def test_an_unknown_codec_fails_before_the_models_load(capsys, tmp_path):
         (tmp_path / "pair" / role).mkdir(parents=True)
     _one_error_line(["cloud", "--codec", "zip", "--model", tmp_path / "pair", "--state", tmp_path / "s"], capsys,
                     "unknown codec 'zip'", "nf4-zstd")  # fmt: skip
+
+
+def test_bench_fleet_takes_only_a_postgresql_store(capsys):
+    # parse only: had the check gone, main() would run a whole fleet benchmark (`mysql://x` made a SQLite file)
+    from cdcca.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["bench", "fleet", "--store", "mysql://x"])
+    assert exit_info.value.code == 2
+    assert "--store: expected a postgresql:// URL" in capsys.readouterr().err
+    assert build_parser().parse_args(["bench", "fleet", "--store", "postgresql://h/db"]).store == "postgresql://h/db"
 
 
 def test_a_round_size_over_the_round_limit_names_both_flags_before_the_models_load(capsys, tmp_path):
@@ -291,19 +301,20 @@ def test_a_robot_started_on_a_trust_store_without_keys_warns_that_every_update_w
     assert any("trusts no key: every update from the cloud will be rejected" in w for w in warnings), warnings
 
 
-def test_keys_trust_notes_a_key_that_is_already_trusted_under_another_id(capsys, tmp_path):
-    # Prepare: cloud-1's public key copied as alias.pub
+def test_keys_trust_refuses_a_key_already_trusted_under_another_id(capsys, tmp_path):
+    # Prepare: cloud-1 and cloud-2 trusted; cloud-1's public key copied as alias.pub
     _, public = generate_key(tmp_path / "keys", "cloud-1")
+    _, successor = generate_key(tmp_path / "keys", "cloud-2")
     alias = tmp_path / "alias.pub"
     alias.write_text(public.read_text())
     store = tmp_path / "trust"
-    assert _run(["keys", "trust", public, "--store", store], capsys)[0] == 0
-    # Execute
-    code, errors, out = _run(["keys", "trust", alias, "--store", store], capsys)
-    # Assert: trusted (not wrong), with a note naming the other id
-    assert code == 0 and errors == []
-    assert "note: the same key is also trusted as 'cloud-1'" in out
-    assert _run(["keys", "trust", public, "--store", tmp_path / "other"], capsys)[2].count("note:") == 0
+    for key in (public, successor):
+        assert _run(["keys", "trust", key, "--store", store], capsys)[0] == 0
+    # Execute / Assert: refused, naming the id it has (revoking `alias` would have ended cloud-1 too, on a robot's
+    # next start, and let the last key go past the guard that keeps one)
+    _one_error_line(["keys", "trust", alias, "--store", store], capsys, "already trusted as 'cloud-1'",
+                    "a key is trusted under one id")  # fmt: skip
+    assert not (store / "alias.pub").exists()
 
 
 def test_keys_trust_replace_never_brings_back_a_revoked_key(capsys, tmp_path):

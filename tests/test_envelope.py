@@ -399,6 +399,36 @@ def test_keys_list_shows_fingerprints_and_trust_never_silently_replaces_a_key(tm
     assert _fingerprint_of(public) in capsys.readouterr().out
 
 
+def test_one_key_under_two_ids_in_an_old_store_is_revoked_by_either_id(student, tmp_path, capsys):
+    # Prepare: a store an older release let hold cloud-1's key also as alias (`keys trust` now refuses that), and
+    # cloud-2; a robot running on it
+    store = tmp_path / "trust"
+    signers = {}
+    for key_id in ("cloud-1", "cloud-2"):
+        private, public = generate_key(tmp_path / "cloud", key_id)
+        trust_key(public, store)
+        signers[key_id] = Signer.load(private)
+    (tmp_path / "alias.pub").write_text((store / "cloud-1.pub").read_text())
+    with pytest.raises(KeyStoreError, match="already trusted as 'cloud-1'"):
+        trust_key(tmp_path / "alias.pub", store)
+    (store / "alias.pub").write_text((store / "cloud-1.pub").read_text())  # what the older release did
+    slot = AdapterSlot(student, "r1", TrustStore.load(store))
+    chain = VersionChain("r1", slot.base)
+    # Execute: revoke the alias with the CLI while the robot runs
+    code, _ = _keys_cli("revoke", "alias", "--store", store, tmp_path=tmp_path)
+    # Assert: the key is revoked under both ids, at once on the running robot and after a restart
+    assert code == 0
+    status = slot.receive(chain.make_delta(_updated(slot.base, 1), "fp16", signers["cloud-1"]))
+    assert status.state == REJECTED and status.reason == "signing key 'cloud-1' is revoked (as 'alias')"
+    assert set(TrustStore.load(store).keys) == {"cloud-2"}
+    # the guard that keeps one key counts keys, not ids: with cloud-2 gone, cloud-1 under two ids is the last
+    lone = tmp_path / "lone"
+    trust_key(tmp_path / "cloud" / "cloud-1.pub", lone)
+    (lone / "alias.pub").write_text((lone / "cloud-1.pub").read_text())
+    code, _ = _keys_cli("revoke", "alias", "--store", lone, tmp_path=tmp_path)
+    assert code == 2 and "only trusted key" in capsys.readouterr().err
+
+
 def test_a_revoked_key_is_rejected_by_a_running_robot_and_stays_revoked(student, tmp_path, capsys):
     # Prepare: a robot that trusts two keys
     store = tmp_path / "trust"

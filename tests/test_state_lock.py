@@ -70,8 +70,9 @@ def test_a_second_robot_on_one_state_folder_is_refused_until_the_first_closes(pr
 
 
 @pytest.mark.parametrize("verb", ["edge", "cloud"])
-def test_the_cli_refuses_a_state_folder_another_process_holds_in_one_line(verb, pretrained_test_pair, trust, tmp_path,
-                                                                        capsys):
+def test_the_cli_refuses_a_state_folder_another_process_holds_in_one_line(
+    verb, pretrained_test_pair, trust, tmp_path, capsys
+):
     # Prepare: another process holds the folder; everything else the verb needs is in place
     (tmp_path / "frames").mkdir()
     child = _holder(tmp_path / "state")
@@ -89,3 +90,30 @@ def test_the_cli_refuses_a_state_folder_another_process_holds_in_one_line(verb, 
     assert code == 2
     assert errors == [f"cdcca {verb}: error: {tmp_path / 'state'} is in use by another process (pid {child.pid}); "
                       "stop that one first, or pass another --state folder"]  # fmt: skip
+
+
+def test_fleet_workers_share_a_folder_one_process_per_worker_id(pretrained_test_pair, trust, tmp_path):
+    # Prepare: the README's fleet: `cdcca cloud --worker-id a`, `--worker-id b` on one --state (and its store)
+    from cloud_trainer.app import build_trainer
+    from cloud_trainer.service import CloudConfig
+
+    def worker(worker_id):
+        config = CloudConfig(state_dir=tmp_path / "cloud", worker_id=worker_id)
+        return build_trainer(pretrained_test_pair, trust[0], config, anchor_images=0)
+
+    a, b = worker("a"), worker("b")
+    try:
+        # Execute / Assert: a second worker a is refused, naming what to change
+        with pytest.raises(FolderInUse, match="in use by this process .*give this worker another --worker-id"):
+            worker("a")
+    finally:
+        a.close()
+        b.close()
+    worker("a").close()  # a's close let its id go
+
+
+def test_a_build_that_was_never_closed_is_named_as_this_process(tmp_path):
+    hold = FolderLock(tmp_path / "edge")
+    with pytest.raises(FolderInUse, match=f"in use by this process \\(pid {os.getpid()}\\)"):
+        FolderLock(tmp_path / "edge")
+    hold.release()

@@ -143,8 +143,22 @@ def test_the_status_verb_exits_3_when_nothing_was_heard_so_a_health_check_can_us
     captured = capsys.readouterr()
     assert code == 3
     assert "no robot heard from yet" in captured.out
-    assert captured.err.strip() == ("cdcca status: warning: nothing heard in 0.3 s: no robot and no cloud published "
-                                    "on this link")  # fmt: skip
+    assert captured.err.strip() == ("cdcca status: warning: nothing heard in 0.3 s: no robot and no cloud on this "
+                                    "link (robots report every 2 s: listen longer than that)")  # fmt: skip
+
+
+def test_a_cloud_that_is_up_counts_as_heard_before_its_first_status(endpoint, capsys):
+    # Prepare: a cloud worker whose presence token is up, and which has not published a status yet
+    from cdcca.cli import main
+
+    address, publisher = endpoint
+    publisher.declare_presence("cloud/w0")
+    # Execute
+    code = main(["status", "--endpoint", address, "--once", "1"])
+    # Assert: exit 0 (a health check with a window shorter than the status period does not flap), and the line says so
+    captured = capsys.readouterr()
+    assert (code, captured.err) == (0, "")
+    assert "cloud: up (cloud/w0), no status heard yet" in captured.out
 
 
 def test_the_status_verb_listens_once_and_prints_json(endpoint, keys, capsys, tmp_path):

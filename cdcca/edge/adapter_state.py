@@ -206,7 +206,7 @@ def restore_adapter(state_dir: Path, robot_id: str, base: Params,
         for partial in state_dir.glob(pattern):
             partial.unlink(missing_ok=True)
     for scratch in state_dir.glob(".tmp??????"):  # safetensors >= 0.8 writes there first: a crash mid-write left it
-        if SAFETENSORS_SCRATCH.fullmatch(scratch.name):
+        if SAFETENSORS_SCRATCH.fullmatch(scratch.name) and scratch.is_file():
             scratch.unlink(missing_ok=True)
     if not (state_dir / STATE_FILE).is_file():
         return None

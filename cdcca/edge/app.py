@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def build_runtime(checkpoints: Path, config: EdgeConfig, trust_dir: Path, link=None, backend: str = "torch",
-                  threads: int | None = None, port=None) -> EdgeRuntime:  # fmt: skip
+                  threads: int | None = None, port=None,
+                  state_hint: str = "pass another --state folder") -> EdgeRuntime:  # fmt: skip
     """The robot's runtime; the adapter state persists under ``config.state_dir``, which the runtime holds
     (:class:`~cdcca.paths.FolderLock`) until ``runtime.close()``: a second robot on it is refused.
 
@@ -36,9 +37,10 @@ def build_runtime(checkpoints: Path, config: EdgeConfig, trust_dir: Path, link=N
             by ``cdcca export --backend onnx``: ``checkpoints`` itself when it is one, else
             ``<checkpoints>/student_onnx``; torch is not imported).
         threads: ONNX Runtime intra-op threads.
+        state_hint: what a robot refused its state folder is told to do (the ROS node names its parameter).
     """
     trust = TrustStore.load(trust_dir)
-    hold = FolderLock(Path(config.state_dir))  # before the backend restores the adapter state it would share
+    hold = FolderLock(Path(config.state_dir), state_hint)  # before the backend restores the adapter state
     try:
         runtime = _build(checkpoints, config, trust, link, backend, threads, port)
     except BaseException:

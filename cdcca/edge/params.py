@@ -216,7 +216,8 @@ def build_edge_runtime(params: Mapping[str, Any], port: Any = None) -> EdgeRunti
     node, config = configs(params)
     checkpoints = Path(node.checkpoints).expanduser() if node.checkpoints else checkpoint_dir("tiny")
     trust = Path(node.trust_dir).expanduser() if node.trust_dir else cache_dir() / "trust"
-    return build_runtime(checkpoints, config, trust, port=port, backend=node.backend, threads=node.threads or None)
+    return build_runtime(checkpoints, config, trust, port=port, backend=node.backend, threads=node.threads or None,
+                         state_hint="give this node another state_dir")  # fmt: skip
 
 
 def parameter_file() -> str:

@@ -96,7 +96,11 @@ def require_camera() -> None:
     """Fail at once when librealsense sees no camera: ``pipeline.start`` takes about 15 s to say so (0.1 s here)."""
     import pyrealsense2 as rs
 
-    if len(rs.context().query_devices()) == 0:
+    try:
+        devices = len(rs.context().query_devices())
+    except RuntimeError as err:  # librealsense's own errors (USB permissions, a busy device) are RuntimeErrors
+        raise SourceError(f"cannot list RealSense cameras: {err}") from err
+    if devices == 0:
         raise SourceError("no RealSense camera is connected (librealsense sees none: check the USB cable and the udev "
                           "rules); replay a recording with --source realsense:FILE instead")  # fmt: skip
 
