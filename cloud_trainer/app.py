@@ -21,6 +21,7 @@ from cdcca.models.checkpoint import load_adaptable_student, load_mllm
 from cdcca.paths import LOCK_FILE, FolderLock
 from cdcca.transport import Link
 from cloud_trainer.service import CloudConfig, CloudTrainer
+from cloud_trainer.store import open_store
 
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
@@ -42,6 +43,7 @@ def build_trainer(checkpoints: Path, key_file: Path, config: CloudConfig, link=N
         hold = FolderLock(Path(config.state_dir), again, name)
     try:
         signer = Signer.load(key_file)
+        open_store(config.store or Path(config.state_dir) / "cloud.sqlite").close()  # fails before the teacher loads
         teacher = load_mllm(Path(checkpoints) / "teacher")
         anchors = None
         if anchor_images > 0 and teacher.meta.get("preset"):  # the embedded pair: its pretraining data is at hand

@@ -14,6 +14,7 @@ import pytest
 
 from cdcca.cli import main
 from cdcca.envelope import generate_key, trust_key
+from tests.test_transport import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,6 +135,16 @@ def test_a_live_camera_that_is_not_connected_fails_before_the_student_loads(caps
         pytest.skip("a RealSense camera is connected to this machine")
     _one_error_line(["edge", "--source", "realsense", "--model", tmp_path / "none"], capsys,
                     "no RealSense camera is connected", "--source realsense:FILE")  # fmt: skip
+
+
+def test_an_unreachable_store_fails_before_the_teacher_loads(capsys, tmp_path, trust_dir):
+    pytest.importorskip("psycopg", reason="the PostgreSQL store needs psycopg")
+    for role in ("teacher", "student"):  # empty: had the teacher loaded first, the error would be about it
+        (tmp_path / "pair" / role).mkdir(parents=True)
+    _one_error_line(["cloud", "--store", "postgresql://u@127.0.0.1:1/db", "--model", tmp_path / "pair", "--state",
+                     tmp_path / "s", "--key", tmp_path / "keys" / "cloud-1.key", "--endpoint",
+                     f"tcp/127.0.0.1:{free_port()}"], capsys,
+                    "cannot reach the --store postgresql://u@127.0.0.1:1/db")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ files and folders
