@@ -399,15 +399,20 @@ def test_keys_list_shows_fingerprints_and_trust_never_silently_replaces_a_key(tm
     assert _fingerprint_of(public) in capsys.readouterr().out
 
 
-def test_one_key_under_two_ids_in_an_old_store_is_revoked_by_either_id(student, tmp_path, capsys):
-    # Prepare: a store an older release let hold cloud-1's key also as alias (`keys trust` now refuses that), and
-    # cloud-2; a robot running on it
-    store = tmp_path / "trust"
+def _two_trusted_signers(tmp_path):
+    """Signers cloud-1 and cloud-2 (keys under tmp/cloud), both trusted in the store tmp/trust."""
     signers = {}
     for key_id in ("cloud-1", "cloud-2"):
         private, public = generate_key(tmp_path / "cloud", key_id)
-        trust_key(public, store)
+        trust_key(public, tmp_path / "trust")
         signers[key_id] = Signer.load(private)
+    return signers
+
+
+def test_one_key_under_two_ids_in_an_old_store_is_revoked_by_either_id(student, tmp_path, capsys):
+    # Prepare: a store an older release let hold cloud-1's key also as alias (`keys trust` now refuses that), and
+    # cloud-2; a robot running on it
+    store, signers = tmp_path / "trust", _two_trusted_signers(tmp_path)
     (tmp_path / "alias.pub").write_text((store / "cloud-1.pub").read_text())
     with pytest.raises(KeyStoreError, match="already trusted as 'cloud-1'"):
         trust_key(tmp_path / "alias.pub", store)
@@ -431,12 +436,7 @@ def test_one_key_under_two_ids_in_an_old_store_is_revoked_by_either_id(student, 
 
 def test_a_revoked_key_is_rejected_by_a_running_robot_and_stays_revoked(student, tmp_path, capsys):
     # Prepare: a robot that trusts two keys
-    store = tmp_path / "trust"
-    signers = {}
-    for key_id in ("cloud-1", "cloud-2"):
-        private, public = generate_key(tmp_path / "cloud", key_id)
-        trust_key(public, store)
-        signers[key_id] = Signer.load(private)
+    store, signers = tmp_path / "trust", _two_trusted_signers(tmp_path)
     slot = AdapterSlot(student, "r1", TrustStore.load(store))
     chain = VersionChain("r1", slot.base)
     assert slot.receive(chain.make_delta(_updated(slot.base, 1), "fp16", signers["cloud-1"])).state == APPLIED
