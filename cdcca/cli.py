@@ -35,7 +35,7 @@ VERBS = {
     "export": "export the student for the edge: `export --backend onnx` (ONNX Runtime, LoRA adapters)",
     "make-bag": "write the digits-shift stream as a rosbag2 (camera, prompts, ground truth) for replay",
     "keys": "Ed25519 signing keys for weight deltas: `keys generate|trust|list|revoke|endorse|accept` (rotation)",
-    "bench": "benchmarks: `bench uplink|downlink|adapt|edge` (UTS, DWC + hot-swap, Tables 1-4, torch vs ONNX)",
+    "bench": "benchmarks: `bench uplink|downlink|adapt|edge|fleet` (UTS, DWC, Tables 1-4, torch vs ONNX, fleets)",
     "status": "live view of the robots and the cloud on the link: versions, queues, rounds, rejections",
 }
 
@@ -189,9 +189,9 @@ def package_version() -> str:
         return cdcca.__version__
 
 
-def _common_args(parser: argparse.ArgumentParser) -> None:
+def _common_args(parser: argparse.ArgumentParser, threads: str = "torch's") -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    parser.add_argument("--threads", type=thread_count, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=thread_count, default=None, help=f"torch CPU threads (default: {threads})")
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="third-party warnings, DEBUG logging and tracebacks")  # fmt: skip
 
@@ -219,6 +219,10 @@ def _add_pretrain_args(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=positive_int, default=PRETRAIN_DEFAULTS["batch_size"], help="images per step"
     )
     parser.add_argument("--seed", type=seed_number, default=PRETRAIN_DEFAULTS["seed"], help="random seed")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                        help="bf16: forward passes under bfloat16 autocast (float32 weights), faster a step on a CPU "
+                             "with AMX or AVX512-BF16, and other weights than the committed pair's; auto: bf16 where "
+                             "the CPU has those, else fp32")  # fmt: skip
     parser.add_argument("--model", "--out", dest="out", type=Path, default=None, metavar="DIR",
                         help="model folder to write, the one other verbs take as --model (default: the preset's, in "
                              "the cache)")  # fmt: skip
@@ -440,7 +444,9 @@ BENCH_KINDS = {
 def _add_bench_args(parser: argparse.ArgumentParser) -> None:
     kinds = parser.add_subparsers(dest="which", metavar="BENCHMARK", required=True, parser_class=_Parser)
     for which, text in BENCH_KINDS.items():
-        example = f"example:\n  cdcca bench {which} --threads 2 --json bench/results/{which}.json"
+        one_thread = which in ("downlink", "edge", "fleet")  # the committed runs: one thread each side
+        example = (f"example:\n  OMP_NUM_THREADS=1 cdcca bench {which} --json bench/results/{which}.json" if one_thread
+                   else f"example:\n  cdcca bench {which} --threads 2 --json bench/results/{which}.json")  # fmt: skip
         p = kinds.add_parser(which, help=text, description=text, epilog=example, formatter_class=_Formatter)
         p.set_defaults(steps=None, images_per_domain=80, seeds=[0, 1, 2], stream_images=150, no_ablations=False,
                        methods=None, shifts=None)  # fmt: skip
@@ -494,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         if verb in ("keys", "bench"):  # their actions carry their own options and help
             (_add_keys_args if verb == "keys" else _add_bench_args)(p)
             continue
-        _common_args(p)
+        _common_args(p, "2 for the robot and the cloud, torch's for pretraining" if verb == "demo" else "torch's")
         if verb in ("pretrain", "demo"):
             _add_pretrain_args(p)
         if verb == "demo":
@@ -541,6 +547,7 @@ def cmd_pretrain(args) -> dict:
         batch_size=args.batch_size,
         seed=args.seed,
         out_dir=args.out,
+        precision=args.precision,
     )
     if config.preset == "tiny" and torch.get_num_threads() != EMBEDDED_THREADS:
         print(f"cdcca pretrain: warning: {torch.get_num_threads()} torch threads; the committed results' pair was "

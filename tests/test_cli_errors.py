@@ -83,6 +83,7 @@ def model_dir(pair, tmp_path):
         (["bench", "adapt", "--methods", "magic"], ["'magic'", "'cdcca'"]),
         (["pretrain", "--seed", str(2**64)], ["--seed", "0..2**63-1", str(2**64)]),  # numpy refused it mid-run
         (["cloud", "--seed", "-1"], ["--seed", "0..2**63-1, got -1"]),
+        (["pretrain", "--precision", "fp16"], ["--precision", "'fp16'", "'bf16'"]),
     ],
 )
 def test_a_bad_option_is_one_line_and_exit_2_before_anything_loads(argv, expected, capsys):

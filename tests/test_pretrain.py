@@ -7,7 +7,14 @@ import torch
 
 import cdcca.pretrain as pretrain_module
 from cdcca.models.checkpoint import load_mllm
-from cdcca.pretrain import PretrainConfig, PretrainMismatch, load_optimizer, pretrain, save_optimizer
+from cdcca.pretrain import (
+    PretrainConfig,
+    PretrainMismatch,
+    load_optimizer,
+    pretrain,
+    resolve_precision,
+    save_optimizer,
+)
 
 
 def test_pretrain_writes_a_loadable_pair_sharing_one_encoder(pretrained_test_pair):
@@ -52,19 +59,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     config = dict(preset="test", vision_steps=2, teacher_steps=6, student_steps=1, batch_size=8, checkpoint_every=3)
     pretrain(PretrainConfig(**config, out_dir=tmp_path / "straight"), progress=False)
 
-    real_samples, calls = pretrain_module.training_samples, {"n": 0}
-
-    def crash_at_step_five(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("simulated power loss")
-        return real_samples(*args, **kwargs)
-
-    monkeypatch.setattr(pretrain_module, "training_samples", crash_at_step_five)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(PretrainConfig(**config, out_dir=tmp_path / "resumed"), progress=False)
+    _crash_at_the_fifth_batch(PretrainConfig(**config, out_dir=tmp_path / "resumed"), monkeypatch)
     assert json.loads((tmp_path / "resumed" / "teacher.partial" / "progress.json").read_text())["step"] == 3
-    monkeypatch.setattr(pretrain_module, "training_samples", real_samples)
     report = pretrain(PretrainConfig(**config, out_dir=tmp_path / "resumed"), progress=False)
 
     assert report["stages"][0] == {"stage": "vision", "reused": True}
@@ -117,7 +113,62 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path):
     assert (tmp_path / "optimizer.safetensors").read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle stream
 
 
-@pytest.mark.parametrize(("field", "value"), [("teacher_steps", 0), ("batch_size", 0), ("lr", 0.0), ("preset", "xl")])
+def test_bfloat16_autocast_trains_resumably_records_its_precision_and_is_not_reused_for_fp32(tmp_path, monkeypatch):
+    # Prepare / Execute: a bf16 run, and the same run interrupted after the teacher's third step and resumed
+    config = dict(preset="test", vision_steps=2, teacher_steps=6, student_steps=1, batch_size=8, checkpoint_every=3,
+                  precision="bf16")  # fmt: skip
+    casts = []
+    real_autocast = pretrain_module.torch.autocast
+
+    def recording_autocast(*args, **kwargs):
+        casts.append((kwargs["dtype"], kwargs["enabled"]))
+        return real_autocast(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module.torch, "autocast", recording_autocast)
+    report = pretrain(PretrainConfig(**config, out_dir=tmp_path / "straight"), progress=False)
+    monkeypatch.undo()
+    _crash_at_the_fifth_batch(PretrainConfig(**config, out_dir=tmp_path / "resumed"), monkeypatch)
+    pretrain(PretrainConfig(**config, out_dir=tmp_path / "resumed"), progress=False)
+    # Assert: every step ran under bfloat16 autocast; the weights stay float32; a resumed run ends on the same
+    # weights; the models record bf16, and a fp32 run on that folder is refused rather than given the bf16 pair
+    assert casts == [(torch.bfloat16, True)] * (2 + 6 + 1) and report["precision"] == "bf16"
+    straight = load_mllm(tmp_path / "straight" / "teacher")
+    assert straight.meta["pretrain"]["precision"] == "bf16"
+    assert {t.dtype for t in straight.blip2.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    resumed = load_mllm(tmp_path / "resumed" / "teacher").blip2.state_dict()
+    for name, tensor in straight.blip2.state_dict().items():
+        assert torch.equal(resumed[name], tensor), name
+    with pytest.raises(PretrainMismatch, match=r"precision 'bf16' \(asked 'fp32'\)"):
+        pretrain(PretrainConfig(**{**config, "precision": "fp32"}, out_dir=tmp_path / "straight"), progress=False)
+
+
+def _crash_at_the_fifth_batch(config: PretrainConfig, monkeypatch) -> None:
+    """Run ``config`` until the fifth batch of answering samples is drawn (a power cut there)."""
+    real_samples, calls = pretrain_module.training_samples, {"n": 0}
+
+    def crash_at_step_five(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated power loss")
+        return real_samples(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "training_samples", crash_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config, progress=False)
+    monkeypatch.setattr(pretrain_module, "training_samples", real_samples)
+
+
+@pytest.mark.parametrize("cpu", [(True, False), (False, True), (False, False)], ids=["amx", "avx512-bf16", "neither"])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_bfloat16_matrix_units(cpu, monkeypatch):
+    amx, avx512_bf16 = cpu
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert resolve_precision("auto") == ("bf16" if amx or avx512_bf16 else "fp32")
+    assert (resolve_precision("fp32"), resolve_precision("bf16")) == ("fp32", "bf16")
+
+
+@pytest.mark.parametrize(("field", "value"), [("teacher_steps", 0), ("batch_size", 0), ("lr", 0.0), ("preset", "xl"),
+                                              ("precision", "fp16")])  # fmt: skip
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field if field != "preset" else "preset must be one of"):
         PretrainConfig(**{field: value})
