@@ -212,11 +212,6 @@ class TrustStore:
             del self.keys[twin]
         return revoked
 
-    def trusted_as_revoked(self, key_id: str) -> str | None:
-        """The revoked id of the key trusted as ``key_id``, if that key was revoked under another id."""
-        held = self.fingerprints().get(key_id)
-        return next((k for k, f in self.revoked.items() if f == held), None)
-
     def _refresh(self, key_id: str) -> None:
         """Pick up what ``cdcca keys`` changed in the folder since :meth:`load` (one listing per call: a revocation
         under any id, since a store an older release wrote may hold one key under two)."""
@@ -239,8 +234,10 @@ class TrustStore:
             raise DeltaRejected(f"signing key {key_id!r} is revoked")
         if key_id not in self.keys:
             raise DeltaRejected(f"unknown signing key {key_id!r}")
-        if self.fingerprints()[key_id] in self.revoked.values():  # the same key revoked under another id
-            raise DeltaRejected(f"signing key {key_id!r} is revoked (as {self.trusted_as_revoked(key_id)!r})")
+        held = self.fingerprints()[key_id]
+        revoked_as = next((k for k, f in self.revoked.items() if f == held), None)
+        if revoked_as is not None:  # the same key revoked under another id (an old store held it under two)
+            raise DeltaRejected(f"signing key {key_id!r} is revoked (as {revoked_as!r})")
         try:
             self.keys[key_id].verify(signature, data)
         except InvalidSignature:

@@ -41,9 +41,10 @@ def build_trainer(checkpoints: Path, key_file: Path, config: CloudConfig, link=N
         name = LOCK_FILE if config.worker_id is None else f"{LOCK_FILE}-{config.worker_id}"
         again = "pass another --state folder" if config.worker_id is None else "give this worker another --worker-id"
         hold = FolderLock(Path(config.state_dir), again, name)
+    store = None
     try:
         signer = Signer.load(key_file)
-        open_store(config.store or Path(config.state_dir) / "cloud.sqlite").close()  # fails before the teacher loads
+        store = open_store(config.store or Path(config.state_dir) / "cloud.sqlite")  # an unreachable one fails now
         teacher = load_mllm(Path(checkpoints) / "teacher")
         anchors = None
         if anchor_images > 0 and teacher.meta.get("preset"):  # the embedded pair: its pretraining data is at hand
@@ -51,8 +52,10 @@ def build_trainer(checkpoints: Path, key_file: Path, config: CloudConfig, link=N
         if link is not None and hasattr(link, "declare_presence"):  # robots see the cloud come and go (liveliness)
             link.declare_presence()
         trainer = CloudTrainer(teacher, lambda: load_adaptable_student(checkpoints), signer, config, link,
-                               anchors=anchors)  # fmt: skip
+                               anchors=anchors, store=store)  # fmt: skip
     except BaseException:
+        if store is not None:
+            store.close()
         if hold is not None:
             hold.release()
         raise

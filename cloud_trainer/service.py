@@ -263,12 +263,13 @@ class CloudTrainer:
     """
 
     def __init__(self, teacher: MLLM, make_student: Callable[[], MLLM], signer: Signer, config: CloudConfig,
-                 link=None, anchors: Sequence[DistillSample] | None = None) -> None:  # fmt: skip
+                 link=None, anchors: Sequence[DistillSample] | None = None, store=None) -> None:  # fmt: skip
         self.teacher, self.make_student, self.signer = teacher, make_student, signer
         self.folder_lock = None  # a cdcca.paths.FolderLock on config.state_dir, when build_trainer took one
         self.anchors = list(anchors or [])
         self.config, self.link = config, link
-        self.store = open_store(config.store or Path(config.state_dir) / "cloud.sqlite")
+        # the store of config.store (or state_dir/cloud.sqlite); build_trainer opens it before the teacher loads
+        self.store = store if store is not None else open_store(config.store or Path(config.state_dir) / "cloud.sqlite")
         self.robots: dict[str, _Robot] = {}
         self.counters = CloudCounters()
         self._counters_lock = threading.Lock()  # counters change on the link's threads, the round's and the loop's
@@ -396,7 +397,7 @@ class CloudTrainer:
             self._count_in("update_rejections", rejection_kind(msg.reason))
             rejecting = self.robots.get(robot_id)
             if rejecting is not None:
-                with self._chain_lock:  # link threads report at once: a bare += lost counts
+                with self._chain_lock:  # link threads report at once (a += is not atomic without the GIL)
                     rejecting.rejections += 1
                     rejecting.last_reject_reason = msg.reason[:500]
             self.seen(robot_id)
