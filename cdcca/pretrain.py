@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -69,12 +70,11 @@ class PretrainConfig:
         out_dir: where ``teacher/`` and ``student/`` are written (default: the cache, see ``cdcca.paths``).
         precision: ``bf16`` runs each step's forward pass under ``torch.autocast(bfloat16)`` (the weights, gradients
             and AdamW's moments stay float32: mixed precision, Micikevicius et al., "Mixed precision training",
-            ICLR 2018, with bfloat16's float32 exponent range, which needs no loss scaling); on a CPU with bfloat16
-            matrix units (AMX, AVX512-BF16) the vision and teacher stages run about 1.3x faster (the small student's
-            is slower). ``fp32`` runs float32 throughout.
-            ``auto``: ``bf16`` where the CPU has those units, ``fp32`` elsewhere (emulated bfloat16 is slower than
-            float32). The default stays ``fp32``: the committed results' pair is float32's, and ``make`` rebuilds it.
-            The models record the precision they were built with.
+            ICLR 2018, with bfloat16's float32 exponent range, which needs no loss scaling). ``fp32`` runs float32
+            throughout. ``auto`` (the default): ``bf16`` where the CPU has bfloat16 matrix units (AMX,
+            AVX512-BF16; there the vision and teacher stages run about 1.3x faster, ``bench/README.md``), ``fp32``
+            elsewhere (emulated bfloat16 is slower than float32); a finished pair is reused whatever precision
+            built it. The models record the precision they were built with.
     """
 
     preset: str = "tiny"
@@ -89,7 +89,7 @@ class PretrainConfig:
     checkpoint_every: int = 200
     seed: int = 0
     out_dir: Path | None = field(default=None)
-    precision: str = "fp32"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         get_preset(self.preset)  # validates the name
@@ -198,6 +198,8 @@ def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> d
         saved = json.loads((partial_dir / "progress.json").read_text())
         start, losses = saved["step"], saved["losses"]
     stage.module.train()
+    bf16 = resolve_precision(config.precision) == "bf16"
+    started = time.perf_counter()
     bar = progress_bar(
         range(start, stage.steps), initial=start, total=stage.steps, desc=f"pretrain {stage.name}", disable=not progress
     )
@@ -206,7 +208,7 @@ def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> d
         torch.manual_seed(int(rng.integers(2**62)))  # dropout masks also depend only on (seed, stage, step)
         for group in optimizer.param_groups:
             group["lr"] = stage.lr * _lr_factor(step, stage.steps, config.warmup_steps)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = stage.step_loss(rng)  # the backward pass runs outside: autocast records what it cast
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -220,7 +222,9 @@ def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> d
     for param in stage.params:
         param.requires_grad_(False)
     final_loss = float(np.mean(losses[-20:])) if losses else None
-    return {"stage": stage.name, "steps": stage.steps, "resumed_from": start, "final_loss": final_loss}
+    seconds = round(time.perf_counter() - started, 2)  # this run's steps (a resumed stage's, not the whole stage's)
+    return {"stage": stage.name, "steps": stage.steps, "resumed_from": start, "final_loss": final_loss,
+            "seconds": seconds}  # fmt: skip
 
 
 def _answer_loss(model: MLLM, distribution: str, batch_size: int) -> Callable[[np.random.Generator], torch.Tensor]:
@@ -276,6 +280,17 @@ def _train_answering(
     return log
 
 
+def _built_precision(directory: Path) -> str | None:
+    """The precision a finished stage in ``directory`` was built with (``fp32`` if it predates the record)."""
+    if not is_complete(directory):
+        return None
+    recorded = _read_json(directory / "cdcca.json").get("meta", {}).get("pretrain")
+    if not isinstance(recorded, dict):
+        return None
+    precision = recorded.get("precision", "fp32")
+    return precision if precision in ("bf16", "fp32") else None
+
+
 EMBEDDED_THREADS = 2  # the torch threads the committed results' embedded pair was built with (`make` passes them)
 
 
@@ -285,11 +300,15 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> dict:
     The weights depend on torch's thread count as well as on the package versions: a kernel splits its sums
     differently on 1 and 2 threads (after six teacher steps the two differ by up to 2e-3), so the pair the committed
     results came from is rebuilt at :data:`EMBEDDED_THREADS` threads in the environment of ``constraints.txt``. Each
-    model's ``cdcca.json`` records the count it was trained with (``torch_threads``)."""
-    config = replace(config, precision=resolve_precision(config.precision))  # recorded, and compared on reuse
+    model's ``cdcca.json`` records the count it was trained with (``torch_threads``). They depend on the precision
+    too, and ``auto`` picks bfloat16 only on a CPU with bfloat16 matrix units (the committed pair's); elsewhere
+    ``--precision bf16`` builds it, slowly, with the kernels that CPU has."""
+    out = config.out_dir
+    # recorded, and compared on reuse; "auto" takes a finished teacher as it was built, and its student alike
+    built = _built_precision(out / "teacher") if config.precision == "auto" else None
+    config = replace(config, precision=built or resolve_precision(config.precision))
     report = {"preset": config.preset, "out_dir": str(config.out_dir), "stages": [],
               "torch_threads": torch.get_num_threads(), "precision": config.precision}  # fmt: skip
-    out = config.out_dir
     tokenizer = build_tokenizer(corpus())
     teacher, student = build_pair(get_preset(config.preset), tokenizer, seed=config.seed)
     for stage in ("teacher", "student"):  # before any work: a mismatch found after the teacher's minutes is late

@@ -191,3 +191,21 @@ def test_token_information_masks_keep_the_count_by_each_rule():
     assert low.tolist() == [[True, False, False, False], [False, True, False, False]]
     assert all(int(m.sum(1).min()) == 2 == int(m.sum(1).max()) for m in drawn)
     assert len({tuple(m.flatten().tolist()) for m in drawn}) > 1  # the draw depends on the seed
+
+
+def test_pretrain_speed_times_every_stage_and_scales_each_to_its_full_steps(tmp_path):
+    speed = _script("pretrain_speed")
+    per_step = speed.timed_run("fp32", 0.001, tmp_path / "run")  # one step of each stage of the tiny pair
+    assert set(per_step) == {"vision", "teacher", "student"} and all(s > 0 for s in per_step.values())
+    runs = [{"precision": "fp32", "per_step_s": {"vision": 0.2, "teacher": 0.5, "student": 0.2}},
+            {"precision": "bf16", "per_step_s": {"vision": 0.1, "teacher": 0.4, "student": 0.2}},
+            {"precision": "bf16", "per_step_s": {"vision": 0.1, "teacher": 0.3, "student": 0.2}},
+            {"precision": "fp32", "per_step_s": {"vision": 0.2, "teacher": 0.5, "student": 0.2}}]  # fmt: skip
+
+    rows = speed.summarize(runs)
+
+    by_stage = {r["stage"]: r for r in rows}
+    assert by_stage["vision"]["fp32_full_s"] == 200.0 and by_stage["vision"]["speedup"] == 2.0  # 1000 steps
+    assert by_stage["teacher"]["bf16_ms_per_step"] == 350.0 and by_stage["teacher"]["bf16_full_s"] == 175.0
+    assert by_stage["total"]["fp32_full_s"] == 200.0 + 250.0 + 60.0
+    assert by_stage["total"]["speedup"] == round(510.0 / (100.0 + 175.0 + 60.0), 2)

@@ -1,6 +1,7 @@
 """Pretraining: checkpoints are written, training lowers the loss, and an interrupted run resumes exactly."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -45,7 +46,14 @@ def test_pretrain_reuses_finished_checkpoints_built_with_the_settings_asked_for(
 def test_training_reduces_the_loss(tmp_path):
     report = pretrain(
         PretrainConfig(
-            preset="test", vision_steps=40, teacher_steps=60, student_steps=1, batch_size=32, lr=3e-3, out_dir=tmp_path
+            preset="test",
+            vision_steps=40,
+            teacher_steps=60,
+            student_steps=1,
+            batch_size=32,
+            lr=3e-3,
+            out_dir=tmp_path,
+            precision="fp32",
         ),
         progress=False,
     )
@@ -56,7 +64,8 @@ def test_training_reduces_the_loss(tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    config = dict(preset="test", vision_steps=2, teacher_steps=6, student_steps=1, batch_size=8, checkpoint_every=3)
+    config = dict(preset="test", vision_steps=2, teacher_steps=6, student_steps=1, batch_size=8, checkpoint_every=3,
+                  precision="fp32")  # fmt: skip
     pretrain(PretrainConfig(**config, out_dir=tmp_path / "straight"), progress=False)
 
     _crash_at_the_fifth_batch(PretrainConfig(**config, out_dir=tmp_path / "resumed"), monkeypatch)
@@ -72,7 +81,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
 
 def test_the_foreach_optimizer_trains_the_weights_of_the_per_tensor_loop_bit_for_bit(tmp_path, monkeypatch):
-    config = dict(preset="test", vision_steps=3, teacher_steps=4, student_steps=2, batch_size=8)
+    config = dict(preset="test", vision_steps=3, teacher_steps=4, student_steps=2, batch_size=8, precision="fp32")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the weights depend on the thread count: both runs on one, which each model records
     try:
@@ -140,6 +149,35 @@ def test_bfloat16_autocast_trains_resumably_records_its_precision_and_is_not_reu
         assert torch.equal(resumed[name], tensor), name
     with pytest.raises(PretrainMismatch, match=r"precision 'bf16' \(asked 'fp32'\)"):
         pretrain(PretrainConfig(**{**config, "precision": "fp32"}, out_dir=tmp_path / "straight"), progress=False)
+
+
+def test_auto_precision_reuses_a_finished_pair_as_it_was_built_and_trains_its_student_alike(
+    pretrained_test_pair, tmp_path, monkeypatch
+):
+    # Prepare: the float32 test pair without its student, on a CPU where "auto" means bfloat16
+    out = tmp_path / "pair"
+    shutil.copytree(pretrained_test_pair, out)
+    shutil.rmtree(out / "student")
+    built = load_mllm(out / "teacher").meta["pretrain"]
+    settings = {k: v for k, v in built.items() if k not in ("out_dir", "precision")}
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    casts, real_autocast = [], pretrain_module.torch.autocast
+
+    def recording_autocast(*args, **kwargs):
+        casts.append(kwargs["enabled"])
+        return real_autocast(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module.torch, "autocast", recording_autocast)
+    # Execute: the default precision (an upgrade that left a float32 pair in the cache)
+    report = pretrain(PretrainConfig(**settings, out_dir=out), progress=False)
+    # Assert: not refused; the teacher reused; the student trained without autocast and records float32; each
+    # stage that ran says how long it took; asking bfloat16 by name still refuses the float32 pair
+    assert PretrainConfig().precision == "auto" and built["precision"] == "fp32"
+    assert report["precision"] == "fp32" and [s.get("reused") for s in report["stages"]] == [True, True, None]
+    assert casts == [False] * settings["student_steps"] and report["stages"][2]["seconds"] > 0
+    assert load_mllm(out / "student").meta["pretrain"]["precision"] == "fp32"
+    with pytest.raises(PretrainMismatch, match=r"precision 'fp32' \(asked 'bf16'\)"):
+        pretrain(PretrainConfig(**settings, precision="bf16", out_dir=out), progress=False)
 
 
 def _crash_at_the_fifth_batch(config: PretrainConfig, monkeypatch) -> None:
