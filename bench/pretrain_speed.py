@@ -4,8 +4,9 @@ Issue 13 asks for the embedded pair's pretraining in at most 5 minutes on 2 core
 the day's machine as much as on the code (the same bfloat16 build took 5:01 in stop 39 and 6:46 in stop 40 on
 this VM), so one run's wall time says little; a ratio measured side by side does. This runs ``cdcca pretrain``'s
 three stages at a fraction of their steps in each precision, in the order fp32, bf16, bf16, fp32 (a machine
-that gets faster or slower during the run weighs on both alike), and scales each stage's seconds per step to
-the full step counts.
+that gets faster or slower during the run weighs on both alike) after an untimed warm-up of each (the first run
+in a process also pays for loading the digit scans and for oneDNN's first kernels), and scales each stage's
+seconds per step to the full step counts. Each run's scaled total is reported too: their spread is the noise.
 
 Run: ``python bench/pretrain_speed.py --threads 2 --fraction 0.1 --json bench/results/pretrain_speed.json``
 (about 4 minutes on 2 cores; bfloat16 is only worth it on a CPU with AMX or AVX512-BF16, see
@@ -36,6 +37,12 @@ def timed_run(precision: str, fraction: float, directory: Path) -> dict[str, flo
     config = PretrainConfig(**steps, precision=precision, out_dir=directory, checkpoint_every=10**9)
     report = pretrain(config, progress=False)
     return {log["stage"]: log["seconds"] / log["steps"] for log in report["stages"]}
+
+
+def full_seconds(per_step: dict[str, float]) -> float:
+    """A whole build's seconds at these seconds per step."""
+    full = PretrainConfig()
+    return sum(per_step[stage] * getattr(full, field) for stage, field in STAGE_STEPS.items())
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -90,14 +97,17 @@ def main() -> None:
         print("pretrain_speed: note: this CPU has no bfloat16 matrix units; bf16 is emulated here", file=sys.stderr)
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
+        for precision in ("fp32", "bf16"):  # untimed
+            timed_run(precision, min(args.fraction, 0.02), Path(scratch) / f"warm-{precision}")
         for index, precision in enumerate(ORDER):
             per_step = timed_run(precision, args.fraction, Path(scratch) / f"{index}-{precision}")
             times = ", ".join(f"{stage} {1000 * seconds:.0f} ms/step" for stage, seconds in per_step.items())
             print(f"run {index + 1}/{len(ORDER)} {precision}: {times}", flush=True)
-            runs.append({"precision": precision, "per_step_s": per_step})
+            runs.append({"precision": precision, "per_step_s": per_step, "full_s": round(full_seconds(per_step), 1)})
     rows = summarize(runs)
     columns = ["stage", "steps", "fp32_ms_per_step", "bf16_ms_per_step", "speedup", "fp32_full_s", "bf16_full_s"]
     print(format_table(rows, columns, title="cdcca pretrain: float32 vs bfloat16 autocast, side by side"))
+    print("each run's whole build, scaled: " + ", ".join(f"{r['precision']} {r['full_s']} s" for r in runs))
     report = {"command": f"python bench/pretrain_speed.py --threads {args.threads} --fraction {args.fraction} "
                          f"--json {args.json}", "environment": environment(),
               "bfloat16_units": resolve_precision("auto") == "bf16", "order": list(ORDER), "runs": runs,

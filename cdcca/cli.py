@@ -220,10 +220,10 @@ def _add_pretrain_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=seed_number, default=PRETRAIN_DEFAULTS["seed"], help="random seed")
     parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto",
-                        help="bf16: forward passes under bfloat16 autocast (float32 weights), about 1.6x faster on a "
+                        help="bf16: forward passes under bfloat16 autocast (float32 weights), about 1.2x faster on a "
                              "CPU with AMX or AVX512-BF16 (the committed pair's); fp32: float32 throughout; auto "
-                             "(default): bf16 where the CPU has those units, else fp32, and a finished pair is reused "
-                             "as it was built")  # fmt: skip
+                             "(default): bf16 where the CPU has those units, else fp32; a pair or an interrupted build "
+                             "in --out goes on in the precision it was started in")  # fmt: skip
     parser.add_argument("--model", "--out", dest="out", type=Path, default=None, metavar="DIR",
                         help="model folder to write, the one other verbs take as --model (default: the preset's, in "
                              "the cache)")  # fmt: skip

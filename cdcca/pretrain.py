@@ -176,11 +176,12 @@ class _Stage:
     lr: float
 
 
-def _snapshot(stage: _Stage, directory: Path, optimizer, done: int, losses: list[float]) -> None:
+def _snapshot(stage: _Stage, directory: Path, optimizer, done: int, losses: list[float], precision: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     save_model(stage.module, str(directory / "weights.safetensors"))  # handles tied embeddings
     save_optimizer(optimizer, directory / "optimizer")
-    (directory / "progress.json").write_text(json.dumps({"step": done, "losses": losses}))
+    progress = {"step": done, "losses": losses, "precision": precision}  # a resume goes on in the same precision
+    (directory / "progress.json").write_text(json.dumps(progress))
 
 
 def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> dict:
@@ -217,7 +218,7 @@ def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> d
         losses.append(round(float(loss.detach()), 5))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < stage.steps:
-            _snapshot(stage, partial_dir, optimizer, step + 1, losses)
+            _snapshot(stage, partial_dir, optimizer, step + 1, losses, config.precision)
     stage.module.eval()
     for param in stage.params:
         param.requires_grad_(False)
@@ -244,23 +245,24 @@ class PretrainMismatch(CdccaError, ValueError):
     """``--out`` holds a finished stage built with other settings than the ones asked for."""
 
 
-def check_reusable(directory: Path, config: PretrainConfig, stage: str) -> None:
+def check_reusable(directory: Path, config: PretrainConfig, stage: str, auto: bool = False) -> None:
     """A finished stage in ``directory`` is reused only if its ``cdcca.json`` records the settings asked for now
     (``cdcca pretrain --preset test --out <a tiny pair>`` reported the tiny pair as built). A model from before the
-    settings were recorded is reused as it is."""
+    settings were recorded is reused as it is. ``auto``: the precision asked for is what ``--precision auto`` chose."""
     meta = _read_json(directory / "cdcca.json").get("meta", {})  # a damaged file is named, with what to do
     recorded = meta.get("pretrain")
     if not isinstance(recorded, dict):
         return
-    if recorded.get("precision") in PRECISIONS:  # a record says what it was built with; "auto" only if hand-made
-        recorded = {**recorded, "precision": resolve_precision(recorded["precision"])}
+    # a record says what it was built with: "auto" only if hand-made, and none from before bfloat16 was an option
+    recorded = {**recorded, "precision": _resolved(recorded.get("precision", "fp32"))}
     # out_dir and checkpoint_every do not change the weights (a resumed run computes what an uninterrupted one
     # would); the student's steps do not change the teacher
     ignored = ("out_dir", "checkpoint_every") + (("student_steps",) if stage == "teacher" else ())
     asked = {k: v for k, v in asdict(config).items() if k not in ignored}
     differ = sorted(k for k, v in asked.items() if k in recorded and recorded[k] != v)
     if differ:
-        changes = ", ".join(f"{k} {recorded[k]!r} (asked {asked[k]!r})" for k in differ)
+        chose = {"precision": " by --precision auto"} if auto else {}
+        changes = ", ".join(f"{k} {recorded[k]!r} (asked {asked[k]!r}{chose.get(k, '')})" for k in differ)
         again = f"{directory} and the student beside it" if stage == "teacher" else str(directory)
         raise PretrainMismatch(f"{directory} was built with {changes}; pass another --out, or delete {again} to "
                                "build it again with these settings")  # fmt: skip
@@ -280,15 +282,53 @@ def _train_answering(
     return log
 
 
-def _built_precision(directory: Path) -> str | None:
-    """The precision a finished stage in ``directory`` was built with (``fp32`` if it predates the record)."""
-    if not is_complete(directory):
-        return None
-    recorded = _read_json(directory / "cdcca.json").get("meta", {}).get("pretrain")
-    if not isinstance(recorded, dict):
-        return None
-    precision = recorded.get("precision", "fp32")
-    return precision if precision in ("bf16", "fp32") else None
+def _resolved(precision: str) -> str:
+    return resolve_precision(precision) if precision in PRECISIONS else precision
+
+
+def _work_in(out: Path) -> list[Path]:
+    """The pretraining work in ``out`` that this run would build on, the piece that decides first: a finished
+    teacher (its ``cdcca.json``) and the student beside it, else the teacher's snapshot and the saved encoder, else
+    the encoder's snapshot (``<stage>.partial/progress.json``)."""
+    if is_complete(out / "teacher"):
+        pieces = [out / "teacher", out / "student", out / "student.partial"]
+    elif (out / "vision.safetensors").is_file():
+        pieces = [out / "teacher.partial", out / "vision.safetensors"]
+    else:
+        pieces = [out / "vision.partial"]
+    return [p for p in pieces if is_complete(p) or (p / "progress.json").is_file() or p.suffix == ".safetensors"]
+
+
+def _precision_of(piece: Path) -> str:
+    """The precision ``piece`` of :func:`_work_in` was trained in; ``fp32`` if it predates the record (every
+    build did before bfloat16 was an option)."""
+    if is_complete(piece):
+        recorded = _read_json(piece / "cdcca.json").get("meta", {}).get("pretrain")
+        precision = recorded.get("precision", "fp32") if isinstance(recorded, dict) else "fp32"
+    elif piece.is_dir():
+        precision = _read_json(piece / "progress.json").get("precision", "fp32")
+    else:
+        record = piece.with_suffix(".json")
+        precision = _read_json(record).get("precision", "fp32") if record.is_file() else "fp32"
+    return _resolved(precision)
+
+
+def _choose_precision(config: PretrainConfig) -> str:
+    """The precision this run trains in: the one asked for, where ``auto`` goes on in the precision the work
+    already in ``--out`` was started in (a finished teacher, a snapshot to resume, the saved encoder), so a pair
+    is never part float32 and part bfloat16. A snapshot or encoder of another precision than one asked for by name
+    is refused (finished models are checked by :func:`check_reusable`)."""
+    work = _work_in(config.out_dir)
+    chosen = resolve_precision(config.precision)
+    if config.precision == "auto" and work:
+        chosen = _precision_of(work[0])
+    for piece in work:
+        built = _precision_of(piece)
+        if not is_complete(piece) and built != chosen:
+            raise PretrainMismatch(f"{piece} was trained with precision {built!r} (asked {chosen!r}); pass another "
+                                   f"--out, or --precision {built} to go on with it, or delete it to start that "
+                                   "stage again")  # fmt: skip
+    return chosen
 
 
 EMBEDDED_THREADS = 2  # the torch threads the committed results' embedded pair was built with (`make` passes them)
@@ -301,19 +341,17 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> dict:
     differently on 1 and 2 threads (after six teacher steps the two differ by up to 2e-3), so the pair the committed
     results came from is rebuilt at :data:`EMBEDDED_THREADS` threads in the environment of ``constraints.txt``. Each
     model's ``cdcca.json`` records the count it was trained with (``torch_threads``). They depend on the precision
-    too, and ``auto`` picks bfloat16 only on a CPU with bfloat16 matrix units (the committed pair's); elsewhere
-    ``--precision bf16`` builds it, slowly, with the kernels that CPU has."""
-    out = config.out_dir
-    # recorded, and compared on reuse; "auto" takes a finished teacher as it was built, and its student alike
-    built = _built_precision(out / "teacher") if config.precision == "auto" else None
-    config = replace(config, precision=built or resolve_precision(config.precision))
+    too: ``auto`` picks bfloat16 only on a CPU with bfloat16 matrix units, as the committed pair's was; another
+    CPU's bfloat16 kernels, or float32, build another pair."""
+    out, auto = config.out_dir, config.precision == "auto"
+    config = replace(config, precision=_choose_precision(config))  # recorded, and compared on reuse
     report = {"preset": config.preset, "out_dir": str(config.out_dir), "stages": [],
               "torch_threads": torch.get_num_threads(), "precision": config.precision}  # fmt: skip
     tokenizer = build_tokenizer(corpus())
     teacher, student = build_pair(get_preset(config.preset), tokenizer, seed=config.seed)
     for stage in ("teacher", "student"):  # before any work: a mismatch found after the teacher's minutes is late
         if is_complete(out / stage):
-            check_reusable(out / stage, config, stage)
+            check_reusable(out / stage, config, stage, auto)
     if is_complete(out / "teacher"):
         teacher = load_mllm(out / "teacher")
         report["stages"] += [{"stage": "vision", "reused": True}, {"stage": "teacher", "reused": True}]
@@ -332,6 +370,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> dict:
             )
             out.mkdir(parents=True, exist_ok=True)
             save_model(vision, str(vision_file))
+            vision_file.with_suffix(".json").write_text(json.dumps({"precision": config.precision}))
             shutil.rmtree(out / "vision.partial", ignore_errors=True)
             report["stages"].append(log)
         teacher.blip2.vision_model.requires_grad_(False)

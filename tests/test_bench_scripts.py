@@ -4,6 +4,7 @@ rounds, and the variants they build (their runs are the committed results, too s
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,9 @@ def test_pretrain_speed_times_every_stage_and_scales_each_to_its_full_steps(tmp_
     speed = _script("pretrain_speed")
     per_step = speed.timed_run("fp32", 0.001, tmp_path / "run")  # one step of each stage of the tiny pair
     assert set(per_step) == {"vision", "teacher", "student"} and all(s > 0 for s in per_step.values())
+    built = json.loads((tmp_path / "run" / "student" / "cdcca.json").read_text())["meta"]["pretrain"]
+    assert built["precision"] == "fp32" and built["vision_steps"] == 1  # the precision and fraction asked for
+    assert speed.full_seconds({"vision": 0.1, "teacher": 0.2, "student": 0.1}) == 100.0 + 100.0 + 30.0
     runs = [{"precision": "fp32", "per_step_s": {"vision": 0.2, "teacher": 0.5, "student": 0.2}},
             {"precision": "bf16", "per_step_s": {"vision": 0.1, "teacher": 0.4, "student": 0.2}},
             {"precision": "bf16", "per_step_s": {"vision": 0.1, "teacher": 0.3, "student": 0.2}},

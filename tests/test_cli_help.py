@@ -94,6 +94,8 @@ def test_the_defaults_shown_are_the_config_dataclasses_defaults():
         *[(getattr(pretrain, f), PretrainConfig.__dataclass_fields__[f].default, f"pretrain --{f}")
           for f in cli.PRETRAIN_DEFAULTS],
         (pretrain.preset, PretrainConfig.__dataclass_fields__["preset"].default, "pretrain --preset"),
+        (pretrain.precision, PretrainConfig.__dataclass_fields__["precision"].default, "pretrain --precision"),
+        (demo.precision, PretrainConfig.__dataclass_fields__["precision"].default, "demo --precision"),
         *[(getattr(demo, f), DemoConfig.__dataclass_fields__[f].default, f"demo --{f}") for f in cli.DEMO_DEFAULTS],
         (parse(["bench", "uplink"]).images_per_domain, UplinkBenchConfig().images_per_domain, "bench uplink"),
         (tuple(parse(["bench", "adapt"]).seeds), AdaptBenchConfig.seeds, "bench adapt --seeds"),

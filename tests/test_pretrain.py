@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -178,6 +179,81 @@ def test_auto_precision_reuses_a_finished_pair_as_it_was_built_and_trains_its_st
     assert load_mllm(out / "student").meta["pretrain"]["precision"] == "fp32"
     with pytest.raises(PretrainMismatch, match=r"precision 'fp32' \(asked 'bf16'\)"):
         pretrain(PretrainConfig(**settings, precision="bf16", out_dir=out), progress=False)
+
+
+def _on_a_cpu_where_auto_means_bf16(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_precision("auto") == "bf16"
+
+
+def test_auto_resumes_an_interrupted_build_in_the_precision_it_was_started_in(tmp_path, monkeypatch):
+    # Prepare: a float32 build stopped after the teacher's first snapshot, then a CPU where "auto" means bfloat16
+    # (an upgrade of a machine whose `make demo` was interrupted under the old float32 default)
+    config = dict(preset="test", vision_steps=2, teacher_steps=6, student_steps=1, batch_size=8, checkpoint_every=3)
+    pretrain(PretrainConfig(**config, precision="fp32", out_dir=tmp_path / "straight"), progress=False)
+    _crash_at_the_fifth_batch(PretrainConfig(**config, precision="fp32", out_dir=tmp_path / "resumed"), monkeypatch)
+    _on_a_cpu_where_auto_means_bf16(monkeypatch)
+    # Execute / Assert: bfloat16 by name is refused before any work; the default goes on in float32, records it,
+    # and ends on the weights of the uninterrupted float32 build
+    with pytest.raises(PretrainMismatch, match=r"teacher.partial was trained with precision 'fp32' \(asked 'bf16'\)"):
+        pretrain(PretrainConfig(**config, precision="bf16", out_dir=tmp_path / "resumed"), progress=False)
+    report = pretrain(PretrainConfig(**config, out_dir=tmp_path / "resumed"), progress=False)
+    assert report["precision"] == "fp32" and report["stages"][1]["resumed_from"] == 3
+    assert load_mllm(tmp_path / "resumed" / "teacher").meta["pretrain"]["precision"] == "fp32"
+    straight = load_mllm(tmp_path / "straight" / "teacher").blip2.state_dict()
+    for name, tensor in load_mllm(tmp_path / "resumed" / "teacher").blip2.state_dict().items():
+        torch.testing.assert_close(tensor, straight[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("record", ["recorded", "from before the record"])
+def test_auto_goes_on_from_a_saved_encoder_in_its_precision(tmp_path, monkeypatch, record):
+    # Prepare: a float32 build stopped at the teacher's first batch: only the encoder is saved
+    config = PretrainConfig(preset="test", vision_steps=2, teacher_steps=2, student_steps=1, batch_size=8,
+                            precision="fp32", out_dir=tmp_path)  # fmt: skip
+    real_samples = pretrain_module.training_samples
+
+    def power_cut(*args, **kwargs):
+        raise KeyboardInterrupt("simulated power loss")
+
+    monkeypatch.setattr(pretrain_module, "training_samples", power_cut)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config, progress=False)
+    monkeypatch.setattr(pretrain_module, "training_samples", real_samples)
+    assert json.loads((tmp_path / "vision.json").read_text()) == {"precision": "fp32"}
+    if record != "recorded":
+        (tmp_path / "vision.json").unlink()  # an encoder saved before its precision was recorded was float32
+    _on_a_cpu_where_auto_means_bf16(monkeypatch)
+    # Execute / Assert
+    with pytest.raises(PretrainMismatch, match=r"vision.safetensors was trained with precision 'fp32'"):
+        pretrain(replace(config, precision="bf16"), progress=False)
+    report = pretrain(replace(config, precision="auto"), progress=False)
+    assert report["precision"] == "fp32" and report["stages"][0] == {"stage": "vision", "reused": True}
+    assert load_mllm(tmp_path / "teacher").meta["pretrain"]["precision"] == "fp32"
+
+
+def test_a_model_from_before_the_precision_record_counts_as_float32(pretrained_test_pair, tmp_path, monkeypatch):
+    # Prepare: the float32 test pair as releases before bfloat16 wrote it (no precision), and one older still (no
+    # pretraining record at all) without its student
+    old, older = tmp_path / "old", tmp_path / "older"
+    for out in (old, older):
+        shutil.copytree(pretrained_test_pair, out)
+    settings = {
+        k: v for k, v in load_mllm(old / "teacher").meta["pretrain"].items() if k not in ("out_dir", "precision")
+    }
+    for out, role in ((old, "teacher"), (old, "student"), (older, "teacher")):
+        saved = json.loads((out / role / "cdcca.json").read_text())
+        saved["meta"]["pretrain"].pop("precision")
+        if out == older:
+            saved["meta"].pop("pretrain")
+        (out / role / "cdcca.json").write_text(json.dumps(saved))
+    shutil.rmtree(older / "student")
+    _on_a_cpu_where_auto_means_bf16(monkeypatch)
+    # Execute / Assert: bfloat16 by name refuses the old pair; "auto" trains the older one's student in float32
+    with pytest.raises(PretrainMismatch, match=r"precision 'fp32' \(asked 'bf16'\)"):
+        pretrain(PretrainConfig(**settings, precision="bf16", out_dir=old), progress=False)
+    report = pretrain(PretrainConfig(**settings, out_dir=older), progress=False)
+    assert report["precision"] == "fp32" and report["stages"][2]["stage"] == "student"
+    assert load_mllm(older / "student").meta["pretrain"]["precision"] == "fp32"
 
 
 def _crash_at_the_fifth_batch(config: PretrainConfig, monkeypatch) -> None:
