@@ -30,7 +30,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from cdcca.data.digits_shift import INK_COLOURS, STYLES, TrainingImage, corpus, training_image, training_samples
-from cdcca.errors import CdccaError
+from cdcca.errors import CdccaError, CheckpointError
 from cdcca.models.checkpoint import _read_json, build_pair, load_mllm, save_mllm, share_vision_encoder
 from cdcca.models.mllm import MLLM
 from cdcca.models.presets import get_preset
@@ -197,6 +197,9 @@ def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> d
         load_model(stage.module, str(partial_dir / "weights.safetensors"))
         load_optimizer(optimizer, partial_dir / "optimizer")
         saved = json.loads((partial_dir / "progress.json").read_text())
+        if saved.get("precision", "fp32") != config.precision:  # pretrain() chose by it; a direct caller may not
+            raise PretrainMismatch(f"{partial_dir} was trained in {saved.get('precision', 'fp32')}, not "
+                                   f"{config.precision}; delete it to start that stage again")  # fmt: skip
         start, losses = saved["step"], saved["losses"]
     stage.module.train()
     bf16 = resolve_precision(config.precision) == "bf16"
@@ -249,12 +252,11 @@ def check_reusable(directory: Path, config: PretrainConfig, stage: str, auto: bo
     """A finished stage in ``directory`` is reused only if its ``cdcca.json`` records the settings asked for now
     (``cdcca pretrain --preset test --out <a tiny pair>`` reported the tiny pair as built). A model from before the
     settings were recorded is reused as it is. ``auto``: the precision asked for is what ``--precision auto`` chose."""
-    meta = _read_json(directory / "cdcca.json").get("meta", {})  # a damaged file is named, with what to do
-    recorded = meta.get("pretrain")
-    if not isinstance(recorded, dict):
+    recorded = _pretrain_record(directory)
+    if recorded is None:
         return
     # a record says what it was built with: "auto" only if hand-made, and none from before bfloat16 was an option
-    recorded = {**recorded, "precision": _resolved(recorded.get("precision", "fp32"))}
+    recorded = {**recorded, "precision": _precision_of(directory)[0]}
     # out_dir and checkpoint_every do not change the weights (a resumed run computes what an uninterrupted one
     # would); the student's steps do not change the teacher
     ignored = ("out_dir", "checkpoint_every") + (("student_steps",) if stage == "teacher" else ())
@@ -282,52 +284,73 @@ def _train_answering(
     return log
 
 
-def _resolved(precision: str) -> str:
+def _resolved(precision: object) -> object:
     return resolve_precision(precision) if precision in PRECISIONS else precision
 
 
+def _pretrain_record(directory: Path) -> dict | None:
+    """The settings a finished model in ``directory`` records in its ``cdcca.json`` (None: it predates them)."""
+    meta = _read_json(directory / "cdcca.json").get("meta")  # a damaged file is named, with what to do
+    recorded = meta.get("pretrain") if isinstance(meta, dict) else None
+    return recorded if isinstance(recorded, dict) else None
+
+
 def _work_in(out: Path) -> list[Path]:
-    """The pretraining work in ``out`` that this run would build on, the piece that decides first: a finished
-    teacher (its ``cdcca.json``) and the student beside it, else the teacher's snapshot and the saved encoder, else
-    the encoder's snapshot (``<stage>.partial/progress.json``)."""
+    """The pretraining work in ``out`` this run builds on, the piece that decides first: a finished teacher, else
+    the saved encoder (or its snapshot) and the teacher's snapshot; then a finished student, else its snapshot
+    (``<stage>.partial/progress.json``)."""
     if is_complete(out / "teacher"):
-        pieces = [out / "teacher", out / "student", out / "student.partial"]
-    elif (out / "vision.safetensors").is_file():
-        pieces = [out / "teacher.partial", out / "vision.safetensors"]
+        pieces = [out / "teacher"]
     else:
-        pieces = [out / "vision.partial"]
-    return [p for p in pieces if is_complete(p) or (p / "progress.json").is_file() or p.suffix == ".safetensors"]
+        vision = out / "vision.safetensors"
+        pieces = [vision if vision.is_file() else out / "vision.partial", out / "teacher.partial"]
+    pieces.append(out / "student" if is_complete(out / "student") else out / "student.partial")
+    return [p for p in pieces if is_complete(p) or (p / "progress.json").is_file() or p.name == "vision.safetensors"]
 
 
-def _precision_of(piece: Path) -> str:
-    """The precision ``piece`` of :func:`_work_in` was trained in; ``fp32`` if it predates the record (every
-    build did before bfloat16 was an option)."""
+def _way_out(piece: Path) -> str:
     if is_complete(piece):
-        recorded = _read_json(piece / "cdcca.json").get("meta", {}).get("pretrain")
-        precision = recorded.get("precision", "fp32") if isinstance(recorded, dict) else "fp32"
-    elif piece.is_dir():
-        precision = _read_json(piece / "progress.json").get("precision", "fp32")
+        beside = " and the student beside it" if piece.name == "teacher" else ""
+        return f"delete {piece}{beside} to build it again"
+    if piece.is_dir():
+        return f"delete {piece} to start that stage again"
+    return f"delete {piece} and {piece.with_suffix('.json')} to train the encoder again"
+
+
+def _precision_of(piece: Path) -> tuple[str, bool]:
+    """The precision ``piece`` of :func:`_work_in` was trained in, and whether it says so: work without a record
+    is taken as ``fp32`` (builds before stop 39's bfloat16 were). A record that is damaged or names a precision
+    this version does not know is a :class:`PretrainMismatch` naming the file and the way on."""
+    if is_complete(piece):
+        recorded, file = _pretrain_record(piece), piece / "cdcca.json"
     else:
-        record = piece.with_suffix(".json")
-        precision = _read_json(record).get("precision", "fp32") if record.is_file() else "fp32"
-    return _resolved(precision)
+        file = piece / "progress.json" if piece.is_dir() else piece.with_suffix(".json")
+        try:
+            recorded = _read_json(file) if file.is_file() else None
+        except CheckpointError as err:  # a stop mid-write: the generic "rebuild it" would fail the same way
+            raise PretrainMismatch(f"{file} is damaged or unreadable; {_way_out(piece)}") from err
+    precision = _resolved(recorded.get("precision", "fp32")) if recorded is not None else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise PretrainMismatch(f"{file} records precision {precision!r}, which this version does not know; "
+                               f"{_way_out(piece)}")  # fmt: skip
+    return precision, recorded is not None and "precision" in recorded
 
 
 def _choose_precision(config: PretrainConfig) -> str:
     """The precision this run trains in: the one asked for, where ``auto`` goes on in the precision the work
-    already in ``--out`` was started in (a finished teacher, a snapshot to resume, the saved encoder), so a pair
-    is never part float32 and part bfloat16. A snapshot or encoder of another precision than one asked for by name
-    is refused (finished models are checked by :func:`check_reusable`)."""
+    already in ``--out`` was started in (a finished teacher, the saved encoder, a snapshot to resume), so a pair
+    is never part float32 and part bfloat16. A snapshot or encoder of another precision is refused (finished
+    models are checked by :func:`check_reusable`)."""
     work = _work_in(config.out_dir)
-    chosen = resolve_precision(config.precision)
-    if config.precision == "auto" and work:
-        chosen = _precision_of(work[0])
+    chosen, auto = resolve_precision(config.precision), config.precision == "auto"
+    if auto and work:
+        chosen = _precision_of(work[0])[0]
     for piece in work:
-        built = _precision_of(piece)
+        built, said = _precision_of(piece)
         if not is_complete(piece) and built != chosen:
-            raise PretrainMismatch(f"{piece} was trained with precision {built!r} (asked {chosen!r}); pass another "
-                                   f"--out, or --precision {built} to go on with it, or delete it to start that "
-                                   "stage again")  # fmt: skip
+            how = f"was trained in {built!r}" if said else f"has no precision record (taken as {built!r})"
+            asked = f"{chosen!r}" + (f" by --precision auto, as {work[0].name} was" if auto else "")
+            raise PretrainMismatch(f"{piece} {how} (asked {asked}); pass another --out, or {_way_out(piece)}")
     return chosen
 
 
@@ -369,8 +392,8 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> dict:
                 progress,
             )
             out.mkdir(parents=True, exist_ok=True)
+            vision_file.with_suffix(".json").write_text(json.dumps({"precision": config.precision}))  # record first
             save_model(vision, str(vision_file))
-            vision_file.with_suffix(".json").write_text(json.dumps({"precision": config.precision}))
             shutil.rmtree(out / "vision.partial", ignore_errors=True)
             report["stages"].append(log)
         teacher.blip2.vision_model.requires_grad_(False)

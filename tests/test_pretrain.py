@@ -195,7 +195,7 @@ def test_auto_resumes_an_interrupted_build_in_the_precision_it_was_started_in(tm
     _on_a_cpu_where_auto_means_bf16(monkeypatch)
     # Execute / Assert: bfloat16 by name is refused before any work; the default goes on in float32, records it,
     # and ends on the weights of the uninterrupted float32 build
-    with pytest.raises(PretrainMismatch, match=r"teacher.partial was trained with precision 'fp32' \(asked 'bf16'\)"):
+    with pytest.raises(PretrainMismatch, match=r"vision.safetensors was trained in 'fp32' \(asked 'bf16'\)"):
         pretrain(PretrainConfig(**config, precision="bf16", out_dir=tmp_path / "resumed"), progress=False)
     report = pretrain(PretrainConfig(**config, out_dir=tmp_path / "resumed"), progress=False)
     assert report["precision"] == "fp32" and report["stages"][1]["resumed_from"] == 3
@@ -224,7 +224,8 @@ def test_auto_goes_on_from_a_saved_encoder_in_its_precision(tmp_path, monkeypatc
         (tmp_path / "vision.json").unlink()  # an encoder saved before its precision was recorded was float32
     _on_a_cpu_where_auto_means_bf16(monkeypatch)
     # Execute / Assert
-    with pytest.raises(PretrainMismatch, match=r"vision.safetensors was trained with precision 'fp32'"):
+    said = "was trained in 'fp32'" if record == "recorded" else r"has no precision record \(taken as 'fp32'\)"
+    with pytest.raises(PretrainMismatch, match=rf"vision.safetensors {said} \(asked 'bf16'\)"):
         pretrain(replace(config, precision="bf16"), progress=False)
     report = pretrain(replace(config, precision="auto"), progress=False)
     assert report["precision"] == "fp32" and report["stages"][0] == {"stage": "vision", "reused": True}
@@ -254,6 +255,35 @@ def test_a_model_from_before_the_precision_record_counts_as_float32(pretrained_t
     report = pretrain(PretrainConfig(**settings, out_dir=older), progress=False)
     assert report["precision"] == "fp32" and report["stages"][2]["stage"] == "student"
     assert load_mllm(older / "student").meta["pretrain"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("record", ['{"step": 3, "losses": [], "pre', '{"step": 3, "losses": [], "precision": "fp16"}'],
+                         ids=["damaged", "unknown"])  # fmt: skip
+def test_a_snapshot_whose_precision_cannot_be_read_is_named_with_the_way_on(tmp_path, monkeypatch, record):
+    # Prepare: a teacher snapshot whose record was cut mid-write, or names a precision this version does not know
+    config = dict(preset="test", vision_steps=2, teacher_steps=6, student_steps=1, batch_size=8, checkpoint_every=3)
+    _crash_at_the_fifth_batch(PretrainConfig(**config, precision="fp32", out_dir=tmp_path), monkeypatch)
+    (tmp_path / "teacher.partial" / "progress.json").write_text(record)
+    # Execute / Assert: one message naming the file and what to delete, under "auto" and by name
+    for precision in ("auto", "fp32"):
+        with pytest.raises(
+            PretrainMismatch, match=r"teacher.partial/progress.json .*; delete .*teacher.partial to start"
+        ):
+            pretrain(PretrainConfig(**config, precision=precision, out_dir=tmp_path), progress=False)
+
+
+def test_a_teacher_snapshot_without_its_encoder_still_decides_the_precision(tmp_path, monkeypatch):
+    # Prepare: a float32 teacher snapshot whose saved encoder was deleted by hand
+    config = dict(preset="test", vision_steps=2, teacher_steps=6, student_steps=1, batch_size=8, checkpoint_every=3)
+    _crash_at_the_fifth_batch(PretrainConfig(**config, precision="fp32", out_dir=tmp_path), monkeypatch)
+    (tmp_path / "vision.safetensors").unlink()
+    _on_a_cpu_where_auto_means_bf16(monkeypatch)
+    # Execute / Assert: bfloat16 by name is refused; "auto" trains the encoder again and resumes, all in float32
+    with pytest.raises(PretrainMismatch, match=r"teacher.partial was trained in 'fp32' \(asked 'bf16'\)"):
+        pretrain(PretrainConfig(**config, precision="bf16", out_dir=tmp_path), progress=False)
+    report = pretrain(PretrainConfig(**config, out_dir=tmp_path), progress=False)
+    assert report["precision"] == "fp32" and report["stages"][1]["resumed_from"] == 3
+    assert json.loads((tmp_path / "vision.json").read_text()) == {"precision": "fp32"}
 
 
 def _crash_at_the_fifth_batch(config: PretrainConfig, monkeypatch) -> None:
