@@ -196,13 +196,10 @@ def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> d
     if (partial_dir / "progress.json").is_file():
         load_model(stage.module, str(partial_dir / "weights.safetensors"))
         load_optimizer(optimizer, partial_dir / "optimizer")
-        saved = json.loads((partial_dir / "progress.json").read_text())
-        if saved.get("precision", "fp32") != config.precision:  # pretrain() chose by it; a direct caller may not
-            raise PretrainMismatch(f"{partial_dir} was trained in {saved.get('precision', 'fp32')}, not "
-                                   f"{config.precision}; delete it to start that stage again")  # fmt: skip
+        saved = json.loads((partial_dir / "progress.json").read_text())  # its precision: pretrain() checked it
         start, losses = saved["step"], saved["losses"]
     stage.module.train()
-    bf16 = resolve_precision(config.precision) == "bf16"
+    bf16 = config.precision == "bf16"  # resolved by pretrain()
     started = time.perf_counter()
     bar = progress_bar(
         range(start, stage.steps), initial=start, total=stage.steps, desc=f"pretrain {stage.name}", disable=not progress
@@ -256,7 +253,7 @@ def check_reusable(directory: Path, config: PretrainConfig, stage: str, auto: bo
     if recorded is None:
         return
     # a record says what it was built with: "auto" only if hand-made, and none from before bfloat16 was an option
-    recorded = {**recorded, "precision": _precision_of(directory)[0]}
+    recorded = {**recorded, "precision": _checked_precision(recorded, directory / "cdcca.json", directory)}
     # out_dir and checkpoint_every do not change the weights (a resumed run computes what an uninterrupted one
     # would); the student's steps do not change the teacher
     ignored = ("out_dir", "checkpoint_every") + (("student_steps",) if stage == "teacher" else ())
@@ -317,10 +314,19 @@ def _way_out(piece: Path) -> str:
     return f"delete {piece} and {piece.with_suffix('.json')} to train the encoder again"
 
 
+def _checked_precision(recorded: dict | None, file: Path, piece: Path) -> str:
+    """The precision a record read from ``file`` names (``fp32`` without one: builds before stop 39's bfloat16
+    were); one this version does not know is a :class:`PretrainMismatch` naming the file and the way on."""
+    precision = _resolved(recorded.get("precision", "fp32")) if recorded is not None else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise PretrainMismatch(f"{file} records precision {precision!r}, which this version does not know; "
+                               f"{_way_out(piece)}")  # fmt: skip
+    return precision
+
+
 def _precision_of(piece: Path) -> tuple[str, bool]:
-    """The precision ``piece`` of :func:`_work_in` was trained in, and whether it says so: work without a record
-    is taken as ``fp32`` (builds before stop 39's bfloat16 were). A record that is damaged or names a precision
-    this version does not know is a :class:`PretrainMismatch` naming the file and the way on."""
+    """The precision ``piece`` of :func:`_work_in` was trained in, and whether it says so (see
+    :func:`_checked_precision`); a damaged record is a :class:`PretrainMismatch` naming the file and the way on."""
     if is_complete(piece):
         recorded, file = _pretrain_record(piece), piece / "cdcca.json"
     else:
@@ -329,27 +335,23 @@ def _precision_of(piece: Path) -> tuple[str, bool]:
             recorded = _read_json(file) if file.is_file() else None
         except CheckpointError as err:  # a stop mid-write: the generic "rebuild it" would fail the same way
             raise PretrainMismatch(f"{file} is damaged or unreadable; {_way_out(piece)}") from err
-    precision = _resolved(recorded.get("precision", "fp32")) if recorded is not None else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise PretrainMismatch(f"{file} records precision {precision!r}, which this version does not know; "
-                               f"{_way_out(piece)}")  # fmt: skip
-    return precision, recorded is not None and "precision" in recorded
+    return _checked_precision(recorded, file, piece), recorded is not None and "precision" in recorded
 
 
 def _choose_precision(config: PretrainConfig) -> str:
     """The precision this run trains in: the one asked for, where ``auto`` goes on in the precision the work
     already in ``--out`` was started in (a finished teacher, the saved encoder, a snapshot to resume), so a pair
-    is never part float32 and part bfloat16. A snapshot or encoder of another precision is refused (finished
-    models are checked by :func:`check_reusable`)."""
-    work = _work_in(config.out_dir)
+    is never part float32 and part bfloat16. A snapshot or encoder of another precision is refused before any
+    work (finished models are checked by :func:`check_reusable`)."""
+    work = {piece: _precision_of(piece) for piece in _work_in(config.out_dir)}  # in the order that decides
     chosen, auto = resolve_precision(config.precision), config.precision == "auto"
-    if auto and work:
-        chosen = _precision_of(work[0])[0]
-    for piece in work:
-        built, said = _precision_of(piece)
+    first = next(iter(work), None)
+    if auto and first is not None:
+        chosen = work[first][0]
+    for piece, (built, said) in work.items():
         if not is_complete(piece) and built != chosen:
             how = f"was trained in {built!r}" if said else f"has no precision record (taken as {built!r})"
-            asked = f"{chosen!r}" + (f" by --precision auto, as {work[0].name} was" if auto else "")
+            asked = f"{chosen!r}" + (f" by --precision auto, as {first.name} was" if auto else "")
             raise PretrainMismatch(f"{piece} {how} (asked {asked}); pass another --out, or {_way_out(piece)}")
     return chosen
 
