@@ -53,6 +53,27 @@ def wait_for(condition, timeout: float = 20.0, every: float = 0.05) -> bool:
     return bool(condition())
 
 
+def frames_received(diagnostics: list) -> int:
+    """The node's count of camera frames taken, from the latest /diagnostics report collected (-1 before any)."""
+    if not diagnostics:
+        return -1
+    values = {kv.key: kv.value for kv in diagnostics[-1].status[0].values}
+    return int(values["frames_received"])
+
+
+def show_frame(publish, diagnostics: list, timeout: float = 30.0, every: float = 2.5) -> None:
+    """Publish a camera frame until the node's diagnostics count it taken. A camera publishes best effort, and under
+    load a reader matched a moment ago can miss the first samples (or take them after a prompt sent later on another
+    topic): a fixed sleep before asking lost that race in a fresh-clone CI run. A resend is the same frame again."""
+    assert wait_for(lambda: bool(diagnostics), timeout), "no /diagnostics report from the node"
+    before, deadline = frames_received(diagnostics), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        publish()
+        if wait_for(lambda: frames_received(diagnostics) > before, every):
+            return
+    raise AssertionError(f"the node took no frame in {timeout:.0f} s (frames_received {frames_received(diagnostics)})")
+
+
 def ros_env(domain_id: int, cache: Path | None = None) -> dict:
     env = {**os.environ, "ROS_DOMAIN_ID": str(domain_id), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
            "RMW_IMPLEMENTATION": "rmw_fastrtps_cpp", "PYTHONUNBUFFERED": "1"}  # fmt: skip

@@ -24,7 +24,7 @@ from std_msgs.msg import String
 from cdcca import wire
 from cdcca.envelope import sign_ack
 from cdcca.wire.images import compressed_to_msg, image_to_msg
-from tests.ros.conftest import EdgeProcess, Graph, wait_for
+from tests.ros.conftest import EdgeProcess, Graph, show_frame, wait_for
 
 NODE = "/cdcca_edge"
 CAMERA = "/robot/camera/image_raw"
@@ -69,6 +69,10 @@ class Robot:
 
     def frame(self, rgb=FRAME, stamp_ns=1_700_000_000_000_000_000, frame_id="camera_color_optical_frame"):
         self.camera.publish(to_ros(image_to_msg(rgb, stamp_ns, frame_id), Image))
+
+    def show(self, publish=None):
+        """Publish a frame (``self.frame`` unless given) until the node has taken it; see conftest.show_frame."""
+        show_frame(publish or self.frame, self.diagnostics)
 
     def ask(self, *prompts):
         for prompt in prompts:
@@ -152,9 +156,7 @@ def test_active_node_answers_prompts_about_image_and_compressed_frames(robot):
     assert robot.graph.transition(NODE, Transition.TRANSITION_ACTIVATE) and robot.graph.state(NODE) == "active"
     assert wait_for(lambda: min(p.get_subscription_count() for p in (robot.camera, robot.compressed, robot.prompts,
                                                                      robot.deltas, robot.acks)) >= 1, 30)  # fmt: skip
-    time.sleep(0.5)  # and the node's side of the match
-    robot.frame()
-    time.sleep(0.3)
+    robot.show()
     robot.ask("what digit is this?", "what colour is it?")
     robot.wait_answers(2)
     first = robot.answers[0]
@@ -162,9 +164,8 @@ def test_active_node_answers_prompts_about_image_and_compressed_frames(robot):
     assert first.header.frame_id == "camera_color_optical_frame" and first.header.stamp.sec == 1_700_000_000
     assert first.sample_id.startswith("r1-") and math.isfinite(first.entropy)
     grey = np.full((32, 32, 3), 90, np.uint8)
-    robot.compressed.publish(to_ros(compressed_to_msg(grey, "png", stamp_ns=5 * 10**9, frame_id="compressed"),
-                                    CompressedImage))  # fmt: skip
-    time.sleep(0.3)
+    compressed = to_ros(compressed_to_msg(grey, "png", stamp_ns=5 * 10**9, frame_id="compressed"), CompressedImage)
+    robot.show(lambda: robot.compressed.publish(compressed))
     robot.ask("and now?")
     robot.wait_answers(3)
     assert robot.answers[2].header.frame_id == "compressed"
@@ -182,8 +183,7 @@ def test_the_ask_service_answers_about_the_latest_or_the_given_frame(robot):
 
 def test_no_ask_goes_unanswered_across_deactivate_and_an_inactive_node_refuses_at_once(robot):
     """Ask used to be destroyed at deactivate: the reply of an Ask in flight was lost, its client waited in vain."""
-    robot.frame()
-    time.sleep(0.3)
+    robot.show()
     client = robot.graph.node.create_client(Ask, "/cdcca/ask")
     try:
         assert client.wait_for_service(timeout_sec=30)
@@ -202,8 +202,7 @@ def test_no_ask_goes_unanswered_across_deactivate_and_an_inactive_node_refuses_a
 
 def test_a_burst_of_prompts_is_answered_whole(robot):
     """#3: prompts past 10 in a burst were lost silently (KEEP_LAST 10, prompts_dropped 0)."""
-    robot.frame()
-    time.sleep(0.3)
+    robot.show()
     before = len(robot.answers)
     burst = [f"burst {i}?" for i in range(40)]
     robot.ask(*burst)
@@ -232,8 +231,7 @@ def test_a_signed_delta_is_applied_and_answers_carry_its_version(robot):
     assert wait_for(lambda: any(s.version == 1 and s.reason != "heartbeat" for s in robot.statuses), 30)
     applied = [s for s in robot.statuses if s.version == 1 and s.reason != "heartbeat"][0]
     assert applied.state == AdapterStatus.STATE_APPLIED and applied.robot_id == "r1"
-    robot.frame()
-    time.sleep(0.3)
+    robot.show()
     robot.ask("after the update?")
     assert wait_for(lambda: robot.answers[-1].prompt == "after the update?", 30)
     assert robot.answers[-1].adapter_version == 1
@@ -281,8 +279,7 @@ def test_bad_input_is_counted_and_logged_once_and_the_node_serves_on(robot):
     rejections = [m for m in robot.rosout if "rejected delta v5" in m.msg]
     assert len(rejections) == 1 and rejections[0].name == "cdcca_edge", [m.msg for m in rejections]
     assert robot.process.text().count("rejected delta v5") == 1
-    robot.frame()
-    time.sleep(0.3)
+    robot.show()
     robot.ask("still there?")
     assert wait_for(lambda: robot.answers[-1].prompt == "still there?", 30)
 
@@ -298,8 +295,7 @@ def test_an_idle_active_node_uses_almost_no_cpu(robot):
 
 def test_cleanup_with_answers_pending_finishes_them_first(robot):
     """#4: cleanup while answers were pending logged KeyError('answer') and closed the runtime under them."""
-    robot.frame()
-    time.sleep(0.3)
+    robot.show()
     robot.ask(*[f"pending {i}?" for i in range(12)])
     time.sleep(0.2)
     assert robot.graph.transition(NODE, Transition.TRANSITION_DEACTIVATE)

@@ -4,7 +4,6 @@ SIGINT; and its sources under the real ament linters (issue 14: #5, #8, #9)."""
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
@@ -13,7 +12,7 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 
 from cdcca.wire.images import image_to_msg
-from tests.ros.conftest import INSTALL, ROOT, EdgeProcess, Graph, wait_for
+from tests.ros.conftest import INSTALL, ROOT, EdgeProcess, Graph, show_frame, wait_for
 from tests.ros.test_edge_node import to_ros
 
 NODE = "/r1/cdcca_edge"
@@ -40,9 +39,8 @@ def test_in_a_namespace_with_parameters_set_before_configure_then_sigint(pretrai
         assert diagnostics[-1].status[0].hardware_id == "r9"
         # #9: the Ask service is absolute like the topics, so `ros2 run cdcca_edge ask` finds it in any namespace
         camera = graph.node.create_publisher(Image, "/camera/camera/color/image_raw", qos_profile_sensor_data)
-        time.sleep(1.0)
-        camera.publish(to_ros(image_to_msg(np.zeros((8, 8, 3), np.uint8)), Image))
-        time.sleep(0.3)
+        frame = to_ros(image_to_msg(np.zeros((8, 8, 3), np.uint8)), Image)
+        show_frame(lambda: camera.publish(frame), diagnostics)
         ask = subprocess.run([str(INSTALL / "cdcca_edge/lib/cdcca_edge/ask"), "what", "is", "it?"],
                              env=process.proc_env, capture_output=True, text=True, timeout=60)  # fmt: skip
         assert ask.returncode == 0 and "adapter version 0" in ask.stdout, ask.stdout + ask.stderr
