@@ -16,6 +16,7 @@ step k depend only on (seed, stage, k), so a resumed run computes exactly what a
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -40,6 +42,9 @@ from cdcca.report import progress_bar
 
 STAGES = ("vision", "teacher", "student")
 PRECISIONS = ("auto", "bf16", "fp32")
+ENCODER_PREFIX = "vision_model."  # the shared encoder's weights in a teacher or student snapshot
+
+log = logging.getLogger(__name__)
 
 
 def resolve_precision(precision: str) -> str:
@@ -176,12 +181,34 @@ class _Stage:
     lr: float
 
 
-def _snapshot(stage: _Stage, directory: Path, optimizer, done: int, losses: list[float], precision: str) -> None:
+def stage_settings(config: PretrainConfig, stage: str) -> dict:
+    """The settings that decide ``stage``'s weights (its precision is recorded and checked on its own): what a
+    snapshot or the saved encoder records, so that a resume under other settings is refused, not mixed in.
+    ``out_dir`` and ``checkpoint_every`` do not change the weights (a resumed run computes what an uninterrupted one
+    would); the student's steps do not change the teacher, nor the answering stages' settings the encoder."""
+    ignored = {"out_dir", "checkpoint_every", "precision"}
+    ignored |= {"student_steps"} if stage != "student" else set()
+    ignored |= {"teacher_steps", "lr"} if stage == "vision" else set()
+    return {k: v for k, v in asdict(config).items() if k not in ignored}
+
+
+def _snapshot(stage: _Stage, config: PretrainConfig, directory: Path, optimizer, done: int, losses: list[float]):
     directory.mkdir(parents=True, exist_ok=True)
     save_model(stage.module, str(directory / "weights.safetensors"))  # handles tied embeddings
     save_optimizer(optimizer, directory / "optimizer")
-    progress = {"step": done, "losses": losses, "precision": precision}  # a resume goes on in the same precision
+    # a resume goes on in the same precision, with the same settings
+    progress = {"step": done, "losses": losses, "precision": config.precision,
+                "settings": stage_settings(config, stage.name)}  # fmt: skip
     (directory / "progress.json").write_text(json.dumps(progress))
+
+
+def _encoder_differs(stage: _Stage, weights: Path) -> bool:
+    """Whether a teacher or student snapshot was trained on another encoder than the one ``stage.module`` holds now
+    (a snapshot left behind by a build whose encoder or teacher was then built again, e.g. with other threads)."""
+    current = stage.module.state_dict()
+    with safe_open(str(weights), framework="pt") as saved:
+        names = [n for n in saved.keys() if n.startswith(ENCODER_PREFIX)]  # noqa: SIM118 (safe_open has no __iter__)
+        return any(n not in current or not torch.equal(saved.get_tensor(n), current[n]) for n in names)
 
 
 def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> dict:
@@ -192,9 +219,16 @@ def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> d
     # foreach: one kernel per moment over every tensor instead of a loop over them; on a CPU torch picks the loop
     # unless told, and both give the same weights bit for bit (tests/test_pretrain.py)
     optimizer = torch.optim.AdamW(stage.params, lr=stage.lr, weight_decay=config.weight_decay, foreach=True)
-    start, losses = 0, []
+    start, losses, discarded = 0, [], None
+    weights = partial_dir / "weights.safetensors"
+    if (partial_dir / "progress.json").is_file() and stage.name != "vision" and _encoder_differs(stage, weights):
+        # resuming would load a stale encoder over the one the teacher was (or is being) trained on: the stage
+        # starts again, which is what the same settings compute on this encoder
+        discarded = f"{partial_dir} was trained on another image encoder than this build's; {stage.name} starts again"
+        log.warning(discarded)
+        shutil.rmtree(partial_dir)
     if (partial_dir / "progress.json").is_file():
-        load_model(stage.module, str(partial_dir / "weights.safetensors"))
+        load_model(stage.module, str(weights))
         load_optimizer(optimizer, partial_dir / "optimizer")
         saved = json.loads((partial_dir / "progress.json").read_text())  # its precision: pretrain() checked it
         start, losses = saved["step"], saved["losses"]
@@ -218,14 +252,15 @@ def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> d
         losses.append(round(float(loss.detach()), 5))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < stage.steps:
-            _snapshot(stage, partial_dir, optimizer, step + 1, losses, config.precision)
+            _snapshot(stage, config, partial_dir, optimizer, step + 1, losses)
     stage.module.eval()
     for param in stage.params:
         param.requires_grad_(False)
     final_loss = float(np.mean(losses[-20:])) if losses else None
     seconds = round(time.perf_counter() - started, 2)  # this run's steps (a resumed stage's, not the whole stage's)
-    return {"stage": stage.name, "steps": stage.steps, "resumed_from": start, "final_loss": final_loss,
-            "seconds": seconds}  # fmt: skip
+    report = {"stage": stage.name, "steps": stage.steps, "resumed_from": start, "final_loss": final_loss,
+              "seconds": seconds}  # fmt: skip
+    return report | ({"discarded": discarded} if discarded else {})
 
 
 def _answer_loss(model: MLLM, distribution: str, batch_size: int) -> Callable[[np.random.Generator], torch.Tensor]:
@@ -254,17 +289,19 @@ def check_reusable(directory: Path, config: PretrainConfig, stage: str, auto: bo
         return
     # a record says what it was built with: "auto" only if hand-made, and none from before bfloat16 was an option
     recorded = {**recorded, "precision": _checked_precision(recorded, directory / "cdcca.json", directory)}
-    # out_dir and checkpoint_every do not change the weights (a resumed run computes what an uninterrupted one
-    # would); the student's steps do not change the teacher
-    ignored = ("out_dir", "checkpoint_every") + (("student_steps",) if stage == "teacher" else ())
-    asked = {k: v for k, v in asdict(config).items() if k not in ignored}
-    differ = sorted(k for k, v in asked.items() if k in recorded and recorded[k] != v)
+    asked = stage_settings(config, stage) | {"precision": config.precision}
+    differ = _differing(recorded, asked)
     if differ:
         chose = {"precision": " by --precision auto"} if auto else {}
         changes = ", ".join(f"{k} {recorded[k]!r} (asked {asked[k]!r}{chose.get(k, '')})" for k in differ)
         again = f"{directory} and the student beside it" if stage == "teacher" else str(directory)
         raise PretrainMismatch(f"{directory} was built with {changes}; pass another --out, or delete {again} to "
                                "build it again with these settings")  # fmt: skip
+
+
+def _differing(recorded: dict, asked: dict) -> list[str]:
+    """The settings ``recorded`` names with another value than ``asked`` (one it does not name is not compared)."""
+    return sorted(k for k, v in asked.items() if k in recorded and recorded[k] != v)
 
 
 def _train_answering(
@@ -324,9 +361,10 @@ def _checked_precision(recorded: dict | None, file: Path, piece: Path) -> str:
     return precision
 
 
-def _precision_of(piece: Path) -> tuple[str, bool]:
-    """The precision ``piece`` of :func:`_work_in` was trained in, and whether it says so (see
-    :func:`_checked_precision`); a damaged record is a :class:`PretrainMismatch` naming the file and the way on."""
+def _precision_of(piece: Path) -> tuple[str, bool, dict | None]:
+    """The precision ``piece`` of :func:`_work_in` was trained in, whether it says so (see
+    :func:`_checked_precision`) and its record; a damaged record is a :class:`PretrainMismatch` naming the file and
+    the way on."""
     if is_complete(piece):
         recorded, file = _pretrain_record(piece), piece / "cdcca.json"
     else:
@@ -335,24 +373,36 @@ def _precision_of(piece: Path) -> tuple[str, bool]:
             recorded = _read_json(file) if file.is_file() else None
         except CheckpointError as err:  # a stop mid-write: the generic "rebuild it" would fail the same way
             raise PretrainMismatch(f"{file} is damaged or unreadable; {_way_out(piece)}") from err
-    return _checked_precision(recorded, file, piece), recorded is not None and "precision" in recorded
+    return _checked_precision(recorded, file, piece), recorded is not None and "precision" in recorded, recorded
+
+
+def _stage_of(piece: Path) -> str:
+    return piece.name.split(".")[0]  # vision.safetensors, teacher.partial, student, ...
 
 
 def _choose_precision(config: PretrainConfig) -> str:
     """The precision this run trains in: the one asked for, where ``auto`` goes on in the precision the work
     already in ``--out`` was started in (a finished teacher, the saved encoder, a snapshot to resume), so a pair
-    is never part float32 and part bfloat16. A snapshot or encoder of another precision is refused before any
+    is never part float32 and part bfloat16. A snapshot or encoder of another precision, or recording other
+    settings (:func:`stage_settings`; work from before that record is taken as it is), is refused before any
     work (finished models are checked by :func:`check_reusable`)."""
     work = {piece: _precision_of(piece) for piece in _work_in(config.out_dir)}  # in the order that decides
     chosen, auto = resolve_precision(config.precision), config.precision == "auto"
     first = next(iter(work), None)
     if auto and first is not None:
         chosen = work[first][0]
-    for piece, (built, said) in work.items():
-        if not is_complete(piece) and built != chosen:
+    for piece, (built, said, recorded) in work.items():
+        if is_complete(piece):
+            continue
+        if built != chosen:
             how = f"was trained in {built!r}" if said else f"has no precision record (taken as {built!r})"
             asked = f"{chosen!r}" + (f" by --precision auto, as {first.name} was" if auto else "")
             raise PretrainMismatch(f"{piece} {how} (asked {asked}); pass another --out, or {_way_out(piece)}")
+        settings, asked = (recorded or {}).get("settings"), stage_settings(config, _stage_of(piece))
+        differ = _differing(settings, asked) if isinstance(settings, dict) else []
+        if differ:
+            changes = ", ".join(f"{k} {settings[k]!r} (asked {asked[k]!r})" for k in differ)
+            raise PretrainMismatch(f"{piece} was started with {changes}; pass another --out, or {_way_out(piece)}")
     return chosen
 
 
@@ -394,7 +444,8 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> dict:
                 progress,
             )
             out.mkdir(parents=True, exist_ok=True)
-            vision_file.with_suffix(".json").write_text(json.dumps({"precision": config.precision}))  # record first
+            record = {"precision": config.precision, "settings": stage_settings(config, "vision")}
+            vision_file.with_suffix(".json").write_text(json.dumps(record))  # the record first
             save_model(vision, str(vision_file))
             shutil.rmtree(out / "vision.partial", ignore_errors=True)
             report["stages"].append(log)

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import cdcca.pretrain as pretrain_module
 from cdcca.models.checkpoint import load_mllm
@@ -219,7 +220,7 @@ def test_auto_goes_on_from_a_saved_encoder_in_its_precision(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         pretrain(config, progress=False)
     monkeypatch.setattr(pretrain_module, "training_samples", real_samples)
-    assert json.loads((tmp_path / "vision.json").read_text()) == {"precision": "fp32"}
+    assert json.loads((tmp_path / "vision.json").read_text())["precision"] == "fp32"
     if record != "recorded":
         (tmp_path / "vision.json").unlink()  # an encoder saved before its precision was recorded was float32
     _on_a_cpu_where_auto_means_bf16(monkeypatch)
@@ -283,7 +284,67 @@ def test_a_teacher_snapshot_without_its_encoder_still_decides_the_precision(tmp_
         pretrain(PretrainConfig(**config, precision="bf16", out_dir=tmp_path), progress=False)
     report = pretrain(PretrainConfig(**config, out_dir=tmp_path), progress=False)
     assert report["precision"] == "fp32" and report["stages"][1]["resumed_from"] == 3
-    assert json.loads((tmp_path / "vision.json").read_text()) == {"precision": "fp32"}
+    assert json.loads((tmp_path / "vision.json").read_text())["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("piece", ["teacher.partial", "vision.safetensors"])
+def test_work_started_with_other_settings_is_refused_before_any_work(tmp_path, monkeypatch, piece):
+    # Prepare: a build stopped after the teacher's first snapshot (the encoder saved, the teacher at step 3), or
+    # at the teacher's start (the encoder saved, no snapshot)
+    config = PretrainConfig(preset="test", vision_steps=2, teacher_steps=6, student_steps=1, batch_size=8,
+                            checkpoint_every=3, precision="fp32", out_dir=tmp_path)  # fmt: skip
+    _crash_at_the_fifth_batch(config, monkeypatch)
+    if piece == "vision.safetensors":
+        shutil.rmtree(tmp_path / "teacher.partial")
+    else:
+        recorded = json.loads((tmp_path / piece / "progress.json").read_text())["settings"]
+        assert recorded["lr"] == 1e-3 and "student_steps" not in recorded and "out_dir" not in recorded
+    monkeypatch.setattr(pretrain_module, "training_image", _no_work)
+    monkeypatch.setattr(pretrain_module, "training_samples", _no_work)
+    changed, harmless, said = {
+        "teacher.partial": (dict(lr=2e-3), dict(student_steps=2, checkpoint_every=5), r"lr 0.001 \(asked 0.002\)"),
+        "vision.safetensors": (dict(vision_steps=3), dict(teacher_steps=7, lr=2e-3), r"vision_steps 2 \(asked 3\)"),
+    }[piece]
+    # Execute / Assert: a setting the piece's weights depend on is named, with the way on, before any work...
+    with pytest.raises(PretrainMismatch, match=rf"{piece} was started with {said}; pass another --out, or delete"):
+        pretrain(replace(config, **changed), progress=False)
+    # ...and settings they do not depend on pass every check (the stage's first batch is drawn)
+    with pytest.raises(RuntimeError, match="no work expected"):
+        pretrain(replace(config, **harmless), progress=False)
+
+
+def test_a_snapshot_trained_on_another_encoder_starts_its_stage_again(tmp_path, monkeypatch, caplog):
+    # Prepare: a build stopped in the student's stage (its snapshot at step 3), whose snapshot then holds another
+    # encoder than the teacher's, as one left by a build whose teacher was then built again on other threads
+    config = dict(preset="test", vision_steps=2, teacher_steps=1, student_steps=6, batch_size=8, checkpoint_every=3,
+                  precision="fp32")  # fmt: skip
+    pretrain(PretrainConfig(**config, out_dir=tmp_path / "straight"), progress=False)
+    out = tmp_path / "stale"
+    _crash_at_the_fifth_batch(PretrainConfig(**config, out_dir=out), monkeypatch)
+    snapshot = out / "student.partial" / "weights.safetensors"
+    weights = load_file(str(snapshot))
+    name = next(n for n in weights if n.startswith("vision_model."))
+    weights[name] = weights[name] + 0.5
+    save_file(weights, str(snapshot))
+    # Execute
+    with caplog.at_level("WARNING", logger="cdcca.pretrain"):
+        report = pretrain(PretrainConfig(**config, out_dir=out), progress=False)
+    # Assert: the student's stage started again, on the teacher's encoder, and ends on the straight build's weights
+    student = report["stages"][2]
+    assert (
+        student["resumed_from"] == 0 and "student.partial was trained on another image encoder" in student["discarded"]
+    )
+    assert "trained on another image encoder" in caplog.text
+    teacher, built = load_mllm(out / "teacher"), load_mllm(out / "student")
+    for key, tensor in built.blip2.vision_model.state_dict().items():
+        assert torch.equal(tensor, teacher.blip2.vision_model.state_dict()[key]), key
+    straight = load_mllm(tmp_path / "straight" / "student").blip2.state_dict()
+    for key, tensor in built.blip2.state_dict().items():
+        torch.testing.assert_close(tensor, straight[key], rtol=0, atol=1e-6, msg=key)
+
+
+def _no_work(*args, **kwargs):
+    raise RuntimeError("no work expected")
 
 
 def _crash_at_the_fifth_batch(config: PretrainConfig, monkeypatch) -> None:
