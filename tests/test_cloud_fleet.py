@@ -206,17 +206,19 @@ def test_workers_claim_the_oldest_pending_sample_first_and_skip_live_leases(flee
 @pytest.mark.parametrize("reported", [False, True], ids=["silent-robot", "robot-reports-v1-meanwhile"])
 def test_a_worker_that_dies_mid_round_loses_nothing_and_the_robot_gets_one_version(fleet, uploads, tmp_path,
                                                                                    monkeypatch, reported):  # fmt: skip
-    # Prepare: worker a claims r1's round with a short lease and stalls in it; worker b serves the same store.
+    # Prepare: worker a claims r1's round and stalls in it past its lease; worker b serves the same store.
     # reported: the robot applies b's v1 and its status reaches a (every worker hears every robot) while a still
     # trains, which reloads a's chain to v1: a's round must still be dropped, not committed as v2
     state = tmp_path / "cloud"
-    stalled, rescuer = make_worker(fleet, state, "a", lease_s=0.2), make_worker(fleet, state, "b")
+    stalled, rescuer = make_worker(fleet, state, "a"), make_worker(fleet, state, "b")
     upload(stalled, "r1", uploads[:4])
-    real_round, rescued = stalled.distiller.run_round, []
+    real_round, live, rescued = stalled.distiller.run_round, [], []
 
     def stalls(samples):
-        assert rescuer.step() == []  # a's lease is live: b leaves r1 alone
-        time.sleep(0.3)  # a hangs past its lease (a dead worker's lease expires the same way)
+        live.append(rescuer.step())  # a's lease is live: b leaves r1 alone
+        # a hangs past its lease (a dead worker's lease expires the same way); set in the store, not slept out, so
+        # that a loaded machine's slow claim cannot outlast a short lease before this point
+        assert stalled.store.renew("r1", "a", 0.0, now=time.time() - 1.0)
         rescued.extend(rescuer.step())  # b claims the expired lease and runs the round
         if reported:
             stalled.receive_status("r1", status("r1", 1))
@@ -227,7 +229,7 @@ def test_a_worker_that_dies_mid_round_loses_nothing_and_the_robot_gets_one_versi
     # Execute
     [late] = stalled.step()
     # Assert: b's round counts, a's is dropped whole; the samples were used once, by version 1
-    assert [(r["robot_id"], r["version"]) for r in rescued] == [("r1", 1)]
+    assert live == [[]] and [(r["robot_id"], r["version"]) for r in rescued] == [("r1", 1)]
     assert (late["event"], late["version"]) == ("superseded", None) and stalled.counters.rounds_superseded == 1
     record = stalled.store.load_robot("r1")
     assert record.latest == 1 and sorted(record.deltas) == [1] and stalled.store.pending_counts() == {}
@@ -288,6 +290,32 @@ def test_worker_settings_are_checked():
 
 
 # ------------------------------------------------------------- part 4: leases renewed, resends by any worker
+class SteppedClock:
+    """``time`` for the cloud service, whose ``monotonic()`` moves only when the test says: its resend, grace and
+    come-back waits are a few tenths of a second, which a loaded machine's slow step could outlast in real time."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __getattr__(self, name):
+        return getattr(time, name)  # time(), time_ns(), sleep(), ... as they are
+
+
+@pytest.fixture()
+def clock(monkeypatch) -> SteppedClock:
+    import cloud_trainer.service as service
+
+    stepped = SteppedClock()
+    monkeypatch.setattr(service, "time", stepped)
+    return stepped
+
+
 def publish_v1_and_go(fleet, state, signer, uploads) -> None:
     """Worker ``a`` trains and commits r1's v1 in ``state``, then is gone (a crash leaves the same store behind)."""
     a = make_worker(fleet, state, "a")
@@ -313,23 +341,26 @@ def robot_keys(tmp_path):
 
 
 def test_a_worker_renews_its_lease_while_a_long_round_runs(fleet, uploads, tmp_path, monkeypatch):
-    # Prepare: worker a's lease is 0.3 s and its round takes 1.2 s; worker b polls the store all the while
+    # Prepare: worker a's lease is 1.5 s and its round lasts until the lease was renewed five times (2.5 s unless the
+    # machine is loaded: a round of fixed length could end before them); worker b polls the store all the while
     state = tmp_path / "cloud"
-    a, b = make_worker(fleet, state, "a", lease_s=0.3), make_worker(fleet, state, "b")
+    a, b = make_worker(fleet, state, "a", lease_s=1.5), make_worker(fleet, state, "b")
     upload(a, "r1", uploads[:4])
     real_round, polls = a.distiller.run_round, []
 
     def long_round(samples):
-        until = time.monotonic() + 1.2
-        while time.monotonic() < until:
+        until = time.monotonic() + 60.0
+        while time.monotonic() < until and (a.counters.lease_renewals < 5 or len(polls) <= 10):
             polls.append(b.step())  # b would claim r1 here if a's lease had expired
+            if polls[-1]:
+                break
             time.sleep(0.05)
         return real_round(samples)
 
     monkeypatch.setattr(a.distiller, "run_round", long_round)
     # Execute
     [result] = a.step()
-    # Assert: b never took the round, a committed it once, its lease was renewed (about every 0.1 s) and released
+    # Assert: b never took the round, a committed it once, its lease was renewed (every 0.5 s) and released
     assert len(polls) > 10 and all(p == [] for p in polls)
     assert (result["event"], result["version"]) == ("round", 1)
     assert a.counters.lease_renewals >= 5 and b.counters.rounds == 0 and a.counters.rounds_superseded == 0
@@ -337,7 +368,7 @@ def test_a_worker_renews_its_lease_while_a_long_round_runs(fleet, uploads, tmp_p
 
 
 def test_a_robot_behind_gets_the_update_from_another_worker_when_its_publisher_is_gone(fleet, uploads, tmp_path,
-                                                                                       robot_keys):  # fmt: skip
+                                                                                       robot_keys, clock):  # fmt: skip
     # Prepare: worker a commits r1's v1 and is gone; worker b never trained r1, and the robot says it runs v0
     from cdcca.edge.adapter_state import verify_delta
     from cdcca.models.trainable import trainable_parameters
@@ -352,7 +383,7 @@ def test_a_robot_behind_gets_the_update_from_another_worker_when_its_publisher_i
     b.receive_status("r1", status("r1", 0))
     early = b.step()
     sent_early = list(link.deltas)
-    time.sleep(0.25)
+    clock.advance(0.25)
     b.receive_status("r1", status("r1", 0))
     b.step()
     # Assert: one resend, of the store's v1, which the robot verifies and applies
@@ -395,7 +426,7 @@ def test_a_delta_on_a_version_read_back_from_the_store_keeps_the_robots_layout(f
 
 
 def test_a_robot_that_comes_back_after_a_give_up_gets_a_keyframe_from_a_worker_that_did_not_publish(
-        fleet, uploads, tmp_path, robot_keys):  # fmt: skip
+        fleet, uploads, tmp_path, robot_keys, clock):  # fmt: skip
     # Prepare: worker a commits r1's v1 and is gone; worker b resends it once (max_resends=1), gives up, and the
     # robot, still on v0, is heard again only later
     signer, _ = robot_keys
@@ -405,14 +436,14 @@ def test_a_robot_that_comes_back_after_a_give_up_gets_a_keyframe_from_a_worker_t
     b.signer, b.link = signer, (link := RecordingLink())
     b.receive_status("r1", status("r1", 0))
     for _ in range(3):  # the publisher's grace, b's one resend, then its give-up
-        time.sleep(0.12)
+        clock.advance(0.12)
         b.step()
     resent, gave_up = [m.version for _, m in link.deltas], b.counters.give_ups
     # Execute: the robot is heard within the non-publisher's doubled wait, then after it
     b.receive_status("r1", status("r1", 0))
     b.step()
     early = len(link.deltas)
-    time.sleep(0.25)  # past 2 x comeback_after_s from the give-up
+    clock.advance(0.25)  # past 2 x comeback_after_s from the give-up
     b.receive_status("r1", status("r1", 0))
     b.step()
     # Assert: one resend, a give-up, nothing on the early come-back, then v1 again as a keyframe

@@ -65,7 +65,8 @@ def show_frame(publish, diagnostics: list, timeout: float = 30.0, every: float =
     """Publish a camera frame until the node's diagnostics count it taken. A camera publishes best effort, and under
     load a reader matched a moment ago can miss the first samples (or take them after a prompt sent later on another
     topic): a fixed sleep before asking lost that race in a fresh-clone CI run. A resend is the same frame again."""
-    assert wait_for(lambda: bool(diagnostics), timeout), "no /diagnostics report from the node"
+    reports = len(diagnostics)  # the count from a report made after this call: the last one may be a second old
+    assert wait_for(lambda: len(diagnostics) > reports, timeout), "no /diagnostics report from the node"
     before, deadline = frames_received(diagnostics), time.monotonic() + timeout
     while time.monotonic() < deadline:
         publish()

@@ -70,6 +70,11 @@ class Robot:
     def frame(self, rgb=FRAME, stamp_ns=1_700_000_000_000_000_000, frame_id="camera_color_optical_frame"):
         self.camera.publish(to_ros(image_to_msg(rgb, stamp_ns, frame_id), Image))
 
+    def wait_matched(self):
+        """Until the node's subscriptions (made anew at every activate) match each of the test's publishers."""
+        publishers = (self.camera, self.compressed, self.prompts, self.deltas, self.acks)
+        assert wait_for(lambda: min(p.get_subscription_count() for p in publishers) >= 1, 30)
+
     def show(self, publish=None):
         """Publish a frame (``self.frame`` unless given) until the node has taken it; see conftest.show_frame."""
         show_frame(publish or self.frame, self.diagnostics)
@@ -154,8 +159,7 @@ def test_configure_takes_the_params_file_and_the_overrides(robot):
 
 def test_active_node_answers_prompts_about_image_and_compressed_frames(robot):
     assert robot.graph.transition(NODE, Transition.TRANSITION_ACTIVATE) and robot.graph.state(NODE) == "active"
-    assert wait_for(lambda: min(p.get_subscription_count() for p in (robot.camera, robot.compressed, robot.prompts,
-                                                                     robot.deltas, robot.acks)) >= 1, 30)  # fmt: skip
+    robot.wait_matched()
     robot.show()
     robot.ask("what digit is this?", "what colour is it?")
     robot.wait_answers(2)
@@ -197,6 +201,7 @@ def test_no_ask_goes_unanswered_across_deactivate_and_an_inactive_node_refuses_a
     finally:
         robot.graph.node.destroy_client(client)
         assert robot.graph.transition(NODE, Transition.TRANSITION_ACTIVATE)
+        robot.wait_matched()
     assert robot.graph.call(Ask, "/cdcca/ask", Ask.Request(prompt="and now?")).answer
 
 
@@ -244,7 +249,7 @@ def test_reactivating_does_not_reject_the_latched_delta_again(robot):
     assert robot.graph.transition(NODE, Transition.TRANSITION_DEACTIVATE)
     assert wait_for(lambda: robot.deltas.get_subscription_count() == 0, 10)
     assert robot.graph.transition(NODE, Transition.TRANSITION_ACTIVATE)
-    assert wait_for(lambda: min(robot.deltas.get_subscription_count(), robot.prompts.get_subscription_count()) >= 1, 30)
+    robot.wait_matched()
     time.sleep(2.0)  # the transient-local delta is delivered to the new subscription
     assert not any(s.state == AdapterStatus.STATE_REJECTED for s in robot.statuses[statuses:])
     assert wait_for(lambda: robot.last_diagnostics()[0].level == b"\x00"
@@ -264,8 +269,7 @@ def test_bad_input_is_counted_and_logged_once_and_the_node_serves_on(robot):
     """Malformed CDR, an unreadable encoding, a forged delta; #7: its rejection reaches /rosout exactly once."""
     robot.deltas.publish(b"\x00\x01\x00\x00\xff\xff")  # serialized bytes that are no WeightDelta
     depth = Image(height=2, width=2, encoding="32FC1", step=8, data=bytes(16))  # 16UC1 now reads as grey
-    robot.camera.publish(depth)
-    time.sleep(0.3)
+    robot.show(lambda: robot.camera.publish(depth))
     robot.ask("about a depth image?")
     assert wait_for(lambda: robot.last_diagnostics()[1]["frames_rejected"] == "1", 10)
     forged = signed_delta(robot.checkpoints, robot.signer, seed=1)
