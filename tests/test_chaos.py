@@ -217,7 +217,9 @@ def test_chaos_on_every_key_loses_nothing_acknowledged_and_every_bad_message_is_
     assert sum(chaos.expected.values()) == len(chaos.messages)  # every bad message is counted
     try:
         assert wait_until(lambda: attacker.peers() >= 3 and all(link.peers() >= 2 for link in links.values()))
-        time.sleep(0.5)  # the subscriptions have propagated
+        keys = {(robot_id, topic) for robot_id, topic, _ in chaos.messages}
+        unmatched = lambda: [k for k in keys if not attacker.matched(*k)]  # noqa: E731
+        assert wait_until(lambda: not unmatched()), unmatched()
 
         # Execute: the attack on one thread while both robots answer (and upload) in interleaved batches
         def attack():

@@ -366,8 +366,7 @@ def test_a_robot_that_starts_before_its_zenoh_router_answers_keeps_its_uploads_a
         cloud = Link(LinkConfig(mode="client", connect=[endpoint]))
         uploads = []
         cloud.subscribe("r1", "uts_tokens", lambda robot_id, msg, data: uploads.append(msg))
-        assert wait_until(lambda: link.peers() == 1, timeout=20)
-        time.sleep(0.3)
+        assert wait_until(lambda: link.matched("r1", "uts_tokens") and cloud.matched("r1", "weight_delta"), timeout=20)
         runtime.clock.now += 60  # past the pump's backoff
         assert runtime.pump() == 2  # sent; they are not UtsTokens, so the cloud's link drops them, as it must
         assert wait_until(lambda: cloud.rejected["uts_tokens"] == 2)

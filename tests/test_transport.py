@@ -58,8 +58,7 @@ def test_messages_arrive_as_the_cdr_bytes_and_bad_payloads_are_counted(pair_of_l
     cloud, robot = pair_of_links
     got = []
     cloud.subscribe("*", "adapter_status", lambda robot_id, msg, data: got.append((robot_id, msg.version, len(data))))
-    assert wait_until(lambda: cloud.peers() >= 1)
-    time.sleep(0.3)  # let the subscription propagate
+    assert wait_until(lambda: robot.matched("r1", "adapter_status") and robot.matched("r2", "adapter_status"))
     sent = robot.publish("r1", "adapter_status", status(version=7))
     robot.publish_bytes("r1", "adapter_status", b"\x00\x01\x00\x00garbage")  # malformed CDR
     robot.publish("r2", "adapter_status", status("r1", 8))  # robot id disagrees with the key
@@ -69,6 +68,22 @@ def test_messages_arrive_as_the_cdr_bytes_and_bad_payloads_are_counted(pair_of_l
     assert sent == len(wire.encode(status(version=7)))
     with pytest.raises(LinkError, match="carries"):
         robot.publish("r1", "uts_ack", status())
+
+
+def test_matched_says_when_a_subscriber_anywhere_would_receive_a_put(pair_of_links):
+    cloud, robot = pair_of_links
+    assert wait_until(lambda: robot.peers() >= 1)
+    assert not robot.matched("r1", "adapter_status")  # nobody subscribes yet: a put now would be lost
+    cloud.subscribe("r2", "adapter_status", lambda *_: None)
+    assert wait_until(lambda: robot.matched("r2", "adapter_status"))
+    assert not robot.matched("r1", "adapter_status")  # another robot's key
+    robot.close()
+    assert not robot.matched("r2", "adapter_status")
+    unconnected = Link(LinkConfig(mode="client", connect=[f"tcp/127.0.0.1:{free_port()}"]), connect_later=True)
+    try:
+        assert not unconnected.matched("r1", "adapter_status")
+    finally:
+        unconnected.close()
 
 
 def test_a_failing_handler_is_counted_and_the_link_keeps_delivering(pair_of_links):
@@ -81,8 +96,7 @@ def test_a_failing_handler_is_counted_and_the_link_keeps_delivering(pair_of_link
         got.append(msg.version)
 
     cloud.subscribe("r1", "adapter_status", handler)
-    assert wait_until(lambda: cloud.peers() >= 1)
-    time.sleep(0.3)
+    assert wait_until(lambda: robot.matched("r1", "adapter_status"))
     robot.publish("r1", "adapter_status", status(version=1))
     robot.publish("r1", "adapter_status", status(version=2))
     assert wait_until(lambda: got == [2])
@@ -143,8 +157,7 @@ def test_tls_with_user_password_auth_on_loopback(tmp_path):
     try:
         got = []
         cloud.subscribe("*", "adapter_status", lambda robot_id, msg, _: got.append(msg.version))
-        assert wait_until(lambda: robot.peers() == 1)
-        time.sleep(0.3)
+        assert wait_until(lambda: robot.peers() == 1 and robot.matched("r1", "adapter_status"))
         robot.publish("r1", "adapter_status", status(version=3))
         intruder.publish("r1", "adapter_status", status(version=66))
         assert wait_until(lambda: got == [3])
@@ -249,8 +262,7 @@ def test_through_a_router_in_client_mode():
     try:
         got = []
         monitor.subscribe("r1", "adapter_status", lambda robot_id, msg, _: got.append(msg.version))
-        assert wait_until(lambda: robot.peers() == 1 and monitor.peers() == 1)
-        time.sleep(0.3)
+        assert wait_until(lambda: robot.matched("r1", "adapter_status"))  # the monitor's subscription, via the router
         robot.publish("r1", "adapter_status", status(version=5))
         assert wait_until(lambda: got == [5])  # client -> router -> client
     finally:

@@ -387,13 +387,28 @@ class Link:
             if self.session is None:
                 where = ", ".join(self.config.connect) or "the scouted routers"
                 raise LinkNotConnected(f"not connected: no Zenoh router reached yet at {where}")
-            publisher = self._publishers.get(name)
-            if publisher is None:
-                congestion = self._block if topic in self.blocking else self._drop
-                publisher = self._publishers[name] = self.session.declare_publisher(name, congestion_control=congestion)
-            publisher.put(data)
+            self._publisher(name, topic).put(data)
             self.sent_bytes[topic] += len(data)
         return len(data)
+
+    def _publisher(self, name: str, topic: str):
+        """The session's publisher on key ``name``, declared on first use (under ``self._lock``, session open)."""
+        publisher = self._publishers.get(name)
+        if publisher is None:
+            congestion = self._block if topic in self.blocking else self._drop
+            publisher = self._publishers[name] = self.session.declare_publisher(name, congestion_control=congestion)
+        return publisher
+
+    def matched(self, robot_id: str, topic: str) -> bool:
+        """Whether a subscriber, in this session or one it reaches, matches ``<robot_id>/cdcca/<topic>`` now. Zenoh
+        delivers a put to the subscribers it knows of, so a put made before a new subscriber's declaration arrived
+        is not seen by it: wait on this before the first put where that matters (the publisher's matching status,
+        https://zenoh.io/docs/manual/abstractions/). False while not connected."""
+        name = key(robot_id, topic)
+        with self._lock:
+            if self.closed or self.session is None:
+                return False
+            return bool(self._publisher(name, topic).matching_status.matching)
 
     def subscribe(self, robot_id: str, topic: str, handler: Handler) -> None:
         """Call ``handler(robot_id, msg, data)`` for every valid message on the topic (``robot_id="*"``: all
