@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 
 from cdcca_msgs.msg import AdapterStatus, Answer, UtsAck, UtsTokens, WeightDelta
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -65,8 +66,10 @@ def test_every_topic_crosses_both_ways_and_the_raw_node_is_listed(domain_id, tmp
     script = tmp_path / "raw_side.py"
     script.write_text(RAW_SIDE)
     env = {**ros_env(domain_id), "PYTHONPATH": f"{ROOT}:{ros_env(domain_id).get('PYTHONPATH', '')}"}
-    raw = subprocess.Popen([sys.executable, str(script), "40", "5"], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    errors = tmp_path / "raw_side.err"  # a file, not a pipe: nobody reads stderr while the test runs
+    with errors.open("w") as stderr:
+        raw = subprocess.Popen([sys.executable, str(script), "40", "5"], env=env, stdout=subprocess.PIPE, stderr=stderr,
+                               text=True)  # fmt: skip
     try:
         received = {topic: ros.collect(ros_type, topic, RELIABLE, raw=True) for ros_type, topic in ROS_TYPES.items()}
         publishers = {topic: ros.node.create_publisher(ros_type, topic, RELIABLE)
@@ -74,17 +77,29 @@ def test_every_topic_crosses_both_ways_and_the_raw_node_is_listed(domain_id, tmp
         expected = {ROS_TYPES[r]: wire.encode(wire_message(t, v)) for t, r, v in TOPICS}
         assert wait_for(lambda: "cdcca_raw" in ros.node.get_node_names(), 30), ros.node.get_node_names()
 
+        lines: list[str] = []  # what the raw side has reported so far, read as it goes
+
+        def read_reports() -> None:
+            for line in raw.stdout:
+                lines.append(line)
+
+        reader = threading.Thread(target=read_reports, daemon=True)
+        reader.start()
+
         def publish_all_until_received() -> bool:  # Fast DDS -> Cyclone: serialized bytes, as the node publishes
             for topic, publisher in publishers.items():
                 publisher.publish(expected[topic])
-            return all(received.values())
+            # our own samples arrive here at once (local delivery): go on until the raw side has had every topic too,
+            # since a sample published before its reader matched our writer is not delivered to it
+            return all(received.values()) and len(lines) >= len(expected)
 
-        assert wait_for(publish_all_until_received, 40, every=0.2), {t: len(v) for t, v in received.items()}
+        assert wait_for(publish_all_until_received, 40, every=0.2), ({t: len(v) for t, v in received.items()}, lines)
         for topic, data in received.items():  # Cyclone -> Fast DDS (or the node's own sample, whichever came first)
             assert unpadded(bytes(data[0]), expected[topic]) == expected[topic], topic
-        out, err = raw.communicate(timeout=60)
+        raw.wait(timeout=60)  # it stops once it has had every topic, after a last 5 s of serving
+        reader.join(timeout=10)
     finally:
         raw.kill()
         ros.close()
-    reported = {line["topic"]: bytes.fromhex(line["cdr"]) for line in map(json.loads, out.splitlines())}
-    assert reported == expected, err[-2000:]
+    reported = {line["topic"]: bytes.fromhex(line["cdr"]) for line in map(json.loads, lines)}
+    assert reported == expected, errors.read_text()[-2000:]
