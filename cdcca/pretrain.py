@@ -9,8 +9,10 @@ Three stages, following BLIP-2 and the paper's setting:
    frozen encoder -- hence a student that is good at home and worse on the shifted targets.
 
 Training is resumable: every ``checkpoint_every`` steps the stage's weights, the optimizer moments
-(safetensors, no pickle) and the step are written to ``<stage>.partial/``; the batch and dropout masks at
-step k depend only on (seed, stage, k), so a resumed run computes exactly what an uninterrupted one would.
+(safetensors, no pickle), the step, the precision and the settings are written to ``<stage>.partial/``; the batch
+and dropout masks at step k depend only on (seed, stage, k), so a resumed run computes exactly what an uninterrupted
+one would. Work in ``--out`` done with other settings is refused before any work (:func:`check_settings`), and a
+snapshot trained on another encoder than the build's starts its stage again (:func:`run_stage`).
 """
 
 from __future__ import annotations
@@ -182,8 +184,9 @@ class _Stage:
 
 
 def stage_settings(config: PretrainConfig, stage: str) -> dict:
-    """The settings that decide ``stage``'s weights (its precision is recorded and checked on its own): what a
-    snapshot or the saved encoder records, so that a resume under other settings is refused, not mixed in.
+    """The settings ``stage``'s weights were built with, its own and those of the stages it is built on (a student is
+    trained on its teacher's encoder, the teacher on the encoder), as a snapshot, the saved encoder and a finished
+    model record them (the precision is checked on its own): a resume under other settings is refused, not mixed in.
     ``out_dir`` and ``checkpoint_every`` do not change the weights (a resumed run computes what an uninterrupted one
     would); the student's steps do not change the teacher, nor the answering stages' settings the encoder."""
     ignored = {"out_dir", "checkpoint_every", "precision"}
@@ -212,7 +215,9 @@ def _encoder_differs(stage: _Stage, weights: Path) -> bool:
 
 
 def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> dict:
-    """Train one stage, resuming from ``<out>/<stage>.partial/`` when present; returns its log."""
+    """Train one stage, resuming from ``<out>/<stage>.partial/`` when present (its settings and precision were
+    checked by :func:`pretrain`; a teacher or student snapshot trained on another encoder than the one the build
+    holds now starts the stage again, logged, and named in the log's ``discarded``); returns its log."""
     partial_dir = config.out_dir / f"{stage.name}.partial"
     for param in stage.params:
         param.requires_grad_(True)
@@ -277,26 +282,65 @@ def is_complete(directory: Path) -> bool:
 
 
 class PretrainMismatch(CdccaError, ValueError):
-    """``--out`` holds a finished stage built with other settings than the ones asked for."""
+    """``--out`` holds work (a finished model, the saved encoder, a snapshot) done with other settings or in another
+    precision than asked for, or a record that cannot be read; the message names it and what to delete."""
 
 
-def check_reusable(directory: Path, config: PretrainConfig, stage: str, auto: bool = False) -> None:
-    """A finished stage in ``directory`` is reused only if its ``cdcca.json`` records the settings asked for now
-    (``cdcca pretrain --preset test --out <a tiny pair>`` reported the tiny pair as built). A model from before the
-    settings were recorded is reused as it is. ``auto``: the precision asked for is what ``--precision auto`` chose."""
-    recorded = _pretrain_record(directory)
-    if recorded is None:
-        return
-    # a record says what it was built with: "auto" only if hand-made, and none from before bfloat16 was an option
-    recorded = {**recorded, "precision": _checked_precision(recorded, directory / "cdcca.json", directory)}
-    asked = stage_settings(config, stage) | {"precision": config.precision}
-    differ = _differing(recorded, asked)
-    if differ:
-        chose = {"precision": " by --precision auto"} if auto else {}
-        changes = ", ".join(f"{k} {recorded[k]!r} (asked {asked[k]!r}{chose.get(k, '')})" for k in differ)
-        again = f"{directory} and the student beside it" if stage == "teacher" else str(directory)
-        raise PretrainMismatch(f"{directory} was built with {changes}; pass another --out, or delete {again} to "
-                               "build it again with these settings")  # fmt: skip
+def _recorded_settings(piece: Path, teacher: dict | None) -> tuple[dict | None, str]:
+    """The settings ``piece`` of ``--out`` records and the verb that goes with them: a finished model's ``cdcca.json``
+    (with its precision: ``auto`` only if hand-made, none from before bfloat16 was an option), the saved encoder's
+    ``vision.json`` (an encoder from before that record was built with the settings of the ``teacher`` beside it), a
+    snapshot's ``progress.json``. None: nothing recorded (from before the records), taken as it is."""
+    if is_complete(piece):
+        recorded = _pretrain_record(piece)
+        if recorded is None:
+            return None, "built"
+        return {**recorded, "precision": _checked_precision(recorded, piece / "cdcca.json", piece)}, "built"
+    record = _precision_of(piece)[2] or {}  # a damaged record is named, with the way on
+    settings = record.get("settings")
+    if settings is None and piece.name == "vision.safetensors":
+        settings = teacher
+    return (settings if isinstance(settings, dict) else None), ("built" if piece.is_file() else "started")
+
+
+def check_settings(config: PretrainConfig, auto: bool = False) -> None:
+    """Before any work: every piece of work in ``--out`` (finished models, the saved encoder, snapshots) is reused
+    only if it records the settings asked for now (:func:`stage_settings`; a finished model, its precision too), so
+    ``cdcca pretrain --preset test --out <a tiny pair>`` does not report the tiny pair as built and a resume under
+    other settings is not mixed in. Work from before the records is reused as it is. One
+    :class:`PretrainMismatch` names every difference and everything to delete: the pieces that differ and what was
+    built on them (a teacher on its encoder, a student on its teacher). ``auto``: ``config.precision`` is what
+    ``--precision auto`` chose."""
+    out, conflicts, stale_from = config.out_dir, [], len(STAGES)
+    pieces = [out / "teacher", out / "student", out / "vision.safetensors",
+              *(out / f"{stage}.partial" for stage in STAGES)]  # fmt: skip
+    present = [p for p in pieces if is_complete(p) or p.is_file() or (p / "progress.json").is_file()]
+    teacher = None
+    for piece in present:  # finished models first: the teacher's record also stands for an unrecorded encoder
+        recorded, verb = _recorded_settings(piece, teacher)
+        if recorded is None:
+            continue
+        teacher = recorded if piece == out / "teacher" else teacher
+        stage = _stage_of(piece)
+        asked = stage_settings(config, stage) | ({"precision": config.precision} if is_complete(piece) else {})
+        differ = _differing(recorded, asked)
+        if differ:
+            chose = {"precision": " by --precision auto"} if auto else {}
+            changes = ", ".join(f"{k} {recorded[k]!r} (asked {asked[k]!r}{chose.get(k, '')})" for k in differ)
+            conflicts.append((STAGES.index(stage), f"{piece.name} was {verb} with {changes}"))
+            stale_from = min(stale_from, STAGES.index(stage))
+    if conflicts:
+        stale = sorted((p for p in present if STAGES.index(_stage_of(p)) >= stale_from),
+                       key=lambda p: STAGES.index(_stage_of(p)))  # in the order they are built  # fmt: skip
+        names = [n for p in stale for n in ((p.name, "vision.json") if p.name == "vision.safetensors" else (p.name,))
+                 if (out / n).exists()]  # fmt: skip
+        differences = "; ".join(c for _, c in sorted(conflicts))  # in the order the stages are built
+        raise PretrainMismatch(f"{out} holds work done with other settings than asked: {differences}; pass "
+                               f"another --out, or delete {_listed(names)} from it to build again with these settings")
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _differing(recorded: dict, asked: dict) -> list[str]:
@@ -383,26 +427,18 @@ def _stage_of(piece: Path) -> str:
 def _choose_precision(config: PretrainConfig) -> str:
     """The precision this run trains in: the one asked for, where ``auto`` goes on in the precision the work
     already in ``--out`` was started in (a finished teacher, the saved encoder, a snapshot to resume), so a pair
-    is never part float32 and part bfloat16. A snapshot or encoder of another precision, or recording other
-    settings (:func:`stage_settings`; work from before that record is taken as it is), is refused before any
-    work (finished models are checked by :func:`check_reusable`)."""
+    is never part float32 and part bfloat16. A snapshot or encoder of another precision is refused before any
+    work (finished models are checked by :func:`check_settings`)."""
     work = {piece: _precision_of(piece) for piece in _work_in(config.out_dir)}  # in the order that decides
     chosen, auto = resolve_precision(config.precision), config.precision == "auto"
     first = next(iter(work), None)
     if auto and first is not None:
         chosen = work[first][0]
-    for piece, (built, said, recorded) in work.items():
-        if is_complete(piece):
-            continue
-        if built != chosen:
+    for piece, (built, said, _) in work.items():
+        if not is_complete(piece) and built != chosen:
             how = f"was trained in {built!r}" if said else f"has no precision record (taken as {built!r})"
             asked = f"{chosen!r}" + (f" by --precision auto, as {first.name} was" if auto else "")
             raise PretrainMismatch(f"{piece} {how} (asked {asked}); pass another --out, or {_way_out(piece)}")
-        settings, asked = (recorded or {}).get("settings"), stage_settings(config, _stage_of(piece))
-        differ = _differing(settings, asked) if isinstance(settings, dict) else []
-        if differ:
-            changes = ", ".join(f"{k} {settings[k]!r} (asked {asked[k]!r})" for k in differ)
-            raise PretrainMismatch(f"{piece} was started with {changes}; pass another --out, or {_way_out(piece)}")
     return chosen
 
 
@@ -424,9 +460,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> dict:
               "torch_threads": torch.get_num_threads(), "precision": config.precision}  # fmt: skip
     tokenizer = build_tokenizer(corpus())
     teacher, student = build_pair(get_preset(config.preset), tokenizer, seed=config.seed)
-    for stage in ("teacher", "student"):  # before any work: a mismatch found after the teacher's minutes is late
-        if is_complete(out / stage):
-            check_reusable(out / stage, config, stage, auto)
+    check_settings(config, auto)  # before any work: a mismatch found after the teacher's minutes is late
     if is_complete(out / "teacher"):
         teacher = load_mllm(out / "teacher")
         report["stages"] += [{"stage": "vision", "reused": True}, {"stage": "teacher", "reused": True}]

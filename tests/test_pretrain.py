@@ -38,7 +38,10 @@ def test_pretrain_reuses_finished_checkpoints_built_with_the_settings_asked_for(
         ("student", True),
     ]
     # other settings are not silently ignored (`--preset test --out <a tiny pair>` reported the tiny pair built)
-    with pytest.raises(PretrainMismatch, match=r"teacher was built with seed 0 \(asked 7\); .* and the student"):
+    with pytest.raises(PretrainMismatch, match=r"vision.safetensors was built with seed 0 \(asked 7\); teacher was "
+                       r"built with seed 0 \(asked 7\); student was built with seed 0 \(asked 7\), student_steps 8 "
+                       r"\(asked 5\); pass another --out, or delete vision.safetensors, vision.json, teacher and "
+                       r"student from it"):  # fmt: skip
         pretrain(PretrainConfig(**{**same, "student_steps": 5, "seed": 7}, out_dir=pretrained_test_pair),
                  progress=False)  # fmt: skip
     with pytest.raises(PretrainMismatch, match=r"student was built with student_steps 8 \(asked 5\)"):
@@ -287,30 +290,63 @@ def test_a_teacher_snapshot_without_its_encoder_still_decides_the_precision(tmp_
     assert json.loads((tmp_path / "vision.json").read_text())["precision"] == "fp32"
 
 
-@pytest.mark.parametrize("piece", ["teacher.partial", "vision.safetensors"])
-def test_work_started_with_other_settings_is_refused_before_any_work(tmp_path, monkeypatch, piece):
-    # Prepare: a build stopped after the teacher's first snapshot (the encoder saved, the teacher at step 3), or
-    # at the teacher's start (the encoder saved, no snapshot)
-    config = PretrainConfig(preset="test", vision_steps=2, teacher_steps=6, student_steps=1, batch_size=8,
-                            checkpoint_every=3, precision="fp32", out_dir=tmp_path)  # fmt: skip
+# (what the interrupted build left, the change asked for, what is named, what is to be deleted, a harmless change)
+SETTINGS_CASES = {
+    "teacher snapshot": ("teacher.partial", dict(lr=2e-3), r"teacher.partial was started with lr 0.001 \(asked 0.002\)",
+                         "teacher.partial", dict(student_steps=2, checkpoint_every=5)),
+    "encoder": ("vision.safetensors", dict(vision_steps=3), r"vision.safetensors was built with vision_steps 2 "
+                r"\(asked 3\)", "vision.safetensors and vision.json", dict(teacher_steps=7, lr=2e-3)),
+    # what was built on the encoder is named with it (it was named only once the encoder was gone)
+    "encoder and teacher snapshot": ("both", dict(vision_steps=3), r"vision.safetensors was built with vision_steps 2 "
+                                     r"\(asked 3\); teacher.partial was started with vision_steps 2 \(asked 3\)",
+                                     "vision.safetensors, vision.json and teacher.partial", dict(student_steps=2)),
+    # the finished teacher's difference, not only the student snapshot's (whose deletion alone led to the teacher's)
+    "teacher and student snapshot": ("student.partial", dict(teacher_steps=2), r"teacher was built with teacher_steps "
+                                     r"1 \(asked 2\); student.partial was started with teacher_steps 1 \(asked 2\)",
+                                     "teacher and student.partial", dict(checkpoint_every=5)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SETTINGS_CASES)
+def test_work_done_with_other_settings_is_refused_before_any_work_naming_all_to_delete(tmp_path, monkeypatch, case):
+    # Prepare: a build stopped after the teacher's first snapshot (the encoder saved, the teacher at step 3), or at
+    # the teacher's start (the encoder saved, no snapshot), or after the student's first snapshot
+    left, changed, said, delete, harmless = SETTINGS_CASES[case]
+    steps = (
+        dict(teacher_steps=1, student_steps=6) if left == "student.partial" else dict(teacher_steps=6, student_steps=1)
+    )
+    config = PretrainConfig(preset="test", vision_steps=2, **steps, batch_size=8, checkpoint_every=3,
+                            precision="fp32", out_dir=tmp_path)  # fmt: skip
     _crash_at_the_fifth_batch(config, monkeypatch)
-    if piece == "vision.safetensors":
+    assert (tmp_path / ("teacher.partial" if left != "student.partial" else "student.partial")).is_dir()
+    if left == "vision.safetensors":
         shutil.rmtree(tmp_path / "teacher.partial")
-    else:
-        recorded = json.loads((tmp_path / piece / "progress.json").read_text())["settings"]
+    if left == "teacher.partial":
+        recorded = json.loads((tmp_path / left / "progress.json").read_text())["settings"]
         assert recorded["lr"] == 1e-3 and "student_steps" not in recorded and "out_dir" not in recorded
     monkeypatch.setattr(pretrain_module, "training_image", _no_work)
     monkeypatch.setattr(pretrain_module, "training_samples", _no_work)
-    changed, harmless, said = {
-        "teacher.partial": (dict(lr=2e-3), dict(student_steps=2, checkpoint_every=5), r"lr 0.001 \(asked 0.002\)"),
-        "vision.safetensors": (dict(vision_steps=3), dict(teacher_steps=7, lr=2e-3), r"vision_steps 2 \(asked 3\)"),
-    }[piece]
-    # Execute / Assert: a setting the piece's weights depend on is named, with the way on, before any work...
-    with pytest.raises(PretrainMismatch, match=rf"{piece} was started with {said}; pass another --out, or delete"):
+    # Execute / Assert: each setting the work's weights depend on is named, with all that is to go, before any work...
+    with pytest.raises(PretrainMismatch, match=rf"{said}; pass another --out, or delete {delete} from it to build"):
         pretrain(replace(config, **changed), progress=False)
     # ...and settings they do not depend on pass every check (the stage's first batch is drawn)
     with pytest.raises(RuntimeError, match="no work expected"):
         pretrain(replace(config, **harmless), progress=False)
+
+
+def test_an_encoder_from_before_its_settings_record_is_named_with_its_teacher(pretrained_test_pair, tmp_path):
+    # Prepare: the test pair with its encoder's record as builds before the settings record wrote it
+    out = tmp_path / "pair"
+    shutil.copytree(pretrained_test_pair, out)
+    record = json.loads((out / "vision.json").read_text())
+    (out / "vision.json").write_text(json.dumps({"precision": record["precision"]}))
+    settings = {k: v for k, v in load_mllm(out / "teacher").meta["pretrain"].items() if k != "out_dir"}
+    # Execute / Assert: the encoder was built with its teacher's settings, so it goes with it (else a rebuild would
+    # reuse the seed-0 encoder under a record of seed 1)
+    with pytest.raises(PretrainMismatch, match=r"vision.safetensors was built with seed 0 \(asked 1\); teacher was "
+                       r"built with .*; pass another --out, or delete vision.safetensors, vision.json, teacher and "
+                       r"student from it"):  # fmt: skip
+        pretrain(PretrainConfig(**{**settings, "seed": 1}, out_dir=out), progress=False)  # fmt: skip
 
 
 def test_a_snapshot_trained_on_another_encoder_starts_its_stage_again(tmp_path, monkeypatch, caplog):
