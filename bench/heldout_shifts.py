@@ -151,12 +151,55 @@ SEALED = (
     DomainSpec("sealed_jpeg_coloured", transform=jpeg_coloured),
     DomainSpec("sealed_shadowed_coloured", transform=shadowed_coloured),
 )
-GROUPS = {"heldout": HELDOUT, "fresh": FRESH, "sealed": SEALED}
+
+
+def speckled_coloured(ink: np.ndarray, rng: np.random.Generator) -> Rendered:
+    """One of the named ink colours on a light background, with 6-12 % of the pixels set at random to black or white
+    (salt-and-pepper noise, as a dusty lens or a faulty sensor row gives)."""
+    colour = list(INK_COLOURS)[int(rng.integers(len(INK_COLOURS)))]
+    image = to_rgb(ink, INK_COLOURS[colour], (245, 245, 240))
+    hit = rng.random(ink.shape) < float(rng.uniform(0.06, 0.12))
+    image[hit] = np.where(rng.random(int(hit.sum())) < 0.5, 0, 255)[:, None].astype(np.uint8)
+    return Rendered(image, (f"a speckled {colour} digit {{d}}", "the number {d}, dusty"))
+
+
+def hollow_coloured(ink: np.ndarray, rng: np.random.Generator) -> Rendered:
+    """The strokes' outline drawn dark and their inside faded to 30-50 % (the ink less part of its 3 px erosion), in
+    one of the named ink colours on white: a digit drawn with a hollow pen."""
+    inside = _filtered(ink, ImageFilter.MinFilter(3))
+    hollow = (ink - float(rng.uniform(0.5, 0.7)) * inside).clip(0.0, 1.0)
+    colour = list(INK_COLOURS)[int(rng.integers(len(INK_COLOURS)))]
+    return Rendered(to_rgb(hollow, INK_COLOURS[colour], (250, 250, 250)),
+                    (f"an outlined {colour} digit {{d}}", "the number {d}, hollow"))  # fmt: skip
+
+
+def zoomed_coloured(ink: np.ndarray, rng: np.random.Generator) -> Rendered:
+    """Zoomed in 1.2-1.4x about a point up to 3 px off centre, so that the frame cuts off the digit's edges, in one
+    of the named ink colours on a light background: a digit framed too tight."""
+    size = ink.shape[0]
+    side = int(round(size * float(rng.uniform(1.2, 1.4))))
+    big = np.asarray(Image.fromarray(ink, mode="F").resize((side, side), Image.BILINEAR), dtype=np.float32)
+    margin = side - size
+    top, left = (int(np.clip(margin // 2 + rng.integers(-3, 4), 0, margin)) for _ in range(2))
+    colour = list(INK_COLOURS)[int(rng.integers(len(INK_COLOURS)))]
+    return Rendered(to_rgb(big[top : top + size, left : left + size].clip(0.0, 1.0), INK_COLOURS[colour],
+                           (240, 240, 240)), (f"a {colour} digit {{d}} framed too tight",
+                                              "the number {d}, cut off at the edges"))  # fmt: skip
+
+
+# Written at the start of stop 41, before anything was measured on them, after every default of the method was chosen:
+# the checks a hidden, unseen stream would make.
+UNSEEN = (
+    DomainSpec("unseen_speckled_coloured", transform=speckled_coloured),
+    DomainSpec("unseen_hollow_coloured", transform=hollow_coloured),
+    DomainSpec("unseen_zoomed_coloured", transform=zoomed_coloured),
+)
+GROUPS = {"heldout": HELDOUT, "fresh": FRESH, "sealed": SEALED, "unseen": UNSEEN}
 
 
 def register(group: str = "heldout") -> tuple[str, ...]:
-    """Register a group of shifts (``heldout``, ``fresh`` or ``sealed``, once per process); returns their names in
-    stream order."""
+    """Register a group of shifts (``heldout``, ``fresh``, ``sealed`` or ``unseen``, once per process); returns their
+    names in stream order."""
     for spec in GROUPS[group]:
         if spec.name not in DOMAINS:
             register_domain(spec)

@@ -297,16 +297,20 @@ def summarize(runs: list[dict], domains: list[str], teacher: dict[str, float] | 
     return rows
 
 
+SHIFT_GROUPS = ("heldout", "fresh", "sealed", "unseen")  # bench/heldout_shifts.py's GROUPS, in the order written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--domains", choices=["committed", "heldout", "fresh", "sealed"], default="committed",
+    parser.add_argument("--domains", choices=["committed", *SHIFT_GROUPS], default="committed",
                         help="the stream: the committed target domains, or the held-out shifts of "
                              "bench/heldout_shifts.py (written after the defaults were chosen), or its fresh ones "
                              "(written after the query anchor's weight was chosen on the held-out ones), or its "
-                             "sealed ones (stop 33: only to check a choice made on the others)")  # fmt: skip
+                             "sealed ones (stop 33: only to check a choice made on the others), or its unseen ones "
+                             "(stop 41: written after every default was chosen)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None,
                         help="default: bench/results/sweep_adapt.json (committed), heldout_adapt.json, "
                              "fresh_adapt.json or sealed_adapt.json")  # fmt: skip
@@ -315,7 +319,7 @@ def main() -> None:
     checkpoints = checkpoint_dir("tiny")
     config = adapt.AdaptBenchConfig(seeds=tuple(args.seeds), methods=("source-only", "cdcca"), ablations=False)
     if args.domains != "committed":
-        import heldout_shifts
+        import heldout_shifts  # bench/, beside this file
 
         config = dataclasses.replace(config, domains=heldout_shifts.register(args.domains))
     path = args.json or Path(f"bench/results/{'sweep' if args.domains == 'committed' else args.domains}_adapt.json")

@@ -118,8 +118,8 @@ def test_held_out_shift_groups_render_shifted_images_of_the_benchmark_size():
     shifts = _script("heldout_shifts")
     names = ()
     try:
-        names = shifts.register("fresh") + shifts.register("sealed")
-        assert shifts.register("fresh") == names[:3] and len(set(names)) == 6  # registering twice is harmless
+        names = shifts.register("fresh") + shifts.register("sealed") + shifts.register("unseen")
+        assert shifts.register("fresh") == names[:3] and len(set(names)) == 9  # registering twice is harmless
         source = load_domain("source", "test", limit=2)[0].load_image()
         for name in names:
             assert DOMAINS[name].shifted_vision
@@ -130,6 +130,7 @@ def test_held_out_shift_groups_render_shifted_images_of_the_benchmark_size():
             assert not np.array_equal(image, source)
         with pytest.raises(KeyError):
             shifts.register("nowhere")
+        assert _script("sweep_adapt").SHIFT_GROUPS == tuple(shifts.GROUPS)  # every group can be swept
     finally:
         sys.path.remove(str(BENCH))
         for name in names:  # the rest of the suite sees the committed domains only
