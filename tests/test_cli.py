@@ -118,14 +118,17 @@ def test_pretraining_the_embedded_pair_on_another_thread_count_warns_that_it_bui
 
     import torch
 
-    from cdcca.pretrain import PretrainConfig
+    from cdcca.pretrain import PretrainConfig, stage_settings
 
     out = tmp_path / "pair"
     shutil.copytree(pretrained_test_pair, out)  # complete: both verbs below reuse it and return at once ...
+    tiny = PretrainConfig(preset="tiny")
     for role in ("teacher", "student"):  # ... once it records the settings they ask for (the tiny defaults)
         meta = json.loads((out / role / "cdcca.json").read_text())
-        meta["meta"]["pretrain"] = {**asdict(PretrainConfig(preset="tiny")), "out_dir": str(out)}
+        meta["meta"]["pretrain"] = {**asdict(tiny), "out_dir": str(out)}
         (out / role / "cdcca.json").write_text(json.dumps(meta))
+    record = json.loads((out / "vision.json").read_text())  # and so does the encoder beside them
+    (out / "vision.json").write_text(json.dumps({**record, "settings": stage_settings(tiny, "vision")}))
     threads = torch.get_num_threads()
     try:
         assert main(["pretrain", "--preset", "tiny", "--threads", "1", "--out", str(out)]) == 0
