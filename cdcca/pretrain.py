@@ -289,8 +289,9 @@ class PretrainMismatch(CdccaError, ValueError):
 def _recorded_settings(piece: Path, teacher: dict | None) -> tuple[dict | None, str]:
     """The settings ``piece`` of ``--out`` records and the verb that goes with them: a finished model's ``cdcca.json``
     (with its precision: ``auto`` only if hand-made, none from before bfloat16 was an option), the saved encoder's
-    ``vision.json`` (an encoder from before that record was built with the settings of the ``teacher`` beside it), a
-    snapshot's ``progress.json``. None: nothing recorded (from before the records), taken as it is."""
+    ``vision.json`` (an encoder from before that record was built with the settings of the ``teacher`` trained on
+    it, finished or a snapshot), a snapshot's ``progress.json``. None: nothing recorded (from before the records),
+    taken as it is."""
     if is_complete(piece):
         recorded = _pretrain_record(piece)
         if recorded is None:
@@ -304,23 +305,36 @@ def _recorded_settings(piece: Path, teacher: dict | None) -> tuple[dict | None, 
 
 
 def check_settings(config: PretrainConfig, auto: bool = False) -> None:
-    """Before any work: every piece of work in ``--out`` (finished models, the saved encoder, snapshots) is reused
-    only if it records the settings asked for now (:func:`stage_settings`; a finished model, its precision too), so
-    ``cdcca pretrain --preset test --out <a tiny pair>`` does not report the tiny pair as built and a resume under
-    other settings is not mixed in. Work from before the records is reused as it is. One
-    :class:`PretrainMismatch` names every difference and everything to delete: the pieces that differ and what was
-    built on them (a teacher on its encoder, a student on its teacher). ``auto``: ``config.precision`` is what
-    ``--precision auto`` chose."""
-    out, conflicts, stale_from = config.out_dir, [], len(STAGES)
-    pieces = [out / "teacher", out / "student", out / "vision.safetensors",
-              *(out / f"{stage}.partial" for stage in STAGES)]  # fmt: skip
-    present = [p for p in pieces if is_complete(p) or p.is_file() or (p / "progress.json").is_file()]
-    teacher = None
-    for piece in present:  # finished models first: the teacher's record also stands for an unrecorded encoder
-        recorded, verb = _recorded_settings(piece, teacher)
+    """Before any work: every piece of work in ``--out`` this run builds on (finished models, the saved encoder,
+    snapshots) is reused only if it records the settings asked for now (:func:`stage_settings`; a finished model, its
+    precision too), so ``cdcca pretrain --preset test --out <a tiny pair>`` does not report the tiny pair as built and
+    a resume under other settings is not mixed in. Work from before the records is reused as it is. One
+    :class:`PretrainMismatch` names every difference and everything to delete: the pieces that differ, what was built
+    on them (a teacher on its encoder, a student on its teacher; nothing on a snapshot), and what a rebuild would
+    take up once they are gone (the encoder and snapshots beside a finished teacher that differs). A piece a finished
+    model that stays makes unused (a snapshot left beside it, the encoder beside a finished teacher) is not judged.
+    ``auto``: ``config.precision`` is what ``--precision auto`` chose."""
+    out = config.out_dir
+    teacher, student, vision = out / "teacher", out / "student", out / "vision.safetensors"
+    snapshots = [out / f"{stage}.partial" for stage in STAGES]
+    present = [p for p in (teacher, student, vision, *snapshots)
+               if is_complete(p) or p.is_file() or (p / "progress.json").is_file()]  # fmt: skip
+    # the record an unrecorded encoder is judged by: its teacher's, finished or a snapshot
+    judged_by = next((r for p in (teacher, snapshots[1]) if p in present
+                      for r in [_recorded_settings(p, None)[0]] if r is not None), None)  # fmt: skip
+    conflicts, stale = [], set()
+
+    def kept(piece: Path) -> bool:  # a finished model (or the encoder) that stays
+        return piece in present and piece not in stale
+
+    superseded = {vision: lambda: kept(teacher), snapshots[0]: lambda: kept(vision) or kept(teacher),
+                  snapshots[1]: lambda: kept(teacher), snapshots[2]: lambda: kept(student)}  # fmt: skip
+    for piece in present:  # finished models first, then what they supersede
+        if piece in superseded and superseded[piece]():
+            continue
+        recorded, verb = _recorded_settings(piece, judged_by)
         if recorded is None:
             continue
-        teacher = recorded if piece == out / "teacher" else teacher
         stage = _stage_of(piece)
         asked = stage_settings(config, stage) | ({"precision": config.precision} if is_complete(piece) else {})
         differ = _differing(recorded, asked)
@@ -328,11 +342,12 @@ def check_settings(config: PretrainConfig, auto: bool = False) -> None:
             chose = {"precision": " by --precision auto"} if auto else {}
             changes = ", ".join(f"{k} {recorded[k]!r} (asked {asked[k]!r}{chose.get(k, '')})" for k in differ)
             conflicts.append((STAGES.index(stage), f"{piece.name} was {verb} with {changes}"))
-            stale_from = min(stale_from, STAGES.index(stage))
+            stale.add(piece)
+            if piece not in snapshots:  # what was built on it goes with it
+                stale |= {p for p in present if STAGES.index(_stage_of(p)) > STAGES.index(stage)}
     if conflicts:
-        stale = sorted((p for p in present if STAGES.index(_stage_of(p)) >= stale_from),
-                       key=lambda p: STAGES.index(_stage_of(p)))  # in the order they are built  # fmt: skip
-        names = [n for p in stale for n in ((p.name, "vision.json") if p.name == "vision.safetensors" else (p.name,))
+        order = sorted(stale, key=lambda p: (STAGES.index(_stage_of(p)), p in snapshots))  # as they are built
+        names = [n for p in order for n in ((p.name, "vision.json") if p == vision else (p.name,))
                  if (out / n).exists()]  # fmt: skip
         differences = "; ".join(c for _, c in sorted(conflicts))  # in the order the stages are built
         raise PretrainMismatch(f"{out} holds work done with other settings than asked: {differences}; pass "

@@ -309,7 +309,8 @@ def test_the_loop_answers_prompts_pumps_and_beats_without_polling(student, tmp_p
         beats = lambda: [m for m in port.decoded("adapter_status") if m.reason == "heartbeat"]  # noqa: E731
         assert wait_until(lambda: len(beats()) >= 3, 10)
         stamps = [m.header.stamp.sec + m.header.stamp.nanosec * 1e-9 for m in beats()]
-        assert min(np.diff(stamps)) > 0.15, np.diff(stamps)  # a heartbeat every 0.2 s (load only widens the gaps)
+        gaps = np.diff(stamps)  # a heartbeat every 0.2 s: load only widens a gap, and not most of them by 2.5x
+        assert min(gaps) > 0.15 and np.median(gaps) < 0.5, gaps
         # idle: < 5 % of a core for the runtime's own threads (the process's other threads are not its doing)
         threads = [t for t in threading.enumerate() if t.name.startswith("edge-")]
         assert threads
@@ -332,7 +333,8 @@ def test_ask_rate_asks_the_prompts_about_the_latest_frame(student, tmp_path):
     assert wait_until(lambda: len(port.decoded("answer")) >= 4, 10)
     runtime.close()
     answers = port.decoded("answer")
-    assert len(answers) <= 20 * (time.monotonic() - began) + 2 and {a.prompt for a in answers} == {"p?"}  # 20 Hz
+    elapsed = time.monotonic() - began  # 20 Hz: neither faster, nor (loaded or not) below a quarter of it
+    assert 5 * elapsed <= len(answers) <= 20 * elapsed + 2 and {a.prompt for a in answers} == {"p?"}, elapsed
 
 
 def test_a_failing_port_is_counted_and_answering_goes_on(runtime):

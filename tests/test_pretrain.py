@@ -17,6 +17,7 @@ from cdcca.pretrain import (
     pretrain,
     resolve_precision,
     save_optimizer,
+    stage_settings,
 )
 
 
@@ -355,8 +356,9 @@ def test_a_snapshot_trained_on_another_encoder_starts_its_stage_again(tmp_path, 
     config = dict(preset="test", vision_steps=2, teacher_steps=1, student_steps=6, batch_size=8, checkpoint_every=3,
                   precision="fp32")  # fmt: skip
     pretrain(PretrainConfig(**config, out_dir=tmp_path / "straight"), progress=False)
-    out = tmp_path / "stale"
+    out, intact = tmp_path / "stale", tmp_path / "intact"
     _crash_at_the_fifth_batch(PretrainConfig(**config, out_dir=out), monkeypatch)
+    shutil.copytree(out, intact)
     snapshot = out / "student.partial" / "weights.safetensors"
     weights = load_file(str(snapshot))
     name = next(n for n in weights if n.startswith("vision_model."))
@@ -365,7 +367,10 @@ def test_a_snapshot_trained_on_another_encoder_starts_its_stage_again(tmp_path, 
     # Execute
     with caplog.at_level("WARNING", logger="cdcca.pretrain"):
         report = pretrain(PretrainConfig(**config, out_dir=out), progress=False)
-    # Assert: the student's stage started again, on the teacher's encoder, and ends on the straight build's weights
+        resumed = pretrain(PretrainConfig(**config, out_dir=intact), progress=False)["stages"][2]
+    # Assert: the intact snapshot resumed; the other's stage started again, on the teacher's encoder, and both end on
+    # the straight build's weights
+    assert resumed["resumed_from"] == 3 and "discarded" not in resumed
     student = report["stages"][2]
     assert (
         student["resumed_from"] == 0 and "student.partial was trained on another image encoder" in student["discarded"]
@@ -375,8 +380,48 @@ def test_a_snapshot_trained_on_another_encoder_starts_its_stage_again(tmp_path, 
     for key, tensor in built.blip2.vision_model.state_dict().items():
         assert torch.equal(tensor, teacher.blip2.vision_model.state_dict()[key]), key
     straight = load_mllm(tmp_path / "straight" / "student").blip2.state_dict()
-    for key, tensor in built.blip2.state_dict().items():
-        torch.testing.assert_close(tensor, straight[key], rtol=0, atol=1e-6, msg=key)
+    for model in (built, load_mllm(intact / "student")):
+        for key, tensor in model.blip2.state_dict().items():
+            torch.testing.assert_close(tensor, straight[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_snapshot_a_finished_model_makes_unused_is_not_judged(pretrained_test_pair, tmp_path):
+    # Prepare: the finished test pair, with snapshots of other settings left beside its teacher and its student
+    out = tmp_path / "pair"
+    shutil.copytree(pretrained_test_pair, out)
+    settings = {k: v for k, v in load_mllm(out / "student").meta["pretrain"].items() if k != "out_dir"}
+    for stage in ("teacher", "student"):
+        other = stage_settings(PretrainConfig(**{**settings, "lr": 2e-3}), stage)
+        (out / f"{stage}.partial").mkdir()
+        (out / f"{stage}.partial" / "progress.json").write_text(
+            json.dumps({"step": 3, "losses": [], "precision": settings["precision"], "settings": other})
+        )
+    # Execute / Assert: the pair is reused as it is; asked for other settings, only what differs in use is named
+    report = pretrain(PretrainConfig(**settings, out_dir=out), progress=False)
+    assert [r.get("reused") for r in report["stages"]] == [True, True, True]
+    with pytest.raises(
+        PretrainMismatch,
+        match=r"student was built with student_steps 8 \(asked 9\); student.partial "
+        r"was started with lr 0.002 \(asked 0.001\), student_steps 8 \(asked "
+        r"9\); pass another --out, or delete student and student.partial from",
+    ):
+        pretrain(PretrainConfig(**{**settings, "student_steps": 9}, out_dir=out), progress=False)  # fmt: skip
+
+
+def test_an_encoder_from_before_its_settings_record_is_judged_by_its_teacher_snapshot(tmp_path, monkeypatch):
+    # Prepare: a build stopped after the teacher's first snapshot, its encoder's record as older builds wrote it
+    config = PretrainConfig(preset="test", vision_steps=2, teacher_steps=6, student_steps=1, batch_size=8,
+                            checkpoint_every=3, precision="fp32", out_dir=tmp_path)  # fmt: skip
+    _crash_at_the_fifth_batch(config, monkeypatch)
+    (tmp_path / "vision.json").write_text(json.dumps({"precision": "fp32"}))
+    # Execute / Assert: both are named (deleting the snapshot alone let a seed-1 build reuse the seed-0 encoder)
+    with pytest.raises(
+        PretrainMismatch,
+        match=r"vision.safetensors was built with seed 0 \(asked 1\); teacher.partial "
+        r"was started with seed 0 \(asked 1\); pass another --out, or delete "
+        r"vision.safetensors, vision.json and teacher.partial from it",
+    ):
+        pretrain(replace(config, seed=1), progress=False)  # fmt: skip
 
 
 def _no_work(*args, **kwargs):

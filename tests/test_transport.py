@@ -74,6 +74,9 @@ def test_matched_says_when_a_subscriber_anywhere_would_receive_a_put(pair_of_lin
     cloud, robot = pair_of_links
     assert wait_until(lambda: robot.peers() >= 1)
     assert not robot.matched("r1", "adapter_status")  # nobody subscribes yet: a put now would be lost
+    robot.subscribe("*", "adapter_status", lambda *_: None)
+    time.sleep(0.3)
+    assert not robot.matched("r2", "adapter_status")  # its own subscriber hears it at once: not what this asks
     cloud.subscribe("r2", "adapter_status", lambda *_: None)
     assert wait_until(lambda: robot.matched("r2", "adapter_status"))
     assert not robot.matched("r1", "adapter_status")  # another robot's key

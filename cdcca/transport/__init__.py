@@ -303,6 +303,7 @@ class Link:
         self.blocking = frozenset(blocking)
         self._block, self._drop = zenoh.CongestionControl.BLOCK, zenoh.CongestionControl.DROP
         self._publishers: dict[str, Any] = {}
+        self._probes: dict[str, Any] = {}  # publishers that only report whether a remote subscriber matches (matched)
         self._subscribers: list[Any] = []
         self._tokens: list[Any] = []
         self._declare_later: list[Callable[[], None]] = []  # what was declared before the session opened
@@ -400,15 +401,24 @@ class Link:
         return publisher
 
     def matched(self, robot_id: str, topic: str) -> bool:
-        """Whether a subscriber, in this session or one it reaches, matches ``<robot_id>/cdcca/<topic>`` now. Zenoh
-        delivers a put to the subscribers it knows of, so a put made before a new subscriber's declaration arrived
-        is not seen by it: wait on this before the first put where that matters (the publisher's matching status,
-        https://zenoh.io/docs/manual/abstractions/). False while not connected."""
+        """Whether a subscriber in another session this one reaches matches ``<robot_id>/cdcca/<topic>`` now. Zenoh
+        delivers a put to the subscribers it knows of, so a put made before a new remote subscriber's declaration
+        arrived is not seen by it: wait on this before the first put where that matters. Subscribers of this
+        session do not count (they hear its puts at once, and would make it true before any remote one is known):
+        the matching status of a publisher whose puts may only leave the session
+        (``allowed_destination=Locality.REMOTE``; https://zenoh.io/docs/manual/abstractions/), declared once per key
+        and never put on. False while not connected."""
+        import zenoh
+
         name = key(robot_id, topic)
         with self._lock:
             if self.closed or self.session is None:
                 return False
-            return bool(self._publisher(name, topic).matching_status.matching)
+            probe = self._probes.get(name)
+            if probe is None:
+                probe = self._probes[name] = self.session.declare_publisher(
+                    name, allowed_destination=zenoh.Locality.REMOTE)  # fmt: skip
+            return bool(probe.matching_status.matching)
 
     def subscribe(self, robot_id: str, topic: str, handler: Handler) -> None:
         """Call ``handler(robot_id, msg, data)`` for every valid message on the topic (``robot_id="*"``: all
