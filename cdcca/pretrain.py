@@ -205,10 +205,11 @@ def _snapshot(stage: _Stage, config: PretrainConfig, directory: Path, optimizer,
     (directory / "progress.json").write_text(json.dumps(progress))
 
 
-def _encoder_differs(stage: _Stage, weights: Path) -> bool:
-    """Whether a teacher or student snapshot was trained on another encoder than the one ``stage.module`` holds now
-    (a snapshot left behind by a build whose encoder or teacher was then built again, e.g. with other threads)."""
-    current = stage.module.state_dict()
+def _encoder_differs(module: nn.Module, weights: Path) -> bool:
+    """Whether the teacher or student weights in ``weights`` (a snapshot, or a finished model) were trained on another
+    encoder than the one the BLIP-2 ``module`` holds now (left behind by a build whose encoder or teacher was then
+    built again, e.g. with other threads)."""
+    current = module.state_dict()
     with safe_open(str(weights), framework="pt") as saved:
         names = [n for n in saved.keys() if n.startswith(ENCODER_PREFIX)]  # noqa: SIM118 (safe_open has no __iter__)
         return any(n not in current or not torch.equal(saved.get_tensor(n), current[n]) for n in names)
@@ -226,7 +227,7 @@ def run_stage(stage: _Stage, config: PretrainConfig, progress: bool = True) -> d
     optimizer = torch.optim.AdamW(stage.params, lr=stage.lr, weight_decay=config.weight_decay, foreach=True)
     start, losses, discarded = 0, [], None
     weights = partial_dir / "weights.safetensors"
-    if (partial_dir / "progress.json").is_file() and stage.name != "vision" and _encoder_differs(stage, weights):
+    if (partial_dir / "progress.json").is_file() and stage.name != "vision" and _encoder_differs(stage.module, weights):
         # resuming would load a stale encoder over the one the teacher was (or is being) trained on: the stage
         # starts again, which is what the same settings compute on this encoder
         discarded = f"{partial_dir} was trained on another image encoder than this build's; {stage.name} starts again"
@@ -499,6 +500,12 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> dict:
             shutil.rmtree(out / "vision.partial", ignore_errors=True)
             report["stages"].append(log)
         teacher.blip2.vision_model.requires_grad_(False)
+        student_dir = out / "student"
+        if is_complete(student_dir) and _encoder_differs(teacher.blip2, student_dir / "model.safetensors"):
+            # a finished student whose teacher was deleted, on an encoder built again otherwise: reused, the pair would
+            # not share its encoder; found before the teacher's minutes
+            raise PretrainMismatch(f"{student_dir} was trained on another image encoder than this build's (its teacher "
+                                   f"was deleted and built again); delete {student_dir} to train it again on this one")
         report["stages"].append(_train_answering(teacher, "teacher", "broad", config.teacher_steps, config, progress))
     if is_complete(out / "student"):
         report["stages"].append({"stage": "student", "reused": True})

@@ -424,6 +424,31 @@ def test_an_encoder_from_before_its_settings_record_is_judged_by_its_teacher_sna
         pretrain(replace(config, seed=1), progress=False)  # fmt: skip
 
 
+def test_a_finished_student_on_another_encoder_than_its_rebuilt_teacher_is_refused(pretrained_test_pair, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    # Prepare: the test pair with its teacher deleted, its student as it was, and a copy whose student's encoder
+    # differs (as one trained before the encoder was built again on other threads)
+    same, other = tmp_path / "same", tmp_path / "other"
+    for out in (same, other):
+        shutil.copytree(pretrained_test_pair, out)
+        shutil.rmtree(out / "teacher")
+    weights = load_file(str(other / "student" / "model.safetensors"))
+    name = next(n for n in weights if n.startswith("vision_model."))
+    save_file({**weights, name: weights[name] + 0.5}, str(other / "student" / "model.safetensors"))
+    settings = {k: v for k, v in load_mllm(same / "student").meta["pretrain"].items() if k != "out_dir"}
+    # Execute / Assert: the same encoder: the teacher is built again beside the student, which is reused...
+    report = pretrain(PretrainConfig(**settings, out_dir=same), progress=False)
+    assert [r["stage"] for r in report["stages"] if not r.get("reused")] == ["teacher"]
+    # ...another: refused before the teacher's first step, naming what to delete
+    monkeypatch.setattr(pretrain_module, "training_samples", _no_work)
+    with pytest.raises(
+        PretrainMismatch,
+        match=r"student was trained on another image encoder than this build's .*; "
+        r"delete .*student to train it again",
+    ):
+        pretrain(PretrainConfig(**settings, out_dir=other), progress=False)  # fmt: skip
+
+
 def _no_work(*args, **kwargs):
     raise RuntimeError("no work expected")
 
