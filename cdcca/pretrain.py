@@ -287,22 +287,17 @@ class PretrainMismatch(CdccaError, ValueError):
     precision than asked for, or a record that cannot be read; the message names it and what to delete."""
 
 
-def _recorded_settings(piece: Path, teacher: dict | None) -> tuple[dict | None, str]:
-    """The settings ``piece`` of ``--out`` records and the verb that goes with them: a finished model's ``cdcca.json``
-    (with its precision: ``auto`` only if hand-made, none from before bfloat16 was an option), the saved encoder's
-    ``vision.json`` (an encoder from before that record was built with the settings of the ``teacher`` trained on
-    it, finished or a snapshot), a snapshot's ``progress.json``. None: nothing recorded (from before the records),
-    taken as it is."""
+def _recorded_settings(piece: Path) -> dict | None:
+    """The settings ``piece`` of ``--out`` records: a finished model's ``cdcca.json`` (with its precision: ``auto``
+    only if hand-made, none from before bfloat16 was an option), the saved encoder's ``vision.json``, a snapshot's
+    ``progress.json``. None: nothing recorded (from before the records)."""
     if is_complete(piece):
         recorded = _pretrain_record(piece)
         if recorded is None:
-            return None, "built"
-        return {**recorded, "precision": _checked_precision(recorded, piece / "cdcca.json", piece)}, "built"
-    record = _precision_of(piece)[2] or {}  # a damaged record is named, with the way on
-    settings = record.get("settings")
-    if settings is None and piece.name == "vision.safetensors":
-        settings = teacher
-    return (settings if isinstance(settings, dict) else None), ("built" if piece.is_file() else "started")
+            return None
+        return {**recorded, "precision": _checked_precision(recorded, piece / "cdcca.json", piece)}
+    settings = (_precision_of(piece)[2] or {}).get("settings")  # a damaged record is named, with the way on
+    return settings if isinstance(settings, dict) else None
 
 
 def check_settings(config: PretrainConfig, auto: bool = False) -> None:
@@ -320,9 +315,9 @@ def check_settings(config: PretrainConfig, auto: bool = False) -> None:
     snapshots = [out / f"{stage}.partial" for stage in STAGES]
     present = [p for p in (teacher, student, vision, *snapshots)
                if is_complete(p) or p.is_file() or (p / "progress.json").is_file()]  # fmt: skip
-    # the record an unrecorded encoder is judged by: its teacher's, finished or a snapshot
-    judged_by = next((r for p in (teacher, snapshots[1]) if p in present
-                      for r in [_recorded_settings(p, None)[0]] if r is not None), None)  # fmt: skip
+    records = {p: _recorded_settings(p) for p in present}
+    if records.get(vision, {}) is None:  # an encoder from before its record: judged by its teacher's, finished or not
+        records[vision] = records.get(teacher) or records.get(snapshots[1])
     conflicts, stale = [], set()
 
     def kept(piece: Path) -> bool:  # a finished model (or the encoder) that stays
@@ -333,8 +328,8 @@ def check_settings(config: PretrainConfig, auto: bool = False) -> None:
     for piece in present:  # finished models first, then what they supersede
         if piece in superseded and superseded[piece]():
             continue
-        recorded, verb = _recorded_settings(piece, judged_by)
-        if recorded is None:
+        recorded, verb = records[piece], "started" if piece in snapshots else "built"
+        if recorded is None:  # from before the records: taken as it is
             continue
         stage = _stage_of(piece)
         asked = stage_settings(config, stage) | ({"precision": config.precision} if is_complete(piece) else {})

@@ -388,17 +388,13 @@ class Link:
             if self.session is None:
                 where = ", ".join(self.config.connect) or "the scouted routers"
                 raise LinkNotConnected(f"not connected: no Zenoh router reached yet at {where}")
-            self._publisher(name, topic).put(data)
+            publisher = self._publishers.get(name)
+            if publisher is None:
+                congestion = self._block if topic in self.blocking else self._drop
+                publisher = self._publishers[name] = self.session.declare_publisher(name, congestion_control=congestion)
+            publisher.put(data)
             self.sent_bytes[topic] += len(data)
         return len(data)
-
-    def _publisher(self, name: str, topic: str):
-        """The session's publisher on key ``name``, declared on first use (under ``self._lock``, session open)."""
-        publisher = self._publishers.get(name)
-        if publisher is None:
-            congestion = self._block if topic in self.blocking else self._drop
-            publisher = self._publishers[name] = self.session.declare_publisher(name, congestion_control=congestion)
-        return publisher
 
     def matched(self, robot_id: str, topic: str) -> bool:
         """Whether a subscriber in another session this one reaches matches ``<robot_id>/cdcca/<topic>`` now. Zenoh
