@@ -40,7 +40,7 @@ from cdcca.models.mllm import MLLM
 from cdcca.models.presets import get_preset
 from cdcca.models.tokenizer import build_tokenizer
 from cdcca.paths import checkpoint_dir
-from cdcca.report import progress_bar
+from cdcca.report import cpu, progress_bar
 
 STAGES = ("vision", "teacher", "student")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -366,8 +366,9 @@ def _train_answering(
     params = [p for n, p in model.blip2.named_parameters() if not n.startswith("vision_model.")]
     loss = _answer_loss(model, distribution, config.batch_size)
     log = run_stage(_Stage(stage, model.blip2, params, loss, steps, config.lr), config, progress)
+    # the CPU too: bfloat16 kernels differ between AMX and AVX512-BF16, and so do the pairs they build
     model.meta.update(steps_done=log["steps"], final_loss=log["final_loss"], torch_threads=torch.get_num_threads(),
-                      pretrain=asdict(config) | {"out_dir": str(config.out_dir)})  # fmt: skip
+                      cpu=cpu(), pretrain=asdict(config) | {"out_dir": str(config.out_dir)})  # fmt: skip
     save_mllm(model, config.out_dir / stage)
     shutil.rmtree(config.out_dir / f"{stage}.partial", ignore_errors=True)
     return log

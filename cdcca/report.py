@@ -114,10 +114,37 @@ def _cut(text: str, width: int) -> str:
 ENVIRONMENT_PACKAGES = ("torch", "transformers", "peft", "numpy", "pillow", "scikit-learn", "onnxruntime")
 
 
+def cpu() -> dict:
+    """The CPU's model name and which bfloat16 matrix units torch's kernels can use (``amx``, ``avx512_bf16``, or
+    ``None``): a bfloat16 ``cdcca pretrain`` takes other kernels on each, so two CPUs with the same packages can build
+    two pairs (``bench/results/adapt_avx512bf16.json``); float32 builds vary less. ``None`` where unknown."""
+    import platform
+
+    model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    units = None
+    try:
+        import torch
+
+        if torch.cpu._is_amx_tile_supported():
+            units = "amx"
+        elif torch.cpu._is_avx512_bf16_supported():
+            units = "avx512_bf16"
+    except (ImportError, AttributeError):  # the torch-free robot; a torch without the probes
+        pass
+    return {"model": model or platform.processor() or None, "bf16_units": units}
+
+
 def environment() -> dict:
-    """What a figure was measured with: Python, the platform, the CPU count and the versions of the packages that
-    can change numbers (torch's kernels; transformers builds and initialises the models; Pillow renders the
-    digits-shift images), and with them every checkpoint ``cdcca pretrain`` builds."""
+    """What a figure was measured with: Python, the platform, the CPU (:func:`cpu`), its count and the versions of the
+    packages that can change numbers (torch's kernels; transformers builds and initialises the models; Pillow renders
+    the digits-shift images), and with them every checkpoint ``cdcca pretrain`` builds."""
     import os
     import platform
     from importlib import metadata
@@ -128,7 +155,7 @@ def environment() -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu(), "cpus": os.cpu_count(),
             "packages": versions}  # fmt: skip
 
 

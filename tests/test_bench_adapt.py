@@ -73,6 +73,13 @@ def test_report_has_the_summary_and_held_out_rounds(pretrained_test_pair):
     assert summary["worst_seed_source_drop"] == pytest.approx(max(drops))
     row = report["per_domain"]["printed"]["cdcca"]
     assert len(row["per_seed"]) == 2 and row["gap_closed_worst_seed"] <= row["gap_closed"]
+    for domain in ("printed", "rephrased"):  # against the one baseline here, PL, with the larger seed spread
+        cells, margin = report["per_domain"][domain], summary["per_domain_margin"][domain]
+        assert margin["best_baseline"] == "pl"
+        assert margin["margin"] == pytest.approx(cells["cdcca"]["acc"] - cells["pl"]["acc"])
+        assert margin["spread"] == pytest.approx(max(cells["cdcca"]["std"], cells["pl"]["std"]))
+        assert margin["beyond_spread"] == (margin["margin"] > margin["spread"])
+    assert summary["uts_minus_random"] == {}  # no ablation, no comparison
     source_only = next(r for r in report["runs"] if r["method"] == "source-only")
     assert [r["domain"] for r in source_only["rounds"]] == ["printed", "rephrased"]
     assert source_only["source_before"] == source_only["source_after"]  # nothing adapted, nothing forgotten
@@ -116,6 +123,8 @@ def test_runs_on_worker_processes_report_what_one_process_reports(pretrained_tes
     assert names == ["cdcca-paper", "pl", "+akd", "+uts-1", "cdcca", "cdcca-no-anchor", "uts@0.25", "random@0.25",
                      "pl@0.1", "pl@0.3"]  # fmt: skip
     assert parallel["summary"] == serial["summary"]
+    accs = {r["method"]: r["mean"]["acc"] for r in parallel["ablation"]}
+    assert parallel["summary"]["uts_minus_random"] == {"0.25": pytest.approx(accs["uts@0.25"] - accs["random@0.25"])}
 
 
 def test_ablation_rows_identical_to_another_run_are_run_once(pretrained_test_pair, monkeypatch):
@@ -169,3 +178,23 @@ def test_bench_adapt_runs_on_shifts_declared_in_a_file(pretrained_test_pair, tmp
     assert [r["domain"] for r in report["runs"][0]["rounds"]] == ["flipped", "dim"]
     assert report["environment"]["packages"]["torch"] and len(report["checkpoint"]["student"]) == 16
     assert cli.main(["bench", "adapt", "--model", str(pretrained_test_pair), "--shifts", f"{shifts}:NOPE"]) == 2
+
+
+def test_the_margin_per_domain_is_against_the_best_baseline_there_and_its_seed_spread():
+    from cdcca.benchmarks.adapt import per_domain_margin
+
+    def cell(acc, std):
+        return {"acc": acc, "std": std}
+
+    per_domain = {
+        "colour": {"cdcca": cell(85.0, 0.4), "pl": cell(85.7, 0.3), "cwd": cell(85.4, 0.9)},  # behind PL
+        "noisy": {"cdcca": cell(74.0, 0.2), "pl": cell(72.0, 0.5), "cwd": cell(72.5, 0.9)},  # ahead by more than 0.9
+        "printed": {"cdcca": cell(80.5, 0.3), "pl": cell(80.0, 0.6), "cwd": cell(79.0, 0.1)},  # ahead, within 0.6
+    }
+    margins = per_domain_margin(per_domain, ["colour", "noisy", "printed"], ["pl", "cwd"])
+    assert margins["colour"] == {"best_baseline": "pl", "margin": pytest.approx(-0.7), "spread": 0.4,
+                                 "beyond_spread": False}  # fmt: skip
+    assert margins["noisy"] == {"best_baseline": "cwd", "margin": pytest.approx(1.5), "spread": 0.9,
+                                "beyond_spread": True}  # fmt: skip
+    assert margins["printed"]["best_baseline"] == "pl" and margins["printed"]["beyond_spread"] is False
+    assert per_domain_margin(per_domain, ["colour"], []) == {}

@@ -19,6 +19,7 @@ from cdcca.pretrain import (
     save_optimizer,
     stage_settings,
 )
+from cdcca.report import cpu
 
 
 def test_pretrain_writes_a_loadable_pair_sharing_one_encoder(pretrained_test_pair):
@@ -93,7 +94,8 @@ def test_the_foreach_optimizer_trains_the_weights_of_the_per_tensor_loop_bit_for
     try:
         report = pretrain(PretrainConfig(**config, out_dir=tmp_path / "foreach"), progress=False)
         assert report["torch_threads"] == 1
-        assert load_mllm(tmp_path / "foreach" / "teacher").meta["torch_threads"] == 1
+        meta = load_mllm(tmp_path / "foreach" / "teacher").meta
+        assert meta["torch_threads"] == 1 and meta["cpu"] == cpu()  # which kernels built it, too
         _pretrain_with_the_per_tensor_loop(config, tmp_path, monkeypatch)
     finally:
         torch.set_num_threads(threads)

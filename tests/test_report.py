@@ -1,6 +1,7 @@
 """What a JSON report says about where its figures came from: the environment and the checkpoint."""
 
 import json
+from pathlib import Path
 
 from cdcca.report import checkpoint_fingerprint, environment, write_json
 
@@ -9,6 +10,13 @@ def test_the_environment_names_the_packages_that_change_numbers():
     env = environment()
 
     assert env["cpus"] >= 1 and env["python"].count(".") == 2
+    # which bfloat16 kernels a pretrained pair came from (AMX and AVX512-BF16 build different pairs)
+    assert env["cpu"]["bf16_units"] in (None, "amx", "avx512_bf16") and set(env["cpu"]) == {"model", "bf16_units"}
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if " amx_tile" in flags:
+        assert env["cpu"]["bf16_units"] == "amx"
+    elif " avx512_bf16" in flags:
+        assert env["cpu"]["bf16_units"] == "avx512_bf16"
     packages = env["packages"]
     assert packages["torch"].startswith("2.") and packages["pillow"]  # Pillow renders the benchmark's images
     assert set(packages) == {"torch", "transformers", "peft", "numpy", "pillow", "scikit-learn", "onnxruntime"}
