@@ -564,6 +564,9 @@ def cmd_pretrain(args) -> dict:
             title=f"pretrain {config.preset} -> {config.out_dir} ({report['precision']}, {report['seconds']} s)",
         )
     )
+    for stage in report["stages"]:  # a snapshot trained on another encoder: the stage started again (logged too)
+        if stage.get("discarded"):
+            print(f"{stage['stage']}: snapshot discarded, the stage started again: {stage['discarded']}")
     return report
 
 

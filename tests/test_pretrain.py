@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cdcca.pretrain as pretrain_module
+from cdcca import cli
 from cdcca.models.checkpoint import load_mllm
 from cdcca.pretrain import (
     PretrainConfig,
@@ -352,7 +353,7 @@ def test_an_encoder_from_before_its_settings_record_is_named_with_its_teacher(pr
         pretrain(PretrainConfig(**{**settings, "seed": 1}, out_dir=out), progress=False)  # fmt: skip
 
 
-def test_a_snapshot_trained_on_another_encoder_starts_its_stage_again(tmp_path, monkeypatch, caplog):
+def test_a_snapshot_trained_on_another_encoder_starts_its_stage_again(tmp_path, monkeypatch, caplog, capsys):
     # Prepare: a build stopped in the student's stage (its snapshot at step 3), whose snapshot then holds another
     # encoder than the teacher's, as one left by a build whose teacher was then built again on other threads
     config = dict(preset="test", vision_steps=2, teacher_steps=1, student_steps=6, batch_size=8, checkpoint_every=3,
@@ -368,8 +369,14 @@ def test_a_snapshot_trained_on_another_encoder_starts_its_stage_again(tmp_path, 
     save_file(weights, str(snapshot))
     # Execute
     with caplog.at_level("WARNING", logger="cdcca.pretrain"):
-        report = pretrain(PretrainConfig(**config, out_dir=out), progress=False)
+        capsys.readouterr()
+        code = cli.main(["pretrain", "--preset", "test", "--vision-steps", "2", "--teacher-steps", "1",
+                         "--student-steps", "6", "--batch-size", "8", "--precision", "fp32", "--out", str(out),
+                         "--json", str(tmp_path / "report.json")])  # fmt: skip
+        printed = capsys.readouterr().out
+        report = json.loads((tmp_path / "report.json").read_text())
         resumed = pretrain(PretrainConfig(**config, out_dir=intact), progress=False)["stages"][2]
+    assert code == 0 and "student: snapshot discarded, the stage started again" in printed  # the CLI says so too
     # Assert: the intact snapshot resumed; the other's stage started again, on the teacher's encoder, and both end on
     # the straight build's weights
     assert resumed["resumed_from"] == 3 and "discarded" not in resumed
