@@ -201,6 +201,9 @@ VARIANTS.update({
     # stop 38: today's round on every sample (stage 1 keeps all, twice the uplink): is the half UTS does not send
     # what PL has over CD-CCA on colour_inverted (stop 35's reading)?
     "all-samples": {"akd": {}, "uts": {"sample_fraction": 1.0}},
+    # stop 42, what PL has on the third pair's small printed digits: every token of each upload, or no feature losses
+    "all-tokens": {"akd": {}, "uts": {"token_keep_ratio": 1.0}},
+    "feat0": {"akd": {"lambda_query": 0.0, "lambda_repr": 0.0}, "uts": {}},
 })  # fmt: skip
 
 

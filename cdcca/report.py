@@ -115,29 +115,24 @@ ENVIRONMENT_PACKAGES = ("torch", "transformers", "peft", "numpy", "pillow", "sci
 
 
 def cpu() -> dict:
-    """The CPU's model name and which bfloat16 matrix units torch's kernels can use (``amx``, ``avx512_bf16``, or
-    ``None``): a bfloat16 ``cdcca pretrain`` takes other kernels on each, so two CPUs with the same packages can build
-    two pairs (``bench/results/adapt_avx512bf16.json``); float32 builds vary less. ``None`` where unknown."""
+    """The CPU's model name and which bfloat16 matrix units it has (``amx``, ``avx512_bf16`` or ``none``; ``None``
+    where unknown), from ``/proc/cpuinfo`` (the flags torch's own probes read; no torch import, so the torch-free robot
+    and a verb's wall time are unaffected): a bfloat16 ``cdcca pretrain`` takes other kernels on each, and two CPUs
+    with the same packages built two pairs, in float32 too (``bench/results/adapt_avx512bf16.json``)."""
     import platform
 
-    model = None
+    model, units = None, None
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    units = None
-    try:
-        import torch
-
-        if torch.cpu._is_amx_tile_supported():
-            units = "amx"
-        elif torch.cpu._is_avx512_bf16_supported():
-            units = "avx512_bf16"
-    except (ImportError, AttributeError):  # the torch-free robot; a torch without the probes
-        pass
+        info = ""
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model is None:
+            model = value.strip()
+        elif key.strip() == "flags" and units is None:
+            flags = set(value.split())
+            units = "amx" if "amx_tile" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"
     return {"model": model or platform.processor() or None, "bf16_units": units}
 
 
