@@ -210,6 +210,8 @@ VARIANTS.update({
     # PL's round through CD-CCA's code (every sample and token, CE only, no features, no anchors), then with the anchors
     "pl-akd": {"akd": {**PL_ROUND}, "uts": {**EVERY_TOKEN}},
     "pl-akd-anchors": {"akd": {**PL_ROUND, "lambda_anchor": 1.0}, "uts": {**EVERY_TOKEN}},
+    # the guard on what the robot knew for sure: held-out anchors whose base answer the teacher gives too
+    "guard-consensus": {"akd": {"guard_consensus": True}, "uts": {}},
 })  # fmt: skip
 
 

@@ -136,6 +136,10 @@ class AKDConfig:
             Chaudhry et al., "Efficient lifelong learning with A-GEM", ICLR 2019): the round learns along every
             direction that does not undo what the robot knew, instead of trading the two in one weighted sum.
             Needs replay (``lambda_anchor > 0``); the two losses are differentiated apart (the same compute).
+        guard_consensus: the forgetting guard checks only the held-out anchors whose base answer the teacher gives
+            too, what the robot knew for sure, instead of every one: a change to an answer the teacher disputes (a
+            caption reworded, a base answer that was wrong) is not forgetting. Label-free still (the teacher answers
+            the held-out anchors once, when the distiller is made); every held-out anchor when none agree.
     """
 
     lambda_query: float = 3.0
@@ -167,6 +171,7 @@ class AKDConfig:
     confidence: float = 0.9
     label_views: int = 0
     label_view_drop: float = 0.5
+    guard_consensus: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lambda_query", "lambda_repr", "lambda_ce", "lambda_kl"):
@@ -377,6 +382,11 @@ class Distiller:
         labels = self._greedy(self.student, anchors) if anchors else []
         self.anchor_replay = (anchors[1::2], labels[1::2])  # trained on: the base student's own answers
         self.anchor_check = (anchors[0::2], labels[0::2])  # never trained on: the forgetting guard
+        if self.config.guard_consensus and self.anchor_check[0]:
+            checked, base = self.anchor_check
+            sure = [i for i, answer in enumerate(self._greedy(self.teacher, checked)) if answer == base[i]]
+            if sure:  # what the robot knew that the teacher confirms; none: every held-out anchor, as without
+                self.anchor_check = ([checked[i] for i in sure], [base[i] for i in sure])
         self.anchor_queries = None  # the base student's query outputs on the replayed anchors (lambda_anchor_query)
         if self.anchor_replay[0] and self.config.lambda_anchor_query > 0:
             with torch.inference_mode():

@@ -180,7 +180,7 @@ class _Robot:
 
     chain: VersionChain
     reported: int = -1  # version the robot last said it runs (-1: not heard from)
-    last_sent: float = 0.0
+    last_sent: float = float("-inf")  # monotonic time of the last send; never: due at once, whatever the host's uptime
     resends: int = 0  # of the latest version
     latest_delta: bytes | None = None  # the signed WeightDelta of the latest version, as published
     declined: dict[int, str] = field(default_factory=dict)  # versions the robot rolled back from -> its reason

@@ -315,6 +315,39 @@ def test_anchor_guard_keeps_only_weights_that_remember_the_source(pair, monkeypa
     assert all(torch.equal(distiller.trainable[k], snapshots[kept // 2][k]) for k in distiller.trainable)
 
 
+def test_the_consensus_guard_checks_only_the_anchors_whose_base_answer_the_teacher_gives(pair, monkeypatch):
+    # Prepare: 12 source anchors (6 held out for the guard); the teacher's answers are scripted to agree with the
+    # base student's on the first, third and fifth held-out anchor only
+    teacher, student = pair
+    add_lora(student)
+    anchors = DistillSample.from_samples(student, load_domain("source", "train", limit=4))
+    plain = Distiller(teacher, student, AKDConfig(steps=1), anchors=anchors)
+    base = plain.anchor_check[1]
+    real = Distiller._greedy
+
+    def greedy(model, samples, *args, **kwargs):
+        answers = real(model, samples, *args, **kwargs)
+        if model is teacher:
+            return [b if i % 2 == 0 else b + " not" for i, b in enumerate(base)]
+        return answers
+
+    monkeypatch.setattr(Distiller, "_greedy", staticmethod(greedy))
+    # Execute
+    sure = Distiller(teacher, student, AKDConfig(steps=1, guard_consensus=True), anchors=anchors)
+    # Assert: the guard keeps what the teacher confirms, with the base's answers; the replay is untouched
+    def ids(samples):
+        return [id(x) for x in samples]
+
+    assert len(base) == 6 and ids(sure.anchor_check[0]) == [id(plain.anchor_check[0][i]) for i in (0, 2, 4)]
+    assert sure.anchor_check[1] == [base[i] for i in (0, 2, 4)]
+    assert ids(sure.anchor_replay[0]) == ids(plain.anchor_replay[0]) and sure.anchor_replay[1] == plain.anchor_replay[1]
+    # ... and every held-out anchor when the teacher confirms none of them
+    monkeypatch.setattr(Distiller, "_greedy", staticmethod(
+        lambda model, samples, *a, **k: [x + " not" for x in base] if model is teacher else real(model, samples)))
+    none = Distiller(teacher, student, AKDConfig(steps=1, guard_consensus=True), anchors=anchors)
+    assert ids(none.anchor_check[0]) == ids(plain.anchor_check[0]) and none.anchor_check[1] == base
+
+
 @pytest.mark.parametrize(("max_backtracks", "kept", "scales"), [(3, 6, [1, 1, 1, 1, 2, 2]), (0, 6, [1] * 6)])
 def test_a_broken_guard_sends_the_round_back_under_a_firmer_anchor(pair, monkeypatch, max_backtracks, kept, scales):
     # Prepare: the guard's verdicts are scripted (start, steps 2, 4, 6): step 4 forgets, step 6 is fine again

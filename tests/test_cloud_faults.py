@@ -152,7 +152,7 @@ def test_a_keyframe_the_store_cannot_record_is_not_sent_and_tried_again_after_th
     trainer.link = RecordingLink()
     behind_after_two_rounds(trainer, uploads)
     robot = trainer.robots["r1"]
-    robot.last_sent = 0.0  # due now
+    robot.last_sent = float("-inf")  # due now (0.0 is not on a host up for under resend_after_s)
     fill_disk(trainer)
     # Execute: a pass with a full disk, then twenty more
     deltas = lambda: [m for _, topic, m in trainer.link.published if topic == "weight_delta"]  # noqa: E731
@@ -166,7 +166,7 @@ def test_a_keyframe_the_store_cannot_record_is_not_sent_and_tried_again_after_th
     assert robot.chain.published[2] and wire.decode(wire.WEIGHT_DELTA, robot.latest_delta).keyframe is False
     # ... and with room again, after the wait, it goes out and is recorded
     free_disk(trainer)
-    robot.last_sent = 0.0
+    robot.last_sent = float("-inf")
     trainer.step()
     [keyframe] = deltas()[before:]
     assert (keyframe.version, keyframe.keyframe) == (2, True) and robot.chain.published[2] == {}
