@@ -190,7 +190,8 @@ class _Robot:
     comebacks: int = 0  # come-backs that got the latest version again since the give-up
     comeback_due: bool = False  # the robot came back: the service loop sends it the latest version once
     owned: bool = True  # this worker committed the latest version, so it resends it (always, as the only worker)
-    synced: float = 0.0  # monotonic time a worker that does not own the latest version last read it from the store
+    # monotonic time a worker that does not own the latest version last read it from the store (never: at once)
+    synced: float = float("-inf")
 
 
 @dataclass

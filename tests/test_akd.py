@@ -325,9 +325,12 @@ def test_the_consensus_guard_checks_only_the_anchors_whose_base_answer_the_teach
     base = plain.anchor_check[1]
     real = Distiller._greedy
 
+    asked = []
+
     def greedy(model, samples, *args, **kwargs):
         answers = real(model, samples, *args, **kwargs)
         if model is teacher:
+            asked.append([id(x) for x in samples])
             return [b if i % 2 == 0 else b + " not" for i, b in enumerate(base)]
         return answers
 
@@ -338,9 +341,12 @@ def test_the_consensus_guard_checks_only_the_anchors_whose_base_answer_the_teach
     def ids(samples):
         return [id(x) for x in samples]
 
+    assert asked == [ids(plain.anchor_check[0])]  # the teacher answered the held-out anchors, once
     assert len(base) == 6 and ids(sure.anchor_check[0]) == [id(plain.anchor_check[0][i]) for i in (0, 2, 4)]
     assert sure.anchor_check[1] == [base[i] for i in (0, 2, 4)]
     assert ids(sure.anchor_replay[0]) == ids(plain.anchor_replay[0]) and sure.anchor_replay[1] == plain.anchor_replay[1]
+    off = Distiller(teacher, student, AKDConfig(steps=1), anchors=anchors)  # the same teacher, the option off
+    assert ids(off.anchor_check[0]) == ids(plain.anchor_check[0]) and len(asked) == 1  # every one, the teacher unasked
     # ... and every held-out anchor when the teacher confirms none of them
     monkeypatch.setattr(Distiller, "_greedy", staticmethod(
         lambda model, samples, *a, **k: [x + " not" for x in base] if model is teacher else real(model, samples)))

@@ -169,7 +169,7 @@ def test_a_round_another_worker_committed_first_leaves_the_version_to_that_worke
     a.receive_status("r1", status(0))
     robot = a.robots["r1"]
     for _ in range(2):
-        robot.last_sent = 0.0
+        robot.last_sent = float("-inf")  # due now
         a.resend_if_behind("r1")
     assert robot.gave_up is not None
     upload(b, "r1", uploads[4:8])
