@@ -1274,8 +1274,54 @@ def _preflight(args) -> None:
             _check_output_dir(Path(path), "PATH" if flag == "path" else f"--{flag}")
 
 
+class _CtrlC:
+    """A Ctrl-C that Python dropped while :func:`main` ran. Python drops an exception raised inside a weakref callback
+    or ``__del__`` ("Exception ignored in ..."), and importlib runs such a callback for its module locks, so a Ctrl-C
+    that landed there while a verb imported torch was lost and the verb ran on to exit 0. An unraisable hook notes
+    such a KeyboardInterrupt (``dropped``, unprinted) when the handler (Python's own, plus a flag) raised it, and
+    ``main`` ends the verb as interrupted once it returns; one the verb caught itself (``cdcca status`` stops so) is
+    not dropped. Installed only where Python's default handler is (the main thread, no handler of the caller's); a
+    verb's own handler (``cdcca edge``, ``cdcca cloud``) takes over while it runs."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.pressed = self.dropped = False
+        self._signal = signal
+        self._active = (threading.current_thread() is threading.main_thread()
+                        and signal.getsignal(signal.SIGINT) is signal.default_int_handler)  # fmt: skip
+        self._hook = sys.unraisablehook
+
+    def __enter__(self) -> _CtrlC:
+        if self._active:
+            self._signal.signal(self._signal.SIGINT, self._on_sigint)
+            sys.unraisablehook = self._unraisable
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._active:
+            self._signal.signal(self._signal.SIGINT, self._signal.default_int_handler)
+            sys.unraisablehook = self._hook
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def _unraisable(self, unraisable) -> None:
+        if self.pressed and isinstance(unraisable.exc_value, KeyboardInterrupt):  # ours: main reports it, once
+            self.dropped = True
+        else:
+            self._hook(unraisable)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb; returns the exit code (0 ok, 1 unexpected failure, 2 user error, 130 interrupted)."""
+    with _CtrlC() as ctrl_c:
+        return _main(argv, ctrl_c)
+
+
+def _main(argv: list[str] | None, ctrl_c: _CtrlC) -> int:
     prog, verbose = "cdcca", False
     try:
         args = build_parser().parse_args(argv)
@@ -1291,6 +1337,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         started = time.perf_counter()
         report = HANDLERS[args.verb](args)
+        if ctrl_c.dropped:  # a Ctrl-C Python dropped on the way (see _CtrlC): the verb still ends as interrupted
+            raise KeyboardInterrupt
         if args.json is not None:
             from cdcca.report import environment, write_json
 
