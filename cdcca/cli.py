@@ -1279,9 +1279,10 @@ class _CtrlC:
     or ``__del__`` ("Exception ignored in ..."), and importlib runs such a callback for its module locks, so a Ctrl-C
     that landed there while a verb imported torch was lost and the verb ran on to exit 0. An unraisable hook notes
     such a KeyboardInterrupt (``dropped``, unprinted) when the handler (Python's own, plus a flag) raised it, and
-    ``main`` ends the verb as interrupted once it returns; one the verb caught itself (``cdcca status`` stops so) is
-    not dropped. Installed only where Python's default handler is (the main thread, no handler of the caller's); a
-    verb's own handler (``cdcca edge``, ``cdcca cloud``) takes over while it runs."""
+    ``main`` ends the verb as interrupted once it returns; one the verb caught itself (``cdcca status`` stops so),
+    also after a dropped one, is not dropped. The verb still runs on to its end or the next Ctrl-C after a drop.
+    Installed only where Python's default handler is (the main thread, no handler of the caller's); a verb's own
+    handler (``cdcca edge``, ``cdcca cloud``) takes over while it runs and stays after it if the verb left it."""
 
     def __init__(self) -> None:
         import signal
@@ -1301,11 +1302,12 @@ class _CtrlC:
 
     def __exit__(self, *exc) -> None:
         if self._active:
-            self._signal.signal(self._signal.SIGINT, self._signal.default_int_handler)
+            if self._signal.getsignal(self._signal.SIGINT) == self._on_sigint:  # a verb's own handler stays (cloud's)
+                self._signal.signal(self._signal.SIGINT, self._signal.default_int_handler)
             sys.unraisablehook = self._hook
 
     def _on_sigint(self, signum, frame) -> None:
-        self.pressed = True
+        self.pressed, self.dropped = True, False  # a press that is raised replaces one Python dropped before it
         raise KeyboardInterrupt
 
     def _unraisable(self, unraisable) -> None:

@@ -373,19 +373,32 @@ def test_a_ctrl_c_python_drops_in_a_callback_still_ends_the_verb_interrupted(cap
         return {}
 
     monkeypatch.setitem(cli.HANDLERS, "info", verb)
-    # Execute
-    code = cli.main(["info"])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh process has it
+    try:
+        # Execute
+        code = cli.main(["info"])
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     # Assert: the verb ran on (the drop is real), then main says interrupted, once, with Python's own report held back
     err = capsys.readouterr().err
     assert ran_on == [True] and code == 130
     assert err == "cdcca info: interrupted\n"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main put Python's handler back
+    assert after is signal.default_int_handler  # main put Python's handler back
 
 
 def test_a_verb_that_stops_on_ctrl_c_itself_is_not_called_interrupted(monkeypatch):
+    import weakref
+
     from cdcca import cli
 
-    def verb(args):  # as `cdcca status` does: Ctrl-C is how it stops
+    class Thing:
+        pass
+
+    def verb(args):  # as `cdcca status` does: Ctrl-C is how it stops, here the second press after a dropped one
+        thing = Thing()
+        ref = weakref.ref(thing, lambda _: signal.raise_signal(signal.SIGINT))  # noqa: F841 (the callback needs it)
+        del thing  # the first press, dropped by Python
         try:
             signal.raise_signal(signal.SIGINT)
             time.sleep(1)
@@ -394,7 +407,11 @@ def test_a_verb_that_stops_on_ctrl_c_itself_is_not_called_interrupted(monkeypatc
         raise AssertionError("Ctrl-C did not interrupt the verb")
 
     monkeypatch.setitem(cli.HANDLERS, "info", verb)
-    assert cli.main(["info"]) == 0
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert cli.main(["info"]) == 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130():
