@@ -45,8 +45,6 @@ BEFORE = {"lambda_query": 1.0, "lambda_repr": 1.0, "lambda_ce": 1.0, "lambda_kl"
 QFORMER_ALL = ("attention.attention.query", "attention.attention.value", "attention.output.dense",
                "crossattention.attention.query", "crossattention.attention.key", "crossattention.attention.value",
                "crossattention.output.dense", "intermediate_query.dense", "output_query.dense")  # fmt: skip
-PL_ROUND = {"lambda_query": 0.0, "lambda_repr": 0.0, "lambda_ce": 1.0, "lambda_kl": 0.0, "lambda_anchor": 0.0,
-            "fit_projections": False}  # bench adapt's ``pl`` (make_method's ``plain``)
 EVERY_TOKEN = {"sample_fraction": 1.0, "token_keep_ratio": 1.0}  # PL's upload: every sample, every token
 VARIANTS: dict[str, dict[str, dict]] = {
     "default": {"akd": {}, "uts": {}},  # today's AKDConfig / UTSConfig defaults (= "kl-feat3" + "anchor-query10")
@@ -208,8 +206,8 @@ VARIANTS.update({
     "all-tokens": {"akd": {}, "uts": {"token_keep_ratio": 1.0}},
     "feat0": {"akd": {"lambda_query": 0.0, "lambda_repr": 0.0}, "uts": {}},
     # PL's round through CD-CCA's code (every sample and token, CE only, no features, no anchors), then with the anchors
-    "pl-akd": {"akd": {**PL_ROUND}, "uts": {**EVERY_TOKEN}},
-    "pl-akd-anchors": {"akd": {**PL_ROUND, "lambda_anchor": 1.0}, "uts": {**EVERY_TOKEN}},
+    "pl-akd": {"akd": {**adapt.PL_ROUND}, "uts": {**EVERY_TOKEN}},
+    "pl-akd-anchors": {"akd": {**adapt.PL_ROUND, "lambda_anchor": 1.0}, "uts": {**EVERY_TOKEN}},
     # the guard on what the robot knew for sure: held-out anchors whose base answer the teacher gives too
     "guard-consensus": {"akd": {"guard_consensus": True}, "uts": {}},
 })  # fmt: skip

@@ -18,7 +18,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -810,8 +812,6 @@ def _edge_source(args) -> str:
 
 
 def cmd_edge(args) -> dict:
-    import threading
-
     from cdcca.edge.app import ReplaySettings, build_runtime, edge_exit_code, edge_exit_reason, replay, stop_on_signals
     from cdcca.edge.runtime import EdgeConfig
     from cdcca.edge.sources import DEFAULT_PROMPTS
@@ -870,8 +870,6 @@ def cmd_edge(args) -> dict:
 
 
 def cmd_cloud(args) -> dict:
-    import threading
-
     from cdcca.akd import AKDConfig
     from cdcca.dwc import get_codec
     from cdcca.edge.app import stop_on_signals
@@ -1285,25 +1283,21 @@ class _CtrlC:
     handler (``cdcca edge``, ``cdcca cloud``) takes over while it runs and stays after it if the verb left it."""
 
     def __init__(self) -> None:
-        import signal
-        import threading
-
         self.pressed = self.dropped = False
-        self._signal = signal
         self._active = (threading.current_thread() is threading.main_thread()
                         and signal.getsignal(signal.SIGINT) is signal.default_int_handler)  # fmt: skip
         self._hook = sys.unraisablehook
 
     def __enter__(self) -> _CtrlC:
         if self._active:
-            self._signal.signal(self._signal.SIGINT, self._on_sigint)
+            signal.signal(signal.SIGINT, self._on_sigint)
             sys.unraisablehook = self._unraisable
         return self
 
     def __exit__(self, *exc) -> None:
         if self._active:
-            if self._signal.getsignal(self._signal.SIGINT) == self._on_sigint:  # a verb's own handler stays (cloud's)
-                self._signal.signal(self._signal.SIGINT, self._signal.default_int_handler)
+            if signal.getsignal(signal.SIGINT) == self._on_sigint:  # a verb's own handler stays (cloud's)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             sys.unraisablehook = self._hook
 
     def _on_sigint(self, signum, frame) -> None:

@@ -38,6 +38,9 @@ from cdcca.uts import FramePrompt, UncertaintyTokenSampler, UTSConfig, by_frame,
 
 STEPS = AKDConfig.steps  # optimizer steps per round, every method: the cloud's default
 CHECK_FRACTION = AKDConfig.check_fraction  # share of the uploads CD-CCA holds out to check a round (cloud default)
+# PL's round (``pl``): cross-entropy on the teacher's answers only; no feature losses, no anchors
+PL_ROUND = {"lambda_query": 0.0, "lambda_repr": 0.0, "lambda_ce": 1.0, "lambda_kl": 0.0, "lambda_anchor": 0.0,
+            "fit_projections": False}  # fmt: skip
 
 
 def frame_batches(samples: Sequence[Sample], batch_size: int) -> list[list[Sample]]:
@@ -231,8 +234,7 @@ def make_method(name: str, student: MLLM, teacher: MLLM, steps: int, seed: int,
     random share ``f`` of the samples with all their tokens (PL at lower bytes).
     """
     akd = AKDConfig(steps=steps, seed=seed, check_fraction=CHECK_FRACTION)
-    plain = dict(steps=steps, seed=seed, lambda_query=0.0, lambda_repr=0.0, lambda_ce=1.0, lambda_kl=0.0,
-                 lambda_anchor=0.0, fit_projections=False, check_fraction=0.0)  # fmt: skip
+    plain = dict(steps=steps, seed=seed, check_fraction=0.0, **PL_ROUND)
     if name == "source-only":
         return SourceOnly(student, teacher)
     if name == "cdcca":
@@ -441,10 +443,8 @@ def per_domain_margin(per_domain: dict, domains: Sequence[str], baselines: Seque
     *every* baseline by more than the larger of their two spreads (issue 13's target), and ``closest_baseline`` the
     one it leads by the least beyond its spread (a lower mean with a wide spread can be it). Empty without baselines."""
     margins = {}
-    for domain in domains:
+    for domain in domains if baselines else ():
         row = per_domain[domain]
-        if not baselines:
-            continue
         ours = row["cdcca"]
         clear = {name: ours["acc"] - row[name]["acc"] - max(ours["std"], row[name]["std"]) for name in baselines}
         best = max(baselines, key=lambda name: row[name]["acc"])  # ties: the first in the report's method order
